@@ -1,0 +1,193 @@
+"""Run several schemes on one model and yield one result row per scheme as it finishes.
+
+Each scheme gets a *shadow* of the cached base model: ``copy.deepcopy`` with a memo that maps every base
+parameter to itself, so the shadow shares all tensors it does not change and the base is never written.
+Quantized linears in the shadow hold their codes and dequantize in ``forward``, which keeps the extra memory
+at the size of the codes rather than a second FP32 model.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qlab.errors import QlabError
+from qlab.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_baseline, evaluate
+from qlab.formats import get_format
+from qlab.models import LoadedModel, quantizable_linears
+from qlab.quant import QTensor, QuantScheme, quantize
+
+
+class QuantizedLinear(torch.nn.Module):
+    """A linear layer whose weight lives as a QTensor and is dequantized on each call (weight-only PTQ)."""
+
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.bias = bias
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+
+
+def unquantized_format(scheme: QuantScheme) -> str:
+    """Storage format of tensors the scheme leaves alone (embeddings, norms, biases, a tied head).
+
+    A plain-cast scheme casts everything; every other scheme keeps them at fp16, as deployments do.
+    """
+    return scheme.format if not scheme.fmt.scaled else "fp16"
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Bytes of a model as stored under a scheme, split the way the Memory page shows them."""
+
+    quantized_params: int
+    quantized_bytes: int  # codes + scales + zero-points of the quantized linears
+    scale_bytes: int  # the scales and zero-points part of quantized_bytes
+    other_params: int
+    other_bytes: int
+
+    @property
+    def size_bytes(self) -> int:
+        return self.quantized_bytes + self.other_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per quantized weight, overhead included."""
+        return 8 * self.quantized_bytes / max(1, self.quantized_params)
+
+
+def size_report(model: torch.nn.Module, scheme: QuantScheme) -> SizeReport:
+    """Exact storage of a model under a scheme, computed from shapes and the format registry."""
+    linears = quantizable_linears(model)
+    quantized_ids = {id(m.weight) for _, m in linears}
+    quantized_params = quantized_bytes = scale_bytes = 0
+    for _, module in linears:
+        parts = scheme.storage_bytes(tuple(module.weight.shape))
+        quantized_params += module.weight.numel()
+        quantized_bytes += sum(parts.values())
+        scale_bytes += parts["scales"] + parts["zero_points"]
+    other_bits = get_format(unquantized_format(scheme)).bits
+    others = [p for p in model.parameters() if id(p) not in quantized_ids]
+    other_params = sum(p.numel() for p in others)
+    return SizeReport(quantized_params, quantized_bytes, scale_bytes, other_params,
+                      other_params * other_bits // 8)
+
+
+def quantized_copy(model: torch.nn.Module, scheme: QuantScheme) -> torch.nn.Module:
+    """A shadow of ``model`` with the scheme applied; ``model`` itself is only read."""
+    rest_format = get_format(unquantized_format(scheme))
+    linears = quantizable_linears(model)
+    quantized_ids = {id(m.weight) for _, m in linears}
+    memo: dict[int, object] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        memo[id(tensor)] = tensor
+        if isinstance(tensor, torch.nn.Parameter) and id(tensor) not in quantized_ids and rest_format.bits < 32:
+            memo[id(tensor)] = torch.nn.Parameter(rest_format.round(tensor.detach()).to(tensor.dtype),
+                                                  requires_grad=False)
+    shadow = copy.deepcopy(model, memo)
+    for name, module in linears:
+        bias = shadow.get_submodule(name).bias
+        shadow.set_submodule(name, QuantizedLinear(quantize(module.weight, scheme), bias))
+    return shadow
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One finished (model, scheme) measurement; ``to_record`` is the flat JSON/CSV/table form."""
+
+    model: str
+    scheme: QuantScheme
+    size: SizeReport
+    metrics: dict[str, float]
+    quantize_seconds: float
+    eval_seconds: float
+    eval_tokens: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.quantize_seconds + self.eval_seconds
+
+    def to_record(self) -> dict:
+        record = {"model": self.model, "label": self.scheme.label, **self.scheme.to_dict(),
+                  "bits_per_weight": round(self.size.bits_per_weight, 6), "size_bytes": self.size.size_bytes,
+                  "quantized_bytes": self.size.quantized_bytes, "scale_bytes": self.size.scale_bytes,
+                  "other_bytes": self.size.other_bytes, "unquantized_format": unquantized_format(self.scheme),
+                  **self.metrics, "seconds": round(self.seconds, 3),
+                  "quantize_seconds": round(self.quantize_seconds, 3),
+                  "eval_seconds": round(self.eval_seconds, 3), "eval_tokens": self.eval_tokens, **self.extra}
+        return record
+
+
+def parse_formats(text: str | Iterable[str]) -> list[str]:
+    """'fp16, int8,int4' -> canonical names, validated, duplicates dropped, order kept."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    if not names:
+        raise QlabError("no formats given; pass a comma-separated list such as fp16,int8,int4.")
+    return list(dict.fromkeys(get_format(n).name for n in names))
+
+
+def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
+              baseline: Baseline | None = None, progress: Progress | None = None,
+              cancel: CancelCheck | None = None) -> Iterator[ResultRow]:
+    """Quantize and evaluate each scheme in turn, yielding its row as soon as it is measured.
+
+    ``progress(fraction, message)`` reports overall progress; ``cancel()`` returning True stops at the next
+    batch with ``Cancelled``, after every finished row has been yielded.
+    """
+    if not schemes:
+        raise QlabError("no schemes to run; pick at least one format.")
+    units = len(schemes) + (baseline is None)
+    done = 0
+
+    def stage(label: str) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda fraction, message: progress((done + fraction) / units, f"{label}: {message}")
+
+    if baseline is None:
+        baseline = compute_baseline(loaded, spec, stage("FP32 baseline"), cancel)
+        done += 1
+    for scheme in schemes:
+        _check_shapes(loaded, scheme)
+        started = time.perf_counter()
+        shadow = quantized_copy(loaded.model, scheme)
+        quantized_at = time.perf_counter()
+        metrics = evaluate(shadow, baseline, stage(scheme.label), cancel)
+        finished = time.perf_counter()
+        row = ResultRow(loaded.name, scheme, size_report(loaded.model, scheme), metrics,
+                        quantized_at - started, finished - quantized_at, baseline.tokens,
+                        {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {})
+        del shadow
+        gc.collect()
+        done += 1
+        if progress:
+            progress(done / units, f"{scheme.label}: done")
+        yield row
+
+
+def _check_shapes(loaded: LoadedModel, scheme: QuantScheme) -> None:
+    """Fail before any work when a group size does not divide some layer's input dimension."""
+    if scheme.granularity != "group" or not scheme.fmt.scaled:
+        return
+    bad = sorted({m.in_features for _, m in quantizable_linears(loaded.model) if m.in_features % scheme.group_size})
+    if bad:
+        divisors = [d for d in (32, 64, 128, 256) if all(f % d == 0 for f in
+                                                       (m.in_features for _, m in quantizable_linears(loaded.model)))]
+        raise QlabError(f"group size {scheme.group_size} does not divide input width(s) {bad} of "
+                        f"{loaded.name}; try {', '.join(map(str, divisors)) or 'per-channel'}.")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
