@@ -281,7 +281,13 @@ def _scale_from_range(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
         low, high = low.clamp(max=0), high.clamp(min=0)
         scale = (high - low) / (fmt.qmax - fmt.qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: any scale is exact
-    scale = scale.to(scale_dtype).clamp(min=finfo.tiny * finfo.eps, max=finfo.max)
+    stored = scale.to(scale_dtype)
+    if not scheme.symmetric:
+        # Round up, never down: a scale rounded down to fp16/bf16 makes the qmax - qmin steps span less than
+        # [low, high], clipping the ends of the range by more than half a step.
+        stored = torch.where(stored.to(torch.float32) < scale,
+                             torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
+    scale = stored.clamp(min=finfo.tiny * finfo.eps, max=finfo.max)
     if not scheme.symmetric:
         zero_point = _zero_point_for(low, scale, fmt)
     return scale, zero_point
@@ -300,8 +306,9 @@ def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
     scaled = blocks * inverse
     if zero_point is None:
         return fmt.round(scaled)
-    # The zero-point is added after rounding, again as torch does.
-    q = torch.round(scaled) + zero_point.to(torch.float32)[:, None]
+    # The zero-point is added before rounding, round(x / scale + zero_point), as torch.quantize_per_tensor and
+    # torch.quantize_per_channel do: a tie goes to the even code, not to an even offset from the zero-point.
+    q = torch.round(scaled + zero_point.to(torch.float32)[:, None])
     return q.clamp_(fmt.qmin, fmt.qmax).to(torch.int8)
 
 
@@ -399,3 +406,47 @@ def grid_values(qtensor: QTensor, block: int = 0) -> torch.Tensor:
     if qtensor.zero_point is not None:
         levels = levels - qtensor.zero_point[block].to(torch.float32)
     return levels * qtensor.scale[block].to(torch.float32)
+
+
+def block_of(qtensor: QTensor, row: int, group: int = 0) -> tuple[int, range]:
+    """Index of the block holding (row, group) of a 2-D quantized tensor, and the columns it covers."""
+    rows, columns = qtensor.shape[0], math.prod(qtensor.shape[1:])
+    if not 0 <= row < rows:
+        raise QlabError(f"row {row} is outside 0..{rows - 1}.")
+    scheme = qtensor.scheme
+    if scheme.granularity == "tensor" or qtensor.scale is None:
+        return 0, range(columns)
+    if scheme.granularity == "channel":
+        return row, range(columns)
+    groups_per_row = columns // scheme.group_size
+    if not 0 <= group < groups_per_row:
+        raise QlabError(f"group {group} is outside 0..{groups_per_row - 1}.")
+    start = group * scheme.group_size
+    return row * groups_per_row + group, range(start, start + scheme.group_size)
+
+
+def error_stats(x: torch.Tensor, qtensor: QTensor, dequantized: torch.Tensor | None = None) -> dict[str, float]:
+    """Relative MSE, SQNR (dB), share of values clipped (saturated) by their block's grid, bits per weight."""
+    x = x.detach().to(torch.float32)
+    dequantized = qtensor.dequantize() if dequantized is None else dequantized
+    relative_mse = (((dequantized - x) ** 2).mean() / (x**2).mean().clamp(min=1e-30)).item()
+    clipped = 0.0
+    if qtensor.scale is not None:
+        fmt = qtensor.scheme.fmt
+        scale = qtensor.scale.to(torch.float32)
+        if qtensor.zero_point is None:
+            low, high = -fmt.max_abs * scale, fmt.max_abs * scale
+        else:
+            zero = qtensor.zero_point.to(torch.float32)
+            low, high = (fmt.qmin - zero) * scale, (fmt.qmax - zero) * scale
+        blocks = _as_blocks(x, qtensor.scheme)
+        # Beyond the outermost level by more than half the outermost step: rounding alone cannot explain it.
+        levels = fmt.levels()
+        tolerance = (levels[-1] - levels[-2]).item() / 2 * scale[:, None]
+        clipped = ((blocks < low[:, None] - tolerance) | (blocks > high[:, None] + tolerance)).float().mean().item()
+    return {
+        "relative_mse": relative_mse,
+        "sqnr_db": -10 * math.log10(relative_mse) if relative_mse > 0 else float("inf"),
+        "clipped_fraction": clipped,
+        "bits_per_weight": qtensor.bits_per_weight,
+    }

@@ -1,0 +1,17 @@
+"""qlab dashboard entry point: it only routes. `streamlit run app.py` (or `make run`)."""
+
+import streamlit as st
+
+PAGES = [
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/quantize.py", title="Quantize", icon=":material/tune:"),
+    st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
+]
+
+
+def main() -> None:
+    st.set_page_config(page_title="qlab: which precision should I ship?", layout="wide")
+    st.navigation(PAGES).run()
+
+
+main()

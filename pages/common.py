@@ -1,0 +1,143 @@
+"""Widgets and cached loaders shared by every page; the sidebar's choices live in session state."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import streamlit as st
+
+from qlab import hardware, models
+from qlab.errors import QlabError
+from qlab.evaluate import Baseline, EvalSpec, compute_baseline
+from qlab.formats import FORMATS
+from qlab.quant import CALIBRATIONS, QuantScheme
+
+OTHER_MODEL = "Other: Hugging Face id or local directory"
+GROUP_SIZES = (32, 64, 128, 256)
+DEFAULTS = {
+    "model_choice": "smollm2-135m",
+    "custom_model": "",
+    "hardware": hardware.THIS_MACHINE_ID,
+    "formats": ["fp32", "fp16", "int8", "int4", "nf4"],
+    "granularity": "group",
+    "group_size": 64,
+    "symmetric": True,
+    "calibration": "minmax",
+    "tokens": 512,
+}
+
+
+def init_state() -> None:
+    """Set every shared choice once per session, before any widget reads it.
+
+    Re-assigning an existing key takes it out of Streamlit's widget clean-up, which otherwise drops the
+    sidebar's values when the user switches pages (the documented way to keep widget state across pages).
+    """
+    for key, value in DEFAULTS.items():
+        st.session_state[key] = st.session_state.get(key, value)
+
+
+def page_setup() -> None:
+    """First call of every page: shared state, then the sidebar (pages also run standalone in AppTest)."""
+    init_state()
+    sidebar()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a QlabError as one red line; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except QlabError as error:
+        message = str(error)
+        st.error(message[:1].upper() + message[1:])
+        st.stop()
+
+
+def model_name() -> str:
+    if st.session_state["model_choice"] == OTHER_MODEL:
+        return st.session_state["custom_model"].strip()
+    return st.session_state["model_choice"]
+
+
+def sidebar() -> None:
+    """Model, target hardware and scheme choices, shared by every page."""
+    with st.sidebar:
+        st.subheader("Model")
+        st.selectbox("Model", [*models.bundled_models(), OTHER_MODEL], key="model_choice",
+                     format_func=lambda slug: models.bundled_models()[slug].title
+                     if slug in models.bundled_models() else slug, label_visibility="collapsed")
+        if st.session_state["model_choice"] == OTHER_MODEL:
+            st.text_input("HF id or local directory", key="custom_model",
+                          placeholder="org/name or /path/to/model",
+                          help="Safetensors or GGUF weights only; custom code is never run.")
+        st.subheader("Target hardware")
+        catalog = {h.id: h for h in hardware.catalog()}
+        ids = [hardware.THIS_MACHINE_ID, *catalog]
+        st.selectbox("Target hardware", ids, key="hardware", label_visibility="collapsed",
+                     format_func=lambda i: "This machine" if i == hardware.THIS_MACHINE_ID else catalog[i].name)
+        target = selected_hardware()
+        if target.memory_bytes:
+            st.caption(f"{target.memory_bytes / 1e9:.0f} GB memory"
+                       + (f", {target.bandwidth_bytes_per_s / 1e9:.0f} GB/s" if target.bandwidth_bytes_per_s
+                          else "") + f"; native: {', '.join(target.native_formats)}")
+        st.subheader("Scheme")
+        st.multiselect("Formats", list(FORMATS), key="formats",
+                       help="Each format is one point of the sweep. fp32/fp16/bf16 are plain casts; the others "
+                            "use a scale per tensor, channel or group.")
+        st.radio("Granularity", ["tensor", "channel", "group"], key="granularity", horizontal=True,
+                 help="One scale for the whole tensor, one per output channel (row), or one per group of "
+                      "consecutive weights in a row.")
+        if st.session_state["granularity"] == "group":
+            st.select_slider("Group size", GROUP_SIZES, key="group_size",
+                             help="Smaller groups track local ranges better but store more scales "
+                                  "(16 bits each).")
+        st.checkbox("Symmetric (zero-point 0)", key="symmetric",
+                    help="Asymmetric adds an integer zero-point per block; integer formats only.")
+        st.selectbox("Calibration", CALIBRATIONS, key="calibration",
+                     help="minmax covers every weight; percentile clips the top 0.1%; mse searches the clip "
+                          "range with the least squared error.")
+        st.number_input("Evaluation tokens", min_value=16, max_value=8192, step=256, key="tokens",
+                        help="Tokens of text the baseline and every scheme are evaluated on.")
+
+
+def selected_hardware() -> hardware.Hardware:
+    return hardware.get(st.session_state["hardware"])
+
+
+def schemes() -> list[QuantScheme]:
+    """The sidebar's formats as schemes (raises QlabError for invalid combinations)."""
+    if not st.session_state["formats"]:
+        raise QlabError("pick at least one format in the sidebar.")
+    return [scheme_for(f) for f in st.session_state["formats"]]
+
+
+def scheme_for(fmt: str) -> QuantScheme:
+    symmetric = st.session_state["symmetric"] or FORMATS[fmt].kind != "integer"
+    return QuantScheme(fmt, st.session_state["granularity"], st.session_state["group_size"], symmetric,
+                       st.session_state["calibration"])
+
+
+@st.cache_resource(show_spinner="Loading the model (the first load of SmolLM2 converts its GGUF, ~20 s)...",
+                   max_entries=2)
+def load_model(name: str) -> models.LoadedModel:
+    """One copy per model for all sessions: never mutate it (the sweep works on shadows)."""
+    return models.load(name)
+
+
+@st.cache_resource(show_spinner="Computing the FP32 baseline...", max_entries=4)
+def baseline(_loaded: models.LoadedModel, model: str, spec: EvalSpec, text_sha256: str) -> Baseline:
+    """FP32 reference outputs for a model and evaluation spec, shared by all sessions."""
+    return compute_baseline(_loaded, spec)
+
+
+def current_model() -> models.LoadedModel:
+    """Load (or fetch from cache) the sidebar's model, showing a clear error on failure."""
+    with user_errors():
+        return load_model(model_name())
+
+
+def show_caveat(loaded: models.LoadedModel) -> None:
+    if loaded.source.caveat:
+        st.warning(loaded.source.caveat, icon="⚠️")

@@ -1,0 +1,32 @@
+"""Model page: what is loaded, how big it is, and which tensors a weight-only scheme quantizes."""
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from qlab.models import layer_table
+
+common.page_setup()
+st.title("Model")
+st.caption("Pick a model in the sidebar: a bundled one works offline; a Hugging Face id needs the network.")
+loaded = common.current_model()
+common.show_caveat(loaded)
+
+layers = pd.DataFrame([vars(layer) for layer in layer_table(loaded)])
+quantized = layers[layers["quantized"]]
+columns = st.columns(4)
+columns[0].metric("Parameters", f"{loaded.num_params / 1e6:.2f} M")
+columns[1].metric("FP32 size", f"{loaded.fp32_bytes / 1e6:.1f} MB", help="4 bytes per parameter, tied tensors once")
+columns[2].metric("Quantized by a scheme", f"{quantized['params'].sum() / loaded.num_params:.0%}",
+                  help="Share of parameters in linear layers; embeddings, norms and biases stay at 16 bits.")
+columns[3].metric("Kind", loaded.kind)
+st.write(f"**{loaded.source.title or loaded.name}** from `{loaded.source.path}`"
+         + (f" (GGUF `{loaded.source.gguf_file}`, dequantized to FP32)" if loaded.source.gguf_file else ""))
+
+st.subheader("Parameters by tensor")
+st.dataframe(
+    layers.assign(shape=layers["shape"].map(lambda s: " x ".join(map(str, s))), MB=layers["bytes"] / 1e6)
+    [["name", "module_type", "shape", "dtype", "params", "MB", "quantized", "note"]],
+    hide_index=True, width="stretch", height=420,
+    column_config={"MB": st.column_config.NumberColumn(format="%.3f")},
+)

@@ -1,0 +1,94 @@
+"""Quantize page: run the sidebar's formats through the sweep and compare size against accuracy."""
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from qlab import charts
+from qlab.errors import Cancelled
+from qlab.evaluate import DEFAULT_TEXT_NAME, EvalSpec, decode_text
+from qlab.sweep import run_sweep
+
+TEXT_SOURCES = ("Built-in text", "Paste text", "Upload a file")
+
+common.page_setup()
+st.title("Quantize")
+loaded = common.current_model()
+common.show_caveat(loaded)
+st.caption("Weight-only post-training quantization, simulated exactly (quantize, then dequantize) on a copy "
+           "of the model; the loaded model is never changed. Each scheme is compared with the FP32 model on "
+           "the same tokens.")
+
+with st.expander("Evaluation text", expanded=False):
+    source = st.radio("Text", TEXT_SOURCES, key="text_source", horizontal=True, label_visibility="collapsed")
+    with common.user_errors():
+        if source == "Paste text":
+            pasted = st.text_area("Your text", key="pasted_text", height=150)
+            spec = EvalSpec(st.session_state["tokens"], pasted if pasted.strip() else None,
+                            "pasted text" if pasted.strip() else DEFAULT_TEXT_NAME)
+        elif source == "Upload a file":
+            upload = st.file_uploader("UTF-8 text file", type=["txt", "md", "rst", "py"], key="text_upload")
+            spec = (EvalSpec(st.session_state["tokens"], decode_text(upload.getvalue()), upload.name)
+                    if upload else EvalSpec(st.session_state["tokens"]))
+        else:
+            spec = EvalSpec(st.session_state["tokens"])
+    st.caption(f"Evaluating on **{spec.text_name}**, {spec.tokens} tokens.")
+
+with common.user_errors():
+    schemes = common.schemes()
+st.write("Schemes: " + ", ".join(f"`{s.label}`" for s in schemes))
+
+run_key = (loaded.name, spec, spec.text_sha256)
+results = st.session_state.setdefault("sweep_results", {})
+finished = results.get(run_key, {})
+
+left, right = st.columns([1, 5])
+start = left.button("Run sweep", type="primary", key="run_sweep")
+right.button("Cancel", key="cancel_sweep",
+             help="Stops after the current batch; schemes that finished are kept.")
+if start:
+    todo = [s for s in schemes if s not in finished]
+    bar = st.progress(0.0, text="Starting...")
+    with common.user_errors():
+        base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        try:
+            for row in run_sweep(loaded, todo, spec, baseline=base,
+                                 progress=lambda fraction, message: bar.progress(min(1.0, fraction), message)):
+                finished[row.scheme] = row.to_record()  # saved before the next scheme starts
+                results[run_key] = finished
+        except Cancelled as stop:
+            st.info(str(stop))
+    bar.empty()
+
+rows = [finished[s] for s in schemes if s in finished]
+if not rows:
+    st.info("Press **Run sweep** to quantize the model at each chosen format.")
+    st.stop()
+
+frame = pd.DataFrame(rows)
+metric_options = [m for m in charts.METRICS if m in frame.columns]
+metric = st.selectbox("Accuracy metric", metric_options, format_func=charts.metric_title, key="sweep_metric")
+st.plotly_chart(charts.size_vs_accuracy(frame, metric), key="size_vs_accuracy")
+
+table_columns = ["label", "bits_per_weight", "size_bytes", *metric_options, "seconds"]
+st.dataframe(
+    frame[table_columns].assign(size_bytes=frame["size_bytes"] / 1e6).rename(columns={"size_bytes": "size (MB)"}),
+    hide_index=True, width="stretch",
+    column_config={"bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f"),
+                   "size (MB)": st.column_config.NumberColumn(format="%.1f")},
+)
+st.caption("bits/weight: storage of the quantized linear weights including scales and zero-points. "
+           "Size: the whole model as stored, other tensors (embeddings, norms, biases) at "
+           f"{', '.join(sorted(set(frame['unquantized_format'])))}. "
+           + ("KLD: mean over tokens of KL(FP32 ‖ quantized) next-token distributions, in nats; "
+              "the FP32 baseline log-probs are kept in fp16, so values near 1e-6 are the floor."
+              if "kld_mean" in frame else
+              "Cosine: embedding similarity to FP32; retrieval: share of texts whose nearest neighbour is "
+              "unchanged."))
+download_left, download_right = st.columns(2)
+download_left.download_button("Download CSV", frame.to_csv(index=False), "qlab-sweep.csv", "text/csv",
+                              key="download_csv")
+download_right.download_button("Download JSON", json.dumps(rows, indent=2), "qlab-sweep.json",
+                               "application/json", key="download_json")

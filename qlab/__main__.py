@@ -1,0 +1,7 @@
+"""Entry point for ``python -m qlab``."""
+
+import sys
+
+from qlab.cli import main
+
+sys.exit(main())
