@@ -1,0 +1,22 @@
+"""Shared fixtures: bundled models load once per test session (they are read-only everywhere)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from qlab.models import load
+
+    return load("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from qlab.models import load
+
+    return load("smollm2-135m")

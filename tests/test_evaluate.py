@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+
+from qlab.errors import QlabError
+from qlab.evaluate import EvalSpec, compute_baseline, decode_text, default_text, embedding_metrics, evaluate
+
+
+def test_default_text_is_cpythons_help():
+    text = default_text()
+    assert len(text) > 100_000 and "for" in text
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"", "empty"),
+    (b"   \n ", "empty"),
+    (b"\x00\x01\x02binary", "binary"),
+    (b"caf\xe9", "UTF-8"),
+    (b"x" * 20_000_001, "limit"),
+])
+def test_bad_uploaded_text(data, needle):
+    with pytest.raises(QlabError, match=needle):
+        decode_text(data)
+
+
+@pytest.mark.parametrize("tokens", [0, 15, -5, 10**9, 2.5, True])
+def test_bad_token_budgets(tokens):
+    with pytest.raises(QlabError):
+        EvalSpec(tokens=tokens)
+
+
+def test_embedding_metrics_from_first_principles():
+    reference = torch.nn.functional.normalize(torch.randn(20, 8), dim=-1)
+    same = embedding_metrics(reference.clone(), reference)
+    assert same["cosine_mean"] == pytest.approx(1.0, abs=1e-6) and same["retrieval_agreement"] == 1.0
+    rotated = torch.nn.functional.normalize(reference + 0.3 * torch.randn(20, 8), dim=-1)
+    moved = embedding_metrics(rotated, reference)
+    assert moved["cosine_mean"] < 0.999
+    expected = (rotated * reference).sum(-1).mean().item()
+    assert moved["cosine_mean"] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_lm_baseline_matches_a_direct_perplexity(smollm):
+    spec = EvalSpec(tokens=64)
+    baseline = compute_baseline(smollm, spec)
+    windows = baseline.inputs["windows"]
+    with torch.inference_mode():
+        logits = smollm.model(windows).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            windows[:, 1:].reshape(-1))
+    assert baseline.metrics["ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    same = evaluate(smollm.model, baseline)
+    assert same["kld_mean"] < 1e-5 and same["top1_agreement"] == 1.0
+    assert same["ppl"] == pytest.approx(baseline.metrics["ppl"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_kld_against_a_direct_computation_on_a_perturbed_model(smollm):
+    import copy
+
+    spec = EvalSpec(tokens=32)
+    baseline = compute_baseline(smollm, spec)
+    noisy = copy.deepcopy(smollm.model)
+    with torch.no_grad():
+        noisy.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    metrics = evaluate(noisy, baseline)
+    windows = baseline.inputs["windows"]
+    with torch.inference_mode():
+        log_p = torch.log_softmax(smollm.model(windows).logits.float(), -1).reshape(-1, 49152)
+        log_q = torch.log_softmax(noisy(windows).logits.float(), -1).reshape(-1, 49152)
+    kld = (log_p.exp() * (log_p - log_q)).sum(-1)
+    assert metrics["kld_mean"] == pytest.approx(kld.mean().item(), rel=0.01, abs=1e-5)
+    assert metrics["kld_mean"] > 1e-3
+
+
+def test_text_shorter_than_one_window_is_refused(minilm):
+    with pytest.raises(QlabError, match="paragraph"):
+        compute_baseline(minilm, EvalSpec(tokens=64, text="too short"))
+
+
+@pytest.mark.slow
+def test_lm_text_shorter_than_one_window_is_refused(smollm):
+    with pytest.raises(QlabError, match="fewer than one evaluation window"):
+        compute_baseline(smollm, EvalSpec(tokens=512, text="Only a handful of tokens here."))

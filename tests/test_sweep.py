@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from qlab.errors import Cancelled, QlabError
+from qlab.evaluate import EvalSpec, compute_baseline
+from qlab.models import quantizable_linears, weights_digest
+from qlab.quant import QuantScheme, quantize
+from qlab.sweep import parse_formats, quantized_copy, run_sweep, size_report
+
+LADDER = ["fp32", "fp16", "int8", "int4", "int3", "int2"]
+
+
+def test_parse_formats():
+    assert parse_formats("FP16, int8,int8 ,nf4") == ["fp16", "int8", "nf4"]
+    assert parse_formats(["float16", "e4m3"]) == ["fp16", "fp8_e4m3"]
+    with pytest.raises(QlabError):
+        parse_formats(" , ")
+    with pytest.raises(QlabError, match="unknown format"):
+        parse_formats("int8,int99")
+
+
+def test_size_report_equals_the_sum_of_real_quantized_tensors(minilm):
+    for fmt in ("int8", "int4", "nf4", "fp8_e4m3", "fp16"):
+        scheme = QuantScheme(fmt, "group", 64, symmetric=fmt != "int4")
+        report = size_report(minilm.model, scheme)
+        real = sum(quantize(m.weight, scheme).nbytes for _, m in quantizable_linears(minilm.model))
+        assert report.quantized_bytes == real
+        packed = sum(t.numel() * t.element_size() for _, m in quantizable_linears(minilm.model)
+                     for t in quantize(m.weight, scheme).packed().values())
+        assert packed == real
+
+
+def test_shadow_shares_untouched_tensors_and_never_writes_the_base(minilm):
+    before = weights_digest(minilm.model)
+    shadow = quantized_copy(minilm.model, QuantScheme("fp32"))
+    base_params = {id(p) for p in minilm.model.parameters()}
+    assert all(id(p) in base_params for p in shadow.parameters())  # fp32: everything shared, nothing copied
+    shadow = quantized_copy(minilm.model, QuantScheme("int4", "group", 32))
+    name, base_linear = quantizable_linears(minilm.model)[0]
+    assert not torch.equal(shadow.get_submodule(name).qweight.dequantize(), base_linear.weight)
+    assert weights_digest(minilm.model) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture, metric, better", [
+    ("minilm", "cosine_mean", max), ("smollm", "kld_mean", min)])
+def test_more_bits_less_error_on_both_bundled_models(request, fixture, metric, better):
+    loaded = request.getfixturevalue(fixture)
+    before = weights_digest(loaded.model)
+    spec = EvalSpec(tokens=256)
+    schemes = [QuantScheme(f, "channel") for f in LADDER]
+    seen = []
+    rows = list(run_sweep(loaded, schemes, spec, progress=lambda fraction, message: seen.append(fraction)))
+    assert [r.scheme.format for r in rows] == LADDER
+    values = [r.metrics[metric] for r in rows]
+    # fp32 is the baseline itself; each step down the ladder must not be better than the one above.
+    ordered = sorted(values, reverse=better is max)
+    assert values == ordered, dict(zip(LADDER, values, strict=True))
+    assert values[0] == pytest.approx(1.0 if better is max else 0.0, abs=1e-5)
+    sizes = [r.size.size_bytes for r in rows]
+    assert sizes == sorted(sizes, reverse=True)
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+    assert weights_digest(loaded.model) == before
+    record = rows[2].to_record()
+    for key in ("format", "bits_per_weight", "size_bytes", metric, "seconds"):
+        assert key in record
+
+
+@pytest.mark.slow
+def test_cancel_keeps_finished_rows(minilm):
+    spec = EvalSpec(tokens=128)
+    baseline = compute_baseline(minilm, spec)
+    finished = []
+    calls = {"n": 0}
+
+    def cancel_after_first_scheme() -> bool:
+        calls["n"] += 1
+        return len(finished) >= 1
+
+    with pytest.raises(Cancelled):
+        for row in run_sweep(minilm, [QuantScheme("int8"), QuantScheme("int4"), QuantScheme("int2")], spec,
+                             baseline=baseline, cancel=cancel_after_first_scheme):
+            finished.append(row)
+    assert [r.scheme.format for r in finished] == ["int8"]
+
+
+def test_group_size_that_does_not_divide_is_refused_before_work(minilm):
+    with pytest.raises(QlabError, match="does not divide"):
+        next(run_sweep(minilm, [QuantScheme("int4", "group", 100)], EvalSpec(tokens=64)))
