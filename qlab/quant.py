@@ -281,12 +281,11 @@ def _scale_from_range(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
         low, high = low.clamp(max=0), high.clamp(min=0)
         scale = (high - low) / (fmt.qmax - fmt.qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: any scale is exact
+    # Round up, never down: a scale rounded down to fp16/bf16 makes the grid span less than [low, high] and
+    # clips the ends of the range, by more than half a step for bf16 or fp16 subnormal scales.
     stored = scale.to(scale_dtype)
-    if not scheme.symmetric:
-        # Round up, never down: a scale rounded down to fp16/bf16 makes the qmax - qmin steps span less than
-        # [low, high], clipping the ends of the range by more than half a step.
-        stored = torch.where(stored.to(torch.float32) < scale,
-                             torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
+    stored = torch.where(stored.to(torch.float32) < scale,
+                         torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
     scale = stored.clamp(min=finfo.tiny * finfo.eps, max=finfo.max)
     if not scheme.symmetric:
         zero_point = _zero_point_for(low, scale, fmt)

@@ -1,0 +1,55 @@
+"""The dashboard in a real browser: open it, run a sweep on the bundled LLM, see the chart, no exceptions."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import assert_no_exception, wait_for_app_idle
+
+pytestmark = pytest.mark.e2e
+SCREENSHOT = Path(__file__).resolve().parents[2] / "assets" / "screenshot.png"
+
+
+def main_heading(page, title: str):
+    return page.locator('[data-testid="stMain"] h1', has_text=title)
+
+
+def open_page(page, base_url: str, title: str) -> None:
+    page.get_by_role("link", name=title).click()
+    wait_for_app_idle(page, timeout_ms=180_000)
+    main_heading(page, title).wait_for(timeout=60_000)
+    assert_no_exception(page)
+
+
+def test_sweep_in_the_browser_then_every_page(streamlit_server, browser_page):
+    page = browser_page
+    started = time.monotonic()
+    page.goto(streamlit_server)
+    # The first load of the bundled SmolLM2 converts its GGUF once (~20 s on 2 cores).
+    wait_for_app_idle(page, timeout_ms=240_000)
+    main_heading(page, "Model").wait_for()
+    print(f"first render of the Model page: {time.monotonic() - started:.1f} s")
+    assert_no_exception(page)
+    assert page.get_by_text("Q4_1", exact=False).first.is_visible()
+
+    open_page(page, streamlit_server, "Quantize")
+    page.get_by_role("button", name="Run sweep").click()
+    chart = page.locator('[data-testid="stPlotlyChart"]').first
+    chart.wait_for(timeout=300_000)
+    wait_for_app_idle(page, timeout_ms=300_000)
+    assert_no_exception(page)
+    assert page.locator('[data-testid="stDataFrame"]').count() >= 1
+    assert page.get_by_role("button", name="Download CSV").is_visible()
+    chart.scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOT), full_page=False)
+
+    switched = time.monotonic()
+    open_page(page, streamlit_server, "Weights")
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=120_000)
+    assert_no_exception(page)
+
+    open_page(page, streamlit_server, "Quantize")
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=10_000)
+    print(f"switching pages with cached results: {time.monotonic() - switched:.1f} s for two switches")
+    assert page.get_by_text("Press Run sweep", exact=False).count() == 0  # the finished sweep survived
