@@ -69,15 +69,21 @@ if not rows:
 
 frame = pd.DataFrame(rows)
 metric_options = [m for m in charts.METRICS if m in frame.columns]
-metric = st.selectbox("Accuracy metric", metric_options, format_func=charts.metric_title, key="sweep_metric")
-st.plotly_chart(charts.size_vs_accuracy(frame, metric), key="size_vs_accuracy")
+metric_column, scale_column = st.columns([4, 1])
+metric = metric_column.selectbox("Accuracy metric", metric_options, format_func=charts.metric_title,
+                                 key="sweep_metric")
+log_y = scale_column.checkbox("Log scale", value=metric.startswith("kld"), key=f"log_{metric}",
+                              help="KL divergence spans orders of magnitude between fp16 and 3-bit formats.")
+st.plotly_chart(charts.size_vs_accuracy(frame, metric, log_y), key="size_vs_accuracy")
 
 table_columns = ["label", "bits_per_weight", "size_bytes", *metric_options, "seconds"]
 st.dataframe(
     frame[table_columns].assign(size_bytes=frame["size_bytes"] / 1e6).rename(columns={"size_bytes": "size (MB)"}),
     hide_index=True, width="stretch",
     column_config={"bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f"),
-                   "size (MB)": st.column_config.NumberColumn(format="%.1f")},
+                   "size (MB)": st.column_config.NumberColumn(format="%.1f"),
+                   "seconds": st.column_config.NumberColumn(format="%.1f"),
+                   **{m: st.column_config.NumberColumn(format="%.4g") for m in metric_options}},
 )
 st.caption("bits/weight: storage of the quantized linear weights including scales and zero-points. "
            "Size: the whole model as stored, other tensors (embeddings, norms, biases) at "

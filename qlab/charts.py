@@ -17,24 +17,29 @@ METRICS: dict[str, tuple[str, bool]] = {
     "retrieval_agreement": ("Nearest-neighbour agreement with FP32", False),
 }
 MAX_HISTOGRAM_POINTS = 200_000
+LOG_FLOOR = 1e-6  # below this a KLD is measurement noise (fp16-stored baseline log-probs)
 
 
 def metric_title(metric: str) -> str:
     return METRICS.get(metric, (metric, True))[0]
 
 
-def size_vs_accuracy(rows: pd.DataFrame, metric: str) -> go.Figure:
-    """One point per scheme: model size (MB) against an accuracy metric, labelled by scheme."""
-    frame = rows.assign(size_mb=rows["size_bytes"] / 1e6)
-    figure = px.scatter(frame, x="size_mb", y=metric, text="label", color="format",
-                        hover_data={"bits_per_weight": ":.3f", "size_mb": ":.1f", metric: ":.5g"},
+def size_vs_accuracy(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go.Figure:
+    """One point per scheme: model size (MB) against an accuracy metric, labelled by scheme.
+
+    On a log axis, values at or below ``LOG_FLOOR`` (the FP32 row's 0, fp16's ~1e-7) are drawn on the floor
+    and marked as such rather than silently dropped, as plotly does with zeros on log axes.
+    """
+    frame = rows.assign(size_mb=rows["size_bytes"] / 1e6, measured=rows[metric])
+    if log_y:
+        frame[metric] = frame[metric].clip(lower=LOG_FLOOR)
+        frame["label"] = [f"{label} (≤{LOG_FLOOR:g})" if value <= LOG_FLOOR else label
+                          for label, value in zip(frame["label"], frame["measured"], strict=True)]
+    figure = px.scatter(frame, x="size_mb", y=metric, text="label", color="format", log_y=log_y,
+                        hover_data={"bits_per_weight": ":.3f", "size_mb": ":.1f", "measured": ":.4g",
+                                    metric: False},
                         labels={"size_mb": "Model size as stored (MB)", metric: metric_title(metric)})
-    figure.update_traces(textposition="top center", marker={"size": 12})
-    if metric.startswith("kld"):
-        # KLD spans orders of magnitude between fp16 and 3-bit; a log axis keeps every point readable.
-        positive = frame[metric][frame[metric] > 0]
-        if len(positive):
-            figure.update_yaxes(type="log")
+    figure.update_traces(textposition="top center", marker={"size": 12}, cliponaxis=False)
     figure.update_layout(margin={"t": 30}, legend_title_text="format")
     return figure
 
@@ -90,3 +95,59 @@ def _sample(values: torch.Tensor) -> torch.Tensor:
         return flat
     generator = torch.Generator().manual_seed(0)
     return flat[torch.randint(flat.numel(), (MAX_HISTOGRAM_POINTS,), generator=generator)]
+
+
+# --- memory planner ---------------------------------------------------------------------------------------
+
+# Stacked in this order, bottom to top; keys are MemoryPlan.to_record() fields.
+MEMORY_COMPONENTS: dict[str, str] = {
+    "weights_before_scales_bytes": "weights",
+    "scales_bytes": "scales + zero-points",
+    "kv_cache_bytes": "KV cache",
+    "activations_bytes": "activations",
+    "overhead_bytes": "runtime overhead",
+}
+
+
+def _device_line(figure: go.Figure, memory_bytes: int, target_name: str) -> None:
+    figure.add_hline(y=memory_bytes / 1e9, line_dash="dash", line_color="#e45756",
+                     annotation_text=f"{target_name}: {memory_bytes / 1e9:.0f} GB",
+                     annotation_position="top left")
+
+
+def memory_stack(records: pd.DataFrame, memory_bytes: int, target_name: str) -> go.Figure:
+    """One stacked bar per scheme (weights, scales, KV, activations, overhead, in GB) against the device."""
+    figure = go.Figure()
+    for column, label in MEMORY_COMPONENTS.items():
+        figure.add_trace(go.Bar(x=records["scheme"], y=records[column] / 1e9, name=label,
+                                hovertemplate="%{x}: %{y:.3f} GB<extra>" + label + "</extra>"))
+    _device_line(figure, memory_bytes, target_name)
+    figure.update_layout(barmode="stack", yaxis_title="memory (GB, 1e9 bytes)", xaxis_title="weight scheme",
+                         margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def memory_vs_context(curve: pd.DataFrame, memory_bytes: int, target_name: str) -> go.Figure:
+    """Total memory against context length, one line per scheme, with the device's memory as a line."""
+    frame = curve.assign(total_gb=curve["total_bytes"] / 1e9)
+    figure = px.line(frame, x="context_tokens", y="total_gb", color="scheme", markers=True, log_x=True,
+                     labels={"context_tokens": "context length (tokens per sequence)",
+                             "total_gb": "total memory (GB)", "scheme": "scheme"})
+    _device_line(figure, memory_bytes, target_name)
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def memory_estimate_vs_measured(rows: pd.DataFrame) -> go.Figure:
+    """qlab's estimate against torch.cuda.max_memory_allocated per benchmark row, with the y = x line."""
+    frame = rows.assign(estimate_gb=rows["estimated_allocated_bytes"] / 1e9,
+                        measured_gb=rows["measured_peak_allocated_bytes"] / 1e9)
+    figure = px.scatter(frame, x="estimate_gb", y="measured_gb", color="model", symbol="format",
+                        hover_data={"context_tokens": True, "total_error": ":.1%"},
+                        labels={"estimate_gb": "qlab estimate: weights + KV + activations (GB)",
+                                "measured_gb": "measured peak allocated (GB)"})
+    top = float(max(frame["estimate_gb"].max(), frame["measured_gb"].max())) * 1.05
+    figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="estimate = measured",
+                                line={"color": "gray", "dash": "dot"}))
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure

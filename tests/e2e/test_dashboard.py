@@ -41,7 +41,8 @@ def test_sweep_in_the_browser_then_every_page(streamlit_server, browser_page):
     assert_no_exception(page)
     assert page.locator('[data-testid="stDataFrame"]').count() >= 1
     assert page.get_by_role("button", name="Download CSV").is_visible()
-    chart.scroll_into_view_if_needed()
+    page.set_viewport_size({"width": 1400, "height": 1500})  # tall enough for the chart in the README shot
+    wait_for_app_idle(page)
     page.screenshot(path=str(SCREENSHOT), full_page=False)
 
     switched = time.monotonic()
