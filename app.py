@@ -6,6 +6,7 @@ PAGES = [
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/quantize.py", title="Quantize", icon=":material/tune:"),
     st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
+    st.Page("pages/memory.py", title="Memory", icon=":material/memory_alt:"),
 ]
 
 

@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(models, "print JSON")
     models.set_defaults(func=cmd_models)
 
+    from qlab.cli_memory import add_parser as add_memory_parser
+
+    add_memory_parser(sub, json_option)
+
     bench = sub.add_parser("bench", help="benchmarks (JSON out)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     bench_sweep = bench_sub.add_parser("sweep", help="one FP32 evaluation vs a full sweep: time and peak RSS")

@@ -52,5 +52,16 @@ def test_sweep_in_the_browser_then_every_page(streamlit_server, browser_page):
 
     open_page(page, streamlit_server, "Quantize")
     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=10_000)
+    assert_no_exception(page)
     print(f"switching pages with cached results: {time.monotonic() - switched:.1f} s for two switches")
     assert page.get_by_text("Press Run sweep", exact=False).count() == 0  # the finished sweep survived
+
+
+def test_memory_page_plans_a_catalog_model(streamlit_server, browser_page):
+    page = browser_page
+    page.goto(streamlit_server)
+    wait_for_app_idle(page, timeout_ms=240_000)
+    open_page(page, streamlit_server, "Memory")
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=60_000)
+    assert_no_exception(page)
+    assert page.locator('[data-testid="stAlert"]', has_text="Traceback").count() == 0
