@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +36,32 @@ class QuantizedLinear(torch.nn.Module):
         return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
 
 
-def unquantized_format(scheme: QuantScheme) -> str:
-    """Storage format of tensors the scheme leaves alone (embeddings, norms, biases, a tied head).
+# A whole-model scheme, or a per-layer plan: linear module name -> scheme (a mixed-precision assignment).
+SchemePlan = QuantScheme | Mapping[str, QuantScheme]
 
-    A plain-cast scheme casts everything; every other scheme keeps them at fp16, as deployments do.
+
+def unquantized_format(plan: SchemePlan) -> str:
+    """Storage format of tensors the plan leaves alone (embeddings, norms, biases, a tied head).
+
+    A plain-cast scheme (fp32/fp16/bf16) casts everything; anything else keeps them at fp16, as deployments do.
     """
-    return scheme.format if not scheme.fmt.scaled else "fp16"
+    schemes = {plan} if isinstance(plan, QuantScheme) else set(plan.values())
+    formats = {s.format for s in schemes}
+    if len(formats) == 1 and not next(iter(schemes)).fmt.scaled:
+        return formats.pop()
+    return "fp16"
+
+
+def layer_schemes(model: torch.nn.Module, plan: SchemePlan) -> dict[str, QuantScheme]:
+    """Which scheme each quantizable linear gets; layers a per-layer plan omits stay unquantized."""
+    names = [name for name, _ in quantizable_linears(model)]
+    if isinstance(plan, QuantScheme):
+        return dict.fromkeys(names, plan)
+    unknown = sorted(set(plan) - set(names))
+    if unknown:
+        raise QlabError(f"the plan names {len(unknown)} layer(s) that are not quantizable linears of this model "
+                        f"(e.g. '{unknown[0]}'); use names from the Model page's layer table.")
+    return {name: plan[name] for name in names if name in plan}
 
 
 @dataclass(frozen=True)
@@ -64,28 +84,31 @@ class SizeReport:
         return 8 * self.quantized_bytes / max(1, self.quantized_params)
 
 
-def size_report(model: torch.nn.Module, scheme: QuantScheme) -> SizeReport:
-    """Exact storage of a model under a scheme, computed from shapes and the format registry."""
-    linears = quantizable_linears(model)
-    quantized_ids = {id(m.weight) for _, m in linears}
+def size_report(model: torch.nn.Module, plan: SchemePlan) -> SizeReport:
+    """Exact storage of a model under a scheme or per-layer plan, from shapes and the format registry."""
+    assignment = layer_schemes(model, plan)
+    modules = dict(model.named_modules())
+    quantized_ids = set()
     quantized_params = quantized_bytes = scale_bytes = 0
-    for _, module in linears:
-        parts = scheme.storage_bytes(tuple(module.weight.shape))
-        quantized_params += module.weight.numel()
+    for name, scheme in assignment.items():
+        weight = modules[name].weight
+        parts = scheme.storage_bytes(tuple(weight.shape))
+        quantized_ids.add(id(weight))
+        quantized_params += weight.numel()
         quantized_bytes += sum(parts.values())
         scale_bytes += parts["scales"] + parts["zero_points"]
-    other_bits = get_format(unquantized_format(scheme)).bits
-    others = [p for p in model.parameters() if id(p) not in quantized_ids]
-    other_params = sum(p.numel() for p in others)
+    other_bits = get_format(unquantized_format(plan)).bits
+    other_params = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
     return SizeReport(quantized_params, quantized_bytes, scale_bytes, other_params,
                       other_params * other_bits // 8)
 
 
-def quantized_copy(model: torch.nn.Module, scheme: QuantScheme) -> torch.nn.Module:
-    """A shadow of ``model`` with the scheme applied; ``model`` itself is only read."""
-    rest_format = get_format(unquantized_format(scheme))
-    linears = quantizable_linears(model)
-    quantized_ids = {id(m.weight) for _, m in linears}
+def quantized_copy(model: torch.nn.Module, plan: SchemePlan) -> torch.nn.Module:
+    """A shadow of ``model`` with the scheme (or per-layer plan) applied; ``model`` itself is only read."""
+    rest_format = get_format(unquantized_format(plan))
+    assignment = layer_schemes(model, plan)
+    modules = dict(model.named_modules())
+    quantized_ids = {id(modules[name].weight) for name in assignment}
     memo: dict[int, object] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):
         memo[id(tensor)] = tensor
@@ -93,9 +116,9 @@ def quantized_copy(model: torch.nn.Module, scheme: QuantScheme) -> torch.nn.Modu
             memo[id(tensor)] = torch.nn.Parameter(rest_format.round(tensor.detach()).to(tensor.dtype),
                                                   requires_grad=False)
     shadow = copy.deepcopy(model, memo)
-    for name, module in linears:
+    for name, scheme in assignment.items():
         bias = shadow.get_submodule(name).bias
-        shadow.set_submodule(name, QuantizedLinear(quantize(module.weight, scheme), bias))
+        shadow.set_submodule(name, QuantizedLinear(quantize(modules[name].weight, scheme), bias))
     return shadow
 
 

@@ -87,3 +87,18 @@ def test_cancel_keeps_finished_rows(minilm):
 def test_group_size_that_does_not_divide_is_refused_before_work(minilm):
     with pytest.raises(QlabError, match="does not divide"):
         next(run_sweep(minilm, [QuantScheme("int4", "group", 100)], EvalSpec(tokens=64)))
+
+
+def test_per_layer_plan_quantizes_only_the_named_layers(minilm):
+    names = [name for name, _ in quantizable_linears(minilm.model)]
+    plan = {names[0]: QuantScheme("int4", "group", 32), names[1]: QuantScheme("int8")}
+    shadow = quantized_copy(minilm.model, plan)
+    assert shadow.get_submodule(names[0]).qweight.scheme.format == "int4"
+    assert shadow.get_submodule(names[1]).qweight.scheme.format == "int8"
+    assert isinstance(shadow.get_submodule(names[2]), torch.nn.Linear)
+    report = size_report(minilm.model, plan)
+    modules = dict(minilm.model.named_modules())
+    assert report.quantized_bytes == sum(quantize(modules[n].weight, s).nbytes for n, s in plan.items())
+    assert report.other_bytes == 2 * (minilm.num_params - report.quantized_params)  # fp16 for the rest
+    with pytest.raises(QlabError, match="not quantizable"):
+        size_report(minilm.model, {"no.such.layer": QuantScheme("int8")})
