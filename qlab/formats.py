@@ -136,27 +136,28 @@ def _table_tensor(name: str) -> torch.Tensor:
 
 
 @functools.cache
-def _table_search(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sorted levels, the code of each, and the decision boundaries between neighbours."""
+def _table_search(name: str) -> tuple[torch.Tensor, tuple[float, ...], tuple[bool, ...], bool]:
+    """Code of each sorted level, the decision boundaries between neighbours, and for each boundary
+    whether a value exactly on it goes up (round half to even: towards the even code)."""
     table = _table_tensor(name)
     order = torch.argsort(table, stable=True)
     sorted_levels = table[order]
     distinct = torch.cat([torch.tensor([True]), sorted_levels[1:] != sorted_levels[:-1]])
     sorted_levels, codes = sorted_levels[distinct], order[distinct]
-    midpoints = (sorted_levels[1:] + sorted_levels[:-1]) / 2
-    return sorted_levels, codes, midpoints
+    midpoints = ((sorted_levels[1:] + sorted_levels[:-1]) / 2).tolist()
+    ties_up = tuple(bool(codes[k + 1] % 2 == 0 and codes[k] % 2 == 1) for k in range(len(midpoints)))
+    identity = bool(torch.equal(codes, torch.arange(len(codes))))
+    return codes.to(torch.uint8), tuple(midpoints), ties_up, identity
 
 
 def _nearest_table_index(x: torch.Tensor, name: str) -> torch.Tensor:
-    levels, codes, midpoints = _table_search(name)
-    # bucketize(right=False) sends a value equal to a midpoint to the lower level; then a tie moves up when
-    # the upper neighbour's code is even (round half to even, as the MX spec asks for FP4).
-    slot = torch.bucketize(x, midpoints)
-    upper = (slot + 1).clamp(max=len(levels) - 1)
-    is_tie = (slot < len(levels) - 1) & (x == midpoints[slot.clamp(max=len(midpoints) - 1)])
-    take_upper = is_tie & (codes[upper] % 2 == 0) & (codes[slot] % 2 == 1)
-    slot = torch.where(take_upper, upper, slot)
-    return codes[slot].to(torch.uint8)
+    codes, midpoints, ties_up, identity = _table_search(name)
+    # Counting the boundaries below x, one comparison per boundary (15 for a 4-bit table), is ~3x faster
+    # than torch.bucketize on CPU; `>=` on the boundaries whose ties go up implements half-to-even.
+    slot = torch.zeros(x.shape, dtype=torch.uint8)
+    for boundary, up in zip(midpoints, ties_up, strict=True):
+        slot += (x >= boundary) if up else (x > boundary)
+    return slot if identity else codes[slot.long()]
 
 
 FORMATS: dict[str, Format] = {}
