@@ -144,11 +144,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from qlab.models import load
-    from qlab.sweep import parse_formats, run_sweep
+    from qlab.sweep import check_schemes, parse_formats, run_sweep
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     spec = _eval_spec(args)
     loaded = load(args.model)
+    check_schemes(loaded, schemes)
     records: list[dict] = []
     with tqdm(total=1000, desc="sweep", unit="‰", file=sys.stderr, disable=args.quiet,
               bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar:
@@ -235,7 +236,22 @@ def cmd_bench_sweep(args: argparse.Namespace) -> None:
     _emit(result, args.json if args.json is not None else "-")
 
 
+def _quiet_libraries() -> None:
+    """Keep library warnings (torch, torchao, transformers) off stderr, which carries qlab's own one-line
+    errors and progress; set QLAB_DEBUG=1 to see them."""
+    if os.environ.get("QLAB_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("torch", "torchao", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         args.func(args)

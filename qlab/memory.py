@@ -49,9 +49,16 @@ FORMULAS: dict[str, str] = {
 }
 
 
-def _check_count(value: object, what: str, minimum: int = 1) -> None:
+# Guards against a typo, not physics: 64M tokens and a batch of 1M are beyond every public deployment.
+MAX_CONTEXT_TOKENS = 64 * 1024 * 1024
+MAX_BATCH = 1024 * 1024
+
+
+def _check_count(value: object, what: str, minimum: int = 1, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise QlabError(f"{what} must be a whole number >= {minimum}, got {value!r}; fix that input.")
+    if maximum is not None and value > maximum:
+        raise QlabError(f"{what} of {value:,} is beyond the cap of {maximum:,}; check for a typo.")
 
 
 @dataclass(frozen=True)
@@ -550,8 +557,8 @@ def _fit(memory_plan: MemoryPlan, target: hardware.Hardware) -> TargetFit:
 def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[str, tuple[int, ...], int]],
           params: int, active_params: int, context_tokens: int, batch: int, kv_dtype: str,
           hardware_ids: str | Sequence[str], assumptions: Assumptions, notes: list[str]) -> MemoryPlan:
-    _check_count(context_tokens, "context length (tokens)")
-    _check_count(batch, "batch size")
+    _check_count(context_tokens, "context length (tokens)", maximum=MAX_CONTEXT_TOKENS)
+    _check_count(batch, "batch size", maximum=MAX_BATCH)
     targets = _targets(hardware_ids)
     weights, label, rest, formats = _weights(name, spec, matrices, params)
     act_bytes = assumptions.activation_bytes_per_value or (4 if rest == "fp32" else 2)

@@ -21,7 +21,8 @@ Granularity = Literal["tensor", "channel", "group"]
 Calibration = Literal["minmax", "percentile", "mse"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
 CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "mse")
-ALGORITHMS: tuple[str, ...] = ("rtn",)
+# "gptq" needs calibration inputs (Hessians), which qlab.sweep collects; see qlab.algorithms.
+ALGORITHMS: tuple[str, ...] = ("rtn", "gptq")
 TARGETS: tuple[str, ...] = ("weights",)  # activations come with real kernels; the field keeps room for them
 SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MSE_CLIP_RATIOS = torch.linspace(1.0, 0.5, 26)  # candidate clipping ranges, as fractions of the min-max range
@@ -43,7 +44,8 @@ class QuantScheme:
         scale_dtype: dtype scales are stored in; ``"auto"`` is fp16 for groups (as GPTQ/AWQ/llama.cpp store
             them) and fp32 otherwise.
         targets: which tensors are quantized; only ``("weights",)`` for now.
-        algorithm: weight rounding algorithm; ``"rtn"`` (round to nearest).
+        algorithm: weight rounding algorithm; ``"rtn"`` (round to nearest) or ``"gptq"`` (error-compensating
+            rounding from calibration inputs, ``qlab.algorithms.gptq``).
 
     Plain casts (fp32, fp16, bf16) have no scale, so their granularity fields are normalised away and two
     schemes that do the same thing compare equal.
@@ -298,8 +300,9 @@ def _zero_point_for(low: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torc
     return zero_point.clamp(fmt.qmin, fmt.qmax).to(torch.int8)
 
 
-def _encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-            fmt: Format) -> torch.Tensor:
+def encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+           fmt: Format) -> torch.Tensor:
+    """Codes of ``blocks`` (one row per scale) on the format's grid, given each row's scale and zero-point."""
     # Multiply by the reciprocal in float32, exactly as torch.quantize_per_tensor does, so ties agree.
     inverse = 1.0 / scale.to(torch.float32)[:, None]
     scaled = blocks * inverse
@@ -319,7 +322,7 @@ def _mse_scale(blocks: torch.Tensor, scheme: QuantScheme
     best_error = torch.full((blocks.shape[0],), float("inf"))
     for ratio in MSE_CLIP_RATIOS.tolist():
         scale, zero = _scale_from_range(low * ratio, high * ratio, scheme)
-        codes = _encode(blocks, scale, zero, scheme.fmt)
+        codes = encode(blocks, scale, zero, scheme.fmt)
         values = scheme.fmt.decode(codes)
         if zero is not None:
             values = values - zero.to(torch.float32)[:, None]
@@ -364,6 +367,8 @@ def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor |
     calibration; the scale is still rounded to the scheme's scale dtype, because that is what is stored."""
     fmt = scheme.fmt
     x = x.detach().to(torch.float32)
+    if x.numel() == 0:
+        raise QlabError(f"the tensor of shape {tuple(x.shape)} is empty; there is nothing to quantize.")
     if not fmt.scaled:
         if scale is not None or zero_point is not None:
             raise QlabError(f"{fmt.name} is a plain cast with no scale or zero-point; drop those options.")
@@ -387,7 +392,7 @@ def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor |
         given_zero = calibrated_zero if given_zero is None else given_zero
     elif given_zero is None and not scheme.symmetric:
         given_zero = _zero_point_for(_clip_range(blocks, scheme)[0], given_scale, fmt)
-    codes = _encode(blocks, given_scale, given_zero, fmt)
+    codes = encode(blocks, given_scale, given_zero, fmt)
     return QTensor(codes.reshape(x.shape), given_scale, given_zero, scheme, x.shape)
 
 

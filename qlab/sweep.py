@@ -166,8 +166,7 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     ``progress(fraction, message)`` reports overall progress; ``cancel()`` returning True stops at the next
     batch with ``Cancelled``, after every finished row has been yielded.
     """
-    if not schemes:
-        raise QlabError("no schemes to run; pick at least one format.")
+    check_schemes(loaded, schemes)
     units = len(schemes) + (baseline is None)
     done = 0
 
@@ -180,7 +179,6 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
         baseline = compute_baseline(loaded, spec, stage("FP32 baseline"), cancel)
         done += 1
     for scheme in schemes:
-        _check_shapes(loaded, scheme)
         started = time.perf_counter()
         shadow = quantized_copy(loaded.model, scheme)
         quantized_at = time.perf_counter()
@@ -195,6 +193,14 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
         if progress:
             progress(done / units, f"{scheme.label}: done")
         yield row
+
+
+def check_schemes(loaded: LoadedModel, schemes: list[QuantScheme]) -> None:
+    """Every check that can fail, before any work, so a bad choice costs no time."""
+    if not schemes:
+        raise QlabError("no schemes to run; pick at least one format.")
+    for scheme in schemes:
+        _check_shapes(loaded, scheme)
 
 
 def _check_shapes(loaded: LoadedModel, scheme: QuantScheme) -> None:

@@ -1,0 +1,128 @@
+"""The bad-input matrix: every case gets one clear line and exit status 2, never a traceback.
+
+Each row is (case id, CLI arguments, a fragment the message must contain). Files the cases need are made in
+a temporary directory; `{tmp}` in an argument is replaced by it.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlab.cli import main
+from qlab.errors import QlabError
+from qlab.quant import QuantScheme, quantize
+
+CLI_CASES = [
+    ("unknown model", ["sweep", "--model", "no-such-model"], "unknown model"),
+    ("hub id offline", ["sweep", "--model", "someone/not-cached-model"], "cannot be reached"),
+    ("dir without config", ["sweep", "--model", "{tmp}/empty"], "no config.json"),
+    ("pickle weights", ["sweep", "--model", "{tmp}/pickled"], "pickle"),
+    ("remote code", ["sweep", "--model", "{tmp}/remote_code"], "trust_remote_code"),
+    ("broken config", ["sweep", "--model", "{tmp}/broken_config"], "not valid JSON"),
+    ("path is a file", ["sweep", "--model", "{tmp}/empty.txt"], "not a directory"),
+    ("empty text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/empty.txt"], "empty"),
+    ("binary text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/binary.bin"], "binary"),
+    ("non-utf8 text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/latin1.txt"], "UTF-8"),
+    ("huge text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/huge.txt"], "limit"),
+    ("missing text file", ["sweep", "--text-file", "{tmp}/nope.txt"], "does not exist"),
+    ("bits 0", ["sweep", "--formats", "int0"], "unknown format"),
+    ("bits 1", ["sweep", "--formats", "int1"], "unknown format"),
+    ("bits 9", ["sweep", "--formats", "int9"], "unknown format"),
+    ("bits 99", ["quantize", "--values=1,2", "--format", "int99"], "unknown format"),
+    ("no formats", ["sweep", "--formats", ","], "no formats"),
+    ("group size 0", ["sweep", "--granularity", "group", "--group-size", "0"], "group size"),
+    ("group size negative", ["sweep", "--granularity", "group", "--group-size", "-64"], "group size"),
+    ("group size not an int", ["sweep", "--group-size", "sixty"], "invalid int"),
+    ("group size does not divide", ["sweep", "--model", "minilm-l6", "--granularity", "group",
+                                    "--group-size", "100", "--tokens", "64"], "does not divide"),
+    ("unknown granularity", ["sweep", "--granularity", "row"], "granularity"),
+    ("unknown calibration", ["sweep", "--calibration", "magic"], "calibration"),
+    ("percentile > 100", ["sweep", "--calibration", "percentile", "--percentile", "101"], "percentile"),
+    ("asymmetric nf4", ["quantize", "--values=1,2", "--format", "nf4", "--asymmetric"], "symmetric"),
+    ("zero tokens", ["sweep", "--tokens", "0"], "token budget"),
+    ("negative tokens", ["sweep", "--tokens", "-5"], "token budget"),
+    ("absurd tokens", ["sweep", "--tokens", "100000000"], "cap"),
+    ("NaN value", ["quantize", "--values=1,nan,2"], "NaN"),
+    ("Inf value", ["quantize", "--values=1,inf"], "NaN or infinite"),
+    ("not numbers", ["quantize", "--values=a,b"], "comma-separated numbers"),
+    ("zero scale", ["quantize", "--values=1,2", "--scale", "0"], "scale must be positive"),
+    ("negative scale", ["quantize", "--values=1,2", "--scale", "-0.1"], "scale must be positive"),
+    ("zero-point out of range", ["quantize", "--values=1,2", "--asymmetric", "--zero-point", "300"],
+     "zero-point"),
+    ("zero-point when symmetric", ["quantize", "--values=1,2", "--zero-point", "3"], "asymmetric"),
+    ("unwritable json", ["quantize", "--values=1,2", "--json", "/proc/qlab/out.json"], "cannot write"),
+    ("negative context", ["memory", "--model", "llama-3.1-8b", "--context", "-1"], "context"),
+    ("zero batch", ["memory", "--model", "llama-3.1-8b", "--batch", "0"], "batch"),
+    ("absurd context", ["memory", "--model", "llama-3.1-8b", "--context", "99999999999999"], "context"),
+    ("unknown hardware", ["memory", "--model", "llama-3.1-8b", "--hardware", "tpu-v9"], "hardware"),
+    ("unknown kv dtype", ["memory", "--model", "llama-3.1-8b", "--kv-dtype", "int3"], "kv"),
+    ("unknown catalog model", ["memory", "--model", "llama-9-900b"], "unknown"),
+    ("unknown command", ["transmogrify"], "invalid choice"),
+    ("unknown flag", ["sweep", "--frobnicate"], "unrecognized"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "empty").mkdir()
+    (tmp / "pickled").mkdir()
+    (tmp / "pickled" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (tmp / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    (tmp / "remote_code").mkdir()
+    (tmp / "remote_code" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "evil.Model"}}))
+    (tmp / "broken_config").mkdir()
+    (tmp / "broken_config" / "config.json").write_text("{ not json")
+    (tmp / "empty.txt").write_text("")
+    (tmp / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
+    (tmp / "huge.txt").write_bytes(b"word " * 4_000_001)
+    return tmp
+
+
+@pytest.mark.parametrize("case, argv, needle", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(case, argv, needle, bad_files, capsys):
+    argv = [a.replace("{tmp}", str(bad_files)) for a in argv]
+    assert main(argv) == 2, case
+    err = capsys.readouterr().err
+    assert err.startswith("qlab: error: ") and err.count("\n") == 1, err
+    assert needle.lower() in err.lower(), err
+    assert "Traceback" not in err
+
+
+def test_matrix_is_big_enough():
+    assert len(CLI_CASES) >= 30
+
+
+@pytest.mark.parametrize("argv", [["sweep", "--model", "{tmp}/pickled"], ["quantize", "--values=1,nan"],
+                                  ["memory", "--model", "llama-3.1-8b", "--context", "0"]])
+def test_real_process_prints_one_line_and_no_traceback(argv, bad_files):
+    argv = [a.replace("{tmp}", str(bad_files)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "qlab", *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(4, 64), torch.full((4, 64), -2.7), torch.zeros(0)],
+                         ids=["all zero", "constant", "empty"])
+def test_degenerate_but_valid_tensors_quantize(tensor):
+    for fmt in ("int8", "int4", "nf4", "fp8_e4m3"):
+        scheme = QuantScheme(fmt, "channel") if tensor.dim() == 2 else QuantScheme(fmt, "tensor")
+        if tensor.numel() == 0:
+            with pytest.raises(QlabError):
+                quantize(tensor, scheme)
+            continue
+        restored = quantize(tensor, scheme).dequantize()
+        assert torch.allclose(restored, tensor, rtol=2**-8, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(bad):
+    weight = torch.randn(8, 64)
+    weight[3, 5] = bad
+    with pytest.raises(QlabError, match="NaN or infinite"):
+        quantize(weight, QuantScheme("int4", "group", 32))
