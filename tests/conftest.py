@@ -8,6 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_run_db(tmp_path_factory):
+    """Runs stored during tests (dashboard, CLI, browser) go to a throwaway database, never the user's."""
+    os.environ["QLAB_DB"] = str(tmp_path_factory.mktemp("runs") / "runs.sqlite")
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from qlab.models import load

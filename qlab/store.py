@@ -1,0 +1,674 @@
+"""Run history in SQLite: every finished result is saved as it completes, so a killed run keeps what it did.
+
+One file per user (``QLAB_DB`` or ``$XDG_DATA_HOME/qlab/runs.sqlite``), stdlib ``sqlite3`` in WAL mode: readers
+never block the writer, each result is its own committed transaction, and a process killed mid-write leaves
+the last committed state readable. The schema version is ``PRAGMA user_version``; ``MIGRATIONS`` upgrade it
+step by step, and a fresh file is built by running them all from 0, so the upgrade path is exercised daily.
+
+A *run* is one invocation (a sweep, a memory plan, a benchmark, ...): model id and content hash, hardware,
+settings (every scheme in full), qlab/torch/transformers versions, evaluation text hash and token budget, seed,
+timings and status. Its *results* are the rows it produced, each with a ``kind`` and a JSON record, so later
+features store theirs without a schema change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import socket
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qlab.errors import Cancelled, QlabError
+
+DB_ENV = "QLAB_DB"
+EXPORT_FORMAT = "qlab-runs"
+STATUSES = ("running", "finished", "cancelled", "stopped", "failed", "interrupted")
+BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction before giving up
+ID_PREFIX_MIN = 4
+
+# Each entry upgrades the schema from version i to i + 1; statements run in one transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the first layout: sweep runs and their rows.
+    (
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY, created_at TEXT NOT NULL, model TEXT NOT NULL, model_sha256 TEXT,
+            hardware TEXT, settings TEXT NOT NULL, environment TEXT NOT NULL, text_sha256 TEXT,
+            tokens INTEGER, seed INTEGER)""",
+        """CREATE TABLE rows (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            label TEXT NOT NULL, record TEXT NOT NULL)""",
+    ),
+    # 2: results of any kind (sweep, memory, sensitivity, bench, ...), ordered per run; run kind, status, timings.
+    (
+        "ALTER TABLE rows RENAME TO results",
+        "ALTER TABLE results ADD COLUMN kind TEXT NOT NULL DEFAULT 'sweep'",
+        "ALTER TABLE results ADD COLUMN position INTEGER",
+        "ALTER TABLE results ADD COLUMN scheme TEXT",
+        "ALTER TABLE results ADD COLUMN created_at TEXT",
+        """UPDATE results SET position = (SELECT COUNT(*) FROM results AS earlier
+            WHERE earlier.run_id = results.run_id AND earlier.id < results.id)""",
+        "CREATE UNIQUE INDEX results_position ON results(run_id, position)",
+        "ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'sweep'",
+        "ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'finished'",
+        "ALTER TABLE runs ADD COLUMN text_name TEXT",
+        "ALTER TABLE runs ADD COLUMN finished_at TEXT",
+        "ALTER TABLE runs ADD COLUMN seconds REAL",
+        "ALTER TABLE runs ADD COLUMN error TEXT",
+        "CREATE INDEX runs_created ON runs(created_at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def default_path() -> Path:
+    """``$XDG_DATA_HOME/qlab/runs.sqlite``, or ``~/.local/share/qlab/runs.sqlite``."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "qlab" / "runs.sqlite"
+
+
+def resolve_path(db: str | os.PathLike | None = None) -> Path:
+    """The database to use: an explicit path, else ``QLAB_DB``, else the default under the data directory."""
+    chosen = db or os.environ.get(DB_ENV) or default_path()
+    return Path(chosen).expanduser()
+
+
+def requested_path(db: str | os.PathLike | None) -> Path | None:
+    """For headless runs that store only on request: ``--db`` if given, else ``QLAB_DB`` if set, else None."""
+    chosen = db or os.environ.get(DB_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --- what a run records ----------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the machine a run executes on (what makes two runs comparable or not)."""
+    import torch
+    import transformers
+
+    from qlab import __version__
+    from qlab.hardware import detect_this_machine
+
+    machine = detect_this_machine()
+    return {"qlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "machine": machine.name, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the cache key so an edited file is hashed again.
+    resolved = Path(path).resolve()
+    # A Hugging Face cache stores each large file as a blob named by its SHA-256: no need to read it.
+    if resolved.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", resolved.name):
+        return resolved.name
+    with open(resolved, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def model_sha256(source) -> str | None:
+    """SHA-256 over the weight files a model was loaded from (file names and contents); None if it has none.
+
+    ``source`` is a ``qlab.models.ModelSource`` (or a LoadedModel). Hashing files rather than tensors works for
+    models spread over GPUs too, and is cached per (path, size, mtime) within a process.
+    """
+    source = getattr(source, "source", source)
+    directory = Path(source.path)
+    files = [directory / source.gguf_file] if source.gguf_file else sorted(directory.glob("*.safetensors"))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}:{_file_sha256(str(file), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """Everything needed to compare a run with another and to replay it.
+
+    ``settings`` holds the inputs in full: for a sweep ``{"schemes": [QuantScheme.to_dict(), ...]}`` plus
+    any options; ``environment`` defaults to this process's versions and machine.
+    """
+
+    kind: str
+    model: str
+    settings: dict = field(hash=False)
+    model_sha256: str | None = None
+    hardware: str = "this-machine"
+    text_sha256: str | None = None
+    text_name: str | None = None
+    tokens: int | None = None
+    seed: int | None = None
+    environment: dict = field(default_factory=environment, hash=False)
+
+
+def sweep_meta(loaded, schemes: Sequence, spec, hardware: str = "this-machine", **settings: Any) -> RunMeta:
+    """RunMeta of a sweep of ``schemes`` on a LoadedModel with an EvalSpec; extra keyword settings are kept."""
+    import torch
+
+    return RunMeta(kind="sweep", model=loaded.name,
+                   settings={"schemes": [s.to_dict() for s in schemes], **settings},
+                   model_sha256=model_sha256(loaded), hardware=hardware, text_sha256=spec.text_sha256,
+                   text_name=spec.text_name, tokens=spec.tokens,
+                   # Round-to-nearest draws no random numbers; the seed is recorded for methods that will.
+                   seed=torch.initial_seed())
+
+
+# --- results -------------------------------------------------------------------------------------------
+
+# Result object class name -> stored kind. Anything with ``to_record()`` or a plain mapping can be stored.
+KIND_OF_CLASS = {"ResultRow": "sweep", "MemoryPlan": "memory"}
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One result of a run, as stored."""
+
+    position: int
+    kind: str
+    label: str
+    record: dict = field(hash=False)
+    scheme: dict | None = field(default=None, hash=False)
+    created_at: str | None = None
+
+
+def _as_result(result: Any, kind: str | None, scheme: Any = None) -> tuple[str, str, dict, dict | None]:
+    """(kind, label, record, scheme dict) of a ResultRow, a MemoryPlan, or a record mapping (whose scheme,
+    a QuantScheme, may be given)."""
+    if isinstance(result, Mapping):
+        record = dict(result)
+        kind = kind or record.get("kind")
+        if not kind:
+            raise QlabError("a stored result needs a kind (sweep, memory, sensitivity, bench, ...).")
+        scheme = None if scheme is None else scheme.to_dict()
+    else:
+        record = result.to_record()
+        kind = kind or KIND_OF_CLASS.get(type(result).__name__)
+        if kind is None:
+            raise QlabError(f"no result kind is known for {type(result).__name__}; pass kind=.")
+        scheme = result.scheme.to_dict() if hasattr(getattr(result, "scheme", None), "to_dict") else None
+    label = str(record.get("label") or record.get("scheme") or record.get("name") or kind)
+    return kind, label, record, scheme
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run with its results, read back from the store."""
+
+    id: str
+    kind: str
+    status: str
+    created_at: str
+    finished_at: str | None
+    seconds: float | None
+    error: str | None
+    meta: RunMeta
+    results: tuple[StoredResult, ...] = ()
+
+    @property
+    def model(self) -> str:
+        return self.meta.model
+
+    def records(self, kind: str | None = "sweep") -> list[dict]:
+        """The records of one kind (all kinds when ``kind`` is None), in the order they finished."""
+        return [r.record for r in self.results if kind is None or r.kind == kind]
+
+    def schemes(self) -> list[dict]:
+        return list(self.meta.settings.get("schemes", []))
+
+    def to_dict(self) -> dict:
+        """The JSON form used by ``export``/``import``."""
+        return {"id": self.id, "kind": self.kind, "status": self.status, "created_at": self.created_at,
+                "finished_at": self.finished_at, "seconds": self.seconds, "error": self.error,
+                "model": self.meta.model, "model_sha256": self.meta.model_sha256,
+                "hardware": self.meta.hardware, "text_sha256": self.meta.text_sha256,
+                "text_name": self.meta.text_name, "tokens": self.meta.tokens, "seed": self.meta.seed,
+                "settings": self.meta.settings, "environment": self.meta.environment,
+                "results": [{"position": r.position, "kind": r.kind, "label": r.label, "record": r.record,
+                             "scheme": r.scheme, "created_at": r.created_at} for r in self.results]}
+
+
+# --- the database ----------------------------------------------------------------------------------------
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise QlabError(f"{path} was written by a newer qlab (schema v{version}, this one knows "
+                        f"v{SCHEMA_VERSION}); upgrade qlab or pass another --db.")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read inside the write lock: another process may have migrated while we waited.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for steps in MIGRATIONS[version:]:
+            for statement in steps:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+@contextlib.contextmanager
+def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """An autocommit connection (transactions are explicit) with WAL, foreign keys and the schema current."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except (OSError, sqlite3.OperationalError) as error:
+        raise QlabError(f"cannot open the run database {path} ({error}); pass a writable --db path "
+                        f"or set {DB_ENV}.") from None
+    try:
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # With WAL, NORMAL loses nothing when a process is killed (only on power loss); it avoids an
+            # fsync per result.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            _migrate(conn, path)
+        except sqlite3.DatabaseError as error:
+            raise QlabError(f"{path} is not a usable qlab run database ({error}); pass another --db.") from None
+        try:
+            yield conn
+        except sqlite3.OperationalError as error:  # locked past the timeout, read-only, disk full
+            raise QlabError(f"the run database {path} could not be used ({error}); retry, or pass another "
+                            "--db.") from None
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    # IMMEDIATE takes the write lock up front, so two writers queue (busy timeout) instead of deadlocking.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _seed_in(seed: int | None) -> int | None:
+    # torch seeds are unsigned 64-bit; SQLite integers are signed: store the same 64 bits, read them back.
+    return None if seed is None else int(seed) - (1 << 64) if int(seed) >= 1 << 63 else int(seed)
+
+
+def _seed_out(stored: int | None) -> int | None:
+    return None if stored is None else stored % (1 << 64)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=float, allow_nan=True)
+
+
+class Store:
+    """The run database at ``path`` (``resolve_path``'s choice when None). Each call opens its own short
+    connection, so one Store is safe to share between threads and processes."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = resolve_path(path)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    def schema_version(self) -> int:
+        with _connect(self.path) as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def integrity_ok(self) -> bool:
+        with _connect(self.path) as conn:
+            return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    # writing
+
+    def start_run(self, meta: RunMeta, run_id: str | None = None) -> str:
+        """Open a run (status ``running``) and return its id."""
+        run_id = run_id or uuid.uuid4().hex[:12]
+        with _connect(self.path) as conn, _write(conn):
+            conn.execute(
+                """INSERT INTO runs (id, created_at, kind, status, model, model_sha256, hardware, settings,
+                   environment, text_sha256, text_name, tokens, seed)
+                   VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (run_id, _now(), meta.kind, meta.model, meta.model_sha256, meta.hardware,
+                 _dumps(meta.settings), _dumps(meta.environment), meta.text_sha256, meta.text_name,
+                 meta.tokens, _seed_in(meta.seed)))
+        return run_id
+
+    def add_result(self, run_id: str, result: Any, kind: str | None = None, scheme: Any = None) -> int:
+        """Save one finished result (ResultRow, MemoryPlan or a record mapping) now; returns its position."""
+        kind, label, record, scheme = _as_result(result, kind, scheme)
+        with _connect(self.path) as conn, _write(conn):
+            position = conn.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", (run_id,)).fetchone()[0]
+            conn.execute(
+                """INSERT INTO results (run_id, position, kind, label, record, scheme, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (run_id, position, kind, label, _dumps(record), None if scheme is None else _dumps(scheme),
+                 _now()))
+        return position
+
+    def finish_run(self, run_id: str, status: str = "finished", error: str | None = None) -> None:
+        if status not in STATUSES:
+            raise QlabError(f"unknown run status '{status}'; use one of {', '.join(STATUSES)}.")
+        with _connect(self.path) as conn, _write(conn):
+            conn.execute(
+                """UPDATE runs SET status = ?, finished_at = ?, error = ?,
+                   seconds = ROUND((julianday(?) - julianday(created_at)) * 86400.0, 3) WHERE id = ?""",
+                (status, _now(), error, _now(), run_id))
+
+    def delete(self, run_ids: Iterable[str]) -> int:
+        """Delete runs (and their results); returns how many were deleted."""
+        ids = [self.resolve_id(i) for i in run_ids]
+        with _connect(self.path) as conn, _write(conn):
+            return sum(conn.execute("DELETE FROM runs WHERE id = ?", (i,)).rowcount for i in ids)
+
+    # reading
+
+    def resolve_id(self, run_id: str) -> str:
+        """A full run id from itself or a unique prefix of at least 4 characters."""
+        run_id = run_id.strip()
+        with _connect(self.path) as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                return run_id
+            matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? || '%'", (run_id,))]
+                       if len(run_id) >= ID_PREFIX_MIN else [])
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise QlabError(f"run id '{run_id}' is ambiguous ({', '.join(sorted(matches)[:4])}); give more "
+                            "characters.")
+        raise QlabError(f"no run '{run_id}' in {self.path}; `python -m qlab runs list` shows the ids.")
+
+    def list_runs(self, model: str | None = None, kind: str | None = None,
+                  limit: int | None = None) -> list[dict]:
+        """One summary row per run, newest first: id, time, kind, status, model, hardware, results, labels."""
+        query = """SELECT runs.*, COUNT(results.id) AS results, GROUP_CONCAT(results.label, ', ') AS labels
+                   FROM runs LEFT JOIN results ON results.run_id = runs.id
+                   WHERE (? IS NULL OR runs.model LIKE '%' || ? || '%') AND (? IS NULL OR runs.kind = ?)
+                   GROUP BY runs.id ORDER BY runs.created_at DESC, runs.rowid DESC"""
+        params: list[Any] = [model, model, kind, kind]
+        if limit:
+            query += " LIMIT ?"
+            params.append(limit)
+        with _connect(self.path) as conn:
+            rows = conn.execute(query, params).fetchall()
+        return [{"id": r["id"], "created_at": r["created_at"], "kind": r["kind"],
+                 "status": _live_status(r["status"], json.loads(r["environment"])), "model": r["model"],
+                 "hardware": r["hardware"], "results": r["results"], "labels": r["labels"] or "",
+                 "tokens": r["tokens"], "text_name": r["text_name"], "seconds": r["seconds"],
+                 "qlab": json.loads(r["environment"]).get("qlab")} for r in rows]
+
+    def get(self, run_id: str) -> StoredRun:
+        """A run and all its results (``run_id`` may be a unique prefix)."""
+        run_id = self.resolve_id(run_id)
+        with _connect(self.path) as conn:
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            results = conn.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position",
+                                   (run_id,)).fetchall()
+        return _stored_run(row, results)
+
+    def runs(self, run_ids: Iterable[str] | None = None) -> list[StoredRun]:
+        """Several runs in full; all runs, oldest first, when ``run_ids`` is None."""
+        if run_ids is None:
+            run_ids = [r["id"] for r in reversed(self.list_runs())]
+        return [self.get(i) for i in run_ids]
+
+    def stored_schemes(self, model: str, model_sha: str | None, text_sha256: str, tokens: int) -> dict:
+        """``{QuantScheme: sweep record}`` already measured for this model, weights, text and token budget,
+        the newest run winning: what a dashboard can show again without recomputing."""
+        from qlab.quant import QuantScheme
+
+        with _connect(self.path) as conn:
+            rows = conn.execute(
+                """SELECT results.scheme, results.record FROM results JOIN runs ON runs.id = results.run_id
+                   WHERE runs.model = ? AND runs.model_sha256 IS ? AND runs.text_sha256 = ? AND runs.tokens = ?
+                   AND results.kind = 'sweep' AND results.scheme IS NOT NULL
+                   ORDER BY runs.created_at DESC, runs.rowid DESC, results.position""",
+                (model, model_sha, text_sha256, tokens)).fetchall()
+        found: dict = {}
+        for row in rows:
+            found.setdefault(QuantScheme.from_dict(json.loads(row["scheme"])), json.loads(row["record"]))
+        return found
+
+    # export and import
+
+    def export(self, run_ids: Iterable[str] | None = None) -> dict:
+        """JSON-ready payload of runs with their results (all runs when ``run_ids`` is None)."""
+        return {"format": EXPORT_FORMAT, "schema_version": SCHEMA_VERSION, "exported_at": _now(),
+                "runs": [run.to_dict() for run in self.runs(run_ids)]}
+
+    def import_payload(self, payload: Any, source_name: str = "import") -> list[str]:
+        """Import an ``export`` payload, a ``sweep --json`` list of rows or a ``bench sweep`` JSON.
+
+        Importing the same run twice adds nothing; a run that has more results than the stored copy (a
+        finished copy of a run that was killed here) adds the missing ones. Returns the run ids touched.
+        """
+        runs = _runs_from_payload(payload, source_name)
+        with _connect(self.path) as conn, _write(conn):
+            for run in runs:
+                conn.execute(
+                    """INSERT INTO runs (id, created_at, kind, status, model, model_sha256, hardware,
+                       settings, environment, text_sha256, text_name, tokens, seed, finished_at, seconds, error)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(id) DO UPDATE SET status = excluded.status,
+                       finished_at = excluded.finished_at, seconds = excluded.seconds, error = excluded.error
+                       WHERE runs.status = 'running'""",
+                    (run["id"], run["created_at"], run["kind"], run["status"], run["model"],
+                     run.get("model_sha256"), run.get("hardware"), _dumps(run.get("settings") or {}),
+                     _dumps(run.get("environment") or {}), run.get("text_sha256"), run.get("text_name"),
+                     run.get("tokens"), _seed_in(run.get("seed")), run.get("finished_at"), run.get("seconds"),
+                     run.get("error")))
+                for position, result in enumerate(run["results"]):
+                    conn.execute(
+                        """INSERT OR IGNORE INTO results (run_id, position, kind, label, record, scheme,
+                           created_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                        (run["id"], result.get("position", position), result["kind"], result["label"],
+                         _dumps(result["record"]),
+                         None if result.get("scheme") is None else _dumps(result["scheme"]),
+                         result.get("created_at")))
+        return [run["id"] for run in runs]
+
+    def import_file(self, path: str | os.PathLike) -> list[str]:
+        """Import a JSON file (see ``import_payload``) or another qlab SQLite database."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise QlabError(f"{path} does not exist or is not a file; give a JSON export or a .sqlite file.")
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+        if head.startswith(b"SQLite format 3"):
+            return self.import_payload(read_database(path).export(), path.name)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise QlabError(f"{path} is neither a qlab SQLite database nor JSON ({error}); export it with "
+                            "`python -m qlab runs export` or `sweep --json`.") from None
+        return self.import_payload(payload, path.name)
+
+
+def read_database(path: str | os.PathLike) -> Store:
+    """A Store over a private copy of another database (possibly older, possibly mid-write), so reading it
+    never migrates or locks the original."""
+    copy = Path(tempfile.mkdtemp(prefix="qlab-import-")) / "runs.sqlite"
+    try:
+        source = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        with contextlib.closing(source), contextlib.closing(sqlite3.connect(copy)) as target:
+            source.backup(target)  # the backup API copies a consistent snapshot, WAL included
+    except sqlite3.DatabaseError as error:
+        raise QlabError(f"{path} is not a readable SQLite database ({error}).") from None
+    return Store(copy)
+
+
+def _live_status(status: str, env: Mapping) -> str:
+    """A run still marked running whose process is gone (same host) was killed: show it as interrupted."""
+    if status != "running" or env.get("host") != socket.gethostname() or not env.get("pid"):
+        return status
+    try:
+        os.kill(int(env["pid"]), 0)
+    except ProcessLookupError:
+        return "interrupted"
+    except (PermissionError, OverflowError, ValueError):
+        pass
+    return status
+
+
+def _stored_run(row: sqlite3.Row, results: Sequence[sqlite3.Row]) -> StoredRun:
+    environment_record = json.loads(row["environment"])
+    meta = RunMeta(kind=row["kind"], model=row["model"], settings=json.loads(row["settings"]),
+                   model_sha256=row["model_sha256"], hardware=row["hardware"], text_sha256=row["text_sha256"],
+                   text_name=row["text_name"], tokens=row["tokens"], seed=_seed_out(row["seed"]),
+                   environment=environment_record)
+    return StoredRun(
+        id=row["id"], kind=row["kind"], status=_live_status(row["status"], environment_record),
+        created_at=row["created_at"], finished_at=row["finished_at"], seconds=row["seconds"],
+        error=row["error"], meta=meta,
+        results=tuple(StoredResult(r["position"], r["kind"], r["label"], json.loads(r["record"]),
+                                   None if r["scheme"] is None else json.loads(r["scheme"]), r["created_at"])
+                      for r in results))
+
+
+def _runs_from_payload(payload: Any, source_name: str) -> list[dict]:
+    """Normalise the JSON shapes qlab writes into a list of run dicts with results."""
+    if isinstance(payload, dict) and payload.get("format") == EXPORT_FORMAT:
+        runs = payload.get("runs")
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and "id" in r for r in runs):
+            raise QlabError(f"{source_name} is a qlab export without a valid 'runs' list; export it again.")
+        return runs
+    if isinstance(payload, list) and payload and all(isinstance(r, dict) and "label" in r for r in payload):
+        return [_bare_run("sweep", payload, [], source_name)]
+    if isinstance(payload, dict) and payload.get("benchmark") and isinstance(payload.get("rows"), list):
+        summary = {k: v for k, v in payload.items() if k != "rows"}
+        return [_bare_run("bench", payload["rows"], [summary], source_name)]
+    if isinstance(payload, dict) and "kv_cache_bytes" in payload:
+        return [_bare_run("memory", [], [{**payload, "kind": "memory"}], source_name)]
+    raise QlabError(f"{source_name} is not something qlab wrote: expected `runs export` JSON, `sweep --json` "
+                    "rows, `bench sweep` JSON or `memory --json`.")
+
+
+def _bare_run(kind: str, sweep_rows: list[dict], others: list[dict], source_name: str) -> dict:
+    """A run for JSON written without a store (``sweep --json``): settings rebuilt from the rows themselves."""
+    from qlab.quant import QuantScheme
+
+    names = {f for f in QuantScheme.__dataclass_fields__}
+    schemes = [QuantScheme.from_dict({k: row[k] for k in names if k in row}).to_dict()
+               for row in sweep_rows if "format" in row]
+    first = (sweep_rows or others)[0]
+    # The id is a hash of the content, so importing the same file twice is a no-op.
+    run_id = hashlib.sha256(_dumps([sweep_rows, others]).encode()).hexdigest()[:12]
+    results = ([{"kind": "sweep", "label": r["label"], "record": r,
+                 "scheme": schemes[i] if i < len(schemes) else None} for i, r in enumerate(sweep_rows)]
+               + [{"kind": o.get("kind", kind), "label": str(o.get("label") or o.get("scheme") or kind),
+                   "record": o} for o in others])
+    return {"id": run_id, "created_at": _now(), "kind": kind, "status": "finished",
+            "model": str(first.get("model", "unknown")), "hardware": first.get("hardware"),
+            "tokens": first.get("eval_tokens") or first.get("tokens"),
+            "settings": {"schemes": schemes, "imported_from": source_name},
+            "environment": {k: first[k] for k in ("torch", "cpu") if k in first}, "results": results}
+
+
+# --- recording as results arrive ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """``with Recorder(db, meta) as rec: rec.save(result)``: one run whose results are committed one by one.
+
+    The run ends ``finished``; ``cancelled`` on qlab's Cancelled; ``stopped`` when the caller stops early
+    (KeyboardInterrupt, a Streamlit rerun or stop); ``failed`` on an error, with its message. A process killed
+    outright leaves ``running``, which listings show as ``interrupted`` once the process is gone.
+    With ``strict=False`` (the dashboard) a database that cannot be written does not stop the work: saving
+    is skipped and the reason is kept in ``error``.
+    """
+
+    def __init__(self, db: str | os.PathLike | Store | None, meta: RunMeta, strict: bool = True) -> None:
+        self.store = db if isinstance(db, Store) else Store(db)
+        self.meta = meta
+        self.strict = strict
+        self.run_id: str | None = None
+        self.saved = 0
+        self.error: str | None = None
+
+    def _guard(self, action, *args) -> None:
+        if self.error is not None:
+            return
+        try:
+            action(*args)
+        except QlabError as error:
+            if self.strict:
+                raise
+            self.error = f"results are not being saved: {error}"
+
+    def __enter__(self) -> Recorder:
+        def start() -> None:
+            self.run_id = self.store.start_run(self.meta)
+
+        self._guard(start)
+        return self
+
+    def save(self, result: Any, kind: str | None = None, scheme: Any = None) -> None:
+        self._guard(self.store.add_result, self.run_id, result, kind, scheme)
+        self.saved += self.error is None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            status, error = "finished", None
+        elif issubclass(exc_type, Cancelled):
+            status, error = "cancelled", str(exc)
+        elif issubclass(exc_type, Exception):
+            status, error = "failed", f"{exc_type.__name__}: {exc}"[:500]
+        else:  # KeyboardInterrupt, GeneratorExit, Streamlit's stop/rerun (BaseException subclasses)
+            status, error = "stopped", None
+        self._guard(self.store.finish_run, self.run_id, status, error)
+
+
+def store_rows(db: str | os.PathLike | Store | None, meta: RunMeta, rows: Iterable[Any]) -> Iterator[Any]:
+    """Pass ``rows`` through unchanged, committing each to a new run before yielding it.
+
+    ``for row in store_rows(db, sweep_meta(loaded, schemes, spec), run_sweep(...))``: a killed sweep keeps
+    every scheme that finished.
+    """
+    with Recorder(db, meta) as recorder:
+        for row in rows:
+            recorder.save(row)
+            yield row
+
+
+# --- exporting a simulated quantized model --------------------------------------------------------------
+
+
+def layer_scheme_map(model, plan) -> dict[str, dict]:
+    """``{linear module name: QuantScheme.to_dict()}`` for a scheme or per-layer plan on a model: the exact
+    recipe of a simulated quantization, reloadable with ``QuantScheme.from_dict`` and ``sweep.quantized_copy``."""
+    from qlab.sweep import layer_schemes
+
+    return {name: scheme.to_dict() for name, scheme in layer_schemes(model, plan).items()}
+
+
+def scheme_export(loaded, plan) -> dict:
+    """The per-layer scheme JSON of a simulated quantization, with the model's id and content hash."""
+    from qlab.sweep import unquantized_format
+
+    return {"format": "qlab-layer-schemes", "model": loaded.name, "model_sha256": model_sha256(loaded),
+            "unquantized_format": unquantized_format(plan), "layers": layer_scheme_map(loaded.model, plan)}

@@ -1,0 +1,432 @@
+"""Run store: round trips of every result kind, migration, import/export, statuses, kills and concurrency."""
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlab import memory, store
+from qlab.errors import Cancelled, QlabError
+from qlab.quant import QuantScheme
+from qlab.store import Recorder, RunMeta, Store
+from qlab.sweep import ResultRow, SizeReport, layer_schemes, quantized_copy
+
+REPO = Path(__file__).resolve().parents[1]
+ENVIRONMENT = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "host": "elsewhere", "pid": 1}
+
+
+def meta(model="minilm-l6", kind="sweep", **changes) -> RunMeta:
+    fields = dict(kind=kind, model=model, settings={"schemes": [QuantScheme("int4", "group", 64).to_dict()]},
+                  model_sha256="ab" * 32, hardware="h100-sxm-80gb", text_sha256="cd" * 32,
+                  text_name="pydoc", tokens=128, seed=7, environment=ENVIRONMENT)
+    return RunMeta(**(fields | changes))
+
+
+def row(fmt="int4", kld=0.01, size_bytes=1000) -> ResultRow:
+    scheme = QuantScheme(fmt, "group", 64) if fmt not in ("fp32", "fp16") else QuantScheme(fmt)
+    return ResultRow("smollm2-135m", scheme, SizeReport(800, size_bytes - 200, 50, 100, 200),
+                     {"ppl": 12.5, "kld_mean": kld, "kld_p99": 10 * kld, "top1_agreement": 1 - kld},
+                     0.5, 1.5, 512, {"baseline_ppl": 12.0})
+
+
+def jsonable(record: dict) -> dict:
+    return json.loads(json.dumps(record))
+
+
+@pytest.fixture
+def db(tmp_path) -> Store:
+    return Store(tmp_path / "runs.sqlite")
+
+
+def test_path_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert store.resolve_path() == tmp_path / "data" / "qlab" / "runs.sqlite"
+    assert store.requested_path(None) is None  # headless runs store only when asked
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "env.sqlite"))
+    assert store.resolve_path() == store.requested_path(None) == tmp_path / "env.sqlite"
+    assert store.resolve_path(tmp_path / "flag.sqlite") == tmp_path / "flag.sqlite"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert store.default_path() == Path.home() / ".local" / "share" / "qlab" / "runs.sqlite"
+
+
+def test_sweep_rows_round_trip(db):
+    rows = [row("fp16", 1e-7, 2000), row("int8", 1e-3, 1500), row("int4", 0.05, 1000)]
+    run_id = db.start_run(meta())
+    positions = [db.add_result(run_id, r) for r in rows]
+    db.finish_run(run_id)
+    run = db.get(run_id)
+    assert positions == [0, 1, 2]
+    assert run.status == "finished" and run.finished_at and run.seconds >= 0
+    assert [r.kind for r in run.results] == ["sweep"] * 3
+    assert run.records() == [jsonable(r.to_record()) for r in rows]
+    assert [QuantScheme.from_dict(r.scheme) for r in run.results] == [r.scheme for r in rows]
+    assert [r.label for r in run.results] == ["fp16", "int8 g64", "int4 g64"]
+    assert run.meta == meta()  # every recorded field comes back as written
+
+
+def test_unsigned_64_bit_seeds_round_trip(db):
+    for seed in (0, 7, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):  # torch.initial_seed() is any uint64
+        assert db.get(db.start_run(meta(seed=seed))).meta.seed == seed
+
+
+def test_memory_plan_round_trip(db):
+    plan = memory.plan("llama-3.1-8b", QuantScheme("int4", "group", 128), 8192,
+                       hardware_ids=["h100-sxm-80gb", "rtx-4090"])
+    run_id = db.start_run(meta("llama-3.1-8b", "memory"))
+    db.add_result(run_id, plan)
+    stored = db.get(run_id).results[0]
+    assert stored.kind == "memory" and stored.label == "int4 g128"
+    assert stored.record == jsonable(plan.to_record())
+    assert [t["fits"] for t in stored.record["targets"]] == [t.fits for t in plan.targets]
+
+
+def test_generic_results_round_trip_and_need_a_kind(db):
+    run_id = db.start_run(meta(kind="sensitivity"))
+    layer = {"layer": "model.layers.0.mlp.down_proj", "kld_mean": 0.02, "per_format": {"int4": 0.02}}
+    bench = {"kind": "bench", "label": "prefill 512", "prefill_ms": 12.5, "tokens_per_s": [1.0, 2.0]}
+    db.add_result(run_id, layer, kind="sensitivity")
+    db.add_result(run_id, bench)
+    with pytest.raises(QlabError, match="needs a kind"):
+        db.add_result(run_id, {"value": 1})
+    run = db.get(run_id)
+    assert run.records("sensitivity") == [layer] and run.records("bench") == [bench]
+    assert run.records(None) == [layer, bench]
+    assert run.results[1].label == "prefill 512"
+
+
+def _v1_database(path: Path) -> None:
+    """The first schema, written by hand as an old qlab would have left it, with two runs."""
+    conn = sqlite3.connect(path)
+    conn.executescript(f"""
+        CREATE TABLE runs (id TEXT PRIMARY KEY, created_at TEXT NOT NULL, model TEXT NOT NULL,
+            model_sha256 TEXT, hardware TEXT, settings TEXT NOT NULL, environment TEXT NOT NULL,
+            text_sha256 TEXT, tokens INTEGER, seed INTEGER);
+        CREATE TABLE rows (id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE, label TEXT NOT NULL, record TEXT NOT NULL);
+        INSERT INTO runs VALUES ('aaaa00000001', '2025-01-01T10:00:00+00:00', 'minilm-l6', 'ff', 'this-machine',
+            '{{"schemes": []}}', '{json.dumps(ENVIRONMENT)}', 'ee', 64, 0);
+        INSERT INTO runs VALUES ('bbbb00000002', '2025-01-02T10:00:00+00:00', 'smollm2-135m', NULL, 'l4',
+            '{{}}', '{{}}', NULL, 512, NULL);
+        INSERT INTO rows (run_id, label, record) VALUES ('aaaa00000001', 'fp16', '{{"label": "fp16"}}');
+        INSERT INTO rows (run_id, label, record) VALUES ('bbbb00000002', 'int8', '{{"label": "int8"}}');
+        INSERT INTO rows (run_id, label, record) VALUES ('aaaa00000001', 'int4', '{{"label": "int4"}}');
+        PRAGMA user_version = 1;
+    """)
+    conn.close()
+
+
+def test_migration_from_version_1_keeps_every_run_and_row(tmp_path):
+    path = tmp_path / "old.sqlite"
+    _v1_database(path)
+    db = Store(path)
+    assert db.schema_version() == store.SCHEMA_VERSION == 2
+    assert [(r["id"], r["kind"], r["status"], r["results"]) for r in db.list_runs()] == [
+        ("bbbb00000002", "sweep", "finished", 1), ("aaaa00000001", "sweep", "finished", 2)]
+    old = db.get("aaaa")
+    assert [(r.position, r.label, r.kind) for r in old.results] == [(0, "fp16", "sweep"), (1, "int4", "sweep")]
+    assert old.meta.tokens == 64 and old.meta.environment == ENVIRONMENT
+    db.add_result(old.id, {"label": "nf4"}, kind="sweep")  # new rows continue the migrated order
+    assert [r.position for r in db.get(old.id).results] == [0, 1, 2]
+    with sqlite3.connect(path) as conn:
+        with pytest.raises(sqlite3.IntegrityError):  # the migration added the (run, position) uniqueness
+            conn.execute("INSERT INTO results (run_id, position, kind, label, record) "
+                         "VALUES ('aaaa00000001', 0, 'sweep', 'x', '{}')")
+    assert db.integrity_ok()
+
+
+def test_a_fresh_database_runs_every_migration(db):
+    assert db.schema_version() == len(store.MIGRATIONS)
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"runs", "results"} <= tables and "rows" not in tables
+
+
+def test_unusable_databases_fail_in_one_line(tmp_path):
+    newer = tmp_path / "newer.sqlite"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(QlabError, match="newer qlab"):
+        Store(newer).list_runs()
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(QlabError, match="not a usable qlab run database"):
+        Store(garbage).list_runs()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(QlabError, match="cannot open"):
+        Store(blocker / "runs.sqlite").list_runs()
+
+
+def test_ids_resolve_by_unique_prefix(db):
+    first = db.start_run(meta(), run_id="abcd1111aaaa")
+    db.start_run(meta(), run_id="abcd2222bbbb")
+    assert db.resolve_id("abcd1") == first
+    with pytest.raises(QlabError, match="ambiguous"):
+        db.resolve_id("abcd")
+    with pytest.raises(QlabError, match="no run 'abc'"):
+        db.resolve_id("abc")  # shorter than 4 characters is never a prefix
+    with pytest.raises(QlabError, match="no run"):
+        db.get("ffff")
+
+
+def test_delete_removes_the_results_too(db):
+    keep, drop = db.start_run(meta()), db.start_run(meta())
+    for run_id in (keep, drop):
+        db.add_result(run_id, row())
+    assert db.delete([drop[:6]]) == 1
+    assert [r["id"] for r in db.list_runs()] == [keep]
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", (drop,)).fetchone()[0] == 0
+
+
+def test_list_filters_by_model_and_kind(db):
+    db.start_run(meta("minilm-l6"))
+    db.start_run(meta("smollm2-135m"))
+    db.start_run(meta("llama-3.1-8b", "memory"))
+    assert {r["model"] for r in db.list_runs(model="smol")} == {"smollm2-135m"}
+    assert [r["model"] for r in db.list_runs(kind="memory")] == ["llama-3.1-8b"]
+    assert len(db.list_runs(limit=2)) == 2
+
+
+def test_export_import_round_trip_is_idempotent_and_merges_a_longer_copy(tmp_path, db):
+    run_id = db.start_run(meta())
+    db.add_result(run_id, row("int8"))
+    partial = db.export()  # as if the server's sweep were still running (or had been killed)
+    db.add_result(run_id, row("int4"))
+    db.finish_run(run_id)
+    here = Store(tmp_path / "here.sqlite")
+    assert here.import_payload(partial) == [run_id]
+    assert here.get(run_id).status == "running" and len(here.get(run_id).results) == 1
+    full = db.export()
+    here.import_payload(full)
+    here.import_payload(full)  # twice: nothing is duplicated
+    assert here.get(run_id).to_dict() == db.get(run_id).to_dict()
+    assert json.loads(json.dumps(full))["runs"][0]["results"][1]["label"] == "int4 g64"
+
+
+def test_import_a_database_file_without_touching_it(tmp_path):
+    old = tmp_path / "server.sqlite"
+    _v1_database(old)
+    before = hashlib.sha256(old.read_bytes()).hexdigest()
+    here = Store(tmp_path / "here.sqlite")
+    assert sorted(here.import_file(old)) == ["aaaa00000001", "bbbb00000002"]
+    assert hashlib.sha256(old.read_bytes()).hexdigest() == before  # read from a copy, migrated there
+    assert [r.label for r in here.get("aaaa00000001").results] == ["fp16", "int4"]
+
+
+def test_import_plain_sweep_json_and_bench_json(tmp_path, db):
+    records = [row("fp16").to_record(), row("int4").to_record()]
+    sweep_file = tmp_path / "out.json"
+    sweep_file.write_text(json.dumps(records))
+    [run_id] = db.import_file(sweep_file)
+    assert db.import_file(sweep_file) == [run_id]  # content-addressed id: a second import is a no-op
+    assert len(db.list_runs()) == 1
+    run = db.get(run_id)
+    assert run.model == "smollm2-135m" and run.records() == records and run.meta.tokens == 512
+    assert [QuantScheme.from_dict(s) for s in run.schemes()] == [QuantScheme("fp16"),
+                                                                  QuantScheme("int4", "group", 64)]
+    bench = {"benchmark": "sweep", "model": "smollm2-135m", "sweep_s": 12.0, "rows": records}
+    [bench_id] = db.import_payload(bench)
+    assert db.get(bench_id).kind == "bench"
+    assert db.get(bench_id).records("bench")[0]["sweep_s"] == 12.0 and db.get(bench_id).records() == records
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"some": "thing"}), json.dumps([1, 2])])
+def test_importing_something_else_fails_in_one_line(tmp_path, db, content):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(QlabError):
+        db.import_file(path)
+    with pytest.raises(QlabError, match="does not exist"):
+        db.import_file(tmp_path / "missing.json")
+
+
+def test_recorder_statuses(db):
+    with Recorder(db, meta()) as rec:
+        rec.save(row())
+    with pytest.raises(Cancelled), Recorder(db, meta()) as rec:
+        rec.save(row())
+        raise Cancelled("cancelled by the user")
+    with pytest.raises(RuntimeError), Recorder(db, meta()):
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), Recorder(db, meta()):
+        raise KeyboardInterrupt
+    statuses = {r["status"]: r for r in db.list_runs()}
+    assert set(statuses) == {"finished", "cancelled", "failed", "stopped"}
+    assert statuses["cancelled"]["results"] == 1
+    assert db.get(statuses["failed"]["id"]).error == "RuntimeError: boom"
+
+
+def test_store_rows_passes_rows_through_and_stops_cleanly(db):
+    rows = [row("fp16"), row("int8"), row("int4")]
+    consumer = store.store_rows(db, meta(), iter(rows))
+    assert next(consumer) is rows[0]
+    consumer.close()  # the caller stopped early: the run says so and keeps the finished row
+    [summary] = db.list_runs()
+    assert summary["status"] == "stopped" and summary["results"] == 1
+    assert list(store.store_rows(db, meta(), iter(rows))) == rows
+
+
+def test_lenient_recorder_keeps_working_when_the_database_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with Recorder(blocker / "runs.sqlite", meta(), strict=False) as rec:
+        rec.save(row())
+    assert rec.error.startswith("results are not being saved") and rec.saved == 0
+    with pytest.raises(QlabError), Recorder(blocker / "runs.sqlite", meta()):
+        pass
+
+
+def test_a_running_run_whose_process_is_gone_shows_as_interrupted(db):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    import socket
+
+    env = {**ENVIRONMENT, "host": socket.gethostname()}
+    db.start_run(meta(environment={**env, "pid": pid}), run_id="dead00000000")
+    db.start_run(meta(environment={**env, "pid": os.getpid()}), run_id="live00000000")
+    db.start_run(meta(environment={**env, "pid": pid, "host": "another-host"}), run_id="away00000000")
+    statuses = {r["id"]: r["status"] for r in db.list_runs()}
+    assert statuses == {"dead00000000": "interrupted", "live00000000": "running", "away00000000": "running"}
+    assert db.get("dead0").status == "interrupted"
+
+
+def test_stored_schemes_match_model_weights_text_and_budget(db):
+    base = meta()
+    first = db.start_run(base)
+    db.add_result(first, row("int4", 0.05))
+    db.add_result(first, row("int8", 0.01))
+    later = db.start_run(base)
+    db.add_result(later, row("int4", 0.04))  # newer measurement of the same scheme wins
+    db.start_run(meta(tokens=256))
+    found = db.stored_schemes(base.model, base.model_sha256, base.text_sha256, base.tokens)
+    assert {s.label: r["kld_mean"] for s, r in found.items()} == {"int4 g64": 0.04, "int8 g64": 0.01}
+    assert db.stored_schemes(base.model, "00" * 32, base.text_sha256, base.tokens) == {}
+    assert db.stored_schemes(base.model, base.model_sha256, base.text_sha256, 256) == {}
+
+
+def test_model_sha256_hashes_weight_files_and_trusts_hub_blob_names(tmp_path):
+    from qlab.models import ModelSource
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    source = ModelSource("m", "embedding", str(folder))
+    expected = hashlib.sha256(f"model.safetensors:{hashlib.sha256(b'weights v1').hexdigest()}\n".encode())
+    assert store.model_sha256(source) == expected.hexdigest()
+    time.sleep(0.01)
+    (folder / "model.safetensors").write_bytes(b"weights v2")  # edited: hashed again, not served from cache
+    assert store.model_sha256(source) != expected.hexdigest()
+    assert store.model_sha256(ModelSource("e", "embedding", str(tmp_path / "empty"))) is None
+    blob_hash = "0123456789abcdef" * 4
+    (tmp_path / "hub" / "blobs").mkdir(parents=True)
+    (tmp_path / "hub" / "snapshot").mkdir()
+    (tmp_path / "hub" / "blobs" / blob_hash).write_bytes(b"not what the name says")
+    (tmp_path / "hub" / "snapshot" / "model.safetensors").symlink_to(tmp_path / "hub" / "blobs" / blob_hash)
+    hub = ModelSource("org/m", "embedding", str(tmp_path / "hub" / "snapshot"))
+    assert store.model_sha256(hub) == hashlib.sha256(f"model.safetensors:{blob_hash}\n".encode()).hexdigest()
+
+
+def test_layer_scheme_map_is_the_exact_recipe():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 64))
+    plan = {"0": QuantScheme("int4", "group", 32), "2": QuantScheme("nf4", "group", 32)}
+    exported = json.loads(json.dumps(store.layer_scheme_map(model, plan)))
+    assert exported == {name: scheme.to_dict() for name, scheme in plan.items()}
+    rebuilt = {name: QuantScheme.from_dict(s) for name, s in exported.items()}
+    assert layer_schemes(model, rebuilt) == plan
+    x = torch.randn(3, 64)
+    assert torch.equal(quantized_copy(model, rebuilt)(x), quantized_copy(model, plan)(x))
+    assert set(store.layer_scheme_map(model, QuantScheme("int8"))) == {"0", "2"}
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from qlab.store import RunMeta, Store
+    db, shared, name, count, go = Store(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), Path(sys.argv[5])
+    own = db.start_run(RunMeta("bench", name, {}, environment={}))
+    Path(go.with_name(name + ".ready")).touch()
+    while not go.exists():
+        time.sleep(0.005)
+    for i in range(count):
+        db.add_result(shared, {"writer": name, "i": i}, kind="bench")
+        db.add_result(own, {"writer": name, "i": i}, kind="bench")
+""")
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path, db):
+    shared = db.start_run(meta(kind="bench"))
+    go = tmp_path / "go"
+    count = 150
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(db.path), shared, name, str(count), str(go)],
+                                cwd=REPO, stderr=subprocess.PIPE, text=True) for name in ("one", "two")]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"{n}.ready").exists() for n in ("one", "two")):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in writers), \
+            [w.stderr.read() for w in writers if w.poll() is not None]
+        time.sleep(0.01)
+    go.touch()  # both start writing at the same moment
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0, writer.stderr.read()
+    results = db.get(shared).results
+    assert [r.position for r in results] == list(range(2 * count))
+    for name in ("one", "two"):
+        mine = [r.record["i"] for r in results if r.record["writer"] == name]
+        assert mine == list(range(count))  # every write arrived, in each writer's order
+    writes = {r["model"]: r["results"] for r in db.list_runs(kind="bench") if r["id"] != shared}
+    assert writes == {"one": count, "two": count}
+    timeline = [r.record["writer"] for r in results]
+    assert sum(a != b for a, b in zip(timeline, timeline[1:])) > 1, "the writers did not overlap"
+    assert db.integrity_ok()
+
+
+SWEEP = textwrap.dedent("""
+    import sys, time
+    from qlab import store
+    from qlab.evaluate import EvalSpec
+    from qlab.models import load
+    from qlab.quant import QuantScheme
+    from qlab.sweep import run_sweep
+    loaded = load("minilm-l6")
+    schemes = [QuantScheme(f, "group", 64) for f in ("fp16", "int8", "int4", "nf4")]
+    spec = EvalSpec(tokens=16)
+    rows = store.store_rows(sys.argv[1], store.sweep_meta(loaded, schemes, spec), run_sweep(loaded, schemes, spec))
+    for number, row in enumerate(rows, 1):
+        print(number, row.scheme.label, flush=True)
+        if number == 2:
+            time.sleep(600)  # a slow third scheme: the test kills us here
+""")
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_after_two_schemes_keeps_exactly_those(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    sweep = subprocess.Popen([sys.executable, "-c", SWEEP, str(path)], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [sweep.stdout.readline() for _ in range(2)]
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait(timeout=30)
+    assert lines[1].startswith("2 "), (lines, sweep.stderr.read()[-3000:])
+    assert sweep.returncode == -signal.SIGKILL
+    db = Store(path)
+    assert db.integrity_ok()
+    [summary] = db.list_runs()
+    assert summary["status"] == "interrupted"
+    run = db.get(summary["id"])
+    assert [r.label for r in run.results] == ["fp16", "int8 g64"]
+    assert all(0.9 < r.record["cosine_mean"] <= 1.0 + 1e-6 for r in run.results)
+    assert len(run.schemes()) == 4 and run.meta.model_sha256 and run.meta.tokens == 16
+    db.add_result(run.id, {"label": "after"}, kind="note")  # still writable
