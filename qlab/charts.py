@@ -46,11 +46,20 @@ def size_vs_accuracy(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go
 
 def weight_histogram(values: torch.Tensor, grid: torch.Tensor | None, title: str,
                      clip_low: float | None = None, clip_high: float | None = None) -> go.Figure:
-    """Histogram of weights with the quantization grid drawn as vertical lines."""
+    """Histogram of weights with the quantization grid drawn as vertical lines.
+
+    A single block holds only tens of weights, so small inputs get fewer bins and a rug of the individual
+    values: each tick is one weight, and the nearest red line is where rounding sends it.
+    """
     flat = _sample(values)
-    figure = go.Figure(go.Histogram(x=flat.numpy(), nbinsx=200, name="weights", marker_color="#4c78a8"))
+    bins = int(min(200, max(20, flat.numel() // 3)))
+    figure = go.Figure(go.Histogram(x=flat.numpy(), nbinsx=bins, name="weights", marker_color="#4c78a8"))
+    if flat.numel() <= 4096:
+        figure.add_trace(go.Scatter(x=flat.numpy(), y=[0] * flat.numel(), mode="markers", name="each weight",
+                                    marker={"symbol": "line-ns-open", "size": 14, "color": "#1f2d3d"}))
     if grid is not None and 0 < grid.numel() <= 512:
-        shapes = [{"type": "line", "x0": v, "x1": v, "y0": 0, "y1": 1, "yref": "paper",
+        opacity = 0.9 if grid.numel() <= 64 else 0.35
+        shapes = [{"type": "line", "x0": v, "x1": v, "y0": 0, "y1": 1, "yref": "paper", "opacity": opacity,
                    "line": {"color": "#e45756", "width": 1}} for v in grid.tolist()]
         figure.update_layout(shapes=shapes)
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": "#e45756"},
@@ -58,7 +67,7 @@ def weight_histogram(values: torch.Tensor, grid: torch.Tensor | None, title: str
     for edge, label in ((clip_low, "clip"), (clip_high, "clip")):
         if edge is not None:
             figure.add_vline(x=edge, line_dash="dash", line_color="black", annotation_text=label)
-    figure.update_layout(title=title, xaxis_title="weight value", yaxis_title="count", bargap=0,
+    figure.update_layout(title=title, xaxis_title="weight value", yaxis_title="count", bargap=0.05,
                          margin={"t": 40}, legend={"orientation": "h", "y": -0.2})
     return figure
 
@@ -150,4 +159,20 @@ def memory_estimate_vs_measured(rows: pd.DataFrame) -> go.Figure:
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="estimate = measured",
                                 line={"color": "gray", "dash": "dot"}))
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+# --- run history ------------------------------------------------------------------------------------------
+
+
+def compare_runs(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go.Figure:
+    """Several runs' size-vs-accuracy points overlaid: one colour and one line (by size) per run.
+
+    ``rows`` holds sweep records with a ``run`` column naming the run each came from.
+    """
+    ordered = rows.sort_values(["run", "size_bytes"])
+    figure = size_vs_accuracy(ordered.assign(format=ordered["run"]), metric, log_y)
+    figure.update_traces(mode="lines+markers+text", line={"width": 1})
+    figure.for_each_trace(lambda trace: trace.update(hovertemplate=trace.hovertemplate.replace("format=", "run=")))
+    figure.update_layout(legend_title_text="run", legend={"orientation": "h", "y": -0.25})
     return figure
