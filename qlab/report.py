@@ -1,0 +1,225 @@
+"""Tables and a self-contained HTML report from stored runs: settings, versions, results, charts, memory verdicts.
+
+The HTML embeds plotly.js once (inline, with the first chart) so the file opens offline and can be mailed or
+attached to a document; everything shown is read from the store, nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from qlab import charts
+from qlab.store import StoredRun
+
+# Metrics drawn per model kind, with whether the chart uses a log axis (KLD spans decades).
+CHART_METRICS: tuple[tuple[str, bool], ...] = (
+    ("kld_mean", True), ("top1_agreement", False), ("ppl", False),
+    ("cosine_mean", False), ("retrieval_agreement", False),
+)
+TABLE_COLUMNS = ("label", "bits_per_weight", "size_bytes", "ppl", "kld_mean", "kld_p99", "top1_agreement",
+                 "cosine_mean", "cosine_min", "retrieval_agreement", "seconds")
+# Columns a comparison lines up run against run (sizes and every accuracy metric).
+COMPARE_COLUMNS = ("bits_per_weight", "size_bytes", *(m for m in charts.METRICS))
+
+
+def run_name(run: StoredRun) -> str:
+    """Short unique-enough name for legends and column headers: id prefix, model, date."""
+    return f"{run.id[:6]} {run.model} {run.created_at[:10]}"
+
+
+def results_frame(runs: Sequence[StoredRun], kind: str = "sweep") -> pd.DataFrame:
+    """One row per stored result of ``kind`` across runs, with ``run`` and ``run_id`` columns."""
+    frames = [pd.DataFrame(run.records(kind)).assign(run=run_name(run), run_id=run.id)
+              for run in runs if run.records(kind)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def chart_metrics(frame: pd.DataFrame) -> list[tuple[str, bool]]:
+    """The (metric, log axis) pairs worth drawing for these rows."""
+    return [(metric, log) for metric, log in CHART_METRICS if metric in frame and frame[metric].notna().any()]
+
+
+def comparison_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
+    """Schemes (by label) as rows; for each metric, one column per run and the delta of each later run
+    against the first (``Δ metric [run]``). Schemes missing from a run are left empty."""
+    frame = results_frame(runs)
+    if frame.empty:
+        return frame
+    names = [run_name(r) for r in runs if r.records("sweep")]
+    metrics = [m for m in COMPARE_COLUMNS if m in frame]
+    wide = frame.pivot_table(index="label", columns="run", values=metrics, aggfunc="last", sort=False)
+    order = list(dict.fromkeys(frame["label"]))
+    columns: dict[str, pd.Series] = {}
+    for metric in metrics:
+        for name in names:
+            if (metric, name) in wide:
+                columns[f"{metric} [{name}]"] = wide[(metric, name)]
+        reference = names[0]
+        for name in names[1:]:
+            if (metric, name) in wide and (metric, reference) in wide:
+                columns[f"Δ {metric} [{name}]"] = wide[(metric, name)] - wide[(metric, reference)]
+    table = pd.DataFrame(columns).reindex(order)
+    table.index.name = "label"
+    return table.reset_index()
+
+
+def settings_table(run: StoredRun) -> pd.DataFrame:
+    """What was run and on what: one (setting, value) row each, schemes spelt out in full."""
+    meta = run.meta
+    schemes = [s.get("format", "?") for s in run.schemes()]
+    first_scaled = next((s for s in run.schemes() if s.get("format") not in ("fp32", "fp16", "bf16")), None)
+    rows = [("run id", run.id), ("kind", run.kind), ("status", run.status), ("started (UTC)", run.created_at),
+            ("finished (UTC)", run.finished_at or "-"),
+            ("duration (s)", "-" if run.seconds is None else f"{run.seconds:.1f}"),
+            ("model", meta.model), ("model SHA-256 (weight files)", meta.model_sha256 or "-"),
+            ("hardware target", meta.hardware or "-"), ("evaluation text", meta.text_name or "-"),
+            ("text SHA-256", meta.text_sha256 or "-"), ("token budget", meta.tokens),
+            ("seed", meta.seed), ("formats", ", ".join(schemes) or "-")]
+    if first_scaled:
+        rows.append(("scheme settings", json.dumps({k: v for k, v in first_scaled.items() if k != "format"})))
+    other = {k: v for k, v in meta.settings.items() if k != "schemes"}
+    rows += [(key, json.dumps(value) if not isinstance(value, str) else value) for key, value in other.items()]
+    if run.error:
+        rows.append(("error", run.error))
+    return pd.DataFrame(rows, columns=["setting", "value"]).astype({"value": str})
+
+
+def environment_table(run: StoredRun) -> pd.DataFrame:
+    return pd.DataFrame([(k, str(v)) for k, v in run.meta.environment.items()], columns=["component", "version"])
+
+
+def memory_frame(run: StoredRun) -> pd.DataFrame:
+    return pd.DataFrame(run.records("memory"))
+
+
+def verdict_table(run: StoredRun) -> pd.DataFrame:
+    """Fit verdicts of stored memory plans: one row per (scheme, target)."""
+    rows = []
+    for record in run.records("memory"):
+        for target in record.get("targets", []):
+            rows.append({"scheme": record.get("scheme"), "context_tokens": record.get("context_tokens"),
+                         "batch": record.get("batch"), "target": target.get("hardware_id"),
+                         "fits": target.get("fits"), "total_GB": target.get("total_bytes", 0) / 1e9,
+                         "memory_GB": target.get("memory_bytes", 0) / 1e9,
+                         "headroom_GB": target.get("headroom_bytes", 0) / 1e9,
+                         "max_context": target.get("max_context"), "max_batch": target.get("max_batch"),
+                         "gpus_needed": target.get("gpus_needed")})
+    return pd.DataFrame(rows)
+
+
+def run_figures(run: StoredRun) -> list[tuple[str, go.Figure]]:
+    """The charts of one run, as the dashboard draws them: size vs each accuracy metric; memory stacks."""
+    figures = []
+    frame = pd.DataFrame(run.records("sweep"))
+    if not frame.empty:
+        for metric, log in chart_metrics(frame):
+            figures.append((charts.metric_title(metric), charts.size_vs_accuracy(frame, metric, log)))
+    plans = memory_frame(run)
+    if not plans.empty and set(charts.MEMORY_COMPONENTS) <= set(plans):
+        first = plans.iloc[0]
+        figures.append((f"Memory on {first['hardware']}",
+                        charts.memory_stack(plans, int(first["memory_bytes"]), str(first["hardware"]))))
+    return figures
+
+
+def comparison_figures(runs: Sequence[StoredRun]) -> list[tuple[str, go.Figure]]:
+    frame = results_frame(runs)
+    if frame.empty or frame["run"].nunique() < 2:
+        return []
+    return [(charts.metric_title(metric), charts.compare_runs(frame, metric, log))
+            for metric, log in chart_metrics(frame)]
+
+
+# --- HTML ------------------------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+.kv td { text-align: left; } .note { color: #666; font-size: .9em; } figure { margin: 0 0 1.5em; }
+"""
+
+
+class _Charts:
+    """Turns figures into <div>s; only the first carries plotly.js (inline), the rest reuse it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def div(self, title: str, figure: go.Figure) -> str:
+        body = figure.to_html(full_html=False, include_plotlyjs=self.count == 0,
+                              default_height="460px", config={"displaylogo": False})
+        self.count += 1
+        return f'<figure class="chart"><figcaption>{html.escape(title)}</figcaption>{body}</figure>'
+
+
+def _table(frame: pd.DataFrame, css: str = "") -> str:
+    if frame.empty:
+        return '<p class="note">(none)</p>'
+    return frame.to_html(index=False, classes=css, border=0, na_rep="",
+                         float_format=lambda v: f"{v:.4g}", escape=True)
+
+
+def results_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The sweep columns worth reading, size in MB."""
+    columns = [c for c in TABLE_COLUMNS if c in frame]
+    shown = frame[columns].copy()
+    if "size_bytes" in shown:
+        shown["size_bytes"] = shown["size_bytes"] / 1e6
+        shown = shown.rename(columns={"size_bytes": "size (MB)"})
+    return shown
+
+
+def _other_results(run: StoredRun) -> str:
+    """Results of kinds this report has no layout for (sensitivity, bench, ...): their scalar fields."""
+    parts = []
+    for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in ("sweep", "memory")):
+        frame = pd.DataFrame(run.records(kind))
+        scalars = [c for c in frame if frame[c].map(lambda v: not isinstance(v, list | dict)).all()]
+        parts.append(f"<h3>{html.escape(kind)} results</h3>" + _table(frame[scalars]))
+    return "".join(parts)
+
+
+def render_html(runs: Sequence[StoredRun], title: str | None = None) -> str:
+    """A standalone HTML page for one run, or a side-by-side comparison of several followed by each run."""
+    from qlab import __version__
+
+    runs = list(runs)
+    title = title or ("qlab report: " + (run_name(runs[0]) if len(runs) == 1 else f"{len(runs)} runs compared"))
+    chart = _Charts()
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="note">Generated {datetime.now(UTC).isoformat(timespec="seconds")} by qlab '
+             f"{html.escape(__version__)} from stored results; nothing was recomputed. KL divergence is in nats "
+             "per token against the FP32 model; sizes are the whole model as stored, scales included.</p>"]
+    if len(runs) > 1:
+        parts.append("<h2>Comparison</h2>")
+        parts.append('<p class="note">Δ columns: each run minus the first (' + html.escape(run_name(runs[0]))
+                     + "), scheme by scheme.</p>")
+        parts.append(_table(comparison_table(runs)))
+        parts += [chart.div(t, f) for t, f in comparison_figures(runs)]
+    for run in runs:
+        parts.append(f"<h2>Run {html.escape(run_name(run))}</h2>")
+        parts.append("<h3>Settings</h3>" + _table(settings_table(run), "kv"))
+        parts.append("<h3>Versions</h3>" + _table(environment_table(run), "kv"))
+        sweep = pd.DataFrame(run.records("sweep"))
+        if not sweep.empty:
+            parts.append("<h3>Results</h3>" + _table(results_table(sweep)))
+        memory = memory_frame(run)
+        if not memory.empty:
+            components = [c for c in ("scheme", "context_tokens", "batch", "weights_bytes", "kv_cache_bytes",
+                                      "activations_bytes", "overhead_bytes", "total_bytes") if c in memory]
+            parts.append("<h3>Memory plan</h3>" + _table(memory[components]))
+            parts.append("<h3>Verdicts</h3>" + _table(verdict_table(run)))
+        parts.append(_other_results(run))
+        parts += [chart.div(t, f) for t, f in run_figures(run)]
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")

@@ -1,0 +1,131 @@
+"""``python -m qlab runs ...`` and ``python -m qlab report``, driven through qlab.cli.main."""
+
+import argparse
+import json
+
+import pytest
+
+from qlab import cli
+from qlab.cli_runs import add_parser
+from qlab.quant import QuantScheme
+from qlab.store import RunMeta, Store
+from qlab.sweep import ResultRow, SizeReport
+
+
+@pytest.fixture(autouse=True)
+def wired(monkeypatch):
+    """Run the CLI with the runs/report subcommands even before qlab.cli.build_parser adds them itself."""
+    build = cli.build_parser
+
+    def build_with_runs() -> argparse.ArgumentParser:
+        parser = build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "runs" not in sub.choices:
+            def json_option(p, help_text):
+                p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT", help=help_text)
+
+            add_parser(sub, json_option)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_with_runs)
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch) -> Store:
+    path = tmp_path / "runs.sqlite"
+    monkeypatch.setenv("QLAB_DB", str(path))
+    store = Store(path)
+    for model, klds in (("smollm2-135m", (1e-3, 0.05)), ("minilm-l6", (2e-3, 0.07))):
+        run_id = store.start_run(RunMeta("sweep", model, {"schemes": []}, environment={"qlab": "0.1.0"}))
+        for fmt, kld in zip(("int8", "int4"), klds):
+            store.add_result(run_id, ResultRow(model, QuantScheme(fmt, "group", 64), SizeReport(8, 6, 1, 1, 2),
+                                               {"kld_mean": kld}, 0.1, 0.2, 64))
+        store.finish_run(run_id)
+    return store
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_show_and_json(db, capsys):
+    code, out, _ = run(capsys, "runs", "list")
+    assert code == 0 and out.count("finished") == 2 and "int8 g64, int4 g64" in out
+    code, out, _ = run(capsys, "runs", "list", "--model", "smol", "--json")
+    [listed] = json.loads(out)
+    assert listed["model"] == "smollm2-135m" and listed["results"] == 2
+    code, out, _ = run(capsys, "runs", "show", listed["id"][:6])
+    assert code == 0 and "smollm2-135m" in out and "int4 g64" in out and "0.05" in out
+    code, out, _ = run(capsys, "runs", "show", listed["id"], "--json")
+    assert json.loads(out) == db.get(listed["id"]).to_dict()
+
+
+def test_export_then_import_into_another_database(db, tmp_path, capsys):
+    exported = tmp_path / "export.json"
+    assert run(capsys, "runs", "export", "--json", str(exported))[0] == 0
+    other = tmp_path / "other.sqlite"
+    code, out, _ = run(capsys, "runs", "import", str(exported), "--db", str(other))
+    assert code == 0 and "2 run(s)" in out
+    assert Store(other).export()["runs"] == db.export()["runs"]
+    code, out, _ = run(capsys, "runs", "import", str(db.path), "--db", str(tmp_path / "third.sqlite"), "--json")
+    assert len(json.loads(out)["imported"][str(db.path)]) == 2
+
+
+def test_export_csv_has_one_row_per_result(db, tmp_path, capsys):
+    import pandas as pd
+
+    path = tmp_path / "results.csv"
+    assert run(capsys, "runs", "export", "--csv", str(path))[0] == 0
+    frame = pd.read_csv(path)
+    assert len(frame) == 4 and set(frame["run_model"]) == {"smollm2-135m", "minilm-l6"}
+    assert sorted(frame["kld_mean"]) == [1e-3, 2e-3, 0.05, 0.07]
+
+
+def test_report_writes_html(db, tmp_path, capsys):
+    ids = [r["id"] for r in db.list_runs()]
+    out_file = tmp_path / "report.html"
+    code, out, _ = run(capsys, "report", "--run", ids[0][:5], "--run", ids[1], "--out", str(out_file))
+    assert code == 0 and "2 run(s)" in out
+    page = out_file.read_text()
+    assert "Comparison" in page and page.count("Plotly.newPlot(") == 1 + 2  # overlaid KLD, each run's KLD
+
+
+def test_delete(db, capsys):
+    victim = db.list_runs()[0]["id"]
+    code, out, _ = run(capsys, "runs", "delete", victim, "--json")
+    assert code == 0 and json.loads(out) == {"deleted": [victim], "count": 1}
+    assert [r["id"] for r in db.list_runs()] != [victim] and len(db.list_runs()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("runs", "show", "ffffff"), "no run 'ffffff'"),
+    (("report", "--run", "nope1", "--out", "x.html"), "no run 'nope1'"),
+    (("runs", "import", "/no/such/file.json"), "does not exist"),
+    (("runs",), "required"),
+])
+def test_errors_are_one_line(db, capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_export_scheme_loads_the_model_and_lists_every_linear(tmp_path, capsys, minilm, monkeypatch):
+    from qlab.evaluate import EvalSpec
+    from qlab.models import quantizable_linears
+    from qlab.store import store_rows, sweep_meta
+    from qlab.sweep import run_sweep
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    schemes = [QuantScheme("int4", "group", 32)]
+    list(store_rows(None, sweep_meta(minilm, schemes, EvalSpec(16)), run_sweep(minilm, schemes, EvalSpec(16))))
+    [summary] = Store().list_runs()
+    code, out, err = run(capsys, "runs", "export-scheme", summary["id"], "--label", "int4 g32")
+    assert code == 0, err
+    exported = json.loads(out)
+    assert exported["model_sha256"] == Store().get(summary["id"]).meta.model_sha256
+    assert list(exported["layers"]) == [name for name, _ in quantizable_linears(minilm.model)]
+    assert all(QuantScheme.from_dict(s) == schemes[0] for s in exported["layers"].values())
+    code, _, err = run(capsys, "runs", "export-scheme", summary["id"], "--label", "int3 g32")
+    assert code == 2 and "'int4 g32'" in err

@@ -1,0 +1,128 @@
+"""HTML report and comparison tables, built from stored runs (no model is loaded)."""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qlab import memory, report
+from qlab.quant import QuantScheme
+from qlab.store import RunMeta, Store
+from qlab.sweep import ResultRow, SizeReport
+
+ENV = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "python": "3.11.9"}
+
+
+def lm_row(fmt: str, kld: float, size_bytes: int) -> ResultRow:
+    scheme = QuantScheme(fmt, "group", 64) if fmt not in ("fp32", "fp16") else QuantScheme(fmt)
+    return ResultRow("smollm2-135m", scheme, SizeReport(800, size_bytes - 200, 50, 100, 200),
+                     {"ppl": 12 + kld, "kld_mean": kld, "kld_p99": 10 * kld, "top1_agreement": 1 - kld},
+                     0.5, 1.5, 512)
+
+
+def sweep_run(db: Store, klds: dict[str, float], model: str = "smollm2-135m", created: str | None = None) -> str:
+    sizes = {"fp16": 270_000_000, "int8": 150_000_000, "int4": 90_000_000, "nf4": 90_000_000}
+    rows = [lm_row(fmt, kld, sizes[fmt]) for fmt, kld in klds.items()]
+    run_id = db.start_run(RunMeta("sweep", model, {"schemes": [r.scheme.to_dict() for r in rows]},
+                                  model_sha256="5a" * 32, hardware="l4", text_sha256="7e" * 32,
+                                  text_name="pydoc", tokens=512, seed=1234, environment=ENV))
+    for row in rows:
+        db.add_result(run_id, row)
+    db.finish_run(run_id)
+    return run_id
+
+
+@pytest.fixture
+def db(tmp_path) -> Store:
+    return Store(tmp_path / "runs.sqlite")
+
+
+def charts_in(page: str) -> int:
+    return page.count("Plotly.newPlot(")
+
+
+def test_single_run_report_is_self_contained_with_every_chart_and_setting(db):
+    run = db.get(sweep_run(db, {"fp16": 1e-7, "int8": 1e-3, "int4": 0.05}))
+    page = report.render_html([run])
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert charts_in(page) == 3  # KLD, top-1 agreement, perplexity
+    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1  # the library inline, once
+    assert not re.search(r"<script[^>]+src=", page)  # nothing fetched when opened offline
+    for expected in (run.id, "5a" * 32, "7e" * 32, "transformers", "5.23.0", "1234", "int4 g64", "l4"):
+        assert expected in page
+    # Each chart carries its points: the KLD chart's y values are the stored ones (fp16's on the log floor).
+    first_plot = page[page.index("Plotly.newPlot("):]
+    data = json.loads(first_plot[first_plot.index("["):first_plot.index("}],") + 2])
+    assert sorted(y for trace in data for y in values(trace["y"])) == [1e-6, 1e-3, 0.05]
+
+
+def values(array) -> list[float]:
+    """A plotly trace array: a list, or plotly 6+'s base64-encoded typed array."""
+    if isinstance(array, dict):
+        return np.frombuffer(base64.b64decode(array["bdata"]), dtype=array["dtype"]).tolist()
+    return list(array)
+
+
+def test_user_text_is_escaped(db):
+    run = db.get(sweep_run(db, {"int8": 1e-3}, model="<script>alert('x')</script>"))
+    page = report.render_html([run], title="<b>mine</b>")
+    assert "<script>alert" not in page and "&lt;script&gt;alert" in page and "&lt;b&gt;mine" in page
+
+
+def test_comparison_lines_up_schemes_and_computes_deltas(db):
+    before = db.get(sweep_run(db, {"fp16": 1e-7, "int8": 2e-3, "int4": 0.06}))
+    after = db.get(sweep_run(db, {"int8": 1e-3, "int4": 0.05, "nf4": 0.04}))
+    table = report.comparison_table([before, after]).set_index("label")
+    a, b = report.run_name(before), report.run_name(after)
+    assert list(table.index) == ["fp16", "int8 g64", "int4 g64", "nf4 g64"]
+    assert table.loc["int4 g64", f"Δ kld_mean [{b}]"] == pytest.approx(0.05 - 0.06)
+    assert table.loc["int8 g64", f"Δ top1_agreement [{b}]"] == pytest.approx((1 - 1e-3) - (1 - 2e-3))
+    assert pd.isna(table.loc["fp16", f"kld_mean [{b}]"]) and pd.isna(table.loc["nf4 g64", f"kld_mean [{a}]"])
+    page = report.render_html([before, after])
+    assert "Comparison" in page and f"Δ kld_mean [{b}]" in page
+    assert charts_in(page) == 3 + 3 + 3  # overlaid metrics, then each run's own charts
+    assert len(re.findall(r"\* plotly\.js v\d", page)) == 1
+
+
+def test_memory_plans_and_verdicts_are_reported(db):
+    targets = ["rtx-4060-8gb", "h100-sxm-80gb"]
+    plans = [memory.plan("llama-3.1-8b", QuantScheme(fmt, "group", 128), 8192, hardware_ids=targets)
+             for fmt in ("int4", "int8")]
+    plans.append(memory.plan("llama-3.1-8b", QuantScheme("fp16"), 8192, hardware_ids=targets))
+    run_id = db.start_run(RunMeta("memory", "llama-3.1-8b", {}, hardware=targets[0], environment=ENV))
+    for plan in plans:
+        db.add_result(run_id, plan)
+    run = db.get(run_id)
+    verdicts = report.verdict_table(run)
+    assert len(verdicts) == 6
+    assert list(verdicts["fits"]) == [t.fits for plan in plans for t in plan.targets]
+    fp16_small = verdicts[(verdicts["scheme"] == "fp16") & (verdicts["target"] == "rtx-4060-8gb")].iloc[0]
+    assert not fp16_small["fits"]  # 16 GB of fp16 weights on an 8 GB card
+    assert fp16_small["total_GB"] == pytest.approx(plans[2].targets[0].total_bytes / 1e9)
+    assert verdicts[verdicts["target"] == "h100-sxm-80gb"]["fits"].all()
+    page = report.render_html([run])
+    assert "Memory plan" in page and "Verdicts" in page and charts_in(page) == 1
+
+
+def test_other_result_kinds_are_tabulated(db):
+    run_id = db.start_run(RunMeta("sensitivity", "smollm2-135m", {}, environment=ENV))
+    db.add_result(run_id, {"label": "model.layers.0.mlp.down_proj", "kld_mean": 0.125, "formats": ["int4"]},
+                  kind="sensitivity")
+    page = report.render_html([db.get(run_id)])
+    assert "sensitivity results" in page and "model.layers.0.mlp.down_proj" in page and "0.125" in page
+    assert charts_in(page) == 0
+
+
+def test_embedding_runs_chart_their_own_metrics(db):
+    run_id = db.start_run(RunMeta("sweep", "minilm-l6", {}, environment=ENV))
+    for fmt, cosine in (("int8", 0.999), ("int4", 0.95)):
+        db.add_result(run_id, {"label": fmt, "format": fmt, "size_bytes": 1000 if fmt == "int8" else 600,
+                               "bits_per_weight": 8.0, "cosine_mean": cosine, "retrieval_agreement": cosine},
+                      kind="sweep")
+    run = db.get(run_id)
+    assert [m for m, _ in report.chart_metrics(pd.DataFrame(run.records()))] == ["cosine_mean",
+                                                                                 "retrieval_agreement"]
+    assert charts_in(report.render_html([run])) == 2
