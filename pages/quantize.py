@@ -7,8 +7,9 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.errors import Cancelled
+from qlab.errors import Cancelled, QlabError
 from qlab.evaluate import DEFAULT_TEXT_NAME, EvalSpec, decode_text
+from qlab.store import Recorder, Store, model_sha256, sweep_meta
 from qlab.sweep import run_sweep
 
 TEXT_SOURCES = ("Built-in text", "Paste text", "Upload a file")
@@ -42,24 +43,41 @@ st.write("Schemes: " + ", ".join(f"`{s.label}`" for s in schemes))
 
 run_key = (loaded.name, spec, spec.text_sha256)
 results = st.session_state.setdefault("sweep_results", {})
-finished = results.get(run_key, {})
+if run_key not in results:  # a new session or a shared link: show what the run history already holds
+    try:
+        results[run_key] = Store().stored_schemes(loaded.name, model_sha256(loaded), spec.text_sha256, spec.tokens)
+    except QlabError as error:
+        results[run_key] = {}
+        st.warning(f"Run history unavailable: {error}")
+finished = results[run_key]
 
 left, right = st.columns([1, 5])
 start = left.button("Run sweep", type="primary", key="run_sweep")
 right.button("Cancel", key="cancel_sweep",
              help="Stops after the current batch; schemes that finished are kept.")
-if start:
-    todo = [s for s in schemes if s not in finished]
+todo = [s for s in schemes if s not in finished]
+if start and not todo:
+    st.info("Every chosen scheme is already measured for this model, text and budget (shown below).")
+if start and todo:
     bar = st.progress(0.0, text="Starting...")
     with common.user_errors():
         base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        # One stored run per press, holding every scheme shown: reused ones first, each new one as it finishes.
+        recorder = Recorder(None, sweep_meta(loaded, schemes, spec, st.session_state["hardware"]), strict=False)
         try:
-            for row in run_sweep(loaded, todo, spec, baseline=base,
-                                 progress=lambda fraction, message: bar.progress(min(1.0, fraction), message)):
-                finished[row.scheme] = row.to_record()  # saved before the next scheme starts
-                results[run_key] = finished
+            with recorder:
+                for scheme in schemes:
+                    if scheme in finished:
+                        recorder.save(finished[scheme], "sweep", scheme)
+                for row in run_sweep(loaded, todo, spec, baseline=base,
+                                     progress=lambda fraction, message: bar.progress(min(1.0, fraction), message)):
+                    finished[row.scheme] = row.to_record()  # saved before the next scheme starts
+                    results[run_key] = finished
+                    recorder.save(row)
         except Cancelled as stop:
             st.info(str(stop))
+        if recorder.error:
+            st.warning(recorder.error[:1].upper() + recorder.error[1:])
     bar.empty()
 
 rows = [finished[s] for s in schemes if s in finished]

@@ -1,0 +1,223 @@
+"""History page: stored runs; open one, compare several side by side, export, report, re-run, import, delete."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from qlab import charts, models, report, views
+from qlab.errors import QlabError
+from qlab.evaluate import DEFAULT_TEXT_NAME
+from qlab.quant import QuantScheme
+from qlab.store import Store, StoredRun, scheme_export
+
+common.page_setup()
+st.title("History")
+store = Store()
+st.caption(f"Every finished scheme is saved as it completes, from this dashboard and from headless runs "
+           f"(`python -m qlab sweep ... --db PATH`), in `{store.path}` (set `QLAB_DB` to use another file). "
+           "Charts and tables here are read back from the store, never recomputed.")
+
+
+def import_upload() -> None:
+    upload = st.session_state.get("history_upload")
+    if upload is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(upload.name).name
+        path.write_bytes(upload.getvalue())
+        try:
+            ids = store.import_file(path)
+        except QlabError as error:
+            st.session_state["history_message"] = ("error", str(error))
+            return
+    st.session_state["history_message"] = ("success", f"Imported {len(ids)} run(s) from {upload.name}.")
+    st.session_state["history_selected"] = ids
+
+
+with st.expander("Import runs (from a GPU server or a colleague)"):
+    st.caption("A `python -m qlab runs export` JSON, a copied `runs.sqlite`, or the JSON that "
+               "`python -m qlab sweep --json out.json` writes. Importing the same run twice adds nothing.")
+    st.file_uploader("Runs file", type=["json", "sqlite", "db"], key="history_upload")
+    st.button("Import", key="history_import", on_click=import_upload)
+kind_of_message, message = st.session_state.pop("history_message", (None, None))
+if message:
+    getattr(st, kind_of_message)(message)
+
+with common.user_errors():
+    summaries = pd.DataFrame(store.list_runs())
+if summaries.empty:
+    st.info("No stored runs yet: run a sweep on the Quantize page, or import one above.")
+    st.stop()
+
+model_column, kind_column, search_column = st.columns([2, 1, 2])
+chosen_models = model_column.multiselect("Model", sorted(summaries["model"].unique()), key="history_models")
+chosen_kinds = kind_column.multiselect("Kind", sorted(summaries["kind"].unique()), key="history_kinds")
+search = search_column.text_input("Scheme contains", key="history_search", placeholder="int4")
+shown = summaries[(summaries["model"].isin(chosen_models) if chosen_models else True)
+                  & (summaries["kind"].isin(chosen_kinds) if chosen_kinds else True)
+                  & summaries["labels"].str.contains(search, case=False, regex=False)]
+st.dataframe(shown[["id", "created_at", "kind", "status", "model", "hardware", "results", "labels", "tokens",
+                    "qlab"]], hide_index=True, width="stretch", key="history_table",
+             column_config={"created_at": st.column_config.TextColumn("started (UTC)"),
+                            "labels": st.column_config.TextColumn("schemes", width="large")})
+
+names = {row.id: f"{row.id[:6]} · {row.model} · {row.created_at[:16].replace('T', ' ')} · {row.results} result(s)"
+         for row in summaries.itertuples()}
+options = list(shown["id"])
+if "history_selected" not in st.session_state:  # a shared link: ?runs=id1,id2
+    st.session_state["history_selected"] = views.params_to_view(st.query_params.to_dict()).get("runs", [])
+# A shared URL or an import may name runs that the filters hide or that this database lacks.
+st.session_state["history_selected"] = [i for i in st.session_state["history_selected"] if i in names]
+options += [i for i in st.session_state["history_selected"] if i not in options]
+selected = st.multiselect("Runs to open (pick two or more to compare)", options, key="history_selected",
+                          format_func=names.get)
+if selected:  # the address names the selection, so it can be shared
+    st.query_params.update(views.view_to_params({"runs": selected}))
+else:
+    st.query_params.pop("runs", None)
+if not selected:
+    st.info("Pick a run to see its charts and settings, or several to compare them side by side.")
+    st.stop()
+with common.user_errors():
+    runs: list[StoredRun] = [store.get(i) for i in selected]
+
+
+def run_view(run: StoredRun) -> tuple[dict, list[str]]:
+    """The sidebar choices that reproduce a sweep run, and what cannot be reproduced from the sidebar."""
+    schemes = [QuantScheme.from_dict(s) for s in run.schemes()]
+    view: dict = {"model": run.model, "formats": list(dict.fromkeys(s.format for s in schemes))}
+    notes = []
+    scaled = [s for s in schemes if s.fmt.scaled]
+    if scaled:
+        first = scaled[0]
+        view |= {"granularity": first.granularity, "group_size": first.group_size, "symmetric": first.symmetric,
+                 "calibration": first.calibration}
+        if len({(s.granularity, s.group_size, s.symmetric, s.calibration) for s in scaled}) > 1:
+            notes.append("the run mixed granularities or calibrations; the sidebar takes the first scheme's.")
+        if first.granularity == "group" and first.group_size not in common.GROUP_SIZES:
+            notes.append(f"group size {first.group_size} is not offered by the sidebar.")
+            view.pop("group_size")
+    if run.meta.tokens:
+        view["tokens"] = min(max(int(run.meta.tokens), 16), 8192)
+    if run.meta.hardware:
+        view["hardware"] = run.meta.hardware
+    if run.meta.text_name and run.meta.text_name != DEFAULT_TEXT_NAME:
+        notes.append(f"the run evaluated '{run.meta.text_name}' (SHA-256 {run.meta.text_sha256[:12]}...); "
+                     "paste or upload it again on the Quantize page.")
+    return view, notes
+
+
+def apply_view(view: dict) -> None:
+    """Put a view into the sidebar's session state (call before the sidebar is drawn: in a callback)."""
+    for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
+        if key in view:
+            st.session_state[key] = view[key]
+    if "model" in view:
+        bundled = view["model"] in models.bundled_models()
+        st.session_state["model_choice"] = view["model"] if bundled else common.OTHER_MODEL
+        st.session_state["custom_model"] = "" if bundled else view["model"]
+
+
+def rerun_settings(run_id: str) -> None:
+    # Until pages/common.py offers apply_view (with the shareable-URL wiring), the local one does the same.
+    getattr(common, "apply_view", apply_view)(run_view(store.get(run_id))[0])
+
+
+def show_run(run: StoredRun) -> None:
+    st.dataframe(report.settings_table(run), hide_index=True, width="stretch", key=f"settings_{run.id}")
+    st.caption("Versions: " + ", ".join(f"{k} {v}" for k, v in run.meta.environment.items()
+                                        if k in ("qlab", "torch", "transformers", "python", "machine")))
+    frame = pd.DataFrame(run.records("sweep"))
+    if not frame.empty:
+        st.dataframe(report.results_table(frame), hide_index=True, width="stretch", key=f"results_{run.id}")
+    verdicts = report.verdict_table(run)
+    if not verdicts.empty:
+        st.dataframe(verdicts, hide_index=True, width="stretch", key=f"verdicts_{run.id}")
+    for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in ("sweep", "memory")):
+        st.dataframe(pd.DataFrame(run.records(kind)).map(lambda v: json.dumps(v) if isinstance(v, list | dict)
+                                                         else v),
+                     hide_index=True, width="stretch", key=f"{kind}_{run.id}")
+    for index, (title, figure) in enumerate(report.run_figures(run)):
+        st.markdown(f"**{title}**")
+        st.plotly_chart(figure, key=f"chart_{run.id}_{index}")
+
+
+if len(runs) > 1:
+    st.subheader(f"{len(runs)} runs side by side")
+    table = report.comparison_table(runs)
+    if table.empty:
+        st.info("None of these runs has sweep results to compare; each is shown below.")
+    else:
+        st.caption(f"Δ columns: each run minus the first ({report.run_name(runs[0])}), scheme by scheme.")
+        st.dataframe(table, hide_index=True, width="stretch", key="comparison_table")
+        frame = report.results_frame(runs)
+        metrics = report.chart_metrics(frame)
+        metric = st.selectbox("Metric", [m for m, _ in metrics], format_func=charts.metric_title,
+                              key="history_metric")
+        log_y = st.checkbox("Log scale", value=dict(metrics)[metric], key=f"history_log_{metric}")
+        st.plotly_chart(charts.compare_runs(frame, metric, log_y), key="comparison_chart")
+        st.download_button("Download comparison CSV", table.to_csv(index=False), "qlab-comparison.csv",
+                           "text/csv", key="download_comparison")
+    for run in runs:
+        with st.expander(f"Run {report.run_name(run)} ({run.status})"):
+            show_run(run)
+else:
+    run = runs[0]
+    st.subheader(f"Run {report.run_name(run)} ({run.status})")
+    show_run(run)
+
+st.subheader("Export and share")
+left, middle, right = st.columns(3)
+left.download_button("HTML report", lambda: report.render_html(runs), "qlab-report.html", "text/html",
+                     key="download_report", help="Self-contained: charts, settings, versions, tables.")
+middle.download_button("Runs as JSON", lambda: json.dumps(store.export(selected), indent=2),
+                       "qlab-runs.json", "application/json", key="download_runs_json",
+                       help="Import it elsewhere with `python -m qlab runs import` or on this page.")
+right.download_button("Results as CSV", lambda: report.results_frame(runs, kind=None).map(
+                          lambda v: json.dumps(v) if isinstance(v, list | dict) else v).to_csv(index=False),
+                      "qlab-results.csv", "text/csv", key="download_runs_csv")
+st.caption("This page's address now names the selected runs: share it to open the same comparison "
+           "(on a dashboard that reads the same database, or after importing the JSON above).")
+
+sweeps = [r for r in runs if r.kind == "sweep" and r.schemes()]
+if sweeps:
+    st.subheader("Re-run or export a scheme")
+    source = sweeps[0] if len(sweeps) == 1 else next(
+        r for r in sweeps if r.id == st.selectbox("Run", [r.id for r in sweeps], format_func=names.get,
+                                                  key="history_source"))
+    if st.button("Re-run with these settings", key="history_rerun", on_click=rerun_settings, args=(source.id,),
+                 help="Sets the sidebar to this run's model, hardware, formats, scheme and token budget, "
+                      "then opens the Quantize page."):
+        st.switch_page("pages/quantize.py", query_params=views.view_to_params(run_view(source)[0]))
+    for note in run_view(source)[1]:
+        st.caption("Re-run: " + note)
+    labels = [r.label for r in source.results if r.scheme]
+    if labels:
+        label_column, button_column = st.columns([3, 1])
+        label = label_column.selectbox("Scheme", labels, key="history_scheme_label")
+        scheme = QuantScheme.from_dict(next(r.scheme for r in source.results if r.label == label))
+        if button_column.button("Per-layer scheme JSON", key="history_scheme_build",
+                                help="Module name -> scheme for every quantized linear: the exact recipe "
+                                     "of this simulated quantization. Loads the model."):
+            with common.user_errors():
+                loaded = common.load_model(source.model)
+                st.session_state["history_scheme_json"] = (source.id, label, json.dumps(
+                    scheme_export(loaded, scheme), indent=1))
+        built = st.session_state.get("history_scheme_json")
+        if built and built[:2] == (source.id, label):
+            st.download_button("Download scheme JSON", built[2],
+                               f"qlab-scheme-{label.replace(' ', '-')}.json", "application/json",
+                               key="download_scheme")
+
+with st.expander("Delete"):
+    confirm = st.checkbox(f"Yes, delete the {len(selected)} selected run(s) and their results",
+                          key="history_confirm_delete")
+    if st.button("Delete selected runs", key="history_delete", disabled=not confirm):
+        with common.user_errors():
+            count = store.delete(selected)
+        st.session_state["history_message"] = ("success", f"Deleted {count} run(s).")
+        st.rerun()  # the selection drops ids that no longer exist

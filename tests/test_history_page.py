@@ -1,0 +1,126 @@
+"""History page in Streamlit's AppTest: list, open, compare, share by URL, re-run, delete."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from qlab.quant import QuantScheme
+from qlab.store import RunMeta, Store
+from qlab.sweep import ResultRow, SizeReport
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0"}
+
+
+@pytest.fixture
+def db(tmp_path, monkeypatch) -> Store:
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    return Store()
+
+
+def sweep(db: Store, model: str, klds: dict[str, float], granularity: str = "group", tokens: int = 128) -> str:
+    schemes = {fmt: QuantScheme(fmt, granularity, 32) for fmt in klds}
+    run_id = db.start_run(RunMeta("sweep", model, {"schemes": [s.to_dict() for s in schemes.values()]},
+                                  hardware="l4", tokens=tokens, text_name="pydoc_data.topics (Python's built-in "
+                                  "help text)", environment=ENV))
+    for index, (fmt, kld) in enumerate(klds.items()):
+        db.add_result(run_id, ResultRow(model, schemes[fmt], SizeReport(800, 600 - 100 * index, 40, 100, 200),
+                                        {"kld_mean": kld, "top1_agreement": 1 - kld}, 0.1, 0.2, tokens))
+    db.finish_run(run_id)
+    return run_id
+
+
+def page() -> AppTest:
+    return AppTest.from_file("../pages/history.py", default_timeout=120)
+
+
+def table_with(at: AppTest, column: str):
+    """The first dataframe on the page that has this column (dataframes are not addressable by key)."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_empty_history_says_how_to_fill_it(db):
+    at = page().run()
+    no_errors(at)
+    assert any("No stored runs yet" in i.value for i in at.info)
+
+
+def test_open_one_run_then_compare_two(db):
+    first = sweep(db, "smollm2-135m", {"int8": 1e-3, "int4": 0.05})
+    second = sweep(db, "smollm2-135m", {"int8": 2e-3, "int4": 0.04})
+    at = page().run()
+    no_errors(at)
+    assert set(at.dataframe[0].value["id"]) == {first, second}
+    at.multiselect(key="history_selected").select(first).run()
+    no_errors(at)
+    settings = table_with(at, "setting")
+    assert dict(zip(settings["setting"], settings["value"]))["token budget"] == "128"
+    assert list(table_with(at, "bits_per_weight")["label"]) == ["int8 g32", "int4 g32"]
+    assert len(at.get("plotly_chart")) == 2  # KLD and top-1, read back, not recomputed
+    assert at.query_params["runs"] == first
+    at.multiselect(key="history_selected").select(second).run()
+    no_errors(at)
+    delta = next(c for d in at.dataframe for c in d.value.columns if c.startswith("Δ kld_mean"))
+    table = table_with(at, delta).set_index("label")
+    assert table.loc["int4 g32", delta] == pytest.approx(0.04 - 0.05)
+    assert at.query_params["runs"] == f"{first},{second}"
+
+
+def test_a_shared_link_restores_the_selection(db):
+    first = sweep(db, "smollm2-135m", {"int8": 1e-3})
+    second = sweep(db, "minilm-l6", {"int8": 1e-3})
+    at = page()
+    at.query_params["runs"] = f"{second},{first},notanid,ffffffffffff"
+    at.run()
+    no_errors(at)
+    assert at.multiselect(key="history_selected").value == [second, first]
+    assert any(c.startswith("Δ kld_mean") for d in at.dataframe for c in d.value.columns)
+
+
+def test_filters_narrow_the_list(db):
+    sweep(db, "smollm2-135m", {"int8": 1e-3})
+    keep = sweep(db, "minilm-l6", {"nf4": 1e-3})
+    at = page().run()
+    at.multiselect(key="history_models").select("minilm-l6").run()
+    assert list(at.dataframe[0].value["id"]) == [keep]
+    at.multiselect(key="history_models").unselect("minilm-l6").run()
+    at.text_input(key="history_search").input("nf4").run()
+    assert list(at.dataframe[0].value["id"]) == [keep]
+
+
+def test_delete_needs_confirmation(db):
+    victim = sweep(db, "smollm2-135m", {"int8": 1e-3})
+    survivor = sweep(db, "smollm2-135m", {"int4": 1e-2})
+    at = page().run()
+    at.multiselect(key="history_selected").select(victim).run()
+    assert at.button(key="history_delete").disabled
+    at.checkbox(key="history_confirm_delete").check().run()
+    at.button(key="history_delete").click().run()
+    no_errors(at)
+    assert [r["id"] for r in db.list_runs()] == [survivor]
+    assert at.multiselect(key="history_selected").value == []
+    assert any("Deleted 1 run" in s.value for s in at.success)
+
+
+@pytest.mark.slow
+def test_rerun_puts_the_settings_in_the_sidebar_and_opens_quantize(db, minilm):
+    if "pages/history.py" not in (REPO / "app.py").read_text():
+        pytest.skip("the History page is not in app.py's navigation yet (switch_page needs it)")
+    run_id = sweep(db, "minilm-l6", {"fp16": 0.0, "int8": 1e-3, "int4": 0.05}, granularity="group", tokens=96)
+    at = AppTest.from_file("../app.py", default_timeout=120)
+    at.session_state["model_choice"] = "minilm-l6"
+    at.run()
+    at.switch_page("pages/history.py").run()
+    at.multiselect(key="history_selected").select(run_id).run()
+    at.button(key="history_rerun").click().run()
+    no_errors(at)
+    state = at.session_state
+    assert state["model_choice"] == "minilm-l6" and state["formats"] == ["fp16", "int8", "int4"]
+    assert (state["granularity"], state["group_size"], state["tokens"], state["hardware"]) == ("group", 32, 96, "l4")
+    assert at.title[0].value == "Quantize"
