@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qlab.algorithms import calibration_hessians, needs_calibration, quantize_weight
 from qlab.errors import QlabError
 from qlab.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_baseline, evaluate
 from qlab.formats import get_format
 from qlab.models import LoadedModel, quantizable_linears
-from qlab.quant import QTensor, QuantScheme, quantize
+from qlab.quant import QTensor, QuantScheme
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -103,8 +104,13 @@ def size_report(model: torch.nn.Module, plan: SchemePlan) -> SizeReport:
                       other_params * other_bits // 8)
 
 
-def quantized_copy(model: torch.nn.Module, plan: SchemePlan) -> torch.nn.Module:
-    """A shadow of ``model`` with the scheme (or per-layer plan) applied; ``model`` itself is only read."""
+def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
+                   hessians: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """A shadow of ``model`` with the scheme (or per-layer plan) applied; ``model`` itself is only read.
+
+    ``hessians`` (linear name -> H from calibration inputs) are needed by schemes whose algorithm uses them
+    (GPTQ); ``run_sweep`` collects them once per sweep.
+    """
     rest_format = get_format(unquantized_format(plan))
     assignment = layer_schemes(model, plan)
     modules = dict(model.named_modules())
@@ -118,7 +124,8 @@ def quantized_copy(model: torch.nn.Module, plan: SchemePlan) -> torch.nn.Module:
     shadow = copy.deepcopy(model, memo)
     for name, scheme in assignment.items():
         bias = shadow.get_submodule(name).bias
-        shadow.set_submodule(name, QuantizedLinear(quantize(modules[name].weight, scheme), bias))
+        hessian = None if hessians is None else hessians.get(name)
+        shadow.set_submodule(name, QuantizedLinear(quantize_weight(modules[name].weight, scheme, hessian), bias))
     return shadow
 
 
@@ -178,15 +185,22 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     if baseline is None:
         baseline = compute_baseline(loaded, spec, stage("FP32 baseline"), cancel)
         done += 1
+    hessians: dict[str, torch.Tensor] | None = None
+    calibration: dict = {}
     for scheme in schemes:
         started = time.perf_counter()
-        shadow = quantized_copy(loaded.model, scheme)
+        extra = {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {}
+        if needs_calibration(scheme):
+            if hessians is None:  # once per sweep, shared by every GPTQ scheme
+                hessians, calibration = calibration_hessians(loaded, spec, stage(f"{scheme.label} calibration"),
+                                                             cancel)
+            extra.update(calibration)
+        shadow = quantized_copy(loaded.model, scheme, hessians)
         quantized_at = time.perf_counter()
         metrics = evaluate(shadow, baseline, stage(scheme.label), cancel)
         finished = time.perf_counter()
         row = ResultRow(loaded.name, scheme, size_report(loaded.model, scheme), metrics,
-                        quantized_at - started, finished - quantized_at, baseline.tokens,
-                        {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {})
+                        quantized_at - started, finished - quantized_at, baseline.tokens, extra)
         del shadow
         gc.collect()
         done += 1
