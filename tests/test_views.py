@@ -42,3 +42,61 @@ def test_bad_values_are_dropped_not_raised():
 
 def test_repeated_parameters_take_the_last_value():
     assert params_to_view({"tokens": ["128", "256"], "formats": []}) == {"tokens": 256}
+
+
+# --- in the dashboard ---------------------------------------------------------------------------------------
+
+def _wired() -> bool:
+    from pages import common
+
+    return hasattr(common, "restore_view")
+
+
+@pytest.mark.skipif(not _wired(), reason="pages/common.py does not call qlab.views yet (the lead wires it)")
+def test_a_shared_url_restores_the_sidebar_and_follows_changes():
+    from streamlit.testing.v1 import AppTest
+
+    # The Memory page plans a catalog architecture: nothing is loaded, so this stays fast.
+    at = AppTest.from_file("../pages/memory.py", default_timeout=120)
+    at.query_params.update({"model": "minilm-l6", "formats": "int8,nf4", "gran": "channel", "hw": "l4",
+                            "tokens": "256", "sym": "0", "group": "999"})
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    state = at.session_state
+    assert (state["model_choice"], state["formats"], state["granularity"], state["hardware"], state["tokens"],
+            state["symmetric"]) == ("minilm-l6", ["int8", "nf4"], "channel", "l4", 256, False)
+    assert state["group_size"] == 64  # 999 is not a sidebar choice: the default stays
+    at.multiselect(key="formats").select("int4").run()
+    assert at.query_params["formats"] == "int8,nf4,int4"  # the address follows the sidebar
+    at.run()
+    assert at.session_state["formats"] == ["int8", "nf4", "int4"]  # and is not re-applied over the user
+
+
+@pytest.mark.slow
+def test_the_quantize_page_shows_stored_results_without_recomputing(minilm, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from qlab.evaluate import EvalSpec
+    from qlab.quant import QuantScheme
+    from qlab.store import Store, store_rows, sweep_meta
+    from qlab.sweep import run_sweep
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    schemes = [QuantScheme(f, "group", 64) for f in ("int8", "int4")]
+    spec = EvalSpec(96)
+    stored = [r.to_record() for r in store_rows(None, sweep_meta(minilm, schemes, spec),
+                                                run_sweep(minilm, schemes, spec))]
+    at = AppTest.from_file("../pages/quantize.py", default_timeout=120)
+    for key, value in {"model_choice": "minilm-l6", "formats": ["int8", "int4", "nf4"], "granularity": "group",
+                       "group_size": 64, "tokens": 96}.items():
+        at.session_state[key] = value
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    assert list(table["label"]) == ["int8 g64", "int4 g64"]  # nf4 was never measured
+    assert list(table["cosine_mean"]) == [r["cosine_mean"] for r in stored]
+    at.button(key="run_sweep").click().run()  # computes only nf4, and stores one run holding all three
+    assert list(at.dataframe[0].value["label"]) == ["int8 g64", "int4 g64", "nf4 g64"]
+    newest = Store().get(Store().list_runs()[0]["id"])
+    assert [r.label for r in newest.results] == ["int8 g64", "int4 g64", "nf4 g64"]
+    assert newest.records()[:2] == stored and newest.status == "finished"
