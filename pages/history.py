@@ -153,6 +153,8 @@ if len(runs) > 1:
         st.info("None of these runs has sweep results to compare; each is shown below.")
     else:
         st.caption(f"Δ columns: each run minus the first ({report.run_name(runs[0])}), scheme by scheme.")
+        for caveat in report.comparison_caveats(runs):
+            st.warning(caveat)
         st.dataframe(table, hide_index=True, width="stretch", key="comparison_table")
         frame = report.results_frame(runs)
         metrics = report.chart_metrics(frame)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,16 +118,22 @@ def _lm_log_probs(model: torch.nn.Module, windows: torch.Tensor, progress: Progr
     total = windows.shape[0]
     for start in range(0, total, per_forward):
         _check_cancel(cancel)
-        batch = windows[start: start + per_forward]
+        batch = windows[start: start + per_forward].to(input_device(model))
         with torch.inference_mode():
             hidden = decoder(input_ids=batch).last_hidden_state.reshape(-1, head.in_features)
             for offset in range(0, hidden.shape[0], LOGIT_CHUNK):
                 logits = head(hidden[offset: offset + LOGIT_CHUNK]).float()
                 if softcap:
                     logits = torch.tanh(logits / softcap) * softcap
-                yield start * windows.shape[1] + offset, torch.log_softmax(logits, dim=-1)
+                yield start * windows.shape[1] + offset, torch.log_softmax(logits, dim=-1).cpu()
         if progress:
             progress(min(1.0, (start + len(batch)) / total), f"window {start + len(batch)}/{total}")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids must go: the input embedding's device (a model spread by ``device_map="auto"`` over
+    GPUs moves activations between its own layers; on the CPU this is the CPU and nothing moves)."""
+    return model.get_input_embeddings().weight.device
 
 
 def _next_token_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,11 +191,19 @@ def evaluate(model: torch.nn.Module, baseline: Baseline, progress: Progress | No
 
 def _evaluate_lm(model: torch.nn.Module, baseline: Baseline, progress: Progress | None,
                  cancel: CancelCheck | None) -> dict[str, float]:
+    return lm_metrics(_lm_log_probs(model, baseline.inputs["windows"], progress, cancel), baseline)
+
+
+def lm_metrics(log_prob_chunks: Iterable[tuple[int, torch.Tensor]], baseline: Baseline) -> dict[str, float]:
+    """LM metrics from (flat position offset, next-token log-probs) chunks covering the baseline's windows.
+
+    Any engine's log-probs fit here (llama.cpp's too), so every backend is scored by the same arithmetic.
+    """
     windows = baseline.inputs["windows"]
     targets, valid = _next_token_targets(windows)
     n = windows.numel()
     nll, cross, agree = torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool)
-    for offset, log_q in _lm_log_probs(model, windows, progress, cancel):
+    for offset, log_q in log_prob_chunks:
         rows = slice(offset, offset + log_q.shape[0])
         p = baseline.reference[rows].float().exp_()
         # sum_v p_v log q_v as a batched dot product: no (positions x vocab) temporary beyond p itself.
@@ -233,12 +247,12 @@ def _embed(model: torch.nn.Module, batch: dict[str, torch.Tensor], progress: Pro
     outputs = []
     for start in range(0, n, EMBED_BATCH):
         _check_cancel(cancel)
-        part = {k: v[start: start + EMBED_BATCH] for k, v in batch.items()}
+        part = {k: v[start: start + EMBED_BATCH].to(input_device(model)) for k, v in batch.items()}
         with torch.inference_mode():
             hidden = model(**part).last_hidden_state
-        mask = part["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = part["attention_mask"].unsqueeze(-1).to(hidden.device, hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        outputs.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
+        outputs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
         if progress:
             progress(min(1.0, (start + len(part["input_ids"])) / n), f"text {start + len(part['input_ids'])}/{n}")
     return torch.cat(outputs)

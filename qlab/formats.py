@@ -109,7 +109,7 @@ class Format:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Unscaled float32 values of codes."""
         if self.kind == "lut":
-            return _table_tensor(self.name)[codes.long()]
+            return _table_tensor(self.name).to(codes.device)[codes.long()]
         return codes.to(torch.float32)
 
 
@@ -154,10 +154,10 @@ def _nearest_table_index(x: torch.Tensor, name: str) -> torch.Tensor:
     codes, midpoints, ties_up, identity = _table_search(name)
     # Counting the boundaries below x, one comparison per boundary (15 for a 4-bit table), is ~3x faster
     # than torch.bucketize on CPU; `>=` on the boundaries whose ties go up implements half-to-even.
-    slot = torch.zeros(x.shape, dtype=torch.uint8)
+    slot = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for boundary, up in zip(midpoints, ties_up, strict=True):
         slot += (x >= boundary) if up else (x > boundary)
-    return slot if identity else codes[slot.long()]
+    return slot if identity else codes.to(x.device)[slot.long()]
 
 
 FORMATS: dict[str, Format] = {}

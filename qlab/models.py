@@ -251,15 +251,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLAB_CACHE_DIR", Path.home() / ".cache" / "qlab"))
 
 
-def load(name: str) -> LoadedModel:
-    """Resolve, check RAM, and load a model in FP32 (eval mode, gradients off)."""
+DEVICE_MAPS = ("auto",)
+
+
+def load(name: str, device_map: str | None = None) -> LoadedModel:
+    """Resolve, check RAM, and load a model in FP32 (eval mode, gradients off).
+
+    ``device_map="auto"`` hands placement to accelerate: the weights fill every visible GPU, then CPU RAM.
+    It is for a model larger than this machine's RAM check allows, on a GPU server; the RAM check is skipped.
+    """
     source = resolve(name)
-    check_fits_in_ram(fp32_bytes_estimate(source), f"'{source.name}'")
+    if device_map is None:
+        check_fits_in_ram(fp32_bytes_estimate(source), f"'{source.name}'")
+    elif device_map not in DEVICE_MAPS:
+        raise QlabError(f"unknown device map '{device_map}'; use 'auto' (accelerate spreads the model over the "
+                        "GPUs) or leave it out to load on the CPU.")
+    elif not torch.cuda.is_available():
+        raise QlabError("--device-map auto needs CUDA GPUs and none is visible; leave it out to load on the CPU.")
     with _quiet_transformers():
         if source.gguf_file:
-            model, tokenizer = _load_gguf(source)
+            model, tokenizer = _load_gguf(source, device_map)
         else:
-            model, tokenizer = _load_pretrained(source.path, source.kind)
+            model, tokenizer = _load_pretrained(source.path, source.kind, device_map)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(source, model, tokenizer)
@@ -281,13 +294,14 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-def _load_pretrained(path: str, kind: str) -> tuple[torch.nn.Module, Any]:
+def _load_pretrained(path: str, kind: str, device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     model_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    placement = {"device_map": device_map} if device_map else {}
     try:
         model = model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                            trust_remote_code=False)
+                                            trust_remote_code=False, **placement)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -295,13 +309,13 @@ def _load_pretrained(path: str, kind: str) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def _load_gguf(source: ModelSource) -> tuple[torch.nn.Module, Any]:
+def _load_gguf(source: ModelSource, device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
     gguf_path = Path(source.path) / source.gguf_file
     stat = gguf_path.stat()
     converted = cache_dir() / "converted" / f"{source.name}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (converted / "model.safetensors").is_file():
         _convert_gguf(source, converted)
-    return _load_pretrained(str(converted), source.kind)
+    return _load_pretrained(str(converted), source.kind, device_map)
 
 
 def _convert_gguf(source: ModelSource, target: Path) -> None:

@@ -69,6 +69,21 @@ def comparison_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
     return table.reset_index()
 
 
+def comparison_caveats(runs: Sequence[StoredRun]) -> list[str]:
+    """What differs between runs besides the schemes, so a delta is not read as a like-for-like change."""
+    checks = (("model", lambda r: r.meta.model), ("model weights (SHA-256)", lambda r: r.meta.model_sha256),
+              ("evaluation text (SHA-256)", lambda r: r.meta.text_sha256), ("token budget", lambda r: r.meta.tokens),
+              ("qlab version", lambda r: r.meta.environment.get("qlab")),
+              ("torch version", lambda r: r.meta.environment.get("torch")),
+              ("transformers version", lambda r: r.meta.environment.get("transformers")))
+    caveats = []
+    for what, read in checks:
+        values = list(dict.fromkeys(str(read(r)) for r in runs))
+        if len(values) > 1:
+            caveats.append(f"The runs differ in {what}: {', '.join(v[:16] for v in values)}.")
+    return caveats
+
+
 def settings_table(run: StoredRun) -> pd.DataFrame:
     """What was run and on what: one (setting, value) row each, schemes spelt out in full."""
     meta = run.meta
@@ -144,7 +159,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2e
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: .9em; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
-.kv td { text-align: left; } .note { color: #666; font-size: .9em; } figure { margin: 0 0 1.5em; }
+.kv td { text-align: left; } .scroll { overflow-x: auto; } .note { color: #666; font-size: .9em; } figure { margin: 0 0 1.5em; }
 """
 
 
@@ -164,8 +179,9 @@ class _Charts:
 def _table(frame: pd.DataFrame, css: str = "") -> str:
     if frame.empty:
         return '<p class="note">(none)</p>'
-    return frame.to_html(index=False, classes=css, border=0, na_rep="",
-                         float_format=lambda v: f"{v:.4g}", escape=True)
+    table = frame.to_html(index=False, classes=css, border=0, na_rep="", float_format=lambda v: f"{v:.4g}",
+                          escape=True)
+    return f'<div class="scroll">{table}</div>'  # wide comparisons scroll instead of overflowing the page
 
 
 def results_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -203,6 +219,7 @@ def render_html(runs: Sequence[StoredRun], title: str | None = None) -> str:
         parts.append("<h2>Comparison</h2>")
         parts.append('<p class="note">Δ columns: each run minus the first (' + html.escape(run_name(runs[0]))
                      + "), scheme by scheme.</p>")
+        parts += [f'<p class="note"><b>Note:</b> {html.escape(c)}</p>' for c in comparison_caveats(runs)]
         parts.append(_table(comparison_table(runs)))
         parts += [chart.div(t, f) for t, f in comparison_figures(runs)]
     for run in runs:

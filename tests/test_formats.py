@@ -332,3 +332,12 @@ def test_registry_lookup():
     for bad in ("int5", "fp6", "", "nf3"):
         with pytest.raises(QlabError):
             get_format(bad)
+
+
+def test_table_formats_round_on_the_device_of_their_input():
+    # On a GPU server (device_map="auto") weights and codes live on CUDA; the meta device stands in here:
+    # any CPU-only constant in the rounding path would raise on it.
+    x = torch.empty(8, 16, device="meta")
+    for name in ("nf4", "fp4_e2m1"):
+        codes = get_format(name).round(x)
+        assert codes.device.type == "meta" and get_format(name).decode(codes).device.type == "meta"

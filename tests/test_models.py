@@ -94,3 +94,12 @@ def test_weights_digest_sees_a_one_bit_change():
     with torch.no_grad():
         layer.weight.view(-1)[0] = torch.nextafter(layer.weight.view(-1)[0], torch.tensor(1.0))
     assert models.weights_digest(layer) != before
+
+
+def test_device_map_is_checked_before_anything_loads(monkeypatch):
+    with pytest.raises(QlabError, match="unknown device map 'balanced'"):
+        models.load("minilm-l6", device_map="balanced")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QlabError, match="needs CUDA GPUs"):
+        models.load("minilm-l6", device_map="auto")
+

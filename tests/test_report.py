@@ -81,8 +81,9 @@ def test_comparison_lines_up_schemes_and_computes_deltas(db):
     assert table.loc["int4 g64", f"Δ kld_mean [{b}]"] == pytest.approx(0.05 - 0.06)
     assert table.loc["int8 g64", f"Δ top1_agreement [{b}]"] == pytest.approx((1 - 1e-3) - (1 - 2e-3))
     assert pd.isna(table.loc["fp16", f"kld_mean [{b}]"]) and pd.isna(table.loc["nf4 g64", f"kld_mean [{a}]"])
+    assert report.comparison_caveats([before, after]) == []  # same model, weights, text, budget, versions
     page = report.render_html([before, after])
-    assert "Comparison" in page and f"Δ kld_mean [{b}]" in page
+    assert "Comparison" in page and f"Δ kld_mean [{b}]" in page and "The runs differ" not in page
     assert charts_in(page) == 3 + 3 + 3  # overlaid metrics, then each run's own charts
     assert len(re.findall(r"\* plotly\.js v\d", page)) == 1
 
@@ -126,3 +127,14 @@ def test_embedding_runs_chart_their_own_metrics(db):
     assert [m for m, _ in report.chart_metrics(pd.DataFrame(run.records()))] == ["cosine_mean",
                                                                                  "retrieval_agreement"]
     assert charts_in(report.render_html([run])) == 2
+
+
+def test_comparing_unlike_runs_says_what_differs(db):
+    ours = db.get(sweep_run(db, {"int8": 1e-3}))
+    other_id = db.start_run(RunMeta("sweep", "minilm-l6", {}, tokens=256, environment={**ENV, "qlab": "0.2.0"}))
+    caveats = report.comparison_caveats([ours, db.get(other_id)])
+    assert [c.split(":")[0] for c in caveats] == [
+        "The runs differ in model", "The runs differ in model weights (SHA-256)",
+        "The runs differ in evaluation text (SHA-256)", "The runs differ in token budget",
+        "The runs differ in qlab version"]
+    assert "0.1.0, 0.2.0" in caveats[-1]

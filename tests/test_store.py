@@ -430,3 +430,38 @@ def test_a_sweep_killed_after_two_schemes_keeps_exactly_those(tmp_path):
     assert all(0.9 < r.record["cosine_mean"] <= 1.0 + 1e-6 for r in run.results)
     assert len(run.schemes()) == 4 and run.meta.model_sha256 and run.meta.tokens == 16
     db.add_result(run.id, {"label": "after"}, kind="note")  # still writable
+
+
+def _sweep_cli_stores() -> bool:
+    from qlab.cli import build_parser
+
+    return hasattr(build_parser().parse_args(["sweep"]), "db")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _sweep_cli_stores(), reason="`python -m qlab sweep` has no --db yet (the lead wires it)")
+def test_the_sweep_cli_killed_mid_run_keeps_its_finished_schemes(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    formats = ["fp16", "int8", "int4", "nf4", "int3", "int2", "fp4_e2m1", "fp8_e4m3"]
+    sweep = subprocess.Popen([sys.executable, "-m", "qlab", "sweep", "--model", "minilm-l6", "--formats",
+                              ",".join(formats), "--granularity", "group", "--group-size", "64", "--tokens", "16",
+                              "--quiet", "--db", str(path)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # poll the database itself, as another process would, until two schemes are in
+            assert sweep.poll() is None and time.monotonic() < deadline, sweep.stderr.read()[-2000:]
+            if path.exists() and Store(path).list_runs() and Store(path).list_runs()[0]["results"] >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait(timeout=30)
+    db = Store(path)
+    assert db.integrity_ok()
+    run = db.get(db.list_runs()[0]["id"])
+    labels = [r.label for r in run.results]
+    expected = [QuantScheme(f, "group", 64).label for f in formats]
+    assert 2 <= len(labels) < len(expected) and labels == expected[:len(labels)]  # finished ones, in order
+    assert all("cosine_mean" in r.record and "size_bytes" in r.record for r in run.results)
+    assert run.status == "interrupted" and run.meta.model_sha256
