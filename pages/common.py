@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import streamlit as st
 
-from qlab import hardware, models
+from qlab import hardware, models, views
 from qlab.errors import QlabError
 from qlab.evaluate import Baseline, EvalSpec, compute_baseline
 from qlab.formats import FORMATS
@@ -39,9 +39,43 @@ def init_state() -> None:
 
 
 def page_setup() -> None:
-    """First call of every page: shared state, then the sidebar (pages also run standalone in AppTest)."""
+    """First call of every page: shared state (restored from a shared URL once), the sidebar, and the URL
+    updated to match it (pages also run standalone in AppTest)."""
+    restore_view()
     init_state()
     sidebar()
+    publish_view()
+
+
+def restore_view() -> None:
+    """Apply a shared URL's choices once per session; invalid parameters are dropped, never raised."""
+    if st.session_state.get("_view_restored"):
+        return
+    st.session_state["_view_restored"] = True
+    view = views.params_to_view(st.query_params.to_dict())
+    model = view.pop("model", None)
+    if model:
+        if model in models.bundled_models():
+            st.session_state["model_choice"] = model
+        else:
+            st.session_state["model_choice"], st.session_state["custom_model"] = OTHER_MODEL, model
+    if view.get("hardware") not in {hardware.THIS_MACHINE_ID, *(h.id for h in hardware.catalog())}:
+        view.pop("hardware", None)
+    if view.get("group_size") not in GROUP_SIZES:
+        view.pop("group_size", None)
+    for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
+        if key in view:
+            st.session_state[key] = view[key]
+
+
+def publish_view() -> None:
+    """Mirror the sidebar's choices into the URL, so copying the address shares this view."""
+    current = {key: st.session_state[key] for key in ("hardware", "formats", "granularity", "group_size",
+                                                      "symmetric", "calibration", "tokens")}
+    current["model"] = model_name() or None
+    for name, value in views.view_to_params(current).items():
+        if st.query_params.get(name) != value:
+            st.query_params[name] = value
 
 
 @contextlib.contextmanager
