@@ -94,7 +94,8 @@ def _show(store, args: argparse.Namespace) -> None:
     if args.json is not None:
         _emit(run.to_dict(), args.json)
         return
-    print(settings_table(run).to_string(index=False, header=False))
+    for setting, value in settings_table(run).itertuples(index=False):
+        print(f"{setting:29} {value}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in environment_table(run).itertuples(index=False)))
     for kind in dict.fromkeys(r.kind for r in run.results):
         frame = pd.DataFrame(run.records(kind))
