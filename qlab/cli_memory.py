@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         help="count materialised attention scores (eager attention, no FlashAttention/SDPA)")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="quantize an untied output head with the blocks (default: keep it at 16 bits)")
+    parser.add_argument("--db", default=None, metavar="PATH",
+                        help="also store the plan and its verdicts in this run database (default: $QLAB_DB if set)")
     json_option(parser, "print the plan as JSON")
     parser.set_defaults(func=cmd_memory)
     return parser
@@ -75,6 +77,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
     plan = build_plan(args)
     record = plan.to_record()
+    store_plan(args, plan)
     if args.json is not None:
         _emit({**record, "formulas": FORMULAS}, args.json)
         return
@@ -96,3 +99,15 @@ def cmd_memory(args: argparse.Namespace) -> None:
               f"max context {fit.max_context:,}  max batch {fit.max_batch}  needs {gpus}")
     for note in plan.notes:
         print(f"  note: {note}")
+
+
+def store_plan(args: argparse.Namespace, plan) -> None:
+    """With ``--db`` (or ``QLAB_DB``), keep the plan as a ``memory`` run, the CLI arguments as its settings."""
+    from qlab.store import Recorder, RunMeta, requested_path
+
+    db = requested_path(args.db)
+    if db is None:
+        return
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "json", "db", "command")}
+    with Recorder(db, RunMeta("memory", plan.model, settings, hardware=plan.primary.hardware_id)) as recorder:
+        recorder.save(plan)

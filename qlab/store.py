@@ -162,16 +162,21 @@ class RunMeta:
     environment: dict = field(default_factory=environment, hash=False)
 
 
-def sweep_meta(loaded, schemes: Sequence, spec, hardware: str = "this-machine", **settings: Any) -> RunMeta:
-    """RunMeta of a sweep of ``schemes`` on a LoadedModel with an EvalSpec; extra keyword settings are kept."""
+def run_meta(kind: str, loaded, spec=None, hardware: str = "this-machine", **settings: Any) -> RunMeta:
+    """RunMeta for any run on a LoadedModel (sensitivity, bench, ...), with its EvalSpec when it evaluates;
+    keyword settings are stored as given (JSON-ready values)."""
     import torch
 
-    return RunMeta(kind="sweep", model=loaded.name,
-                   settings={"schemes": [s.to_dict() for s in schemes], **settings},
-                   model_sha256=model_sha256(loaded), hardware=hardware, text_sha256=spec.text_sha256,
-                   text_name=spec.text_name, tokens=spec.tokens,
-                   # Round-to-nearest draws no random numbers; the seed is recorded for methods that will.
+    return RunMeta(kind=kind, model=loaded.name, settings=settings, model_sha256=model_sha256(loaded),
+                   hardware=hardware, text_sha256=spec.text_sha256 if spec else None,
+                   text_name=spec.text_name if spec else None, tokens=spec.tokens if spec else None,
+                   # The process's torch seed, so anything that draws random numbers can be replayed.
                    seed=torch.initial_seed())
+
+
+def sweep_meta(loaded, schemes: Sequence, spec, hardware: str = "this-machine", **settings: Any) -> RunMeta:
+    """RunMeta of a sweep of ``schemes`` on a LoadedModel with an EvalSpec; extra keyword settings are kept."""
+    return run_meta("sweep", loaded, spec, hardware, schemes=[s.to_dict() for s in schemes], **settings)
 
 
 # --- results -------------------------------------------------------------------------------------------

@@ -129,3 +129,23 @@ def test_export_scheme_loads_the_model_and_lists_every_linear(tmp_path, capsys, 
     assert all(QuantScheme.from_dict(s) == schemes[0] for s in exported["layers"].values())
     code, _, err = run(capsys, "runs", "export-scheme", summary["id"], "--label", "int3 g32")
     assert code == 2 and "'int4 g32'" in err
+
+
+def test_memory_plans_are_stored_on_request_and_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("QLAB_DB")
+    argv = ["memory", "--model", "llama-3.1-8b", "--format", "int4", "--hardware", "rtx-4060-8gb,h100-sxm-80gb",
+            "--json", str(tmp_path / "plan.json")]
+    assert run(capsys, *argv)[0] == 0
+    path = tmp_path / "runs.sqlite"
+    assert not path.exists()  # neither --db nor QLAB_DB: nothing stored
+    assert run(capsys, *argv, "--db", str(path))[0] == 0
+    [summary] = Store(path).list_runs()
+    stored = Store(path).get(summary["id"])
+    assert (stored.kind, stored.model, stored.meta.hardware) == ("memory", "llama-3.1-8b", "rtx-4060-8gb")
+    assert stored.meta.settings["context"] == 8192 and stored.meta.settings["format"] == "int4"
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert stored.records("memory")[0]["targets"] == plan["targets"]
+    out_file = tmp_path / "report.html"
+    assert run(capsys, "report", "--run", summary["id"], "--db", str(path), "--out", str(out_file))[0] == 0
+    page = out_file.read_text()
+    assert "Verdicts" in page and "rtx-4060-8gb" in page and page.count("Plotly.newPlot(") == 1
