@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -175,4 +176,149 @@ def compare_runs(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go.Fig
     figure.update_traces(mode="lines+markers+text", line={"width": 1})
     figure.for_each_trace(lambda trace: trace.update(hovertemplate=trace.hovertemplate.replace("format=", "run=")))
     figure.update_layout(legend_title_text="run", legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+# --- sensitivity -------------------------------------------------------------------------------------------
+
+# Per-linear sensitivity columns (qlab.sensitivity records) -> (axis title, drawn on a log scale).
+SENSITIVITY_MEASURES: dict[str, tuple[str, bool]] = {
+    "block_delta": ("Measured end-to-end delta of the layer's block", True),
+    "linear_delta": ("Measured end-to-end delta of the layer alone", True),
+    "predicted_delta": ("Predicted end-to-end delta of the layer alone (2nd order)", True),
+    "sqnr_db": ("Output SQNR (dB, higher is better)", False),
+    "relative_mse": ("Output relative MSE", True),
+    "weight_relative_mse": ("Weight relative MSE", True),
+}
+LAYER_TYPE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "other")
+ERROR_TITLES = {"kld_mean": "KL divergence to FP32 (mean, nats/token)",
+                "cosine_mean": "1 - cosine similarity to FP32 (mean)"}
+
+
+def _log_values(values: pd.Series | np.ndarray) -> np.ndarray:
+    """log10 of positive values; zeros and negatives (exact or noise) become NaN, drawn as gaps."""
+    array = np.asarray(values, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(array > 0, np.log10(array), np.nan)
+
+
+def sensitivity_heatmap(rows: pd.DataFrame, measure: str) -> go.Figure:
+    """Linear layers (model order, top to bottom) by scheme, coloured by one sensitivity measure."""
+    title, log = SENSITIVITY_MEASURES.get(measure, (measure, False))
+    layers = list(dict.fromkeys(rows["layer"]))
+    labels = list(dict.fromkeys(rows["label"]))
+    table = rows.pivot_table(index="layer", columns="label", values=measure, aggfunc="first")
+    table = table.reindex(index=layers, columns=labels)
+    z = _log_values(table.to_numpy()) if log else table.to_numpy(dtype=float)
+    figure = go.Figure(go.Heatmap(
+        z=z, x=labels, y=layers, colorscale="Viridis", reversescale=measure == "sqnr_db",
+        colorbar={"title": f"log10 {measure}" if log else measure},
+        customdata=table.to_numpy(), hovertemplate="%{y}<br>%{x}: %{customdata:.4g}<extra></extra>"))
+    figure.update_layout(title=title, height=max(400, 14 * len(layers) + 120), margin={"t": 40},
+                         yaxis={"autorange": "reversed", "tickfont": {"size": 9}}, xaxis={"side": "top"})
+    return figure
+
+
+def sensitivity_by_type(rows: pd.DataFrame, measure: str) -> go.Figure:
+    """The measure per layer type (q/k/v/o/gate/up/down), one box per scheme: which roles are fragile."""
+    title, log = SENSITIVITY_MEASURES.get(measure, (measure, False))
+    present = [t for t in LAYER_TYPE_ORDER if t in set(rows["layer_type"])]
+    figure = px.box(rows.dropna(subset=[measure]), x="layer_type", y=measure, color="label", log_y=log,
+                    points="all", hover_data=["layer"], category_orders={"layer_type": present},
+                    labels={"layer_type": "layer type", measure: title, "label": "scheme"})
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def sensitivity_ranking(rows: pd.DataFrame, measure: str, top: int = 20) -> go.Figure:
+    """The ``top`` most sensitive (layer, scheme) pairs as horizontal bars; click a bar to pick its layer."""
+    title, log = SENSITIVITY_MEASURES.get(measure, (measure, False))
+    ascending = measure == "sqnr_db"  # low SQNR is the sensitive end
+    ranked = rows.dropna(subset=[measure]).sort_values(measure, ascending=ascending).head(top)
+    figure = px.bar(ranked, x=measure, y="layer", color="label", orientation="h", log_x=log,
+                    hover_data=["layer_type", "block"], labels={measure: title, "layer": "", "label": "scheme"})
+    figure.update_layout(height=max(300, 22 * len(ranked) + 100), margin={"t": 30},
+                         yaxis={"autorange": "reversed", "categoryorder": "array",
+                                "categoryarray": list(dict.fromkeys(ranked["layer"]))},
+                         legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def block_deltas(blocks: pd.DataFrame, metric: str) -> go.Figure:
+    """End-to-end delta per measured unit (block or linear), one line per scheme, on a log axis."""
+    frame = blocks.assign(shown=blocks["delta"].clip(lower=LOG_FLOOR),
+                          unit_index=blocks.groupby("label").cumcount())
+    reverse = (blocks["view"] == "reverse").any()
+    y_title = ("error removed by keeping it in FP32" if reverse else "error added by quantizing it alone")
+    figure = px.line(frame, x="unit_index", y="shown", color="label", markers=True, log_y=True,
+                     hover_data={"name": True, "delta": ":.4g", "shown": False, "unit_index": False},
+                     labels={"unit_index": "unit (model order)", "shown": f"{ERROR_TITLES.get(metric, metric)}: "
+                             f"{y_title}", "label": "scheme"})
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def mix_pareto(rows: pd.DataFrame, metric: str) -> go.Figure:
+    """Size against measured error: uniform schemes as labelled points, recommended mixes as a line."""
+    frame = rows.assign(size_mb=rows["size_bytes"] / 1e6, shown=rows["error"].clip(lower=LOG_FLOOR))
+    figure = go.Figure()
+    mixes = frame[frame["kind"] == "mix"].sort_values("size_bytes")
+    uniform = frame[frame["kind"] == "uniform"]
+    hover = "%{text}<br>%{x:.1f} MB, %{customdata[0]:.3f} bits/weight<br>error %{customdata[1]:.4g}<extra></extra>"
+    figure.add_trace(go.Scatter(x=uniform["size_mb"], y=uniform["shown"], mode="markers+text", name="uniform",
+                                text=uniform["label"], textposition="top center", marker={"size": 13},
+                                customdata=uniform[["bits_per_weight", "error"]].to_numpy(), hovertemplate=hover))
+    figure.add_trace(go.Scatter(x=mixes["size_mb"], y=mixes["shown"], mode="lines+markers", name="recommended mix",
+                                text=mixes["label"], marker={"size": 10, "symbol": "diamond"},
+                                customdata=mixes[["bits_per_weight", "error"]].to_numpy(), hovertemplate=hover))
+    figure.update_layout(xaxis_title="Model size as stored (MB)", yaxis_title=ERROR_TITLES.get(metric, metric),
+                         yaxis_type="log", margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
+    figure.update_traces(cliponaxis=False)
+    return figure
+
+
+# --- speed ---
+
+SPEED_TITLES = {"decode_tokens_per_s": "Decode throughput (tokens/s)", "sentences_per_s": "Throughput (sentences/s)"}
+
+
+def speed_tradeoff(rows: pd.DataFrame, speed: str, error_title: str) -> go.Figure:
+    """Error (log) against throughput, one point per (format, backend), size as marker area.
+
+    ``rows`` has ``label``, ``speed``, ``error``, ``size_bytes``, ``library``, ``source`` ("measured" or
+    "predicted") and ``pareto`` (bool); the Pareto front of measured points is drawn as a line.
+    """
+    frame = rows.assign(size_mb=rows["size_bytes"] / 1e6, shown=rows["error"].clip(lower=LOG_FLOOR))
+    largest = max(float(frame["size_mb"].max()), 1e-9)
+    figure = go.Figure()
+    for (library, source), part in frame.groupby(["library", "source"], sort=False):
+        predicted = source == "predicted"
+        figure.add_trace(go.Scatter(
+            x=part["speed"], y=part["shown"], mode="markers+text", text=part["label"], textposition="top center",
+            name=f"{library} ({source})", legendgroup=library,
+            marker={"size": 10 + 30 * np.sqrt(part["size_mb"] / largest),
+                    "symbol": "circle-open" if predicted else "circle", "line": {"width": 2}},
+            customdata=part[["size_mb", "error"]].to_numpy(),
+            hovertemplate="%{text}<br>%{x:.1f}<br>error %{customdata[1]:.4g}<br>%{customdata[0]:.1f} MB"
+                          "<extra>" + source + "</extra>"))
+    front = frame[frame["pareto"] & (frame["source"] == "measured")].sort_values("speed")
+    if len(front) > 1:
+        figure.add_trace(go.Scatter(x=front["speed"], y=front["shown"], mode="lines", name="Pareto front (measured)",
+                                    line={"dash": "dot", "color": "black"}, hoverinfo="skip"))
+    figure.update_layout(xaxis_title=SPEED_TITLES.get(speed, speed), yaxis_title=error_title, yaxis_type="log",
+                         margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    figure.update_traces(cliponaxis=False)
+    return figure
+
+
+def gpu_decode_bars(rows: pd.DataFrame, predicted: pd.DataFrame | None = None) -> go.Figure:
+    """Measured GPU decode tokens/s per format, one bar per code path; roofline predictions as markers."""
+    figure = px.bar(rows, x="format_slug", y="decode_tokens_per_s", color="path", barmode="group",
+                    labels={"format_slug": "format", "decode_tokens_per_s": "decode tokens/s (batch 1)",
+                            "path": "code path"}, hover_data=["backend", "gpu", "decode_tokens_per_s_spread_pct"])
+    if predicted is not None and len(predicted):
+        figure.add_trace(go.Scatter(x=predicted["format_slug"], y=predicted["decode_tokens_per_s"], mode="markers",
+                                    name="roofline (bandwidth bound)", marker={"symbol": "line-ew-open", "size": 30,
+                                                                               "line": {"width": 3}}))
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
     return figure

@@ -1,0 +1,150 @@
+"""``python -m qlab sensitivity`` and ``python -m qlab recommend``: per-layer sensitivity and mixed precision.
+
+``qlab.cli.build_parser`` wires both with ``add_parser(sub, json_option)``. ``qlab.cli`` is imported inside the
+functions, so that ``qlab.cli`` may import this module at its top without a cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+DEFAULT_FORMATS = "int8,int4"
+TABLE_COLUMNS = ("layer", "label", "relative_mse", "sqnr_db", "predicted_delta", "block_delta",
+                 "weight_kurtosis", "input_outlier_channels")
+
+
+def add_parser(subparsers: argparse._SubParsersAction,
+               json_option: Callable[[argparse.ArgumentParser, str], None]) -> None:
+    """Add the ``sensitivity`` and ``recommend`` subcommands to qlab's parser."""
+    from qlab.cli import _add_scheme_arguments
+
+    sensitivity = subparsers.add_parser(
+        "sensitivity", help="per-layer sensitivity: output error per linear, end-to-end delta per block")
+    _common_arguments(sensitivity)
+    sensitivity.add_argument("--unit", default="block", choices=("block", "linear"),
+                             help="measure end to end one block at a time (default) or one linear at a time")
+    sensitivity.add_argument("--reverse", action="store_true",
+                             help="reverse view: everything quantized except one unit (as AIMET reports it)")
+    sensitivity.add_argument("--no-blocks", action="store_true", help="per-linear error only (fastest)")
+    sensitivity.add_argument("--no-predict", action="store_true",
+                             help="skip the curvature pass that predicts each linear's own delta")
+    _add_scheme_arguments(sensitivity, granularity="group")
+    json_option(sensitivity, "write one row per linear layer and format as JSON")
+    sensitivity.set_defaults(func=cmd_sensitivity)
+
+    recommend = subparsers.add_parser(
+        "recommend", help="a format per layer under a size budget, measured against uniform formats")
+    _common_arguments(recommend)
+    budget = recommend.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-bits", type=float, default=None, metavar="BITS",
+                        help="average bits per quantized weight, scales included (e.g. 4.5)")
+    budget.add_argument("--budget-gb", type=float, default=None, metavar="GB",
+                        help="whole model as stored, in GB (1e9 bytes); other tensors count at fp16")
+    recommend.add_argument("--unit", default="block", choices=("block", "linear"),
+                           help="end-to-end measurements per block (default) or per linear (slower, exact)")
+    recommend.add_argument("--plan", default=None, metavar="PATH",
+                           help="also write the plan alone (qlab, torchao FqnToConfig, optimum-quanto map)")
+    _add_scheme_arguments(recommend, granularity="group")
+    json_option(recommend, "print the recommendation and the measurements as JSON")
+    recommend.set_defaults(func=cmd_recommend)
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="bundled slug, local directory or HF id")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help="formats to choose among, e.g. int8,int4")
+    parser.add_argument("--tokens", type=int, default=512, help="evaluation token budget")
+    parser.add_argument("--text-file", default=None, help="UTF-8 text to evaluate on (default: pydoc topics)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool, title: str) -> Iterator[Callable[[float, str], None]]:
+    from tqdm import tqdm
+
+    with tqdm(total=1000, desc=title, unit="‰", file=sys.stderr, disable=quiet,
+              bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.set_description_str(message[:48].ljust(48))
+            bar.update(max(0, int(fraction * 1000) - bar.n))
+
+        yield progress
+
+
+def _setup(args: argparse.Namespace):
+    """Model, schemes and FP32 baseline the arguments describe."""
+    from qlab.cli import _eval_spec, _scheme
+    from qlab.models import load
+    from qlab.sweep import parse_formats
+
+    schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
+    spec = _eval_spec(args)
+    loaded = load(args.model)
+    return loaded, schemes, spec
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    """Rows per linear layer and format: output error, weight statistics, end-to-end deltas."""
+    from qlab.cli import _emit
+    from qlab.evaluate import compute_baseline
+    from qlab.sensitivity import analyze
+
+    loaded, schemes, spec = _setup(args)
+    with _progress_bar(args.quiet, "sensitivity") as progress:
+        baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"FP32 baseline: {m}"))
+        report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
+                         view="reverse" if args.reverse else "forward", predict=not args.no_predict,
+                         progress=lambda f, m: progress(0.1 + 0.9 * f, m))
+    rows = report.rows()
+    if args.json is not None:
+        _emit(rows, args.json)
+        return
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    order = "block_delta" if "block_delta" in columns else "relative_mse"
+    print(frame.sort_values(order, ascending=False)[columns].to_string(index=False))
+    if loaded.source.caveat:
+        print(f"note: {loaded.source.caveat}")
+
+
+def cmd_recommend(args: argparse.Namespace) -> None:
+    """Analyse, solve for the budget, measure the mix and each uniform format, print the comparison."""
+    from qlab.cli import _emit
+    from qlab.errors import QlabError
+    from qlab.evaluate import compute_baseline
+    from qlab.mixed import Budget, choices_from, compare, recommendation_record
+    from qlab.sensitivity import analyze
+
+    if args.budget_gb is not None and args.budget_gb <= 0:
+        raise QlabError("--budget-gb must be positive.")
+    budget = Budget(bits_per_weight=args.budget_bits,
+                    size_bytes=None if args.budget_gb is None else int(args.budget_gb * 1e9))
+    loaded, schemes, spec = _setup(args)
+    with _progress_bar(args.quiet, "recommend") as progress:
+        baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
+        report = analyze(loaded, schemes, baseline, unit=args.unit,
+                         progress=lambda f, m: progress(0.05 + 0.75 * f, m))
+        choices = choices_from(loaded, report)
+        mixes, rows = compare(loaded, choices, [budget], baseline,
+                              progress=lambda f, m: progress(0.8 + 0.2 * f, f"measure {m}"))
+    record = recommendation_record(loaded, report, choices, mixes[0], rows)
+    if args.plan:
+        _emit(record["plan"], args.plan)
+    if args.json is not None:
+        _emit(record, args.json)
+        return
+    print(f"{loaded.name}: {len(record['assignment'])} linears, budget {budget.label}, "
+          f"mix at {record['bits_per_weight']:.3f} bits/weight, {record['size_bytes'] / 1e6:.1f} MB")
+    counts: dict[str, int] = {}
+    for fmt in record["assignment"].values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    print("  layers per format: " + ", ".join(f"{fmt} {n}" for fmt, n in counts.items()))
+    for row in rows:
+        print(f"  {row['label']:28} {row['bits_per_weight']:7.3f} b/w  {row['size_bytes'] / 1e6:8.1f} MB  "
+              f"{report.metric} {row[report.metric]:.6g}")
+    if loaded.source.caveat:
+        print(f"note: {loaded.source.caveat}")

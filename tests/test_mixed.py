@@ -1,0 +1,159 @@
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from qlab import mixed
+from qlab.errors import QlabError
+from qlab.evaluate import EvalSpec, compute_baseline, default_text, evaluate
+from qlab.mixed import Budget, Choices, choices_from, compare, export_plan, load_plan, recommend, solve
+from qlab.models import quantizable_linears, weights_digest
+from qlab.quant import QuantScheme
+from qlab.sensitivity import analyze
+from qlab.sweep import quantized_copy, size_report
+from tests.tiny_models import tiny_llama
+
+INT8, INT4, INT2 = (QuantScheme(f, "group", 32) for f in ("int8", "int4", "int2"))
+
+
+def synthetic(n_layers: int = 12, seed: int = 0) -> Choices:
+    """Layers of mixed shapes at int8/int4/int2 g32 with exact storage bytes and random convex errors."""
+    rng = np.random.default_rng(seed)
+    shapes = [(int(rng.choice([64, 128, 192])), int(rng.choice([64, 128]))) for _ in range(n_layers)]
+    schemes = (INT8, INT4, INT2)
+    size = np.array([[sum(s.storage_bytes(shape).values()) for s in schemes] for shape in shapes])
+    base = rng.lognormal(0, 1.5, n_layers)[:, None]
+    error = base * np.array([1.0, 16.0, 300.0])[None, :] * rng.uniform(0.5, 2.0, (n_layers, 3))
+    params = np.array([a * b for a, b in shapes])
+    names = tuple(f"layer{i}" for i in range(n_layers))
+    return Choices(names, schemes, params, size, error, 0, "synthetic")
+
+
+def brute_force(choices: Choices, budget: int) -> float:
+    best = np.inf
+    for combo in itertools.product(range(len(choices.schemes)), repeat=len(choices.layers)):
+        pick = np.array(combo)
+        if choices.bytes_of(pick) <= budget:
+            best = min(best, choices.predicted(pick))
+    return best
+
+
+def test_solver_is_optimal_against_brute_force_and_never_exceeds_the_budget():
+    choices = synthetic(n_layers=7)
+    low, high = choices.size_bytes.min(axis=1).sum(), choices.size_bytes.max(axis=1).sum()
+    for budget in np.linspace(low, high, 9).astype(int):
+        pick = solve(choices, int(budget))
+        assert choices.bytes_of(pick) <= budget
+        assert choices.predicted(pick) == pytest.approx(brute_force(choices, int(budget)), rel=1e-12)
+
+
+def test_solver_beats_random_assignments_of_the_same_size():
+    choices = synthetic(n_layers=40, seed=3)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        random_pick = rng.integers(0, len(choices.schemes), len(choices.layers))
+        size = choices.bytes_of(random_pick)
+        pick = solve(choices, size)
+        assert choices.bytes_of(pick) <= size
+        assert choices.predicted(pick) <= choices.predicted(random_pick)
+    # And strictly better than random in aggregate (a random pick is almost never optimal).
+    assert choices.predicted(solve(choices, size)) < choices.predicted(random_pick)
+
+
+def test_rounded_byte_grid_still_respects_the_budget(monkeypatch):
+    monkeypatch.setattr(mixed, "MAX_STATES", 97)  # force costs onto a coarse grid, rounded up
+    choices = synthetic(n_layers=20, seed=5)
+    low, high = choices.size_bytes.min(axis=1).sum(), choices.size_bytes.max(axis=1).sum()
+    for budget in np.linspace(low + 1, high, 7).astype(int):
+        assert choices.bytes_of(solve(choices, int(budget))) <= budget
+
+
+def test_budgets_below_the_smallest_format_or_malformed_are_refused():
+    choices = synthetic()
+    with pytest.raises(QlabError, match="smallest formats need"):
+        solve(choices, int(choices.size_bytes.min(axis=1).sum()) - 1)
+    with pytest.raises(QlabError, match="exactly one budget"):
+        Budget()
+    with pytest.raises(QlabError, match="exactly one budget"):
+        Budget(4.5, 10**9)
+    with pytest.raises(QlabError, match="out of range"):
+        Budget(-1.0)
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    loaded = tiny_llama(seed=2)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128, text=default_text()[:20_000]))
+    report = analyze(loaded, [INT8, INT4], baseline)
+    return loaded, baseline, report
+
+
+def test_predicted_errors_add_up_to_each_measured_block(analysed):
+    loaded, _, report = analysed
+    choices = choices_from(loaded, report)
+    rows = {name: i for i, name in enumerate(choices.layers)}
+    for block in report.blocks:
+        j = [s.label for s in choices.schemes].index(block["label"])
+        total = choices.error[[rows[n] for n in block["layers"]], j].sum()
+        assert total == pytest.approx(max(0.0, block["delta"]), rel=1e-9)
+    assert (choices.error[:, 0] <= choices.error[:, 1]).mean() > 0.9  # int8 predicted below int4 nearly always
+
+
+def test_recommended_plan_has_the_size_it_reports_and_fits(analysed):
+    loaded, _, report = analysed
+    choices = choices_from(loaded, report)
+    mix = recommend(loaded, choices, Budget(bits_per_weight=5.0))
+    size = size_report(loaded.model, mix.assignment)
+    assert mix.bits_per_weight == size.bits_per_weight <= 5.0
+    assert {s.format for s in mix.assignment.values()} == {"int8", "int4"}
+    by_gb = recommend(loaded, choices, Budget(size_bytes=mix.size_bytes))
+    assert by_gb.size_bytes <= mix.size_bytes
+    assert by_gb.predicted_error == pytest.approx(mix.predicted_error)
+
+
+def test_export_maps_onto_torchao_and_quanto_and_reads_back(analysed):
+    loaded, baseline, report = analysed
+    names = [n for n, _ in quantizable_linears(loaded.model)]
+    plan = {**dict.fromkeys(names, INT4), names[0]: INT8, names[1]: QuantScheme("nf4", "group", 32),
+            names[2]: QuantScheme("int4", "channel", symmetric=False)}
+    record = json.loads(json.dumps(export_plan(loaded.name, plan)))
+    torchao = record["torchao"]["FqnToConfig"]
+    assert torchao[names[3]] == {"config": "IntxWeightOnlyConfig", "weight_dtype": "torch.int4",
+                                 "granularity": "PerGroup(32)", "mapping_type": "SYMMETRIC",
+                                 "scale_dtype": "torch.float16"}
+    assert torchao[names[2]]["granularity"] == "PerAxis(0)" and torchao[names[2]]["mapping_type"] == "ASYMMETRIC"
+    assert torchao[names[1]] is None and any("nf4" in note for note in record["notes"])
+    assert record["optimum_quanto"][names[0]] == {"weights": "qint8", "activations": "none"}
+    assert record["optimum_quanto"][names[1]]["weights"] == "none"
+    restored = load_plan(record)
+    assert restored == plan
+    assert evaluate(quantized_copy(loaded.model, restored), baseline)["kld_mean"] > 0
+    with pytest.raises(QlabError, match="not a qlab mixed-precision plan"):
+        load_plan({"modules": {}})
+
+
+def test_compare_measures_mixes_next_to_uniform_formats(analysed):
+    loaded, baseline, report = analysed
+    before = weights_digest(loaded.model)
+    choices = choices_from(loaded, report)
+    mixes, rows = compare(loaded, choices, [Budget(4.5), Budget(6.0)], baseline)
+    labels = [row["label"] for row in rows]
+    assert labels == ["int8 g32", "int4 g32", "mix @ 4.5 bits/weight", "mix @ 6 bits/weight"]
+    by_label = {row["label"]: row for row in rows}
+    assert by_label["mix @ 6 bits/weight"]["error"] < by_label["int4 g32"]["error"]
+    assert by_label["int8 g32"]["error"] < by_label["mix @ 6 bits/weight"]["error"]
+    assert all(row["bits_per_weight"] <= 4.5 for row in rows if row["label"] == "mix @ 4.5 bits/weight")
+    assert weights_digest(loaded.model) == before
+
+
+@pytest.mark.slow
+def test_measured_mix_at_4_5_bits_beats_uniform_int4_on_minilm(minilm):
+    scheme = {f: QuantScheme(f, "group", 64) for f in ("int8", "int4")}
+    baseline = compute_baseline(minilm, EvalSpec(tokens=256))
+    report = analyze(minilm, list(scheme.values()), baseline)
+    choices = choices_from(minilm, report)
+    (mix,), rows = compare(minilm, choices, [Budget(4.5)], baseline)
+    by_label = {row["label"]: row for row in rows}
+    assert mix.bits_per_weight <= 4.5
+    assert by_label[mix.label]["cosine_mean"] > by_label["int4 g64"]["cosine_mean"]

@@ -1,0 +1,191 @@
+import copy
+
+import pytest
+import torch
+
+from qlab.errors import QlabError
+from qlab.evaluate import EvalSpec, compute_baseline, default_text, evaluate
+from qlab.models import quantizable_linears, weights_digest
+from qlab.quant import QuantScheme, fake_quantize
+from qlab.sensitivity import analyze, block_stack, error_of, layer_type, weight_stats
+from tests.tiny_models import tiny_bert, tiny_llama
+
+LADDER = ("fp32", "int8", "int4", "int3", "int2")
+TEXT = default_text()[:20_000]  # the tiny models' byte tokenizer is pure Python: keep the text short
+
+
+@pytest.fixture(scope="module")
+def llama():
+    loaded = tiny_llama()
+    return loaded, compute_baseline(loaded, EvalSpec(tokens=128, text=TEXT))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    loaded = tiny_bert()
+    return loaded, compute_baseline(loaded, EvalSpec(tokens=256, text=TEXT))
+
+
+def _reference_error(loaded, baseline, quantized: dict[str, QuantScheme], metric: str) -> float:
+    """Independent path: a deep copy of the whole model with some weights fake-quantized, evaluated in full."""
+    model = copy.deepcopy(loaded.model)
+    for name, scheme in quantized.items():
+        module = model.get_submodule(name)
+        module.weight.data = fake_quantize(module.weight.data, scheme)
+    return error_of(metric, evaluate(model, baseline)[metric])
+
+
+def test_layer_types_cover_llama_and_bert_names():
+    assert [layer_type(n) for n in ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj",
+                                    "model.layers.3.mlp.gate_proj", "model.layers.3.mlp.down_proj")] == \
+        ["q", "o", "gate", "down"]
+    assert [layer_type(n) for n in ("encoder.layer.0.attention.self.key", "encoder.layer.0.attention.output.dense",
+                                    "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense",
+                                    "pooler.dense", "something.else")] == ["k", "o", "up", "down", "o", "other"]
+
+
+def test_weight_stats_against_numpy_style_formulas():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    weight[5, 7] = 40.0
+    stats = weight_stats(weight)
+    std = weight.std()
+    assert stats["weight_absmax_over_std"] == pytest.approx(40.0 / std.item(), rel=1e-5)
+    z = (weight - weight.mean()) / std
+    assert stats["weight_kurtosis"] == pytest.approx(((z**4).mean() - 3).item(), rel=1e-4)
+    assert stats["weight_outlier_rows"] == 1
+
+
+def test_block_stack_finds_the_blocks(llama, bert):
+    stack = block_stack(llama[0].model)
+    assert stack.path == "model.layers" and len(stack.linears) == 3 and stack.outside == ()
+    assert all(len(names) == 7 for names in stack.linears)
+    stack = block_stack(bert[0].model)
+    assert stack.path == "encoder.layer" and stack.outside == ("pooler.dense",)
+    assert stack.block_of("encoder.layer.2.output.dense") == 2 and stack.block_of("pooler.dense") is None
+
+
+def test_per_linear_error_is_zero_for_fp32_and_grows_as_bits_fall(llama):
+    loaded, baseline = llama
+    report = analyze(loaded, [QuantScheme(f, "channel") for f in LADDER], baseline, blocks=False)
+    by_layer: dict[str, list[float]] = {}
+    for row in report.linears:
+        by_layer.setdefault(row["layer"], []).append(row["relative_mse"])
+    assert len(by_layer) == len(quantizable_linears(loaded.model))
+    for layer, errors in by_layer.items():
+        assert errors[0] == 0.0, layer
+        assert all(a < b for a, b in zip(errors, errors[1:])), (layer, errors)
+    fp32 = [r for r in report.linears if r["format"] == "fp32"]
+    assert all(r["sqnr_db"] is None and r["weight_relative_mse"] == 0 and r["predicted_delta"] == 0 for r in fp32)
+    int8 = next(r for r in report.linears if r["format"] == "int8")
+    assert int8["sqnr_db"] == pytest.approx(-10 * torch.log10(torch.tensor(int8["relative_mse"])).item())
+
+
+def test_relative_output_error_matches_a_direct_computation(llama):
+    """The hook's error equals X (W_q - W)^T computed from inputs captured independently."""
+    loaded, baseline = llama
+    name = "model.layers.1.mlp.down_proj"
+    scheme = QuantScheme("int4", "group", 32)
+    captured = []
+    module = loaded.model.get_submodule(name)
+    handle = module.register_forward_hook(lambda m, args, out: captured.append((args[0].detach(), out.detach())))
+    evaluate(loaded.model, baseline)
+    handle.remove()
+    x = torch.cat([a.reshape(-1, module.in_features) for a, _ in captured])
+    y = torch.cat([o.reshape(-1, module.out_features) for _, o in captured])
+    expected = ((x @ (fake_quantize(module.weight, scheme) - module.weight).T) ** 2).sum() / (y**2).sum()
+    report = analyze(loaded, [scheme], baseline, blocks=False, predict=False)
+    row = next(r for r in report.linears if r["layer"] == name)
+    assert row["relative_mse"] == pytest.approx(expected.item(), rel=1e-4)
+    assert row["tokens"] == baseline.tokens
+
+
+def test_an_artificial_outlier_makes_its_layer_the_most_sensitive():
+    loaded = tiny_llama(seed=1)
+    target = "model.layers.1.self_attn.v_proj"
+    weight = loaded.model.get_submodule(target).weight
+    weight.data[3, 5] = 20 * weight.abs().max()  # a per-tensor scale now rounds every other weight to zero
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128, text=TEXT))
+    report = analyze(loaded, [QuantScheme("int4", "tensor")], baseline)
+    rows = sorted(report.rows(), key=lambda r: r["relative_mse"], reverse=True)
+    assert rows[0]["layer"] == target
+    assert max(report.linears, key=lambda r: r["predicted_delta"])["layer"] == target
+    assert max(report.linears, key=lambda r: r["weight_absmax_over_std"])["layer"] == target
+    assert max(report.blocks, key=lambda r: r["delta"])["block"] == 1
+
+
+@pytest.mark.parametrize("fixture", ["llama", "bert"])
+def test_block_replay_equals_quantizing_the_whole_model_with_only_that_block(request, fixture):
+    loaded, baseline = request.getfixturevalue(fixture)
+    before = weights_digest(loaded.model)
+    scheme = QuantScheme("int3", "channel")
+    report = analyze(loaded, [scheme], baseline, predict=False)
+    stack = block_stack(loaded.model)
+    blocks = [r for r in report.blocks if r["unit"] == "block"]
+    assert [r["block"] for r in blocks] == list(range(len(stack.linears)))
+    for row in blocks:
+        reference = _reference_error(loaded, baseline, dict.fromkeys(row["layers"], scheme), report.metric)
+        assert reference > 1e-5  # int3 visibly moves the output: the comparison is not 0 == 0
+        assert row["delta"] == pytest.approx(reference, rel=1e-4, abs=1e-7), row["name"]
+    assert weights_digest(loaded.model) == before
+
+
+def test_reverse_view_and_linear_unit_match_full_model_references(llama):
+    loaded, baseline = llama
+    scheme = QuantScheme("int3", "channel")
+    names = [n for n, _ in quantizable_linears(loaded.model)]
+    reverse = analyze(loaded, [scheme], baseline, view="reverse", predict=False)
+    everything = _reference_error(loaded, baseline, dict.fromkeys(names, scheme), reverse.metric)
+    for row in reverse.blocks:
+        kept = set(row["layers"])
+        rest = _reference_error(loaded, baseline, {n: scheme for n in names if n not in kept}, reverse.metric)
+        assert row["delta"] == pytest.approx(everything - rest, rel=1e-3, abs=1e-7)
+    single = analyze(loaded, [scheme], baseline, unit="linear", predict=False)
+    assert len(single.blocks) == len(names)
+    for row in single.blocks[:7:3]:
+        reference = _reference_error(loaded, baseline, {row["name"]: scheme}, single.metric)
+        assert row["delta"] == pytest.approx(reference, rel=1e-4, abs=1e-7)
+    assert {r["linear_delta"] is not None for r in single.rows()} == {True}
+
+
+def test_predicted_delta_tracks_measured_per_linear_delta(llama):
+    """The curvature-weighted estimate ranks layers like their measured end-to-end deltas do."""
+    loaded, baseline = llama
+    report = analyze(loaded, [QuantScheme("int3", "channel")], baseline, unit="linear")
+    rows = report.rows()
+    predicted = torch.tensor([r["predicted_delta"] for r in rows])
+    measured = torch.tensor([r["linear_delta"] for r in rows])
+    rank = lambda v: v.argsort().argsort().float()  # noqa: E731
+    correlation = torch.corrcoef(torch.stack([rank(predicted), rank(measured)]))[0, 1]
+    assert correlation > 0.6, correlation
+    # Second order is an estimate, not a fit: within an order of magnitude of the measurement in total.
+    assert 0.1 < predicted.sum() / measured.sum() < 10
+
+
+def test_bad_requests_fail_in_one_line(llama):
+    loaded, baseline = llama
+    with pytest.raises(QlabError, match="unit"):
+        analyze(loaded, [QuantScheme("int4")], baseline, unit="head")
+    with pytest.raises(QlabError, match="group size 48"):
+        analyze(loaded, [QuantScheme("int4", "group", 48)], baseline)
+    with pytest.raises(QlabError, match="at least one"):
+        analyze(loaded, [], baseline)
+    with pytest.raises(QlabError, match="rtn"):
+        analyze(loaded, [QuantScheme("int4", "group", 32, algorithm="gptq")], baseline)
+
+
+@pytest.mark.slow
+def test_minilm_block_replay_matches_the_sweep_path_and_leaves_weights_alone(minilm):
+    """On a bundled model: the replayed delta of a block equals quantized_copy with only that block quantized
+    (which also rounds the other tensors to fp16, hence the looser tolerance)."""
+    from qlab.sweep import quantized_copy
+
+    before = weights_digest(minilm.model)
+    baseline = compute_baseline(minilm, EvalSpec(tokens=128))
+    scheme = QuantScheme("int4", "group", 64)
+    report = analyze(minilm, [scheme], baseline, predict=False)
+    row = report.blocks[2]
+    shadow = quantized_copy(minilm.model, dict.fromkeys(row["layers"], scheme))
+    reference = error_of("cosine_mean", evaluate(shadow, baseline)["cosine_mean"])
+    assert row["delta"] == pytest.approx(reference, rel=0.02)
+    assert weights_digest(minilm.model) == before
