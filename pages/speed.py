@@ -1,0 +1,194 @@
+"""Speed / trade-offs: real backends measured on this machine, roofline predictions for the target, verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from qlab import architectures, backends, charts, hardware, roofline, speed
+from qlab.errors import Cancelled
+from qlab.quant import QuantScheme
+
+GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_speed.json"
+REFERENCES = Path(__file__).resolve().parent.parent / "assets" / "speed_references.json"
+DEFAULT_BACKENDS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "quanto-int8", "onnxruntime-fp32",
+                    "onnxruntime-int8", "llamacpp-q8_0", "llamacpp-q4_0")
+
+common.page_setup()
+st.title("Speed and trade-offs")
+st.caption("Simulation tells accuracy; only real kernels tell speed. Each point is one (format, backend): a real "
+           "kernel library run on this machine (filled) or the roofline prediction for the target (hollow: "
+           "bandwidth / bytes read per token). A format the target has no kernel for is *smaller, not faster*.")
+
+loaded = common.current_model()
+common.show_caveat(loaded)
+target = common.selected_hardware()
+is_lm = loaded.kind == "causal-lm"
+
+for_kind = [b for b in backends.all_backends() if loaded.kind in b.kinds]
+status = {b.slug: b.available("cpu") for b in for_kind}
+usable = [b.slug for b in for_kind if status[b.slug][0]]
+with st.expander(f"Backends for a {loaded.kind} model: {len(usable)} of {len(for_kind)} run here"):
+    st.dataframe(pd.DataFrame([{"backend": b.slug, "library": b.library, "what": b.title,
+                                "available here": status[b.slug][0], "why not": None if status[b.slug][0]
+                                else status[b.slug][1], "speed fact": b.note} for b in for_kind]),
+                 hide_index=True, width="stretch")
+
+st.session_state.setdefault("speed_backends", [s for s in DEFAULT_BACKENDS if s in usable])
+st.multiselect("Backends to measure on this machine", usable, key="speed_backends",
+               help="Every backend gets the same prompt, token counts and evaluation tokens.")
+cols = st.columns(4)
+prompt_tokens = cols[0].number_input("Prompt tokens", 8, 2048, 128, step=32, key="speed_prompt", disabled=not is_lm)
+new_tokens = cols[1].number_input("Decode tokens", 4, 512, 32, step=8, key="speed_new", disabled=not is_lm)
+batch = cols[2].number_input("Batch", 1, 32, 1, key="speed_batch", disabled=not is_lm,
+                             help="llama.cpp's Python binding decodes one sequence at a time.")
+repetitions = cols[3].number_input("Repetitions", 1, 10, 3, key="speed_reps",
+                                   help="Timed runs after one warm-up; the median and spread are shown.")
+
+spec = speed.SpeedSpec(prompt_tokens=int(prompt_tokens), new_tokens=int(new_tokens), batch=int(batch),
+                       repetitions=int(repetitions))
+tokens = int(st.session_state["tokens"])
+run_key = (loaded.name, spec, tokens)
+store = st.session_state.setdefault("speed_rows", {})
+finished: dict[str, dict] = store.setdefault(run_key, {})
+
+left, right = st.columns([1, 5])
+start = left.button("Measure", type="primary", key="run_speed")
+right.button("Cancel", key="cancel_speed", help="Stops after the current step; finished backends are kept.")
+todo = [backends.get(s) for s in st.session_state["speed_backends"] if s not in finished]
+if start and todo:
+    bar = st.progress(0.0, text="Measuring memory bandwidth...")
+    with common.user_errors():
+        if "speed_bandwidth" not in st.session_state:
+            st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
+        try:
+            for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
+                                       progress=lambda f, m: bar.progress(min(1.0, f), m)):
+                finished[row["backend"]] = row  # kept before the next backend starts
+        except Cancelled as stop:
+            st.info(str(stop))
+    bar.empty()
+
+rows = speed.add_ratios([finished[s] for s in st.session_state["speed_backends"] if s in finished])
+bandwidth = st.session_state.get("speed_bandwidth")
+host = hardware.detect_this_machine().host
+st.caption(f"This machine: {host.cpu_model}, {host.usable_cores} usable cores, flags "
+           f"{', '.join(sorted(host.cpu_flags)) or 'none readable'}; native formats "
+           f"{', '.join(host.cpu_native_formats)}"
+           + (f"; measured read bandwidth {bandwidth.bytes_per_s.median / 1e9:.1f} GB/s "
+              f"(spread {bandwidth.bytes_per_s.spread_pct:.0f}%)" if bandwidth else "") + ".")
+
+good = [r for r in rows if r.get("available") and not r.get("error")]
+problems = [r for r in rows if not r.get("available") or r.get("error")]
+for row in problems:
+    st.warning(f"{row['backend']}: {row.get('reason') or row.get('error')}")
+
+if good:
+    speed_key = "decode_tokens_per_s" if is_lm else "sentences_per_s"
+    error_title = "KL divergence to FP32 (mean, nats/token)" if is_lm else "1 - cosine to FP32 embeddings"
+    points = []
+    front = speed.pareto_front(good)
+    for row, on_front in zip(good, front):
+        points.append({"label": row["backend"], "library": row["library"], "speed": speed.speed_of(row),
+                       "error": speed.error_of(row), "size_bytes": row.get("size_bytes") or 0,
+                       "source": "measured", "pareto": on_front})
+    predictions = []
+    if is_lm:
+        arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
+        own_bandwidth = bandwidth.bytes_per_s.median if bandwidth and target.is_detected else None
+        for row in good:
+            backend = backends.get(row["backend"])
+            plan = backend.twin(loaded.model)
+            scheme = plan if isinstance(plan, QuantScheme) else next(iter(plan.values()))
+            with common.user_errors():
+                predicted = roofline.predict(
+                    arch, scheme, target, compute_dtype=None if backend.compute_dtype == "activation"
+                    else backend.compute_dtype, context_tokens=spec.prompt_tokens + spec.new_tokens,
+                    prompt_tokens=spec.prompt_tokens, batch=spec.batch, bandwidth_bytes_per_s=own_bandwidth)
+            predictions.append({"backend": row["backend"], **predicted.to_record()})
+            points.append({"label": row["backend"], "library": row["library"],
+                           "speed": predicted.decode_tokens_per_s, "error": speed.error_of(row),
+                           "size_bytes": row.get("size_bytes") or 0, "source": "predicted", "pareto": False})
+    st.subheader(f"Accuracy vs {'decode' if is_lm else 'encode'} speed vs size")
+    st.plotly_chart(charts.speed_tradeoff(pd.DataFrame(points), speed_key, error_title), key="speed_tradeoff")
+
+    table = pd.DataFrame(good)
+    columns = [c for c in ("backend", "format", "twin", "prefill_ms", "decode_tokens_per_s",
+                           "decode_tokens_per_s_spread_pct", "sentences_per_s", "speedup_vs_fp32",
+                           "roofline_fraction", "kld_mean", "twin_kld_mean", "ppl", "top1_agreement",
+                           "cosine_mean", "twin_cosine_mean", "agrees_with_twin", "size_bytes", "peak_memory_bytes",
+                           "threads") if c in table.columns]
+    st.dataframe(table[columns], hide_index=True, width="stretch")
+    st.caption("`twin` is qlab's simulation of the same scheme (weights, and activations where the backend "
+               "quantizes them); `agrees_with_twin` checks the backend's accuracy against it within the "
+               "backend's stated tolerance. `roofline_fraction` is measured decode speed over bandwidth / bytes "
+               "per token on this machine.")
+    if predictions:
+        with st.expander(f"Roofline on {target.name}"):
+            st.dataframe(pd.DataFrame(predictions), hide_index=True, width="stretch")
+            st.caption(" ".join(f"{k}: {v}." for k, v in roofline.FORMULAS.items()))
+
+    st.subheader("Verdicts")
+    bound_col, budget_col = st.columns(2)
+    max_error = bound_col.number_input("Accuracy bound (KLD nats, or 1 - cosine)", 0.0, 10.0, 0.01, format="%.4f",
+                                       key="speed_bound")
+    budget = budget_col.number_input("Latency budget (ms per token)" if is_lm else "Latency budget (ms per "
+                                     "sentence)", 0.1, 10_000.0, 50.0, key="speed_budget")
+    verdict_rows = speed.verdicts(good, float(max_error), float(budget), target.memory_bytes)
+    st.dataframe(pd.DataFrame(verdict_rows), hide_index=True, width="stretch")
+
+references = json.loads(REFERENCES.read_text())
+gpu_rows = json.loads(GPU_RESULTS.read_text()) if GPU_RESULTS.is_file() else []
+st.subheader("The seed claims, next to measured ratios")
+claims = []
+for claim in references["seed_claims"]:
+    mine = [r["speedup_vs_fp32"] for r in good if r.get("format") == claim["format"] and r.get("speedup_vs_fp32")]
+    published = [p for p in references["published"] if p["format"] == claim["format"]]
+    claims.append({"claim": claim["claim"], "claimed speed-up": claim["claimed_speedup"],
+                   "best measured here (vs FP32)": max(mine) if mine else None,
+                   "published (decode, batch 1)": "; ".join(f"{p['speedup']}x {p['what']} [{p['source']}]"
+                                                            for p in published)})
+st.dataframe(pd.DataFrame(claims), hide_index=True, width="stretch")
+
+st.subheader("Measured on a GPU")
+measured_gpu = [r for r in gpu_rows if r.get("decode_tokens_per_s")]
+if not measured_gpu:
+    st.info("No GPU results yet: `python bench/gpu_speed.py --install-wheels --json bench/results/gpu_speed.json` "
+            "on a CUDA machine writes them.")
+else:
+    frame = pd.DataFrame(measured_gpu)
+    config = frame["model"].iloc[0]
+    gpu_name = str(frame["gpu"].dropna().iloc[0]) if frame["gpu"].notna().any() else "GPU"
+    gpu_target = hardware.get("h100-pcie-80gb" if "PCIe" in gpu_name else "h100-sxm-80gb") \
+        if "H100" in gpu_name else target
+    predicted_rows = []
+    if gpu_target.kind == "gpu":
+        arch = architectures.get(config)
+        context = int(frame["prompt_tokens"].iloc[0] + frame["new_tokens"].max())
+        for fmt, scheme in (("bf16", QuantScheme("bf16")), ("int8wo", QuantScheme("int8", "channel")),
+                            ("int4wo", QuantScheme("int4", "group", 64, symmetric=False)),
+                            ("float8wo", QuantScheme("fp8_e4m3", "channel")), ("nf4", QuantScheme("nf4", "group", 64))):
+            if fmt in set(frame["format_slug"]):
+                p = roofline.predict(arch, scheme, gpu_target, context_tokens=context)
+                predicted_rows.append({"format_slug": fmt, "decode_tokens_per_s": p.decode_bound_tokens_per_s})
+    st.plotly_chart(charts.gpu_decode_bars(frame, pd.DataFrame(predicted_rows)), key="gpu_bars")
+    bf16 = frame[(frame["format_slug"] == "bf16")].set_index("path")["decode_tokens_per_s"]
+    frame["vs bf16 same path"] = [r["decode_tokens_per_s"] / bf16[r["path"]] if r["path"] in bf16 else None
+                                  for _, r in frame.iterrows()]
+    st.dataframe(frame[[c for c in ("format_slug", "backend", "path", "decode_tokens_per_s", "vs bf16 same path",
+                                    "decode_tokens_per_s_spread_pct", "prefill_ms", "compile_seconds",
+                                    "peak_memory_bytes", "gpu", "torch", "torchao") if c in frame.columns]],
+                 hide_index=True, width="stretch")
+    st.caption(f"{config}, random weights, batch 1, measured on {gpu_name}; roofline markers: {gpu_target.name} "
+               "bandwidth / bytes read per token. The same INT8/INT4 weights are slower than BF16 through eager "
+               "`generate` (each matmul first runs a dequantize kernel, then a BF16 matmul, and Python launches "
+               "hundreds of small kernels per token) and faster only on the compiled static-cache path, where "
+               "the dequantization fuses into the matmul: the 'quantized model slower than FP16' trap.")
+failed_gpu = [r for r in gpu_rows if not r.get("decode_tokens_per_s")]
+if failed_gpu:
+    with st.expander(f"{len(failed_gpu)} GPU step(s) without a measurement"):
+        st.dataframe(pd.DataFrame(failed_gpu)[["format_slug", "path", "error"]], hide_index=True, width="stretch")

@@ -1,0 +1,498 @@
+"""GPU decode benchmark: a random-initialised model from a catalog config, measured per format and code path.
+
+Speed does not depend on weight values, so no checkpoint is needed: the model is built from
+``assets/model_configs/<name>.json`` with random weights. Two code paths are measured because they disagree:
+
+- ``hf-generate``: Hugging Face ``model.generate`` in eager mode, what most users run first;
+- ``compiled-loop``: torchao's/gpt-fast's recipe: a compact Llama with a static KV cache, a one-token decode
+  function under ``torch.compile(fullgraph=True)`` (CUDA graphs with ``reduce-overhead``), greedy loop.
+
+Quantized weights only pay off on the second path: eagerly, each quantized matmul is a dequantize kernel plus a
+BF16 matmul, so INT8/INT4 decode is *slower* than BF16 (the "quantized model slower than FP16" trap); compiled,
+the dequantization fuses into the matmul and fewer bytes are read. Each step runs in its own subprocess with a
+time limit (a compile can take minutes; an OOM or a crash must not lose the others), and the JSON is rewritten
+after every step. Only torch and transformers are imported at the top (torchao/bitsandbytes per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "assets" / "model_configs"
+
+# (format slug from the CLI, code path) in the order they run: the issue's goals first, the slow eager ones after.
+STEP_ORDER = (
+    ("bf16", "compiled-loop"), ("int8wo", "compiled-loop"), ("int4wo", "compiled-loop"),
+    ("bf16", "hf-generate"), ("nf4", "eager-loop"), ("float8wo", "compiled-loop"), ("int8wo", "hf-generate"),
+    ("bf16", "eager-loop"), ("int4wo", "hf-generate"),
+)
+BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
+              "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq"}
+WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
+                 "int8dq": "int8"}
+INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
+
+
+@dataclass(frozen=True)
+class Args:
+    """Shape of one measurement (shared by every step of a run)."""
+
+    config: dict
+    config_name: str
+    device: str
+    prompt_tokens: int
+    new_tokens: int
+    hf_new_tokens: int
+    repetitions: int
+    compile_mode: str
+    dtype: torch.dtype
+
+
+# --- a compact Llama (the gpt-fast / torchao benchmark model), static KV cache --------------------------------
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, max_tokens: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_tokens, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # index_copy_ keeps the cache a fixed-address buffer, which CUDA graphs need.
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, c: dict) -> None:
+        super().__init__()
+        dim, heads = c["hidden_size"], c["num_attention_heads"]
+        self.heads, self.kv_heads = heads, c.get("num_key_value_heads", heads)
+        self.head_dim = c.get("head_dim") or dim // heads
+        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.w1 = nn.Linear(dim, c["intermediate_size"], bias=False)
+        self.w3 = nn.Linear(dim, c["intermediate_size"], bias=False)
+        self.w2 = nn.Linear(c["intermediate_size"], dim, bias=False)
+        eps = c.get("rms_norm_eps", 1e-5)
+        self.attention_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, positions):
+        b, t, _ = x.shape
+        h = self.attention_norm(x)
+        q = self.wq(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.wk(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k, v = self.cache.update(positions, k, v)
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
+        h = self.ffn_norm(x)
+        return x + self.w2(nn.functional.silu(self.w1(h)) * self.w3(h))
+
+
+class Llama(nn.Module):
+    """Llama-family decoder with a static KV cache; ``forward(ids, positions) -> logits``."""
+
+    def __init__(self, c: dict) -> None:
+        super().__init__()
+        self.config = c
+        self.tok_embeddings = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = nn.ModuleList(Block(c) for _ in range(c["num_hidden_layers"]))
+        self.norm = RMSNorm(c["hidden_size"], c.get("rms_norm_eps", 1e-5))
+        self.output = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        self.max_tokens = 0
+
+    def setup_caches(self, batch: int, max_tokens: int, dtype: torch.dtype, device: str) -> None:
+        block = self.layers[0]
+        for layer in self.layers:
+            layer.cache = KVCache(batch, max_tokens, block.kv_heads, block.head_dim, dtype).to(device)
+        inv = 1.0 / (self.config.get("rope_theta", 10000.0) **
+                     (torch.arange(0, block.head_dim, 2, device=device).float() / block.head_dim))
+        angles = torch.outer(torch.arange(max_tokens, device=device).float(), inv)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
+        self.register_buffer("causal", torch.tril(torch.ones(max_tokens, max_tokens, dtype=torch.bool,
+                                                             device=device)), persistent=False)
+        self.max_tokens = max_tokens
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask = self.causal[None, None, positions]
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+        x = self.tok_embeddings(ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, positions)
+        return self.output(self.norm(x))
+
+
+def _random_init_(model: nn.Module) -> None:
+    # Random values: speed depends on shapes, not weights; std 0.02 keeps activations finite in BF16.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02)
+
+
+def build_compact(args: Args) -> Llama:
+    with torch.device("meta"):
+        model = Llama(args.config)
+    model = model.to_empty(device=args.device).to(args.dtype)
+    _random_init_(model)
+    return model.eval().requires_grad_(False)
+
+
+def build_hf(args: Args) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in args.config.items() if not k.startswith("_")}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    # Built on the device itself (not meta + to_empty): the rotary inv_freq buffer is computed at init.
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=args.dtype)
+    return model.eval().requires_grad_(False)
+
+
+# --- quantization recipes -------------------------------------------------------------------------------------
+
+
+def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
+    """Apply the format's library recipe in place (the model is this step's own)."""
+    if fmt == "bf16":
+        return
+    if fmt == "nf4":
+        _bnb_nf4(model, skip)
+        return
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    config = {
+        "int8wo": lambda: Int8WeightOnlyConfig(),
+        "int4wo": lambda: Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d"),
+        "float8wo": lambda: Float8WeightOnlyConfig(),
+        "int8dq": lambda: Int8DynamicActivationInt8WeightConfig(),
+    }[fmt]()
+    # The output head stays BF16, as in torchao's benchmark (it quantizes the blocks' linears).
+    quantize_(model, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and name not in skip)
+
+
+def _bnb_nf4(model: nn.Module, skip: tuple[str, ...]) -> None:
+    import bitsandbytes as bnb
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        model.set_submodule(name, layer.to(linear.weight.device))
+
+
+# --- measurement ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _stats(values: list[float], name: str) -> dict:
+    if not values:
+        return {name: None}
+    median = statistics.median(values)
+    return {name: round(median, 4), f"{name}_min": round(min(values), 4), f"{name}_max": round(max(values), 4),
+            f"{name}_spread_pct": round(100 * (max(values) - min(values)) / median, 2) if median else None}
+
+
+def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
+    record: dict = {}
+    started = time.perf_counter()
+    model = build_compact(args)
+    record["build_seconds"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    quantize(model, fmt, skip=("output",))
+    _sync(args.device)
+    record["quantize_seconds"] = round(time.perf_counter() - started, 2)
+    total = args.prompt_tokens + args.new_tokens
+    model.setup_caches(1, 8 * math.ceil(total / 8), args.dtype, args.device)
+
+    def decode_one(m: nn.Module, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return m(token, positions)[:, -1].argmax(dim=-1, keepdim=True)
+
+    step = decode_one
+    if compiled:
+        import torch._inductor.config as inductor
+
+        # torchao's generate.py settings: tuned block sizes for the fused dequantize-matmul kernels.
+        inductor.coordinate_descent_tuning = True
+        inductor.triton.unique_kernel_names = True
+        inductor.fx_graph_cache = True
+        if hasattr(inductor, "force_fuse_int_mm_with_mul"):
+            inductor.force_fuse_int_mm_with_mul = True
+        step = torch.compile(decode_one, mode=args.compile_mode, fullgraph=True)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(0, args.config["vocab_size"], (1, args.prompt_tokens), generator=generator).to(args.device)
+    prefill_ms, rates = [], []
+    # no_grad, not inference_mode: as torchao's generate.py, whose tensor subclasses it was tested with.
+    with torch.no_grad():
+        for rep in range(args.repetitions + 1):  # the first is warm-up (and compile)
+            _sync(args.device)
+            t0 = time.perf_counter()
+            positions = torch.arange(args.prompt_tokens, device=args.device)
+            token = model(prompt, positions)[:, -1].argmax(dim=-1, keepdim=True)
+            _sync(args.device)
+            t1 = time.perf_counter()
+            position = torch.tensor([args.prompt_tokens], device=args.device)
+            for _ in range(args.new_tokens):
+                token = step(model, token, position).clone()
+                position += 1
+            _sync(args.device)
+            t2 = time.perf_counter()
+            if rep == 0:
+                record["compile_seconds" if compiled else "warmup_seconds"] = round(t2 - t1, 2)
+                continue
+            prefill_ms.append(1000 * (t1 - t0))
+            rates.append(args.new_tokens / (t2 - t1))
+    record.update(_stats(prefill_ms, "prefill_ms"))
+    record.update(_stats(rates, "decode_tokens_per_s"))
+    return record
+
+
+def _hf_step(args: Args, fmt: str) -> dict:
+    record: dict = {}
+    started = time.perf_counter()
+    model = build_hf(args)
+    record["build_seconds"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    quantize(model, fmt, skip=("lm_head",))
+    _sync(args.device)
+    record["quantize_seconds"] = round(time.perf_counter() - started, 2)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(0, args.config["vocab_size"], (1, args.prompt_tokens), generator=generator).to(args.device)
+    mask = torch.ones_like(prompt)
+    new = args.hf_new_tokens
+    prefill_ms, rates = [], []
+    with torch.no_grad():
+        for rep in range(args.repetitions + 1):
+            _sync(args.device)
+            t0 = time.perf_counter()
+            model(prompt, attention_mask=mask, logits_to_keep=1)
+            _sync(args.device)
+            t1 = time.perf_counter()
+            model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+            _sync(args.device)
+            t2 = time.perf_counter()
+            if rep == 0:
+                record["warmup_seconds"] = round(t2 - t0, 2)
+                continue
+            prefill_ms.append(1000 * (t1 - t0))
+            # generate() prefills too: take one prefill off its time to leave the decode steps.
+            rates.append(new / max(1e-9, (t2 - t1) - (t1 - t0)))
+    record.update(_stats(prefill_ms, "prefill_ms"))
+    record.update(_stats(rates, "decode_tokens_per_s"))
+    return record
+
+
+def run_step(args: Args, fmt: str, path: str) -> dict:
+    """One (format, path) measurement in this process; the row, with ``error`` set if it failed."""
+    row = base_row(args, fmt, path)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        if path == "hf-generate":
+            row.update(_hf_step(args, fmt))
+        else:
+            row.update(_loop_step(args, fmt, compiled=path == "compiled-loop"))
+    except Exception as error:  # the row records the failure; the orchestrator goes on with the next step
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:400] if str(error).strip() else ''}"
+    if args.device == "cuda":
+        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return row
+
+
+def base_row(args: Args, fmt: str, path: str) -> dict:
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None
+    return {
+        "model": args.config_name, "backend": BACKEND_OF[fmt], "format": WEIGHT_FORMAT[fmt], "format_slug": fmt,
+        "path": path, "device": args.device, "gpu": gpu, "batch": 1, "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.hf_new_tokens if path == "hf-generate" else args.new_tokens,
+        "repetitions": args.repetitions, "threads": torch.get_num_threads(),
+        "compile_mode": args.compile_mode if path == "compiled-loop" else None,
+        "prefill_ms": None, "decode_tokens_per_s": None, "peak_memory_bytes": None, "error": None,
+        "torch": torch.__version__, "torchao": _version("torchao"), "bitsandbytes": _version("bitsandbytes"),
+        "transformers": _version("transformers"), "measured": True,
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# --- orchestration --------------------------------------------------------------------------------------------
+
+
+def load_config(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise SystemExit(f"gpu_bench: no model config '{name_or_path}' (looked in {CONFIG_DIR}).")
+    return path.stem, json.loads(path.read_text())
+
+
+def install_wheels(directory: Path) -> str:
+    """``pip install --no-deps`` the carried torchao / bitsandbytes wheels when they do not import yet."""
+    import importlib.util
+
+    missing = [name for name in ("torchao", "bitsandbytes") if importlib.util.find_spec(name) is None]
+    wheels = [str(w) for w in sorted(directory.glob("*.whl")) if any(w.name.startswith(m) for m in missing)]
+    if not wheels:
+        return "nothing to install" if not missing else f"no wheels for {missing} in {directory}"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *wheels],
+                          capture_output=True, text=True, timeout=300, check=False)
+    return f"pip exit {done.returncode}: {(done.stdout + done.stderr).strip().splitlines()[-1:]}"
+
+
+def steps_for(formats: list[str], paths: list[str]) -> list[tuple[str, str]]:
+    wanted = [(f, p) for f, p in STEP_ORDER if f in formats and p in paths]
+    extra = [(f, "compiled-loop") for f in formats if f not in {s[0] for s in STEP_ORDER}]
+    return wanted + extra
+
+
+def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
+    """Run each step in a subprocess under the time budget; rewrite the JSON after each one."""
+    out = Path(ns.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    deadline = time.monotonic() + ns.budget_s
+    notes = {"install": install_wheels(Path(ns.wheels)) if ns.install_wheels else "not asked"}
+    for fmt, path in steps_for(ns.formats.split(","), ns.paths.split(",")):
+        left = deadline - time.monotonic()
+        if left < 30:
+            rows.append({"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path,
+                         "device": ns.device, "error": "skipped: the time budget was spent", "measured": False})
+            continue
+        row_file = out.with_name(f".{out.stem}.{fmt}.{path}.json")
+        command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
+                   "--row-out", str(row_file), *passthrough]
+        started = time.monotonic()
+        try:
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                  timeout=min(ns.step_timeout_s, left), check=False)
+            if row_file.is_file():
+                row = json.loads(row_file.read_text())
+            else:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
+                       "error": f"step exited {done.returncode}: {' | '.join(tail)[:400]}", "measured": False}
+        except subprocess.TimeoutExpired:
+            row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
+                   "error": f"step timed out after {min(ns.step_timeout_s, left):.0f} s", "measured": False}
+        row_file.unlink(missing_ok=True)
+        row["step_seconds"] = round(time.monotonic() - started, 1)
+        row["setup"] = notes
+        rows.append(row)
+        _write(out, rows)
+    _write(out, rows)
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(rows, indent=2))
+    os.replace(partial, path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-config", default="llama-3.1-8b", help="catalog config name or a config.json path")
+    p.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4")
+    p.add_argument("--paths", default="compiled-loop,hf-generate,eager-loop",
+                   help="compiled-loop (static cache + torch.compile), hf-generate (eager), eager-loop")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=200, help="decode steps per repetition (compiled/eager loop)")
+    p.add_argument("--hf-new-tokens", type=int, default=48, help="decode steps per repetition of HF generate")
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--compile-mode", default="reduce-overhead", help="reduce-overhead | max-autotune | default")
+    p.add_argument("--dtype", default="bf16", help="bf16 (GPU) | fp32 (a CPU dry run)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a quick dry run)")
+    p.add_argument("--hidden", type=int, default=None, help="override hidden/intermediate/vocab (dry run)")
+    p.add_argument("--budget-s", type=float, default=470.0, help="stop starting steps after this many seconds")
+    p.add_argument("--step-timeout-s", type=float, default=240.0)
+    p.add_argument("--install-wheels", action="store_true", help="pip install --no-deps the wheels in --wheels")
+    p.add_argument("--wheels", default=str(REPO / "bench" / "wheels"))
+    p.add_argument("--json", default="gpu_speed.json", help="output file (rewritten after each step)")
+    p.add_argument("--step", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny 2-layer config, few tokens (checks the code paths, e.g. on a CPU)")
+    return p
+
+
+def args_from(ns: argparse.Namespace) -> Args:
+    name, config = load_config(ns.model_config)
+    if ns.dry_run:
+        ns.layers = ns.layers or 2
+        ns.hidden = ns.hidden or 256
+        ns.new_tokens, ns.hf_new_tokens, ns.prompt_tokens, ns.repetitions = 8, 4, 16, 1
+    if ns.layers:
+        config = {**config, "num_hidden_layers": ns.layers}
+    if ns.hidden:
+        heads = config["num_attention_heads"]
+        config = {**config, "hidden_size": ns.hidden, "intermediate_size": 4 * ns.hidden, "vocab_size": 8 * ns.hidden,
+                  "num_attention_heads": max(1, ns.hidden // 64), "head_dim": 64,
+                  "num_key_value_heads": max(1, min(config.get("num_key_value_heads", heads), ns.hidden // 64))}
+    return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
+                ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype])

@@ -1,0 +1,147 @@
+"""Real backends: registry, availability with reasons, and accuracy next to qlab's simulation of the same scheme.
+
+Each available backend quantizes a bundled model; its accuracy must agree with its twin (``Backend.twin_model``:
+the same weight scheme, and the same activation rounding where the backend quantizes activations) within the
+backend's stated tolerance. The shared base model must come out untouched (weights and training flag).
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from qlab import backends
+from qlab.backends import ActivationQuant, Tolerance
+from qlab.errors import QlabError
+from qlab.evaluate import EvalSpec, compute_baseline
+from qlab.models import weights_digest
+
+ISSUE_SLUGS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "torchao-int4wo", "torchao-float8wo",
+               "quanto-int8", "quanto-int4", "bnb-nf4", "bnb-int8", "onnxruntime-int8", "llamacpp-q8_0",
+               "llamacpp-q4_k_m", "llamacpp-q4_0")
+
+
+def test_every_issue_slug_is_registered_with_a_real_format():
+    from qlab.formats import FORMATS
+
+    registered = {b.slug: b for b in backends.all_backends()}
+    assert set(ISSUE_SLUGS) <= set(registered)
+    for backend in registered.values():
+        assert backend.weight_format in FORMATS
+        assert backend.devices and set(backend.devices) <= {"cpu", "cuda"}
+        assert backend.note and backend.title
+
+
+def test_lookup_and_parsing():
+    assert backends.get(" Torch-Dynamic-INT8 ").slug == "torch-dynamic-int8"
+    with pytest.raises(QlabError, match="torchao-int8wo"):
+        backends.get("torchao-int8w")
+    assert [b.slug for b in backends.parse_backends("fp32, bf16,fp32")] == ["fp32", "bf16"]
+    with pytest.raises(QlabError, match="no backends"):
+        backends.parse_backends(" , ")
+
+
+def test_unavailable_backends_say_why():
+    bnb = backends.get("bnb-nf4")
+    ok, reason = bnb.available("cpu")
+    assert not ok and "CUDA" in reason
+    if not torch.cuda.is_available():
+        ok, reason = backends.get("torchao-int8wo").available("cuda")
+        assert not ok and "no CUDA GPU" in reason
+    assert backends.get("fp32").available("tpu")[0] is False
+
+
+def test_a_missing_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("optimum") else
+                        real(name, *a))
+    ok, reason = backends.get("quanto-int8").available("cpu")
+    assert not ok and "pip install optimum-quanto" in reason
+
+
+def test_activation_rounding_matches_torch_per_tensor_quantization():
+    x = torch.randn(4, 6, 32) * 3
+    fake = ActivationQuant(bits=7, granularity="tensor", symmetric=False).fake_quantize(x)
+    low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (high - low) / 127
+    zero = round(-low / scale)
+    reference = torch.quantize_per_tensor(x, scale, zero, torch.quint8)
+    # quint8 holds 0..255; the 7-bit range only differs where codes would pass 127, which none do here.
+    assert torch.allclose(fake, reference.dequantize(), atol=1e-5)
+
+
+def test_per_token_and_block_rounding_are_symmetric_per_row():
+    x = torch.randn(3, 64)
+    per_token = ActivationQuant(8, "token", True).fake_quantize(x)
+    scale = x.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.allclose(per_token, torch.round(x / scale) * scale, atol=1e-6)
+    blocks = ActivationQuant(8, "block32", True).fake_quantize(x)
+    b = x.reshape(-1, 32)
+    scale = b.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.allclose(blocks, (torch.round(b / scale) * scale).reshape(3, 64), atol=1e-6)
+
+
+def test_tolerance_is_absolute_plus_relative():
+    t = Tolerance(kld_abs=1e-3, kld_rel=0.5)
+    assert t.agrees({"kld_mean": 0.0155}, {"kld_mean": 0.01})
+    assert not t.agrees({"kld_mean": 0.0165}, {"kld_mean": 0.01})
+    assert t.agrees({"cosine_mean": 0.95}, {"cosine_mean": 0.96})  # gap 0.01 <= 0.002 + 0.5 x 0.04
+    assert not t.agrees({"cosine_mean": 0.99}, {"cosine_mean": 0.999})
+
+
+@pytest.mark.slow
+def test_every_available_backend_agrees_with_its_twin_on_minilm(minilm):
+    digest = weights_digest(minilm.model)
+    baseline = compute_baseline(minilm, EvalSpec(tokens=256))
+    ran = []
+    # One backend per library (each with its own twin rule), not all eleven: CI has 2 cores.
+    for slug in ("bf16", "torch-dynamic-int8", "torchao-int8dq", "quanto-int4", "onnxruntime-int8"):
+        backend = backends.get(slug)
+        if not backend.available("cpu")[0]:
+            continue
+        model = backend.apply(minilm, "cpu")
+        metrics = backends.evaluate_model(model, baseline)
+        twin = backends.evaluate_model(backend.twin_model(minilm, model), baseline)
+        assert backend.tolerance.agrees(metrics, twin), (backend.slug, metrics, twin)
+        ran.append(backend.slug)
+        del model
+    assert {"bf16", "torch-dynamic-int8"} <= set(ran)
+    assert weights_digest(minilm.model) == digest
+    assert not minilm.model.training  # the ONNX exporter must not switch the shared model's dropout on
+
+
+@pytest.mark.slow
+def test_lm_backends_agree_with_their_twins_on_smollm(smollm):
+    digest = weights_digest(smollm.model)
+    baseline = compute_baseline(smollm, EvalSpec(tokens=64))
+    for slug in ("torch-dynamic-int8", "llamacpp-q4_0"):
+        backend = backends.get(slug)
+        if not backend.available("cpu")[0]:
+            continue
+        model = backend.apply(smollm, "cpu")
+        metrics = backends.evaluate_model(model, baseline)
+        twin = backends.evaluate_model(backend.twin_model(smollm, model), baseline)
+        assert backend.tolerance.agrees(metrics, twin), (slug, metrics, twin)
+        del model
+    assert weights_digest(smollm.model) == digest
+
+
+@pytest.mark.slow
+def test_gguf_written_back_matches_the_bundled_file(smollm, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from qlab.backends.llamacpp import write_gguf
+
+    path = tmp_path / "model.f32.gguf"
+    write_gguf(smollm, path)
+    original = {t.name: t for t in gguf.GGUFReader(f"{smollm.source.path}/{smollm.source.gguf_file}").tensors}
+    written = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert list(written) == list(original)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.3.ffn_down.weight", "output_norm.weight"):
+        expected = gguf.quants.dequantize(original[name].data, original[name].tensor_type)
+        got = np.asarray(written[name].data)
+        assert written[name].tensor_type == gguf.GGMLQuantizationType.F32
+        # The loaded model is the bundled Q4_1 file dequantized, so writing it back (with llama.cpp's rotary
+        # row order for Q and K restored) reproduces the file's values.
+        np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=1e-6)

@@ -1,0 +1,133 @@
+"""qlab.speed: timing loops, memory and bandwidth probes, verdicts; the bench JSON fields. No timing asserts."""
+
+import json
+
+import pytest
+import torch
+
+from qlab import speed
+from qlab.errors import Cancelled, QlabError
+
+
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_spec_rejects_nonsense():
+    with pytest.raises(QlabError, match="new_tokens"):
+        speed.SpeedSpec(new_tokens=0)
+    with pytest.raises(QlabError, match="batch"):
+        speed.SpeedSpec(batch=True)
+
+
+def test_timing_median_and_spread():
+    t = speed.Timing.of([10.0, 30.0, 20.0])
+    assert (t.median, t.low, t.high) == (20.0, 10.0, 30.0)
+    assert t.spread_pct == pytest.approx(100.0)
+
+
+def test_measure_lm_decodes_the_asked_tokens_for_each_sequence():
+    model = tiny_llama()
+    calls = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("past_key_values") is None)
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    spec = speed.SpeedSpec(prompt_tokens=8, new_tokens=5, batch=3, repetitions=2, warmup=1)
+    result = speed.measure_lm(model, torch.randint(0, 64, (3, 8)), spec)
+    # (warm-up + 2 repetitions) x (1 prefill + 5 decode steps), each prefill starting without a cache.
+    assert len(calls) == 3 * 6 and calls.count(True) == 3
+    record = result.to_record()
+    assert record["batch"] == 3 and record["new_tokens"] == 5 and record["repetitions"] == 2
+    assert record["decode_tokens_per_s_min"] <= record["decode_tokens_per_s"] <= record["decode_tokens_per_s_max"]
+    assert record["prefill_ms"] > 0 and record["threads"] == torch.get_num_threads()
+    assert record["sentences_per_s"] is None
+
+
+def test_measure_lm_stops_when_cancelled():
+    seen = []
+
+    def cancel() -> bool:
+        seen.append(1)
+        return len(seen) > 3
+
+    with pytest.raises(Cancelled):
+        speed.measure_lm(tiny_llama(), torch.randint(0, 64, (1, 4)), speed.SpeedSpec(new_tokens=8), cancel=cancel)
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    with speed.PeakMemory() as memory:
+        block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB, touched
+        block.add_(1)
+        del block
+    assert memory.peak_bytes > 150 * 2**20
+
+
+def test_bandwidth_probe_reports_a_positive_rate():
+    result = speed.measure_bandwidth(test_bytes=16 * 2**20, repetitions=3)
+    record = result.to_record()
+    assert record["bandwidth_test_bytes"] == 16 * 2**20
+    assert 1e8 < record["bandwidth_bytes_per_s"] <= record["bandwidth_bytes_per_s_max"]
+
+
+ROWS = [
+    {"backend": "fp32", "format": "fp32", "decode_tokens_per_s": 20.0, "kld_mean": 0.0, "size_bytes": 500},
+    {"backend": "a", "format": "int8", "decode_tokens_per_s": 60.0, "kld_mean": 0.9, "size_bytes": 150},
+    {"backend": "b", "format": "int8", "decode_tokens_per_s": 10.0, "kld_mean": 0.003, "size_bytes": 150},
+    {"backend": "c", "format": "int4", "decode_tokens_per_s": 90.0, "kld_mean": 0.008, "size_bytes": 100},
+    {"backend": "d", "format": "int4", "decode_tokens_per_s": 80.0, "kld_mean": 0.05, "size_bytes": 100},
+]
+
+
+def test_pareto_front_drops_dominated_points():
+    # d is beaten by c on every axis; a only by c (c is faster, more accurate and smaller); b is more accurate
+    # than c, fp32 the most accurate.
+    assert speed.pareto_front(ROWS) == [True, False, True, True, False]
+
+
+def test_verdicts_pick_by_their_rules():
+    answers = {v["question"]: v for v in speed.verdicts(ROWS, max_error=0.01, latency_budget_ms=20.0,
+                                                         memory_bytes=120)}
+    assert answers["fastest within the accuracy bound"]["backend"] == "c"
+    assert answers["smallest that fits"]["backend"] == "c"
+    # <= 20 ms/token means >= 50 tok/s: a, c, d; the most accurate of them is c.
+    assert answers["best under the latency budget"]["backend"] == "c"
+    strict = {v["question"]: v for v in speed.verdicts(ROWS, max_error=0.001)}
+    assert strict["fastest within the accuracy bound"]["backend"] == "fp32"
+    none = speed.verdicts(ROWS, max_error=-1.0)[0]
+    assert none["backend"] is None and "no measured backend" in none["rule"]
+
+
+def test_ratios_are_relative_to_the_fp32_row():
+    rows = speed.add_ratios([{**r, "kind": "causal-lm", "available": True} for r in ROWS])
+    assert [r["speedup_vs_fp32"] for r in rows] == [1.0, 3.0, 0.5, 4.5, 4.0]
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_the_documented_fields(tmp_path):
+    from qlab import cli_bench
+
+    out = tmp_path / "bench.json"
+    assert cli_bench.main(["--model", "minilm-l6", "--backends", "fp32,torch-dynamic-int8,bnb-nf4", "--json",
+                           str(out), "--repetitions", "1", "--sentences", "4", "--accuracy-tokens", "64",
+                           "--quiet"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["backend"] for r in rows] == ["fp32", "torch-dynamic-int8", "bnb-nf4"]
+    for row in rows:
+        assert set(speed.BENCH_FIELDS) <= set(row)
+        assert row["bandwidth_bytes_per_s"] > 0 and row["cpu_flags"] is not None
+    ran, skipped = rows[:2], rows[2]
+    for row in ran:
+        assert row["error"] is None and row["available"]
+        assert row["sentences_per_s"] > 0 and row["prefill_ms"] > 0
+        assert row["agrees_with_twin"] is True
+    assert skipped["available"] is False and "CUDA" in skipped["reason"]
+    assert ran[0]["speedup_vs_fp32"] == 1.0
