@@ -281,8 +281,13 @@ def load(name: str, device_map: str | None = None) -> LoadedModel:
 @contextlib.contextmanager
 def _quiet_transformers():
     """Keep transformers' own progress bars and warnings off the CLI's and UI's output."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
+    # transformers imports torchao (installed for qlab.backends) when it loads any model; torchao's import
+    # registers enums with torch's pytree, which warns through a handler that redirect_stderr cannot catch.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
