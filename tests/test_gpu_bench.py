@@ -1,0 +1,76 @@
+"""The GPU benchmark's CPU-side parts on a tiny config: the lead runs it once on a lent GPU, so it must not
+fail there for a reason a CPU could have shown."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlab import gpu_bench
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_args(**overrides) -> gpu_bench.Args:
+    ns = gpu_bench.parser().parse_args(["--dry-run", "--device", "cpu", "--dtype", "fp32"])
+    args = gpu_bench.args_from(ns)
+    return gpu_bench.Args(**{**args.__dict__, **overrides})
+
+
+def test_dry_run_shrinks_the_catalog_config():
+    args = tiny_args()
+    assert args.config_name == "llama-3.1-8b"
+    assert args.config["num_hidden_layers"] == 2 and args.config["hidden_size"] == 256
+    assert args.config["num_attention_heads"] % args.config["num_key_value_heads"] == 0
+
+
+def test_compact_model_decodes_like_a_full_forward():
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = gpu_bench.build_compact(args)
+    model.setup_caches(1, 32, torch.float32, "cpu")
+    ids = torch.randint(0, args.config["vocab_size"], (1, 10))
+    with torch.no_grad():
+        full = model(ids, torch.arange(10))[:, -1]
+        model(ids[:, :9], torch.arange(9))
+        stepped = model(ids[:, 9:], torch.tensor([9]))[:, -1]
+    # The static KV cache makes one decode step equal to the last position of a full forward.
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("fmt", "path"), [("bf16", "eager-loop"), ("bf16", "hf-generate"),
+                                           ("int8wo", "eager-loop")])
+def test_steps_measure_on_cpu(fmt, path):
+    if fmt != "bf16" and importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    row = gpu_bench.run_step(tiny_args(), fmt, path)
+    assert row["error"] is None, row["error"]
+    assert row["decode_tokens_per_s"] > 0 and row["prefill_ms"] > 0
+    assert row["backend"] == gpu_bench.BACKEND_OF[fmt] and row["path"] == path and row["device"] == "cpu"
+
+
+def test_a_failing_recipe_becomes_an_error_row():
+    row = gpu_bench.run_step(tiny_args(), "int4wo", "eager-loop")  # tinygemm INT4 needs CUDA and BF16
+    assert row["error"] and row["decode_tokens_per_s"] is None
+
+
+@pytest.mark.slow  # two subprocesses, each importing torch and transformers
+def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_speed
+
+    out = tmp_path / "gpu.json"
+    argv = ["--dry-run", "--device", "cpu", "--dtype", "fp32", "--formats", "bf16,nf4", "--paths", "eager-loop",
+            "--json", str(out), "--budget-s", "200"]
+    assert gpu_speed.step_arguments(argv) == ["--dry-run", "--device", "cpu", "--dtype", "fp32"]
+    assert gpu_speed.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["format_slug"], r["path"]) for r in rows] == [("nf4", "eager-loop"), ("bf16", "eager-loop")]
+    nf4, bf16 = rows
+    assert bf16["decode_tokens_per_s"] > 0 and bf16["error"] is None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes" in nf4["error"]
+    assert not list(tmp_path.glob(".*.json"))  # per-step files are cleaned up

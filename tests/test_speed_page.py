@@ -1,0 +1,58 @@
+"""The Speed page runs headless (Streamlit AppTest): backends listed with reasons, measured rows drawn with
+roofline predictions, verdicts, seed claims. Rows are injected, so no benchmark runs here."""
+
+import pytest
+
+from qlab import speed
+
+PAGE = "../pages/speed.py"
+
+
+def lm_row(backend: str, fmt: str, tok_s: float, kld: float, size: int) -> dict:
+    return {"model": "smollm2-135m", "kind": "causal-lm", "backend": backend, "library": "torch", "format": fmt,
+            "available": True, "error": None, "reason": None, "decode_tokens_per_s": tok_s, "prefill_ms": 100.0,
+            "kld_mean": kld, "twin_kld_mean": kld, "agrees_with_twin": True, "size_bytes": size,
+            "threads": 2, "twin": fmt}
+
+
+@pytest.mark.slow
+def test_speed_page_draws_measured_and_predicted_points_and_verdicts():
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    spec = speed.SpeedSpec()
+    rows = {"fp32": lm_row("fp32", "fp32", 25.0, 0.0, 540_000_000),
+            "torch-dynamic-int8": lm_row("torch-dynamic-int8", "int8", 80.0, 0.95, 160_000_000),
+            "llamacpp-q4_0": {**lm_row("llamacpp-q4_0", "int4", 95.0, 0.0055, 90_000_000),
+                              "library": "llama-cpp-python"},
+            "bnb-nf4": {**lm_row("bnb-nf4", "nf4", 0, 0, 0), "available": False, "reason": "needs CUDA"}}
+    app.session_state["speed_rows"] = {("smollm2-135m", spec, 512): rows}
+    app.session_state["speed_backends"] = ["fp32", "torch-dynamic-int8", "llamacpp-q4_0"]
+    app.session_state["hardware"] = "h100-sxm-80gb"
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    subheaders = [s.value for s in app.subheader]
+    assert "Verdicts" in subheaders and "The seed claims, next to measured ratios" in subheaders
+    verdicts = next(df.value for df in app.dataframe if "question" in df.value.columns)
+    answers = dict(zip(verdicts["question"], verdicts["backend"]))
+    # Dynamic INT8 is fast but far outside a 0.01-nat bound; Q4_0 is the fastest inside it.
+    assert answers["fastest within the accuracy bound"] == "llamacpp-q4_0"
+    claims = next(df.value for df in app.dataframe if "claim" in df.value.columns)
+    assert list(claims["best measured here (vs FP32)"]) == [3.2, 3.8]
+    roofline_table = next(df.value for df in app.dataframe if "verdict" in df.value.columns)
+    assert set(roofline_table["hardware_id"]) == {"h100-sxm-80gb"}
+
+
+@pytest.mark.slow
+def test_speed_page_lists_unavailable_backends_for_an_embedding_model():
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    app.session_state["model_choice"] = "minilm-l6"
+    app.run()
+    assert not app.exception, [e.value for e in app.exception]
+    listing = app.dataframe[0].value
+    assert "onnxruntime-int8" in set(listing["backend"])
+    bnb = listing[listing["backend"] == "bnb-nf4"].iloc[0]
+    assert not bnb["available here"] and "CUDA" in bnb["why not"]
+    assert "llamacpp-q4_0" not in set(listing["backend"])  # a causal-LM-only backend
