@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.errors import QlabError
-from qlab.evaluate import LM_WINDOW, EvalSpec, _paragraphs
+from qlab.evaluate import LM_WINDOW, EvalSpec, _embedding_inputs, _paragraphs
 from qlab.models import LoadedModel
 from qlab.quant import QuantScheme, quantize
 
@@ -137,14 +137,14 @@ def capture_inputs(loaded: LoadedModel, name: str, data: CalibrationData) -> tor
 
 
 def text_batches(loaded: LoadedModel, text: str, tokens: int) -> CalibrationData:
-    """The first ``tokens`` tokens of a text as model inputs (the same tokens the evaluation reads first)."""
-    spec = EvalSpec(tokens=max(16, tokens), text=text)
+    """The first ``tokens`` tokens of a text as model inputs: the tokens the evaluation reads first."""
     if loaded.kind == "causal-lm":
         ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
         ids = ids[:tokens]
         batches = tuple({"input_ids": window[None]} for window in ids.split(LM_WINDOW))
         return CalibrationData(loaded.kind, batches, ids.numel(), True)
-    return calibration_data(loaded, spec, tokens)
+    batch = _embedding_inputs(loaded, EvalSpec(tokens=max(16, tokens), text=text))
+    return CalibrationData(loaded.kind, (batch,), int(batch["attention_mask"].sum()), True)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.errors import QlabError
+from qlab.threads import one_thread
 
 Parts = dict[str, torch.Tensor]
 QK_K = 256  # super-block of the K formats
@@ -386,4 +387,5 @@ def quantize(x: torch.Tensor, name: str) -> BlockTensor:
                         f"last dimension is {x.shape[-1] if x.dim() else 0}.")
     if not torch.isfinite(x).all():
         raise QlabError("the tensor holds NaN or infinite values; quantization needs finite numbers.")
-    return BlockTensor(fmt.quantize_blocks(x.reshape(-1, fmt.block_size)), x.shape, fmt)
+    with one_thread():
+        return BlockTensor(fmt.quantize_blocks(x.reshape(-1, fmt.block_size)), x.shape, fmt)

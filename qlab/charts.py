@@ -322,3 +322,138 @@ def gpu_decode_bars(rows: pd.DataFrame, predicted: pd.DataFrame | None = None) -
                                                                                "line": {"width": 3}}))
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
     return figure
+
+
+# --- formats explorer ---------------------------------------------------------------------------------------
+
+FIELD_COLORS = {"sign": "#e45756", "exponent": "#4c78a8", "mantissa": "#54a24b", "code": "#9d755d"}
+
+
+def bit_strips(layouts: pd.DataFrame) -> go.Figure:
+    """One row of coloured squares per format: sign, exponent and mantissa bits (or an integer/table code),
+    most significant bit on the left, each labelled with its digit."""
+    xs, ys, texts, colors, hovers = [], [], [], [], []
+    for row in layouts.itertuples():
+        fields = ([("sign", row.sign), ("exponent", row.exponent), ("mantissa", row.mantissa)] if row.sign
+                  else [("code", row.code_bits)])
+        position = 0
+        for field_name, digits in fields:
+            for digit in digits:
+                xs.append(position)
+                ys.append(row.format)
+                texts.append(digit)
+                colors.append(FIELD_COLORS[field_name])
+                hovers.append(f"{row.format} bit {row.bits - 1 - position}: {field_name}")
+                position += 1
+    figure = go.Figure(go.Scatter(x=xs, y=ys, mode="markers+text", text=texts, hovertext=hovers,
+                                  hoverinfo="text", marker={"symbol": "square", "size": 18, "color": colors},
+                                  textfont={"color": "white", "size": 11}, showlegend=False))
+    for field_name, color in FIELD_COLORS.items():
+        figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=field_name,
+                                    marker={"symbol": "square", "size": 12, "color": color}))
+    figure.update_yaxes(autorange="reversed", title="")
+    figure.update_xaxes(title="bit (most significant first)", showgrid=False, zeroline=False)
+    figure.update_layout(height=60 + 34 * layouts.shape[0], margin={"t": 10, "l": 10},
+                         legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def number_lines(values: pd.DataFrame) -> go.Figure:
+    """Representable values of each format as ticks on its own line: where the levels are dense or sparse."""
+    figure = px.scatter(values, x="value", y="format", labels={"value": "representable value", "format": ""})
+    figure.update_traces(marker={"symbol": "line-ns-open", "size": 16, "line": {"width": 1}})
+    figure.update_layout(height=80 + 45 * values["format"].nunique(), margin={"t": 10})
+    return figure
+
+
+def rounding_error_curves(records: pd.DataFrame) -> go.Figure:
+    """Rounding error against value: relative for floats (top), absolute for integer/table grids (bottom)."""
+    frame = records.assign(shown=records["shown_error"].clip(lower=1e-12))
+    figure = px.line(frame, x="value", y="shown", color="format", facet_row="error_kind", log_y=True,
+                     labels={"value": "value", "shown": "error"})
+    figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1] + " error"))
+    figure.update_yaxes(matches=None)
+    figure.update_layout(height=520, margin={"t": 30}, legend={"orientation": "h", "y": -0.15})
+    return figure
+
+
+def outlier_histogram(values: torch.Tensor, records: pd.DataFrame) -> go.Figure:
+    """The tensor's histogram with each calibration's clipping point (±) as a dashed line."""
+    figure = go.Figure(go.Histogram(x=values.numpy(), nbinsx=200, name="values", marker_color="#4c78a8"))
+    palette = ("#e45756", "#f58518", "#54a24b")
+    for color, row in zip(palette, records.itertuples(), strict=False):
+        for sign in (-1, 1):
+            figure.add_vline(x=sign * row.clip_at, line_dash="dash", line_color=color)
+        figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": color, "dash": "dash"},
+                                    name=f"{row.calibration}: clip at ±{row.clip_at:.3g}"))
+    figure.update_layout(xaxis_title="value", yaxis_title="count", yaxis_type="log", bargap=0,
+                         margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def granularity_tradeoff(records: pd.DataFrame) -> go.Figure:
+    """Bits per weight actually stored (scales included) against relative MSE, one point per way to scale."""
+    figure = px.scatter(records, x="bits_per_weight", y="relative_mse", color="family", text="variant",
+                        log_y=True, hover_data={"overhead_bits_per_weight": ":.3f", "sqnr_db": ":.1f"},
+                        labels={"bits_per_weight": "bits per weight, scales and zero-points included",
+                                "relative_mse": "relative MSE (log)", "family": "scaling"})
+    figure.update_traces(textposition="top center", marker={"size": 11}, cliponaxis=False)
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def token_ranges(per_token: pd.DataFrame, static_limit: float) -> go.Figure:
+    """Per-token largest |activation| (bars) against the static scale's range (line), and the relative error
+    of static and dynamic quantization per token (lower panel, log)."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                           subplot_titles=("largest |activation| per token", "relative MSE per token"))
+    figure.add_trace(go.Bar(x=per_token["token"], y=per_token["absmax"], name="token absmax",
+                            marker_color="#4c78a8"), row=1, col=1)
+    figure.add_hline(y=static_limit, line_dash="dash", line_color="#e45756", row=1, col=1,
+                     annotation_text=f"static range ±{static_limit:.3g}")
+    for column, name, color in (("static_relative_mse", "static (calibrated) scale", "#e45756"),
+                                ("dynamic_relative_mse", "dynamic per-token scale", "#54a24b")):
+        figure.add_trace(go.Scatter(x=per_token["token"], y=per_token[column].clip(lower=1e-12), name=name,
+                                    mode="lines", line={"color": color}), row=2, col=1)
+    figure.update_yaxes(type="log", row=1, col=1)
+    figure.update_yaxes(type="log", row=2, col=1)
+    figure.update_xaxes(title="token position", row=2, col=1)
+    figure.update_layout(height=560, margin={"t": 40}, legend={"orientation": "h", "y": -0.15}, bargap=0)
+    return figure
+
+
+def qat_curves(history: pd.DataFrame, results: pd.DataFrame) -> go.Figure:
+    """QAT test accuracy over fine-tuning steps per bit width, with PTQ (dotted) and FP32 (grey) as lines."""
+    figure = px.line(history, x="step", y="qat_accuracy", color="scheme", markers=True,
+                     labels={"step": "QAT fine-tuning step", "qat_accuracy": "test accuracy", "scheme": ""})
+    colors = {trace.name: trace.line.color for trace in figure.data}
+    for row in results.itertuples():
+        figure.add_hline(y=row.ptq_accuracy, line_dash="dot", line_color=colors.get(row.scheme),
+                         annotation_text=f"PTQ {row.scheme}", annotation_position="bottom right")
+    figure.add_hline(y=results["fp32_accuracy"].iloc[0], line_color="grey", annotation_text="FP32")
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def rtn_vs_gptq(records: pd.DataFrame, value: str, title: str, log_y: bool = True) -> go.Figure:
+    """Grouped bars: one group per scheme, RTN and GPTQ side by side."""
+    figure = px.bar(records, x="scheme", y=value, color="algorithm", barmode="group", log_y=log_y,
+                    text_auto=".3g", labels={"scheme": "", value: title, "algorithm": ""},
+                    color_discrete_map={"rtn": "#e45756", "gptq": "#54a24b"})
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def speedups(records: pd.DataFrame, claims: pd.DataFrame) -> go.Figure:
+    """Measured speed-up over fp32 per variant and token count, with each seed claim as a dashed line."""
+    frame = records.assign(tokens=records["tokens"].astype(str) + " token(s)")
+    figure = px.bar(frame, x="variant", y="speedup_vs_fp32", color="tokens", barmode="group", text_auto=".2f",
+                    labels={"variant": "", "speedup_vs_fp32": "speed-up over fp32 (this CPU)", "tokens": ""})
+    for row in claims.itertuples():
+        figure.add_hline(y=row.claimed_speedup, line_dash="dash", line_color="grey",
+                         annotation_text=f"seed: {row.claim.split(':')[0]} {row.claimed_speedup:g}x")
+    figure.add_hline(y=1.0, line_color="black", line_width=1)
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
+    return figure

@@ -20,6 +20,7 @@ import torch
 
 from qlab.errors import QlabError
 from qlab.quant import QTensor, QuantScheme, compute_scale, encode
+from qlab.threads import one_thread
 
 # The reference's default is 1% of the mean diagonal with 128 x 2048 calibration tokens. With the few thousand
 # tokens a CPU sweep affords, 10% regularises H enough that GPTQ also wins on held-out tokens (measured on
@@ -91,6 +92,12 @@ def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tenso
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
                   damp_percent: float = DAMP_PERCENT, block_size: int = BLOCK_SIZE) -> QTensor:
     """Quantize a 2-D weight (out x in) with GPTQ under ``scheme`` (format, granularity, calibration)."""
+    with one_thread():
+        return _gptq(weight, hessian, scheme, damp_percent, block_size)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp_percent: float,
+          block_size: int) -> QTensor:
     fmt = scheme.fmt
     if weight.dim() != 2:
         raise QlabError(f"GPTQ quantizes 2-D linear weights; got a tensor of shape {tuple(weight.shape)}.")
@@ -120,34 +127,38 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSche
         row_scale, row_zero = compute_scale(w, row_scheme)
     # Blocks hold whole groups, so a group's scale is computed from weights that already carry every update.
     step = block_size if group_size is None else group_size * max(1, block_size // group_size)
-    codes = torch.empty(rows, columns, dtype=fmt.code_dtype)
+    # Work on W^T (inputs x outputs): a column of W is then a contiguous row, and the rank-1 update of the
+    # rest of the block runs ~60x faster than on W's strided column slices.
+    w_t = w.T.contiguous()
+    codes_t = torch.empty(columns, rows, dtype=fmt.code_dtype)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
     # GPTQ is sequential over input columns by construction (each column's rounding changes the next ones),
     # so this loop cannot be vectorised; everything inside it is a vector or matrix operation over rows.
     for start in range(0, columns, step):
         stop = min(start + step, columns)
-        block = w[:, start:stop].clone()
+        block = w_t[start:stop].clone()
         errors = torch.empty_like(block)
         h_block = h_inv[start:stop, start:stop]
         for i in range(stop - start):
             if group_size is not None and i % group_size == 0:
-                row_scale, row_zero = compute_scale(block[:, i: i + group_size], row_scheme)
+                row_scale, row_zero = compute_scale(block[i: i + group_size].T, row_scheme)
                 group_scales.append(row_scale)
                 if row_zero is not None:
                     group_zeros.append(row_zero)
-            column = block[:, i]
+            column = block[i]
             code = encode(column[:, None], row_scale, row_zero, fmt)
             values = fmt.decode(code)[:, 0]
             if row_zero is not None:
                 values = values - row_zero.to(torch.float32)
             quantized = values * row_scale.to(torch.float32)
-            codes[:, start + i] = code[:, 0]
+            codes_t[start + i] = code[:, 0]
             error = (column - quantized) / h_block[i, i]
-            block[:, i:].addr_(error, h_block[i, i:], alpha=-1)
-            errors[:, i] = error
+            block[i:].addr_(h_block[i, i:], error, alpha=-1)
+            errors[i] = error
         # The lazy batch update: columns after this block receive the whole block's errors in one matmul.
-        w[:, stop:].addmm_(errors, h_inv[start:stop, stop:], alpha=-1)
+        w_t[stop:].addmm_(h_inv[start:stop, stop:].T, errors, alpha=-1)
+    codes = codes_t.T.contiguous()
     if group_size is not None:
         scale = torch.stack(group_scales, dim=1).reshape(-1)
         zero = torch.stack(group_zeros, dim=1).reshape(-1) if group_zeros else None
@@ -162,3 +173,31 @@ def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, inputs
     reference = x @ weight.float().T
     return (((x @ dequantized.float().T) - reference) ** 2).sum().item() / (reference**2).sum().clamp(
         min=1e-30).item()
+
+
+def layer_comparison(loaded, layer: str, schemes: Sequence[QuantScheme], spec,
+                     calibration_tokens: int = 2048) -> list[dict]:
+    """RTN against GPTQ on one linear layer of a loaded model: weight error, and output error on the
+    calibration tokens (the end of the text) and on held-out tokens (its start, as the evaluation reads it)."""
+    from qlab.activations import calibration_data, capture_inputs, text_batches
+    from qlab.quant import quantize
+
+    weight = loaded.model.get_submodule(layer).weight.detach()
+    calibration = capture_inputs(loaded, layer, calibration_data(loaded, spec, calibration_tokens))
+    held_out = capture_inputs(loaded, layer, text_batches(loaded, spec.resolved_text(), spec.tokens))
+    hessian = hessian_from_inputs(calibration)
+    energy = (weight.float() ** 2).mean().clamp(min=1e-30).item()
+    records = []
+    for scheme in schemes:
+        for algorithm in ("rtn", "gptq"):
+            variant = dataclasses.replace(scheme, algorithm=algorithm)
+            qtensor = quantize(weight, variant) if algorithm == "rtn" else gptq_quantize(weight, hessian, variant)
+            dequantized = qtensor.dequantize()
+            records.append({
+                "scheme": scheme.label, "algorithm": algorithm, "bits_per_weight": qtensor.bits_per_weight,
+                "weight_relative_mse": ((dequantized - weight.float()) ** 2).mean().item() / energy,
+                "output_error_calibration": reconstruction_error(weight, dequantized, calibration),
+                "output_error_held_out": reconstruction_error(weight, dequantized, held_out),
+                "calibration_tokens": calibration.shape[0], "held_out_tokens": held_out.shape[0],
+            })
+    return records
