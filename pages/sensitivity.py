@@ -1,0 +1,192 @@
+"""Sensitivity page: which layers lose the most when quantized, and a mixed-precision plan measured end to end."""
+
+import json
+
+import pandas as pd
+import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
+
+from pages import common
+from qlab import charts
+from qlab.errors import Cancelled
+from qlab.evaluate import EvalSpec
+from qlab.mixed import Budget, choices_from, compare, recommendation_record
+from qlab.sensitivity import analyze
+
+VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
+TABLE_COLUMNS = ["layer", "layer_type", "block", "label", "bits_per_weight", "relative_mse", "sqnr_db",
+                 "predicted_delta", "block_delta", "linear_delta", "weight_relative_mse", "weight_absmax_over_std",
+                 "weight_kurtosis", "weight_outlier_rows", "input_absmax", "input_outlier_channels"]
+PARETO_POINTS = 4  # mixes measured between the smallest and largest format, besides the slider's budget
+
+common.page_setup()
+st.title("Sensitivity")
+loaded = common.current_model()
+common.show_caveat(loaded)
+st.caption("Which linear layers lose the most when quantized. **Per linear**: the output error of quantizing "
+           "that layer alone, on its real input activations (captured once with hooks). **End to end**: the "
+           "model's KL divergence (LMs) or 1 - cosine (embedding models) with one block quantized; each block "
+           "replays from its cached input, so the unchanged prefix is never re-run. Then a per-layer format "
+           "plan under a size budget, measured against the uniform formats.")
+
+with common.user_errors():
+    candidates = {s.label: s for s in common.schemes() if s.fmt.scaled}
+if not candidates:
+    st.info("Pick at least one scaled format in the sidebar (int8, int4, nf4, fp8...): plain fp32/fp16/bf16 "
+            "casts have next to no sensitivity to analyse.")
+    st.stop()
+kept = [label for label in st.session_state.get("sensitivity_schemes", []) if label in candidates]
+st.session_state["sensitivity_schemes"] = kept or (
+    [label for label, s in candidates.items() if s.format in ("int8", "int4")] or list(candidates)[:2])
+formats_column, unit_column, view_column = st.columns([3, 2, 2])
+chosen = formats_column.multiselect("Formats to analyse", list(candidates), key="sensitivity_schemes",
+                                    help="From the sidebar's scheme. Each format costs one end-to-end "
+                                         "measurement per block (the recommender chooses among these).")
+unit = unit_column.radio("End-to-end unit", ["block", "linear"], key="sensitivity_unit", horizontal=True,
+                         help="One linear at a time is exact per layer but runs one replay per linear.")
+view = view_column.radio("View", list(VIEWS), key="sensitivity_view", format_func=VIEWS.get, horizontal=True,
+                         help="Reverse: everything quantized except one unit, as AIMET's QuantAnalyzer reports.")
+if not chosen:
+    st.info("Pick at least one format to analyse.")
+    st.stop()
+
+spec = EvalSpec(st.session_state["tokens"])
+schemes = tuple(candidates[label] for label in chosen)
+run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
+reports = st.session_state.setdefault("sensitivity_reports", {})
+
+left, right = st.columns([1, 5])
+start = left.button("Analyse", type="primary", key="run_sensitivity")
+right.button("Cancel", key="cancel_sensitivity", help="Stops the analysis; a finished analysis is kept.")
+if start:
+    bar = st.progress(0.0, text="Starting...")
+    with common.user_errors():
+        base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        try:
+            reports[run_key] = analyze(loaded, schemes, base, unit=unit, view=view,
+                                       progress=lambda fraction, message: bar.progress(min(1.0, fraction), message))
+        except Cancelled as stop:
+            st.info(str(stop))
+    bar.empty()
+
+report = reports.get(run_key)
+if report is None:
+    st.info(f"Press **Analyse** to measure {len(schemes)} format(s) on {spec.tokens} tokens. On SmolLM2 "
+            "(30 blocks) that is about 20 FP32 evaluations per format; on MiniLM about 5.")
+    st.stop()
+
+frame = pd.DataFrame(report.rows())
+blocks = pd.DataFrame(report.blocks)
+st.caption(f"{len(frame['layer'].unique())} linears x {len(schemes)} format(s) on {report.tokens} tokens; "
+           + ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {value:.1f} s"
+                       for key, value in report.seconds.items()))
+
+measures = [m for m in charts.SENSITIVITY_MEASURES if m in frame.columns and frame[m].notna().any()]
+measure = st.selectbox("Measure", measures, format_func=lambda m: charts.SENSITIVITY_MEASURES[m][0],
+                       key="sensitivity_measure")
+heatmap_tab, table_tab, type_tab, block_tab = st.tabs(["Heatmap", "Ranked table", "By layer type", "Blocks"])
+with heatmap_tab:
+    st.plotly_chart(charts.sensitivity_heatmap(frame, measure), key="sensitivity_heatmap")
+with table_tab:
+    ascending = measure == "sqnr_db"
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns]
+    st.dataframe(frame.sort_values(measure, ascending=ascending)[columns], hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.3e") for c in
+                                ("relative_mse", "predicted_delta", "block_delta", "linear_delta",
+                                 "weight_relative_mse")} | {
+                     "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
+                     "bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f")},
+                 key="sensitivity_table")
+    st.caption("Click a column header to sort. relative_mse = |X(W_q - W)ᵀ|² / |XWᵀ|² on captured inputs; "
+               "predicted_delta = ½ Σ curvature × squared output error (one backward pass); block_delta = the "
+               f"measured {report.metric} change with the layer's whole block quantized. Outliers: channels "
+               "whose absmax exceeds 6x the median channel's.")
+with type_tab:
+    st.plotly_chart(charts.sensitivity_by_type(frame, measure), key="sensitivity_by_type")
+    grouped = frame.groupby(["layer_type", "label"], sort=False)[measure].agg(["mean", "median", "max", "count"])
+    st.dataframe(grouped.reset_index(), hide_index=True, width="stretch", key="sensitivity_types")
+with block_tab:
+    if blocks.empty:
+        st.info("No end-to-end measurements in this analysis.")
+    else:
+        st.plotly_chart(charts.block_deltas(blocks, report.metric), key="sensitivity_blocks")
+        st.dataframe(blocks[["name", "label", "value", "delta", "seconds"]], hide_index=True, width="stretch",
+                     key="sensitivity_block_table")
+
+st.subheader("Open a layer on the Weights page")
+pick = st.plotly_chart(charts.sensitivity_ranking(frame, measure), key="sensitivity_pick", on_select="rerun",
+                       selection_mode="points")
+ranked_layers = list(dict.fromkeys(frame.sort_values(measure, ascending=measure == "sqnr_db")["layer"]))
+points = (pick.get("selection", {}) or {}).get("points", []) if pick else []
+if points and points[0].get("y") in ranked_layers:
+    st.session_state["sensitivity_layer"] = points[0]["y"]
+if st.session_state.get("sensitivity_layer") not in ranked_layers:
+    st.session_state["sensitivity_layer"] = ranked_layers[0]
+layer = st.selectbox("Layer (most sensitive first; or click a bar above)", ranked_layers, key="sensitivity_layer")
+st.session_state["layer"] = layer  # the Weights page's layer choice
+try:
+    st.page_link("pages/weights.py", label=f"Open `{layer}` on the Weights page (histogram and grid)",
+                 icon=":material/bar_chart:")
+except StreamlitPageNotFoundError:  # run standalone (AppTest, `streamlit run pages/...`): no navigation to link
+    st.caption(f"Open the Weights page to see `{layer}`: it is selected there.")
+
+st.subheader("Mixed precision under a budget")
+if report.view != "forward":
+    st.info("The recommender uses the forward view (each unit quantized alone); switch the view to run it.")
+    st.stop()
+with common.user_errors():
+    choices = choices_from(loaded, report)
+low = float(choices.size_bytes.min(axis=1).sum() * 8 / choices.params.sum())
+high = float(choices.size_bytes.max(axis=1).sum() * 8 / choices.params.sum())
+if high - low < 0.01:
+    st.info("All analysed formats have the same size; add a format with more or fewer bits to mix.")
+    st.stop()
+st.session_state.setdefault("mix_budget_bits", min(max(4.5, low), high))
+st.session_state["mix_budget_bits"] = min(max(float(st.session_state["mix_budget_bits"]), low), high)
+budget_bits = st.slider("Budget: average bits per quantized weight (scales included)", low, high,
+                        key="mix_budget_bits", step=0.01, format="%.2f")
+st.caption(f"Choice among {', '.join(s.label for s in schemes)} per linear, minimising total predicted error "
+           f"({choices.predictor}) with a knapsack over exact storage bytes; then every mix is quantized and "
+           "evaluated end to end next to the uniform formats.")
+budgets = sorted({round(budget_bits, 4)} | {round(low + (high - low) * k / (PARETO_POINTS + 1), 4)
+                                              for k in range(1, PARETO_POINTS + 1)})
+mix_key = (run_key, tuple(budgets))
+mixes_done = st.session_state.setdefault("mix_results", {})
+if st.button("Recommend and measure", type="primary", key="run_mix"):
+    bar = st.progress(0.0, text="Measuring...")
+    with common.user_errors():
+        base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        try:
+            mixes_done[mix_key] = compare(loaded, choices, [Budget(b) for b in budgets], base,
+                                          lambda fraction, message: bar.progress(min(1.0, fraction), message))
+        except Cancelled as stop:
+            st.info(str(stop))
+    bar.empty()
+if mix_key not in mixes_done:
+    st.info(f"Press **Recommend and measure** to evaluate mixes at {', '.join(f'{b:.2f}' for b in budgets)} "
+            f"bits per weight and the {len(schemes)} uniform format(s): {len(budgets) + len(schemes)} evaluations.")
+    st.stop()
+
+mixes, rows = mixes_done[mix_key]
+measured = pd.DataFrame(rows)
+st.plotly_chart(charts.mix_pareto(measured, report.metric), key="mix_pareto")
+st.dataframe(measured[["label", "kind", "bits_per_weight", "size_bytes", report.metric, "error",
+                       "predicted_error"]].assign(size_bytes=measured["size_bytes"] / 1e6)
+             .rename(columns={"size_bytes": "size (MB)"}), hide_index=True, width="stretch",
+             column_config={"bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f"),
+                            "size (MB)": st.column_config.NumberColumn(format="%.2f"),
+                            "error": st.column_config.NumberColumn(format="%.4g"),
+                            "predicted_error": st.column_config.NumberColumn(format="%.4g")},
+             key="mix_table")
+chosen_mix = next(mix for mix in mixes if mix.budget.bits_per_weight == round(budget_bits, 4))
+record = recommendation_record(loaded, report, choices, chosen_mix, rows)
+counts = pd.Series(record["assignment"]).value_counts()
+st.write(f"**{chosen_mix.label}**: {chosen_mix.bits_per_weight:.3f} bits/weight, "
+         f"{chosen_mix.size_bytes / 1e6:.2f} MB; " + ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items())
+         + f". Measured {report.metric}: mix {record['measured']['mix']:.4g}; "
+         + "; ".join(f"uniform {fmt} {value:.4g}" for fmt, value in record["measured"].items() if fmt != "mix"))
+if loaded.source.caveat:
+    st.caption(f"Caveat: {loaded.source.caveat}")
+st.download_button("Download the mix (JSON: qlab schemes, torchao FqnToConfig, optimum-quanto map)",
+                   json.dumps(record, indent=2, default=float), f"qlab-mix-{loaded.name}.json", "application/json",
+                   key="download_mix")

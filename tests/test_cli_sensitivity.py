@@ -1,0 +1,65 @@
+"""`qlab sensitivity` and `qlab recommend`, parsed the way qlab.cli.build_parser wires them, on a tiny model."""
+
+import json
+
+import pytest
+
+from qlab import cli, models
+from qlab.cli_sensitivity import add_parser
+from qlab.errors import QlabError
+from tests.tiny_models import tiny_llama
+
+
+def run(argv: list[str]) -> None:
+    parser = cli._Parser(prog="qlab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
+
+    def json_option(p, help_text):  # as qlab.cli.build_parser defines it
+        p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT", help=help_text)
+
+    add_parser(sub, json_option)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+@pytest.fixture()
+def tiny(monkeypatch, tmp_path):
+    loaded = tiny_llama(seed=3)
+    monkeypatch.setattr(models, "load", lambda name: loaded)
+    text = tmp_path / "text.txt"
+    from qlab.evaluate import default_text
+
+    text.write_text(default_text()[:20_000])
+    return ["--model", "tiny", "--tokens", "128", "--text-file", str(text), "--quiet", "--group-size", "32"]
+
+
+def test_sensitivity_writes_one_row_per_layer_and_format(tiny, tmp_path):
+    out = tmp_path / "rows.json"
+    run(["sensitivity", *tiny, "--formats", "int8,int4", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 21
+    assert {r["label"] for r in rows} == {"int8 g32", "int4 g32"}
+    for key in ("layer", "layer_type", "relative_mse", "sqnr_db", "predicted_delta", "block_delta", "metric",
+                "weight_kurtosis", "weight_absmax_over_std", "input_outlier_channels", "bits_per_weight"):
+        assert key in rows[0], key
+    assert rows[0]["metric"] == "kld_mean"
+
+
+def test_recommend_prints_the_assignment_and_the_measurements(tiny, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    run(["recommend", *tiny, "--budget-bits", "5", "--plan", str(plan), "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["assignment"].values()) <= {"int8", "int4"} and len(record["assignment"]) == 21
+    assert record["bits_per_weight"] <= 5 and record["size_bytes"] > 0
+    assert record["metric"] == "kld_mean"
+    assert set(record["measured"]) == {"mix", "int8", "int4"}
+    assert record["measured"]["int8"] <= record["measured"]["mix"] <= record["measured"]["int4"]
+    exported = json.loads(plan.read_text())
+    assert exported == record["plan"] and set(exported["modules"]) == set(record["assignment"])
+
+
+def test_recommend_needs_a_budget_and_a_feasible_one(tiny):
+    with pytest.raises(QlabError, match="budget"):
+        run(["recommend", *tiny])
+    with pytest.raises(QlabError, match="smallest formats need"):
+        run(["recommend", *tiny, "--budget-bits", "2"])

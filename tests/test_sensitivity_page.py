@@ -1,0 +1,47 @@
+"""The Sensitivity page in Streamlit's AppTest, standalone (it calls common.page_setup() itself)."""
+
+import json
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+pytestmark = pytest.mark.slow
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm):
+    at = AppTest.from_file("../pages/sensitivity.py", default_timeout=600)
+    at.session_state["model_choice"] = "minilm-l6"
+    at.session_state["formats"] = ["fp16", "int8", "int4"]
+    at.session_state["tokens"] = 128
+    at.run()
+    no_errors(at)
+    assert at.multiselect(key="sensitivity_schemes").value == ["int8 g64", "int4 g64"]
+    at.button(key="run_sensitivity").click().run()
+    no_errors(at)
+    # Dataframes in page order: ranked table, layer types, blocks (and the mix table last, once measured).
+    table = at.dataframe[0].value
+    assert len(table) == 2 * 37 and set(table["label"]) == {"int8 g64", "int4 g64"}
+    assert table["block_delta"].iloc[0] == table["block_delta"].max()  # ranked by the default measure
+    # Picking a layer hands it to the Weights page.
+    layer = "encoder.layer.3.attention.self.value"
+    at.selectbox(key="sensitivity_layer").select(layer).run()
+    no_errors(at)
+    assert at.session_state["layer"] == layer
+    at.selectbox(key="sensitivity_measure").select("sqnr_db").run()
+    no_errors(at)
+    assert at.dataframe[0].value["sqnr_db"].is_monotonic_increasing
+    at.button(key="run_mix").click().run()
+    no_errors(at)
+    mixes = at.dataframe[-1].value
+    assert {"int8 g64", "int4 g64", "mix @ 4.5 bits/weight"} <= set(mixes["label"])
+    by_label = mixes.set_index("label")
+    assert by_label.loc["mix @ 4.5 bits/weight", "error"] < by_label.loc["int4 g64", "error"]
+    # A rerun redraws from session state without recomputing.
+    at.slider(key="mix_budget_bits").set_value(4.5).run()
+    no_errors(at)
+    assert len(at.dataframe[-1].value) == len(mixes)
