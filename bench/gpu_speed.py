@@ -9,8 +9,11 @@ wheels carried in ``bench/wheels`` (``pip install --no-deps``) when they do not 
 
 Dry run on a CPU (a 2-layer, 256-wide config, a few tokens; checks every code path):
     python bench/gpu_speed.py --dry-run --device cpu --dtype fp32 --json /tmp/gpu_speed_dry.json
-On the lent H100 (about 8 minutes; compiles take 1-3 minutes each):
+On the lent H100 (about 8 minutes; compiles take 1-3 minutes each), then the rest, then one file:
     python bench/gpu_speed.py --install-wheels --json $OUT/gpu_speed.json
+    python bench/gpu_speed.py --install-wheels --steps float8wo:compiled-loop,nf4:eager-loop,int8wo:hf-generate \
+        --json $OUT/gpu_speed_2.json
+    python bench/gpu_speed.py --merge first.json second.json --json bench/results/gpu_speed.json
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qlab import gpu_bench  # noqa: E402
 
-OWN_OPTIONS = {"--json", "--budget-s", "--step-timeout-s", "--install-wheels", "--wheels", "--formats", "--paths"}
+OWN_OPTIONS = {"--json", "--budget-s", "--step-timeout-s", "--install-wheels", "--wheels", "--formats", "--paths",
+               "--steps"}
 FLAGS = {"--install-wheels"}
 
 
@@ -50,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         row = gpu_bench.run_step(gpu_bench.args_from(ns), fmt, path)
         Path(ns.row_out).write_text(json.dumps(row, indent=2))
         return 0
-    rows = gpu_bench.orchestrate(ns, step_arguments(argv))
+    if ns.merge:
+        rows = gpu_bench.merge(ns.merge, ns.json)
+    else:
+        rows = gpu_bench.orchestrate(ns, step_arguments(argv))
     for row in rows:
         rate = row.get("decode_tokens_per_s")
         shown = f"{rate:.1f} tok/s" if rate else row.get("error")

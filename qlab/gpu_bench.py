@@ -390,20 +390,34 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
     return path.stem, json.loads(path.read_text())
 
 
-def install_wheels(directory: Path) -> str:
-    """``pip install --no-deps`` the carried torchao / bitsandbytes wheels when they do not import yet."""
+def install_wheels(directory: Path) -> tuple[str, str | None]:
+    """``pip install --no-deps`` the carried torchao / bitsandbytes wheels when they do not import yet.
+
+    Returns what happened and, when the interpreter's site-packages refused the install (an externally managed
+    Python), the directory the wheels went to instead, for the steps' ``PYTHONPATH``.
+    """
     import importlib.util
 
     missing = [name for name in ("torchao", "bitsandbytes") if importlib.util.find_spec(name) is None]
     wheels = [str(w) for w in sorted(directory.glob("*.whl")) if any(w.name.startswith(m) for m in missing)]
     if not wheels:
-        return "nothing to install" if not missing else f"no wheels for {missing} in {directory}"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", *wheels],
-                          capture_output=True, text=True, timeout=300, check=False)
-    return f"pip exit {done.returncode}: {(done.stdout + done.stderr).strip().splitlines()[-1:]}"
+        return ("nothing to install" if not missing else f"no wheels for {missing} in {directory}"), None
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, *wheels], capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode == 0:
+        return f"installed {', '.join(Path(w).name for w in wheels)}", None
+    target = directory.parent / ".gpu-site-packages"
+    retry = subprocess.run([*pip, "--target", str(target), *wheels], capture_output=True, text=True, timeout=300,
+                           check=False)
+    last = (retry.stdout + retry.stderr).strip().splitlines()[-1:] or [""]
+    return f"site-packages refused (exit {done.returncode}); --target {target}: exit {retry.returncode} {last[0]}", \
+        str(target) if retry.returncode == 0 else None
 
 
-def steps_for(formats: list[str], paths: list[str]) -> list[tuple[str, str]]:
+def steps_for(formats: list[str], paths: list[str], explicit: str | None = None) -> list[tuple[str, str]]:
+    """The (format, path) steps to run: ``explicit`` ("int8wo:hf-generate,nf4:eager-loop") or formats x paths."""
+    if explicit:
+        return [tuple(step.strip().split(":", 1)) for step in explicit.split(",") if step.strip()]
     wanted = [(f, p) for f, p in STEP_ORDER if f in formats and p in paths]
     extra = [(f, "compiled-loop") for f in formats if f not in {s[0] for s in STEP_ORDER}]
     return wanted + extra
@@ -415,8 +429,12 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     deadline = time.monotonic() + ns.budget_s
-    notes = {"install": install_wheels(Path(ns.wheels)) if ns.install_wheels else "not asked"}
-    for fmt, path in steps_for(ns.formats.split(","), ns.paths.split(",")):
+    installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
+    notes = {"install": installed}
+    env = dict(os.environ)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
+    for fmt, path in steps_for(ns.formats.split(","), ns.paths.split(","), ns.steps):
         left = deadline - time.monotonic()
         if left < 30:
             rows.append({"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path,
@@ -427,7 +445,7 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
                    "--row-out", str(row_file), *passthrough]
         started = time.monotonic()
         try:
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
                                   timeout=min(ns.step_timeout_s, left), check=False)
             if row_file.is_file():
                 row = json.loads(row_file.read_text())
@@ -474,6 +492,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--install-wheels", action="store_true", help="pip install --no-deps the wheels in --wheels")
     p.add_argument("--wheels", default=str(REPO / "bench" / "wheels"))
     p.add_argument("--json", default="gpu_speed.json", help="output file (rewritten after each step)")
+    p.add_argument("--steps", default=None,
+                   help="explicit steps instead of formats x paths, e.g. float8wo:compiled-loop,int8wo:hf-generate")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge earlier result files (later rows replace earlier ones of the same step) into --json")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true",
@@ -496,3 +518,17 @@ def args_from(ns: argparse.Namespace) -> Args:
                   "num_key_value_heads": max(1, min(config.get("num_key_value_heads", heads), ns.hidden // 64))}
     return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
                 ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype])
+
+
+def merge(files: list[str], out: str) -> list[dict]:
+    """One result list from several runs: the last measured row of each (format, path) wins, in step order."""
+    rows: dict[tuple[str, str], dict] = {}
+    for file in files:
+        for row in json.loads(Path(file).read_text()):
+            key = (row.get("format_slug"), row.get("path"))
+            if row.get("decode_tokens_per_s") or key not in rows:
+                rows[key] = row
+    order = {step: i for i, step in enumerate(STEP_ORDER)}
+    merged = sorted(rows.values(), key=lambda r: order.get((r.get("format_slug"), r.get("path")), len(order)))
+    _write(Path(out), merged)
+    return merged

@@ -74,3 +74,26 @@ def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "bitsandbytes" in nf4["error"]
     assert not list(tmp_path.glob(".*.json"))  # per-step files are cleaned up
+
+
+def test_explicit_steps_and_merging_runs(tmp_path):
+    assert gpu_bench.steps_for([], [], "float8wo:compiled-loop, nf4:eager-loop") == [
+        ("float8wo", "compiled-loop"), ("nf4", "eager-loop")]
+    assert gpu_bench.steps_for(["int4wo", "bf16"], ["compiled-loop"])[:2] == [
+        ("bf16", "compiled-loop"), ("int4wo", "compiled-loop")]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([
+        {"format_slug": "int8wo", "path": "compiled-loop", "decode_tokens_per_s": 190.0},
+        {"format_slug": "float8wo", "path": "compiled-loop", "decode_tokens_per_s": None, "error": "skipped"}]))
+    second.write_text(json.dumps([
+        {"format_slug": "float8wo", "path": "compiled-loop", "decode_tokens_per_s": 170.0},
+        {"format_slug": "bf16", "path": "compiled-loop", "decode_tokens_per_s": 120.0}]))
+    merged = gpu_bench.merge([str(first), str(second)], str(tmp_path / "out.json"))
+    assert [(r["format_slug"], r["decode_tokens_per_s"]) for r in merged] == [
+        ("bf16", 120.0), ("int8wo", 190.0), ("float8wo", 170.0)]
+    assert json.loads((tmp_path / "out.json").read_text()) == merged
+
+
+def test_missing_wheels_are_reported_not_fatal(tmp_path):
+    message, extra = gpu_bench.install_wheels(tmp_path)
+    assert extra is None and ("nothing to install" in message or "no wheels" in message)
