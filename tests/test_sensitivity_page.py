@@ -1,7 +1,5 @@
 """The Sensitivity page in Streamlit's AppTest, standalone (it calls common.page_setup() itself)."""
 
-import json
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
