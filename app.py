@@ -7,6 +7,8 @@ PAGES = [
     st.Page("pages/quantize.py", title="Quantize", icon=":material/tune:"),
     st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
     st.Page("pages/memory.py", title="Memory", icon=":material/memory_alt:"),
+    st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
+    st.Page("pages/history.py", title="History", icon=":material/history:"),
 ]
 
 

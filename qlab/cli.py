@@ -157,7 +157,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             bar.set_description_str(message[:48].ljust(48))
             bar.update(int(fraction * 1000) - bar.n)
 
-        for row in run_sweep(loaded, schemes, spec, progress=progress):
+        rows = run_sweep(loaded, schemes, spec, progress=progress)
+        if not args.no_store:  # each scheme is committed to the run store as it finishes
+            from qlab.store import store_rows, sweep_meta
+
+            rows = store_rows(args.db, sweep_meta(loaded, schemes, spec), rows)
+        for row in rows:
             records.append(row.to_record())
             if args.json not in (None, "-"):
                 _emit(records, args.json)  # after every scheme: a killed sweep keeps what it finished
@@ -199,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--tokens", type=int, default=512, help="evaluation token budget")
     sweep.add_argument("--text-file", default=None, help="UTF-8 text to evaluate on (default: pydoc topics)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.add_argument("--db", default=None, metavar="PATH",
+                       help="run database to store into (default: $QLAB_DB, else the user's data directory)")
+    sweep.add_argument("--no-store", action="store_true", help="do not record this sweep in the run database")
     _add_scheme_arguments(sweep, granularity="channel")
     json_option(sweep, "write the result rows as JSON, rewritten after each scheme")
     sweep.set_defaults(func=cmd_sweep)
@@ -211,12 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(models, "print JSON")
     models.set_defaults(func=cmd_models)
 
+    from qlab.cli_bench import add_bench_arguments
     from qlab.cli_memory import add_parser as add_memory_parser
+    from qlab.cli_runs import add_parser as add_runs_parser
+    from qlab.cli_sensitivity import add_parser as add_sensitivity_parser
 
     add_memory_parser(sub, json_option)
+    add_sensitivity_parser(sub, json_option)
+    add_runs_parser(sub, json_option)
 
-    bench = sub.add_parser("bench", help="benchmarks (JSON out)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bench = sub.add_parser("bench", help="speed of real backends (default), or `bench sweep` (JSON out)")
+    add_bench_arguments(bench, json_option)
+    bench_sub = bench.add_subparsers(dest="bench", required=False, parser_class=_Parser)
     bench_sweep = bench_sub.add_parser("sweep", help="one FP32 evaluation vs a full sweep: time and peak RSS")
     bench_sweep.add_argument("--model", default="smollm2-135m")
     bench_sweep.add_argument("--formats", default="fp16,bf16,int8,int4,nf4")

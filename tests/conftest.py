@@ -1,11 +1,14 @@
 """Shared fixtures: bundled models load once per test session (they are read-only everywhere)."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Runs that tests store (CLI sweeps, the Quantize page) go to a throwaway database, not the user's.
+os.environ.setdefault("QLAB_DB", os.path.join(tempfile.mkdtemp(prefix="qlab-tests-"), "runs.sqlite"))
 
 
 @pytest.fixture(scope="session", autouse=True)
