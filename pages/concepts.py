@@ -23,12 +23,6 @@ st.title("Concepts")
 section = st.radio("Section", SECTIONS, key="concepts_section", horizontal=True, label_visibility="collapsed")
 
 
-def down_projection(names: list[str]) -> str:
-    """A middle layer's FFN down-projection: its inputs have the widest per-token ranges in a transformer."""
-    candidates = [n for n in names if n.endswith(("down_proj", "output.dense")) and "attention" not in n]
-    return (candidates or names)[len(candidates or names) // 2]
-
-
 def calibration_section() -> None:
     st.caption("4,096 values drawn from a standard normal distribution, plus one outlier. Min-max calibration "
                "stretches the grid to cover the outlier, so every ordinary value gets fewer levels; a "
@@ -63,9 +57,9 @@ def captured(model: str, layer: str, tokens: int, calibration_tokens: int, _load
 def static_dynamic_section() -> None:
     loaded = common.current_model()
     names = [name for name, _ in quantizable_linears(loaded.model)]
-    st.session_state.setdefault("cx_act_layer", down_projection(names))
+    st.session_state.setdefault("cx_act_layer", activations.default_layer(names))
     if st.session_state["cx_act_layer"] not in names:
-        st.session_state["cx_act_layer"] = down_projection(names)
+        st.session_state["cx_act_layer"] = activations.default_layer(names)
     for key, default in (("cx_act_format", "int8"), ("cx_act_calibration", "minmax"), ("cx_act_tokens", 256)):
         st.session_state.setdefault(key, default)
     top = st.columns([3, 1, 1, 1])

@@ -10,7 +10,7 @@ from qlab.errors import QlabError
 from qlab.evaluate import EvalSpec
 from qlab.formats import FORMATS
 from qlab.models import quantizable_linears
-from qlab.quant import CALIBRATIONS, QuantScheme
+from qlab.quant import CALIBRATIONS
 from qlab.sweep import run_sweep
 
 SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Seed claims")
@@ -19,7 +19,6 @@ VALUE_PRESETS = {
     "500 (E4M3 saturates at 448)": 500.0, "3.3e38 (BF16 keeps FP32's range)": 3.3e38, "-2.45": -2.45,
 }
 INTEGER_FORMATS = [name for name, fmt in FORMATS.items() if fmt.kind == "integer"]
-CLAIM_SCHEMES = (QuantScheme("fp16"), QuantScheme("int8", "channel"), QuantScheme("int4", "group", 32))
 
 common.page_setup()
 st.title("Formats")
@@ -212,7 +211,7 @@ def claims_section() -> None:
     if left.button("Measure accuracy (sweep)", key="fx_run_accuracy"):
         with common.user_errors(), st.spinner("Sweeping fp16, int8, int4..."):
             spec = EvalSpec(st.session_state["tokens"])
-            rows = [row.to_record() for row in run_sweep(loaded, list(CLAIM_SCHEMES), spec)]
+            rows = [row.to_record() for row in run_sweep(loaded, list(claims.CLAIM_SCHEMES), spec)]
         st.session_state["fx_accuracy"] = {"model": loaded.name, "rows": rows}
     if right.button("Measure speed on this CPU", key="fx_run_speed"):
         with common.user_errors(), st.spinner("Timing fp32, bf16, fp16 and int8 dynamic..."):

@@ -71,6 +71,13 @@ def calibration_data(loaded: LoadedModel, spec: EvalSpec, tokens: int | None = N
     return CalibrationData(loaded.kind, batches, used, overlaps)
 
 
+def default_layer(names: Sequence[str]) -> str:
+    """A middle layer's FFN down-projection: in transformers its inputs have the widest per-token ranges."""
+    candidates = [n for n in names if n.endswith(("down_proj", "output.dense")) and "attention" not in n]
+    pool = candidates or list(names)
+    return pool[len(pool) // 2]
+
+
 # hook(name, inputs, shared_with): inputs as (tokens, features); shared_with names the previous hooked linear
 # when this one receives the very same tensor object (q/k/v after one norm, gate/up of a SwiGLU MLP), else None.
 Hook = Callable[[str, torch.Tensor, str | None], None]

@@ -20,8 +20,12 @@ import torch
 from qlab.errors import QlabError
 from qlab.explain import presets
 from qlab.models import ASSETS_DIR
+from qlab.quant import QuantScheme
 
 SPEED_VARIANTS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8 dynamic (torch.ao)")
+# The accuracy side of the claims: fp16; int8 per channel; int4 in groups of 32, the block of GGUF's Q4 formats.
+CLAIM_SCHEMES: tuple[QuantScheme, ...] = (QuantScheme("fp16"), QuantScheme("int8", "channel"),
+                                          QuantScheme("int4", "group", 32))
 
 
 def _mlp_stack(in_features: int, hidden: int, blocks: int, seed: int) -> torch.nn.Module:
