@@ -15,6 +15,7 @@ from qlab.quant import CALIBRATIONS, QuantScheme
 
 OTHER_MODEL = "Other: Hugging Face id or local directory"
 GROUP_SIZES = (32, 64, 128, 256)
+MAX_UI_TOKENS = 8192  # the dashboard's budget cap; the CLI allows more on purpose
 DEFAULTS = {
     "model_choice": "smollm2-135m",
     "custom_model": "",
@@ -41,10 +42,26 @@ def init_state() -> None:
 def page_setup() -> None:
     """First call of every page: shared state (restored from a shared URL once), the sidebar, and the URL
     updated to match it (pages also run standalone in AppTest)."""
+    _leave_pages_directory_mode()
     restore_view()
     init_state()
     sidebar()
     publish_view()
+
+
+def _leave_pages_directory_mode() -> None:
+    """Route a deep link through app.py's navigation.
+
+    Streamlit serves the first request after start-up in its old "pages/ directory" mode (it sees a folder
+    named pages/ next to app.py and has not yet run st.navigation), so a shared link such as /memory would
+    run this page alone, with the folder's files as the menu. Clearing that flag and rerunning makes the
+    same URL go through app.py, whose st.navigation then opens the requested page.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def restore_view() -> None:
@@ -63,6 +80,8 @@ def restore_view() -> None:
         view.pop("hardware", None)
     if view.get("group_size") not in GROUP_SIZES:
         view.pop("group_size", None)
+    if view.get("tokens", 0) > MAX_UI_TOKENS:
+        view.pop("tokens")
     for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
         if key in view:
             st.session_state[key] = view[key]
@@ -132,7 +151,7 @@ def sidebar() -> None:
         st.selectbox("Calibration", CALIBRATIONS, key="calibration",
                      help="minmax covers every weight; percentile clips the top 0.1%; mse searches the clip "
                           "range with the least squared error.")
-        st.number_input("Evaluation tokens", min_value=16, max_value=8192, step=256, key="tokens",
+        st.number_input("Evaluation tokens", min_value=16, max_value=MAX_UI_TOKENS, step=256, key="tokens",
                         help="Tokens of text the baseline and every scheme are evaluated on.")
 
 

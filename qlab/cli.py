@@ -148,7 +148,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     spec = _eval_spec(args)
-    loaded = load(args.model)
+    loaded = load(args.model, device_map=args.device_map)
     check_schemes(loaded, schemes)
     records: list[dict] = []
     with tqdm(total=1000, desc="sweep", unit="‰", file=sys.stderr, disable=args.quiet,
@@ -161,7 +161,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if not args.no_store:  # each scheme is committed to the run store as it finishes
             from qlab.store import store_rows, sweep_meta
 
-            rows = store_rows(args.db, sweep_meta(loaded, schemes, spec), rows)
+            meta = sweep_meta(loaded, schemes, spec, args.hardware, device_map=args.device_map)
+            rows = store_rows(args.db, meta, rows)
         for row in rows:
             records.append(row.to_record())
             if args.json not in (None, "-"):
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--db", default=None, metavar="PATH",
                        help="run database to store into (default: $QLAB_DB, else the user's data directory)")
     sweep.add_argument("--no-store", action="store_true", help="do not record this sweep in the run database")
+    sweep.add_argument("--hardware", default="this-machine", help="hardware id recorded with the run")
+    sweep.add_argument("--device-map", default=None, choices=["auto"],
+                       help="'auto': spread a model too large for one device over every GPU (accelerate)")
     _add_scheme_arguments(sweep, granularity="channel")
     json_option(sweep, "write the result rows as JSON, rewritten after each scheme")
     sweep.set_defaults(func=cmd_sweep)

@@ -323,7 +323,7 @@ def _mse_scale(blocks: torch.Tensor, scheme: QuantScheme
     """Search shrunken clip ranges per block; keep the one with the least squared error."""
     low, high = _clip_range(blocks, scheme)
     best_scale, best_zero = _scale_from_range(low, high, scheme)
-    best_error = torch.full((blocks.shape[0],), float("inf"))
+    best_error = torch.full((blocks.shape[0],), float("inf"), device=blocks.device)
     for ratio in MSE_CLIP_RATIOS.tolist():
         scale, zero = _scale_from_range(low * ratio, high * ratio, scheme)
         codes = encode(blocks, scale, zero, scheme.fmt)

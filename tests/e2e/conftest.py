@@ -20,6 +20,7 @@ Server log, and a screenshot of every failed browser test, land in tests/e2e/art
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -97,11 +98,18 @@ def _wait_healthy(base_url: str, proc: subprocess.Popen, log_path: Path, timeout
 @pytest.fixture(scope="session")
 def streamlit_server() -> Iterator[str]:
     """Start ``streamlit run app.py`` on a free loopback port; yield its base URL."""
+    with run_server("streamlit.log") as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def run_server(log_name: str) -> Iterator[str]:
+    """A fresh ``streamlit run app.py`` process for the duration of the block; yields its base URL."""
     app = REPO_ROOT / APP_FILE
     if not app.is_file():
         pytest.fail(f"{app} does not exist; the e2e tests need the dashboard entry point")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log_path = ARTIFACTS / "streamlit.log"
+    log_path = ARTIFACTS / log_name
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import assert_no_exception, wait_for_app_idle
+from tests.e2e.conftest import assert_no_exception, run_server, wait_for_app_idle
 
 pytestmark = pytest.mark.e2e
 SCREENSHOT = Path(__file__).resolve().parents[2] / "assets" / "screenshot.png"
@@ -65,3 +65,16 @@ def test_memory_page_plans_a_catalog_model(streamlit_server, browser_page):
     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=60_000)
     assert_no_exception(page)
     assert page.locator('[data-testid="stAlert"]', has_text="Traceback").count() == 0
+
+
+def test_a_shared_link_as_the_first_request_goes_through_the_navigation(browser_page):
+    """A fresh server's first request used to run the page alone in Streamlit's pages/-directory mode."""
+    page = browser_page
+    with run_server("streamlit-deeplink.log") as base_url:
+        page.goto(f"{base_url}/memory?formats=int8,int4&gran=channel")
+        wait_for_app_idle(page, timeout_ms=120_000)
+        main_heading(page, "Memory").wait_for(timeout=60_000)
+        navigation = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert "Quantize" in navigation and "common" not in navigation, navigation
+        assert_no_exception(page)
+        assert "gran=channel" in page.url and "int4" in page.url
