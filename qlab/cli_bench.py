@@ -105,7 +105,14 @@ def _machine(host, bandwidth) -> dict:
 
 
 def _gpu(args: argparse.Namespace) -> None:
+    import torch
+
     from qlab import gpu_bench
+    from qlab.errors import QlabError
+
+    if not torch.cuda.is_available():
+        raise QlabError("--device cuda needs a CUDA GPU, and torch sees none here; run it on a GPU machine "
+                        "(`python bench/gpu_speed.py --dry-run --device cpu --dtype fp32` checks the code paths).")
 
     step_args = ["--model-config", args.model_config, "--device", "cuda", "--prompt-tokens",
                  str(args.prompt_tokens), "--repetitions", str(args.repetitions)]

@@ -131,3 +131,25 @@ def test_bench_cli_writes_the_documented_fields(tmp_path):
         assert row["agrees_with_twin"] is True
     assert skipped["available"] is False and "CUDA" in skipped["reason"]
     assert ran[0]["speedup_vs_fp32"] == 1.0
+
+
+def test_gpu_bench_without_a_gpu_is_one_line_error(capsys):
+    from qlab import cli_bench
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli_bench.main(["--device", "cuda"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_keeps_its_sweep_subcommand_once_wired():
+    from qlab.cli import build_parser
+
+    parser = build_parser()
+    try:
+        speed_args = parser.parse_args(["bench", "--model", "minilm-l6", "--backends", "fp32"])
+    except Exception:
+        pytest.skip("qlab.cli does not wire qlab.cli_bench yet (see qlab/cli_bench.py's docstring)")
+    assert speed_args.func.__name__ == "cmd_bench" and speed_args.backends == "fp32"
+    sweep_args = parser.parse_args(["bench", "sweep", "--formats", "int8"])
+    assert sweep_args.func.__name__ == "cmd_bench_sweep" and sweep_args.formats == "int8"
