@@ -2,14 +2,23 @@
 
 import streamlit as st
 
-PAGES = [
-    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
-    st.Page("pages/quantize.py", title="Quantize", icon=":material/tune:"),
-    st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
-    st.Page("pages/memory.py", title="Memory", icon=":material/memory_alt:"),
-    st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
-    st.Page("pages/history.py", title="History", icon=":material/history:"),
-]
+PAGES = {
+    "Your model": [
+        st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+        st.Page("pages/quantize.py", title="Quantize", icon=":material/tune:"),
+        st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
+        st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/grid_on:"),
+    ],
+    "Deploy": [
+        st.Page("pages/memory.py", title="Memory", icon=":material/memory_alt:"),
+        st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
+    ],
+    "Runs": [st.Page("pages/history.py", title="History", icon=":material/history:")],
+    "Learn": [
+        st.Page("pages/formats.py", title="Formats", icon=":material/pin:"),
+        st.Page("pages/concepts.py", title="Concepts", icon=":material/school:"),
+    ],
+}
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from qlab import hardware, models, views
 from qlab.errors import QlabError
 from qlab.evaluate import Baseline, EvalSpec, compute_baseline
 from qlab.formats import FORMATS
-from qlab.quant import CALIBRATIONS, QuantScheme
+from qlab.quant import ALGORITHMS, CALIBRATIONS, QuantScheme
 
 OTHER_MODEL = "Other: Hugging Face id or local directory"
 GROUP_SIZES = (32, 64, 128, 256)
@@ -25,6 +25,7 @@ DEFAULTS = {
     "group_size": 64,
     "symmetric": True,
     "calibration": "minmax",
+    "algorithm": "rtn",
     "tokens": 512,
 }
 
@@ -59,7 +60,10 @@ def _leave_pages_directory_mode() -> None:
     """
     from streamlit.runtime.pages_manager import PagesManager
 
-    if PagesManager.uses_pages_directory:
+    # Once per session: Streamlit's test harness re-arms the flag on every run, and a rerun there would
+    # swallow the click that started the run.
+    if PagesManager.uses_pages_directory and not st.session_state.get("_left_pages_directory_mode"):
+        st.session_state["_left_pages_directory_mode"] = True
         PagesManager.uses_pages_directory = False
         st.rerun()
 
@@ -151,6 +155,10 @@ def sidebar() -> None:
         st.selectbox("Calibration", CALIBRATIONS, key="calibration",
                      help="minmax covers every weight; percentile clips the top 0.1%; mse searches the clip "
                           "range with the least squared error.")
+        st.selectbox("Rounding algorithm", ALGORITHMS, key="algorithm",
+                     help="rtn rounds each weight to its nearest level; gptq rounds column by column and "
+                          "spreads each error over the columns not yet rounded, using second-order "
+                          "statistics of the layer's inputs on the evaluation text (slower, more accurate).")
         st.number_input("Evaluation tokens", min_value=16, max_value=MAX_UI_TOKENS, step=256, key="tokens",
                         help="Tokens of text the baseline and every scheme are evaluated on.")
 
@@ -169,7 +177,7 @@ def schemes() -> list[QuantScheme]:
 def scheme_for(fmt: str) -> QuantScheme:
     symmetric = st.session_state["symmetric"] or FORMATS[fmt].kind != "integer"
     return QuantScheme(fmt, st.session_state["granularity"], st.session_state["group_size"], symmetric,
-                       st.session_state["calibration"])
+                       st.session_state["calibration"], algorithm=st.session_state["algorithm"])
 
 
 @st.cache_resource(show_spinner="Loading the model (the first load of SmolLM2 converts its GGUF, ~20 s)...",

@@ -42,6 +42,8 @@ def _add_scheme_arguments(parser: argparse.ArgumentParser, granularity: str) -> 
     parser.add_argument("--calibration", default="minmax", help="minmax | percentile | mse")
     parser.add_argument("--percentile", type=float, default=99.9)
     parser.add_argument("--scale-dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+    parser.add_argument("--algorithm", default="rtn",
+                        help="rtn (round to nearest) | gptq (error-compensating, Hessians from the evaluation text)")
 
 
 def _scheme(args: argparse.Namespace, fmt: str):
@@ -49,7 +51,7 @@ def _scheme(args: argparse.Namespace, fmt: str):
 
     return QuantScheme(format=fmt, granularity=args.granularity, group_size=args.group_size,
                        symmetric=not args.asymmetric, calibration=args.calibration,
-                       percentile=args.percentile, scale_dtype=args.scale_dtype)
+                       percentile=args.percentile, scale_dtype=args.scale_dtype, algorithm=args.algorithm)
 
 
 def _emit(payload, destination: str | None) -> None:
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     from qlab.cli_bench import add_bench_arguments
+    from qlab.cli_explain import add_parser as add_explain_parser
     from qlab.cli_memory import add_parser as add_memory_parser
     from qlab.cli_runs import add_parser as add_runs_parser
     from qlab.cli_sensitivity import add_parser as add_sensitivity_parser
@@ -231,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_parser(sub, json_option)
     add_sensitivity_parser(sub, json_option)
     add_runs_parser(sub, json_option)
+    add_explain_parser(sub, json_option)
 
     bench = sub.add_parser("bench", help="speed of real backends (default), or `bench sweep` (JSON out)")
     add_bench_arguments(bench, json_option)

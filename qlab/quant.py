@@ -81,7 +81,8 @@ class QuantScheme:
         if not fmt.scaled:
             # A plain cast has no scale: canonicalise so equal schemes hash equal.
             for name, value in (("granularity", "tensor"), ("group_size", 128), ("symmetric", True),
-                                ("calibration", "minmax"), ("percentile", 99.9), ("scale_dtype", "auto")):
+                                ("calibration", "minmax"), ("percentile", 99.9), ("scale_dtype", "auto"),
+                                ("algorithm", "rtn")):
                 set_field(name, value)
             return
         if not self.symmetric and fmt.kind != "integer":
