@@ -77,7 +77,7 @@ def static_dynamic_section() -> None:
     cols = st.columns(4)
     cols[0].metric("Static relative MSE", f"{summary['static_relative_mse']:.2e}")
     cols[1].metric("Dynamic relative MSE", f"{summary['dynamic_relative_mse']:.2e}")
-    cols[2].metric("Tokens with clipped values (static)", f"{100 * summary['tokens_with_clipping']:.1f}%")
+    cols[2].metric("Tokens clipped (static)", f"{100 * summary['tokens_with_clipping']:.1f}%")
     cols[3].metric("Largest token / static range", f"{summary['largest_token_absmax_over_static_range']:.2f}x")
     st.caption(f"Static: one scale fixed before deployment from {calibration.shape[0]} calibration tokens (the end "
                f"of the text); applied to {evaluation.shape[0]} other tokens (its start). Dynamic: each token's "

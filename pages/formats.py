@@ -80,7 +80,8 @@ def number_line_section() -> None:
     with common.user_errors():
         lines = [explain.number_line(name, low, high, absmax, limit=600) for name in names]
         errors = pd.DataFrame(explain.rounding_errors(tuple(names), low, high, absmax))
-    values = pd.DataFrame([{"format": line.format, "value": v} for line in lines for v in line.values.tolist()])
+    values = pd.DataFrame([{"format": f"{line.format} ({line.count:,}{', sample drawn' if line.sampled else ''})",
+                            "value": v} for line in lines for v in line.values.tolist()])
     st.plotly_chart(charts.number_lines(values), key="fx_number_lines")
     counts = pd.DataFrame([{"format": line.format, "values in range": line.count,
                             "per unit": line.count / (high - low),
@@ -172,6 +173,11 @@ def granularity_section() -> None:
     with common.user_errors():
         records = granularity_records(common.model_name(), layer, bits, weight)
     st.plotly_chart(charts.granularity_tradeoff(records), key="fx_granularity_chart")
+    exact = records.loc[records["relative_mse"] == 0, "variant"].tolist()
+    if exact:
+        st.info(f"{', '.join(exact)} reproduce this matrix exactly: its weights were stored in that very format "
+                "(see the warning above), so re-quantizing them finds the same blocks. Real FP16 weights would "
+                "not come back exactly.")
     st.dataframe(records, hide_index=True, width="stretch",
                  column_config={"relative_mse": st.column_config.NumberColumn(format="%.3e"),
                                 "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),

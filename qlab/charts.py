@@ -392,7 +392,16 @@ def outlier_histogram(values: torch.Tensor, records: pd.DataFrame) -> go.Figure:
 
 
 def granularity_tradeoff(records: pd.DataFrame) -> go.Figure:
-    """Bits per weight actually stored (scales included) against relative MSE, one point per way to scale."""
+    """Bits per weight actually stored (scales included) against relative MSE, one point per way to scale.
+
+    An exact reconstruction (error 0: e.g. Q4_1 on weights that were Q4_1 already) is drawn on a floor of
+    ``LOG_FLOOR`` x the smallest non-zero error and labelled, instead of vanishing from the log axis."""
+    positive = records["relative_mse"][records["relative_mse"] > 0]
+    floor = (positive.min() if len(positive) else 1.0) * LOG_FLOOR
+    records = records.assign(
+        relative_mse=records["relative_mse"].clip(lower=floor),
+        variant=[f"{v} (exact: 0)" if e <= 0 else v for v, e in zip(records["variant"], records["relative_mse"],
+                                                                     strict=True)])
     figure = px.scatter(records, x="bits_per_weight", y="relative_mse", color="family", text="variant",
                         log_y=True, hover_data={"overhead_bits_per_weight": ":.3f", "sqnr_db": ":.1f"},
                         labels={"bits_per_weight": "bits per weight, scales and zero-points included",
@@ -417,7 +426,10 @@ def token_ranges(per_token: pd.DataFrame, static_limit: float) -> go.Figure:
                                 ("dynamic_relative_mse", "dynamic per-token scale", "#54a24b")):
         figure.add_trace(go.Scatter(x=per_token["token"], y=per_token[column].clip(lower=1e-12), name=name,
                                     mode="lines", line={"color": color}), row=2, col=1)
-    figure.update_yaxes(type="log", row=1, col=1)
+    # Log bars need an explicit range: plotly's automatic one starts far below the smallest bar.
+    low = float(min(per_token["absmax"].clip(lower=1e-12).min(), static_limit))
+    high = float(max(per_token["absmax"].max(), static_limit))
+    figure.update_yaxes(type="log", range=[np.log10(low) - 0.3, np.log10(high) + 0.3], row=1, col=1)
     figure.update_yaxes(type="log", row=2, col=1)
     figure.update_xaxes(title="token position", row=2, col=1)
     figure.update_layout(height=560, margin={"t": 40}, legend={"orientation": "h", "y": -0.15}, bargap=0)

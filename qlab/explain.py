@@ -385,7 +385,7 @@ def seed_hardware_claims() -> list[dict]:
                    if ("vendor" not in match or hw.vendor == match["vendor"])
                    and ("id_contains" not in match or any(part in hw.id for part in match["id_contains"]))]
         support = {fmt: sum(fmt in hw.native_formats for hw in targets) for fmt in claim["formats"]}
-        rows.append({"claim": claim["claim"], "catalog_targets": ", ".join(hw.name for hw in targets),
+        rows.append({"claim": claim["claim"],
                      "catalog_says": "; ".join(f"{fmt}: {count} of {len(targets)}" for fmt, count in support.items()),
-                     "note": claim.get("note", "")})
+                     "note": claim.get("note", ""), "catalog_targets": ", ".join(hw.name for hw in targets)})
     return rows
