@@ -374,6 +374,10 @@ def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor |
     x = x.detach().to(torch.float32)
     if x.numel() == 0:
         raise QlabError(f"the tensor of shape {tuple(x.shape)} is empty; there is nothing to quantize.")
+    if scheme.algorithm != "rtn" and fmt.scaled:
+        # Rounding to nearest here would silently stand in for GPTQ under GPTQ's label.
+        raise QlabError(f"{scheme.label} rounds with calibration inputs, which a single tensor does not have; "
+                        "run it through the sweep (qlab.algorithms.quantize_weight) or pick algorithm rtn.")
     if not fmt.scaled:
         if scale is not None or zero_point is not None:
             raise QlabError(f"{fmt.name} is a plain cast with no scale or zero-point; drop those options.")

@@ -102,6 +102,9 @@ def test_dead_inputs_and_bad_shapes():
         gptq_quantize(w, torch.eye(64), gptq(QuantScheme("int4", "group", 48)))
     with pytest.raises(QlabError, match="calibration inputs"):
         quantize_weight(w, gptq(QuantScheme("int4", "channel")))
+    with pytest.raises(QlabError, match="calibration inputs"):  # never RTN under GPTQ's label
+        quantize(w, gptq(QuantScheme("int4", "channel")))
+    assert quantize(w, gptq(QuantScheme("fp16"))).dequantize().dtype == torch.float32  # a cast has no rounding choice
     assert not needs_calibration(gptq(QuantScheme("fp16")))
     assert needs_calibration([QuantScheme("int8"), gptq(QuantScheme("int4"))])
     assert gptq(QuantScheme("int4", "group", 64)).label == "int4 g64 gptq"
