@@ -116,8 +116,8 @@ def test_gptq_beats_rtn_on_a_smollm_layer_at_4_and_3_bits(smollm):
     from qlab.evaluate import EvalSpec, default_text
 
     name = "model.layers.2.self_attn.o_proj"
-    calibration = capture_inputs(smollm, name, calibration_data(smollm, EvalSpec(tokens=512), 2048))
-    held_out = capture_inputs(smollm, name, text_batches(smollm, default_text(), 512))
+    calibration = capture_inputs(smollm, name, calibration_data(smollm, EvalSpec(tokens=512), 1536))
+    held_out = capture_inputs(smollm, name, text_batches(smollm, default_text(), 256))
     w = smollm.model.get_submodule(name).weight
     hessian = hessian_from_inputs(calibration)
     for fmt in ("int4", "int3"):
@@ -134,10 +134,10 @@ def test_sweep_runs_gptq_with_calibration_and_beats_rtn(minilm, monkeypatch):
     from qlab.models import weights_digest
     from qlab.sweep import run_sweep
 
-    monkeypatch.setattr(activations, "CALIBRATION_TOKENS", 1024)
+    monkeypatch.setattr(activations, "CALIBRATION_TOKENS", 512)
     before = weights_digest(minilm.model)
     schemes = [QuantScheme("int3", "group", 64), gptq(QuantScheme("int3", "group", 64))]
-    rows = [row.to_record() for row in run_sweep(minilm, schemes, EvalSpec(tokens=256))]
+    rows = [row.to_record() for row in run_sweep(minilm, schemes, EvalSpec(tokens=128))]
     assert weights_digest(minilm.model) == before
     rtn, result = rows
     assert result["algorithm"] == "gptq" and result["label"] == "int3 g64 gptq"
