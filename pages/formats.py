@@ -238,10 +238,12 @@ def claims_section() -> None:
         st.dataframe(pd.DataFrame(published), hide_index=True, width="stretch")
     st.markdown(
         "**Why the numbers differ.** The seeds' 2x / 4x / 8x are ratios of bits: 32/16, 32/8, 32/4. They hold "
-        "only where time is spent moving weights *and* a kernel computes directly on the narrow type. On a CPU "
-        "without native fp16 math, fp16 is converted back to fp32 and is often *slower*; bf16 is fast only "
-        "with AVX512-BF16/AMX. torch.ao's dynamic int8 pays to quantize the activations on every call, which "
-        "helps large matrices and hurts single tokens. Published GPU decode gains for int8/int4 weight-only "
+        "only where time is spent moving weights *and* a kernel computes directly on the narrow type. With one "
+        "token a matmul is memory-bound, so fewer bytes per weight win even when the math is converted back to "
+        "fp32; with many tokens it is compute-bound, and a CPU without native fp16 arithmetic makes fp16 "
+        "*slower* than fp32, while bf16 (AVX512-BF16, AMX) and int8 (VNNI) gain from real instructions. "
+        "torch.ao's dynamic int8 also pays to quantize the activations on every call. Published GPU decode gains "
+        "for int8/int4 weight-only "
         "kernels are 1.5-1.9x, not 4-8x, because scales, dequantization and the KV cache still cost time. "
         "Accuracy: '<2% loss' depends on the metric and the model. A small model like SmolLM2-135M loses "
         "more at 4 bits than a 7B one, and perplexity moves more than top-1 agreement.")

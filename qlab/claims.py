@@ -57,24 +57,27 @@ def measure_cpu_speed(tokens: tuple[int, ...] = (1, 128), in_features: int = 576
     if not tokens or min(tokens) < 1 or repeats < 3:
         raise QlabError("give at least one token count >= 1 and at least 3 repeats.")
     model = _mlp_stack(in_features, hidden, blocks, seed)
-    records = []
+    cases = []
     for name in SPEED_VARIANTS:
         variant, dtype = _variant(model, name)
         for count in tokens:
             x = torch.randn(count, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
-            timings = []
-            with torch.inference_mode():
-                for _ in range(2):  # warm-up: first calls pack weights and allocate
-                    variant(x)
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    variant(x)
-                    timings.append(time.perf_counter() - started)
-            # The minimum is the run least disturbed by other work on a shared machine; the median is kept too.
-            records.append({"variant": name, "tokens": count, "ms": 1000 * min(timings),
-                            "median_ms": 1000 * statistics.median(timings),
-                            "threads": torch.get_num_threads(), "repeats": repeats,
-                            "workload": f"{blocks} MLP blocks {in_features}->{hidden}->{in_features}"})
+            cases.append((name, count, variant, x, []))
+    with torch.inference_mode():
+        for _, _, variant, x, _ in cases:  # warm-up: first calls pack weights and allocate
+            variant(x)
+            variant(x)
+        # Round robin over the cases, so a burst of other work on a shared machine hits every variant alike.
+        for _ in range(repeats):
+            for _, _, variant, x, timings in cases:
+                started = time.perf_counter()
+                variant(x)
+                timings.append(time.perf_counter() - started)
+    # The minimum is the run least disturbed by other work on a shared machine; the median is kept too.
+    records = [{"variant": name, "tokens": count, "ms": 1000 * min(timings),
+                "median_ms": 1000 * statistics.median(timings), "threads": torch.get_num_threads(),
+                "repeats": repeats, "workload": f"{blocks} MLP blocks {in_features}->{hidden}->{in_features}"}
+               for name, count, _, _, timings in cases]
     baseline = {r["tokens"]: r["ms"] for r in records if r["variant"] == "fp32"}
     for record in records:
         record["speedup_vs_fp32"] = baseline[record["tokens"]] / record["ms"]
