@@ -14,8 +14,8 @@ from qlab.mixed import Budget, choices_from, compare, recommendation_record
 from qlab.sensitivity import analyze
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
-TABLE_COLUMNS = ["layer", "layer_type", "block", "label", "bits_per_weight", "relative_mse", "sqnr_db",
-                 "predicted_delta", "block_delta", "linear_delta", "weight_relative_mse", "weight_absmax_over_std",
+TABLE_COLUMNS = ["layer", "layer_type", "block", "label", "bits_per_weight", "estimated_delta", "block_delta",
+                 "linear_delta", "predicted_delta", "relative_mse", "sqnr_db", "weight_relative_mse", "weight_absmax_over_std",
                  "weight_kurtosis", "weight_outlier_rows", "input_absmax", "input_outlier_channels"]
 PARETO_POINTS = 4  # mixes measured between the smallest and largest format, besides the slider's budget
 
@@ -92,15 +92,16 @@ with table_tab:
     columns = [c for c in TABLE_COLUMNS if c in frame.columns]
     st.dataframe(frame.sort_values(measure, ascending=ascending)[columns], hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.3e") for c in
-                                ("relative_mse", "predicted_delta", "block_delta", "linear_delta",
-                                 "weight_relative_mse")} | {
+                                ("relative_mse", "estimated_delta", "predicted_delta", "block_delta",
+                                 "linear_delta", "weight_relative_mse")} | {
                      "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
                      "bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f")},
                  key="sensitivity_table")
     st.caption("Click a column header to sort. relative_mse = |X(W_q - W)ᵀ|² / |XWᵀ|² on captured inputs; "
                "predicted_delta = ½ Σ curvature × squared output error (one backward pass); block_delta = the "
-               f"measured {report.metric} change with the layer's whole block quantized. Outliers: channels "
-               "whose absmax exceeds 6x the median channel's.")
+               f"measured {report.metric} change with the layer's whole block quantized; estimated_delta = the "
+               "block's measured delta shared among its linears by predicted_delta (what the recommender "
+               "minimises). Outliers: channels whose absmax exceeds 6x the median channel's.")
 with type_tab:
     st.plotly_chart(charts.sensitivity_by_type(frame, measure), key="sensitivity_by_type")
     grouped = frame.groupby(["layer_type", "label"], sort=False)[measure].agg(["mean", "median", "max", "count"])

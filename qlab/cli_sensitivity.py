@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable, Iterator
 
 DEFAULT_FORMATS = "int8,int4"
-TABLE_COLUMNS = ("layer", "label", "relative_mse", "sqnr_db", "predicted_delta", "block_delta",
-                 "weight_kurtosis", "input_outlier_channels")
+TABLE_COLUMNS = ("layer", "label", "estimated_delta", "block_delta", "linear_delta", "predicted_delta",
+                 "relative_mse", "sqnr_db", "weight_kurtosis", "input_outlier_channels")
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
@@ -105,7 +105,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
     frame = pd.DataFrame(rows)
     columns = [c for c in TABLE_COLUMNS if c in frame.columns and frame[c].notna().any()]
-    order = "block_delta" if "block_delta" in columns else "relative_mse"
+    order = "estimated_delta" if "estimated_delta" in columns else "relative_mse"
     print(frame.sort_values(order, ascending=False)[columns].to_string(index=False))
     if loaded.source.caveat:
         print(f"note: {loaded.source.caveat}")

@@ -79,14 +79,9 @@ class Choices:
 
 
 def choices_from(loaded: LoadedModel, report: SensitivityReport) -> Choices:
-    """Per-linear predicted errors from a sensitivity report, in the metric's units (nats of KLD, 1 - cosine).
-
-    A linear measured end to end on its own (``unit="linear"``, or a linear outside the block stack) is
-    predicted by that measurement. Inside a block, the block's measured delta is shared among its linears in
-    proportion to their second-order estimates (``predicted_delta``: output error weighted by the metric's
-    curvature there), so each block's total stays what was measured; without those estimates, in proportion
-    to the squared weight error (``params * weight_relative_mse``).
-    """
+    """The knapsack instance of a sensitivity report: exact bytes, and as predicted error each linear's
+    ``estimated_delta`` (its measured block delta shared by curvature-weighted output error, or its own
+    measured delta with ``unit="linear"``), in the metric's units (nats of KLD, or 1 - cosine)."""
     if not report.blocks:
         raise QlabError("the sensitivity report has no end-to-end measurements; run it with blocks on.")
     if report.view != "forward":
@@ -95,23 +90,14 @@ def choices_from(loaded: LoadedModel, report: SensitivityReport) -> Choices:
     schemes = report.schemes
     column = {scheme.label: index for index, scheme in enumerate(schemes)}
     row = {layer: index for index, layer in enumerate(layers)}
-    weight_of_error = np.zeros((len(layers), len(schemes)))
+    error = np.full((len(layers), len(schemes)), np.nan)
     size = np.zeros((len(layers), len(schemes)), dtype=np.int64)
     params = np.zeros(len(layers), dtype=np.int64)
-    for record in report.linears:
+    for record in report.rows():
         i, j = row[record["layer"]], column[record["label"]]
-        weight_of_error[i, j] = record.get("predicted_delta", record["params"] * record["weight_relative_mse"])
+        error[i, j] = np.nan if record["estimated_delta"] is None else record["estimated_delta"]
         size[i, j] = record["size_bytes"]
         params[i] = record["params"]
-    error = np.full((len(layers), len(schemes)), np.nan)
-    for record in report.blocks:
-        j = column[record["label"]]
-        rows = [row[name] for name in record["layers"]]
-        share = weight_of_error[rows, j]
-        total = share.sum()
-        # A delta below zero is measurement noise (the metric got better): it predicts no damage.
-        delta = max(0.0, record["delta"])
-        error[rows, j] = delta * (share / total if total > 0 else np.full(len(rows), 1 / len(rows)))
     if np.isnan(error).any():
         missing = layers[int(np.argwhere(np.isnan(error))[0][0])]
         raise QlabError(f"the report has no end-to-end measurement covering '{missing}'; re-run the analysis.")

@@ -40,7 +40,7 @@ METRIC = {"causal-lm": "kld_mean", "embedding": "cosine_mean"}
 LAYER_TYPES = (
     ("attention.output.dense", "o"), ("intermediate.dense", "up"), ("output.dense", "down"),
     ("q_proj", "q"), ("query", "q"), ("k_proj", "k"), ("key", "k"), ("v_proj", "v"), ("value", "v"),
-    ("o_proj", "o"), ("out_proj", "o"), ("dense", "o"), ("gate_proj", "gate"), ("up_proj", "up"),
+    ("o_proj", "o"), ("out_proj", "o"), ("gate_proj", "gate"), ("up_proj", "up"),
     ("down_proj", "down"), ("fc1", "up"), ("fc2", "down"), ("c_attn", "qkv"), ("c_proj", "o"),
 )
 VIEWS = ("forward", "reverse")
@@ -80,7 +80,7 @@ def block_stack(model: torch.nn.Module) -> BlockStack:
     names = [name for name, _ in quantizable_linears(model)]
     best_path, best_count = None, 0
     for path, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+        if isinstance(module, torch.nn.ModuleList):
             count = sum(name.startswith(path + ".") for name in names)
             if count > best_count:
                 best_path, best_count = path, count
@@ -117,7 +117,7 @@ class _PassThrough(torch.nn.Module):
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Capture:
     """Block inputs of one pass, all batches concatenated in order (rows = windows or texts)."""
 
@@ -273,16 +273,27 @@ class SensitivityReport:
     unit: str = "block"
 
     def rows(self) -> list[dict]:
-        """One row per linear and scheme, joined with its block's (and, per linear, its own) end-to-end delta."""
-        by_block = {(r["block"], r["label"]): r["delta"] for r in self.blocks if r["unit"] == "block"}
-        by_linear = {(r["layers"][0], r["label"]): r["delta"] for r in self.blocks if r["unit"] == "linear"}
-        rows = []
-        for row in self.linears:
-            extra = {"metric": self.metric, "block_delta": by_block.get((row["block"], row["label"]))}
-            if by_linear:
-                extra["linear_delta"] = by_linear.get((row["layer"], row["label"]))
-            rows.append({**row, **extra})
-        return rows
+        """One row per linear and scheme with its end-to-end measures.
+
+        ``block_delta`` (or ``linear_delta`` with ``unit="linear"``) is the measured delta of the unit the layer
+        was measured in (a linear outside the block stack is its own unit). ``estimated_delta`` shares that
+        measurement among the unit's linears by their ``predicted_delta`` (by squared weight error without
+        it), so each unit's total stays what was measured: the per-layer error the recommender minimises.
+        """
+        linears = {(r["layer"], r["label"]): r for r in self.linears}
+        column = "linear_delta" if self.unit == "linear" else "block_delta"
+        measured: dict[tuple[str, str], dict] = {}
+        for unit in self.blocks:
+            members = [linears[(name, unit["label"])] for name in unit["layers"]]
+            weights = [m.get("predicted_delta", m["params"] * m["weight_relative_mse"]) for m in members]
+            total = sum(weights)
+            delta = max(0.0, unit["delta"])  # below zero is noise (the metric improved): no damage predicted
+            for member, weight in zip(members, weights, strict=True):
+                share = weight / total if total > 0 else 1 / len(members)
+                measured[(member["layer"], unit["label"])] = {column: unit["delta"], "estimated_delta": delta * share}
+        empty = {column: None, "estimated_delta": None}
+        return [{**row, "metric": self.metric, **measured.get((row["layer"], row["label"]), empty)}
+                for row in self.linears]
 
 
 def _check_schemes(model: torch.nn.Module, schemes: Sequence[QuantScheme]) -> None:

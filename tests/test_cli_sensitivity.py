@@ -39,7 +39,7 @@ def test_sensitivity_writes_one_row_per_layer_and_format(tiny, tmp_path):
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 21
     assert {r["label"] for r in rows} == {"int8 g32", "int4 g32"}
-    for key in ("layer", "layer_type", "relative_mse", "sqnr_db", "predicted_delta", "block_delta", "metric",
+    for key in ("layer", "layer_type", "relative_mse", "sqnr_db", "predicted_delta", "block_delta", "estimated_delta", "metric",
                 "weight_kurtosis", "weight_absmax_over_std", "input_outlier_channels", "bits_per_weight"):
         assert key in rows[0], key
     assert rows[0]["metric"] == "kld_mean"

@@ -41,7 +41,7 @@ def test_layer_types_cover_llama_and_bert_names():
         ["q", "o", "gate", "down"]
     assert [layer_type(n) for n in ("encoder.layer.0.attention.self.key", "encoder.layer.0.attention.output.dense",
                                     "encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense",
-                                    "pooler.dense", "something.else")] == ["k", "o", "up", "down", "o", "other"]
+                                    "pooler.dense", "something.else")] == ["k", "o", "up", "down", "other", "other"]
 
 
 def test_weight_stats_against_numpy_style_formulas():

@@ -24,7 +24,8 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm):
     # Dataframes in page order: ranked table, layer types, blocks (and the mix table last, once measured).
     table = at.dataframe[0].value
     assert len(table) == 2 * 37 and set(table["label"]) == {"int8 g64", "int4 g64"}
-    assert table["block_delta"].iloc[0] == table["block_delta"].max()  # ranked by the default measure
+    assert table["estimated_delta"].is_monotonic_decreasing  # ranked by the default measure
+    assert table["block_delta"].notna().all()
     # Picking a layer hands it to the Weights page.
     layer = "encoder.layer.3.attention.self.value"
     at.selectbox(key="sensitivity_layer").select(layer).run()
