@@ -27,7 +27,7 @@ if st.session_state["granularity"] == "group":
     group = row_column.number_input("Group within the row", 0, groups_per_row - 1, 0, key="weight_group")
 
 with common.user_errors():
-    schemes = [s for s in common.schemes() if s.fmt.scaled]
+    schemes = [s for s in common.schemes(round_to_nearest=True) if s.fmt.scaled]
 if not schemes:
     st.info("Pick a scaled format in the sidebar (int8, int4, nf4, fp8...) to see its grid; fp32/fp16/bf16 "
             "are plain casts with tens of thousands of levels.")

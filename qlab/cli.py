@@ -42,8 +42,6 @@ def _add_scheme_arguments(parser: argparse.ArgumentParser, granularity: str) -> 
     parser.add_argument("--calibration", default="minmax", help="minmax | percentile | mse")
     parser.add_argument("--percentile", type=float, default=99.9)
     parser.add_argument("--scale-dtype", default="auto", help="auto | fp32 | fp16 | bf16")
-    parser.add_argument("--algorithm", default="rtn",
-                        help="rtn (round to nearest) | gptq (error-compensating, Hessians from the evaluation text)")
 
 
 def _scheme(args: argparse.Namespace, fmt: str):
@@ -51,7 +49,8 @@ def _scheme(args: argparse.Namespace, fmt: str):
 
     return QuantScheme(format=fmt, granularity=args.granularity, group_size=args.group_size,
                        symmetric=not args.asymmetric, calibration=args.calibration,
-                       percentile=args.percentile, scale_dtype=args.scale_dtype, algorithm=args.algorithm)
+                       percentile=args.percentile, scale_dtype=args.scale_dtype,
+                       algorithm=getattr(args, "algorithm", "rtn"))
 
 
 def _emit(payload, destination: str | None) -> None:
@@ -211,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run database to store into (default: $QLAB_DB, else the user's data directory)")
     sweep.add_argument("--no-store", action="store_true", help="do not record this sweep in the run database")
     sweep.add_argument("--hardware", default="this-machine", help="hardware id recorded with the run")
+    sweep.add_argument("--algorithm", default="rtn",
+                       help="rtn (round to nearest) | gptq (error-compensating; Hessians from 4096 tokens at the "
+                            "end of the evaluation text, apart from the tokens evaluated)")
     sweep.add_argument("--device-map", default=None, choices=["auto"],
                        help="'auto': spread a model too large for one device over every GPU (accelerate)")
     _add_scheme_arguments(sweep, granularity="channel")
