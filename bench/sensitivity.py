@@ -10,7 +10,8 @@ Per model, in one process on the same tokens:
   (the whole ``analyze(..., predict=False)`` call) in at most 20x one FP32 evaluation, as wall time and as this
   process's CPU time. AIMET's per-layer analysis costs (layers + 1) evaluations.
 - the recommender's run (int8 and int4, curvature pass included), the mix at 4.5 bits per weight and the uniform
-  formats, measured end to end: how much less error the mix has than uniform int4 at the same group size.
+  formats, measured end to end: how much less error the mix has than uniform int4 at the same group size; and
+  uniform int4 with groups of 32, which also stores 4.5 bits per weight.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 
 from qlab.cli import _emit  # noqa: E402
 from qlab.evaluate import EvalSpec, compute_baseline, evaluate  # noqa: E402
-from qlab.mixed import Budget, choices_from, compare  # noqa: E402
+from qlab.mixed import Budget, choices_from, compare, measure  # noqa: E402
 from qlab.models import load, quantizable_linears, weights_digest  # noqa: E402
 from qlab.quant import QuantScheme  # noqa: E402
 from qlab.sensitivity import analyze, block_stack  # noqa: E402
@@ -63,6 +64,9 @@ def bench_model(name: str, tokens: int) -> dict:
     report, _, _ = _timed(analyze, loaded, [int8, int4], baseline)
     choices = choices_from(loaded, report)
     (mix,), rows = compare(loaded, choices, [Budget(BUDGET_BITS)], baseline)
+    # Uniform int4 with groups of 32 stores exactly 4.5 bits per weight too: the same-size uniform rival.
+    same_size = QuantScheme("int4", "group", 32)
+    rows += measure(loaded, {same_size.label: same_size}, baseline)
     by_label = {row["label"]: row for row in rows}
     mix_error, int4_error = by_label[mix.label]["error"], by_label[int4.label]["error"]
     assert weights_digest(loaded.model) == digest, "the analysis changed the cached model's weights"
@@ -100,6 +104,8 @@ def bench_model(name: str, tokens: int) -> dict:
         "int4_error": int4_error,
         "int8_error": by_label[int8.label]["error"],
         "mix_error_reduction_vs_int4": round(1 - mix_error / int4_error, 4),
+        "int4_g32_error": by_label[same_size.label]["error"],
+        "int4_g32_bits_per_weight": by_label[same_size.label]["bits_per_weight"],
         "rows": rows,
     }
 

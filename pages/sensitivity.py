@@ -1,6 +1,7 @@
 """Sensitivity page: which layers lose the most when quantized, and a mixed-precision plan measured end to end."""
 
 import json
+import math
 
 import pandas as pd
 import streamlit as st
@@ -30,7 +31,7 @@ st.caption("Which linear layers lose the most when quantized. **Per linear**: th
            "plan under a size budget, measured against the uniform formats.")
 
 with common.user_errors():
-    candidates = {s.label: s for s in common.schemes() if s.fmt.scaled}
+    candidates = {s.label: s for s in common.schemes(round_to_nearest=True) if s.fmt.scaled}
 if not candidates:
     st.info("Pick at least one scaled format in the sidebar (int8, int4, nf4, fp8...): plain fp32/fp16/bf16 "
             "casts have next to no sensitivity to analyse.")
@@ -151,6 +152,7 @@ st.caption(f"Choice among {', '.join(s.label for s in schemes)} per linear, mini
            "evaluated end to end next to the uniform formats.")
 budgets = sorted({round(budget_bits, 4)} | {round(low + (high - low) * k / (PARETO_POINTS + 1), 4)
                                               for k in range(1, PARETO_POINTS + 1)})
+budgets = [max(b, math.ceil(low * 1e4) / 1e4) for b in budgets]  # rounding must not go below the smallest
 mix_key = (run_key, tuple(budgets))
 mixes_done = st.session_state.setdefault("mix_results", {})
 if st.button("Recommend and measure", type="primary", key="run_mix"):
@@ -179,7 +181,7 @@ st.dataframe(measured[["label", "kind", "bits_per_weight", "size_bytes", report.
                             "error": st.column_config.NumberColumn(format="%.4g"),
                             "predicted_error": st.column_config.NumberColumn(format="%.4g")},
              key="mix_table")
-chosen_mix = next(mix for mix in mixes if mix.budget.bits_per_weight == round(budget_bits, 4))
+chosen_mix = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))
 record = recommendation_record(loaded, report, choices, chosen_mix, rows)
 counts = pd.Series(record["assignment"]).value_counts()
 st.write(f"**{chosen_mix.label}**: {chosen_mix.bits_per_weight:.3f} bits/weight, "

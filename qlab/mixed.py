@@ -65,7 +65,9 @@ class Choices:
     def budget_bytes(self, budget: Budget) -> int:
         """Bytes the quantized linears may take under ``budget``."""
         if budget.bits_per_weight is not None:
-            return math.floor(budget.bits_per_weight * int(self.params.sum()) / 8)
+            # The epsilon keeps a budget typed as exactly some scheme's bits per weight from flooring one byte
+            # below that scheme's size through float rounding.
+            return math.floor(budget.bits_per_weight * int(self.params.sum()) / 8 + 1e-6)
         return budget.size_bytes - self.other_bytes
 
     def predicted(self, choice: np.ndarray) -> float:

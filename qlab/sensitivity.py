@@ -163,14 +163,14 @@ def _swapped(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -
 
 
 def _batches(baseline: Baseline, windows_per_batch: int | None = None
-             ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """The baseline's inputs in forward-sized batches, with the mask of real (non-padding) tokens."""
+             ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The baseline's inputs in forward-sized batches, with the mask of real (non-padding) tokens if any."""
     if baseline.kind == "causal-lm":
         windows = baseline.inputs["windows"]
         per_forward = windows_per_batch or max(1, LM_TOKENS_PER_FORWARD // windows.shape[1])
         for start in range(0, windows.shape[0], per_forward):
             batch = windows[start: start + per_forward]
-            yield {"input_ids": batch}, torch.ones_like(batch, dtype=torch.bool)
+            yield {"input_ids": batch}, None  # every position of a window is a real token
         return
     from qlab.evaluate import EMBED_BATCH
 
@@ -189,9 +189,18 @@ def _forward(model: torch.nn.Module, baseline: Baseline, batch: dict[str, torch.
             model(**batch)
 
 
+def _exact(scheme: QuantScheme) -> bool:
+    """The fp32 cast is the identity on FP32 weights: nothing to measure."""
+    return not scheme.fmt.scaled and scheme.fmt.bits >= 32
+
+
 @dataclass
 class _LinearProbe:
-    """Accumulates, over captured batches, one linear's output error for each scheme and its input stats."""
+    """Accumulates, over captured batches, one linear's output error for each scheme and its input stats.
+
+    Every pass over a weight or an activation costs about as much as the layer itself, so each statistic is one
+    fused reduction (``vector_norm``) rather than square-then-sum temporaries.
+    """
 
     name: str
     weight: torch.Tensor
@@ -202,52 +211,56 @@ class _LinearProbe:
     error_channels: list[torch.Tensor] = field(default_factory=list)  # per scheme: squared output error per channel
     weight_error: list[float] = field(default_factory=list)  # relative MSE of the weights themselves
     input_absmax: torch.Tensor | None = None
+    weight_energy: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.error_channels = [torch.zeros(self.weight.shape[0], dtype=torch.float64) for _ in self.schemes]
+        self.weight_energy = max(float(torch.linalg.vector_norm(self.weight)) ** 2, 1e-30)
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         x = args[0].reshape(-1, self.weight.shape[1])
         y = output.reshape(-1, self.weight.shape[0])
-        if self.mask[0] is not None:
-            keep = self.mask[0].reshape(-1)
-            if keep.numel() == x.shape[0]:  # a pooler sees one token per text: nothing to mask
-                x, y = x[keep], y[keep]
+        keep = self.mask[0]
+        if keep is not None and keep.numel() == x.shape[0]:  # a pooler sees one token per text: nothing to mask
+            x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]
         x = x.float()
         self.tokens += x.shape[0]
-        self.output_energy += float(y.float().square().sum())
-        absmax = x.abs().amax(dim=0)
+        self.output_energy += float(torch.linalg.vector_norm(y.float())) ** 2
+        absmax = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())  # no |x| temporary
         self.input_absmax = absmax if self.input_absmax is None else torch.maximum(self.input_absmax, absmax)
         first = not self.weight_error
         for index, scheme in enumerate(self.schemes):
+            if _exact(scheme):
+                if first:
+                    self.weight_error.append(0.0)
+                continue
             # Rounding is recomputed per batch rather than kept for all layers at once: ΔW of every layer in
             # every format would hold a second FP32 model per format, and an LM budget is usually one batch.
             delta = self._delta(scheme)
             if first:
-                self.weight_error.append(self._relative(delta))
-            if delta.any():  # fp32 is exact: skip the product
-                self.error_channels[index] += (x @ delta.T).square().sum(dim=0, dtype=torch.float64)
+                self.weight_error.append(float(torch.linalg.vector_norm(delta)) ** 2 / self.weight_energy)
+            self.error_channels[index] += torch.linalg.vector_norm(x @ delta.T, dim=0).double().square()
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
-        return fake_quantize(self.weight, scheme) - self.weight
-
-    def _relative(self, delta: torch.Tensor) -> float:
-        return float(delta.square().sum()) / max(float(self.weight.square().sum()), 1e-30)
+        return fake_quantize(self.weight, scheme).sub_(self.weight)
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""
-        return self.weight_error or [self._relative(self._delta(scheme)) for scheme in self.schemes]
+        return self.weight_error or [
+            0.0 if _exact(s) else float(torch.linalg.vector_norm(self._delta(s))) ** 2 / self.weight_energy
+            for s in self.schemes]
 
 
 def weight_stats(weight: torch.Tensor) -> dict[str, float]:
     """Statistics that explain a weight's quantization error: absmax/std, excess kurtosis, outlier rows."""
     w = weight.detach().float()
-    std = w.std().clamp(min=1e-30)
-    centred = (w - w.mean()) / std
-    row_absmax = w.abs().amax(dim=1)
+    std, mean = torch.std_mean(w)
+    std = std.clamp(min=1e-30)
+    row_absmax = torch.linalg.vector_norm(w, ord=math.inf, dim=1)
+    fourth_moment = (w - mean).div_(std).square_().square_().mean()
     return {
-        "weight_absmax_over_std": float(w.abs().max() / std),
-        "weight_kurtosis": float((centred**4).mean() - 3.0),
+        "weight_absmax_over_std": float(row_absmax.max() / std),
+        "weight_kurtosis": float(fourth_moment - 3.0),
         "weight_outlier_rows": int((row_absmax > OUTLIER_RATIO * row_absmax.median()).sum()),
     }
 
