@@ -114,15 +114,15 @@ def test_every_available_backend_agrees_with_its_twin_on_minilm(minilm):
 def test_lm_backends_agree_with_their_twins_on_smollm(smollm):
     digest = weights_digest(smollm.model)
     baseline = compute_baseline(smollm, EvalSpec(tokens=64))
-    for slug in ("torch-dynamic-int8", "llamacpp-q4_0"):
-        backend = backends.get(slug)
-        if not backend.available("cpu")[0]:
-            continue
-        model = backend.apply(smollm, "cpu")
-        metrics = backends.evaluate_model(model, baseline)
-        twin = backends.evaluate_model(backend.twin_model(smollm, model), baseline)
-        assert backend.tolerance.agrees(metrics, twin), (slug, metrics, twin)
-        del model
+    # llama.cpp when installed (its twin is the file's own tensors); torch.ao's INT8 otherwise. One of them: the
+    # slow tests share a 60-second budget on 2 cores, and MiniLM covers the other libraries.
+    slug = "llamacpp-q4_0" if backends.get("llamacpp-q4_0").available("cpu")[0] else "torch-dynamic-int8"
+    backend = backends.get(slug)
+    model = backend.apply(smollm, "cpu")
+    metrics = backends.evaluate_model(model, baseline)
+    twin = backends.evaluate_model(backend.twin_model(smollm, model), baseline)
+    assert backend.tolerance.agrees(metrics, twin), (slug, metrics, twin)
+    del model
     assert weights_digest(smollm.model) == digest
 
 

@@ -95,8 +95,9 @@ class Backend:
         library: the PyPI package that holds the kernels (``"torch"`` for torch itself).
         title: one line for people.
         weight_format: the qlab format the weights are stored in (``qlab.formats``), for roofline and sizes.
-        compute_dtype: what the matmuls run in: the activation dtype for weight-only kernels (``"fp32"`` on CPU,
-            ``"bf16"`` on GPU), or ``"int8"``/``"fp8"`` when activations are quantized too.
+        compute_dtype: what the matmuls run in: ``"activation"`` for weight-only kernels (the activations'
+            dtype: FP32 on a CPU, BF16 on a GPU), ``"fp32"``/``"bf16"`` for the plain references, or
+            ``"int8"``/``"fp8"`` when activations are quantized too.
         devices: where its kernels exist (``"cpu"``, ``"cuda"``).
         kinds: model kinds it handles (``"causal-lm"``, ``"embedding"``).
         twin: the qlab scheme (or per-layer plan, built from the model) that simulates what it does.
