@@ -72,9 +72,9 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # index_copy_ keeps the cache a fixed-address buffer, which CUDA graphs need.
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
+        # In-place writes keep the cache a fixed-address buffer, which CUDA graphs need (gpt-fast's KVCache).
+        self.k[:, :, positions] = k
+        self.v[:, :, positions] = v
         return self.k, self.v
 
 
@@ -267,12 +267,12 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
     if compiled:
         import torch._inductor.config as inductor
 
-        # torchao's generate.py settings: tuned block sizes for the fused dequantize-matmul kernels.
-        inductor.coordinate_descent_tuning = True
-        inductor.triton.unique_kernel_names = True
-        inductor.fx_graph_cache = True
-        if hasattr(inductor, "force_fuse_int_mm_with_mul"):
-            inductor.force_fuse_int_mm_with_mul = True
+        # torchao's generate.py settings: tuned block sizes for the fused dequantize-matmul kernels. Names
+        # move between torch releases, and setting an unknown one raises, so each is set only if present.
+        for owner, name in ((inductor, "coordinate_descent_tuning"), (inductor.triton, "unique_kernel_names"),
+                            (inductor, "fx_graph_cache"), (inductor, "force_fuse_int_mm_with_mul")):
+            if hasattr(owner, name):
+                setattr(owner, name, True)
         step = torch.compile(decode_one, mode=args.compile_mode, fullgraph=True)
     generator = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, args.config["vocab_size"], (1, args.prompt_tokens), generator=generator).to(args.device)
