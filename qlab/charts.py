@@ -215,7 +215,9 @@ def sensitivity_heatmap(rows: pd.DataFrame, measure: str) -> go.Figure:
         z=z, x=labels, y=layers, colorscale="Viridis", reversescale=measure == "sqnr_db",
         colorbar={"title": f"log10 {measure}" if log else measure},
         customdata=table.to_numpy(), hovertemplate="%{y}<br>%{x}: %{customdata:.4g}<extra></extra>"))
-    figure.update_layout(title=title, height=max(400, 14 * len(layers) + 120), margin={"t": 40},
+    # Scheme labels sit on top, under the title, so they stay in view above a tall (one row per layer) map.
+    figure.update_layout(title={"text": title, "y": 1.0, "yanchor": "top", "pad": {"t": 8}},
+                         height=max(400, 14 * len(layers) + 140), margin={"t": 90},
                          yaxis={"autorange": "reversed", "tickfont": {"size": 9}}, xaxis={"side": "top"})
     return figure
 
