@@ -14,6 +14,9 @@ On the lent H100 (about 8 minutes; compiles take 1-3 minutes each), then the res
     python bench/gpu_speed.py --install-wheels --steps float8wo:compiled-loop,nf4:eager-loop,int8wo:hf-generate \
         --json $OUT/gpu_speed_2.json
     python bench/gpu_speed.py --merge first.json second.json --json bench/results/gpu_speed.json
+A compile mode other than reduce-overhead is recorded as its own path (``compiled-loop:max-autotune``), e.g.
+    python bench/gpu_speed.py --install-wheels --compile-mode max-autotune \
+        --steps bf16:compiled-loop,int8wo:compiled-loop,int4wo:compiled-loop --json $OUT/gpu_speed_autotune.json
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from qlab.errors import Cancelled
 from qlab.quant import QuantScheme
 
 GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_speed.json"
+CPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "speed_cpu.json"
 REFERENCES = Path(__file__).resolve().parent.parent / "assets" / "speed_references.json"
 DEFAULT_BACKENDS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "quanto-int8", "onnxruntime-fp32",
                     "onnxruntime-int8", "llamacpp-q8_0", "llamacpp-q4_0")
@@ -75,6 +76,14 @@ if start and todo:
 
 rows = speed.add_ratios([finished[s] for s in st.session_state["speed_backends"] if s in finished])
 bandwidth = st.session_state.get("speed_bandwidth")
+committed = [r for r in (json.loads(CPU_RESULTS.read_text()) if CPU_RESULTS.is_file() else [])
+             if r.get("model") == loaded.name]
+if not rows and committed:
+    # Nothing measured in this session yet: show the repository's own run, labelled as such.
+    rows = committed
+    st.info(f"Showing `bench/results/speed_cpu.json` ({committed[0].get('cpu_model')}, "
+            f"{committed[0].get('threads')} thread(s), {committed[0].get('prompt_tokens')} prompt + "
+            f"{committed[0].get('new_tokens')} decoded tokens); press **Measure** to time this machine.")
 host = hardware.detect_this_machine().host
 st.caption(f"This machine: {host.cpu_model}, {host.usable_cores} usable cores, flags "
            f"{', '.join(sorted(host.cpu_flags)) or 'none readable'}; native formats "
@@ -97,9 +106,13 @@ if good:
                        "error": speed.error_of(row), "size_bytes": row.get("size_bytes") or 0,
                        "source": "measured", "pareto": on_front})
     predictions = []
-    if is_lm:
+    measured_bandwidth = (bandwidth.bytes_per_s.median if bandwidth
+                          else next((r["bandwidth_bytes_per_s"] for r in good if r.get("bandwidth_bytes_per_s")), None))
+    own_bandwidth = measured_bandwidth if target.is_detected else None
+    if is_lm and not (own_bandwidth or target.bandwidth_bytes_per_s):
+        st.caption("No roofline points: this machine's bandwidth is measured with the first **Measure**.")
+    elif is_lm:
         arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
-        own_bandwidth = bandwidth.bytes_per_s.median if bandwidth and target.is_detected else None
         for row in good:
             backend = backends.get(row["backend"])
             plan = backend.twin(loaded.model)

@@ -248,6 +248,38 @@ def _stats(values: list[float], name: str) -> dict:
             f"{name}_spread_pct": round(100 * (max(values) - min(values)) / median, 2) if median else None}
 
 
+def _inductor_settings() -> None:
+    """torchao's benchmark settings (``recommended_inductor_config_setter``: coordinate-descent tuning of the
+    fused dequantize-matmul kernels), or the same flags by hand when torchao is absent. Flag names move between
+    torch releases and setting an unknown one raises, so each is set only where it exists."""
+    try:
+        from torchao.quantization.utils import recommended_inductor_config_setter
+
+        recommended_inductor_config_setter()
+        return
+    except ImportError:
+        pass
+    import torch._inductor.config as inductor
+
+    for owner, name in ((inductor, "coordinate_descent_tuning"), (inductor, "coordinate_descent_check_all_directions"),
+                        (inductor.triton, "unique_kernel_names"), (inductor, "fx_graph_cache"),
+                        (inductor, "force_fuse_int_mm_with_mul")):
+        if hasattr(owner, name):
+            setattr(owner, name, True)
+
+
+def _math_attention():
+    """Math SDPA for decode steps, as torchao's generate.py: inductor then generates the attention itself."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
     record: dict = {}
     started = time.perf_counter()
@@ -265,14 +297,7 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
 
     step = decode_one
     if compiled:
-        import torch._inductor.config as inductor
-
-        # torchao's generate.py settings: tuned block sizes for the fused dequantize-matmul kernels. Names
-        # move between torch releases, and setting an unknown one raises, so each is set only if present.
-        for owner, name in ((inductor, "coordinate_descent_tuning"), (inductor.triton, "unique_kernel_names"),
-                            (inductor, "fx_graph_cache"), (inductor, "force_fuse_int_mm_with_mul")):
-            if hasattr(owner, name):
-                setattr(owner, name, True)
+        _inductor_settings()
         step = torch.compile(decode_one, mode=args.compile_mode, fullgraph=True)
     generator = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, args.config["vocab_size"], (1, args.prompt_tokens), generator=generator).to(args.device)
@@ -287,9 +312,10 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
             _sync(args.device)
             t1 = time.perf_counter()
             position = torch.tensor([args.prompt_tokens], device=args.device)
-            for _ in range(args.new_tokens):
-                token = step(model, token, position).clone()
-                position += 1
+            with _math_attention():
+                for _ in range(args.new_tokens):
+                    token = step(model, token, position).clone()
+                    position += 1
             _sync(args.device)
             t2 = time.perf_counter()
             if rep == 0:
@@ -359,7 +385,9 @@ def base_row(args: Args, fmt: str, path: str) -> dict:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None
     return {
         "model": args.config_name, "backend": BACKEND_OF[fmt], "format": WEIGHT_FORMAT[fmt], "format_slug": fmt,
-        "path": path, "device": args.device, "gpu": gpu, "batch": 1, "prompt_tokens": args.prompt_tokens,
+        # A compile mode other than the default names its own path, so both can sit in one results file.
+        "path": f"{path}:{args.compile_mode}" if path == "compiled-loop" and args.compile_mode != "reduce-overhead"
+        else path, "device": args.device, "gpu": gpu, "batch": 1, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.hf_new_tokens if path == "hf-generate" else args.new_tokens,
         "repetitions": args.repetitions, "threads": torch.get_num_threads(),
         "compile_mode": args.compile_mode if path == "compiled-loop" else None,
