@@ -15,6 +15,7 @@ from qlab.mixed import Budget, choices_from, compare, recommendation_record
 from qlab.sensitivity import analyze
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
+UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none": "predict only (fastest)"}
 TABLE_COLUMNS = ["layer", "layer_type", "block", "label", "bits_per_weight", "estimated_delta", "block_delta",
                  "linear_delta", "predicted_delta", "relative_mse", "sqnr_db", "weight_relative_mse", "weight_absmax_over_std",
                  "weight_kurtosis", "weight_outlier_rows", "input_absmax", "input_outlier_channels"]
@@ -43,8 +44,10 @@ formats_column, unit_column, view_column = st.columns([3, 2, 2])
 chosen = formats_column.multiselect("Formats to analyse", list(candidates), key="sensitivity_schemes",
                                     help="From the sidebar's scheme. Each format costs one end-to-end "
                                          "measurement per block (the recommender chooses among these).")
-unit = unit_column.radio("End-to-end unit", ["block", "linear"], key="sensitivity_unit", horizontal=True,
-                         help="One linear at a time is exact per layer but runs one replay per linear.")
+unit = unit_column.radio("End to end", list(UNITS), key="sensitivity_unit", format_func=UNITS.get,
+                         help="Replays from cached block inputs: one per block, or one per linear (exact per layer, "
+                              "many more replays). 'Predict only' skips them: the recommender then relies on "
+                              "the second-order estimate alone.")
 view = view_column.radio("View", list(VIEWS), key="sensitivity_view", format_func=VIEWS.get, horizontal=True,
                          help="Reverse: everything quantized except one unit, as AIMET's QuantAnalyzer reports.")
 if not chosen:
@@ -64,7 +67,8 @@ if start:
     with common.user_errors():
         base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
         try:
-            reports[run_key] = analyze(loaded, schemes, base, unit=unit, view=view,
+            reports[run_key] = analyze(loaded, schemes, base, blocks=unit != "none",
+                                       unit="block" if unit == "none" else unit, view=view,
                                        progress=lambda fraction, message: bar.progress(min(1.0, fraction), message))
         except Cancelled as stop:
             st.info(str(stop))

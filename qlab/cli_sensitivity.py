@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         help="whole model as stored, in GB (1e9 bytes); other tensors count at fp16")
     recommend.add_argument("--unit", default="block", choices=("block", "linear"),
                            help="end-to-end measurements per block (default) or per linear (slower, exact)")
+    recommend.add_argument("--no-blocks", action="store_true",
+                           help="no end-to-end replays: choose by the second-order predictions alone (fastest)")
     recommend.add_argument("--plan", default=None, metavar="PATH",
                            help="also write the plan alone (qlab, torchao FqnToConfig, optimum-quanto map)")
     _add_scheme_arguments(recommend, granularity="group")
@@ -126,7 +128,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     loaded, schemes, spec = _setup(args)
     with _progress_bar(args.quiet, "recommend") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
-        report = analyze(loaded, schemes, baseline, unit=args.unit,
+        report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
                          progress=lambda f, m: progress(0.05 + 0.75 * f, m))
         choices = choices_from(loaded, report)
         mixes, rows = compare(loaded, choices, [budget], baseline,

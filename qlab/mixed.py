@@ -82,10 +82,13 @@ class Choices:
 
 def choices_from(loaded: LoadedModel, report: SensitivityReport) -> Choices:
     """The knapsack instance of a sensitivity report: exact bytes, and as predicted error each linear's
-    ``estimated_delta`` (its measured block delta shared by curvature-weighted output error, or its own
-    measured delta with ``unit="linear"``), in the metric's units (nats of KLD, or 1 - cosine)."""
-    if not report.blocks:
-        raise QlabError("the sensitivity report has no end-to-end measurements; run it with blocks on.")
+    ``estimated_delta`` (its measured block delta shared by curvature-weighted output error, its own measured
+    delta with ``unit="linear"``, or with ``blocks=False`` the second-order prediction alone: cheaper, less
+    sure), in the metric's units (nats of KLD, or 1 - cosine)."""
+    predicted_only = not report.blocks
+    if predicted_only and not any("predicted_delta" in r for r in report.linears):
+        raise QlabError("the sensitivity report has neither end-to-end measurements nor predictions; run it with "
+                        "blocks or with predict on.")
     if report.view != "forward":
         raise QlabError("the recommender needs the forward view (each unit quantized alone).")
     layers = tuple(name for name, _ in quantizable_linears(loaded.model))
@@ -103,7 +106,9 @@ def choices_from(loaded: LoadedModel, report: SensitivityReport) -> Choices:
     if np.isnan(error).any():
         missing = layers[int(np.argwhere(np.isnan(error))[0][0])]
         raise QlabError(f"the report has no end-to-end measurement covering '{missing}'; re-run the analysis.")
-    if report.unit == "linear":
+    if predicted_only:
+        predictor = "second-order predictions only (curvature-weighted output error, nothing replayed)"
+    elif report.unit == "linear":
         predictor = "each linear's own measured end-to-end delta"
     elif any("predicted_delta" in r for r in report.linears):
         predictor = "measured block deltas, shared by curvature-weighted output error"

@@ -292,6 +292,7 @@ class SensitivityReport:
         was measured in (a linear outside the block stack is its own unit). ``estimated_delta`` shares that
         measurement among the unit's linears by their ``predicted_delta`` (by squared weight error without
         it), so each unit's total stays what was measured: the per-layer error the recommender minimises.
+        Without end-to-end measurements it is ``predicted_delta`` itself.
         """
         linears = {(r["layer"], r["label"]): r for r in self.linears}
         column = "linear_delta" if self.unit == "linear" else "block_delta"
@@ -304,9 +305,12 @@ class SensitivityReport:
             for member, weight in zip(members, weights, strict=True):
                 share = weight / total if total > 0 else 1 / len(members)
                 measured[(member["layer"], unit["label"])] = {column: unit["delta"], "estimated_delta": delta * share}
-        empty = {column: None, "estimated_delta": None}
-        return [{**row, "metric": self.metric, **measured.get((row["layer"], row["label"]), empty)}
-                for row in self.linears]
+        rows = []
+        for row in self.linears:
+            # Without end-to-end measurements (blocks=False) the second-order prediction is the estimate.
+            unmeasured = {column: None, "estimated_delta": None if self.blocks else row.get("predicted_delta")}
+            rows.append({**row, "metric": self.metric, **measured.get((row["layer"], row["label"]), unmeasured)})
+        return rows
 
 
 def _check_schemes(model: torch.nn.Module, schemes: Sequence[QuantScheme]) -> None:

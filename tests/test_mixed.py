@@ -157,3 +157,20 @@ def test_measured_mix_at_4_5_bits_beats_uniform_int4_on_minilm(minilm):
     by_label = {row["label"]: row for row in rows}
     assert mix.bits_per_weight <= 4.5
     assert by_label[mix.label]["cosine_mean"] > by_label["int4 g64"]["cosine_mean"]
+
+
+def test_without_replays_the_recommender_uses_the_second_order_predictions(analysed):
+    loaded, baseline, _ = analysed
+    report = analyze(loaded, [INT8, INT4], baseline, blocks=False)
+    choices = choices_from(loaded, report)
+    assert "second-order" in choices.predictor
+    predicted = {(r["layer"], r["label"]): r["predicted_delta"] for r in report.linears}
+    labels = [s.label for s in choices.schemes]
+    for i, layer in enumerate(choices.layers):
+        for j, label in enumerate(labels):
+            assert choices.error[i, j] == predicted[(layer, label)]
+    mix = recommend(loaded, choices, Budget(5.0))
+    assert mix.bits_per_weight <= 5.0
+    no_estimate = analyze(loaded, [INT4], baseline, blocks=False, predict=False)
+    with pytest.raises(QlabError, match="neither end-to-end measurements nor predictions"):
+        choices_from(loaded, no_estimate)
