@@ -480,6 +480,7 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
         if progress:
             progress(min(1.0, done[0] / total), message)
 
+    _check_cache_fits(model, stack, baseline)
     shadow = shared_copy(model)
     mask_slot: list = [None]
     probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot) for name in linear_names}
@@ -510,6 +511,19 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     seconds["blocks_s"] = time.perf_counter() - started
     return SensitivityReport(loaded.name, loaded.kind, metric, schemes, linear_records, block_records, seconds,
                              baseline.tokens, view, unit)
+
+
+def _check_cache_fits(model: torch.nn.Module, stack: BlockStack, baseline: Baseline) -> None:
+    """Refuse before any work when every block's cached input would not fit in half the free RAM."""
+    import psutil
+
+    positions = (baseline.inputs["windows"] if baseline.kind == "causal-lm" else baseline.inputs["input_ids"]).numel()
+    width = model.get_input_embeddings().embedding_dim
+    needed = len(stack.linears) * positions * width * 4  # FP32 hidden states, one per block
+    available = psutil.virtual_memory().available
+    if needed > available / 2:
+        raise QlabError(f"caching every block's input for {positions} tokens needs {needed / 1e9:.1f} GB, more than "
+                        f"half the {available / 1e9:.1f} GB of free RAM; lower the token budget.")
 
 
 def _units(stack: BlockStack, unit: str) -> list[tuple[int | None, str, tuple[str, ...]]]:

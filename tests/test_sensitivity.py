@@ -189,3 +189,16 @@ def test_minilm_block_replay_matches_the_sweep_path_and_leaves_weights_alone(min
     reference = error_of("cosine_mean", evaluate(shadow, baseline)["cosine_mean"])
     assert row["delta"] == pytest.approx(reference, rel=0.02)
     assert weights_digest(minilm.model) == before
+
+
+def test_a_block_cache_larger_than_free_memory_is_refused_up_front(llama, monkeypatch):
+    import psutil
+
+    loaded, baseline = llama
+
+    class Tight:
+        available = 1000  # bytes: far less than 3 blocks x 128 tokens x 64 x 4 bytes
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    with pytest.raises(QlabError, match="lower the token budget"):
+        analyze(loaded, [QuantScheme("int4")], baseline)
