@@ -23,11 +23,12 @@ def test_speed_page_draws_measured_and_predicted_points_and_verdicts():
     spec = speed.SpeedSpec()
     rows = {"fp32": lm_row("fp32", "fp32", 25.0, 0.0, 540_000_000),
             "torch-dynamic-int8": lm_row("torch-dynamic-int8", "int8", 80.0, 0.95, 160_000_000),
-            "llamacpp-q4_0": {**lm_row("llamacpp-q4_0", "int4", 95.0, 0.0055, 90_000_000),
-                              "library": "llama-cpp-python"},
+            # quanto-int4 and not llama.cpp: the page offers only backends installed here, and CI has no llama.cpp.
+            "quanto-int4": {**lm_row("quanto-int4", "int4", 95.0, 0.0055, 90_000_000),
+                            "library": "optimum-quanto"},
             "bnb-nf4": {**lm_row("bnb-nf4", "nf4", 0, 0, 0), "available": False, "reason": "needs CUDA"}}
     app.session_state["speed_rows"] = {("smollm2-135m", spec, 512): rows}
-    app.session_state["speed_backends"] = ["fp32", "torch-dynamic-int8", "llamacpp-q4_0"]
+    app.session_state["speed_backends"] = ["fp32", "torch-dynamic-int8", "quanto-int4"]
     app.session_state["hardware"] = "h100-sxm-80gb"
     app.run()
     assert not app.exception, [e.value for e in app.exception]
@@ -35,8 +36,8 @@ def test_speed_page_draws_measured_and_predicted_points_and_verdicts():
     assert "Verdicts" in subheaders and "The seed claims, next to measured ratios" in subheaders
     verdicts = next(df.value for df in app.dataframe if "question" in df.value.columns)
     answers = dict(zip(verdicts["question"], verdicts["backend"]))
-    # Dynamic INT8 is fast but far outside a 0.01-nat bound; Q4_0 is the fastest inside it.
-    assert answers["fastest within the accuracy bound"] == "llamacpp-q4_0"
+    # Dynamic INT8 is fast but far outside a 0.01-nat bound; the int4 row is the fastest inside it.
+    assert answers["fastest within the accuracy bound"] == "quanto-int4"
     claims = next(df.value for df in app.dataframe if "claim" in df.value.columns)
     assert list(claims["best measured here (vs FP32)"]) == [3.2, 3.8]
     roofline_table = next(df.value for df in app.dataframe if "verdict" in df.value.columns)
