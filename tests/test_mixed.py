@@ -174,3 +174,50 @@ def test_without_replays_the_recommender_uses_the_second_order_predictions(analy
     no_estimate = analyze(loaded, [INT4], baseline, blocks=False, predict=False)
     with pytest.raises(QlabError, match="neither end-to-end measurements nor predictions"):
         choices_from(loaded, no_estimate)
+
+
+def test_exported_plan_applies_with_torchao_and_optimum_quanto(analysed):
+    """The export is not just names: torchao's FqnToConfig and quanto's quantize accept it as written."""
+    import copy
+    import re
+
+    import torch
+    from optimum.quanto import freeze, qtypes
+    from optimum.quanto import quantize as quanto_quantize
+    from torchao.quantization import FqnToConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    loaded, baseline, _ = analysed
+    names = [n for n, _ in quantizable_linears(loaded.model)]
+    plan = {**dict.fromkeys(names, INT4), names[0]: INT8, names[5]: QuantScheme("int8", "channel")}
+    record = json.loads(json.dumps(export_plan(loaded.name, plan)))
+
+    def torchao_config(entry: dict) -> IntxWeightOnlyConfig:
+        assert entry["config"] == "IntxWeightOnlyConfig"
+        group = re.fullmatch(r"PerGroup\((\d+)\)", entry["granularity"])
+        return IntxWeightOnlyConfig(weight_dtype=getattr(torch, entry["weight_dtype"].removeprefix("torch.")),
+                                    granularity=PerGroup(int(group[1])) if group else PerAxis(0),
+                                    mapping_type=MappingType[entry["mapping_type"]],
+                                    scale_dtype=getattr(torch, entry["scale_dtype"].removeprefix("torch.")))
+
+    ids = baseline.inputs["windows"][:, :64]
+    with torch.no_grad():
+        reference = loaded.model(ids).logits
+        ours = quantized_copy(loaded.model, load_plan(record))(ids).logits
+        torchao_model = copy.deepcopy(loaded.model)
+        configs = {name: torchao_config(entry) for name, entry in record["torchao"]["FqnToConfig"].items()}
+        quantize_(torchao_model, FqnToConfig(configs), filter_fn=None)
+        theirs = torchao_model(ids).logits
+        quanto_model = copy.deepcopy(loaded.model)
+        for qtype in {entry["weights"] for entry in record["optimum_quanto"].values()}:
+            include = [n for n, entry in record["optimum_quanto"].items() if entry["weights"] == qtype]
+            quanto_quantize(quanto_model, weights=qtypes[qtype], include=include)
+        freeze(quanto_model)
+        quanto_out = quanto_model(ids).logits
+    assert type(torchao_model.get_submodule(names[1]).weight).__name__ != "Parameter"
+    assert type(quanto_model.get_submodule(names[1])).__name__ == "QLinear"
+    ours_error = (ours - reference).norm()
+    # Same formats and groups, slightly different rounding conventions: errors of the same size, not identical.
+    for other in (theirs, quanto_out):
+        assert 0 < (other - reference).norm() < 3 * ours_error
