@@ -17,7 +17,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "cosine_mean": ("Cosine similarity to FP32 embeddings (mean)", False),
     "retrieval_agreement": ("Nearest-neighbour agreement with FP32", False),
 }
-MAX_HISTOGRAM_POINTS = 200_000
+HISTOGRAM_BINS = 200
+MAX_RUG_POINTS = 4096  # one tick per weight only for a block-sized input
 LOG_FLOOR = 1e-6  # below this a KLD is measurement noise (fp16-stored baseline log-probs)
 
 
@@ -52,10 +53,10 @@ def weight_histogram(values: torch.Tensor, grid: torch.Tensor | None, title: str
     A single block holds only tens of weights, so small inputs get fewer bins and a rug of the individual
     values: each tick is one weight, and the nearest red line is where rounding sends it.
     """
-    flat = _sample(values)
-    bins = int(min(200, max(20, flat.numel() // 3)))
-    figure = go.Figure(go.Histogram(x=flat.numpy(), nbinsx=bins, name="weights", marker_color="#4c78a8"))
-    if flat.numel() <= 4096:
+    flat = values.detach().reshape(-1).float()
+    bins = int(min(HISTOGRAM_BINS, max(20, flat.numel() // 3)))
+    figure = go.Figure(_histogram_bars(flat, _bin_edges(flat, bins), name="weights", marker_color="#4c78a8"))
+    if flat.numel() <= MAX_RUG_POINTS:
         figure.add_trace(go.Scatter(x=flat.numpy(), y=[0] * flat.numel(), mode="markers", name="each weight",
                                     marker={"symbol": "line-ns-open", "size": 14, "color": "#1f2d3d"}))
     if grid is not None and 0 < grid.numel() <= 512:
@@ -74,10 +75,11 @@ def weight_histogram(values: torch.Tensor, grid: torch.Tensor | None, title: str
 
 
 def error_histogram(errors: dict[str, torch.Tensor]) -> go.Figure:
-    """Overlaid histograms of quantization error (dequantized - original), one per scheme."""
-    figure = go.Figure()
-    for label, error in errors.items():
-        figure.add_trace(go.Histogram(x=_sample(error).numpy(), nbinsx=200, name=label, opacity=0.6))
+    """Overlaid histograms of quantization error (dequantized - original), one per scheme, on shared bins."""
+    flats = {label: error.detach().reshape(-1).float() for label, error in errors.items()}
+    extremes = torch.stack([torch.stack([f.min(), f.max()]) for f in flats.values()])
+    edges = _bin_edges(extremes, HISTOGRAM_BINS)
+    figure = go.Figure([_histogram_bars(flat, edges, name=label, opacity=0.6) for label, flat in flats.items()])
     figure.update_layout(barmode="overlay", xaxis_title="dequantized - original", yaxis_title="count",
                          margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
     return figure
@@ -97,14 +99,20 @@ def channel_ranges(weight: torch.Tensor) -> go.Figure:
     return figure
 
 
-def _sample(values: torch.Tensor) -> torch.Tensor:
-    """At most MAX_HISTOGRAM_POINTS values so the browser stays fast. Random (seeded) rather than strided:
-    a stride that divides the row length would keep the same input columns of every row."""
-    flat = values.detach().reshape(-1).float()
-    if flat.numel() <= MAX_HISTOGRAM_POINTS:
-        return flat
-    generator = torch.Generator().manual_seed(0)
-    return flat[torch.randint(flat.numel(), (MAX_HISTOGRAM_POINTS,), generator=generator)]
+def _bin_edges(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """``bins`` equal-width edges over the values' range (a constant tensor gets a unit-wide range)."""
+    low, high = values.min().item(), values.max().item()
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    return torch.linspace(low, high, bins + 1, dtype=torch.float64)
+
+
+def _histogram_bars(values: torch.Tensor, edges: torch.Tensor, **trace) -> go.Bar:
+    """Counts of *every* value per bin, binned here: the browser gets one bar per bin, not millions of points."""
+    low, high = edges[0].item(), edges[-1].item()
+    counts = torch.histc(values.float().clamp(low, high), bins=edges.numel() - 1, min=low, max=high)
+    centers = ((edges[:-1] + edges[1:]) / 2).numpy()
+    return go.Bar(x=centers, y=counts.numpy(), width=(edges[1] - edges[0]).item(), **trace)
 
 
 # --- memory planner ---------------------------------------------------------------------------------------
@@ -382,7 +390,9 @@ def rounding_error_curves(records: pd.DataFrame) -> go.Figure:
 
 def outlier_histogram(values: torch.Tensor, records: pd.DataFrame) -> go.Figure:
     """The tensor's histogram with each calibration's clipping point (±) as a dashed line."""
-    figure = go.Figure(go.Histogram(x=values.numpy(), nbinsx=200, name="values", marker_color="#4c78a8"))
+    flat = values.detach().reshape(-1).float()
+    figure = go.Figure(_histogram_bars(flat, _bin_edges(flat, HISTOGRAM_BINS), name="values",
+                                       marker_color="#4c78a8"))
     palette = ("#e45756", "#f58518", "#54a24b")
     for color, row in zip(palette, records.itertuples(), strict=False):
         for sign in (-1, 1):
