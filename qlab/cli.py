@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sweep.add_argument("--formats", default="fp16,bf16,int8,int4,nf4")
     bench_sweep.add_argument("--tokens", type=int, default=2048)
     _add_scheme_arguments(bench_sweep, granularity="group")
+    bench_sweep.add_argument("--db", default=None, metavar="PATH",
+                             help="also store the result in this run database (default: $QLAB_DB if set)")
     json_option(bench_sweep, "write the benchmark JSON")
     bench_sweep.set_defaults(func=cmd_bench_sweep)
     return parser
@@ -257,6 +259,9 @@ def cmd_bench_sweep(args: argparse.Namespace) -> None:
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     result = bench_sweep(args.model, schemes, args.tokens)
+    from qlab.cli_bench import store_bench_sweep
+
+    store_bench_sweep(args, result)
     _emit(result, args.json if args.json is not None else "-")
 
 

@@ -12,6 +12,7 @@ keeps working, and ``bench --model ...`` runs this. ``qlab.cli`` is imported ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 
@@ -40,6 +41,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4",
                         help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--db", default=None, metavar="PATH",
+                        help="also store each backend's row, as it finishes, in this run database "
+                             "(default: $QLAB_DB if set; CPU runs)")
     json_option(parser, "write the rows as JSON, rewritten after each backend")
     parser.set_defaults(func=cmd_bench)
     return parser
@@ -68,6 +72,7 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     from qlab.cli import _emit
     from qlab.errors import QlabError
     from qlab.models import load
+    from qlab.store import Recorder, bench_meta, requested_path
 
     if args.device != "cpu":
         raise QlabError(f"unknown device '{args.device}'; use cpu or cuda.")
@@ -81,8 +86,12 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     bandwidth = None if args.no_bandwidth else speed.measure_bandwidth()
     machine = _machine(hardware.detect_this_machine(), bandwidth)
     rows: list[dict] = []
-    with tqdm(total=1000, desc="bench", unit="‰", file=sys.stderr, disable=args.quiet,
-              bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar:
+    db = requested_path(getattr(args, "db", None))
+    meta = bench_meta(loaded, spec, [b.slug for b in chosen], args.accuracy_tokens or None, "cpu",
+                      threads=torch.get_num_threads(), machine=machine) if db else None
+    with (tqdm(total=1000, desc="bench", unit="‰", file=sys.stderr, disable=args.quiet,
+               bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar,
+          Recorder(db, meta) if db else contextlib.nullcontext() as recorder):
         def progress(fraction: float, message: str) -> None:
             bar.set_description_str(message[:40].ljust(40))
             bar.update(int(fraction * 1000) - bar.n)
@@ -91,9 +100,29 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
                                    progress=progress):
             rows.append({**row, **machine})
             speed.add_ratios(rows)
+            if recorder:  # committed before the next backend starts: a killed run keeps it
+                recorder.save(rows[-1], "bench")
             if args.json not in (None, "-"):
                 _emit(rows, args.json)
     return rows
+
+
+def store_bench_sweep(args: argparse.Namespace, result: dict) -> None:
+    """With ``--db`` (or ``QLAB_DB``), keep a ``bench sweep`` result as a ``bench`` run: its sweep rows and
+    its timing summary (the benchmark runs in one piece, so it is stored when it ends)."""
+    from qlab.models import resolve
+    from qlab.store import Recorder, RunMeta, model_sha256, requested_path
+
+    db = requested_path(args.db)
+    if db is None:
+        return
+    summary = {k: v for k, v in result.items() if k != "rows"}
+    meta = RunMeta("bench", result["model"], {"benchmark": "sweep", "formats": result["formats"],
+                                             "tokens": args.tokens}, model_sha256=model_sha256(resolve(args.model)),
+                   tokens=result["tokens"])
+    with Recorder(db, meta) as recorder:
+        recorder.save_many(result["rows"], "sweep")
+        recorder.save({**summary, "label": "sweep benchmark"}, "bench")
 
 
 def _machine(host, bandwidth) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator
 
@@ -60,6 +61,22 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=512, help="evaluation token budget")
     parser.add_argument("--text-file", default=None, help="UTF-8 text to evaluate on (default: pydoc topics)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--db", default=None, metavar="PATH",
+                        help="also store the results, each as it finishes, in this run database "
+                             "(default: $QLAB_DB if set)")
+
+
+@contextlib.contextmanager
+def _recording(args: argparse.Namespace, make_meta: Callable[[], object]) -> Iterator[object | None]:
+    """A ``qlab.store.Recorder`` with ``--db`` (or ``QLAB_DB``), else None; the run ends with the block."""
+    from qlab.store import Recorder, requested_path
+
+    db = requested_path(args.db)
+    if db is None:
+        yield None
+        return
+    with Recorder(db, make_meta()) as recorder:
+        yield recorder
 
 
 @contextlib.contextmanager
@@ -92,13 +109,20 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     from qlab.cli import _emit
     from qlab.evaluate import compute_baseline
     from qlab.sensitivity import analyze
+    from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
 
     loaded, schemes, spec = _setup(args)
+    view = "reverse" if args.reverse else "forward"
     with _progress_bar(args.quiet, "sensitivity") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"FP32 baseline: {m}"))
-        report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
-                         view="reverse" if args.reverse else "forward", predict=not args.no_predict,
-                         progress=lambda f, m: progress(0.1 + 0.9 * f, m))
+        meta = functools.partial(sensitivity_meta, "sensitivity", loaded, schemes, spec, baseline, unit=args.unit,
+                                 view=view, blocks=not args.no_blocks, predict=not args.no_predict)
+        with _recording(args, meta) as recorder:
+            report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit, view=view,
+                             predict=not args.no_predict, progress=lambda f, m: progress(0.1 + 0.9 * f, m),
+                             on_records=recorder and sensitivity_saver(recorder))
+            if recorder:
+                save_summary(recorder, seconds=report.seconds)
     rows = report.rows()
     if args.json is not None:
         _emit(rows, args.json)
@@ -125,15 +149,25 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         raise QlabError("--budget-gb must be positive.")
     budget = Budget(bits_per_weight=args.budget_bits,
                     size_bytes=None if args.budget_gb is None else int(args.budget_gb * 1e9))
+    from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
+
     loaded, schemes, spec = _setup(args)
     with _progress_bar(args.quiet, "recommend") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
-        report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
-                         progress=lambda f, m: progress(0.05 + 0.75 * f, m))
-        choices = choices_from(loaded, report)
-        mixes, rows = compare(loaded, choices, [budget], baseline,
-                              progress=lambda f, m: progress(0.8 + 0.2 * f, f"measure {m}"))
-    record = recommendation_record(loaded, report, choices, mixes[0], rows)
+        meta = functools.partial(sensitivity_meta, "recommend", loaded, schemes, spec, baseline, unit=args.unit,
+                                 blocks=not args.no_blocks, budget_bits=args.budget_bits, budget_gb=args.budget_gb)
+        with _recording(args, meta) as recorder:
+            report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
+                             progress=lambda f, m: progress(0.05 + 0.75 * f, m),
+                             on_records=recorder and sensitivity_saver(recorder))
+            choices = choices_from(loaded, report)
+            mixes, rows = compare(loaded, choices, [budget], baseline,
+                                  progress=lambda f, m: progress(0.8 + 0.2 * f, f"measure {m}"),
+                                  on_row=recorder and (lambda row: recorder.save(row, "mix")))
+            record = recommendation_record(loaded, report, choices, mixes[0], rows)
+            if recorder:
+                recorder.save({**record, "label": mixes[0].label}, "recommendation")
+                save_summary(recorder, seconds=report.seconds)
     if args.plan:
         _emit(record["plan"], args.plan)
     if args.json is not None:

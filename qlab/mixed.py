@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,8 +184,10 @@ def recommend(loaded: LoadedModel, choices: Choices, budget: Budget) -> Mix:
 
 
 def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Baseline,
-            progress: Progress | None = None, cancel: CancelCheck | None = None) -> list[dict]:
-    """Quantize and evaluate each plan (uniform scheme or per-layer mix) end to end: one row per plan."""
+            progress: Progress | None = None, cancel: CancelCheck | None = None,
+            on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Quantize and evaluate each plan (uniform scheme or per-layer mix) end to end: one row per plan, also
+    handed to ``on_row`` as soon as it is measured."""
     metric = METRIC[baseline.kind]
     rows = []
     for index, (label, plan) in enumerate(plans.items()):
@@ -203,21 +205,28 @@ def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Base
                      "size_bytes": size.size_bytes, "unquantized_format": unquantized_format(plan),
                      "metric": metric, "error": error_of(metric, metrics[metric]), **metrics,
                      "seconds": round(time.perf_counter() - started, 3)})
+        if on_row:
+            on_row(rows[-1])
     return rows
 
 
 def compare(loaded: LoadedModel, choices: Choices, budgets: Sequence[Budget], baseline: Baseline,
-            progress: Progress | None = None, cancel: CancelCheck | None = None) -> tuple[list[Mix], list[dict]]:
-    """Recommend a mix per budget and measure the mixes next to every uniform scheme of the analysis."""
+            progress: Progress | None = None, cancel: CancelCheck | None = None,
+            on_row: Callable[[dict], None] | None = None) -> tuple[list[Mix], list[dict]]:
+    """Recommend a mix per budget and measure the mixes next to every uniform scheme of the analysis;
+    ``on_row`` receives each measured row (with its ``predicted_error``) as soon as it is finished."""
     mixes = [recommend(loaded, choices, budget) for budget in budgets]
     plans: dict[str, SchemePlan] = {scheme.label: scheme for scheme in choices.schemes}
     for mix in mixes:
         plans.setdefault(mix.label, mix.assignment)
-    rows = measure(loaded, plans, baseline, progress, cancel)
     predicted = {mix.label: mix.predicted_error for mix in mixes}
-    for row in rows:
+
+    def finished(row: dict) -> None:
         row["predicted_error"] = predicted.get(row["label"])
-    return mixes, rows
+        if on_row:
+            on_row(row)
+
+    return mixes, measure(loaded, plans, baseline, progress, cancel, finished)
 
 
 def recommendation_record(loaded: LoadedModel, report: SensitivityReport, choices: Choices, mix: Mix,

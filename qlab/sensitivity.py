@@ -19,7 +19,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -445,7 +445,8 @@ def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme
 
 def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Baseline, *, blocks: bool = True,
             unit: str = "block", view: str = "forward", predict: bool = True, progress: Progress | None = None,
-            cancel: CancelCheck | None = None) -> SensitivityReport:
+            cancel: CancelCheck | None = None,
+            on_records: Callable[[str, list[dict]], None] | None = None) -> SensitivityReport:
     """Per-linear output error for every scheme and, with ``blocks``, the end-to-end delta per unit.
 
     Args:
@@ -455,6 +456,9 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
         predict: also estimate each linear's own end-to-end delta from its output error and the metric's
             curvature there (one backward pass; ``predicted_delta``), which the recommender uses.
         progress: ``progress(fraction, message)``; ``cancel()`` returning True stops with ``Cancelled``.
+        on_records: ``on_records(part, records)`` as records finish: ``"linear"`` once with every per-linear
+            record, then ``"block"`` with each unit's record as soon as it is measured (so a caller can store
+            them and a killed analysis keeps what it finished).
     """
     if unit not in UNITS:
         raise QlabError(f"unknown unit '{unit}'; use one of {', '.join(UNITS)}.")
@@ -498,16 +502,18 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     started = time.perf_counter()
     linear_records = _linear_records(loaded, stack, probes, schemes, curvature, items)
     seconds["capture_and_linear_error_s"] += time.perf_counter() - started
+    finished = on_records or (lambda part, records: None)
+    finished("linear", linear_records)
 
     block_records: list[dict] = []
     started = time.perf_counter()
     for scheme in schemes if blocks else ():
         if view == "forward":
             block_records += _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric,
-                                           loaded.name, step, cancel)
+                                           loaded.name, step, cancel, finished)
         else:
             block_records += _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline, metric,
-                                           loaded.name, step, cancel)
+                                           loaded.name, step, cancel, finished)
     seconds["blocks_s"] = time.perf_counter() - started
     return SensitivityReport(loaded.name, loaded.kind, metric, schemes, linear_records, block_records, seconds,
                              baseline.tokens, view, unit)
@@ -545,8 +551,8 @@ def _block_record(model_name: str, label: str, names: Sequence[str], start: int 
             "seconds": round(seconds, 3)}
 
 
-def _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric, model_name, step, cancel
-                  ) -> list[dict]:
+def _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric, model_name, step, cancel,
+                  finished) -> list[dict]:
     records = []
     for start, label, names in units:
         started = time.perf_counter()
@@ -554,12 +560,13 @@ def _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metr
         unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
         records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
                                      error_of(metric, metrics[metric]), "forward", time.perf_counter() - started))
+        finished("block", records[-1:])
         step(f"{scheme.label}: {label}")
     return records
 
 
 def _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline, metric, model_name, step,
-                  cancel) -> list[dict]:
+                  cancel, finished) -> list[dict]:
     """Everything at ``scheme`` except one unit: how much error keeping that unit in FP32 removes."""
     everything = _quantized(modules, linear_names, scheme)
     records = []
@@ -577,6 +584,7 @@ def _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline,
             records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
                                          all_quantized - error_of(metric, metrics[metric]), "reverse",
                                          time.perf_counter() - started))
+            finished("block", records[-1:])
             step(f"{scheme.label}: all but {label}")
     return records
 

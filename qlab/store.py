@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +181,8 @@ def sweep_meta(loaded, schemes: Sequence, spec, hardware: str = "this-machine", 
 
 # --- results -------------------------------------------------------------------------------------------
 
+# A run's closing record (timings of its phases...): stored as a result, not listed among its labels.
+SUMMARY_KIND = "summary"
 # Result object class name -> stored kind. Anything with ``to_record()`` or a plain mapping can be stored.
 KIND_OF_CLASS = {"ResultRow": "sweep", "MemoryPlan": "memory"}
 
@@ -212,7 +214,7 @@ def _as_result(result: Any, kind: str | None, scheme: Any = None) -> tuple[str, 
         if kind is None:
             raise QlabError(f"no result kind is known for {type(result).__name__}; pass kind=.")
         scheme = result.scheme.to_dict() if hasattr(getattr(result, "scheme", None), "to_dict") else None
-    label = str(record.get("label") or record.get("scheme") or record.get("name") or kind)
+    label = str(record.get("label") or record.get("scheme") or record.get("backend") or record.get("name") or kind)
     return kind, label, record, scheme
 
 
@@ -366,15 +368,19 @@ class Store:
 
     def add_result(self, run_id: str, result: Any, kind: str | None = None, scheme: Any = None) -> int:
         """Save one finished result (ResultRow, MemoryPlan or a record mapping) now; returns its position."""
-        kind, label, record, scheme = _as_result(result, kind, scheme)
+        return self.add_results(run_id, [result], kind, scheme)
+
+    def add_results(self, run_id: str, results: Sequence[Any], kind: str | None = None, scheme: Any = None) -> int:
+        """Save results that finished together in one transaction (all or none); returns the first position."""
+        prepared = [_as_result(result, kind, scheme) for result in results]
         with _connect(self.path) as conn, _write(conn):
-            position = conn.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", (run_id,)).fetchone()[0]
-            conn.execute(
+            first = conn.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", (run_id,)).fetchone()[0]
+            conn.executemany(
                 """INSERT INTO results (run_id, position, kind, label, record, scheme, created_at)
                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                (run_id, position, kind, label, _dumps(record), None if scheme is None else _dumps(scheme),
-                 _now()))
-        return position
+                [(run_id, first + index, kind_, label, _dumps(record), None if scheme_ is None else _dumps(scheme_),
+                  _now()) for index, (kind_, label, record, scheme_) in enumerate(prepared)])
+        return first
 
     def finish_run(self, run_id: str, status: str = "finished", error: str | None = None) -> None:
         if status not in STATUSES:
@@ -411,7 +417,9 @@ class Store:
     def list_runs(self, model: str | None = None, kind: str | None = None,
                   limit: int | None = None) -> list[dict]:
         """One summary row per run, newest first: id, time, kind, status, model, hardware, results, labels."""
-        query = """SELECT runs.*, COUNT(results.id) AS results, GROUP_CONCAT(results.label, ', ') AS labels
+        # Each label once (a sensitivity run stores one result per linear and scheme), closing summaries left out.
+        query = f"""SELECT runs.*, COUNT(results.id) AS results,
+                   GROUP_CONCAT(DISTINCT CASE WHEN results.kind != '{SUMMARY_KIND}' THEN results.label END) AS labels
                    FROM runs LEFT JOIN results ON results.run_id = runs.id
                    WHERE (? IS NULL OR runs.model LIKE '%' || ? || '%') AND (? IS NULL OR runs.kind = ?)
                    GROUP BY runs.id ORDER BY runs.created_at DESC, runs.rowid DESC"""
@@ -423,7 +431,8 @@ class Store:
             rows = conn.execute(query, params).fetchall()
         return [{"id": r["id"], "created_at": r["created_at"], "kind": r["kind"],
                  "status": _live_status(r["status"], json.loads(r["environment"])), "model": r["model"],
-                 "hardware": r["hardware"], "results": r["results"], "labels": r["labels"] or "",
+                 "hardware": r["hardware"], "results": r["results"],
+                 "labels": ", ".join((r["labels"] or "").split(",")) if r["labels"] else "",
                  "tokens": r["tokens"], "text_name": r["text_name"], "seconds": r["seconds"],
                  "qlab": json.loads(r["environment"]).get("qlab")} for r in rows]
 
@@ -636,6 +645,12 @@ class Recorder:
         self._guard(self.store.add_result, self.run_id, result, kind, scheme)
         self.saved += self.error is None
 
+    def save_many(self, results: Sequence[Any], kind: str | None = None) -> None:
+        """Results that finished together (a sensitivity analysis's per-linear records), in one transaction."""
+        if results:
+            self._guard(self.store.add_results, self.run_id, results, kind)
+            self.saved += len(results) if self.error is None else 0
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             status, error = "finished", None
@@ -658,6 +673,76 @@ def store_rows(db: str | os.PathLike | Store | None, meta: RunMeta, rows: Iterab
         for row in rows:
             recorder.save(row)
             yield row
+
+
+# --- sensitivity, recommendation and speed runs ------------------------------------------------------------
+#
+# A sensitivity run stores its per-linear records (kind ``sensitivity_linear``, all at once, when the probe
+# pass ends) and then each end-to-end unit as it is measured (``sensitivity_block``); a recommendation run adds
+# each measured plan (``mix``) and the recommendation itself; a speed run stores one ``bench`` row per backend.
+# Everything needed to redraw them (schemes, metric, view, unit, token count) is in the run's settings, so
+# ``stored_sensitivity`` rebuilds the report without recomputing, even for a run killed half-way.
+
+
+def sensitivity_meta(kind: str, loaded, schemes: Sequence, spec, baseline, *, unit: str, view: str = "forward",
+                     blocks: bool = True, predict: bool = True, hardware: str = "this-machine",
+                     **settings: Any) -> RunMeta:
+    """RunMeta of a ``sensitivity`` (or ``recommend``) run: what ``stored_sensitivity`` needs to rebuild it."""
+    from qlab.sensitivity import METRIC
+
+    return run_meta(kind, loaded, spec, hardware, schemes=[s.to_dict() for s in schemes], unit=unit, view=view,
+                    blocks=blocks, predict=predict, model_kind=loaded.kind, metric=METRIC[loaded.kind],
+                    eval_tokens=baseline.tokens, **settings)
+
+
+def sensitivity_saver(recorder: Recorder) -> Callable[[str, list[dict]], None]:
+    """An ``on_records`` callback for ``qlab.sensitivity.analyze`` that commits records as they finish."""
+    def save(part: str, records: list[dict]) -> None:
+        recorder.save_many(records, f"sensitivity_{part}")
+
+    return save
+
+
+def save_sensitivity(recorder: Recorder, report) -> None:
+    """Copy a finished SensitivityReport into a run (a recommendation built on an analysis already shown)."""
+    recorder.save_many(report.linears, "sensitivity_linear")
+    recorder.save_many(report.blocks, "sensitivity_block")
+
+
+def save_summary(recorder: Recorder, **values: Any) -> None:
+    """The run's closing record (phase timings...), saved last."""
+    recorder.save({"label": SUMMARY_KIND, **values}, SUMMARY_KIND)
+
+
+def stored_sensitivity(run: StoredRun):
+    """The SensitivityReport a stored ``sensitivity``/``recommend`` run holds (None without per-linear records);
+    a run stopped half-way gives the units it finished."""
+    from qlab.quant import QuantScheme
+    from qlab.sensitivity import SensitivityReport
+
+    linears = run.records("sensitivity_linear")
+    if not linears:
+        return None
+    settings = run.meta.settings
+    summary = next((r.record for r in run.results if r.kind == SUMMARY_KIND), {})
+    schemes = tuple(QuantScheme.from_dict(s) for s in settings.get("schemes", []))
+    return SensitivityReport(run.model, settings.get("model_kind", "causal-lm"),
+                             settings.get("metric") or linears[0].get("metric", "kld_mean"), schemes, linears,
+                             run.records("sensitivity_block"), dict(summary.get("seconds", {})),
+                             int(settings.get("eval_tokens") or run.meta.tokens or 0),
+                             settings.get("view", "forward"), settings.get("unit", "block"))
+
+
+def bench_meta(loaded, spec, backends: Sequence[str], accuracy_tokens: int | None, device: str = "cpu",
+               **settings: Any) -> RunMeta:
+    """RunMeta of a speed run (``qlab.speed.run_bench``): the SpeedSpec, backends and accuracy token budget."""
+    import dataclasses
+
+    from qlab.evaluate import EvalSpec
+
+    accuracy = EvalSpec(tokens=accuracy_tokens) if accuracy_tokens else None
+    return run_meta("bench", loaded, accuracy, backends=list(backends), device=device,
+                    accuracy_tokens=accuracy_tokens, **dataclasses.asdict(spec), **settings)
 
 
 # --- exporting a simulated quantized model --------------------------------------------------------------
