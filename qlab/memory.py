@@ -18,7 +18,7 @@ from qlab.architectures import Architecture
 from qlab.errors import QlabError
 from qlab.formats import get_format
 from qlab.models import ASSETS_DIR, LoadedModel, quantizable_linears
-from qlab.quant import QuantScheme
+from qlab.quant import QuantScheme, check_group_sizes
 from qlab.sweep import SizeReport, unquantized_format
 
 GIB = 2**30
@@ -464,19 +464,6 @@ def _assign(spec: SchemeSpec, names: list[str], model: str) -> dict[str, QuantSc
     return chosen
 
 
-def _check_group_sizes(chosen: dict[str, QuantScheme], widths: dict[str, int], model: str) -> None:
-    """Fail before any arithmetic when a group size does not divide some matrix's input width."""
-    for scheme in dict.fromkeys(chosen.values()):
-        if scheme.granularity != "group" or not scheme.fmt.scaled:
-            continue
-        mine = {widths[name] for name, s in chosen.items() if s == scheme}
-        bad = sorted(w for w in mine if w % scheme.group_size)
-        if bad:
-            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in mine)]
-            raise QlabError(f"group size {scheme.group_size} does not divide input width(s) {bad} of {model}; "
-                            f"use group size {' or '.join(map(str, fits)) or 'per-channel granularity'}.")
-
-
 def _catalog_matrices(arch: Architecture, assumptions: Assumptions) -> list[tuple[str, tuple[int, ...], int]]:
     """(name glob, shape, count) of every matrix a scheme quantizes in a catalog architecture."""
     matrices = [(s.name_pattern, (s.out_features, s.in_features), s.count)
@@ -490,7 +477,7 @@ def _weights(model: str, spec: SchemeSpec, matrices: list[tuple[str, tuple[int, 
              total_params: int) -> tuple[SizeReport, str, str, tuple[str, ...]]:
     """Exact weight bytes, the scheme's label, the unquantized format and the formats the scheme uses."""
     chosen = _assign(spec, [m[0] for m in matrices], model)
-    _check_group_sizes(chosen, {m[0]: m[1][-1] for m in matrices}, model)
+    check_group_sizes(chosen, {m[0]: m[1][-1] for m in matrices}, model)
     schemes = list(dict.fromkeys(chosen.values()))
     rest_formats = {unquantized_format(s) for s in schemes}
     # A mix of casts and scaled formats keeps the other tensors at fp16, as a single scaled scheme does.

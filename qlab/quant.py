@@ -9,6 +9,7 @@ consecutive inputs. No Python loop runs over elements, channels or groups.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -463,3 +464,17 @@ def error_stats(x: torch.Tensor, qtensor: QTensor, dequantized: torch.Tensor | N
         "clipped_fraction": clipped,
         "bits_per_weight": qtensor.bits_per_weight,
     }
+
+
+def check_group_sizes(chosen: Mapping[str, QuantScheme], widths: Mapping[str, int], model: str) -> None:
+    """Fail before any work when a group size does not divide the input width of a matrix it is chosen for
+    (``chosen`` and ``widths`` are keyed by matrix name), naming the group sizes that would fit."""
+    for scheme in dict.fromkeys(chosen.values()):
+        if scheme.granularity != "group" or not scheme.fmt.scaled:
+            continue
+        mine = {widths[name] for name, s in chosen.items() if s == scheme}
+        bad = sorted(w for w in mine if w % scheme.group_size)
+        if bad:
+            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in mine)]
+            raise QlabError(f"group size {scheme.group_size} does not divide input width(s) {bad} of {model}; "
+                            f"use group size {' or '.join(map(str, fits)) or 'per-channel granularity'}.")

@@ -21,7 +21,7 @@ from qlab.errors import QlabError
 from qlab.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_baseline, evaluate
 from qlab.formats import get_format
 from qlab.models import LoadedModel, quantizable_linears
-from qlab.quant import QTensor, QuantScheme
+from qlab.quant import QTensor, QuantScheme, check_group_sizes
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -213,20 +213,9 @@ def check_schemes(loaded: LoadedModel, schemes: list[QuantScheme]) -> None:
     """Every check that can fail, before any work, so a bad choice costs no time."""
     if not schemes:
         raise QlabError("no schemes to run; pick at least one format.")
+    widths = {name: module.in_features for name, module in quantizable_linears(loaded.model)}
     for scheme in schemes:
-        _check_shapes(loaded, scheme)
-
-
-def _check_shapes(loaded: LoadedModel, scheme: QuantScheme) -> None:
-    """Fail before any work when a group size does not divide some layer's input dimension."""
-    if scheme.granularity != "group" or not scheme.fmt.scaled:
-        return
-    bad = sorted({m.in_features for _, m in quantizable_linears(loaded.model) if m.in_features % scheme.group_size})
-    if bad:
-        divisors = [d for d in (32, 64, 128, 256) if all(f % d == 0 for f in
-                                                       (m.in_features for _, m in quantizable_linears(loaded.model)))]
-        raise QlabError(f"group size {scheme.group_size} does not divide input width(s) {bad} of "
-                        f"{loaded.name}; try {', '.join(map(str, divisors)) or 'per-channel'}.")
+        check_group_sizes(dict.fromkeys(widths, scheme), widths, loaded.name)
 
 
 def peak_rss_bytes() -> int:
