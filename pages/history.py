@@ -17,8 +17,9 @@ from qlab.store import Store, StoredRun, scheme_export
 common.page_setup()
 st.title("History")
 store = Store()
-st.caption(f"Every finished scheme is saved as it completes, from this dashboard and from headless runs "
-           f"(`python -m qlab sweep ... --db PATH`), in `{store.path}` (set `QLAB_DB` to use another file). "
+st.caption(f"Every finished result (sweep schemes, sensitivity units, mixes, speed rows, memory plans) is saved "
+           f"as it completes, from this dashboard and from headless runs (`python -m qlab sweep|sensitivity|"
+           f"recommend|bench|memory ... --db PATH`), in `{store.path}` (set `QLAB_DB` to use another file). "
            "Charts and tables here are read back from the store, never recomputed.")
 
 
@@ -137,7 +138,23 @@ def show_run(run: StoredRun) -> None:
     verdicts = report.verdict_table(run)
     if not verdicts.empty:
         st.dataframe(verdicts, hide_index=True, width="stretch", key=f"verdicts_{run.id}")
-    for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in ("sweep", "memory")):
+    sensitivity, blocks, measure = report.sensitivity_frame(run)
+    if measure:
+        st.caption(f"Sensitivity: {sensitivity['layer'].nunique()} linears x {sensitivity['label'].nunique()} "
+                   f"format(s), {len(blocks)} end-to-end unit(s); ranked by {measure}.")
+        st.dataframe(report.sensitivity_table(sensitivity, measure), hide_index=True, width="stretch",
+                     key=f"sensitivity_{run.id}")
+    mixes = pd.DataFrame(run.records("mix"))
+    if not mixes.empty:
+        st.dataframe(mixes[[c for c in report.MIX_COLUMNS if c in mixes]], hide_index=True, width="stretch",
+                     key=f"mix_{run.id}")
+    bench = report.bench_frame(run)
+    if not bench.empty:
+        st.dataframe(report.bench_table(bench), hide_index=True, width="stretch", key=f"bench_{run.id}")
+        for row in bench.to_dict("records"):
+            if not row.get("available", True) or row.get("error"):
+                st.caption(f"{row['backend']}: {row.get('reason') or row.get('error')}")
+    for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in report.LAID_OUT_KINDS):
         st.dataframe(pd.DataFrame(run.records(kind)).map(lambda v: json.dumps(v) if isinstance(v, list | dict)
                                                          else v),
                      hide_index=True, width="stretch", key=f"{kind}_{run.id}")

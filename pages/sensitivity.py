@@ -13,6 +13,7 @@ from qlab.errors import Cancelled
 from qlab.evaluate import EvalSpec
 from qlab.mixed import Budget, choices_from, compare, recommendation_record
 from qlab.sensitivity import analyze
+from qlab.store import Recorder, save_sensitivity, save_summary, sensitivity_meta, sensitivity_saver
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
 UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none": "predict only (fastest)"}
@@ -56,6 +57,7 @@ if not chosen:
 
 spec = EvalSpec(st.session_state["tokens"])
 schemes = tuple(candidates[label] for label in chosen)
+measured_unit = "block" if unit == "none" else unit
 run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
 reports = st.session_state.setdefault("sensitivity_reports", {})
 
@@ -66,12 +68,21 @@ if start:
     bar = st.progress(0.0, text="Starting...")
     with common.user_errors():
         base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        # One stored run per press; per-linear records and each measured unit are saved as they finish.
+        recorder = Recorder(None, sensitivity_meta("sensitivity", loaded, schemes, spec, base, unit=measured_unit,
+                                                   view=view, blocks=unit != "none",
+                                                   hardware=st.session_state["hardware"]), strict=False)
         try:
-            reports[run_key] = analyze(loaded, schemes, base, blocks=unit != "none",
-                                       unit="block" if unit == "none" else unit, view=view,
-                                       progress=lambda fraction, message: bar.progress(min(1.0, fraction), message))
+            with recorder:
+                reports[run_key] = analyze(loaded, schemes, base, blocks=unit != "none", unit=measured_unit,
+                                           view=view, on_records=sensitivity_saver(recorder),
+                                           progress=lambda fraction, message: bar.progress(min(1.0, fraction),
+                                                                                           message))
+                save_summary(recorder, seconds=reports[run_key].seconds)
         except Cancelled as stop:
             st.info(str(stop))
+        if recorder.error:
+            st.warning(recorder.error[:1].upper() + recorder.error[1:])
     bar.empty()
 
 report = reports.get(run_key)
@@ -163,11 +174,26 @@ if st.button("Recommend and measure", type="primary", key="run_mix"):
     bar = st.progress(0.0, text="Measuring...")
     with common.user_errors():
         base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        # A stored recommendation holds its analysis too, so History can redraw it alone.
+        recorder = Recorder(None, sensitivity_meta("recommend", loaded, schemes, spec, base, unit=measured_unit,
+                                                   view=view, blocks=unit != "none", budget_bits=budget_bits,
+                                                   budgets=budgets, hardware=st.session_state["hardware"]),
+                            strict=False)
         try:
-            mixes_done[mix_key] = compare(loaded, choices, [Budget(b) for b in budgets], base,
-                                          lambda fraction, message: bar.progress(min(1.0, fraction), message))
+            with recorder:
+                save_sensitivity(recorder, report)
+                mixes, rows = compare(loaded, choices, [Budget(b) for b in budgets], base,
+                                      lambda fraction, message: bar.progress(min(1.0, fraction), message),
+                                      on_row=lambda row: recorder.save(row, "mix"))
+                mixes_done[mix_key] = mixes, rows
+                closest = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))
+                recorder.save({**recommendation_record(loaded, report, choices, closest, rows),
+                               "label": closest.label}, "recommendation")
+                save_summary(recorder, seconds=report.seconds)
         except Cancelled as stop:
             st.info(str(stop))
+        if recorder.error:
+            st.warning(recorder.error[:1].upper() + recorder.error[1:])
     bar.empty()
 if mix_key not in mixes_done:
     st.info(f"Press **Recommend and measure** to evaluate mixes at {', '.join(f'{b:.2f}' for b in budgets)} "

@@ -12,6 +12,7 @@ from pages import common
 from qlab import architectures, backends, charts, hardware, roofline, speed
 from qlab.errors import Cancelled
 from qlab.quant import QuantScheme
+from qlab.store import Recorder, bench_meta
 
 GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_speed.json"
 CPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "speed_cpu.json"
@@ -66,12 +67,20 @@ if start and todo:
     with common.user_errors():
         if "speed_bandwidth" not in st.session_state:
             st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
+        bandwidth_record = st.session_state["speed_bandwidth"].to_record()
+        # One stored run per press, each backend's row saved before the next one starts.
+        recorder = Recorder(None, bench_meta(loaded, spec, [b.slug for b in todo], tokens, "cpu",
+                                             bandwidth=bandwidth_record), strict=False)
         try:
-            for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
-                                       progress=lambda f, m: bar.progress(min(1.0, f), m)):
-                finished[row["backend"]] = row  # kept before the next backend starts
+            with recorder:
+                for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
+                                           progress=lambda f, m: bar.progress(min(1.0, f), m)):
+                    finished[row["backend"]] = row  # kept before the next backend starts
+                    recorder.save(row, "bench")
         except Cancelled as stop:
             st.info(str(stop))
+        if recorder.error:
+            st.warning(recorder.error[:1].upper() + recorder.error[1:])
     bar.empty()
 
 rows = speed.add_ratios([finished[s] for s in st.session_state["speed_backends"] if s in finished])

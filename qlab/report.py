@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import pandas as pd
 import plotly.graph_objects as go
 
-from qlab import charts
-from qlab.store import StoredRun
+from qlab import charts, speed
+from qlab.store import SUMMARY_KIND, StoredRun, stored_sensitivity
 
 # Metrics drawn per model kind, with whether the chart uses a log axis (KLD spans decades).
 CHART_METRICS: tuple[tuple[str, bool], ...] = (
@@ -140,7 +140,103 @@ def run_figures(run: StoredRun) -> list[tuple[str, go.Figure]]:
         first = plans.iloc[0]
         figures.append((f"Memory on {first['hardware']}",
                         charts.memory_stack(plans, int(first["memory_bytes"]), str(first["hardware"]))))
+    return figures + _kind_figures(run)
+
+
+# --- sensitivity, recommendation and speed runs ---------------------------------------------------------------
+
+# Result kinds drawn with their own layout (the rest are tabulated as they are).
+LAID_OUT_KINDS = ("sweep", "memory", "sensitivity_linear", "sensitivity_block", "mix", "recommendation", "bench",
+                  SUMMARY_KIND)
+SENSITIVITY_COLUMNS = ("layer", "layer_type", "block", "label", "bits_per_weight", "estimated_delta", "block_delta",
+                       "linear_delta", "predicted_delta", "relative_mse", "sqnr_db", "weight_kurtosis",
+                       "input_outlier_channels")
+BENCH_COLUMNS = ("backend", "format", "twin", "prefill_ms", "decode_tokens_per_s", "decode_tokens_per_s_spread_pct",
+                 "sentences_per_s", "speedup_vs_fp32", "roofline_fraction", "kld_mean", "twin_kld_mean",
+                 "cosine_mean", "twin_cosine_mean", "agrees_with_twin", "size_bytes", "peak_memory_bytes", "threads")
+MIX_COLUMNS = ("label", "kind", "bits_per_weight", "size_bytes", "kld_mean", "cosine_mean", "error",
+               "predicted_error", "seconds")
+
+
+def sensitivity_frame(run: StoredRun) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
+    """(rows per linear and scheme, end-to-end units, the measure to rank by) of a stored sensitivity or
+    recommendation run; empty frames when it holds none."""
+    stored = stored_sensitivity(run)
+    if stored is None:
+        return pd.DataFrame(), pd.DataFrame(), None
+    frame = pd.DataFrame(stored.rows())
+    measure = next((m for m in charts.SENSITIVITY_MEASURES if m in frame and frame[m].notna().any()), None)
+    return frame, pd.DataFrame(stored.blocks), measure
+
+
+def sensitivity_table(frame: pd.DataFrame, measure: str, top: int | None = None) -> pd.DataFrame:
+    """Linears ranked most sensitive first by ``measure`` (SQNR: lowest first)."""
+    ranked = frame.sort_values(measure, ascending=measure == "sqnr_db")
+    return ranked[[c for c in SENSITIVITY_COLUMNS if c in frame]].head(top)
+
+
+def bench_frame(run: StoredRun) -> pd.DataFrame:
+    """The speed rows of a bench run (one per backend), without the sweep-benchmark summary."""
+    return pd.DataFrame([r for r in run.records("bench") if "backend" in r])
+
+
+def bench_table(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[[c for c in BENCH_COLUMNS if c in frame and frame[c].notna().any()]]
+
+
+def bench_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """Measured backends as ``charts.speed_tradeoff`` points (speed, error, size, Pareto front)."""
+    rows = [r for r in frame.to_dict("records") if r.get("available") and not r.get("error")
+            and speed.speed_of(r) is not None and speed.error_of(r) is not None]
+    front = speed.pareto_front(rows)
+    return pd.DataFrame([{"label": r["backend"], "library": r.get("library", "?"), "speed": speed.speed_of(r),
+                          "error": speed.error_of(r), "size_bytes": r.get("size_bytes") or 0, "source": "measured",
+                          "pareto": on_front} for r, on_front in zip(rows, front, strict=True)])
+
+
+def _kind_figures(run: StoredRun) -> list[tuple[str, go.Figure]]:
+    figures = []
+    frame, blocks, measure = sensitivity_frame(run)
+    if measure:
+        title = charts.SENSITIVITY_MEASURES[measure][0]
+        figures.append((f"Sensitivity: {title}", charts.sensitivity_heatmap(frame, measure)))
+        figures.append((f"Sensitivity by layer type: {title}", charts.sensitivity_by_type(frame, measure)))
+        if not blocks.empty:
+            figures.append(("End-to-end delta per unit", charts.block_deltas(blocks, str(blocks["metric"].iloc[0]))))
+    mixes = pd.DataFrame(run.records("mix"))
+    if not mixes.empty:
+        figures.append(("Mixed precision vs uniform formats (measured)",
+                        charts.mix_pareto(mixes, str(mixes["metric"].iloc[0]))))
+    points = bench_points(bench_frame(run))
+    if not points.empty:
+        lm = bench_frame(run)["kind"].eq("causal-lm").any()
+        figures.append(("Accuracy vs speed vs size (measured on the run's machine)", charts.speed_tradeoff(
+            points, "decode_tokens_per_s" if lm else "sentences_per_s",
+            charts.ERROR_TITLES["kld_mean" if lm else "cosine_mean"])))
     return figures
+
+
+def _kind_tables(run: StoredRun) -> str:
+    parts = []
+    frame, blocks, measure = sensitivity_frame(run)
+    if measure:
+        parts.append(f"<h3>Most sensitive linears (top 30 by {html.escape(measure)})</h3>"
+                     + _table(sensitivity_table(frame, measure, 30)))
+        if not blocks.empty:
+            parts.append("<h3>End-to-end units</h3>" + _table(blocks[["name", "label", "value", "delta", "seconds"]]))
+    mixes = pd.DataFrame(run.records("mix"))
+    if not mixes.empty:
+        parts.append("<h3>Measured plans</h3>" + _table(mixes[[c for c in MIX_COLUMNS if c in mixes]]))
+    for record in run.records("recommendation"):
+        counts = pd.Series(record.get("assignment", {})).value_counts()
+        parts.append(f"<h3>Recommendation: {html.escape(str(record.get('label')))}</h3><p>"
+                     + html.escape(f"{record.get('bits_per_weight', 0):.3f} bits/weight, "
+                                   f"{record.get('size_bytes', 0) / 1e6:.2f} MB; "
+                                   + ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items())) + "</p>")
+    bench = bench_frame(run)
+    if not bench.empty:
+        parts.append("<h3>Speed (measured)</h3>" + _table(bench_table(bench)))
+    return "".join(parts)
 
 
 def comparison_figures(runs: Sequence[StoredRun]) -> list[tuple[str, go.Figure]]:
@@ -195,9 +291,9 @@ def results_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _other_results(run: StoredRun) -> str:
-    """Results of kinds this report has no layout for (sensitivity, bench, ...): their scalar fields."""
+    """Results of kinds this report has no layout for: their scalar fields."""
     parts = []
-    for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in ("sweep", "memory")):
+    for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in LAID_OUT_KINDS):
         frame = pd.DataFrame(run.records(kind))
         scalars = [c for c in frame if frame[c].map(lambda v: not isinstance(v, list | dict)).all()]
         parts.append(f"<h3>{html.escape(kind)} results</h3>" + _table(frame[scalars]))
@@ -235,6 +331,7 @@ def render_html(runs: Sequence[StoredRun], title: str | None = None) -> str:
                                       "activations_bytes", "overhead_bytes", "total_bytes") if c in memory]
             parts.append("<h3>Memory plan</h3>" + _table(memory[components]))
             parts.append("<h3>Verdicts</h3>" + _table(verdict_table(run)))
+        parts.append(_kind_tables(run))
         parts.append(_other_results(run))
         parts += [chart.div(t, f) for t, f in run_figures(run)]
     body = "\n".join(parts)

@@ -149,3 +149,33 @@ def test_memory_plans_are_stored_on_request_and_reported(tmp_path, capsys, monke
     assert run(capsys, "report", "--run", summary["id"], "--db", str(path), "--out", str(out_file))[0] == 0
     page = out_file.read_text()
     assert "Verdicts" in page and "rtx-4060-8gb" in page and page.count("Plotly.newPlot(") == 1
+
+
+def test_bench_stores_each_backend_row_and_reports_it(tmp_path, capsys, monkeypatch):
+    from qlab import models
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama(seed=2)
+    monkeypatch.setattr(models, "load", lambda name: loaded)
+    path = tmp_path / "bench.sqlite"
+    code, out, err = run(capsys, "bench", "--model", "tiny", "--backends", "fp32,torch-dynamic-int8,bnb-nf4",
+                         "--prompt-tokens", "16", "--new-tokens", "4", "--repetitions", "1",
+                         "--accuracy-tokens", "64", "--no-bandwidth", "--quiet", "--db", str(path), "--json")
+    assert code == 0, err
+    printed = json.loads(out)
+    store = Store(path)
+    [summary] = store.list_runs()
+    stored = store.get(summary["id"])
+    assert stored.kind == "bench" and stored.status == "finished"
+    assert summary["labels"] == "fp32, torch-dynamic-int8, bnb-nf4"
+    # Each row was committed as it finished (before the next backend's ratios were known), so compare
+    # the measured fields, not speedup_vs_fp32 of the first row.
+    for kept, shown in zip(stored.records("bench"), printed, strict=True):
+        assert kept["backend"] == shown["backend"] and kept.get("decode_tokens_per_s") == shown.get("decode_tokens_per_s")
+    assert not stored.records("bench")[2]["available"]  # bnb needs CUDA: stored with its reason
+    assert stored.meta.settings["backends"] == ["fp32", "torch-dynamic-int8", "bnb-nf4"]
+    code, out, err = run(capsys, "report", "--run", summary["id"], "--db", str(path), "--out",
+                         str(tmp_path / "bench.html"))
+    assert code == 0, err
+    page = (tmp_path / "bench.html").read_text()
+    assert "Speed (measured)" in page and "torch-dynamic-int8" in page and page.count('class="plotly-graph-div"') == 1

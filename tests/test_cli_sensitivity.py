@@ -63,3 +63,36 @@ def test_recommend_needs_a_budget_and_a_feasible_one(tiny):
         run(["recommend", *tiny])
     with pytest.raises(QlabError, match="smallest formats need"):
         run(["recommend", *tiny, "--budget-bits", "2"])
+
+
+def test_sensitivity_and_recommend_store_their_runs_with_db(tiny, tmp_path):
+    from qlab.store import Store, stored_sensitivity
+
+    db = tmp_path / "runs.sqlite"
+    out = tmp_path / "rows.json"
+    run(["sensitivity", *tiny, "--formats", "int8,int4", "--db", str(db), "--json", str(out)])
+    run(["recommend", *tiny, "--budget-bits", "5", "--db", str(db), "--json", str(tmp_path / "mix.json")])
+    store = Store(db)
+    recommend, sensitivity = (store.get(r["id"]) for r in store.list_runs())
+    assert (sensitivity.kind, sensitivity.status, recommend.kind, recommend.status) == \
+        ("sensitivity", "finished", "recommend", "finished")
+    # What the CLI printed is what the store gives back, rebuilt without recomputing.
+    assert stored_sensitivity(sensitivity).rows() == json.loads(out.read_text())
+    assert sensitivity.meta.settings["unit"] == "block" and sensitivity.meta.tokens == 128
+    record = json.loads((tmp_path / "mix.json").read_text())
+    assert recommend.records("mix") == record["rows"]
+    assert recommend.records("recommendation")[0]["assignment"] == record["assignment"]
+    assert recommend.meta.settings["budget_bits"] == 5.0
+
+
+def test_without_db_or_qlab_db_nothing_is_stored(tiny, tmp_path, monkeypatch):
+    from qlab.store import Store
+
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    run(["sensitivity", *tiny, "--formats", "int8", "--no-blocks", "--json", str(tmp_path / "rows.json")])
+    assert not (tmp_path / "data").exists()
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "env.sqlite"))
+    run(["sensitivity", *tiny, "--formats", "int8", "--no-blocks", "--json", str(tmp_path / "rows.json")])
+    [stored] = Store(tmp_path / "env.sqlite").list_runs()
+    assert stored["kind"] == "sensitivity" and stored["labels"] == "int8 g32"

@@ -124,3 +124,68 @@ def test_rerun_puts_the_settings_in_the_sidebar_and_opens_quantize(db, minilm):
     assert state["model_choice"] == "minilm-l6" and state["formats"] == ["fp16", "int8", "int4"]
     assert (state["granularity"], state["group_size"], state["tokens"], state["hardware"]) == ("group", 32, 96, "l4")
     assert at.title[0].value == "Quantize"
+
+
+def stored_sensitivity_run(db: Store, monkeypatch, tmp_path) -> str:
+    """A real sensitivity analysis of a tiny Llama, stored by the CLI's --db (milliseconds, no bundled model)."""
+    from qlab import cli, models
+    from qlab.evaluate import default_text
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama(seed=4)
+    monkeypatch.setattr(models, "load", lambda name: loaded)
+    text = tmp_path / "text.txt"
+    text.write_text(default_text()[:20_000])
+    assert cli.main(["sensitivity", "--model", "tiny", "--tokens", "128", "--text-file", str(text), "--quiet",
+                     "--group-size", "32", "--formats", "int8,int4", "--db", str(db.path), "--json",
+                     str(tmp_path / "rows.json")]) == 0
+    return db.list_runs()[0]["id"]
+
+
+def stored_bench_run(db: Store) -> str:
+    rows = [{"model": "smollm2-135m", "kind": "causal-lm", "backend": backend, "library": library, "format": fmt,
+             "available": True, "error": None, "reason": None, "decode_tokens_per_s": tok_s, "prefill_ms": 90.0,
+             "kld_mean": kld, "twin_kld_mean": kld, "agrees_with_twin": True, "size_bytes": size}
+            for backend, library, fmt, tok_s, kld, size in (
+                ("fp32", "torch", "fp32", 25.0, 0.0, 540_000_000),
+                ("torch-dynamic-int8", "torch", "int8", 80.0, 0.9, 160_000_000),
+                ("quanto-int4", "optimum-quanto", "int4", 20.0, 0.006, 90_000_000))]
+    rows.append({"model": "smollm2-135m", "kind": "causal-lm", "backend": "bnb-nf4", "library": "bitsandbytes",
+                 "available": False, "error": None, "reason": "bitsandbytes needs CUDA here"})
+    run_id = db.start_run(RunMeta("bench", "smollm2-135m", {"backends": [r["backend"] for r in rows],
+                                                            "prompt_tokens": 128}, environment=ENV))
+    for row in rows:
+        db.add_result(run_id, row, "bench")
+    db.finish_run(run_id)
+    return run_id
+
+
+def test_stored_sensitivity_and_bench_runs_reopen_without_recomputing(db, monkeypatch, tmp_path):
+    from qlab import sensitivity, speed
+
+    sensitivity_id = stored_sensitivity_run(db, monkeypatch, tmp_path)
+    bench_id = stored_bench_run(db)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the History page recomputed a stored run")
+
+    monkeypatch.setattr(sensitivity, "analyze", no_recompute)
+    monkeypatch.setattr(speed, "run_bench", no_recompute)
+    at = page().run()
+    no_errors(at)
+    assert set(at.dataframe[0].value["kind"]) == {"sensitivity", "bench"}
+    at.multiselect(key="history_kinds").select("sensitivity").run()
+    assert list(at.dataframe[0].value["id"]) == [sensitivity_id]
+    assert at.dataframe[0].value["labels"].iloc[0] == "int8 g32, int4 g32"
+    at.multiselect(key="history_selected").select(sensitivity_id).run()
+    no_errors(at)
+    ranked = table_with(at, "estimated_delta")
+    assert len(ranked) == 2 * 21 and ranked["estimated_delta"].is_monotonic_decreasing
+    assert len(at.get("plotly_chart")) == 3  # heatmap, by layer type, end-to-end units
+    at.multiselect(key="history_kinds").unselect("sensitivity").select("bench").run()
+    at.multiselect(key="history_selected").unselect(sensitivity_id).select(bench_id).run()
+    no_errors(at)
+    table = table_with(at, "decode_tokens_per_s")
+    assert list(table["backend"]) == ["fp32", "torch-dynamic-int8", "quanto-int4", "bnb-nf4"]
+    assert len(at.get("plotly_chart")) == 1  # accuracy vs speed vs size, measured points only
+    assert any("bitsandbytes needs CUDA" in c.value for c in at.caption)

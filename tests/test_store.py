@@ -465,3 +465,112 @@ def test_the_sweep_cli_killed_mid_run_keeps_its_finished_schemes(tmp_path):
     assert 2 <= len(labels) < len(expected) and labels == expected[:len(labels)]  # finished ones, in order
     assert all("cosine_mean" in r.record and "size_bytes" in r.record for r in run.results)
     assert run.status == "interrupted" and run.meta.model_sha256
+
+
+# --- every result type: sensitivity, recommendation, bench (sweep and memory above) ----------------------------
+
+@pytest.fixture(scope="module")
+def tiny_analysis():
+    """A tiny Llama, its baseline on a short text, and the schemes analysed (real code paths, milliseconds)."""
+    from qlab.evaluate import EvalSpec, compute_baseline, default_text
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama(seed=5)
+    spec = EvalSpec(tokens=128, text=default_text()[:20_000], text_name="pydoc excerpt")
+    schemes = [QuantScheme("int8", "group", 32), QuantScheme("int4", "group", 32)]
+    return loaded, spec, compute_baseline(loaded, spec), schemes
+
+
+def _stored_report(db, tiny_analysis, kind="sensitivity", cancel=None):
+    from qlab.sensitivity import analyze
+
+    loaded, spec, baseline, schemes = tiny_analysis
+    meta_ = store.sensitivity_meta(kind, loaded, schemes, spec, baseline, unit="block")
+    with Recorder(db, meta_) as recorder:
+        report = analyze(loaded, schemes, baseline, on_records=store.sensitivity_saver(recorder), cancel=cancel)
+        store.save_summary(recorder, seconds=report.seconds)
+    return report, recorder.run_id
+
+
+def test_sensitivity_round_trip_rebuilds_the_report(db, tiny_analysis):
+    report, run_id = _stored_report(db, tiny_analysis)
+    run = db.get(run_id)
+    rebuilt = store.stored_sensitivity(run)
+    assert rebuilt.rows() == jsonable_rows(report.rows())
+    assert rebuilt.blocks == jsonable_rows(report.blocks) and len(rebuilt.blocks) == 2 * 3  # 3 blocks x 2 schemes
+    assert (rebuilt.metric, rebuilt.kind, rebuilt.view, rebuilt.unit, rebuilt.tokens) == \
+        (report.metric, report.kind, report.view, report.unit, report.tokens)
+    assert rebuilt.schemes == report.schemes and rebuilt.seconds == pytest.approx(report.seconds)
+    assert run.meta.text_name == "pydoc excerpt" and run.meta.tokens == 128
+    # The listing names each scheme once, not once per linear, and leaves the summary out.
+    [summary] = db.list_runs()
+    assert summary["labels"] == "int8 g32, int4 g32" and summary["kind"] == "sensitivity"
+
+
+def jsonable_rows(rows: list[dict]) -> list[dict]:
+    return [jsonable(r) for r in rows]
+
+
+def test_a_cancelled_sensitivity_run_keeps_the_units_it_finished(db, tiny_analysis):
+    from qlab.sensitivity import analyze
+
+    loaded, spec, baseline, schemes = tiny_analysis
+    finished_blocks = []
+    meta_ = store.sensitivity_meta("sensitivity", loaded, schemes, spec, baseline, unit="block")
+    with pytest.raises(Cancelled), Recorder(db, meta_) as recorder:
+        saver = store.sensitivity_saver(recorder)
+
+        def on_records(part, records):
+            saver(part, records)
+            finished_blocks.extend(records if part == "block" else [])
+
+        analyze(loaded, schemes, baseline, on_records=on_records, cancel=lambda: len(finished_blocks) >= 2)
+    run = db.get(recorder.run_id)
+    assert run.status == "cancelled"
+    rebuilt = store.stored_sensitivity(run)
+    assert rebuilt.blocks == jsonable_rows(finished_blocks) and len(rebuilt.blocks) == 2
+    rows = rebuilt.rows()  # the unmeasured units' linears are there, without a measured delta
+    assert len(rows) == 2 * 21 and sum(r["block_delta"] is not None for r in rows) == 2 * 7
+
+
+def test_recommendation_round_trip(db, tiny_analysis):
+    from qlab.mixed import Budget, choices_from, compare, recommendation_record
+    from qlab.sensitivity import analyze
+
+    loaded, spec, baseline, schemes = tiny_analysis
+    meta_ = store.sensitivity_meta("recommend", loaded, schemes, spec, baseline, unit="block", budget_bits=6.0)
+    with Recorder(db, meta_) as recorder:
+        report = analyze(loaded, schemes, baseline, on_records=store.sensitivity_saver(recorder))
+        choices = choices_from(loaded, report)
+        mixes, rows = compare(loaded, choices, [Budget(6.0)], baseline, on_row=lambda r: recorder.save(r, "mix"))
+        record = recommendation_record(loaded, report, choices, mixes[0], rows)
+        recorder.save({**record, "label": mixes[0].label}, "recommendation")
+    run = db.get(recorder.run_id)
+    assert run.kind == "recommend" and run.meta.settings["budget_bits"] == 6.0
+    assert run.records("mix") == jsonable_rows(rows) and {r["label"] for r in rows} == \
+        {"int8 g32", "int4 g32", "mix @ 6 bits/weight"}
+    assert all(r["predicted_error"] is not None for r in run.records("mix") if r["kind"] == "mix")
+    [stored] = run.records("recommendation")
+    assert stored["assignment"] == record["assignment"] and stored["plan"] == jsonable(record["plan"])
+    assert store.stored_sensitivity(run).rows() == jsonable_rows(report.rows())
+
+
+def test_bench_rows_round_trip(db, tiny_analysis):
+    from qlab.speed import SpeedSpec
+
+    loaded = tiny_analysis[0]
+    spec = SpeedSpec(prompt_tokens=16, new_tokens=4, repetitions=2)
+    rows = [{"model": "tiny-llama", "kind": "causal-lm", "backend": "fp32", "library": "torch", "available": True,
+             "error": None, "decode_tokens_per_s": 50.0, "kld_mean": 0.0, "size_bytes": 1000},
+            {"model": "tiny-llama", "kind": "causal-lm", "backend": "bnb-nf4", "library": "bitsandbytes",
+             "available": False, "reason": "needs CUDA", "error": None}]
+    with Recorder(db, store.bench_meta(loaded, spec, ["fp32", "bnb-nf4"], 64, threads=2)) as recorder:
+        for bench_row in rows:
+            recorder.save(bench_row, "bench")
+    run = db.get(recorder.run_id)
+    assert run.kind == "bench" and run.records("bench") == rows  # the row's own "kind" field is kept as is
+    assert [r.label for r in run.results] == ["fp32", "bnb-nf4"]
+    settings = run.meta.settings
+    assert (settings["prompt_tokens"], settings["new_tokens"], settings["repetitions"], settings["backends"],
+            settings["threads"]) == (16, 4, 2, ["fp32", "bnb-nf4"], 2)
+    assert run.meta.tokens == 64
