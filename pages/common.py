@@ -74,19 +74,25 @@ def restore_view() -> None:
     if st.session_state.get("_view_restored"):
         return
     st.session_state["_view_restored"] = True
-    view = views.params_to_view(st.query_params.to_dict())
+    params = st.query_params.to_dict()
+    view = views.params_to_view(params)
+    ignored = views.ignored_params(params)
     model = view.pop("model", None)
     if model:
         if model in models.bundled_models():
             st.session_state["model_choice"] = model
         else:
             st.session_state["model_choice"], st.session_state["custom_model"] = OTHER_MODEL, model
-    if view.get("hardware") not in {hardware.THIS_MACHINE_ID, *(h.id for h in hardware.catalog())}:
-        view.pop("hardware", None)
-    if view.get("group_size") not in GROUP_SIZES:
-        view.pop("group_size", None)
+    if "hardware" in view and view["hardware"] not in {hardware.THIS_MACHINE_ID, *(h.id for h in hardware.catalog())}:
+        ignored.append(f"hw={view.pop('hardware')}")
+    if "group_size" in view and view["group_size"] not in GROUP_SIZES:
+        ignored.append(f"group={view.pop('group_size')}")
     if view.get("tokens", 0) > MAX_UI_TOKENS:
-        view.pop("tokens")
+        ignored.append(f"tokens={view.pop('tokens')}")
+    if ignored:
+        st.warning(f"Ignored from the link: {', '.join(f'`{i}`' for i in ignored)} (not a valid choice here: "
+                   f"tokens 16-{MAX_UI_TOKENS}, group sizes {', '.join(map(str, GROUP_SIZES))}, formats and "
+                   "hardware as listed in the sidebar); the sidebar shows what is used.", icon="🔗")
     for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
         if key in view:
             st.session_state[key] = view[key]

@@ -137,16 +137,22 @@ def gptq_section() -> None:
     st.caption(f"A sweep of {', '.join(s.label for s in GPTQ_SCHEMES)} with RTN and with GPTQ (Hessians from "
                "4,096 calibration tokens at the end of the evaluation text, collected once). On SmolLM2 on two "
                "CPU cores this takes several minutes; MiniLM about a minute.")
-    if st.button("Run RTN vs GPTQ on the whole model", key="cx_run_gptq_model"):
+    run_column, cancel_column = st.columns([1, 3])
+    start = run_column.button("Run RTN vs GPTQ on the whole model", key="cx_run_gptq_model")
+    # Any press reruns the page, which stops the sweep at its next progress update.
+    cancel_column.button("Cancel", key="cx_cancel_gptq_model", help="Stops after the current batch; schemes "
+                         "that finished are kept.")
+    if start:
         bar = st.progress(0.0, "starting")
         schemes = [dataclasses.replace(s, algorithm=a) for s in GPTQ_SCHEMES for a in ("rtn", "gptq")]
+        st.session_state["cx_gptq_model"] = {"model": loaded.name, "rows": []}
         with common.user_errors():
-            rows = [row.to_record() for row in run_sweep(
-                loaded, schemes, EvalSpec(st.session_state["tokens"]),
-                progress=lambda fraction, message: bar.progress(min(1.0, fraction), message[:80]))]
-        st.session_state["cx_gptq_model"] = {"model": loaded.name, "rows": rows}
+            for row in run_sweep(loaded, schemes, EvalSpec(st.session_state["tokens"]),
+                                 progress=lambda fraction, message: bar.progress(min(1.0, fraction), message[:80])):
+                st.session_state["cx_gptq_model"]["rows"].append(row.to_record())  # kept if cancelled
+        bar.empty()
     finished = st.session_state.get("cx_gptq_model")
-    if finished and finished["model"] == loaded.name:
+    if finished and finished["model"] == loaded.name and finished["rows"]:
         rows = pd.DataFrame(finished["rows"]).assign(scheme=lambda f: f["label"].str.replace(" gptq", ""))
         metric = "kld_mean" if "kld_mean" in rows else "cosine_mean"
         st.plotly_chart(charts.rtn_vs_gptq(rows, metric, charts.metric_title(metric), log_y=metric == "kld_mean"),

@@ -10,7 +10,7 @@ from qlab import charts
 from qlab.errors import Cancelled, QlabError
 from qlab.evaluate import DEFAULT_TEXT_NAME, EvalSpec, decode_text
 from qlab.store import Recorder, Store, model_sha256, sweep_meta
-from qlab.sweep import run_sweep
+from qlab.sweep import check_schemes, run_sweep
 
 TEXT_SOURCES = ("Built-in text", "Paste text", "Upload a file")
 
@@ -39,6 +39,7 @@ with st.expander("Evaluation text", expanded=False):
 
 with common.user_errors():
     schemes = common.schemes()
+    check_schemes(loaded, schemes)  # a group size that does not fit the model is said now, not after a press
 st.write("Schemes: " + ", ".join(f"`{s.label}`" for s in schemes))
 
 run_key = (loaded.name, spec, spec.text_sha256)

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -165,6 +166,9 @@ def _resolve_local(path: Path, name: str) -> ModelSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise QlabError(f"{config_file} is not valid JSON ({error.msg if hasattr(error, 'msg') else error}); "
                             "fix or replace it.") from None
+        if not isinstance(config, dict):
+            raise QlabError(f"{config_file} holds a JSON {type(config).__name__}, not the object a model's "
+                            "config.json is; fix or replace it.")
         _check_config(config, f"'{name}'")
         if not list(path.glob("*.safetensors")):
             if ggufs:
@@ -220,13 +224,14 @@ def fp32_bytes_estimate(source: ModelSource) -> int:
     if source.gguf_file:
         from gguf import GGUFReader
 
-        reader = GGUFReader(path / source.gguf_file)
-        return 4 * sum(int(t.n_elements) for t in reader.tensors)
+        with _unreadable_weights(path / source.gguf_file):
+            reader = GGUFReader(path / source.gguf_file)
+            return 4 * sum(int(t.n_elements) for t in reader.tensors)
     from safetensors import safe_open
 
     numel = 0
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
+        with _unreadable_weights(file), safe_open(file, framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 shape = handle.get_slice(key).get_shape()
                 count = 1
@@ -234,6 +239,19 @@ def fp32_bytes_estimate(source: ModelSource) -> int:
                     count *= dim
                 numel += count
     return 4 * numel
+
+
+@contextlib.contextmanager
+def _unreadable_weights(file: Path) -> Iterator[None]:
+    """A truncated or corrupt weights file is the user's to replace, not a bug: say which one."""
+    try:
+        yield
+    except QlabError:
+        raise
+    except Exception as error:  # safetensors and gguf raise their own types (SafetensorError, ValueError...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise QlabError(f"{file} is not a readable {file.suffix.lstrip('.')} file ({reason}); re-download or "
+                        "re-convert it.") from None
 
 
 def check_fits_in_ram(needed_fp32_bytes: int, what: str) -> None:
@@ -319,7 +337,8 @@ def _load_gguf(source: ModelSource, device_map: str | None = None) -> tuple[torc
     stat = gguf_path.stat()
     converted = cache_dir() / "converted" / f"{source.name}-{stat.st_size}-{int(stat.st_mtime)}"
     if not (converted / "model.safetensors").is_file():
-        _convert_gguf(source, converted)
+        with _unreadable_weights(gguf_path):
+            _convert_gguf(source, converted)
     return _load_pretrained(str(converted), source.kind, device_map)
 
 

@@ -60,6 +60,32 @@ def params_to_view(params: Mapping[str, Any]) -> dict[str, Any]:
     return view
 
 
+def ignored_params(params: Mapping[str, Any]) -> list[str]:
+    """``name=value`` for each known parameter that ``params_to_view`` drops wholly or in part, so a page can
+    say what a hand-edited link lost. Values are cut to 40 characters with anything unusual shown as '?'."""
+    view = params_to_view(params)
+    ignored = []
+    for key, name in PARAMS.items():
+        raw = params.get(name)
+        if isinstance(raw, list | tuple):
+            raw = raw[-1] if raw else None
+        if raw is None:
+            continue
+        text = str(raw).strip()
+        if key in view and key in LIST_KEYS:
+            kept = {str(v) for v in view[key]}
+            text = ",".join(v.strip() for v in text.split(",") if v.strip() and v.strip().lower() not in kept)
+            if not text:
+                continue
+        elif key in view:
+            continue
+        ignored.append(f"{name}={_SHOWN.sub('?', text[:40])}")
+    return ignored
+
+
+_SHOWN = re.compile(r"[^A-Za-z0-9._,/~@:+-]")  # what a message may echo from a URL (no markup, no backticks)
+
+
 def _parse(key: str, text: str) -> Any:
     if key == "formats":
         names = [n.strip().lower() for n in text.split(",")]

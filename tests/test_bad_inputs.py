@@ -23,6 +23,9 @@ CLI_CASES = [
     ("remote code", ["sweep", "--model", "{tmp}/remote_code"], "trust_remote_code"),
     ("broken config", ["sweep", "--model", "{tmp}/broken_config"], "not valid JSON"),
     ("path is a file", ["sweep", "--model", "{tmp}/empty.txt"], "not a directory"),
+    ("config a JSON list", ["sweep", "--model", "{tmp}/list_config"], "JSON list"),
+    ("corrupt safetensors", ["sweep", "--model", "{tmp}/corrupt_safetensors"], "not a readable safetensors"),
+    ("corrupt gguf", ["sweep", "--model", "{tmp}/corrupt_gguf"], "not a readable gguf"),
     ("empty text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/empty.txt"], "empty"),
     ("binary text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/binary.bin"], "binary"),
     ("non-utf8 text", ["sweep", "--model", "minilm-l6", "--text-file", "{tmp}/latin1.txt"], "UTF-8"),
@@ -76,6 +79,13 @@ def bad_files(tmp_path_factory):
     (tmp / "remote_code" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "evil.Model"}}))
     (tmp / "broken_config").mkdir()
     (tmp / "broken_config" / "config.json").write_text("{ not json")
+    (tmp / "list_config").mkdir()
+    (tmp / "list_config" / "config.json").write_text("[1, 2, 3]")
+    (tmp / "corrupt_safetensors").mkdir()
+    (tmp / "corrupt_safetensors" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (tmp / "corrupt_safetensors" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage, not a header")
+    (tmp / "corrupt_gguf").mkdir()
+    (tmp / "corrupt_gguf" / "model.gguf").write_bytes(b"GGUF" + bytes(60))
     (tmp / "empty.txt").write_text("")
     (tmp / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))

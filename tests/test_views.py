@@ -4,7 +4,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
-from qlab.views import params_to_view, view_to_params
+from qlab.views import ignored_params, params_to_view, view_to_params
 
 FULL = {"model": "smollm2-135m", "hardware": "h100-sxm-80gb", "formats": ["fp16", "int8", "nf4"],
         "granularity": "group", "group_size": 64, "symmetric": False, "calibration": "mse", "tokens": 1024,
@@ -100,3 +100,11 @@ def test_the_quantize_page_shows_stored_results_without_recomputing(minilm, tmp_
     newest = Store().get(Store().list_runs()[0]["id"])
     assert [r.label for r in newest.results] == ["int8 g64", "int4 g64", "nf4 g64"]
     assert newest.records()[:2] == stored and newest.status == "finished"
+
+
+def test_ignored_params_name_what_a_link_lost_and_echo_no_markup():
+    params = {"tokens": "-5", "formats": "int99,int4,INT4", "hw": "l4", "gran": "row", "model": "<b>x</b>",
+              "utm_source": "chat"}
+    assert ignored_params(params) == ["model=?b?x?/b?", "formats=int99", "gran=row", "tokens=-5"]
+    assert ignored_params({"formats": "int8,int4", "runs": "abcd1234"}) == []
+    assert ignored_params({"tokens": "9" * 80}) == ["tokens=" + "9" * 40]
