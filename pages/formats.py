@@ -211,14 +211,20 @@ def claims_section() -> None:
     st.caption("The seeds quote three headline ratios. qlab measures accuracy with the sweep (fp16; int8 per "
                "channel; int4 in groups of 32, like GGUF's Q4 blocks) on the sidebar's model, and speed with a "
                "labelled micro-benchmark on this CPU.")
-    left, right = st.columns(2)
+    left, middle, right = st.columns(3)
     loaded = common.current_model()
     common.show_caveat(loaded)
-    if left.button("Measure accuracy (sweep)", key="fx_run_accuracy"):
-        with common.user_errors(), st.spinner("Sweeping fp16, int8, int4..."):
+    start = left.button("Measure accuracy (sweep)", key="fx_run_accuracy")
+    # Any press reruns the page, which stops the sweep at its next progress update.
+    middle.button("Cancel", key="fx_cancel_accuracy", help="Stops the accuracy sweep after the current batch.")
+    if start:
+        bar = st.progress(0.0, "Sweeping fp16, int8, int4...")
+        with common.user_errors():
             spec = EvalSpec(st.session_state["tokens"])
-            rows = [row.to_record() for row in run_sweep(loaded, list(claims.CLAIM_SCHEMES), spec)]
+            rows = [row.to_record() for row in run_sweep(loaded, list(claims.CLAIM_SCHEMES), spec, progress=lambda
+                                                         fraction, message: bar.progress(min(1.0, fraction), message))]
         st.session_state["fx_accuracy"] = {"model": loaded.name, "rows": rows}
+        bar.empty()
     if right.button("Measure speed on this CPU", key="fx_run_speed"):
         with common.user_errors(), st.spinner("Timing fp32, bf16, fp16 and int8 dynamic..."):
             st.session_state["fx_speed"] = claims.measure_cpu_speed()
