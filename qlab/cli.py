@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from qlab.cli_bench import add_bench_arguments
     from qlab.cli_explain import add_parser as add_explain_parser
+    from qlab.cli_export import add_parser as add_export_parser
     from qlab.cli_memory import add_parser as add_memory_parser
     from qlab.cli_runs import add_parser as add_runs_parser
     from qlab.cli_sensitivity import add_parser as add_sensitivity_parser
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sensitivity_parser(sub, json_option)
     add_runs_parser(sub, json_option)
     add_explain_parser(sub, json_option)
+    add_export_parser(sub, json_option)
 
     bench = sub.add_parser("bench", help="speed of real backends (default), or `bench sweep` (JSON out)")
     add_bench_arguments(bench, json_option)
