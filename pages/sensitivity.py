@@ -14,6 +14,7 @@ from qlab.evaluate import EvalSpec
 from qlab.mixed import Budget, choices_from, compare, recommendation_record
 from qlab.sensitivity import analyze
 from qlab.store import Recorder, save_sensitivity, save_summary, sensitivity_meta, sensitivity_saver
+from qlab.sweep import check_schemes
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
 UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none": "predict only (fastest)"}
@@ -57,6 +58,8 @@ if not chosen:
 
 spec = EvalSpec(st.session_state["tokens"])
 schemes = tuple(candidates[label] for label in chosen)
+with common.user_errors():
+    check_schemes(loaded, list(schemes))  # a group size that does not fit is said now, and stores no failed run
 measured_unit = "block" if unit == "none" else unit
 run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
 reports = st.session_state.setdefault("sensitivity_reports", {})
