@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab import architectures, backends, charts, hardware, roofline, speed
+from qlab import architectures, backends, charts, export, hardware, roofline, speed
 from qlab.errors import Cancelled
 from qlab.quant import QuantScheme
 from qlab.store import Recorder, bench_meta
@@ -162,6 +162,26 @@ if good:
                                      "sentence)", 0.1, 10_000.0, 50.0, key="speed_budget")
     verdict_rows = speed.verdicts(good, float(max_error), float(budget), target.memory_bytes)
     st.dataframe(pd.DataFrame(verdict_rows), hide_index=True, width="stretch")
+
+st.subheader("Save a quantized model")
+savable = [slug for slug in usable if slug in export.exportable()]
+if not savable:
+    st.info("None of the backends that run here can save its model (optimum-quanto, torchao and llama.cpp can).")
+else:
+    backend_column, folder_column = st.columns([1, 2])
+    export_slug = backend_column.selectbox("Backend", savable, key="export_backend")
+    default_folder = export.default_out_dir(loaded.name, export_slug)
+    folder = folder_column.text_input("Directory", key="export_dir", placeholder=str(default_folder),
+                                      help="Empty: under qlab's data directory, beside the run history.")
+    replace = st.checkbox("Replace the directory if it is not empty", key="export_force")
+    if st.button("Save quantized model", key="export_model"):
+        with common.user_errors(), st.spinner(f"Quantizing with {export_slug} and saving..."):
+            saved = export.export_quantized(loaded, export_slug, folder.strip() or default_folder, force=replace)
+        st.success(f"Saved {saved.weights_file} ({saved.weights_bytes / 1e6:.1f} MB) with config, tokenizer and "
+                   f"qlab_scheme.json in `{saved.out_dir}`. Reload it with "
+                   f"`qlab.export.load_exported('{saved.out_dir}')`.")
+    st.caption("Safetensors (never pickles) plus the scheme that made it; reloading rebuilds the model from "
+               "config.json with transformers' own classes. llama.cpp backends copy their GGUF file.")
 
 references = json.loads(REFERENCES.read_text())
 gpu_rows = json.loads(GPU_RESULTS.read_text()) if GPU_RESULTS.is_file() else []

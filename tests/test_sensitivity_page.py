@@ -11,7 +11,10 @@ def no_errors(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
-def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm):
+def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm, tmp_path, monkeypatch):
+    from qlab.store import Store, stored_sensitivity
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
     at = AppTest.from_file("../pages/sensitivity.py", default_timeout=600)
     at.session_state["model_choice"] = "minilm-l6"
     at.session_state["formats"] = ["fp16", "int8", "int4"]
@@ -26,6 +29,10 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm):
     assert len(table) == 2 * 37 and set(table["label"]) == {"int8 g64", "int4 g64"}
     assert table["estimated_delta"].is_monotonic_decreasing  # ranked by the default measure
     assert table["block_delta"].notna().all()
+    # The analysis was stored as it ran, and reads back as the same table.
+    [stored] = Store().runs()
+    assert (stored.kind, stored.status) == ("sensitivity", "finished")
+    assert len(stored_sensitivity(stored).rows()) == len(table)
     # Picking a layer hands it to the Weights page.
     layer = "encoder.layer.3.attention.self.value"
     at.selectbox(key="sensitivity_layer").select(layer).run()
@@ -40,6 +47,10 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm):
     assert {"int8 g64", "int4 g64", "mix @ 4.5 bits/weight"} <= set(mixes["label"])
     by_label = mixes.set_index("label")
     assert by_label.loc["mix @ 4.5 bits/weight", "error"] < by_label.loc["int4 g64", "error"]
+    recommend = Store().runs()[-1]
+    assert recommend.kind == "recommend" and len(recommend.records("mix")) == len(mixes)
+    assert recommend.records("recommendation")[0]["label"] == "mix @ 4.5 bits/weight"
+    assert stored_sensitivity(recommend) is not None  # its analysis travels with it
     # A rerun redraws from session state without recomputing.
     at.slider(key="mix_budget_bits").set_value(4.5).run()
     no_errors(at)

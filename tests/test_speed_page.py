@@ -57,3 +57,30 @@ def test_speed_page_lists_unavailable_backends_for_an_embedding_model():
     bnb = listing[listing["backend"] == "bnb-nf4"].iloc[0]
     assert not bnb["available here"] and "CUDA" in bnb["why not"]
     assert "llamacpp-q4_0" not in set(listing["backend"])  # a causal-LM-only backend
+
+
+@pytest.mark.slow
+def test_speed_page_stores_what_it_measures_and_saves_a_quantized_model(tmp_path, monkeypatch, minilm):
+    from streamlit.testing.v1 import AppTest
+
+    from qlab import export
+    from qlab.store import Store
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    app = AppTest.from_file(PAGE, default_timeout=300)
+    app.session_state["model_choice"] = "minilm-l6"
+    app.session_state["tokens"] = 64
+    app.session_state["speed_backends"] = ["fp32"]
+    app.session_state["speed_reps"] = 1
+    app.run()
+    app.button(key="run_speed").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    [run] = Store().runs()
+    assert (run.kind, run.status, run.meta.tokens) == ("bench", "finished", 64)
+    assert [r["backend"] for r in run.records("bench")] == ["fp32"] and run.records("bench")[0]["sentences_per_s"] > 0
+    app.selectbox(key="export_backend").select("quanto-int8").run()
+    app.text_input(key="export_dir").input(str(tmp_path / "saved")).run()
+    app.button(key="export_model").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any("model.safetensors" in s.value for s in app.success)
+    assert export.read_scheme(tmp_path / "saved")["backend"] == "quanto-int8"
