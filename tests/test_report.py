@@ -138,3 +138,28 @@ def test_comparing_unlike_runs_says_what_differs(db):
         "The runs differ in evaluation text (SHA-256)", "The runs differ in token budget",
         "The runs differ in qlab version"]
     assert "0.1.0, 0.2.0" in caveats[-1]
+
+
+def test_sensitivity_and_recommendation_runs_are_reported_with_their_charts(db, tmp_path, monkeypatch):
+    """A tiny Llama's recommendation stored by the CLI: ranked linears, units, measured plans and three
+    sensitivity charts plus the mix Pareto chart, all from the store."""
+    from qlab import cli, models
+    from qlab.evaluate import default_text
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama(seed=8)
+    monkeypatch.setattr(models, "load", lambda name: loaded)
+    text = tmp_path / "text.txt"
+    text.write_text(default_text()[:20_000])
+    assert cli.main(["recommend", "--model", "tiny", "--tokens", "128", "--text-file", str(text), "--quiet",
+                     "--group-size", "32", "--budget-bits", "6", "--db", str(db.path), "--json",
+                     str(tmp_path / "mix.json")]) == 0
+    run = db.get(db.list_runs()[0]["id"])
+    frame, blocks, measure = report.sensitivity_frame(run)
+    assert measure == "estimated_delta" and len(frame) == 2 * 21 and len(blocks) == 2 * 3
+    ranked = report.sensitivity_table(frame, measure, top=5)
+    assert len(ranked) == 5 and ranked[measure].is_monotonic_decreasing
+    page = report.render_html([run])
+    assert "Most sensitive linears" in page and "Measured plans" in page and "Recommendation: mix @ 6 bits" in page
+    assert charts_in(page) == 4
+    assert "summary results" not in page  # the closing record is not tabulated as a result kind
