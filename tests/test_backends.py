@@ -145,3 +145,27 @@ def test_gguf_written_back_matches_the_bundled_file(smollm, tmp_path):
         # The loaded model is the bundled Q4_1 file dequantized, so writing it back (with llama.cpp's rotary
         # row order for Q and K restored) reproduces the file's values.
         np.testing.assert_allclose(got.reshape(expected.shape), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ftype, block_format", [("MOSTLY_Q8_0", "q8_0"), ("MOSTLY_Q4_0", "q4_0")])
+def test_llama_cpp_quantizer_writes_the_bytes_qlab_simulates(smollm, tmp_path, ftype, block_format):
+    """llama.cpp's own quantizer (``llama_model_quantize``) and qlab's block-format simulation agree to the byte
+    on a tensor llama.cpp stores unpermuted: the simulation shown beside llama.cpp's result is that result."""
+    if not backends.get("llamacpp-q8_0").available("cpu")[0]:
+        pytest.skip("llama-cpp-python is not installed (requirements-llamacpp.txt)")
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from qlab import block_formats
+    from qlab.backends.llamacpp import quantize_gguf, write_gguf
+
+    source, target = tmp_path / "model.f32.gguf", tmp_path / f"model.{block_format}.gguf"
+    write_gguf(smollm, source)
+    quantize_gguf(source, target, ftype, threads=2)
+    tensors = {t.name: t for t in gguf.GGUFReader(target).tensors}
+    stored = tensors["blk.2.ffn_down.weight"]
+    assert stored.tensor_type == getattr(gguf.GGMLQuantizationType, block_format.upper())
+    weight = smollm.model.model.layers[2].mlp.down_proj.weight.detach()
+    simulated = block_formats.quantize(weight, block_format).to_gguf_bytes()
+    np.testing.assert_array_equal(np.asarray(stored.data).reshape(-1).view(np.uint8), simulated.numpy().reshape(-1))
