@@ -154,6 +154,9 @@ def show_run(run: StoredRun) -> None:
         for row in bench.to_dict("records"):
             if not row.get("available", True) or row.get("error"):
                 st.caption(f"{row['backend']}: {row.get('reason') or row.get('error')}")
+    summary = report.benchmark_summary(run)
+    if not summary.empty:
+        st.dataframe(summary, hide_index=True, width="stretch", key=f"benchmark_{run.id}")
     for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in report.LAID_OUT_KINDS):
         st.dataframe(pd.DataFrame(run.records(kind)).map(lambda v: json.dumps(v) if isinstance(v, list | dict)
                                                          else v),

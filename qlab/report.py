@@ -180,6 +180,12 @@ def bench_frame(run: StoredRun) -> pd.DataFrame:
     return pd.DataFrame([r for r in run.records("bench") if "backend" in r])
 
 
+def benchmark_summary(run: StoredRun) -> pd.DataFrame:
+    """The timing summary of a ``bench sweep`` run (one FP32 evaluation vs the sweep, peak RSS), scalars only."""
+    frame = pd.DataFrame([r for r in run.records("bench") if "backend" not in r])
+    return frame[[c for c in frame if frame[c].map(lambda v: not isinstance(v, list | dict)).all()]]
+
+
 def bench_table(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[[c for c in BENCH_COLUMNS if c in frame and frame[c].notna().any()]]
 
@@ -236,6 +242,10 @@ def _kind_tables(run: StoredRun) -> str:
     bench = bench_frame(run)
     if not bench.empty:
         parts.append("<h3>Speed (measured)</h3>" + _table(bench_table(bench)))
+    summary = benchmark_summary(run)
+    if not summary.empty:
+        parts.append("<h3>Sweep benchmark</h3>" + _table(summary.T.reset_index().set_axis(["field", "value"], axis=1),
+                                                        "kv"))
     return "".join(parts)
 
 

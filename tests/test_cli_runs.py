@@ -179,3 +179,26 @@ def test_bench_stores_each_backend_row_and_reports_it(tmp_path, capsys, monkeypa
     assert code == 0, err
     page = (tmp_path / "bench.html").read_text()
     assert "Speed (measured)" in page and "torch-dynamic-int8" in page and page.count('class="plotly-graph-div"') == 1
+
+
+def test_bench_sweep_result_is_stored_on_request_and_reported(tmp_path, monkeypatch):
+    from qlab.cli_bench import store_bench_sweep
+
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+    row = ResultRow("minilm-l6", QuantScheme("int8", "group", 64), SizeReport(8, 6, 1, 1, 2),
+                    {"cosine_mean": 0.999}, 0.1, 0.2, 64).to_record()
+    result = {"benchmark": "sweep", "model": "minilm-l6", "formats": ["int8 g64"], "tokens": 64,
+              "one_fp32_eval_s": 0.5, "sweep_s": 2.0, "sweep_over_eval": 4.0, "rows": [row]}
+    path = tmp_path / "sweep.sqlite"
+    store_bench_sweep(argparse.Namespace(db=None, model="minilm-l6", tokens=64), result)
+    assert not (tmp_path / "data").exists()  # neither --db nor QLAB_DB: nothing stored
+    store_bench_sweep(argparse.Namespace(db=str(path), model="minilm-l6", tokens=64), result)
+    [stored] = Store(path).runs()
+    assert stored.kind == "bench" and stored.records("sweep") == [row] and stored.meta.tokens == 64
+    from qlab import report
+
+    summary = report.benchmark_summary(stored)
+    assert summary["sweep_over_eval"].tolist() == [4.0] and "rows" not in summary
+    assert "Sweep benchmark" in report.render_html([stored])
