@@ -221,16 +221,22 @@ def _resolve_hub(hub_id: str) -> ModelSource:
 def fp32_bytes_estimate(source: ModelSource) -> int:
     """FP32 size of the weights from file headers only (no tensor is read)."""
     path = Path(source.path)
+    files = sorted(path.glob("*.safetensors"))
     if source.gguf_file:
-        from gguf import GGUFReader
+        converted = _converted_dir(source) / "model.safetensors"
+        if not converted.is_file():
+            # Parsing a GGUF reads its whole tokenizer vocabulary in Python (~3 s for SmolLM2), so only before the
+            # first conversion; afterwards the FP32 copy's header says the same.
+            from gguf import GGUFReader
 
-        with _unreadable_weights(path / source.gguf_file):
-            reader = GGUFReader(path / source.gguf_file)
-            return 4 * sum(int(t.n_elements) for t in reader.tensors)
+            with _unreadable_weights(path / source.gguf_file):
+                reader = GGUFReader(path / source.gguf_file)
+                return 4 * sum(int(t.n_elements) for t in reader.tensors)
+        files = [converted]
     from safetensors import safe_open
 
     numel = 0
-    for file in sorted(path.glob("*.safetensors")):
+    for file in files:
         with _unreadable_weights(file), safe_open(file, framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 shape = handle.get_slice(key).get_shape()
@@ -333,13 +339,17 @@ def _load_pretrained(path: str, kind: str, device_map: str | None = None) -> tup
 
 
 def _load_gguf(source: ModelSource, device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
-    gguf_path = Path(source.path) / source.gguf_file
-    stat = gguf_path.stat()
-    converted = cache_dir() / "converted" / f"{source.name}-{stat.st_size}-{int(stat.st_mtime)}"
+    converted = _converted_dir(source)
     if not (converted / "model.safetensors").is_file():
-        with _unreadable_weights(gguf_path):
+        with _unreadable_weights(Path(source.path) / source.gguf_file):
             _convert_gguf(source, converted)
     return _load_pretrained(str(converted), source.kind, device_map)
+
+
+def _converted_dir(source: ModelSource) -> Path:
+    """Where the FP32 safetensors copy of a GGUF lives; a changed file (size or mtime) gets a new copy."""
+    stat = (Path(source.path) / source.gguf_file).stat()
+    return cache_dir() / "converted" / f"{source.name}-{stat.st_size}-{int(stat.st_mtime)}"
 
 
 def _convert_gguf(source: ModelSource, target: Path) -> None:

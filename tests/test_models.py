@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,12 @@ def test_device_map_is_checked_before_anything_loads(monkeypatch):
     with pytest.raises(QlabError, match="needs CUDA GPUs"):
         models.load("minilm-l6", device_map="auto")
 
+
+
+@pytest.mark.slow
+def test_gguf_size_estimate_from_the_converted_copy_equals_the_gguf_header(smollm):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(Path(smollm.source.path) / smollm.source.gguf_file)
+    from_gguf = 4 * sum(int(t.n_elements) for t in reader.tensors)
+    assert models.fp32_bytes_estimate(smollm.source) == from_gguf  # read from the cached FP32 copy's header
