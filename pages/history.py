@@ -21,6 +21,10 @@ st.caption(f"Every finished result (sweep schemes, sensitivity units, mixes, spe
            f"as it completes, from this dashboard and from headless runs (`python -m qlab sweep|sensitivity|"
            f"recommend|bench|memory ... --db PATH`), in `{store.path}` (set `QLAB_DB` to use another file). "
            "Charts and tables here are read back from the store, never recomputed.")
+read_only = not store.writable()
+if read_only:
+    st.info(f"`{store.path}` is read-only: browse, compare and export its runs here; to import or delete, set "
+            "`QLAB_DB` to a writable file (importing this one into it copies every run).")
 
 
 def import_upload() -> None:
@@ -43,7 +47,7 @@ with st.expander("Import runs (from a GPU server or a colleague)"):
     st.caption("A `python -m qlab runs export` JSON, a copied `runs.sqlite`, or the JSON that "
                "`python -m qlab sweep --json out.json` writes. Importing the same run twice adds nothing.")
     st.file_uploader("Runs file", type=["json", "sqlite", "db"], key="history_upload")
-    st.button("Import", key="history_import", on_click=import_upload)
+    st.button("Import", key="history_import", on_click=import_upload, disabled=read_only)
 kind_of_message, message = st.session_state.pop("history_message", (None, None))
 if message:
     getattr(st, kind_of_message)(message)
@@ -238,7 +242,7 @@ if sweeps:
 with st.expander("Delete"):
     confirm = st.checkbox(f"Yes, delete the {len(selected)} selected run(s) and their results",
                           key="history_confirm_delete")
-    if st.button("Delete selected runs", key="history_delete", disabled=not confirm):
+    if st.button("Delete selected runs", key="history_delete", disabled=not confirm or read_only):
         with common.user_errors():
             count = store.delete(selected)
         st.session_state["history_message"] = ("success", f"Deleted {count} run(s).")

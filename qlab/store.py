@@ -4,6 +4,9 @@ One file per user (``QLAB_DB`` or ``$XDG_DATA_HOME/qlab/runs.sqlite``), stdlib `
 never block the writer, each result is its own committed transaction, and a process killed mid-write leaves
 the last committed state readable. The schema version is ``PRAGMA user_version``; ``MIGRATIONS`` upgrade it
 step by step, and a fresh file is built by running them all from 0, so the upgrade path is exercised daily.
+Only writes switch a file to WAL and migrate it: reads (listing, showing, exporting, reports, the History page)
+use a connection that never writes, so a read-only file, folder or mount, or a database copied from a GPU
+server, can be browsed as it is (an older schema is read through a migrated in-memory copy).
 
 A *run* is one invocation (a sweep, a memory plan, a benchmark, ...): model id and content hash, hardware,
 settings (every scheme in full), qlab/torch/transformers versions, evaluation text hash and token budget, seed,
@@ -23,6 +26,7 @@ import re
 import socket
 import sqlite3
 import tempfile
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -279,9 +283,104 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
         raise
 
 
+def writable(path: Path) -> bool:
+    """Whether this process may write the database at ``path`` and the -wal/-shm files beside it (a read-only
+    file, directory or mount answers False; a missing file, whether its folder could hold one)."""
+    if path.exists():
+        return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    ancestor = next((p for p in path.parents if p.exists()), None)
+    return ancestor is not None and ancestor.is_dir() and os.access(ancestor, os.W_OK)
+
+
+def _read_only_error(path: Path) -> QlabError:
+    return QlabError(f"{path} is read-only; pass --db (or set {DB_ENV}) to a writable path.")
+
+
+def _is_wal(path: Path) -> bool:
+    # Bytes 18 and 19 of a SQLite header are the write/read format versions: 2 means WAL.
+    with open(path, "rb") as handle:
+        return handle.read(20)[18:20] == b"\x02\x02"
+
+
+def _uri(path: Path, **options: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in options.items())
+    return f"file:{urllib.parse.quote(str(path.absolute()))}?{query}"
+
+
+def _reader(path: Path) -> sqlite3.Connection:
+    """A connection that never writes the database: schema as found, nothing migrated, no journal mode set.
+
+    A missing file reads as an empty database (in memory: nothing is created). A writable file is opened
+    read-write but ``query_only``: SQLite then removes the -wal/-shm files it needed when it closes, where a
+    ``mode=ro`` handle would leave them behind. A file this process cannot write is opened ``mode=ro``, and a
+    WAL database with no -wal file beside it (all of it in the main file) ``immutable=1``, which needs no -shm
+    file that a read-only folder could not hold.
+    """
+    if not path.exists():
+        try:  # the folder a first write would use; a path no database can have is an error now, not later
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise QlabError(f"cannot open the run database {path} ({error}); pass a writable --db path "
+                            f"or set {DB_ENV}.") from None
+        return sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        if writable(path):
+            conn = sqlite3.connect(_uri(path, mode="rw"), uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute("PRAGMA query_only=ON")
+            return conn
+        immutable = _is_wal(path) and not Path(f"{path}-wal").exists()
+        options = {"mode": "ro", "immutable": "1"} if immutable else {"mode": "ro"}
+        return sqlite3.connect(_uri(path, **options), uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except (OSError, sqlite3.DatabaseError) as error:
+        raise QlabError(f"cannot open the run database {path} ({error}); pass a readable --db path "
+                        f"or set {DB_ENV}.") from None
+
+
+def _migrated_copy(conn: sqlite3.Connection, path: Path, version: int) -> sqlite3.Connection:
+    """An in-memory copy of an older database brought to the current schema: reading never migrates the file."""
+    memory = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        conn.backup(memory)
+        _migrate(memory, path)
+    except sqlite3.DatabaseError as error:
+        memory.close()
+        raise QlabError(f"{path} has an older qlab schema (v{version}) that cannot be read without migrating it "
+                        f"({error}); open it once with a writable --db, or import it with `python -m qlab runs "
+                        "import`.") from None
+    return memory
+
+
+@contextlib.contextmanager
+def _read(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection for reading only (see ``_reader``), at the current schema (older files through a copy)."""
+    conn = _reader(path)
+    try:
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise QlabError(f"{path} was written by a newer qlab (schema v{version}, this one knows "
+                                f"v{SCHEMA_VERSION}); upgrade qlab or pass another --db.")
+            if version < SCHEMA_VERSION:
+                current = _migrated_copy(conn, path, version)
+                conn.close()
+                conn = current
+        except sqlite3.DatabaseError as error:
+            raise QlabError(f"{path} is not a usable qlab run database ({error}); pass another --db.") from None
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        except sqlite3.OperationalError as error:  # locked past the timeout
+            raise QlabError(f"the run database {path} could not be read ({error}); retry, or pass another "
+                            "--db.") from None
+    finally:
+        conn.close()
+
+
 @contextlib.contextmanager
 def _connect(path: Path) -> Iterator[sqlite3.Connection]:
-    """An autocommit connection (transactions are explicit) with WAL, foreign keys and the schema current."""
+    """A connection for writing: autocommit (transactions are explicit), WAL, foreign keys, schema migrated."""
+    if path.exists() and not writable(path):
+        raise _read_only_error(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -298,10 +397,14 @@ def _connect(path: Path) -> Iterator[sqlite3.Connection]:
             conn.execute("PRAGMA foreign_keys=ON")
             _migrate(conn, path)
         except sqlite3.DatabaseError as error:
+            if "readonly" in str(error):
+                raise _read_only_error(path) from None
             raise QlabError(f"{path} is not a usable qlab run database ({error}); pass another --db.") from None
         try:
             yield conn
         except sqlite3.OperationalError as error:  # locked past the timeout, read-only, disk full
+            if "readonly" in str(error):
+                raise _read_only_error(path) from None
             raise QlabError(f"the run database {path} could not be used ({error}); retry, or pass another "
                             "--db.") from None
     finally:
@@ -343,12 +446,23 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
 
+    def writable(self) -> bool:
+        """False for a database this process can only read (read-only file, folder or mount)."""
+        return writable(self.path)
+
     def schema_version(self) -> int:
-        with _connect(self.path) as conn:
-            return conn.execute("PRAGMA user_version").fetchone()[0]
+        """The schema version of the file as it is (reading never migrates it; 0 for a missing file)."""
+        if not self.path.exists():
+            return 0
+        with contextlib.closing(_reader(self.path)) as conn:
+            try:
+                return conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as error:
+                raise QlabError(f"{self.path} is not a usable qlab run database ({error}); pass another "
+                                "--db.") from None
 
     def integrity_ok(self) -> bool:
-        with _connect(self.path) as conn:
+        with _read(self.path) as conn:
             return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     # writing
@@ -402,7 +516,7 @@ class Store:
     def resolve_id(self, run_id: str) -> str:
         """A full run id from itself or a unique prefix of at least 4 characters."""
         run_id = run_id.strip()
-        with _connect(self.path) as conn:
+        with _read(self.path) as conn:
             if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 return run_id
             matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? || '%'", (run_id,))]
@@ -427,7 +541,7 @@ class Store:
         if limit:
             query += " LIMIT ?"
             params.append(limit)
-        with _connect(self.path) as conn:
+        with _read(self.path) as conn:
             rows = conn.execute(query, params).fetchall()
         return [{"id": r["id"], "created_at": r["created_at"], "kind": r["kind"],
                  "status": _live_status(r["status"], json.loads(r["environment"])), "model": r["model"],
@@ -439,7 +553,7 @@ class Store:
     def get(self, run_id: str) -> StoredRun:
         """A run and all its results (``run_id`` may be a unique prefix)."""
         run_id = self.resolve_id(run_id)
-        with _connect(self.path) as conn:
+        with _read(self.path) as conn:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             results = conn.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position",
                                    (run_id,)).fetchall()
@@ -456,7 +570,7 @@ class Store:
         the newest run winning: what a dashboard can show again without recomputing."""
         from qlab.quant import QuantScheme
 
-        with _connect(self.path) as conn:
+        with _read(self.path) as conn:
             rows = conn.execute(
                 """SELECT results.scheme, results.record FROM results JOIN runs ON runs.id = results.run_id
                    WHERE runs.model = ? AND runs.model_sha256 IS ? AND runs.text_sha256 = ? AND runs.tokens = ?
@@ -528,8 +642,7 @@ def read_database(path: str | os.PathLike) -> Store:
     never migrates or locks the original."""
     copy = Path(tempfile.mkdtemp(prefix="qlab-import-")) / "runs.sqlite"
     try:
-        source = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
-        with contextlib.closing(source), contextlib.closing(sqlite3.connect(copy)) as target:
+        with contextlib.closing(_reader(Path(path))) as source, contextlib.closing(sqlite3.connect(copy)) as target:
             source.backup(target)  # the backup API copies a consistent snapshot, WAL included
     except sqlite3.DatabaseError as error:
         raise QlabError(f"{path} is not a readable SQLite database ({error}).") from None

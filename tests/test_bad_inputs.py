@@ -136,3 +136,32 @@ def test_non_finite_weights_are_refused(bad):
     weight[3, 5] = bad
     with pytest.raises(QlabError, match="NaN or infinite"):
         quantize(weight, QuantScheme("int4", "group", 32))
+
+
+def test_read_only_run_database_is_browsed_and_a_sweep_into_it_refused(tmp_path, monkeypatch, capsys):
+    """`runs list/show/export` and `report` read a database this user cannot write; `sweep --db` into it exits 2
+    with one line before evaluating anything (the dashboard instead warns and keeps going)."""
+    import hashlib
+    import os
+
+    from qlab.store import RunMeta, Store
+
+    path = tmp_path / "shared.sqlite"
+    run_id = Store(path).start_run(RunMeta("sweep", "minilm-l6", {"schemes": []}, environment={"qlab": "0.1.0"}))
+    Store(path).finish_run(run_id)
+    before = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK and str(p).startswith(
+        str(tmp_path)) else real(p, mode, *a, **k))  # root ignores chmod: say no the way a read-only mount does
+    for argv in (["runs", "list"], ["runs", "show", run_id[:6]], ["runs", "export", "--json", "-"]):
+        assert main([*argv, "--db", str(path)]) == 0, argv
+        assert run_id in capsys.readouterr().out
+    assert main(["report", "--run", run_id, "--out", str(tmp_path.parent / f"{tmp_path.name}.html"),
+                 "--db", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64", "--quiet",
+                 "--db", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"qlab: error: {path} is read-only; pass --db (or set QLAB_DB) to a writable path.\n"
+    assert (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.sqlite"]

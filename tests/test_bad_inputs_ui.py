@@ -271,6 +271,10 @@ CASES = [
          {"db": "/proc/qlab/runs.sqlite", "model_choice": "minilm-l6", "formats": ["int8"], "tokens": 64},
          act=click("run_sweep"), kind="warning",
          expect=lambda at: list(at.dataframe[0].value["label"]) == ["int8 g64"]),
+    Case("read-only run database under a sweep", "quantize", "is read-only",
+         {"db": "readonly", "model_choice": "minilm-l6", "formats": ["int8"], "tokens": 64},
+         act=click("run_sweep"), kind="warning",
+         expect=lambda at: list(at.dataframe[0].value["label"]) == ["int8 g64"]),
     Case("corrupted run database on History", "history", "not a usable", {"db": "corrupt"}, fix=fresh_database),
     Case("corrupted run database under a sweep", "quantize", "not being saved",
          {"db": "corrupt", "model_choice": "minilm-l6", "formats": ["int8"], "tokens": 64},
@@ -330,6 +334,13 @@ def test_ui_bad_input(case: Case, bad_files: Path, tmp_path: Path, monkeypatch: 
         db.write_bytes(b"this is not a database" * 100)
     elif broken == "newer":
         newer_database(db)
+    elif broken == "readonly":  # a database shared read-only: one stored run, and no write may reach it
+        from qlab.store import RunMeta, Store
+
+        Store(db).finish_run(Store(db).start_run(RunMeta("sweep", "minilm-l6", {"schemes": []}, environment={})))
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK and str(p).startswith(
+            str(db)) else real_access(p, mode, *a, **k))  # tests run as root: chmod would change nothing
     elif broken:
         db = Path(broken)
     monkeypatch.setenv("QLAB_DB", str(db))
@@ -359,6 +370,8 @@ def test_ui_bad_input(case: Case, bad_files: Path, tmp_path: Path, monkeypatch: 
         assert case.expect(at)
     if not broken:
         assert run_count(db) == 0, "the bad input left a stored run behind"
+    if broken == "readonly":
+        assert not Path(f"{db}-wal").exists() and run_count(db) == 1, "a write reached the read-only database"
 
     if case.fix:
         monkeypatch.undo()

@@ -189,3 +189,24 @@ def test_stored_sensitivity_and_bench_runs_reopen_without_recomputing(db, monkey
     assert list(table["backend"]) == ["fp32", "torch-dynamic-int8", "quanto-int4", "bnb-nf4"]
     assert len(at.get("plotly_chart")) == 1  # accuracy vs speed vs size, measured points only
     assert any("bitsandbytes needs CUDA" in c.value for c in at.caption)
+
+
+def test_a_read_only_database_is_browsed_and_left_untouched(db, monkeypatch):
+    import hashlib
+    import os
+
+    first = sweep(db, "smollm2-135m", {"int8": 1e-3, "int4": 0.05})
+    second = sweep(db, "smollm2-135m", {"int8": 2e-3, "int4": 0.04})
+    before = hashlib.sha256(db.path.read_bytes()).hexdigest(), db.path.stat().st_mtime_ns
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK and str(p).startswith(
+        str(db.path.parent)) else real(p, mode, *a, **k))  # tests run as root: say no as a read-only mount would
+    at = page().run()
+    no_errors(at)
+    assert any("is read-only" in i.value for i in at.info)
+    at.multiselect(key="history_selected").select(first).select(second).run()
+    no_errors(at)
+    assert any(c.startswith("Δ kld_mean") for d in at.dataframe for c in d.value.columns)
+    assert at.button(key="history_import").disabled and at.button(key="history_delete").disabled
+    assert (hashlib.sha256(db.path.read_bytes()).hexdigest(), db.path.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in db.path.parent.iterdir()) == ["runs.sqlite"]

@@ -129,13 +129,17 @@ def test_migration_from_version_1_keeps_every_run_and_row(tmp_path):
     path = tmp_path / "old.sqlite"
     _v1_database(path)
     db = Store(path)
-    assert db.schema_version() == store.SCHEMA_VERSION == 2
+    before = path.read_bytes()
+    assert db.schema_version() == 1 and store.SCHEMA_VERSION == 2
+    # Reading an older file reads a migrated copy and leaves the file as it was.
     assert [(r["id"], r["kind"], r["status"], r["results"]) for r in db.list_runs()] == [
         ("bbbb00000002", "sweep", "finished", 1), ("aaaa00000001", "sweep", "finished", 2)]
     old = db.get("aaaa")
     assert [(r.position, r.label, r.kind) for r in old.results] == [(0, "fp16", "sweep"), (1, "int4", "sweep")]
     assert old.meta.tokens == 64 and old.meta.environment == ENVIRONMENT
-    db.add_result(old.id, {"label": "nf4"}, kind="sweep")  # new rows continue the migrated order
+    assert path.read_bytes() == before and db.schema_version() == 1
+    db.add_result(old.id, {"label": "nf4"}, kind="sweep")  # the first write migrates; new rows continue the order
+    assert db.schema_version() == 2
     assert [r.position for r in db.get(old.id).results] == [0, 1, 2]
     with sqlite3.connect(path) as conn:
         with pytest.raises(sqlite3.IntegrityError):  # the migration added the (run, position) uniqueness
@@ -145,6 +149,8 @@ def test_migration_from_version_1_keeps_every_run_and_row(tmp_path):
 
 
 def test_a_fresh_database_runs_every_migration(db):
+    assert db.list_runs() == [] and not db.path.exists()  # reading a missing database creates nothing
+    db.finish_run(db.start_run(meta()))  # the first write creates it
     assert db.schema_version() == len(store.MIGRATIONS)
     with sqlite3.connect(db.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -574,3 +580,110 @@ def test_bench_rows_round_trip(db, tiny_analysis):
     assert (settings["prompt_tokens"], settings["new_tokens"], settings["repetitions"], settings["backends"],
             settings["threads"]) == (16, 4, 2, ["fp32", "bnb-nf4"], 2)
     assert run.meta.tokens == 64
+
+
+# --- read-only databases -------------------------------------------------------------------------------------
+
+
+def read_only(monkeypatch, *paths: Path) -> None:
+    """Make ``paths`` (and what is beside them) look unwritable: tests run as root, for whom chmod changes nothing."""
+    real = os.access
+    names = [str(p) for p in paths]
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and any(str(path).startswith(n) or n.startswith(str(path)) for n in names):
+            return False
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def fingerprint(path: Path) -> tuple:
+    folder = sorted(p.name for p in path.parent.iterdir())
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns, folder
+
+
+def every_read(db: Store, run_id: str) -> None:
+    from qlab.cli_runs import export_csv
+    from qlab.report import render_html
+
+    assert [r["id"] for r in db.list_runs()] == [run_id]
+    assert db.get(run_id[:6]).records()[0]["label"] == "int4 g64"
+    assert db.export()["runs"][0]["id"] == run_id
+    assert run_id in export_csv(db)
+    assert "int4 g64" in render_html(db.runs())
+    assert db.stored_schemes("minilm-l6", "ab" * 32, "cd" * 32, 128)
+    assert db.integrity_ok() and db.schema_version() == store.SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["writable", "read-only"])
+def test_reading_leaves_the_file_untouched_and_creates_no_wal(tmp_path, monkeypatch, locked):
+    db = Store(tmp_path / "runs.sqlite")
+    run_id = db.start_run(meta())
+    db.add_result(run_id, row())
+    db.finish_run(run_id)
+    assert store._is_wal(db.path) and sorted(p.name for p in tmp_path.iterdir()) == ["runs.sqlite"]
+    time.sleep(0.02)  # an mtime written by a read would differ from the one taken now
+    before = fingerprint(db.path)
+    opened = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(store.sqlite3, "connect", lambda target, *a, **k: opened.append(str(target))
+                        or real_connect(target, *a, **k))
+    if locked:
+        read_only(monkeypatch, tmp_path)
+        assert not db.writable()
+    every_read(db, run_id)
+    assert fingerprint(db.path) == before
+    to_the_file = [uri for uri in opened if "runs.sqlite" in uri]
+    assert to_the_file and all(uri.startswith("file:") for uri in to_the_file)
+    # Read-only: SQLite itself refuses writes, and a WAL file at rest is read without a -shm file.
+    assert all(uri.endswith("?mode=ro&immutable=1" if locked else "?mode=rw") for uri in to_the_file), to_the_file
+
+
+def test_a_read_only_database_refuses_writes_in_one_line(tmp_path, monkeypatch):
+    db = Store(tmp_path / "runs.sqlite")
+    run_id = db.start_run(meta())
+    db.finish_run(run_id)
+    before = fingerprint(db.path)
+    read_only(monkeypatch, db.path)
+    for write in (lambda: db.start_run(meta()), lambda: db.delete([run_id]), lambda: db.import_payload(db.export())):
+        with pytest.raises(QlabError, match=r"runs.sqlite is read-only; pass --db") as caught:
+            write()
+        assert "\n" not in str(caught.value)
+    with Recorder(db, meta(), strict=False) as rec:  # the dashboard keeps working and says why nothing is saved
+        rec.save(row())
+    assert "is read-only" in rec.error and rec.saved == 0
+    assert fingerprint(db.path) == before
+
+
+def test_sqlite_refusing_a_write_reads_as_read_only(tmp_path, monkeypatch):
+    """Where os.access says yes but SQLite cannot write (a read-only handle, a mount that lies)."""
+    db = Store(tmp_path / "runs.sqlite")
+    db.finish_run(db.start_run(meta()))
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(store.sqlite3, "connect", lambda path, *a, **k: real_connect(
+        f"file:{path}?mode=ro", *a, **{**k, "uri": True}) if str(path) == str(db.path) else real_connect(path, *a, **k))
+    with pytest.raises(QlabError, match="is read-only; pass --db"):
+        db.start_run(meta())
+
+
+def test_an_older_read_only_database_is_read_through_a_copy(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    _v1_database(path)
+    read_only(monkeypatch, tmp_path)
+    before = fingerprint(path)
+    db = Store(path)
+    assert [r["id"] for r in db.list_runs()] == ["bbbb00000002", "aaaa00000001"]
+    assert [r.label for r in db.get("aaaa").results] == ["fp16", "int4"]
+    assert fingerprint(path) == before and db.schema_version() == 1
+    with pytest.raises(QlabError, match="is read-only"):
+        db.add_result("aaaa00000001", {"label": "nf4"}, kind="sweep")
+
+
+def test_an_older_schema_that_cannot_be_migrated_is_one_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "odd.sqlite"
+    with sqlite3.connect(path) as conn:  # version 1 by its number, but not the layout version 1 had
+        conn.executescript("CREATE TABLE runs (id TEXT); PRAGMA user_version = 1;")
+    read_only(monkeypatch, tmp_path)
+    with pytest.raises(QlabError, match=r"older qlab schema \(v1\).*writable --db.*runs import"):
+        Store(path).list_runs()
