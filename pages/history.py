@@ -35,7 +35,7 @@ def import_upload() -> None:
         path = Path(folder) / Path(upload.name).name
         path.write_bytes(upload.getvalue())
         try:
-            ids = store.import_file(path)
+            ids = store.import_file(path, upload.name)  # messages name the upload, not the server's copy
         except QlabError as error:
             st.session_state["history_message"] = ("error", str(error))
             return

@@ -620,32 +620,34 @@ class Store:
                          result.get("created_at")))
         return [run["id"] for run in runs]
 
-    def import_file(self, path: str | os.PathLike) -> list[str]:
-        """Import a JSON file (see ``import_payload``) or another qlab SQLite database."""
+    def import_file(self, path: str | os.PathLike, name: str | None = None) -> list[str]:
+        """Import a JSON file (see ``import_payload``) or another qlab SQLite database. ``name`` is what
+        messages call the file (an upload's own name, not the temporary copy's path)."""
         path = Path(path).expanduser()
+        shown = name or str(path)
         if not path.is_file():
-            raise QlabError(f"{path} does not exist or is not a file; give a JSON export or a .sqlite file.")
+            raise QlabError(f"{shown} does not exist or is not a file; give a JSON export or a .sqlite file.")
         with open(path, "rb") as handle:
             head = handle.read(16)
         if head.startswith(b"SQLite format 3"):
-            return self.import_payload(read_database(path).export(), path.name)
+            return self.import_payload(read_database(path, shown).export(), name or path.name)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise QlabError(f"{path} is neither a qlab SQLite database nor JSON ({error}); export it with "
+            raise QlabError(f"{shown} is neither a qlab SQLite database nor JSON ({error}); export it with "
                             "`python -m qlab runs export` or `sweep --json`.") from None
-        return self.import_payload(payload, path.name)
+        return self.import_payload(payload, name or path.name)
 
 
-def read_database(path: str | os.PathLike) -> Store:
+def read_database(path: str | os.PathLike, name: str | None = None) -> Store:
     """A Store over a private copy of another database (possibly older, possibly mid-write), so reading it
-    never migrates or locks the original."""
+    never migrates or locks the original; ``name`` is what messages call it."""
     copy = Path(tempfile.mkdtemp(prefix="qlab-import-")) / "runs.sqlite"
     try:
         with contextlib.closing(_reader(Path(path))) as source, contextlib.closing(sqlite3.connect(copy)) as target:
             source.backup(target)  # the backup API copies a consistent snapshot, WAL included
     except sqlite3.DatabaseError as error:
-        raise QlabError(f"{path} is not a readable SQLite database ({error}).") from None
+        raise QlabError(f"{name or path} is not a readable SQLite database ({error}).") from None
     return Store(copy)
 
 

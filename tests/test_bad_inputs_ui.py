@@ -279,10 +279,16 @@ CASES = [
     Case("corrupted run database under a sweep", "quantize", "not being saved",
          {"db": "corrupt", "model_choice": "minilm-l6", "formats": ["int8"], "tokens": 64},
          act=click("run_sweep"), kind="warning", fix=fresh_database),
-    Case("history import of a file qlab did not write", "history", "neither",
+    Case("history import of a file qlab did not write", "history", "my-runs.json is neither",
          act=lambda at, _: (at.file_uploader(key="history_upload").set_value(
-             ("runs.json", b"this is not json", "application/json")).run(),
-             at.button(key="history_import").click().run())),
+             ("my-runs.json", b"this is not json", "application/json")).run(),
+             at.button(key="history_import").click().run()),
+         expect=lambda at: "/tmp" not in at.error[0].value),  # the upload's name, not the server's temp copy
+    Case("history import of a damaged SQLite file", "history", "gpu-box.sqlite is not a readable SQLite",
+         act=lambda at, _: (at.file_uploader(key="history_upload").set_value(
+             ("gpu-box.sqlite", b"SQLite format 3\x00" + b"\xff" * 2000, "application/octet-stream")).run(),
+             at.button(key="history_import").click().run()),
+         expect=lambda at: "/tmp" not in at.error[0].value),
 ]
 
 
