@@ -54,6 +54,15 @@ if message:
 
 with common.user_errors():
     summaries = pd.DataFrame(store.list_runs())
+if "history_selected" not in st.session_state:  # a shared link: ?runs=id1,id2
+    linked = views.params_to_view(st.query_params.to_dict()).get("runs", [])
+    known = set(summaries["id"]) if not summaries.empty else set()
+    missing = [i for i in linked if i not in known]
+    if missing:  # a link made on another machine's database: say so rather than open less than it named
+        one = len(missing) == 1
+        st.warning(f"{'Run' if one else 'Runs'} {', '.join(missing)} {'is' if one else 'are'} not in "
+                   f"`{store.path}`; import {'it' if one else 'them'} first (History → Import).")
+    st.session_state["history_selected"] = [i for i in linked if i in known]
 if summaries.empty:
     st.info("No stored runs yet: run a sweep on the Quantize page, or import one above.")
     st.stop()
@@ -73,9 +82,7 @@ st.dataframe(shown[["id", "created_at", "kind", "status", "model", "hardware", "
 names = {row.id: f"{row.id[:6]} · {row.model} · {row.created_at[:16].replace('T', ' ')} · {row.results} result(s)"
          for row in summaries.itertuples()}
 options = list(shown["id"])
-if "history_selected" not in st.session_state:  # a shared link: ?runs=id1,id2
-    st.session_state["history_selected"] = views.params_to_view(st.query_params.to_dict()).get("runs", [])
-# A shared URL or an import may name runs that the filters hide or that this database lacks.
+# An import may name runs that the filters hide, a deletion runs that no longer exist.
 st.session_state["history_selected"] = [i for i in st.session_state["history_selected"] if i in names]
 options += [i for i in st.session_state["history_selected"] if i not in options]
 selected = st.multiselect("Runs to open (pick two or more to compare)", options, key="history_selected",

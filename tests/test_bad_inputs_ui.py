@@ -234,6 +234,8 @@ CASES = [
          expect=lambda at: at.session_state["formats"] == ["int4"], fix=rerun),
     Case("malformed run ids in the link", "model", "runs", {"model_choice": "minilm-l6"}, {"runs": "zz;drop"},
          kind="warning", fix=rerun),
+    Case("well-formed run id this database lacks in the link", "history", "import it first", {},
+         {"runs": "0123456789ab"}, kind="warning", fix=rerun),
     # --- the other pages' own inputs ---
     Case("group size that does not divide a layer (Weights)", "weights", "does not divide",
          {"model_choice": "minilm-l6", "formats": ["int4"], "group_size": 256},

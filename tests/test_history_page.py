@@ -210,3 +210,25 @@ def test_a_read_only_database_is_browsed_and_left_untouched(db, monkeypatch):
     assert at.button(key="history_import").disabled and at.button(key="history_delete").disabled
     assert (hashlib.sha256(db.path.read_bytes()).hexdigest(), db.path.stat().st_mtime_ns) == before
     assert sorted(p.name for p in db.path.parent.iterdir()) == ["runs.sqlite"]
+
+
+def test_a_shared_link_to_runs_this_database_lacks_says_so_once(db):
+    present = sweep(db, "smollm2-135m", {"int8": 1e-3})
+    at = page()
+    at.query_params["runs"] = f"{present},0123456789ab"
+    at.run()
+    no_errors(at)
+    assert [w.value for w in at.warning] == [
+        f"Run 0123456789ab is not in `{db.path}`; import it first (History → Import)."]
+    assert at.multiselect(key="history_selected").value == [present]
+    at.run()  # the warning belongs to opening the link, not to every rerun
+    assert not at.warning and at.query_params["runs"] == present
+
+
+def test_a_shared_link_into_an_empty_database_says_so(db):
+    at = page()
+    at.query_params["runs"] = "0123456789ab,ba9876543210"
+    at.run()
+    no_errors(at)
+    assert len(at.warning) == 1 and "Runs 0123456789ab, ba9876543210 are not in" in at.warning[0].value
+    assert any("No stored runs yet" in i.value for i in at.info)
