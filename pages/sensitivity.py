@@ -173,7 +173,14 @@ budgets = sorted({round(budget_bits, 4)} | {round(low + (high - low) * k / (PARE
 budgets = [max(b, math.ceil(low * 1e4) / 1e4) for b in budgets]  # rounding must not go below the smallest
 mix_key = (run_key, tuple(budgets))
 mixes_done = st.session_state.setdefault("mix_results", {})
-if st.button("Recommend and measure", type="primary", key="run_mix"):
+partial_mixes = st.session_state.setdefault("mix_partial", {})  # plans measured by a press that was stopped
+run_column, cancel_column = st.columns([1, 4])
+start_mix = run_column.button("Recommend and measure", type="primary", key="run_mix")
+# Any press reruns the page, which stops the measurement at its next progress update.
+cancel_column.button("Cancel", key="cancel_mix", help="Stops after the current batch; plans already measured are "
+                                                      "kept (here and in History).")
+if start_mix:
+    partial_mixes[mix_key] = []
     bar = st.progress(0.0, text="Measuring...")
     with common.user_errors():
         base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
@@ -187,8 +194,9 @@ if st.button("Recommend and measure", type="primary", key="run_mix"):
                 save_sensitivity(recorder, report)
                 mixes, rows = compare(loaded, choices, [Budget(b) for b in budgets], base,
                                       lambda fraction, message: bar.progress(min(1.0, fraction), message),
-                                      on_row=lambda row: recorder.save(row, "mix"))
+                                      on_row=lambda row: (partial_mixes[mix_key].append(row), recorder.save(row, "mix")))
                 mixes_done[mix_key] = mixes, rows
+                partial_mixes.pop(mix_key, None)
                 closest = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))
                 recorder.save({**recommendation_record(loaded, report, choices, closest, rows),
                                "label": closest.label}, "recommendation")
@@ -198,12 +206,17 @@ if st.button("Recommend and measure", type="primary", key="run_mix"):
         if recorder.error:
             st.warning(recorder.error[:1].upper() + recorder.error[1:])
     bar.empty()
-if mix_key not in mixes_done:
+if mix_key in mixes_done:
+    mixes, rows = mixes_done[mix_key]
+elif partial_mixes.get(mix_key):
+    mixes, rows = None, partial_mixes[mix_key]
+    st.info(f"Stopped after {len(rows)} evaluation(s) (shown below, and stored in History); press **Recommend "
+            "and measure** to measure every plan.")
+else:
     st.info(f"Press **Recommend and measure** to evaluate mixes at {', '.join(f'{b:.2f}' for b in budgets)} "
             f"bits per weight and the {len(schemes)} uniform format(s): {len(budgets) + len(schemes)} evaluations.")
     st.stop()
 
-mixes, rows = mixes_done[mix_key]
 measured = pd.DataFrame(rows)
 st.plotly_chart(charts.mix_pareto(measured, report.metric), key="mix_pareto")
 st.dataframe(measured[["label", "kind", "bits_per_weight", "size_bytes", report.metric, "error",
@@ -214,6 +227,8 @@ st.dataframe(measured[["label", "kind", "bits_per_weight", "size_bytes", report.
                             "error": st.column_config.NumberColumn(format="%.4g"),
                             "predicted_error": st.column_config.NumberColumn(format="%.4g")},
              key="mix_table")
+if mixes is None:  # stopped part-way: the recommendation needs every plan measured
+    st.stop()
 chosen_mix = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))
 record = recommendation_record(loaded, report, choices, chosen_mix, rows)
 counts = pd.Series(record["assignment"]).value_counts()

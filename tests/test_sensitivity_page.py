@@ -55,3 +55,44 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm, tm
     at.slider(key="mix_budget_bits").set_value(4.5).run()
     no_errors(at)
     assert len(at.dataframe[-1].value) == len(mixes)
+
+
+def test_cancel_of_recommend_and_measure_keeps_the_plans_already_measured(minilm, tmp_path, monkeypatch):
+    import streamlit as st
+
+    from qlab import mixed
+    from qlab.store import Store
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file("../pages/sensitivity.py", default_timeout=600)
+    at.session_state["model_choice"] = "minilm-l6"
+    at.session_state["formats"] = ["int8", "int4"]
+    at.session_state["tokens"] = 64
+    at.session_state["sensitivity_unit"] = "none"  # predict only: the fastest analysis
+    at.run()
+    at.button(key="run_sensitivity").click().run()
+    no_errors(at)
+    real_evaluate, calls = mixed.evaluate, []
+
+    def evaluate_then_stop(*args, **kwargs):
+        if len(calls) == 2:  # the third plan: the user presses Cancel, which stops the script run like this
+            st.stop()
+        calls.append(args)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(mixed, "evaluate", evaluate_then_stop)
+    at.button(key="run_mix").click().run()
+    no_errors(at)
+    at.button(key="cancel_mix").click().run()  # the rerun the Cancel press causes
+    no_errors(at)
+    assert any("Stopped after 2 evaluation(s)" in i.value for i in at.info)
+    kept = at.dataframe[-1].value
+    assert list(kept["label"]) == ["int8 g64", "int4 g64"] and kept["error"].notna().all()
+    assert len(at.get("plotly_chart")) >= 1 and not any("layers int" in m.value for m in at.markdown)
+    recommend = Store().runs()[-1]
+    assert (recommend.kind, recommend.status) == ("recommend", "stopped")
+    assert [r["label"] for r in recommend.records("mix")] == ["int8 g64", "int4 g64"]
+    monkeypatch.setattr(mixed, "evaluate", real_evaluate)
+    at.button(key="run_mix").click().run()  # pressed again, every plan is measured and recommended
+    no_errors(at)
+    assert not any("Stopped after" in i.value for i in at.info) and len(at.dataframe[-1].value) > 2
