@@ -135,3 +135,35 @@ def test_cli_exports_and_fails_in_one_line_with_exit_2(tmp_path, capsys, monkeyp
     scheme = json.loads((tmp_path / "scheme.json").read_text())
     assert scheme["format"] == "qlab-layer-schemes" and len(scheme["layers"]) == 19
     assert {s["format"] for s in scheme["layers"].values()} == {"int4"}
+
+
+@pytest.mark.slow
+def test_smollm_gguf_export_reloads_with_identical_logits(smollm, tmp_path, monkeypatch):
+    """llama.cpp's Q8_0 file is copied as written: the reload gives the in-memory backend model's logits."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test installs it)")
+    built = []
+    write_gguf = export.WRITERS["llama-cpp-python"]
+
+    def keep_the_backend_model(model, directory):
+        built.append(model)  # the model backend.apply built in memory, before its file is copied
+        return write_gguf(model, directory)
+
+    monkeypatch.setitem(export.WRITERS, "llama-cpp-python", keep_the_backend_model)
+    before = weights_digest(smollm.model)
+    result = export.export_quantized(smollm, "llamacpp-q8_0", tmp_path / "out")
+    assert weights_digest(smollm.model) == before
+    assert result.weights_file == "model.gguf" and {"config.json", "qlab_scheme.json"} <= set(result.files)
+    scheme = json.loads((tmp_path / "out" / "qlab_scheme.json").read_text())
+    assert scheme["quantization_map"]["blk.0.attn_q.weight"] == "Q8_0"
+    reloaded = export.load_exported(tmp_path / "out")
+    [original] = built
+    assert reloaded.path != original.path and reloaded.file_bytes == original.file_bytes
+    ids = smollm.tokenizer("A quantized model, saved and reloaded.", return_tensors="pt")["input_ids"][:, :6]
+    logits = {}
+    for name, model in (("original", original), ("reloaded", reloaded)):  # prefill 5 tokens, decode a 6th
+        out = model(ids[:, :5])
+        logits[name] = [out.logits, model(ids[:, 5:], past_key_values=out.past_key_values).logits]
+    for mine, theirs in zip(logits["reloaded"], logits["original"], strict=True):
+        assert mine.shape == (1, 1, smollm.model.config.vocab_size) and torch.isfinite(mine).all()
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(*logits["reloaded"])  # two different positions, not one answer repeated
