@@ -162,9 +162,8 @@ def show_run(run: StoredRun) -> None:
     bench = report.bench_frame(run)
     if not bench.empty:
         st.dataframe(report.bench_table(bench), hide_index=True, width="stretch", key=f"bench_{run.id}")
-        for row in bench.to_dict("records"):
-            if not row.get("available", True) or row.get("error"):
-                st.caption(f"{row['backend']}: {row.get('reason') or row.get('error')}")
+        for note in report.bench_notes(bench):
+            st.caption(note)
     summary = report.benchmark_summary(run)
     if not summary.empty:
         st.dataframe(summary, hide_index=True, width="stretch", key=f"benchmark_{run.id}")
@@ -179,22 +178,32 @@ def show_run(run: StoredRun) -> None:
 
 if len(runs) > 1:
     st.subheader(f"{len(runs)} runs side by side")
-    table = report.comparison_table(runs)
-    if table.empty:
-        st.info("None of these runs has sweep results to compare; each is shown below.")
+    found = report.comparisons(runs)  # sweeps by scheme, speed runs by backend, sensitivity runs by linear
+    if not found:
+        st.info("These runs hold no results of one kind to line up (two sweeps, two speed runs or two "
+                "sensitivity runs); each is shown below.")
     else:
-        st.caption(f"Δ columns: each run minus the first ({report.run_name(runs[0])}), scheme by scheme.")
         for caveat in report.comparison_caveats(runs):
             st.warning(caveat)
-        st.dataframe(table, hide_index=True, width="stretch", key="comparison_table")
-        frame = report.results_frame(runs)
-        metrics = report.chart_metrics(frame)
-        metric = st.selectbox("Metric", [m for m, _ in metrics], format_func=charts.metric_title,
-                              key="history_metric")
-        log_y = st.checkbox("Log scale", value=dict(metrics)[metric], key=f"history_log_{metric}")
-        st.plotly_chart(charts.compare_runs(frame, metric, log_y), key="comparison_chart")
-        st.download_button("Download comparison CSV", table.to_csv(index=False), "qlab-comparison.csv",
-                           "text/csv", key="download_comparison")
+    for comparison in found:
+        if len(found) > 1:
+            st.markdown(f"**{comparison.title}**")
+        st.caption(comparison.note)
+        st.dataframe(comparison.table, hide_index=True, width="stretch", key=f"comparison_{comparison.kind}")
+        if comparison.kind == "sweep":  # the sweep chart offers every metric, on a log axis or not
+            frame = report.results_frame(runs)
+            metrics = report.chart_metrics(frame)
+            metric = st.selectbox("Metric", [m for m, _ in metrics], format_func=charts.metric_title,
+                                  key="history_metric")
+            log_y = st.checkbox("Log scale", value=dict(metrics)[metric], key=f"history_log_{metric}")
+            st.plotly_chart(charts.compare_runs(frame, metric, log_y), key="comparison_chart")
+        else:
+            for index, (title, figure) in enumerate(comparison.figures):
+                st.markdown(f"*{title}*")
+                st.plotly_chart(figure, key=f"comparison_{comparison.kind}_chart_{index}")
+        st.download_button("Download comparison CSV", comparison.table.to_csv(index=False),
+                           f"qlab-comparison-{comparison.kind}.csv", "text/csv",
+                           key=f"download_comparison_{comparison.kind}")
     for run in runs:
         with st.expander(f"Run {report.run_name(run)} ({run.status})"):
             show_run(run)

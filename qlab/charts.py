@@ -482,3 +482,28 @@ def speedups(records: pd.DataFrame, claims: pd.DataFrame) -> go.Figure:
     figure.add_hline(y=1.0, line_color="black", line_width=1)
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
     return figure
+
+
+# --- History: speed and sensitivity runs side by side ---
+
+
+def compare_bench_runs(rows: pd.DataFrame, column: str, title: str, log_y: bool = False) -> go.Figure:
+    """Grouped bars: one group per backend, one bar per run (``rows`` are bench records with a ``run`` column)."""
+    shown = rows[pd.to_numeric(rows[column], errors="coerce").notna()] if column in rows else rows.iloc[:0]
+    figure = px.bar(shown, x="backend", y=column, color="run", barmode="group", log_y=log_y, text_auto=".3g",
+                    labels={"backend": "", column: title, "run": "run"})
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def compare_sensitivity_runs(rows: pd.DataFrame, measure: str, title: str, log_y: bool = True) -> go.Figure:
+    """Per-linear sensitivity of several runs overlaid: linears in model order on x, one line per run and scheme."""
+    order = list(dict.fromkeys(rows["layer"]))
+    frame = rows.assign(series=rows["run"] + " · " + rows["label"].astype(str))
+    if log_y:
+        frame = frame.assign(**{measure: frame[measure].clip(lower=LOG_FLOOR)})
+    figure = px.line(frame, x="layer", y=measure, color="run", line_dash="label", markers=True, log_y=log_y,
+                     category_orders={"layer": order}, hover_data=["series"],
+                     labels={"layer": "linear (model order)", measure: title, "run": "run", "label": "scheme"})
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.35}, xaxis_showticklabels=False)
+    return figure

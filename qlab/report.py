@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -45,16 +46,17 @@ def chart_metrics(frame: pd.DataFrame) -> list[tuple[str, bool]]:
     return [(metric, log) for metric, log in CHART_METRICS if metric in frame and frame[metric].notna().any()]
 
 
-def comparison_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
-    """Schemes (by label) as rows; for each metric, one column per run and the delta of each later run
-    against the first (``Δ metric [run]``). Schemes missing from a run are left empty."""
-    frame = results_frame(runs)
+def side_by_side(frame: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Rows of several runs (a ``run`` column) lined up by ``keys``: for each metric, one column per run and
+    the delta of each later run against the first (``Δ metric [run]``); rows missing from a run are left empty."""
     if frame.empty:
         return frame
-    names = [run_name(r) for r in runs if r.records("sweep")]
-    metrics = [m for m in COMPARE_COLUMNS if m in frame]
-    wide = frame.pivot_table(index="label", columns="run", values=metrics, aggfunc="last", sort=False)
-    order = list(dict.fromkeys(frame["label"]))
+    keys, names = list(keys), list(dict.fromkeys(frame["run"]))
+    metrics = [m for m in metrics if m in frame and pd.to_numeric(frame[m], errors="coerce").notna().any()]
+    numeric = frame.assign(**{m: pd.to_numeric(frame[m], errors="coerce") for m in metrics})
+    wide = numeric.pivot_table(index=keys, columns="run", values=metrics, aggfunc="last", sort=False, dropna=False)
+    order = pd.MultiIndex.from_frame(frame[keys].drop_duplicates()) if len(keys) > 1 else \
+        pd.Index(frame[keys[0]].drop_duplicates(), name=keys[0])
     columns: dict[str, pd.Series] = {}
     for metric in metrics:
         for name in names:
@@ -64,9 +66,14 @@ def comparison_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
         for name in names[1:]:
             if (metric, name) in wide and (metric, reference) in wide:
                 columns[f"Δ {metric} [{name}]"] = wide[(metric, name)] - wide[(metric, reference)]
-    table = pd.DataFrame(columns).reindex(order)
-    table.index.name = "label"
+    table = pd.DataFrame(columns, index=wide.index).reindex(order)
     return table.reset_index()
+
+
+def comparison_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
+    """Sweep schemes (by label) as rows; for each metric, one column per run and the delta of each later run
+    against the first (``Δ metric [run]``). Schemes missing from a run are left empty."""
+    return side_by_side(results_frame(runs), ["label"], COMPARE_COLUMNS)
 
 
 def comparison_caveats(runs: Sequence[StoredRun]) -> list[str]:
@@ -190,10 +197,26 @@ def bench_table(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[[c for c in BENCH_COLUMNS if c in frame and frame[c].notna().any()]]
 
 
+def _failed(row: dict) -> str | None:
+    """A bench row's error message, if it has one (a frame fills missing ones with NaN)."""
+    error = row.get("error")
+    return error if isinstance(error, str) and error else None
+
+
+def bench_notes(frame: pd.DataFrame) -> list[str]:
+    """'backend: why' for each backend that was not measured (unavailable here, or failed)."""
+    notes = []
+    for row in frame.to_dict("records"):
+        reason = row.get("reason") if isinstance(row.get("reason"), str) else None
+        if row.get("available") is False or _failed(row):
+            notes.append(f"{row['backend']}: {reason or _failed(row) or 'not available'}")
+    return notes
+
+
 def bench_points(frame: pd.DataFrame) -> pd.DataFrame:
     """Measured backends as ``charts.speed_tradeoff`` points (speed, error, size, Pareto front)."""
-    rows = [r for r in frame.to_dict("records") if r.get("available") and not r.get("error")
-            and speed.speed_of(r) is not None and speed.error_of(r) is not None]
+    rows = [r for r in frame.to_dict("records") if r.get("available") is True and not _failed(r)
+            and pd.notna(speed.speed_of(r)) and pd.notna(speed.error_of(r))]
     front = speed.pareto_front(rows)
     return pd.DataFrame([{"label": r["backend"], "library": r.get("library", "?"), "speed": speed.speed_of(r),
                           "error": speed.error_of(r), "size_bytes": r.get("size_bytes") or 0, "source": "measured",
@@ -255,6 +278,75 @@ def comparison_figures(runs: Sequence[StoredRun]) -> list[tuple[str, go.Figure]]
         return []
     return [(charts.metric_title(metric), charts.compare_runs(frame, metric, log))
             for metric, log in chart_metrics(frame)]
+
+
+# --- side by side of speed and sensitivity runs ------------------------------------------------------------------
+
+# Bench columns compared run against run: speed, then accuracy against FP32, then memory; (column, log axis).
+BENCH_COMPARE_COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("decode_tokens_per_s", False), ("sentences_per_s", False), ("prefill_ms", False), ("kld_mean", True),
+    ("cosine_mean", False), ("size_bytes", False), ("peak_memory_bytes", False))
+BENCH_TITLES = {"decode_tokens_per_s": "Decode (tokens/s)", "sentences_per_s": "Throughput (sentences/s)",
+                "prefill_ms": "Prefill (ms)", "kld_mean": "KL divergence to FP32 (nats/token)",
+                "cosine_mean": "Cosine similarity to FP32", "size_bytes": "Size (bytes)",
+                "peak_memory_bytes": "Peak memory (bytes)"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Several runs of one kind side by side: the table (Δ columns against the first run) and overlaid charts."""
+
+    kind: str  # "sweep", "bench" or "sensitivity"
+    title: str
+    note: str
+    table: pd.DataFrame = field(hash=False)
+    figures: tuple[tuple[str, go.Figure], ...] = field(default=(), hash=False)
+
+
+def bench_comparison(runs: Sequence[StoredRun]) -> Comparison | None:
+    """Speed runs side by side, one row per backend (None with fewer than two runs holding speed rows)."""
+    frames = [bench_frame(run).assign(run=run_name(run)) for run in runs if not bench_frame(run).empty]
+    if len(frames) < 2:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    table = side_by_side(frame, ["backend"], [c for c, _ in BENCH_COMPARE_COLUMNS])
+    figures = tuple((BENCH_TITLES[column], charts.compare_bench_runs(frame, column, BENCH_TITLES[column], log))
+                    for column, log in BENCH_COMPARE_COLUMNS[:5] if f"{column} [{frame['run'].iloc[0]}]" in table)
+    return Comparison("bench", "Speed runs side by side", f"One row per backend; Δ columns: each run minus the "
+                      f"first ({frame['run'].iloc[0]}). Speeds are only comparable on the same machine.", table,
+                      figures)
+
+
+def sensitivity_comparison(runs: Sequence[StoredRun]) -> Comparison | None:
+    """Sensitivity (or recommendation) runs side by side, one row per (linear, scheme), on the first measure
+    every run holds (None with fewer than two such runs)."""
+    found = [(run, *sensitivity_frame(run)) for run in runs]
+    found = [(run, frame) for run, frame, _, measure in found if measure]
+    if len(found) < 2:
+        return None
+    frame = pd.concat([f.assign(run=run_name(run)) for run, f in found], ignore_index=True)
+    measure = next((m for m in charts.SENSITIVITY_MEASURES
+                    if all(m in f and f[m].notna().any() for _, f in found)), None)
+    if measure is None:
+        return None
+    table = side_by_side(frame, ["layer", "label"], [measure])
+    title, log = charts.SENSITIVITY_MEASURES[measure]
+    return Comparison("sensitivity", f"Sensitivity runs side by side: {measure}",
+                      f"One row per linear and scheme ({title}); Δ: each run minus the first "
+                      f"({frame['run'].iloc[0]}).", table,
+                      ((f"{title}, per linear", charts.compare_sensitivity_runs(frame, measure, title, log)),))
+
+
+def comparisons(runs: Sequence[StoredRun]) -> list[Comparison]:
+    """Every side-by-side view the selected runs allow: sweeps by scheme, speed runs by backend, sensitivity
+    runs by linear."""
+    found = []
+    sweep = comparison_table(runs)
+    if not sweep.empty and results_frame(runs)["run"].nunique() > 1:
+        found.append(Comparison("sweep", "Sweeps side by side", f"Δ columns: each run minus the first "
+                                f"({results_frame(runs)['run'].iloc[0]}), scheme by scheme.", sweep,
+                                tuple(comparison_figures(runs))))
+    return found + [c for c in (bench_comparison(runs), sensitivity_comparison(runs)) if c is not None]
 
 
 # --- HTML ------------------------------------------------------------------------------------------------
@@ -323,11 +415,15 @@ def render_html(runs: Sequence[StoredRun], title: str | None = None) -> str:
              "per token against the FP32 model; sizes are the whole model as stored, scales included.</p>"]
     if len(runs) > 1:
         parts.append("<h2>Comparison</h2>")
-        parts.append('<p class="note">Δ columns: each run minus the first (' + html.escape(run_name(runs[0]))
-                     + "), scheme by scheme.</p>")
         parts += [f'<p class="note"><b>Note:</b> {html.escape(c)}</p>' for c in comparison_caveats(runs)]
-        parts.append(_table(comparison_table(runs)))
-        parts += [chart.div(t, f) for t, f in comparison_figures(runs)]
+        found = comparisons(runs)
+        if not found:
+            parts.append('<p class="note">These runs hold no results of one kind to line up; each is shown '
+                         "below.</p>")
+        for comparison in found:
+            parts.append(f"<h3>{html.escape(comparison.title)}</h3>")
+            parts.append(f'<p class="note">{html.escape(comparison.note)}</p>' + _table(comparison.table))
+            parts += [chart.div(t, f) for t, f in comparison.figures]
     for run in runs:
         parts.append(f"<h2>Run {html.escape(run_name(run))}</h2>")
         parts.append("<h3>Settings</h3>" + _table(settings_table(run), "kv"))

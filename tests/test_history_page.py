@@ -1,5 +1,6 @@
 """History page in Streamlit's AppTest: list, open, compare, share by URL, re-run, delete."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -142,9 +143,10 @@ def stored_sensitivity_run(db: Store, monkeypatch, tmp_path) -> str:
     return db.list_runs()[0]["id"]
 
 
-def stored_bench_run(db: Store) -> str:
+def stored_bench_run(db: Store, faster: float = 1.0) -> str:
     rows = [{"model": "smollm2-135m", "kind": "causal-lm", "backend": backend, "library": library, "format": fmt,
-             "available": True, "error": None, "reason": None, "decode_tokens_per_s": tok_s, "prefill_ms": 90.0,
+             "available": True, "error": None, "reason": None, "decode_tokens_per_s": tok_s * faster,
+             "prefill_ms": 90.0 / faster,
              "kld_mean": kld, "twin_kld_mean": kld, "agrees_with_twin": True, "size_bytes": size}
             for backend, library, fmt, tok_s, kld, size in (
                 ("fp32", "torch", "fp32", 25.0, 0.0, 540_000_000),
@@ -232,3 +234,41 @@ def test_a_shared_link_into_an_empty_database_says_so(db):
     no_errors(at)
     assert len(at.warning) == 1 and "Runs 0123456789ab, ba9876543210 are not in" in at.warning[0].value
     assert any("No stored runs yet" in i.value for i in at.info)
+
+
+def test_two_speed_runs_and_two_sensitivity_runs_compare_side_by_side(db):
+    from tests.test_report import sensitivity_run
+
+    slow, fast = stored_bench_run(db), stored_bench_run(db, faster=2.0)
+    before = sensitivity_run(db, {"q_proj": 1e-3, "down_proj": 2e-2})
+    after = sensitivity_run(db, {"q_proj": 3e-3, "down_proj": 1e-2})
+    at = page().run()
+    at.multiselect(key="history_selected").select(slow).select(fast).run()
+    no_errors(at)
+    fast_name = report_name(db, fast)
+    table = table_with(at, f"Δ decode_tokens_per_s [{fast_name}]").set_index("backend")
+    assert table.loc["torch-dynamic-int8", f"Δ decode_tokens_per_s [{fast_name}]"] == pytest.approx(80.0)
+    assert table.loc["fp32", f"Δ prefill_ms [{fast_name}]"] == pytest.approx(45.0 - 90.0)
+    assert f"Δ kld_mean [{fast_name}]" in table
+    # Overlaid decode, prefill and KLD bars, then each run's own accuracy-vs-speed chart.
+    assert len(at.get("plotly_chart")) == 3 + 2
+    assert not any("no results of one kind" in i.value for i in at.info)
+
+    at.multiselect(key="history_selected").unselect(slow).unselect(fast).select(before).select(after).run()
+    no_errors(at)
+    after_name = report_name(db, after)
+    table = table_with(at, f"Δ estimated_delta [{after_name}]").set_index(["layer", "label"])
+    assert table.loc[("down_proj", "int4 g64"), f"Δ estimated_delta [{after_name}]"] == pytest.approx(-1e-2)
+    assert len(table) == 4
+    overlaid = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert len(overlaid) == 4  # one line per run and scheme, on one chart
+    assert {t["legendgroup"].split(",")[0] for t in overlaid} == {report_name(db, before), after_name}
+    at.multiselect(key="history_selected").select(slow).run()  # a speed run beside two sensitivity runs
+    no_errors(at)
+    assert table_with(at, f"Δ estimated_delta [{after_name}]") is not None
+
+
+def report_name(db: Store, run_id: str) -> str:
+    from qlab.report import run_name
+
+    return run_name(db.get(run_id))

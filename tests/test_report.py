@@ -163,3 +163,71 @@ def test_sensitivity_and_recommendation_runs_are_reported_with_their_charts(db, 
     assert "Most sensitive linears" in page and "Measured plans" in page and "Recommendation: mix @ 6 bits" in page
     assert charts_in(page) == 4
     assert "summary results" not in page  # the closing record is not tabulated as a result kind
+
+
+def bench_run(db: Store, speeds: dict[str, tuple[float, float, float]], model: str = "smollm2-135m") -> str:
+    """A speed run: backend -> (decode tokens/s, prefill ms, KLD); plus a backend unavailable here."""
+    run_id = db.start_run(RunMeta("bench", model, {"backends": list(speeds)}, environment=ENV))
+    for backend, (tok_s, prefill_ms, kld) in speeds.items():
+        db.add_result(run_id, {"backend": backend, "library": "torch", "kind": "causal-lm", "available": True,
+                               "error": None, "decode_tokens_per_s": tok_s, "prefill_ms": prefill_ms,
+                               "kld_mean": kld, "size_bytes": 100_000_000}, "bench")
+    db.add_result(run_id, {"backend": "bnb-nf4", "available": False, "reason": "needs CUDA"}, "bench")
+    db.finish_run(run_id)
+    return run_id
+
+
+def sensitivity_run(db: Store, deltas: dict[str, float]) -> str:
+    """A sensitivity run without end-to-end units: linear -> predicted delta at int4 (int8 a hundredth of it)."""
+    schemes = [QuantScheme("int8", "group", 64), QuantScheme("int4", "group", 64)]
+    run_id = db.start_run(RunMeta("sensitivity", "smollm2-135m", {
+        "schemes": [s.to_dict() for s in schemes], "model_kind": "causal-lm", "metric": "kld_mean",
+        "eval_tokens": 128, "unit": "block", "view": "forward"}, tokens=128, environment=ENV))
+    db.add_results(run_id, [{"layer": layer, "layer_type": layer.rsplit(".", 1)[-1][0], "block": 0,
+                             "label": scheme.label, "bits_per_weight": 8.5 if scheme.format == "int8" else 4.5,
+                             "predicted_delta": delta / (100 if scheme.format == "int8" else 1),
+                             "relative_mse": delta, "params": 1000, "weight_relative_mse": delta}
+                            for scheme in schemes for layer, delta in deltas.items()], "sensitivity_linear")
+    db.finish_run(run_id)
+    return run_id
+
+
+def test_speed_runs_compare_side_by_side_by_backend(db):
+    before = db.get(bench_run(db, {"fp32": (25.0, 90.0, 0.0), "quanto-int4": (20.0, 120.0, 0.006)}))
+    after = db.get(bench_run(db, {"fp32": (30.0, 80.0, 0.0), "torchao-int8wo": (60.0, 70.0, 0.001)}))
+    comparison = report.bench_comparison([before, after])
+    a, b = report.run_name(before), report.run_name(after)
+    table = comparison.table.set_index("backend")
+    assert list(table.index) == ["fp32", "quanto-int4", "bnb-nf4", "torchao-int8wo"]
+    assert table.loc["fp32", f"Δ decode_tokens_per_s [{b}]"] == pytest.approx(5.0)
+    assert table.loc["fp32", f"Δ prefill_ms [{b}]"] == pytest.approx(-10.0)
+    assert table.loc["fp32", f"kld_mean [{a}]"] == 0.0
+    assert pd.isna(table.loc["quanto-int4", f"Δ decode_tokens_per_s [{b}]"])  # not measured in the second run
+    assert table.loc["bnb-nf4"].isna().all()  # listed, unavailable in both
+    assert [t for t, _ in comparison.figures] == ["Decode (tokens/s)", "Prefill (ms)",
+                                                  "KL divergence to FP32 (nats/token)"]
+    bars = comparison.figures[0][1]
+    assert {trace.name for trace in bars.data} == {a, b}  # one bar colour per run, overlaid by backend
+    assert report.bench_comparison([before]) is None
+    page = report.render_html([before, after])
+    assert "Speed runs side by side" in page and f"Δ prefill_ms [{b}]" in page
+    assert charts_in(page) == 3 + 2  # three overlaid, then each run's own accuracy-vs-speed chart
+
+
+def test_sensitivity_runs_compare_per_linear(db):
+    before = db.get(sensitivity_run(db, {"q_proj": 1e-3, "k_proj": 5e-4, "down_proj": 2e-2}))
+    after = db.get(sensitivity_run(db, {"q_proj": 2e-3, "k_proj": 5e-4, "down_proj": 1e-2}))
+    sweep = db.get(sweep_run(db, {"int8": 1e-3}))
+    comparison = report.sensitivity_comparison([before, sweep, after])
+    b = report.run_name(after)
+    table = comparison.table.set_index(["layer", "label"])
+    assert len(table) == 6 and list(table.index[:3]) == [("q_proj", "int8 g64"), ("k_proj", "int8 g64"),
+                                                          ("down_proj", "int8 g64")]
+    assert table.loc[("down_proj", "int4 g64"), f"Δ estimated_delta [{b}]"] == pytest.approx(1e-2 - 2e-2)
+    assert table.loc[("q_proj", "int8 g64"), f"Δ estimated_delta [{b}]"] == pytest.approx(1e-5)
+    assert table.loc[("k_proj", "int4 g64"), f"Δ estimated_delta [{b}]"] == 0.0
+    [(title, figure)] = comparison.figures
+    assert len(figure.data) == 4  # two runs x two schemes, overlaid
+    assert [c.kind for c in report.comparisons([before, sweep, after])] == ["sensitivity"]  # one sweep: nothing
+    page = report.render_html([before, after])
+    assert "Sensitivity runs side by side: estimated_delta" in page and f"Δ estimated_delta [{b}]" in page
