@@ -149,6 +149,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     spec = _eval_spec(args)
+    if not args.no_store:
+        from qlab.store import Store
+
+        Store(args.db).require_writable()  # before the model loads, not after minutes of work
     loaded = load(args.model, device_map=args.device_map)
     check_schemes(loaded, schemes)
     records: list[dict] = []

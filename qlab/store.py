@@ -450,6 +450,11 @@ class Store:
         """False for a database this process can only read (read-only file, folder or mount)."""
         return writable(self.path)
 
+    def require_writable(self) -> None:
+        """Fail with one line before long work whose results could not be stored here."""
+        if not self.writable():
+            raise _read_only_error(self.path)
+
     def schema_version(self) -> int:
         """The schema version of the file as it is (reading never migrates it; 0 for a missing file)."""
         if not self.path.exists():

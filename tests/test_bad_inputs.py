@@ -140,7 +140,7 @@ def test_non_finite_weights_are_refused(bad):
 
 def test_read_only_run_database_is_browsed_and_a_sweep_into_it_refused(tmp_path, monkeypatch, capsys):
     """`runs list/show/export` and `report` read a database this user cannot write; `sweep --db` into it exits 2
-    with one line before evaluating anything (the dashboard instead warns and keeps going)."""
+    with one line before the model loads (the dashboard instead warns and keeps going)."""
     import hashlib
     import os
 
@@ -159,6 +159,7 @@ def test_read_only_run_database_is_browsed_and_a_sweep_into_it_refused(tmp_path,
     assert main(["report", "--run", run_id, "--out", str(tmp_path.parent / f"{tmp_path.name}.html"),
                  "--db", str(path)]) == 0
     capsys.readouterr()
+    monkeypatch.setattr("qlab.models.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
     assert main(["sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64", "--quiet",
                  "--db", str(path)]) == 2
     err = capsys.readouterr().err
