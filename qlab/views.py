@@ -49,9 +49,7 @@ def params_to_view(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     view: dict[str, Any] = {}
     for key, name in PARAMS.items():
-        raw = params.get(name)
-        if isinstance(raw, list | tuple):
-            raw = raw[-1] if raw else None
+        raw = _last(params, name)
         if raw is None:
             continue
         value = _parse(key, str(raw).strip())
@@ -60,15 +58,21 @@ def params_to_view(params: Mapping[str, Any]) -> dict[str, Any]:
     return view
 
 
+def _last(params: Mapping[str, Any], name: str) -> Any:
+    """The parameter's value; of a repeated key (a list), the last one, as Streamlit gives it."""
+    raw = params.get(name)
+    if isinstance(raw, list | tuple):
+        return raw[-1] if raw else None
+    return raw
+
+
 def ignored_params(params: Mapping[str, Any]) -> list[str]:
     """``name=value`` for each known parameter that ``params_to_view`` drops wholly or in part, so a page can
     say what a hand-edited link lost. Values are cut to 40 characters with anything unusual shown as '?'."""
     view = params_to_view(params)
     ignored = []
     for key, name in PARAMS.items():
-        raw = params.get(name)
-        if isinstance(raw, list | tuple):
-            raw = raw[-1] if raw else None
+        raw = _last(params, name)
         if raw is None:
             continue
         text = str(raw).strip()

@@ -29,3 +29,38 @@ def smollm():
     from qlab.models import load
 
     return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory):
+    """One folder of bad models and bad texts for the CLI and the UI bad-input matrices (tests/test_bad_inputs*.py)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = tmp_path_factory.mktemp("bad")
+    bert = json.dumps({"architectures": ["BertModel"]})
+    folders = {
+        "empty": {},
+        "pickled": {"config.json": bert, "pytorch_model.bin": b"\x80\x04not loaded"},
+        "remote_code": {"config.json": json.dumps({"auto_map": {"AutoModel": "evil.Model"}})},
+        "broken_config": {"config.json": "{ not json"},
+        "list_config": {"config.json": "[1, 2, 3]"},
+        "no_weights": {"config.json": bert},
+        "corrupt_safetensors": {"config.json": bert, "model.safetensors": b"\x10\x00\x00\x00garbage, not a header"},
+        "corrupt_gguf": {"model.gguf": b"GGUF" + bytes(60)},
+        "unknown_arch": {"config.json": json.dumps({"architectures": ["FooModel"], "model_type": "foo"})},
+    }
+    for folder, files in folders.items():
+        (tmp / folder).mkdir()
+        for name, content in files.items():
+            data = content if isinstance(content, bytes) else content.encode()
+            (tmp / folder / name).write_bytes(data)
+    save_file({"weight": torch.zeros(4, 4)}, tmp / "unknown_arch" / "model.safetensors")
+    (tmp / "notes.txt").write_text("not a model")
+    (tmp / "empty.txt").write_text("")
+    (tmp / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
+    (tmp / "huge.txt").write_bytes(b"word " * 4_000_001)
+    return tmp

@@ -4,7 +4,6 @@ Each row is (case id, CLI arguments, a fragment the message must contain). Files
 a temporary directory; `{tmp}` in an argument is replaced by it.
 """
 
-import json
 import subprocess
 import sys
 
@@ -66,31 +65,6 @@ CLI_CASES = [
     ("unknown command", ["transmogrify"], "invalid choice"),
     ("unknown flag", ["sweep", "--frobnicate"], "unrecognized"),
 ]
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad")
-    (tmp / "empty").mkdir()
-    (tmp / "pickled").mkdir()
-    (tmp / "pickled" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    (tmp / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
-    (tmp / "remote_code").mkdir()
-    (tmp / "remote_code" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "evil.Model"}}))
-    (tmp / "broken_config").mkdir()
-    (tmp / "broken_config" / "config.json").write_text("{ not json")
-    (tmp / "list_config").mkdir()
-    (tmp / "list_config" / "config.json").write_text("[1, 2, 3]")
-    (tmp / "corrupt_safetensors").mkdir()
-    (tmp / "corrupt_safetensors" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    (tmp / "corrupt_safetensors" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage, not a header")
-    (tmp / "corrupt_gguf").mkdir()
-    (tmp / "corrupt_gguf" / "model.gguf").write_bytes(b"GGUF" + bytes(60))
-    (tmp / "empty.txt").write_text("")
-    (tmp / "binary.bin").write_bytes(bytes(range(256)) * 4)
-    (tmp / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"))
-    (tmp / "huge.txt").write_bytes(b"word " * 4_000_001)
-    return tmp
 
 
 @pytest.mark.parametrize("case, argv, needle", CLI_CASES, ids=[c[0] for c in CLI_CASES])

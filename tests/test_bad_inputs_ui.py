@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
 from pages import common
@@ -292,34 +290,6 @@ CASES = [
              at.button(key="history_import").click().run()),
          expect=lambda at: "/tmp" not in at.error[0].value),
 ]
-
-
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("bad_ui")
-    (tmp / "notes.txt").write_text("not a model")
-    (tmp / "empty").mkdir()
-    (tmp / "pickled").mkdir()
-    (tmp / "pickled" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    (tmp / "pickled" / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
-    (tmp / "remote_code").mkdir()
-    (tmp / "remote_code" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "evil.Model"}}))
-    (tmp / "broken_config").mkdir()
-    (tmp / "broken_config" / "config.json").write_text("{ not json")
-    (tmp / "list_config").mkdir()
-    (tmp / "list_config" / "config.json").write_text("[1, 2, 3]")
-    (tmp / "no_weights").mkdir()
-    (tmp / "no_weights" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    (tmp / "corrupt_safetensors").mkdir()
-    (tmp / "corrupt_safetensors" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
-    (tmp / "corrupt_safetensors" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage, not a header")
-    (tmp / "corrupt_gguf").mkdir()
-    (tmp / "corrupt_gguf" / "model.gguf").write_bytes(b"GGUF" + bytes(60))
-    (tmp / "unknown_arch").mkdir()
-    (tmp / "unknown_arch" / "config.json").write_text(json.dumps({"architectures": ["FooModel"],
-                                                                  "model_type": "foo"}))
-    save_file({"weight": torch.zeros(4, 4)}, tmp / "unknown_arch" / "model.safetensors")
-    return tmp
 
 
 def messages(at: AppTest, kind: str) -> list[str]:
