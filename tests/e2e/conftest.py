@@ -103,8 +103,10 @@ def streamlit_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def run_server(log_name: str) -> Iterator[str]:
-    """A fresh ``streamlit run app.py`` process for the duration of the block; yields its base URL."""
+def run_server(log_name: str, env_overrides: dict[str, str] | None = None) -> Iterator[str]:
+    """A fresh ``streamlit run app.py`` process for the duration of the block; yields its base URL.
+
+    The Hugging Face libraries are put offline unless ``env_overrides`` says otherwise."""
     app = REPO_ROOT / APP_FILE
     if not app.is_file():
         pytest.fail(f"{app} does not exist; the e2e tests need the dashboard entry point")
@@ -120,6 +122,7 @@ def run_server(log_name: str) -> Iterator[str]:
         STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
         STREAMLIT_LOGGER_ENABLE_RICH="false",  # plain tracebacks in streamlit.log
     )
+    env.update(env_overrides or {})
     cmd = [
         sys.executable, "-m", "streamlit", "run", APP_FILE,
         "--server.port", str(port),
