@@ -22,6 +22,7 @@ A compile mode other than reduce-overhead is recorded as its own path (``compile
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = gpu_bench.parser().parse_args(argv)
     if ns.step:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
         fmt, path = ns.step.split(":")
         row = gpu_bench.run_step(gpu_bench.args_from(ns), fmt, path)
         Path(ns.row_out).write_text(json.dumps(row, indent=2))

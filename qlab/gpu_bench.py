@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import statistics
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py sends it to the step's log file
 CONFIG_DIR = REPO / "assets" / "model_configs"
 
 # (format slug from the CLI, code path) in the order they run: the issue's goals first, the slow eager ones after.
@@ -43,6 +45,7 @@ BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int
               "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq"}
 WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
                  "int8dq": "int8"}
+TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
 
 
@@ -59,6 +62,10 @@ class Args:
     repetitions: int
     compile_mode: str
     dtype: torch.dtype
+    quantize_head: bool = True
+    profile_steps: int = 0
+    all_directions: bool = False
+    unwrap_subclasses: bool = True
 
 
 # --- a compact Llama (the gpt-fast / torchao benchmark model), static KV cache --------------------------------
@@ -216,8 +223,27 @@ def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
         "float8wo": lambda: Float8WeightOnlyConfig(),
         "int8dq": lambda: Int8DynamicActivationInt8WeightConfig(),
     }[fmt]()
-    # The output head stays BF16, as in torchao's benchmark (it quantizes the blocks' linears).
+    # torchao's generate.py quantizes every linear, the output head too (128256 x 4096, 1 GB in BF16).
     quantize_(model, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and name not in skip)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds on the device; a tensor subclass (torchao's quantized weights) counts its inner tensors
+    (codes, scales, zero points), which is what a decode step reads."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def bytes_per_token(model: nn.Module) -> dict:
+    """Weight bytes one decode step reads (every parameter but the embedding table, of which it reads one row) and
+    the KV cache's size (math attention reads all of it, masked): the numerator of a bandwidth roofline."""
+    weights = sum(tensor_bytes(p) for name, p in model.named_parameters() if "embed" not in name)
+    cache = sum(tensor_bytes(b) for name, b in model.named_buffers() if name.endswith((".k", ".v")))
+    return {"weight_bytes_per_token": weights, "kv_cache_bytes": cache}
 
 
 def _bnb_nf4(model: nn.Module, skip: tuple[str, ...]) -> None:
@@ -248,24 +274,23 @@ def _stats(values: list[float], name: str) -> dict:
             f"{name}_spread_pct": round(100 * (max(values) - min(values)) / median, 2) if median else None}
 
 
-def _inductor_settings() -> None:
-    """torchao's benchmark settings (``recommended_inductor_config_setter``: coordinate-descent tuning of the
-    fused dequantize-matmul kernels), or the same flags by hand when torchao is absent. Flag names move between
-    torch releases and setting an unknown one raises, so each is set only where it exists."""
-    try:
-        from torchao.quantization.utils import recommended_inductor_config_setter
-
-        recommended_inductor_config_setter()
-        return
-    except ImportError:
-        pass
+def _inductor_settings(all_directions: bool = False) -> None:
+    """torchao's benchmark settings (``recommended_inductor_config_setter``). Coordinate-descent tuning matters
+    twice: it tunes the fused dequantize-matmul kernels, and it is what makes inductor rewrite a one-row matmul
+    (batch-1 decode) as a multiply + reduction, into which the INT8->BF16 conversion and the scale fuse (the
+    ``mm`` decomposition in torch/_inductor/decomposition.py). torchao also sets
+    ``coordinate_descent_check_all_directions``; on the H100 with torch 2.11 that pushed an 8-layer BF16 compile
+    past 200 s (32 layers without it: about 100 s), so it is opt-in here. Flag names move between torch
+    releases and setting an unknown one raises, so each is set only where it exists."""
     import torch._inductor.config as inductor
 
-    for owner, name in ((inductor, "coordinate_descent_tuning"), (inductor, "coordinate_descent_check_all_directions"),
-                        (inductor.triton, "unique_kernel_names"), (inductor, "fx_graph_cache"),
-                        (inductor, "force_fuse_int_mm_with_mul")):
+    for owner, name, value in ((inductor, "coordinate_descent_tuning", True),
+                               (inductor, "coordinate_descent_check_all_directions", all_directions),
+                               (inductor.triton, "unique_kernel_names", True), (inductor, "fx_graph_cache", True),
+                               (inductor, "force_fuse_int_mm_with_mul", True)):
         if hasattr(owner, name):
-            setattr(owner, name, True)
+            setattr(owner, name, value)
+    torch.set_float32_matmul_precision("high")
 
 
 def _math_attention():
@@ -280,15 +305,83 @@ def _math_attention():
         return contextlib.nullcontext()
 
 
+def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30) -> float | None:
+    """Device-memory bandwidth by a large device-to-device copy (bytes read + written), the roofline's ceiling."""
+    if device != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return round(2 * 10 * nbytes / (start.elapsed_time(end) / 1000) / 1e9, 1)
+
+
+def _profile_decode(step, model: nn.Module, token: torch.Tensor, position: torch.Tensor, steps: int) -> dict:
+    """torch.profiler over ``steps`` compiled decode steps: kernels per step, the top kernels by device time, and
+    how the host launched them (CUDA graph replays vs single kernel launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    position = position.clone()
+    with torch.no_grad(), _math_attention(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = step(model, token, position).clone()
+            position += 1
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: e.self_device_time_total,
+                     reverse=True)
+    launches = {e.key: e.count / steps for e in events
+                if e.device_type == DeviceType.CPU and e.key in ("cudaGraphLaunch", "cudaLaunchKernel",
+                                                                  "cuLaunchKernel", "cuLaunchKernelEx",
+                                                                  "cudaLaunchKernelExC")}
+    host = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total,
+                  reverse=True)
+    return {
+        "steps": steps,
+        "host_top_ops": [{"name": e.key[:120], "self_us_per_step": round(e.self_cpu_time_total / steps, 1),
+                          "calls_per_step": round(e.count / steps, 2)} for e in host[:10]],
+        "device_us_per_step": round(sum(e.self_device_time_total for e in kernels) / steps, 1),
+        "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+        "host_launches_per_step": launches,
+        "top_kernels": [{"name": e.key[:160], "us_per_step": round(e.self_device_time_total / steps, 1),
+                         "calls_per_step": round(e.count / steps, 2)} for e in kernels[:14]],
+    }
+
+
+def _inductor_counters() -> dict:
+    """Inductor's counters that say whether CUDA graphs were used and matmuls decomposed (a skip is the usual
+    reason a compiled decode stays launch-bound)."""
+    from torch._dynamo.utils import counters
+
+    return {k: v for k, v in counters["inductor"].items() if any(w in k for w in ("cudagraph", "decompose", "mm"))}
+
+
 def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
     record: dict = {}
     started = time.perf_counter()
     model = build_compact(args)
     record["build_seconds"] = round(time.perf_counter() - started, 2)
+    log.info("built %s in %.1f s", fmt, record["build_seconds"])
     started = time.perf_counter()
-    quantize(model, fmt, skip=("output",))
+    quantize(model, fmt, skip=() if args.quantize_head else ("output",))
     _sync(args.device)
     record["quantize_seconds"] = round(time.perf_counter() - started, 2)
+    record["head_quantized"] = args.quantize_head and fmt != "bf16"
+    if compiled and args.unwrap_subclasses and fmt in TORCHAO_FORMATS:
+        # Measured on the H100 (torch 2.11, torchao 0.18): with tensor-subclass weights each compiled decode step
+        # spent about 7 ms on the host for 3.4-5.2 ms of GPU work (CUDA graphs on), so INT4/INT8 decode was
+        # host-bound. torchao's parametrization rebuilds the subclass inside the traced graph from plain tensors,
+        # so the compiled step's inputs are plain parameters.
+        from torchao.utils import unwrap_tensor_subclass
+
+        unwrap_tensor_subclass(model)
+        record["subclasses_unwrapped"] = True
     total = args.prompt_tokens + args.new_tokens
     model.setup_caches(1, 8 * math.ceil(total / 8), args.dtype, args.device)
 
@@ -297,7 +390,8 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
 
     step = decode_one
     if compiled:
-        _inductor_settings()
+        _inductor_settings(args.all_directions)
+        record["inductor_all_directions"] = args.all_directions
         step = torch.compile(decode_one, mode=args.compile_mode, fullgraph=True)
     generator = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, args.config["vocab_size"], (1, args.prompt_tokens), generator=generator).to(args.device)
@@ -318,6 +412,7 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
                     position += 1
             _sync(args.device)
             t2 = time.perf_counter()
+            log.info("repetition %d: %d decode steps in %.1f s", rep, args.new_tokens, t2 - t1)
             if rep == 0:
                 record["compile_seconds" if compiled else "warmup_seconds"] = round(t2 - t1, 2)
                 continue
@@ -325,6 +420,22 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
             rates.append(args.new_tokens / (t2 - t1))
     record.update(_stats(prefill_ms, "prefill_ms"))
     record.update(_stats(rates, "decode_tokens_per_s"))
+    record.update(bytes_per_token(model))
+    if rates:
+        record["achieved_weight_gbps"] = round(record["weight_bytes_per_token"] * statistics.median(rates) / 1e9, 1)
+    record["hbm_copy_gbps"] = copy_bandwidth_gbps(args.device)
+    if compiled and args.device == "cuda":
+        record["inductor_counters"] = _inductor_counters()
+        log.info("counters %s; profiling", record["inductor_counters"])
+        if args.profile_steps:
+            try:  # a profiler failure must not lose the timing above
+                # From the prompt's end again: the cache holds prompt + new tokens, and an index past it trips
+                # the compiled index_put's device-side bounds assert.
+                start = torch.tensor([args.prompt_tokens], device=args.device)
+                record["profile"] = _profile_decode(step, model, token, start, min(args.profile_steps,
+                                                                                   args.new_tokens))
+            except Exception as error:
+                record["profile_error"] = f"{type(error).__name__}: {str(error)[:300]}"
     return record
 
 
@@ -334,8 +445,9 @@ def _hf_step(args: Args, fmt: str) -> dict:
     model = build_hf(args)
     record["build_seconds"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
-    quantize(model, fmt, skip=("lm_head",))
+    quantize(model, fmt, skip=() if args.quantize_head else ("lm_head",))
     _sync(args.device)
+    record["head_quantized"] = args.quantize_head and fmt != "bf16"
     record["quantize_seconds"] = round(time.perf_counter() - started, 2)
     generator = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, args.config["vocab_size"], (1, args.prompt_tokens), generator=generator).to(args.device)
@@ -456,6 +568,7 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     out = Path(ns.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    log_file = out.with_suffix(".log")
     deadline = time.monotonic() + ns.budget_s
     installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
     notes = {"install": installed}
@@ -472,18 +585,27 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
         command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
                    "--row-out", str(row_file), *passthrough]
         started = time.monotonic()
-        try:
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env,
-                                  timeout=min(ns.step_timeout_s, left), check=False)
-            if row_file.is_file():
-                row = json.loads(row_file.read_text())
-            else:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
-                       "error": f"step exited {done.returncode}: {' | '.join(tail)[:400]}", "measured": False}
-        except subprocess.TimeoutExpired:
+        # The step's output streams into one log beside the JSON, so a step killed at its time limit still
+        # shows how far it got; its last lines (tracebacks, skipped CUDA graphs) also travel with its row.
+        with log_file.open("a") as sink:
+            sink.write(f"=== {fmt}:{path} ===\n")
+            sink.flush()
+            offset = sink.tell()
+            try:
+                done = subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                      timeout=min(ns.step_timeout_s, left), check=False)
+                error = None if row_file.is_file() else f"step exited {done.returncode}"
+            except subprocess.TimeoutExpired:
+                error = f"step timed out after {min(ns.step_timeout_s, left):.0f} s"
+        with log_file.open("rb") as source:
+            source.seek(offset)
+            tail = [line[:300] for line in source.read().decode(errors="replace").strip().splitlines()[-12:]]
+        if error is None:
+            row = json.loads(row_file.read_text())
+        else:
             row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
-                   "error": f"step timed out after {min(ns.step_timeout_s, left):.0f} s", "measured": False}
+                   "error": f"{error}: {' | '.join(tail[-3:])[:400]}", "measured": False}
+        row["log_tail"] = tail
         row_file.unlink(missing_ok=True)
         row["step_seconds"] = round(time.monotonic() - started, 1)
         row["setup"] = notes
@@ -512,6 +634,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-new-tokens", type=int, default=48, help="decode steps per repetition of HF generate")
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--compile-mode", default="reduce-overhead", help="reduce-overhead | max-autotune | default")
+    p.add_argument("--keep-head-bf16", action="store_true",
+                   help="leave the output head in BF16 (torchao's benchmark quantizes every linear, the head too)")
+    p.add_argument("--all-directions", action="store_true",
+                   help="inductor coordinate_descent_check_all_directions (torchao sets it; much longer compiles)")
+    p.add_argument("--keep-subclasses", action="store_true",
+                   help="compile torchao's tensor-subclass weights as they are (no unwrap_tensor_subclass)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after timing, profile this many compiled decode steps (top kernels, launches) on CUDA")
     p.add_argument("--dtype", default="bf16", help="bf16 (GPU) | fp32 (a CPU dry run)")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a quick dry run)")
     p.add_argument("--hidden", type=int, default=None, help="override hidden/intermediate/vocab (dry run)")
@@ -545,7 +675,9 @@ def args_from(ns: argparse.Namespace) -> Args:
                   "num_attention_heads": max(1, ns.hidden // 64), "head_dim": 64,
                   "num_key_value_heads": max(1, min(config.get("num_key_value_heads", heads), ns.hidden // 64))}
     return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
-                ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype])
+                ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype],
+                quantize_head=not ns.keep_head_bf16, profile_steps=ns.profile_steps, all_directions=ns.all_directions,
+                unwrap_subclasses=not ns.keep_subclasses)
 
 
 def merge(files: list[str], out: str) -> list[dict]:
