@@ -9,12 +9,16 @@ wheels carried in ``bench/wheels`` (``pip install --no-deps``) when they do not 
 
 Dry run on a CPU (a 2-layer, 256-wide config, a few tokens; checks every code path):
     python bench/gpu_speed.py --dry-run --device cpu --dtype fp32 --json /tmp/gpu_speed_dry.json
-On the lent H100 (about 8 minutes; compiles take 1-3 minutes each), then the rest, then one file:
-    python bench/gpu_speed.py --install-wheels --json $OUT/gpu_speed.json
+On the lent H100 (compiles take about 2-2.5 minutes each, so three compiled steps fit one 10-minute call), then
+the rest, then one file (``--profile-steps 10`` adds the top kernels and host ops of ten decode steps to each row):
+    python bench/gpu_speed.py --install-wheels --profile-steps 10 \
+        --steps int8wo:compiled-loop,int4wo:compiled-loop,bf16:compiled-loop --json $OUT/gpu_speed.json
     python bench/gpu_speed.py --install-wheels --steps float8wo:compiled-loop,nf4:eager-loop,int8wo:hf-generate \
         --json $OUT/gpu_speed_2.json
     python bench/gpu_speed.py --merge first.json second.json --json bench/results/gpu_speed.json
-A compile mode other than reduce-overhead is recorded as its own path (``compiled-loop:max-autotune``), e.g.
+Variants of the recipe are recorded as their own path: ``--keep-subclasses`` (torchao weights compiled as tensor
+subclasses: host-bound), ``--skip-guards`` (``compiled-loop:skip-guards``), a compile mode other than
+reduce-overhead (``compiled-loop:max-autotune``; on torch 2.11 its int8 compile did not finish in 240 s), e.g.
     python bench/gpu_speed.py --install-wheels --compile-mode max-autotune \
         --steps bf16:compiled-loop,int8wo:compiled-loop,int4wo:compiled-loop --json $OUT/gpu_speed_autotune.json
 """

@@ -9,9 +9,16 @@ Speed does not depend on weight values, so no checkpoint is needed: the model is
 
 Quantized weights only pay off on the second path: eagerly, each quantized matmul is a dequantize kernel plus a
 BF16 matmul, so INT8/INT4 decode is *slower* than BF16 (the "quantized model slower than FP16" trap); compiled,
-the dequantization fuses into the matmul and fewer bytes are read. Each step runs in its own subprocess with a
-time limit (a compile can take minutes; an OOM or a crash must not lose the others), and the JSON is rewritten
-after every step. Only torch and transformers are imported at the top (torchao/bitsandbytes per step).
+the dequantization fuses into the matmul and fewer bytes are read. The recipe follows torchao's generate.py
+(every linear quantized, the output head too; coordinate-descent tuning, which also turns a one-row matmul into a
+fused multiply + reduction; math attention in decode), plus one step it needs on torch 2.11: torchao's
+tensor-subclass weights are unwrapped (``torchao.utils.unwrap_tensor_subclass``) before compiling, without which
+the H100 spent ~7 ms of host time per INT4/INT8 decode step for 3.4-5.2 ms of GPU work
+(path ``compiled-loop:subclass-weights`` in the results). Each row records the weight bytes a decode step reads,
+the bandwidth that implies, a device-to-device copy's bandwidth, and with ``--profile-steps`` the top kernels.
+Each step runs in its own subprocess with a time limit (a compile can take minutes; an OOM or a crash must not
+lose the others); its output streams into ``<json>.log`` and the JSON is rewritten after every step. Only torch
+and transformers are imported at the top (torchao/bitsandbytes per step).
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class Args:
     profile_steps: int = 0
     all_directions: bool = False
     unwrap_subclasses: bool = True
+    skip_guards: bool = False
 
 
 # --- a compact Llama (the gpt-fast / torchao benchmark model), static KV cache --------------------------------
@@ -321,14 +329,16 @@ def copy_bandwidth_gbps(device: str, nbytes: int = 1 << 30) -> float | None:
     return round(2 * 10 * nbytes / (start.elapsed_time(end) / 1000) / 1e9, 1)
 
 
-def _profile_decode(step, model: nn.Module, token: torch.Tensor, position: torch.Tensor, steps: int) -> dict:
+def _profile_decode(step, model: nn.Module, token: torch.Tensor, position: torch.Tensor, steps: int,
+                    skip_guards: bool = False) -> dict:
     """torch.profiler over ``steps`` compiled decode steps: kernels per step, the top kernels by device time, and
     how the host launched them (CUDA graph replays vs single kernel launches)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     position = position.clone()
-    with torch.no_grad(), _math_attention(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch.no_grad(), _math_attention(), _guard_stance(skip_guards), \
+            profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             token = step(model, token, position).clone()
             position += 1
@@ -352,6 +362,17 @@ def _profile_decode(step, model: nn.Module, token: torch.Tensor, position: torch
         "top_kernels": [{"name": e.key[:160], "us_per_step": round(e.self_device_time_total / steps, 1),
                          "calls_per_step": round(e.count / steps, 2)} for e in kernels[:14]],
     }
+
+
+def _guard_stance(skip: bool):
+    """After the first (compiling) repetition, optionally skip dynamo's guard evaluation on each call
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): with one compiled graph and fixed shapes no guard
+    can fail, and the H100 profile showed 'TorchDynamo Cache Lookup' at about 2 ms of host time per decode step."""
+    import contextlib
+
+    if not skip:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def _inductor_counters() -> dict:
@@ -406,7 +427,7 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
             _sync(args.device)
             t1 = time.perf_counter()
             position = torch.tensor([args.prompt_tokens], device=args.device)
-            with _math_attention():
+            with _math_attention(), _guard_stance(compiled and args.skip_guards and rep > 0):
                 for _ in range(args.new_tokens):
                     token = step(model, token, position).clone()
                     position += 1
@@ -432,8 +453,8 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
                 # From the prompt's end again: the cache holds prompt + new tokens, and an index past it trips
                 # the compiled index_put's device-side bounds assert.
                 start = torch.tensor([args.prompt_tokens], device=args.device)
-                record["profile"] = _profile_decode(step, model, token, start, min(args.profile_steps,
-                                                                                   args.new_tokens))
+                record["profile"] = _profile_decode(step, model, token, start,
+                                                    min(args.profile_steps, args.new_tokens), args.skip_guards)
             except Exception as error:
                 record["profile_error"] = f"{type(error).__name__}: {str(error)[:300]}"
     return record
@@ -498,8 +519,8 @@ def base_row(args: Args, fmt: str, path: str) -> dict:
     return {
         "model": args.config_name, "backend": BACKEND_OF[fmt], "format": WEIGHT_FORMAT[fmt], "format_slug": fmt,
         # A compile mode other than the default names its own path, so both can sit in one results file.
-        "path": f"{path}:{args.compile_mode}" if path == "compiled-loop" and args.compile_mode != "reduce-overhead"
-        else path, "device": args.device, "gpu": gpu, "batch": 1, "prompt_tokens": args.prompt_tokens,
+        "path": _path_name(args, path), "device": args.device, "gpu": gpu, "batch": 1,
+        "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.hf_new_tokens if path == "hf-generate" else args.new_tokens,
         "repetitions": args.repetitions, "threads": torch.get_num_threads(),
         "compile_mode": args.compile_mode if path == "compiled-loop" else None,
@@ -507,6 +528,15 @@ def base_row(args: Args, fmt: str, path: str) -> dict:
         "torch": torch.__version__, "torchao": _version("torchao"), "bitsandbytes": _version("bitsandbytes"),
         "transformers": _version("transformers"), "measured": True,
     }
+
+
+def _path_name(args: Args, path: str) -> str:
+    """A compile mode other than the default, and skipped guards, name their own path."""
+    if path != "compiled-loop":
+        return path
+    if args.compile_mode != "reduce-overhead":
+        path += f":{args.compile_mode}"
+    return path + ":skip-guards" if args.skip_guards else path
 
 
 def _version(package: str) -> str | None:
@@ -640,6 +670,8 @@ def parser() -> argparse.ArgumentParser:
                    help="inductor coordinate_descent_check_all_directions (torchao sets it; much longer compiles)")
     p.add_argument("--keep-subclasses", action="store_true",
                    help="compile torchao's tensor-subclass weights as they are (no unwrap_tensor_subclass)")
+    p.add_argument("--skip-guards", action="store_true",
+                   help="time the compiled loop with torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing, profile this many compiled decode steps (top kernels, launches) on CUDA")
     p.add_argument("--dtype", default="bf16", help="bf16 (GPU) | fp32 (a CPU dry run)")
@@ -677,7 +709,7 @@ def args_from(ns: argparse.Namespace) -> Args:
     return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
                 ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype],
                 quantize_head=not ns.keep_head_bf16, profile_steps=ns.profile_steps, all_directions=ns.all_directions,
-                unwrap_subclasses=not ns.keep_subclasses)
+                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards)
 
 
 def merge(files: list[str], out: str) -> list[dict]:

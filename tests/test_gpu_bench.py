@@ -74,6 +74,10 @@ def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "bitsandbytes" in nf4["error"]
     assert not list(tmp_path.glob(".*.json"))  # per-step files are cleaned up
+    # Each step's output streams into one log beside the JSON, and its last lines travel with the row.
+    log = (tmp_path / "gpu.log").read_text()
+    assert "=== nf4:eager-loop ===" in log and "=== bf16:eager-loop ===" in log
+    assert any("repetition 1" in line for line in bf16["log_tail"])
 
 
 def test_explicit_steps_and_merging_runs(tmp_path):
@@ -97,3 +101,49 @@ def test_explicit_steps_and_merging_runs(tmp_path):
 def test_missing_wheels_are_reported_not_fatal(tmp_path):
     message, extra = gpu_bench.install_wheels(tmp_path)
     assert extra is None and ("nothing to install" in message or "no wheels" in message)
+
+
+def test_bytes_per_token_counts_what_a_decode_step_reads():
+    args = tiny_args()
+    model = gpu_bench.build_compact(args)
+    model.setup_caches(1, 24, torch.float32, "cpu")
+    c = args.config
+    counted = gpu_bench.bytes_per_token(model)
+    everything = sum(p.numel() for p in model.parameters()) * 4
+    assert counted["weight_bytes_per_token"] == everything - c["vocab_size"] * c["hidden_size"] * 4  # no embedding
+    kv_heads, head_dim = c["num_key_value_heads"], c["head_dim"]
+    assert counted["kv_cache_bytes"] == 2 * c["num_hidden_layers"] * kv_heads * 24 * head_dim * 4
+
+
+def test_tensor_bytes_counts_a_quantized_weight_inner_tensors():
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    linear = torch.nn.Linear(256, 128, bias=False)
+    quantize_(linear, Int8WeightOnlyConfig())
+    # int8 codes (1 byte each) plus per-row metadata (a scale, and a zero point even when symmetric): more
+    # than the codes, at most 8 bytes a row more, and about a quarter of the FP32 weight's 4 bytes a value.
+    counted = gpu_bench.tensor_bytes(linear.weight)
+    assert 128 * 256 < counted <= 128 * 256 + 128 * 8
+    assert counted < 128 * 256 * 4 / 3
+
+
+def test_compile_variants_name_their_own_path():
+    args = tiny_args()
+    assert gpu_bench._path_name(args, "compiled-loop") == "compiled-loop"
+    assert gpu_bench._path_name(args, "hf-generate") == "hf-generate"
+    tuned = gpu_bench.Args(**{**args.__dict__, "compile_mode": "max-autotune", "skip_guards": True})
+    assert gpu_bench._path_name(tuned, "compiled-loop") == "compiled-loop:max-autotune:skip-guards"
+    assert gpu_bench._path_name(tuned, "eager-loop") == "eager-loop"
+
+
+def test_command_line_reaches_the_recipe_switches():
+    ns = gpu_bench.parser().parse_args(["--dry-run", "--device", "cpu", "--dtype", "fp32", "--keep-head-bf16",
+                                        "--keep-subclasses", "--skip-guards", "--profile-steps", "5"])
+    args = gpu_bench.args_from(ns)
+    assert not args.quantize_head and not args.unwrap_subclasses and args.skip_guards and args.profile_steps == 5
+    defaults = tiny_args()
+    assert defaults.quantize_head and defaults.unwrap_subclasses and not defaults.skip_guards
+    with gpu_bench._guard_stance(False), gpu_bench._guard_stance(True):
+        pass  # both are context managers on this torch
