@@ -23,7 +23,7 @@ def test_speed_page_draws_measured_and_predicted_points_and_verdicts():
     spec = speed.SpeedSpec()
     rows = {"fp32": lm_row("fp32", "fp32", 25.0, 0.0, 540_000_000),
             "torch-dynamic-int8": lm_row("torch-dynamic-int8", "int8", 80.0, 0.95, 160_000_000),
-            # quanto-int4 and not llama.cpp: the page offers only backends installed here, and CI has no llama.cpp.
+            # quanto-int4 rather than llama.cpp: the page offers only installed backends, and `make run` has no llama.cpp.
             "quanto-int4": {**lm_row("quanto-int4", "int4", 95.0, 0.0055, 90_000_000),
                             "library": "optimum-quanto"},
             "bnb-nf4": {**lm_row("bnb-nf4", "nf4", 0, 0, 0), "available": False, "reason": "needs CUDA"}}
