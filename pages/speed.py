@@ -170,13 +170,15 @@ if not savable:
 else:
     backend_column, folder_column = st.columns([1, 2])
     export_slug = backend_column.selectbox("Backend", savable, key="export_backend")
-    default_folder = export.default_out_dir(loaded.name, export_slug)
-    folder = folder_column.text_input("Directory", key="export_dir", placeholder=str(default_folder),
-                                      help="Empty: under qlab's data directory, beside the run history.")
-    replace = st.checkbox("Replace the directory if it is not empty", key="export_force")
+    default_folder = export.default_out_dir(loaded.name, export_slug).name
+    folder = folder_column.text_input("Folder name", key="export_dir", placeholder=default_folder,
+                                      help=f"Created under {export.exports_root()}, beside the run history; "
+                                           "`python -m qlab export --out` saves anywhere.")
+    replace = st.checkbox("Replace an earlier export of the same name", key="export_force")
     if st.button("Save quantized model", key="export_model"):
         with common.user_errors(), st.spinner(f"Quantizing with {export_slug} and saving..."):
-            saved = export.export_quantized(loaded, export_slug, folder.strip() or default_folder, force=replace)
+            out_dir = export.named_out_dir(folder or default_folder)
+            saved = export.export_quantized(loaded, export_slug, out_dir, force=replace)
         st.success(f"Saved {saved.weights_file} ({saved.weights_bytes / 1e6:.1f} MB) with config, tokenizer and "
                    f"qlab_scheme.json in `{saved.out_dir}`. Reload it with "
                    f"`qlab.export.load_exported('{saved.out_dir}')`.")

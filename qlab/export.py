@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -88,21 +89,44 @@ def _backend(slug: str):
     return backend
 
 
-def default_out_dir(model_name: str, backend_slug: str) -> Path:
-    """``<qlab data dir>/exports/<model>-<backend>``, beside the run database."""
-    from qlab.store import default_path
+def exports_root() -> Path:
+    """``exports/`` beside the run database (``$QLAB_DB`` or the default): where the dashboard saves."""
+    from qlab.store import resolve_path
 
+    return resolve_path().parent / "exports"
+
+
+def default_out_dir(model_name: str, backend_slug: str) -> Path:
+    """``<qlab data dir>/exports/<model>-<backend>``."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
-    return default_path().parent / "exports" / f"{safe}-{backend_slug}"
+    return exports_root() / f"{safe}-{backend_slug}"
+
+
+def named_out_dir(name: str) -> Path:
+    """A folder *name* typed in the dashboard, placed under ``exports_root()``: someone at the browser never
+    chooses a path on the server (the CLI's ``--out`` is for the person at the shell)."""
+    name = name.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name):
+        raise QlabError(f"'{name[:40]}' is not a folder name; use letters, digits, '-', '_' and '.' (no slashes), "
+                        f"it is created under {exports_root()}.")
+    return exports_root() / name
 
 
 def _prepare(out_dir: Path, force: bool) -> Path:
     """A fresh sibling directory to write into (renamed over ``out_dir`` at the end, so a failed or killed
-    export never leaves half a model behind)."""
+    export never leaves half a model behind). ``force`` replaces only an earlier qlab export: a mistyped
+    ``--out ~ --force`` must never delete a home directory."""
+    if out_dir == out_dir.parent:
+        raise QlabError(f"{out_dir} is a filesystem root; choose a directory for the export with --out.")
     if out_dir.exists() and not out_dir.is_dir():
         raise QlabError(f"{out_dir} exists and is not a directory; choose another --out.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise QlabError(f"{out_dir} is not empty; choose an empty or new directory, or pass --force to replace it.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise QlabError(f"{out_dir} is not empty; choose an empty or new directory, or pass --force to "
+                            "replace an earlier export.")
+        if not _is_export(out_dir):
+            raise QlabError(f"{out_dir} is not empty and holds no qlab export; --force only replaces an earlier "
+                            "export, so choose an empty or new directory.")
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     try:
         shutil.rmtree(partial, ignore_errors=True)
@@ -110,6 +134,14 @@ def _prepare(out_dir: Path, force: bool) -> Path:
     except OSError as error:
         raise QlabError(f"cannot write to {out_dir.parent} ({error.strerror}); choose a writable --out.") from None
     return partial
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        read_scheme(directory)
+    except QlabError:
+        return False
+    return True
 
 
 def _publish(partial: Path, out_dir: Path) -> None:
@@ -191,7 +223,7 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
 
     started = time.perf_counter()
     backend = _backend(backend_slug)
-    out_dir = Path(out_dir).expanduser()
+    out_dir = Path(out_dir).expanduser().resolve()
     partial = _prepare(out_dir, force)
     try:
         model = backend.apply(loaded, "cpu")
@@ -249,7 +281,8 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = True) -> torch.nn.M
     weights, then the library's own reload path. ``verify`` checks the weight file's SHA-256 first."""
     directory = Path(out_dir).expanduser()
     record = read_scheme(directory)
-    weights = directory / record["weights_file"]
+    # Derived from the library, never taken from the JSON: a hand-edited name must not point outside the export.
+    weights = directory / (GGUF_FILE if record["library"] == "llama-cpp-python" else WEIGHTS_FILE)
     if not weights.is_file():
         raise QlabError(f"{weights} is missing; export the model again.")
     if verify and _sha256(weights) != record["weights_sha256"]:

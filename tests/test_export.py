@@ -104,14 +104,21 @@ def test_a_non_empty_directory_needs_force_and_an_unwritable_one_fails_cleanly(t
     (tmp_path / "out" / "notes.txt").write_text("keep me")
     with pytest.raises(QlabError, match="not empty.*--force"):
         export.export_quantized(loaded, "quanto-int8", tmp_path / "out")
+    # --force replaces an earlier export only: a mistyped --out (a home directory, a project) is never deleted.
+    with pytest.raises(QlabError, match="holds no qlab export"):
+        export.export_quantized(loaded, "quanto-int8", tmp_path / "out", force=True)
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
-    result = export.export_quantized(loaded, "quanto-int8", tmp_path / "out", force=True)
-    assert "notes.txt" not in result.files and not (tmp_path / "out" / "notes.txt").exists()
+    first = export.export_quantized(loaded, "quanto-int8", tmp_path / "first")
+    (first.out_dir / "stale.txt").write_text("from the first export")
+    result = export.export_quantized(loaded, "quanto-int4", tmp_path / "first", force=True)
+    assert "stale.txt" not in result.files and export.read_scheme(tmp_path / "first")["backend"] == "quanto-int4"
+    with pytest.raises(QlabError, match="filesystem root"):
+        export.export_quantized(loaded, "quanto-int8", "/", force=True)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(QlabError, match="cannot write"):
         export.export_quantized(loaded, "quanto-int8", blocker / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "out"]  # no partial directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "first", "out"]  # no partial directory left
 
 
 def test_cli_exports_and_fails_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
@@ -167,3 +174,23 @@ def test_smollm_gguf_export_reloads_with_identical_logits(smollm, tmp_path, monk
         assert mine.shape == (1, 1, smollm.model.config.vocab_size) and torch.isfinite(mine).all()
         assert torch.equal(mine, theirs)
     assert not torch.equal(*logits["reloaded"])  # two different positions, not one answer repeated
+
+
+def test_the_dashboard_names_a_folder_under_the_exports_directory_never_a_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    assert export.named_out_dir("minilm-int8") == tmp_path / "exports" / "minilm-int8"
+    for bad in ("../escape", "/etc", "a/b", "..", ".", "", "~root", "x" * 101):
+        with pytest.raises(QlabError, match="not a folder name"):
+            export.named_out_dir(bad)
+
+
+def test_a_hand_edited_weights_name_cannot_point_outside_the_export(tmp_path):
+    export.export_quantized(tiny_bert(), "quanto-int8", tmp_path / "out")
+    scheme = tmp_path / "out" / export.SCHEME_FILE
+    record = json.loads(scheme.read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((tmp_path / "out" / "model.safetensors").read_bytes())
+    scheme.write_text(json.dumps({**record, "weights_file": str(outside)}))
+    (tmp_path / "out" / "model.safetensors").unlink()
+    with pytest.raises(QlabError, match="model.safetensors is missing"):
+        export.load_exported(tmp_path / "out")

@@ -79,8 +79,11 @@ def test_speed_page_stores_what_it_measures_and_saves_a_quantized_model(tmp_path
     assert (run.kind, run.status, run.meta.tokens) == ("bench", "finished", 64)
     assert [r["backend"] for r in run.records("bench")] == ["fp32"] and run.records("bench")[0]["sentences_per_s"] > 0
     app.selectbox(key="export_backend").select("quanto-int8").run()
-    app.text_input(key="export_dir").input(str(tmp_path / "saved")).run()
+    app.text_input(key="export_dir").input("../outside").run()
+    app.button(key="export_model").click().run()
+    assert [e.value for e in app.error] and "not a folder name" in app.error[0].value  # no path from the browser
+    app.text_input(key="export_dir").input("saved").run()
     app.button(key="export_model").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert any("model.safetensors" in s.value for s in app.success)
-    assert export.read_scheme(tmp_path / "saved")["backend"] == "quanto-int8"
+    assert export.read_scheme(tmp_path / "exports" / "saved")["backend"] == "quanto-int8"
