@@ -341,8 +341,7 @@ def _load_pretrained(path: str, kind: str, device_map: str | None = None) -> tup
 def _load_gguf(source: ModelSource, device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
     converted = _converted_dir(source)
     if not (converted / "model.safetensors").is_file():
-        with _unreadable_weights(Path(source.path) / source.gguf_file):
-            _convert_gguf(source, converted)
+        _convert_gguf(source, converted)
     return _load_pretrained(str(converted), source.kind, device_map)
 
 
@@ -354,26 +353,32 @@ def _converted_dir(source: ModelSource) -> Path:
 
 def _convert_gguf(source: ModelSource, target: Path) -> None:
     """Dequantize a GGUF once with transformers and keep an FP32 safetensors copy."""
+    import shutil
+
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    with _unreadable_weights(Path(source.path) / source.gguf_file):
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    partial.mkdir(parents=True, exist_ok=True)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-    save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the copy holds plain FP32 tensors
-    (partial / "config.json").write_text(json.dumps(config, indent=1))
-    tokenizer.save_pretrained(partial)
-    # An atomic rename, so two sessions converting at once never leave a half-written copy.
     try:
-        partial.rename(target)
-    except OSError:
-        import shutil
-
+        partial.mkdir(parents=True, exist_ok=True)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)  # the copy holds plain FP32 tensors
+        (partial / "config.json").write_text(json.dumps(config, indent=1))
+        tokenizer.save_pretrained(partial)
+        # An atomic rename, so two sessions converting at once never leave a half-written copy; when another
+        # session won the race, its copy is as good as ours.
+        with contextlib.suppress(OSError):
+            partial.rename(target)
+    except OSError as error:
+        raise QlabError(f"cannot write the converted FP32 copy under {cache_dir()} ({error.strerror or error}); "
+                        "free some space or set QLAB_CACHE_DIR to a writable directory.") from None
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 

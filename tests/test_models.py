@@ -113,3 +113,23 @@ def test_gguf_size_estimate_from_the_converted_copy_equals_the_gguf_header(smoll
     reader = GGUFReader(Path(smollm.source.path) / smollm.source.gguf_file)
     from_gguf = 4 * sum(int(t.n_elements) for t in reader.tensors)
     assert models.fp32_bytes_estimate(smollm.source) == from_gguf  # read from the cached FP32 copy's header
+
+
+def test_a_cache_that_cannot_be_written_is_named_not_blamed_on_the_gguf(tmp_path, monkeypatch):
+    """Reading the GGUF worked; writing its FP32 copy failed: the message names the cache, and no partial copy
+    is left behind."""
+    import transformers
+
+    from tests.tiny_models import tiny_llama
+
+    tiny = tiny_llama(layers=1)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny.tokenizer)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    monkeypatch.setenv("QLAB_CACHE_DIR", str(blocker))
+    source = models.ModelSource("tiny", "causal-lm", str(tmp_path), "tiny.gguf", "tiny")
+    with pytest.raises(QlabError, match="cannot write the converted FP32 copy under .*QLAB_CACHE_DIR") as error:
+        models._convert_gguf(source, blocker / "converted" / "tiny")
+    assert "\n" not in str(error.value) and "gguf file" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-directory"]
