@@ -519,7 +519,7 @@ def base_row(args: Args, fmt: str, path: str) -> dict:
     return {
         "model": args.config_name, "backend": BACKEND_OF[fmt], "format": WEIGHT_FORMAT[fmt], "format_slug": fmt,
         # A compile mode other than the default names its own path, so both can sit in one results file.
-        "path": _path_name(args, path), "device": args.device, "gpu": gpu, "batch": 1,
+        "path": _path_name(args, fmt, path), "device": args.device, "gpu": gpu, "batch": 1,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.hf_new_tokens if path == "hf-generate" else args.new_tokens,
         "repetitions": args.repetitions, "threads": torch.get_num_threads(),
@@ -530,12 +530,17 @@ def base_row(args: Args, fmt: str, path: str) -> dict:
     }
 
 
-def _path_name(args: Args, path: str) -> str:
-    """A compile mode other than the default, and skipped guards, name their own path."""
+def _path_name(args: Args, fmt: str, path: str) -> str:
+    """Every recipe switch that changes a compiled-loop measurement names its own path, so ``merge`` (keyed on
+    format and path) never lets a variant overwrite the default recipe's row."""
     if path != "compiled-loop":
         return path
     if args.compile_mode != "reduce-overhead":
         path += f":{args.compile_mode}"
+    if not args.unwrap_subclasses and fmt in TORCHAO_FORMATS:
+        path += ":subclass-weights"
+    if not args.quantize_head and fmt != "bf16":
+        path += ":head-bf16"
     return path + ":skip-guards" if args.skip_guards else path
 
 

@@ -131,11 +131,16 @@ def test_tensor_bytes_counts_a_quantized_weight_inner_tensors():
 
 def test_compile_variants_name_their_own_path():
     args = tiny_args()
-    assert gpu_bench._path_name(args, "compiled-loop") == "compiled-loop"
-    assert gpu_bench._path_name(args, "hf-generate") == "hf-generate"
+    assert gpu_bench._path_name(args, "int8wo", "compiled-loop") == "compiled-loop"
+    assert gpu_bench._path_name(args, "int8wo", "hf-generate") == "hf-generate"
     tuned = gpu_bench.Args(**{**args.__dict__, "compile_mode": "max-autotune", "skip_guards": True})
-    assert gpu_bench._path_name(tuned, "compiled-loop") == "compiled-loop:max-autotune:skip-guards"
-    assert gpu_bench._path_name(tuned, "eager-loop") == "eager-loop"
+    assert gpu_bench._path_name(tuned, "int8wo", "compiled-loop") == "compiled-loop:max-autotune:skip-guards"
+    assert gpu_bench._path_name(tuned, "int8wo", "eager-loop") == "eager-loop"
+    # the variants measured in bench/results/gpu_speed.json must not overwrite the default recipe's rows
+    wrapped = gpu_bench.Args(**{**args.__dict__, "unwrap_subclasses": False, "quantize_head": False})
+    assert gpu_bench._path_name(wrapped, "int4wo", "compiled-loop") == "compiled-loop:subclass-weights:head-bf16"
+    assert gpu_bench._path_name(wrapped, "bf16", "compiled-loop") == "compiled-loop"
+    assert gpu_bench._path_name(wrapped, "nf4", "compiled-loop") == "compiled-loop:head-bf16"
 
 
 def test_command_line_reaches_the_recipe_switches():
