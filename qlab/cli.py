@@ -265,10 +265,11 @@ def cmd_bench_sweep(args: argparse.Namespace) -> None:
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     result = bench_sweep(args.model, schemes, args.tokens)
+    # Written before it is stored: a database that fails now must not throw away minutes of benchmark.
+    _emit(result, args.json if args.json is not None else "-")
     from qlab.cli_bench import store_bench_sweep
 
     store_bench_sweep(args, result)
-    _emit(result, args.json if args.json is not None else "-")
 
 
 def _quiet_libraries() -> None:

@@ -202,3 +202,21 @@ def test_bench_sweep_result_is_stored_on_request_and_reported(tmp_path, monkeypa
     summary = report.benchmark_summary(stored)
     assert summary["sweep_over_eval"].tolist() == [4.0] and "rows" not in summary
     assert "Sweep benchmark" in report.render_html([stored])
+
+
+def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_path, monkeypatch, capsys):
+    """The benchmark's JSON comes out before it is stored: a corrupt --db costs the run record, not the result."""
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    result = {"benchmark": "sweep", "model": "minilm-l6", "formats": ["int8 g64"], "tokens": 64,
+              "one_fp32_eval_s": 0.5, "sweep_s": 2.0, "sweep_over_eval": 4.0, "rows": []}
+    monkeypatch.setattr("qlab.bench.bench_sweep", lambda *a, **k: dict(result))
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64",
+                     "--db", str(corrupt), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a usable qlab run database" in err and err.count("\n") == 1
+    assert json.loads(out.read_text()) == result
+    assert cli.main(["bench", "sweep", "--formats", "int8", "--db", str(corrupt)]) == 2  # stdout this time
+    assert json.loads(capsys.readouterr().out) == result
