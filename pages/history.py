@@ -225,7 +225,8 @@ right.download_button("Results as CSV", lambda: report.results_frame(runs, kind=
 st.caption("This page's address now names the selected runs: share it to open the same comparison "
            "(on a dashboard that reads the same database, or after importing the JSON above).")
 
-sweeps = [r for r in runs if r.kind == "sweep" and r.schemes()]
+# Sweeps, and `bench sweep` runs (kind bench), whose sweep rows carry their schemes too.
+sweeps = [r for r in runs if r.schemes() and any(result.kind == "sweep" and result.scheme for result in r.results)]
 if sweeps:
     st.subheader("Re-run or export a scheme")
     source = sweeps[0] if len(sweeps) == 1 else next(

@@ -7,10 +7,13 @@ import time
 
 import psutil
 import torch
+import transformers
 
+from qlab import __version__
 from qlab.evaluate import EvalSpec, compute_baseline
 from qlab.models import load
 from qlab.quant import QuantScheme
+from qlab.store import model_sha256
 from qlab.sweep import peak_rss_bytes, run_sweep
 
 
@@ -50,5 +53,12 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int) -> dic
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        # What makes the rows comparable with other runs once stored (``Store.import_payload``).
+        "qlab": __version__,
+        "transformers": transformers.__version__,
+        "model_sha256": model_sha256(loaded),
+        "text_name": spec.text_name,
+        "text_sha256": spec.text_sha256,
+        "seed": torch.initial_seed(),
         "rows": rows,
     }

@@ -107,22 +107,18 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def store_bench_sweep(args: argparse.Namespace, result: dict) -> None:
-    """With ``--db`` (or ``QLAB_DB``), keep a ``bench sweep`` result as a ``bench`` run: its sweep rows and
-    its timing summary (the benchmark runs in one piece, so it is stored when it ends)."""
-    from qlab.models import resolve
-    from qlab.store import Recorder, RunMeta, model_sha256, requested_path
+def store_bench_sweep(args: argparse.Namespace, result: dict) -> str | None:
+    """With ``--db`` (or ``QLAB_DB``), keep a ``bench sweep`` result as a ``bench`` run, exactly as
+    ``runs import`` of its JSON would: sweep rows with their schemes (reusable by the Quantize page and History),
+    the timing summary, the weights and text hashes and versions the result carries. The benchmark runs in one
+    piece, so it is stored when it ends. Returns the run id (None when not storing)."""
+    from qlab.store import Store, requested_path
 
     db = requested_path(args.db)
     if db is None:
-        return
-    summary = {k: v for k, v in result.items() if k != "rows"}
-    meta = RunMeta("bench", result["model"], {"benchmark": "sweep", "formats": result["formats"],
-                                             "tokens": args.tokens}, model_sha256=model_sha256(resolve(args.model)),
-                   tokens=result["tokens"])
-    with Recorder(db, meta) as recorder:
-        recorder.save_many(result["rows"], "sweep")
-        recorder.save({**summary, "label": "sweep benchmark"}, "bench")
+        return None
+    [run_id] = Store(db).import_payload(result, "bench sweep")
+    return run_id
 
 
 def _machine(host, bandwidth) -> dict:

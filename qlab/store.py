@@ -703,24 +703,31 @@ def _runs_from_payload(payload: Any, source_name: str) -> list[dict]:
 
 
 def _bare_run(kind: str, sweep_rows: list[dict], others: list[dict], source_name: str) -> dict:
-    """A run for JSON written without a store (``sweep --json``): settings rebuilt from the rows themselves."""
+    """A run for JSON written without a store (``sweep --json``, ``bench sweep``): settings rebuilt from the rows
+    themselves, provenance (weights and text hashes, seed, versions) from a ``bench sweep`` summary when there is
+    one."""
     from qlab.quant import QuantScheme
 
     names = {f for f in QuantScheme.__dataclass_fields__}
-    schemes = [QuantScheme.from_dict({k: row[k] for k in names if k in row}).to_dict()
-               for row in sweep_rows if "format" in row]
-    first = (sweep_rows or others)[0]
+    schemes = [QuantScheme.from_dict({k: row[k] for k in names if k in row}).to_dict() if "format" in row else None
+               for row in sweep_rows]
+    # The first row names model and token budget; a bench summary adds what rows do not carry.
+    described = {**(sweep_rows or others)[0], **(others[0] if others else {})}
     # The id is a hash of the content, so importing the same file twice is a no-op.
     run_id = hashlib.sha256(_dumps([sweep_rows, others]).encode()).hexdigest()[:12]
-    results = ([{"kind": "sweep", "label": r["label"], "record": r,
-                 "scheme": schemes[i] if i < len(schemes) else None} for i, r in enumerate(sweep_rows)]
+    results = ([{"kind": "sweep", "label": r["label"], "record": r, "scheme": scheme}
+                for r, scheme in zip(sweep_rows, schemes, strict=True)]
                + [{"kind": o.get("kind", kind), "label": str(o.get("label") or o.get("scheme") or kind),
                    "record": o} for o in others])
+    settings = {"schemes": [s for s in schemes if s is not None], "imported_from": source_name,
+                **{k: described[k] for k in ("benchmark", "formats") if k in described}}
     return {"id": run_id, "created_at": _now(), "kind": kind, "status": "finished",
-            "model": str(first.get("model", "unknown")), "hardware": first.get("hardware"),
-            "tokens": first.get("eval_tokens") or first.get("tokens"),
-            "settings": {"schemes": schemes, "imported_from": source_name},
-            "environment": {k: first[k] for k in ("torch", "cpu") if k in first}, "results": results}
+            "model": str(described.get("model", "unknown")), "hardware": described.get("hardware"),
+            "model_sha256": described.get("model_sha256"), "text_sha256": described.get("text_sha256"),
+            "text_name": described.get("text_name"), "seed": described.get("seed"),
+            "tokens": described.get("eval_tokens") or described.get("tokens"), "settings": settings,
+            "environment": {k: described[k] for k in ("qlab", "torch", "transformers", "cpu", "threads")
+                            if k in described}, "results": results}
 
 
 # --- recording as results arrive ---------------------------------------------------------------------------

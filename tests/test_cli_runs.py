@@ -191,12 +191,26 @@ def test_bench_sweep_result_is_stored_on_request_and_reported(tmp_path, monkeypa
                     {"cosine_mean": 0.999}, 0.1, 0.2, 64).to_record()
     result = {"benchmark": "sweep", "model": "minilm-l6", "formats": ["int8 g64"], "tokens": 64,
               "one_fp32_eval_s": 0.5, "sweep_s": 2.0, "sweep_over_eval": 4.0, "rows": [row]}
+    result |= {"model_sha256": "ab" * 32, "text_name": "pydoc-topics", "text_sha256": "cd" * 32, "seed": 2**63 + 5,
+               "qlab": "0.1.0", "torch": "2.13", "transformers": "4.99"}
     path = tmp_path / "sweep.sqlite"
+    monkeypatch.setattr("qlab.models.resolve", lambda *a, **k: pytest.fail("the model was resolved again"))
     store_bench_sweep(argparse.Namespace(db=None, model="minilm-l6", tokens=64), result)
     assert not (tmp_path / "data").exists()  # neither --db nor QLAB_DB: nothing stored
-    store_bench_sweep(argparse.Namespace(db=str(path), model="minilm-l6", tokens=64), result)
+    run_id = store_bench_sweep(argparse.Namespace(db=str(path), model="minilm-l6", tokens=64), result)
     [stored] = Store(path).runs()
     assert stored.kind == "bench" and stored.records("sweep") == [row] and stored.meta.tokens == 64
+    # The same run `runs import` of the JSON gives: nothing new on a second store or import of it.
+    assert Store(path).import_payload(json.loads(json.dumps(result)), "bench.json") == [run_id] == [stored.id]
+    assert len(Store(path).runs()) == 1
+    # Provenance from the result itself, so comparisons and reuse see what was measured.
+    assert (stored.meta.model_sha256, stored.meta.text_sha256, stored.meta.text_name, stored.meta.seed) == (
+        "ab" * 32, "cd" * 32, "pydoc-topics", 2**63 + 5)
+    assert stored.meta.environment == {"qlab": "0.1.0", "torch": "2.13", "transformers": "4.99"}
+    scheme = QuantScheme("int8", "group", 64)
+    assert [r.scheme for r in stored.results if r.kind == "sweep"] == [scheme.to_dict()]
+    assert stored.schemes() == [scheme.to_dict()] and stored.meta.settings["benchmark"] == "sweep"
+    assert Store(path).stored_schemes("minilm-l6", "ab" * 32, "cd" * 32, 64) == {scheme: row}
     from qlab import report
 
     summary = report.benchmark_summary(stored)
@@ -220,3 +234,25 @@ def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_pat
     assert json.loads(out.read_text()) == result
     assert cli.main(["bench", "sweep", "--formats", "int8", "--db", str(corrupt)]) == 2  # stdout this time
     assert json.loads(capsys.readouterr().out) == result
+
+
+@pytest.mark.slow
+def test_bench_sweep_run_carries_the_hashes_a_sweep_run_has(tmp_path, monkeypatch, minilm, capsys):
+    """`bench sweep --db` stores the weights and text hashes of what it measured: its rows are reusable and a
+    comparison with a plain sweep of the same model and text names no difference in text or weights."""
+    from qlab import report
+    from qlab.evaluate import EvalSpec
+    from qlab.store import model_sha256
+
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    monkeypatch.setattr("qlab.bench.load", lambda name: minilm)
+    path = tmp_path / "runs.sqlite"
+    args = ["--model", "minilm-l6", "--formats", "int8", "--granularity", "group", "--tokens", "32", "--db", str(path)]
+    assert cli.main(["bench", "sweep", *args, "--json", str(tmp_path / "bench.json")]) == 0
+    assert cli.main(["sweep", *args, "--quiet", "--json", str(tmp_path / "sweep.json")]) == 0
+    bench, sweep = sorted(Store(path).runs(), key=lambda r: r.kind)
+    assert (bench.kind, sweep.kind) == ("bench", "sweep")
+    assert bench.meta.text_sha256 == sweep.meta.text_sha256 == EvalSpec(tokens=32).text_sha256
+    assert bench.meta.model_sha256 == sweep.meta.model_sha256 == model_sha256(minilm)
+    assert not any("text" in c or "weights" in c for c in report.comparison_caveats([bench, sweep]))
+    assert bench.schemes() == sweep.schemes()

@@ -272,3 +272,19 @@ def report_name(db: Store, run_id: str) -> str:
     from qlab.report import run_name
 
     return run_name(db.get(run_id))
+
+
+def test_a_stored_bench_sweep_offers_its_schemes_for_re_run_and_export(db):
+    """`bench sweep --db` stores its rows with their schemes, so History can re-run or export them."""
+    from qlab.cli_bench import store_bench_sweep
+
+    rows = [ResultRow("minilm-l6", QuantScheme(fmt, "group", 32), SizeReport(800, 600, 40, 100, 200),
+                      {"cosine_mean": 0.99}, 0.1, 0.2, 64).to_record() for fmt in ("int8", "int4")]
+    run_id = store_bench_sweep(type("Args", (), {"db": str(db.path)})(), {
+        "benchmark": "sweep", "model": "minilm-l6", "formats": ["int8 g32", "int4 g32"], "tokens": 64,
+        "one_fp32_eval_s": 0.5, "sweep_s": 2.0, "sweep_over_eval": 4.0, "rows": rows})
+    at = page().run()
+    at.multiselect(key="history_selected").select(run_id).run()
+    no_errors(at)
+    assert at.selectbox(key="history_scheme_label").options == ["int8 g32", "int4 g32"]
+    assert at.button(key="history_rerun")
