@@ -145,14 +145,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from qlab.models import load
+    from qlab.store import requested_path
     from qlab.sweep import check_schemes, parse_formats, run_sweep
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     spec = _eval_spec(args)
-    if not args.no_store:
-        from qlab.store import Store
-
-        Store(args.db).require_writable()  # before the model loads, not after minutes of work
+    db = None if args.no_store else requested_path(args.db, default=True)  # checked before the model loads
     loaded = load(args.model, device_map=args.device_map)
     check_schemes(loaded, schemes)
     records: list[dict] = []
@@ -163,11 +161,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             bar.update(int(fraction * 1000) - bar.n)
 
         rows = run_sweep(loaded, schemes, spec, progress=progress)
-        if not args.no_store:  # each scheme is committed to the run store as it finishes
+        if db is not None:  # each scheme is committed to the run store as it finishes
             from qlab.store import store_rows, sweep_meta
 
             meta = sweep_meta(loaded, schemes, spec, args.hardware, device_map=args.device_map)
-            rows = store_rows(args.db, meta, rows)
+            rows = store_rows(db, meta, rows)
         for row in rows:
             records.append(row.to_record())
             if args.json not in (None, "-"):
@@ -261,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_bench_sweep(args: argparse.Namespace) -> None:
     from qlab.bench import bench_sweep
+    from qlab.store import requested_path
     from qlab.sweep import parse_formats
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
+    requested_path(args.db)  # a database that cannot take the result is said before the benchmark, not after
     result = bench_sweep(args.model, schemes, args.tokens)
     # Written before it is stored: a database that fails now must not throw away minutes of benchmark.
     _emit(result, args.json if args.json is not None else "-")

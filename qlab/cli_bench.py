@@ -80,13 +80,13 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(args.threads)
     spec = speed.SpeedSpec(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch,
                            repetitions=args.repetitions, sentences=args.sentences)
+    db = requested_path(getattr(args, "db", None))  # checked before the model loads
     loaded = load(args.model)
     chosen = ([b for b in backends.all_backends() if loaded.kind in b.kinds] if args.backends.strip() == "all"
               else backends.parse_backends(args.backends))
     bandwidth = None if args.no_bandwidth else speed.measure_bandwidth()
     machine = _machine(hardware.detect_this_machine(), bandwidth)
     rows: list[dict] = []
-    db = requested_path(getattr(args, "db", None))
     meta = bench_meta(loaded, spec, [b.slug for b in chosen], args.accuracy_tokens or None, "cpu",
                       threads=torch.get_num_threads(), machine=machine) if db else None
     with (tqdm(total=1000, desc="bench", unit="‰", file=sys.stderr, disable=args.quiet,

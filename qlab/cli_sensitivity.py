@@ -67,11 +67,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def _recording(args: argparse.Namespace, make_meta: Callable[[], object]) -> Iterator[object | None]:
-    """A ``qlab.store.Recorder`` with ``--db`` (or ``QLAB_DB``), else None; the run ends with the block."""
-    from qlab.store import Recorder, requested_path
+def _recording(db, make_meta: Callable[[], object]) -> Iterator[object | None]:
+    """A ``qlab.store.Recorder`` into ``db`` (``_setup``'s choice), else None; the run ends with the block."""
+    from qlab.store import Recorder
 
-    db = requested_path(args.db)
     if db is None:
         yield None
         return
@@ -93,15 +92,18 @@ def _progress_bar(quiet: bool, title: str) -> Iterator[Callable[[float, str], No
 
 
 def _setup(args: argparse.Namespace):
-    """Model, schemes and FP32 baseline the arguments describe."""
+    """Model, schemes and evaluation spec the arguments describe, and the database to store into (``--db`` or
+    ``QLAB_DB``, checked before the model loads; None when not storing)."""
     from qlab.cli import _eval_spec, _scheme
     from qlab.models import load
+    from qlab.store import requested_path
     from qlab.sweep import parse_formats
 
     schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
     spec = _eval_spec(args)
+    db = requested_path(args.db)
     loaded = load(args.model)
-    return loaded, schemes, spec
+    return loaded, schemes, spec, db
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -111,13 +113,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     from qlab.sensitivity import analyze
     from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
 
-    loaded, schemes, spec = _setup(args)
+    loaded, schemes, spec, db = _setup(args)
     view = "reverse" if args.reverse else "forward"
     with _progress_bar(args.quiet, "sensitivity") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"FP32 baseline: {m}"))
         meta = functools.partial(sensitivity_meta, "sensitivity", loaded, schemes, spec, baseline, unit=args.unit,
                                  view=view, blocks=not args.no_blocks, predict=not args.no_predict)
-        with _recording(args, meta) as recorder:
+        with _recording(db, meta) as recorder:
             report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit, view=view,
                              predict=not args.no_predict, progress=lambda f, m: progress(0.1 + 0.9 * f, m),
                              on_records=recorder and sensitivity_saver(recorder))
@@ -151,12 +153,12 @@ def cmd_recommend(args: argparse.Namespace) -> None:
                     size_bytes=None if args.budget_gb is None else int(args.budget_gb * 1e9))
     from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
 
-    loaded, schemes, spec = _setup(args)
+    loaded, schemes, spec, db = _setup(args)
     with _progress_bar(args.quiet, "recommend") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
         meta = functools.partial(sensitivity_meta, "recommend", loaded, schemes, spec, baseline, unit=args.unit,
                                  blocks=not args.no_blocks, budget_bits=args.budget_bits, budget_gb=args.budget_gb)
-        with _recording(args, meta) as recorder:
+        with _recording(db, meta) as recorder:
             report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
                              progress=lambda f, m: progress(0.05 + 0.75 * f, m),
                              on_records=recorder and sensitivity_saver(recorder))

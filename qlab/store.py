@@ -89,10 +89,19 @@ def resolve_path(db: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def requested_path(db: str | os.PathLike | None) -> Path | None:
-    """For headless runs that store only on request: ``--db`` if given, else ``QLAB_DB`` if set, else None."""
-    chosen = db or os.environ.get(DB_ENV)
-    return Path(chosen).expanduser() if chosen else None
+def requested_path(db: str | os.PathLike | None, default: bool = False) -> Path | None:
+    """The database a headless run stores into: ``--db`` if given, else ``QLAB_DB`` if set, else the user's
+    default database when ``default`` (``sweep`` stores unless told not to), else None (store nothing).
+
+    Checked now (``Store.require_writable``): every storing command calls this before it loads a model, so a
+    read-only or unusable database stops it with one line instead of after minutes of work.
+    """
+    chosen = db or os.environ.get(DB_ENV) or (default_path() if default else None)
+    if not chosen:
+        return None
+    path = Path(chosen).expanduser()
+    Store(path).require_writable()
+    return path
 
 
 def _now() -> str:
@@ -451,9 +460,14 @@ class Store:
         return writable(self.path)
 
     def require_writable(self) -> None:
-        """Fail with one line before long work whose results could not be stored here."""
+        """Fail with one line before long work whose results could not be stored here: a read-only database,
+        a file that is not one, or one written by a newer qlab."""
         if not self.writable():
             raise _read_only_error(self.path)
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise QlabError(f"{self.path} was written by a newer qlab (schema v{version}, this one knows "
+                            f"v{SCHEMA_VERSION}); upgrade qlab or pass another --db.")
 
     def schema_version(self) -> int:
         """The schema version of the file as it is (reading never migrates it; 0 for a missing file)."""

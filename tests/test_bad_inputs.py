@@ -113,8 +113,9 @@ def test_non_finite_weights_are_refused(bad):
 
 
 def test_read_only_run_database_is_browsed_and_a_sweep_into_it_refused(tmp_path, monkeypatch, capsys):
-    """`runs list/show/export` and `report` read a database this user cannot write; `sweep --db` into it exits 2
-    with one line before the model loads (the dashboard instead warns and keeps going)."""
+    """`runs list/show/export` and `report` read a database this user cannot write; every command that stores
+    into it (--db or QLAB_DB) exits 2 with one line before the model loads (the dashboard instead warns and keeps
+    going)."""
     import hashlib
     import os
 
@@ -134,9 +135,45 @@ def test_read_only_run_database_is_browsed_and_a_sweep_into_it_refused(tmp_path,
                  "--db", str(path)]) == 0
     capsys.readouterr()
     monkeypatch.setattr("qlab.models.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
-    assert main(["sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64", "--quiet",
-                 "--db", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert err == f"qlab: error: {path} is read-only; pass --db (or set QLAB_DB) to a writable path.\n"
+    monkeypatch.setattr("qlab.bench.bench_sweep", lambda *a, **k: pytest.fail("the benchmark ran before the refusal"))
+    for argv in STORING_COMMANDS:
+        for db in (["--db", str(path)], []):  # given with --db, or chosen by QLAB_DB
+            monkeypatch.delenv("QLAB_DB", raising=False)
+            if not db:
+                monkeypatch.setenv("QLAB_DB", str(path))
+            assert main([*argv, *db]) == 2, argv
+            err = capsys.readouterr().err
+            assert err == f"qlab: error: {path} is read-only; pass --db (or set QLAB_DB) to a writable path.\n", argv
     assert (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.sqlite"]
+
+
+# Every command that stores into a run database, with arguments that would otherwise run it.
+STORING_COMMANDS = [
+    ["sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64", "--quiet"],
+    ["sensitivity", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64", "--quiet"],
+    ["recommend", "--model", "minilm-l6", "--formats", "int8,int4", "--tokens", "64", "--quiet", "--budget-bits", "6"],
+    ["bench", "--model", "minilm-l6", "--backends", "fp32", "--quiet", "--no-bandwidth"],
+    ["bench", "sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64"],
+    ["memory", "--model", "llama-3.1-8b", "--json", "-"],
+]
+
+
+@pytest.mark.parametrize("argv", STORING_COMMANDS, ids=lambda argv: " ".join(argv[:2]).removesuffix(" --model"))
+@pytest.mark.parametrize("content, message", [(b"not a database " * 300, "not a usable qlab run database"),
+                                              (None, "written by a newer qlab")])
+def test_an_unusable_run_database_is_refused_before_the_work(tmp_path, monkeypatch, capsys, argv, content, message):
+    """A --db that is not a qlab database (or one from a newer qlab) stops every storing command up front."""
+    import sqlite3
+
+    path = tmp_path / "runs.sqlite"
+    if content is None:
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA user_version = 99")
+    else:
+        path.write_bytes(content)
+    monkeypatch.setattr("qlab.models.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr("qlab.bench.bench_sweep", lambda *a, **k: pytest.fail("the benchmark ran before the refusal"))
+    assert main([*argv, "--db", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and captured.out == ""

@@ -223,15 +223,20 @@ def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_pat
     monkeypatch.delenv("QLAB_DB", raising=False)
     result = {"benchmark": "sweep", "model": "minilm-l6", "formats": ["int8 g64"], "tokens": 64,
               "one_fp32_eval_s": 0.5, "sweep_s": 2.0, "sweep_over_eval": 4.0, "rows": []}
-    monkeypatch.setattr("qlab.bench.bench_sweep", lambda *a, **k: dict(result))
     corrupt = tmp_path / "corrupt.sqlite"
-    corrupt.write_bytes(b"this is not a database" * 100)
+
+    def benchmark(*args, **kwargs):  # the database is checked before the run; it breaks while the run goes on
+        corrupt.write_bytes(b"this is not a database" * 100)
+        return dict(result)
+
+    monkeypatch.setattr("qlab.bench.bench_sweep", benchmark)
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64",
                      "--db", str(corrupt), "--json", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "not a usable qlab run database" in err and err.count("\n") == 1
     assert json.loads(out.read_text()) == result
+    corrupt.unlink()
     assert cli.main(["bench", "sweep", "--formats", "int8", "--db", str(corrupt)]) == 2  # stdout this time
     assert json.loads(capsys.readouterr().out) == result
 

@@ -52,6 +52,8 @@ def test_path_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert store.resolve_path() == tmp_path / "data" / "qlab" / "runs.sqlite"
     assert store.requested_path(None) is None  # headless runs store only when asked
+    assert store.requested_path(None, default=True) == tmp_path / "data" / "qlab" / "runs.sqlite"  # sweep
+    assert not (tmp_path / "data").exists()  # checking a database creates nothing
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "env.sqlite"))
     assert store.resolve_path() == store.requested_path(None) == tmp_path / "env.sqlite"
     assert store.resolve_path(tmp_path / "flag.sqlite") == tmp_path / "flag.sqlite"
