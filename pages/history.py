@@ -155,6 +155,8 @@ def show_run(run: StoredRun) -> None:
                    f"format(s), {len(blocks)} end-to-end unit(s); ranked by {measure}.")
         st.dataframe(report.sensitivity_table(sensitivity, measure), hide_index=True, width="stretch",
                      key=f"sensitivity_{run.id}")
+    for title, text in report.recommendation_summary(run):
+        st.markdown(f"**{title}**: {text}")
     mixes = pd.DataFrame(run.records("mix"))
     if not mixes.empty:
         st.dataframe(mixes[[c for c in report.MIX_COLUMNS if c in mixes]], hide_index=True, width="stretch",

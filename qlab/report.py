@@ -223,6 +223,17 @@ def bench_points(frame: pd.DataFrame) -> pd.DataFrame:
                           "pareto": on_front} for r, on_front in zip(rows, front, strict=True)])
 
 
+def recommendation_summary(run: StoredRun) -> list[tuple[str, str]]:
+    """(title, one line) per stored recommendation: its plan's label, then bits/weight, size, layers per format."""
+    found = []
+    for record in run.records("recommendation"):
+        counts = pd.Series(record.get("assignment", {}), dtype=object).value_counts()
+        found.append((f"Recommendation: {record.get('label')}",
+                      f"{record.get('bits_per_weight', 0):.3f} bits/weight, {record.get('size_bytes', 0) / 1e6:.2f} "
+                      "MB; " + ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items())))
+    return found
+
+
 def _kind_figures(run: StoredRun) -> list[tuple[str, go.Figure]]:
     figures = []
     frame, blocks, measure = sensitivity_frame(run)
@@ -256,12 +267,8 @@ def _kind_tables(run: StoredRun) -> str:
     mixes = pd.DataFrame(run.records("mix"))
     if not mixes.empty:
         parts.append("<h3>Measured plans</h3>" + _table(mixes[[c for c in MIX_COLUMNS if c in mixes]]))
-    for record in run.records("recommendation"):
-        counts = pd.Series(record.get("assignment", {})).value_counts()
-        parts.append(f"<h3>Recommendation: {html.escape(str(record.get('label')))}</h3><p>"
-                     + html.escape(f"{record.get('bits_per_weight', 0):.3f} bits/weight, "
-                                   f"{record.get('size_bytes', 0) / 1e6:.2f} MB; "
-                                   + ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items())) + "</p>")
+    for title, text in recommendation_summary(run):
+        parts.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(text)}</p>")
     bench = bench_frame(run)
     if not bench.empty:
         parts.append("<h3>Speed (measured)</h3>" + _table(bench_table(bench)))

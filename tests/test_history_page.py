@@ -288,3 +288,23 @@ def test_a_stored_bench_sweep_offers_its_schemes_for_re_run_and_export(db):
     no_errors(at)
     assert at.selectbox(key="history_scheme_label").options == ["int8 g32", "int4 g32"]
     assert at.button(key="history_rerun")
+
+
+def recommend_run(db: Store) -> str:
+    """A stored recommendation (as the Sensitivity page or `recommend --db` saves it), without its analysis."""
+    run_id = db.start_run(RunMeta("recommend", "smollm2-135m", {"budget_bits": 4.5}, environment=ENV))
+    db.add_result(run_id, {"label": "mix @ 4.5 bits", "bits_per_weight": 4.52, "size_bytes": 98_760_000,
+                           "assignment": {"l0.q": "int8 g64", "l0.k": "int4 g64", "l1.q": "int4 g64",
+                                          "l1.k": "int4 g64"}}, "recommendation")
+    db.finish_run(run_id)
+    return run_id
+
+
+def test_a_stored_recommendation_is_shown(db):
+    run_id = recommend_run(db)
+    at = page().run()
+    at.multiselect(key="history_selected").select(run_id).run()
+    no_errors(at)
+    shown = [m.value for m in at.markdown if "Recommendation" in m.value]
+    assert shown == ["**Recommendation: mix @ 4.5 bits**: 4.520 bits/weight, 98.76 MB; 3 layers int4 g64, "
+                     "1 layers int8 g64"]

@@ -1,6 +1,7 @@
 """HTML report and comparison tables, built from stored runs (no model is loaded)."""
 
 import base64
+import html
 import json
 import re
 
@@ -162,6 +163,12 @@ def test_sensitivity_and_recommendation_runs_are_reported_with_their_charts(db, 
     page = report.render_html([run])
     assert "Most sensitive linears" in page and "Measured plans" in page and "Recommendation: mix @ 6 bits" in page
     assert charts_in(page) == 4
+    [(title, text)] = report.recommendation_summary(run)  # what History shows, the same words
+    record = run.records("recommendation")[0]
+    assert title == f"Recommendation: {record['label']}" and record["label"].startswith("mix @ 6 bits")
+    assert f"<h3>{html.escape(title)}</h3><p>{html.escape(text)}</p>" in page
+    assert text.startswith(f"{record['bits_per_weight']:.3f} bits/weight, {record['size_bytes'] / 1e6:.2f} MB; ")
+    assert sum(int(part.split()[0]) for part in text.split("; ")[1].split(", ")) == len(record["assignment"])
     assert "summary results" not in page  # the closing record is not tabulated as a result kind
 
 
