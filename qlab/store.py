@@ -25,7 +25,6 @@ import platform
 import re
 import socket
 import sqlite3
-import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -346,7 +345,7 @@ def _reader(path: Path) -> sqlite3.Connection:
 
 
 def _migrated_copy(conn: sqlite3.Connection, path: Path, version: int) -> sqlite3.Connection:
-    """An in-memory copy of an older database brought to the current schema: reading never migrates the file."""
+    """An in-memory copy of a database brought to the current schema: reading it never migrates the file."""
     memory = sqlite3.connect(":memory:", isolation_level=None)
     try:
         conn.backup(memory)
@@ -356,6 +355,9 @@ def _migrated_copy(conn: sqlite3.Connection, path: Path, version: int) -> sqlite
         raise QlabError(f"{path} has an older qlab schema (v{version}) that cannot be read without migrating it "
                         f"({error}); open it once with a writable --db, or import it with `python -m qlab runs "
                         "import`.") from None
+    except BaseException:  # a newer schema, an interrupt: the copy is not handed out, so close it here
+        memory.close()
+        raise
     return memory
 
 
@@ -455,6 +457,12 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
 
+    def _reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return _read(self.path)
+
+    def _writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return _connect(self.path)
+
     def writable(self) -> bool:
         """False for a database this process can only read (read-only file, folder or mount)."""
         return writable(self.path)
@@ -481,7 +489,7 @@ class Store:
                                 "--db.") from None
 
     def integrity_ok(self) -> bool:
-        with _read(self.path) as conn:
+        with self._reading() as conn:
             return conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
     # writing
@@ -489,7 +497,7 @@ class Store:
     def start_run(self, meta: RunMeta, run_id: str | None = None) -> str:
         """Open a run (status ``running``) and return its id."""
         run_id = run_id or uuid.uuid4().hex[:12]
-        with _connect(self.path) as conn, _write(conn):
+        with self._writing() as conn, _write(conn):
             conn.execute(
                 """INSERT INTO runs (id, created_at, kind, status, model, model_sha256, hardware, settings,
                    environment, text_sha256, text_name, tokens, seed)
@@ -506,7 +514,7 @@ class Store:
     def add_results(self, run_id: str, results: Sequence[Any], kind: str | None = None, scheme: Any = None) -> int:
         """Save results that finished together in one transaction (all or none); returns the first position."""
         prepared = [_as_result(result, kind, scheme) for result in results]
-        with _connect(self.path) as conn, _write(conn):
+        with self._writing() as conn, _write(conn):
             first = conn.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", (run_id,)).fetchone()[0]
             conn.executemany(
                 """INSERT INTO results (run_id, position, kind, label, record, scheme, created_at)
@@ -518,7 +526,7 @@ class Store:
     def finish_run(self, run_id: str, status: str = "finished", error: str | None = None) -> None:
         if status not in STATUSES:
             raise QlabError(f"unknown run status '{status}'; use one of {', '.join(STATUSES)}.")
-        with _connect(self.path) as conn, _write(conn):
+        with self._writing() as conn, _write(conn):
             conn.execute(
                 """UPDATE runs SET status = ?, finished_at = ?, error = ?,
                    seconds = ROUND((julianday(?) - julianday(created_at)) * 86400.0, 3) WHERE id = ?""",
@@ -527,7 +535,7 @@ class Store:
     def delete(self, run_ids: Iterable[str]) -> int:
         """Delete runs (and their results); returns how many were deleted."""
         ids = [self.resolve_id(i) for i in run_ids]
-        with _connect(self.path) as conn, _write(conn):
+        with self._writing() as conn, _write(conn):
             return sum(conn.execute("DELETE FROM runs WHERE id = ?", (i,)).rowcount for i in ids)
 
     # reading
@@ -535,7 +543,7 @@ class Store:
     def resolve_id(self, run_id: str) -> str:
         """A full run id from itself or a unique prefix of at least 4 characters."""
         run_id = run_id.strip()
-        with _read(self.path) as conn:
+        with self._reading() as conn:
             if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 return run_id
             matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? || '%'", (run_id,))]
@@ -560,7 +568,7 @@ class Store:
         if limit:
             query += " LIMIT ?"
             params.append(limit)
-        with _read(self.path) as conn:
+        with self._reading() as conn:
             rows = conn.execute(query, params).fetchall()
         return [{"id": r["id"], "created_at": r["created_at"], "kind": r["kind"],
                  "status": _live_status(r["status"], json.loads(r["environment"])), "model": r["model"],
@@ -572,7 +580,7 @@ class Store:
     def get(self, run_id: str) -> StoredRun:
         """A run and all its results (``run_id`` may be a unique prefix)."""
         run_id = self.resolve_id(run_id)
-        with _read(self.path) as conn:
+        with self._reading() as conn:
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             results = conn.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position",
                                    (run_id,)).fetchall()
@@ -589,7 +597,7 @@ class Store:
         the newest run winning: what a dashboard can show again without recomputing."""
         from qlab.quant import QuantScheme
 
-        with _read(self.path) as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 """SELECT results.scheme, results.record FROM results JOIN runs ON runs.id = results.run_id
                    WHERE runs.model = ? AND runs.model_sha256 IS ? AND runs.text_sha256 = ? AND runs.tokens = ?
@@ -615,7 +623,7 @@ class Store:
         finished copy of a run that was killed here) adds the missing ones. Returns the run ids touched.
         """
         runs = _runs_from_payload(payload, source_name)
-        with _connect(self.path) as conn, _write(conn):
+        with self._writing() as conn, _write(conn):
             for run in runs:
                 conn.execute(
                     """INSERT INTO runs (id, created_at, kind, status, model, model_sha256, hardware,
@@ -649,7 +657,9 @@ class Store:
         with open(path, "rb") as handle:
             head = handle.read(16)
         if head.startswith(b"SQLite format 3"):
-            return self.import_payload(read_database(path, shown).export(), name or path.name)
+            with read_database(path, shown) as source:
+                payload = source.export()
+            return self.import_payload(payload, name or path.name)
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -658,16 +668,42 @@ class Store:
         return self.import_payload(payload, name or path.name)
 
 
-def read_database(path: str | os.PathLike, name: str | None = None) -> Store:
-    """A Store over a private copy of another database (possibly older, possibly mid-write), so reading it
-    never migrates or locks the original; ``name`` is what messages call it."""
-    copy = Path(tempfile.mkdtemp(prefix="qlab-import-")) / "runs.sqlite"
+class _Snapshot(Store):
+    """A Store reading an in-memory copy through one connection (``read_database``); it cannot be written."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        super().__init__(path)
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        yield self._conn
+
+    def _writing(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        raise QlabError(f"{self.path} is opened here for reading only.")
+
+    def writable(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def read_database(path: str | os.PathLike, name: str | None = None) -> Iterator[Store]:
+    """``with read_database(path) as source: source.export()``: a Store over an in-memory snapshot of another
+    database (possibly older, possibly mid-write), so reading it never migrates, writes or keeps locking the
+    original, and leaves no file behind; ``name`` is what messages call it."""
+    path = Path(path)
     try:
-        with contextlib.closing(_reader(Path(path))) as source, contextlib.closing(sqlite3.connect(copy)) as target:
-            source.backup(target)  # the backup API copies a consistent snapshot, WAL included
+        with contextlib.closing(_reader(path)) as source:
+            version = source.execute("PRAGMA user_version").fetchone()[0]
+            # The backup API copies a consistent snapshot, WAL included; the copy is brought to this schema.
+            snapshot = _migrated_copy(source, path, version)
     except sqlite3.DatabaseError as error:
         raise QlabError(f"{name or path} is not a readable SQLite database ({error}).") from None
-    return Store(copy)
+    try:
+        snapshot.row_factory = sqlite3.Row
+        yield _Snapshot(path, snapshot)
+    finally:
+        snapshot.close()
 
 
 def _live_status(status: str, env: Mapping) -> str:

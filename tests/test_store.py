@@ -233,6 +233,31 @@ def test_import_a_database_file_without_touching_it(tmp_path):
     assert [r.label for r in here.get("aaaa00000001").results] == ["fp16", "int4"]
 
 
+def test_importing_a_database_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The snapshot of an imported database lives in memory: nothing is left in the temporary folder, after
+    a good import or a failed one, and the snapshot cannot be written by mistake."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    server = Store(tmp_path / "server.sqlite")
+    run_id = server.start_run(meta())
+    server.add_result(run_id, row())  # left running: a WAL file beside it, as on a server mid-sweep
+    old = tmp_path / "old.sqlite"
+    _v1_database(old)
+    broken = tmp_path / "broken.sqlite"
+    broken.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4096)
+    here = Store(tmp_path / "here.sqlite")
+    assert here.import_file(server.path) == [run_id] and here.get(run_id).records() == server.get(run_id).records()
+    assert sorted(here.import_file(old)) == ["aaaa00000001", "bbbb00000002"]
+    with pytest.raises(QlabError, match="broken.sqlite"):
+        here.import_file(broken)
+    with store.read_database(old) as source, pytest.raises(QlabError, match="for reading only"):
+        source.delete(["aaaa00000001"])
+    assert list(scratch.iterdir()) == [] and Store(old).schema_version() == 1
+
+
 def test_import_plain_sweep_json_and_bench_json(tmp_path, db):
     records = [row("fp16").to_record(), row("int4").to_record()]
     sweep_file = tmp_path / "out.json"
