@@ -4,9 +4,10 @@ One file per user (``QLAB_DB`` or ``$XDG_DATA_HOME/qlab/runs.sqlite``), stdlib `
 never block the writer, each result is its own committed transaction, and a process killed mid-write leaves
 the last committed state readable. The schema version is ``PRAGMA user_version``; ``MIGRATIONS`` upgrade it
 step by step, and a fresh file is built by running them all from 0, so the upgrade path is exercised daily.
-Only writes switch a file to WAL and migrate it: reads (listing, showing, exporting, reports, the History page)
-use a connection that never writes, so a read-only file, folder or mount, or a database copied from a GPU
-server, can be browsed as it is (an older schema is read through a migrated in-memory copy).
+Reads (listing, showing, exporting, reports, the History page) use a connection that never writes, so a
+read-only file, folder or mount, or a database copied from a GPU server, can be browsed as it is. The one
+exception is an older schema in a file this process may write: the first read migrates it in place (as the
+first write would), instead of every read migrating a copy; a read-only one is read through an in-memory copy.
 
 A *run* is one invocation (a sweep, a memory plan, a benchmark, ...): model id and content hash, hardware,
 settings (every scheme in full), qlab/torch/transformers versions, evaluation text hash and token budget, seed,
@@ -363,7 +364,9 @@ def _migrated_copy(conn: sqlite3.Connection, path: Path, version: int) -> sqlite
 
 @contextlib.contextmanager
 def _read(path: Path) -> Iterator[sqlite3.Connection]:
-    """A connection for reading only (see ``_reader``), at the current schema (older files through a copy)."""
+    """A connection for reading only (see ``_reader``), at the current schema: an older file this process may
+    write is migrated once, in place (as its next write would); one it cannot write is read through a migrated
+    in-memory copy, made again on each read."""
     conn = _reader(path)
     try:
         try:
@@ -371,6 +374,12 @@ def _read(path: Path) -> Iterator[sqlite3.Connection]:
             if version > SCHEMA_VERSION:
                 raise QlabError(f"{path} was written by a newer qlab (schema v{version}, this one knows "
                                 f"v{SCHEMA_VERSION}); upgrade qlab or pass another --db.")
+            if version < SCHEMA_VERSION and path.exists() and writable(path):  # a missing file stays missing
+                conn.close()
+                with contextlib.suppress(QlabError), _connect(path):  # migrates; on failure, the copy below
+                    pass
+                conn = _reader(path)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version < SCHEMA_VERSION:
                 current = _migrated_copy(conn, path, version)
                 conn.close()
@@ -542,12 +551,15 @@ class Store:
 
     def resolve_id(self, run_id: str) -> str:
         """A full run id from itself or a unique prefix of at least 4 characters."""
-        run_id = run_id.strip()
         with self._reading() as conn:
-            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
-                return run_id
-            matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? || '%'", (run_id,))]
-                       if len(run_id) >= ID_PREFIX_MIN else [])
+            return self._resolve(conn, run_id)
+
+    def _resolve(self, conn: sqlite3.Connection, run_id: str) -> str:
+        run_id = run_id.strip()
+        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+            return run_id
+        matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? || '%'", (run_id,))]
+                   if len(run_id) >= ID_PREFIX_MIN else [])
         if len(matches) == 1:
             return matches[0]
         if matches:
@@ -579,8 +591,8 @@ class Store:
 
     def get(self, run_id: str) -> StoredRun:
         """A run and all its results (``run_id`` may be a unique prefix)."""
-        run_id = self.resolve_id(run_id)
-        with self._reading() as conn:
+        with self._reading() as conn:  # one connection: an older read-only file is copied once per call
+            run_id = self._resolve(conn, run_id)
             row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             results = conn.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position",
                                    (run_id,)).fetchall()

@@ -127,21 +127,24 @@ def _v1_database(path: Path) -> None:
     conn.close()
 
 
-def test_migration_from_version_1_keeps_every_run_and_row(tmp_path):
+def test_migration_from_version_1_keeps_every_run_and_row(tmp_path, monkeypatch):
     path = tmp_path / "old.sqlite"
     _v1_database(path)
     db = Store(path)
     before = path.read_bytes()
     assert db.schema_version() == 1 and store.SCHEMA_VERSION == 2
-    # Reading an older file reads a migrated copy and leaves the file as it was.
+    # Reading an older file this process may write migrates it once, in place (not a copy per read).
+    copies = []
+    monkeypatch.setattr(store, "_migrated_copy", lambda *args: copies.append(args) or pytest.fail("copied"))
     assert [(r["id"], r["kind"], r["status"], r["results"]) for r in db.list_runs()] == [
         ("bbbb00000002", "sweep", "finished", 1), ("aaaa00000001", "sweep", "finished", 2)]
+    assert path.read_bytes() != before and db.schema_version() == 2
+    migrated = path.read_bytes()
     old = db.get("aaaa")
     assert [(r.position, r.label, r.kind) for r in old.results] == [(0, "fp16", "sweep"), (1, "int4", "sweep")]
     assert old.meta.tokens == 64 and old.meta.environment == ENVIRONMENT
-    assert path.read_bytes() == before and db.schema_version() == 1
-    db.add_result(old.id, {"label": "nf4"}, kind="sweep")  # the first write migrates; new rows continue the order
-    assert db.schema_version() == 2
+    assert path.read_bytes() == migrated and not copies  # later reads read the file as it now is
+    db.add_result(old.id, {"label": "nf4"}, kind="sweep")  # new rows continue the order
     assert [r.position for r in db.get(old.id).results] == [0, 1, 2]
     with sqlite3.connect(path) as conn:
         with pytest.raises(sqlite3.IntegrityError):  # the migration added the (run, position) uniqueness
@@ -707,10 +710,12 @@ def test_an_older_read_only_database_is_read_through_a_copy(tmp_path, monkeypatc
         db.add_result("aaaa00000001", {"label": "nf4"}, kind="sweep")
 
 
-def test_an_older_schema_that_cannot_be_migrated_is_one_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("locked", [True, False], ids=["read-only", "writable"])
+def test_an_older_schema_that_cannot_be_migrated_is_one_clear_error(tmp_path, monkeypatch, locked):
     path = tmp_path / "odd.sqlite"
     with sqlite3.connect(path) as conn:  # version 1 by its number, but not the layout version 1 had
         conn.executescript("CREATE TABLE runs (id TEXT); PRAGMA user_version = 1;")
-    read_only(monkeypatch, tmp_path)
+    if locked:
+        read_only(monkeypatch, tmp_path)
     with pytest.raises(QlabError, match=r"older qlab schema \(v1\).*writable --db.*runs import"):
         Store(path).list_runs()
