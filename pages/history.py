@@ -139,17 +139,16 @@ def rerun_settings(run_id: str) -> None:
     getattr(common, "apply_view", apply_view)(run_view(store.get(run_id))[0])
 
 
-def show_run(run: StoredRun) -> None:
+def show_run(run: StoredRun, frames: report.RunFrames) -> None:
     st.dataframe(report.settings_table(run), hide_index=True, width="stretch", key=f"settings_{run.id}")
     st.caption("Versions: " + ", ".join(f"{k} {v}" for k, v in run.meta.environment.items()
                                         if k in ("qlab", "torch", "transformers", "python", "machine")))
-    frame = pd.DataFrame(run.records("sweep"))
-    if not frame.empty:
-        st.dataframe(report.results_table(frame), hide_index=True, width="stretch", key=f"results_{run.id}")
+    if not frames.sweep.empty:
+        st.dataframe(report.results_table(frames.sweep), hide_index=True, width="stretch", key=f"results_{run.id}")
     verdicts = report.verdict_table(run)
     if not verdicts.empty:
         st.dataframe(verdicts, hide_index=True, width="stretch", key=f"verdicts_{run.id}")
-    sensitivity, blocks, measure = report.sensitivity_frame(run)
+    sensitivity, blocks, measure = frames.sensitivity, frames.blocks, frames.measure
     if measure:
         st.caption(f"Sensitivity: {sensitivity['layer'].nunique()} linears x {sensitivity['label'].nunique()} "
                    f"format(s), {len(blocks)} end-to-end unit(s); ranked by {measure}.")
@@ -157,30 +156,31 @@ def show_run(run: StoredRun) -> None:
                      key=f"sensitivity_{run.id}")
     for title, text in report.recommendation_summary(run):
         st.markdown(f"**{title}**: {text}")
-    mixes = pd.DataFrame(run.records("mix"))
+    mixes = frames.mixes
     if not mixes.empty:
         st.dataframe(mixes[[c for c in report.MIX_COLUMNS if c in mixes]], hide_index=True, width="stretch",
                      key=f"mix_{run.id}")
-    bench = report.bench_frame(run)
+    bench = frames.bench
     if not bench.empty:
         st.dataframe(report.bench_table(bench), hide_index=True, width="stretch", key=f"bench_{run.id}")
         for note in report.bench_notes(bench):
             st.caption(note)
-    summary = report.benchmark_summary(run)
+    summary = frames.benchmark
     if not summary.empty:
         st.dataframe(summary, hide_index=True, width="stretch", key=f"benchmark_{run.id}")
     for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in report.LAID_OUT_KINDS):
         st.dataframe(pd.DataFrame(run.records(kind)).map(lambda v: json.dumps(v) if isinstance(v, list | dict)
                                                          else v),
                      hide_index=True, width="stretch", key=f"{kind}_{run.id}")
-    for index, (title, figure) in enumerate(report.run_figures(run)):
+    for index, (title, figure) in enumerate(report.run_figures(run, frames)):
         st.markdown(f"**{title}**")
         st.plotly_chart(figure, key=f"chart_{run.id}_{index}")
 
 
+frames = [report.run_frames(run) for run in runs]  # each run's tables once, for its view and the comparisons
 if len(runs) > 1:
     st.subheader(f"{len(runs)} runs side by side")
-    found = report.comparisons(runs)  # sweeps by scheme, speed runs by backend, sensitivity runs by linear
+    found = report.comparisons(runs, frames)  # sweeps by scheme, speed runs by backend, sensitivity runs by linear
     if not found:
         st.info("These runs hold no results of one kind to line up (two sweeps, two speed runs or two "
                 "sensitivity runs); each is shown below.")
@@ -193,7 +193,7 @@ if len(runs) > 1:
         st.caption(comparison.note)
         st.dataframe(comparison.table, hide_index=True, width="stretch", key=f"comparison_{comparison.kind}")
         if comparison.kind == "sweep":  # the sweep chart offers every metric, on a log axis or not
-            frame = report.results_frame(runs)
+            frame = comparison.rows
             metrics = report.chart_metrics(frame)
             metric = st.selectbox("Metric", [m for m, _ in metrics], format_func=charts.metric_title,
                                   key="history_metric")
@@ -206,13 +206,13 @@ if len(runs) > 1:
         st.download_button("Download comparison CSV", comparison.table.to_csv(index=False),
                            f"qlab-comparison-{comparison.kind}.csv", "text/csv",
                            key=f"download_comparison_{comparison.kind}")
-    for run in runs:
+    for run, run_tables in zip(runs, frames, strict=True):
         with st.expander(f"Run {report.run_name(run)} ({run.status})"):
-            show_run(run)
+            show_run(run, run_tables)
 else:
     run = runs[0]
     st.subheader(f"Run {report.run_name(run)} ({run.status})")
-    show_run(run)
+    show_run(run, frames[0])
 
 st.subheader("Export and share")
 left, middle, right = st.columns(3)

@@ -135,19 +135,21 @@ def verdict_table(run: StoredRun) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_figures(run: StoredRun) -> list[tuple[str, go.Figure]]:
-    """The charts of one run, as the dashboard draws them: size vs each accuracy metric; memory stacks."""
+def run_figures(run: StoredRun, frames: RunFrames | None = None) -> list[tuple[str, go.Figure]]:
+    """The charts of one run, as the dashboard draws them: size vs each accuracy metric; memory stacks;
+    sensitivity, mixes and speed. ``frames``: the run's ``run_frames`` when the caller has them already."""
+    frames = frames or run_frames(run)
     figures = []
-    frame = pd.DataFrame(run.records("sweep"))
+    frame = frames.sweep
     if not frame.empty:
         for metric, log in chart_metrics(frame):
             figures.append((charts.metric_title(metric), charts.size_vs_accuracy(frame, metric, log)))
-    plans = memory_frame(run)
+    plans = frames.memory
     if not plans.empty and set(charts.MEMORY_COMPONENTS) <= set(plans):
         first = plans.iloc[0]
         figures.append((f"Memory on {first['hardware']}",
                         charts.memory_stack(plans, int(first["memory_bytes"]), str(first["hardware"]))))
-    return figures + _kind_figures(run)
+    return figures + _kind_figures(frames)
 
 
 # --- sensitivity, recommendation and speed runs ---------------------------------------------------------------
@@ -234,53 +236,78 @@ def recommendation_summary(run: StoredRun) -> list[tuple[str, str]]:
     return found
 
 
-def _kind_figures(run: StoredRun) -> list[tuple[str, go.Figure]]:
+@dataclass(frozen=True, eq=False)
+class RunFrames:
+    """The tables of one stored run, built once (``run_frames``) and shared by its tables, its charts and the
+    comparisons it takes part in: a History rerun or a report reads each run's records once."""
+
+    run: StoredRun
+    sweep: pd.DataFrame
+    memory: pd.DataFrame
+    sensitivity: pd.DataFrame  # rows per linear and scheme (``sensitivity_frame``)
+    blocks: pd.DataFrame  # end-to-end units
+    measure: str | None  # the sensitivity measure to rank by; None without sensitivity records
+    mixes: pd.DataFrame
+    bench: pd.DataFrame  # speed rows, one per backend
+    benchmark: pd.DataFrame  # a ``bench sweep`` timing summary
+
+
+def run_frames(run: StoredRun) -> RunFrames:
+    sensitivity, blocks, measure = sensitivity_frame(run)
+    return RunFrames(run, pd.DataFrame(run.records("sweep")), memory_frame(run), sensitivity, blocks, measure,
+                     pd.DataFrame(run.records("mix")), bench_frame(run), benchmark_summary(run))
+
+
+def _all_frames(runs: Sequence[StoredRun], frames: Sequence[RunFrames] | None) -> list[RunFrames]:
+    return list(frames) if frames is not None else [run_frames(run) for run in runs]
+
+
+def _kind_figures(frames: RunFrames) -> list[tuple[str, go.Figure]]:
     figures = []
-    frame, blocks, measure = sensitivity_frame(run)
+    frame, blocks, measure = frames.sensitivity, frames.blocks, frames.measure
     if measure:
         title = charts.SENSITIVITY_MEASURES[measure][0]
         figures.append((f"Sensitivity: {title}", charts.sensitivity_heatmap(frame, measure)))
         figures.append((f"Sensitivity by layer type: {title}", charts.sensitivity_by_type(frame, measure)))
         if not blocks.empty:
             figures.append(("End-to-end delta per unit", charts.block_deltas(blocks, str(blocks["metric"].iloc[0]))))
-    mixes = pd.DataFrame(run.records("mix"))
+    mixes = frames.mixes
     if not mixes.empty:
         figures.append(("Mixed precision vs uniform formats (measured)",
                         charts.mix_pareto(mixes, str(mixes["metric"].iloc[0]))))
-    points = bench_points(bench_frame(run))
+    points = bench_points(frames.bench)
     if not points.empty:
-        lm = bench_frame(run)["kind"].eq("causal-lm").any()
+        lm = frames.bench["kind"].eq("causal-lm").any()
         figures.append(("Accuracy vs speed vs size (measured on the run's machine)", charts.speed_tradeoff(
             points, "decode_tokens_per_s" if lm else "sentences_per_s",
             charts.ERROR_TITLES["kld_mean" if lm else "cosine_mean"])))
     return figures
 
 
-def _kind_tables(run: StoredRun) -> str:
+def _kind_tables(frames: RunFrames) -> str:
     parts = []
-    frame, blocks, measure = sensitivity_frame(run)
+    frame, blocks, measure = frames.sensitivity, frames.blocks, frames.measure
     if measure:
         parts.append(f"<h3>Most sensitive linears (top 30 by {html.escape(measure)})</h3>"
                      + _table(sensitivity_table(frame, measure, 30)))
         if not blocks.empty:
             parts.append("<h3>End-to-end units</h3>" + _table(blocks[["name", "label", "value", "delta", "seconds"]]))
-    mixes = pd.DataFrame(run.records("mix"))
+    mixes = frames.mixes
     if not mixes.empty:
         parts.append("<h3>Measured plans</h3>" + _table(mixes[[c for c in MIX_COLUMNS if c in mixes]]))
-    for title, text in recommendation_summary(run):
+    for title, text in recommendation_summary(frames.run):
         parts.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(text)}</p>")
-    bench = bench_frame(run)
-    if not bench.empty:
-        parts.append("<h3>Speed (measured)</h3>" + _table(bench_table(bench)))
-    summary = benchmark_summary(run)
+    if not frames.bench.empty:
+        parts.append("<h3>Speed (measured)</h3>" + _table(bench_table(frames.bench)))
+    summary = frames.benchmark
     if not summary.empty:
         parts.append("<h3>Sweep benchmark</h3>" + _table(summary.T.reset_index().set_axis(["field", "value"], axis=1),
                                                         "kv"))
     return "".join(parts)
 
 
-def comparison_figures(runs: Sequence[StoredRun]) -> list[tuple[str, go.Figure]]:
-    frame = results_frame(runs)
+def comparison_figures(frame: pd.DataFrame) -> list[tuple[str, go.Figure]]:
+    """One overlaid chart per metric for sweep rows of several runs (``results_frame``); none for fewer than two."""
     if frame.empty or frame["run"].nunique() < 2:
         return []
     return [(charts.metric_title(metric), charts.compare_runs(frame, metric, log))
@@ -307,28 +334,30 @@ class Comparison:
     title: str
     note: str
     table: pd.DataFrame = field(hash=False)
+    # Sweeps: none (a reader draws them from ``rows`` with ``comparison_figures``, or its own metric picker).
     figures: tuple[tuple[str, go.Figure], ...] = field(default=(), hash=False)
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame, hash=False)  # the long rows lined up (a ``run`` column)
 
 
-def bench_comparison(runs: Sequence[StoredRun]) -> Comparison | None:
+def bench_comparison(runs: Sequence[StoredRun], frames: Sequence[RunFrames] | None = None) -> Comparison | None:
     """Speed runs side by side, one row per backend (None with fewer than two runs holding speed rows)."""
-    frames = [bench_frame(run).assign(run=run_name(run)) for run in runs if not bench_frame(run).empty]
-    if len(frames) < 2:
+    found = [f.bench.assign(run=run_name(f.run)) for f in _all_frames(runs, frames) if not f.bench.empty]
+    if len(found) < 2:
         return None
-    frame = pd.concat(frames, ignore_index=True)
+    frame = pd.concat(found, ignore_index=True)
     table = side_by_side(frame, ["backend"], [c for c, _ in BENCH_COMPARE_COLUMNS])
     figures = tuple((BENCH_TITLES[column], charts.compare_bench_runs(frame, column, BENCH_TITLES[column], log))
                     for column, log in BENCH_COMPARE_COLUMNS[:5] if f"{column} [{frame['run'].iloc[0]}]" in table)
     return Comparison("bench", "Speed runs side by side", f"One row per backend; Δ columns: each run minus the "
                       f"first ({frame['run'].iloc[0]}). Speeds are only comparable on the same machine.", table,
-                      figures)
+                      figures, frame)
 
 
-def sensitivity_comparison(runs: Sequence[StoredRun]) -> Comparison | None:
+def sensitivity_comparison(runs: Sequence[StoredRun],
+                           frames: Sequence[RunFrames] | None = None) -> Comparison | None:
     """Sensitivity (or recommendation) runs side by side, one row per (linear, scheme), on the first measure
     every run holds (None with fewer than two such runs)."""
-    found = [(run, *sensitivity_frame(run)) for run in runs]
-    found = [(run, frame) for run, frame, _, measure in found if measure]
+    found = [(f.run, f.sensitivity) for f in _all_frames(runs, frames) if f.measure]
     if len(found) < 2:
         return None
     frame = pd.concat([f.assign(run=run_name(run)) for run, f in found], ignore_index=True)
@@ -341,19 +370,21 @@ def sensitivity_comparison(runs: Sequence[StoredRun]) -> Comparison | None:
     return Comparison("sensitivity", f"Sensitivity runs side by side: {measure}",
                       f"One row per linear and scheme ({title}); Δ: each run minus the first "
                       f"({frame['run'].iloc[0]}).", table,
-                      ((f"{title}, per linear", charts.compare_sensitivity_runs(frame, measure, title, log)),))
+                      ((f"{title}, per linear", charts.compare_sensitivity_runs(frame, measure, title, log)),), frame)
 
 
-def comparisons(runs: Sequence[StoredRun]) -> list[Comparison]:
+def comparisons(runs: Sequence[StoredRun], frames: Sequence[RunFrames] | None = None) -> list[Comparison]:
     """Every side-by-side view the selected runs allow: sweeps by scheme, speed runs by backend, sensitivity
-    runs by linear."""
+    runs by linear. ``frames``: the runs' ``run_frames`` when the caller has them already. The sweep view
+    carries its rows, not charts: ``comparison_figures(comparison.rows)`` draws them where they are shown."""
+    frames = _all_frames(runs, frames)
     found = []
-    sweep = comparison_table(runs)
-    if not sweep.empty and results_frame(runs)["run"].nunique() > 1:
+    rows = results_frame([f.run for f in frames])
+    if not rows.empty and rows["run"].nunique() > 1:
         found.append(Comparison("sweep", "Sweeps side by side", f"Δ columns: each run minus the first "
-                                f"({results_frame(runs)['run'].iloc[0]}), scheme by scheme.", sweep,
-                                tuple(comparison_figures(runs))))
-    return found + [c for c in (bench_comparison(runs), sensitivity_comparison(runs)) if c is not None]
+                                f"({rows['run'].iloc[0]}), scheme by scheme.",
+                                side_by_side(rows, ["label"], COMPARE_COLUMNS), (), rows))
+    return found + [c for c in (bench_comparison(runs, frames), sensitivity_comparison(runs, frames)) if c is not None]
 
 
 # --- HTML ------------------------------------------------------------------------------------------------
@@ -420,33 +451,34 @@ def render_html(runs: Sequence[StoredRun], title: str | None = None) -> str:
              f'<p class="note">Generated {datetime.now(UTC).isoformat(timespec="seconds")} by qlab '
              f"{html.escape(__version__)} from stored results; nothing was recomputed. KL divergence is in nats "
              "per token against the FP32 model; sizes are the whole model as stored, scales included.</p>"]
+    frames = [run_frames(run) for run in runs]
     if len(runs) > 1:
         parts.append("<h2>Comparison</h2>")
         parts += [f'<p class="note"><b>Note:</b> {html.escape(c)}</p>' for c in comparison_caveats(runs)]
-        found = comparisons(runs)
+        found = comparisons(runs, frames)
         if not found:
             parts.append('<p class="note">These runs hold no results of one kind to line up; each is shown '
                          "below.</p>")
         for comparison in found:
             parts.append(f"<h3>{html.escape(comparison.title)}</h3>")
             parts.append(f'<p class="note">{html.escape(comparison.note)}</p>' + _table(comparison.table))
-            parts += [chart.div(t, f) for t, f in comparison.figures]
-    for run in runs:
+            figures = comparison_figures(comparison.rows) if comparison.kind == "sweep" else comparison.figures
+            parts += [chart.div(t, f) for t, f in figures]
+    for run, run_tables in zip(runs, frames, strict=True):
         parts.append(f"<h2>Run {html.escape(run_name(run))}</h2>")
         parts.append("<h3>Settings</h3>" + _table(settings_table(run), "kv"))
         parts.append("<h3>Versions</h3>" + _table(environment_table(run), "kv"))
-        sweep = pd.DataFrame(run.records("sweep"))
-        if not sweep.empty:
-            parts.append("<h3>Results</h3>" + _table(results_table(sweep)))
-        memory = memory_frame(run)
+        if not run_tables.sweep.empty:
+            parts.append("<h3>Results</h3>" + _table(results_table(run_tables.sweep)))
+        memory = run_tables.memory
         if not memory.empty:
             components = [c for c in ("scheme", "context_tokens", "batch", "weights_bytes", "kv_cache_bytes",
                                       "activations_bytes", "overhead_bytes", "total_bytes") if c in memory]
             parts.append("<h3>Memory plan</h3>" + _table(memory[components]))
             parts.append("<h3>Verdicts</h3>" + _table(verdict_table(run)))
-        parts.append(_kind_tables(run))
+        parts.append(_kind_tables(run_tables))
         parts.append(_other_results(run))
-        parts += [chart.div(t, f) for t, f in run_figures(run)]
+        parts += [chart.div(t, f) for t, f in run_figures(run, run_tables)]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")

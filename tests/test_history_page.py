@@ -308,3 +308,25 @@ def test_a_stored_recommendation_is_shown(db):
     shown = [m.value for m in at.markdown if "Recommendation" in m.value]
     assert shown == ["**Recommendation: mix @ 4.5 bits**: 4.520 bits/weight, 98.76 MB; 3 layers int4 g64, "
                      "1 layers int8 g64"]
+
+
+def test_a_rerun_reads_each_run_once_and_draws_one_sweep_comparison_chart(db, monkeypatch):
+    """Each page run builds every selected run's frames once, and the sweep comparison chart once (the metric
+    picker's), not one hidden chart per metric as well."""
+    from qlab import charts, report
+
+    ids = [sweep(db, "smollm2-135m", {"int8": kld, "int4": 0.05}) for kld in (1e-3, 2e-3)]
+    ids.append(stored_bench_run(db))
+    calls = {"stored_sensitivity": 0, "compare_runs": 0}
+    real_stored, real_compare = report.stored_sensitivity, charts.compare_runs
+    monkeypatch.setattr(report, "stored_sensitivity", lambda run: calls.__setitem__(
+        "stored_sensitivity", calls["stored_sensitivity"] + 1) or real_stored(run))
+    monkeypatch.setattr(charts, "compare_runs", lambda *a, **k: calls.__setitem__(
+        "compare_runs", calls["compare_runs"] + 1) or real_compare(*a, **k))
+    at = page().run()
+    at.multiselect(key="history_selected").select(ids[0]).select(ids[1]).select(ids[2]).run()
+    no_errors(at)
+    calls.update(dict.fromkeys(calls, 0))
+    at.run()
+    no_errors(at)
+    assert calls == {"stored_sensitivity": 3, "compare_runs": 1}

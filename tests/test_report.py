@@ -238,3 +238,35 @@ def test_sensitivity_runs_compare_per_linear(db):
     assert [c.kind for c in report.comparisons([before, sweep, after])] == ["sensitivity"]  # one sweep: nothing
     page = report.render_html([before, after])
     assert "Sensitivity runs side by side: estimated_delta" in page and f"Δ estimated_delta [{b}]" in page
+
+
+def test_each_run_is_read_into_frames_once_and_sweep_comparison_charts_only_where_drawn(db, monkeypatch):
+    """A report (or a History rerun) builds each run's frames once; the sweep comparison's charts are drawn
+    from its rows by the HTML report, never built for a page that draws its own."""
+    sweeps = [db.get(sweep_run(db, {"int8": kld, "int4": 10 * kld})) for kld in (1e-3, 2e-3)]
+    sensitive = [db.get(sensitivity_run(db, {"q_proj": d, "down_proj": 2 * d})) for d in (1e-3, 3e-3)]
+    speed = [db.get(bench_run(db, {"fp32": (25.0, 90.0, 0.0)})) for _ in range(2)]
+    runs = sweeps + sensitive + speed
+    calls = {"stored_sensitivity": 0, "bench_frame": 0, "results_frame": 0}
+    for name in calls:
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **k))
+    overlaid = []
+    real_compare = report.charts.compare_runs
+    monkeypatch.setattr(report.charts, "compare_runs", lambda *a, **k: overlaid.append(a[1]) or real_compare(*a, **k))
+
+    found = report.comparisons(runs)
+    assert [c.kind for c in found] == ["sweep", "bench", "sensitivity"]
+    assert overlaid == [] and found[0].figures == () and set(found[0].rows["run_id"]) == {r.id for r in sweeps}
+    assert calls == {"stored_sensitivity": len(runs), "bench_frame": len(runs), "results_frame": 1}
+
+    calls.update(dict.fromkeys(calls, 0))
+    page = report.render_html(runs)
+    assert calls == {"stored_sensitivity": len(runs), "bench_frame": len(runs), "results_frame": 1}
+    metrics = [m for m, _ in report.chart_metrics(found[0].rows)]
+    assert overlaid == metrics and "kld_mean" in metrics  # the report draws the sweep comparison itself
+    per_sweep = len(report.chart_metrics(pd.DataFrame(sweeps[0].records())))
+    assert "Sweeps side by side" in page and charts_in(page) == (
+        len(metrics) + len(found[1].figures) + len(found[2].figures)  # the three comparisons
+        + 2 * per_sweep + 2 * 2 + 2 * 1)  # per sensitivity run: heatmap, by layer type; per bench run: speed
