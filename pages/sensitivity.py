@@ -9,11 +9,19 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from pages import common
 from qlab import charts
-from qlab.errors import Cancelled
+from qlab.errors import Cancelled, QlabError
 from qlab.evaluate import EvalSpec
 from qlab.mixed import Budget, choices_from, compare, recommendation_record
 from qlab.sensitivity import analyze
-from qlab.store import Recorder, save_sensitivity, save_summary, sensitivity_meta, sensitivity_saver
+from qlab.store import (
+    ANALYSIS_RUN,
+    Recorder,
+    Store,
+    save_sensitivity,
+    save_summary,
+    sensitivity_meta,
+    sensitivity_saver,
+)
 from qlab.sweep import check_schemes
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
@@ -63,6 +71,7 @@ with common.user_errors():
 measured_unit = "block" if unit == "none" else unit
 run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
 reports = st.session_state.setdefault("sensitivity_reports", {})
+analysis_runs = st.session_state.setdefault("sensitivity_run_ids", {})  # run_key -> the stored analysis run
 
 left, right = st.columns([1, 5])
 start = left.button("Analyse", type="primary", key="run_sensitivity")
@@ -82,6 +91,8 @@ if start:
                                            progress=lambda fraction, message: bar.progress(min(1.0, fraction),
                                                                                            message))
                 save_summary(recorder, seconds=reports[run_key].seconds)
+            # A recommendation built on this analysis names this run instead of storing it again.
+            analysis_runs[run_key] = recorder.run_id if recorder.error is None else None
         except Cancelled as stop:
             st.info(str(stop))
         if recorder.error:
@@ -184,14 +195,23 @@ if start_mix:
     bar = st.progress(0.0, text="Measuring...")
     with common.user_errors():
         base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
-        # A stored recommendation holds its analysis too, so History can redraw it alone.
+        # A stored recommendation names the analysis run it was built on, so History redraws its analysis
+        # without a second copy; only an analysis that is not in the store (not saved, or deleted since) is
+        # copied into it.
+        analysis_id = analysis_runs.get(run_key)
+        try:
+            analysis_id = analysis_id and Store().resolve_id(analysis_id)
+        except QlabError:
+            analysis_id = None
         recorder = Recorder(None, sensitivity_meta("recommend", loaded, schemes, spec, base, unit=measured_unit,
                                                    view=view, blocks=unit != "none", budget_bits=budget_bits,
-                                                   budgets=budgets, hardware=st.session_state["hardware"]),
+                                                   budgets=budgets, hardware=st.session_state["hardware"],
+                                                   **({ANALYSIS_RUN: analysis_id} if analysis_id else {})),
                             strict=False)
         try:
             with recorder:
-                save_sensitivity(recorder, report)
+                if not analysis_id:
+                    save_sensitivity(recorder, report)
                 mixes, rows = compare(loaded, choices, [Budget(b) for b in budgets], base,
                                       lambda fraction, message: bar.progress(min(1.0, fraction), message),
                                       on_row=lambda row: (partial_mixes[mix_key].append(row), recorder.save(row, "mix")))

@@ -18,6 +18,7 @@ features store theirs without a schema change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -196,6 +197,8 @@ def sweep_meta(loaded, schemes: Sequence, spec, hardware: str = "this-machine", 
 
 # A run's closing record (timings of its phases...): stored as a result, not listed among its labels.
 SUMMARY_KIND = "summary"
+# Setting of a recommendation run that names the sensitivity run (same database) holding its analysis.
+ANALYSIS_RUN = "analysis_run"
 # Result object class name -> stored kind. Anything with ``to_record()`` or a plain mapping can be stored.
 KIND_OF_CLASS = {"ResultRow": "sweep", "MemoryPlan": "memory"}
 
@@ -244,6 +247,9 @@ class StoredRun:
     error: str | None
     meta: RunMeta
     results: tuple[StoredResult, ...] = ()
+    # A recommendation made on the dashboard names the sensitivity run it was built on (settings
+    # ``analysis_run``) instead of copying it; ``Store.get`` attaches that run here when the database holds it.
+    analysis: StoredRun | None = field(default=None, compare=False, repr=False)
 
     @property
     def model(self) -> str:
@@ -592,10 +598,18 @@ class Store:
     def get(self, run_id: str) -> StoredRun:
         """A run and all its results (``run_id`` may be a unique prefix)."""
         with self._reading() as conn:  # one connection: an older read-only file is copied once per call
-            run_id = self._resolve(conn, run_id)
-            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-            results = conn.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position",
-                                   (run_id,)).fetchall()
+            run = self._get(conn, self._resolve(conn, run_id))
+            linked = run.meta.settings.get(ANALYSIS_RUN)
+            if linked and not run.records("sensitivity_linear"):
+                analysis = self._get(conn, linked) if conn.execute(
+                    "SELECT 1 FROM runs WHERE id = ?", (linked,)).fetchone() else None
+                run = dataclasses.replace(run, analysis=analysis)
+        return run
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, run_id: str) -> StoredRun:
+        row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        results = conn.execute("SELECT * FROM results WHERE run_id = ? ORDER BY position", (run_id,)).fetchall()
         return _stored_run(row, results)
 
     def runs(self, run_ids: Iterable[str] | None = None) -> list[StoredRun]:
@@ -624,9 +638,14 @@ class Store:
     # export and import
 
     def export(self, run_ids: Iterable[str] | None = None) -> dict:
-        """JSON-ready payload of runs with their results (all runs when ``run_ids`` is None)."""
+        """JSON-ready payload of runs with their results (all runs when ``run_ids`` is None); a recommendation
+        brings the analysis run it names, so it reads back whole wherever the payload is imported."""
+        runs = self.runs(run_ids)
+        ids = {run.id for run in runs}
+        linked = [run.analysis for run in runs if run.analysis is not None and run.analysis.id not in ids]
+        runs = list({run.id: run for run in linked}.values()) + runs
         return {"format": EXPORT_FORMAT, "schema_version": SCHEMA_VERSION, "exported_at": _now(),
-                "runs": [run.to_dict() for run in self.runs(run_ids)]}
+                "runs": [run.to_dict() for run in runs]}
 
     def import_payload(self, payload: Any, source_name: str = "import") -> list[str]:
         """Import an ``export`` payload, a ``sweep --json`` list of rows or a ``bench sweep`` JSON.
@@ -893,7 +912,8 @@ def sensitivity_saver(recorder: Recorder) -> Callable[[str, list[dict]], None]:
 
 
 def save_sensitivity(recorder: Recorder, report) -> None:
-    """Copy a finished SensitivityReport into a run (a recommendation built on an analysis already shown)."""
+    """Copy a finished SensitivityReport into a run: a recommendation built on an analysis already shown whose
+    own run cannot be named (it was not stored, or is gone); otherwise settings ``analysis_run`` names it."""
     recorder.save_many(report.linears, "sensitivity_linear")
     recorder.save_many(report.blocks, "sensitivity_block")
 
@@ -904,14 +924,14 @@ def save_summary(recorder: Recorder, **values: Any) -> None:
 
 
 def stored_sensitivity(run: StoredRun):
-    """The SensitivityReport a stored ``sensitivity``/``recommend`` run holds (None without per-linear records);
-    a run stopped half-way gives the units it finished."""
+    """The SensitivityReport a stored ``sensitivity``/``recommend`` run holds, or that of the analysis run a
+    recommendation names (None without per-linear records); a run stopped half-way gives the units it finished."""
     from qlab.quant import QuantScheme
     from qlab.sensitivity import SensitivityReport
 
     linears = run.records("sensitivity_linear")
     if not linears:
-        return None
+        return None if run.analysis is None else stored_sensitivity(run.analysis)
     settings = run.meta.settings
     summary = next((r.record for r in run.results if r.kind == SUMMARY_KIND), {})
     schemes = tuple(QuantScheme.from_dict(s) for s in settings.get("schemes", []))
@@ -925,8 +945,6 @@ def stored_sensitivity(run: StoredRun):
 def bench_meta(loaded, spec, backends: Sequence[str], accuracy_tokens: int | None, device: str = "cpu",
                **settings: Any) -> RunMeta:
     """RunMeta of a speed run (``qlab.speed.run_bench``): the SpeedSpec, backends and accuracy token budget."""
-    import dataclasses
-
     from qlab.evaluate import EvalSpec
 
     accuracy = EvalSpec(tokens=accuracy_tokens) if accuracy_tokens else None

@@ -330,3 +330,24 @@ def test_a_rerun_reads_each_run_once_and_draws_one_sweep_comparison_chart(db, mo
     at.run()
     no_errors(at)
     assert calls == {"stored_sensitivity": 3, "compare_runs": 1}
+
+
+def test_a_recommendation_shows_the_analysis_run_it_names(db, monkeypatch, tmp_path):
+    """A dashboard recommendation stores no copy of its analysis, only the analysis run's id: History draws the
+    ranked linears and the sensitivity charts from that run, and the HTML report does too."""
+    from qlab import report
+
+    analysis_id = stored_sensitivity_run(db, monkeypatch, tmp_path)
+    run_id = db.start_run(RunMeta("recommend", "tiny", {"analysis_run": analysis_id}, environment=ENV))
+    db.add_result(run_id, {"label": "mix @ 6 bits/weight", "bits_per_weight": 6.0, "size_bytes": 1000,
+                           "assignment": {"a": "int8 g32"}}, "recommendation")
+    db.finish_run(run_id)
+    at = page().run()
+    at.multiselect(key="history_selected").select(run_id).run()
+    no_errors(at)
+    ranked = table_with(at, "estimated_delta")
+    assert len(ranked) == 2 * 21  # the analysis run's linears, read through the link
+    assert len(at.get("plotly_chart")) == 3  # heatmap, by layer type, end-to-end units
+    assert any("Recommendation: mix @ 6 bits/weight" in m.value for m in at.markdown)
+    assert any(analysis_id in str(v) for v in table_with(at, "setting")["value"])
+    assert "Most sensitive linears" in report.render_html([db.get(run_id)])

@@ -50,7 +50,11 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm, tm
     recommend = Store().runs()[-1]
     assert recommend.kind == "recommend" and len(recommend.records("mix")) == len(mixes)
     assert recommend.records("recommendation")[0]["label"] == "mix @ 4.5 bits/weight"
-    assert stored_sensitivity(recommend) is not None  # its analysis travels with it
+    # It names the analysis run it was built on instead of storing every per-linear record again.
+    assert recommend.meta.settings["analysis_run"] == stored.id and not recommend.records("sensitivity_linear")
+    assert recommend.analysis.id == stored.id
+    assert stored_sensitivity(recommend).rows() == stored_sensitivity(stored).rows()
+    assert sum(len(run.records("sensitivity_linear")) for run in Store().runs()) == len(table)
     # A rerun redraws from session state without recomputing.
     at.slider(key="mix_budget_bits").set_value(4.5).run()
     no_errors(at)

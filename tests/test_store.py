@@ -719,3 +719,30 @@ def test_an_older_schema_that_cannot_be_migrated_is_one_clear_error(tmp_path, mo
         read_only(monkeypatch, tmp_path)
     with pytest.raises(QlabError, match=r"older qlab schema \(v1\).*writable --db.*runs import"):
         Store(path).list_runs()
+
+
+def test_a_recommendation_names_its_analysis_run_and_reads_it_back(tmp_path, db):
+    """A dashboard recommendation stores `analysis_run` instead of a copy: reading follows it, an export
+    brings the analysis along, and a recommendation whose analysis was deleted still opens (without it)."""
+    analysis = db.start_run(RunMeta("sensitivity", "m", {"schemes": [], "metric": "kld_mean", "eval_tokens": 64},
+                                    environment={}))
+    linears = [{"layer": f"l{i}", "label": "int4 g64", "relative_mse": 0.1 * i} for i in range(3)]
+    db.add_results(analysis, linears, "sensitivity_linear")
+    db.finish_run(analysis)
+    recommend = db.start_run(RunMeta("recommend", "m", {"schemes": [], store.ANALYSIS_RUN: analysis},
+                                     environment={}))
+    db.add_result(recommend, {"label": "mix @ 4.5 bits/weight", "assignment": {}}, "recommendation")
+    db.finish_run(recommend)
+    run = db.get(recommend[:6])
+    assert run.analysis.id == analysis and not run.records("sensitivity_linear")
+    assert store.stored_sensitivity(run).linears == linears
+    payload = db.export([recommend])
+    assert [r["id"] for r in payload["runs"]] == [analysis, recommend]  # the analysis first, once
+    assert [r["id"] for r in db.export([analysis, recommend])["runs"]] == [analysis, recommend]
+    elsewhere = Store(tmp_path / "elsewhere.sqlite")
+    elsewhere.import_payload(json.loads(json.dumps(payload)))
+    assert store.stored_sensitivity(elsewhere.get(recommend)).linears == linears
+    db.delete([analysis])
+    orphan = db.get(recommend)
+    assert orphan.analysis is None and store.stored_sensitivity(orphan) is None
+    assert orphan.records("recommendation")[0]["label"] == "mix @ 4.5 bits/weight"
