@@ -34,9 +34,12 @@ def open_quantize(page, base_url: str, formats: str) -> None:
     wait_for_app_idle(page, timeout_ms=120_000)
 
 
+RUNNING_JS = ("() => document.querySelector('[data-testid=\"stApp\"]')"
+              ".getAttribute('data-test-script-state') === 'running'")
+
+
 def running(page) -> bool:
-    return page.locator('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]'
-                        ).count() > 0
+    return page.evaluate(RUNNING_JS)
 
 
 def sequential_rows(formats: str) -> dict[str, dict]:
@@ -62,8 +65,7 @@ def test_two_sessions_sweep_at_once_and_a_third_stays_responsive(streamlit_serve
         for page in (first, second):
             page.get_by_role("button", name="Run sweep", exact=True).click()
         for page in (first, second):
-            page.wait_for_function("() => document.querySelector('[data-testid=\"stApp\"]')"
-                                   ".getAttribute('data-test-script-state') === 'running'", timeout=30_000)
+            page.wait_for_function(RUNNING_JS, timeout=30_000)
         third.get_by_role("link", name="Formats", exact=True).click()
         heading(third, "Formats").wait_for(timeout=60_000)
         third.locator(CHART).first.wait_for(timeout=60_000)
