@@ -5,7 +5,7 @@
 1. builds ``assets/model_configs/<config>.json`` with random weights (speed and placement do not depend on the
    values; the GPU machine has no network, so no checkpoint) and saves it as safetensors plus a tokenizer
    (any local tokenizer whose ids fit the vocabulary, e.g. the bundled SmolLM2 one);
-2. loads it the way the CLI does (``qlab.models.load(dir, device_map="auto")``) and records where accelerate
+2. loads it the way the CLI does (``qlab.models.loading.load(dir, device_map="auto")``) and records where accelerate
    put each module (``hf_device_map``) and each GPU's allocated memory;
 3. runs the documented command, ``python -m qlab sweep --model DIR --device-map auto ... --db --json``;
 4. writes ``multi_gpu_sweep.json``: the device map summary, the command, its exit status and rows, and whether
@@ -47,7 +47,7 @@ def build(config_name: str, tokenizer: Path, directory: Path) -> dict:
 
 
 def placement(directory: Path) -> dict:
-    from qlab.models import load
+    from qlab.models.loading import load
 
     loaded = load(str(directory), device_map="auto")
     device_map = getattr(loaded.model, "hf_device_map", {})

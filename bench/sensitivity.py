@@ -3,7 +3,7 @@
     python bench/sensitivity.py [--models smollm2-135m,minilm-l6] [--tokens 512] [--json OUT]
 
 Per model, in one process on the same tokens:
-- ``one_fp32_eval_s``: ``qlab.evaluate.evaluate`` of the FP32 model (mean of a run before and one after the
+- ``one_fp32_eval_s``: ``qlab.models.evaluate.evaluate`` of the FP32 model (mean of a run before and one after the
   analysis, since the machine's load drifts); ``baseline_s``: ``compute_baseline``, which the sweep benchmark
   calls "one FP32 evaluation".
 - the issue's goal: every block's end-to-end delta plus every linear's output error for ONE format
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from qlab.cli import _emit  # noqa: E402
-from qlab.evaluate import EvalSpec, compute_baseline, evaluate  # noqa: E402
-from qlab.mixed import Budget, choices_from, compare, measure  # noqa: E402
-from qlab.models import load, quantizable_linears, weights_digest  # noqa: E402
-from qlab.quant import QuantScheme  # noqa: E402
-from qlab.sensitivity import analyze, block_stack  # noqa: E402
-from qlab.sweep import peak_rss_bytes  # noqa: E402
+from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate  # noqa: E402
+from qlab.analyses.mixed import Budget, choices_from, compare, measure  # noqa: E402
+from qlab.models.loading import load, quantizable_linears, weights_digest  # noqa: E402
+from qlab.core.quant import QuantScheme  # noqa: E402
+from qlab.analyses.sensitivity import analyze, block_stack  # noqa: E402
+from qlab.analyses.sweep import peak_rss_bytes  # noqa: E402
 
 GOAL_RATIO = 20.0
 GROUP_SIZE = 64  # divides every linear of both bundled models (SmolLM2's 576 does not take 128)

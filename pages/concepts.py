@@ -7,13 +7,16 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab import activations, charts, explain, qat
-from qlab.algorithms.gptq import layer_comparison
-from qlab.evaluate import EvalSpec, default_text
-from qlab.formats import get_format
-from qlab.models import quantizable_linears
-from qlab.quant import QuantScheme
-from qlab.sweep import run_sweep
+from qlab import charts
+from qlab.analyses import activations
+from qlab.analyses import explain
+from qlab.analyses import qat
+from qlab.core.algorithms.gptq import layer_comparison
+from qlab.models.evaluate import EvalSpec, default_text
+from qlab.core.formats import get_format
+from qlab.models.loading import quantizable_linears
+from qlab.core.quant import QuantScheme
+from qlab.analyses.sweep import run_sweep
 
 SECTIONS = ("Calibration", "Static vs dynamic", "PTQ vs QAT", "GPTQ vs RTN")
 GPTQ_SCHEMES = (QuantScheme("int4", "group", 64), QuantScheme("int3", "group", 64))

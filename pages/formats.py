@@ -5,13 +5,15 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab import charts, claims, explain
-from qlab.errors import QlabError
-from qlab.evaluate import EvalSpec
-from qlab.formats import FORMATS
-from qlab.models import quantizable_linears
-from qlab.quant import CALIBRATIONS
-from qlab.sweep import run_sweep
+from qlab import charts
+from qlab.analyses import claims
+from qlab.analyses import explain
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import EvalSpec
+from qlab.core.formats import FORMATS
+from qlab.models.loading import quantizable_linears
+from qlab.core.quant import CALIBRATIONS
+from qlab.analyses.sweep import run_sweep
 
 SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Seed claims")
 VALUE_PRESETS = {

@@ -8,10 +8,12 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab import charts, models, report, views
-from qlab.errors import QlabError
-from qlab.evaluate import DEFAULT_TEXT_NAME
-from qlab.quant import QuantScheme
+from qlab import charts, views
+from qlab.models.loading import loading as models
+from qlab.store import report
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import DEFAULT_TEXT_NAME
+from qlab.core.quant import QuantScheme
 from qlab.store import Store, StoredRun, scheme_export
 
 common.page_setup()

@@ -7,8 +7,11 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab import architectures, charts, hardware, memory
-from qlab.models import LoadedModel
+from qlab import charts
+from qlab.models.loading import architectures
+from qlab.models.loading import hardware
+from qlab.analyses import memory
+from qlab.models.loading import LoadedModel
 
 SOURCES = ("Catalog architecture", "The sidebar's model", "Upload a config.json")
 DEFAULT_ARCH = "llama-3.1-8b"

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab.models import layer_table
+from qlab.models.loading import layer_table
 
 common.page_setup()
 st.title("Model")

@@ -9,10 +9,10 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from pages import common
 from qlab import charts
-from qlab.errors import Cancelled, QlabError
-from qlab.evaluate import EvalSpec
-from qlab.mixed import Budget, choices_from, compare, recommendation_record
-from qlab.sensitivity import analyze
+from qlab.core.errors import Cancelled, QlabError
+from qlab.models.evaluate import EvalSpec
+from qlab.analyses.mixed import Budget, choices_from, compare, recommendation_record
+from qlab.analyses.sensitivity import analyze
 from qlab.store import (
     ANALYSIS_RUN,
     Recorder,
@@ -22,7 +22,7 @@ from qlab.store import (
     sensitivity_meta,
     sensitivity_saver,
 )
-from qlab.sweep import check_schemes
+from qlab.analyses.sweep import check_schemes
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
 UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none": "predict only (fastest)"}

@@ -9,9 +9,14 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
-from qlab import architectures, backends, charts, export, hardware, roofline, speed
-from qlab.errors import Cancelled
-from qlab.quant import QuantScheme
+from qlab import backends, charts
+from qlab.models.loading import architectures
+from qlab.backends import export
+from qlab.models.loading import hardware
+from qlab.analyses import roofline
+from qlab.backends import speed
+from qlab.core.errors import Cancelled
+from qlab.core.quant import QuantScheme
 from qlab.store import Recorder, bench_meta
 
 GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_speed.json"
@@ -181,7 +186,7 @@ else:
             saved = export.export_quantized(loaded, export_slug, out_dir, force=replace)
         st.success(f"Saved {saved.weights_file} ({saved.weights_bytes / 1e6:.1f} MB) with config, tokenizer and "
                    f"qlab_scheme.json in `{saved.out_dir}`. Reload it with "
-                   f"`qlab.export.load_exported('{saved.out_dir}')`.")
+                   f"`qlab.backends.export.load_exported('{saved.out_dir}')`.")
     st.caption("Safetensors (never pickles) plus the scheme that made it; reloading rebuilds the model from "
                "config.json with transformers' own classes. llama.cpp backends copy their GGUF file.")
 

@@ -189,7 +189,7 @@ def compare_runs(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go.Fig
 
 # --- sensitivity -------------------------------------------------------------------------------------------
 
-# Per-linear sensitivity columns (qlab.sensitivity records) -> (axis title, drawn on a log scale).
+# Per-linear sensitivity columns (qlab.analyses.sensitivity records) -> (axis title, drawn on a log scale).
 SENSITIVITY_MEASURES: dict[str, tuple[str, bool]] = {
     "estimated_delta": ("End-to-end delta of the layer (its measured unit's, shared by curvature)", True),
     "block_delta": ("Measured end-to-end delta of the layer's block", True),

@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from qlab.formats import FORMATS
-from qlab.quant import CALIBRATIONS, GRANULARITIES
+from qlab.core.formats import FORMATS
+from qlab.core.quant import CALIBRATIONS, GRANULARITIES
 
 # view key -> URL parameter name (short, since the URL is pasted into chats and documents)
 PARAMS: dict[str, str] = {
@@ -21,7 +21,7 @@ PARAMS: dict[str, str] = {
     "symmetric": "sym", "calibration": "calib", "tokens": "tokens", "page": "page", "runs": "runs",
 }
 LIST_KEYS = ("formats", "runs")
-MAX_TOKENS = 65_536  # as qlab.evaluate caps the budget
+MAX_TOKENS = 65_536  # as qlab.models.evaluate caps the budget
 _SAFE = re.compile(r"[A-Za-z0-9/~.][A-Za-z0-9._/~@:+-]{0,199}")  # model ids, paths, hardware ids, page names
 _RUN_ID = re.compile(r"[0-9a-f]{4,64}")
 

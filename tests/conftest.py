@@ -19,14 +19,14 @@ def _private_run_db(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm():
-    from qlab.models import load
+    from qlab.models.loading import load
 
     return load("minilm-l6")
 
 
 @pytest.fixture(scope="session")
 def smollm():
-    from qlab.models import load
+    from qlab.models.loading import load
 
     return load("smollm2-135m")
 

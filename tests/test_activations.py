@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qlab import activations
-from qlab.errors import QlabError
+from qlab.analyses import activations
+from qlab.core.errors import QlabError
 
 
 def test_static_scale_clips_a_wide_token_that_dynamic_scaling_keeps():
@@ -27,7 +27,7 @@ def test_static_scale_clips_a_wide_token_that_dynamic_scaling_keeps():
 
 @pytest.mark.slow
 def test_calibration_tokens_come_from_the_end_and_capture_real_inputs(smollm):
-    from qlab.evaluate import EvalSpec, default_text
+    from qlab.models.evaluate import EvalSpec, default_text
 
     spec = EvalSpec(tokens=256)
     data = activations.calibration_data(smollm, spec, 300)

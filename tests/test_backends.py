@@ -12,9 +12,9 @@ import torch
 
 from qlab import backends
 from qlab.backends import ActivationQuant, Tolerance
-from qlab.errors import QlabError
-from qlab.evaluate import EvalSpec, compute_baseline
-from qlab.models import weights_digest
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import EvalSpec, compute_baseline
+from qlab.models.loading import weights_digest
 
 ISSUE_SLUGS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "torchao-int4wo", "torchao-float8wo",
                "quanto-int8", "quanto-int4", "bnb-nf4", "bnb-int8", "onnxruntime-int8", "llamacpp-q8_0",
@@ -22,7 +22,7 @@ ISSUE_SLUGS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "torchao-
 
 
 def test_every_issue_slug_is_registered_with_a_real_format():
-    from qlab.formats import FORMATS
+    from qlab.core.formats import FORMATS
 
     registered = {b.slug: b for b in backends.all_backends()}
     assert set(ISSUE_SLUGS) <= set(registered)
@@ -157,7 +157,7 @@ def test_llama_cpp_quantizer_writes_the_bytes_qlab_simulates(smollm, tmp_path, f
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from qlab import block_formats
+    from qlab.core import block_formats
     from qlab.backends.llamacpp import quantize_gguf, write_gguf
 
     source, target = tmp_path / "model.f32.gguf", tmp_path / f"model.{block_format}.gguf"

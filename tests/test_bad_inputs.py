@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qlab.cli import main
-from qlab.errors import QlabError
-from qlab.quant import QuantScheme, quantize
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme, quantize
 
 CLI_CASES = [
     ("unknown model", ["sweep", "--model", "no-such-model"], "unknown model"),
@@ -134,8 +134,8 @@ def test_read_only_run_database_is_browsed_and_a_sweep_into_it_refused(tmp_path,
     assert main(["report", "--run", run_id, "--out", str(tmp_path.parent / f"{tmp_path.name}.html"),
                  "--db", str(path)]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("qlab.models.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
-    monkeypatch.setattr("qlab.bench.bench_sweep", lambda *a, **k: pytest.fail("the benchmark ran before the refusal"))
+    monkeypatch.setattr("qlab.models.loading.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr("qlab.analyses.sweep_benchmark.bench_sweep", lambda *a, **k: pytest.fail("the benchmark ran before the refusal"))
     for argv in STORING_COMMANDS:
         for db in (["--db", str(path)], []):  # given with --db, or chosen by QLAB_DB
             monkeypatch.delenv("QLAB_DB", raising=False)
@@ -172,8 +172,8 @@ def test_an_unusable_run_database_is_refused_before_the_work(tmp_path, monkeypat
             conn.execute("PRAGMA user_version = 99")
     else:
         path.write_bytes(content)
-    monkeypatch.setattr("qlab.models.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
-    monkeypatch.setattr("qlab.bench.bench_sweep", lambda *a, **k: pytest.fail("the benchmark ran before the refusal"))
+    monkeypatch.setattr("qlab.models.loading.load", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+    monkeypatch.setattr("qlab.analyses.sweep_benchmark.bench_sweep", lambda *a, **k: pytest.fail("the benchmark ran before the refusal"))
     assert main([*argv, "--db", str(path)]) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.err.count("\n") == 1 and captured.out == ""

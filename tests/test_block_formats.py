@@ -8,8 +8,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from qlab.block_formats import BLOCK_FORMATS, QK_K, get_block_format, quantize
-from qlab.errors import QlabError
+from qlab.core.block_formats import BLOCK_FORMATS, QK_K, get_block_format, quantize
+from qlab.core.errors import QlabError
 
 
 def awkward_tensor(rows: int = 24, columns: int = 512) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 import pytest
 
-from qlab import claims, explain
-from qlab.errors import QlabError
+from qlab.analyses import claims
+
+from qlab.analyses import explain
+from qlab.core.errors import QlabError
 
 
 def test_speed_benchmark_times_every_variant():

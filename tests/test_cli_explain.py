@@ -5,8 +5,8 @@ import json
 import pytest
 
 from qlab.cli import _Parser
-from qlab.cli_explain import add_parser
-from qlab.errors import QlabError
+from qlab.cli.explain import add_parser
+from qlab.core.errors import QlabError
 
 
 def run(argv: list[str], capsys) -> str:

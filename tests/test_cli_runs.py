@@ -6,10 +6,10 @@ import json
 import pytest
 
 from qlab import cli
-from qlab.cli_runs import add_parser
-from qlab.quant import QuantScheme
+from qlab.cli.runs import add_parser
+from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.sweep import ResultRow, SizeReport
+from qlab.analyses.sweep import ResultRow, SizeReport
 
 
 @pytest.fixture(autouse=True)
@@ -112,10 +112,10 @@ def test_errors_are_one_line(db, capsys, argv, message):
 
 @pytest.mark.slow
 def test_export_scheme_loads_the_model_and_lists_every_linear(tmp_path, capsys, minilm, monkeypatch):
-    from qlab.evaluate import EvalSpec
-    from qlab.models import quantizable_linears
+    from qlab.models.evaluate import EvalSpec
+    from qlab.models.loading import quantizable_linears
     from qlab.store import store_rows, sweep_meta
-    from qlab.sweep import run_sweep
+    from qlab.analyses.sweep import run_sweep
 
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
     schemes = [QuantScheme("int4", "group", 32)]
@@ -152,7 +152,7 @@ def test_memory_plans_are_stored_on_request_and_reported(tmp_path, capsys, monke
 
 
 def test_bench_stores_each_backend_row_and_reports_it(tmp_path, capsys, monkeypatch):
-    from qlab import models
+    from qlab.models.loading import loading as models
     from tests.tiny_models import tiny_llama
 
     loaded = tiny_llama(seed=2)
@@ -182,7 +182,7 @@ def test_bench_stores_each_backend_row_and_reports_it(tmp_path, capsys, monkeypa
 
 
 def test_bench_sweep_result_is_stored_on_request_and_reported(tmp_path, monkeypatch):
-    from qlab.cli_bench import store_bench_sweep
+    from qlab.cli.bench import store_bench_sweep
 
     monkeypatch.delenv("QLAB_DB", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
@@ -194,7 +194,7 @@ def test_bench_sweep_result_is_stored_on_request_and_reported(tmp_path, monkeypa
     result |= {"model_sha256": "ab" * 32, "text_name": "pydoc-topics", "text_sha256": "cd" * 32, "seed": 2**63 + 5,
                "qlab": "0.1.0", "torch": "2.13", "transformers": "4.99"}
     path = tmp_path / "sweep.sqlite"
-    monkeypatch.setattr("qlab.models.resolve", lambda *a, **k: pytest.fail("the model was resolved again"))
+    monkeypatch.setattr("qlab.models.loading.resolve", lambda *a, **k: pytest.fail("the model was resolved again"))
     store_bench_sweep(argparse.Namespace(db=None, model="minilm-l6", tokens=64), result)
     assert not (tmp_path / "data").exists()  # neither --db nor QLAB_DB: nothing stored
     run_id = store_bench_sweep(argparse.Namespace(db=str(path), model="minilm-l6", tokens=64), result)
@@ -211,7 +211,7 @@ def test_bench_sweep_result_is_stored_on_request_and_reported(tmp_path, monkeypa
     assert [r.scheme for r in stored.results if r.kind == "sweep"] == [scheme.to_dict()]
     assert stored.schemes() == [scheme.to_dict()] and stored.meta.settings["benchmark"] == "sweep"
     assert Store(path).stored_schemes("minilm-l6", "ab" * 32, "cd" * 32, 64) == {scheme: row}
-    from qlab import report
+    from qlab.store import report
 
     summary = report.benchmark_summary(stored)
     assert summary["sweep_over_eval"].tolist() == [4.0] and "rows" not in summary
@@ -229,7 +229,7 @@ def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_pat
         corrupt.write_bytes(b"this is not a database" * 100)
         return dict(result)
 
-    monkeypatch.setattr("qlab.bench.bench_sweep", benchmark)
+    monkeypatch.setattr("qlab.analyses.sweep_benchmark.bench_sweep", benchmark)
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8", "--tokens", "64",
                      "--db", str(corrupt), "--json", str(out)])
@@ -245,12 +245,12 @@ def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_pat
 def test_bench_sweep_run_carries_the_hashes_a_sweep_run_has(tmp_path, monkeypatch, minilm, capsys):
     """`bench sweep --db` stores the weights and text hashes of what it measured: its rows are reusable and a
     comparison with a plain sweep of the same model and text names no difference in text or weights."""
-    from qlab import report
-    from qlab.evaluate import EvalSpec
+    from qlab.store import report
+    from qlab.models.evaluate import EvalSpec
     from qlab.store import model_sha256
 
     monkeypatch.delenv("QLAB_DB", raising=False)
-    monkeypatch.setattr("qlab.bench.load", lambda name: minilm)
+    monkeypatch.setattr("qlab.analyses.sweep_benchmark.load", lambda name: minilm)
     path = tmp_path / "runs.sqlite"
     args = ["--model", "minilm-l6", "--formats", "int8", "--granularity", "group", "--tokens", "32", "--db", str(path)]
     assert cli.main(["bench", "sweep", *args, "--json", str(tmp_path / "bench.json")]) == 0

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from qlab import cli, models
-from qlab.cli_sensitivity import add_parser
-from qlab.errors import QlabError
+from qlab import cli
+
+from qlab.models.loading import loading as models
+from qlab.cli.sensitivity import add_parser
+from qlab.core.errors import QlabError
 from tests.tiny_models import tiny_llama
 
 
@@ -27,7 +29,7 @@ def tiny(monkeypatch, tmp_path):
     loaded = tiny_llama(seed=3)
     monkeypatch.setattr(models, "load", lambda name: loaded)
     text = tmp_path / "text.txt"
-    from qlab.evaluate import default_text
+    from qlab.models.evaluate import default_text
 
     text.write_text(default_text()[:20_000])
     return ["--model", "tiny", "--tokens", "128", "--text-file", str(text), "--quiet", "--group-size", "32"]

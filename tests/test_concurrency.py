@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from qlab.evaluate import EvalSpec
-from qlab.models import weights_digest
-from qlab.quant import QuantScheme
-from qlab.sweep import run_sweep
+from qlab.models.evaluate import EvalSpec
+from qlab.models.loading import weights_digest
+from qlab.core.quant import QuantScheme
+from qlab.analyses.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from qlab.errors import QlabError
-from qlab.evaluate import EvalSpec, compute_baseline, decode_text, default_text, embedding_metrics, evaluate
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import EvalSpec, compute_baseline, decode_text, default_text, embedding_metrics, evaluate
 
 
 def test_default_text_is_cpythons_help():

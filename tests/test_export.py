@@ -1,4 +1,4 @@
-"""qlab.export: really quantized models saved as safetensors (never pickles) with their scheme, reloaded from
+"""qlab.backends.export: really quantized models saved as safetensors (never pickles) with their scheme, reloaded from
 config.json alone, giving bit-identical outputs; clear one-line errors for everything else."""
 
 import json
@@ -7,9 +7,11 @@ import struct
 import pytest
 import torch
 
-from qlab import backends, cli, export
-from qlab.errors import QlabError
-from qlab.models import weights_digest
+from qlab import backends, cli
+
+from qlab.backends import export
+from qlab.core.errors import QlabError
+from qlab.models.loading import weights_digest
 from tests.tiny_models import tiny_bert, tiny_llama
 
 
@@ -56,7 +58,7 @@ def test_minilm_exports_reload_bit_exact(minilm, tmp_path, slug):
 
 
 def export_layers(backend, loaded):
-    from qlab.sweep import layer_schemes
+    from qlab.analyses.sweep import layer_schemes
 
     return layer_schemes(loaded.model, backend.twin(loaded.model))
 
@@ -122,7 +124,7 @@ def test_a_non_empty_directory_needs_force_and_an_unwritable_one_fails_cleanly(t
 
 
 def test_cli_exports_and_fails_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
-    from qlab import models
+    from qlab.models.loading import loading as models
 
     loaded = tiny_bert(seed=2)
     monkeypatch.setattr(models, "load", lambda name: loaded)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from qlab import formats
-from qlab.errors import QlabError
-from qlab.formats import format_names, get_format
+from qlab.core import formats
+from qlab.core.errors import QlabError
+from qlab.core.formats import format_names, get_format
 
 # name -> (torch dtype, exponent bits, mantissa bits, "fn" style: no inf, only the all-ones pattern is NaN)
 FLOAT_LAYOUTS = {

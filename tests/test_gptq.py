@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from qlab.algorithms import needs_calibration, quantize_weight
-from qlab.algorithms.gptq import gptq_quantize, hessian_from_inputs, reconstruction_error
-from qlab.errors import QlabError
-from qlab.quant import QuantScheme, compute_scale, quantize
+from qlab.core.algorithms import needs_calibration, quantize_weight
+from qlab.core.algorithms.gptq import gptq_quantize, hessian_from_inputs, reconstruction_error
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme, compute_scale, quantize
 
 
 def correlated_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
@@ -112,8 +112,8 @@ def test_dead_inputs_and_bad_shapes():
 
 @pytest.mark.slow
 def test_gptq_beats_rtn_on_a_smollm_layer_at_4_and_3_bits(smollm):
-    from qlab.activations import calibration_data, capture_inputs, text_batches
-    from qlab.evaluate import EvalSpec, default_text
+    from qlab.analyses.activations import calibration_data, capture_inputs, text_batches
+    from qlab.models.evaluate import EvalSpec, default_text
 
     name = "model.layers.2.self_attn.o_proj"
     calibration = capture_inputs(smollm, name, calibration_data(smollm, EvalSpec(tokens=512), 1536))
@@ -129,10 +129,10 @@ def test_gptq_beats_rtn_on_a_smollm_layer_at_4_and_3_bits(smollm):
 
 @pytest.mark.slow
 def test_sweep_runs_gptq_with_calibration_and_beats_rtn(minilm, monkeypatch):
-    from qlab import activations
-    from qlab.evaluate import EvalSpec
-    from qlab.models import weights_digest
-    from qlab.sweep import run_sweep
+    from qlab.analyses import activations
+    from qlab.models.evaluate import EvalSpec
+    from qlab.models.loading import weights_digest
+    from qlab.analyses.sweep import run_sweep
 
     monkeypatch.setattr(activations, "CALIBRATION_TOKENS", 512)
     before = weights_digest(minilm.model)

@@ -7,8 +7,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qlab import hardware
-from qlab.errors import QlabError
+from qlab.models.loading import hardware
+from qlab.core.errors import QlabError
 
 FP8 = {"fp8_e4m3", "fp8_e5m2"}
 FP8_ARCHS = {"Hopper", "Ada Lovelace", "Blackwell"}
@@ -62,7 +62,7 @@ def test_fp8_and_fp4_only_where_the_architecture_has_them(entries):
 
 
 def test_native_format_names_are_registered_formats():
-    formats = pytest.importorskip("qlab.formats")
+    formats = pytest.importorskip("qlab.core.formats")
     assert set(hardware.NATIVE_FORMATS) <= set(formats.FORMATS)
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from qlab.quant import QuantScheme
+from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.sweep import ResultRow, SizeReport
+from qlab.analyses.sweep import ResultRow, SizeReport
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0"}
@@ -129,8 +129,9 @@ def test_rerun_puts_the_settings_in_the_sidebar_and_opens_quantize(db, minilm):
 
 def stored_sensitivity_run(db: Store, monkeypatch, tmp_path) -> str:
     """A real sensitivity analysis of a tiny Llama, stored by the CLI's --db (milliseconds, no bundled model)."""
-    from qlab import cli, models
-    from qlab.evaluate import default_text
+    from qlab import cli
+    from qlab.models.loading import loading as models
+    from qlab.models.evaluate import default_text
     from tests.tiny_models import tiny_llama
 
     loaded = tiny_llama(seed=4)
@@ -163,7 +164,8 @@ def stored_bench_run(db: Store, faster: float = 1.0) -> str:
 
 
 def test_stored_sensitivity_and_bench_runs_reopen_without_recomputing(db, monkeypatch, tmp_path):
-    from qlab import sensitivity, speed
+    from qlab.analyses import sensitivity
+    from qlab.backends import speed
 
     sensitivity_id = stored_sensitivity_run(db, monkeypatch, tmp_path)
     bench_id = stored_bench_run(db)
@@ -269,14 +271,14 @@ def test_two_speed_runs_and_two_sensitivity_runs_compare_side_by_side(db):
 
 
 def report_name(db: Store, run_id: str) -> str:
-    from qlab.report import run_name
+    from qlab.store.report import run_name
 
     return run_name(db.get(run_id))
 
 
 def test_a_stored_bench_sweep_offers_its_schemes_for_re_run_and_export(db):
     """`bench sweep --db` stores its rows with their schemes, so History can re-run or export them."""
-    from qlab.cli_bench import store_bench_sweep
+    from qlab.cli.bench import store_bench_sweep
 
     rows = [ResultRow("minilm-l6", QuantScheme(fmt, "group", 32), SizeReport(800, 600, 40, 100, 200),
                       {"cosine_mean": 0.99}, 0.1, 0.2, 64).to_record() for fmt in ("int8", "int4")]
@@ -313,7 +315,8 @@ def test_a_stored_recommendation_is_shown(db):
 def test_a_rerun_reads_each_run_once_and_draws_one_sweep_comparison_chart(db, monkeypatch):
     """Each page run builds every selected run's frames once, and the sweep comparison chart once (the metric
     picker's), not one hidden chart per metric as well."""
-    from qlab import charts, report
+    from qlab import charts
+    from qlab.store import report
 
     ids = [sweep(db, "smollm2-135m", {"int8": kld, "int4": 0.05}) for kld in (1e-3, 2e-3)]
     ids.append(stored_bench_run(db))
@@ -335,7 +338,7 @@ def test_a_rerun_reads_each_run_once_and_draws_one_sweep_comparison_chart(db, mo
 def test_a_recommendation_shows_the_analysis_run_it_names(db, monkeypatch, tmp_path):
     """A dashboard recommendation stores no copy of its analysis, only the analysis run's id: History draws the
     ranked linears and the sensitivity charts from that run, and the HTML report does too."""
-    from qlab import report
+    from qlab.store import report
 
     analysis_id = stored_sensitivity_run(db, monkeypatch, tmp_path)
     run_id = db.start_run(RunMeta("recommend", "tiny", {"analysis_run": analysis_id}, environment=ENV))

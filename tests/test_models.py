@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlab import models
-from qlab.errors import QlabError
+from qlab.models.loading import loading as models
+from qlab.core.errors import QlabError
 
 
 def test_bundled_catalog_resolves_without_importing_the_packages():

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from qlab import qat
-from qlab.errors import QlabError
-from qlab.quant import QuantScheme, fake_quantize
+from qlab.analyses import qat
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme, fake_quantize
 
 
 def test_qat_beats_ptq_at_two_bits():

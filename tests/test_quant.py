@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from qlab.errors import QlabError
-from qlab.formats import format_names, get_format
-from qlab.quant import QuantScheme, fake_quantize, grid_values, pack_codes, quantize, unpack_codes
+from qlab.core.errors import QlabError
+from qlab.core.formats import format_names, get_format
+from qlab.core.quant import QuantScheme, fake_quantize, grid_values, pack_codes, quantize, unpack_codes
 
 SCALED = [n for n in format_names() if get_format(n).scaled]
 INTEGERS = ["int8", "int4", "int3", "int2"]

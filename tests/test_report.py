@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qlab import memory, report
-from qlab.quant import QuantScheme
+from qlab.analyses import memory
+
+from qlab.store import report
+from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.sweep import ResultRow, SizeReport
+from qlab.analyses.sweep import ResultRow, SizeReport
 
 ENV = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "python": "3.11.9"}
 
@@ -144,8 +146,9 @@ def test_comparing_unlike_runs_says_what_differs(db):
 def test_sensitivity_and_recommendation_runs_are_reported_with_their_charts(db, tmp_path, monkeypatch):
     """A tiny Llama's recommendation stored by the CLI: ranked linears, units, measured plans and three
     sensitivity charts plus the mix Pareto chart, all from the store."""
-    from qlab import cli, models
-    from qlab.evaluate import default_text
+    from qlab import cli
+    from qlab.models.loading import loading as models
+    from qlab.models.evaluate import default_text
     from tests.tiny_models import tiny_llama
 
     loaded = tiny_llama(seed=8)

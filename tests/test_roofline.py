@@ -2,9 +2,13 @@
 
 import pytest
 
-from qlab import architectures, hardware, roofline
-from qlab.errors import QlabError
-from qlab.quant import QuantScheme
+from qlab.models.loading import architectures
+
+from qlab.models.loading import hardware
+
+from qlab.analyses import roofline
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme
 
 LLAMA_8B = "llama-3.1-8b"
 

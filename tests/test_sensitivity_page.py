@@ -64,7 +64,7 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm, tm
 def test_cancel_of_recommend_and_measure_keeps_the_plans_already_measured(minilm, tmp_path, monkeypatch):
     import streamlit as st
 
-    from qlab import mixed
+    from qlab.analyses import mixed
     from qlab.store import Store
 
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))

@@ -1,12 +1,12 @@
-"""qlab.speed: timing loops, memory and bandwidth probes, verdicts; the bench JSON fields. No timing asserts."""
+"""qlab.backends.speed: timing loops, memory and bandwidth probes, verdicts; the bench JSON fields. No timing asserts."""
 
 import json
 
 import pytest
 import torch
 
-from qlab import speed
-from qlab.errors import Cancelled, QlabError
+from qlab.backends import speed
+from qlab.core.errors import Cancelled, QlabError
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -113,7 +113,7 @@ def test_ratios_are_relative_to_the_fp32_row():
 
 @pytest.mark.slow
 def test_bench_cli_writes_the_documented_fields(tmp_path):
-    from qlab import cli_bench
+    from qlab.cli import bench as cli_bench
 
     out = tmp_path / "bench.json"
     assert cli_bench.main(["--model", "minilm-l6", "--backends", "fp32,torch-dynamic-int8,bnb-nf4", "--json",
@@ -134,7 +134,7 @@ def test_bench_cli_writes_the_documented_fields(tmp_path):
 
 
 def test_gpu_bench_without_a_gpu_is_one_line_error(capsys):
-    from qlab import cli_bench
+    from qlab.cli import bench as cli_bench
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -149,7 +149,7 @@ def test_bench_keeps_its_sweep_subcommand_once_wired():
     try:
         speed_args = parser.parse_args(["bench", "--model", "minilm-l6", "--backends", "fp32"])
     except Exception:
-        pytest.skip("qlab.cli does not wire qlab.cli_bench yet (see qlab/cli_bench.py's docstring)")
+        pytest.skip("qlab.cli does not wire qlab.cli.bench yet (see qlab/cli_bench.py's docstring)")
     assert speed_args.func.__name__ == "cmd_bench" and speed_args.backends == "fp32"
     sweep_args = parser.parse_args(["bench", "sweep", "--formats", "int8"])
     assert sweep_args.func.__name__ == "cmd_bench_sweep" and sweep_args.formats == "int8"

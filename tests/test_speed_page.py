@@ -3,7 +3,7 @@ roofline predictions, verdicts, seed claims. Rows are injected, so no benchmark 
 
 import pytest
 
-from qlab import speed
+from qlab.backends import speed
 
 PAGE = "../pages/speed.py"
 
@@ -63,7 +63,7 @@ def test_speed_page_lists_unavailable_backends_for_an_embedding_model():
 def test_speed_page_stores_what_it_measures_and_saves_a_quantized_model(tmp_path, monkeypatch, minilm):
     from streamlit.testing.v1 import AppTest
 
-    from qlab import export
+    from qlab.backends import export
     from qlab.store import Store
 
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlab import memory, store
-from qlab.errors import Cancelled, QlabError
-from qlab.quant import QuantScheme
+from qlab import store
+
+from qlab.analyses import memory
+from qlab.core.errors import Cancelled, QlabError
+from qlab.core.quant import QuantScheme
 from qlab.store import Recorder, RunMeta, Store
-from qlab.sweep import ResultRow, SizeReport, layer_schemes, quantized_copy
+from qlab.analyses.sweep import ResultRow, SizeReport, layer_schemes, quantized_copy
 
 REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "host": "elsewhere", "pid": 1}
@@ -354,7 +356,7 @@ def test_stored_schemes_match_model_weights_text_and_budget(db):
 
 
 def test_model_sha256_hashes_weight_files_and_trusts_hub_blob_names(tmp_path):
-    from qlab.models import ModelSource
+    from qlab.models.loading import ModelSource
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -431,10 +433,10 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path, db):
 SWEEP = textwrap.dedent("""
     import sys, time
     from qlab import store
-    from qlab.evaluate import EvalSpec
-    from qlab.models import load
-    from qlab.quant import QuantScheme
-    from qlab.sweep import run_sweep
+    from qlab.models.evaluate import EvalSpec
+    from qlab.models.loading import load
+    from qlab.core.quant import QuantScheme
+    from qlab.analyses.sweep import run_sweep
     loaded = load("minilm-l6")
     schemes = [QuantScheme(f, "group", 64) for f in ("fp16", "int8", "int4", "nf4")]
     spec = EvalSpec(tokens=16)
@@ -508,7 +510,7 @@ def test_the_sweep_cli_killed_mid_run_keeps_its_finished_schemes(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_analysis():
     """A tiny Llama, its baseline on a short text, and the schemes analysed (real code paths, milliseconds)."""
-    from qlab.evaluate import EvalSpec, compute_baseline, default_text
+    from qlab.models.evaluate import EvalSpec, compute_baseline, default_text
     from tests.tiny_models import tiny_llama
 
     loaded = tiny_llama(seed=5)
@@ -518,7 +520,7 @@ def tiny_analysis():
 
 
 def _stored_report(db, tiny_analysis, kind="sensitivity", cancel=None):
-    from qlab.sensitivity import analyze
+    from qlab.analyses.sensitivity import analyze
 
     loaded, spec, baseline, schemes = tiny_analysis
     meta_ = store.sensitivity_meta(kind, loaded, schemes, spec, baseline, unit="block")
@@ -548,7 +550,7 @@ def jsonable_rows(rows: list[dict]) -> list[dict]:
 
 
 def test_a_cancelled_sensitivity_run_keeps_the_units_it_finished(db, tiny_analysis):
-    from qlab.sensitivity import analyze
+    from qlab.analyses.sensitivity import analyze
 
     loaded, spec, baseline, schemes = tiny_analysis
     finished_blocks = []
@@ -570,8 +572,8 @@ def test_a_cancelled_sensitivity_run_keeps_the_units_it_finished(db, tiny_analys
 
 
 def test_recommendation_round_trip(db, tiny_analysis):
-    from qlab.mixed import Budget, choices_from, compare, recommendation_record
-    from qlab.sensitivity import analyze
+    from qlab.analyses.mixed import Budget, choices_from, compare, recommendation_record
+    from qlab.analyses.sensitivity import analyze
 
     loaded, spec, baseline, schemes = tiny_analysis
     meta_ = store.sensitivity_meta("recommend", loaded, schemes, spec, baseline, unit="block", budget_bits=6.0)
@@ -592,7 +594,7 @@ def test_recommendation_round_trip(db, tiny_analysis):
 
 
 def test_bench_rows_round_trip(db, tiny_analysis):
-    from qlab.speed import SpeedSpec
+    from qlab.backends.speed import SpeedSpec
 
     loaded = tiny_analysis[0]
     spec = SpeedSpec(prompt_tokens=16, new_tokens=4, repetitions=2)
@@ -634,8 +636,8 @@ def fingerprint(path: Path) -> tuple:
 
 
 def every_read(db: Store, run_id: str) -> None:
-    from qlab.cli_runs import export_csv
-    from qlab.report import render_html
+    from qlab.cli.runs import export_csv
+    from qlab.store.report import render_html
 
     assert [r["id"] for r in db.list_runs()] == [run_id]
     assert db.get(run_id[:6]).records()[0]["label"] == "int4 g64"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qlab.models import LoadedModel, ModelSource
+from qlab.models.loading import LoadedModel, ModelSource
 
 VOCAB = 96
 

@@ -1,6 +1,6 @@
 """Real quantization backends behind one interface, and their registry.
 
-Simulation (``qlab.sweep``) tells accuracy exactly; only real kernels tell speed. Each backend wraps one kernel
+Simulation (``qlab.analyses.sweep``) tells accuracy exactly; only real kernels tell speed. Each backend wraps one kernel
 library (torch.ao, torchao, optimum-quanto, bitsandbytes, ONNX Runtime, llama.cpp) and turns the shared FP32
 model into a NEW quantized model, never touching the cached base. Every backend names the qlab scheme that
 simulates it (its *twin*), so its measured accuracy can be set beside the simulation's; the two must agree
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qlab.errors import QlabError
-from qlab.quant import QuantScheme
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme
 
 if TYPE_CHECKING:
-    from qlab.evaluate import Baseline, CancelCheck, Progress
-    from qlab.models import LoadedModel
-    from qlab.sweep import SchemePlan
+    from qlab.models.evaluate import Baseline, CancelCheck, Progress
+    from qlab.models.loading import LoadedModel
+    from qlab.analyses.sweep import SchemePlan
 
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
@@ -49,7 +49,7 @@ class Tolerance:
     why: str = "weights round the same way; the kernels sum in another order"
 
     def agrees(self, backend: dict[str, float], twin: dict[str, float]) -> bool:
-        """Whether two metric records (from ``qlab.evaluate``) agree within this tolerance."""
+        """Whether two metric records (from ``qlab.models.evaluate``) agree within this tolerance."""
         if "kld_mean" in backend and "kld_mean" in twin:
             return abs(backend["kld_mean"] - twin["kld_mean"]) <= self.kld_abs + self.kld_rel * twin["kld_mean"]
         gap = abs(backend["cosine_mean"] - twin["cosine_mean"])
@@ -94,7 +94,7 @@ class Backend:
         slug: stable name, e.g. ``"torchao-int8wo"``.
         library: the PyPI package that holds the kernels (``"torch"`` for torch itself).
         title: one line for people.
-        weight_format: the qlab format the weights are stored in (``qlab.formats``), for roofline and sizes.
+        weight_format: the qlab format the weights are stored in (``qlab.core.formats``), for roofline and sizes.
         compute_dtype: what the matmuls run in: ``"activation"`` for weight-only kernels (the activations'
             dtype: FP32 on a CPU, BF16 on a GPU), ``"fp32"``/``"bf16"`` for the plain references, or
             ``"int8"``/``"fp8"`` when activations are quantized too.
@@ -157,8 +157,8 @@ class Backend:
         When the backend's model carries its own weights file (llama.cpp), ``quantized.reference_model`` gives
         those exact weights dequantized by reference code, and only the activation rounding is simulated.
         """
-        from qlab.models import quantizable_linears
-        from qlab.sweep import quantized_copy
+        from qlab.models.loading import quantizable_linears
+        from qlab.analyses.sweep import quantized_copy
 
         names = {name for name, _ in quantizable_linears(loaded.model)}
         if quantized is not None and hasattr(quantized, "reference_model"):
@@ -233,7 +233,7 @@ def evaluate_model(model: Any, baseline: Baseline, progress: Progress | None = N
     Engines that are not torch modules end to end (llama.cpp) give their log-probs per window through
     ``log_prob_chunks``; the metrics are then computed by the same code as for every other model.
     """
-    from qlab.evaluate import evaluate, lm_metrics
+    from qlab.models.evaluate import evaluate, lm_metrics
 
     if baseline.kind == "causal-lm" and hasattr(model, "log_prob_chunks"):
         chunks = model.log_prob_chunks(baseline.inputs["windows"], progress, cancel)

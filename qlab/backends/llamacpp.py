@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
-from qlab.errors import QlabError
-from qlab.models import LoadedModel
-from qlab.quant import QuantScheme
+from qlab.core.errors import QlabError
+from qlab.models.loading import LoadedModel
+from qlab.core.quant import QuantScheme
 
 # Written by GGUFWriter itself, or no longer true once the tensors change type.
 _SKIP_FIELDS = ("general.architecture", "general.file_type", "general.quantization_version")
@@ -114,10 +114,10 @@ def _quiet_native() -> Iterator[None]:
 
 
 class LlamaCppModel(torch.nn.Module):
-    """A llama.cpp model behind the Hugging Face causal-LM call used by ``qlab.speed`` (batch 1).
+    """A llama.cpp model behind the Hugging Face causal-LM call used by ``qlab.backends.speed`` (batch 1).
 
     ``model(ids)`` resets the KV cache and evaluates ``ids``; ``model(ids, past_key_values=out.past_key_values)``
-    appends. ``log_prob_chunks`` gives next-token log-probs per evaluation window for ``qlab.evaluate``.
+    appends. ``log_prob_chunks`` gives next-token log-probs per evaluation window for ``qlab.models.evaluate``.
     """
 
     def __init__(self, path: Path, directory: Path, threads: int, config) -> None:
@@ -157,7 +157,7 @@ class LlamaCppModel(torch.nn.Module):
         return SimpleNamespace(logits=torch.from_numpy(logits.copy())[None, None, :], past_key_values=llm.n_tokens)
 
     def log_prob_chunks(self, windows: torch.Tensor, progress=None, cancel=None) -> Iterator[tuple[int, torch.Tensor]]:
-        from qlab.evaluate import _check_cancel
+        from qlab.models.evaluate import _check_cancel
 
         if self._eval is None:
             self._eval = self._llama(logits_all=True, context=max(EVAL_CONTEXT_TOKENS, windows.shape[1]))

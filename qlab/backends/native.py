@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from qlab.backends import ActivationQuant, Backend, Tolerance, register
-from qlab.models import LoadedModel, quantizable_linears
-from qlab.quant import QuantScheme
+from qlab.models.loading import LoadedModel, quantizable_linears
+from qlab.core.quant import QuantScheme
 
 
 def shadow(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,9 +13,9 @@ import torch
 
 from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
 from qlab.backends.native import shadow
-from qlab.errors import QlabError
-from qlab.models import LoadedModel
-from qlab.quant import QuantScheme
+from qlab.core.errors import QlabError
+from qlab.models.loading import LoadedModel
+from qlab.core.quant import QuantScheme
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from qlab import report
-from qlab.quant import QuantScheme
+from qlab.store import report
+from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.sweep import ResultRow, SizeReport
+from qlab.analyses.sweep import ResultRow, SizeReport
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,623 @@
+"""Per-layer sensitivity: which linears and blocks lose the most when quantized, and why.
+
+Two measures per scheme, both against the FP32 model on the baseline's own tokens:
+
+1. **Per-linear error** (cheap). One FP32 pass captures every linear layer's real input activations with hooks;
+   each linear's output error from quantizing that layer alone is ``X (W_q - W)^T`` on those inputs, reported
+   as relative MSE and SQNR, with weight and activation statistics that explain it.
+2. **Per-block end-to-end** change of the model's metric (KL divergence for LMs, 1 - cosine for embedding
+   models) with one block (or one linear) quantized. The same pass caches every block's input hidden state,
+   so a measurement replays only the rest of the network: blocks before the one measured are replaced by a
+   pass-through and the measured block reads its cached input (AIMET's per-layer analysis re-runs the whole
+   model N+1 times). The reverse view, everything quantized except one block, replays the same way from the
+   all-quantized model's cached hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import LM_TOKENS_PER_FORWARD, Baseline, CancelCheck, Progress, _check_cancel, evaluate
+from qlab.models.loading import LoadedModel, quantizable_linears
+from qlab.core.quant import QuantScheme, fake_quantize, quantize
+from qlab.analyses.sweep import QuantizedLinear
+
+# A channel whose absmax exceeds this multiple of the median channel's absmax counts as an outlier. Scale-free
+# on purpose: LLM.int8 (Dettmers et al. 2022) uses |x| > 6 on activations, whose scale varies between models.
+OUTLIER_RATIO = 6.0
+# Metric each model kind is judged by, and the error it becomes (0 for the FP32 model, larger is worse).
+METRIC = {"causal-lm": "kld_mean", "embedding": "cosine_mean"}
+# Suffixes of linear module names and the role they play, first match wins (Llama/Mistral/Qwen, BERT, GPT).
+LAYER_TYPES = (
+    ("attention.output.dense", "o"), ("intermediate.dense", "up"), ("output.dense", "down"),
+    ("q_proj", "q"), ("query", "q"), ("k_proj", "k"), ("key", "k"), ("v_proj", "v"), ("value", "v"),
+    ("o_proj", "o"), ("out_proj", "o"), ("gate_proj", "gate"), ("up_proj", "up"),
+    ("down_proj", "down"), ("fc1", "up"), ("fc2", "down"), ("c_attn", "qkv"), ("c_proj", "o"),
+)
+VIEWS = ("forward", "reverse")
+UNITS = ("block", "linear")
+
+
+def error_of(metric: str, value: float) -> float:
+    """The metric as an error that is 0 for the FP32 model and grows with damage (KLD as is, 1 - cosine)."""
+    return 1.0 - value if metric == "cosine_mean" else value
+
+
+def layer_type(name: str) -> str:
+    """The role of a linear layer from its module name: q, k, v, o, gate, up, down, or other."""
+    for suffix, kind in LAYER_TYPES:
+        if name.endswith(suffix):
+            return kind
+    return "other"
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """The repeated blocks of a model (decoder or encoder layers) and which linears each one holds."""
+
+    path: str  # e.g. "model.layers" (Llama) or "encoder.layer" (BERT)
+    linears: tuple[tuple[str, ...], ...]  # per block, the quantizable linear names inside it
+    outside: tuple[str, ...]  # quantizable linears in no block (a pooler, an untied head)
+
+    def block_of(self, name: str) -> int | None:
+        prefix = self.path + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix):].split(".", 1)[0])
+
+
+def block_stack(model: torch.nn.Module) -> BlockStack:
+    """Find the ModuleList holding the most quantizable linears: the model's stack of blocks."""
+    names = [name for name, _ in quantizable_linears(model)]
+    best_path, best_count = None, 0
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList):
+            count = sum(name.startswith(path + ".") for name in names)
+            if count > best_count:
+                best_path, best_count = path, count
+    if best_path is None:
+        raise QlabError("this model has no stack of repeated blocks holding linear layers, so block "
+                        "sensitivity does not apply; use the per-linear measures only (blocks=False).")
+    size = len(model.get_submodule(best_path))
+    per_block: list[list[str]] = [[] for _ in range(size)]
+    outside = []
+    stack = BlockStack(best_path, (), ())
+    for name in names:
+        block = stack.block_of(name)
+        (outside if block is None else per_block[block]).append(name)
+    return BlockStack(best_path, tuple(tuple(b) for b in per_block), tuple(outside))
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the base's own tensors.
+
+    Modules of the copy can be swapped freely (replays, quantized layers) without touching the cached base.
+    """
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a block before the one measured: hands its input on, computing nothing."""
+
+    def __init__(self, returns_tuple: bool) -> None:
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return (hidden_states,) if self.returns_tuple else hidden_states
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """Block inputs of one pass, all batches concatenated in order (rows = windows or texts)."""
+
+    inputs: list[torch.Tensor]
+    returns_tuple: bool
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _Replay:
+    """A forward pre-hook that swaps a block's input for the cached one, batch by batch in row order."""
+
+    def __init__(self, cached: torch.Tensor) -> None:
+        self.cached = cached
+        self.cursor = 0
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        hidden = _hidden_arg(args, kwargs)
+        rows = hidden.shape[0]
+        replacement = self.cached[self.cursor: self.cursor + rows]
+        if replacement.shape != hidden.shape:
+            raise RuntimeError(f"cached block input {tuple(replacement.shape)} does not match the replayed batch "
+                               f"{tuple(hidden.shape)}; the evaluation inputs changed since the capture")
+        self.cursor += rows
+        if args:
+            return (replacement, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": replacement}
+
+
+@contextmanager
+def _swapped(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """Put modules into the (shared-copy) model for the duration, then put the originals back."""
+    originals = {name: model.get_submodule(name) for name in replacements}
+    try:
+        for name, module in replacements.items():
+            model.set_submodule(name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            model.set_submodule(name, module)
+
+
+def _batches(baseline: Baseline, windows_per_batch: int | None = None
+             ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The baseline's inputs in forward-sized batches, with the mask of real (non-padding) tokens if any."""
+    if baseline.kind == "causal-lm":
+        windows = baseline.inputs["windows"]
+        per_forward = windows_per_batch or max(1, LM_TOKENS_PER_FORWARD // windows.shape[1])
+        for start in range(0, windows.shape[0], per_forward):
+            batch = windows[start: start + per_forward]
+            yield {"input_ids": batch}, None  # every position of a window is a real token
+        return
+    from qlab.models.evaluate import EMBED_BATCH
+
+    total = baseline.inputs["input_ids"].shape[0]
+    for start in range(0, total, EMBED_BATCH):
+        part = {k: v[start: start + EMBED_BATCH] for k, v in baseline.inputs.items()}
+        yield part, part["attention_mask"].bool()
+
+
+def _forward(model: torch.nn.Module, baseline: Baseline, batch: dict[str, torch.Tensor]) -> None:
+    """Run the part of the model the metric depends on (an LM's decoder without its vocabulary head)."""
+    with torch.inference_mode():
+        if baseline.kind == "causal-lm":
+            model.base_model(**batch)
+        else:
+            model(**batch)
+
+
+def _exact(scheme: QuantScheme) -> bool:
+    """The fp32 cast is the identity on FP32 weights: nothing to measure."""
+    return not scheme.fmt.scaled and scheme.fmt.bits >= 32
+
+
+@dataclass
+class _LinearProbe:
+    """Accumulates, over captured batches, one linear's output error for each scheme and its input stats.
+
+    Every pass over a weight or an activation costs about as much as the layer itself, so each statistic is one
+    fused reduction (``vector_norm``) rather than square-then-sum temporaries.
+    """
+
+    name: str
+    weight: torch.Tensor
+    schemes: Sequence[QuantScheme]
+    mask: list[torch.Tensor | None]  # one shared slot: the current batch's real-token mask, set by the pass
+    tokens: int = 0
+    output_energy: float = 0.0
+    error_channels: list[torch.Tensor] = field(default_factory=list)  # per scheme: squared output error per channel
+    weight_error: list[float] = field(default_factory=list)  # relative MSE of the weights themselves
+    input_absmax: torch.Tensor | None = None
+    weight_energy: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.error_channels = [torch.zeros(self.weight.shape[0], dtype=torch.float64) for _ in self.schemes]
+        self.weight_energy = max(float(torch.linalg.vector_norm(self.weight)) ** 2, 1e-30)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = args[0].reshape(-1, self.weight.shape[1])
+        y = output.reshape(-1, self.weight.shape[0])
+        keep = self.mask[0]
+        if keep is not None and keep.numel() == x.shape[0]:  # a pooler sees one token per text: nothing to mask
+            x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]
+        x = x.float()
+        self.tokens += x.shape[0]
+        self.output_energy += float(torch.linalg.vector_norm(y.float())) ** 2
+        absmax = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())  # no |x| temporary
+        self.input_absmax = absmax if self.input_absmax is None else torch.maximum(self.input_absmax, absmax)
+        first = not self.weight_error
+        for index, scheme in enumerate(self.schemes):
+            if _exact(scheme):
+                if first:
+                    self.weight_error.append(0.0)
+                continue
+            # Rounding is recomputed per batch rather than kept for all layers at once: ΔW of every layer in
+            # every format would hold a second FP32 model per format, and an LM budget is usually one batch.
+            delta = self._delta(scheme)
+            if first:
+                self.weight_error.append(float(torch.linalg.vector_norm(delta)) ** 2 / self.weight_energy)
+            self.error_channels[index] += torch.linalg.vector_norm(x @ delta.T, dim=0).double().square()
+
+    def _delta(self, scheme: QuantScheme) -> torch.Tensor:
+        return fake_quantize(self.weight, scheme).sub_(self.weight)
+
+    def weight_errors(self) -> list[float]:
+        """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""
+        return self.weight_error or [
+            0.0 if _exact(s) else float(torch.linalg.vector_norm(self._delta(s))) ** 2 / self.weight_energy
+            for s in self.schemes]
+
+
+def weight_stats(weight: torch.Tensor) -> dict[str, float]:
+    """Statistics that explain a weight's quantization error: absmax/std, excess kurtosis, outlier rows."""
+    w = weight.detach().float()
+    std, mean = torch.std_mean(w)
+    std = std.clamp(min=1e-30)
+    row_absmax = torch.linalg.vector_norm(w, ord=math.inf, dim=1)
+    fourth_moment = (w - mean).div_(std).square_().square_().mean()
+    return {
+        "weight_absmax_over_std": float(row_absmax.max() / std),
+        "weight_kurtosis": float(fourth_moment - 3.0),
+        "weight_outlier_rows": int((row_absmax > OUTLIER_RATIO * row_absmax.median()).sum()),
+    }
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """Per-linear and per-block sensitivity of one model for several schemes, as flat records.
+
+    ``linears``: one record per (linear, scheme) with the output error and the statistics behind it.
+    ``blocks``: one record per (unit, scheme) with the end-to-end metric and its ``delta`` (error added by
+    quantizing the unit; in the reverse view, error removed by keeping the unit in FP32).
+    """
+
+    model: str
+    kind: str
+    metric: str
+    schemes: tuple[QuantScheme, ...]
+    linears: list[dict]
+    blocks: list[dict]
+    seconds: dict[str, float]
+    tokens: int
+    view: str = "forward"
+    unit: str = "block"
+
+    def rows(self) -> list[dict]:
+        """One row per linear and scheme with its end-to-end measures.
+
+        ``block_delta`` (or ``linear_delta`` with ``unit="linear"``) is the measured delta of the unit the layer
+        was measured in (a linear outside the block stack is its own unit). ``estimated_delta`` shares that
+        measurement among the unit's linears by their ``predicted_delta`` (by squared weight error without
+        it), so each unit's total stays what was measured: the per-layer error the recommender minimises.
+        Without end-to-end measurements it is ``predicted_delta`` itself.
+        """
+        linears = {(r["layer"], r["label"]): r for r in self.linears}
+        column = "linear_delta" if self.unit == "linear" else "block_delta"
+        measured: dict[tuple[str, str], dict] = {}
+        for unit in self.blocks:
+            members = [linears[(name, unit["label"])] for name in unit["layers"]]
+            weights = [m.get("predicted_delta", m["params"] * m["weight_relative_mse"]) for m in members]
+            total = sum(weights)
+            delta = max(0.0, unit["delta"])  # below zero is noise (the metric improved): no damage predicted
+            for member, weight in zip(members, weights, strict=True):
+                share = weight / total if total > 0 else 1 / len(members)
+                measured[(member["layer"], unit["label"])] = {column: unit["delta"], "estimated_delta": delta * share}
+        rows = []
+        for row in self.linears:
+            # Without end-to-end measurements (blocks=False) the second-order prediction is the estimate.
+            unmeasured = {column: None, "estimated_delta": None if self.blocks else row.get("predicted_delta")}
+            rows.append({**row, "metric": self.metric, **measured.get((row["layer"], row["label"]), unmeasured)})
+        return rows
+
+
+def _check_schemes(model: torch.nn.Module, schemes: Sequence[QuantScheme]) -> None:
+    if not schemes:
+        raise QlabError("no schemes to analyse; pick at least one format.")
+    calibrated = [s.label for s in schemes if s.algorithm != "rtn" and s.fmt.scaled]
+    if calibrated:
+        raise QlabError(f"sensitivity rounds each layer to nearest, so {calibrated[0]} would be measured as "
+                        "something else; use algorithm rtn here.")
+    for _, module in quantizable_linears(model):
+        for scheme in schemes:
+            scheme.storage_bytes(tuple(module.weight.shape))  # raises a one-line error on a bad group size
+
+
+def _capture(shadow: torch.nn.Module, stack: BlockStack, baseline: Baseline, probes: dict[str, _LinearProbe],
+             mask_slot: list, cancel: CancelCheck | None) -> _Capture:
+    """One pass over the baseline's inputs that records every block's input and feeds the linear probes."""
+    blocks = shadow.get_submodule(stack.path)
+    inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
+    returns_tuple = [False]
+    handles = []
+    for index, block in enumerate(blocks):
+        def record(module, args, kwargs, index=index):
+            inputs[index].append(_hidden_arg(args, kwargs).detach())
+        handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+    handles.append(blocks[0].register_forward_hook(
+        lambda module, args, output: returns_tuple.__setitem__(0, isinstance(output, tuple))))
+    modules = dict(shadow.named_modules())
+    handles += [modules[name].register_forward_hook(probe) for name, probe in probes.items()]
+    try:
+        for batch, mask in _batches(baseline):
+            _check_cancel(cancel)
+            mask_slot[0] = mask
+            _forward(shadow, baseline, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _Capture([torch.cat(parts) for parts in inputs], returns_tuple[0])
+
+
+def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequence[str],
+                      cancel: CancelCheck | None, seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+    """Per linear, the mean over tokens of the metric's curvature along each output channel (a diagonal
+    Gauss-Newton / Fisher estimate), and the number of items the metric averages over.
+
+    One backward pass of a pseudo-loss whose gradient at the model output has the metric's Hessian as its
+    covariance: for an LM, log q(y) with y drawn from the FP32 next-token distribution (covariance
+    diag(p) - pp^T, the Hessian of KL at q = p); for embeddings, a random direction orthogonal to each
+    embedding scaled by 1/|pooled| (the Hessian of 1 - cosine). Squared gradients at a linear's output then
+    estimate how much a unit of squared error there costs at the output, to second order.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(shadow.named_modules())
+    sums = {name: torch.zeros(modules[name].out_features, dtype=torch.float64) for name in names}
+    counts = dict.fromkeys(names, 0)
+    mask_slot: list[torch.Tensor | None] = [None]
+
+    def watch(name: str):
+        def hook(module, args, output):
+            if output.requires_grad:
+                mask = mask_slot[0]
+
+                def accumulate(grad: torch.Tensor) -> None:
+                    flat = grad.reshape(-1, grad.shape[-1])
+                    if mask is not None and mask.numel() == flat.shape[0]:
+                        flat = flat[mask.reshape(-1)]
+                    sums[name] += flat.double().square().sum(dim=0)
+                    counts[name] += flat.shape[0]
+                output.register_hook(accumulate)
+        return hook
+
+    embedding = shadow.get_input_embeddings()
+    handles = [embedding.register_forward_hook(lambda module, args, output: output.detach().requires_grad_())]
+    handles += [modules[name].register_forward_hook(watch(name)) for name in names]
+    items = 0
+    try:
+        with torch.enable_grad():
+            for batch, mask in _batches(baseline, windows_per_batch=1):  # one window: bounded autograd memory
+                _check_cancel(cancel)
+                mask_slot[0] = mask
+                if baseline.kind == "causal-lm":
+                    hidden = shadow.base_model(**batch, use_cache=False).last_hidden_state
+                    log_q = torch.log_softmax(shadow.get_output_embeddings()(hidden).float(), dim=-1)
+                    log_q = log_q.reshape(-1, log_q.shape[-1])
+                    sampled = torch.multinomial(log_q.detach().exp(), 1, generator=generator)
+                    pseudo_loss = log_q.gather(1, sampled).sum()
+                    items += log_q.shape[0]
+                else:
+                    hidden = shadow(**batch).last_hidden_state
+                    weights = mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+                    with torch.no_grad():
+                        norm = pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                        unit = pooled / norm
+                        z = torch.randn(pooled.shape, generator=generator)
+                        direction = (z - (z * unit).sum(dim=-1, keepdim=True) * unit) / norm
+                    pseudo_loss = (direction * pooled).sum()
+                    items += pooled.shape[0]
+                pseudo_loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / max(1, counts[name]) for name in names}, items
+
+
+def _replay(shadow: torch.nn.Module, stack: BlockStack, capture: _Capture | None, start: int | None,
+            replacements: dict[str, torch.nn.Module], baseline: Baseline, cancel: CancelCheck | None
+            ) -> dict[str, float]:
+    """Metrics of the shadow with ``replacements`` swapped in, running only from block ``start`` on.
+
+    ``start=None`` runs the whole model (a unit outside the block stack).
+    """
+    swaps = dict(replacements)
+    if start is not None and capture is not None:
+        swaps.update({f"{stack.path}.{index}": _PassThrough(capture.returns_tuple) for index in range(start)})
+    with _swapped(shadow, swaps):
+        handle = None
+        if start is not None and capture is not None:
+            block = shadow.get_submodule(f"{stack.path}.{start}")
+            handle = block.register_forward_pre_hook(_Replay(capture.inputs[start]), with_kwargs=True)
+        try:
+            return evaluate(shadow, baseline, cancel=cancel)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme
+               ) -> dict[str, torch.nn.Module]:
+    return {name: QuantizedLinear(quantize(modules[name].weight, scheme), modules[name].bias) for name in names}
+
+
+def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Baseline, *, blocks: bool = True,
+            unit: str = "block", view: str = "forward", predict: bool = True, progress: Progress | None = None,
+            cancel: CancelCheck | None = None,
+            on_records: Callable[[str, list[dict]], None] | None = None) -> SensitivityReport:
+    """Per-linear output error for every scheme and, with ``blocks``, the end-to-end delta per unit.
+
+    Args:
+        unit: ``"block"`` quantizes one block at a time; ``"linear"`` one linear at a time (one replay per
+            linear: about as many replays as the model has linears, so several times slower).
+        view: ``"forward"`` quantizes only the unit; ``"reverse"`` quantizes everything except the unit.
+        predict: also estimate each linear's own end-to-end delta from its output error and the metric's
+            curvature there (one backward pass; ``predicted_delta``), which the recommender uses.
+        progress: ``progress(fraction, message)``; ``cancel()`` returning True stops with ``Cancelled``.
+        on_records: ``on_records(part, records)`` as records finish: ``"linear"`` once with every per-linear
+            record, then ``"block"`` with each unit's record as soon as it is measured (so a caller can store
+            them and a killed analysis keeps what it finished).
+    """
+    if unit not in UNITS:
+        raise QlabError(f"unknown unit '{unit}'; use one of {', '.join(UNITS)}.")
+    if view not in VIEWS:
+        raise QlabError(f"unknown view '{view}'; use one of {', '.join(VIEWS)}.")
+    if baseline.kind != loaded.kind:
+        raise QlabError(f"the baseline is for a {baseline.kind} model but {loaded.name} is a {loaded.kind}; "
+                        "compute the baseline on this model.")
+    schemes = tuple(dict.fromkeys(schemes))
+    model = loaded.model
+    _check_schemes(model, schemes)
+    metric = METRIC[loaded.kind]
+    stack = block_stack(model)
+    modules = dict(model.named_modules())
+    linear_names = [name for name, _ in quantizable_linears(model)]
+    units = _units(stack, unit) if blocks else []
+    replays_per_scheme = len(units) + (1 if view == "reverse" else 0)
+    total = 1 + predict + len(schemes) * replays_per_scheme + (len(schemes) if blocks and view == "reverse" else 0)
+    done = [0]
+
+    def step(message: str) -> None:
+        done[0] += 1
+        if progress:
+            progress(min(1.0, done[0] / total), message)
+
+    _check_cache_fits(model, stack, baseline)
+    shadow = shared_copy(model)
+    mask_slot: list = [None]
+    probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot) for name in linear_names}
+    seconds = {}
+    started = time.perf_counter()
+    capture = _capture(shadow, stack, baseline, probes, mask_slot, cancel)
+    seconds["capture_and_linear_error_s"] = time.perf_counter() - started
+    step("captured activations and block inputs")
+    curvature, items = None, 0
+    if predict:
+        started = time.perf_counter()
+        curvature, items = _output_curvature(shadow, baseline, linear_names, cancel)
+        seconds["curvature_s"] = time.perf_counter() - started
+        step("estimated output curvature")
+    started = time.perf_counter()
+    linear_records = _linear_records(loaded, stack, probes, schemes, curvature, items)
+    seconds["capture_and_linear_error_s"] += time.perf_counter() - started
+    finished = on_records or (lambda part, records: None)
+    finished("linear", linear_records)
+
+    block_records: list[dict] = []
+    started = time.perf_counter()
+    for scheme in schemes if blocks else ():
+        if view == "forward":
+            block_records += _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric,
+                                           loaded.name, step, cancel, finished)
+        else:
+            block_records += _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline, metric,
+                                           loaded.name, step, cancel, finished)
+    seconds["blocks_s"] = time.perf_counter() - started
+    return SensitivityReport(loaded.name, loaded.kind, metric, schemes, linear_records, block_records, seconds,
+                             baseline.tokens, view, unit)
+
+
+def _check_cache_fits(model: torch.nn.Module, stack: BlockStack, baseline: Baseline) -> None:
+    """Refuse before any work when every block's cached input would not fit in half the free RAM."""
+    import psutil
+
+    positions = (baseline.inputs["windows"] if baseline.kind == "causal-lm" else baseline.inputs["input_ids"]).numel()
+    width = model.get_input_embeddings().embedding_dim
+    needed = len(stack.linears) * positions * width * 4  # FP32 hidden states, one per block
+    available = psutil.virtual_memory().available
+    if needed > available / 2:
+        raise QlabError(f"caching every block's input for {positions} tokens needs {needed / 1e9:.1f} GB, more than "
+                        f"half the {available / 1e9:.1f} GB of free RAM; lower the token budget.")
+
+
+def _units(stack: BlockStack, unit: str) -> list[tuple[int | None, str, tuple[str, ...]]]:
+    """(start block, label, linear names) of each unit measured end to end."""
+    if unit == "block":
+        units = [(index, f"{stack.path}.{index}", names) for index, names in enumerate(stack.linears) if names]
+    else:
+        units = [(index, name, (name,)) for index, names in enumerate(stack.linears) for name in names]
+    # Linears outside the stack (a pooler, an untied head) run through the whole model: no block to start at.
+    return units + [(None, name, (name,)) for name in stack.outside]
+
+
+def _block_record(model_name: str, label: str, names: Sequence[str], start: int | None, unit_kind: str,
+                  scheme: QuantScheme, metrics: dict[str, float], metric: str, delta: float, view: str,
+                  seconds: float) -> dict:
+    return {"model": model_name, "unit": unit_kind, "name": label, "block": start, "layers": list(names),
+            "view": view, "format": scheme.format, "label": scheme.label, "metric": metric,
+            "value": metrics[metric], "delta": delta, **{f"metric_{k}": v for k, v in metrics.items()},
+            "seconds": round(seconds, 3)}
+
+
+def _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric, model_name, step, cancel,
+                  finished) -> list[dict]:
+    records = []
+    for start, label, names in units:
+        started = time.perf_counter()
+        metrics = _replay(shadow, stack, capture, start, _quantized(modules, names, scheme), baseline, cancel)
+        unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
+        records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
+                                     error_of(metric, metrics[metric]), "forward", time.perf_counter() - started))
+        finished("block", records[-1:])
+        step(f"{scheme.label}: {label}")
+    return records
+
+
+def _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline, metric, model_name, step,
+                  cancel, finished) -> list[dict]:
+    """Everything at ``scheme`` except one unit: how much error keeping that unit in FP32 removes."""
+    everything = _quantized(modules, linear_names, scheme)
+    records = []
+    with _swapped(shadow, everything):
+        all_quantized = error_of(metric, evaluate(shadow, baseline, cancel=cancel)[metric])
+        step(f"{scheme.label}: everything quantized")
+        # The all-quantized model's own block inputs: the prefix every reverse measurement shares.
+        capture = _capture(shadow, stack, baseline, {}, [None], cancel)
+        step(f"{scheme.label}: captured quantized block inputs")
+        for start, label, names in units:
+            started = time.perf_counter()
+            originals = {name: modules[name] for name in names}
+            metrics = _replay(shadow, stack, capture, start, originals, baseline, cancel)
+            unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
+            records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
+                                         all_quantized - error_of(metric, metrics[metric]), "reverse",
+                                         time.perf_counter() - started))
+            finished("block", records[-1:])
+            step(f"{scheme.label}: all but {label}")
+    return records
+
+
+def _linear_records(loaded: LoadedModel, stack: BlockStack, probes: dict[str, _LinearProbe],
+                    schemes: Sequence[QuantScheme], curvature: dict[str, torch.Tensor] | None, items: int
+                    ) -> list[dict]:
+    records = []
+    for name, probe in probes.items():
+        weight = probe.weight
+        stats = weight_stats(weight)
+        absmax = probe.input_absmax if probe.input_absmax is not None else torch.zeros(weight.shape[1])
+        activation = {"input_absmax": float(absmax.max()),
+                      "input_outlier_channels": int((absmax > OUTLIER_RATIO * absmax.median()).sum())}
+        shape = tuple(weight.shape)
+        for scheme, channels, weight_mse in zip(schemes, probe.error_channels, probe.weight_errors(), strict=True):
+            error_energy = float(channels.sum())
+            relative = error_energy / probe.output_energy if probe.output_energy > 0 else 0.0
+            record = {
+                "model": loaded.name, "layer": name, "block": stack.block_of(name), "layer_type": layer_type(name),
+                "format": scheme.format, "label": scheme.label, "params": weight.numel(), "shape": list(shape),
+                "bits_per_weight": scheme.bits_per_weight(shape),
+                "size_bytes": sum(scheme.storage_bytes(shape).values()),
+                "relative_mse": relative,
+                "sqnr_db": -10 * math.log10(relative) if relative > 0 else None,  # None: exact (fp32)
+                "output_sq_error": error_energy,  # summed over tokens and output channels
+                "output_mse": error_energy / max(1, probe.tokens * shape[0]),
+                "weight_relative_mse": weight_mse,
+                "tokens": probe.tokens,
+                **stats, **activation,
+            }
+            if curvature is not None:
+                # Second order: error = 1/2 sum_j curvature_j * (squared output error)_j, per metric item.
+                record["predicted_delta"] = 0.5 * float((curvature[name] * channels).sum()) / max(1, items)
+            records.append(record)
+    return records

@@ -1,0 +1,433 @@
+"""Measured speed: prefill latency, decode throughput, sentences per second, and this machine's read bandwidth.
+
+Every measurement warms up first, repeats, and reports the median with its spread (min and max), the peak
+memory above where it started and the thread count, because one timing on a shared 2-core machine means
+little. Models are called the Hugging Face way (``model(ids, past_key_values=..., use_cache=True)``), so torch
+backends and the llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are timed by the same loop.
+``cancel()`` returning True stops at the next step with ``qlab.core.errors.Cancelled``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+from qlab.core.errors import Cancelled, QlabError
+from qlab.models.loading import LoadedModel
+from qlab.core.quant import QuantScheme
+
+CancelCheck = Callable[[], bool]
+BANDWIDTH_TEST_BYTES = 256 * 2**20
+MAX_PROMPT_TOKENS = 4096
+MAX_NEW_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """What to time: prompt and generated lengths, batch, repetitions (after ``warmup`` untimed runs).
+
+    Embedding models encode ``sentences`` texts of the evaluation text per repetition.
+    """
+
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    batch: int = 1
+    repetitions: int = 3
+    warmup: int = 1
+    sentences: int = 32
+
+    def __post_init__(self) -> None:
+        checks = (("prompt_tokens", 1, MAX_PROMPT_TOKENS), ("new_tokens", 1, MAX_NEW_TOKENS), ("batch", 1, 256),
+                  ("repetitions", 1, 50), ("warmup", 0, 10), ("sentences", 1, 1024))
+        for name, low, high in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise QlabError(f"{name} must be an integer from {low} to {high}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median, min and max of repeated measurements of one quantity."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Timing:
+        return cls(statistics.median(values), min(values), max(values))
+
+    @property
+    def spread_pct(self) -> float:
+        """(max - min) / median, in percent: how much to trust the median on a busy machine."""
+        return 100.0 * (self.high - self.low) / self.median if self.median else 0.0
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """One model's measured speed. LMs fill prefill and decode; embedding models fill sentences per second."""
+
+    device: str
+    threads: int
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    repetitions: int
+    peak_memory_bytes: int
+    prefill_ms: Timing | None = None
+    decode_tokens_per_s: Timing | None = None
+    sentences_per_s: Timing | None = None
+
+    def to_record(self) -> dict:
+        """Flat JSON fields: each timing as ``x`` (median), ``x_min``, ``x_max`` and ``x_spread_pct``."""
+        record = {k: v for k, v in asdict(self).items() if not isinstance(getattr(self, k), Timing | None)}
+        for name in ("prefill_ms", "decode_tokens_per_s", "sentences_per_s"):
+            timing = getattr(self, name)
+            record[name] = None if timing is None else round(timing.median, 4)
+            record[f"{name}_min"] = None if timing is None else round(timing.low, 4)
+            record[f"{name}_max"] = None if timing is None else round(timing.high, 4)
+            record[f"{name}_spread_pct"] = None if timing is None else round(timing.spread_pct, 2)
+        return record
+
+
+class PeakMemory:
+    """Peak memory while the block runs, above its level at entry: CUDA allocator stats, or sampled process RSS.
+
+    RSS is sampled every 2 ms by a thread (Linux keeps only a lifetime peak, useless for one step of many).
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self._start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._process = psutil.Process()
+        self._start = self._peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._start)
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.peak_bytes = max(0, self._peak - self._start)
+
+
+def _check(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled; finished measurements are kept.")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompt_ids(loaded: LoadedModel, tokens: int, batch: int = 1) -> torch.Tensor:
+    """The same prompt for every backend: the first ``tokens`` tokens of the evaluation text, ``batch`` times."""
+    from qlab.models.evaluate import default_text
+
+    ids = loaded.tokenizer(default_text()[: tokens * 16], return_tensors="pt", add_special_tokens=False,
+                           verbose=False).input_ids[0][:tokens]
+    if ids.numel() < tokens:
+        raise QlabError(f"the evaluation text yields only {ids.numel()} tokens; ask for fewer prompt tokens.")
+    return ids.repeat(batch, 1)
+
+
+def measure_lm(model: torch.nn.Module, ids: torch.Tensor, spec: SpeedSpec, device: str = "cpu",
+               cancel: CancelCheck | None = None,
+               progress: Callable[[float, str], None] | None = None) -> SpeedResult:
+    """Prefill ``ids`` (batch x prompt), then greedily decode ``spec.new_tokens`` steps; time both, repeatedly."""
+    ids = ids.to(device)
+    prefill_ms, decode_rates = [], []
+    runs = spec.warmup + spec.repetitions
+    with PeakMemory(device) as memory, torch.inference_mode():
+        for run in range(runs):
+            _check(cancel)
+            _sync(device)
+            started = time.perf_counter()
+            out = model(ids, use_cache=True)
+            token = out.logits[:, -1:].argmax(dim=-1)
+            _sync(device)
+            prefilled = time.perf_counter()
+            past = out.past_key_values
+            for _ in range(spec.new_tokens):
+                _check(cancel)
+                out = model(token, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
+            _sync(device)
+            finished = time.perf_counter()
+            if run >= spec.warmup:
+                prefill_ms.append(1000.0 * (prefilled - started))
+                decode_rates.append(ids.shape[0] * spec.new_tokens / (finished - prefilled))
+            del out, past
+            if progress:
+                progress((run + 1) / runs, f"run {run + 1}/{runs}")
+    return SpeedResult(device, torch.get_num_threads(), ids.shape[0], ids.shape[1], spec.new_tokens,
+                       spec.repetitions, memory.peak_bytes, prefill_ms=Timing.of(prefill_ms),
+                       decode_tokens_per_s=Timing.of(decode_rates))
+
+
+def embedding_batch(loaded: LoadedModel, sentences: int) -> dict[str, torch.Tensor]:
+    """``sentences`` paragraphs of the evaluation text, tokenized as the embedding evaluation does."""
+    from qlab.models.evaluate import EMBED_MAX_TOKENS, _paragraphs, default_text
+
+    texts = _paragraphs(default_text())[:sentences]
+    return dict(loaded.tokenizer(texts, padding=True, truncation=True, max_length=EMBED_MAX_TOKENS,
+                                 return_tensors="pt"))
+
+
+def measure_embedding(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: SpeedSpec,
+                      device: str = "cpu", cancel: CancelCheck | None = None,
+                      progress: Callable[[float, str], None] | None = None) -> SpeedResult:
+    """Encode the batch repeatedly: sentences per second, and the batch's latency as ``prefill_ms``."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    n = batch["input_ids"].shape[0]
+    latencies = []
+    runs = spec.warmup + spec.repetitions
+    with PeakMemory(device) as memory, torch.inference_mode():
+        for run in range(runs):
+            _check(cancel)
+            _sync(device)
+            started = time.perf_counter()
+            model(**batch)
+            _sync(device)
+            if run >= spec.warmup:
+                latencies.append(time.perf_counter() - started)
+            if progress:
+                progress((run + 1) / runs, f"run {run + 1}/{runs}")
+    return SpeedResult(device, torch.get_num_threads(), n, batch["input_ids"].shape[1], 0, spec.repetitions,
+                       memory.peak_bytes, prefill_ms=Timing.of([1000.0 * s for s in latencies]),
+                       sentences_per_s=Timing.of([n / s for s in latencies]))
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Measured memory read bandwidth: summing a tensor far larger than the caches, several times."""
+
+    bytes_per_s: Timing
+    test_bytes: int
+    threads: int
+    device: str
+
+    def to_record(self) -> dict:
+        return {"bandwidth_bytes_per_s": round(self.bytes_per_s.median),
+                "bandwidth_bytes_per_s_max": round(self.bytes_per_s.high),
+                "bandwidth_spread_pct": round(self.bytes_per_s.spread_pct, 2),
+                "bandwidth_test_bytes": self.test_bytes, "threads": self.threads, "device": self.device}
+
+
+def measure_bandwidth(test_bytes: int = BANDWIDTH_TEST_BYTES, repetitions: int = 5, device: str = "cpu",
+                      cancel: CancelCheck | None = None) -> Bandwidth:
+    """Read bandwidth of this machine (what bounds decode): a reduction streams every byte once per pass."""
+    data = torch.ones(test_bytes // 4, dtype=torch.float32, device=device)
+    data.sum()  # page the buffer in and warm the kernel
+    rates = []
+    for _ in range(repetitions):
+        _check(cancel)
+        _sync(device)
+        started = time.perf_counter()
+        data.sum()
+        _sync(device)
+        rates.append(data.numel() * 4 / (time.perf_counter() - started))
+    return Bandwidth(Timing.of(rates), data.numel() * 4, torch.get_num_threads(), device)
+
+
+def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str = "cpu",
+              accuracy_tokens: int | None = 512, bandwidth: Bandwidth | None = None,
+              progress: Callable[[float, str], None] | None = None,
+              cancel: CancelCheck | None = None):
+    """Build each backend's model, time it, score it against FP32 and against its simulated twin; yield rows.
+
+    Every backend gets the same prompt, token counts and evaluation tokens. A backend that is unavailable
+    yields a row with ``available=False`` and the reason; one that fails yields its ``error``; neither stops
+    the run. Rows hold the fields listed in ``BENCH_FIELDS`` (see ``bench_row``).
+    """
+    import gc
+
+    from qlab.models.loading import architectures
+
+    from qlab.models.loading import hardware
+
+    from qlab.analyses import roofline
+    from qlab.backends import evaluate_model
+    from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
+
+    baseline = compute_baseline(loaded, EvalSpec(tokens=accuracy_tokens), cancel=cancel) if accuracy_tokens else None
+    arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
+    target = hardware.detect_this_machine()
+    inputs = (prompt_ids(loaded, spec.prompt_tokens, spec.batch) if loaded.kind == "causal-lm"
+              else embedding_batch(loaded, spec.sentences))
+    for index, backend in enumerate(backends):
+        _check(cancel)
+        row = bench_row(loaded, backend, device, spec)
+        if progress:
+            progress(index / len(backends), f"{backend.slug}: building")
+        ok, reason = backend.available(device)
+        if ok and loaded.kind not in backend.kinds:
+            ok, reason = False, f"{backend.slug} handles {' and '.join(backend.kinds)} models only."
+        if not ok:
+            row.update(available=False, reason=reason)
+            yield row
+            continue
+        gc.collect()
+        try:
+            started = time.perf_counter()
+            model = backend.apply(loaded, device)
+            row["apply_seconds"] = round(time.perf_counter() - started, 3)
+            if loaded.kind == "causal-lm":
+                result = measure_lm(model, inputs, spec, device, cancel)
+            else:
+                result = measure_embedding(model, inputs, spec, device, cancel)
+            row.update(result.to_record())
+            row.update(_sizes(loaded, backend, model))
+            if baseline is not None:
+                if progress:
+                    progress((index + 0.5) / len(backends), f"{backend.slug}: accuracy")
+                metrics = evaluate_model(model, baseline, cancel=cancel)
+                twin = evaluate(backend.twin_model(loaded, model), baseline, cancel=cancel)
+                row.update(metrics)
+                row.update({f"twin_{k}": v for k, v in twin.items()})
+                row["agrees_with_twin"] = backend.tolerance.agrees(metrics, twin)
+            if loaded.kind == "causal-lm" and bandwidth is not None:
+                plan = backend.twin(loaded.model)
+                scheme = plan if isinstance(plan, QuantScheme) else next(iter(plan.values()))
+                predicted = roofline.predict(
+                    arch, scheme, target, compute_dtype=None if backend.compute_dtype == "activation"
+                    else backend.compute_dtype, dense_format="bf16" if backend.compute_dtype == "bf16" else "fp32",
+                    context_tokens=spec.prompt_tokens + spec.new_tokens, prompt_tokens=spec.prompt_tokens,
+                    batch=spec.batch, bandwidth_bytes_per_s=bandwidth.bytes_per_s.median)
+                bound = predicted.decode_bound_tokens_per_s
+                if hasattr(model, "file_bytes"):
+                    # llama.cpp streams its file's tensors as stored (its quantized tied head too) and keeps an
+                    # F16 KV cache, so the file, not the twin's scheme, sets the bytes per token.
+                    kv = roofline.kv_bytes_read(arch, spec.prompt_tokens + spec.new_tokens, spec.batch, "fp16")
+                    bound = spec.batch * bandwidth.bytes_per_s.median / (model.file_bytes + kv)
+                row["roofline_decode_tokens_per_s"] = round(bound, 3)
+                row["roofline_fraction"] = round(row["decode_tokens_per_s"] / bound, 4)
+                row["native"] = predicted.native
+            del model
+        except Cancelled:
+            raise
+        except Exception as error:  # one backend's failure is a result to show, not a reason to stop the run
+            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        gc.collect()
+        yield row
+    if progress:
+        progress(1.0, "done")
+
+
+def bench_row(loaded: LoadedModel, backend, device: str, spec: SpeedSpec) -> dict:
+    """The identifying fields every bench row starts with."""
+    return {"model": loaded.name, "kind": loaded.kind, "backend": backend.slug, "library": backend.library,
+            "format": backend.weight_format, "compute_dtype": backend.compute_dtype, "device": device,
+            "twin": backend.twin_label(loaded.model) if backend.activations is None
+            else f"{backend.twin_label(loaded.model)} + activations {backend.activations.bits}-bit per "
+                 f"{backend.activations.granularity}",
+            "available": True, "reason": None, "error": None, "threads": torch.get_num_threads(),
+            **dict.fromkeys(f"{name}{suffix}" for name in ("prefill_ms", "decode_tokens_per_s", "sentences_per_s")
+                            for suffix in ("", "_min", "_max", "_spread_pct")), "peak_memory_bytes": None,
+            "batch": spec.batch, "prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens,
+            "repetitions": spec.repetitions, "note": backend.note, "tolerance": backend.tolerance.why}
+
+
+def _sizes(loaded: LoadedModel, backend, model) -> dict:
+    from qlab.analyses.sweep import size_report
+
+    size = size_report(loaded.model, backend.twin(loaded.model))
+    record = {"size_bytes": size.size_bytes, "bits_per_weight": round(size.bits_per_weight, 4)}
+    if hasattr(model, "file_bytes"):
+        record["size_bytes"] = model.file_bytes  # the real GGUF file, llama.cpp's own mixture included
+        record["bits_per_weight"] = None
+    return record
+
+
+def add_ratios(rows: list[dict], reference: str = "fp32") -> list[dict]:
+    """Each row's decode (or sentences/s) speed-up over the reference backend's row, when it ran."""
+    ref = next((r for r in rows if r["backend"] == reference and not r.get("error") and r.get("available")), None)
+    key = "decode_tokens_per_s" if rows and rows[0].get("kind") == "causal-lm" else "sentences_per_s"
+    for row in rows:
+        row["speedup_vs_" + reference] = (round(row[key] / ref[key], 3)
+                                          if ref and row.get(key) and ref.get(key) else None)
+    return rows
+
+
+BENCH_FIELDS = ("model", "backend", "library", "format", "device", "threads", "batch", "prompt_tokens",
+                "new_tokens", "repetitions", "prefill_ms", "prefill_ms_min", "prefill_ms_max",
+                "decode_tokens_per_s", "decode_tokens_per_s_min", "decode_tokens_per_s_max",
+                "decode_tokens_per_s_spread_pct", "peak_memory_bytes", "available", "reason", "error")
+
+
+def error_of(row: dict) -> float | None:
+    """The row's accuracy loss, lower is better: mean KLD (LMs) or 1 - mean cosine (embedding models)."""
+    if row.get("kld_mean") is not None:
+        return float(row["kld_mean"])
+    if row.get("cosine_mean") is not None:
+        return 1.0 - float(row["cosine_mean"])
+    return None
+
+
+def speed_of(row: dict) -> float | None:
+    """The row's throughput: decode tokens/s (LMs) or sentences/s (embedding models)."""
+    value = row.get("decode_tokens_per_s") if row.get("decode_tokens_per_s") is not None else row.get("sentences_per_s")
+    return None if value is None else float(value)
+
+
+def pareto_front(rows: list[dict]) -> list[bool]:
+    """Which rows no other row beats on speed, error and size at once (higher speed, lower error, smaller)."""
+    points = [(speed_of(r), error_of(r), r.get("size_bytes")) for r in rows]
+
+    def dominates(a, b) -> bool:
+        return (a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]) and (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
+
+    complete = [None not in p for p in points]
+    return [ok and not any(complete[j] and dominates(points[j], p) for j in range(len(points)) if j != i)
+            for i, (p, ok) in enumerate(zip(points, complete))]
+
+
+def verdicts(rows: list[dict], max_error: float, latency_budget_ms: float | None = None,
+             memory_bytes: int | None = None) -> list[dict]:
+    """The three answers the Speed page gives, each with the row that wins and why.
+
+    - fastest within the accuracy bound (``error_of <= max_error``);
+    - smallest that fits ``memory_bytes`` within the bound (the faster of equal sizes);
+    - most accurate whose latency per token or sentence (1000 / throughput) is within ``latency_budget_ms``.
+    """
+    measured = [r for r in rows if speed_of(r) is not None and error_of(r) is not None]
+    accurate = [r for r in measured if error_of(r) <= max_error]
+    fitting = [r for r in accurate if memory_bytes is None or (r.get("size_bytes") or 0) <= memory_bytes]
+    in_budget = [r for r in measured if latency_budget_ms is None or 1000.0 / speed_of(r) <= latency_budget_ms]
+    answers = [
+        ("fastest within the accuracy bound", max(accurate, key=speed_of, default=None),
+         f"error <= {max_error:g}; highest measured throughput"),
+        ("smallest that fits", min(fitting, key=lambda r: (r.get("size_bytes") or 0, -speed_of(r)), default=None),
+         "within the accuracy bound" + (f" and {memory_bytes / 1e9:.1f} GB" if memory_bytes else "")),
+        ("best under the latency budget", min(in_budget, key=error_of, default=None),
+         "lowest error" + (f" at <= {latency_budget_ms:g} ms/token" if latency_budget_ms else "")),
+    ]
+    return [{"question": question, "backend": row["backend"] if row else None,
+             "format": row.get("format") if row else None, "speed": speed_of(row) if row else None,
+             "error": error_of(row) if row else None, "size_bytes": row.get("size_bytes") if row else None,
+             "rule": rule if row else f"no measured backend meets it ({rule})"}
+            for question, row, rule in answers]

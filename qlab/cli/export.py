@@ -1,0 +1,106 @@
+"""``python -m qlab export``: save a model quantized by a real backend (safetensors or GGUF) with its scheme,
+or the per-layer scheme JSON of a simulated scheme.
+
+    python -m qlab export --model minilm-l6 --backend quanto-int8 --out exports/minilm-int8
+    python -m qlab export --model smollm2-135m --scheme-json --format int4 --out int4-g64.json
+    python -m qlab export --list
+
+``qlab.cli.build_parser`` wires it with ``add_parser(sub, json_option)``; ``qlab.cli`` is imported inside the
+functions (no import cycle).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def add_parser(subparsers: argparse._SubParsersAction,
+               json_option: Callable[[argparse.ArgumentParser, str], None]) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to qlab's parser."""
+    from qlab.cli import _add_scheme_arguments
+
+    parser = subparsers.add_parser(
+        "export", help="save a really quantized model (safetensors/GGUF + qlab_scheme.json) or a scheme's JSON")
+    parser.add_argument("--model", default="minilm-l6", help="bundled slug, local directory or HF id")
+    parser.add_argument("--backend", default=None, help="real backend to quantize with (see --list)")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="directory to create (--backend; default: <qlab data dir>/exports/<model>-<backend>), "
+                             "or the JSON file to write (--scheme-json)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    parser.add_argument("--scheme-json", action="store_true",
+                        help="simulated scheme: write the per-layer scheme JSON (module -> scheme) instead")
+    parser.add_argument("--format", default="int4", help="--scheme-json: weight format from the registry")
+    _add_scheme_arguments(parser, granularity="group")
+    parser.add_argument("--list", action="store_true", help="list the backends that can export, and whether "
+                                                            "each runs here")
+    json_option(parser, "print what was written as JSON")
+    parser.set_defaults(func=cmd_export)
+    return parser
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export, then print the directory, files and sizes (or JSON)."""
+    from qlab.cli import _emit
+    from qlab.core.errors import QlabError
+
+    if args.list:
+        _list(args)
+        return
+    if args.scheme_json:
+        _scheme_json(args)
+        return
+    if not args.backend:
+        raise QlabError("give --backend (a real backend, see `python -m qlab export --list`) or --scheme-json.")
+    from qlab.backends import export
+    from qlab.models.loading import load
+
+    export._backend(args.backend)  # an unknown or unexportable backend fails before the model loads
+    loaded = load(args.model)
+    out = args.out or export.default_out_dir(loaded.name, args.backend)
+    result = export.export_quantized(loaded, args.backend, out, force=args.force)
+    record = {**result.to_record(), "model": loaded.name, "reload": "qlab.backends.export.load_exported(out_dir)"}
+    if args.json is not None:
+        _emit(record, args.json)
+        return
+    print(f"{loaded.name} quantized by {result.backend} -> {result.out_dir}")
+    print(f"  {result.weights_file}: {result.weights_bytes / 1e6:.1f} MB; files: {', '.join(result.files)}")
+    print(f"  reload: python -c \"from qlab.backends.export import load_exported; load_exported('{result.out_dir}')\"")
+
+
+def _list(args: argparse.Namespace) -> None:
+    from qlab import backends
+    from qlab.backends import export
+    from qlab.cli import _emit
+
+    rows = []
+    for slug in export.exportable():
+        backend = backends.get(slug)
+        ok, reason = backend.available("cpu")
+        rows.append({"backend": slug, "library": backend.library, "kinds": list(backend.kinds),
+                     "available_here": ok, "reason": None if ok else reason})
+    if args.json is not None:
+        _emit(rows, args.json)
+        return
+    for row in rows:
+        print(f"{row['backend']:18} {row['library']:18} {'yes' if row['available_here'] else 'no: ' + row['reason']}")
+
+
+def _scheme_json(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from qlab.cli import _emit, _scheme, _write_atomic
+    from qlab.core.errors import QlabError
+    from qlab.models.loading import load
+    from qlab.store import scheme_export
+
+    if not args.out:
+        raise QlabError("--scheme-json needs --out FILE.json.")
+    loaded = load(args.model)
+    payload = scheme_export(loaded, _scheme(args, args.format))
+    _write_atomic(Path(args.out), json.dumps(payload, indent=1))
+    if args.json is not None:
+        _emit({"out": args.out, "model": loaded.name, "layers": len(payload["layers"])}, args.json)
+        return
+    print(f"wrote {args.out}: {len(payload['layers'])} layers of {loaded.name} at {args.format}")

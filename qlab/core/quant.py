@@ -1,0 +1,480 @@
+"""Quantization schemes and the pure tensor functions that apply them.
+
+``quantize`` turns a float tensor into a ``QTensor`` (codes, scale, zero-point); ``dequantize`` maps it back;
+``fake_quantize`` does both, which is how the sweep simulates a scheme. Everything works on a 2-D "blocks"
+view of the tensor, one row per scale: the whole tensor, one output channel, or one group of ``group_size``
+consecutive inputs. No Python loop runs over elements, channels or groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+
+from qlab.core.errors import QlabError
+from qlab.core.formats import Format, get_format
+
+Granularity = Literal["tensor", "channel", "group"]
+Calibration = Literal["minmax", "percentile", "mse"]
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
+CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "mse")
+# "gptq" needs calibration inputs (Hessians), which qlab.analyses.sweep collects; see qlab.core.algorithms.
+ALGORITHMS: tuple[str, ...] = ("rtn", "gptq")
+TARGETS: tuple[str, ...] = ("weights",)  # activations come with real kernels; the field keeps room for them
+SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MSE_CLIP_RATIOS = torch.linspace(1.0, 0.5, 26)  # candidate clipping ranges, as fractions of the min-max range
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one tensor (or every linear weight of a model) is quantized.
+
+    Args:
+        format: a registry name (``qlab.core.formats``), e.g. ``"int4"``, ``"nf4"``, ``"fp8_e4m3"``.
+        granularity: one scale per ``"tensor"``, per output ``"channel"`` (row), or per ``"group"`` of
+            ``group_size`` consecutive values along the last dimension.
+        group_size: values per group when ``granularity == "group"``.
+        symmetric: zero-point fixed at 0 (integers only may be asymmetric).
+        calibration: how the clipping range is chosen: ``"minmax"``, ``"percentile"`` (of |x|), or ``"mse"``
+            (the clip ratio minimising squared error, searched per block).
+        percentile: the percentile used by ``calibration="percentile"``.
+        scale_dtype: dtype scales are stored in; ``"auto"`` is fp16 for groups (as GPTQ/AWQ/llama.cpp store
+            them) and fp32 otherwise.
+        targets: which tensors are quantized; only ``("weights",)`` for now.
+        algorithm: weight rounding algorithm; ``"rtn"`` (round to nearest) or ``"gptq"`` (error-compensating
+            rounding from calibration inputs, ``qlab.core.algorithms.gptq``).
+
+    Plain casts (fp32, fp16, bf16) have no scale, so their granularity fields are normalised away and two
+    schemes that do the same thing compare equal.
+    """
+
+    format: str = "int8"
+    granularity: str = "channel"
+    group_size: int = 128
+    symmetric: bool = True
+    calibration: str = "minmax"
+    percentile: float = 99.9
+    scale_dtype: str = "auto"
+    targets: tuple[str, ...] = ("weights",)
+    algorithm: str = "rtn"
+
+    def __post_init__(self) -> None:
+        fmt = get_format(self.format)
+        set_field = object.__setattr__.__get__(self)
+        set_field("format", fmt.name)
+        set_field("targets", tuple(self.targets))
+        if self.granularity not in GRANULARITIES:
+            raise QlabError(f"unknown granularity '{self.granularity}'; use one of {', '.join(GRANULARITIES)}.")
+        if self.calibration not in CALIBRATIONS:
+            raise QlabError(f"unknown calibration '{self.calibration}'; use one of {', '.join(CALIBRATIONS)}.")
+        if self.algorithm not in ALGORITHMS:
+            raise QlabError(f"unknown algorithm '{self.algorithm}'; use one of {', '.join(ALGORITHMS)}.")
+        if not set(self.targets) <= set(TARGETS) or not self.targets:
+            raise QlabError(f"targets must be a subset of {TARGETS}; activation quantization is not built yet.")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise QlabError(f"group size must be a positive integer, got {self.group_size!r}.")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise QlabError(f"percentile must be in (50, 100], got {self.percentile}.")
+        if not fmt.scaled:
+            # A plain cast has no scale: canonicalise so equal schemes hash equal.
+            for name, value in (("granularity", "tensor"), ("group_size", 128), ("symmetric", True),
+                                ("calibration", "minmax"), ("percentile", 99.9), ("scale_dtype", "auto"),
+                                ("algorithm", "rtn")):
+                set_field(name, value)
+            return
+        if not self.symmetric and fmt.kind != "integer":
+            raise QlabError(f"{fmt.name} is symmetric by construction; asymmetric applies to integer formats.")
+        if self.granularity != "group":
+            set_field("group_size", 128)
+        scale_dtype = self.scale_dtype
+        if scale_dtype == "auto":
+            scale_dtype = "fp16" if self.granularity == "group" else "fp32"
+        if scale_dtype not in SCALE_DTYPES:
+            raise QlabError(f"unknown scale dtype '{self.scale_dtype}'; use auto, {', '.join(SCALE_DTYPES)}.")
+        set_field("scale_dtype", scale_dtype)
+
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. ``int4 g128 asym`` or ``int8 per-channel``."""
+        if not self.fmt.scaled:
+            return self.format
+        parts = [self.format, {"tensor": "per-tensor", "channel": "per-channel"}.get(
+            self.granularity, f"g{self.group_size}")]
+        if not self.symmetric:
+            parts.append("asym")
+        if self.calibration != "minmax":
+            parts.append(self.calibration if self.calibration == "mse" else f"p{self.percentile:g}")
+        if self.algorithm != "rtn":
+            parts.append(self.algorithm)
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        """JSON-ready record of every field."""
+        record = asdict(self)
+        record["targets"] = list(self.targets)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> QuantScheme:
+        """Inverse of ``to_dict``; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(record) - known
+        if unknown:
+            raise QlabError(f"unknown scheme fields {sorted(unknown)}; known fields are {sorted(known)}.")
+        return cls(**record)
+
+    def storage_bytes(self, shape: tuple[int, ...] | torch.Size) -> dict[str, int]:
+        """Bytes the quantized tensor of this shape really occupies: codes, scales, zero-points."""
+        numel = math.prod(shape)
+        fmt = self.fmt
+        if not fmt.scaled:
+            return {"codes": numel * fmt.bits // 8, "scales": 0, "zero_points": 0}
+        n_blocks = block_count(shape, self)
+        scale_bytes = torch.finfo(SCALE_DTYPES[self.scale_dtype]).bits // 8
+        return {
+            "codes": math.ceil(numel * fmt.bits / 8),
+            "scales": n_blocks * scale_bytes,
+            "zero_points": 0 if self.symmetric else math.ceil(n_blocks * fmt.bits / 8),
+        }
+
+    def bits_per_weight(self, shape: tuple[int, ...] | torch.Size) -> float:
+        """Storage bits per value for a tensor of this shape, scales and zero-points included."""
+        return 8 * sum(self.storage_bytes(shape).values()) / math.prod(shape)
+
+
+def block_count(shape: tuple[int, ...] | torch.Size, scheme: QuantScheme) -> int:
+    """Number of scales a tensor of this shape needs under the scheme (checks divisibility)."""
+    numel = math.prod(shape)
+    if scheme.granularity == "tensor" or not scheme.fmt.scaled:
+        return 1
+    if scheme.granularity == "channel":
+        return shape[0] if len(shape) >= 2 else 1
+    last = shape[-1] if len(shape) else 1
+    if last % scheme.group_size:
+        raise QlabError(f"group size {scheme.group_size} does not divide the last dimension {last} of a "
+                        f"tensor of shape {tuple(shape)}; pick a divisor of {last} or per-channel granularity.")
+    return numel // scheme.group_size
+
+
+def _as_blocks(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    n_blocks = block_count(x.shape, scheme)
+    return x.reshape(n_blocks, -1)
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized tensor: ``codes`` on the format's grid, one ``scale`` (and ``zero_point``) per block.
+
+    ``codes`` are kept unpacked in memory (one ``code_dtype`` value each); ``packed()`` gives the tensors as
+    they are stored, sub-byte codes packed, and ``nbytes`` is their size.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    zero_point: torch.Tensor | None
+    scheme: QuantScheme
+    shape: torch.Size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Back to floats: ``(codes - zero_point) * scale`` on the format's grid."""
+        values = self.scheme.fmt.decode(self.codes)
+        if self.scale is not None:
+            blocks = values.reshape(self.scale.numel(), -1)
+            if self.zero_point is not None:
+                blocks = blocks - self.zero_point.to(torch.float32)[:, None]
+            values = blocks * self.scale.to(torch.float32)[:, None]
+        return values.reshape(self.shape).to(dtype)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored: codes packed to ``bits`` per value, scales at their dtype."""
+        fmt = self.scheme.fmt
+        if fmt.kind == "float":
+            stored = {"codes": self.codes.reshape(-1)}
+        else:
+            stored = {"codes": pack_codes(self._unsigned(self.codes), fmt.bits)}
+        if self.scale is not None:
+            stored["scales"] = self.scale
+        if self.zero_point is not None:
+            stored["zero_points"] = pack_codes(self._unsigned(self.zero_point), fmt.bits)
+        return stored
+
+    def _unsigned(self, codes: torch.Tensor) -> torch.Tensor:
+        fmt = self.scheme.fmt
+        if fmt.kind == "integer":
+            return (codes.reshape(-1).to(torch.int16) - fmt.qmin).to(torch.uint8)
+        return codes.reshape(-1)
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes: packed codes plus scales and zero-points at their real dtypes."""
+        return sum(self.scheme.storage_bytes(self.shape).values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.scheme.bits_per_weight(self.shape)
+
+
+def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (< 2**bits) into a uint8 bit stream, least significant bit first."""
+    flat = unsigned.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % per_byte)).view(-1, per_byte)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return (padded << shifts).sum(dim=1, dtype=torch.uint8)
+    bit_index = torch.arange(bits, dtype=torch.uint8)
+    bitstream = ((flat[:, None] >> bit_index) & 1).reshape(-1)
+    bitstream = torch.nn.functional.pad(bitstream, (0, (-bitstream.numel()) % 8)).view(-1, 8)
+    return (bitstream << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: the first ``count`` codes as uint8."""
+    if bits == 8:
+        return packed[:count]
+    bitstream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: count * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int32))
+    return (bitstream.view(count, bits).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    # One reduction first: NaN and infinities propagate through a sum, so a finite sum proves every value
+    # finite without allocating a mask as large as the tensor (per-layer sensitivity quantizes every linear).
+    if torch.isfinite(x.sum()):
+        return
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise QlabError(f"the tensor holds {bad} NaN or infinite value(s); quantization needs finite numbers, "
+                        "so fix or exclude that tensor first.")
+
+
+def _clip_range(blocks: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block (low, high) the grid must cover, before the MSE search."""
+    if scheme.calibration == "percentile":
+        n = blocks.shape[1]
+        if scheme.symmetric:
+            k = max(1, min(n, math.ceil(scheme.percentile / 100 * n)))
+            high = blocks.abs().kthvalue(k, dim=1).values
+            return -high, high
+        k_high = max(1, min(n, math.ceil(scheme.percentile / 100 * n)))
+        k_low = max(1, min(n, n + 1 - k_high))
+        return blocks.kthvalue(k_low, dim=1).values, blocks.kthvalue(k_high, dim=1).values
+    if scheme.symmetric:
+        high = blocks.abs().amax(dim=1)
+        return -high, high
+    return blocks.amin(dim=1), blocks.amax(dim=1)
+
+
+def _scale_from_range(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rounded to its storage dtype) and integer zero-point that map [low, high] onto the grid."""
+    fmt = scheme.fmt
+    scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
+    finfo = torch.finfo(scale_dtype)
+    if scheme.symmetric:
+        scale = high / fmt.max_abs
+        zero_point = None
+    else:
+        # Like torch's observers, the range always contains 0 so that zero (padding, ReLU) is exact.
+        low, high = low.clamp(max=0), high.clamp(min=0)
+        scale = (high - low) / (fmt.qmax - fmt.qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: any scale is exact
+    # Round up, never down: a scale rounded down to fp16/bf16 makes the grid span less than [low, high] and
+    # clips the ends of the range, by more than half a step for bf16 or fp16 subnormal scales.
+    stored = scale.to(scale_dtype)
+    stored = torch.where(stored.to(torch.float32) < scale,
+                         torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
+    scale = stored.clamp(min=finfo.tiny * finfo.eps, max=finfo.max)
+    if not scheme.symmetric:
+        zero_point = _zero_point_for(low, scale, fmt)
+    return scale, zero_point
+
+
+def _zero_point_for(low: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The integer code that ``low`` maps to qmin with, clamped to the grid."""
+    zero_point = fmt.qmin - torch.round(low.clamp(max=0) / scale.to(torch.float32))
+    return zero_point.clamp(fmt.qmin, fmt.qmax).to(torch.int8)
+
+
+def encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+           fmt: Format) -> torch.Tensor:
+    """Codes of ``blocks`` (one row per scale) on the format's grid, given each row's scale and zero-point."""
+    # Multiply by the reciprocal in float32, exactly as torch.quantize_per_tensor does, so ties agree.
+    inverse = 1.0 / scale.to(torch.float32)[:, None]
+    scaled = blocks * inverse
+    if zero_point is None:
+        return fmt.round(scaled)
+    # The zero-point is added before rounding, round(x / scale + zero_point), as torch.quantize_per_tensor and
+    # torch.quantize_per_channel do: a tie goes to the even code, not to an even offset from the zero-point.
+    q = torch.round(scaled + zero_point.to(torch.float32)[:, None])
+    return q.clamp_(fmt.qmin, fmt.qmax).to(torch.int8)
+
+
+def _mse_scale(blocks: torch.Tensor, scheme: QuantScheme
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Search shrunken clip ranges per block; keep the one with the least squared error."""
+    low, high = _clip_range(blocks, scheme)
+    best_scale, best_zero = _scale_from_range(low, high, scheme)
+    best_error = torch.full((blocks.shape[0],), float("inf"), device=blocks.device)
+    for ratio in MSE_CLIP_RATIOS.tolist():
+        scale, zero = _scale_from_range(low * ratio, high * ratio, scheme)
+        codes = encode(blocks, scale, zero, scheme.fmt)
+        values = scheme.fmt.decode(codes)
+        if zero is not None:
+            values = values - zero.to(torch.float32)[:, None]
+        error = ((values * scale.to(torch.float32)[:, None] - blocks) ** 2).sum(dim=1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def compute_scale(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Calibrate the per-block scale (stored dtype) and zero-point (int8, or None if symmetric)."""
+    if not scheme.fmt.scaled:
+        return None, None
+    x = x.detach().to(torch.float32)
+    _check_finite(x)
+    blocks = _as_blocks(x, scheme)
+    if scheme.calibration == "mse":
+        return _mse_scale(blocks, scheme)
+    return _scale_from_range(*_clip_range(blocks, scheme), scheme)
+
+
+def _override(value: float | torch.Tensor | None, n_blocks: int, dtype: torch.dtype, what: str
+              ) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if tensor.numel() == 1:
+        tensor = tensor.expand(n_blocks)
+    if tensor.numel() != n_blocks:
+        raise QlabError(f"{what} has {tensor.numel()} values but the scheme needs {n_blocks} (one per block).")
+    if not torch.isfinite(tensor).all():
+        raise QlabError(f"{what} must be a finite number.")
+    return tensor.to(dtype).contiguous()
+
+
+def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor | None = None,
+             zero_point: int | torch.Tensor | None = None) -> QTensor:
+    """Quantize a float tensor. An explicit ``scale``/``zero_point`` (a number or one per block) overrides
+    calibration; the scale is still rounded to the scheme's scale dtype, because that is what is stored."""
+    fmt = scheme.fmt
+    x = x.detach().to(torch.float32)
+    if x.numel() == 0:
+        raise QlabError(f"the tensor of shape {tuple(x.shape)} is empty; there is nothing to quantize.")
+    if scheme.algorithm != "rtn" and fmt.scaled:
+        # Rounding to nearest here would silently stand in for GPTQ under GPTQ's label.
+        raise QlabError(f"{scheme.label} rounds with calibration inputs, which a single tensor does not have; "
+                        "run it through the sweep (qlab.core.algorithms.quantize_weight) or pick algorithm rtn.")
+    if not fmt.scaled:
+        if scale is not None or zero_point is not None:
+            raise QlabError(f"{fmt.name} is a plain cast with no scale or zero-point; drop those options.")
+        return QTensor(fmt.round(x), None, None, scheme, x.shape)
+    _check_finite(x)
+    blocks = _as_blocks(x, scheme)
+    n_blocks = blocks.shape[0]
+    if zero_point is not None and scheme.symmetric:
+        raise QlabError("a zero-point needs an asymmetric scheme; add --asymmetric or drop the zero-point.")
+    given_scale = _override(scale, n_blocks, SCALE_DTYPES[scheme.scale_dtype], "scale")
+    if given_scale is not None and not (given_scale.to(torch.float32) > 0).all():
+        raise QlabError("scale must be positive (and representable in the scale dtype).")
+    given_zero = _override(zero_point, n_blocks, torch.float64, "zero-point")
+    if given_zero is not None:
+        if not ((given_zero >= fmt.qmin) & (given_zero <= fmt.qmax) & (given_zero == given_zero.round())).all():
+            raise QlabError(f"zero-point must be an integer in [{fmt.qmin}, {fmt.qmax}] for {fmt.name}.")
+        given_zero = given_zero.to(torch.int8)
+    if given_scale is None:
+        calibrated_scale, calibrated_zero = compute_scale(x, scheme)
+        given_scale = calibrated_scale
+        given_zero = calibrated_zero if given_zero is None else given_zero
+    elif given_zero is None and not scheme.symmetric:
+        given_zero = _zero_point_for(_clip_range(blocks, scheme)[0], given_scale, fmt)
+    codes = encode(blocks, given_scale, given_zero, fmt)
+    return QTensor(codes.reshape(x.shape), given_scale, given_zero, scheme, x.shape)
+
+
+def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize and dequantize in one go, returning a tensor of ``x``'s dtype (the simulation primitive)."""
+    return quantize(x, scheme).dequantize(x.dtype)
+
+
+def grid_values(qtensor: QTensor, block: int = 0) -> torch.Tensor:
+    """The real values block ``block`` of a quantized tensor can take: the grid drawn over histograms."""
+    fmt = qtensor.scheme.fmt
+    levels = fmt.levels()
+    if qtensor.scale is None:
+        return levels
+    if qtensor.zero_point is not None:
+        levels = levels - qtensor.zero_point[block].to(torch.float32)
+    return levels * qtensor.scale[block].to(torch.float32)
+
+
+def block_of(qtensor: QTensor, row: int, group: int = 0) -> tuple[int, range]:
+    """Index of the block holding (row, group) of a 2-D quantized tensor, and the columns it covers."""
+    rows, columns = qtensor.shape[0], math.prod(qtensor.shape[1:])
+    if not 0 <= row < rows:
+        raise QlabError(f"row {row} is outside 0..{rows - 1}.")
+    scheme = qtensor.scheme
+    if scheme.granularity == "tensor" or qtensor.scale is None:
+        return 0, range(columns)
+    if scheme.granularity == "channel":
+        return row, range(columns)
+    groups_per_row = columns // scheme.group_size
+    if not 0 <= group < groups_per_row:
+        raise QlabError(f"group {group} is outside 0..{groups_per_row - 1}.")
+    start = group * scheme.group_size
+    return row * groups_per_row + group, range(start, start + scheme.group_size)
+
+
+def error_stats(x: torch.Tensor, qtensor: QTensor, dequantized: torch.Tensor | None = None) -> dict[str, float]:
+    """Relative MSE, SQNR (dB), share of values clipped (saturated) by their block's grid, bits per weight."""
+    x = x.detach().to(torch.float32)
+    dequantized = qtensor.dequantize() if dequantized is None else dequantized
+    relative_mse = (((dequantized - x) ** 2).mean() / (x**2).mean().clamp(min=1e-30)).item()
+    clipped = 0.0
+    if qtensor.scale is not None:
+        fmt = qtensor.scheme.fmt
+        scale = qtensor.scale.to(torch.float32)
+        if qtensor.zero_point is None:
+            low, high = -fmt.max_abs * scale, fmt.max_abs * scale
+        else:
+            zero = qtensor.zero_point.to(torch.float32)
+            low, high = (fmt.qmin - zero) * scale, (fmt.qmax - zero) * scale
+        blocks = _as_blocks(x, qtensor.scheme)
+        # Beyond the outermost level by more than half the outermost step: rounding alone cannot explain it.
+        levels = fmt.levels()
+        tolerance = (levels[-1] - levels[-2]).item() / 2 * scale[:, None]
+        clipped = ((blocks < low[:, None] - tolerance) | (blocks > high[:, None] + tolerance)).float().mean().item()
+    return {
+        "relative_mse": relative_mse,
+        "sqnr_db": -10 * math.log10(relative_mse) if relative_mse > 0 else float("inf"),
+        "clipped_fraction": clipped,
+        "bits_per_weight": qtensor.bits_per_weight,
+    }
+
+
+def check_group_sizes(chosen: Mapping[str, QuantScheme], widths: Mapping[str, int], model: str) -> None:
+    """Fail before any work when a group size does not divide the input width of a matrix it is chosen for
+    (``chosen`` and ``widths`` are keyed by matrix name), naming the group sizes that would fit."""
+    for scheme in dict.fromkeys(chosen.values()):
+        if scheme.granularity != "group" or not scheme.fmt.scaled:
+            continue
+        mine = {widths[name] for name, s in chosen.items() if s == scheme}
+        bad = sorted(w for w in mine if w % scheme.group_size)
+        if bad:
+            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in mine)]
+            raise QlabError(f"group size {scheme.group_size} does not divide input width(s) {bad} of {model}; "
+                            f"use group size {' or '.join(map(str, fits)) or 'per-channel granularity'}.")

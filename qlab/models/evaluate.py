@@ -1,0 +1,274 @@
+"""Accuracy of a (quantized) model against its own FP32 baseline, on the same tokens.
+
+The baseline is computed once per model and evaluation spec and kept; every scheme is then compared with it.
+Causal LMs: perplexity, KL divergence of the next-token distribution (mean and p99, as llama.cpp reports it)
+and top-1 agreement. Embedding models: mean cosine similarity to the baseline embeddings and agreement of
+each text's nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from qlab.core.errors import Cancelled, QlabError
+from qlab.models.loading import LoadedModel
+
+Progress = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+DEFAULT_TEXT_NAME = "pydoc_data.topics (Python's built-in help text)"
+MAX_TEXT_BYTES = 20_000_000
+MAX_TOKENS = 65_536  # a guard against typing one zero too many: 64k tokens already take minutes on a CPU
+LM_WINDOW = 512  # tokens per causal-LM evaluation window (SmolLM2 was trained on 2048-token contexts)
+LM_TOKENS_PER_FORWARD = 2048  # windows are batched up to this many tokens per forward pass
+LOGIT_CHUNK = 256  # positions whose vocabulary-wide log-probs are materialised at once
+EMBED_MAX_TOKENS = 128  # per text, as all-MiniLM-L6-v2 was trained
+EMBED_BATCH = 32
+MIN_EMBED_TEXTS = 4
+
+
+def default_text() -> str:
+    """CPython's bundled help topics: real English prose and code, no download needed."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def decode_text(data: bytes) -> str:
+    """Validate uploaded evaluation text: size-capped, UTF-8, not binary, not empty."""
+    if len(data) > MAX_TEXT_BYTES:
+        raise QlabError(f"the text is {len(data) / 1e6:.1f} MB; the limit is {MAX_TEXT_BYTES / 1e6:.0f} MB, "
+                        "and a few hundred kB are plenty.")
+    if b"\x00" in data[:65536]:
+        raise QlabError("the file looks binary (it holds NUL bytes); upload plain UTF-8 text.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise QlabError(f"the text is not valid UTF-8 (byte {error.start}); save it as UTF-8 and retry.") from None
+    if not text.strip():
+        raise QlabError("the text is empty; paste or upload some prose, or use the built-in text.")
+    return text
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate on: a token budget and a text (None means the built-in text)."""
+
+    tokens: int = 512
+    text: str | None = field(default=None, repr=False)
+    text_name: str = DEFAULT_TEXT_NAME
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 16:
+            raise QlabError(f"the token budget must be an integer of at least 16, got {self.tokens!r}.")
+        if self.tokens > MAX_TOKENS:
+            raise QlabError(f"a budget of {self.tokens} tokens exceeds the cap of {MAX_TOKENS}; use fewer.")
+        if self.text is not None and not self.text.strip():
+            raise QlabError("the evaluation text is empty; paste some text or use the built-in one.")
+
+    def resolved_text(self) -> str:
+        return default_text() if self.text is None else self.text
+
+    @property
+    def text_sha256(self) -> str:
+        return hashlib.sha256(self.resolved_text().encode()).hexdigest()
+
+
+@dataclass
+class Baseline:
+    """Inputs and FP32 reference outputs, computed once and compared against by every scheme."""
+
+    kind: str
+    inputs: dict[str, torch.Tensor]
+    reference: torch.Tensor  # LM: fp16 next-token log-probs (positions x vocab); embedding: unit vectors
+    metrics: dict[str, float]
+    tokens: int
+    seconds: float = 0.0
+
+
+def _check_cancel(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled; results finished so far are kept.")
+
+
+def _lm_windows(loaded: LoadedModel, spec: EvalSpec) -> torch.Tensor:
+    ids = loaded.tokenizer(spec.resolved_text(), return_tensors="pt", add_special_tokens=False,
+                           verbose=False).input_ids[0]
+    window = min(LM_WINDOW, spec.tokens)
+    n_windows = min(spec.tokens, ids.numel()) // window
+    if n_windows < 1:
+        raise QlabError(f"the text has only {ids.numel()} tokens, fewer than one evaluation window of "
+                        f"{window}; give a longer text or a smaller budget.")
+    return ids[: n_windows * window].view(n_windows, window)
+
+
+def _lm_log_probs(model: torch.nn.Module, windows: torch.Tensor, progress: Progress | None,
+                  cancel: CancelCheck | None):
+    """Yield (window slice, log-probs chunk as (positions, vocab)) so the full logits never sit in memory."""
+    per_forward = max(1, LM_TOKENS_PER_FORWARD // windows.shape[1])
+    decoder = model.base_model
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    total = windows.shape[0]
+    for start in range(0, total, per_forward):
+        _check_cancel(cancel)
+        batch = windows[start: start + per_forward].to(input_device(model))
+        with torch.inference_mode():
+            hidden = decoder(input_ids=batch).last_hidden_state.reshape(-1, head.in_features)
+            for offset in range(0, hidden.shape[0], LOGIT_CHUNK):
+                logits = head(hidden[offset: offset + LOGIT_CHUNK]).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                yield start * windows.shape[1] + offset, torch.log_softmax(logits, dim=-1).cpu()
+        if progress:
+            progress(min(1.0, (start + len(batch)) / total), f"window {start + len(batch)}/{total}")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids must go: the input embedding's device (a model spread by ``device_map="auto"`` over
+    GPUs moves activations between its own layers; on the CPU this is the CPU and nothing moves)."""
+    return model.get_input_embeddings().weight.device
+
+
+def _next_token_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per flattened position: the next token id, and whether it exists inside the same window."""
+    targets = torch.roll(windows, -1, dims=1)
+    valid = torch.ones_like(windows, dtype=torch.bool)
+    valid[:, -1] = False
+    return targets.reshape(-1), valid.reshape(-1)
+
+
+def compute_baseline(loaded: LoadedModel, spec: EvalSpec, progress: Progress | None = None,
+                     cancel: CancelCheck | None = None) -> Baseline:
+    """Run the FP32 model once on the spec's tokens and keep what later comparisons need."""
+    import time
+
+    started = time.perf_counter()
+    if loaded.kind == "causal-lm":
+        windows = _lm_windows(loaded, spec)
+        targets, valid = _next_token_targets(windows)
+        n = windows.numel()
+        vocab = loaded.model.get_output_embeddings().out_features
+        # The next-token distribution is kept as fp16 log-probs (half the memory of fp32; fp16 probabilities
+        # would lose the tail to subnormals), and KL is taken against that stored copy itself, renormalised:
+        # KL(p16 || q) = sum p16 log p16 - sum p16 log q. Using the same p16 in both terms keeps KL >= 0
+        # and the rounding's own contribution second order (~1e-7 nats), below any 8-bit scheme's.
+        log_probs16 = torch.empty(n, vocab, dtype=torch.float16)
+        neg_entropy, nll = torch.empty(n), torch.empty(n)
+        top1 = torch.empty(n, dtype=torch.long)
+        for offset, log_probs in _lm_log_probs(loaded.model, windows, progress, cancel):
+            rows = slice(offset, offset + log_probs.shape[0])
+            log_probs16[rows] = log_probs.to(torch.float16)
+            log_p = torch.log_softmax(log_probs16[rows].float(), dim=-1)
+            neg_entropy[rows] = (log_p.exp() * log_p).sum(dim=-1)
+            top1[rows] = log_probs.argmax(dim=-1)
+            nll[rows] = -log_probs.gather(1, targets[rows, None])[:, 0]
+        metrics = {"ppl": math.exp(nll[valid].mean().item())}
+        inputs = {"windows": windows, "neg_entropy": neg_entropy, "top1": top1}
+        baseline = Baseline("causal-lm", inputs, log_probs16, metrics, n)
+    else:
+        batch = _embedding_inputs(loaded, spec)
+        reference = _embed(loaded.model, batch, progress, cancel)
+        baseline = Baseline("embedding", batch, reference, {}, int(batch["attention_mask"].sum()))
+    baseline.seconds = time.perf_counter() - started
+    return baseline
+
+
+def evaluate(model: torch.nn.Module, baseline: Baseline, progress: Progress | None = None,
+             cancel: CancelCheck | None = None) -> dict[str, float]:
+    """Metrics of ``model`` (e.g. a quantized copy) against the baseline, on the baseline's own inputs."""
+    if baseline.kind == "causal-lm":
+        return _evaluate_lm(model, baseline, progress, cancel)
+    embeddings = _embed(model, baseline.inputs, progress, cancel)
+    return embedding_metrics(embeddings, baseline.reference)
+
+
+def _evaluate_lm(model: torch.nn.Module, baseline: Baseline, progress: Progress | None,
+                 cancel: CancelCheck | None) -> dict[str, float]:
+    return lm_metrics(_lm_log_probs(model, baseline.inputs["windows"], progress, cancel), baseline)
+
+
+def lm_metrics(log_prob_chunks: Iterable[tuple[int, torch.Tensor]], baseline: Baseline) -> dict[str, float]:
+    """LM metrics from (flat position offset, next-token log-probs) chunks covering the baseline's windows.
+
+    Any engine's log-probs fit here (llama.cpp's too), so every backend is scored by the same arithmetic.
+    """
+    windows = baseline.inputs["windows"]
+    targets, valid = _next_token_targets(windows)
+    n = windows.numel()
+    nll, cross, agree = torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool)
+    for offset, log_q in log_prob_chunks:
+        rows = slice(offset, offset + log_q.shape[0])
+        p = baseline.reference[rows].float().exp_()
+        # sum_v p_v log q_v as a batched dot product: no (positions x vocab) temporary beyond p itself.
+        cross[rows] = torch.bmm(p.unsqueeze(1), log_q.unsqueeze(2)).reshape(-1) / p.sum(dim=-1)
+        agree[rows] = log_q.argmax(dim=-1) == baseline.inputs["top1"][rows]
+        nll[rows] = -log_q.gather(1, targets[rows, None])[:, 0]
+    kld = (baseline.inputs["neg_entropy"] - cross).clamp_(min=0)
+    return {
+        "ppl": math.exp(nll[valid].mean().item()),
+        "kld_mean": kld.mean().item(),
+        "kld_p99": torch.quantile(kld, 0.99).item(),
+        "top1_agreement": agree.float().mean().item(),
+    }
+
+
+def _paragraphs(text: str) -> list[str]:
+    parts = (re.sub(r"\s+", " ", part).strip() for part in re.split(r"\n\s*\n", text))
+    return [part for part in parts if len(part) >= 40]
+
+
+def _embedding_inputs(loaded: LoadedModel, spec: EvalSpec) -> dict[str, torch.Tensor]:
+    texts, used = [], 0
+    for paragraph in _paragraphs(spec.resolved_text()):
+        count = min(EMBED_MAX_TOKENS, len(loaded.tokenizer(paragraph, verbose=False).input_ids))
+        if used + count > spec.tokens and len(texts) >= MIN_EMBED_TEXTS:
+            break
+        texts.append(paragraph)
+        used += count
+    if len(texts) < MIN_EMBED_TEXTS:
+        raise QlabError(f"the text yields {len(texts)} paragraph(s) of 40+ characters; embedding metrics need "
+                        f"at least {MIN_EMBED_TEXTS} (separate paragraphs with blank lines).")
+    encoded = loaded.tokenizer(texts, padding=True, truncation=True, max_length=EMBED_MAX_TOKENS,
+                               return_tensors="pt")
+    return dict(encoded)
+
+
+def _embed(model: torch.nn.Module, batch: dict[str, torch.Tensor], progress: Progress | None,
+           cancel: CancelCheck | None) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of MiniLM)."""
+    n = batch["input_ids"].shape[0]
+    outputs = []
+    for start in range(0, n, EMBED_BATCH):
+        _check_cancel(cancel)
+        part = {k: v[start: start + EMBED_BATCH].to(input_device(model)) for k, v in batch.items()}
+        with torch.inference_mode():
+            hidden = model(**part).last_hidden_state
+        mask = part["attention_mask"].unsqueeze(-1).to(hidden.device, hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        outputs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        if progress:
+            progress(min(1.0, (start + len(part["input_ids"])) / n), f"text {start + len(part['input_ids'])}/{n}")
+    return torch.cat(outputs)
+
+
+def embedding_metrics(embeddings: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Mean cosine to the baseline, and how often each text keeps the same nearest neighbour."""
+    cosine = (embeddings * reference).sum(dim=-1)
+
+    def nearest(e: torch.Tensor) -> torch.Tensor:
+        similarity = e @ e.T
+        similarity.fill_diagonal_(-float("inf"))
+        return similarity.argmax(dim=1)
+
+    return {
+        "cosine_mean": cosine.mean().item(),
+        "cosine_min": cosine.min().item(),
+        "retrieval_agreement": (nearest(embeddings) == nearest(reference)).float().mean().item(),
+    }
