@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
 from qlab.core.errors import QlabError
 from qlab.core.quant import QTensor, QuantScheme, quantize
+
+__all__ = ["CALIBRATED_ALGORITHMS", "needs_calibration", "quantize_weight"]
 
 CALIBRATED_ALGORITHMS = frozenset({"gptq"})
 
@@ -32,20 +33,3 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, hessian: torch.Te
     from qlab.core.algorithms.gptq import gptq_quantize
 
     return gptq_quantize(weight, hessian, scheme)
-
-
-def calibration_hessians(loaded, spec, progress: Callable[[float, str], None] | None = None,
-                         cancel: Callable[[], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every quantizable linear's Hessian from calibration text (the end of the spec's text), and a record of
-    how it was calibrated for the result row."""
-    from qlab.analyses.activations import calibration_data
-    from qlab.core.algorithms.gptq import collect_hessians
-    from qlab.models.loading import quantizable_linears
-
-    started = time.perf_counter()
-    data = calibration_data(loaded, spec)
-    names = [name for name, _ in quantizable_linears(loaded.model)]
-    hessians = collect_hessians(loaded, data, names, progress, cancel)
-    record = {"calibration_tokens": data.tokens, "calibration_overlaps_eval": data.overlaps_eval,
-              "calibration_seconds": round(time.perf_counter() - started, 3)}
-    return hessians, record
