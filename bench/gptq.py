@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from qlab.analyses import activations  # noqa: E402
+from qlab.analyses.sweep import run_sweep  # noqa: E402
 from qlab.core.algorithms import gptq  # noqa: E402
+from qlab.core.quant import QuantScheme  # noqa: E402
 from qlab.models.evaluate import EvalSpec  # noqa: E402
 from qlab.models.hardware import detect_this_machine  # noqa: E402
 from qlab.models.loading import load, weights_digest  # noqa: E402
-from qlab.core.quant import QuantScheme  # noqa: E402
-from qlab.analyses.sweep import run_sweep  # noqa: E402
 
 SCHEMES = (QuantScheme("int4", "group", 64), QuantScheme("int3", "group", 64), QuantScheme("int4", "channel"))
 

@@ -21,22 +21,217 @@ subclasses: host-bound), ``--skip-guards`` (``compiled-loop:skip-guards``), a co
 reduce-overhead (``compiled-loop:max-autotune``; on torch 2.11 its int8 compile did not finish in 240 s), e.g.
     python bench/gpu_speed.py --install-wheels --compile-mode max-autotune \
         --steps bf16:compiled-loop,int8wo:compiled-loop,int4wo:compiled-loop --json $OUT/gpu_speed_autotune.json
+
+The model and the measured step are ``qlab.backends.gpu_recipe``; this program owns the rest: the command line,
+one subprocess per step (a compile can take minutes; an OOM or a crash must not lose the others), its output
+streamed into ``<json>.log``, the wheel installer and the merging of runs. ``python -m qlab bench --device cuda``
+runs it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-from qlab import gpu_bench  # noqa: E402
+import torch  # noqa: E402
 
+from qlab.backends.gpu_recipe import BACKEND_OF, Args, run_step  # noqa: E402
+
+CONFIG_DIR = REPO / "assets" / "model_configs"
+
+# (format slug from the CLI, code path) in the order they run: the issue's goals first, the slow eager ones after.
+STEP_ORDER = (
+    ("bf16", "compiled-loop"), ("int8wo", "compiled-loop"), ("int4wo", "compiled-loop"),
+    ("bf16", "hf-generate"), ("nf4", "eager-loop"), ("float8wo", "compiled-loop"), ("int8wo", "hf-generate"),
+    ("bf16", "eager-loop"), ("int4wo", "hf-generate"),
+)
 OWN_OPTIONS = {"--json", "--budget-s", "--step-timeout-s", "--install-wheels", "--wheels", "--formats", "--paths",
                "--steps"}
 FLAGS = {"--install-wheels"}
+
+
+def load_config(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise SystemExit(f"gpu_speed: no model config '{name_or_path}' (looked in {CONFIG_DIR}).")
+    return path.stem, json.loads(path.read_text())
+
+
+def install_wheels(directory: Path) -> tuple[str, str | None]:
+    """``pip install --no-deps`` the carried torchao / bitsandbytes wheels when they do not import yet.
+
+    Returns what happened and, when the interpreter's site-packages refused the install (an externally managed
+    Python), the directory the wheels went to instead, for the steps' ``PYTHONPATH``.
+    """
+    import importlib.util
+
+    missing = [name for name in ("torchao", "bitsandbytes") if importlib.util.find_spec(name) is None]
+    wheels = [str(w) for w in sorted(directory.glob("*.whl")) if any(w.name.startswith(m) for m in missing)]
+    if not wheels:
+        return ("nothing to install" if not missing else f"no wheels for {missing} in {directory}"), None
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, *wheels], capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode == 0:
+        return f"installed {', '.join(Path(w).name for w in wheels)}", None
+    target = directory.parent / ".gpu-site-packages"
+    retry = subprocess.run([*pip, "--target", str(target), *wheels], capture_output=True, text=True, timeout=300,
+                           check=False)
+    last = (retry.stdout + retry.stderr).strip().splitlines()[-1:] or [""]
+    return f"site-packages refused (exit {done.returncode}); --target {target}: exit {retry.returncode} {last[0]}", \
+        str(target) if retry.returncode == 0 else None
+
+
+def steps_for(formats: list[str], paths: list[str], explicit: str | None = None) -> list[tuple[str, str]]:
+    """The (format, path) steps to run: ``explicit`` ("int8wo:hf-generate,nf4:eager-loop") or formats x paths."""
+    if explicit:
+        return [tuple(step.strip().split(":", 1)) for step in explicit.split(",") if step.strip()]
+    wanted = [(f, p) for f, p in STEP_ORDER if f in formats and p in paths]
+    extra = [(f, "compiled-loop") for f in formats if f not in {s[0] for s in STEP_ORDER}]
+    return wanted + extra
+
+
+def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
+    """Run each step in a subprocess under the time budget; rewrite the JSON after each one."""
+    out = Path(ns.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    log_file = out.with_suffix(".log")
+    deadline = time.monotonic() + ns.budget_s
+    installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
+    notes = {"install": installed}
+    env = dict(os.environ)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
+    for fmt, path in steps_for(ns.formats.split(","), ns.paths.split(","), ns.steps):
+        left = deadline - time.monotonic()
+        if left < 30:
+            rows.append({"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path,
+                         "device": ns.device, "error": "skipped: the time budget was spent", "measured": False})
+            continue
+        row_file = out.with_name(f".{out.stem}.{fmt}.{path}.json")
+        command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
+                   "--row-out", str(row_file), *passthrough]
+        started = time.monotonic()
+        # The step's output streams into one log beside the JSON, so a step killed at its time limit still
+        # shows how far it got; its last lines (tracebacks, skipped CUDA graphs) also travel with its row.
+        with log_file.open("a") as sink:
+            sink.write(f"=== {fmt}:{path} ===\n")
+            sink.flush()
+            offset = sink.tell()
+            try:
+                done = subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                      timeout=min(ns.step_timeout_s, left), check=False)
+                error = None if row_file.is_file() else f"step exited {done.returncode}"
+            except subprocess.TimeoutExpired:
+                error = f"step timed out after {min(ns.step_timeout_s, left):.0f} s"
+        with log_file.open("rb") as source:
+            source.seek(offset)
+            tail = [line[:300] for line in source.read().decode(errors="replace").strip().splitlines()[-12:]]
+        if error is None:
+            row = json.loads(row_file.read_text())
+        else:
+            row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
+                   "error": f"{error}: {' | '.join(tail[-3:])[:400]}", "measured": False}
+        row["log_tail"] = tail
+        row_file.unlink(missing_ok=True)
+        row["step_seconds"] = round(time.monotonic() - started, 1)
+        row["setup"] = notes
+        rows.append(row)
+        _write(out, rows)
+    _write(out, rows)
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(rows, indent=2))
+    os.replace(partial, path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-config", default="llama-3.1-8b", help="catalog config name or a config.json path")
+    p.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4")
+    p.add_argument("--paths", default="compiled-loop,hf-generate,eager-loop",
+                   help="compiled-loop (static cache + torch.compile), hf-generate (eager), eager-loop")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=200, help="decode steps per repetition (compiled/eager loop)")
+    p.add_argument("--hf-new-tokens", type=int, default=48, help="decode steps per repetition of HF generate")
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--compile-mode", default="reduce-overhead", help="reduce-overhead | max-autotune | default")
+    p.add_argument("--keep-head-bf16", action="store_true",
+                   help="leave the output head in BF16 (torchao's benchmark quantizes every linear, the head too)")
+    p.add_argument("--all-directions", action="store_true",
+                   help="inductor coordinate_descent_check_all_directions (torchao sets it; much longer compiles)")
+    p.add_argument("--keep-subclasses", action="store_true",
+                   help="compile torchao's tensor-subclass weights as they are (no unwrap_tensor_subclass)")
+    p.add_argument("--skip-guards", action="store_true",
+                   help="time the compiled loop with torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after timing, profile this many compiled decode steps (top kernels, launches) on CUDA")
+    p.add_argument("--dtype", default="bf16", help="bf16 (GPU) | fp32 (a CPU dry run)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a quick dry run)")
+    p.add_argument("--hidden", type=int, default=None, help="override hidden/intermediate/vocab (dry run)")
+    p.add_argument("--budget-s", type=float, default=470.0, help="stop starting steps after this many seconds")
+    p.add_argument("--step-timeout-s", type=float, default=240.0)
+    p.add_argument("--install-wheels", action="store_true", help="pip install --no-deps the wheels in --wheels")
+    p.add_argument("--wheels", default=str(REPO / "bench" / "wheels"))
+    p.add_argument("--json", default="gpu_speed.json", help="output file (rewritten after each step)")
+    p.add_argument("--steps", default=None,
+                   help="explicit steps instead of formats x paths, e.g. float8wo:compiled-loop,int8wo:hf-generate")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge earlier result files (later rows replace earlier ones of the same step) into --json")
+    p.add_argument("--step", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny 2-layer config, few tokens (checks the code paths, e.g. on a CPU)")
+    return p
+
+
+def args_from(ns: argparse.Namespace) -> Args:
+    name, config = load_config(ns.model_config)
+    if ns.dry_run:
+        ns.layers = ns.layers or 2
+        ns.hidden = ns.hidden or 256
+        ns.new_tokens, ns.hf_new_tokens, ns.prompt_tokens, ns.repetitions = 8, 4, 16, 1
+    if ns.layers:
+        config = {**config, "num_hidden_layers": ns.layers}
+    if ns.hidden:
+        heads = config["num_attention_heads"]
+        config = {**config, "hidden_size": ns.hidden, "intermediate_size": 4 * ns.hidden, "vocab_size": 8 * ns.hidden,
+                  "num_attention_heads": max(1, ns.hidden // 64), "head_dim": 64,
+                  "num_key_value_heads": max(1, min(config.get("num_key_value_heads", heads), ns.hidden // 64))}
+    return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
+                ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype],
+                quantize_head=not ns.keep_head_bf16, profile_steps=ns.profile_steps, all_directions=ns.all_directions,
+                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards)
+
+
+def merge(files: list[str], out: str) -> list[dict]:
+    """One result list from several runs: the last measured row of each (format, path) wins, in step order."""
+    rows: dict[tuple[str, str], dict] = {}
+    for file in files:
+        for row in json.loads(Path(file).read_text()):
+            key = (row.get("format_slug"), row.get("path"))
+            if row.get("decode_tokens_per_s") or key not in rows:
+                rows[key] = row
+    order = {step: i for i, step in enumerate(STEP_ORDER)}
+    merged = sorted(rows.values(), key=lambda r: order.get((r.get("format_slug"), r.get("path")), len(order)))
+    _write(Path(out), merged)
+    return merged
 
 
 def step_arguments(argv: list[str]) -> list[str]:
@@ -56,17 +251,17 @@ def step_arguments(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = gpu_bench.parser().parse_args(argv)
+    ns = parser().parse_args(argv)
     if ns.step:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
         fmt, path = ns.step.split(":")
-        row = gpu_bench.run_step(gpu_bench.args_from(ns), fmt, path)
+        row = run_step(args_from(ns), fmt, path)
         Path(ns.row_out).write_text(json.dumps(row, indent=2))
         return 0
     if ns.merge:
-        rows = gpu_bench.merge(ns.merge, ns.json)
+        rows = merge(ns.merge, ns.json)
     else:
-        rows = gpu_bench.orchestrate(ns, step_arguments(argv))
+        rows = orchestrate(ns, step_arguments(argv))
     for row in rows:
         rate = row.get("decode_tokens_per_s")
         shown = f"{rate:.1f} tok/s" if rate else row.get("error")

@@ -23,10 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qlab.models.loading import architectures
-
 from qlab.analyses import memory  # noqa: E402
 from qlab.core.quant import QuantScheme  # noqa: E402
+from qlab.models import architectures
 
 MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 CONTEXTS = (512, 2048, 8192)

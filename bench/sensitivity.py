@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from qlab.cli import _emit  # noqa: E402
-from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate  # noqa: E402
 from qlab.analyses.mixed import Budget, choices_from, compare, measure  # noqa: E402
-from qlab.models.loading import load, quantizable_linears, weights_digest  # noqa: E402
-from qlab.core.quant import QuantScheme  # noqa: E402
 from qlab.analyses.sensitivity import analyze, block_stack  # noqa: E402
 from qlab.analyses.sweep import peak_rss_bytes  # noqa: E402
+from qlab.cli import _emit  # noqa: E402
+from qlab.core.quant import QuantScheme  # noqa: E402
+from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate  # noqa: E402
+from qlab.models.loading import load, quantizable_linears, weights_digest  # noqa: E402
 
 GOAL_RATIO = 20.0
 GROUP_SIZE = 64  # divides every linear of both bundled models (SmolLM2's 576 does not take 128)

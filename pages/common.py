@@ -9,14 +9,12 @@ from collections.abc import Iterator
 import streamlit as st
 
 from qlab import views
-
-from qlab.models.loading import hardware
-
-from qlab.models.loading import loading as models
 from qlab.core.errors import QlabError
-from qlab.models.evaluate import Baseline, EvalSpec, compute_baseline
 from qlab.core.formats import FORMATS
 from qlab.core.quant import ALGORITHMS, CALIBRATIONS, QuantScheme
+from qlab.models import hardware
+from qlab.models import loading as models
+from qlab.models.evaluate import Baseline, EvalSpec, compute_baseline
 
 OTHER_MODEL = "Other: Hugging Face id or local directory"
 GROUP_SIZES = (32, 64, 128, 256)

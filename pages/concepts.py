@@ -8,15 +8,13 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.analyses import activations
-from qlab.analyses import explain
-from qlab.analyses import qat
-from qlab.core.algorithms.gptq import layer_comparison
-from qlab.models.evaluate import EvalSpec, default_text
-from qlab.core.formats import get_format
-from qlab.models.loading import quantizable_linears
-from qlab.core.quant import QuantScheme
+from qlab.analyses import activations, explain, qat
+from qlab.analyses.calibration import layer_comparison
 from qlab.analyses.sweep import run_sweep
+from qlab.core.formats import get_format
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import EvalSpec, default_text
+from qlab.models.loading import quantizable_linears
 
 SECTIONS = ("Calibration", "Static vs dynamic", "PTQ vs QAT", "GPTQ vs RTN")
 GPTQ_SCHEMES = (QuantScheme("int4", "group", 64), QuantScheme("int3", "group", 64))

@@ -6,14 +6,13 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.analyses import claims
-from qlab.analyses import explain
-from qlab.core.errors import QlabError
-from qlab.models.evaluate import EvalSpec
-from qlab.core.formats import FORMATS
-from qlab.models.loading import quantizable_linears
-from qlab.core.quant import CALIBRATIONS
+from qlab.analyses import claims, explain
 from qlab.analyses.sweep import run_sweep
+from qlab.core.errors import QlabError
+from qlab.core.formats import FORMATS
+from qlab.core.quant import CALIBRATIONS
+from qlab.models.evaluate import EvalSpec
+from qlab.models.loading import quantizable_linears
 
 SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Seed claims")
 VALUE_PRESETS = {

@@ -9,12 +9,11 @@ import streamlit as st
 
 from pages import common
 from qlab import charts, views
-from qlab.models.loading import loading as models
-from qlab.store import report
 from qlab.core.errors import QlabError
-from qlab.models.evaluate import DEFAULT_TEXT_NAME
 from qlab.core.quant import QuantScheme
-from qlab.store import Store, StoredRun, scheme_export
+from qlab.models import loading as models
+from qlab.models.evaluate import DEFAULT_TEXT_NAME
+from qlab.store import Store, StoredRun, report, scheme_export
 
 common.page_setup()
 st.title("History")

@@ -8,9 +8,8 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.models.loading import architectures
-from qlab.models.loading import hardware
 from qlab.analyses import memory
+from qlab.models import architectures, hardware
 from qlab.models.loading import LoadedModel
 
 SOURCES = ("Catalog architecture", "The sidebar's model", "Upload a config.json")

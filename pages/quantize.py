@@ -7,10 +7,10 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
+from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.errors import Cancelled, QlabError
 from qlab.models.evaluate import DEFAULT_TEXT_NAME, EvalSpec, decode_text
 from qlab.store import Recorder, Store, model_sha256, sweep_meta
-from qlab.analyses.sweep import check_schemes, run_sweep
 
 TEXT_SOURCES = ("Built-in text", "Paste text", "Upload a file")
 

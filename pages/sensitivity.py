@@ -9,10 +9,11 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from pages import common
 from qlab import charts
-from qlab.core.errors import Cancelled, QlabError
-from qlab.models.evaluate import EvalSpec
 from qlab.analyses.mixed import Budget, choices_from, compare, recommendation_record
 from qlab.analyses.sensitivity import analyze
+from qlab.analyses.sweep import check_schemes
+from qlab.core.errors import Cancelled, QlabError
+from qlab.models.evaluate import EvalSpec
 from qlab.store import (
     ANALYSIS_RUN,
     Recorder,
@@ -22,7 +23,6 @@ from qlab.store import (
     sensitivity_meta,
     sensitivity_saver,
 )
-from qlab.analyses.sweep import check_schemes
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
 UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none": "predict only (fastest)"}

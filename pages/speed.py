@@ -10,13 +10,11 @@ import streamlit as st
 
 from pages import common
 from qlab import backends, charts
-from qlab.models.loading import architectures
-from qlab.backends import export
-from qlab.models.loading import hardware
 from qlab.analyses import roofline
-from qlab.backends import speed
+from qlab.backends import export, speed
 from qlab.core.errors import Cancelled
 from qlab.core.quant import QuantScheme
+from qlab.models import architectures, hardware
 from qlab.store import Recorder, bench_meta
 
 GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_speed.json"

@@ -5,8 +5,8 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.models.loading import quantizable_linears
 from qlab.core.quant import block_of, error_stats, grid_values, quantize
+from qlab.models.loading import quantizable_linears
 
 common.page_setup()
 st.title("Weights")

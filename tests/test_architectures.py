@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qlab.models.loading import architectures as A
 from qlab.core.errors import QlabError
+from qlab.models import architectures as A
 
 CATALOG = A.load_catalog()
 # Building these on the meta device takes over 2 s (DeepSeek-V3: 61 layers x 256 experts of modules).

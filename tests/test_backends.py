@@ -157,8 +157,8 @@ def test_llama_cpp_quantizer_writes_the_bytes_qlab_simulates(smollm, tmp_path, f
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    from qlab.core import block_formats
     from qlab.backends.llamacpp import quantize_gguf, write_gguf
+    from qlab.core import block_formats
 
     source, target = tmp_path / "model.f32.gguf", tmp_path / f"model.{block_format}.gguf"
     write_gguf(smollm, source)

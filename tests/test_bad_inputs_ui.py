@@ -20,7 +20,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from pages import common
-from qlab.models.loading import loading as models
+from qlab.models import loading as models
 
 pytestmark = pytest.mark.slow  # most rows load MiniLM (once for the whole file) before or after the bad input
 

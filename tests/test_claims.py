@@ -2,9 +2,7 @@
 
 import pytest
 
-from qlab.analyses import claims
-
-from qlab.analyses import explain
+from qlab.analyses import claims, explain
 from qlab.core.errors import QlabError
 
 

@@ -6,10 +6,11 @@ import json
 import pytest
 
 from qlab import cli
+from qlab.analyses.sweep import ResultRow
 from qlab.cli.runs import add_parser
+from qlab.core.plan import SizeReport
 from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.analyses.sweep import ResultRow, SizeReport
 
 
 @pytest.fixture(autouse=True)
@@ -112,10 +113,10 @@ def test_errors_are_one_line(db, capsys, argv, message):
 
 @pytest.mark.slow
 def test_export_scheme_loads_the_model_and_lists_every_linear(tmp_path, capsys, minilm, monkeypatch):
+    from qlab.analyses.sweep import run_sweep
     from qlab.models.evaluate import EvalSpec
     from qlab.models.loading import quantizable_linears
     from qlab.store import store_rows, sweep_meta
-    from qlab.analyses.sweep import run_sweep
 
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
     schemes = [QuantScheme("int4", "group", 32)]
@@ -152,7 +153,7 @@ def test_memory_plans_are_stored_on_request_and_reported(tmp_path, capsys, monke
 
 
 def test_bench_stores_each_backend_row_and_reports_it(tmp_path, capsys, monkeypatch):
-    from qlab.models.loading import loading as models
+    from qlab.models import loading as models
     from tests.tiny_models import tiny_llama
 
     loaded = tiny_llama(seed=2)
@@ -245,9 +246,8 @@ def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_pat
 def test_bench_sweep_run_carries_the_hashes_a_sweep_run_has(tmp_path, monkeypatch, minilm, capsys):
     """`bench sweep --db` stores the weights and text hashes of what it measured: its rows are reusable and a
     comparison with a plain sweep of the same model and text names no difference in text or weights."""
-    from qlab.store import report
     from qlab.models.evaluate import EvalSpec
-    from qlab.store import model_sha256
+    from qlab.store import model_sha256, report
 
     monkeypatch.delenv("QLAB_DB", raising=False)
     monkeypatch.setattr("qlab.analyses.sweep_benchmark.load", lambda name: minilm)

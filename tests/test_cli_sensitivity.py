@@ -5,10 +5,9 @@ import json
 import pytest
 
 from qlab import cli
-
-from qlab.models.loading import loading as models
 from qlab.cli.sensitivity import add_parser
 from qlab.core.errors import QlabError
+from qlab.models import loading as models
 from tests.tiny_models import tiny_llama
 
 

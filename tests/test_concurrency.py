@@ -10,10 +10,10 @@ import time
 
 import pytest
 
+from qlab.analyses.sweep import run_sweep
+from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec
 from qlab.models.loading import weights_digest
-from qlab.core.quant import QuantScheme
-from qlab.analyses.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 

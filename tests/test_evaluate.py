@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from qlab.core.errors import QlabError
-from qlab.models.evaluate import EvalSpec, compute_baseline, decode_text, default_text, embedding_metrics, evaluate
+from qlab.models.evaluate import (
+    EvalSpec,
+    compute_baseline,
+    decode_text,
+    default_text,
+    embedding_metrics,
+    evaluate,
+)
 
 
 def test_default_text_is_cpythons_help():

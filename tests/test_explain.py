@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from qlab.analyses import explain
-
-from qlab.models.loading import hardware
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
+from qlab.models import hardware
 
 VALUES = [0.87654321, -2.45, 1.0, 0.1, -1e-3, 3.14159, 65504.0, 70000.0, 1e-6, 6e-8, 500.0, 448.0, 1e-40,
           3.3e38, -0.0, 0.0, 57344.0, 2.0**-14, 2.0**-9]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from qlab import backends, cli
-
 from qlab.backends import export
 from qlab.core.errors import QlabError
 from qlab.models.loading import weights_digest
@@ -58,7 +57,7 @@ def test_minilm_exports_reload_bit_exact(minilm, tmp_path, slug):
 
 
 def export_layers(backend, loaded):
-    from qlab.analyses.sweep import layer_schemes
+    from qlab.core.plan import layer_schemes
 
     return layer_schemes(loaded.model, backend.twin(loaded.model))
 
@@ -124,7 +123,7 @@ def test_a_non_empty_directory_needs_force_and_an_unwritable_one_fails_cleanly(t
 
 
 def test_cli_exports_and_fails_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
-    from qlab.models.loading import loading as models
+    from qlab.models import loading as models
 
     loaded = tiny_bert(seed=2)
     monkeypatch.setattr(models, "load", lambda name: loaded)

@@ -130,9 +130,9 @@ def test_gptq_beats_rtn_on_a_smollm_layer_at_4_and_3_bits(smollm):
 @pytest.mark.slow
 def test_sweep_runs_gptq_with_calibration_and_beats_rtn(minilm, monkeypatch):
     from qlab.analyses import activations
+    from qlab.analyses.sweep import run_sweep
     from qlab.models.evaluate import EvalSpec
     from qlab.models.loading import weights_digest
-    from qlab.analyses.sweep import run_sweep
 
     monkeypatch.setattr(activations, "CALIBRATION_TOKENS", 512)
     before = weights_digest(minilm.model)

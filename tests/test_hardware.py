@@ -7,8 +7,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qlab.models.loading import hardware
 from qlab.core.errors import QlabError
+from qlab.models import hardware
 
 FP8 = {"fp8_e4m3", "fp8_e5m2"}
 FP8_ARCHS = {"Hopper", "Ada Lovelace", "Blackwell"}

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from qlab.analyses.sweep import ResultRow
+from qlab.core.plan import SizeReport
 from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.analyses.sweep import ResultRow, SizeReport
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0"}
@@ -130,7 +131,7 @@ def test_rerun_puts_the_settings_in_the_sidebar_and_opens_quantize(db, minilm):
 def stored_sensitivity_run(db: Store, monkeypatch, tmp_path) -> str:
     """A real sensitivity analysis of a tiny Llama, stored by the CLI's --db (milliseconds, no bundled model)."""
     from qlab import cli
-    from qlab.models.loading import loading as models
+    from qlab.models import loading as models
     from qlab.models.evaluate import default_text
     from tests.tiny_models import tiny_llama
 

@@ -9,15 +9,12 @@ import math
 import pytest
 
 from qlab import cli
-
-from qlab.models.loading import architectures
-
-from qlab.cli import memory as cli_memory
-
 from qlab.analyses import memory
+from qlab.cli import memory as cli_memory
 from qlab.core.errors import QlabError
 from qlab.core.formats import FORMATS, get_format
 from qlab.core.quant import QuantScheme, quantize
+from qlab.models import architectures
 
 INT4_G128 = QuantScheme("int4", "group", 128)
 FP16 = QuantScheme("fp16")
@@ -136,7 +133,7 @@ def test_seed_facts_show_the_scales_they_leave_out():
 
 @pytest.fixture(scope="module", params=["minilm-l6", "smollm2-135m"])
 def loaded(request):
-    from qlab.models.loading import loading as models
+    from qlab.models import loading as models
 
     return models.load(request.param)
 
@@ -154,8 +151,8 @@ def _stored_bytes(model, scheme: QuantScheme) -> int:
     ``nbytes`` and the packing depend on a tensor's shape alone, so one real weight per distinct shape is
     quantized and counted for every linear of that shape (all of SmolLM2 at nf4 takes 35 s otherwise).
     """
+    from qlab.core.plan import unquantized_format
     from qlab.models.loading import quantizable_linears
-    from qlab.analyses.sweep import unquantized_format
 
     linears = quantizable_linears(model)
     per_shape = {}
@@ -175,7 +172,7 @@ def _stored_bytes(model, scheme: QuantScheme) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", _schemes(), ids=lambda s: s.label.replace(" ", "-"))
 def test_loaded_weights_equal_the_real_quantized_tensors(loaded, scheme):
-    from qlab.analyses.sweep import size_report
+    from qlab.core.plan import size_report
 
     plan = memory.plan_loaded(loaded, scheme, 128)
     assert plan.weights_bytes == size_report(loaded.model, scheme).size_bytes

@@ -5,13 +5,22 @@ import numpy as np
 import pytest
 
 from qlab.analyses import mixed
-from qlab.core.errors import QlabError
-from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
-from qlab.analyses.mixed import Budget, Choices, choices_from, compare, export_plan, load_plan, recommend, solve
-from qlab.models.loading import quantizable_linears, weights_digest
-from qlab.core.quant import QuantScheme
+from qlab.analyses.mixed import (
+    Budget,
+    Choices,
+    choices_from,
+    compare,
+    export_plan,
+    load_plan,
+    recommend,
+    solve,
+)
 from qlab.analyses.sensitivity import analyze
-from qlab.analyses.sweep import quantized_copy, size_report
+from qlab.core.errors import QlabError
+from qlab.core.plan import quantized_copy, size_report
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
+from qlab.models.loading import quantizable_linears, weights_digest
 from tests.tiny_models import tiny_llama
 
 INT8, INT4, INT2 = (QuantScheme(f, "group", 32) for f in ("int8", "int4", "int2"))

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlab.models.loading import loading as models
 from qlab.core.errors import QlabError
+from qlab.models import loading as models
 
 
 def test_bundled_catalog_resolves_without_importing_the_packages():

@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 
 from qlab.analyses import memory
-
-from qlab.store import report
+from qlab.analyses.sweep import ResultRow
+from qlab.core.plan import SizeReport
 from qlab.core.quant import QuantScheme
-from qlab.store import RunMeta, Store
-from qlab.analyses.sweep import ResultRow, SizeReport
+from qlab.store import RunMeta, Store, report
 
 ENV = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "python": "3.11.9"}
 
@@ -147,7 +146,7 @@ def test_sensitivity_and_recommendation_runs_are_reported_with_their_charts(db, 
     """A tiny Llama's recommendation stored by the CLI: ranked linears, units, measured plans and three
     sensitivity charts plus the mix Pareto chart, all from the store."""
     from qlab import cli
-    from qlab.models.loading import loading as models
+    from qlab.models import loading as models
     from qlab.models.evaluate import default_text
     from tests.tiny_models import tiny_llama
 

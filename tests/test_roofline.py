@@ -2,13 +2,10 @@
 
 import pytest
 
-from qlab.models.loading import architectures
-
-from qlab.models.loading import hardware
-
 from qlab.analyses import roofline
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme
+from qlab.models import architectures, hardware
 
 LLAMA_8B = "llama-3.1-8b"
 

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
+from qlab.analyses.sensitivity import analyze, block_stack, error_of, layer_type, weight_stats
 from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme, fake_quantize
 from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
 from qlab.models.loading import quantizable_linears, weights_digest
-from qlab.core.quant import QuantScheme, fake_quantize
-from qlab.analyses.sensitivity import analyze, block_stack, error_of, layer_type, weight_stats
 from tests.tiny_models import tiny_bert, tiny_llama
 
 LADDER = ("fp32", "int8", "int4", "int3", "int2")
@@ -178,7 +178,7 @@ def test_bad_requests_fail_in_one_line(llama):
 def test_minilm_block_replay_matches_the_sweep_path_and_leaves_weights_alone(minilm):
     """On a bundled model: the replayed delta of a block equals quantized_copy with only that block quantized
     (which also rounds the other tensors to fp16, hence the looser tolerance)."""
-    from qlab.analyses.sweep import quantized_copy
+    from qlab.core.plan import quantized_copy
 
     before = weights_digest(minilm.model)
     baseline = compute_baseline(minilm, EvalSpec(tokens=128))

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from qlab import store
-
 from qlab.analyses import memory
+from qlab.analyses.sweep import ResultRow
 from qlab.core.errors import Cancelled, QlabError
+from qlab.core.plan import SizeReport, layer_schemes, quantized_copy
 from qlab.core.quant import QuantScheme
 from qlab.store import Recorder, RunMeta, Store
-from qlab.analyses.sweep import ResultRow, SizeReport, layer_schemes, quantized_copy
 
 REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "host": "elsewhere", "pid": 1}

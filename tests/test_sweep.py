@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from qlab.analyses.sweep import parse_formats, run_sweep
 from qlab.core.errors import Cancelled, QlabError
+from qlab.core.plan import quantized_copy, size_report
+from qlab.core.quant import QuantScheme, quantize
 from qlab.models.evaluate import EvalSpec, compute_baseline
 from qlab.models.loading import quantizable_linears, weights_digest
-from qlab.core.quant import QuantScheme, quantize
-from qlab.analyses.sweep import parse_formats, quantized_copy, run_sweep, size_report
 
 LADDER = ["fp32", "fp16", "int8", "int4", "int3", "int2"]
 

@@ -76,10 +76,10 @@ def test_a_shared_url_restores_the_sidebar_and_follows_changes():
 def test_the_quantize_page_shows_stored_results_without_recomputing(minilm, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from qlab.models.evaluate import EvalSpec
-    from qlab.core.quant import QuantScheme
-    from qlab.store import Store, store_rows, sweep_meta
     from qlab.analyses.sweep import run_sweep
+    from qlab.core.quant import QuantScheme
+    from qlab.models.evaluate import EvalSpec
+    from qlab.store import Store, store_rows, sweep_meta
 
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
     schemes = [QuantScheme(f, "group", 64) for f in ("int8", "int4")]

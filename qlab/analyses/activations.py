@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme, quantize
 from qlab.models.evaluate import LM_WINDOW, EvalSpec, _embedding_inputs, _paragraphs
 from qlab.models.loading import LoadedModel
-from qlab.core.quant import QuantScheme, quantize
 
 # GPTQ's paper calibrates on 128 x 2048 tokens. On SmolLM2's 1536-wide down_proj, 1024 tokens made GPTQ worse
 # than RTN on held-out text (it fits the calibration tokens); 4096 with 10% damping beat RTN on every layer tried.

@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from qlab.core.errors import QlabError
 from qlab.analyses.explain import presets
-from qlab.models.loading import ASSETS_DIR
+from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import ASSETS_DIR
 
 SPEED_VARIANTS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8 dynamic (torch.ao)")
 # The accuracy side of the claims: fp16; int8 per channel; int4 in groups of 32, the block of GGUF's Q4 formats.

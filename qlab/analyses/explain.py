@@ -20,8 +20,8 @@ import torch
 from qlab.core import block_formats
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, get_format
-from qlab.models.loading import ASSETS_DIR
 from qlab.core.quant import CALIBRATIONS, QTensor, QuantScheme, error_stats, quantize
+from qlab.models.loading import ASSETS_DIR
 
 BIT_FORMATS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "int8", "int4", "nf4")
 RAW_FLOAT_FORMATS = frozenset({"fp8_e4m3", "fp8_e5m2", "fp4_e2m1"})  # shown as raw encodings (scale 1)
@@ -365,7 +365,7 @@ def granularity_comparison(weight: torch.Tensor, bits: int = 4) -> list[dict]:
 
 def hardware_support() -> list[dict]:
     """Which formats each catalog target (and this machine, detected) runs natively, from the catalog."""
-    from qlab.models.loading import hardware
+    from qlab.models import hardware
 
     targets = [hardware.detect_this_machine(), *hardware.catalog()]
     return [{"target": hw.name, "id": hw.id, "kind": hw.kind, "arch": hw.arch,
@@ -375,7 +375,7 @@ def hardware_support() -> list[dict]:
 
 def seed_hardware_claims() -> list[dict]:
     """The seeds' hardware claims checked against the catalog: how many matching targets run each format."""
-    from qlab.models.loading import hardware
+    from qlab.models import hardware
 
     catalog = hardware.catalog()
     rows = []

@@ -2,7 +2,7 @@
 
 Every component is arithmetic on named inputs; the formulas are stated once, in ``FORMULAS``, and shown by the
 page and the CLI. Weight bytes come from ``QuantScheme.storage_bytes`` per matrix shape, so scale and
-zero-point overhead is exact; for a loaded model they equal ``qlab.analyses.sweep.size_report`` to the byte.
+zero-point overhead is exact; for a loaded model they equal ``qlab.core.plan.size_report`` to the byte.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from qlab.models.loading import architectures
-
-from qlab.models.loading import hardware
-from qlab.models.architectures import Architecture
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
-from qlab.models.loading import ASSETS_DIR, LoadedModel, quantizable_linears
+from qlab.core.plan import SizeReport, unquantized_format
 from qlab.core.quant import QuantScheme, check_group_sizes
-from qlab.analyses.sweep import SizeReport, unquantized_format
+from qlab.models import architectures, hardware
+from qlab.models.architectures import Architecture
+from qlab.models.loading import ASSETS_DIR, LoadedModel, quantizable_linears
 
 GIB = 2**30
 KV_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp8", "int8", "int4")

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qlab.analyses.sensitivity import METRIC, SensitivityReport, error_of
 from qlab.core.errors import QlabError
+from qlab.core.plan import SchemePlan, quantized_copy, size_report, unquantized_format
+from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import Baseline, CancelCheck, Progress, evaluate
 from qlab.models.loading import LoadedModel, quantizable_linears
-from qlab.core.quant import QuantScheme
-from qlab.analyses.sensitivity import METRIC, SensitivityReport, error_of
-from qlab.analyses.sweep import SchemePlan, quantized_copy, size_report, unquantized_format
 
 # The knapsack runs over at most this many capacity states; a finer byte grid is rounded (costs up, so the
 # budget still holds exactly) to keep the table at L x MAX_STATES.
@@ -305,7 +305,7 @@ def export_plan(model_name: str, assignment: Mapping[str, QuantScheme]) -> dict:
 
 
 def load_plan(record: Mapping) -> dict[str, QuantScheme]:
-    """Read back ``export_plan``'s ``modules`` (module name -> scheme) for ``qlab.analyses.sweep.quantized_copy``."""
+    """Read back ``export_plan``'s ``modules`` (module name -> scheme) for ``qlab.analyses.plan.quantized_copy``."""
     if record.get("format") != EXPORT_VERSION or not isinstance(record.get("modules"), Mapping):
         raise QlabError(f"this is not a qlab mixed-precision plan ('format' must be {EXPORT_VERSION}).")
     return {name: QuantScheme.from_dict(scheme) for name, scheme in record["modules"].items()}

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qlab.models.loading import architectures
-
 from qlab.analyses import memory
-from qlab.models.architectures import Architecture
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
-from qlab.models.hardware import Hardware
 from qlab.core.quant import QuantScheme
+from qlab.models import architectures
+from qlab.models.architectures import Architecture
+from qlab.models.hardware import Hardware
 
 FORMULAS = {
     "decode_tokens_per_s": "batch x bandwidth / (weight bytes read per step + KV bytes read per step)",

@@ -26,10 +26,17 @@ from dataclasses import dataclass, field
 import torch
 
 from qlab.core.errors import QlabError
-from qlab.models.evaluate import LM_TOKENS_PER_FORWARD, Baseline, CancelCheck, Progress, _check_cancel, evaluate
-from qlab.models.loading import LoadedModel, quantizable_linears
+from qlab.core.plan import QuantizedLinear
 from qlab.core.quant import QuantScheme, fake_quantize, quantize
-from qlab.analyses.sweep import QuantizedLinear
+from qlab.models.evaluate import (
+    LM_TOKENS_PER_FORWARD,
+    Baseline,
+    CancelCheck,
+    Progress,
+    _check_cancel,
+    evaluate,
+)
+from qlab.models.loading import LoadedModel, quantizable_linears
 
 # A channel whose absmax exceeds this multiple of the median channel's absmax counts as an outlier. Scale-free
 # on purpose: LLM.int8 (Dettmers et al. 2022) uses |x| > 6 on activations, whose scale varies between models.

@@ -8,125 +8,26 @@ at the size of the codes rather than a second FP32 model.
 
 from __future__ import annotations
 
-import copy
 import gc
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from qlab.core.algorithms import calibration_hessians, needs_calibration, quantize_weight
+from qlab.analyses.calibration import calibration_hessians
+from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import QlabError
-from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_baseline, evaluate
 from qlab.core.formats import get_format
+from qlab.core.plan import (
+    SizeReport,
+    quantized_copy,
+    size_report,
+    unquantized_format,
+)
+from qlab.core.quant import QuantScheme, check_group_sizes
+from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_baseline, evaluate
 from qlab.models.loading import LoadedModel, quantizable_linears
-from qlab.core.quant import QTensor, QuantScheme, check_group_sizes
-
-
-class QuantizedLinear(torch.nn.Module):
-    """A linear layer whose weight lives as a QTensor and is dequantized on each call (weight-only PTQ)."""
-
-    def __init__(self, qweight: QTensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.qweight = qweight
-        self.bias = bias
-        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
-
-
-# A whole-model scheme, or a per-layer plan: linear module name -> scheme (a mixed-precision assignment).
-SchemePlan = QuantScheme | Mapping[str, QuantScheme]
-
-
-def unquantized_format(plan: SchemePlan) -> str:
-    """Storage format of tensors the plan leaves alone (embeddings, norms, biases, a tied head).
-
-    A plain-cast scheme (fp32/fp16/bf16) casts everything; anything else keeps them at fp16, as deployments do.
-    """
-    schemes = {plan} if isinstance(plan, QuantScheme) else set(plan.values())
-    formats = {s.format for s in schemes}
-    if len(formats) == 1 and not next(iter(schemes)).fmt.scaled:
-        return formats.pop()
-    return "fp16"
-
-
-def layer_schemes(model: torch.nn.Module, plan: SchemePlan) -> dict[str, QuantScheme]:
-    """Which scheme each quantizable linear gets; layers a per-layer plan omits stay unquantized."""
-    names = [name for name, _ in quantizable_linears(model)]
-    if isinstance(plan, QuantScheme):
-        return dict.fromkeys(names, plan)
-    unknown = sorted(set(plan) - set(names))
-    if unknown:
-        raise QlabError(f"the plan names {len(unknown)} layer(s) that are not quantizable linears of this model "
-                        f"(e.g. '{unknown[0]}'); use names from the Model page's layer table.")
-    return {name: plan[name] for name in names if name in plan}
-
-
-@dataclass(frozen=True)
-class SizeReport:
-    """Bytes of a model as stored under a scheme, split the way the Memory page shows them."""
-
-    quantized_params: int
-    quantized_bytes: int  # codes + scales + zero-points of the quantized linears
-    scale_bytes: int  # the scales and zero-points part of quantized_bytes
-    other_params: int
-    other_bytes: int
-
-    @property
-    def size_bytes(self) -> int:
-        return self.quantized_bytes + self.other_bytes
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Bits per quantized weight, overhead included."""
-        return 8 * self.quantized_bytes / max(1, self.quantized_params)
-
-
-def size_report(model: torch.nn.Module, plan: SchemePlan) -> SizeReport:
-    """Exact storage of a model under a scheme or per-layer plan, from shapes and the format registry."""
-    assignment = layer_schemes(model, plan)
-    modules = dict(model.named_modules())
-    quantized_ids = set()
-    quantized_params = quantized_bytes = scale_bytes = 0
-    for name, scheme in assignment.items():
-        weight = modules[name].weight
-        parts = scheme.storage_bytes(tuple(weight.shape))
-        quantized_ids.add(id(weight))
-        quantized_params += weight.numel()
-        quantized_bytes += sum(parts.values())
-        scale_bytes += parts["scales"] + parts["zero_points"]
-    other_bits = get_format(unquantized_format(plan)).bits
-    other_params = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
-    return SizeReport(quantized_params, quantized_bytes, scale_bytes, other_params,
-                      other_params * other_bits // 8)
-
-
-def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
-                   hessians: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """A shadow of ``model`` with the scheme (or per-layer plan) applied; ``model`` itself is only read.
-
-    ``hessians`` (linear name -> H from calibration inputs) are needed by schemes whose algorithm uses them
-    (GPTQ); ``run_sweep`` collects them once per sweep.
-    """
-    rest_format = get_format(unquantized_format(plan))
-    assignment = layer_schemes(model, plan)
-    modules = dict(model.named_modules())
-    quantized_ids = {id(modules[name].weight) for name in assignment}
-    memo: dict[int, object] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        memo[id(tensor)] = tensor
-        if isinstance(tensor, torch.nn.Parameter) and id(tensor) not in quantized_ids and rest_format.bits < 32:
-            memo[id(tensor)] = torch.nn.Parameter(rest_format.round(tensor.detach()).to(tensor.dtype),
-                                                  requires_grad=False)
-    shadow = copy.deepcopy(model, memo)
-    for name, scheme in assignment.items():
-        bias = shadow.get_submodule(name).bias
-        hessian = None if hessians is None else hessians.get(name)
-        shadow.set_submodule(name, QuantizedLinear(quantize_weight(modules[name].weight, scheme, hessian), bias))
-    return shadow
 
 
 @dataclass(frozen=True)

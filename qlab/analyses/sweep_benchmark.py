@@ -10,11 +10,10 @@ import torch
 import transformers
 
 from qlab import __version__
-from qlab.models.evaluate import EvalSpec, compute_baseline
-from qlab.models.loading import load
-from qlab.core.quant import QuantScheme
-from qlab.store import model_sha256
 from qlab.analyses.sweep import peak_rss_bytes, run_sweep
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import EvalSpec, compute_baseline
+from qlab.models.loading import load, model_sha256
 
 
 def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int) -> dict:

@@ -25,9 +25,9 @@ from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme
 
 if TYPE_CHECKING:
+    from qlab.core.plan import SchemePlan
     from qlab.models.evaluate import Baseline, CancelCheck, Progress
     from qlab.models.loading import LoadedModel
-    from qlab.analyses.sweep import SchemePlan
 
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 
@@ -157,8 +157,8 @@ class Backend:
         When the backend's model carries its own weights file (llama.cpp), ``quantized.reference_model`` gives
         those exact weights dequantized by reference code, and only the activation rounding is simulated.
         """
+        from qlab.core.plan import quantized_copy
         from qlab.models.loading import quantizable_linears
-        from qlab.analyses.sweep import quantized_copy
 
         names = {name for name, _ in quantizable_linears(loaded.model)}
         if quantized is not None and hasattr(quantized, "reference_model"):

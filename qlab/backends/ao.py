@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 
 from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
-from qlab.models.loading import LoadedModel, quantizable_linears
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import LoadedModel, quantizable_linears
 
 # torchao's published INT4 recipe (README, Llama-3.1-8B on H100) uses groups of 64; 64 also divides SmolLM2's 576.
 INT4_GROUP_SIZE = 64

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 
 from qlab.backends import Backend, Tolerance, package_available, register
-from qlab.models.loading import LoadedModel, quantizable_linears
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import LoadedModel, quantizable_linears
 
 # bitsandbytes' default 4-bit block: 64 weights share one absmax (kept in FP32 without double quantization).
 NF4_BLOCK_SIZE = 64

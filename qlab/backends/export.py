@@ -91,7 +91,7 @@ def _backend(slug: str):
 
 def exports_root() -> Path:
     """``exports/`` beside the run database (``$QLAB_DB`` or the default): where the dashboard saves."""
-    from qlab.store import resolve_path
+    from qlab.core.paths import resolve_path
 
     return resolve_path().parent / "exports"
 
@@ -218,8 +218,8 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
     ``out_dir`` must be new or empty unless ``force``; the shared ``loaded`` model is not changed.
     """
     from qlab import __version__
-    from qlab.store import layer_scheme_map, model_sha256
-    from qlab.analyses.sweep import unquantized_format
+    from qlab.core.plan import layer_scheme_map, unquantized_format
+    from qlab.models.loading import model_sha256
 
     started = time.perf_counter()
     backend = _backend(backend_slug)

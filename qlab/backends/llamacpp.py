@@ -24,8 +24,8 @@ import torch
 
 from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
 from qlab.core.errors import QlabError
-from qlab.models.loading import LoadedModel
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import LoadedModel
 
 # Written by GGUFWriter itself, or no longer true once the tensors change type.
 _SKIP_FIELDS = ("general.architecture", "general.file_type", "general.quantization_version")

@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from qlab.backends import ActivationQuant, Backend, Tolerance, register
-from qlab.models.loading import LoadedModel, quantizable_linears
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import LoadedModel, quantizable_linears
 
 
 def shadow(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,8 +14,8 @@ import torch
 from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
 from qlab.backends.native import shadow
 from qlab.core.errors import QlabError
-from qlab.models.loading import LoadedModel
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import LoadedModel
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 

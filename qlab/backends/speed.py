@@ -19,8 +19,8 @@ import psutil
 import torch
 
 from qlab.core.errors import Cancelled, QlabError
-from qlab.models.loading import LoadedModel
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import LoadedModel
 
 CancelCheck = Callable[[], bool]
 BANDWIDTH_TEST_BYTES = 256 * 2**20
@@ -266,12 +266,9 @@ def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str 
     """
     import gc
 
-    from qlab.models.loading import architectures
-
-    from qlab.models.loading import hardware
-
     from qlab.analyses import roofline
     from qlab.backends import evaluate_model
+    from qlab.models import architectures, hardware
     from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
 
     baseline = compute_baseline(loaded, EvalSpec(tokens=accuracy_tokens), cancel=cancel) if accuracy_tokens else None
@@ -353,7 +350,7 @@ def bench_row(loaded: LoadedModel, backend, device: str, spec: SpeedSpec) -> dic
 
 
 def _sizes(loaded: LoadedModel, backend, model) -> dict:
-    from qlab.analyses.sweep import size_report
+    from qlab.core.plan import size_report
 
     size = size_report(loaded.model, backend.twin(loaded.model))
     record = {"size_bytes": size.size_bytes, "bits_per_weight": round(size.bits_per_weight, 4)}

@@ -1,12 +1,13 @@
-"""``python -m qlab bench``: measured speed of real quantization backends (CPU), or the GPU benchmark.
+"""``python -m qlab bench``: measured speed of real quantization backends (CPU), or the GPU benchmark; and
+``python -m qlab bench sweep``, the time and memory a sweep costs.
 
     python -m qlab bench --model smollm2-135m --backends fp32,torch-dynamic-int8,llamacpp-q4_0 --json OUT
     python -m qlab bench --device cuda --model-config llama-3.1-8b --formats bf16,int8wo,int4wo,float8wo,nf4 \
         --json OUT
+    python -m qlab bench sweep --model smollm2-135m --formats int8,int4 --json OUT
 
-``qlab.cli.build_parser`` wires it with ``add_bench_arguments(bench_parser, json_option)`` on the ``bench``
-parser itself, whose ``sweep`` sub-subcommand then becomes optional (``required=False``): ``bench sweep ...``
-keeps working, and ``bench --model ...`` runs this. ``qlab.cli`` is imported inside functions (no cycle).
+The speed options sit on the ``bench`` parser itself, whose ``sweep`` sub-subcommand is therefore optional
+(``required=False``): ``bench --model ...`` runs the speed benchmark, ``bench sweep ...`` the sweep benchmark.
 """
 
 from __future__ import annotations
@@ -14,13 +15,39 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable
+
+from qlab.cli.common import (
+    EXIT_USER_ERROR,
+    Parser,
+    add_scheme_arguments,
+    db_option,
+    emit,
+    json_option,
+    progress_bar,
+    quiet_option,
+    scheme_from_args,
+)
 
 DEFAULT_CPU_BACKENDS = "all"
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser,
-                        json_option: Callable[[argparse.ArgumentParser, str], None]) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand (speed) and its ``bench sweep`` sub-subcommand to qlab's parser."""
+    bench = subparsers.add_parser("bench", help="speed of real backends (default), or `bench sweep` (JSON out)")
+    add_bench_arguments(bench)
+    bench_sub = bench.add_subparsers(dest="bench", required=False, parser_class=Parser)
+    sweep = bench_sub.add_parser("sweep", help="one FP32 evaluation vs a full sweep: time and peak RSS")
+    sweep.add_argument("--model", default="smollm2-135m")
+    sweep.add_argument("--formats", default="fp16,bf16,int8,int4,nf4")
+    sweep.add_argument("--tokens", type=int, default=2048)
+    add_scheme_arguments(sweep, granularity="group")
+    db_option(sweep, "also store the result in this run database (default: $QLAB_DB if set)")
+    json_option(sweep, "write the benchmark JSON")
+    sweep.set_defaults(func=cmd_bench_sweep)
+    return bench
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the speed-benchmark options to the ``bench`` parser and make it run ``cmd_bench`` by default."""
     parser.add_argument("--model", default="smollm2-135m", help="bundled slug, local directory or HF id (CPU)")
     parser.add_argument("--backends", default=DEFAULT_CPU_BACKENDS,
@@ -40,10 +67,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser,
     parser.add_argument("--model-config", default="llama-3.1-8b", help="--device cuda: catalog config name")
     parser.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4",
                         help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--db", default=None, metavar="PATH",
-                        help="also store each backend's row, as it finishes, in this run database "
-                             "(default: $QLAB_DB if set; CPU runs)")
+    quiet_option(parser)
+    db_option(parser, "also store each backend's row, as it finishes, in this run database "
+                      "(default: $QLAB_DB if set; CPU runs)")
     json_option(parser, "write the rows as JSON, rewritten after each backend")
     parser.set_defaults(func=cmd_bench)
     return parser
@@ -54,11 +80,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.device == "cuda":
         _gpu(args)
         return
-    from qlab.cli import _emit
-
     rows = run_cpu(args)
     if args.json is not None:
-        _emit(rows, args.json)
+        emit(rows, args.json)
         return
     _print(rows)
 
@@ -66,15 +90,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def run_cpu(args: argparse.Namespace) -> list[dict]:
     """Measure every requested backend on a bundled model; rows rewritten to ``args.json`` as they finish."""
     import torch
-    from tqdm import tqdm
 
     from qlab import backends
-
-    from qlab.models.loading import hardware
-
     from qlab.backends import speed
-    from qlab.cli import _emit
     from qlab.core.errors import QlabError
+    from qlab.models import hardware
     from qlab.models.loading import load
     from qlab.store import Recorder, bench_meta, requested_path
 
@@ -93,13 +113,8 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     meta = bench_meta(loaded, spec, [b.slug for b in chosen], args.accuracy_tokens or None, "cpu",
                       threads=torch.get_num_threads(), machine=machine) if db else None
-    with (tqdm(total=1000, desc="bench", unit="‰", file=sys.stderr, disable=args.quiet,
-               bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar,
+    with (progress_bar(args.quiet, "bench", width=40) as progress,
           Recorder(db, meta) if db else contextlib.nullcontext() as recorder):
-        def progress(fraction: float, message: str) -> None:
-            bar.set_description_str(message[:40].ljust(40))
-            bar.update(int(fraction * 1000) - bar.n)
-
         for row in speed.run_bench(loaded, chosen, spec, "cpu", args.accuracy_tokens or None, bandwidth,
                                    progress=progress):
             rows.append({**row, **machine})
@@ -107,8 +122,22 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
             if recorder:  # committed before the next backend starts: a killed run keeps it
                 recorder.save(rows[-1], "bench")
             if args.json not in (None, "-"):
-                _emit(rows, args.json)
+                emit(rows, args.json)
     return rows
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> None:
+    """Time one FP32 evaluation against a full sweep; write the JSON, then store it with ``--db``."""
+    from qlab.analyses.sweep import parse_formats
+    from qlab.analyses.sweep_benchmark import bench_sweep
+    from qlab.store import requested_path
+
+    schemes = [scheme_from_args(args, f) for f in parse_formats(args.formats)]
+    requested_path(args.db)  # a database that cannot take the result is said before the benchmark, not after
+    result = bench_sweep(args.model, schemes, args.tokens)
+    # Written before it is stored: a database that fails now must not throw away minutes of benchmark.
+    emit(result, args.json if args.json is not None else "-")
+    store_bench_sweep(args, result)
 
 
 def store_bench_sweep(args: argparse.Namespace, result: dict) -> str | None:
@@ -134,20 +163,25 @@ def _machine(host, bandwidth) -> dict:
 
 
 def _gpu(args: argparse.Namespace) -> None:
+    """Run the GPU benchmark program (``bench/gpu_speed.py``, beside the package in the checkout) and print its
+    rows; it writes them to ``--json`` (default ``bench/results/gpu_speed.json``) after every step."""
+    import json
+    import subprocess
+    from pathlib import Path
+
     import torch
 
-    from qlab import gpu_bench
     from qlab.core.errors import QlabError
 
     if not torch.cuda.is_available():
         raise QlabError("--device cuda needs a CUDA GPU, and torch sees none here; run it on a GPU machine "
                         "(`python bench/gpu_speed.py --dry-run --device cpu --dtype fp32` checks the code paths).")
-
-    step_args = ["--model-config", args.model_config, "--device", "cuda", "--prompt-tokens",
-                 str(args.prompt_tokens), "--repetitions", str(args.repetitions)]
-    out = args.json if args.json not in (None, "-") else "bench/results/gpu_speed.json"
-    ns = gpu_bench.parser().parse_args([*step_args, "--formats", args.formats, "--json", out])
-    _print(gpu_bench.orchestrate(ns, step_args))
+    repo = Path(__file__).resolve().parents[2]
+    out = Path(args.json if args.json not in (None, "-") else "bench/results/gpu_speed.json").resolve()
+    subprocess.run([sys.executable, str(repo / "bench" / "gpu_speed.py"), "--model-config", args.model_config,
+                    "--device", "cuda", "--prompt-tokens", str(args.prompt_tokens), "--repetitions",
+                    str(args.repetitions), "--formats", args.formats, "--json", str(out)], check=True)
+    _print(json.loads(out.read_text()))
 
 
 def _print(rows: list[dict]) -> None:
@@ -162,24 +196,18 @@ def _print(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m qlab.cli.bench ...``) until ``qlab.cli`` wires ``bench`` to it."""
-    from qlab.cli import _Parser
-
-    parser = _Parser(prog="qlab bench")
-
-    def json_option(p: argparse.ArgumentParser, help_text: str) -> None:
-        p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT",
-                       help=help_text + " (no path or '-': stdout)")
-
-    add_bench_arguments(parser, json_option)
+    """Standalone entry for the speed benchmark alone (``python -m qlab.cli.bench ...``)."""
     from qlab.core.errors import QlabError
+
+    parser = Parser(prog="qlab bench")
+    add_bench_arguments(parser)
 
     try:
         args = parser.parse_args(argv)
         args.func(args)
     except QlabError as error:
         print(f"qlab: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -1,13 +1,12 @@
 """``python -m qlab explain ...``: the Formats and Concepts pages headless, each view a subcommand with
-``--json``. ``qlab.cli.build_parser`` wires it with ``add_parser(sub, json_option)``; ``qlab.cli`` is imported
-inside functions, so that module may import this one at its top without a cycle."""
+``--json``."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
-JsonOption = Callable[[argparse.ArgumentParser, str], None]
+from qlab.cli.common import Parser, csv_floats, emit, json_option
 
 
 def _csv(text: str, kind: type = str) -> list:
@@ -24,10 +23,8 @@ def _csv(text: str, kind: type = str) -> list:
 
 def _output(args: argparse.Namespace, payload, rows: list[dict] | None = None) -> None:
     """JSON with ``--json``; otherwise the rows as a plain table."""
-    from qlab.cli import _emit
-
     if args.json is not None:
-        _emit(payload, args.json)
+        emit(payload, args.json)
         return
     import pandas as pd
 
@@ -35,13 +32,11 @@ def _output(args: argparse.Namespace, payload, rows: list[dict] | None = None) -
         print(pd.DataFrame(rows if rows is not None else payload).to_string(index=False))
 
 
-def add_parser(subparsers: argparse._SubParsersAction, json_option: JsonOption) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``explain`` subcommand and its views to qlab's parser."""
-    from qlab.cli import _Parser
-
     parser = subparsers.add_parser("explain", help="teaching views: bits, number lines, affine mapping, "
                                                    "granularity, calibration, activations, QAT, GPTQ, claims")
-    views = parser.add_subparsers(dest="view", required=True, parser_class=_Parser)
+    views = parser.add_subparsers(dest="view", required=True, parser_class=Parser)
 
     bits = views.add_parser("bits", help="a value's sign/exponent/mantissa bits (or code) in every format")
     bits.add_argument("value", type=float)
@@ -147,10 +142,9 @@ def cmd_numberline(args: argparse.Namespace) -> None:
 
 
 def cmd_affine(args: argparse.Namespace) -> None:
-    from qlab.cli import _csv_floats
     from qlab.analyses.explain import affine_mapping
 
-    mapping = affine_mapping(_csv_floats(args.values), args.format, not args.asymmetric, args.calibration,
+    mapping = affine_mapping(csv_floats(args.values), args.format, not args.asymmetric, args.calibration,
                              args.percentile, args.scale, args.zero_point)
     payload = {"format": args.format, "scale": mapping.scale, "zero_point": mapping.zero_point,
                "qmin": mapping.qmin, "qmax": mapping.qmax, "how": mapping.how, "rows": mapping.rows,
@@ -212,9 +206,9 @@ def cmd_qat(args: argparse.Namespace) -> None:
 
 
 def cmd_gptq_layer(args: argparse.Namespace) -> None:
-    from qlab.core.algorithms.gptq import layer_comparison
-    from qlab.models.evaluate import EvalSpec
+    from qlab.analyses.calibration import layer_comparison
     from qlab.core.quant import QuantScheme
+    from qlab.models.evaluate import EvalSpec
 
     loaded, layer = _model_and_layer(args.model, args.layer, lambda names: names[min(len(names) - 1, 3)])
     schemes = [QuantScheme(f, "group", args.group_size) for f in _csv(args.formats)]
@@ -230,9 +224,9 @@ def cmd_speed(args: argparse.Namespace) -> None:
 
 def cmd_claims(args: argparse.Namespace) -> None:
     from qlab.analyses.claims import CLAIM_SCHEMES, compare_claims, measure_cpu_speed
+    from qlab.analyses.sweep import run_sweep
     from qlab.models.evaluate import EvalSpec
     from qlab.models.loading import load
-    from qlab.analyses.sweep import run_sweep
 
     loaded = load(args.model)
     sweep = [row.to_record() for row in run_sweep(loaded, list(CLAIM_SCHEMES), EvalSpec(args.tokens))]

@@ -4,22 +4,17 @@ or the per-layer scheme JSON of a simulated scheme.
     python -m qlab export --model minilm-l6 --backend quanto-int8 --out exports/minilm-int8
     python -m qlab export --model smollm2-135m --scheme-json --format int4 --out int4-g64.json
     python -m qlab export --list
-
-``qlab.cli.build_parser`` wires it with ``add_parser(sub, json_option)``; ``qlab.cli`` is imported inside the
-functions (no import cycle).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+
+from qlab.cli.common import add_scheme_arguments, emit, json_option, scheme_from_args, write_atomic
 
 
-def add_parser(subparsers: argparse._SubParsersAction,
-               json_option: Callable[[argparse.ArgumentParser, str], None]) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to qlab's parser."""
-    from qlab.cli import _add_scheme_arguments
-
     parser = subparsers.add_parser(
         "export", help="save a really quantized model (safetensors/GGUF + qlab_scheme.json) or a scheme's JSON")
     parser.add_argument("--model", default="minilm-l6", help="bundled slug, local directory or HF id")
@@ -31,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     parser.add_argument("--scheme-json", action="store_true",
                         help="simulated scheme: write the per-layer scheme JSON (module -> scheme) instead")
     parser.add_argument("--format", default="int4", help="--scheme-json: weight format from the registry")
-    _add_scheme_arguments(parser, granularity="group")
+    add_scheme_arguments(parser, granularity="group")
     parser.add_argument("--list", action="store_true", help="list the backends that can export, and whether "
                                                             "each runs here")
     json_option(parser, "print what was written as JSON")
@@ -41,7 +36,6 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export, then print the directory, files and sizes (or JSON)."""
-    from qlab.cli import _emit
     from qlab.core.errors import QlabError
 
     if args.list:
@@ -61,7 +55,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     result = export.export_quantized(loaded, args.backend, out, force=args.force)
     record = {**result.to_record(), "model": loaded.name, "reload": "qlab.backends.export.load_exported(out_dir)"}
     if args.json is not None:
-        _emit(record, args.json)
+        emit(record, args.json)
         return
     print(f"{loaded.name} quantized by {result.backend} -> {result.out_dir}")
     print(f"  {result.weights_file}: {result.weights_bytes / 1e6:.1f} MB; files: {', '.join(result.files)}")
@@ -71,7 +65,6 @@ def cmd_export(args: argparse.Namespace) -> None:
 def _list(args: argparse.Namespace) -> None:
     from qlab import backends
     from qlab.backends import export
-    from qlab.cli import _emit
 
     rows = []
     for slug in export.exportable():
@@ -80,7 +73,7 @@ def _list(args: argparse.Namespace) -> None:
         rows.append({"backend": slug, "library": backend.library, "kinds": list(backend.kinds),
                      "available_here": ok, "reason": None if ok else reason})
     if args.json is not None:
-        _emit(rows, args.json)
+        emit(rows, args.json)
         return
     for row in rows:
         print(f"{row['backend']:18} {row['library']:18} {'yes' if row['available_here'] else 'no: ' + row['reason']}")
@@ -90,7 +83,6 @@ def _scheme_json(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from qlab.cli import _emit, _scheme, _write_atomic
     from qlab.core.errors import QlabError
     from qlab.models.loading import load
     from qlab.store import scheme_export
@@ -98,9 +90,9 @@ def _scheme_json(args: argparse.Namespace) -> None:
     if not args.out:
         raise QlabError("--scheme-json needs --out FILE.json.")
     loaded = load(args.model)
-    payload = scheme_export(loaded, _scheme(args, args.format))
-    _write_atomic(Path(args.out), json.dumps(payload, indent=1))
+    payload = scheme_export(loaded, scheme_from_args(args, args.format))
+    write_atomic(Path(args.out), json.dumps(payload, indent=1))
     if args.json is not None:
-        _emit({"out": args.out, "model": loaded.name, "layers": len(payload["layers"])}, args.json)
+        emit({"out": args.out, "model": loaded.name, "layers": len(payload["layers"])}, args.json)
         return
     print(f"wrote {args.out}: {len(payload['layers'])} layers of {loaded.name} at {args.format}")

@@ -1,13 +1,10 @@
-"""``python -m qlab memory``: the VRAM planner headless (weights + scales, KV cache, activations, fit verdict).
-
-``qlab.cli.build_parser`` wires it with ``add_parser(sub, json_option)``. ``qlab.cli`` is imported inside the
-functions, not at the top, so that ``qlab.cli`` may import this module at its own top without a cycle.
-"""
+"""``python -m qlab memory``: the VRAM planner headless (weights + scales, KV cache, activations, fit verdict)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+
+from qlab.cli.common import add_scheme_arguments, db_option, emit, json_option, scheme_from_args
 
 DEFAULT_MODEL = "llama-3.1-8b"
 DEFAULT_HARDWARE = "h100-sxm-80gb"
@@ -15,10 +12,8 @@ DEFAULT_HARDWARE = "h100-sxm-80gb"
 DEFAULT_GROUP_SIZE = 128
 
 
-def add_parser(subparsers: argparse._SubParsersAction,
-               json_option: Callable[[argparse.ArgumentParser, str], None]) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``memory`` subcommand to qlab's parser."""
-    from qlab.cli import _add_scheme_arguments
     from qlab.analyses.memory import KV_DTYPES
 
     parser = subparsers.add_parser(
@@ -28,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     parser.add_argument("--config-file", default=None, metavar="PATH",
                         help="plan any Hugging Face config.json instead of a catalog model")
     parser.add_argument("--format", default="int4", help="weight format from the registry (qlab formats)")
-    _add_scheme_arguments(parser, granularity="group")
+    add_scheme_arguments(parser, granularity="group")
     parser.set_defaults(group_size=DEFAULT_GROUP_SIZE)
     parser.add_argument("--context", type=int, default=8192, help="tokens per sequence (prompt + output)")
     parser.add_argument("--batch", type=int, default=1, help="sequences served at once")
@@ -43,8 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
                         help="count materialised attention scores (eager attention, no FlashAttention/SDPA)")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="quantize an untied output head with the blocks (default: keep it at 16 bits)")
-    parser.add_argument("--db", default=None, metavar="PATH",
-                        help="also store the plan and its verdicts in this run database (default: $QLAB_DB if set)")
+    db_option(parser, "also store the plan and its verdicts in this run database (default: $QLAB_DB if set)")
     json_option(parser, "print the plan as JSON")
     parser.set_defaults(func=cmd_memory)
     return parser
@@ -52,10 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction,
 
 def build_plan(args: argparse.Namespace):
     """The MemoryPlan the parsed arguments describe (shared by the JSON and the text output)."""
-    from qlab.models.loading import architectures
-    from qlab.models.loading import hardware
     from qlab.analyses import memory
-    from qlab.cli import _scheme
+    from qlab.models import architectures, hardware
 
     model = (architectures.from_config_file(args.config_file) if args.config_file
              else args.model)
@@ -68,20 +60,19 @@ def build_plan(args: argparse.Namespace):
         else args.gpu_overhead_bytes,
         prefill_chunk_tokens=args.prefill_chunk, attention_scores_materialised=args.eager_attention,
         quantize_lm_head=args.quantize_lm_head)
-    return memory.plan(model, _scheme(args, args.format), args.context, args.batch, args.kv_dtype, ids,
+    return memory.plan(model, scheme_from_args(args, args.format), args.context, args.batch, args.kv_dtype, ids,
                        assumptions)
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
     """Print the plan: JSON with ``--json``, otherwise a short table per component and per target."""
-    from qlab.cli import _emit
     from qlab.analyses.memory import FORMULAS
 
     plan = build_plan(args)
     record = plan.to_record()
     store_plan(args, plan)
     if args.json is not None:
-        _emit({**record, "formulas": FORMULAS}, args.json)
+        emit({**record, "formulas": FORMULAS}, args.json)
         return
     print(f"{plan.model}  {plan.scheme_label}  context {plan.context_tokens:,} x batch {plan.batch}  "
           f"KV {plan.kv.scheme_label}")

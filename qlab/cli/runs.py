@@ -1,28 +1,22 @@
-"""``python -m qlab runs list|show|export|import|delete|export-scheme`` and ``python -m qlab report``.
+"""``python -m qlab runs list|show|export|import|delete|export-scheme``: the run history headless.
 
-The run history headless: a sweep stored on a GPU server (``--db`` or ``QLAB_DB``) is exported there and
-imported here, or its ``.sqlite`` file is imported directly. ``qlab.cli.build_parser`` wires both
-subcommands with ``add_parser(sub, json_option)``; ``qlab.cli`` is imported inside functions to avoid a cycle.
+A sweep stored on a GPU server (``--db`` or ``QLAB_DB``) is exported there and imported here, or its ``.sqlite``
+file is imported directly.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
+from qlab.cli.common import Parser, db_option, emit, json_option, write_atomic
 from qlab.core.errors import QlabError
 
-DB_HELP = "run database (default: $QLAB_DB, else $XDG_DATA_HOME/qlab/runs.sqlite)"
 
-
-def add_parser(subparsers: argparse._SubParsersAction,
-               json_option: Callable[[argparse.ArgumentParser, str], None]) -> argparse.ArgumentParser:
-    """Add the ``runs`` and ``report`` subcommands to qlab's parser; returns the ``runs`` parser."""
-    from qlab.cli import _Parser
-
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``runs`` subcommand and its verbs to qlab's parser."""
     runs = subparsers.add_parser("runs", help="stored runs: list, show, export, import, delete")
-    verbs = runs.add_subparsers(dest="runs_command", required=True, parser_class=_Parser)
+    verbs = runs.add_subparsers(dest="runs_command", required=True, parser_class=Parser)
 
     listing = verbs.add_parser("list", help="one line per stored run, newest first")
     listing.add_argument("--model", default=None, help="only runs whose model id contains this")
@@ -46,21 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction,
     for verb, help_text in ((listing, "print the runs as JSON"), (show, "print the run as JSON"),
                             (export, "write the export JSON"), (imports, "print the imported run ids as JSON"),
                             (delete, "print what was deleted as JSON"), (scheme, "write the scheme JSON")):
-        verb.add_argument("--db", default=None, metavar="PATH", help=DB_HELP)
+        db_option(verb)
         json_option(verb, help_text)
     runs.set_defaults(func=cmd_runs)
-
-    report = subparsers.add_parser("report", help="self-contained HTML report of stored runs")
-    report.add_argument("--run", action="append", required=True, metavar="ID",
-                        help="run id; repeat to compare several side by side")
-    report.add_argument("--out", required=True, metavar="PATH", help="HTML file to write")
-    report.add_argument("--title", default=None)
-    report.add_argument("--db", default=None, metavar="PATH", help=DB_HELP)
-    report.set_defaults(func=cmd_report)
     return runs
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
+    """Run the ``runs`` verb the arguments name on the run database."""
     from qlab.store import Store
 
     store = Store(args.db)
@@ -69,11 +56,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def _list(store, args: argparse.Namespace) -> None:
-    from qlab.cli import _emit
-
     rows = store.list_runs(model=args.model, kind=args.kind, limit=args.limit)
     if args.json is not None:
-        _emit(rows, args.json)
+        emit(rows, args.json)
         return
     if not rows:
         print(f"no runs in {store.path}")
@@ -87,12 +72,11 @@ def _list(store, args: argparse.Namespace) -> None:
 def _show(store, args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from qlab.cli import _emit
     from qlab.store.report import TABLE_COLUMNS, environment_table, settings_table
 
     run = store.get(args.run)
     if args.json is not None:
-        _emit(run.to_dict(), args.json)
+        emit(run.to_dict(), args.json)
         return
     for setting, value in settings_table(run).itertuples(index=False):
         print(f"{setting:29} {value}")
@@ -106,17 +90,15 @@ def _show(store, args: argparse.Namespace) -> None:
 
 
 def _export(store, args: argparse.Namespace) -> None:
-    from qlab.cli import _emit, _write_atomic
-
     ids = [store.resolve_id(r) for r in args.runs] or None
     if args.csv is not None:
         text = export_csv(store, ids)
         if args.csv == "-":
             print(text, end="")
         else:
-            _write_atomic(Path(args.csv), text)
+            write_atomic(Path(args.csv), text)
         return
-    _emit(store.export(ids), args.json if args.json is not None else "-")
+    emit(store.export(ids), args.json if args.json is not None else "-")
 
 
 def export_csv(store, run_ids: list[str] | None = None) -> str:
@@ -136,31 +118,26 @@ def export_csv(store, run_ids: list[str] | None = None) -> str:
 
 
 def _import(store, args: argparse.Namespace) -> None:
-    from qlab.cli import _emit
-
     imported = {str(path): store.import_file(path) for path in args.files}
     if args.json is not None:
-        _emit({"db": str(store.path), "imported": imported}, args.json)
+        emit({"db": str(store.path), "imported": imported}, args.json)
         return
     for path, ids in imported.items():
         print(f"{path}: {len(ids)} run(s) into {store.path}: {', '.join(ids)}")
 
 
 def _delete(store, args: argparse.Namespace) -> None:
-    from qlab.cli import _emit
-
     ids = [store.resolve_id(r) for r in args.runs]
     deleted = store.delete(ids)
     if args.json is not None:
-        _emit({"deleted": ids, "count": deleted}, args.json)
+        emit({"deleted": ids, "count": deleted}, args.json)
         return
     print(f"deleted {deleted} run(s) from {store.path}")
 
 
 def _export_scheme(store, args: argparse.Namespace) -> None:
-    from qlab.cli import _emit
-    from qlab.models.loading import load
     from qlab.core.quant import QuantScheme
+    from qlab.models.loading import load
     from qlab.store import model_sha256, scheme_export
 
     run = store.get(args.run)
@@ -172,17 +149,6 @@ def _export_scheme(store, args: argparse.Namespace) -> None:
     if run.meta.model_sha256 and model_sha256(loaded) != run.meta.model_sha256:
         raise QlabError(f"the weights of '{run.model}' here differ from those run {run.id} measured "
                         "(different SHA-256); export the scheme where the run was made.")
-    _emit(scheme_export(loaded, QuantScheme.from_dict(matches[-1].scheme)),
-          args.json if args.json is not None else "-")
+    emit(scheme_export(loaded, QuantScheme.from_dict(matches[-1].scheme)),
+         args.json if args.json is not None else "-")
 
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from qlab.cli import _write_atomic
-    from qlab.store.report import render_html
-    from qlab.store import Store
-
-    store = Store(args.db)
-    runs = [store.get(r) for r in args.run]
-    out = Path(args.out)
-    _write_atomic(out, render_html(runs, args.title))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(runs)} run(s))")

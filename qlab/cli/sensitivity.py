@@ -1,27 +1,31 @@
-"""``python -m qlab sensitivity`` and ``python -m qlab recommend``: per-layer sensitivity and mixed precision.
-
-``qlab.cli.build_parser`` wires both with ``add_parser(sub, json_option)``. ``qlab.cli`` is imported inside the
-functions, so that ``qlab.cli`` may import this module at its top without a cycle.
-"""
+"""``python -m qlab sensitivity`` and ``python -m qlab recommend``: per-layer sensitivity and mixed precision."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
-import sys
 from collections.abc import Callable, Iterator
+
+from qlab.cli.common import (
+    add_eval_arguments,
+    add_scheme_arguments,
+    db_option,
+    emit,
+    eval_spec,
+    json_option,
+    progress_bar,
+    quiet_option,
+    scheme_from_args,
+)
 
 DEFAULT_FORMATS = "int8,int4"
 TABLE_COLUMNS = ("layer", "label", "estimated_delta", "block_delta", "linear_delta", "predicted_delta",
                  "relative_mse", "sqnr_db", "weight_kurtosis", "input_outlier_channels")
 
 
-def add_parser(subparsers: argparse._SubParsersAction,
-               json_option: Callable[[argparse.ArgumentParser, str], None]) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sensitivity`` and ``recommend`` subcommands to qlab's parser."""
-    from qlab.cli import _add_scheme_arguments
-
     sensitivity = subparsers.add_parser(
         "sensitivity", help="per-layer sensitivity: output error per linear, end-to-end delta per block")
     _common_arguments(sensitivity)
@@ -32,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
     sensitivity.add_argument("--no-blocks", action="store_true", help="per-linear error only (fastest)")
     sensitivity.add_argument("--no-predict", action="store_true",
                              help="skip the curvature pass that predicts each linear's own delta")
-    _add_scheme_arguments(sensitivity, granularity="group")
+    add_scheme_arguments(sensitivity, granularity="group")
     json_option(sensitivity, "write one row per linear layer and format as JSON")
     sensitivity.set_defaults(func=cmd_sensitivity)
 
@@ -50,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction,
                            help="no end-to-end replays: choose by the second-order predictions alone (fastest)")
     recommend.add_argument("--plan", default=None, metavar="PATH",
                            help="also write the plan alone (qlab, torchao FqnToConfig, optimum-quanto map)")
-    _add_scheme_arguments(recommend, granularity="group")
+    add_scheme_arguments(recommend, granularity="group")
     json_option(recommend, "print the recommendation and the measurements as JSON")
     recommend.set_defaults(func=cmd_recommend)
 
@@ -58,12 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction,
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="bundled slug, local directory or HF id")
     parser.add_argument("--formats", default=DEFAULT_FORMATS, help="formats to choose among, e.g. int8,int4")
-    parser.add_argument("--tokens", type=int, default=512, help="evaluation token budget")
-    parser.add_argument("--text-file", default=None, help="UTF-8 text to evaluate on (default: pydoc topics)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--db", default=None, metavar="PATH",
-                        help="also store the results, each as it finishes, in this run database "
-                             "(default: $QLAB_DB if set)")
+    add_eval_arguments(parser)
+    quiet_option(parser)
+    db_option(parser, "also store the results, each as it finishes, in this run database "
+                      "(default: $QLAB_DB if set)")
 
 
 @contextlib.contextmanager
@@ -78,29 +80,15 @@ def _recording(db, make_meta: Callable[[], object]) -> Iterator[object | None]:
         yield recorder
 
 
-@contextlib.contextmanager
-def _progress_bar(quiet: bool, title: str) -> Iterator[Callable[[float, str], None]]:
-    from tqdm import tqdm
-
-    with tqdm(total=1000, desc=title, unit="‰", file=sys.stderr, disable=quiet,
-              bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar:
-        def progress(fraction: float, message: str) -> None:
-            bar.set_description_str(message[:48].ljust(48))
-            bar.update(max(0, int(fraction * 1000) - bar.n))
-
-        yield progress
-
-
 def _setup(args: argparse.Namespace):
     """Model, schemes and evaluation spec the arguments describe, and the database to store into (``--db`` or
     ``QLAB_DB``, checked before the model loads; None when not storing)."""
-    from qlab.cli import _eval_spec, _scheme
+    from qlab.analyses.sweep import parse_formats
     from qlab.models.loading import load
     from qlab.store import requested_path
-    from qlab.analyses.sweep import parse_formats
 
-    schemes = [_scheme(args, f) for f in parse_formats(args.formats)]
-    spec = _eval_spec(args)
+    schemes = [scheme_from_args(args, f) for f in parse_formats(args.formats)]
+    spec = eval_spec(args)
     db = requested_path(args.db)
     loaded = load(args.model)
     return loaded, schemes, spec, db
@@ -108,14 +96,13 @@ def _setup(args: argparse.Namespace):
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     """Rows per linear layer and format: output error, weight statistics, end-to-end deltas."""
-    from qlab.cli import _emit
-    from qlab.models.evaluate import compute_baseline
     from qlab.analyses.sensitivity import analyze
+    from qlab.models.evaluate import compute_baseline
     from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
 
     loaded, schemes, spec, db = _setup(args)
     view = "reverse" if args.reverse else "forward"
-    with _progress_bar(args.quiet, "sensitivity") as progress:
+    with progress_bar(args.quiet, "sensitivity") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"FP32 baseline: {m}"))
         meta = functools.partial(sensitivity_meta, "sensitivity", loaded, schemes, spec, baseline, unit=args.unit,
                                  view=view, blocks=not args.no_blocks, predict=not args.no_predict)
@@ -127,7 +114,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
                 save_summary(recorder, seconds=report.seconds)
     rows = report.rows()
     if args.json is not None:
-        _emit(rows, args.json)
+        emit(rows, args.json)
         return
     import pandas as pd
 
@@ -141,11 +128,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     """Analyse, solve for the budget, measure the mix and each uniform format, print the comparison."""
-    from qlab.cli import _emit
-    from qlab.core.errors import QlabError
-    from qlab.models.evaluate import compute_baseline
     from qlab.analyses.mixed import Budget, choices_from, compare, recommendation_record
     from qlab.analyses.sensitivity import analyze
+    from qlab.core.errors import QlabError
+    from qlab.models.evaluate import compute_baseline
 
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise QlabError("--budget-gb must be positive.")
@@ -154,7 +140,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
 
     loaded, schemes, spec, db = _setup(args)
-    with _progress_bar(args.quiet, "recommend") as progress:
+    with progress_bar(args.quiet, "recommend") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
         meta = functools.partial(sensitivity_meta, "recommend", loaded, schemes, spec, baseline, unit=args.unit,
                                  blocks=not args.no_blocks, budget_bits=args.budget_bits, budget_gb=args.budget_gb)
@@ -171,9 +157,9 @@ def cmd_recommend(args: argparse.Namespace) -> None:
                 recorder.save({**record, "label": mixes[0].label}, "recommendation")
                 save_summary(recorder, seconds=report.seconds)
     if args.plan:
-        _emit(record["plan"], args.plan)
+        emit(record["plan"], args.plan)
     if args.json is not None:
-        _emit(record, args.json)
+        emit(record, args.json)
         return
     print(f"{loaded.name}: {len(record['assignment'])} linears, budget {budget.label}, "
           f"mix at {record['bits_per_weight']:.3f} bits/weight, {record['size_bytes'] / 1e6:.1f} MB")

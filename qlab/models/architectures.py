@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from qlab.core.errors import QlabError
 
-CATALOG_DIR = Path(__file__).resolve().parent.parent / "assets" / "model_configs"
+CATALOG_DIR = Path(__file__).resolve().parents[2] / "assets" / "model_configs"
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

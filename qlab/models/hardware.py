@@ -19,7 +19,7 @@ import psutil
 
 from qlab.core.errors import QlabError
 
-CATALOG_PATH = Path(__file__).resolve().parent.parent / "assets" / "hardware.json"
+CATALOG_PATH = Path(__file__).resolve().parents[2] / "assets" / "hardware.json"
 THIS_MACHINE_ID = "this-machine"
 
 # The vocabulary of `native_formats`, in display order (widest first).

@@ -8,11 +8,13 @@ dequantize, so its first load is converted once to a safetensors copy in the use
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +26,9 @@ import psutil
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.core.plan import quantizable_linears
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 # Loading a model and running a sweep beside it needs about this multiple of the FP32 weights in free RAM
 # (the model, a quantized shadow copy and activations).
 RAM_FACTOR = 2.5
@@ -382,18 +385,6 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def is_tied_to_input_embedding(model: torch.nn.Module, weight: torch.Tensor) -> bool:
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return embedding is not None and embedding.weight is weight
-
-
-def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The linear layers a weight-only scheme quantizes: every nn.Linear except an output head whose weight
-    is tied to the input embedding (quantizing it would quantize the embedding table too)."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not is_tied_to_input_embedding(model, module.weight)]
-
-
 def layer_table(loaded: LoadedModel) -> list[LayerInfo]:
     """Every parameter tensor (tied ones once) with the role it plays in a sweep."""
     quantized = {id(module.weight) for _, module in quantizable_linears(loaded.model)}
@@ -429,3 +420,32 @@ def weights_digest(model: torch.nn.Module) -> str:
                       if tensor.numel() else b"")
     return digest.hexdigest()
 
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the cache key so an edited file is hashed again.
+    resolved = Path(path).resolve()
+    # A Hugging Face cache stores each large file as a blob named by its SHA-256: no need to read it.
+    if resolved.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", resolved.name):
+        return resolved.name
+    with open(resolved, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def model_sha256(source) -> str | None:
+    """SHA-256 over the weight files a model was loaded from (file names and contents); None if it has none.
+
+    ``source`` is a ``qlab.models.loading.ModelSource`` (or a LoadedModel). Hashing files rather than tensors works for
+    models spread over GPUs too, and is cached per (path, size, mtime) within a process.
+    """
+    source = getattr(source, "source", source)
+    directory = Path(source.path)
+    files = [directory / source.gguf_file] if source.gguf_file else sorted(directory.glob("*.safetensors"))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}:{_file_sha256(str(file), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()

@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 import platform
-import re
 import socket
 import sqlite3
 import urllib.parse
@@ -36,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from qlab.core.errors import Cancelled, QlabError
+from qlab.core.paths import DB_ENV, default_path, resolve_path
+from qlab.core.plan import layer_scheme_map
+from qlab.models.loading import model_sha256
 
-DB_ENV = "QLAB_DB"
 EXPORT_FORMAT = "qlab-runs"
 STATUSES = ("running", "finished", "cancelled", "stopped", "failed", "interrupted")
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction before giving up
@@ -78,18 +78,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def default_path() -> Path:
-    """``$XDG_DATA_HOME/qlab/runs.sqlite``, or ``~/.local/share/qlab/runs.sqlite``."""
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "qlab" / "runs.sqlite"
-
-
-def resolve_path(db: str | os.PathLike | None = None) -> Path:
-    """The database to use: an explicit path, else ``QLAB_DB``, else the default under the data directory."""
-    chosen = db or os.environ.get(DB_ENV) or default_path()
-    return Path(chosen).expanduser()
-
-
 def requested_path(db: str | os.PathLike | None, default: bool = False) -> Path | None:
     """The database a headless run stores into: ``--db`` if given, else ``QLAB_DB`` if set, else the user's
     default database when ``default`` (``sweep`` stores unless told not to), else None (store nothing).
@@ -124,36 +112,6 @@ def environment() -> dict[str, Any]:
     return {"qlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "machine": machine.name, "host": socket.gethostname(), "pid": os.getpid()}
-
-
-@functools.lru_cache(maxsize=32)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime are part of the cache key so an edited file is hashed again.
-    resolved = Path(path).resolve()
-    # A Hugging Face cache stores each large file as a blob named by its SHA-256: no need to read it.
-    if resolved.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", resolved.name):
-        return resolved.name
-    with open(resolved, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def model_sha256(source) -> str | None:
-    """SHA-256 over the weight files a model was loaded from (file names and contents); None if it has none.
-
-    ``source`` is a ``qlab.models.loading.ModelSource`` (or a LoadedModel). Hashing files rather than tensors works for
-    models spread over GPUs too, and is cached per (path, size, mtime) within a process.
-    """
-    source = getattr(source, "source", source)
-    directory = Path(source.path)
-    files = [directory / source.gguf_file] if source.gguf_file else sorted(directory.glob("*.safetensors"))
-    files = [f for f in files if f.is_file()]
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.name}:{_file_sha256(str(file), stat.st_size, stat.st_mtime_ns)}\n".encode())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -926,8 +884,8 @@ def save_summary(recorder: Recorder, **values: Any) -> None:
 def stored_sensitivity(run: StoredRun):
     """The SensitivityReport a stored ``sensitivity``/``recommend`` run holds, or that of the analysis run a
     recommendation names (None without per-linear records); a run stopped half-way gives the units it finished."""
-    from qlab.core.quant import QuantScheme
     from qlab.analyses.sensitivity import SensitivityReport
+    from qlab.core.quant import QuantScheme
 
     linears = run.records("sensitivity_linear")
     if not linears:
@@ -955,17 +913,9 @@ def bench_meta(loaded, spec, backends: Sequence[str], accuracy_tokens: int | Non
 # --- exporting a simulated quantized model --------------------------------------------------------------
 
 
-def layer_scheme_map(model, plan) -> dict[str, dict]:
-    """``{linear module name: QuantScheme.to_dict()}`` for a scheme or per-layer plan on a model: the exact
-    recipe of a simulated quantization, reloadable with ``QuantScheme.from_dict`` and ``sweep.quantized_copy``."""
-    from qlab.analyses.sweep import layer_schemes
-
-    return {name: scheme.to_dict() for name, scheme in layer_schemes(model, plan).items()}
-
-
 def scheme_export(loaded, plan) -> dict:
     """The per-layer scheme JSON of a simulated quantization, with the model's id and content hash."""
-    from qlab.analyses.sweep import unquantized_format
+    from qlab.core.plan import unquantized_format
 
     return {"format": "qlab-layer-schemes", "model": loaded.name, "model_sha256": model_sha256(loaded),
             "unquantized_format": unquantized_format(plan), "layers": layer_scheme_map(loaded.model, plan)}

@@ -16,7 +16,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qlab import charts
-
 from qlab.backends import speed
 from qlab.store import SUMMARY_KIND, StoredRun, stored_sensitivity
 

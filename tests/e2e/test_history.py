@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from qlab.analyses.sweep import ResultRow
+from qlab.core.plan import SizeReport
 from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-from qlab.analyses.sweep import ResultRow, SizeReport
 from tests.e2e.conftest import REPO_ROOT, assert_no_exception, wait_for_app_idle
 
 pytestmark = [

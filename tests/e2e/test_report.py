@@ -2,10 +2,10 @@
 
 import pytest
 
-from qlab.store import report
+from qlab.analyses.sweep import ResultRow
+from qlab.core.plan import SizeReport
 from qlab.core.quant import QuantScheme
-from qlab.store import RunMeta, Store
-from qlab.analyses.sweep import ResultRow, SizeReport
+from qlab.store import RunMeta, Store, report
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,6 @@ the FP32 model's inputs (not layer by layer from the already quantized prefix), 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,43 +33,6 @@ def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
     """H = 2 X^T X / n for inputs X of shape (tokens, features), in float32 (accumulated in float64)."""
     x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
     return (2 * x.T @ x / max(1, x.shape[0])).to(torch.float32)
-
-
-def collect_hessians(loaded, data, names: Sequence[str],
-                     progress: Callable[[float, str], None] | None = None,
-                     cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / n for each named linear, from the FP32 model run on calibration data.
-
-    Linears fed the very same tensor (q/k/v after one norm, gate/up in a SwiGLU MLP) share one Hessian object,
-    which keeps SmolLM2-135M's Hessians near 0.4 GB instead of 0.7 GB.
-    """
-    from qlab.analyses.activations import run_with_input_hooks
-
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    owner: dict[str, str] = {}
-
-    def hook(name: str, x: torch.Tensor, shared_with: str | None) -> None:
-        if shared_with is not None:
-            owner.setdefault(name, shared_with)
-            return
-        x = x.to(torch.float32)
-        if name not in sums:
-            sums[name] = torch.zeros(x.shape[-1], x.shape[-1])
-            counts[name] = 0
-        sums[name].addmm_(x.T, x)
-        counts[name] += x.shape[0]
-
-    run_with_input_hooks(loaded, data, names, hook, progress, cancel)
-    hessians = {name: 2 * total / max(1, counts[name]) for name, total in sums.items()}
-    for name, source in owner.items():
-        if name not in hessians:
-            hessians[name] = hessians[source]
-    absent = [name for name in names if name not in hessians]
-    if absent:
-        raise QlabError(f"no calibration input reached '{absent[0]}'; that layer is not used by a forward pass, "
-                        "so GPTQ cannot calibrate it (use rtn).")
-    return hessians
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
@@ -173,31 +135,3 @@ def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, inputs
     reference = x @ weight.float().T
     return (((x @ dequantized.float().T) - reference) ** 2).sum().item() / (reference**2).sum().clamp(
         min=1e-30).item()
-
-
-def layer_comparison(loaded, layer: str, schemes: Sequence[QuantScheme], spec,
-                     calibration_tokens: int = 2048) -> list[dict]:
-    """RTN against GPTQ on one linear layer of a loaded model: weight error, and output error on the
-    calibration tokens (the end of the text) and on held-out tokens (its start, as the evaluation reads it)."""
-    from qlab.analyses.activations import calibration_data, capture_inputs, text_batches
-    from qlab.core.quant import quantize
-
-    weight = loaded.model.get_submodule(layer).weight.detach()
-    calibration = capture_inputs(loaded, layer, calibration_data(loaded, spec, calibration_tokens))
-    held_out = capture_inputs(loaded, layer, text_batches(loaded, spec.resolved_text(), spec.tokens))
-    hessian = hessian_from_inputs(calibration)
-    energy = (weight.float() ** 2).mean().clamp(min=1e-30).item()
-    records = []
-    for scheme in schemes:
-        for algorithm in ("rtn", "gptq"):
-            variant = dataclasses.replace(scheme, algorithm=algorithm)
-            qtensor = quantize(weight, variant) if algorithm == "rtn" else gptq_quantize(weight, hessian, variant)
-            dequantized = qtensor.dequantize()
-            records.append({
-                "scheme": scheme.label, "algorithm": algorithm, "bits_per_weight": qtensor.bits_per_weight,
-                "weight_relative_mse": ((dequantized - weight.float()) ** 2).mean().item() / energy,
-                "output_error_calibration": reconstruction_error(weight, dequantized, calibration),
-                "output_error_held_out": reconstruction_error(weight, dequantized, held_out),
-                "calibration_tokens": calibration.shape[0], "held_out_tokens": held_out.shape[0],
-            })
-    return records

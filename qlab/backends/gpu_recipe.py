@@ -1,4 +1,6 @@
-"""GPU decode benchmark: a random-initialised model from a catalog config, measured per format and code path.
+"""The GPU decode benchmark's recipe: a random-initialised model from a catalog config, quantized by a library's
+recipe, and one measured (format, code path) step. ``bench/gpu_speed.py`` is the program that runs the steps
+(each in its own subprocess, with a time limit) and writes the JSON the Speed page shows.
 
 Speed does not depend on weight values, so no checkpoint is needed: the model is built from
 ``assets/model_configs/<name>.json`` with random weights. Two code paths are measured because they disagree:
@@ -15,45 +17,39 @@ fused multiply + reduction; math attention in decode), plus one step it needs on
 tensor-subclass weights are unwrapped (``torchao.utils.unwrap_tensor_subclass``) before compiling, without which
 the H100 spent ~7 ms of host time per INT4/INT8 decode step for 3.4-5.2 ms of GPU work
 (path ``compiled-loop:subclass-weights`` in the results). Each row records the weight bytes a decode step reads,
-the bandwidth that implies, a device-to-device copy's bandwidth, and with ``--profile-steps`` the top kernels.
-Each step runs in its own subprocess with a time limit (a compile can take minutes; an OOM or a crash must not
-lose the others); its output streams into ``<json>.log`` and the JSON is rewritten after every step. Only torch
-and transformers are imported at the top (torchao/bitsandbytes per step).
+the bandwidth that implies, a device-to-device copy's bandwidth, and with ``profile_steps`` the top kernels.
+Only torch and transformers are imported at the top (torchao/bitsandbytes per step). Longer than 500 lines on
+purpose: the model, its quantization and the timed step are one recipe, and every switch of it names the result
+path it produces (``_path_name``), so they change together.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
-log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py sends it to the step's log file
-CONFIG_DIR = REPO / "assets" / "model_configs"
+from qlab.core.quant import QuantScheme
 
-# (format slug from the CLI, code path) in the order they run: the issue's goals first, the slow eager ones after.
-STEP_ORDER = (
-    ("bf16", "compiled-loop"), ("int8wo", "compiled-loop"), ("int4wo", "compiled-loop"),
-    ("bf16", "hf-generate"), ("nf4", "eager-loop"), ("float8wo", "compiled-loop"), ("int8wo", "hf-generate"),
-    ("bf16", "eager-loop"), ("int4wo", "hf-generate"),
-)
+log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py sends it to the step's log file
+
+# Each format slug of the CLI (``--formats``): the backend that runs it and the weight format it stores.
 BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
               "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq"}
 WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
                  "int8dq": "int8"}
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
+# The qlab scheme whose bytes a weight-only recipe reads per decode step (its roofline); int8dq quantizes the
+# activations too, so bytes alone do not bound it and it has none. NF4 is bitsandbytes' default block of 64.
+SCHEMES = {"bf16": QuantScheme("bf16"), "int8wo": QuantScheme("int8", "channel"),
+           "int4wo": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
+           "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64)}
 
 
 @dataclass(frozen=True)
@@ -551,181 +547,3 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-# --- orchestration --------------------------------------------------------------------------------------------
-
-
-def load_config(name_or_path: str) -> tuple[str, dict]:
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = CONFIG_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise SystemExit(f"gpu_bench: no model config '{name_or_path}' (looked in {CONFIG_DIR}).")
-    return path.stem, json.loads(path.read_text())
-
-
-def install_wheels(directory: Path) -> tuple[str, str | None]:
-    """``pip install --no-deps`` the carried torchao / bitsandbytes wheels when they do not import yet.
-
-    Returns what happened and, when the interpreter's site-packages refused the install (an externally managed
-    Python), the directory the wheels went to instead, for the steps' ``PYTHONPATH``.
-    """
-    import importlib.util
-
-    missing = [name for name in ("torchao", "bitsandbytes") if importlib.util.find_spec(name) is None]
-    wheels = [str(w) for w in sorted(directory.glob("*.whl")) if any(w.name.startswith(m) for m in missing)]
-    if not wheels:
-        return ("nothing to install" if not missing else f"no wheels for {missing} in {directory}"), None
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, *wheels], capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode == 0:
-        return f"installed {', '.join(Path(w).name for w in wheels)}", None
-    target = directory.parent / ".gpu-site-packages"
-    retry = subprocess.run([*pip, "--target", str(target), *wheels], capture_output=True, text=True, timeout=300,
-                           check=False)
-    last = (retry.stdout + retry.stderr).strip().splitlines()[-1:] or [""]
-    return f"site-packages refused (exit {done.returncode}); --target {target}: exit {retry.returncode} {last[0]}", \
-        str(target) if retry.returncode == 0 else None
-
-
-def steps_for(formats: list[str], paths: list[str], explicit: str | None = None) -> list[tuple[str, str]]:
-    """The (format, path) steps to run: ``explicit`` ("int8wo:hf-generate,nf4:eager-loop") or formats x paths."""
-    if explicit:
-        return [tuple(step.strip().split(":", 1)) for step in explicit.split(",") if step.strip()]
-    wanted = [(f, p) for f, p in STEP_ORDER if f in formats and p in paths]
-    extra = [(f, "compiled-loop") for f in formats if f not in {s[0] for s in STEP_ORDER}]
-    return wanted + extra
-
-
-def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
-    """Run each step in a subprocess under the time budget; rewrite the JSON after each one."""
-    out = Path(ns.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    log_file = out.with_suffix(".log")
-    deadline = time.monotonic() + ns.budget_s
-    installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
-    notes = {"install": installed}
-    env = dict(os.environ)
-    if extra_path:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
-    for fmt, path in steps_for(ns.formats.split(","), ns.paths.split(","), ns.steps):
-        left = deadline - time.monotonic()
-        if left < 30:
-            rows.append({"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path,
-                         "device": ns.device, "error": "skipped: the time budget was spent", "measured": False})
-            continue
-        row_file = out.with_name(f".{out.stem}.{fmt}.{path}.json")
-        command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
-                   "--row-out", str(row_file), *passthrough]
-        started = time.monotonic()
-        # The step's output streams into one log beside the JSON, so a step killed at its time limit still
-        # shows how far it got; its last lines (tracebacks, skipped CUDA graphs) also travel with its row.
-        with log_file.open("a") as sink:
-            sink.write(f"=== {fmt}:{path} ===\n")
-            sink.flush()
-            offset = sink.tell()
-            try:
-                done = subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                      timeout=min(ns.step_timeout_s, left), check=False)
-                error = None if row_file.is_file() else f"step exited {done.returncode}"
-            except subprocess.TimeoutExpired:
-                error = f"step timed out after {min(ns.step_timeout_s, left):.0f} s"
-        with log_file.open("rb") as source:
-            source.seek(offset)
-            tail = [line[:300] for line in source.read().decode(errors="replace").strip().splitlines()[-12:]]
-        if error is None:
-            row = json.loads(row_file.read_text())
-        else:
-            row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
-                   "error": f"{error}: {' | '.join(tail[-3:])[:400]}", "measured": False}
-        row["log_tail"] = tail
-        row_file.unlink(missing_ok=True)
-        row["step_seconds"] = round(time.monotonic() - started, 1)
-        row["setup"] = notes
-        rows.append(row)
-        _write(out, rows)
-    _write(out, rows)
-    return rows
-
-
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(rows, indent=2))
-    os.replace(partial, path)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-config", default="llama-3.1-8b", help="catalog config name or a config.json path")
-    p.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4")
-    p.add_argument("--paths", default="compiled-loop,hf-generate,eager-loop",
-                   help="compiled-loop (static cache + torch.compile), hf-generate (eager), eager-loop")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=200, help="decode steps per repetition (compiled/eager loop)")
-    p.add_argument("--hf-new-tokens", type=int, default=48, help="decode steps per repetition of HF generate")
-    p.add_argument("--repetitions", type=int, default=3)
-    p.add_argument("--compile-mode", default="reduce-overhead", help="reduce-overhead | max-autotune | default")
-    p.add_argument("--keep-head-bf16", action="store_true",
-                   help="leave the output head in BF16 (torchao's benchmark quantizes every linear, the head too)")
-    p.add_argument("--all-directions", action="store_true",
-                   help="inductor coordinate_descent_check_all_directions (torchao sets it; much longer compiles)")
-    p.add_argument("--keep-subclasses", action="store_true",
-                   help="compile torchao's tensor-subclass weights as they are (no unwrap_tensor_subclass)")
-    p.add_argument("--skip-guards", action="store_true",
-                   help="time the compiled loop with torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
-    p.add_argument("--profile-steps", type=int, default=0,
-                   help="after timing, profile this many compiled decode steps (top kernels, launches) on CUDA")
-    p.add_argument("--dtype", default="bf16", help="bf16 (GPU) | fp32 (a CPU dry run)")
-    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a quick dry run)")
-    p.add_argument("--hidden", type=int, default=None, help="override hidden/intermediate/vocab (dry run)")
-    p.add_argument("--budget-s", type=float, default=470.0, help="stop starting steps after this many seconds")
-    p.add_argument("--step-timeout-s", type=float, default=240.0)
-    p.add_argument("--install-wheels", action="store_true", help="pip install --no-deps the wheels in --wheels")
-    p.add_argument("--wheels", default=str(REPO / "bench" / "wheels"))
-    p.add_argument("--json", default="gpu_speed.json", help="output file (rewritten after each step)")
-    p.add_argument("--steps", default=None,
-                   help="explicit steps instead of formats x paths, e.g. float8wo:compiled-loop,int8wo:hf-generate")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="merge earlier result files (later rows replace earlier ones of the same step) into --json")
-    p.add_argument("--step", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--dry-run", action="store_true",
-                   help="tiny 2-layer config, few tokens (checks the code paths, e.g. on a CPU)")
-    return p
-
-
-def args_from(ns: argparse.Namespace) -> Args:
-    name, config = load_config(ns.model_config)
-    if ns.dry_run:
-        ns.layers = ns.layers or 2
-        ns.hidden = ns.hidden or 256
-        ns.new_tokens, ns.hf_new_tokens, ns.prompt_tokens, ns.repetitions = 8, 4, 16, 1
-    if ns.layers:
-        config = {**config, "num_hidden_layers": ns.layers}
-    if ns.hidden:
-        heads = config["num_attention_heads"]
-        config = {**config, "hidden_size": ns.hidden, "intermediate_size": 4 * ns.hidden, "vocab_size": 8 * ns.hidden,
-                  "num_attention_heads": max(1, ns.hidden // 64), "head_dim": 64,
-                  "num_key_value_heads": max(1, min(config.get("num_key_value_heads", heads), ns.hidden // 64))}
-    return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
-                ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype],
-                quantize_head=not ns.keep_head_bf16, profile_steps=ns.profile_steps, all_directions=ns.all_directions,
-                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards)
-
-
-def merge(files: list[str], out: str) -> list[dict]:
-    """One result list from several runs: the last measured row of each (format, path) wins, in step order."""
-    rows: dict[tuple[str, str], dict] = {}
-    for file in files:
-        for row in json.loads(Path(file).read_text()):
-            key = (row.get("format_slug"), row.get("path"))
-            if row.get("decode_tokens_per_s") or key not in rows:
-                rows[key] = row
-    order = {step: i for i, step in enumerate(STEP_ORDER)}
-    merged = sorted(rows.values(), key=lambda r: order.get((r.get("format_slug"), r.get("path")), len(order)))
-    _write(Path(out), merged)
-    return merged

@@ -1,0 +1,129 @@
+"""What every ``python -m qlab`` command shares: the parser class, the ``--json``/``--db``/scheme/evaluation
+options, JSON output with atomic writes, and the progress bar on stderr.
+
+Command modules import from here and never from each other or from ``qlab.cli`` (the router), so the package
+has no import cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from qlab.core.errors import QlabError
+
+EXIT_USER_ERROR = 2
+DB_HELP = "run database (default: $QLAB_DB, else $XDG_DATA_HOME/qlab/runs.sqlite)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line instead of usage plus message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise QlabError(f"{message} (see `{self.prog} --help`)")
+
+
+def json_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """Add ``--json [OUT]``: JSON to stdout, or to the file OUT."""
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT",
+                        help=help_text + " (no path or '-': stdout)")
+
+
+def db_option(parser: argparse.ArgumentParser, help_text: str = DB_HELP) -> None:
+    """Add ``--db PATH``, the run database a command reads or stores into."""
+    parser.add_argument("--db", default=None, metavar="PATH", help=help_text)
+
+
+def quiet_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--quiet``, which turns ``progress_bar`` off."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_scheme_arguments(parser: argparse.ArgumentParser, granularity: str) -> None:
+    """Add the ``QuantScheme`` options but the format (each command names its own ``--format(s)``)."""
+    parser.add_argument("--granularity", default=granularity, help="tensor | channel | group")
+    parser.add_argument("--group-size", type=int, default=64,
+                        help="values per group (64 divides every layer of both bundled models; 128 does not divide SmolLM2's 576)")
+    parser.add_argument("--asymmetric", action="store_true", help="integer formats: use a zero-point")
+    parser.add_argument("--calibration", default="minmax", help="minmax | percentile | mse")
+    parser.add_argument("--percentile", type=float, default=99.9)
+    parser.add_argument("--scale-dtype", default="auto", help="auto | fp32 | fp16 | bf16")
+
+
+def scheme_from_args(args: argparse.Namespace, fmt: str):
+    """The ``QuantScheme`` for format ``fmt`` that ``add_scheme_arguments``' options describe."""
+    from qlab.core.quant import QuantScheme
+
+    return QuantScheme(format=fmt, granularity=args.granularity, group_size=args.group_size,
+                       symmetric=not args.asymmetric, calibration=args.calibration,
+                       percentile=args.percentile, scale_dtype=args.scale_dtype,
+                       algorithm=getattr(args, "algorithm", "rtn"))
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--tokens`` and ``--text-file``, read back by ``eval_spec``."""
+    parser.add_argument("--tokens", type=int, default=512, help="evaluation token budget")
+    parser.add_argument("--text-file", default=None, help="UTF-8 text to evaluate on (default: pydoc topics)")
+
+
+def eval_spec(args: argparse.Namespace):
+    """The ``EvalSpec`` that ``add_eval_arguments``' options describe."""
+    from qlab.models.evaluate import EvalSpec, decode_text
+
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise QlabError(f"--text-file {path} does not exist or is not a file.")
+        return EvalSpec(tokens=args.tokens, text=decode_text(path.read_bytes()), text_name=path.name)
+    return EvalSpec(tokens=args.tokens)
+
+
+def csv_floats(text: str) -> list[float]:
+    """The numbers of a ``--values`` list such as ``-2.45,1.32,0.67``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise QlabError(f"--values must be comma-separated numbers, got '{text}'.") from None
+    if not values:
+        raise QlabError("--values is empty; give numbers like --values=-2.45,1.32,0.67,-0.89.")
+    return values
+
+
+def emit(payload, destination: str | None) -> None:
+    """Print JSON to stdout (``--json`` alone or ``--json -``) or write it to a file atomically."""
+    text = json.dumps(payload, indent=2, default=float)
+    if destination in (None, "-"):
+        print(text)
+        return
+    write_atomic(Path(destination), text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all; an unwritable path is a ``QlabError``."""
+    # Write-then-rename: a reader (or a kill) never sees half a file.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:
+        raise QlabError(f"cannot write {path}: {error.strerror}; choose a writable path.") from None
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool, title: str, width: int = 48) -> Iterator[Callable[[float, str], None]]:
+    """A bar on stderr; yields the ``progress(fraction, message)`` callback the analyses take."""
+    from tqdm import tqdm
+
+    with tqdm(total=1000, desc=title, unit="‰", file=sys.stderr, disable=quiet,
+              bar_format="{desc} {bar} {percentage:3.0f}% [{elapsed}<{remaining}]") as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.set_description_str(message[:width].ljust(width))
+            bar.update(max(0, int(fraction * 1000) - bar.n))
+
+        yield progress
