@@ -1,0 +1,91 @@
+"""The GPU benchmark's recipe (``qlab.backends.gpu_recipe``) on a tiny config, on the CPU: the lead runs it once
+on a lent GPU, so it must not fail there for a reason a CPU could have shown."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlab.backends import gpu_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_speed  # noqa: E402  (the program's dry run shapes the tiny config)
+
+
+def tiny_args(**overrides) -> gpu_recipe.Args:
+    ns = gpu_speed.parser().parse_args(["--dry-run", "--device", "cpu", "--dtype", "fp32"])
+    args = gpu_speed.args_from(ns)
+    return gpu_recipe.Args(**{**args.__dict__, **overrides})
+
+
+def test_compact_model_decodes_like_a_full_forward():
+    args = tiny_args()
+    torch.manual_seed(0)
+    model = gpu_recipe.build_compact(args)
+    model.setup_caches(1, 32, torch.float32, "cpu")
+    ids = torch.randint(0, args.config["vocab_size"], (1, 10))
+    with torch.no_grad():
+        full = model(ids, torch.arange(10))[:, -1]
+        model(ids[:, :9], torch.arange(9))
+        stepped = model(ids[:, 9:], torch.tensor([9]))[:, -1]
+    # The static KV cache makes one decode step equal to the last position of a full forward.
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("fmt", "path"), [("bf16", "eager-loop"), ("bf16", "hf-generate"),
+                                           ("int8wo", "eager-loop")])
+def test_steps_measure_on_cpu(fmt, path):
+    if fmt != "bf16" and importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    row = gpu_recipe.run_step(tiny_args(), fmt, path)
+    assert row["error"] is None, row["error"]
+    assert row["decode_tokens_per_s"] > 0 and row["prefill_ms"] > 0
+    assert row["backend"] == gpu_recipe.BACKEND_OF[fmt] and row["path"] == path and row["device"] == "cpu"
+
+
+def test_a_failing_recipe_becomes_an_error_row():
+    row = gpu_recipe.run_step(tiny_args(), "int4wo", "eager-loop")  # tinygemm INT4 needs CUDA and BF16
+    assert row["error"] and row["decode_tokens_per_s"] is None
+
+
+def test_bytes_per_token_counts_what_a_decode_step_reads():
+    args = tiny_args()
+    model = gpu_recipe.build_compact(args)
+    model.setup_caches(1, 24, torch.float32, "cpu")
+    c = args.config
+    counted = gpu_recipe.bytes_per_token(model)
+    everything = sum(p.numel() for p in model.parameters()) * 4
+    assert counted["weight_bytes_per_token"] == everything - c["vocab_size"] * c["hidden_size"] * 4  # no embedding
+    kv_heads, head_dim = c["num_key_value_heads"], c["head_dim"]
+    assert counted["kv_cache_bytes"] == 2 * c["num_hidden_layers"] * kv_heads * 24 * head_dim * 4
+
+
+def test_tensor_bytes_counts_a_quantized_weight_inner_tensors():
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    linear = torch.nn.Linear(256, 128, bias=False)
+    quantize_(linear, Int8WeightOnlyConfig())
+    # int8 codes (1 byte each) plus per-row metadata (a scale, and a zero point even when symmetric): more
+    # than the codes, at most 8 bytes a row more, and about a quarter of the FP32 weight's 4 bytes a value.
+    counted = gpu_recipe.tensor_bytes(linear.weight)
+    assert 128 * 256 < counted <= 128 * 256 + 128 * 8
+    assert counted < 128 * 256 * 4 / 3
+
+
+def test_compile_variants_name_their_own_path():
+    args = tiny_args()
+    assert gpu_recipe._path_name(args, "int8wo", "compiled-loop") == "compiled-loop"
+    assert gpu_recipe._path_name(args, "int8wo", "hf-generate") == "hf-generate"
+    tuned = gpu_recipe.Args(**{**args.__dict__, "compile_mode": "max-autotune", "skip_guards": True})
+    assert gpu_recipe._path_name(tuned, "int8wo", "compiled-loop") == "compiled-loop:max-autotune:skip-guards"
+    assert gpu_recipe._path_name(tuned, "int8wo", "eager-loop") == "eager-loop"
+    # the variants measured in bench/results/gpu_speed.json must not overwrite the default recipe's rows
+    wrapped = gpu_recipe.Args(**{**args.__dict__, "unwrap_subclasses": False, "quantize_head": False})
+    assert gpu_recipe._path_name(wrapped, "int4wo", "compiled-loop") == "compiled-loop:subclass-weights:head-bf16"
+    assert gpu_recipe._path_name(wrapped, "bf16", "compiled-loop") == "compiled-loop"
+    assert gpu_recipe._path_name(wrapped, "nf4", "compiled-loop") == "compiled-loop:head-bf16"

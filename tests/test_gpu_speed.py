@@ -1,0 +1,71 @@
+"""The GPU benchmark program (``bench/gpu_speed.py``): its command line, the steps it runs in subprocesses, the
+wheel installer and merging of runs, on a tiny config on the CPU."""
+
+import importlib.util
+import json
+
+import pytest
+
+from qlab.backends import gpu_recipe
+from tests.test_gpu_recipe import gpu_speed, tiny_args
+
+
+def test_dry_run_shrinks_the_catalog_config():
+    args = tiny_args()
+    assert args.config_name == "llama-3.1-8b"
+    assert args.config["num_hidden_layers"] == 2 and args.config["hidden_size"] == 256
+    assert args.config["num_attention_heads"] % args.config["num_key_value_heads"] == 0
+
+
+@pytest.mark.slow  # two subprocesses, each importing torch and transformers
+def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
+    out = tmp_path / "gpu.json"
+    argv = ["--dry-run", "--device", "cpu", "--dtype", "fp32", "--formats", "bf16,nf4", "--paths", "eager-loop",
+            "--json", str(out), "--budget-s", "200"]
+    assert gpu_speed.step_arguments(argv) == ["--dry-run", "--device", "cpu", "--dtype", "fp32"]
+    assert gpu_speed.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["format_slug"], r["path"]) for r in rows] == [("nf4", "eager-loop"), ("bf16", "eager-loop")]
+    nf4, bf16 = rows
+    assert bf16["decode_tokens_per_s"] > 0 and bf16["error"] is None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes" in nf4["error"]
+    assert not list(tmp_path.glob(".*.json"))  # per-step files are cleaned up
+    # Each step's output streams into one log beside the JSON, and its last lines travel with the row.
+    log = (tmp_path / "gpu.log").read_text()
+    assert "=== nf4:eager-loop ===" in log and "=== bf16:eager-loop ===" in log
+    assert any("repetition 1" in line for line in bf16["log_tail"])
+
+
+def test_explicit_steps_and_merging_runs(tmp_path):
+    assert gpu_speed.steps_for([], [], "float8wo:compiled-loop, nf4:eager-loop") == [
+        ("float8wo", "compiled-loop"), ("nf4", "eager-loop")]
+    assert gpu_speed.steps_for(["int4wo", "bf16"], ["compiled-loop"])[:2] == [
+        ("bf16", "compiled-loop"), ("int4wo", "compiled-loop")]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([
+        {"format_slug": "int8wo", "path": "compiled-loop", "decode_tokens_per_s": 190.0},
+        {"format_slug": "float8wo", "path": "compiled-loop", "decode_tokens_per_s": None, "error": "skipped"}]))
+    second.write_text(json.dumps([
+        {"format_slug": "float8wo", "path": "compiled-loop", "decode_tokens_per_s": 170.0},
+        {"format_slug": "bf16", "path": "compiled-loop", "decode_tokens_per_s": 120.0}]))
+    merged = gpu_speed.merge([str(first), str(second)], str(tmp_path / "out.json"))
+    assert [(r["format_slug"], r["decode_tokens_per_s"]) for r in merged] == [
+        ("bf16", 120.0), ("int8wo", 190.0), ("float8wo", 170.0)]
+    assert json.loads((tmp_path / "out.json").read_text()) == merged
+
+
+def test_missing_wheels_are_reported_not_fatal(tmp_path):
+    message, extra = gpu_speed.install_wheels(tmp_path)
+    assert extra is None and ("nothing to install" in message or "no wheels" in message)
+
+
+def test_command_line_reaches_the_recipe_switches():
+    ns = gpu_speed.parser().parse_args(["--dry-run", "--device", "cpu", "--dtype", "fp32", "--keep-head-bf16",
+                                        "--keep-subclasses", "--skip-guards", "--profile-steps", "5"])
+    args = gpu_speed.args_from(ns)
+    assert not args.quantize_head and not args.unwrap_subclasses and args.skip_guards and args.profile_steps == 5
+    defaults = tiny_args()
+    assert defaults.quantize_head and defaults.unwrap_subclasses and not defaults.skip_guards
+    with gpu_recipe._guard_stance(False), gpu_recipe._guard_stance(True):
+        pass  # both are context managers on this torch
