@@ -64,7 +64,7 @@ finished: dict[str, dict] = store.setdefault(run_key, {})
 left, right = st.columns([1, 5])
 start = left.button("Measure", type="primary", key="run_speed")
 right.button("Cancel", key="cancel_speed", help="Stops after the current step; finished backends are kept.")
-todo = [backends.get(s) for s in st.session_state["speed_backends"] if s not in finished]
+todo = [backends.get_backend(s) for s in st.session_state["speed_backends"] if s not in finished]
 if start and todo:
     bar = st.progress(0.0, text="Measuring memory bandwidth...")
     with common.user_errors():
@@ -126,7 +126,7 @@ if good:
     elif is_lm:
         arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
         for row in good:
-            backend = backends.get(row["backend"])
+            backend = backends.get_backend(row["backend"])
             plan = backend.twin(loaded.model)
             scheme = plan if isinstance(plan, QuantScheme) else next(iter(plan.values()))
             with common.user_errors():

@@ -33,29 +33,32 @@ def test_every_issue_slug_is_registered_with_a_real_format():
 
 
 def test_lookup_and_parsing():
-    assert backends.get(" Torch-Dynamic-INT8 ").slug == "torch-dynamic-int8"
+    assert backends.get_backend(" Torch-Dynamic-INT8 ").slug == "torch-dynamic-int8"
     with pytest.raises(QlabError, match="torchao-int8wo"):
-        backends.get("torchao-int8w")
+        backends.get_backend("torchao-int8w")
     assert [b.slug for b in backends.parse_backends("fp32, bf16,fp32")] == ["fp32", "bf16"]
+    assert backends.backend_names() == [b.slug for b in backends.all_backends()]
+    with pytest.raises(ValueError, match="registered twice"):
+        backends.register(backends.get_backend("fp32"))
     with pytest.raises(QlabError, match="no backends"):
         backends.parse_backends(" , ")
 
 
 def test_unavailable_backends_say_why():
-    bnb = backends.get("bnb-nf4")
+    bnb = backends.get_backend("bnb-nf4")
     ok, reason = bnb.available("cpu")
     assert not ok and "CUDA" in reason
     if not torch.cuda.is_available():
-        ok, reason = backends.get("torchao-int8wo").available("cuda")
+        ok, reason = backends.get_backend("torchao-int8wo").available("cuda")
         assert not ok and "no CUDA GPU" in reason
-    assert backends.get("fp32").available("tpu")[0] is False
+    assert backends.get_backend("fp32").available("tpu")[0] is False
 
 
 def test_a_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("optimum") else
                         real(name, *a))
-    ok, reason = backends.get("quanto-int8").available("cpu")
+    ok, reason = backends.get_backend("quanto-int8").available("cpu")
     assert not ok and "pip install optimum-quanto" in reason
 
 
@@ -96,7 +99,7 @@ def test_every_available_backend_agrees_with_its_twin_on_minilm(minilm):
     ran = []
     # One backend per library (each with its own twin rule), not all eleven: CI has 2 cores.
     for slug in ("bf16", "torch-dynamic-int8", "torchao-int8dq", "quanto-int4", "onnxruntime-int8"):
-        backend = backends.get(slug)
+        backend = backends.get_backend(slug)
         if not backend.available("cpu")[0]:
             continue
         model = backend.apply(minilm, "cpu")
@@ -116,8 +119,8 @@ def test_lm_backends_agree_with_their_twins_on_smollm(smollm):
     baseline = compute_baseline(smollm, EvalSpec(tokens=64))
     # llama.cpp when installed (its twin is the file's own tensors); torch.ao's INT8 otherwise. One of them: the
     # slow tests share a 60-second budget on 2 cores, and MiniLM covers the other libraries.
-    slug = "llamacpp-q4_0" if backends.get("llamacpp-q4_0").available("cpu")[0] else "torch-dynamic-int8"
-    backend = backends.get(slug)
+    slug = "llamacpp-q4_0" if backends.get_backend("llamacpp-q4_0").available("cpu")[0] else "torch-dynamic-int8"
+    backend = backends.get_backend(slug)
     model = backend.apply(smollm, "cpu")
     metrics = backends.evaluate_model(model, baseline)
     twin = backends.evaluate_model(backend.twin_model(smollm, model), baseline)
@@ -152,7 +155,7 @@ def test_gguf_written_back_matches_the_bundled_file(smollm, tmp_path):
 def test_llama_cpp_quantizer_writes_the_bytes_qlab_simulates(smollm, tmp_path, ftype, block_format):
     """llama.cpp's own quantizer (``llama_model_quantize``) and qlab's block-format simulation agree to the byte
     on a tensor llama.cpp stores unpermuted: the simulation shown beside llama.cpp's result is that result."""
-    if not backends.get("llamacpp-q8_0").available("cpu")[0]:
+    if not backends.get_backend("llamacpp-q8_0").available("cpu")[0]:
         pytest.skip("llama-cpp-python is not installed (requirements-llamacpp.txt)")
     gguf = pytest.importorskip("gguf")
     import numpy as np

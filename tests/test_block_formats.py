@@ -8,7 +8,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from qlab.core.block_formats import BLOCK_FORMATS, QK_K, get_block_format, quantize
+from qlab.core.block_formats import (
+    BLOCK_FORMATS,
+    QK_K,
+    block_format_names,
+    get_block_format,
+    quantize,
+    register,
+)
 from qlab.core.errors import QlabError
 
 
@@ -61,6 +68,7 @@ def test_bits_per_weight_are_the_published_ones():
         "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q4_K": 4.5, "Q6_K": 6.5625}
     assert BLOCK_FORMATS["Q4_0"].scale_bits_per_weight == 0.5
     assert BLOCK_FORMATS["Q4_K"].scale_bits_per_weight == 0.5
+    assert block_format_names() == ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 
 
 # ------------------------------------------------------------- scalar port of ggml-quants.c (reference code)
@@ -232,5 +240,7 @@ def test_bad_inputs():
         quantize(torch.zeros(4, 288), "Q6_K")
     with pytest.raises(QlabError, match="unknown GGUF block format"):
         get_block_format("Q3_K")
+    with pytest.raises(ValueError, match="registered twice"):
+        register(BLOCK_FORMATS["Q4_0"])
     with pytest.raises(QlabError, match="finite"):
         quantize(torch.full((1, 32), float("nan")), "Q8_0")

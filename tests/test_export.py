@@ -42,7 +42,7 @@ def test_minilm_exports_reload_bit_exact(minilm, tmp_path, slug):
     assert {"model.safetensors", "config.json", "qlab_scheme.json", "tokenizer.json"} <= set(result.files)
     assert_safetensors_only(tmp_path / "out" / "model.safetensors")
     scheme = json.loads((tmp_path / "out" / "qlab_scheme.json").read_text())
-    backend = backends.get(slug)
+    backend = backends.get_backend(slug)
     assert (scheme["backend"], scheme["model"], scheme["model_kind"]) == (slug, "minilm-l6", "embedding")
     assert len(scheme["model_sha256"]) == 64 and len(scheme["layers"]) == 37
     if slug.startswith("quanto"):
@@ -72,7 +72,7 @@ def test_tied_embeddings_are_saved_once_and_tied_again(tmp_path, slug):
     reloaded = export.load_exported(tmp_path / "out")
     inner = getattr(reloaded, "model", reloaded) if slug.startswith("quanto") else reloaded
     assert inner.lm_head.weight is inner.model.embed_tokens.weight
-    assert torch.equal(outputs(reloaded, loaded), outputs(backends.get(slug).apply(loaded), loaded))
+    assert torch.equal(outputs(reloaded, loaded), outputs(backends.get_backend(slug).apply(loaded), loaded))
 
 
 def test_a_changed_weight_file_is_refused(tmp_path):
@@ -141,7 +141,7 @@ def test_cli_exports_and_fails_in_one_line_with_exit_2(tmp_path, capsys, monkeyp
     assert cli.main(["export", "--model", "tiny", "--scheme-json", "--format", "int4", "--group-size", "32",
                      "--out", str(tmp_path / "scheme.json")]) == 0
     scheme = json.loads((tmp_path / "scheme.json").read_text())
-    assert scheme["format"] == "qlab-layer-schemes" and len(scheme["layers"]) == 19
+    assert scheme["format"] == "qlab-plan/1" and len(scheme["layers"]) == 19
     assert {s["format"] for s in scheme["layers"].values()} == {"int4"}
 
 

@@ -25,7 +25,6 @@ GIB = 2**30
 KV_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp8", "int8", "int4")
 # Encoders run one pass over the whole input and keep no cache between tokens.
 ENCODER_MODEL_TYPES = frozenset({"bert"})
-MAX_BATCH = 2**16  # upper end of the largest-batch search
 UNBOUNDED_CONTEXT = 2**24  # upper end of the largest-context search when a config states no maximum
 SEED_FACTS_PATH = ASSETS_DIR / "seed_facts.json"
 
@@ -49,7 +48,8 @@ FORMULAS: dict[str, str] = {
 }
 
 
-# Guards against a typo, not physics: 64M tokens and a batch of 1M are beyond every public deployment.
+# Guards against a typo, not physics: 64M tokens and a batch of 1M are beyond every public deployment. The batch
+# cap is also the upper end of the largest-batch search.
 MAX_CONTEXT_TOKENS = 64 * 1024 * 1024
 MAX_BATCH = 1024 * 1024
 

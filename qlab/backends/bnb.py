@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from qlab.backends import Backend, Tolerance, package_available, register
+from qlab.backends.base import Backend, Tolerance, package_available, register
 from qlab.core.quant import QuantScheme
 from qlab.models.loading import LoadedModel, quantizable_linears
 

@@ -80,7 +80,7 @@ def _backend(slug: str):
 
     can = ", ".join(exportable())
     try:
-        backend = backends.get(slug)
+        backend = backends.get_backend(slug)
     except QlabError:
         raise QlabError(f"unknown backend '{slug}'; backends that can export: {can}.") from None
     if backend.library not in SERIALISABLE:

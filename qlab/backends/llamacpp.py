@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
+from qlab.backends.base import ActivationQuant, Backend, Tolerance, package_available, register
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme
 from qlab.models.loading import LoadedModel

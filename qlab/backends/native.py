@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from qlab.backends import ActivationQuant, Backend, Tolerance, register
+from qlab.backends.base import ActivationQuant, Backend, Tolerance, register
 from qlab.core.quant import QuantScheme
 from qlab.models.loading import LoadedModel, quantizable_linears
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from qlab.backends import ActivationQuant, Backend, Tolerance, package_available, register
+from qlab.backends.base import ActivationQuant, Backend, Tolerance, package_available, register
 from qlab.backends.native import shadow
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme

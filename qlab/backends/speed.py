@@ -9,23 +9,28 @@ backends and the llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are time
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psutil
 import torch
 
+from qlab.analyses import roofline
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.quant import QuantScheme
+from qlab.models import architectures, hardware
 from qlab.models.loading import LoadedModel
 
 CancelCheck = Callable[[], bool]
 BANDWIDTH_TEST_BYTES = 256 * 2**20
 MAX_PROMPT_TOKENS = 4096
 MAX_NEW_TOKENS = 2048
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"  # results committed with the repository
 
 
 @dataclass(frozen=True)
@@ -155,37 +160,49 @@ def prompt_ids(loaded: LoadedModel, tokens: int, batch: int = 1) -> torch.Tensor
     return ids.repeat(batch, 1)
 
 
+def _repeat(run_once: Callable[[], tuple[float, ...]], spec: SpeedSpec, device: str,
+            cancel: CancelCheck | None, progress: Callable[[float, str], None] | None) -> tuple[list[tuple], int]:
+    """Call ``run_once`` ``spec.warmup`` untimed then ``spec.repetitions`` timed times, under inference mode: the
+    timed runs' measurements and the peak memory above the start. ``run_once`` times itself (synchronised)."""
+    timed = []
+    runs = spec.warmup + spec.repetitions
+    with PeakMemory(device) as memory, torch.inference_mode():
+        for run in range(runs):
+            _check(cancel)
+            measured = run_once()
+            if run >= spec.warmup:
+                timed.append(measured)
+            if progress:
+                progress((run + 1) / runs, f"run {run + 1}/{runs}")
+    return timed, memory.peak_bytes
+
+
 def measure_lm(model: torch.nn.Module, ids: torch.Tensor, spec: SpeedSpec, device: str = "cpu",
                cancel: CancelCheck | None = None,
                progress: Callable[[float, str], None] | None = None) -> SpeedResult:
     """Prefill ``ids`` (batch x prompt), then greedily decode ``spec.new_tokens`` steps; time both, repeatedly."""
     ids = ids.to(device)
-    prefill_ms, decode_rates = [], []
-    runs = spec.warmup + spec.repetitions
-    with PeakMemory(device) as memory, torch.inference_mode():
-        for run in range(runs):
+
+    def prefill_and_decode() -> tuple[float, float]:
+        _sync(device)
+        started = time.perf_counter()
+        out = model(ids, use_cache=True)
+        token = out.logits[:, -1:].argmax(dim=-1)
+        _sync(device)
+        prefilled = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(spec.new_tokens):
             _check(cancel)
-            _sync(device)
-            started = time.perf_counter()
-            out = model(ids, use_cache=True)
-            token = out.logits[:, -1:].argmax(dim=-1)
-            _sync(device)
-            prefilled = time.perf_counter()
-            past = out.past_key_values
-            for _ in range(spec.new_tokens):
-                _check(cancel)
-                out = model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
-            _sync(device)
-            finished = time.perf_counter()
-            if run >= spec.warmup:
-                prefill_ms.append(1000.0 * (prefilled - started))
-                decode_rates.append(ids.shape[0] * spec.new_tokens / (finished - prefilled))
-            del out, past
-            if progress:
-                progress((run + 1) / runs, f"run {run + 1}/{runs}")
+            out = model(token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
+        _sync(device)
+        finished = time.perf_counter()
+        return 1000.0 * (prefilled - started), ids.shape[0] * spec.new_tokens / (finished - prefilled)
+
+    timed, peak_bytes = _repeat(prefill_and_decode, spec, device, cancel, progress)
+    prefill_ms, decode_rates = (list(values) for values in zip(*timed, strict=True))
     return SpeedResult(device, torch.get_num_threads(), ids.shape[0], ids.shape[1], spec.new_tokens,
-                       spec.repetitions, memory.peak_bytes, prefill_ms=Timing.of(prefill_ms),
+                       spec.repetitions, peak_bytes, prefill_ms=Timing.of(prefill_ms),
                        decode_tokens_per_s=Timing.of(decode_rates))
 
 
@@ -204,21 +221,18 @@ def measure_embedding(model: torch.nn.Module, batch: dict[str, torch.Tensor], sp
     """Encode the batch repeatedly: sentences per second, and the batch's latency as ``prefill_ms``."""
     batch = {k: v.to(device) for k, v in batch.items()}
     n = batch["input_ids"].shape[0]
-    latencies = []
-    runs = spec.warmup + spec.repetitions
-    with PeakMemory(device) as memory, torch.inference_mode():
-        for run in range(runs):
-            _check(cancel)
-            _sync(device)
-            started = time.perf_counter()
-            model(**batch)
-            _sync(device)
-            if run >= spec.warmup:
-                latencies.append(time.perf_counter() - started)
-            if progress:
-                progress((run + 1) / runs, f"run {run + 1}/{runs}")
+
+    def encode() -> tuple[float]:
+        _sync(device)
+        started = time.perf_counter()
+        model(**batch)
+        _sync(device)
+        return (time.perf_counter() - started,)
+
+    timed, peak_bytes = _repeat(encode, spec, device, cancel, progress)
+    latencies = [seconds for (seconds,) in timed]
     return SpeedResult(device, torch.get_num_threads(), n, batch["input_ids"].shape[1], 0, spec.repetitions,
-                       memory.peak_bytes, prefill_ms=Timing.of([1000.0 * s for s in latencies]),
+                       peak_bytes, prefill_ms=Timing.of([1000.0 * s for s in latencies]),
                        sentences_per_s=Timing.of([n / s for s in latencies]))
 
 
@@ -266,9 +280,7 @@ def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str 
     """
     import gc
 
-    from qlab.analyses import roofline
     from qlab.backends import evaluate_model
-    from qlab.models import architectures, hardware
     from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
 
     baseline = compute_baseline(loaded, EvalSpec(tokens=accuracy_tokens), cancel=cancel) if accuracy_tokens else None
@@ -308,13 +320,8 @@ def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str 
                 row.update({f"twin_{k}": v for k, v in twin.items()})
                 row["agrees_with_twin"] = backend.tolerance.agrees(metrics, twin)
             if loaded.kind == "causal-lm" and bandwidth is not None:
-                plan = backend.twin(loaded.model)
-                scheme = plan if isinstance(plan, QuantScheme) else next(iter(plan.values()))
-                predicted = roofline.predict(
-                    arch, scheme, target, compute_dtype=None if backend.compute_dtype == "activation"
-                    else backend.compute_dtype, dense_format="bf16" if backend.compute_dtype == "bf16" else "fp32",
-                    context_tokens=spec.prompt_tokens + spec.new_tokens, prompt_tokens=spec.prompt_tokens,
-                    batch=spec.batch, bandwidth_bytes_per_s=bandwidth.bytes_per_s.median)
+                predicted = twin_prediction(arch, backend, loaded.model, target, spec, bandwidth.bytes_per_s.median,
+                                            dense_format="bf16" if backend.compute_dtype == "bf16" else "fp32")
                 bound = predicted.decode_bound_tokens_per_s
                 if hasattr(model, "file_bytes"):
                     # llama.cpp streams its file's tensors as stored (its quantized tied head too) and keeps an
@@ -333,6 +340,64 @@ def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str 
         yield row
     if progress:
         progress(1.0, "done")
+
+
+def twin_prediction(arch: architectures.Architecture, backend, model: torch.nn.Module, target: hardware.Hardware,
+                    spec: SpeedSpec, bandwidth_bytes_per_s: float | None = None,
+                    dense_format: str | None = None) -> roofline.Prediction:
+    """The roofline of a backend's twin scheme (a per-layer plan's first scheme) on ``target``, for the prompt,
+    decode length and batch of ``spec``; ``bandwidth_bytes_per_s`` overrides the catalog's (a measured one)."""
+    plan = backend.twin(model)
+    scheme = plan if isinstance(plan, QuantScheme) else next(iter(plan.values()))
+    return roofline.predict(
+        arch, scheme, target, compute_dtype=None if backend.compute_dtype == "activation" else backend.compute_dtype,
+        dense_format=dense_format, context_tokens=spec.prompt_tokens + spec.new_tokens,
+        prompt_tokens=spec.prompt_tokens, batch=spec.batch, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+
+
+def roofline_predictions(loaded: LoadedModel, rows: list[dict], target: hardware.Hardware, spec: SpeedSpec,
+                         bandwidth_bytes_per_s: float | None = None) -> list[roofline.Prediction]:
+    """The twin's roofline on ``target`` for each bench row of a causal LM, in the rows' order (the Speed page's
+    hollow points)."""
+    from qlab.backends import get_backend
+
+    arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
+    return [twin_prediction(arch, get_backend(row["backend"]), loaded.model, target, spec, bandwidth_bytes_per_s)
+            for row in rows]
+
+
+def gpu_target(gpu_name: str, fallback: hardware.Hardware) -> hardware.Hardware:
+    """The catalog entry of the GPU a benchmark ran on, by the name torch gave it (an H100, SXM or PCIe), else
+    ``fallback``."""
+    if "H100" not in gpu_name:
+        return fallback
+    return hardware.get("h100-pcie-80gb" if "PCIe" in gpu_name else "h100-sxm-80gb")
+
+
+def gpu_roofline(rows: list[dict], target: hardware.Hardware) -> list[dict]:
+    """The bandwidth bound of each weight-only format the GPU benchmark measured (``bench/gpu_speed.py``'s rows,
+    one model) on ``target`` at the context the rows used: ``{"format_slug", "decode_tokens_per_s"}`` per format,
+    none when ``target`` is not a GPU."""
+    from qlab.backends.gpu_recipe import SCHEMES
+
+    if target.kind != "gpu" or not rows:
+        return []
+    arch = architectures.get(rows[0]["model"])
+    context = int(rows[0]["prompt_tokens"] + max(row["new_tokens"] for row in rows))
+    measured = {row["format_slug"] for row in rows}
+    return [{"format_slug": fmt, "decode_tokens_per_s":
+             roofline.predict(arch, scheme, target, context_tokens=context).decode_bound_tokens_per_s}
+            for fmt, scheme in SCHEMES.items() if fmt in measured]
+
+
+def bench_results(name: str) -> list[dict]:
+    """The rows of a benchmark result committed with the repository, ``bench/results/<name>.json`` (a list of
+    rows, or an object holding them under ``rows``); none when the file is not there."""
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return data["rows"] if isinstance(data, dict) else data
 
 
 def bench_row(loaded: LoadedModel, backend, device: str, spec: SpeedSpec) -> dict:

@@ -68,7 +68,7 @@ def _list(args: argparse.Namespace) -> None:
 
     rows = []
     for slug in export.exportable():
-        backend = backends.get(slug)
+        backend = backends.get_backend(slug)
         ok, reason = backend.available("cpu")
         rows.append({"backend": slug, "library": backend.library, "kinds": list(backend.kinds),
                      "available_here": ok, "reason": None if ok else reason})

@@ -348,26 +348,16 @@ def _q6_k_pack(parts: Parts) -> torch.Tensor:
                       _fp16_bytes(parts["d"])], dim=1)
 
 
-BLOCK_FORMATS: dict[str, BlockFormat] = {
-    f.name: f for f in (
-        BlockFormat("Q8_0", 32, (Field("d", 16, 1), Field("qs", 8, 32)),
-                    "8-bit codes, one fp16 scale (absmax/127) per 32 weights", _q8_0_quantize,
-                    _q8_0_dequantize, _q8_0_pack),
-        BlockFormat("Q4_0", 32, (Field("d", 16, 1), Field("qs", 4, 32)),
-                    "4-bit codes, one fp16 scale per 32 weights (largest-magnitude weight -> -8)",
-                    _q4_0_quantize, _q4_0_dequantize, _q4_0_pack),
-        BlockFormat("Q4_1", 32, (Field("d", 16, 1), Field("m", 16, 1), Field("qs", 4, 32)),
-                    "4-bit codes, fp16 scale and fp16 minimum per 32 weights", _q4_1_quantize,
-                    _q4_1_dequantize, _q4_1_pack),
-        BlockFormat("Q4_K", QK_K, (Field("d", 16, 1), Field("dmin", 16, 1), Field("sc", 6, 8), Field("m", 6, 8),
-                                   Field("qs", 4, QK_K)),
-                    "4-bit codes; 8 sub-blocks of 32 with 6-bit scale and min under fp16 super-scales",
-                    _q4_k_quantize, _q4_k_dequantize, _q4_k_pack),
-        BlockFormat("Q6_K", QK_K, (Field("qs", 6, QK_K), Field("sc", 8, 16), Field("d", 16, 1)),
-                    "6-bit codes; 16 sub-blocks of 16 with an 8-bit scale under an fp16 super-scale",
-                    _q6_k_quantize, _q6_k_dequantize, _q6_k_pack),
-    )
-}
+# The registry, named as every qlab registry is: ``register``, ``get_block_format``, ``block_format_names``.
+BLOCK_FORMATS: dict[str, BlockFormat] = {}
+
+
+def register(fmt: BlockFormat) -> BlockFormat:
+    """Add a block format to the registry (explicitly, by name)."""
+    if fmt.name in BLOCK_FORMATS:
+        raise ValueError(f"block format {fmt.name} registered twice")
+    BLOCK_FORMATS[fmt.name] = fmt
+    return fmt
 
 
 def get_block_format(name: str) -> BlockFormat:
@@ -376,6 +366,29 @@ def get_block_format(name: str) -> BlockFormat:
     if key not in BLOCK_FORMATS:
         raise QlabError(f"unknown GGUF block format '{name}'; choose one of {', '.join(BLOCK_FORMATS)}.")
     return BLOCK_FORMATS[key]
+
+
+def block_format_names() -> list[str]:
+    """Registered block format names, in llama.cpp's order (legacy 32-weight blocks, then K formats)."""
+    return list(BLOCK_FORMATS)
+
+
+register(BlockFormat("Q8_0", 32, (Field("d", 16, 1), Field("qs", 8, 32)),
+                     "8-bit codes, one fp16 scale (absmax/127) per 32 weights", _q8_0_quantize,
+                     _q8_0_dequantize, _q8_0_pack))
+register(BlockFormat("Q4_0", 32, (Field("d", 16, 1), Field("qs", 4, 32)),
+                     "4-bit codes, one fp16 scale per 32 weights (largest-magnitude weight -> -8)",
+                     _q4_0_quantize, _q4_0_dequantize, _q4_0_pack))
+register(BlockFormat("Q4_1", 32, (Field("d", 16, 1), Field("m", 16, 1), Field("qs", 4, 32)),
+                     "4-bit codes, fp16 scale and fp16 minimum per 32 weights", _q4_1_quantize,
+                     _q4_1_dequantize, _q4_1_pack))
+register(BlockFormat("Q4_K", QK_K, (Field("d", 16, 1), Field("dmin", 16, 1), Field("sc", 6, 8), Field("m", 6, 8),
+                                    Field("qs", 4, QK_K)),
+                     "4-bit codes; 8 sub-blocks of 32 with 6-bit scale and min under fp16 super-scales",
+                     _q4_k_quantize, _q4_k_dequantize, _q4_k_pack))
+register(BlockFormat("Q6_K", QK_K, (Field("qs", 6, QK_K), Field("sc", 8, 16), Field("d", 16, 1)),
+                     "6-bit codes; 16 sub-blocks of 16 with an 8-bit scale under an fp16 super-scale",
+                     _q6_k_quantize, _q6_k_dequantize, _q6_k_pack))
 
 
 def quantize(x: torch.Tensor, name: str) -> BlockTensor:

@@ -160,6 +160,8 @@ def _nearest_table_index(x: torch.Tensor, name: str) -> torch.Tensor:
     return slot if identity else codes.to(x.device)[slot.long()]
 
 
+# The registry, named as every qlab registry is (GGUF block formats and backends alike): ``register``,
+# ``get_format``, ``format_names``.
 FORMATS: dict[str, Format] = {}
 _ALIASES: dict[str, str] = {}
 
