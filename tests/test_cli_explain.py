@@ -4,15 +4,15 @@ import json
 
 import pytest
 
-from qlab.cli import _Parser
+from qlab.cli.common import Parser
 from qlab.cli.explain import add_parser
 from qlab.core.errors import QlabError
 
 
 def run(argv: list[str], capsys) -> str:
-    parser = _Parser(prog="qlab")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_parser(sub, lambda p, help_text: p.add_argument("--json", nargs="?", const="-", default=None))
+    parser = Parser(prog="qlab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
     return capsys.readouterr().out

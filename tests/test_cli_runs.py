@@ -7,28 +7,9 @@ import pytest
 
 from qlab import cli
 from qlab.analyses.sweep import ResultRow
-from qlab.cli.runs import add_parser
 from qlab.core.plan import SizeReport
 from qlab.core.quant import QuantScheme
 from qlab.store import RunMeta, Store
-
-
-@pytest.fixture(autouse=True)
-def wired(monkeypatch):
-    """Run the CLI with the runs/report subcommands even before qlab.cli.build_parser adds them itself."""
-    build = cli.build_parser
-
-    def build_with_runs() -> argparse.ArgumentParser:
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "runs" not in sub.choices:
-            def json_option(p, help_text):
-                p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT", help=help_text)
-
-            add_parser(sub, json_option)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_with_runs)
 
 
 @pytest.fixture
@@ -247,7 +228,8 @@ def test_bench_sweep_run_carries_the_hashes_a_sweep_run_has(tmp_path, monkeypatc
     """`bench sweep --db` stores the weights and text hashes of what it measured: its rows are reusable and a
     comparison with a plain sweep of the same model and text names no difference in text or weights."""
     from qlab.models.evaluate import EvalSpec
-    from qlab.store import model_sha256, report
+    from qlab.models.loading import model_sha256
+    from qlab.store import report
 
     monkeypatch.delenv("QLAB_DB", raising=False)
     monkeypatch.setattr("qlab.analyses.sweep_benchmark.load", lambda name: minilm)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qlab import cli
+from qlab.cli.common import Parser
 from qlab.cli.sensitivity import add_parser
 from qlab.core.errors import QlabError
 from qlab.models import loading as models
@@ -12,13 +12,9 @@ from tests.tiny_models import tiny_llama
 
 
 def run(argv: list[str]) -> None:
-    parser = cli._Parser(prog="qlab")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
-
-    def json_option(p, help_text):  # as qlab.cli.build_parser defines it
-        p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT", help=help_text)
-
-    add_parser(sub, json_option)
+    parser = Parser(prog="qlab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
 
@@ -56,7 +52,9 @@ def test_recommend_prints_the_assignment_and_the_measurements(tiny, tmp_path, ca
     assert set(record["measured"]) == {"mix", "int8", "int4"}
     assert record["measured"]["int8"] <= record["measured"]["mix"] <= record["measured"]["int4"]
     exported = json.loads(plan.read_text())
-    assert exported == record["plan"] and set(exported["modules"]) == set(record["assignment"])
+    assert exported == record["plan"] and set(exported["layers"]) == set(record["assignment"])
+    assert exported["format"] == "qlab-plan/1" and exported["budget"]["bits_per_weight"] == 5
+    assert exported["bits_per_weight"] == record["bits_per_weight"] and exported["measured"] == record["measured"]["mix"]
 
 
 def test_recommend_needs_a_budget_and_a_feasible_one(tiny):

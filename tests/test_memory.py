@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 
-from qlab import cli
 from qlab.analyses import memory
 from qlab.cli import memory as cli_memory
+from qlab.cli.common import Parser
 from qlab.core.errors import QlabError
 from qlab.core.formats import FORMATS, get_format
 from qlab.core.quant import QuantScheme, quantize
@@ -271,13 +270,9 @@ def test_bad_inputs_raise_one_line(call, words):
 
 
 def _run_cli(argv: list[str]) -> None:
-    parser = cli._Parser(prog="qlab")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser)
-
-    def json_option(p: argparse.ArgumentParser, help_text: str) -> None:
-        p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT", help=help_text)
-
-    cli_memory.add_parser(sub, json_option)
+    parser = Parser(prog="qlab")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    cli_memory.add_parser(sub)
     args = parser.parse_args(argv)
     args.func(args)
 
