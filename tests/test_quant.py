@@ -366,7 +366,8 @@ def test_bits_per_weight():
     dict(group_size=-1), dict(group_size=1.5), dict(group_size=True), dict(format="nf4", symmetric=False),
     dict(format="fp8_e4m3", symmetric=False), dict(format="fp4_e2m1", symmetric=False),
     dict(percentile=101), dict(percentile=50), dict(calibration="kl"), dict(scale_dtype="fp8"),
-    dict(algorithm="awq"), dict(targets=("activations",)), dict(targets=()),
+    dict(algorithm="spqr"), dict(sparsity="1:2"), dict(format="nf4", algorithm="hqq"),
+    dict(targets=("activations",)), dict(targets=()),
 ])
 def test_bad_schemes_raise_qlab_error(kwargs):
     with pytest.raises(QlabError):

@@ -1,4 +1,5 @@
-"""Calibration that runs a model: GPTQ's per-layer Hessians from captured inputs, and RTN vs GPTQ on one layer.
+"""Calibration that runs a model: each linear's input statistics (the Hessian GPTQ, SparseGPT and AWQ use, and
+AWQ's mean |x| per input channel) from captured inputs, and RTN vs GPTQ on one layer.
 
 The rounding itself is pure tensor work in ``qlab.core.algorithms``; this module feeds it real activations.
 """
@@ -12,34 +13,37 @@ from collections.abc import Callable, Sequence
 import torch
 
 from qlab.analyses.activations import calibration_data, capture_inputs, run_with_input_hooks, text_batches
+from qlab.core.algorithms import LayerStats
 from qlab.core.algorithms.gptq import gptq_quantize, hessian_from_inputs, reconstruction_error
 from qlab.core.errors import QlabError
 from qlab.core.plan import quantizable_linears
 from qlab.core.quant import QuantScheme, quantize
 
 
-def calibration_hessians(loaded, spec, progress: Callable[[float, str], None] | None = None,
-                         cancel: Callable[[], bool] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every quantizable linear's Hessian from calibration text (the end of the spec's text), and a record of
-    how it was calibrated for the result row."""
+def calibration_stats(loaded, spec, progress: Callable[[float, str], None] | None = None,
+                      cancel: Callable[[], bool] | None = None) -> tuple[dict[str, LayerStats], dict]:
+    """Every quantizable linear's input statistics from calibration text (the end of the spec's text), and a
+    record of how it was calibrated for the result row."""
     started = time.perf_counter()
     data = calibration_data(loaded, spec)
     names = [name for name, _ in quantizable_linears(loaded.model)]
-    hessians = collect_hessians(loaded, data, names, progress, cancel)
+    stats = collect_layer_stats(loaded, data, names, progress, cancel)
     record = {"calibration_tokens": data.tokens, "calibration_overlaps_eval": data.overlaps_eval,
               "calibration_seconds": round(time.perf_counter() - started, 3)}
-    return hessians, record
+    return stats, record
 
 
-def collect_hessians(loaded, data, names: Sequence[str],
-                     progress: Callable[[float, str], None] | None = None,
-                     cancel: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
-    """H = 2 X^T X / n for each named linear, from the FP32 model run on calibration data.
+def collect_layer_stats(loaded, data, names: Sequence[str],
+                        progress: Callable[[float, str], None] | None = None,
+                        cancel: Callable[[], bool] | None = None) -> dict[str, LayerStats]:
+    """H = 2 X^T X / n and mean |x| per input channel for each named linear, from the FP32 model run on
+    calibration data.
 
-    Linears fed the very same tensor (q/k/v after one norm, gate/up in a SwiGLU MLP) share one Hessian object,
-    which keeps SmolLM2-135M's Hessians near 0.4 GB instead of 0.7 GB.
+    Linears fed the very same tensor (q/k/v after one norm, gate/up in a SwiGLU MLP) share one statistics
+    object, which keeps SmolLM2-135M's Hessians near 0.4 GB instead of 0.7 GB.
     """
     sums: dict[str, torch.Tensor] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     owner: dict[str, str] = {}
 
@@ -50,20 +54,23 @@ def collect_hessians(loaded, data, names: Sequence[str],
         x = x.to(torch.float32)
         if name not in sums:
             sums[name] = torch.zeros(x.shape[-1], x.shape[-1])
+            abs_sums[name] = torch.zeros(x.shape[-1])
             counts[name] = 0
         sums[name].addmm_(x.T, x)
+        abs_sums[name] += x.abs().sum(dim=0)
         counts[name] += x.shape[0]
 
     run_with_input_hooks(loaded, data, names, hook, progress, cancel)
-    hessians = {name: 2 * total / max(1, counts[name]) for name, total in sums.items()}
+    stats = {name: LayerStats(2 * total / max(1, counts[name]), abs_sums[name] / max(1, counts[name]))
+             for name, total in sums.items()}
     for name, source in owner.items():
-        if name not in hessians:
-            hessians[name] = hessians[source]
-    absent = [name for name in names if name not in hessians]
+        if name not in stats:
+            stats[name] = stats[source]
+    absent = [name for name in names if name not in stats]
     if absent:
         raise QlabError(f"no calibration input reached '{absent[0]}'; that layer is not used by a forward pass, "
-                        "so GPTQ cannot calibrate it (use rtn).")
-    return hessians
+                        "so it cannot be calibrated (use rtn or hqq).")
+    return stats
 
 
 def layer_comparison(loaded, layer: str, schemes: Sequence[QuantScheme], spec,

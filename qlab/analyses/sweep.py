@@ -13,10 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
-from qlab.analyses.calibration import calibration_hessians
-from qlab.core.algorithms import needs_calibration
+from qlab.analyses.calibration import calibration_stats
+from qlab.core.algorithms import LayerStats, needs_calibration
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
 from qlab.core.plan import (
@@ -86,17 +84,16 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     if baseline is None:
         baseline = compute_baseline(loaded, spec, stage("FP32 baseline"), cancel)
         done += 1
-    hessians: dict[str, torch.Tensor] | None = None
+    stats: dict[str, LayerStats] | None = None
     calibration: dict = {}
     for scheme in schemes:
         started = time.perf_counter()
         extra = {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {}
         if needs_calibration(scheme):
-            if hessians is None:  # once per sweep, shared by every GPTQ scheme
-                hessians, calibration = calibration_hessians(loaded, spec, stage(f"{scheme.label} calibration"),
-                                                             cancel)
+            if stats is None:  # once per sweep, shared by every calibrated scheme
+                stats, calibration = calibration_stats(loaded, spec, stage(f"{scheme.label} calibration"), cancel)
             extra.update(calibration)
-        shadow = quantized_copy(loaded.model, scheme, hessians)
+        shadow = quantized_copy(loaded.model, scheme, stats)
         quantized_at = time.perf_counter()
         metrics = evaluate(shadow, baseline, stage(scheme.label), cancel)
         finished = time.perf_counter()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qlab.core.algorithms import quantize_weight
+from qlab.core.algorithms import LayerStats, quantize_weight
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
 from qlab.core.quant import QTensor, QuantScheme
@@ -112,7 +112,7 @@ def size_report(model: torch.nn.Module, plan: SchemePlan) -> SizeReport:
 
 
 def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
-                   hessians: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+                   calibration: Mapping[str, LayerStats] | None = None) -> torch.nn.Module:
     """A shadow of ``model`` with the scheme (or per-layer plan) applied; ``model`` itself is only read.
 
     ``hessians`` (linear name -> H from calibration inputs) are needed by schemes whose algorithm uses them
@@ -131,8 +131,8 @@ def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
     shadow = copy.deepcopy(model, memo)
     for name, scheme in assignment.items():
         bias = shadow.get_submodule(name).bias
-        hessian = None if hessians is None else hessians.get(name)
-        shadow.set_submodule(name, QuantizedLinear(quantize_weight(modules[name].weight, scheme, hessian), bias))
+        stats = None if calibration is None else calibration.get(name)
+        shadow.set_submodule(name, QuantizedLinear(quantize_weight(modules[name].weight, scheme, stats), bias))
     return shadow
 
 

@@ -22,8 +22,10 @@ Granularity = Literal["tensor", "channel", "group"]
 Calibration = Literal["minmax", "percentile", "mse"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")
 CALIBRATIONS: tuple[str, ...] = ("minmax", "percentile", "mse")
-# "gptq" needs calibration inputs (Hessians), which qlab.analyses.sweep collects; see qlab.core.algorithms.
-ALGORITHMS: tuple[str, ...] = ("rtn", "gptq")
+# Everything but rtn and hqq needs calibration inputs, which qlab.analyses.sweep collects; see qlab.core.algorithms.
+ALGORITHMS: tuple[str, ...] = ("rtn", "gptq", "gptq-act-order", "awq", "hqq")
+# 2:4 semi-structured sparsity: two of every four consecutive inputs pruned, by magnitude or by SparseGPT.
+SPARSITIES: tuple[str, ...] = ("none", "2:4", "2:4-sparsegpt")
 TARGETS: tuple[str, ...] = ("weights",)  # activations come with real kernels; the field keeps room for them
 SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MSE_CLIP_RATIOS = torch.linspace(1.0, 0.5, 26)  # candidate clipping ranges, as fractions of the min-max range
@@ -45,8 +47,16 @@ class QuantScheme:
         scale_dtype: dtype scales are stored in; ``"auto"`` is fp16 for groups (as GPTQ/AWQ/llama.cpp store
             them) and fp32 otherwise.
         targets: which tensors are quantized; only ``("weights",)`` for now.
-        algorithm: weight rounding algorithm; ``"rtn"`` (round to nearest) or ``"gptq"`` (error-compensating
-            rounding from calibration inputs, ``qlab.core.algorithms.gptq``).
+        algorithm: weight rounding algorithm (``qlab.core.algorithms``): ``"rtn"`` (round to nearest),
+            ``"gptq"`` (error-compensating rounding from calibration inputs), ``"gptq-act-order"`` (GPTQ over
+            inputs in order of decreasing Hessian diagonal), ``"awq"`` (activation-aware per-input scales kept
+            as an input scale) or ``"hqq"`` (calibration-free half-quadratic fit of a float zero-point; always
+            asymmetric, on integer formats).
+        static_groups: with ``gptq-act-order`` and groups, compute every group's scale before reordering, so
+            groups stay consecutive and no group index is stored (the reference's ``static_groups``).
+        sparsity: ``"none"``, ``"2:4"`` (keep the two largest of every four consecutive inputs) or
+            ``"2:4-sparsegpt"`` (SparseGPT picks them from the Hessian and compensates; with ``gptq`` on scaled
+            formats). Stored as the kept values plus 2 bits of position per kept value.
 
     Plain casts (fp32, fp16, bf16) have no scale, so their granularity fields are normalised away and two
     schemes that do the same thing compare equal.
@@ -61,6 +71,8 @@ class QuantScheme:
     scale_dtype: str = "auto"
     targets: tuple[str, ...] = ("weights",)
     algorithm: str = "rtn"
+    static_groups: bool = False
+    sparsity: str = "none"
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)
@@ -73,6 +85,8 @@ class QuantScheme:
             raise QlabError(f"unknown calibration '{self.calibration}'; use one of {', '.join(CALIBRATIONS)}.")
         if self.algorithm not in ALGORITHMS:
             raise QlabError(f"unknown algorithm '{self.algorithm}'; use one of {', '.join(ALGORITHMS)}.")
+        if self.sparsity not in SPARSITIES:
+            raise QlabError(f"unknown sparsity '{self.sparsity}'; use one of {', '.join(SPARSITIES)}.")
         if not set(self.targets) <= set(TARGETS) or not self.targets:
             raise QlabError(f"targets must be a subset of {TARGETS}; activation quantization is not built yet.")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
@@ -83,9 +97,10 @@ class QuantScheme:
             # A plain cast has no scale: canonicalise so equal schemes hash equal.
             for name, value in (("granularity", "tensor"), ("group_size", 128), ("symmetric", True),
                                 ("calibration", "minmax"), ("percentile", 99.9), ("scale_dtype", "auto"),
-                                ("algorithm", "rtn")):
+                                ("algorithm", "rtn"), ("static_groups", False)):
                 set_field(name, value)
             return
+        self._check_algorithm(fmt, set_field)
         if not self.symmetric and fmt.kind != "integer":
             raise QlabError(f"{fmt.name} is symmetric by construction; asymmetric applies to integer formats.")
         if self.granularity != "group":
@@ -97,6 +112,24 @@ class QuantScheme:
             raise QlabError(f"unknown scale dtype '{self.scale_dtype}'; use auto, {', '.join(SCALE_DTYPES)}.")
         set_field("scale_dtype", scale_dtype)
 
+    def _check_algorithm(self, fmt: Format, set_field) -> None:
+        """Refuse algorithm, static-group and sparsity combinations no algorithm implements; normalise the rest."""
+        if self.static_groups and self.algorithm != "gptq-act-order":
+            raise QlabError("static groups only change gptq-act-order (other algorithms keep groups in input "
+                            "order already); drop static groups or use algorithm gptq-act-order.")
+        if self.granularity != "group":
+            set_field("static_groups", False)
+        if self.algorithm == "hqq":
+            if fmt.kind != "integer":
+                raise QlabError(f"hqq fits a zero-point on a uniform integer grid, and {fmt.name} is not one; "
+                                "pick an int format or another algorithm.")
+            set_field("symmetric", False)  # the zero-point is what HQQ optimises
+        if self.sparsity != "none" and self.algorithm not in ("rtn", "gptq"):
+            raise QlabError(f"2:4 sparsity combines with rtn or gptq, not {self.algorithm}; pick one of those.")
+        if self.sparsity == "2:4-sparsegpt" and self.algorithm != "gptq":
+            raise QlabError("SparseGPT prunes and rounds in one error-compensating pass; use it with algorithm "
+                            "gptq, or plain 2:4 (magnitude) with rtn.")
+
     @property
     def fmt(self) -> Format:
         return get_format(self.format)
@@ -105,7 +138,7 @@ class QuantScheme:
     def label(self) -> str:
         """Short human name, e.g. ``int4 g128 asym`` or ``int8 per-channel``."""
         if not self.fmt.scaled:
-            return self.format
+            return self.format if self.sparsity == "none" else f"{self.format} {self.sparsity}"
         parts = [self.format, {"tensor": "per-tensor", "channel": "per-channel"}.get(
             self.granularity, f"g{self.group_size}")]
         if not self.symmetric:
@@ -114,6 +147,10 @@ class QuantScheme:
             parts.append(self.calibration if self.calibration == "mse" else f"p{self.percentile:g}")
         if self.algorithm != "rtn":
             parts.append(self.algorithm)
+        if self.static_groups:
+            parts.append("static-groups")
+        if self.sparsity != "none":
+            parts.append(self.sparsity)
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -132,18 +169,36 @@ class QuantScheme:
         return cls(**record)
 
     def storage_bytes(self, shape: tuple[int, ...] | torch.Size) -> dict[str, int]:
-        """Bytes the quantized tensor of this shape really occupies: codes, scales, zero-points."""
+        """Bytes the quantized tensor of this shape really occupies: codes, scales, zero-points, and what an
+        algorithm adds (``metadata`` of 2:4 sparsity, an act-order ``group_index``, AWQ's ``input_scales``)."""
         numel = math.prod(shape)
         fmt = self.fmt
+        inputs = shape[-1] if len(shape) else 1
+        stored = numel
+        if self.sparsity != "none":
+            if inputs % 4:
+                raise QlabError(f"2:4 sparsity prunes groups of 4 consecutive inputs, and {inputs} inputs of a "
+                                f"tensor of shape {tuple(shape)} do not split into them; leave it dense.")
+            stored = numel // 2
+        parts = {"codes": math.ceil(stored * fmt.bits / 8), "scales": 0, "zero_points": 0}
+        if self.sparsity != "none":
+            # The positions of the two kept values in each group of four, 2 bits each: the metadata of torch's
+            # semi-structured (CUTLASS / cuSPARSELt) layout for fp16, bf16 and int8 alike.
+            parts["metadata"] = math.ceil(stored * 2 / 8)
         if not fmt.scaled:
-            return {"codes": numel * fmt.bits // 8, "scales": 0, "zero_points": 0}
+            return parts
         n_blocks = block_count(shape, self)
         scale_bytes = torch.finfo(SCALE_DTYPES[self.scale_dtype]).bits // 8
-        return {
-            "codes": math.ceil(numel * fmt.bits / 8),
-            "scales": n_blocks * scale_bytes,
-            "zero_points": 0 if self.symmetric else math.ceil(n_blocks * fmt.bits / 8),
-        }
+        parts["scales"] = n_blocks * scale_bytes
+        if self.algorithm == "hqq":
+            parts["zero_points"] = n_blocks * scale_bytes  # a float zero-point, stored like the scale
+        elif not self.symmetric:
+            parts["zero_points"] = math.ceil(n_blocks * fmt.bits / 8)
+        if self.algorithm == "gptq-act-order" and self.granularity == "group" and not self.static_groups:
+            parts["group_index"] = 4 * inputs  # the int32 g_idx of GPTQ checkpoints: each input's group
+        if self.algorithm == "awq":
+            parts["input_scales"] = 2 * inputs  # fp16, one per input, unless folded into the op before
+        return parts
 
     def bits_per_weight(self, shape: tuple[int, ...] | torch.Size) -> float:
         """Storage bits per value for a tensor of this shape, scales and zero-points included."""

@@ -1,4 +1,5 @@
-"""Weight rounding algorithms: ``rtn`` (``qlab.core.quant.quantize``) and ``gptq`` (needs calibration Hessians).
+"""Weight rounding algorithms: ``rtn`` (``qlab.core.quant.quantize``), ``gptq`` and ``gptq-act-order`` (need
+calibration Hessians).
 
 ``quantize_weight`` is the one verb the sweep calls; it dispatches on ``QuantScheme.algorithm``.
 """
@@ -6,15 +7,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from qlab.core.errors import QlabError
 from qlab.core.quant import QTensor, QuantScheme, quantize
 
-__all__ = ["CALIBRATED_ALGORITHMS", "needs_calibration", "quantize_weight"]
+CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order"})
 
-CALIBRATED_ALGORITHMS = frozenset({"gptq"})
+__all__ = ["CALIBRATED_ALGORITHMS", "LayerStats", "needs_calibration", "quantize_weight"]
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What calibration measured at one linear's input: H = 2 X^T X / n (GPTQ's and SparseGPT's Hessian, the
+    loss AWQ searches on) and the mean |x| of each input channel (AWQ's salience)."""
+
+    hessian: torch.Tensor
+    input_abs_mean: torch.Tensor | None = None
 
 
 def needs_calibration(schemes: QuantScheme | Iterable[QuantScheme]) -> bool:
@@ -23,13 +34,14 @@ def needs_calibration(schemes: QuantScheme | Iterable[QuantScheme]) -> bool:
     return any(s.algorithm in CALIBRATED_ALGORITHMS and s.fmt.scaled for s in schemes)
 
 
-def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, hessian: torch.Tensor | None = None) -> QTensor:
-    """A linear weight (out x in) quantized by the scheme's algorithm; GPTQ needs that layer's Hessian."""
+def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats | None = None) -> QTensor:
+    """A linear weight (out x in) quantized by the scheme's algorithm; calibrated algorithms need that layer's
+    ``stats``."""
     if not needs_calibration(scheme):
         return quantize(weight, scheme)
-    if hessian is None:
+    if stats is None:
         raise QlabError(f"{scheme.label} needs calibration inputs for every layer; run it through the sweep, "
                         "which collects them, or use algorithm rtn.")
     from qlab.core.algorithms.gptq import gptq_quantize
 
-    return gptq_quantize(weight, hessian, scheme)
+    return gptq_quantize(weight, stats.hessian, scheme)

@@ -4,11 +4,19 @@ error onto the columns not yet rounded, weighted by the inverse Hessian of the l
 ``||X W^T - X Q^T||^2`` (H = 2 X^T X / n from calibration inputs X).
 
 Follows the reference implementation (IST-DASLab/gptq, ``GPTQ.fasterquant``): dead inputs zeroed, damping of
-a fraction of the mean diagonal (see DAMP_PERCENT), the upper Cholesky factor of H^-1, lazy batch updates over blocks of columns, and
-group-wise scales computed as the algorithm reaches each group, from the already error-compensated weights.
-Scales, zero-points and rounding are ``qlab.core.quant``'s own (``compute_scale`` / ``encode``), so a GPTQ tensor
-is an ordinary ``QTensor`` with the scheme's exact storage cost. Unlike the reference, all Hessians come from
-the FP32 model's inputs (not layer by layer from the already quantized prefix), and act-order is not used.
+a fraction of the mean diagonal (see DAMP_PERCENT), the upper Cholesky factor of H^-1, lazy batch updates over
+blocks of columns, and group-wise scales computed as the algorithm reaches each group, from the already
+error-compensated weights. Scales, zero-points and rounding are ``qlab.core.quant``'s own (``compute_scale`` /
+``encode``), so a GPTQ tensor is an ordinary ``QTensor`` with the scheme's exact storage cost.
+
+Act-order (``algorithm="gptq-act-order"``, the reference's ``actorder`` / AutoGPTQ's ``desc_act``) rounds the
+inputs in order of decreasing Hessian diagonal, so the inputs that carry the most energy are rounded first,
+while many columns remain to absorb their error. Its groups are then formed in that order: each input's group
+is stored as an int32 ``g_idx`` (``GroupIndexedQTensor``). With ``static_groups`` every group's scale is
+computed from the original weights before reordering, so groups stay consecutive and no index is stored.
+
+Unlike the reference, all Hessians come from the FP32 model's inputs (not layer by layer from the already
+quantized prefix).
 """
 
 from __future__ import annotations
@@ -51,9 +59,29 @@ def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tenso
                     "calibrate on more tokens or use rtn.")
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupIndexedQTensor(QTensor):
+    """A QTensor whose groups are not consecutive inputs: input ``c`` of every row uses group ``group_index[c]``
+    of that row (GPTQ with act-order; ``scale`` is still one per row and group, row-major)."""
+
+    group_index: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        values = self.scheme.fmt.decode(self.codes).reshape(self.shape[0], -1)
+        index = self.group_index.long()
+        if self.zero_point is not None:
+            values = values - self.zero_point.to(torch.float32).reshape(self.shape[0], -1)[:, index]
+        values = values * self.scale.to(torch.float32).reshape(self.shape[0], -1)[:, index]
+        return values.reshape(self.shape).to(dtype)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        return {**super().packed(), "group_index": self.group_index.to(torch.int32)}
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
                   damp_percent: float = DAMP_PERCENT, block_size: int = BLOCK_SIZE) -> QTensor:
-    """Quantize a 2-D weight (out x in) with GPTQ under ``scheme`` (format, granularity, calibration)."""
+    """Quantize a 2-D weight (out x in) with GPTQ under ``scheme`` (format, granularity, calibration; act-order
+    and static groups when the scheme's algorithm is ``gptq-act-order``)."""
     with one_thread():
         return _gptq(weight, hessian, scheme, damp_percent, block_size)
 
@@ -77,18 +105,30 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1  # an input that is always zero: any weight is exact; keep H invertible
     w[:, dead] = 0
-    h_inv = _inverse_cholesky(h, damp_percent)
 
     # Scales of one group (or of every row) come from qlab.core.quant with the scheme's own calibration and scale
     # dtype: each row of the slice is one block.
-    row_scheme = dataclasses.replace(scheme, granularity="channel", algorithm="rtn")
+    rtn_scheme = dataclasses.replace(scheme, algorithm="rtn", static_groups=False)
+    row_scheme = dataclasses.replace(rtn_scheme, granularity="channel")
     if scheme.granularity == "tensor":
-        scale, zero = compute_scale(w, dataclasses.replace(scheme, algorithm="rtn"))
+        scale, zero = compute_scale(w, rtn_scheme)
         row_scale, row_zero = scale.expand(rows), None if zero is None else zero.expand(rows)
     elif scheme.granularity == "channel":
         row_scale, row_zero = compute_scale(w, row_scheme)
+    static = group_size is not None and scheme.static_groups
+    if static:
+        # Every group's scale from the original weights, before any column moves or absorbs an error.
+        static_scale, static_zero = compute_scale(w, rtn_scheme)
+        static_scale = static_scale.reshape(rows, -1)
+        static_zero = None if static_zero is None else static_zero.reshape(rows, -1)
+    order = torch.arange(columns)
+    if scheme.algorithm == "gptq-act-order":
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+    h_inv = _inverse_cholesky(h, damp_percent)
+
     # Blocks hold whole groups, so a group's scale is computed from weights that already carry every update.
-    step = block_size if group_size is None else group_size * max(1, block_size // group_size)
+    step = block_size if group_size is None or static else group_size * max(1, block_size // group_size)
     # Work on W^T (inputs x outputs): a column of W is then a contiguous row, and the rank-1 update of the
     # rest of the block runs ~60x faster than on W's strided column slices.
     w_t = w.T.contiguous()
@@ -103,7 +143,11 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
         errors = torch.empty_like(block)
         h_block = h_inv[start:stop, start:stop]
         for i in range(stop - start):
-            if group_size is not None and i % group_size == 0:
+            if static:
+                group = order[start + i].item() // group_size
+                row_scale = static_scale[:, group]
+                row_zero = None if static_zero is None else static_zero[:, group]
+            elif group_size is not None and i % group_size == 0:
                 row_scale, row_zero = compute_scale(block[i: i + group_size].T, row_scheme)
                 group_scales.append(row_scale)
                 if row_zero is not None:
@@ -120,10 +164,20 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
             errors[i] = error
         # The lazy batch update: columns after this block receive the whole block's errors in one matmul.
         w_t[stop:].addmm_(h_inv[start:stop, stop:].T, errors, alpha=-1)
-    codes = codes_t.T.contiguous()
+    in_place = torch.empty_like(codes_t)
+    in_place[order] = codes_t  # back to the layer's input order
+    codes = in_place.T.contiguous()
+    if static:
+        return QTensor(codes, static_scale.reshape(-1), None if static_zero is None else static_zero.reshape(-1),
+                       scheme, weight.shape)
     if group_size is not None:
         scale = torch.stack(group_scales, dim=1).reshape(-1)
         zero = torch.stack(group_zeros, dim=1).reshape(-1) if group_zeros else None
+        if scheme.algorithm == "gptq-act-order":
+            position = torch.empty(columns, dtype=torch.int64)
+            position[order] = torch.arange(columns)
+            return GroupIndexedQTensor(codes, scale, zero, scheme, weight.shape,
+                                       (position // group_size).to(torch.int32))
     elif scheme.granularity == "channel":
         scale, zero = row_scale, row_zero
     return QTensor(codes, scale, zero, scheme, weight.shape)
