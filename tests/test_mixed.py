@@ -76,6 +76,20 @@ def test_rounded_byte_grid_still_respects_the_budget(monkeypatch):
     low, high = choices.size_bytes.min(axis=1).sum(), choices.size_bytes.max(axis=1).sum()
     for budget in np.linspace(low + 1, high, 7).astype(int):
         assert choices.bytes_of(solve(choices, int(budget))) <= budget
+def test_budget_range_spans_the_all_smallest_and_all_largest_plans_and_steps_stay_inside():
+    choices = synthetic(n_layers=5, seed=2)
+    low, high = mixed.budget_range(choices)
+    weights = int(choices.params.sum())
+    # int2 g32 and int8 g32 with an fp16 scale per 32 weights: 2.5 and 8.5 bits per weight, exactly.
+    assert (low, high) == (2.5, 8.5)
+    assert low == choices.bytes_of(np.full(5, 2)) * 8 / weights
+    # Every step is a budget the knapsack can meet: the all-smallest plan fits even after rounding.
+    steps = mixed.budget_steps(low, high, 4.5)
+    assert steps == [3.7, 4.5, 4.9, 6.1, 7.3]
+    assert all(choices.budget_bytes(Budget(b)) >= choices.size_bytes.min(axis=1).sum() for b in steps)
+    assert mixed.budget_steps(2.33333, 3.0, 2.33333, points=1) == [2.3334, 2.6667]  # never rounded below low
+
+
 
 
 def test_budgets_below_the_smallest_format_or_malformed_are_refused():

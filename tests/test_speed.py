@@ -153,3 +153,61 @@ def test_bench_keeps_its_sweep_subcommand_once_wired():
     assert speed_args.func.__name__ == "cmd_bench" and speed_args.backends == "fp32"
     sweep_args = parser.parse_args(["bench", "sweep", "--formats", "int8"])
     assert sweep_args.func.__name__ == "cmd_bench_sweep" and sweep_args.formats == "int8"
+
+
+def test_roofline_predictions_follow_each_backend_twin_and_the_measured_bandwidth():
+    from qlab.analyses import roofline
+    from qlab.backends import get_backend
+    from qlab.models import architectures, hardware
+    from tests.tiny_models import tiny_llama as tiny_loaded
+
+    loaded = tiny_loaded()
+    spec = speed.SpeedSpec(prompt_tokens=16, new_tokens=8)
+    target = hardware.get("cpu-x86-avx512-vnni")
+    fp32, int8 = speed.roofline_predictions(loaded, [{"backend": "fp32"}, {"backend": "torch-dynamic-int8"}],
+                                            target, spec, bandwidth_bytes_per_s=1e10)
+    assert (fp32.weight_format, fp32.compute_dtype, int8.weight_format, int8.compute_dtype) == (
+        "fp32", "fp32", "int8", "int8")
+    for p in (fp32, int8):  # the measured bandwidth replaces the catalog's, at the spec's context
+        assert p.bandwidth_bytes_per_s == 1e10 and p.context_tokens == 24 and p.prompt_tokens == 16
+        assert p.decode_bound_tokens_per_s == pytest.approx(1e10 / (p.weight_bytes_read + p.kv_bytes_read))
+    assert int8.weight_bytes_read < fp32.weight_bytes_read
+    arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
+    assert int8 == roofline.predict(arch, get_backend("torch-dynamic-int8").twin(loaded.model), target,
+                                    compute_dtype="int8", context_tokens=24, prompt_tokens=16,
+                                    bandwidth_bytes_per_s=1e10)
+
+
+def test_gpu_roofline_bounds_each_measured_weight_only_format_on_the_gpu_it_ran_on():
+    from qlab.models import hardware
+
+    cpu = hardware.get("cpu-x86-avx2")
+    assert speed.gpu_target("NVIDIA H100 80GB HBM3", cpu).id == "h100-sxm-80gb"
+    assert speed.gpu_target("NVIDIA H100 PCIe", cpu).id == "h100-pcie-80gb"
+    assert speed.gpu_target("NVIDIA A100-SXM4-80GB", cpu) is cpu
+    row = {"model": "llama-3.1-8b", "prompt_tokens": 128, "new_tokens": 200}
+    rows = [{**row, "format_slug": "int8wo"}, {**row, "format_slug": "bf16"}, {**row, "format_slug": "int8dq"},
+            {**row, "format_slug": "bf16", "new_tokens": 48}]
+    bounds = speed.gpu_roofline(rows, hardware.get("h100-sxm-80gb"))
+    # In the recipe's order; int8dq quantizes activations too, so bytes alone do not bound it.
+    assert [b["format_slug"] for b in bounds] == ["bf16", "int8wo"]
+    # BF16 Llama-3.1-8B reads 15,009,849,344 weight bytes a step (tests/test_roofline.py) and a KV cache of
+    # 2 x 32 layers x 8 heads x 128 x (128 + 200) tokens x 2 bytes, at the H100 SXM's 3.35 TB/s.
+    kv = 2 * 32 * 8 * 128 * 328 * 2
+    assert bounds[0]["decode_tokens_per_s"] == pytest.approx(3.35e12 / (15_009_849_344 + kv))
+    assert bounds[1]["decode_tokens_per_s"] > 1.8 * bounds[0]["decode_tokens_per_s"]
+    assert speed.gpu_roofline(rows, cpu) == [] and speed.gpu_roofline([], hardware.get("h100-sxm-80gb")) == []
+
+
+def test_bench_results_reads_row_lists_and_row_objects_from_the_repository(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    assert speed.RESULTS_DIR == Path(__file__).resolve().parents[1] / "bench" / "results"
+    measured = speed.bench_results("memory_gpu")  # an object holding its rows, as committed
+    assert measured and all("measured_peak_allocated_bytes" in r for r in measured)
+    monkeypatch.setattr(speed, "RESULTS_DIR", tmp_path)
+    (tmp_path / "listed.json").write_text(json.dumps([{"backend": "fp32"}]))
+    (tmp_path / "held.json").write_text(json.dumps({"benchmark": "x", "rows": [{"format": "int8"}]}))
+    assert speed.bench_results("listed") == [{"backend": "fp32"}]
+    assert speed.bench_results("held") == [{"format": "int8"}]
+    assert speed.bench_results("missing") == []
