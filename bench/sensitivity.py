@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from qlab.analyses.mixed import Budget, choices_from, compare, measure  # noqa: E402
 from qlab.analyses.sensitivity import analyze, block_stack  # noqa: E402
 from qlab.analyses.sweep import peak_rss_bytes  # noqa: E402
-from qlab.cli import _emit  # noqa: E402
+from qlab.cli.common import emit  # noqa: E402
 from qlab.core.quant import QuantScheme  # noqa: E402
 from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate  # noqa: E402
 from qlab.models.loading import load, quantizable_linears, weights_digest  # noqa: E402
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         result["models"].append(bench_model(name, args.tokens))
         result["peak_rss_bytes"] = peak_rss_bytes()
-        _emit(result, args.json)  # after each model: a killed run keeps what it finished
+        emit(result, args.json)  # after each model: a killed run keeps what it finished
     return 0
 
 

@@ -27,8 +27,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(source: str, importer: str, is_package: bool) -> set[str]:
-    """Every qlab module this source imports, at any depth (``from qlab.x import y`` counts y when y is a module)."""
+def imported_modules(source: str, importer: str, is_package: bool, modules: set[str]) -> set[str]:
+    """Every qlab module this source imports, at any depth. ``from qlab.models import hardware`` imports the
+    module ``hardware`` (an edge to it, not to the package); ``from qlab.store import Store`` imports the package."""
     found = set()
     base = importer if is_package else importer.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
@@ -42,8 +43,10 @@ def imported_modules(source: str, importer: str, is_package: bool) -> set[str]:
                 target = node.module or ""
             if target.split(".")[0] != "qlab":
                 continue
-            found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names)
+            submodules = {f"{target}.{alias.name}" for alias in node.names} & modules
+            found.update(submodules)
+            if len(submodules) < len(node.names):
+                found.add(target)
     return found
 
 
@@ -54,7 +57,7 @@ def all_modules() -> dict[str, Path]:
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
-        imported = imported_modules(path.read_text(), name, path.name == "__init__.py")
+        imported = imported_modules(path.read_text(), name, path.name == "__init__.py", set(modules))
         graph[name] = {target for target in imported if target in modules and target != name}
     return graph
 
@@ -145,12 +148,12 @@ def test_every_package_declares_its_public_names():
 
 def test_the_check_catches_an_upward_import_and_a_cycle():
     """The guard itself: a core module importing the store, and two modules importing each other."""
-    upward = {"qlab.core.quant": imported_modules("from qlab.store import Store\n", "qlab.core.quant", False)}
-    upward = {k: {t for t in v if t.startswith("qlab.store")} for k, v in upward.items()}
-    assert upward_imports(upward) == ["qlab.core.quant -> qlab.store", "qlab.core.quant -> qlab.store.Store"]
+    known = {"qlab.core.quant", "qlab.store", "qlab.core.algorithms", "qlab.core.algorithms.gptq"}
+    upward = {"qlab.core.quant": imported_modules("from qlab.store import Store\n", "qlab.core.quant", False, known)}
+    assert upward_imports(upward) == ["qlab.core.quant -> qlab.store"]
     side = {"qlab.charts": {"qlab.models.loading"}}
     assert upward_imports(side) == ["qlab.charts -> qlab.models.loading"]
-    relative = imported_modules("from .gptq import gptq_quantize\n", "qlab.core.algorithms", True)
+    relative = imported_modules("from .gptq import gptq_quantize\n", "qlab.core.algorithms", True, known)
     assert "qlab.core.algorithms.gptq" in relative
     assert cycles({"qlab.a": {"qlab.b"}, "qlab.b": {"qlab.a"}, "qlab.c": {"qlab.a"}}) == [["qlab.a", "qlab.b"]]
 
