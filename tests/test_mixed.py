@@ -10,14 +10,12 @@ from qlab.analyses.mixed import (
     Choices,
     choices_from,
     compare,
-    export_plan,
-    load_plan,
     recommend,
     solve,
 )
 from qlab.analyses.sensitivity import analyze
 from qlab.core.errors import QlabError
-from qlab.core.plan import quantized_copy, size_report
+from qlab.core.plan import plan_record, quantized_copy, read_plan, size_report
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
 from qlab.models.loading import quantizable_linears, weights_digest
@@ -140,7 +138,7 @@ def test_export_maps_onto_torchao_and_quanto_and_reads_back(analysed):
     names = [n for n, _ in quantizable_linears(loaded.model)]
     plan = {**dict.fromkeys(names, INT4), names[0]: INT8, names[1]: QuantScheme("nf4", "group", 32),
             names[2]: QuantScheme("int4", "channel", symmetric=False)}
-    record = json.loads(json.dumps(export_plan(loaded.name, plan)))
+    record = json.loads(json.dumps(plan_record(loaded.model, plan, loaded.name)))
     torchao = record["torchao"]["FqnToConfig"]
     assert torchao[names[3]] == {"config": "IntxWeightOnlyConfig", "weight_dtype": "torch.int4",
                                  "granularity": "PerGroup(32)", "mapping_type": "SYMMETRIC",
@@ -149,11 +147,11 @@ def test_export_maps_onto_torchao_and_quanto_and_reads_back(analysed):
     assert torchao[names[1]] is None and any("nf4" in note for note in record["notes"])
     assert record["optimum_quanto"][names[0]] == {"weights": "qint8", "activations": "none"}
     assert record["optimum_quanto"][names[1]]["weights"] == "none"
-    restored = load_plan(record)
+    restored = read_plan(record)
     assert restored == plan
     assert evaluate(quantized_copy(loaded.model, restored), baseline)["kld_mean"] > 0
-    with pytest.raises(QlabError, match="not a qlab mixed-precision plan"):
-        load_plan({"modules": {}})
+    with pytest.raises(QlabError, match="not a qlab plan file"):
+        read_plan({"modules": {}})
 
 
 def test_compare_measures_mixes_next_to_uniform_formats(analysed):
@@ -214,7 +212,7 @@ def test_exported_plan_applies_with_torchao_and_optimum_quanto(analysed):
     loaded, baseline, _ = analysed
     names = [n for n, _ in quantizable_linears(loaded.model)]
     plan = {**dict.fromkeys(names, INT4), names[0]: INT8, names[5]: QuantScheme("int8", "channel")}
-    record = json.loads(json.dumps(export_plan(loaded.name, plan)))
+    record = json.loads(json.dumps(plan_record(loaded.model, plan, loaded.name)))
 
     def torchao_config(entry: dict) -> IntxWeightOnlyConfig:
         assert entry["config"] == "IntxWeightOnlyConfig"
@@ -227,7 +225,7 @@ def test_exported_plan_applies_with_torchao_and_optimum_quanto(analysed):
     ids = baseline.inputs["windows"][:, :64]
     with torch.no_grad():
         reference = loaded.model(ids).logits
-        ours = quantized_copy(loaded.model, load_plan(record))(ids).logits
+        ours = quantized_copy(loaded.model, read_plan(record))(ids).logits
         torchao_model = copy.deepcopy(loaded.model)
         configs = {name: torchao_config(entry) for name, entry in record["torchao"]["FqnToConfig"].items()}
         quantize_(torchao_model, FqnToConfig(configs), filter_fn=None)

@@ -17,15 +17,14 @@ import numpy as np
 
 from qlab.analyses.sensitivity import METRIC, SensitivityReport, error_of
 from qlab.core.errors import QlabError
-from qlab.core.plan import SchemePlan, quantized_copy, size_report, unquantized_format
+from qlab.core.plan import SchemePlan, plan_record, quantized_copy, size_report, unquantized_format
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import Baseline, CancelCheck, Progress, evaluate
-from qlab.models.loading import LoadedModel, quantizable_linears
+from qlab.models.loading import LoadedModel, model_sha256, quantizable_linears
 
 # The knapsack runs over at most this many capacity states; a finer byte grid is rounded (costs up, so the
 # budget still holds exactly) to keep the table at L x MAX_STATES.
 MAX_STATES = 1 << 16
-EXPORT_VERSION = "qlab.analyses.mixed/1"
 
 
 @dataclass(frozen=True)
@@ -255,9 +254,10 @@ def recommendation_record(loaded: LoadedModel, report: SensitivityReport, choice
     for scheme in report.schemes:
         measured[scheme.format] = by_label[scheme.label][report.metric]
         errors[scheme.format] = by_label[scheme.label]["error"]
+    budget = {"bits_per_weight": mix.budget.bits_per_weight, "size_bytes": mix.budget.size_bytes}
     return {
         "model": loaded.name,
-        "budget": {"bits_per_weight": mix.budget.bits_per_weight, "size_bytes": mix.budget.size_bytes},
+        "budget": budget,
         "assignment": {name: scheme.format for name, scheme in mix.assignment.items()},
         "bits_per_weight": mix.bits_per_weight,
         "size_bytes": mix.size_bytes,
@@ -267,61 +267,10 @@ def recommendation_record(loaded: LoadedModel, report: SensitivityReport, choice
         "predicted_error": mix.predicted_error,
         "predictor": choices.predictor,
         "rows": rows,
-        "plan": export_plan(loaded.name, mix.assignment),
+        # The plan alone (``recommend --plan``): what it stores, torchao / optimum-quanto spellings, and how it fared.
+        "plan": plan_record(loaded.model, mix.assignment, loaded.name, model_sha256(loaded), budget=budget,
+                            metric=report.metric, measured=measured["mix"], predicted_error=mix.predicted_error,
+                            eval_tokens=report.tokens),
         "caveat": loaded.source.caveat,
         "eval_tokens": report.tokens,
     }
-
-
-# --- export: one plan, three spellings -------------------------------------------------------------------------
-
-_QUANTO_WEIGHTS = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8_e4m3": "qfloat8_e4m3fn",
-                   "fp8_e5m2": "qfloat8_e5m2"}
-
-
-def _torchao_config(scheme: QuantScheme) -> dict | None:
-    """The torchao ``quantize_`` config (class name and keyword arguments) that applies ``scheme``."""
-    fmt = scheme.fmt
-    if not fmt.scaled:
-        return None  # a plain cast: convert the module's dtype instead of quantizing it
-    granularity = {"tensor": "PerTensor()", "channel": "PerAxis(0)"}.get(scheme.granularity,
-                                                                       f"PerGroup({scheme.group_size})")
-    if fmt.kind == "integer":
-        return {"config": "IntxWeightOnlyConfig", "weight_dtype": f"torch.int{fmt.bits}",
-                "granularity": granularity, "mapping_type": "SYMMETRIC" if scheme.symmetric else "ASYMMETRIC",
-                "scale_dtype": f"torch.{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[scheme.scale_dtype] }"}
-    if scheme.format == "fp8_e4m3":
-        return {"config": "Float8WeightOnlyConfig", "weight_dtype": "torch.float8_e4m3fn"}
-    return None
-
-
-def export_plan(model_name: str, assignment: Mapping[str, QuantScheme]) -> dict:
-    """The mix as JSON: qlab's schemes, a torchao ``FqnToConfig`` mapping and an optimum-quanto map.
-
-    Entries that a library cannot express are ``null`` with the reason in ``notes``.
-    """
-    torchao = {name: _torchao_config(scheme) for name, scheme in assignment.items()}
-    quanto = {name: {"weights": _QUANTO_WEIGHTS.get(scheme.format, "none"), "activations": "none"}
-              for name, scheme in assignment.items()}
-    formats = sorted({scheme.format for scheme in assignment.values()})
-    notes = [f"{f}: torchao has no quantize_ config for it (null entries)" for f in formats
-             if any(torchao[n] is None and s.format == f and s.fmt.scaled for n, s in assignment.items())]
-    notes += [f"{f}: optimum-quanto has no weight qtype for it ('none')" for f in formats
-              if f not in _QUANTO_WEIGHTS]
-    notes.append("optimum-quanto picks its own scale granularity (per-channel for 8 bits, groups for 4/2 bits); "
-                 "torchao's entries keep this plan's granularity.")
-    return {
-        "format": EXPORT_VERSION,
-        "model": model_name,
-        "modules": {name: scheme.to_dict() for name, scheme in assignment.items()},
-        "torchao": {"FqnToConfig": torchao},
-        "optimum_quanto": quanto,
-        "notes": notes,
-    }
-
-
-def load_plan(record: Mapping) -> dict[str, QuantScheme]:
-    """Read back ``export_plan``'s ``modules`` (module name -> scheme) for ``qlab.analyses.plan.quantized_copy``."""
-    if record.get("format") != EXPORT_VERSION or not isinstance(record.get("modules"), Mapping):
-        raise QlabError(f"this is not a qlab mixed-precision plan ('format' must be {EXPORT_VERSION}).")
-    return {name: QuantScheme.from_dict(scheme) for name, scheme in record["modules"].items()}

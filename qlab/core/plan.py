@@ -140,3 +140,69 @@ def layer_scheme_map(model: torch.nn.Module, plan: SchemePlan) -> dict[str, dict
     """``{linear module name: QuantScheme.to_dict()}`` for a scheme or per-layer plan on a model: the exact
     recipe of a simulated quantization, reloadable with ``QuantScheme.from_dict`` and ``plan.quantized_copy``."""
     return {name: scheme.to_dict() for name, scheme in layer_schemes(model, plan).items()}
+
+
+# --- a plan as a file: one JSON format written, every older qlab spelling read ------------------------------
+
+PLAN_FORMAT = "qlab-plan/1"
+# Older files name their format and keep the schemes under their own key: the store's per-layer scheme export
+# (``runs export-scheme``, ``export --scheme-json``) and the Sensitivity page's mix.
+OLD_PLAN_FORMATS = {"qlab-layer-schemes": "layers", "qlab.mixed/1": "modules"}
+
+_QUANTO_WEIGHTS = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8_e4m3": "qfloat8_e4m3fn",
+                   "fp8_e5m2": "qfloat8_e5m2"}
+
+
+def _torchao_config(scheme: QuantScheme) -> dict | None:
+    """The torchao ``quantize_`` config (class name and keyword arguments) that applies ``scheme``."""
+    fmt = scheme.fmt
+    if not fmt.scaled:
+        return None  # a plain cast: convert the module's dtype instead of quantizing it
+    granularity = {"tensor": "PerTensor()", "channel": "PerAxis(0)"}.get(scheme.granularity,
+                                                                       f"PerGroup({scheme.group_size})")
+    if fmt.kind == "integer":
+        return {"config": "IntxWeightOnlyConfig", "weight_dtype": f"torch.int{fmt.bits}",
+                "granularity": granularity, "mapping_type": "SYMMETRIC" if scheme.symmetric else "ASYMMETRIC",
+                "scale_dtype": f"torch.{ {'fp16': 'float16', 'bf16': 'bfloat16', 'fp32': 'float32'}[scheme.scale_dtype] }"}
+    if scheme.format == "fp8_e4m3":
+        return {"config": "Float8WeightOnlyConfig", "weight_dtype": "torch.float8_e4m3fn"}
+    return None
+
+
+def plan_record(model: torch.nn.Module, plan: SchemePlan, model_id: str, model_sha256: str | None = None,
+                **extra: object) -> dict:
+    """A scheme or per-layer plan on a model as JSON: the model's id and weights hash, each quantized linear's
+    QuantScheme (``layers``), the format of everything else, the exact size, and the same plan as a torchao
+    ``FqnToConfig`` mapping and an optimum-quanto map (entries a library cannot express are null / ``'none'``,
+    the reason in ``notes``). ``extra`` (JSON-ready: a mix's budget and measured error...) is kept as given."""
+    assignment = layer_schemes(model, plan)
+    size = size_report(model, plan)
+    torchao = {name: _torchao_config(scheme) for name, scheme in assignment.items()}
+    quanto = {name: {"weights": _QUANTO_WEIGHTS.get(scheme.format, "none"), "activations": "none"}
+              for name, scheme in assignment.items()}
+    formats = sorted({scheme.format for scheme in assignment.values()})
+    notes = [f"{f}: torchao has no quantize_ config for it (null entries)" for f in formats
+             if any(torchao[n] is None and s.format == f and s.fmt.scaled for n, s in assignment.items())]
+    notes += [f"{f}: optimum-quanto has no weight qtype for it ('none')" for f in formats
+              if f not in _QUANTO_WEIGHTS]
+    notes.append("optimum-quanto picks its own scale granularity (per-channel for 8 bits, groups for 4/2 bits); "
+                 "torchao's entries keep this plan's granularity.")
+    return {"format": PLAN_FORMAT, "model": model_id, "model_sha256": model_sha256,
+            "unquantized_format": unquantized_format(plan), "bits_per_weight": size.bits_per_weight,
+            "size_bytes": size.size_bytes, **extra,
+            "layers": {name: scheme.to_dict() for name, scheme in assignment.items()},
+            "torchao": {"FqnToConfig": torchao}, "optimum_quanto": quanto, "notes": notes}
+
+
+def read_plan(record: Mapping) -> dict[str, QuantScheme]:
+    """The per-layer plan (linear module name -> QuantScheme) of a ``plan_record`` file, of an older
+    ``qlab-layer-schemes`` or ``qlab.mixed/1`` file, or of a downloaded recommendation (its ``plan``), ready
+    for ``quantized_copy``."""
+    if isinstance(record, Mapping) and "format" not in record and isinstance(record.get("plan"), Mapping):
+        record = record["plan"]
+    written = record.get("format") if isinstance(record, Mapping) else None
+    key = "layers" if written == PLAN_FORMAT else OLD_PLAN_FORMATS.get(written) if isinstance(written, str) else None
+    if key is None or not isinstance(record.get(key), Mapping):
+        raise QlabError(f"this is not a qlab plan file (its 'format' must be {PLAN_FORMAT}, or an older "
+                        f"{' or '.join(OLD_PLAN_FORMATS)} with its schemes); export the plan again.")
+    return {name: QuantScheme.from_dict(scheme) for name, scheme in record[key].items()}

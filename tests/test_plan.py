@@ -1,0 +1,66 @@
+"""A per-layer plan as a file: one format written (``plan_record``), and every older qlab spelling read back."""
+
+import json
+
+import pytest
+import torch
+
+from qlab.core.errors import QlabError
+from qlab.core.plan import PLAN_FORMAT, plan_record, quantized_copy, read_plan, size_report
+from qlab.core.quant import QuantScheme
+
+INT4 = {"format": "int4", "granularity": "group", "group_size": 32, "symmetric": True, "calibration": "minmax",
+        "percentile": 99.9, "scale_dtype": "fp16", "targets": ["weights"], "algorithm": "rtn",
+        "static_groups": False, "sparsity": "none"}
+NF4 = {**INT4, "format": "nf4"}
+PLAN = {"0": QuantScheme.from_dict(INT4), "2": QuantScheme.from_dict(NF4)}
+# Files as the two writers before ``plan_record`` wrote them: ``runs export-scheme`` / ``export --scheme-json``,
+# and the plan inside the Sensitivity page's downloaded mix (``recommend --plan``).
+LAYER_SCHEMES_FILE = {"format": "qlab-layer-schemes", "model": "tiny", "model_sha256": "ab" * 32,
+                      "unquantized_format": "fp16", "layers": {"0": INT4, "2": NF4}}
+MIXED_FILE = {"format": "qlab.mixed/1", "model": "tiny", "modules": {"0": INT4, "2": NF4},
+              "torchao": {"FqnToConfig": {"0": None, "2": None}},
+              "optimum_quanto": {"0": {"weights": "qint4", "activations": "none"},
+                                 "2": {"weights": "none", "activations": "none"}}, "notes": []}
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 64))
+
+
+def test_plan_record_keeps_provenance_size_and_library_spellings_and_reads_back():
+    net = model()
+    record = json.loads(json.dumps(plan_record(net, PLAN, "tiny", "cd" * 32, budget={"bits_per_weight": 5.0})))
+    size = size_report(net, PLAN)
+    assert record["format"] == PLAN_FORMAT and record["model"] == "tiny" and record["model_sha256"] == "cd" * 32
+    assert record["unquantized_format"] == "fp16" and record["budget"] == {"bits_per_weight": 5.0}
+    assert record["size_bytes"] == size.size_bytes and record["bits_per_weight"] == size.bits_per_weight
+    assert record["torchao"]["FqnToConfig"]["0"]["granularity"] == "PerGroup(32)"
+    assert record["torchao"]["FqnToConfig"]["2"] is None and any("nf4" in note for note in record["notes"])
+    assert record["optimum_quanto"]["2"]["weights"] == "none"
+    assert read_plan(record) == PLAN
+
+
+def test_a_whole_model_scheme_is_written_per_layer():
+    record = plan_record(model(), QuantScheme("int8"), "tiny")
+    assert read_plan(record) == dict.fromkeys(["0", "2"], QuantScheme("int8"))
+    assert record["model_sha256"] is None
+
+
+@pytest.mark.parametrize("old", [LAYER_SCHEMES_FILE, MIXED_FILE, {"model": "tiny", "plan": MIXED_FILE}],
+                         ids=["qlab-layer-schemes", "qlab.mixed/1", "downloaded recommendation"])
+def test_older_plan_files_read_back_to_the_same_plan(old):
+    net = model()
+    restored = read_plan(json.loads(json.dumps(old)))
+    assert restored == PLAN == read_plan(plan_record(net, PLAN, "tiny"))
+    x = torch.randn(3, 64)
+    assert torch.equal(quantized_copy(net, restored)(x), quantized_copy(net, PLAN)(x))
+
+
+@pytest.mark.parametrize("bad", [{"modules": {}}, {"format": "qlab-layer-schemes", "modules": {}},
+                                 {"format": ["qlab.mixed/1"]}, [1, 2], {"format": PLAN_FORMAT}])
+def test_anything_else_is_refused_in_one_line(bad):
+    with pytest.raises(QlabError, match="not a qlab plan file") as caught:
+        read_plan(bad)
+    assert "\n" not in str(caught.value)
