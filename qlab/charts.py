@@ -507,3 +507,125 @@ def compare_sensitivity_runs(rows: pd.DataFrame, measure: str, title: str, log_y
                      labels={"layer": "linear (model order)", measure: title, "run": "run", "label": "scheme"})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.35}, xaxis_showticklabels=False)
     return figure
+
+
+# --- Overview ------------------------------------------------------------------------------------------------
+
+OVERVIEW_HEIGHT = 360  # four panels in a 2x2 grid fit one 1280x720 screen at two rows per scroll
+GRID_COLORS = ("#e45756", "#f58518", "#54a24b", "#b279a2", "#9d755d", "#4c78a8")
+
+
+def _overview_layout(figure: go.Figure, title: str, height: int = OVERVIEW_HEIGHT) -> go.Figure:
+    figure.update_layout(title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}}, height=height,
+                         margin={"t": 50, "b": 10, "l": 10, "r": 10}, legend={"orientation": "h", "y": -0.3})
+    return figure
+
+
+def accuracy_size_front(rows: pd.DataFrame, loss_title: str, bound: float, log_y: bool = True) -> go.Figure:
+    """Loss against size per scheme, the Pareto front (no other scheme smaller and more accurate) as a line and
+    the accuracy bound as a dashed line. ``rows``: ``label``, ``size_bytes``, ``loss``, ``pareto``."""
+    frame = rows.assign(size_mb=rows["size_bytes"] / 1e6,
+                        shown=rows["loss"].clip(lower=LOG_FLOOR) if log_y else rows["loss"])
+    text = [f"{label} (≤{LOG_FLOOR:g})" if log_y and loss <= LOG_FLOOR else label
+            for label, loss in zip(frame["label"], frame["loss"])]
+    figure = go.Figure(go.Scatter(
+        x=frame["size_mb"], y=frame["shown"], mode="markers+text", text=text, textposition="top center",
+        name="format", marker={"size": 11, "color": np.where(frame["pareto"], "#4c78a8", "#bab0ac")},
+        customdata=frame[["loss"]].to_numpy(), cliponaxis=False,
+        hovertemplate="%{text}<br>%{x:.1f} MB<br>loss %{customdata[0]:.3e}<extra></extra>"))
+    front = frame[frame["pareto"]].sort_values("size_mb")
+    if len(front) > 1:
+        figure.add_trace(go.Scatter(x=front["size_mb"], y=front["shown"], mode="lines", name="Pareto front",
+                                    line={"dash": "dot", "color": "#4c78a8"}, hoverinfo="skip"))
+    if not log_y or bound > 0:
+        figure.add_hline(y=max(bound, LOG_FLOOR) if log_y else bound, line_dash="dash", line_color="#e45756",
+                         annotation_text=f"bound {bound:g}", annotation_position="bottom right")
+    figure.update_xaxes(title="model size as stored, scales included (MB)")
+    figure.update_yaxes(title=loss_title, type="log" if log_y else "linear", exponentformat="e")
+    return _overview_layout(figure, "Accuracy against size")
+
+
+def memory_on_target(records: pd.DataFrame, memory_bytes: int, target_name: str) -> go.Figure:
+    """``memory_stack`` for the Overview: when every plan is far below the device, the device line would squash
+    the bars flat, so the axis follows the bars and the title states the device's memory instead."""
+    figure = memory_stack(records, memory_bytes, target_name)
+    tallest = float(records["total_bytes"].max())
+    title = f"Memory on {target_name}"
+    if tallest < 0.2 * memory_bytes:
+        figure.layout.shapes, figure.layout.annotations = [], []
+        figure.update_yaxes(range=[0, 1.15 * tallest / 1e9])
+        title += f" ({memory_bytes / 1e9:.0f} GB, far above every bar)"
+    figure.update_yaxes(exponentformat="none")
+    return _overview_layout(figure, title)
+
+
+def speed_predicted_and_measured(rows: pd.DataFrame, unit: str, target_name: str) -> go.Figure:
+    """Throughput per scheme in two facets with their own axes, never one: predicted on the target (bars; grey
+    where the target has no kernel for the format) and measured on this machine (bars with min-max whiskers).
+    The 16-bit reference is a dashed line in each facet. ``rows``: ``label``, ``where`` ("predicted" or
+    "measured"), ``speed``, ``low``, ``high``, ``native``, ``reference``."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.16,
+                           subplot_titles=(f"predicted on {target_name}", "measured on this machine"))
+    for column, where in enumerate(("predicted", "measured"), start=1):
+        part = rows[rows["where"] == where]
+        shown = part[~part["reference"]] if (~part["reference"]).any() else part
+        if part.empty:
+            figure.add_annotation(text="not measured yet" if where == "measured" else "not predicted yet",
+                                  x=0.5, y=0.5, xref=f"x{column if column > 1 else ''} domain",
+                                  yref=f"y{column if column > 1 else ''} domain", showarrow=False)
+            continue
+        colors = ["#bab0ac" if native is False else ("#4c78a8" if where == "predicted" else "#54a24b")
+                  for native in shown["native"]]
+        error = None
+        if where == "measured" and shown["high"].notna().any():
+            error = {"type": "data", "symmetric": False, "array": (shown["high"] - shown["speed"]).to_numpy(),
+                     "arrayminus": (shown["speed"] - shown["low"]).to_numpy()}
+        figure.add_trace(go.Bar(x=shown["label"], y=shown["speed"], marker_color=colors, error_y=error,
+                                name=where, showlegend=False, customdata=shown[["note"]].to_numpy(),
+                                hovertemplate="%{x}: %{y:,.1f} " + unit + "<br>%{customdata[0]}<extra></extra>"),
+                         row=1, col=column)
+        reference = part[part["reference"]]
+        if len(reference):
+            figure.add_hline(y=float(reference["speed"].iloc[0]), line_dash="dash", line_color="black",
+                             annotation_text="16-bit", annotation_position="top left", row=1, col=column)
+        figure.update_yaxes(title=unit, exponentformat="none", separatethousands=True, rangemode="tozero",
+                            row=1, col=column)
+    if (rows["native"] == False).any():  # noqa: E712 (a column of True/False/None)
+        figure.add_trace(go.Bar(x=[None], y=[None], marker_color="#bab0ac", name="no kernel there: not faster"))
+    return _overview_layout(figure, f"Speed: predicted on {target_name} and measured here (separate axes)")
+
+
+def sensitivity_top_layers(rows: pd.DataFrame, loss_title: str = "loss") -> go.Figure:
+    """The most sensitive layers (rows already ranked, ``rank`` 0 first) as horizontal bars per scheme on a log
+    axis: the estimated loss increase when that layer alone is quantized."""
+    frame = rows.assign(shown=rows["score"].clip(lower=LOG_FLOOR ** 2))
+    order = list(dict.fromkeys(frame.sort_values("rank")["layer"]))
+    figure = px.bar(frame, x="shown", y="layer", color="scheme", orientation="h", barmode="group", log_x=True,
+                    category_orders={"layer": order},
+                    labels={"shown": f"estimated increase of {loss_title}, layer alone", "layer": "",
+                            "scheme": "format"})
+    figure.update_xaxes(exponentformat="e")
+    figure.update_yaxes(tickfont={"size": 10})
+    return _overview_layout(figure, "Most sensitive layers (quick estimate)")
+
+
+def weight_grids(values: torch.Tensor, grids: dict[str, torch.Tensor], title: str) -> go.Figure:
+    """Histogram of one block of weights with each format's grid over it, one colour per format."""
+    flat = values.detach().reshape(-1).float()
+    bins = int(min(HISTOGRAM_BINS, max(20, flat.numel() // 3)))
+    figure = go.Figure(_histogram_bars(flat, _bin_edges(flat, bins), name="weights", marker_color="#9ecae9"))
+    shapes = []
+    for color, (label, grid) in zip(GRID_COLORS * 4, grids.items()):
+        opacity = 0.9 if grid.numel() <= 64 else 0.3
+        shapes += [{"type": "line", "x0": v, "x1": v, "y0": 0, "y1": 1, "yref": "paper", "opacity": opacity,
+                    "line": {"color": color, "width": 1}} for v in grid.tolist()]
+        figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": color},
+                                    name=f"{label} ({grid.numel()} levels)"))
+    figure.update_layout(shapes=shapes, bargap=0.05)
+    low, high = float(flat.min()), float(flat.max())
+    pad = 0.05 * (high - low or 1.0)
+    figure.update_xaxes(title="weight value", range=[low - pad, high + pad], exponentformat="e")
+    figure.update_yaxes(title="weights per bin")
+    return _overview_layout(figure, title)

@@ -1,0 +1,343 @@
+"""The Overview's pieces, cheapest first: memory plans and predicted speed on the target (arithmetic), the
+accuracy sweep, a quick per-layer sensitivity, then (``qlab.backends.format_speed``) a short speed measurement.
+
+Each piece is a plain function of a loaded model, an ``OverviewRequest`` and the schemes still missing, takes
+``progress(fraction, message)`` and ``cancel()`` callbacks, and gives JSON-ready records keyed by scheme label:
+what the run store keeps (``qlab.store.overview``) and what the verdict (``qlab.analyses.verdict``) reads.
+``estimate_seconds`` says beforehand how long a piece will take, so anything over ``ANNOUNCE_AFTER_S`` is
+announced before it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qlab.analyses import memory, roofline, verdict
+from qlab.analyses.sweep import check_schemes, run_sweep
+from qlab.core.errors import Cancelled, QlabError
+from qlab.core.quant import QuantScheme, block_of, grid_values, quantize
+from qlab.models import architectures, hardware
+from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress
+from qlab.models.loading import LoadedModel, quantizable_linears
+
+PIECES: tuple[str, ...] = ("memory", "predicted", "sweep", "sensitivity", "measured")
+TITLES = {"memory": "Memory on the target", "predicted": "Speed predicted on the target",
+          "sweep": "Accuracy of each format", "sensitivity": "Per-layer sensitivity (quick)",
+          "measured": "Speed measured on this machine"}
+ANNOUNCE_AFTER_S = 10.0
+DEFAULT_CONTEXT_TOKENS = 4096
+# The 16-bit baseline every speed is compared with, predicted on the target and measured here.
+REFERENCE = QuantScheme("bf16")
+# An embedding model's predicted throughput: one batch of this many texts of this many tokens.
+EMBED_BATCH, EMBED_TOKENS = 32, 128
+EMBED_FORMULA = ("sentences/s = batch / max(weight bytes read / bandwidth, FLOPs of the batch / peak FLOPS of "
+                 "the compute dtype); a format without a kernel reads the dense weights")
+# Measured on the 2-core machine with other jobs running: an evaluation costs about 3x its matmul FLOPs at the
+# probe's rate plus a second of fixed work (tokenizing, padding, Python); an LM baseline about 2.5 evaluations
+# (log-softmax over the whole vocabulary, kept in fp16); rounding to nearest about 10 ns per weight.
+EVAL_OVERHEAD = 3.0
+EVAL_FIXED_S = 1.0
+BASELINE_EVALS = {"causal-lm": 2.5, "embedding": 1.3}
+ROUNDING_S_PER_WEIGHT = 1e-8
+GPTQ_EVALS = 3.0  # calibration pass plus the column-by-column solve, in evaluations
+# The quick sensitivity: one forward and one backward pass (3 evaluations), plus each scaled scheme's output
+# error, one matmul per linear (an evaluation's worth) per scheme.
+QUICK_PASS_EVALS = 3.0
+
+
+@dataclass(frozen=True)
+class OverviewRequest:
+    """What the Overview answers for: schemes, the target, the evaluation text, and the serving shape."""
+
+    schemes: tuple[QuantScheme, ...]
+    hardware_id: str
+    spec: EvalSpec = field(default_factory=EvalSpec)
+    context_tokens: int | None = None  # None: DEFAULT_CONTEXT_TOKENS, capped at the model's maximum
+    batch: int = 1
+    kv_dtype: str = "fp16"
+
+    def __post_init__(self) -> None:
+        if not self.schemes:
+            raise QlabError("no formats to compare; pick at least one format.")
+        labels = [s.label for s in self.schemes]
+        if len(set(labels)) != len(labels):
+            raise QlabError(f"a format is listed twice ({', '.join(labels)}); give each format once.")
+
+    @property
+    def target(self) -> hardware.Hardware:
+        return hardware.get(self.hardware_id)
+
+    def context_for(self, loaded: LoadedModel) -> int:
+        """The context length the memory plan and the decode prediction use for this model."""
+        if self.context_tokens:
+            return self.context_tokens
+        maximum = getattr(loaded.model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT_TOKENS
+        return min(DEFAULT_CONTEXT_TOKENS, int(maximum))
+
+
+@dataclass
+class Pieces:
+    """What is known so far, per piece: records keyed by scheme label (sensitivity: a list per label)."""
+
+    memory: dict[str, dict] = field(default_factory=dict)
+    predicted: dict[str, dict] = field(default_factory=dict)
+    sweep: dict[str, dict] = field(default_factory=dict)
+    sensitivity: dict[str, list[dict]] = field(default_factory=dict)
+    measured: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # piece -> why it cannot run here
+
+    def wanted(self, piece: str, request: OverviewRequest) -> list[QuantScheme]:
+        """The schemes a piece covers: the request's, plus the 16-bit reference for speeds."""
+        schemes = list(request.schemes)
+        if piece in ("predicted", "measured") and REFERENCE not in schemes:
+            schemes.append(REFERENCE)
+        return schemes
+
+    def missing(self, piece: str, request: OverviewRequest) -> list[QuantScheme]:
+        if piece in self.skipped:
+            return []
+        held = getattr(self, piece)
+        return [s for s in self.wanted(piece, request) if s.label not in held]
+
+    def complete(self, request: OverviewRequest) -> bool:
+        return not any(self.missing(piece, request) for piece in PIECES)
+
+
+# --- estimates ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def matmul_flops_per_s() -> float:
+    """This process's FP32 matmul rate, from a 50 ms probe (what every estimate scales with)."""
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a @ b
+    started, repeats = time.perf_counter(), 8
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * 512**3 / max(time.perf_counter() - started, 1e-6)
+
+
+def matmul_params(loaded: LoadedModel) -> int:
+    """Weights a forward pass multiplies with: the quantizable linears and an LM's output head (embedding rows
+    are looked up, which costs nothing next to a matmul)."""
+    linears = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
+    head = loaded.model.get_output_embeddings() if loaded.kind == "causal-lm" else None
+    quantized = {id(m.weight) for _, m in quantizable_linears(loaded.model)}
+    return linears + (head.weight.numel() if head is not None and id(head.weight) not in quantized else 0)
+
+
+def matmul_seconds(loaded: LoadedModel, tokens: int) -> float:
+    """About how long the matmuls of a forward pass over ``tokens`` tokens take here, overheads included."""
+    return EVAL_OVERHEAD * 2.0 * matmul_params(loaded) * tokens / matmul_flops_per_s()
+
+
+def evaluation_seconds(loaded: LoadedModel, tokens: int) -> float:
+    """About how long one FP32 evaluation of ``tokens`` tokens takes here."""
+    return matmul_seconds(loaded, tokens) + EVAL_FIXED_S
+
+
+def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
+                     baseline_ready: bool = False) -> float:
+    """About how long ``piece`` takes for ``schemes`` (``measured``: ``qlab.backends.format_speed``)."""
+    if not schemes or piece in ("memory", "predicted"):
+        return 0.0
+    evaluation = evaluation_seconds(loaded, request.spec.tokens)
+    baseline = 0.0 if baseline_ready else BASELINE_EVALS.get(loaded.kind, 2.0) * evaluation
+    weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
+    if piece == "sweep":
+        gptq = [s for s in schemes if s.algorithm == "gptq"]
+        return (baseline + len(schemes) * evaluation + ROUNDING_S_PER_WEIGHT * weights * len(schemes)
+                + GPTQ_EVALS * evaluation * len(gptq) + (evaluation if gptq else 0.0))
+    if piece == "sensitivity":
+        scaled = sum(1 for s in schemes if s.fmt.scaled)
+        return baseline + (QUICK_PASS_EVALS + scaled) * evaluation + ROUNDING_S_PER_WEIGHT * weights * scaled
+    raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
+
+
+# --- the pieces -------------------------------------------------------------------------------------------
+
+
+def memory_piece(loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
+                 progress: Progress | None = None, cancel: CancelCheck | None = None) -> dict[str, dict]:
+    """Memory plan of each scheme on the target (weights with scales, KV cache, activations, overhead)."""
+    check_schemes(loaded, list(schemes))
+    plans = {}
+    for index, scheme in enumerate(schemes):
+        _check(cancel)
+        plan = memory.plan_loaded(loaded, scheme, request.context_for(loaded), request.batch, request.kv_dtype,
+                                  [request.hardware_id])
+        plans[scheme.label] = {**plan.to_record(), "label": scheme.label, "format": scheme.format}
+        if progress:
+            progress((index + 1) / len(schemes), f"memory plan of {scheme.label}")
+    return plans
+
+
+def predicted_piece(loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
+                    bandwidth_bytes_per_s: float | None = None, progress: Progress | None = None,
+                    cancel: CancelCheck | None = None) -> dict[str, dict]:
+    """Roofline speed of each scheme on the target: decode tokens/s for LMs, sentences/s for embedding models.
+
+    ``bandwidth_bytes_per_s`` stands in for a target the catalog has no bandwidth for (this machine's, measured).
+    """
+    target = request.target
+    if not (bandwidth_bytes_per_s or target.bandwidth_bytes_per_s):
+        raise QlabError(f"{target.name} has no known memory bandwidth; measure it or pick a catalog target.")
+    arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
+    if loaded.kind == "embedding":
+        # An encoder looks its embedding rows up and has no output head: a tied table is not streamed per batch.
+        arch = dataclasses.replace(arch, tie_word_embeddings=False)
+    context = request.context_for(loaded)
+    records = {}
+    for index, scheme in enumerate(schemes):
+        _check(cancel)
+        if loaded.kind == "causal-lm":
+            prediction = roofline.predict(arch, scheme, target, context_tokens=context,
+                                          prompt_tokens=min(512, context), batch=request.batch,
+                                          bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+            speed, unit = prediction.decode_tokens_per_s, "decode tokens/s"
+        else:
+            prediction = roofline.predict(arch, scheme, target, prompt_tokens=EMBED_TOKENS, batch=EMBED_BATCH,
+                                          context_tokens=EMBED_TOKENS, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
+            speed, unit = embedding_throughput(arch, scheme, prediction), "sentences/s"
+        records[scheme.label] = {**prediction.to_record(), "label": scheme.label, "format": scheme.format,
+                                 "speed": speed, "speed_unit": unit, "target": target.name}
+        if progress:
+            progress((index + 1) / len(schemes), f"roofline of {scheme.label}")
+    return records
+
+
+def embedding_throughput(arch: architectures.Architecture, scheme: QuantScheme,
+                         prediction: roofline.Prediction) -> float:
+    """Sentences/s of one encoder batch (``EMBED_FORMULA``): bandwidth or compute bound, whichever is slower."""
+    read = roofline.weight_bytes_read(arch, scheme if prediction.native else QuantScheme(prediction.dense_format),
+                                      prediction.dense_format)
+    seconds = read / prediction.bandwidth_bytes_per_s
+    if prediction.prefill_ms is not None:
+        seconds = max(seconds, prediction.prefill_ms / 1000.0)
+    return prediction.batch / seconds
+
+
+def sweep_piece(loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
+                baseline: Baseline | None = None, progress: Progress | None = None,
+                cancel: CancelCheck | None = None) -> Iterator[dict]:
+    """The accuracy sweep of ``schemes``: one sweep record per scheme, yielded as each finishes."""
+    for row in run_sweep(loaded, list(schemes), request.spec, baseline=baseline, progress=progress, cancel=cancel):
+        yield row.to_record()
+
+
+def sensitivity_available() -> bool:
+    """Whether the quick per-layer sensitivity is installed in this version of qlab."""
+    try:
+        from qlab.analyses import sensitivity_quick  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sensitivity_piece(loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
+                      baseline: Baseline | None = None, progress: Progress | None = None,
+                      cancel: CancelCheck | None = None) -> dict[str, list[dict]]:
+    """Quick per-layer sensitivity (one forward and one backward pass): records per scheme label."""
+    from qlab.analyses.sensitivity_quick import quick_sensitivity
+
+    result = quick_sensitivity(loaded, list(schemes), request.spec, baseline=baseline, progress=progress,
+                               cancel=cancel)
+    by_label: dict[str, list[dict]] = {s.label: [] for s in schemes}
+    for record in result.to_records():
+        by_label[record["scheme"]].append(record)
+    return by_label
+
+
+def _check(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("cancelled; the formats finished so far are kept.")
+
+
+# --- what the panels and the verdict read ------------------------------------------------------------------
+
+
+def decide(pieces: Pieces, request: OverviewRequest, kind: str, bound: float) -> verdict.Verdict:
+    """The verdict on what is known so far (pieces not computed yet count as unknown, never as zero)."""
+    labels = [s.label for s in request.schemes]
+    target = request.target
+    measured = {label: {"speed": r.get("speed"), "backend": r.get("backend")}
+                for label, r in pieces.measured.items() if label in labels and r.get("speed")}
+    found = verdict.candidates(
+        [pieces.sweep[label] for label in labels if label in pieces.sweep],
+        plans={label: pieces.memory[label] for label in labels if label in pieces.memory},
+        predicted={label: pieces.predicted[label]["speed"] for label in labels if label in pieces.predicted},
+        measured=measured,
+        native={label: native_on_target(pieces.predicted[label]) for label in labels if label in pieces.predicted},
+        formats={s.label: s.format for s in request.schemes})
+    reference_predicted = pieces.predicted.get(REFERENCE.label, {}).get("speed")
+    reference_measured = pieces.measured.get(REFERENCE.label, {}).get("speed")
+    return verdict.decide(found, bound=bound, kind=kind, target=target.name, memory_bytes=target.memory_bytes,
+                          baseline_predicted=reference_predicted, baseline_measured=reference_measured,
+                          baseline_name=REFERENCE.label)
+
+
+def native_on_target(prediction: Mapping) -> bool | None:
+    """Whether the target computes from the format directly; only a quantized format can lack a kernel."""
+    if prediction.get("verdict") == "baseline":
+        return True
+    return prediction.get("native")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Which (size, loss) points no other point beats on both (no larger and no worse, better in one)."""
+    def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
+
+    return [not any(beats(other, point) for other in points if other is not point) for point in points]
+
+
+def most_sensitive_layer(pieces: Pieces, request: OverviewRequest) -> str | None:
+    """The layer with the highest quick score in any chosen format (None before the sensitivity has run)."""
+    records = [r for s in request.schemes for r in pieces.sensitivity.get(s.label, [])]
+    scored = [r for r in records if r.get("score") is not None]
+    return max(scored, key=lambda r: r["score"])["layer"] if scored else None
+
+
+@dataclass(frozen=True)
+class LayerGrids:
+    """One block of a layer's weights and each scaled format's grid over it (as the Weights page draws them)."""
+
+    layer: str
+    values: torch.Tensor
+    grids: dict[str, torch.Tensor]
+    where: str
+
+
+def layer_grids(loaded: LoadedModel, layer: str, schemes: Sequence[QuantScheme]) -> LayerGrids | None:
+    """The block of ``layer`` with the widest range (largest scale of the first scaled scheme) and every scaled
+    scheme's grid for that block; None when no chosen scheme has a grid (plain casts only)."""
+    # GPTQ moves codes, not the grid: its format's levels at the RTN scale are what the chart can show.
+    scaled = list(dict.fromkeys(dataclasses.replace(s, algorithm="rtn") for s in schemes if s.fmt.scaled))
+    if not scaled:
+        return None
+    linears = dict(quantizable_linears(loaded.model))
+    if layer not in linears:
+        raise QlabError(f"{loaded.name} has no linear layer '{layer}'; pick one of its quantized layers.")
+    weight = linears[layer].weight.detach()
+    first, granularity = quantize(weight, scaled[0]), scaled[0].granularity
+    widest = int(first.scale.reshape(-1).float().argmax()) if first.scale is not None else 0
+    per_row = weight.shape[1] // scaled[0].group_size if granularity == "group" else 1
+    row, group = (0, 0) if granularity == "tensor" else divmod(widest, per_row)
+    _, cover = block_of(first, row, group)
+    values = weight.reshape(-1) if granularity == "tensor" else weight[row, cover.start:cover.stop]
+    grids = {}
+    for scheme in scaled:
+        qtensor = first if scheme == scaled[0] else quantize(weight, scheme)
+        # The block of this scheme that holds the chosen block's first weight (group sizes may differ).
+        column = cover.start // scheme.group_size if scheme.granularity == "group" else 0
+        grids[scheme.label] = grid_values(qtensor, block_of(qtensor, row, column)[0])
+    where = ("the whole tensor" if granularity == "tensor" else
+             f"row {row}" + (f", columns {cover.start}-{cover.stop - 1}" if granularity == "group" else ""))
+    return LayerGrids(layer, values, grids, f"{where} (the block with the widest range, {values.numel()} weights)")
+

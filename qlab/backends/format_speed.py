@@ -1,0 +1,73 @@
+"""Speed of the chosen formats on this machine, for the Overview: one real backend per weight format, short
+runs, no accuracy pass (the sweep measures accuracy).
+
+A format is timed through the first backend of ``PREFERENCE`` that stores it, handles the model's kind and
+runs here; weight-only backends come first because that is what the sweep simulates. A format no backend runs
+here gets a record that says so, which is stored like a measurement so it is not retried on every visit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from qlab import backends
+from qlab.analyses.overview import evaluation_seconds, matmul_seconds
+from qlab.backends import speed
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import CancelCheck, Progress
+from qlab.models.loading import LoadedModel
+
+PREFERENCE = ("fp32", "bf16", "torchao-int8wo", "quanto-int8", "torch-dynamic-int8", "onnxruntime-int8",
+              "quanto-int4", "llamacpp-q4_0", "torchao-int4wo", "torchao-float8wo", "quanto-float8", "bnb-nf4")
+QUICK_SPEC = speed.SpeedSpec(prompt_tokens=32, new_tokens=8, repetitions=3, warmup=1, sentences=8)
+NOISY_SPREAD_PCT = 10.0  # a median whose runs spread more than this is marked as noisy
+# Per token of decode, Python and kernel-launch overhead a 2-core CPU adds to the matmuls (measured ~10 ms).
+DECODE_STEP_OVERHEAD_S = 0.01
+BUILD_EVALS = 1.0  # building a backend's model (quantizing its weights) costs about one evaluation
+
+
+def backend_for(fmt: str, kind: str, device: str = "cpu") -> backends.Backend | None:
+    """The backend that times ``fmt`` here: the first of ``PREFERENCE`` that stores it and runs; None if none."""
+    candidates = {b.slug: b for b in backends.all_backends()
+                  if b.weight_format == fmt and kind in b.kinds and b.available(device)[0]}
+    ordered = [candidates[slug] for slug in PREFERENCE if slug in candidates]
+    return (ordered or list(candidates.values()) or [None])[0]
+
+
+def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC
+                     ) -> float:
+    """About how long ``measure`` takes: per backend, a build plus (warm-up + repetitions) timed runs."""
+    runnable = [s for s in schemes if backend_for(s.format, loaded.kind) is not None]
+    if loaded.kind == "causal-lm":
+        run = matmul_seconds(loaded, spec.prompt_tokens) + spec.new_tokens * (
+            matmul_seconds(loaded, 1) + DECODE_STEP_OVERHEAD_S)
+    else:
+        run = matmul_seconds(loaded, spec.sentences * 128)  # texts padded to the longest, up to 128 tokens
+    build = BUILD_EVALS * evaluation_seconds(loaded, 512)
+    return len(runnable) * (build + (spec.warmup + spec.repetitions) * run)
+
+
+def measure(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC,
+            progress: Progress | None = None, cancel: CancelCheck | None = None) -> Iterator[dict]:
+    """Time each scheme's format through its backend; yield one record per scheme (label, backend, ``speed``
+    in decode tokens/s or sentences/s, its spread, ``noisy``), or one saying why it could not run here."""
+    chosen = [(scheme, backend_for(scheme.format, loaded.kind)) for scheme in schemes]
+    unique = list({b.slug: b for _, b in chosen if b is not None}.values())
+    for row in speed.run_bench(loaded, unique, spec, "cpu", accuracy_tokens=None, progress=progress, cancel=cancel):
+        for scheme, backend in chosen:
+            if backend is not None and backend.slug == row["backend"]:
+                yield _record(scheme, row)
+    for scheme, backend in chosen:
+        if backend is None:
+            yield {"label": scheme.label, "format": scheme.format, "backend": None, "available": False,
+                   "speed": None, "reason": f"no {scheme.format} backend for a {loaded.kind} model runs on this "
+                                            "machine's CPU"}
+
+
+def _record(scheme: QuantScheme, row: dict) -> dict:
+    timing = "decode_tokens_per_s" if row.get("decode_tokens_per_s") is not None else "sentences_per_s"
+    spread = row.get(f"{timing}_spread_pct")
+    return {**row, "label": scheme.label, "format": scheme.format, "speed": row.get(timing),
+            "speed_unit": "decode tokens/s" if timing == "decode_tokens_per_s" else "sentences/s",
+            "speed_min": row.get(f"{timing}_min"), "speed_max": row.get(f"{timing}_max"), "spread_pct": spread,
+            "noisy": spread is not None and spread > NOISY_SPREAD_PCT}

@@ -1,0 +1,308 @@
+"""The Overview, recorded: what the run store already holds for these settings, the missing pieces computed
+cheapest first and each saved as it finishes, the four panels' figures, and the whole answer as one HTML file.
+
+Every piece is its own run (``RUN_KINDS``), with one result per scheme (the scheme stored beside it), so a page
+reload, another session or the CLI finds what is done and computes only the rest; a sweep of the Quantize page
+counts as well. The pieces themselves are ``qlab.analyses.overview`` and ``qlab.backends.format_speed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from qlab import charts
+from qlab.analyses import overview
+from qlab.analyses.overview import PIECES, TITLES, OverviewRequest, Pieces
+from qlab.analyses.verdict import Verdict, accuracy_loss, details
+from qlab.backends import format_speed, speed
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import Baseline, CancelCheck, Progress
+from qlab.models.loading import LoadedModel, model_sha256
+from qlab.store import Recorder, Store, StoredRun, run_meta
+
+RUN_KINDS = {"memory": "memory", "predicted": "roofline", "sweep": "sweep", "sensitivity": "sensitivity_quick",
+             "measured": "bench"}
+LOOKBACK_RUNS = 25  # newest runs of a kind searched for reusable results
+TOP_LAYERS = 8
+
+
+# --- what is stored ----------------------------------------------------------------------------------------
+
+
+def piece_settings(piece: str, loaded: LoadedModel, request: OverviewRequest) -> dict:
+    """The inputs besides model, schemes, text and target that a stored piece must share to be reused."""
+    if piece in ("memory", "predicted"):
+        return {"context_tokens": request.context_for(loaded), "batch": request.batch, "kv_dtype": request.kv_dtype}
+    if piece == "sensitivity":
+        return {"method": "quick"}
+    if piece == "measured":
+        return {"device": "cpu", "accuracy_tokens": None, **dataclasses.asdict(format_speed.QUICK_SPEC)}
+    return {}
+
+
+def _evaluated(piece: str) -> bool:
+    return piece in ("sweep", "sensitivity")
+
+
+def _hardware(piece: str, request: OverviewRequest) -> str:
+    # Accuracy and this machine's speed do not depend on the target; memory and predictions do.
+    return request.hardware_id if piece in ("memory", "predicted") else "this-machine"
+
+
+def restore(store: Store, loaded: LoadedModel, request: OverviewRequest) -> Pieces:
+    """Every piece the store holds for this model (same weights), schemes and settings; newest wins."""
+    pieces = Pieces()
+    sha = model_sha256(loaded)
+    spec = request.spec
+    swept = store.stored_schemes(loaded.name, sha, spec.text_sha256, spec.tokens)
+    pieces.sweep = {s.label: swept[s] for s in request.schemes if s in swept}
+    for piece in ("memory", "predicted", "sensitivity", "measured"):
+        wanted = {s: s.label for s in pieces.wanted(piece, request)}
+        held = getattr(pieces, piece)
+        for run in _matching_runs(store, piece, loaded, sha, request):
+            for scheme, records in _by_scheme(piece, run).items():
+                if scheme in wanted and wanted[scheme] not in held:
+                    held[wanted[scheme]] = records if piece == "sensitivity" else records[0]
+            if len(held) == len(wanted):
+                break
+    return pieces
+
+
+def _matching_runs(store: Store, piece: str, loaded: LoadedModel, sha: str | None,
+                   request: OverviewRequest) -> Iterator[StoredRun]:
+    settings = piece_settings(piece, loaded, request)
+    for summary in store.list_runs(model=loaded.name, kind=RUN_KINDS[piece], limit=LOOKBACK_RUNS):
+        if summary["model"] != loaded.name or summary["hardware"] != _hardware(piece, request):
+            continue
+        run = store.get(summary["id"])
+        meta = run.meta
+        if meta.model_sha256 != sha or any(meta.settings.get(k) != v for k, v in settings.items()):
+            continue
+        if _evaluated(piece) and (meta.text_sha256, meta.tokens) != (request.spec.text_sha256, request.spec.tokens):
+            continue
+        yield run
+
+
+def _by_scheme(piece: str, run: StoredRun) -> dict[QuantScheme, list[dict]]:
+    found: dict[QuantScheme, list[dict]] = {}
+    for result in run.results:
+        if result.kind != RUN_KINDS[piece]:
+            continue
+        if piece == "sensitivity":
+            scheme = QuantScheme.from_dict(result.record["scheme_settings"])
+        elif result.scheme:
+            scheme = QuantScheme.from_dict(result.scheme)
+        else:
+            continue
+        found.setdefault(scheme, []).append(result.record)
+    return found
+
+
+# --- computing what is missing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One missing piece: the schemes it still lacks and about how long they take."""
+
+    piece: str
+    schemes: tuple[QuantScheme, ...]
+    seconds: float
+
+    @property
+    def title(self) -> str:
+        return TITLES[self.piece]
+
+    @property
+    def announced(self) -> bool:
+        """Long enough that its estimate is said before it starts."""
+        return self.seconds > overview.ANNOUNCE_AFTER_S
+
+
+def steps(loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, measure_here: bool = True,
+          baseline_ready: bool = False) -> list[Step]:
+    """The pieces still missing, cheapest first, each with its estimate; pieces that cannot run here are
+    marked in ``pieces.skipped`` with the reason."""
+    if not overview.sensitivity_available():
+        pieces.skipped["sensitivity"] = "the quick sensitivity analysis is not part of this version of qlab"
+    if not measure_here:
+        pieces.skipped["measured"] = "measuring speed on this machine is switched off"
+    else:
+        pieces.skipped.pop("measured", None)
+    found = []
+    for piece in PIECES:
+        missing = pieces.missing(piece, request)
+        if not missing:
+            continue
+        if piece == "measured":
+            seconds = format_speed.estimate_seconds(loaded, missing)
+        else:
+            seconds = overview.estimate_seconds(piece, loaded, request, missing, baseline_ready)
+        found.append(Step(piece, tuple(missing), seconds))
+        baseline_ready = baseline_ready or _evaluated(piece)  # the next evaluating piece reuses its baseline
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def this_machine_bandwidth() -> float:
+    """Read bandwidth of this machine, measured once per process (about a second)."""
+    return speed.measure_bandwidth().bytes_per_s.median
+
+
+def run_step(step: Step, loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, store: Store | None,
+             baseline: Callable[[], Baseline], progress: Progress | None = None, cancel: CancelCheck | None = None,
+             on_update: Callable[[], None] | None = None) -> str | None:
+    """Compute one step, adding each scheme's result to ``pieces`` and saving it as it finishes.
+
+    ``baseline()`` gives the FP32 baseline of the request's text (computed once by the caller's cache).
+    Returns why results could not be saved (a read-only database), or None; ``Cancelled`` propagates after
+    the finished schemes are kept and saved.
+    """
+    piece, schemes = step.piece, list(step.schemes)
+    spec = request.spec if _evaluated(piece) else None
+    meta = run_meta(RUN_KINDS[piece], loaded, spec, _hardware(piece, request), schemes=[s.to_dict() for s in schemes],
+                    overview=True, **piece_settings(piece, loaded, request))
+    recorder = Recorder(store, meta, strict=False)
+    with recorder:
+        if piece == "memory":
+            for scheme in schemes:
+                record = overview.memory_piece(loaded, request, [scheme], progress, cancel)[scheme.label]
+                _keep(pieces.memory, recorder, scheme, record, piece, on_update)
+        elif piece == "predicted":
+            target = request.target
+            bandwidth = None if target.bandwidth_bytes_per_s else this_machine_bandwidth()
+            for scheme in schemes:
+                record = overview.predicted_piece(loaded, request, [scheme], bandwidth, progress, cancel)[scheme.label]
+                _keep(pieces.predicted, recorder, scheme, record, piece, on_update)
+        elif piece == "sweep":
+            by_label = {s.label: s for s in schemes}
+            for record in overview.sweep_piece(loaded, request, schemes, baseline(), progress, cancel):
+                pieces.sweep[record["label"]] = record
+                recorder.save(record, "sweep", by_label[record["label"]])
+                if on_update:
+                    on_update()
+        elif piece == "sensitivity":
+            found = overview.sensitivity_piece(loaded, request, schemes, baseline(), progress, cancel)
+            for label, records in found.items():
+                pieces.sensitivity[label] = records
+            recorder.save_many([r for records in found.values() for r in records], RUN_KINDS[piece])
+            if on_update:
+                on_update()
+        else:
+            by_label = {s.label: s for s in schemes}
+            for record in format_speed.measure(loaded, schemes, progress=progress, cancel=cancel):
+                _keep(pieces.measured, recorder, by_label[record["label"]], record, piece, on_update)
+    return recorder.error
+
+
+def _keep(held: dict, recorder: Recorder, scheme: QuantScheme, record: dict, piece: str,
+          on_update: Callable[[], None] | None) -> None:
+    held[scheme.label] = record
+    recorder.save(record, RUN_KINDS[piece], scheme)
+    if on_update:
+        on_update()
+
+
+# --- the panels -------------------------------------------------------------------------------------------
+
+
+def accuracy_frame(pieces: Pieces, request: OverviewRequest) -> pd.DataFrame:
+    """Sweep rows of the chosen schemes with their loss and whether they are on the size/loss Pareto front."""
+    rows = [pieces.sweep[s.label] for s in request.schemes if s.label in pieces.sweep]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).assign(loss=[accuracy_loss(r) for r in rows])
+    frame["pareto"] = overview.pareto_front(list(zip(frame["size_bytes"], frame["loss"], strict=True)))
+    return frame
+
+
+def memory_frame(pieces: Pieces, request: OverviewRequest) -> pd.DataFrame:
+    return pd.DataFrame([pieces.memory[s.label] for s in request.schemes if s.label in pieces.memory])
+
+
+def speed_frame(pieces: Pieces, request: OverviewRequest) -> pd.DataFrame:
+    """One row per (scheme, where): predicted on the target and measured here, the 16-bit reference included."""
+    rows = []
+    for scheme in [*request.schemes, *([overview.REFERENCE] if overview.REFERENCE not in request.schemes else [])]:
+        reference = scheme == overview.REFERENCE
+        predicted = pieces.predicted.get(scheme.label)
+        if predicted:
+            rows.append({"label": scheme.label, "where": "predicted", "speed": predicted["speed"],
+                         "low": None, "high": None, "native": overview.native_on_target(predicted), "reference": reference,
+                         "note": predicted.get("reason")})
+        measured = pieces.measured.get(scheme.label)
+        if measured and measured.get("speed"):
+            rows.append({"label": scheme.label, "where": "measured", "speed": measured["speed"],
+                         "low": measured.get("speed_min"), "high": measured.get("speed_max"), "native": None,
+                         "reference": reference, "note": f"{measured.get('backend')}"
+                         + (", noisy" if measured.get("noisy") else "")})
+    return pd.DataFrame(rows)
+
+
+def sensitivity_frame(pieces: Pieces, request: OverviewRequest, top: int = TOP_LAYERS) -> pd.DataFrame:
+    """The ``top`` most sensitive layers (each once, by its most damaging chosen format), with every chosen
+    format's score for them."""
+    records = [r for s in request.schemes for r in pieces.sensitivity.get(s.label, [])]
+    if not records:
+        return pd.DataFrame()
+    frame = pd.DataFrame(records)
+    worst = frame.groupby("layer")["score"].max().sort_values(ascending=False).head(top)
+    return frame[frame["layer"].isin(worst.index)].assign(
+        rank=lambda f: f["layer"].map({layer: i for i, layer in enumerate(worst.index)})).sort_values("rank")
+
+
+def panel_figures(pieces: Pieces, request: OverviewRequest, verdict: Verdict,
+                  grids: overview.LayerGrids | None = None) -> dict[str, go.Figure | None]:
+    """The four panels (None where their piece is not there yet): accuracy, memory, speed, sensitivity (+ the
+    weight histogram of the most sensitive layer)."""
+    target = request.target
+    accuracy, memory, speeds, sensitivity = (accuracy_frame(pieces, request), memory_frame(pieces, request),
+                                             speed_frame(pieces, request), sensitivity_frame(pieces, request))
+    return {
+        "accuracy": None if accuracy.empty else charts.accuracy_size_front(
+            accuracy, verdict.loss.title, verdict.bound, log_y=verdict.kind == "causal-lm"),
+        "memory": None if memory.empty else charts.memory_on_target(memory, target.memory_bytes, target.name),
+        "speed": None if speeds.empty else charts.speed_predicted_and_measured(speeds, verdict.speed_unit,
+                                                                                target.name),
+        "sensitivity": None if sensitivity.empty else charts.sensitivity_top_layers(sensitivity),
+        "histogram": None if grids is None else charts.weight_grids(
+            grids.values, grids.grids, f"Weights of {grids.layer}"),
+    }
+
+
+# --- one self-contained HTML file ---------------------------------------------------------------------------
+
+
+def overview_html(loaded_name: str, request: OverviewRequest, verdict: Verdict,
+                  figures: dict[str, go.Figure | None], notes: Sequence[str] = ()) -> str:
+    """The Overview as one HTML file: the verdict in words, the rule, the four panels (plotly.js inline once)."""
+    from qlab import __version__
+    from qlab.store.report import _STYLE, _Charts
+
+    title = f"qlab overview: {loaded_name} on {request.target.name}"
+    chart = _Charts()
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="note">Generated {datetime.now(UTC).isoformat(timespec="seconds")} by qlab '
+             f"{html.escape(__version__)}. Formats: {html.escape(', '.join(s.label for s in request.schemes))}; "
+             f"evaluated on {request.spec.tokens} tokens of {html.escape(request.spec.text_name)}.</p>",
+             f"<h2>{html.escape(verdict.headline)}</h2>",
+             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in details(verdict)) + "</ul>",
+             f'<p><b>Rule:</b> {html.escape(verdict.rule)}</p>']
+    parts += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
+    titles = {"accuracy": "Accuracy against size", "memory": "Memory on the target",
+              "speed": "Speed: predicted on the target, measured here", "sensitivity": "Most sensitive layers",
+              "histogram": "Weights of the most sensitive layer with each format's grid"}
+    for key, figure in figures.items():
+        if figure is not None:
+            parts.append(chart.div(titles[key], figure))
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
