@@ -10,7 +10,8 @@ from qlab import charts
 from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.errors import Cancelled, QlabError
 from qlab.models.evaluate import DEFAULT_TEXT_NAME, EvalSpec, decode_text
-from qlab.store import Recorder, Store, model_sha256, sweep_meta
+from qlab.models.loading import model_sha256
+from qlab.store import Recorder, Store, sweep_meta
 
 TEXT_SOURCES = ("Built-in text", "Paste text", "Upload a file")
 

@@ -17,10 +17,13 @@ import torch
 from qlab import store
 from qlab.analyses import memory
 from qlab.analyses.sweep import ResultRow
+from qlab.core import paths
 from qlab.core.errors import Cancelled, QlabError
-from qlab.core.plan import SizeReport, layer_schemes, quantized_copy
+from qlab.core.plan import SizeReport, layer_scheme_map, layer_schemes, quantized_copy
 from qlab.core.quant import QuantScheme
+from qlab.models.loading import model_sha256
 from qlab.store import Recorder, RunMeta, Store
+from qlab.store import db as database
 
 REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT = {"qlab": "0.1.0", "torch": "2.13.0", "transformers": "5.23.0", "host": "elsewhere", "pid": 1}
@@ -52,15 +55,15 @@ def db(tmp_path) -> Store:
 def test_path_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("QLAB_DB", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    assert store.resolve_path() == tmp_path / "data" / "qlab" / "runs.sqlite"
+    assert paths.resolve_path() == tmp_path / "data" / "qlab" / "runs.sqlite"
     assert store.requested_path(None) is None  # headless runs store only when asked
     assert store.requested_path(None, default=True) == tmp_path / "data" / "qlab" / "runs.sqlite"  # sweep
     assert not (tmp_path / "data").exists()  # checking a database creates nothing
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "env.sqlite"))
-    assert store.resolve_path() == store.requested_path(None) == tmp_path / "env.sqlite"
-    assert store.resolve_path(tmp_path / "flag.sqlite") == tmp_path / "flag.sqlite"
+    assert paths.resolve_path() == store.requested_path(None) == tmp_path / "env.sqlite"
+    assert paths.resolve_path(tmp_path / "flag.sqlite") == tmp_path / "flag.sqlite"
     monkeypatch.delenv("XDG_DATA_HOME")
-    assert store.default_path() == Path.home() / ".local" / "share" / "qlab" / "runs.sqlite"
+    assert paths.default_path() == Path.home() / ".local" / "share" / "qlab" / "runs.sqlite"
 
 
 def test_sweep_rows_round_trip(db):
@@ -137,7 +140,7 @@ def test_migration_from_version_1_keeps_every_run_and_row(tmp_path, monkeypatch)
     assert db.schema_version() == 1 and store.SCHEMA_VERSION == 2
     # Reading an older file this process may write migrates it once, in place (not a copy per read).
     copies = []
-    monkeypatch.setattr(store, "_migrated_copy", lambda *args: copies.append(args) or pytest.fail("copied"))
+    monkeypatch.setattr(database, "migrated_copy", lambda *args: copies.append(args) or pytest.fail("copied"))
     assert [(r["id"], r["kind"], r["status"], r["results"]) for r in db.list_runs()] == [
         ("bbbb00000002", "sweep", "finished", 1), ("aaaa00000001", "sweep", "finished", 2)]
     assert path.read_bytes() != before and db.schema_version() == 2
@@ -363,30 +366,30 @@ def test_model_sha256_hashes_weight_files_and_trusts_hub_blob_names(tmp_path):
     (folder / "model.safetensors").write_bytes(b"weights v1")
     source = ModelSource("m", "embedding", str(folder))
     expected = hashlib.sha256(f"model.safetensors:{hashlib.sha256(b'weights v1').hexdigest()}\n".encode())
-    assert store.model_sha256(source) == expected.hexdigest()
+    assert model_sha256(source) == expected.hexdigest()
     time.sleep(0.01)
     (folder / "model.safetensors").write_bytes(b"weights v2")  # edited: hashed again, not served from cache
-    assert store.model_sha256(source) != expected.hexdigest()
-    assert store.model_sha256(ModelSource("e", "embedding", str(tmp_path / "empty"))) is None
+    assert model_sha256(source) != expected.hexdigest()
+    assert model_sha256(ModelSource("e", "embedding", str(tmp_path / "empty"))) is None
     blob_hash = "0123456789abcdef" * 4
     (tmp_path / "hub" / "blobs").mkdir(parents=True)
     (tmp_path / "hub" / "snapshot").mkdir()
     (tmp_path / "hub" / "blobs" / blob_hash).write_bytes(b"not what the name says")
     (tmp_path / "hub" / "snapshot" / "model.safetensors").symlink_to(tmp_path / "hub" / "blobs" / blob_hash)
     hub = ModelSource("org/m", "embedding", str(tmp_path / "hub" / "snapshot"))
-    assert store.model_sha256(hub) == hashlib.sha256(f"model.safetensors:{blob_hash}\n".encode()).hexdigest()
+    assert model_sha256(hub) == hashlib.sha256(f"model.safetensors:{blob_hash}\n".encode()).hexdigest()
 
 
 def test_layer_scheme_map_is_the_exact_recipe():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 64))
     plan = {"0": QuantScheme("int4", "group", 32), "2": QuantScheme("nf4", "group", 32)}
-    exported = json.loads(json.dumps(store.layer_scheme_map(model, plan)))
+    exported = json.loads(json.dumps(layer_scheme_map(model, plan)))
     assert exported == {name: scheme.to_dict() for name, scheme in plan.items()}
     rebuilt = {name: QuantScheme.from_dict(s) for name, s in exported.items()}
     assert layer_schemes(model, rebuilt) == plan
     x = torch.randn(3, 64)
     assert torch.equal(quantized_copy(model, rebuilt)(x), quantized_copy(model, plan)(x))
-    assert set(store.layer_scheme_map(model, QuantScheme("int8"))) == {"0", "2"}
+    assert set(layer_scheme_map(model, QuantScheme("int8"))) == {"0", "2"}
 
 
 WRITER = textwrap.dedent("""
@@ -654,12 +657,12 @@ def test_reading_leaves_the_file_untouched_and_creates_no_wal(tmp_path, monkeypa
     run_id = db.start_run(meta())
     db.add_result(run_id, row())
     db.finish_run(run_id)
-    assert store._is_wal(db.path) and sorted(p.name for p in tmp_path.iterdir()) == ["runs.sqlite"]
+    assert database.is_wal(db.path) and sorted(p.name for p in tmp_path.iterdir()) == ["runs.sqlite"]
     time.sleep(0.02)  # an mtime written by a read would differ from the one taken now
     before = fingerprint(db.path)
     opened = []
     real_connect = sqlite3.connect
-    monkeypatch.setattr(store.sqlite3, "connect", lambda target, *a, **k: opened.append(str(target))
+    monkeypatch.setattr(sqlite3, "connect", lambda target, *a, **k: opened.append(str(target))
                         or real_connect(target, *a, **k))
     if locked:
         read_only(monkeypatch, tmp_path)
@@ -693,7 +696,7 @@ def test_sqlite_refusing_a_write_reads_as_read_only(tmp_path, monkeypatch):
     db = Store(tmp_path / "runs.sqlite")
     db.finish_run(db.start_run(meta()))
     real_connect = sqlite3.connect
-    monkeypatch.setattr(store.sqlite3, "connect", lambda path, *a, **k: real_connect(
+    monkeypatch.setattr(sqlite3, "connect", lambda path, *a, **k: real_connect(
         f"file:{path}?mode=ro", *a, **{**k, "uri": True}) if str(path) == str(db.path) else real_connect(path, *a, **k))
     with pytest.raises(QlabError, match="is read-only; pass --db"):
         db.start_run(meta())

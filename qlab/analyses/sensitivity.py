@@ -628,3 +628,26 @@ def _linear_records(loaded: LoadedModel, stack: BlockStack, probes: dict[str, _L
                 record["predicted_delta"] = 0.5 * float((curvature[name] * channels).sum()) / max(1, items)
             records.append(record)
     return records
+
+
+# --- the stored form: settings and records out, the report back -------------------------------------------------
+
+
+def sensitivity_settings(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Baseline, *, unit: str,
+                         view: str = "forward", blocks: bool = True, predict: bool = True) -> dict:
+    """The JSON-ready settings of an ``analyze`` call that ``report_from_records`` needs to rebuild its report."""
+    return {"schemes": [s.to_dict() for s in schemes], "unit": unit, "view": view, "blocks": blocks,
+            "predict": predict, "model_kind": loaded.kind, "metric": METRIC[loaded.kind],
+            "eval_tokens": baseline.tokens}
+
+
+def report_from_records(model: str, settings: dict, linears: list[dict], blocks: list[dict],
+                        seconds: dict | None = None, tokens: int | None = None) -> SensitivityReport:
+    """The SensitivityReport of ``sensitivity_settings`` and the (non-empty) per-linear and per-unit records
+    ``analyze`` handed to ``on_records``; an analysis stopped half-way gives the units it finished. ``tokens``
+    stands in for settings written without ``eval_tokens``."""
+    schemes = tuple(QuantScheme.from_dict(s) for s in settings.get("schemes", []))
+    return SensitivityReport(model, settings.get("model_kind", "causal-lm"),
+                             settings.get("metric") or linears[0].get("metric", "kld_mean"), schemes, linears,
+                             blocks, dict(seconds or {}), int(settings.get("eval_tokens") or tokens or 0),
+                             settings.get("view", "forward"), settings.get("unit", "block"))

@@ -493,3 +493,8 @@ def verdicts(rows: list[dict], max_error: float, latency_budget_ms: float | None
              "error": error_of(row) if row else None, "size_bytes": row.get("size_bytes") if row else None,
              "rule": rule if row else f"no measured backend meets it ({rule})"}
             for question, row, rule in answers]
+
+
+def bench_settings(spec: SpeedSpec, backends: list[str], accuracy_tokens: int | None, device: str = "cpu") -> dict:
+    """The JSON-ready settings a stored speed run keeps: backends, device, accuracy token budget, the SpeedSpec."""
+    return {"backends": list(backends), "device": device, "accuracy_tokens": accuracy_tokens, **asdict(spec)}

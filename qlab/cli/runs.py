@@ -137,8 +137,8 @@ def _delete(store, args: argparse.Namespace) -> None:
 
 def _export_scheme(store, args: argparse.Namespace) -> None:
     from qlab.core.quant import QuantScheme
-    from qlab.models.loading import load
-    from qlab.store import model_sha256, scheme_export
+    from qlab.models.loading import load, model_sha256
+    from qlab.store import scheme_export
 
     run = store.get(args.run)
     matches = [r for r in run.results if r.label == args.label and r.scheme]

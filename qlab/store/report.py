@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 
 from qlab import charts
 from qlab.backends import speed
-from qlab.store import SUMMARY_KIND, StoredRun, stored_sensitivity
+from qlab.store.runs import SUMMARY_KIND, StoredRun, stored_sensitivity
 
 # Metrics drawn per model kind, with whether the chart uses a log axis (KLD spans decades).
 CHART_METRICS: tuple[tuple[str, bool], ...] = (
