@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.core.files import partial_path, remove_stale_partials
 from qlab.models.loading import LoadedModel
 
 EXPORT_FORMAT = "qlab-quantized-model"
@@ -125,29 +127,53 @@ def _prepare(out_dir: Path, force: bool) -> Path:
             raise QlabError(f"{out_dir} is not empty; choose an empty or new directory, or pass --force to "
                             "replace an earlier export.")
         if not _is_export(out_dir):
-            raise QlabError(f"{out_dir} is not empty and holds no qlab export; --force only replaces an earlier "
-                            "export, so choose an empty or new directory.")
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+            raise QlabError(f"{out_dir} is not empty and holds no qlab export (its own weight file, checked "
+                            "against qlab_scheme.json, and no folders); --force only replaces an earlier export, "
+                            "so choose an empty or new directory.")
+    partial = partial_path(out_dir, hidden=True)
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out_dir, hidden=True)  # what a killed export left
+        if out_dir.exists():  # (a kill between _publish's two renames leaves the earlier export aside: kept)
+            remove_stale_partials(_aside(out_dir), hidden=True)
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        partial.mkdir()
     except OSError as error:
         raise QlabError(f"cannot write to {out_dir.parent} ({error.strerror}); choose a writable --out.") from None
     return partial
 
 
 def _is_export(directory: Path) -> bool:
+    """Whether ``directory`` is what ``export_quantized`` wrote: a readable scheme whose weight file is there
+    and matches its SHA-256, and nothing but plain files (a look-alike ``qlab_scheme.json`` dropped into a
+    user's folder of models or projects is not enough for ``--force`` to delete it)."""
     try:
-        read_scheme(directory)
-    except QlabError:
+        record = read_scheme(directory)
+        weights = directory / (GGUF_FILE if record["library"] == "llama-cpp-python" else WEIGHTS_FILE)
+        entries = list(directory.iterdir())
+        return all(stat.S_ISREG(entry.lstat().st_mode) for entry in entries) and weights.is_file() \
+            and _sha256(weights) == record.get("weights_sha256")
+    except (QlabError, OSError):
         return False
-    return True
+
+
+def _aside(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".replaced")
 
 
 def _publish(partial: Path, out_dir: Path) -> None:
+    """Rename the finished export into place; an earlier one is moved aside first and only then deleted, so a
+    failure never leaves half of either."""
+    old = partial_path(_aside(out_dir), hidden=True)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(partial, out_dir)
+        os.replace(out_dir, old)
+    try:
+        os.replace(partial, out_dir)
+    except OSError:
+        if old.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

@@ -11,11 +11,13 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from qlab.core.errors import QlabError
+from qlab.core.files import partial_path, remove_stale_partials
 
 EXIT_USER_ERROR = 2
 DB_HELP = "run database (default: $QLAB_DB, else $XDG_DATA_HOME/qlab/runs.sqlite)"
@@ -30,7 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 def json_option(parser: argparse.ArgumentParser, help_text: str) -> None:
     """Add ``--json [OUT]``: JSON to stdout, or to the file OUT."""
-    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT",
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT", type=output_file,
                         help=help_text + " (no path or '-': stdout)")
 
 
@@ -100,19 +102,60 @@ def emit(payload, destination: str | None) -> None:
     if destination in (None, "-"):
         print(text)
         return
-    write_atomic(Path(destination), text)
+    write_atomic(destination, text)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all; an unwritable path is a ``QlabError``."""
-    # Write-then-rename: a reader (or a kill) never sees half a file.
+def output_file(path: str) -> str:
+    """``path`` unchanged if a file may be written there (``-`` is stdout); else a ``QlabError``, raised while
+    the arguments are parsed so that no work is done for output that cannot be written."""
+    if path != "-":
+        _existing_output(path)
+    return path
+
+
+def _existing_output(path: str | os.PathLike) -> os.stat_result | None:
+    if not str(path).strip():  # Path("") would be the current directory
+        raise QlabError("the output path is empty; name a file to write.")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text)
-        os.replace(partial, path)
+        existing = Path(path).lstat()
+    except FileNotFoundError:
+        return None
     except OSError as error:
         raise QlabError(f"cannot write {path}: {error.strerror}; choose a writable path.") from None
+    # A rename would put a regular file where a device, FIFO or link was, and a symlink may point anywhere
+    # (a file planted in a shared folder): refuse rather than replace or follow.
+    if not stat.S_ISREG(existing.st_mode):
+        what = "a directory" if stat.S_ISDIR(existing.st_mode) else (
+            "a symbolic link" if stat.S_ISLNK(existing.st_mode) else "not a regular file")
+        raise QlabError(f"{path} is {what}; qlab writes only regular files, so name a file (or '-' for stdout).")
+    return existing
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to the regular file ``path`` whole or not at all; a path that is not (or cannot be) a
+    regular file is a ``QlabError``, and nothing a failed write started is left behind."""
+    existing = _existing_output(path)
+    path = Path(path)
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(path)
+        name = partial_path(path)
+        # O_EXCL | O_NOFOLLOW: never write through a file or link someone else left under that name.
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        partial = name
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            if existing is not None:
+                os.fchmod(handle.fileno(), stat.S_IMODE(existing.st_mode))
+            handle.write(text)
+        os.replace(partial, path)  # write-then-rename: a reader (or a kill) never sees half a file
+    except BaseException as error:  # a full disk, or Ctrl-C mid-write: remove what was started
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise QlabError(f"cannot write {path}: {error.strerror or error}; choose a writable path.") from None
+        raise
 
 
 @contextlib.contextmanager

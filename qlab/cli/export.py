@@ -50,6 +50,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from qlab.models.loading import load
 
     export._backend(args.backend)  # an unknown or unexportable backend fails before the model loads
+    if args.out is not None and not args.out.strip():
+        raise QlabError("--out is empty; name the directory to create (or leave --out out for the default).")
     loaded = load(args.model)
     out = args.out or export.default_out_dir(loaded.name, args.backend)
     result = export.export_quantized(loaded, args.backend, out, force=args.force)
@@ -81,7 +83,6 @@ def _list(args: argparse.Namespace) -> None:
 
 def _scheme_json(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     from qlab.core.errors import QlabError
     from qlab.models.loading import load
@@ -91,7 +92,7 @@ def _scheme_json(args: argparse.Namespace) -> None:
         raise QlabError("--scheme-json needs --out FILE.json.")
     loaded = load(args.model)
     payload = scheme_export(loaded, scheme_from_args(args, args.format))
-    write_atomic(Path(args.out), json.dumps(payload, indent=1))
+    write_atomic(args.out, json.dumps(payload, indent=1))
     if args.json is not None:
         emit({"out": args.out, "model": loaded.name, "layers": len(payload["layers"])}, args.json)
         return
