@@ -1,5 +1,5 @@
-"""Weight rounding algorithms: ``rtn`` (``qlab.core.quant.quantize``), ``gptq`` and ``gptq-act-order`` (need
-calibration Hessians).
+"""Weight rounding algorithms: ``rtn`` (``qlab.core.quant.quantize``), ``hqq`` (calibration-free), ``gptq`` and
+``gptq-act-order`` (need calibration Hessians).
 
 ``quantize_weight`` is the one verb the sweep calls; it dispatches on ``QuantScheme.algorithm``.
 """
@@ -37,6 +37,10 @@ def needs_calibration(schemes: QuantScheme | Iterable[QuantScheme]) -> bool:
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats | None = None) -> QTensor:
     """A linear weight (out x in) quantized by the scheme's algorithm; calibrated algorithms need that layer's
     ``stats``."""
+    if scheme.algorithm == "hqq" and scheme.fmt.scaled:
+        from qlab.core.algorithms.hqq import hqq_quantize
+
+        return hqq_quantize(weight, scheme)
     if not needs_calibration(scheme):
         return quantize(weight, scheme)
     if stats is None:
