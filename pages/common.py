@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import streamlit as st
 
 from qlab import views
-from qlab.core.errors import QlabError
+from qlab.core.errors import Cancelled, QlabError
 from qlab.core.formats import FORMATS
 from qlab.core.quant import ALGORITHMS, CALIBRATIONS, QuantScheme
 from qlab.models import hardware
 from qlab.models import loading as models
-from qlab.models.evaluate import Baseline, EvalSpec, compute_baseline
+from qlab.models.evaluate import Baseline, EvalSpec, Progress, compute_baseline
+from qlab.store import Recorder, RunMeta
 
 OTHER_MODEL = "Other: Hugging Face id or local directory"
 GROUP_SIZES = (32, 64, 128, 256)
@@ -119,6 +120,56 @@ def user_errors() -> Iterator[None]:
         message = str(error)
         st.error(message[:1].upper() + message[1:])
         st.stop()
+
+
+def long_run(label: str, key: str, work: Callable[[Progress, Recorder | None], object], *, cancel_key: str,
+             cancel_help: str, prepare: Callable[[], RunMeta | None] | None = None, ready: bool = True,
+             nothing_to_do: str | None = None, start_text: str = "Starting...", primary: bool = True,
+             columns: Sequence | None = None) -> bool:
+    """A long job's Run and Cancel buttons, and on a press its run: progress bar, each result recorded as it
+    finishes, Cancel, the closing message. Returns whether Run was pressed on this script run.
+
+    The buttons ``label`` (widget key ``key``) and "Cancel" (``cancel_key``, tooltip ``cancel_help``) go side by
+    side into ``columns`` (two containers), by default a narrow and a wide column. A press when ``ready`` is
+    false shows ``nothing_to_do`` (if given) and runs nothing. Otherwise:
+
+    1. a progress bar opens with ``start_text``: say what starts and, for a long job, how long it should take;
+    2. ``prepare()`` does what may fail before anything is stored (e.g. computing the baseline) and returns the
+       RunMeta of the run to store, or None to store nothing;
+    3. ``work(progress, recorder)`` runs inside that stored run (``recorder`` is None when nothing is stored). It
+       reports ``progress(fraction, message)``, and for each result as it finishes keeps it in session state (so
+       a Cancel or a reload keeps it) and saves it with ``recorder.save``;
+    4. Cancel: its press reruns the page, which stops ``work`` at its next progress update (the stored run ends
+       ``stopped``). qlab's ``Cancelled`` shows as one info line, any other QlabError of steps 2-3 as one red line
+       (``user_errors``), a run database that cannot be written as one warning; then the bar is cleared.
+
+    After the call the page draws from session state, whether the job ran now, earlier, or stopped part-way.
+    """
+    left, right = columns if columns is not None else st.columns([1, 5])
+    start = left.button(label, type="primary" if primary else "secondary", key=key)
+    right.button("Cancel", key=cancel_key, help=cancel_help)
+    if start and not ready and nothing_to_do:
+        st.info(nothing_to_do)
+    if not (start and ready):
+        return start
+    bar = st.progress(0.0, text=start_text)
+
+    def progress(fraction: float, message: str) -> None:
+        bar.progress(min(1.0, fraction), message)
+
+    with user_errors():
+        meta = prepare() if prepare is not None else None
+        # strict=False: a database that cannot be written stops the saving, not the work.
+        recorder = Recorder(None, meta, strict=False) if meta is not None else None
+        try:
+            with recorder if recorder is not None else contextlib.nullcontext():
+                work(progress, recorder)
+        except Cancelled as stop:
+            st.info(str(stop))
+        if recorder is not None and recorder.error:
+            st.warning(recorder.error[:1].upper() + recorder.error[1:])
+    bar.empty()
+    return start
 
 
 def model_name() -> str:

@@ -13,7 +13,7 @@ from qlab.analyses.calibration import layer_comparison
 from qlab.analyses.sweep import run_sweep
 from qlab.core.formats import get_format
 from qlab.core.quant import QuantScheme
-from qlab.models.evaluate import EvalSpec, default_text
+from qlab.models.evaluate import EvalSpec, Progress, default_text
 from qlab.models.loading import quantizable_linears
 
 SECTIONS = ("Calibration", "Static vs dynamic", "PTQ vs QAT", "GPTQ vs RTN")
@@ -138,20 +138,18 @@ def gptq_section() -> None:
     st.caption(f"A sweep of {', '.join(s.label for s in GPTQ_SCHEMES)} with RTN and with GPTQ (Hessians from "
                "4,096 calibration tokens at the end of the evaluation text, collected once). On SmolLM2 on two "
                "CPU cores this takes several minutes; MiniLM about a minute.")
-    run_column, cancel_column = st.columns([1, 3])
-    start = run_column.button("Run RTN vs GPTQ on the whole model", key="cx_run_gptq_model")
-    # Any press reruns the page, which stops the sweep at its next progress update.
-    cancel_column.button("Cancel", key="cx_cancel_gptq_model", help="Stops after the current batch; schemes "
-                         "that finished are kept.")
-    if start:
-        bar = st.progress(0.0, "starting")
+
+    def sweep(progress: Progress, _recorder: None) -> None:
         schemes = [dataclasses.replace(s, algorithm=a) for s in GPTQ_SCHEMES for a in ("rtn", "gptq")]
         st.session_state["cx_gptq_model"] = {"model": loaded.name, "rows": []}
-        with common.user_errors():
-            for row in run_sweep(loaded, schemes, EvalSpec(st.session_state["tokens"]),
-                                 progress=lambda fraction, message: bar.progress(min(1.0, fraction), message[:80])):
-                st.session_state["cx_gptq_model"]["rows"].append(row.to_record())  # kept if cancelled
-        bar.empty()
+        for row in run_sweep(loaded, schemes, EvalSpec(st.session_state["tokens"]),
+                             progress=lambda fraction, message: progress(fraction, message[:80])):
+            st.session_state["cx_gptq_model"]["rows"].append(row.to_record())  # kept if cancelled
+
+    # Any press reruns the page, which stops the sweep at its next progress update.
+    common.long_run("Run RTN vs GPTQ on the whole model", "cx_run_gptq_model", sweep, primary=False,
+                    cancel_key="cx_cancel_gptq_model", start_text="starting", columns=st.columns([1, 3]),
+                    cancel_help="Stops after the current batch; schemes that finished are kept.")
     finished = st.session_state.get("cx_gptq_model")
     if finished and finished["model"] == loaded.name and finished["rows"]:
         rows = pd.DataFrame(finished["rows"]).assign(scheme=lambda f: f["label"].str.replace(" gptq", ""))

@@ -11,7 +11,7 @@ from qlab.analyses.sweep import run_sweep
 from qlab.core.errors import QlabError
 from qlab.core.formats import FORMATS
 from qlab.core.quant import CALIBRATIONS
-from qlab.models.evaluate import EvalSpec
+from qlab.models.evaluate import EvalSpec, Progress
 from qlab.models.loading import quantizable_linears
 
 SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Seed claims")
@@ -215,17 +215,16 @@ def claims_section() -> None:
     left, middle, right = st.columns(3)
     loaded = common.current_model()
     common.show_caveat(loaded)
-    start = left.button("Measure accuracy (sweep)", key="fx_run_accuracy")
-    # Any press reruns the page, which stops the sweep at its next progress update.
-    middle.button("Cancel", key="fx_cancel_accuracy", help="Stops the accuracy sweep after the current batch.")
-    if start:
-        bar = st.progress(0.0, "Sweeping fp16, int8, int4...")
-        with common.user_errors():
-            spec = EvalSpec(st.session_state["tokens"])
-            rows = [row.to_record() for row in run_sweep(loaded, list(claims.CLAIM_SCHEMES), spec, progress=lambda
-                                                         fraction, message: bar.progress(min(1.0, fraction), message))]
+
+    def sweep(progress: Progress, _recorder: None) -> None:
+        spec = EvalSpec(st.session_state["tokens"])
+        rows = [row.to_record() for row in run_sweep(loaded, list(claims.CLAIM_SCHEMES), spec, progress=progress)]
         st.session_state["fx_accuracy"] = {"model": loaded.name, "rows": rows}
-        bar.empty()
+
+    # Any press reruns the page, which stops the sweep at its next progress update.
+    common.long_run("Measure accuracy (sweep)", "fx_run_accuracy", sweep, cancel_key="fx_cancel_accuracy",
+                    cancel_help="Stops the accuracy sweep after the current batch.", primary=False,
+                    start_text="Sweeping fp16, int8, int4...", columns=(left, middle))
     if right.button("Measure speed on this CPU", key="fx_run_speed"):
         with common.user_errors(), st.spinner("Timing fp32, bf16, fp16 and int8 dynamic..."):
             st.session_state["fx_speed"] = claims.measure_cpu_speed()

@@ -1,6 +1,5 @@
 """Memory page: does it fit? Weights with their scales, KV cache, activations and overhead, per format."""
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,12 +8,12 @@ import streamlit as st
 from pages import common
 from qlab import charts
 from qlab.analyses import memory
+from qlab.backends import speed
 from qlab.models import architectures, hardware
 from qlab.models.loading import LoadedModel
 
 SOURCES = ("Catalog architecture", "The sidebar's model", "Upload a config.json")
 DEFAULT_ARCH = "llama-3.1-8b"
-MEASURED = Path(__file__).resolve().parent.parent / "bench" / "results" / "memory_gpu.json"
 GB = 1e9
 
 common.page_setup()
@@ -137,8 +136,9 @@ st.caption("Codes: parameters x bits / 8, the seeds' own arithmetic. Scales: one
            "Source: " + seeds["source"].iloc[0] + ".")
 
 st.subheader("Estimate against measured")
-if MEASURED.is_file():
-    measured = pd.DataFrame(json.loads(MEASURED.read_text())["rows"])
+measured_rows = speed.bench_results("memory_gpu")
+if measured_rows:
+    measured = pd.DataFrame(measured_rows)
     measured = measured[measured["measured_peak_allocated_bytes"].notna()]
     st.plotly_chart(charts.memory_estimate_vs_measured(measured), key="memory_measured")
     st.dataframe(measured[["model", "format", "context_tokens", "measured_weights_bytes",

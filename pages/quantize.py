@@ -8,8 +8,8 @@ import streamlit as st
 from pages import common
 from qlab import charts
 from qlab.analyses.sweep import check_schemes, run_sweep
-from qlab.core.errors import Cancelled, QlabError
-from qlab.models.evaluate import DEFAULT_TEXT_NAME, EvalSpec, decode_text
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import DEFAULT_TEXT_NAME, Baseline, EvalSpec, Progress, decode_text
 from qlab.models.loading import model_sha256
 from qlab.store import Recorder, Store, sweep_meta
 
@@ -53,34 +53,33 @@ if run_key not in results:  # a new session or a shared link: show what the run 
         st.warning(f"Run history unavailable: {error}")
 finished = results[run_key]
 
-left, right = st.columns([1, 5])
-start = left.button("Run sweep", type="primary", key="run_sweep")
-right.button("Cancel", key="cancel_sweep",
-             help="Stops after the current batch; schemes that finished are kept.")
 todo = [s for s in schemes if s not in finished]
-if start and not todo:
-    st.info("Every chosen scheme is already measured for this model, text and budget (shown below).")
-if start and todo:
-    bar = st.progress(0.0, text="Starting...")
-    with common.user_errors():
-        base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
-        # One stored run per press, holding every scheme shown: reused ones first, each new one as it finishes.
-        recorder = Recorder(None, sweep_meta(loaded, schemes, spec, st.session_state["hardware"]), strict=False)
-        try:
-            with recorder:
-                for scheme in schemes:
-                    if scheme in finished:
-                        recorder.save(finished[scheme], "sweep", scheme)
-                for row in run_sweep(loaded, todo, spec, baseline=base,
-                                     progress=lambda fraction, message: bar.progress(min(1.0, fraction), message)):
-                    finished[row.scheme] = row.to_record()  # saved before the next scheme starts
-                    results[run_key] = finished
-                    recorder.save(row)
-        except Cancelled as stop:
-            st.info(str(stop))
-        if recorder.error:
-            st.warning(recorder.error[:1].upper() + recorder.error[1:])
-    bar.empty()
+
+
+def baseline() -> Baseline:
+    return common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+
+
+def sweep_run():
+    baseline()  # a text too short for one window is said now, before a run is stored
+    return sweep_meta(loaded, schemes, spec, st.session_state["hardware"])
+
+
+def sweep(progress: Progress, recorder: Recorder) -> None:
+    # One stored run per press, holding every scheme shown: reused ones first, each new one as it finishes.
+    for scheme in schemes:
+        if scheme in finished:
+            recorder.save(finished[scheme], "sweep", scheme)
+    for row in run_sweep(loaded, todo, spec, baseline=baseline(), progress=progress):
+        finished[row.scheme] = row.to_record()  # saved before the next scheme starts
+        results[run_key] = finished
+        recorder.save(row)
+
+
+common.long_run("Run sweep", "run_sweep", sweep, prepare=sweep_run, ready=bool(todo), cancel_key="cancel_sweep",
+                cancel_help="Stops after the current batch; schemes that finished are kept.",
+                nothing_to_do="Every chosen scheme is already measured for this model, text and budget (shown "
+                              "below).")
 
 rows = [finished[s] for s in schemes if s in finished]
 if not rows:

@@ -1,7 +1,6 @@
 """Sensitivity page: which layers lose the most when quantized, and a mixed-precision plan measured end to end."""
 
 import json
-import math
 
 import pandas as pd
 import streamlit as st
@@ -9,11 +8,18 @@ from streamlit.errors import StreamlitPageNotFoundError
 
 from pages import common
 from qlab import charts
-from qlab.analyses.mixed import Budget, choices_from, compare, recommendation_record
+from qlab.analyses.mixed import (
+    Budget,
+    budget_range,
+    budget_steps,
+    choices_from,
+    compare,
+    recommendation_record,
+)
 from qlab.analyses.sensitivity import analyze
 from qlab.analyses.sweep import check_schemes
-from qlab.core.errors import Cancelled, QlabError
-from qlab.models.evaluate import EvalSpec
+from qlab.core.errors import QlabError
+from qlab.models.evaluate import Baseline, EvalSpec, Progress
 from qlab.store import (
     ANALYSIS_RUN,
     Recorder,
@@ -73,31 +79,28 @@ run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
 reports = st.session_state.setdefault("sensitivity_reports", {})
 analysis_runs = st.session_state.setdefault("sensitivity_run_ids", {})  # run_key -> the stored analysis run
 
-left, right = st.columns([1, 5])
-start = left.button("Analyse", type="primary", key="run_sensitivity")
-right.button("Cancel", key="cancel_sensitivity", help="Stops the analysis; a finished analysis is kept.")
-if start:
-    bar = st.progress(0.0, text="Starting...")
-    with common.user_errors():
-        base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
-        # One stored run per press; per-linear records and each measured unit are saved as they finish.
-        recorder = Recorder(None, sensitivity_meta("sensitivity", loaded, schemes, spec, base, unit=measured_unit,
-                                                   view=view, blocks=unit != "none",
-                                                   hardware=st.session_state["hardware"]), strict=False)
-        try:
-            with recorder:
-                reports[run_key] = analyze(loaded, schemes, base, blocks=unit != "none", unit=measured_unit,
-                                           view=view, on_records=sensitivity_saver(recorder),
-                                           progress=lambda fraction, message: bar.progress(min(1.0, fraction),
-                                                                                           message))
-                save_summary(recorder, seconds=reports[run_key].seconds)
-            # A recommendation built on this analysis names this run instead of storing it again.
-            analysis_runs[run_key] = recorder.run_id if recorder.error is None else None
-        except Cancelled as stop:
-            st.info(str(stop))
-        if recorder.error:
-            st.warning(recorder.error[:1].upper() + recorder.error[1:])
-    bar.empty()
+
+
+def baseline() -> Baseline:
+    return common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+
+
+def analysis_run():
+    return sensitivity_meta("sensitivity", loaded, schemes, spec, baseline(), unit=measured_unit, view=view,
+                            blocks=unit != "none", hardware=st.session_state["hardware"])
+
+
+def analyse(progress: Progress, recorder: Recorder) -> None:
+    # One stored run per press; per-linear records and each measured unit are saved as they finish.
+    reports[run_key] = analyze(loaded, schemes, baseline(), blocks=unit != "none", unit=measured_unit, view=view,
+                               on_records=sensitivity_saver(recorder), progress=progress)
+    save_summary(recorder, seconds=reports[run_key].seconds)
+    # A recommendation built on this analysis names this run instead of storing it again.
+    analysis_runs[run_key] = recorder.run_id if recorder.error is None else None
+
+
+common.long_run("Analyse", "run_sensitivity", analyse, prepare=analysis_run, cancel_key="cancel_sensitivity",
+                cancel_help="Stops the analysis; a finished analysis is kept.")
 
 report = reports.get(run_key)
 if report is None:
@@ -167,8 +170,7 @@ if report.view != "forward":
     st.stop()
 with common.user_errors():
     choices = choices_from(loaded, report)
-low = float(choices.size_bytes.min(axis=1).sum() * 8 / choices.params.sum())
-high = float(choices.size_bytes.max(axis=1).sum() * 8 / choices.params.sum())
+low, high = budget_range(choices)
 if high - low < 0.01:
     st.info("All analysed formats have the same size; add a format with more or fewer bits to mix.")
     st.stop()
@@ -179,53 +181,44 @@ budget_bits = st.slider("Budget: average bits per quantized weight (scales inclu
 st.caption(f"Choice among {', '.join(s.label for s in schemes)} per linear, minimising total predicted error "
            f"({choices.predictor}) with a knapsack over exact storage bytes; then every mix is quantized and "
            "evaluated end to end next to the uniform formats.")
-budgets = sorted({round(budget_bits, 4)} | {round(low + (high - low) * k / (PARETO_POINTS + 1), 4)
-                                              for k in range(1, PARETO_POINTS + 1)})
-budgets = [max(b, math.ceil(low * 1e4) / 1e4) for b in budgets]  # rounding must not go below the smallest
+budgets = budget_steps(low, high, budget_bits, PARETO_POINTS)
 mix_key = (run_key, tuple(budgets))
 mixes_done = st.session_state.setdefault("mix_results", {})
 partial_mixes = st.session_state.setdefault("mix_partial", {})  # plans measured by a press that was stopped
-run_column, cancel_column = st.columns([1, 4])
-start_mix = run_column.button("Recommend and measure", type="primary", key="run_mix")
-# Any press reruns the page, which stops the measurement at its next progress update.
-cancel_column.button("Cancel", key="cancel_mix", help="Stops after the current batch; plans already measured are "
-                                                      "kept (here and in History).")
-if start_mix:
+
+
+def recommendation_run():
     partial_mixes[mix_key] = []
-    bar = st.progress(0.0, text="Measuring...")
-    with common.user_errors():
-        base = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
-        # A stored recommendation names the analysis run it was built on, so History redraws its analysis
-        # without a second copy; only an analysis that is not in the store (not saved, or deleted since) is
-        # copied into it.
-        analysis_id = analysis_runs.get(run_key)
-        try:
-            analysis_id = analysis_id and Store().resolve_id(analysis_id)
-        except QlabError:
-            analysis_id = None
-        recorder = Recorder(None, sensitivity_meta("recommend", loaded, schemes, spec, base, unit=measured_unit,
-                                                   view=view, blocks=unit != "none", budget_bits=budget_bits,
-                                                   budgets=budgets, hardware=st.session_state["hardware"],
-                                                   **({ANALYSIS_RUN: analysis_id} if analysis_id else {})),
-                            strict=False)
-        try:
-            with recorder:
-                if not analysis_id:
-                    save_sensitivity(recorder, report)
-                mixes, rows = compare(loaded, choices, [Budget(b) for b in budgets], base,
-                                      lambda fraction, message: bar.progress(min(1.0, fraction), message),
-                                      on_row=lambda row: (partial_mixes[mix_key].append(row), recorder.save(row, "mix")))
-                mixes_done[mix_key] = mixes, rows
-                partial_mixes.pop(mix_key, None)
-                closest = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))
-                recorder.save({**recommendation_record(loaded, report, choices, closest, rows),
-                               "label": closest.label}, "recommendation")
-                save_summary(recorder, seconds=report.seconds)
-        except Cancelled as stop:
-            st.info(str(stop))
-        if recorder.error:
-            st.warning(recorder.error[:1].upper() + recorder.error[1:])
-    bar.empty()
+    # A stored recommendation names the analysis run it was built on, so History redraws its analysis without a
+    # second copy; only an analysis that is not in the store (not saved, or deleted since) is copied into it.
+    analysis_id = analysis_runs.get(run_key)
+    try:
+        analysis_id = analysis_id and Store().resolve_id(analysis_id)
+    except QlabError:
+        analysis_id = None
+    return sensitivity_meta("recommend", loaded, schemes, spec, baseline(), unit=measured_unit, view=view,
+                            blocks=unit != "none", budget_bits=budget_bits, budgets=budgets,
+                            hardware=st.session_state["hardware"],
+                            **({ANALYSIS_RUN: analysis_id} if analysis_id else {}))
+
+
+def measure_mixes(progress: Progress, recorder: Recorder) -> None:
+    if ANALYSIS_RUN not in recorder.meta.settings:
+        save_sensitivity(recorder, report)
+    mixes, rows = compare(loaded, choices, [Budget(b) for b in budgets], baseline(), progress,
+                          on_row=lambda row: (partial_mixes[mix_key].append(row), recorder.save(row, "mix")))
+    mixes_done[mix_key] = mixes, rows
+    partial_mixes.pop(mix_key, None)
+    closest = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))
+    recorder.save({**recommendation_record(loaded, report, choices, closest, rows), "label": closest.label},
+                  "recommendation")
+    save_summary(recorder, seconds=report.seconds)
+
+
+# Any press reruns the page, which stops the measurement at its next progress update.
+common.long_run("Recommend and measure", "run_mix", measure_mixes, prepare=recommendation_run,
+                start_text="Measuring...", cancel_key="cancel_mix", columns=st.columns([1, 4]),
+                cancel_help="Stops after the current batch; plans already measured are kept (here and in History).")
 if mix_key in mixes_done:
     mixes, rows = mixes_done[mix_key]
 elif partial_mixes.get(mix_key):

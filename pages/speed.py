@@ -12,13 +12,10 @@ from pages import common
 from qlab import backends, charts
 from qlab.analyses import roofline
 from qlab.backends import export, speed
-from qlab.core.errors import Cancelled
-from qlab.core.quant import QuantScheme
-from qlab.models import architectures, hardware
+from qlab.models import hardware
+from qlab.models.evaluate import Progress
 from qlab.store import Recorder, bench_meta
 
-GPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "gpu_speed.json"
-CPU_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "speed_cpu.json"
 REFERENCES = Path(__file__).resolve().parent.parent / "assets" / "speed_references.json"
 DEFAULT_BACKENDS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "quanto-int8", "onnxruntime-fp32",
                     "onnxruntime-int8", "llamacpp-q8_0", "llamacpp-q4_0")
@@ -61,35 +58,31 @@ run_key = (loaded.name, spec, tokens)
 store = st.session_state.setdefault("speed_rows", {})
 finished: dict[str, dict] = store.setdefault(run_key, {})
 
-left, right = st.columns([1, 5])
-start = left.button("Measure", type="primary", key="run_speed")
-right.button("Cancel", key="cancel_speed", help="Stops after the current step; finished backends are kept.")
 todo = [backends.get_backend(s) for s in st.session_state["speed_backends"] if s not in finished]
-if start and todo:
-    bar = st.progress(0.0, text="Measuring memory bandwidth...")
-    with common.user_errors():
-        if "speed_bandwidth" not in st.session_state:
-            st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
-        bandwidth_record = st.session_state["speed_bandwidth"].to_record()
-        # One stored run per press, each backend's row saved before the next one starts.
-        recorder = Recorder(None, bench_meta(loaded, spec, [b.slug for b in todo], tokens, "cpu",
-                                             bandwidth=bandwidth_record), strict=False)
-        try:
-            with recorder:
-                for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
-                                           progress=lambda f, m: bar.progress(min(1.0, f), m)):
-                    finished[row["backend"]] = row  # kept before the next backend starts
-                    recorder.save(row, "bench")
-        except Cancelled as stop:
-            st.info(str(stop))
-        if recorder.error:
-            st.warning(recorder.error[:1].upper() + recorder.error[1:])
-    bar.empty()
+
+
+def bench_run():
+    if "speed_bandwidth" not in st.session_state:
+        st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
+    # One stored run per press, each backend's row saved before the next one starts.
+    return bench_meta(loaded, spec, [b.slug for b in todo], tokens, "cpu",
+                      bandwidth=st.session_state["speed_bandwidth"].to_record())
+
+
+def measure(progress: Progress, recorder: Recorder) -> None:
+    for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
+                               progress=progress):
+        finished[row["backend"]] = row  # kept before the next backend starts
+        recorder.save(row, "bench")
+
+
+common.long_run("Measure", "run_speed", measure, prepare=bench_run, ready=bool(todo),
+                start_text="Measuring memory bandwidth...", cancel_key="cancel_speed",
+                cancel_help="Stops after the current step; finished backends are kept.")
 
 rows = speed.add_ratios([finished[s] for s in st.session_state["speed_backends"] if s in finished])
 bandwidth = st.session_state.get("speed_bandwidth")
-committed = [r for r in (json.loads(CPU_RESULTS.read_text()) if CPU_RESULTS.is_file() else [])
-             if r.get("model") == loaded.name]
+committed = [r for r in speed.bench_results("speed_cpu") if r.get("model") == loaded.name]
 if not rows and committed:
     # Nothing measured in this session yet: show the repository's own run, labelled as such.
     rows = committed
@@ -124,19 +117,12 @@ if good:
     if is_lm and not (own_bandwidth or target.bandwidth_bytes_per_s):
         st.caption("No roofline points: this machine's bandwidth is measured with the first **Measure**.")
     elif is_lm:
-        arch = architectures.from_config(loaded.model.config.to_dict(), slug=loaded.name)
-        for row in good:
-            backend = backends.get_backend(row["backend"])
-            plan = backend.twin(loaded.model)
-            scheme = plan if isinstance(plan, QuantScheme) else next(iter(plan.values()))
-            with common.user_errors():
-                predicted = roofline.predict(
-                    arch, scheme, target, compute_dtype=None if backend.compute_dtype == "activation"
-                    else backend.compute_dtype, context_tokens=spec.prompt_tokens + spec.new_tokens,
-                    prompt_tokens=spec.prompt_tokens, batch=spec.batch, bandwidth_bytes_per_s=own_bandwidth)
-            predictions.append({"backend": row["backend"], **predicted.to_record()})
+        with common.user_errors():
+            predicted = speed.roofline_predictions(loaded, good, target, spec, own_bandwidth)
+        for row, prediction in zip(good, predicted):
+            predictions.append({"backend": row["backend"], **prediction.to_record()})
             points.append({"label": row["backend"], "library": row["library"],
-                           "speed": predicted.decode_tokens_per_s, "error": speed.error_of(row),
+                           "speed": prediction.decode_tokens_per_s, "error": speed.error_of(row),
                            "size_bytes": row.get("size_bytes") or 0, "source": "predicted", "pareto": False})
     st.subheader(f"Accuracy vs {'decode' if is_lm else 'encode'} speed vs size")
     st.plotly_chart(charts.speed_tradeoff(pd.DataFrame(points), speed_key, error_title), key="speed_tradeoff")
@@ -189,7 +175,7 @@ else:
                "config.json with transformers' own classes. llama.cpp backends copy their GGUF file.")
 
 references = json.loads(REFERENCES.read_text())
-gpu_rows = json.loads(GPU_RESULTS.read_text()) if GPU_RESULTS.is_file() else []
+gpu_rows = speed.bench_results("gpu_speed")
 st.subheader("The seed claims, next to measured ratios")
 claims = []
 for claim in references["seed_claims"]:
@@ -210,18 +196,8 @@ else:
     frame = pd.DataFrame(measured_gpu)
     config = frame["model"].iloc[0]
     gpu_name = str(frame["gpu"].dropna().iloc[0]) if frame["gpu"].notna().any() else "GPU"
-    gpu_target = hardware.get("h100-pcie-80gb" if "PCIe" in gpu_name else "h100-sxm-80gb") \
-        if "H100" in gpu_name else target
-    predicted_rows = []
-    if gpu_target.kind == "gpu":
-        arch = architectures.get(config)
-        context = int(frame["prompt_tokens"].iloc[0] + frame["new_tokens"].max())
-        for fmt, scheme in (("bf16", QuantScheme("bf16")), ("int8wo", QuantScheme("int8", "channel")),
-                            ("int4wo", QuantScheme("int4", "group", 64, symmetric=False)),
-                            ("float8wo", QuantScheme("fp8_e4m3", "channel")), ("nf4", QuantScheme("nf4", "group", 64))):
-            if fmt in set(frame["format_slug"]):
-                p = roofline.predict(arch, scheme, gpu_target, context_tokens=context)
-                predicted_rows.append({"format_slug": fmt, "decode_tokens_per_s": p.decode_bound_tokens_per_s})
+    gpu_target = speed.gpu_target(gpu_name, target)
+    predicted_rows = speed.gpu_roofline(measured_gpu, gpu_target)
     st.plotly_chart(charts.gpu_decode_bars(frame, pd.DataFrame(predicted_rows)), key="gpu_bars")
     bf16 = frame[(frame["format_slug"] == "bf16")].set_index("path")["decode_tokens_per_s"]
     # A variant path (``compiled-loop:subclass-weights``) without a BF16 row of its own compares with its base path.

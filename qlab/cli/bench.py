@@ -164,21 +164,22 @@ def _machine(host, bandwidth) -> dict:
 
 def _gpu(args: argparse.Namespace) -> None:
     """Run the GPU benchmark program (``bench/gpu_speed.py``, beside the package in the checkout) and print its
-    rows; it writes them to ``--json`` (default ``bench/results/gpu_speed.json``) after every step."""
+    rows; it writes them to ``--json`` (default: the repository's ``bench/results/gpu_speed.json``, which the
+    Speed page shows) after every step."""
     import json
     import subprocess
     from pathlib import Path
 
     import torch
 
+    from qlab.backends.speed import RESULTS_DIR
     from qlab.core.errors import QlabError
 
     if not torch.cuda.is_available():
         raise QlabError("--device cuda needs a CUDA GPU, and torch sees none here; run it on a GPU machine "
                         "(`python bench/gpu_speed.py --dry-run --device cpu --dtype fp32` checks the code paths).")
-    repo = Path(__file__).resolve().parents[2]
-    out = Path(args.json if args.json not in (None, "-") else "bench/results/gpu_speed.json").resolve()
-    subprocess.run([sys.executable, str(repo / "bench" / "gpu_speed.py"), "--model-config", args.model_config,
+    out = Path(args.json).resolve() if args.json not in (None, "-") else RESULTS_DIR / "gpu_speed.json"
+    subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", args.model_config,
                     "--device", "cuda", "--prompt-tokens", str(args.prompt_tokens), "--repetitions",
                     str(args.repetitions), "--formats", args.formats, "--json", str(out)], check=True)
     _print(json.loads(out.read_text()))
