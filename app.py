@@ -3,8 +3,9 @@
 import streamlit as st
 
 PAGES = {
+    "Answer": [st.Page("pages/overview.py", title="Overview", icon=":material/verified:", default=True)],
     "Your model": [
-        st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+        st.Page("pages/model.py", title="Model", icon=":material/memory:"),
         st.Page("pages/quantize.py", title="Quantize", icon=":material/tune:"),
         st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
         st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/grid_on:"),

@@ -37,7 +37,8 @@ REFERENCE = QuantScheme("bf16")
 # An embedding model's predicted throughput: one batch of this many texts of this many tokens.
 EMBED_BATCH, EMBED_TOKENS = 32, 128
 EMBED_FORMULA = ("sentences/s = batch / max(weight bytes read / bandwidth, FLOPs of the batch / peak FLOPS of "
-                 "the compute dtype); a format without a kernel reads the dense weights")
+                 "the compute dtype (this machine: its measured FP32 matmul rate)); a format without a kernel "
+                 "reads the dense weights")
 # Measured on the 2-core machine with other jobs running: an evaluation costs about 3x its matmul FLOPs at the
 # probe's rate plus a second of fixed work (tokenizing, padding, Python); an LM baseline about 2.5 evaluations
 # (log-softmax over the whole vocabulary, kept in fp16); rounding to nearest about 10 ns per weight.
@@ -220,6 +221,9 @@ def embedding_throughput(arch: architectures.Architecture, scheme: QuantScheme,
     seconds = read / prediction.bandwidth_bytes_per_s
     if prediction.prefill_ms is not None:
         seconds = max(seconds, prediction.prefill_ms / 1000.0)
+    elif hardware.get(prediction.hardware_id).is_detected:
+        # This machine has no catalog TFLOPS: its measured matmul rate bounds the compute instead.
+        seconds = max(seconds, prediction.prefill_flops / matmul_flops_per_s())
     return prediction.batch / seconds
 
 
@@ -266,8 +270,10 @@ def decide(pieces: Pieces, request: OverviewRequest, kind: str, bound: float) ->
     """The verdict on what is known so far (pieces not computed yet count as unknown, never as zero)."""
     labels = [s.label for s in request.schemes]
     target = request.target
-    measured = {label: {"speed": r.get("speed"), "backend": r.get("backend")}
-                for label, r in pieces.measured.items() if label in labels and r.get("speed")}
+    # Lookups by label only: a worker thread may be adding results to these dicts meanwhile.
+    here = {label: pieces.measured.get(label) for label in labels}
+    measured = {label: {"speed": r.get("speed"), "backend": r.get("backend")} for label, r in here.items()
+                if r and r.get("speed")}
     found = verdict.candidates(
         [pieces.sweep[label] for label in labels if label in pieces.sweep],
         plans={label: pieces.memory[label] for label in labels if label in pieces.memory},

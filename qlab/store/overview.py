@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
+import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +25,9 @@ from qlab.analyses import overview
 from qlab.analyses.overview import PIECES, TITLES, OverviewRequest, Pieces
 from qlab.analyses.verdict import Verdict, accuracy_loss, details
 from qlab.backends import format_speed, speed
+from qlab.core.errors import Cancelled, QlabError
 from qlab.core.quant import QuantScheme
-from qlab.models.evaluate import Baseline, CancelCheck, Progress
+from qlab.models.evaluate import Baseline, CancelCheck, Progress, compute_baseline
 from qlab.models.loading import LoadedModel, model_sha256
 from qlab.store import Recorder, Store, StoredRun, run_meta
 
@@ -129,18 +132,14 @@ class Step:
 
 def steps(loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, measure_here: bool = True,
           baseline_ready: bool = False) -> list[Step]:
-    """The pieces still missing, cheapest first, each with its estimate; pieces that cannot run here are
-    marked in ``pieces.skipped`` with the reason."""
+    """The pieces still missing, cheapest first, each with its estimate (``measured`` only if ``measure_here``);
+    a piece this version of qlab cannot compute is marked in ``pieces.skipped`` with the reason."""
     if not overview.sensitivity_available():
         pieces.skipped["sensitivity"] = "the quick sensitivity analysis is not part of this version of qlab"
-    if not measure_here:
-        pieces.skipped["measured"] = "measuring speed on this machine is switched off"
-    else:
-        pieces.skipped.pop("measured", None)
     found = []
     for piece in PIECES:
         missing = pieces.missing(piece, request)
-        if not missing:
+        if not missing or (piece == "measured" and not measure_here):
             continue
         if piece == "measured":
             seconds = format_speed.estimate_seconds(loaded, missing)
@@ -209,6 +208,91 @@ def _keep(held: dict, recorder: Recorder, scheme: QuantScheme, record: dict, pie
     recorder.save(record, RUN_KINDS[piece], scheme)
     if on_update:
         on_update()
+
+
+class OverviewJob:
+    """The missing pieces of one Overview computed in order, each saved as it finishes: ``start()`` runs them on
+    a worker thread (the dashboard polls ``state`` and ``progress``), ``run()`` in the caller's (the CLI).
+
+    Any piece can be cancelled, waiting or running; the others go on. ``version`` grows with every new result,
+    so a page redraws only when something changed.
+    """
+
+    def __init__(self, loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, todo: Sequence[Step],
+                 store: Store | None = None) -> None:
+        self.loaded, self.request, self.pieces, self.todo, self.store = loaded, request, pieces, list(todo), store
+        self.state = {step.piece: "waiting" for step in self.todo}  # waiting, running, done, cancelled, failed
+        self.progress: dict[str, tuple[float, str]] = {}
+        self.notes: dict[str, str] = {}  # per piece: what a cancel kept, or why it failed
+        self.save_error: str | None = None
+        self.version = 0
+        self.cancelled_by_user: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._baseline: Baseline | None = None
+        self._running: str | None = None
+
+    def start(self) -> OverviewJob:
+        self._thread = threading.Thread(target=self.run, name=f"overview {self.loaded.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def cancel(self, piece: str | None = None, by_user: bool = True) -> None:
+        """Stop ``piece`` (every piece when None) at its next step; what it finished is kept."""
+        chosen = [piece] if piece else list(self.state)
+        self._cancelled.update(chosen)
+        if by_user:
+            self.cancelled_by_user.update(chosen)
+
+    def baseline(self) -> Baseline:
+        """The FP32 baseline of the request's text, computed once for the sweep and the sensitivity."""
+        if self._baseline is None:
+            self._baseline = compute_baseline(self.loaded, self.request.spec,
+                                              cancel=lambda: self._running in self._cancelled)
+        return self._baseline
+
+    def run(self) -> None:
+        for step in self.todo:
+            piece = step.piece
+            if piece in self._cancelled:
+                self._finish(piece, "cancelled", "cancelled before it started; nothing computed")
+                continue
+            self.state[piece], self._running = "running", piece
+            self.version += 1
+            try:
+                error = run_step(step, self.loaded, self.request, self.pieces, self.store, self.baseline,
+                                 progress=lambda fraction, message, piece=piece: self._progress(piece, fraction,
+                                                                                              message),
+                                 cancel=lambda piece=piece: piece in self._cancelled, on_update=self._changed)
+                self.save_error = self.save_error or error
+                self._finish(piece, "done", "")
+            except Cancelled:
+                kept = [s.label for s in step.schemes if s.label in getattr(self.pieces, piece)]
+                self._finish(piece, "cancelled", f"cancelled; kept {', '.join(kept)} ({len(kept)} of "
+                                                 f"{len(step.schemes)})" if kept else "cancelled; nothing finished")
+            except QlabError as error:
+                self._finish(piece, "failed", str(error))
+            except Exception as error:  # a bug: keep its traceback in the log, say it on the page, go on
+                logging.getLogger(__name__).exception("overview piece %s failed", piece)
+                self._finish(piece, "failed", f"{type(error).__name__}: {error}")
+
+    def _progress(self, piece: str, fraction: float, message: str) -> None:
+        self.progress[piece] = (min(1.0, max(0.0, fraction)), message)
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def _finish(self, piece: str, state: str, note: str) -> None:
+        self.state[piece], self.notes[piece] = state, note
+        self.version += 1
 
 
 # --- the panels -------------------------------------------------------------------------------------------
