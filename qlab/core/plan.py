@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.core.algorithms import LayerStats, quantize_weight
+from qlab.core.algorithms.awq import InputScaledQTensor
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
 from qlab.core.quant import QTensor, QuantScheme
@@ -32,16 +33,24 @@ def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Line
 
 
 class QuantizedLinear(torch.nn.Module):
-    """A linear layer whose weight lives as a QTensor and is dequantized on each call (weight-only PTQ)."""
+    """A linear layer whose weight lives as a QTensor and is dequantized on each call (weight-only PTQ).
+
+    An AWQ weight stores the codes of ``W diag(s)``: the layer multiplies its input by the stored ``1 / s``
+    first (``input_scale``), as an engine does where the scale cannot be folded into the op before.
+    """
 
     def __init__(self, qweight: QTensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.qweight = qweight
         self.bias = bias
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.input_scale = qweight.input_scale if isinstance(qweight, InputScaledQTensor) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        if self.input_scale is None:
+            return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+        return torch.nn.functional.linear(x * self.input_scale.to(x.dtype), self.qweight.dequantize_scaled(x.dtype),
+                                          self.bias)
 
 
 # A whole-model scheme, or a per-layer plan: linear module name -> scheme (a mixed-precision assignment).

@@ -1,5 +1,5 @@
 """Weight rounding algorithms: ``rtn`` (``qlab.core.quant.quantize``), ``hqq`` (calibration-free), ``gptq`` and
-``gptq-act-order`` (need calibration Hessians).
+``gptq-act-order`` (need calibration Hessians), ``awq`` (needs the Hessian and mean |x| of each input).
 
 ``quantize_weight`` is the one verb the sweep calls; it dispatches on ``QuantScheme.algorithm``.
 """
@@ -14,7 +14,7 @@ import torch
 from qlab.core.errors import QlabError
 from qlab.core.quant import QTensor, QuantScheme, quantize
 
-CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order"})
+CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order", "awq"})
 
 __all__ = ["CALIBRATED_ALGORITHMS", "LayerStats", "needs_calibration", "quantize_weight"]
 
@@ -46,6 +46,13 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats
     if stats is None:
         raise QlabError(f"{scheme.label} needs calibration inputs for every layer; run it through the sweep, "
                         "which collects them, or use algorithm rtn.")
+    if scheme.algorithm == "awq":
+        from qlab.core.algorithms.awq import awq_quantize
+
+        if stats.input_abs_mean is None:
+            raise QlabError(f"{scheme.label} needs each input's mean |x| as well as the Hessian; collect both "
+                            "with qlab.analyses.calibration.")
+        return awq_quantize(weight, stats.input_abs_mean, stats.hessian, scheme)
     from qlab.core.algorithms.gptq import gptq_quantize
 
     return gptq_quantize(weight, stats.hessian, scheme)
