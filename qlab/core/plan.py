@@ -124,8 +124,8 @@ def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
                    calibration: Mapping[str, LayerStats] | None = None) -> torch.nn.Module:
     """A shadow of ``model`` with the scheme (or per-layer plan) applied; ``model`` itself is only read.
 
-    ``hessians`` (linear name -> H from calibration inputs) are needed by schemes whose algorithm uses them
-    (GPTQ); ``run_sweep`` collects them once per sweep.
+    ``calibration`` (linear name -> its input statistics) is needed by schemes whose algorithm uses it (GPTQ,
+    AWQ, SparseGPT); ``run_sweep`` collects it once per sweep.
     """
     rest_format = get_format(unquantized_format(plan))
     assignment = layer_schemes(model, plan)
