@@ -13,7 +13,7 @@ from qlab.models import architectures as A
 
 CATALOG = A.load_catalog()
 # Building these on the meta device takes over 2 s (DeepSeek-V3: 61 layers x 256 experts of modules).
-SLOW_META = {"deepseek-v3"}
+SLOW_META = {"deepseek-v3", "llama-4-scout"}
 
 # Small configs, one per supported family, exercising the flags the catalog leaves at their defaults.
 TINY = {
@@ -120,6 +120,83 @@ TINY = {
         "attention_bias": True,
         "tie_word_embeddings": False,
     },
+    "qwen3-moe-sparse-step": {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 24,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 100,
+        "num_experts": 6,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+        "tie_word_embeddings": False,
+    },
+    "gemma3-pattern": {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 7,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "vocab_size": 100,
+        "sliding_window": 8,
+        "sliding_window_pattern": 3,
+    },
+    "gpt-oss": {
+        "model_type": "gpt_oss",
+        "architectures": ["GptOssForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 100,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 8,
+        "attention_bias": True,
+        "tie_word_embeddings": False,
+    },
+    "llama4-vision": {
+        "model_type": "llama4",
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "llama4_text",
+            "hidden_size": 64,
+            "intermediate_size": 32,
+            "intermediate_size_mlp": 96,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "vocab_size": 100,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "interleave_moe_layer_step": 2,
+            "attention_chunk_size": 8,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+            "vision_output_dim": 48,
+            "projector_input_dim": 48,
+            "projector_output_dim": 48,
+        },
+    },
     "bert": {
         "model_type": "bert",
         "architectures": ["BertModel"],
@@ -172,6 +249,12 @@ def test_catalog_has_the_models_the_planner_offers():
         "deepseek-v3",
         "smollm2-135m",
         "minilm-l6",
+        "qwen3-8b",
+        "qwen3-30b-a3b",
+        "gemma-3-1b",
+        "llama-4-scout",
+        "gpt-oss-20b",
+        "mistral-small-24b",
     }
     assert expected <= set(CATALOG)
     for arch in CATALOG.values():
@@ -201,11 +284,13 @@ def test_each_family_matches_meta_device_build(name):
     expected_types = getattr(model_config, "layer_types", None)
     if expected_types is not None:
         assert list(arch.layer_types) == list(expected_types)
-    # transformers fuses experts into 3-D tensors, so compare the block matrices by size, routers excluded.
+    # transformers fuses experts into 3-D tensors (gpt-oss's expert biases into 2-D ones), so compare the block
+    # matrices by size; routers, biases and a vision tower (which quantizers leave alone) are not block matrices.
     block_matrices = sum(
         p.numel()
         for name, p in model.named_parameters()
-        if p.dim() >= 2 and (".layers." in name or "encoder.layer." in name) and ".mlp.gate." not in name
+        if p.dim() >= 2 and (".layers." in name or "encoder.layer." in name)
+        and not any(skip in name for skip in (".mlp.gate.", ".router.", "vision", "_bias"))
     )
     assert sum(s.params for s in A.linear_shapes(arch)) == block_matrices
 
@@ -244,6 +329,33 @@ def test_moe_active_params_count_only_routed_experts_in_use():
     assert counts.active_per_token == 12_879_925_248
 
 
+@pytest.mark.parametrize(("slug", "total", "active"), [
+    ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),  # Qwen's "30B-A3B"
+    ("gpt-oss-20b", 20_914_757_184, 4_187_440_704),  # OpenAI's 3.61B active leaves the 579M embedding out
+    ("llama-4-scout", 108_641_793_536, 17_172_894_720),  # Meta's "17B active": no vision tower, 1 of 16 experts
+])
+def test_newer_moe_totals_and_active_params(slug, total, active):
+    arch = CATALOG[slug]
+    counts = A.count_params(arch)
+    assert (counts.total, counts.active_per_token) == (total, active)
+    assert counts.active_per_token < counts.total
+    if slug == "gpt-oss-20b":
+        assert counts.active_per_token - counts.embedding == 3_608_307_264
+    if slug == "llama-4-scout":
+        assert counts.breakdown["vision"] == 871_932_416  # encoder, adapter and projector: resident, not active
+        assert "vision" not in {s.name_pattern.split(".")[0] for s in A.linear_shapes(arch)}
+
+
+def test_local_attention_layouts_of_newer_families():
+    gemma3, gpt_oss, scout = CATALOG["gemma-3-1b"], CATALOG["gpt-oss-20b"], CATALOG["llama-4-scout"]
+    assert [i for i, t in enumerate(gemma3.layer_types) if t == A.FULL] == [5, 11, 17, 23]
+    assert gemma3.sliding_window_tokens == 512
+    assert gpt_oss.layer_types[:2] == (A.SLIDING, A.FULL) and gpt_oss.num_sliding_layers == 12
+    # Llama-4's chunked attention holds at most one chunk of keys: a window, as far as memory goes.
+    assert (scout.num_sliding_layers, scout.num_global_layers, scout.sliding_window_tokens) == (36, 12, 8192)
+    assert CATALOG["qwen3-30b-a3b"].num_moe_layers == 48 and CATALOG["mistral-small-24b"].num_sliding_layers == 0
+
+
 def test_sliding_window_layers():
     assert (CATALOG["gemma-2-9b"].num_sliding_layers, CATALOG["gemma-2-9b"].num_global_layers) == (21, 21)
     assert (
@@ -268,6 +380,52 @@ def test_get_accepts_slug_and_hf_id_case_insensitively():
 def test_unknown_model_raises_with_options():
     with pytest.raises(QlabError, match="llama-3.1-8b"):
         A.get("gpt-5")
+
+
+GOOD = TINY["mixtral"]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"num_attention_heads": 0}, "num_attention_heads is 0: input should be greater than or equal to 1"),
+    ({"num_experts_per_tok": 50}, "num_experts_per_tok (50) exceeds the 4 experts"),
+    ({"num_key_value_heads": 3}, "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+    ({"hidden_size": 66}, "hidden_size (66) does not split into num_attention_heads (4)"),
+    ({"hidden_size": 10**400}, "hidden_size is 100000000000000000000000... (401 characters): input should be less than or equal"),
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers is 1000000000000: input should be less than or equal to 4096"),
+    ({"architectures": 5}, "architectures is 5: input should be a valid list"),
+    ({"model_type": ["mixtral"]}, "model_type is ['mixtral']: input should be a valid string"),
+    ({"num_hidden_layers": True}, "num_hidden_layers is True: input should be a valid integer"),
+    ({"vocab_size": 100.0}, "vocab_size is 100.0: input should be a valid integer"),
+    ({"layer_types": ["full_attention"]}, "layer_types lists 1 layers, num_hidden_layers says 2"),
+    ({"hidden_size": None}, "hidden_size is None: input should be a valid integer"),
+])
+def test_impossible_configs_are_one_line_naming_the_field(change, words):
+    with pytest.raises(QlabError) as caught:
+        A.from_config({**GOOD, **change})
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_missing_field_and_a_nested_bad_field_are_named():
+    config = {k: v for k, v in GOOD.items() if k != "vocab_size"}
+    with pytest.raises(QlabError, match="The config has no 'vocab_size'"):
+        A.from_config(config)
+    scout = json.loads(json.dumps(CATALOG["llama-4-scout"].config))
+    scout["text_config"]["num_experts_per_tok"] = 20
+    with pytest.raises(QlabError, match=r"text_config is inconsistent: num_experts_per_tok \(20\) exceeds the 16"):
+        A.from_config(scout)
+    scout["vision_config"]["patch_size"] = -1
+    with pytest.raises(QlabError, match="vision_config.patch_size is -1"):
+        A.from_config(scout)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ('{"hidden_size": 1' + "0" * 5000 + "}", "not valid JSON"),
+    (" " * (17 * 2**20), "far beyond any config.json"),
+])
+def test_hostile_config_text_is_one_line(text, words):
+    with pytest.raises(QlabError, match=words):
+        A.from_config_json(text)
 
 
 def test_bad_config_files_raise_qlab_error(tmp_path: Path):

@@ -3,5 +3,5 @@ catalogs, and evaluation (the baseline once; LM and embedding metrics)."""
 
 from qlab.models.loading import LoadedModel, ModelSource, bundled_models, load, model_sha256, resolve
 
-__all__ = ["LoadedModel", "ModelSource", "architectures", "bundled_models", "evaluate", "hardware", "load",
-           "loading", "model_sha256", "resolve"]
+__all__ = ["LoadedModel", "ModelSource", "architectures", "bundled_models", "config_schema", "evaluate", "hardware",
+           "load", "loading", "model_sha256", "resolve"]

@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from qlab.core.errors import QlabError
+from qlab.models.config_schema import (
+    MAX_CONFIG_BYTES,
+    TextConfig,
+    VisionConfig,
+    validate_multimodal,
+    validate_text,
+)
 
 CATALOG_DIR = Path(__file__).resolve().parents[2] / "assets" / "model_configs"
 
@@ -29,37 +36,47 @@ class _Family:
     bias: str = "none"  # "none", "qkv" (Qwen2 hard-codes q/k/v biases), or "config" (reads attention_bias)
     mlp_bias: bool = False  # only Llama reads config.mlp_bias
     fused: bool = False  # Phi-3 checkpoints store qkv_proj and gate_up_proj
-    qk_norm: bool = False  # Qwen3 RMS-normalises q and k per head
+    qk_norm: bool = False  # Qwen3 and Gemma-3 RMS-normalise q and k per head
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     tie_default: bool = False  # what the family's config class assumes when the key is absent
-    sliding: str = "none"  # "none", "all" (window on every layer), "alternate" (Gemma-2), "qwen2"
+    # "none", "all" (window on every layer), "alternate" (Gemma-2, gpt-oss), "qwen2", "pattern" (Gemma-3: every
+    # sliding_window_pattern-th layer global), "chunked" (Llama-4: RoPE layers attend within attention_chunk_size)
+    sliding: str = "none"
+    mlp_name: str = "mlp"
     moe_prefix: str = "mlp"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    router_bias: bool = False  # DeepSeek-V3's noaux_tc routing stores e_score_correction_bias
+    fused_experts: bool = False  # gpt-oss and Llama-4 store one gate_up_proj per expert
+    expert_bias: bool = False  # gpt-oss: biases on every expert projection
+    router: str = "gate"
+    router_bias: str = ""  # DeepSeek-V3 stores ".e_score_correction_bias" (noaux_tc routing), gpt-oss ".bias"
+    shared_expert: str = "shared_experts"
+    shared_experts: int = 0  # shared experts when the config has no n_shared_experts (Llama-4: one)
+    sinks: bool = False  # gpt-oss: one learned attention-sink logit per head
     encoder: bool = False  # BERT: learned positions, LayerNorm with bias, biases on every linear
 
 
+_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family(bias="config", mlp_bias=True),
     "mistral": _Family(sliding="all"),
     "mixtral": _Family(sliding="all", moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
     "qwen2": _Family(bias="qkv", sliding="qwen2"),
     "qwen3": _Family(bias="config", qk_norm=True, sliding="qwen2"),
-    "gemma2": _Family(
-        bias="config",
-        layer_norms=(
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ),
-        tie_default=True,
-        sliding="alternate",
-    ),
+    "qwen3_moe": _Family(bias="config", qk_norm=True, sliding="qwen2"),
+    "gemma2": _Family(bias="config", layer_norms=_GEMMA_NORMS, tie_default=True, sliding="alternate"),
+    "gemma3_text": _Family(bias="config", qk_norm=True, layer_norms=_GEMMA_NORMS, tie_default=True,
+                           sliding="pattern"),
+    "llama4_text": _Family(bias="config", sliding="chunked", mlp_name="feed_forward", moe_prefix="feed_forward",
+                           fused_experts=True, router="router", shared_expert="shared_expert", shared_experts=1),
+    "gpt_oss": _Family(bias="config", sliding="alternate", fused_experts=True, expert_bias=True, router="router",
+                       router_bias=".bias", sinks=True),
     "phi3": _Family(fused=True, sliding="all"),
-    "deepseek_v3": _Family(bias="config", router_bias=True),
+    "deepseek_v3": _Family(bias="config", router_bias=".e_score_correction_bias"),
     "bert": _Family(encoder=True),
 }
+# Configs that nest their language model in text_config, beside a vision tower whose weights stay resident.
+_MULTIMODAL: dict[str, str] = {"llama4": "llama4_text"}
 
 
 @dataclass(frozen=True)
@@ -96,11 +113,13 @@ class Architecture:
     v_head_dim: int | None
     num_mtp_layers: int  # multi-token-prediction layers shipped in the checkpoint, not run by transformers
     checkpoint_fp8_block: tuple[int, int] | None  # (rows, cols) per float32 scale in an FP8 checkpoint
+    type_vocab_size: int  # BERT's token-type embedding rows; 0 elsewhere
     torch_dtype: str | None
     official_params: int | None
     official_params_source: str | None
     notes: str
     config: dict[str, Any] = field(repr=False, compare=False, hash=False)
+    vision: VisionConfig | None = field(default=None, repr=False, compare=False, hash=False)
 
     @property
     def is_moe(self) -> bool:
@@ -169,44 +188,53 @@ class _Tensor(NamedTuple):
         return math.prod(self.shape) * self.count
 
 
-_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _EXTRA_PARTS = ("mtp", "fp8_scales")
+_LOCAL_TYPES = (SLIDING, "chunked_attention")  # a chunked layer attends within its chunk: a window, for memory
 
 
-def _int(config: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if value is None:
-        raise QlabError(f"The config has no '{key}'; upload the model's complete config.json.")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise QlabError(f"The config's '{key}' is {value!r}, not a whole number; fix it or re-download it.")
-    return value
-
-
-def _opt_int(config: dict[str, Any], key: str) -> int | None:
-    return None if config.get(key) is None else _int(config, key)
-
-
-def _layer_types(
-    config: dict[str, Any], family: _Family, num_layers: int
-) -> tuple[tuple[str, ...], int | None]:
-    window = _opt_int(config, "sliding_window")
-    explicit = config.get("layer_types")
-    if isinstance(explicit, list) and len(explicit) == num_layers:
-        types = tuple(SLIDING if t == SLIDING else FULL for t in explicit)
+def _layer_types(cfg: TextConfig, family: _Family) -> tuple[tuple[str, ...], int | None]:
+    num_layers = cfg.num_hidden_layers
+    window = cfg.attention_chunk_size if family.sliding == "chunked" else cfg.sliding_window
+    if cfg.layer_types is not None:
+        types = tuple(SLIDING if t in _LOCAL_TYPES else FULL for t in cfg.layer_types)
     elif window is None or family.sliding == "none":
         types = (FULL,) * num_layers
     elif family.sliding == "alternate":
-        # transformers' Gemma2Config: even layers (0, 2, ...) are local, odd ones global.
+        # transformers' Gemma2Config and GptOssConfig: even layers (0, 2, ...) are local, odd ones global.
         types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+    elif family.sliding == "pattern":
+        # Gemma3TextConfig: layer i is global when (i + 1) is a multiple of sliding_window_pattern (default 6).
+        period = cfg.sliding_window_pattern or 6
+        types = tuple(SLIDING if (i + 1) % period else FULL for i in range(num_layers))
+    elif family.sliding == "chunked":
+        # Llama4TextConfig: RoPE layers (no_rope_layers[i] == 1) attend within a chunk; every 4th is global NoPE.
+        rope = cfg.no_rope_layers or [int((i + 1) % 4 != 0) for i in range(num_layers)]
+        types = tuple(SLIDING if r else FULL for r in rope)
     elif family.sliding == "qwen2":
         # Qwen2 ships sliding_window=131072 but use_sliding_window=false; when on, it applies from
         # max_window_layers upwards.
-        start = _int(config, "max_window_layers", num_layers)
-        on = bool(config.get("use_sliding_window", False))
-        types = tuple(SLIDING if on and i >= start else FULL for i in range(num_layers))
+        start = num_layers if cfg.max_window_layers is None else cfg.max_window_layers
+        types = tuple(SLIDING if cfg.use_sliding_window and i >= start else FULL for i in range(num_layers))
     else:
         types = (SLIDING,) * num_layers
     return types, (window if SLIDING in types else None)
+
+
+def _moe_layers(cfg: TextConfig) -> int:
+    """How many layers carry experts (the rest run a dense MLP), in each family's own terms."""
+    layers = cfg.num_hidden_layers
+    if cfg.moe_layers is not None:
+        return len(set(cfg.moe_layers))
+    if cfg.interleave_moe_layer_step is not None:  # Llama-4: layers step-1, 2*step-1, ...
+        return len(range(cfg.interleave_moe_layer_step - 1, layers, cfg.interleave_moe_layer_step))
+    if cfg.first_k_dense_replace is not None or cfg.moe_layer_freq is not None:  # DeepSeek
+        if (cfg.moe_layer_freq or 1) != 1:
+            raise QlabError("Configs with moe_layer_freq other than 1 are not supported; use a standard layout.")
+        return layers - min(cfg.first_k_dense_replace or 0, layers)
+    # Qwen-MoE: a layer is sparse unless listed in mlp_only_layers or off the decoder_sparse_step grid.
+    dense = set(cfg.mlp_only_layers or [])
+    step = cfg.decoder_sparse_step or 1
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
 
 
 def _fp8_block(config: dict[str, Any]) -> tuple[int, int] | None:
@@ -224,112 +252,109 @@ def _slug_for(config: dict[str, Any], hf_id: str | None) -> str:
     return str(name).rstrip("/").split("/")[-1].lower()
 
 
-def from_config(config: dict[str, Any], slug: str | None = None) -> Architecture:
-    """Normalise a config.json dict (optionally carrying a ``_qlab`` block) into an Architecture."""
-    if not isinstance(config, dict):
-        raise QlabError("The model config is not a JSON object; upload the model's config.json.")
-    for key in _REQUIRED:
-        if key not in config:
-            raise QlabError(f"The config has no '{key}'; upload the model's complete config.json.")
-    model_type = config["model_type"]
+def _family(model_type: str) -> _Family:
     family = _FAMILIES.get(model_type)
     if family is None:
-        raise QlabError(
-            f"Model type '{model_type}' is not supported; use one of: {', '.join(sorted(_FAMILIES))}."
-        )
+        supported = sorted({*_FAMILIES, *_MULTIMODAL} - set(_MULTIMODAL.values()))
+        raise QlabError(f"Model type '{model_type}' is not supported; use one of: {', '.join(supported)}.")
+    return family
+
+
+def from_config(config: dict[str, Any], slug: str | None = None) -> Architecture:
+    """Normalise a config.json dict (optionally carrying a ``_qlab`` block) into an Architecture.
+
+    The keys read are validated first (``qlab.models.config_schema``): a bad value is one QlabError naming it.
+    """
+    if not isinstance(config, dict):
+        raise QlabError("The model config is not a JSON object; upload the model's config.json.")
+    model_type = config.get("model_type")
+    vision = None
+    text = config
+    if isinstance(model_type, str) and model_type in _MULTIMODAL:
+        outer = validate_multimodal(config)
+        vision = outer.vision_config
+        text = {"architectures": outer.architectures, **outer.text_config,
+                "tie_word_embeddings": outer.tie_word_embeddings}
+        where = " text_config"
+    else:
+        where = ""
+    cfg = validate_text(text, where)
+    family = _family(cfg.model_type)
+    if vision is not None and cfg.model_type != _MULTIMODAL[model_type]:
+        raise QlabError(f"The config's text_config has model_type '{cfg.model_type}', not "
+                        f"'{_MULTIMODAL[model_type]}'; fix config.json.")
     meta = config.get("_qlab") or {}
-    raw = {k: v for k, v in config.items() if k != "_qlab"}
-    architectures = config.get("architectures") or [model_type]
-    architecture = str(architectures[0])
+    architecture = (config.get("architectures") or [cfg.model_type])[0]
     if family.encoder and architecture != "BertModel":
         raise QlabError(f"'{architecture}' is not supported for BERT; only BertModel configs can be counted.")
 
-    hidden = _int(config, "hidden_size")
-    num_layers = _int(config, "num_hidden_layers")
-    heads = _int(config, "num_attention_heads")
-    if hidden == 0 or num_layers == 0 or heads == 0:
-        raise QlabError("The config has a zero hidden_size, layer or head count; check the file.")
-    kv_heads = _int(config, "num_key_value_heads", heads)
-    intermediate = _int(config, "intermediate_size")
-
-    kv_lora_rank = _opt_int(config, "kv_lora_rank")
-    qk_nope = qk_rope = v_head = None
-    if kv_lora_rank is not None:
-        qk_nope = _int(config, "qk_nope_head_dim")
-        qk_rope = _int(config, "qk_rope_head_dim")
-        v_head = _int(config, "v_head_dim")
-        head_dim = qk_nope + qk_rope
-    elif config.get("head_dim") is not None:
-        head_dim = _int(config, "head_dim")
-    elif hidden % heads:
-        raise QlabError(
-            f"hidden_size {hidden} does not split into {heads} heads and no head_dim is given; add head_dim."
-        )
+    heads = cfg.num_attention_heads
+    mla = cfg.kv_lora_rank is not None
+    if mla:
+        head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     else:
-        head_dim = hidden // heads
-
-    num_experts = _opt_int(config, "num_local_experts") or _opt_int(config, "n_routed_experts") or 0
-    experts_per_token = _int(config, "num_experts_per_tok") if num_experts else 0
-    if num_experts:
-        moe_width = _opt_int(config, "moe_intermediate_size") or intermediate
-        dense_layers = min(_int(config, "first_k_dense_replace", 0), num_layers)
-        if _int(config, "moe_layer_freq", 1) != 1:
-            raise QlabError(
-                "Configs with moe_layer_freq other than 1 are not supported; use a standard layout."
-            )
-    else:
-        moe_width, dense_layers = 0, num_layers
-
-    layer_types, window = _layer_types(config, family, num_layers)
-    attention_bias = family.bias == "config" and bool(config.get("attention_bias", False))
+        head_dim = cfg.head_dim or cfg.hidden_size // heads
+    num_experts = cfg.routed_experts
+    moe_layers = _moe_layers(cfg) if num_experts else 0
+    layer_types, window = _layer_types(cfg, family)
     hf_id = meta.get("hf_id")
+    tie = family.tie_default if cfg.tie_word_embeddings is None else cfg.tie_word_embeddings
     return Architecture(
         slug=slug or _slug_for(config, hf_id),
         hf_id=hf_id,
-        model_type=model_type,
-        architecture=architecture,
-        hidden_size=hidden,
-        num_layers=num_layers,
+        model_type=cfg.model_type,
+        architecture=str(architecture),
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
         num_attention_heads=heads,
-        num_kv_heads=kv_heads,
+        num_kv_heads=cfg.num_key_value_heads or heads,
         head_dim=head_dim,
-        vocab_size=_int(config, "vocab_size"),
-        intermediate_size=intermediate,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", family.tie_default)),
-        max_context_tokens=_int(config, "max_position_embeddings", 0),
+        vocab_size=cfg.vocab_size,
+        intermediate_size=cfg.intermediate_size_mlp or cfg.intermediate_size,
+        tie_word_embeddings=tie,
+        max_context_tokens=cfg.max_position_embeddings or 0,
         sliding_window_tokens=window,
         layer_types=layer_types,
-        attention_bias=attention_bias,
+        attention_bias=family.bias == "config" and bool(cfg.attention_bias),
         qkv_bias=family.bias == "qkv",
-        mlp_bias=family.mlp_bias and bool(config.get("mlp_bias", False)),
+        mlp_bias=family.mlp_bias and bool(cfg.mlp_bias),
         num_experts=num_experts,
-        experts_per_token=experts_per_token,
-        num_shared_experts=_int(config, "n_shared_experts", 0) if num_experts else 0,
-        moe_intermediate_size=moe_width,
-        num_dense_layers=dense_layers,
-        kv_lora_rank=kv_lora_rank,
-        q_lora_rank=_opt_int(config, "q_lora_rank") if kv_lora_rank is not None else None,
-        qk_nope_head_dim=qk_nope,
-        qk_rope_head_dim=qk_rope,
-        v_head_dim=v_head,
-        num_mtp_layers=_int(config, "num_nextn_predict_layers", 0),
+        experts_per_token=cfg.num_experts_per_tok if num_experts else 0,
+        num_shared_experts=(family.shared_experts if cfg.n_shared_experts is None else cfg.n_shared_experts)
+        if num_experts else 0,
+        # Mixtral and Llama-4 size experts with intermediate_size; Llama-4's dense MLP is intermediate_size_mlp.
+        moe_intermediate_size=(cfg.moe_intermediate_size or cfg.intermediate_size) if num_experts else 0,
+        num_dense_layers=cfg.num_hidden_layers - moe_layers,
+        kv_lora_rank=cfg.kv_lora_rank,
+        q_lora_rank=cfg.q_lora_rank if mla else None,
+        qk_nope_head_dim=cfg.qk_nope_head_dim if mla else None,
+        qk_rope_head_dim=cfg.qk_rope_head_dim if mla else None,
+        v_head_dim=cfg.v_head_dim if mla else None,
+        num_mtp_layers=cfg.num_nextn_predict_layers or 0,
         checkpoint_fp8_block=_fp8_block(config),
-        torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+        type_vocab_size=(cfg.type_vocab_size or 2) if family.encoder else 0,
+        torch_dtype=cfg.torch_dtype or cfg.dtype,
         official_params=meta.get("official_params"),
         official_params_source=meta.get("official_params_source"),
         notes=meta.get("notes", ""),
-        config=raw,
+        config={k: v for k, v in config.items() if k != "_qlab"},
+        vision=vision,
     )
 
 
 def from_config_json(text: str | bytes, slug: str | None = None) -> Architecture:
     """Parse config.json text (e.g. a browser upload) into an Architecture."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise QlabError(f"The model config is {len(text):,} bytes, far beyond any config.json "
+                        f"({MAX_CONFIG_BYTES:,} at most); upload the model's config.json.")
     try:
         config = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QlabError(
-            f"The model config is not valid JSON ({exc}); upload the model's config.json."
-        ) from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and integers past Python's digit limit
+        raise QlabError(f"The model config is not valid JSON ({str(exc)[:120]}); upload the model's "
+                        "config.json.") from None
+    except RecursionError:
+        raise QlabError("The model config nests too deeply to be a config.json; upload the model's "
+                        "config.json.") from None
     return from_config(config, slug=slug)
 
 
@@ -418,6 +443,8 @@ def _attention(a: Architecture, layer: str, n: int) -> list[_Tensor]:
             _Tensor(f"{attn}.q_norm", (a.head_dim,), n, part),
             _Tensor(f"{attn}.k_norm", (a.head_dim,), n, part),
         ]
+    if family.sinks:
+        tensors.append(_Tensor(f"{attn}.sinks", (heads,), n, part))
     return tensors
 
 
@@ -453,21 +480,22 @@ def _mlp(a: Architecture, layer: str, n: int, moe: bool) -> list[_Tensor]:
         ]
     if not moe:
         names = ("gate_proj", "up_proj", "down_proj")
-        return _gated_mlp(f"{layer}.mlp", names, h, a.intermediate_size, n, "mlp", a.mlp_bias, family.fused)
+        return _gated_mlp(f"{layer}.{family.mlp_name}", names, h, a.intermediate_size, n, "mlp", a.mlp_bias,
+                          family.fused)
     moe_prefix = f"{layer}.{family.moe_prefix}"
+    router = f"{moe_prefix}.{family.router}"
     # Routers stay a plain (non-quantized) tensor: quantizers and DeepSeek's FP8 checkpoint keep them in BF16.
-    tensors = [_Tensor(f"{moe_prefix}.gate", (a.num_experts, h), n, "router")]
+    tensors = [_Tensor(router, (a.num_experts, h), n, "router")]
     if family.router_bias:
-        tensors.append(_Tensor(f"{moe_prefix}.gate.e_score_correction_bias", (a.num_experts,), n, "router"))
+        tensors.append(_Tensor(f"{router}{family.router_bias}", (a.num_experts,), n, "router"))
     experts = f"{moe_prefix}.experts.*"
-    tensors += _gated_mlp(
-        experts, family.expert_names, h, a.moe_intermediate_size, n * a.num_experts, "experts.routed", False
-    )
+    tensors += _gated_mlp(experts, family.expert_names, h, a.moe_intermediate_size, n * a.num_experts,
+                          "experts.routed", family.expert_bias, family.fused_experts)
     if a.num_shared_experts:
         # DeepSeek runs its shared experts as one MLP of n_shared_experts x moe_intermediate_size.
         width = a.moe_intermediate_size * a.num_shared_experts
         tensors += _gated_mlp(
-            f"{moe_prefix}.shared_experts", family.expert_names, h, width, n, "experts.shared", False
+            f"{moe_prefix}.{family.shared_expert}", family.expert_names, h, width, n, "experts.shared", False
         )
     return tensors
 
@@ -493,13 +521,12 @@ def _layers(a: Architecture, layer: str, n: int, moe: bool) -> list[_Tensor]:
 def _main_tensors(a: Architecture) -> list[_Tensor]:
     h, v = a.hidden_size, a.vocab_size
     if _FAMILIES[a.model_type].encoder:
-        cfg = a.config
         return [
             _Tensor("embeddings.word_embeddings", (v, h), 1, "embedding"),
             _Tensor("embeddings.position_embeddings", (a.max_context_tokens, h), 1, "position_embedding"),
             _Tensor(
                 "embeddings.token_type_embeddings",
-                (_int(cfg, "type_vocab_size", 2), h),
+                (a.type_vocab_size, h),
                 1,
                 "token_type_embedding",
             ),
@@ -513,7 +540,38 @@ def _main_tensors(a: Architecture) -> list[_Tensor]:
     tensors.append(_Tensor("model.norm", (h,), 1, "final_norm"))
     if not a.tie_word_embeddings:
         tensors.append(_Tensor("lm_head", (v, h), 1, "lm_head"))
+    if a.vision is not None:
+        tensors += _llama4_vision(a.vision, h)
     return [t for t in tensors if t.count]
+
+
+def _llama4_vision(v: VisionConfig, text_hidden: int) -> list[_Tensor]:
+    """Llama-4's vision encoder, pixel-shuffle adapter and projector (transformers' Llama4VisionModel)."""
+    h, part, vm = v.hidden_size, "vision", "vision_model"
+    patches = (v.image_size // v.patch_size) ** 2 + 1  # one class token besides the patch grid
+
+    def layer_norm(name: str, n: int = 1) -> list[_Tensor]:
+        return [_Tensor(name, (h,), n, part), _Tensor(f"{name}.bias", (h,), n, part)]
+
+    layers, n = f"{vm}.model.layers.*", v.num_hidden_layers
+    shuffled = v.intermediate_size  # the adapter's input: hidden x 4 after a 0.5 pixel shuffle (config's choice)
+    return [
+        _Tensor(f"{vm}.class_embedding", (h,), 1, part),
+        _Tensor(f"{vm}.positional_embedding_vlm", (patches, h), 1, part),
+        _Tensor(f"{vm}.patch_embedding.linear", (h, v.num_channels * v.patch_size**2), 1, part),
+        *layer_norm(f"{vm}.layernorm_pre"),
+        *layer_norm(f"{vm}.layernorm_post"),
+        *[t for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+          for t in _linear(f"{layers}.self_attn.{proj}", h, h, n, part, bias=True)],
+        *_linear(f"{layers}.mlp.fc1", v.intermediate_size, h, n, part, bias=True),
+        *_linear(f"{layers}.mlp.fc2", h, v.intermediate_size, n, part, bias=True),
+        *layer_norm(f"{layers}.input_layernorm", n),
+        *layer_norm(f"{layers}.post_attention_layernorm", n),
+        _Tensor(f"{vm}.vision_adapter.mlp.fc1", (v.projector_input_dim, shuffled), 1, part),
+        _Tensor(f"{vm}.vision_adapter.mlp.fc2", (v.projector_output_dim, v.projector_output_dim), 1, part),
+        *_linear("multi_modal_projector.linear_1", text_hidden, v.vision_output_dim, 1, part,
+                 v.multi_modal_projector_bias),
+    ]
 
 
 def _mtp_tensors(a: Architecture) -> list[_Tensor]:
@@ -575,7 +633,8 @@ def count_params(arch: Architecture) -> ParamCounts:
         norms_per_layer=breakdown.get("norms", 0) // arch.num_layers,
         routed_experts_total=routed,
         routed_experts_active=routed_active,
-        active_per_token=total - routed + routed_active,
+        # A text token runs none of a vision tower, and only experts_per_token of the routed experts.
+        active_per_token=total - routed + routed_active - breakdown.get("vision", 0),
         quantizable=sum(s.params for s in linear_shapes(arch)),
         mtp=breakdown.get("mtp", 0),
         fp8_scales=breakdown.get("fp8_scales", 0),
@@ -591,10 +650,11 @@ def _shapes(tensors: list[_Tensor]) -> list[LinearShape]:
 def linear_shapes(arch: Architecture, include_mtp: bool = False) -> list[LinearShape]:
     """Block weight matrices as (name glob, out, in, count), named as in the published checkpoint files.
 
-    Routers, embeddings and the head are left out (see ``embedding_shapes``); include_mtp adds DeepSeek's MTP.
+    Routers, embeddings, the head and a vision tower (weight quantizers leave it at 16 bits) are left out (see
+    ``embedding_shapes``); include_mtp adds DeepSeek's MTP.
     """
     tensors = _main_tensors(arch) + (_mtp_tensors(arch) if include_mtp else [])
-    return _shapes([t for t in tensors if t.matrix and t.part != "pooler"])
+    return _shapes([t for t in tensors if t.matrix and t.part not in ("pooler", "vision")])
 
 
 def embedding_shapes(arch: Architecture) -> list[LinearShape]:
