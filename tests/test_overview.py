@@ -1,0 +1,202 @@
+"""The Overview's pieces on tiny models: each computes, is saved per scheme, comes back from the store, is
+estimated beforehand and can be cancelled; the panels and the HTML export are built from them."""
+
+import pytest
+
+from qlab.analyses import overview
+from qlab.analyses.overview import OverviewRequest, Pieces
+from qlab.backends import format_speed
+from qlab.core.errors import Cancelled, QlabError
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import EvalSpec, compute_baseline
+from qlab.store import Store
+from qlab.store import overview as recorded
+from tests.tiny_models import tiny_bert, tiny_llama
+
+SCHEMES = (QuantScheme("fp16"), QuantScheme("int8", "group", 32), QuantScheme("int4", "group", 32))
+SPEC = EvalSpec(64)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "runs.sqlite")
+
+
+def request(hardware: str = "h100-sxm-80gb", schemes=SCHEMES) -> OverviewRequest:
+    return OverviewRequest(schemes, hardware, SPEC)
+
+
+def test_a_request_needs_distinct_formats_and_caps_the_context_at_the_model():
+    with pytest.raises(QlabError, match="at least one format"):
+        OverviewRequest((), "h100-sxm-80gb")
+    with pytest.raises(QlabError, match="listed twice"):
+        OverviewRequest((QuantScheme("fp16"), QuantScheme("fp16")), "h100-sxm-80gb")
+    assert request().context_for(tiny_llama(layers=1)) == 512  # the model's maximum, under the default 4096
+
+
+def test_memory_and_predicted_pieces_follow_the_bytes(llama):
+    plans = overview.memory_piece(llama, request(), SCHEMES)
+    assert [plans[s.label]["weights_bytes"] for s in SCHEMES] == sorted(
+        (plans[s.label]["weights_bytes"] for s in SCHEMES), reverse=True)
+    assert all(plans[s.label]["fits"] for s in SCHEMES) and plans["int4 g32"]["scales_bytes"] > 0
+    fast = overview.predicted_piece(llama, request(), [*SCHEMES, overview.REFERENCE])
+    assert fast["int4 g32"]["speed"] > fast["int8 g32"]["speed"] > fast["fp16"]["speed"]
+    assert fast["fp16"]["speed"] == pytest.approx(fast["bf16"]["speed"])
+    # An AVX2 CPU has int4 kernels but no int8 ones: int8 is smaller there, not faster.
+    cpu = overview.predicted_piece(llama, request("cpu-x86-avx2"), SCHEMES)
+    assert cpu["int8 g32"]["native"] is False and cpu["int8 g32"]["verdict"] == "smaller, not faster"
+    assert cpu["int4 g32"]["native"] is True
+
+
+def test_embedding_throughput_is_bounded_by_bandwidth_or_compute():
+    bert = tiny_bert()
+    bert.model.config.architectures = ["BertModel"]  # as a saved BERT's config.json names it
+    fast = overview.predicted_piece(bert, request(), SCHEMES)
+    assert all(r["speed_unit"] == "sentences/s" and r["speed"] > 0 for r in fast.values())
+    with pytest.raises(QlabError, match="no known memory bandwidth"):
+        overview.predicted_piece(bert, request("this-machine"), SCHEMES)
+
+
+def test_steps_come_cheapest_first_with_estimates_that_grow_with_the_work(llama):
+    pieces = Pieces()
+    found = recorded.steps(llama, request(), pieces, measure_here=True)
+    assert [s.piece for s in found] == [p for p in overview.PIECES if p not in pieces.skipped]
+    assert found[0].seconds == 0.0 and found[2].seconds > 0
+    one = overview.estimate_seconds("sweep", llama, request(), SCHEMES[:1])
+    three = overview.estimate_seconds("sweep", llama, request(), SCHEMES)
+    assert three > one > 0
+    assert overview.estimate_seconds("sweep", llama, request(), SCHEMES, baseline_ready=True) < three
+    assert format_speed.estimate_seconds(llama, SCHEMES) > 0
+    assert "measured" not in [s.piece for s in recorded.steps(llama, request(), pieces, measure_here=False)]
+
+
+def test_a_job_saves_every_piece_and_a_new_session_restores_them(llama, store):
+    pieces = Pieces()
+    todo = recorded.steps(llama, request(), pieces, measure_here=False)
+    job = recorded.OverviewJob(llama, request(), pieces, todo, store)
+    job.run()
+    assert set(job.state.values()) == {"done"}, job.notes
+    assert set(pieces.sweep) == {s.label for s in SCHEMES} and set(pieces.predicted) >= {"bf16", "int4 g32"}
+    again = recorded.restore(store, llama, request())
+    assert again.sweep == pieces.sweep and again.memory == pieces.memory and again.predicted == pieces.predicted
+    if overview.sensitivity_available():
+        assert set(again.sensitivity) == {s.label for s in SCHEMES}
+    assert recorded.steps(llama, request(), again, measure_here=False) == []
+    # Another target reuses the accuracy (it does not depend on the target) and plans memory afresh.
+    elsewhere = recorded.restore(store, llama, request("l4"))
+    assert elsewhere.sweep == pieces.sweep and elsewhere.memory == {}
+    # A fourth format computes only itself.
+    more = request(schemes=(*SCHEMES, QuantScheme("nf4", "group", 32)))
+    partial = recorded.restore(store, llama, more)
+    assert [s.label for s in partial.missing("sweep", more)] == ["nf4 g32"]
+
+
+def test_cancel_keeps_the_finished_schemes_and_the_other_pieces_go_on(llama, store):
+    pieces = Pieces()
+    todo = [s for s in recorded.steps(llama, request(), pieces, measure_here=False)
+            if s.piece in ("memory", "sweep")]
+    job = recorded.OverviewJob(llama, request(), pieces, todo, store)
+    original = job._changed
+
+    def cancel_after_the_first_scheme():
+        original()
+        if pieces.sweep:
+            job.cancel("sweep")
+
+    job._changed = cancel_after_the_first_scheme
+    job.run()
+    assert job.state == {"memory": "done", "sweep": "cancelled"}
+    assert list(pieces.sweep) == ["fp16"] and "kept fp16 (1 of 3)" in job.notes["sweep"]
+    assert job.cancelled_by_user == {"sweep"}
+    run = next(r for r in store.runs() if r.kind == "sweep")
+    assert run.status == "cancelled" and [r["label"] for r in run.records("sweep")] == ["fp16"]
+    # Cancelled before it starts: nothing runs, nothing is stored for it.
+    waiting = recorded.OverviewJob(llama, request(), Pieces(), todo, store)
+    waiting.cancel("sweep")
+    waiting.run()
+    assert waiting.state["sweep"] == "cancelled" and "before it started" in waiting.notes["sweep"]
+
+
+def test_a_job_on_a_thread_and_a_failing_piece(llama, store, monkeypatch):
+    def broken(*args, **kwargs):
+        raise QlabError("the memory planner cannot plan this")
+
+    monkeypatch.setattr(overview, "memory_piece", broken)
+    pieces = Pieces()
+    todo = [s for s in recorded.steps(llama, request(), pieces, measure_here=False)
+            if s.piece in ("memory", "predicted")]
+    job = recorded.OverviewJob(llama, request(), pieces, todo, store).start()
+    job.wait(60)
+    assert not job.alive and job.state == {"memory": "failed", "predicted": "done"}
+    assert job.notes["memory"] == "the memory planner cannot plan this" and job.version >= 4
+
+
+def test_the_verdict_panels_and_html_from_the_pieces(llama, store):
+    pieces = Pieces()
+    recorded.OverviewJob(llama, request(), pieces, recorded.steps(llama, request(), pieces, measure_here=False),
+                         store).run()
+    answer = overview.decide(pieces, request(), llama.kind, bound=10.0)  # random weights: every loss is large
+    assert answer.recommended is not None and answer.baseline_predicted == pieces.predicted["bf16"]["speed"]
+    front = recorded.accuracy_frame(pieces, request())
+    assert list(front["label"]) == [s.label for s in SCHEMES] and front["pareto"].any()
+    grids = None
+    if overview.sensitivity_available():
+        layer = overview.most_sensitive_layer(pieces, request())
+        grids = overview.layer_grids(llama, layer, SCHEMES)
+        assert set(grids.grids) == {"int8 g32", "int4 g32"} and grids.values.numel() == 32
+        assert grids.grids["int4 g32"].numel() == 16
+    figures = recorded.panel_figures(pieces, request(), answer, grids)
+    assert all(figures[k] is not None for k in ("accuracy", "memory", "speed"))
+    for figure in (f for f in figures.values() if f is not None):
+        assert figure.layout.title.text  # every chart titled
+    page = recorded.overview_html("tiny-llama", request(), answer, figures, ["a note"])
+    assert page.startswith("<!DOCTYPE html>") and answer.headline.split(":")[0] in page
+    assert page.count("plotly.js") >= 1 and "a note" in page
+
+
+def test_layer_grids_without_a_scaled_format_and_for_an_unknown_layer(llama):
+    assert overview.layer_grids(llama, "model.layers.0.mlp.down_proj", [QuantScheme("fp16")]) is None
+    with pytest.raises(QlabError, match="no linear layer"):
+        overview.layer_grids(llama, "no.such.layer", SCHEMES)
+
+
+def test_pareto_front():
+    assert overview.pareto_front([(1, 3), (2, 2), (3, 3), (2, 1)]) == [True, False, False, True]
+
+
+def test_format_speed_picks_a_backend_per_format_and_says_when_none_runs():
+    assert format_speed.backend_for("fp32", "causal-lm").slug == "fp32"
+    assert format_speed.backend_for("nf4", "causal-lm") is None  # bitsandbytes needs CUDA
+    records = list(format_speed.measure(tiny_llama(layers=1), [QuantScheme("nf4", "group", 32)]))
+    assert records == [{"label": "nf4 g32", "format": "nf4", "backend": None, "available": False, "speed": None,
+                        "reason": "no nf4 backend for a causal-lm model runs on this machine's CPU"}]
+
+
+def test_measured_speed_of_a_tiny_model(store):
+    tiny = tiny_llama(layers=1)
+    records = list(format_speed.measure(tiny, [QuantScheme("fp32")]))
+    assert records[0]["backend"] == "fp32" and records[0]["speed"] > 0 and records[0]["speed_unit"] == \
+        "decode tokens/s"
+    assert isinstance(records[0]["noisy"], bool)
+    with pytest.raises(Cancelled):
+        list(format_speed.measure(tiny, [QuantScheme("fp32")], cancel=lambda: True))
+
+
+def test_baseline_is_shared_by_the_evaluating_pieces(llama, store, monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compute_baseline(*args, **kwargs)
+
+    monkeypatch.setattr(recorded, "compute_baseline", counted)
+    pieces = Pieces()
+    todo = [s for s in recorded.steps(llama, request(), pieces, measure_here=False) if s.piece in ("sweep",
+                                                                                                 "sensitivity")]
+    recorded.OverviewJob(llama, request(), pieces, todo, store).run()
+    assert len(calls) == 1
