@@ -1,6 +1,7 @@
 """History page: stored runs; open one, compare several side by side, export, report, re-run, import, delete."""
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def import_upload() -> None:
         except QlabError as error:
             st.session_state["history_message"] = ("error", str(error))
             return
-    st.session_state["history_message"] = ("success", f"Imported {len(ids)} run(s) from {upload.name}.")
+    st.session_state["history_message"] = ("success", f"Imported {len(ids)} run(s) from "
+                                                      f"{report.markdown_text(upload.name)}.")
     st.session_state["history_selected"] = ids
 
 
@@ -142,8 +144,9 @@ def rerun_settings(run_id: str) -> None:
 
 def show_run(run: StoredRun, frames: report.RunFrames) -> None:
     st.dataframe(report.settings_table(run), hide_index=True, width="stretch", key=f"settings_{run.id}")
-    st.caption("Versions: " + ", ".join(f"{k} {v}" for k, v in run.meta.environment.items()
-                                        if k in ("qlab", "torch", "transformers", "python", "machine")))
+    st.caption("Versions: " + report.markdown_text(", ".join(
+        f"{k} {v}" for k, v in run.meta.environment.items() if k in ("qlab", "torch", "transformers", "python",
+                                                                      "machine"))))
     if not frames.sweep.empty:
         st.dataframe(report.results_table(frames.sweep), hide_index=True, width="stretch", key=f"results_{run.id}")
     verdicts = report.verdict_table(run)
@@ -156,7 +159,7 @@ def show_run(run: StoredRun, frames: report.RunFrames) -> None:
         st.dataframe(report.sensitivity_table(sensitivity, measure), hide_index=True, width="stretch",
                      key=f"sensitivity_{run.id}")
     for title, text in report.recommendation_summary(run):
-        st.markdown(f"**{title}**: {text}")
+        st.markdown(f"**{report.markdown_text(title)}**: {report.markdown_text(text)}")
     mixes = frames.mixes
     if not mixes.empty:
         st.dataframe(mixes[[c for c in report.MIX_COLUMNS if c in mixes]], hide_index=True, width="stretch",
@@ -165,7 +168,7 @@ def show_run(run: StoredRun, frames: report.RunFrames) -> None:
     if not bench.empty:
         st.dataframe(report.bench_table(bench), hide_index=True, width="stretch", key=f"bench_{run.id}")
         for note in report.bench_notes(bench):
-            st.caption(note)
+            st.caption(report.markdown_text(note))
     summary = frames.benchmark
     if not summary.empty:
         st.dataframe(summary, hide_index=True, width="stretch", key=f"benchmark_{run.id}")
@@ -174,7 +177,7 @@ def show_run(run: StoredRun, frames: report.RunFrames) -> None:
                                                          else v),
                      hide_index=True, width="stretch", key=f"{kind}_{run.id}")
     for index, (title, figure) in enumerate(report.run_figures(run, frames)):
-        st.markdown(f"**{title}**")
+        st.markdown(f"**{report.markdown_text(title)}**")
         st.plotly_chart(figure, key=f"chart_{run.id}_{index}")
 
 
@@ -187,11 +190,11 @@ if len(runs) > 1:
                 "sensitivity runs); each is shown below.")
     else:
         for caveat in report.comparison_caveats(runs):
-            st.warning(caveat)
+            st.warning(report.markdown_text(caveat))
     for comparison in found:
         if len(found) > 1:
-            st.markdown(f"**{comparison.title}**")
-        st.caption(comparison.note)
+            st.markdown(f"**{report.markdown_text(comparison.title)}**")
+        st.caption(report.markdown_text(comparison.note))
         st.dataframe(comparison.table, hide_index=True, width="stretch", key=f"comparison_{comparison.kind}")
         if comparison.kind == "sweep":  # the sweep chart offers every metric, on a log axis or not
             frame = comparison.rows
@@ -199,20 +202,20 @@ if len(runs) > 1:
             metric = st.selectbox("Metric", [m for m, _ in metrics], format_func=charts.metric_title,
                                   key="history_metric")
             log_y = st.checkbox("Log scale", value=dict(metrics)[metric], key=f"history_log_{metric}")
-            st.plotly_chart(charts.compare_runs(frame, metric, log_y), key="comparison_chart")
+            st.plotly_chart(charts.compare_runs(report.chart_text(frame), metric, log_y), key="comparison_chart")
         else:
             for index, (title, figure) in enumerate(comparison.figures):
-                st.markdown(f"*{title}*")
+                st.markdown(f"*{report.markdown_text(title)}*")
                 st.plotly_chart(figure, key=f"comparison_{comparison.kind}_chart_{index}")
-        st.download_button("Download comparison CSV", comparison.table.to_csv(index=False),
+        st.download_button("Download comparison CSV", report.csv_text(comparison.table),
                            f"qlab-comparison-{comparison.kind}.csv", "text/csv",
                            key=f"download_comparison_{comparison.kind}")
     for run, run_tables in zip(runs, frames, strict=True):
-        with st.expander(f"Run {report.run_name(run)} ({run.status})"):
+        with st.expander(f"Run {report.markdown_text(report.run_name(run))} ({report.markdown_text(run.status)})"):
             show_run(run, run_tables)
 else:
     run = runs[0]
-    st.subheader(f"Run {report.run_name(run)} ({run.status})")
+    st.subheader(f"Run {report.markdown_text(report.run_name(run))} ({report.markdown_text(run.status)})")
     show_run(run, frames[0])
 
 st.subheader("Export and share")
@@ -222,8 +225,7 @@ left.download_button("HTML report", lambda: report.render_html(runs), "qlab-repo
 middle.download_button("Runs as JSON", lambda: json.dumps(store.export(selected), indent=2),
                        "qlab-runs.json", "application/json", key="download_runs_json",
                        help="Import it elsewhere with `python -m qlab runs import` or on this page.")
-right.download_button("Results as CSV", lambda: report.results_frame(runs, kind=None).map(
-                          lambda v: json.dumps(v) if isinstance(v, list | dict) else v).to_csv(index=False),
+right.download_button("Results as CSV", lambda: report.csv_text(report.results_frame(runs, kind=None)),
                       "qlab-results.csv", "text/csv", key="download_runs_csv")
 st.caption("This page's address now names the selected runs: share it to open the same comparison "
            "(on a dashboard that reads the same database, or after importing the JSON above).")
@@ -240,7 +242,7 @@ if sweeps:
                       "then opens the Quantize page."):
         st.switch_page("pages/quantize.py", query_params=views.view_to_params(run_view(source)[0]))
     for note in run_view(source)[1]:
-        st.caption("Re-run: " + note)
+        st.caption("Re-run: " + report.markdown_text(note))
     labels = [r.label for r in source.results if r.scheme]
     if labels:
         label_column, button_column = st.columns([3, 1])
@@ -256,7 +258,7 @@ if sweeps:
         built = st.session_state.get("history_scheme_json")
         if built and built[:2] == (source.id, label):
             st.download_button("Download scheme JSON", built[2],
-                               f"qlab-scheme-{label.replace(' ', '-')}.json", "application/json",
+                               f"qlab-scheme-{re.sub(r'[^A-Za-z0-9._-]+', '-', label)}.json", "application/json",
                                key="download_scheme")
 
 with st.expander("Delete"):

@@ -102,19 +102,19 @@ def _export(store, args: argparse.Namespace) -> None:
 
 
 def export_csv(store, run_ids: list[str] | None = None) -> str:
-    """One CSV row per stored result: run fields first, then the result's record (nested values as JSON)."""
-    import json
-
+    """One CSV row per stored result: run fields first, then the result's record (nested values as JSON; text
+    that a spreadsheet would run as a formula starts with an apostrophe)."""
     import pandas as pd
+
+    from qlab.store.report import csv_text
 
     rows = []
     for run in store.runs(run_ids):
         for result in run.results:
-            record = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in result.record.items()}
             rows.append({"run_id": run.id, "run_created_at": run.created_at, "run_kind": run.kind,
                          "run_status": run.status, "run_model": run.model, "run_hardware": run.meta.hardware,
-                         "result_kind": result.kind, "result_label": result.label, **record})
-    return pd.DataFrame(rows).to_csv(index=False)
+                         "result_kind": result.kind, "result_label": result.label, **result.record})
+    return csv_text(pd.DataFrame(rows))
 
 
 def _import(store, args: argparse.Namespace) -> None:

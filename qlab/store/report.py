@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +29,52 @@ TABLE_COLUMNS = ("label", "bits_per_weight", "size_bytes", "ppl", "kld_mean", "k
                  "cosine_mean", "cosine_min", "retrieval_agreement", "seconds")
 # Columns a comparison lines up run against run (sizes and every accuracy metric).
 COMPARE_COLUMNS = ("bits_per_weight", "size_bytes", *(m for m in charts.METRICS))
+
+
+# Spreadsheets run a cell that starts with one of these as a formula (=HYPERLINK, =cmd|...): OWASP's CSV injection.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value):
+    """``value`` as a spreadsheet shows it without running it: a string starting like a formula gets a leading
+    apostrophe (a plain number such as ``-0.5`` stays as it is)."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """``frame`` as CSV with nested values as JSON and every text cell and header passed through ``csv_cell``:
+    stored labels and imported keys are data, never formulas. Lines end in CRLF (RFC 4180), so a cell holding a
+    bare CR is quoted too instead of starting a row of its own."""
+    cells = frame.map(lambda v: csv_cell(json.dumps(v) if isinstance(v, list | dict) else v))
+    return cells.rename(columns=lambda c: csv_cell(str(c))).to_csv(index=False, lineterminator="\r\n")
+
+
+# What Streamlit's markdown would turn into something else: emphasis, code, links and images ([), HTML and
+# autolinks (<), LaTeX ($), entities (&); a colon or @ before a non-space (autolinks ://, emails, :red[...],
+# :material/icon: and emoji); "www." autolinks; a block marker at the start (# > - + 1.).
+_MARKDOWN_SPECIAL = re.compile(r"[\\`*_~\[\]<>$&]|[:@](?=\S)|(?i:(?<=www))\.|^[#+-]")
+_ORDERED_ITEM = re.compile(r"^(\d{1,9})([.)])(?=\s|$)")
+
+
+def markdown_text(text: object) -> str:
+    """``text`` (a stored label, model name, file name) for a Streamlit markdown element, shown as the
+    characters it is: markdown's active characters backslash-escaped and newlines flattened, so no image is
+    fetched, no link, autolink, emoji, colour or formula is made and no formatting changes."""
+    escaped = _MARKDOWN_SPECIAL.sub(lambda m: "\\" + m.group(), " ".join(str(text).split()))
+    return _ORDERED_ITEM.sub(r"\1\\\2", escaped)
+
+
+def chart_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its text cells ready for plotly, which reads ``<a href>``, ``<span style>`` and entities
+    in names, ticks and hover text: ``&``, ``<`` and ``>`` become entities, shown as themselves."""
+    def inert(value):
+        return html.escape(value, quote=False) if isinstance(value, str) else value
+
+    text = [c for c in frame if not pd.api.types.is_numeric_dtype(frame[c])]
+    return frame.assign(**{c: frame[c].map(inert) for c in text}) if text else frame
 
 
 def run_name(run: StoredRun) -> str:
@@ -141,15 +188,15 @@ def run_figures(run: StoredRun, frames: RunFrames | None = None) -> list[tuple[s
     sensitivity, mixes and speed. ``frames``: the run's ``run_frames`` when the caller has them already."""
     frames = frames or run_frames(run)
     figures = []
-    frame = frames.sweep
+    frame = chart_text(frames.sweep)
     if not frame.empty:
         for metric, log in chart_metrics(frame):
             figures.append((charts.metric_title(metric), charts.size_vs_accuracy(frame, metric, log)))
     plans = frames.memory
     if not plans.empty and set(charts.MEMORY_COMPONENTS) <= set(plans):
         first = plans.iloc[0]
-        figures.append((f"Memory on {first['hardware']}",
-                        charts.memory_stack(plans, int(first["memory_bytes"]), str(first["hardware"]))))
+        figures.append((f"Memory on {first['hardware']}", charts.memory_stack(
+            chart_text(plans), int(first["memory_bytes"]), html.escape(str(first["hardware"]), quote=False))))
     return figures + _kind_figures(frames)
 
 
@@ -265,18 +312,19 @@ def _all_frames(runs: Sequence[StoredRun], frames: Sequence[RunFrames] | None) -
 
 def _kind_figures(frames: RunFrames) -> list[tuple[str, go.Figure]]:
     figures = []
-    frame, blocks, measure = frames.sensitivity, frames.blocks, frames.measure
+    frame, blocks, measure = chart_text(frames.sensitivity), frames.blocks, frames.measure
     if measure:
         title = charts.SENSITIVITY_MEASURES[measure][0]
         figures.append((f"Sensitivity: {title}", charts.sensitivity_heatmap(frame, measure)))
         figures.append((f"Sensitivity by layer type: {title}", charts.sensitivity_by_type(frame, measure)))
         if not blocks.empty:
-            figures.append(("End-to-end delta per unit", charts.block_deltas(blocks, str(blocks["metric"].iloc[0]))))
+            figures.append(("End-to-end delta per unit", charts.block_deltas(chart_text(blocks),
+                                                                             str(blocks["metric"].iloc[0]))))
     mixes = frames.mixes
     if not mixes.empty:
         figures.append(("Mixed precision vs uniform formats (measured)",
-                        charts.mix_pareto(mixes, str(mixes["metric"].iloc[0]))))
-    points = bench_points(frames.bench)
+                        charts.mix_pareto(chart_text(mixes), str(mixes["metric"].iloc[0]))))
+    points = chart_text(bench_points(frames.bench))
     if not points.empty:
         lm = frames.bench["kind"].eq("causal-lm").any()
         figures.append(("Accuracy vs speed vs size (measured on the run's machine)", charts.speed_tradeoff(
@@ -311,7 +359,7 @@ def comparison_figures(frame: pd.DataFrame) -> list[tuple[str, go.Figure]]:
     """One overlaid chart per metric for sweep rows of several runs (``results_frame``); none for fewer than two."""
     if frame.empty or frame["run"].nunique() < 2:
         return []
-    return [(charts.metric_title(metric), charts.compare_runs(frame, metric, log))
+    return [(charts.metric_title(metric), charts.compare_runs(chart_text(frame), metric, log))
             for metric, log in chart_metrics(frame)]
 
 
@@ -347,7 +395,8 @@ def bench_comparison(runs: Sequence[StoredRun], frames: Sequence[RunFrames] | No
         return None
     frame = pd.concat(found, ignore_index=True)
     table = side_by_side(frame, ["backend"], [c for c, _ in BENCH_COMPARE_COLUMNS])
-    figures = tuple((BENCH_TITLES[column], charts.compare_bench_runs(frame, column, BENCH_TITLES[column], log))
+    figures = tuple((BENCH_TITLES[column], charts.compare_bench_runs(chart_text(frame), column, BENCH_TITLES[column],
+                                                                     log))
                     for column, log in BENCH_COMPARE_COLUMNS[:5] if f"{column} [{frame['run'].iloc[0]}]" in table)
     return Comparison("bench", "Speed runs side by side", f"One row per backend; Δ columns: each run minus the "
                       f"first ({frame['run'].iloc[0]}). Speeds are only comparable on the same machine.", table,
@@ -371,7 +420,8 @@ def sensitivity_comparison(runs: Sequence[StoredRun],
     return Comparison("sensitivity", f"Sensitivity runs side by side: {measure}",
                       f"One row per linear and scheme ({title}); Δ: each run minus the first "
                       f"({frame['run'].iloc[0]}).", table,
-                      ((f"{title}, per linear", charts.compare_sensitivity_runs(frame, measure, title, log)),), frame)
+                      ((f"{title}, per linear", charts.compare_sensitivity_runs(chart_text(frame), measure, title,
+                                                                                log)),), frame)
 
 
 def comparisons(runs: Sequence[StoredRun], frames: Sequence[RunFrames] | None = None) -> list[Comparison]:
