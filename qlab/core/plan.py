@@ -86,7 +86,7 @@ class SizeReport:
     """Bytes of a model as stored under a scheme, split the way the Memory page shows them."""
 
     quantized_params: int
-    quantized_bytes: int  # codes + scales + zero-points of the quantized linears
+    quantized_bytes: int  # all the quantized linears store: codes, scales, zero-points and what algorithms add
     scale_bytes: int  # the scales and zero-points part of quantized_bytes
     other_params: int
     other_bytes: int

@@ -430,6 +430,9 @@ def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor |
     x = x.detach().to(torch.float32)
     if x.numel() == 0:
         raise QlabError(f"the tensor of shape {tuple(x.shape)} is empty; there is nothing to quantize.")
+    if scheme.sparsity != "none":
+        raise QlabError(f"{scheme.label} prunes before it rounds; quantize it with "
+                        "qlab.core.algorithms.quantize_weight (the sweep does), or pick sparsity none.")
     if scheme.algorithm != "rtn" and fmt.scaled:
         # Rounding to nearest here would silently stand in for GPTQ under GPTQ's label.
         raise QlabError(f"{scheme.label} rounds with calibration inputs, which a single tensor does not have; "

@@ -1,5 +1,6 @@
 """Weight rounding algorithms: ``rtn`` (``qlab.core.quant.quantize``), ``hqq`` (calibration-free), ``gptq`` and
-``gptq-act-order`` (need calibration Hessians), ``awq`` (needs the Hessian and mean |x| of each input).
+``gptq-act-order`` (need calibration Hessians), ``awq`` (needs the Hessian and mean |x| of each input), and 2:4
+sparsity before rounding (by magnitude, or SparseGPT from the Hessian).
 
 ``quantize_weight`` is the one verb the sweep calls; it dispatches on ``QuantScheme.algorithm``.
 """
@@ -29,9 +30,11 @@ class LayerStats:
 
 
 def needs_calibration(schemes: QuantScheme | Iterable[QuantScheme]) -> bool:
-    """Whether any of these schemes rounds with calibration inputs (a plain cast never does)."""
+    """Whether any of these schemes rounds or prunes with calibration inputs (a plain cast rounds without them,
+    but SparseGPT prunes it with them)."""
     schemes = [schemes] if isinstance(schemes, QuantScheme) else list(schemes)
-    return any(s.algorithm in CALIBRATED_ALGORITHMS and s.fmt.scaled for s in schemes)
+    return any((s.algorithm in CALIBRATED_ALGORITHMS and s.fmt.scaled) or s.sparsity == "2:4-sparsegpt"
+               for s in schemes)
 
 
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats | None = None) -> QTensor:
@@ -42,6 +45,10 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats
 
         return hqq_quantize(weight, scheme)
     if not needs_calibration(scheme):
+        if scheme.sparsity != "none":
+            from qlab.core.algorithms.sparsity import sparse_quantize
+
+            return sparse_quantize(weight, scheme)
         return quantize(weight, scheme)
     if stats is None:
         raise QlabError(f"{scheme.label} needs calibration inputs for every layer; run it through the sweep, "

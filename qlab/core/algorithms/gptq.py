@@ -15,6 +15,10 @@ while many columns remain to absorb their error. Its groups are then formed in t
 is stored as an int32 ``g_idx`` (``GroupIndexedQTensor``). With ``static_groups`` every group's scale is
 computed from the original weights before reordering, so groups stay consecutive and no index is stored.
 
+With a 2:4 sparsity the same loop prunes as it goes (``qlab.core.algorithms.sparsity``): SparseGPT (Frantar &
+Alistarh, 2023, ``SparseGPT.fasterprune`` with ``prunen=2, prunem=4``) picks each group of four's pruned pair
+by ``w^2 / [H^-1]_jj^2`` and compensates the pruning like a rounding error; a magnitude mask is fixed first.
+
 Unlike the reference, all Hessians come from the FP32 model's inputs (not layer by layer from the already
 quantized prefix).
 """
@@ -22,9 +26,11 @@ quantized prefix).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
+from qlab.core.algorithms.sparsity import KEPT, PATTERN, SparseQTensor, check_prunable, two_four_mask
 from qlab.core.errors import QlabError
 from qlab.core.quant import QTensor, QuantScheme, compute_scale, encode
 from qlab.core.threads import one_thread
@@ -81,7 +87,8 @@ class GroupIndexedQTensor(QTensor):
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
                   damp_percent: float = DAMP_PERCENT, block_size: int = BLOCK_SIZE) -> QTensor:
     """Quantize a 2-D weight (out x in) with GPTQ under ``scheme`` (format, granularity, calibration; act-order
-    and static groups when the scheme's algorithm is ``gptq-act-order``)."""
+    and static groups when the scheme's algorithm is ``gptq-act-order``; 2:4 pruning, by magnitude or by
+    SparseGPT, when it has a sparsity)."""
     with one_thread():
         return _gptq(weight, hessian, scheme, damp_percent, block_size)
 
@@ -95,9 +102,10 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
     if hessian.shape != (columns, columns):
         raise QlabError(f"the Hessian is {tuple(hessian.shape)} but the weight has {columns} inputs; "
                         "collect it from this layer's inputs.")
-    if not fmt.scaled:
+    sparse = scheme.sparsity != "none"
+    if not fmt.scaled and not sparse:
         raise QlabError(f"{fmt.name} is a plain cast with nothing to round; GPTQ applies to scaled formats.")
-    group_size = scheme.group_size if scheme.granularity == "group" else None
+    group_size = scheme.group_size if scheme.granularity == "group" and fmt.scaled else None
     if group_size is not None and columns % group_size:
         raise QlabError(f"group size {group_size} does not divide the {columns} inputs of this layer.")
     w = weight.detach().to(torch.float32).clone()
@@ -105,16 +113,26 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1  # an input that is always zero: any weight is exact; keep H invertible
     w[:, dead] = 0
+    # 2:4 by magnitude: the mask is fixed before any column moves, and scales see only the kept weights.
+    # SparseGPT chooses each group of four inside the loop, from the weights as they are by then.
+    fixed_mask = scheme.sparsity == "2:4"
+    keep_t = torch.ones(columns, rows, dtype=torch.bool)
+    if sparse:
+        check_prunable(weight.shape)
+        if fixed_mask:
+            keep_t = two_four_mask(w).T.contiguous()
+    kept = w * keep_t.T if fixed_mask else w
 
     # Scales of one group (or of every row) come from qlab.core.quant with the scheme's own calibration and scale
     # dtype: each row of the slice is one block.
-    rtn_scheme = dataclasses.replace(scheme, algorithm="rtn", static_groups=False)
+    rtn_scheme = dataclasses.replace(scheme, algorithm="rtn", static_groups=False, sparsity="none")
     row_scheme = dataclasses.replace(rtn_scheme, granularity="channel")
-    if scheme.granularity == "tensor":
-        scale, zero = compute_scale(w, rtn_scheme)
+    row_scale = row_zero = scale = zero = None
+    if fmt.scaled and scheme.granularity == "tensor":
+        scale, zero = compute_scale(kept, rtn_scheme)
         row_scale, row_zero = scale.expand(rows), None if zero is None else zero.expand(rows)
-    elif scheme.granularity == "channel":
-        row_scale, row_zero = compute_scale(w, row_scheme)
+    elif fmt.scaled and scheme.granularity == "channel":
+        row_scale, row_zero = compute_scale(kept, row_scheme)
     static = group_size is not None and scheme.static_groups
     if static:
         # Every group's scale from the original weights, before any column moves or absorbs an error.
@@ -127,8 +145,11 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
         w, h = w[:, order], h[order][:, order]
     h_inv = _inverse_cholesky(h, damp_percent)
 
-    # Blocks hold whole groups, so a group's scale is computed from weights that already carry every update.
+    # Blocks hold whole groups (and whole groups of four when pruning), so a group's scale and a group of
+    # four's mask are computed from weights that already carry every update.
     step = block_size if group_size is None or static else group_size * max(1, block_size // group_size)
+    if sparse:
+        step = math.lcm(step, PATTERN)
     # Work on W^T (inputs x outputs): a column of W is then a contiguous row, and the rank-1 update of the
     # rest of the block runs ~60x faster than on W's strided column slices.
     w_t = w.T.contiguous()
@@ -143,22 +164,35 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
         errors = torch.empty_like(block)
         h_block = h_inv[start:stop, start:stop]
         for i in range(stop - start):
+            if sparse and not fixed_mask and i % PATTERN == 0:
+                # SparseGPT: prune the two of four whose removal costs least, w^2 / [H^-1]_jj^2 (OBS).
+                saliency = block[i: i + PATTERN] ** 2 / torch.diagonal(h_block)[i: i + PATTERN, None] ** 2
+                keep_t[start + i: start + i + PATTERN].scatter_(
+                    0, saliency.topk(PATTERN - KEPT, dim=0, largest=False).indices, False)
             if static:
                 group = order[start + i].item() // group_size
                 row_scale = static_scale[:, group]
                 row_zero = None if static_zero is None else static_zero[:, group]
             elif group_size is not None and i % group_size == 0:
-                row_scale, row_zero = compute_scale(block[i: i + group_size].T, row_scheme)
+                group = block[i: i + group_size]
+                if fixed_mask:
+                    group = group * keep_t[start + i: start + i + group_size]
+                row_scale, row_zero = compute_scale(group.T, row_scheme)
                 group_scales.append(row_scale)
                 if row_zero is not None:
                     group_zeros.append(row_zero)
             column = block[i]
-            code = encode(column[:, None], row_scale, row_zero, fmt)
-            values = fmt.decode(code)[:, 0]
-            if row_zero is not None:
-                values = values - row_zero.to(torch.float32)
-            quantized = values * row_scale.to(torch.float32)
-            codes_t[start + i] = code[:, 0]
+            target = column * keep_t[start + i] if sparse else column
+            if row_scale is None:  # a plain cast (fp16/bf16) pruned by SparseGPT: the cast is the rounding
+                code = fmt.round(target)
+                quantized = fmt.decode(code)
+            else:
+                code = encode(target[:, None], row_scale, row_zero, fmt)[:, 0]
+                values = fmt.decode(code)
+                if row_zero is not None:
+                    values = values - row_zero.to(torch.float32)
+                quantized = values * row_scale.to(torch.float32)
+            codes_t[start + i] = code
             error = (column - quantized) / h_block[i, i]
             block[i:].addr_(h_block[i, i:], error, alpha=-1)
             errors[i] = error
@@ -180,6 +214,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
                                        (position // group_size).to(torch.int32))
     elif scheme.granularity == "channel":
         scale, zero = row_scale, row_zero
+    if sparse:
+        return SparseQTensor(codes, scale, zero, scheme, weight.shape, keep_t.T.contiguous())
     return QTensor(codes, scale, zero, scheme, weight.shape)
 
 
