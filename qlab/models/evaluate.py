@@ -1,6 +1,9 @@
-"""Accuracy of a (quantized) model against its own FP32 baseline, on the same tokens.
+"""Accuracy of a (quantized) model against its own baseline, on the same tokens.
 
-The baseline is computed once per model and evaluation spec and kept; every scheme is then compared with it.
+The baseline is the model as loaded, run in its own dtype on its own device (bf16 for a bf16 checkpoint; the
+bundled models are FP32); it is computed once per model and evaluation spec and kept, and every scheme is then
+compared with it. 16-bit weights on a CPU without native 16-bit math (no AVX512-BF16/AMX) stay 16-bit but
+compute in fp32 there: emulated bf16 matmuls would be many times slower, and every scheme computes the same way.
 Causal LMs: perplexity, KL divergence of the next-token distribution (mean and p99, as llama.cpp reports it)
 and top-1 agreement. Embedding models: mean cosine similarity to the baseline embeddings and agreement of
 each text's nearest neighbour.
@@ -8,15 +11,18 @@ each text's nearest neighbour.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from qlab.core.errors import Cancelled, QlabError
+from qlab.models.hardware import cpu_flags, cpu_native_formats
 from qlab.models.loading import LoadedModel
 
 Progress = Callable[[float, str], None]
@@ -82,7 +88,7 @@ class EvalSpec:
 
 @dataclass
 class Baseline:
-    """Inputs and FP32 reference outputs, computed once and compared against by every scheme."""
+    """Inputs and the model's own reference outputs, computed once and compared against by every scheme."""
 
     kind: str
     inputs: dict[str, torch.Tensor]
@@ -90,6 +96,96 @@ class Baseline:
     metrics: dict[str, float]
     tokens: int
     seconds: float = 0.0
+    dtype: torch.dtype = torch.float32  # the reference model's weights
+    compute_dtype: torch.dtype = torch.float32  # what its matmuls ran in (and every scheme's run in)
+    # Work later analyses derive from these inputs once and reuse (the streamed sweep's block inputs).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def reference_dtype(self) -> str:
+        """The reference as result rows record it: "bfloat16", or "bfloat16 (fp32 compute)" on a slow CPU."""
+        name = str(self.dtype).removeprefix("torch.")
+        computes_in = str(self.compute_dtype).removeprefix("torch.")
+        return name if computes_in == name else f"{name} ({computes_in} compute)"
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype holding most of a model's parameters."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+_NATIVE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's matmuls run in: its weights' own, except 16-bit weights on a CPU whose flags
+    (/proc/cpuinfo) show no native math for them, which compute in fp32."""
+    dtype = weights_dtype(model)
+    if dtype not in _NATIVE_NAMES or input_device(model).type != "cpu":
+        return dtype
+    return dtype if _NATIVE_NAMES[dtype] in cpu_native_formats(cpu_flags()) else torch.float32
+
+
+class ComputeLinear(torch.nn.Linear):
+    """A linear computing in ``dtype`` whatever its weight is stored in (no cast when they agree): weights kept
+    16-bit on a CPU that computes in fp32, or a quantized weight materialised once in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        torch.nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate and initialise a weight
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, False)
+        self.bias = bias if bias is None or isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, False)
+        self.compute_dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+
+class ComputeEmbedding(torch.nn.Embedding):
+    """An embedding table kept as stored whose looked-up rows enter the network in ``dtype``."""
+
+    def __init__(self, embedding: torch.nn.Embedding, dtype: torch.dtype) -> None:
+        torch.nn.Module.__init__(self)
+        for name in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                     "scale_grad_by_freq", "sparse"):
+            setattr(self, name, getattr(embedding, name))
+        self.weight = embedding.weight
+        self.compute_dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
+def compute_view(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` itself when it already computes in ``dtype``; else a structural copy sharing every linear and
+    embedding weight, whose linears and embeddings compute in ``dtype`` and whose small tensors (norms, biases
+    outside linears) are cast. ``model`` is only read."""
+    converted = (ComputeLinear, ComputeEmbedding)
+    stored = {p.dtype for m in model.modules() if not isinstance(m, converted)
+              for p in m.parameters(recurse=False) if p.is_floating_point()}
+    if stored <= {dtype}:
+        return model
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for module in model.modules():  # a quantized layer's codes are shared too, never copied
+        if (qweight := getattr(module, "qweight", None)) is not None:
+            memo[id(qweight)] = qweight
+    view = copy.deepcopy(model, memo)
+    for name, module in list(view.named_modules()):
+        if type(module) is torch.nn.Linear:
+            view.set_submodule(name, ComputeLinear(module.weight, module.bias, dtype))
+        elif type(module) is torch.nn.Embedding:
+            view.set_submodule(name, ComputeEmbedding(module, dtype))
+        elif not isinstance(module, converted):
+            for key, param in list(module.named_parameters(recurse=False)):
+                if param.is_floating_point() and param.dtype != dtype:
+                    setattr(module, key, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
+    return view
 
 
 def _check_cancel(cancel: CancelCheck | None) -> None:
@@ -108,26 +204,46 @@ def _lm_windows(loaded: LoadedModel, spec: EvalSpec) -> torch.Tensor:
     return ids[: n_windows * window].view(n_windows, window)
 
 
+def input_batches(kind: str, inputs: dict[str, torch.Tensor]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first row, inputs of one forward pass) over a baseline's inputs, in the order every evaluation uses."""
+    if kind == "causal-lm":
+        windows = inputs["windows"]
+        per_forward = max(1, LM_TOKENS_PER_FORWARD // windows.shape[1])
+        for start in range(0, windows.shape[0], per_forward):
+            yield start, {"input_ids": windows[start: start + per_forward]}
+        return
+    for start in range(0, inputs["input_ids"].shape[0], EMBED_BATCH):
+        yield start, {k: v[start: start + EMBED_BATCH] for k, v in inputs.items()}
+
+
+def run_batch(model: torch.nn.Module, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last hidden state of one batch: an LM's decoder without its vocabulary head, an encoder whole."""
+    batch = {k: v.to(input_device(model)) for k, v in batch.items()}
+    with torch.inference_mode():
+        if kind == "causal-lm":
+            # No KV cache: one pass over each window needs none, and a 2048-token cache of an 8B model is 0.3 GB.
+            return model.base_model(**batch, use_cache=False).last_hidden_state
+        return model(**batch).last_hidden_state
+
+
 def _lm_log_probs(model: torch.nn.Module, windows: torch.Tensor, progress: Progress | None,
                   cancel: CancelCheck | None):
     """Yield (window slice, log-probs chunk as (positions, vocab)) so the full logits never sit in memory."""
-    per_forward = max(1, LM_TOKENS_PER_FORWARD // windows.shape[1])
-    decoder = model.base_model
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     total = windows.shape[0]
-    for start in range(0, total, per_forward):
+    for start, batch in input_batches("causal-lm", {"windows": windows}):
         _check_cancel(cancel)
-        batch = windows[start: start + per_forward].to(input_device(model))
+        hidden = run_batch(model, "causal-lm", batch).reshape(-1, head.in_features)
         with torch.inference_mode():
-            hidden = decoder(input_ids=batch).last_hidden_state.reshape(-1, head.in_features)
             for offset in range(0, hidden.shape[0], LOGIT_CHUNK):
                 logits = head(hidden[offset: offset + LOGIT_CHUNK]).float()
                 if softcap:
                     logits = torch.tanh(logits / softcap) * softcap
                 yield start * windows.shape[1] + offset, torch.log_softmax(logits, dim=-1).cpu()
+        done = start + batch["input_ids"].shape[0]
         if progress:
-            progress(min(1.0, (start + len(batch)) / total), f"window {start + len(batch)}/{total}")
+            progress(min(1.0, done / total), f"window {done}/{total}")
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
@@ -146,10 +262,12 @@ def _next_token_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def compute_baseline(loaded: LoadedModel, spec: EvalSpec, progress: Progress | None = None,
                      cancel: CancelCheck | None = None) -> Baseline:
-    """Run the FP32 model once on the spec's tokens and keep what later comparisons need."""
+    """Run the model once, in its own dtype, on the spec's tokens and keep what later comparisons need."""
     import time
 
     started = time.perf_counter()
+    dtype, computes_in = weights_dtype(loaded.model), compute_dtype(loaded.model)
+    model = compute_view(loaded.model, computes_in)
     if loaded.kind == "causal-lm":
         windows = _lm_windows(loaded, spec)
         targets, valid = _next_token_targets(windows)
@@ -162,7 +280,7 @@ def compute_baseline(loaded: LoadedModel, spec: EvalSpec, progress: Progress | N
         log_probs16 = torch.empty(n, vocab, dtype=torch.float16)
         neg_entropy, nll = torch.empty(n), torch.empty(n)
         top1 = torch.empty(n, dtype=torch.long)
-        for offset, log_probs in _lm_log_probs(loaded.model, windows, progress, cancel):
+        for offset, log_probs in _lm_log_probs(model, windows, progress, cancel):
             rows = slice(offset, offset + log_probs.shape[0])
             log_probs16[rows] = log_probs.to(torch.float16)
             log_p = torch.log_softmax(log_probs16[rows].float(), dim=-1)
@@ -171,18 +289,21 @@ def compute_baseline(loaded: LoadedModel, spec: EvalSpec, progress: Progress | N
             nll[rows] = -log_probs.gather(1, targets[rows, None])[:, 0]
         metrics = {"ppl": math.exp(nll[valid].mean().item())}
         inputs = {"windows": windows, "neg_entropy": neg_entropy, "top1": top1}
-        baseline = Baseline("causal-lm", inputs, log_probs16, metrics, n)
+        baseline = Baseline("causal-lm", inputs, log_probs16, metrics, n, dtype=dtype, compute_dtype=computes_in)
     else:
         batch = _embedding_inputs(loaded, spec)
-        reference = _embed(loaded.model, batch, progress, cancel)
-        baseline = Baseline("embedding", batch, reference, {}, int(batch["attention_mask"].sum()))
+        reference = _embed(model, batch, progress, cancel)
+        baseline = Baseline("embedding", batch, reference, {}, int(batch["attention_mask"].sum()), dtype=dtype,
+                            compute_dtype=computes_in)
     baseline.seconds = time.perf_counter() - started
     return baseline
 
 
 def evaluate(model: torch.nn.Module, baseline: Baseline, progress: Progress | None = None,
              cancel: CancelCheck | None = None) -> dict[str, float]:
-    """Metrics of ``model`` (e.g. a quantized copy) against the baseline, on the baseline's own inputs."""
+    """Metrics of ``model`` (e.g. a quantized copy) against the baseline, on the baseline's own inputs, computed
+    in the baseline's compute dtype."""
+    model = compute_view(model, baseline.compute_dtype)
     if baseline.kind == "causal-lm":
         return _evaluate_lm(model, baseline, progress, cancel)
     embeddings = _embed(model, baseline.inputs, progress, cancel)
@@ -245,16 +366,15 @@ def _embed(model: torch.nn.Module, batch: dict[str, torch.Tensor], progress: Pro
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of MiniLM)."""
     n = batch["input_ids"].shape[0]
     outputs = []
-    for start in range(0, n, EMBED_BATCH):
+    for start, part in input_batches("embedding", batch):
         _check_cancel(cancel)
-        part = {k: v[start: start + EMBED_BATCH].to(input_device(model)) for k, v in batch.items()}
-        with torch.inference_mode():
-            hidden = model(**part).last_hidden_state
+        hidden = run_batch(model, "embedding", part)
         mask = part["attention_mask"].unsqueeze(-1).to(hidden.device, hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         outputs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        done = start + part["input_ids"].shape[0]
         if progress:
-            progress(min(1.0, (start + len(part["input_ids"])) / n), f"text {start + len(part['input_ids'])}/{n}")
+            progress(min(1.0, done / n), f"text {done}/{n}")
     return torch.cat(outputs)
 
 

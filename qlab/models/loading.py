@@ -109,6 +109,11 @@ class LoadedModel:
     def fp32_bytes(self) -> int:
         return 4 * self.num_params
 
+    @property
+    def dtype_label(self) -> str:
+        """The dtype as the UI names precisions: FP32, BF16, FP16."""
+        return {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}.get(self.dtype, str(self.dtype))
+
     @cached_property
     def weight_bytes(self) -> int:
         """Bytes of the parameters as loaded (tied tensors once): the checkpoint's size in its own dtype."""
