@@ -1,9 +1,11 @@
 """Run several schemes on one model and yield one result row per scheme as it finishes.
 
-Each scheme gets a *shadow* of the cached base model: ``copy.deepcopy`` with a memo that maps every base
-parameter to itself, so the shadow shares all tensors it does not change and the base is never written.
-Quantized linears in the shadow hold their codes and dequantize in ``forward``, which keeps the extra memory
-at the size of the codes rather than a second FP32 model.
+A model whose blocks ``qlab.analyses.streamed`` knows is evaluated block by block, each block's weights
+quantized once and materialised in the compute dtype (no copy of the model). Any other model gets, per scheme,
+a *shadow* of the cached base model: ``copy.deepcopy`` with a memo that maps every base parameter to itself,
+so the shadow shares all tensors it does not change and the base is never written. Quantized linears in the
+shadow hold their codes and dequantize in ``forward``, which keeps the extra memory at the size of the codes
+rather than a second FP32 model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from qlab.analyses.calibration import calibration_stats
+from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.core.algorithms import LayerStats, needs_calibration
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
@@ -82,10 +85,11 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
         return lambda fraction, message: progress((done + fraction) / units, f"{label}: {message}")
 
     if baseline is None:
-        baseline = compute_baseline(loaded, spec, stage("FP32 baseline"), cancel)
+        baseline = compute_baseline(loaded, spec, stage(f"{loaded.dtype_label} baseline"), cancel)
         done += 1
     stats: dict[str, LayerStats] | None = None
     calibration: dict = {}
+    streamed = streamable_stack(loaded.model) is not None
     for scheme in schemes:
         started = time.perf_counter()
         extra = {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {}
@@ -93,13 +97,20 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
             if stats is None:  # once per sweep, shared by every calibrated scheme
                 stats, calibration = calibration_stats(loaded, spec, stage(f"{scheme.label} calibration"), cancel)
             extra.update(calibration)
-        shadow = quantized_copy(loaded.model, scheme, stats)
-        quantized_at = time.perf_counter()
-        metrics = evaluate(shadow, baseline, stage(scheme.label), cancel)
+        extra.update(reference_dtype=baseline.reference_dtype, evaluation="streamed" if streamed else "shadow copy")
+        if streamed:  # each block quantized once, materialised, run for every token, freed
+            timings: dict[str, float] = {}
+            streaming = time.perf_counter()
+            metrics = evaluate_streamed(loaded, scheme, baseline, stats, stage(scheme.label), cancel, timings)
+            quantized_at = streaming + timings["quantize_s"]
+        else:
+            shadow = quantized_copy(loaded.model, scheme, stats)
+            quantized_at = time.perf_counter()
+            metrics = evaluate(shadow, baseline, stage(scheme.label), cancel)
+            del shadow
         finished = time.perf_counter()
         row = ResultRow(loaded.name, scheme, size_report(loaded.model, scheme), metrics,
                         quantized_at - started, finished - quantized_at, baseline.tokens, extra)
-        del shadow
         gc.collect()
         done += 1
         if progress:
@@ -114,6 +125,7 @@ def check_schemes(loaded: LoadedModel, schemes: list[QuantScheme]) -> None:
     widths = {name: module.in_features for name, module in quantizable_linears(loaded.model)}
     for scheme in schemes:
         check_group_sizes(dict.fromkeys(widths, scheme), widths, loaded.name)
+        size_report(loaded.model, scheme)  # every layer's storage: refuses 2:4 on inputs not in fours
 
 
 def peak_rss_bytes() -> int:

@@ -1,0 +1,276 @@
+"""Layer-streamed evaluation of a scheme plan: the model's blocks run one at a time over cached hidden states.
+
+``qlab.core.plan.quantized_copy`` builds a shadow whose quantized linears dequantize in every forward. Here each
+block's linears are quantized once, materialised as plain weights in the compute dtype, run for every token of
+the evaluation, then freed: no second copy of the model and no dequantization per forward, so a scheme costs
+about one evaluation of the base model and holds one block's weights beside it. What enters the first block
+(and what every block takes besides its hidden state: masks, rotary tables) is captured once per model and
+text and kept with the baseline; the model's head and metrics then run on the last block's output exactly as
+``evaluate`` runs them. The metrics equal ``quantized_copy`` + ``evaluate``'s to rounding (tests/test_streamed.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from qlab.analyses.sensitivity import BlockStack, block_stack
+from qlab.core.algorithms import quantize_weight
+from qlab.core.errors import QlabError
+from qlab.core.formats import Format, get_format
+from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format
+from qlab.core.quant import QuantScheme
+from qlab.models.evaluate import (
+    Baseline,
+    CancelCheck,
+    ComputeLinear,
+    Progress,
+    _check_cancel,
+    compute_view,
+    evaluate,
+    input_batches,
+    run_batch,
+)
+from qlab.models.loading import LoadedModel
+
+# Block lists whose model runs them as a plain loop, each block taking the previous one's hidden state:
+# Llama/Mistral/Qwen/Gemma/Phi-3 (…ForCausalLM's "model.layers", a bare decoder's "layers") and BERT encoders.
+STREAMED_STACKS = ("model.layers", "layers", "encoder.layer")
+
+
+def streamable_stack(model: torch.nn.Module) -> BlockStack | None:
+    """The model's block stack when it can be streamed, else None (the sweep then uses the shadow copy)."""
+    try:
+        stack = block_stack(model)
+    except QlabError:
+        return None
+    if stack.path not in STREAMED_STACKS:
+        return None
+    # Weights accelerate offloaded to disk or CPU sit on the meta device and appear only inside its hooks.
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return None
+    return stack
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: everything after the blocks is not needed to capture their inputs."""
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """Per batch: the first block's hidden-state input, and every block's other arguments (masks, rotary)."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict]]]  # [batch][block] -> (args after the hidden state, kwargs)
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for block ``index`` during the capture: notes its arguments and hands its input on."""
+
+    def __init__(self, index: int, last: bool, calls: list[tuple[tuple, dict]], hidden: list[torch.Tensor]):
+        super().__init__()
+        self.index, self.last, self.calls, self.hidden = index, last, calls, hidden
+
+    def forward(self, *args, **kwargs):
+        hidden, args, kwargs = _split(args, kwargs)
+        if self.index == 0:
+            self.hidden.append(hidden)
+        self.calls.append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden
+
+
+class _Feed(torch.nn.Module):
+    """Stands in for the first block during the tail: returns the streamed last block's output, batch by batch."""
+
+    def __init__(self, outputs: list[torch.Tensor], returns_tuple: bool) -> None:
+        super().__init__()
+        self.outputs, self.returns_tuple, self.cursor = outputs, returns_tuple, 0
+
+    def forward(self, *args, **kwargs):
+        hidden, _, _ = _split(args, kwargs)
+        output = self.outputs[self.cursor]
+        if output.shape != hidden.shape:
+            raise RuntimeError(f"streamed output {tuple(output.shape)} does not match the batch "
+                               f"{tuple(hidden.shape)}; the evaluation inputs changed since the capture")
+        self.cursor += 1
+        return (output,) if self.returns_tuple else output
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for every later block during the tail: the streamed output already went through it."""
+
+    def __init__(self, returns_tuple: bool) -> None:
+        super().__init__()
+        self.returns_tuple = returns_tuple
+
+    def forward(self, *args, **kwargs):
+        hidden, _, _ = _split(args, kwargs)
+        return (hidden,) if self.returns_tuple else hidden
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _rounded(param: torch.nn.Parameter, rest: Format) -> torch.nn.Parameter:
+    """A tensor the plan leaves unquantized, stored at the plan's format for everything else (as
+    ``quantized_copy`` stores it); the tensor itself when that changes no value, so nothing is copied."""
+    if rest.bits >= 32:
+        return param
+    rounded = rest.round(param.detach()).to(param.dtype)
+    if torch.equal(rounded, param):
+        return param
+    return torch.nn.Parameter(rounded, requires_grad=False)
+
+
+def _materialised(weight: torch.Tensor, scheme: QuantScheme, stats, dtype: torch.dtype,
+                  timings: dict[str, float]) -> torch.Tensor:
+    """The scheme's rounding of a weight, dequantized once into the compute dtype; its time added to
+    ``timings["quantize_s"]`` (on a GPU, synchronised so earlier queued work is not counted)."""
+    _synchronize(weight.device)
+    started = time.perf_counter()
+    values = quantize_weight(weight, scheme, stats).dequantize(dtype)
+    _synchronize(weight.device)
+    timings["quantize_s"] = timings.get("quantize_s", 0.0) + time.perf_counter() - started
+    return values
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hessian(hessians: Mapping | None, name: str):
+    return None if hessians is None else hessians.get(name)
+
+
+def _outer(model: torch.nn.Module, stack: BlockStack, assignment: dict[str, QuantScheme], rest: Format,
+           dtype: torch.dtype, hessians: Mapping | None, timings: dict[str, float]) -> tuple[torch.nn.Module, bool]:
+    """The model without its blocks (an empty list in their place), with the plan applied to everything else;
+    and whether every tensor before the blocks is still the base's own (then the base's capture applies)."""
+    prefix = stack.path + "."
+    modules = dict(model.named_modules())
+    quantized = {id(modules[name].weight) for name in stack.outside if name in assignment}
+    memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    memo[id(model.get_submodule(stack.path))] = torch.nn.ModuleList()  # blocks are never copied
+    untouched = True
+    for name, param in model.named_parameters():  # tied tensors once: a tied head keeps sharing
+        if name.startswith(prefix) or id(param) in quantized:
+            continue
+        memo[id(param)] = _rounded(param, rest)
+        untouched &= memo[id(param)] is param
+    outer = copy.deepcopy(model, memo)
+    for name in stack.outside:
+        if name in assignment:
+            weight = _materialised(modules[name].weight, assignment[name], _hessian(hessians, name), dtype, timings)
+            outer.set_submodule(name, ComputeLinear(weight, outer.get_submodule(name).bias, dtype))
+    return compute_view(outer, dtype), untouched
+
+
+def _capture(outer: torch.nn.Module, stack: BlockStack, baseline: Baseline, cancel: CancelCheck | None
+             ) -> _Capture:
+    """One pass that runs everything before the blocks and records what each block would be called with."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = []
+    count = len(stack.linears)
+    for _, batch in input_batches(baseline.kind, baseline.inputs):
+        _check_cancel(cancel)
+        calls.append([])
+        outer.set_submodule(stack.path, torch.nn.ModuleList(
+            _Recorder(index, index == count - 1, calls[-1], hidden) for index in range(count)))
+        try:
+            run_batch(outer, baseline.kind, batch)
+        except _Stop:
+            pass
+    return _Capture(hidden, calls)
+
+
+def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantScheme], rest: Format,
+           dtype: torch.dtype, hessians: Mapping | None, timings: dict[str, float]) -> torch.nn.Module:
+    """A runnable copy of one block with the plan applied: its linears' weights materialised in ``dtype``, its
+    other tensors at the plan's format; the base block is only read."""
+    base_modules = dict(block.named_modules())
+    quantized = {id(base_modules[name].weight) for name in base_modules if f"{prefix}.{name}" in assignment}
+    memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+    for param in block.parameters():
+        if id(param) not in quantized:
+            memo[id(param)] = _rounded(param, rest)
+    runnable = copy.deepcopy(block, memo)
+    for name, module in list(runnable.named_modules()):
+        full = f"{prefix}.{name}"
+        if full in assignment:
+            weight = _materialised(base_modules[name].weight, assignment[full], _hessian(hessians, full), dtype,
+                                   timings)
+            runnable.set_submodule(name, ComputeLinear(weight, module.bias, dtype))
+    return compute_view(runnable, dtype)
+
+
+def _to(value, device: torch.device):
+    """Tensors inside arguments moved to ``device`` (a model spread over GPUs has blocks on each)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
+                      hessians: Mapping | None = None, progress: Progress | None = None,
+                      cancel: CancelCheck | None = None, timings: dict[str, float] | None = None
+                      ) -> dict[str, float]:
+    """Metrics of ``loaded`` with ``plan`` applied, block by block; the same numbers as
+    ``evaluate(quantized_copy(loaded.model, plan, hessians), baseline)``, without the copy.
+
+    ``timings``, when given, receives ``quantize_s``: the part of the time spent quantizing and materialising.
+    """
+    timings = {} if timings is None else timings
+    timings["quantize_s"] = 0.0
+    model = loaded.model
+    stack = streamable_stack(model)
+    if stack is None:
+        raise QlabError(f"{loaded.name} has no block list the streamed sweep knows; use the shadow copy "
+                        "(qlab.core.plan.quantized_copy) for it.")
+    dtype = baseline.compute_dtype
+    assignment = layer_schemes(model, plan)
+    rest = get_format(unquantized_format(plan))
+    outer, untouched = _outer(model, stack, assignment, rest, dtype, hessians, timings)
+    key = ("streamed block inputs", stack.path)
+    if untouched and key in baseline.cache:
+        capture = baseline.cache[key]
+    else:
+        capture = _capture(outer, stack, baseline, cancel)
+        if untouched:  # the base's own inputs: valid for every plan that leaves the tensors before the blocks
+            baseline.cache[key] = capture
+    blocks = model.get_submodule(stack.path)
+    units = len(blocks) + 1
+    hidden = list(capture.hidden)
+    returns_tuple = False
+    for index, block in enumerate(blocks):
+        _check_cancel(cancel)
+        runnable = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians, timings)
+        device = next(itertools.chain(block.parameters(), block.buffers())).device
+        with torch.inference_mode():
+            for row, (args, kwargs) in enumerate(calls[index] for calls in capture.calls):
+                output = runnable(_to(hidden[row], device), *_to(args, device), **_to(kwargs, device))
+                returns_tuple = isinstance(output, tuple)
+                hidden[row] = output[0] if returns_tuple else output
+        del runnable  # this block's materialised weights go before the next block's are made
+        if progress:
+            progress((index + 1) / units, f"block {index + 1}/{len(blocks)}")
+    outer.set_submodule(stack.path, torch.nn.ModuleList(
+        [_Feed(hidden, returns_tuple)] + [_PassThrough(returns_tuple) for _ in range(len(blocks) - 1)]))
+    tail = None if progress is None else (lambda fraction, message: progress((units - 1 + fraction) / units,
+                                                                             f"head: {message}"))
+    return evaluate(outer, baseline, tail, cancel)

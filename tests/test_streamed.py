@@ -1,0 +1,155 @@
+"""The layer-streamed sweep: block by block over cached hidden states, the same metrics as the shadow copy."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlab.analyses import streamed
+from qlab.analyses.streamed import evaluate_streamed, streamable_stack
+from qlab.analyses.sweep import run_sweep
+from qlab.core.errors import Cancelled
+from qlab.core.plan import quantizable_linears, quantized_copy
+from qlab.core.quant import QuantScheme
+from qlab.models import evaluate as evaluation
+from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
+from qlab.models.loading import load, weights_digest
+from tests.tiny_models import tiny_bert, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import random_checkpoint  # noqa: E402
+
+SCHEMES = [QuantScheme("fp32"), QuantScheme("fp16"), QuantScheme("bf16"), QuantScheme("int8"),
+           QuantScheme("int4", "group", 32), QuantScheme("nf4", "group", 32, symmetric=True),
+           QuantScheme("fp8_e4m3", "channel")]
+
+
+def assert_same_metrics(loaded, baseline, plan) -> None:
+    shadow = evaluate(quantized_copy(loaded.model, plan), baseline)
+    layered = evaluate_streamed(loaded, plan, baseline)
+    assert layered.keys() == shadow.keys()
+    for key, value in shadow.items():
+        assert layered[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (key, plan)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert])
+def test_equals_the_shadow_copy_and_leaves_the_base_alone(build):
+    loaded = build()
+    before = weights_digest(loaded.model)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    for scheme in SCHEMES:
+        assert_same_metrics(loaded, baseline, scheme)
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    assert_same_metrics(loaded, baseline, {names[0]: QuantScheme("int4", "group", 32), names[-1]: QuantScheme("int8")})
+    assert weights_digest(loaded.model) == before
+
+
+def test_an_untied_head_is_quantized_like_the_shadow_copy_does():
+    loaded = tiny_llama()
+    from transformers import LlamaForCausalLM
+
+    config = loaded.model.config
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    untied = type(loaded)(loaded.source, LlamaForCausalLM(config).eval().requires_grad_(False), loaded.tokenizer)
+    assert "lm_head" in streamable_stack(untied.model).outside
+    baseline = compute_baseline(untied, EvalSpec(tokens=128))
+    assert_same_metrics(untied, baseline, QuantScheme("int4", "group", 32))
+
+
+def test_block_inputs_are_captured_once_per_model_and_text():
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    evaluate_streamed(loaded, QuantScheme("fp32"), baseline)  # leaves the embedding as it is: its capture is kept
+    [(key, capture)] = baseline.cache.items()
+    evaluate_streamed(loaded, QuantScheme("int8"), baseline)  # fp16 rounds the embedding: a capture of its own
+    assert baseline.cache[key] is capture and len(capture.hidden) == 1
+
+
+def test_run_sweep_streams_known_blocks_and_falls_back_to_the_shadow_copy(monkeypatch):
+    loaded = tiny_llama()
+    spec = EvalSpec(tokens=128)
+    baseline = compute_baseline(loaded, spec)
+    schemes = [QuantScheme("int8"), QuantScheme("int4", "group", 32)]
+    layered = list(run_sweep(loaded, schemes, spec, baseline))
+    monkeypatch.setattr(streamed, "STREAMED_STACKS", ())
+    copied = list(run_sweep(loaded, schemes, spec, baseline))
+    assert [r.extra["evaluation"] for r in layered + copied] == ["streamed"] * 2 + ["shadow copy"] * 2
+    for a, b in zip(layered, copied, strict=True):
+        assert a.metrics == pytest.approx(b.metrics, rel=1e-6)
+        assert a.to_record()["reference_dtype"] == "float32"
+        assert 0 < a.quantize_seconds <= a.seconds
+
+
+def test_cancel_stops_between_blocks():
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    calls = {"n": 0}
+
+    def cancel_after_two_checks() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled):
+        evaluate_streamed(loaded, QuantScheme("int4", "group", 32), baseline, cancel=cancel_after_two_checks)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bf16")
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": False}
+    (root / "config.json").write_text(json.dumps(config))
+    random_checkpoint.build(str(root / "config.json"), root / "model")
+    return root / "model"
+
+
+def test_a_bf16_model_is_its_own_reference_and_streams_like_the_shadow_copy(bf16_dir):
+    loaded = load(str(bf16_dir))
+    before = weights_digest(loaded.model)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    assert baseline.dtype == torch.bfloat16
+    for scheme in (QuantScheme("bf16"), QuantScheme("int8"), QuantScheme("nf4", "group", 32)):
+        assert_same_metrics(loaded, baseline, scheme)
+    assert evaluate_streamed(loaded, QuantScheme("bf16"), baseline)["top1_agreement"] == 1.0
+    assert weights_digest(loaded.model) == before
+
+
+def test_without_native_bf16_the_cpu_computes_in_fp32_on_bf16_weights(bf16_dir, monkeypatch):
+    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no avx512_bf16, no amx
+    loaded = load(str(bf16_dir))
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    assert baseline.reference_dtype == "bfloat16 (float32 compute)"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}  # the weights stay 16-bit
+    # Computing in fp32 on bf16 weights is exactly the model loaded in fp32 (bf16 -> fp32 is exact).
+    wide = compute_baseline(load(str(bf16_dir), dtype="fp32"), EvalSpec(tokens=128))
+    assert torch.equal(baseline.reference, wide.reference)
+    assert_same_metrics(loaded, baseline, QuantScheme("int4", "group", 32))
+    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert evaluation.compute_dtype(loaded.model) == torch.bfloat16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["minilm", "smollm"])
+def test_equals_the_shadow_copy_on_both_bundled_models(request, fixture):
+    loaded = request.getfixturevalue(fixture)
+    before = weights_digest(loaded.model)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    for scheme in (QuantScheme("fp16"), QuantScheme("int4", "group", 64)):
+        assert_same_metrics(loaded, baseline, scheme)
+    assert weights_digest(loaded.model) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streams_on_the_gpu_in_bf16(bf16_dir):
+    loaded = load(str(bf16_dir), device="cuda")
+    before = weights_digest(loaded.model)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    assert baseline.compute_dtype == torch.bfloat16
+    for scheme in (QuantScheme("int8"), QuantScheme("int4", "group", 32)):
+        assert_same_metrics(loaded, baseline, scheme)
+    assert weights_digest(loaded.model) == before
