@@ -358,6 +358,37 @@ def test_stored_schemes_match_model_weights_text_and_budget(db):
     assert db.stored_schemes(base.model, base.model_sha256, base.text_sha256, 256) == {}
 
 
+def test_latest_run_matches_kind_weights_settings_text_results_and_status(db):
+    spec = {"unit": "block", "view": "forward", "schemes": [QuantScheme("int4", "group", 64).to_dict()]}
+    older = db.start_run(meta(kind="sensitivity", settings={**spec, "eval_tokens": 128}))
+    db.add_result(older, {"label": "q", "value": 1}, "sensitivity_linear")
+    db.finish_run(older)
+    newer = db.start_run(meta(kind="sensitivity", settings={**spec, "eval_tokens": 128}))
+    db.add_result(newer, {"label": "q", "value": 2}, "sensitivity_linear")
+    db.finish_run(newer, "stopped")
+    db.start_run(meta(kind="sensitivity", settings=spec))  # newest of all, but it holds no result yet
+    other = db.start_run(meta(kind="sensitivity", settings={**spec, "view": "reverse"}))
+    db.add_result(other, {"label": "q", "value": 3}, "sensitivity_linear")
+
+    def latest(**changes):
+        found = db.latest_run(**({"kind": "sensitivity", "model": "minilm-l6", "model_sha": "ab" * 32,
+                                  "settings": spec, "holding": "sensitivity_linear"} | changes))
+        return found and found.id
+
+    assert latest() == newer  # the newest with a result, whatever its other settings (eval_tokens) say
+    assert latest(statuses=["finished"]) == older
+    assert latest(settings={**spec, "view": "reverse"}) == other
+    # Settings compare as stored (a tuple of schemes is the stored list), text, budget and weights must match.
+    assert latest(settings={**spec, "schemes": tuple(spec["schemes"])}) == newer
+    assert latest(text_sha256="cd" * 32, tokens=128, hardware="h100-sxm-80gb") == newer
+    assert latest(tokens=256) is None and latest(text_sha256="ef" * 32) is None
+    assert latest(model_sha="00" * 32) is None and latest(kind="recommend") is None
+    assert latest(settings={**spec, "unit": "linear"}) is None
+    assert db.get(latest(holding=None)).records(None) == []  # without ``holding``, the empty newest run
+    assert db.latest_run("sensitivity", "minilm-l6", "ab" * 32, spec, holding="sensitivity_linear").records(
+        "sensitivity_linear") == [{"label": "q", "value": 2}]
+
+
 def test_model_sha256_hashes_weight_files_and_trusts_hub_blob_names(tmp_path):
     from qlab.models.loading import ModelSource
 

@@ -430,6 +430,35 @@ class Store:
             found.setdefault(QuantScheme.from_dict(json.loads(row["scheme"])), json.loads(row["record"]))
         return found
 
+    def latest_run(self, kind: str, model: str, model_sha: str | None, settings: Mapping[str, Any] | None = None,
+                   *, text_sha256: str | None = None, tokens: int | None = None, hardware: str | None = None,
+                   holding: str | None = None, statuses: Sequence[str] | None = None) -> StoredRun | None:
+        """The newest run of ``kind`` on this model and weights whose settings hold every item of ``settings``
+        (other stored settings may differ), with the given text, token budget and hardware when given, at least
+        one result of kind ``holding`` and a stored status among ``statuses``: what a page shows again after a
+        reload instead of recomputing. None when there is none."""
+        wanted = json.loads(dumps(dict(settings or {})))  # compared as stored: tuples are lists, keys strings
+        query = ["SELECT id, settings FROM runs WHERE kind = ? AND model = ? AND model_sha256 IS ?"]
+        params: list[Any] = [kind, model, model_sha]
+        for column, value in (("text_sha256", text_sha256), ("tokens", tokens), ("hardware", hardware)):
+            if value is not None:
+                query.append(f"AND {column} = ?")
+                params.append(value)
+        if holding is not None:
+            query.append("AND EXISTS (SELECT 1 FROM results WHERE results.run_id = runs.id AND results.kind = ?)")
+            params.append(holding)
+        if statuses is not None:
+            query.append(f"AND status IN ({', '.join('?' * len(statuses))})")
+            params.extend(statuses)
+        query.append("ORDER BY created_at DESC, rowid DESC")
+        with self._reading() as conn:
+            rows = conn.execute(" ".join(query), params).fetchall()
+        for row in rows:
+            stored = json.loads(row["settings"])
+            if all(stored.get(key) == value for key, value in wanted.items()):
+                return self.get(row["id"])
+        return None
+
     # export and import (the payload shapes: ``qlab.store.transfer``)
 
     def export(self, run_ids: Iterable[str] | None = None) -> dict:
