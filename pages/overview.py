@@ -105,9 +105,10 @@ if key not in entries:
     entries[key] = {"pieces": restored, "job": None, "owner": None, "held": set()}
 entry = entries[key]
 pieces, job = entry["pieces"], entry["job"]
-if job is not None and not job.alive:
+if job is not None and not job.alive and entry.get("absorbed") is not job:
     # A piece the user cancelled, or one that failed, waits for Resume instead of starting again by itself.
     entry["held"] |= job.cancelled_by_user | {p for p, s in job.state.items() if s == "failed"}
+    entry["absorbed"] = job
 todo = [s for s in recorded.steps(loaded, request, pieces, measure_here) if s.piece not in entry["held"]]
 if todo and (job is None or not job.alive):
     try:
