@@ -47,6 +47,15 @@ def test_equals_the_shadow_copy_and_leaves_the_base_alone(build):
     assert weights_digest(loaded.model) == before
 
 
+def test_rows_rounded_in_chunks_equal_the_whole_weight(monkeypatch):
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    monkeypatch.setattr(streamed, "CHUNK_ELEMENTS", 64 * 3)  # three rows of 64 inputs per chunk: 43 chunks a layer
+    for scheme in (QuantScheme("int4", "group", 32, symmetric=False), QuantScheme("nf4", "channel"),
+                   QuantScheme("fp8_e4m3", "tensor"), QuantScheme("fp16")):
+        assert_same_metrics(loaded, baseline, scheme)
+
+
 def test_an_untied_head_is_quantized_like_the_shadow_copy_does():
     loaded = tiny_llama()
     from transformers import LlamaForCausalLM

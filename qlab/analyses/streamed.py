@@ -41,6 +41,7 @@ from qlab.models.loading import LoadedModel
 # Block lists whose model runs them as a plain loop, each block taking the previous one's hidden state:
 # Llama/Mistral/Qwen/Gemma/Phi-3 (…ForCausalLM's "model.layers", a bare decoder's "layers") and BERT encoders.
 STREAMED_STACKS = ("model.layers", "layers", "encoder.layer")
+CHUNK_ELEMENTS = 1 << 24  # weight values rounded at once (64 MB in fp32)
 
 
 def streamable_stack(model: torch.nn.Module) -> BlockStack | None:
@@ -139,7 +140,13 @@ def _materialised(weight: torch.Tensor, scheme: QuantScheme, stats, dtype: torch
     ``timings["quantize_s"]`` (on a GPU, synchronised so earlier queued work is not counted)."""
     _synchronize(weight.device)
     started = time.perf_counter()
-    values = quantize_weight(weight, scheme, stats).dequantize(dtype)
+    # Rounding holds several fp32 temporaries of what it rounds: 6 GB for an 8B model's 1 GB head at once.
+    # With one scale per row or per group of a row (or none), rows round alone exactly as they do together.
+    by_rows = scheme.algorithm == "rtn" and not (scheme.fmt.scaled and scheme.granularity == "tensor")
+    step = max(1, CHUNK_ELEMENTS // weight.shape[1]) if by_rows else weight.shape[0]
+    values = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for start in range(0, weight.shape[0], step):
+        values[start: start + step] = quantize_weight(weight[start: start + step], scheme, stats).dequantize(dtype)
     _synchronize(weight.device)
     timings["quantize_s"] = timings.get("quantize_s", 0.0) + time.perf_counter() - started
     return values

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -12,43 +14,72 @@ import transformers
 from qlab import __version__
 from qlab.analyses.sweep import peak_rss_bytes, run_sweep
 from qlab.core.quant import QuantScheme
-from qlab.models.evaluate import EvalSpec, compute_baseline
-from qlab.models.loading import load, model_sha256
+from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
+from qlab.models.loading import RUNTIME_BYTES, SWEEP_MEMORY_FACTOR, load, model_sha256
 
 
-def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int) -> dict:
-    """Time one FP32 evaluation and a full sweep (baseline included) in one process; record peak RSS.
+def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **placement: str | None) -> dict:
+    """Time one evaluation of the base model and a full sweep (baseline included) in one process, the model
+    loaded by ``load(model_name, **placement)`` (``device``, ``device_map``, ``dtype``; default: the CPU, in its
+    own dtype); each row gets its cost over that evaluation and its peak memory.
 
-    Goals from the foundation issue: sweep <= 7x one FP32 evaluation; peak RSS <= 2.5x the FP32 model.
-    RSS is reported both whole-process and above the interpreter with its libraries imported, because
-    torch and transformers alone take a few hundred MB that no sweep design can remove.
+    Goals: each scheme <= 1.2x one base evaluation on the same device; peak memory <= 1.3x the weights as loaded
+    plus the largest tensor plus 1 GB of working memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS
+    above the interpreter with its libraries imported, which no sweep design can remove).
     """
     process = psutil.Process()
     rss_before_load = process.memory_info().rss
-    loaded = load(model_name)
+    loaded = load(model_name, **{k: v for k, v in placement.items() if v is not None})
+    peak = PeakMemory(loaded.device, rss_before_load)
     spec = EvalSpec(tokens=tokens)
     started = time.perf_counter()
-    compute_baseline(loaded, spec)
-    one_eval_s = time.perf_counter() - started
+    baseline = compute_baseline(loaded, spec)
+    baseline_s = time.perf_counter() - started
+    peak.reset()
     started = time.perf_counter()
-    rows = [row.to_record() for row in run_sweep(loaded, schemes, spec)]
-    sweep_s = time.perf_counter() - started
-    peak = peak_rss_bytes()
+    evaluate(loaded.model, baseline)  # the base model scored against itself: the work one scheme also does
+    peak.synchronize()
+    one_eval_s = time.perf_counter() - started
+    eval_peak = peak.read()
+    largest = max(p.numel() * p.element_size() for p in loaded.model.parameters())
+    goal_peak = int(SWEEP_MEMORY_FACTOR * loaded.weight_bytes) + largest + RUNTIME_BYTES
+    rows = []
+    started = time.perf_counter()
+    sweep = run_sweep(loaded, schemes, spec, baseline)
+    while True:
+        peak.reset()
+        row = next(sweep, None)
+        if row is None:
+            break
+        scheme_peak = peak.read()
+        rows.append({**row.to_record(), "cost_over_eval": round(row.seconds / one_eval_s, 3),
+                     "peak_memory_bytes": scheme_peak, "peak_over_goal": round(scheme_peak / goal_peak, 3)})
+    sweep_s = time.perf_counter() - started + baseline_s
+    overall = max([eval_peak] + [r["peak_memory_bytes"] for r in rows])
     return {
         "benchmark": "sweep",
         "model": loaded.name,
+        "device": loaded.device,
+        "gpu": torch.cuda.get_device_name(0) if loaded.device != "cpu" else None,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "reference_dtype": baseline.reference_dtype,
         "formats": [s.label for s in schemes],
-        "tokens": rows[0]["eval_tokens"] if rows else tokens,
-        "one_fp32_eval_s": round(one_eval_s, 3),
+        "tokens": baseline.tokens,
+        "parameters": loaded.num_params,
+        "baseline_s": round(baseline_s, 3),
+        "one_eval_s": round(one_eval_s, 3),
         "sweep_s": round(sweep_s, 3),
         "sweep_over_eval": round(sweep_s / one_eval_s, 3),
-        "goal_sweep_over_eval": 7.0,
-        "fp32_model_bytes": loaded.fp32_bytes,
-        "peak_rss_bytes": peak,
+        "max_scheme_cost_over_eval": max((r["cost_over_eval"] for r in rows), default=None),
+        "goal_scheme_cost_over_eval": 1.2,
+        "model_bytes": loaded.weight_bytes,
+        "largest_tensor_bytes": largest,
+        "peak_memory_kind": peak.kind,
+        "eval_peak_memory_bytes": eval_peak,
+        "peak_memory_bytes": overall,
+        "peak_memory_over_model": round(overall / loaded.weight_bytes, 3),
+        "goal_peak_memory_bytes": goal_peak,
         "rss_before_load_bytes": rss_before_load,
-        "peak_rss_over_model": round(peak / loaded.fp32_bytes, 3),
-        "peak_rss_above_libraries_over_model": round((peak - rss_before_load) / loaded.fp32_bytes, 3),
-        "goal_peak_rss_over_model": 2.5,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -61,3 +92,45 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int) -> dic
         "seed": torch.initial_seed(),
         "rows": rows,
     }
+
+
+class PeakMemory:
+    """Peak memory between ``reset`` and ``read``: allocated bytes on the model's GPUs, or on the CPU the
+    process's peak RSS (Linux VmHWM, reset through /proc/self/clear_refs) above ``baseline_rss``."""
+
+    def __init__(self, device: str, baseline_rss: int) -> None:
+        self.gpus = [] if device == "cpu" else (list(range(torch.cuda.device_count())) if device == "auto"
+                                                else [torch.device(device).index or 0])
+        self.baseline_rss = baseline_rss
+        self.kind = ("torch.cuda.max_memory_allocated" if self.gpus
+                     else "peak RSS above the libraries (VmHWM)" if _status_kib("VmHWM") is not None
+                     else "peak RSS above the libraries (ru_maxrss, since the start)")
+
+    def synchronize(self) -> None:
+        for index in self.gpus:
+            torch.cuda.synchronize(index)
+
+    def reset(self) -> None:
+        self.synchronize()
+        for index in self.gpus:
+            torch.cuda.reset_peak_memory_stats(index)
+        if not self.gpus:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS to the current RSS
+
+    def read(self) -> int:
+        self.synchronize()
+        if self.gpus:
+            return sum(torch.cuda.max_memory_allocated(index) for index in self.gpus)
+        hwm = _status_kib("VmHWM")
+        return (hwm * 1024 if hwm is not None else peak_rss_bytes()) - self.baseline_rss
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
