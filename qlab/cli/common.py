@@ -64,7 +64,8 @@ def scheme_from_args(args: argparse.Namespace, fmt: str):
     return QuantScheme(format=fmt, granularity=args.granularity, group_size=args.group_size,
                        symmetric=not args.asymmetric, calibration=args.calibration,
                        percentile=args.percentile, scale_dtype=args.scale_dtype,
-                       algorithm=getattr(args, "algorithm", "rtn"))
+                       algorithm=getattr(args, "algorithm", "rtn"),
+                       static_groups=getattr(args, "static_groups", False), sparsity=getattr(args, "sparsity", "none"))
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

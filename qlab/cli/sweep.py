@@ -29,7 +29,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--hardware", default="this-machine", help="hardware id recorded with the run")
     parser.add_argument("--algorithm", default="rtn",
                         help="rtn (round to nearest) | gptq (error-compensating; Hessians from 4096 tokens at the "
-                             "end of the evaluation text, apart from the tokens evaluated)")
+                             "end of the evaluation text, apart from the tokens evaluated) | gptq-act-order (GPTQ, "
+                             "inputs with the largest Hessian diagonal first) | awq (activation-aware input scales, "
+                             "same calibration tokens) | hqq (calibration-free zero-point fit, integer formats, "
+                             "always asymmetric)")
+    parser.add_argument("--static-groups", action="store_true",
+                        help="gptq-act-order with groups: group scales from the weights in input order, so no "
+                             "group index is stored")
+    parser.add_argument("--sparsity", default="none",
+                        help="none | 2:4 (keep the two largest of every four inputs) | 2:4-sparsegpt (SparseGPT "
+                             "from the calibration Hessians; with --algorithm gptq, or a plain fp16/bf16 format)")
     parser.add_argument("--device-map", default=None, choices=["auto"],
                         help="'auto': spread a model too large for one device over every GPU (accelerate)")
     add_scheme_arguments(parser, granularity="channel")
