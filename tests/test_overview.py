@@ -200,3 +200,27 @@ def test_baseline_is_shared_by_the_evaluating_pieces(llama, store, monkeypatch):
                                                                                                  "sensitivity")]
     recorded.OverviewJob(llama, request(), pieces, todo, store).run()
     assert len(calls) == 1
+
+
+def test_cli_overview_stores_then_reuses_and_refuses_a_bad_target(tmp_path, monkeypatch, capsys):
+    import json
+
+    from qlab.cli import main
+    from qlab.models import loading
+
+    monkeypatch.setattr(loading, "load", lambda name, device_map=None: tiny_llama())
+    argv = ["overview", "--model", "tiny", "--hardware", "h100-sxm-80gb", "--formats", "fp16,int8",
+            "--group-size", "32", "--tokens", "64", "--no-measure", "--quiet", "--db", str(tmp_path / "runs.sqlite"),
+            "--bound", "10", "--json", str(tmp_path / "first.json"), "--html", str(tmp_path / "overview.html")]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert first["verdict"]["recommended"]["label"] in ("fp16", "int8 g32")
+    assert [s["state"] for s in first["steps"]] == ["done"] * len(first["steps"])
+    assert [r["label"] for r in first["sweep"]] == ["fp16", "int8 g32"] and first["predicted"][-1]["label"] == "bf16"
+    assert (tmp_path / "overview.html").read_text().startswith("<!DOCTYPE html>")
+    argv[argv.index(str(tmp_path / "first.json"))] = str(tmp_path / "second.json")
+    assert main(argv) == 0
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert second["steps"] == [] and second["sweep"] == first["sweep"]  # everything came from the store
+    assert main(["overview", "--hardware", "no-such-gpu", "--json"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

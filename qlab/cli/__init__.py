@@ -21,12 +21,24 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     """qlab's argument parser, every command wired."""
     # Imported here, not at the top: `python -m qlab.cli.bench` must not find its module already imported.
-    from qlab.cli import bench, explain, export, info, memory, quantize, report, runs, sensitivity, sweep
+    from qlab.cli import (
+        bench,
+        explain,
+        export,
+        info,
+        memory,
+        overview,
+        quantize,
+        report,
+        runs,
+        sensitivity,
+        sweep,
+    )
 
     parser = Parser(prog="qlab", description="Quantization lab: measure precision trade-offs headless.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     # In the order `qlab --help` lists them.
-    for command in (quantize, sweep, info, memory, sensitivity, runs, report, explain, export, bench):
+    for command in (overview, quantize, sweep, info, memory, sensitivity, runs, report, explain, export, bench):
         command.add_parser(sub)
     return parser
 

@@ -219,8 +219,10 @@ class OverviewJob:
     """
 
     def __init__(self, loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, todo: Sequence[Step],
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, listener: Callable[[Step, float, str], None] | None = None) -> None:
+        """``listener(step, fraction, message)`` hears every progress report (the CLI's bar)."""
         self.loaded, self.request, self.pieces, self.todo, self.store = loaded, request, pieces, list(todo), store
+        self.listener = listener
         self.state = {step.piece: "waiting" for step in self.todo}  # waiting, running, done, cancelled, failed
         self.progress: dict[str, tuple[float, str]] = {}
         self.notes: dict[str, str] = {}  # per piece: what a cancel kept, or why it failed
@@ -269,8 +271,8 @@ class OverviewJob:
             self.version += 1
             try:
                 error = run_step(step, self.loaded, self.request, self.pieces, self.store, self.baseline,
-                                 progress=lambda fraction, message, piece=piece: self._progress(piece, fraction,
-                                                                                              message),
+                                 progress=lambda fraction, message, step=step: self._progress(step, fraction,
+                                                                                             message),
                                  cancel=lambda piece=piece: piece in self._cancelled, on_update=self._changed)
                 self.save_error = self.save_error or error
                 self._finish(piece, "done", "")
@@ -284,8 +286,10 @@ class OverviewJob:
                 logging.getLogger(__name__).exception("overview piece %s failed", piece)
                 self._finish(piece, "failed", f"{type(error).__name__}: {error}")
 
-    def _progress(self, piece: str, fraction: float, message: str) -> None:
-        self.progress[piece] = (min(1.0, max(0.0, fraction)), message)
+    def _progress(self, step: Step, fraction: float, message: str) -> None:
+        self.progress[step.piece] = (min(1.0, max(0.0, fraction)), message)
+        if self.listener:
+            self.listener(step, *self.progress[step.piece])
 
     def _changed(self) -> None:
         self.version += 1
