@@ -342,11 +342,20 @@ def _scale_from_range(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
     else:
         # Like torch's observers, the range always contains 0 so that zero (padding, ReLU) is exact.
         low, high = low.clamp(max=0), high.clamp(min=0)
-        scale = (high - low) / (fmt.qmax - fmt.qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: any scale is exact
+        steps = fmt.qmax - fmt.qmin
+        scale = (high - low) / steps
+        # A range wider than float32's largest number (2e38 to -2e38) overflows the difference, not the scale.
+        scale = torch.where(torch.isfinite(scale), scale, high / steps - low / steps)
+    # An all-zero block: any scale is exact. (A scale that underflows to 0 from a tiny, nonzero range is not
+    # that case: the clamp below gives it the smallest subnormal instead.)
+    scale = torch.where(high - low > 0, scale, torch.ones_like(scale))
     # Round up, never down: a scale rounded down to fp16/bf16 makes the grid span less than [low, high] and
     # clips the ends of the range, by more than half a step for bf16 or fp16 subnormal scales.
     stored = scale.to(scale_dtype)
+    if not torch.isfinite(stored).all():  # clamping to fp16's 65504 would silently clip the range instead
+        need = scale[~torch.isfinite(stored)].max().item()
+        raise QlabError(f"this range needs a scale of {need:.3g}, more than {str(scale_dtype).removeprefix('torch.')} "
+                        f"holds ({finfo.max:.3g}); use a wider scale dtype (fp32).")
     stored = torch.where(stored.to(torch.float32) < scale,
                          torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
     scale = stored.clamp(min=finfo.tiny * finfo.eps, max=finfo.max)
@@ -367,6 +376,8 @@ def encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
     # Multiply by the reciprocal in float32, exactly as torch.quantize_per_tensor does, so ties agree.
     inverse = 1.0 / scale.to(torch.float32)[:, None]
     scaled = blocks * inverse
+    if not torch.isfinite(inverse).all():  # a scale below 2.9e-39 (a range under 1e-36): its reciprocal overflows
+        scaled = torch.where(torch.isfinite(inverse), scaled, blocks / scale.to(torch.float32)[:, None])
     if zero_point is None:
         return fmt.round(scaled)
     # The zero-point is added before rounding, round(x / scale + zero_point), as torch.quantize_per_tensor and
@@ -434,9 +445,10 @@ def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor |
         raise QlabError(f"{scheme.label} prunes before it rounds; quantize it with "
                         "qlab.core.algorithms.quantize_weight (the sweep does), or pick sparsity none.")
     if scheme.algorithm != "rtn" and fmt.scaled:
-        # Rounding to nearest here would silently stand in for GPTQ under GPTQ's label.
-        raise QlabError(f"{scheme.label} rounds with calibration inputs, which a single tensor does not have; "
-                        "run it through the sweep (qlab.core.algorithms.quantize_weight) or pick algorithm rtn.")
+        # Rounding to nearest here would silently stand in for GPTQ (or AWQ, HQQ) under its label.
+        raise QlabError(f"{scheme.label} rounds with {scheme.algorithm}, not to nearest; quantize it with "
+                        "qlab.core.algorithms.quantize_weight (the sweep does, with calibration inputs where the "
+                        "algorithm needs them) or pick algorithm rtn.")
     if not fmt.scaled:
         if scale is not None or zero_point is not None:
             raise QlabError(f"{fmt.name} is a plain cast with no scale or zero-point; drop those options.")
@@ -460,8 +472,25 @@ def quantize(x: torch.Tensor, scheme: QuantScheme, scale: float | torch.Tensor |
         given_zero = calibrated_zero if given_zero is None else given_zero
     elif given_zero is None and not scheme.symmetric:
         given_zero = _zero_point_for(_clip_range(blocks, scheme)[0], given_scale, fmt)
+    _check_grid_fits(given_scale, given_zero, fmt)
     codes = encode(blocks, given_scale, given_zero, fmt)
     return QTensor(codes.reshape(x.shape), given_scale, given_zero, scheme, x.shape)
+
+
+def _check_grid_fits(scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: Format) -> None:
+    """Refuse a grid whose end points are past float32's largest number: their values would dequantize to
+    infinity (values within a step of 3.4e38, or a scale given too large)."""
+    if zero_point is None:
+        extent = torch.full_like(scale, fmt.max_abs, dtype=torch.float64)
+    else:
+        zero = zero_point.to(torch.float64)
+        extent = torch.maximum((fmt.qmin - zero).abs(), (fmt.qmax - zero).abs())
+    ends = extent * scale.to(torch.float64)
+    largest = torch.finfo(torch.float32).max
+    if (ends > largest).any():
+        raise QlabError(f"the {fmt.name} grid would reach {ends.max().item():.3g}, past float32's largest number "
+                        f"({largest:.3g}), so its end points would dequantize to infinity; scale the values (or "
+                        "the given scale) down.")
 
 
 def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
