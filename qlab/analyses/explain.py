@@ -34,14 +34,18 @@ def presets() -> dict:
     return json.loads((ASSETS_DIR / "teaching_presets.json").read_text(encoding="utf-8"))
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _scale_for(fmt: Format, absmax: float) -> float | None:
     """The scale a value of a tensor with this absmax gets in this format (None for plain casts)."""
     if not fmt.scaled:
         return None
     if fmt.name in RAW_FLOAT_FORMATS:
         return 1.0
-    if not (absmax > 0 and math.isfinite(absmax)):
-        raise QlabError(f"the tensor's largest magnitude must be a positive number, got {absmax}.")
+    if not (0 < absmax <= FLOAT32_MAX):  # a float32 tensor's largest magnitude
+        raise QlabError(f"the tensor's largest magnitude must be a positive float32 number (at most "
+                        f"{FLOAT32_MAX:.4g}), got {absmax}.")
     return absmax / fmt.max_abs
 
 
@@ -164,22 +168,34 @@ def _fp32_from_key(key: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
 
+def _check_range(low: float, high: float) -> None:
+    """A range of float32 values: finite Python floats past ±3.4e38 become infinities as tensors, which would
+    then be counted and rounded as if they were numbers."""
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise QlabError(f"the range must be two finite numbers with low < high, got [{low}, {high}].")
+    if max(abs(low), abs(high)) > FLOAT32_MAX:
+        raise QlabError(f"the range [{low:g}, {high:g}] goes past float32's largest number ({FLOAT32_MAX:.4g}); "
+                        "choose limits within it.")
+
+
 def number_line(fmt_name: str, low: float, high: float, absmax: float = 1.0, limit: int = 4000) -> NumberLine:
     """The values a format can store between ``low`` and ``high`` (scaled as in ``bit_layout``)."""
     fmt = get_format(fmt_name)
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise QlabError(f"the range must be two finite numbers with low < high, got [{low}, {high}].")
+    _check_range(low, high)
     if fmt.name == "fp32":
         # 2^32 patterns: count them by their integer keys instead of enumerating.
         lo_key, hi_key = _fp32_key(torch.tensor([low]))[0], _fp32_key(torch.tensor([high]))[0]
         lo_key += int(_fp32_from_key(lo_key[None])[0] < low)
         hi_key -= int(_fp32_from_key(hi_key[None])[0] > high)
         count = int(hi_key - lo_key + 1)
-        keys = torch.linspace(float(lo_key), float(hi_key), min(count, limit)).round().to(torch.int64).unique()
+        # float64: keys reach 2^31, past float32's 24 exact bits (the last key would round onto infinity's).
+        keys = torch.linspace(float(lo_key), float(hi_key), min(count, limit), dtype=torch.float64).round()
+        keys = keys.to(torch.int64).unique()
         return NumberLine(fmt.name, _fp32_from_key(keys), count, count > limit)
     scale = _scale_for(fmt, absmax)
     levels = fmt.levels() * (1.0 if scale is None else scale)
-    inside = levels[(levels >= low) & (levels <= high)]
+    # Grid points past float32's range (int8's -128 steps at an absmax of 3.4e38) are infinities, not values.
+    inside = levels[(levels >= low) & (levels <= high) & torch.isfinite(levels)]
     if inside.numel() > limit:
         picked = torch.linspace(0, inside.numel() - 1, limit).round().long().unique()
         return NumberLine(fmt.name, inside[picked], inside.numel(), True)
@@ -190,8 +206,7 @@ def rounding_errors(fmt_names: tuple[str, ...], low: float, high: float, absmax:
                     points: int = 2001) -> list[dict]:
     """Each format's stored value and error at ``points`` evenly spaced values in [low, high]: absolute error
     for integer and table grids (uniform steps), relative error for floats (steps grow with magnitude)."""
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise QlabError(f"the range must be two finite numbers with low < high, got [{low}, {high}].")
+    _check_range(low, high)
     x = torch.linspace(low, high, points, dtype=torch.float32)
     records = []
     for name in fmt_names:
@@ -244,14 +259,17 @@ def affine_mapping(values: list[float], fmt: str = "int8", symmetric: bool = Tru
     qtensor = quantize(x, scheme, scale=scale, zero_point=zero_point)
     used_scale = qtensor.scale.to(torch.float32)
     used_zero = 0 if qtensor.zero_point is None else int(qtensor.zero_point.item())
-    # The same float32 arithmetic as qlab.core.quant.encode, kept step by step for the table.
+    # The same float32 arithmetic as qlab.core.quant.encode, kept step by step for the table; where a value far
+    # past the grid (1e37 at a typed scale of 0.01) overflows float32 the table shows the float64 quotient.
     scaled = x * (1.0 / used_scale)
+    if not torch.isfinite(scaled).all():
+        scaled = torch.where(torch.isfinite(scaled), scaled.double(), x.double() / used_scale.double())
     shifted = scaled + used_zero
     rounded = torch.round(shifted)
     codes = qtensor.codes.to(torch.int64)
     dequantized = qtensor.dequantize()
-    rows = [{"value": v, "value / scale": s, "+ zero-point": z, "rounded": int(r), "code": int(c),
-             "clamped": int(r) != int(c), "dequantized": d, "error": d - v}
+    rows = [{"value": v, "value / scale": s, "+ zero-point": z, "rounded": int(r) if abs(r) < 2**53 else r,
+             "code": int(c), "clamped": r != c, "dequantized": d, "error": d - v}
             for v, s, z, r, c, d in zip(x.tolist(), scaled.tolist(), shifted.tolist(), rounded.tolist(),
                                         codes.tolist(), dequantized.tolist(), strict=True)]
     fmt_entry = scheme.fmt
@@ -276,8 +294,15 @@ def affine_mapping(values: list[float], fmt: str = "int8", symmetric: bool = Tru
 # ------------------------------------------------------------------------------------------- calibration
 
 
+OUTLIER_LIMIT = 1e6
+
+
 def outlier_tensor(outlier: float, count: int = 4096, seed: int = 0) -> torch.Tensor:
     """``count`` standard-normal values (seeded) with one value set to ``outlier`` (0 for none)."""
+    # Past a million standard deviations squares of the values overflow float32 in the error statistics.
+    if not abs(outlier) <= OUTLIER_LIMIT:
+        raise QlabError(f"the outlier must be a number of standard deviations within ±{OUTLIER_LIMIT:g}, "
+                        f"got {outlier}.")
     x = torch.randn(count, generator=torch.Generator().manual_seed(seed))
     if outlier:
         x[0] = outlier
