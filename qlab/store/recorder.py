@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from qlab.core.errors import Cancelled, QlabError
-from qlab.store.runs import SUMMARY_KIND, RunMeta, Store
+from qlab.store.meta import RunMeta
+from qlab.store.runs import SUMMARY_KIND, Store
 
 
 class Recorder:
