@@ -24,8 +24,6 @@ POLL_S = 1.0
 INTRO = ("**qlab answers one question: which precision should you ship this model in, on that hardware?** "
          "Pick the model, the target and the formats in the sidebar: the verdict and the four panels below fill in "
          "as each piece is measured, and every panel links to its full page.")
-CAVEAT = ("SmolLM2 ships as a 4-bit GGUF (Q4_1), so its FP32 reference is already 4-bit weights, dequantized: "
-          "losses here are measured against that, not the original bf16 model.")
 PANEL_LINKS = {"accuracy": ("pages/quantize.py", "Every metric on the Quantize page", ":material/tune:"),
                "memory": ("pages/memory.py", "Context, batch and every target on the Memory page",
                           ":material/memory_alt:"),
@@ -67,8 +65,7 @@ if not bundled and name not in opened:
     opened.append(name)
 
 loaded = common.current_model()
-if loaded.source.caveat:
-    st.info(CAVEAT, icon="ℹ️")
+common.show_caveat(loaded)
 with common.user_errors():
     check_schemes(loaded, list(schemes))
     request = overview.OverviewRequest(schemes, st.session_state["hardware"], EvalSpec(st.session_state["tokens"]))
@@ -216,4 +213,4 @@ download.download_button(
     "Download this overview (HTML)", key="overview_download", mime="text/html",
     file_name=f"qlab-overview-{loaded.name.replace('/', '_')}-{target.id}.html",
     data=lambda: recorded.overview_html(loaded.name, request, result, figures,
-                                        [CAVEAT] if loaded.source.caveat else []))
+                                        [loaded.source.caveat] if loaded.source.caveat else []))

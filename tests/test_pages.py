@@ -9,6 +9,7 @@ pytestmark = pytest.mark.slow
 def app(model: str = "minilm-l6") -> AppTest:
     at = AppTest.from_file("../app.py", default_timeout=300)
     at.session_state["model_choice"] = model
+    at.switch_page("pages/model.py")  # the Overview is the landing page; these tests start from the Model page
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

@@ -1,0 +1,35 @@
+"""The Overview in a real browser: a cold server's default URL lands on it, and for MiniLM the verdict and the
+four panels appear without an exception box. The screenshot is the README's first picture."""
+
+import pytest
+
+from tests.e2e.conftest import REPO_ROOT, assert_no_exception, wait_for_app_idle
+
+pytestmark = pytest.mark.e2e
+MAIN = '[data-testid="stMain"]'
+CHART = '[data-testid="stPlotlyChart"]'
+SCREENSHOT = REPO_ROOT / "assets" / "overview.png"
+
+
+def test_default_url_lands_on_the_overview_and_minilm_gets_its_answer(streamlit_server, browser_page):
+    page = browser_page
+    page.goto(streamlit_server)
+    page.locator(f"{MAIN} h1", has_text="Overview").wait_for(timeout=240_000)
+    assert "which precision should you ship this model in" in page.locator(MAIN).inner_text()
+    assert_no_exception(page)
+
+    page.goto(f"{streamlit_server}/?model=minilm-l6&hw=h100-sxm-80gb&formats=fp16,int8,int4,nf4&tokens=256")
+    page.locator(f"{MAIN} h1", has_text="Overview").wait_for(timeout=120_000)
+    page.locator(f"{MAIN} h3", has_text="Ship ").wait_for(timeout=600_000)
+    page.get_by_text("Computing what is not stored yet").wait_for(state="detached", timeout=600_000)
+    wait_for_app_idle(page, timeout_ms=120_000)
+    assert page.locator(CHART).count() == 5  # four panels and the most sensitive layer's histogram
+    for title in ("Accuracy against size", "Memory on NVIDIA H100 SXM", "Speed: predicted on",
+                  "Most sensitive layers"):
+        assert page.locator(CHART, has_text=title).count() == 1, title
+    for link in ("Quantize page", "Memory page", "Speed page", "Sensitivity page"):
+        assert page.get_by_role("link", name=link).count() >= 1, link
+    assert_no_exception(page)
+    page.set_viewport_size({"width": 1280, "height": 720})
+    page.wait_for_timeout(1000)  # plotly redraws at the new width
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
