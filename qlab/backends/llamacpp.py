@@ -113,6 +113,36 @@ def _quiet_native() -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _without_amx_repacking() -> Iterator[None]:
+    """Load with llama.cpp's extra (repacking) buffer types off on CPUs with AMX.
+
+    A native build on an AMX CPU routes Q4_0/Q4_1/Q8_0 matmuls through ``ggml_backend_amx_mul_mat``, which
+    crashed the process (SIGSEGV) on this project's AMX machines inside ``llama_decode``; the plain CPU kernels
+    give the same results. ``Llama`` offers no argument for it, so its default-parameter factory is wrapped for
+    the duration of the load only.
+    """
+    from qlab.models.hardware import cpu_flags
+
+    if "amx_tile" not in cpu_flags():
+        yield
+        return
+    import llama_cpp.llama as llama_module
+
+    factory = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = factory()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = factory
+
+
 class LlamaCppModel(torch.nn.Module):
     """A llama.cpp model behind the Hugging Face causal-LM call used by ``qlab.backends.speed`` (batch 1).
 
@@ -136,7 +166,7 @@ class LlamaCppModel(torch.nn.Module):
     def _llama(self, logits_all: bool, context: int):
         from llama_cpp import Llama
 
-        with _quiet_native():
+        with _quiet_native(), _without_amx_repacking():
             return Llama(str(self.path), n_ctx=context, n_batch=min(context, 512), n_threads=self.threads,
                          n_threads_batch=self.threads, logits_all=logits_all, verbose=False)
 
