@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+import pandas as pd
 import streamlit as st
+from streamlit.errors import StreamlitPageNotFoundError
 
 from qlab import views
 from qlab.core.errors import Cancelled, QlabError
@@ -111,21 +115,26 @@ def publish_view() -> None:
             st.query_params[name] = value
 
 
+def show_error(error: QlabError) -> None:
+    """A QlabError as one red line, starting with a capital."""
+    message = str(error)
+    st.error(message[:1].upper() + message[1:])
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Show a QlabError as one red line; anything else is a bug and keeps its traceback."""
     try:
         yield
     except QlabError as error:
-        message = str(error)
-        st.error(message[:1].upper() + message[1:])
+        show_error(error)
         st.stop()
 
 
 def long_run(label: str, key: str, work: Callable[[Progress, Recorder | None], object], *, cancel_key: str,
              cancel_help: str, prepare: Callable[[], RunMeta | None] | None = None, ready: bool = True,
              nothing_to_do: str | None = None, start_text: str = "Starting...", primary: bool = True,
-             columns: Sequence | None = None) -> bool:
+             columns: Sequence | None = None, kept: Callable[[], str] | None = None) -> bool:
     """A long job's Run and Cancel buttons, and on a press its run: progress bar, each result recorded as it
     finishes, Cancel, the closing message. Returns whether Run was pressed on this script run.
 
@@ -137,17 +146,22 @@ def long_run(label: str, key: str, work: Callable[[Progress, Recorder | None], o
     2. ``prepare()`` does what may fail before anything is stored (e.g. computing the baseline) and returns the
        RunMeta of the run to store, or None to store nothing;
     3. ``work(progress, recorder)`` runs inside that stored run (``recorder`` is None when nothing is stored). It
-       reports ``progress(fraction, message)``, and for each result as it finishes keeps it in session state (so
-       a Cancel or a reload keeps it) and saves it with ``recorder.save``;
+       reports ``progress(fraction, message)`` naming the step that starts (``step_names`` turns a job's "X:
+       done" into the next step's name), and for each result as it finishes keeps it in session state (so a
+       Cancel or a reload keeps it) and saves it with ``recorder.save``;
     4. Cancel: its press reruns the page, which stops ``work`` at its next progress update (the stored run ends
-       ``stopped``). qlab's ``Cancelled`` shows as one info line, any other QlabError of steps 2-3 as one red line
-       (``user_errors``), a run database that cannot be written as one warning; then the bar is cleared.
+       ``stopped``); the rerun then says "Cancelled." and ``kept()``: what was kept (any other widget's rerun
+       stops the job the same way, and says so). qlab's ``Cancelled`` shows the same line, any other QlabError of
+       steps 2-3 one red line, a run database that cannot be written one warning; then the bar is cleared.
 
     After the call the page draws from session state, whether the job ran now, earlier, or stopped part-way.
     """
     left, right = columns if columns is not None else st.columns([1, 5])
     start = left.button(label, type="primary" if primary else "secondary", key=key)
-    right.button("Cancel", key=cancel_key, help=cancel_help)
+    cancelled = right.button("Cancel", key=cancel_key, help=cancel_help)
+    running = f"_{key}_running"  # still set on the next script run when this one was stopped mid-job
+    if st.session_state.pop(running, False) and not start and kept is not None:
+        st.info(("Cancelled. " if cancelled else f"{label} stopped: the page changed while it ran. ") + kept())
     if start and not ready and nothing_to_do:
         st.info(nothing_to_do)
     if not (start and ready):
@@ -157,7 +171,8 @@ def long_run(label: str, key: str, work: Callable[[Progress, Recorder | None], o
     def progress(fraction: float, message: str) -> None:
         bar.progress(min(1.0, fraction), message)
 
-    with user_errors():
+    st.session_state[running] = True
+    try:
         meta = prepare() if prepare is not None else None
         # strict=False: a database that cannot be written stops the saving, not the work.
         recorder = Recorder(None, meta, strict=False) if meta is not None else None
@@ -165,11 +180,109 @@ def long_run(label: str, key: str, work: Callable[[Progress, Recorder | None], o
             with recorder if recorder is not None else contextlib.nullcontext():
                 work(progress, recorder)
         except Cancelled as stop:
-            st.info(str(stop))
-        if recorder is not None and recorder.error:
-            st.warning(recorder.error[:1].upper() + recorder.error[1:])
+            st.info(f"Cancelled. {kept()}" if kept is not None else str(stop)[:1].upper() + str(stop)[1:])
+    except Exception as error:  # the job ended (a Streamlit stop or rerun is not an Exception: it keeps the flag)
+        st.session_state.pop(running, None)
+        if not isinstance(error, QlabError):
+            raise
+        bar.empty()
+        show_error(error)
+        st.stop()
+    st.session_state.pop(running, None)
+    if recorder is not None and recorder.error:
+        st.warning(recorder.error[:1].upper() + recorder.error[1:])
     bar.empty()
     return start
+
+
+def step_names(progress: Progress, steps: Sequence[str]) -> Progress:
+    """``progress`` for a job of equal ``steps`` (a sweep's schemes, a benchmark's backends) whose messages name
+    a step once it is done ("int8 g64: done"): the label names the step running at that fraction instead."""
+    def named(fraction: float, message: str) -> None:
+        index = min(int(fraction * len(steps) + 1e-9), len(steps) - 1)
+        current = steps[index]
+        detail = message if message.startswith(current) and not message.endswith(": done") else current
+        progress(fraction, f"{index + 1} of {len(steps)}: {detail}")
+
+    return named
+
+
+# Headers said in words (with units) for result keys; any other snake_case name is spelled out by ``header``.
+HEADERS = {
+    "kld_mean": "KLD mean (nats)", "kld_p99": "KLD 99th percentile (nats)", "ppl": "perplexity",
+    "top1_agreement": "top-1 agreement", "cosine_mean": "cosine to FP32", "retrieval_agreement":
+    "nearest-neighbour agreement", "bits_per_weight": "bits/weight", "sqnr_db": "SQNR (dB)",
+    "relative_mse": "relative MSE", "twin_kld_mean": "simulated KLD mean (nats)",
+    "twin_cosine_mean": "simulated cosine to FP32", "agrees_with_twin": "agrees with simulation",
+    "twin": "simulated as", "speedup_vs_fp32": "speed-up over FP32", "label": "scheme",
+}
+UNIT_SUFFIXES = (("_tokens_per_s", " tokens/s"), ("_per_s", "/s"), ("_pct", " (%)"), ("_ms", " (ms)"),
+                 ("_seconds", " (s)"), ("_s", " (s)"), ("_db", " (dB)"))
+WORDS = {"mse": "MSE", "kld": "KLD", "fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "sqnr": "SQNR", "kv": "KV",
+         "gpu": "GPU", "cpu": "CPU", "ppl": "perplexity", "id": "ID", "absmax": "abs-max"}
+MISSING = "–"
+
+
+def header(name: str) -> str:
+    """A result key as a column header: ``decode_tokens_per_s`` -> "decode tokens/s"."""
+    if name in HEADERS:
+        return HEADERS[name]
+    unit = ""
+    for suffix, spelled in UNIT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            name, unit = name[: -len(suffix)], spelled
+            break
+    return " ".join(WORDS.get(word, word) for word in name.split("_")) + unit
+
+
+def table(frame: pd.DataFrame, *, column_config: dict | None = None, **kwargs) -> object:
+    """``st.dataframe`` for people: snake_case headers in words with units, byte counts in MB (GB when large),
+    empty cells as a dash instead of "None". ``column_config`` as st.dataframe's; a label given there wins."""
+    shown = frame.copy()
+    config: dict = {}
+    for column in shown.columns:
+        given = (column_config or {}).get(column, {})
+        if given is None:  # hidden
+            config[column] = None
+            continue
+        entry = {"label": given} if isinstance(given, str) else dict(given)
+        name = str(column)
+        if name.endswith("bytes") and pd.api.types.is_numeric_dtype(shown[column]):
+            gigabytes = shown[column].abs().max() >= 1e10
+            shown[column] = shown[column] / (1e9 if gigabytes else 1e6)
+            name = name.removesuffix("bytes").rstrip("_") or "size"
+            entry.setdefault("label", None)
+            entry["label"] = entry["label"] or f"{header(name)} ({'GB' if gigabytes else 'MB'})"
+            entry.setdefault("type_config", {"type": "number", "format": "%.3f" if gigabytes else "%.1f"})
+        if not entry.get("label"):
+            spelled = name == "label" and "scheme" in shown.columns  # two columns would read "scheme"
+            entry["label"] = header(name) if "_" in name or (name in HEADERS and not spelled) else name
+        missing = shown[column].isna()
+        if missing.any():
+            fmt = (entry.get("type_config") or {}).get("format")
+            numeric = pd.api.types.is_numeric_dtype(shown[column])
+            shown[column] = [MISSING if gap else _cell(value, fmt if numeric else None)
+                             for value, gap in zip(shown[column], missing, strict=True)]
+            entry["type_config"] = {"type": "text"}
+        config[column] = entry
+    kwargs.setdefault("hide_index", True)
+    kwargs.setdefault("width", "stretch")
+    return st.dataframe(shown, column_config=config, **kwargs)
+
+
+def _cell(value: object, fmt: str | None) -> str:
+    """One cell of a column that also holds gaps, as text (a column of one type, so it shows as written)."""
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Real):
+        return fmt % value if fmt and "%" in fmt else f"{value:.4g}"
+    return str(value)
+
+
+def count(items: Sequence | int, noun: str) -> str:
+    """"1 scheme", "3 schemes"."""
+    n = items if isinstance(items, int) else len(items)
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def model_name() -> str:
@@ -207,9 +320,7 @@ def sidebar() -> None:
                  help="One scale for the whole tensor, one per output channel (row), or one per group of "
                       "consecutive weights in a row.")
         if st.session_state["granularity"] == "group":
-            st.select_slider("Group size", GROUP_SIZES, key="group_size",
-                             help="Smaller groups track local ranges better but store more scales "
-                                  "(16 bits each).")
+            group_size_slider()
         st.checkbox("Symmetric (zero-point 0)", key="symmetric",
                     help="Asymmetric adds an integer zero-point per block; integer formats only.")
         st.selectbox("Calibration", CALIBRATIONS, key="calibration",
@@ -221,6 +332,30 @@ def sidebar() -> None:
                           "statistics of the layer's inputs on the evaluation text (slower, more accurate).")
         st.number_input("Evaluation tokens", min_value=16, max_value=MAX_UI_TOKENS, step=256, key="tokens",
                         help="Tokens of text the baseline and every scheme are evaluated on.")
+
+
+def group_size_slider() -> None:
+    """The group sizes that divide every quantized layer's input width of the sidebar's model, once this
+    session has loaded it (before that, and where none divides, every size: the pages then say which fit)."""
+    widths = st.session_state.get("_linear_widths", {}).get(model_name())
+    offered = offered_group_sizes(widths)
+    if st.session_state["group_size"] not in offered:
+        wanted = st.session_state["group_size"]
+        st.session_state["group_size"] = max((g for g in offered if g <= wanted), default=offered[0])
+        st.session_state["_group_size_note"] = (f"Group size {wanted} does not divide this model's layers; "
+                                                f"{st.session_state['group_size']} is used.")
+    st.select_slider("Group size", offered, key="group_size",
+                     help="Smaller groups track local ranges better but store more scales (16 bits each)."
+                          + (f" Offered: the sizes that divide every quantized layer's input width "
+                             f"({', '.join(map(str, widths))})." if widths else ""))
+    note = st.session_state.pop("_group_size_note", None)
+    if note:
+        st.caption(note)
+
+
+def offered_group_sizes(widths: Sequence[int] | None) -> tuple[int, ...]:
+    fitting = tuple(g for g in GROUP_SIZES if widths and all(w % g == 0 for w in widths))
+    return fitting or GROUP_SIZES
 
 
 def selected_hardware() -> hardware.Hardware:
@@ -263,11 +398,32 @@ def baseline(_loaded: models.LoadedModel, model: str, spec: EvalSpec, text_sha25
 
 
 def current_model() -> models.LoadedModel:
-    """Load (or fetch from cache) the sidebar's model, showing a clear error on failure."""
+    """Load (or fetch from cache) the sidebar's model, showing a clear error on failure.
+
+    The first load in a session also tells the sidebar which group sizes fit the model's layers: the page then
+    reruns once, so the slider offers only those before any button can be pressed.
+    """
     with user_errors():
-        return load_model(model_name())
+        loaded = load_model(model_name())
+    known = st.session_state.setdefault("_linear_widths", {})
+    if model_name() not in known:
+        widths = tuple(sorted({module.in_features for _, module in models.quantizable_linears(loaded.model)}))
+        known[model_name()] = widths
+        if (st.session_state["granularity"] == "group"
+                and offered_group_sizes(widths) != GROUP_SIZES):
+            st.rerun()
+    return loaded
 
 
 def show_caveat(loaded: models.LoadedModel) -> None:
-    if loaded.source.caveat:
-        st.warning(loaded.source.caveat, icon="⚠️")
+    """A model's baseline caveat in one short line linking to its explanation on the Model page (which shows
+    it in full); call it once per page, after the page has said what it is for."""
+    if not loaded.source.caveat:
+        return
+    short = loaded.source.caveat.split(". ")[0].rstrip(".") + "."
+    st.info(short, icon="ℹ️")
+    try:
+        st.page_link("pages/model.py", label="Why this matters for the numbers here (Model page)",
+                     icon=":material/info:")
+    except StreamlitPageNotFoundError:  # run standalone (AppTest, `streamlit run pages/...`): no navigation
+        st.caption("The Model page explains why this matters for the numbers here.")

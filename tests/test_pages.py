@@ -31,7 +31,7 @@ def test_model_page_shows_counts_and_layers(minilm):
 
 def test_smollm_caveat_is_shown():
     at = app("smollm2-135m")
-    assert any("Q4_1" in w.value for w in at.warning)
+    assert any("Q4_1" in i.value for i in at.info)
 
 
 def test_quantize_page_runs_a_sweep_and_keeps_it_across_reruns():
