@@ -26,7 +26,19 @@ def metric_title(metric: str) -> str:
     return METRICS.get(metric, (metric, True))[0]
 
 
-def size_vs_accuracy(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go.Figure:
+def _titled(figure: go.Figure, title: str) -> go.Figure:
+    """The figure's title, room for it, and numbers in scientific notation on every axis that does not choose
+    its own format: plotly's default writes 2e-6 as "2µ", which reads as a unit."""
+    top = max(figure.layout.margin.t or 0, 50)
+    figure.update_layout(title={"text": title, "x": 0, "xanchor": "left"}, margin={"t": top})
+    for axis in (*figure.select_xaxes(), *figure.select_yaxes()):
+        if axis.exponentformat is None:
+            axis.exponentformat = "power"
+    return figure
+
+
+def size_vs_accuracy(rows: pd.DataFrame, metric: str, log_y: bool = False,
+                     title: str = "Accuracy against model size") -> go.Figure:
     """One point per scheme: model size (MB) against an accuracy metric, labelled by scheme.
 
     On a log axis, values at or below ``LOG_FLOOR`` (the FP32 row's 0, fp16's ~1e-7) are drawn on the floor
@@ -43,7 +55,7 @@ def size_vs_accuracy(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go
                         labels={"size_mb": "Model size as stored (MB)", metric: metric_title(metric)})
     figure.update_traces(textposition="top center", marker={"size": 12}, cliponaxis=False)
     figure.update_layout(margin={"t": 30}, legend_title_text="format")
-    return figure
+    return _titled(figure, title)
 
 
 def weight_histogram(values: torch.Tensor, grid: torch.Tensor | None, title: str,
@@ -69,9 +81,9 @@ def weight_histogram(values: torch.Tensor, grid: torch.Tensor | None, title: str
     for edge, label in ((clip_low, "clip"), (clip_high, "clip")):
         if edge is not None:
             figure.add_vline(x=edge, line_dash="dash", line_color="black", annotation_text=label)
-    figure.update_layout(title=title, xaxis_title="weight value", yaxis_title="count", bargap=0.05,
+    figure.update_layout(xaxis_title="weight value", yaxis_title="weights per bin", bargap=0.05,
                          margin={"t": 40}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, title)
 
 
 def error_histogram(errors: dict[str, torch.Tensor]) -> go.Figure:
@@ -80,9 +92,9 @@ def error_histogram(errors: dict[str, torch.Tensor]) -> go.Figure:
     extremes = torch.stack([torch.stack([f.min(), f.max()]) for f in flats.values()])
     edges = _bin_edges(extremes, HISTOGRAM_BINS)
     figure = go.Figure([_histogram_bars(flat, edges, name=label, opacity=0.6) for label, flat in flats.items()])
-    figure.update_layout(barmode="overlay", xaxis_title="dequantized - original", yaxis_title="count",
-                         margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    figure.update_layout(barmode="overlay", xaxis_title="rounding error: dequantized - original weight",
+                         yaxis_title="weights per bin", margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
+    return _titled(figure, "Rounding error, whole layer")
 
 
 def channel_ranges(weight: torch.Tensor) -> go.Figure:
@@ -94,9 +106,9 @@ def channel_ranges(weight: torch.Tensor) -> go.Figure:
         "absmax": weight.abs().amax(dim=1).numpy(),
     })
     figure = px.line(frame, x="channel", y=["max", "min", "absmax"],
-                     labels={"value": "weight value", "channel": "output channel", "variable": ""})
+                     labels={"value": "weight value", "channel": "output channel (row)", "variable": ""})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, "Weight range per output channel")
 
 
 def _bin_edges(values: torch.Tensor, bins: int) -> torch.Tensor:
@@ -142,7 +154,7 @@ def memory_stack(records: pd.DataFrame, memory_bytes: int, target_name: str) -> 
     _device_line(figure, memory_bytes, target_name)
     figure.update_layout(barmode="stack", yaxis_title="memory (GB, 1e9 bytes)", xaxis_title="weight scheme",
                          margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, f"Memory per scheme against {target_name}")
 
 
 def memory_vs_context(curve: pd.DataFrame, memory_bytes: int, target_name: str) -> go.Figure:
@@ -153,7 +165,8 @@ def memory_vs_context(curve: pd.DataFrame, memory_bytes: int, target_name: str) 
                              "total_gb": "total memory (GB)", "scheme": "scheme"})
     _device_line(figure, memory_bytes, target_name)
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    figure.update_xaxes(exponentformat="none", separatethousands=True)
+    return _titled(figure, "Total memory against context length")
 
 
 def memory_estimate_vs_measured(rows: pd.DataFrame) -> go.Figure:
@@ -168,7 +181,7 @@ def memory_estimate_vs_measured(rows: pd.DataFrame) -> go.Figure:
     figure.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="estimate = measured",
                                 line={"color": "gray", "dash": "dot"}))
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, "Estimated against measured GPU memory")
 
 
 # --- run history ------------------------------------------------------------------------------------------
@@ -180,7 +193,8 @@ def compare_runs(rows: pd.DataFrame, metric: str, log_y: bool = False) -> go.Fig
     ``rows`` holds sweep records with a ``run`` column naming the run each came from.
     """
     ordered = rows.sort_values(["run", "size_bytes"])
-    figure = size_vs_accuracy(ordered.assign(format=ordered["run"]), metric, log_y)
+    figure = size_vs_accuracy(ordered.assign(format=ordered["run"]), metric, log_y,
+                              "Accuracy against model size, runs compared")
     figure.update_traces(mode="lines+markers+text", line={"width": 1})
     figure.for_each_trace(lambda trace: trace.update(hovertemplate=trace.hovertemplate.replace("format=", "run=")))
     figure.update_layout(legend_title_text="run", legend={"orientation": "h", "y": -0.25})
@@ -226,7 +240,10 @@ def sensitivity_heatmap(rows: pd.DataFrame, measure: str) -> go.Figure:
     # Scheme labels sit on top, under the title, so they stay in view above a tall (one row per layer) map.
     figure.update_layout(title={"text": title, "y": 1.0, "yanchor": "top", "pad": {"t": 8}},
                          height=max(400, 14 * len(layers) + 140), margin={"t": 90},
-                         yaxis={"autorange": "reversed", "tickfont": {"size": 9}}, xaxis={"side": "top"})
+                         yaxis={"autorange": "reversed", "tickfont": {"size": 9}, "title": "linear layer (model order)"},
+                         xaxis={"side": "top", "title": "scheme"})
+    figure.update_yaxes(exponentformat="power")
+    figure.update_xaxes(exponentformat="power")
     return figure
 
 
@@ -238,7 +255,7 @@ def sensitivity_by_type(rows: pd.DataFrame, measure: str) -> go.Figure:
                     points="all", hover_data=["layer"], category_orders={"layer_type": present},
                     labels={"layer_type": "layer type", measure: title, "label": "scheme"})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, "Sensitivity by layer type")
 
 
 def sensitivity_ranking(rows: pd.DataFrame, measure: str, top: int = 20) -> go.Figure:
@@ -247,12 +264,12 @@ def sensitivity_ranking(rows: pd.DataFrame, measure: str, top: int = 20) -> go.F
     ascending = measure == "sqnr_db"  # low SQNR is the sensitive end
     ranked = rows.dropna(subset=[measure]).sort_values(measure, ascending=ascending).head(top)
     figure = px.bar(ranked, x=measure, y="layer", color="label", orientation="h", log_x=log,
-                    hover_data=["layer_type", "block"], labels={measure: title, "layer": "", "label": "scheme"})
+                    hover_data=["layer_type", "block"], labels={measure: title, "layer": "layer", "label": "scheme"})
     figure.update_layout(height=max(300, 22 * len(ranked) + 100), margin={"t": 30},
                          yaxis={"autorange": "reversed", "categoryorder": "array",
                                 "categoryarray": list(dict.fromkeys(ranked["layer"]))},
                          legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, f"The {len(ranked)} most sensitive (layer, scheme) pairs")
 
 
 def block_deltas(blocks: pd.DataFrame, metric: str) -> go.Figure:
@@ -266,7 +283,7 @@ def block_deltas(blocks: pd.DataFrame, metric: str) -> go.Figure:
                      labels={"unit_index": "unit (model order)", "shown": f"{ERROR_TITLES.get(metric, metric)}: "
                              f"{y_title}", "label": "scheme"})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, "End-to-end error per unit")
 
 
 def mix_pareto(rows: pd.DataFrame, metric: str) -> go.Figure:
@@ -285,7 +302,7 @@ def mix_pareto(rows: pd.DataFrame, metric: str) -> go.Figure:
     figure.update_layout(xaxis_title="Model size as stored (MB)", yaxis_title=ERROR_TITLES.get(metric, metric),
                          yaxis_type="log", margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
     figure.update_traces(cliponaxis=False)
-    return figure
+    return _titled(figure, "Mixed precision against uniform formats: error against size")
 
 
 # --- speed ---
@@ -293,33 +310,44 @@ def mix_pareto(rows: pd.DataFrame, metric: str) -> go.Figure:
 SPEED_TITLES = {"decode_tokens_per_s": "Decode throughput (tokens/s)", "sentences_per_s": "Throughput (sentences/s)"}
 
 
-def speed_tradeoff(rows: pd.DataFrame, speed: str, error_title: str) -> go.Figure:
-    """Error (log) against throughput, one point per (format, backend), size as marker area.
+def speed_tradeoff(rows: pd.DataFrame, speed: str, error_title: str, target_name: str = "the target") -> go.Figure:
+    """Error (log) against throughput, one point per (format, backend), size as marker area: measured on this
+    machine and predicted for the target in two panels with their own throughput axes (a CPU's tens of
+    tokens/s and a GPU's thousands on one axis would squash one of them to zero).
 
     ``rows`` has ``label``, ``speed``, ``error``, ``size_bytes``, ``library``, ``source`` ("measured" or
     "predicted") and ``pareto`` (bool); the Pareto front of measured points is drawn as a line.
     """
+    from plotly.subplots import make_subplots
+
     frame = rows.assign(size_mb=rows["size_bytes"] / 1e6, shown=rows["error"].clip(lower=LOG_FLOOR))
     largest = max(float(frame["size_mb"].max()), 1e-9)
-    figure = go.Figure()
-    for (library, source), part in frame.groupby(["library", "source"], sort=False):
+    sources = [s for s in ("measured", "predicted") if (frame["source"] == s).any()]
+    where = {"measured": "measured on this machine", "predicted": f"predicted on {target_name}"}
+    figure = make_subplots(rows=1, cols=len(sources), shared_yaxes=True, horizontal_spacing=0.08,
+                           subplot_titles=[where[s] for s in sources] if len(sources) > 1 else None)
+    for column, source in enumerate(sources, start=1):
         predicted = source == "predicted"
-        figure.add_trace(go.Scatter(
-            x=part["speed"], y=part["shown"], mode="markers+text", text=part["label"], textposition="top center",
-            name=f"{library} ({source})", legendgroup=library,
-            marker={"size": 10 + 30 * np.sqrt(part["size_mb"] / largest),
-                    "symbol": "circle-open" if predicted else "circle", "line": {"width": 2}},
-            customdata=part[["size_mb", "error"]].to_numpy(),
-            hovertemplate="%{text}<br>%{x:.1f}<br>error %{customdata[1]:.4g}<br>%{customdata[0]:.1f} MB"
-                          "<extra>" + source + "</extra>"))
+        for library, part in frame[frame["source"] == source].groupby("library", sort=False):
+            figure.add_trace(go.Scatter(
+                x=part["speed"], y=part["shown"], mode="markers+text", text=part["label"],
+                textposition="top center", name=f"{library} ({source})", legendgroup=library,
+                marker={"size": 10 + 30 * np.sqrt(part["size_mb"] / largest),
+                        "symbol": "circle-open" if predicted else "circle", "line": {"width": 2}},
+                customdata=part[["size_mb", "error"]].to_numpy(),
+                hovertemplate="%{text}<br>%{x:,.1f}<br>error %{customdata[1]:.4g}<br>%{customdata[0]:.1f} MB"
+                              "<extra>" + source + "</extra>"), row=1, col=column)
+        figure.update_xaxes(title=f"{SPEED_TITLES.get(speed, speed)}, {where[source]}", exponentformat="none",
+                            separatethousands=True, row=1, col=column)
     front = frame[frame["pareto"] & (frame["source"] == "measured")].sort_values("speed")
     if len(front) > 1:
         figure.add_trace(go.Scatter(x=front["speed"], y=front["shown"], mode="lines", name="Pareto front (measured)",
-                                    line={"dash": "dot", "color": "black"}, hoverinfo="skip"))
-    figure.update_layout(xaxis_title=SPEED_TITLES.get(speed, speed), yaxis_title=error_title, yaxis_type="log",
-                         margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+                                    line={"dash": "dot", "color": "black"}, hoverinfo="skip"), row=1, col=1)
+    figure.update_yaxes(type="log", exponentformat="power")
+    figure.update_yaxes(title=error_title, row=1, col=1)
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.3})
     figure.update_traces(cliponaxis=False)
-    return figure
+    return _titled(figure, "Accuracy against speed, marker area by size")
 
 
 def gpu_decode_bars(rows: pd.DataFrame, predicted: pd.DataFrame | None = None) -> go.Figure:
@@ -327,12 +355,13 @@ def gpu_decode_bars(rows: pd.DataFrame, predicted: pd.DataFrame | None = None) -
     figure = px.bar(rows, x="format_slug", y="decode_tokens_per_s", color="path", barmode="group",
                     labels={"format_slug": "format", "decode_tokens_per_s": "decode tokens/s (batch 1)",
                             "path": "code path"}, hover_data=["backend", "gpu", "decode_tokens_per_s_spread_pct"])
+    figure.update_yaxes(exponentformat="none", separatethousands=True)
     if predicted is not None and len(predicted):
         figure.add_trace(go.Scatter(x=predicted["format_slug"], y=predicted["decode_tokens_per_s"], mode="markers",
                                     name="roofline (bandwidth bound)", marker={"symbol": "line-ew-open", "size": 30,
                                                                                "line": {"width": 3}}))
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, "GPU decode speed per format and code path")
 
 
 # --- formats explorer ---------------------------------------------------------------------------------------
@@ -362,19 +391,19 @@ def bit_strips(layouts: pd.DataFrame) -> go.Figure:
     for field_name, color in FIELD_COLORS.items():
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=field_name,
                                     marker={"symbol": "square", "size": 12, "color": color}))
-    figure.update_yaxes(autorange="reversed", title="")
+    figure.update_yaxes(autorange="reversed", title="format")
     figure.update_xaxes(title="bit (most significant first)", showgrid=False, zeroline=False)
-    figure.update_layout(height=60 + 34 * layouts.shape[0], margin={"t": 10, "l": 10},
+    figure.update_layout(height=100 + 34 * layouts.shape[0], margin={"t": 10, "l": 10},
                          legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, "Bits of the value in each format")
 
 
 def number_lines(values: pd.DataFrame) -> go.Figure:
     """Representable values of each format as ticks on its own line: where the levels are dense or sparse."""
-    figure = px.scatter(values, x="value", y="format", labels={"value": "representable value", "format": ""})
+    figure = px.scatter(values, x="value", y="format", labels={"value": "representable value", "format": "format"})
     figure.update_traces(marker={"symbol": "line-ns-open", "size": 16, "line": {"width": 1}})
-    figure.update_layout(height=80 + 45 * values["format"].nunique(), margin={"t": 10})
-    return figure
+    figure.update_layout(height=120 + 45 * values["format"].nunique(), margin={"t": 10})
+    return _titled(figure, "Values each format can represent")
 
 
 def rounding_error_curves(records: pd.DataFrame) -> go.Figure:
@@ -383,9 +412,10 @@ def rounding_error_curves(records: pd.DataFrame) -> go.Figure:
     figure = px.line(frame, x="value", y="shown", color="format", facet_row="error_kind", log_y=True,
                      labels={"value": "value", "shown": "error"})
     figure.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1] + " error"))
-    figure.update_yaxes(matches=None)
-    figure.update_layout(height=520, margin={"t": 30}, legend={"orientation": "h", "y": -0.15})
-    return figure
+    figure.update_yaxes(matches=None, title="rounding error")
+    figure.update_xaxes(title="value")
+    figure.update_layout(height=540, margin={"t": 30}, legend={"orientation": "h", "y": -0.15})
+    return _titled(figure, "Rounding error against value")
 
 
 def outlier_histogram(values: torch.Tensor, records: pd.DataFrame) -> go.Figure:
@@ -399,9 +429,9 @@ def outlier_histogram(values: torch.Tensor, records: pd.DataFrame) -> go.Figure:
             figure.add_vline(x=sign * row.clip_at, line_dash="dash", line_color=color)
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": color, "dash": "dash"},
                                     name=f"{row.calibration}: clip at ±{row.clip_at:.3g}"))
-    figure.update_layout(xaxis_title="value", yaxis_title="count", yaxis_type="log", bargap=0,
-                         margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    figure.update_layout(xaxis_title="value (standard deviations)", yaxis_title="values per bin", yaxis_type="log",
+                         bargap=0, margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    return _titled(figure, "Where each calibration clips")
 
 
 def granularity_tradeoff(records: pd.DataFrame) -> go.Figure:
@@ -421,7 +451,7 @@ def granularity_tradeoff(records: pd.DataFrame) -> go.Figure:
                                 "relative_mse": "relative MSE (log)", "family": "scaling"})
     figure.update_traces(textposition="top center", marker={"size": 11}, cliponaxis=False)
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, "Error against storage, per way to scale")
 
 
 def token_ranges(per_token: pd.DataFrame, static_limit: float) -> go.Figure:
@@ -445,8 +475,10 @@ def token_ranges(per_token: pd.DataFrame, static_limit: float) -> go.Figure:
     figure.update_yaxes(type="log", range=[np.log10(low) - 0.3, np.log10(high) + 0.3], row=1, col=1)
     figure.update_yaxes(type="log", row=2, col=1)
     figure.update_xaxes(title="token position", row=2, col=1)
-    figure.update_layout(height=560, margin={"t": 40}, legend={"orientation": "h", "y": -0.15}, bargap=0)
-    return figure
+    figure.update_yaxes(title="|activation|", row=1, col=1)
+    figure.update_yaxes(title="relative MSE", row=2, col=1)
+    figure.update_layout(height=580, margin={"t": 60}, legend={"orientation": "h", "y": -0.15}, bargap=0)
+    return _titled(figure, "Static against dynamic activation scales, per token")
 
 
 def qat_curves(history: pd.DataFrame, results: pd.DataFrame) -> go.Figure:
@@ -459,29 +491,30 @@ def qat_curves(history: pd.DataFrame, results: pd.DataFrame) -> go.Figure:
                          annotation_text=f"PTQ {row.scheme}", annotation_position="bottom right")
     figure.add_hline(y=results["fp32_accuracy"].iloc[0], line_color="grey", annotation_text="FP32")
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, "Test accuracy during QAT, against PTQ and FP32")
 
 
-def rtn_vs_gptq(records: pd.DataFrame, value: str, title: str, log_y: bool = True) -> go.Figure:
-    """Grouped bars: one group per scheme, RTN and GPTQ side by side."""
+def rtn_vs_gptq(records: pd.DataFrame, value: str, title: str, log_y: bool = True,
+                figure_title: str = "RTN against GPTQ") -> go.Figure:
+    """Grouped bars: one group per scheme, RTN and GPTQ side by side; ``title`` names the bars' axis."""
     figure = px.bar(records, x="scheme", y=value, color="algorithm", barmode="group", log_y=log_y,
-                    text_auto=".3g", labels={"scheme": "", value: title, "algorithm": ""},
+                    text_auto=".3g", labels={"scheme": "scheme", value: title, "algorithm": ""},
                     color_discrete_map={"rtn": "#e45756", "gptq": "#54a24b"})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, figure_title)
 
 
 def speedups(records: pd.DataFrame, claims: pd.DataFrame) -> go.Figure:
-    """Measured speed-up over fp32 per variant and token count, with each seed claim as a dashed line."""
+    """Measured speed-up over fp32 per variant and token count, with each quoted claim as a dashed line."""
     frame = records.assign(tokens=records["tokens"].astype(str) + " token(s)")
     figure = px.bar(frame, x="variant", y="speedup_vs_fp32", color="tokens", barmode="group", text_auto=".2f",
-                    labels={"variant": "", "speedup_vs_fp32": "speed-up over fp32 (this CPU)", "tokens": ""})
+                    labels={"variant": "variant", "speedup_vs_fp32": "speed-up over fp32 (this CPU)", "tokens": ""})
     for row in claims.itertuples():
         figure.add_hline(y=row.claimed_speedup, line_dash="dash", line_color="grey",
-                         annotation_text=f"seed: {row.claim.split(':')[0]} {row.claimed_speedup:g}x")
+                         annotation_text=f"claimed: {row.claim.split(':')[0]} {row.claimed_speedup:g}x")
     figure.add_hline(y=1.0, line_color="black", line_width=1)
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2})
-    return figure
+    return _titled(figure, "Measured speed-up against the claimed ratios")
 
 
 # --- History: speed and sensitivity runs side by side ---
@@ -491,9 +524,9 @@ def compare_bench_runs(rows: pd.DataFrame, column: str, title: str, log_y: bool 
     """Grouped bars: one group per backend, one bar per run (``rows`` are bench records with a ``run`` column)."""
     shown = rows[pd.to_numeric(rows[column], errors="coerce").notna()] if column in rows else rows.iloc[:0]
     figure = px.bar(shown, x="backend", y=column, color="run", barmode="group", log_y=log_y, text_auto=".3g",
-                    labels={"backend": "", column: title, "run": "run"})
+                    labels={"backend": "backend", column: title, "run": "run"})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
-    return figure
+    return _titled(figure, f"{title}, per backend and run")
 
 
 def compare_sensitivity_runs(rows: pd.DataFrame, measure: str, title: str, log_y: bool = True) -> go.Figure:
@@ -506,7 +539,7 @@ def compare_sensitivity_runs(rows: pd.DataFrame, measure: str, title: str, log_y
                      category_orders={"layer": order}, hover_data=["series"],
                      labels={"layer": "linear (model order)", measure: title, "run": "run", "label": "scheme"})
     figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.35}, xaxis_showticklabels=False)
-    return figure
+    return _titled(figure, f"{title}, per linear and run")
 
 
 # --- Overview ------------------------------------------------------------------------------------------------
