@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from qlab.core.algorithms.awq import awq_quantize
+from qlab.core.algorithms.gptq import gptq_quantize
+from qlab.core.algorithms.hqq import hqq_quantize
+from qlab.core.algorithms.sparsity import sparse_quantize
 from qlab.core.errors import QlabError
 from qlab.core.quant import QTensor, QuantScheme, quantize
 
@@ -41,25 +45,17 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats
     """A linear weight (out x in) quantized by the scheme's algorithm; calibrated algorithms need that layer's
     ``stats``."""
     if scheme.algorithm == "hqq" and scheme.fmt.scaled:
-        from qlab.core.algorithms.hqq import hqq_quantize
-
         return hqq_quantize(weight, scheme)
     if not needs_calibration(scheme):
         if scheme.sparsity != "none":
-            from qlab.core.algorithms.sparsity import sparse_quantize
-
             return sparse_quantize(weight, scheme)
         return quantize(weight, scheme)
     if stats is None:
         raise QlabError(f"{scheme.label} needs calibration inputs for every layer; run it through the sweep, "
                         "which collects them, or use algorithm rtn.")
     if scheme.algorithm == "awq":
-        from qlab.core.algorithms.awq import awq_quantize
-
         if stats.input_abs_mean is None:
             raise QlabError(f"{scheme.label} needs each input's mean |x| as well as the Hessian; collect both "
                             "with qlab.analyses.calibration.")
         return awq_quantize(weight, stats.input_abs_mean, stats.hessian, scheme)
-    from qlab.core.algorithms.gptq import gptq_quantize
-
     return gptq_quantize(weight, stats.hessian, scheme)
