@@ -11,10 +11,12 @@ from qlab import charts
 from qlab.analyses import activations, explain, qat
 from qlab.analyses.calibration import layer_comparison
 from qlab.analyses.sweep import run_sweep
+from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec, Progress, default_text
-from qlab.models.loading import quantizable_linears
+from qlab.models.loading import model_sha256, quantizable_linears
+from qlab.store import Recorder, Store, sweep_meta
 
 SECTIONS = ("Calibration", "Static vs dynamic", "PTQ vs QAT", "GPTQ vs RTN")
 GPTQ_SCHEMES = (QuantScheme("int4", "group", 64), QuantScheme("int3", "group", 64))
@@ -37,9 +39,8 @@ def calibration_section() -> None:
     with common.user_errors():
         records = pd.DataFrame(explain.outlier_calibration(outlier, fmt, percentile))
     st.plotly_chart(charts.outlier_histogram(explain.outlier_tensor(outlier), records), key="cx_outlier_chart")
-    st.dataframe(records, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3e")
-                                for c in ("inlier_relative_mse", "relative_mse", "clipped_fraction")})
+    common.table(records, column_config={c: st.column_config.NumberColumn(format="%.3e")
+                                         for c in ("inlier_relative_mse", "relative_mse", "clipped_fraction")})
     st.caption("Inlier relative MSE is the error of the 4,095 ordinary values; 'levels used' counts the distinct "
                "codes they land on. MSE counts the outlier's own squared error too, so with one huge outlier it "
                "keeps most of the range; percentile clipping sacrifices the outlier for everyone else.")
@@ -100,9 +101,8 @@ def qat_section() -> None:
         return
     table = pd.DataFrame([r.to_record() for r in results])
     history = pd.DataFrame([{**h, "scheme": r.scheme} for r in results for h in r.history])
-    st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f")
-                                for c in ("fp32_accuracy", "ptq_accuracy", "qat_accuracy")})
+    common.table(table, column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                       for c in ("fp32_accuracy", "ptq_accuracy", "qat_accuracy")})
     st.plotly_chart(charts.qat_curves(history, table), key="cx_qat_chart")
     st.caption("Accuracy on 360 held-out digits. At 2 bits a weight has three levels (-1, 0, +1 times a per-row "
                "scale); QAT lets the other weights move to make up for the rounding, which PTQ cannot.")
@@ -115,7 +115,6 @@ def one_layer(model: str, layer: str, tokens: int, _loaded) -> pd.DataFrame:
 
 def gptq_section() -> None:
     loaded = common.current_model()
-    common.show_caveat(loaded)
     names = [name for name, _ in quantizable_linears(loaded.model)]
     st.session_state.setdefault("cx_gptq_layer", names[min(len(names) - 1, 3)])
     if st.session_state["cx_gptq_layer"] not in names:
@@ -123,15 +122,15 @@ def gptq_section() -> None:
     st.caption("GPTQ rounds one input column at a time and pushes each column's rounding error onto the columns "
                "not yet rounded, weighted by the inverse Hessian of the layer's output error (H = 2XᵀX from "
                "calibration inputs X). Round-to-nearest (RTN) rounds every weight on its own.")
+    common.show_caveat(loaded)
     layer = st.selectbox("Layer", names, key="cx_gptq_layer")
     with common.user_errors():
         records = one_layer(common.model_name(), layer, int(st.session_state["tokens"]), loaded)
-    st.plotly_chart(charts.rtn_vs_gptq(records, "output_error_held_out",
-                                       "relative output error, held-out tokens"), key="cx_gptq_layer_chart")
-    st.dataframe(records, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3e")
-                                for c in ("weight_relative_mse", "output_error_calibration",
-                                          "output_error_held_out")})
+    st.plotly_chart(charts.rtn_vs_gptq(records, "output_error_held_out", "relative output error, held-out tokens",
+                                       figure_title=f"{layer}: RTN against GPTQ"), key="cx_gptq_layer_chart")
+    common.table(records, column_config={c: st.column_config.NumberColumn(format="%.3e")
+                                         for c in ("weight_relative_mse", "output_error_calibration",
+                                                   "output_error_held_out")})
     st.caption("GPTQ's *weights* are further from the originals than RTN's (it moves them on purpose); its "
                "*outputs* are closer, on the calibration tokens and on tokens it never saw.")
     st.subheader("Whole model")
@@ -139,26 +138,49 @@ def gptq_section() -> None:
                "4,096 calibration tokens at the end of the evaluation text, collected once). On SmolLM2 on two "
                "CPU cores this takes several minutes; MiniLM about a minute.")
 
-    def sweep(progress: Progress, _recorder: None) -> None:
-        schemes = [dataclasses.replace(s, algorithm=a) for s in GPTQ_SCHEMES for a in ("rtn", "gptq")]
-        st.session_state["cx_gptq_model"] = {"model": loaded.name, "rows": []}
-        for row in run_sweep(loaded, schemes, EvalSpec(st.session_state["tokens"]),
-                             progress=lambda fraction, message: progress(fraction, message[:80])):
-            st.session_state["cx_gptq_model"]["rows"].append(row.to_record())  # kept if cancelled
+    spec = EvalSpec(st.session_state["tokens"])
+    schemes = [dataclasses.replace(s, algorithm=a) for s in GPTQ_SCHEMES for a in ("rtn", "gptq")]
+    measured = st.session_state.setdefault("cx_gptq_model", {})  # (model, weights, budget) -> {scheme: record}
+    key = (loaded.name, model_sha256(loaded), spec.tokens)
+    if key not in measured:  # a reload: what the run history holds for these schemes (any sweep of them)
+        try:
+            measured[key] = Store().stored_schemes(loaded.name, key[1], spec.text_sha256, spec.tokens)
+        except QlabError as error:
+            measured[key] = {}
+            st.warning(f"Run history unavailable: {error}")
+    finished = measured[key]
+
+    def sweep_run():
+        common.baseline(loaded, loaded.name, spec, spec.text_sha256)  # a failing baseline stores no run
+        return sweep_meta(loaded, schemes, spec, st.session_state["hardware"])
+
+    def sweep(progress: Progress, recorder: Recorder) -> None:
+        baseline = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        named = common.step_names(progress, [s.label for s in schemes])
+        for row in run_sweep(loaded, schemes, spec, baseline=baseline, progress=named):
+            finished[row.scheme] = row.to_record()  # kept (and stored) before the next scheme starts
+            recorder.save(row)
+
+    def kept() -> str:
+        done = [s.label for s in schemes if s in finished]
+        return (f"Kept {common.count(done, 'finished scheme')} ({', '.join(done)}), shown below and in History."
+                if done else "No scheme had finished, so none was kept.")
 
     # Any press reruns the page, which stops the sweep at its next progress update.
     common.long_run("Run RTN vs GPTQ on the whole model", "cx_run_gptq_model", sweep, primary=False,
-                    cancel_key="cx_cancel_gptq_model", start_text="starting", columns=st.columns([1, 3]),
+                    prepare=sweep_run, kept=kept, cancel_key="cx_cancel_gptq_model",
+                    start_text="Computing the FP32 reference outputs...", columns=st.columns([1, 3]),
                     cancel_help="Stops after the current batch; schemes that finished are kept.")
-    finished = st.session_state.get("cx_gptq_model")
-    if finished and finished["model"] == loaded.name and finished["rows"]:
-        rows = pd.DataFrame(finished["rows"]).assign(scheme=lambda f: f["label"].str.replace(" gptq", ""))
+    done = [finished[s] for s in schemes if s in finished]
+    if done:
+        rows = pd.DataFrame(done).assign(scheme=lambda f: f["label"].str.replace(" gptq", ""))
         metric = "kld_mean" if "kld_mean" in rows else "cosine_mean"
-        st.plotly_chart(charts.rtn_vs_gptq(rows, metric, charts.metric_title(metric), log_y=metric == "kld_mean"),
-                        key="cx_gptq_model_chart")
+        st.plotly_chart(charts.rtn_vs_gptq(rows, metric, charts.metric_title(metric), log_y=metric == "kld_mean",
+                                           figure_title="Whole model: RTN against GPTQ"), key="cx_gptq_model_chart")
         shown = [c for c in ("label", "bits_per_weight", "ppl", "kld_mean", "top1_agreement", "cosine_mean",
                              "retrieval_agreement", "calibration_tokens", "quantize_seconds") if c in rows]
-        st.dataframe(rows[shown], hide_index=True, width="stretch")
+        common.table(rows[shown], column_config={"quantize_seconds": st.column_config.NumberColumn(
+            "quantize time (s)", format="%.1f")})
 
 
 {"Calibration": calibration_section, "Static vs dynamic": static_dynamic_section, "PTQ vs QAT": qat_section,

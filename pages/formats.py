@@ -1,5 +1,5 @@
 """Formats page: every precision format bit by bit, number lines, the affine mapping step by step, what
-per-tensor / per-channel / group / GGUF block scales cost and buy, hardware support, and the seeds' claims."""
+per-tensor / per-channel / group / GGUF block scales cost and buy, hardware support, and the common claims."""
 
 import pandas as pd
 import streamlit as st
@@ -12,11 +12,12 @@ from qlab.core.errors import QlabError
 from qlab.core.formats import FORMATS
 from qlab.core.quant import CALIBRATIONS
 from qlab.models.evaluate import EvalSpec, Progress
-from qlab.models.loading import quantizable_linears
+from qlab.models.loading import model_sha256, quantizable_linears
+from qlab.store import Recorder, Store, sweep_meta
 
-SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Seed claims")
+SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Claims")
 VALUE_PRESETS = {
-    "seed weight 0.87654321": 0.87654321, "70000 (beyond FP16)": 70000.0, "1e-6 (FP16 subnormal)": 1e-6,
+    "example weight 0.87654321": 0.87654321, "70000 (beyond FP16)": 70000.0, "1e-6 (FP16 subnormal)": 1e-6,
     "500 (E4M3 saturates at 448)": 500.0, "3.3e38 (BF16 keeps FP32's range)": 3.3e38, "-2.45": -2.45,
 }
 INTEGER_FORMATS = [name for name, fmt in FORMATS.items() if fmt.kind == "integer"]
@@ -44,26 +45,27 @@ def bits_section() -> None:
     with common.user_errors():
         layouts = pd.DataFrame([layout.to_record() for layout in explain.bit_layouts(value, absmax=absmax)])
     st.plotly_chart(charts.bit_strips(layouts), key="fx_bit_strips")
-    st.dataframe(layouts[["format", "bits", "stored", "error", "relative_error", "code", "scale", "flags"]],
-                 hide_index=True, width="stretch",
+    common.table(layouts[["format", "bits", "stored", "error", "relative_error", "code", "scale", "flags"]],
                  column_config={"stored": st.column_config.NumberColumn(format="%.10g"),
                                 "error": st.column_config.NumberColumn(format="%.3e"),
                                 "relative_error": st.column_config.NumberColumn(format="%.2e"),
                                 "scale": st.column_config.NumberColumn(format="%.6g")})
     if value == preset["single_weight"]["value"] and absmax == preset["single_weight"]["range_absmax"]:
         stored = layouts.set_index("format")
-        seed = preset["single_weight"]
-        rows = [{"format": fmt, "the seed says": claim,
+        example = preset["single_weight"]
+        rows = [{"format": fmt, "the example says": claim,
                  "qlab stores": f"{stored.loc[fmt, 'stored']:.8g}"
                  + (f" (code {stored.loc[fmt, 'code']})" if fmt.startswith("int") else ""),
                  "bytes": FORMATS[fmt].bits / 8}
-                for fmt, claim in seed["claimed"].items()]
-        st.markdown("**The seed's single-weight example**: " + seed["claim"])
-        st.dataframe(pd.DataFrame(rows), hide_index=True)
-        st.caption(seed["range_note"] + " With that range the abs-max INT8 code is 111, not the seed's 'maybe "
+                for fmt, claim in example["claimed"].items()]
+        st.markdown("**A single-weight example, as guides tell it**: " + example["claim"])
+        common.table(pd.DataFrame(rows), width="content")
+        st.caption(f"The example does not say which range the integer grids cover; here the weight lives in a "
+                   f"tensor whose largest magnitude is {example['range_absmax']:g} (a symmetric abs-max scale). "
+                   "With that range the abs-max INT8 code is 111, not the example's 'maybe "
                    "112' (which is 0.8765 x 128, a scale of 1/128), and signed INT4 gives 6 (its codes stop at "
                    "7, so '9' is not a signed 4-bit code at all). FP16 keeps 0.87646484375 (0.876 to three decimals); "
-                   "the seed's 0.877 is the original value rounded, not what FP16 stores.")
+                   "the example's 0.877 is the original value rounded, not what FP16 stores.")
 
 
 def number_line_section() -> None:
@@ -87,7 +89,7 @@ def number_line_section() -> None:
     counts = pd.DataFrame([{"format": line.format, "values in range": line.count,
                             "per unit": line.count / (high - low),
                             "drawn": "an even sample" if line.sampled else "all"} for line in lines])
-    st.dataframe(counts, hide_index=True, column_config={"per unit": st.column_config.NumberColumn(format="%.4g")})
+    common.table(counts, width="content", column_config={"per unit": st.column_config.NumberColumn(format="%.4g")})
     st.caption("Floats put as many values between 0.5 and 1 as between 1 and 2: their steps grow with the "
                "value, so their *relative* error is flat. Integer grids have one step everywhere: a flat "
                "*absolute* error, and large relative errors near zero.")
@@ -95,18 +97,21 @@ def number_line_section() -> None:
 
 
 def affine_section() -> None:
-    seed = preset["affine_example"]
-    st.markdown(f"**The seed's worked example**: {seed['claim']}")
-    st.session_state.setdefault("fx_affine_values", ", ".join(str(v) for v in seed["values"]))
-    for key, default in (("fx_affine_manual", True), ("fx_affine_scale", seed["scale"]), ("fx_affine_format", "int8"),
+    example = preset["affine_example"]
+    st.markdown(f"**A worked example, as guides tell it**: {example['claim']}")
+    st.session_state.setdefault("fx_affine_values", ", ".join(str(v) for v in example["values"]))
+    for key, default in (("fx_affine_manual", True), ("fx_affine_scale", example["scale"]),
+                         ("fx_affine_format", "int8"),
                          ("fx_affine_symmetric", True), ("fx_affine_calibration", "minmax"), ("fx_affine_zero", 0)):
         st.session_state.setdefault(key, default)
     buttons = st.columns(3)
-    if buttons[0].button("Preset: the seed's scale 0.019", key="fx_preset_seed"):
-        st.session_state.update(fx_affine_values=", ".join(str(v) for v in seed["values"]), fx_affine_manual=True,
-                                fx_affine_scale=seed["scale"], fx_affine_format="int8", fx_affine_symmetric=True)
+    if buttons[0].button("Preset: the example's scale 0.019", key="fx_preset_seed"):
+        st.session_state.update(fx_affine_values=", ".join(str(v) for v in example["values"]),
+                                fx_affine_manual=True, fx_affine_scale=example["scale"], fx_affine_format="int8",
+                                fx_affine_symmetric=True)
     if buttons[1].button("Preset: abs-max scale 2.45 / 127", key="fx_preset_absmax"):
-        st.session_state.update(fx_affine_values=", ".join(str(v) for v in seed["values"]), fx_affine_manual=False,
+        st.session_state.update(fx_affine_values=", ".join(str(v) for v in example["values"]),
+                                fx_affine_manual=False,
                                 fx_affine_format="int8", fx_affine_symmetric=True, fx_affine_calibration="minmax")
     text = st.text_input("Values", key="fx_affine_values")
     cols = st.columns(4)
@@ -129,7 +134,7 @@ def affine_section() -> None:
                                          zero_point=None if zero_point is None else int(zero_point))
     st.markdown(f"{mapping.how}; grid **[{mapping.qmin}, {mapping.qmax}]**, zero-point **{mapping.zero_point}**. "
                 "Steps: q = clamp(round(x / scale + zero-point), qmin, qmax); x̂ = (q - zero-point) x scale.")
-    st.dataframe(pd.DataFrame(mapping.rows), hide_index=True, width="stretch",
+    common.table(pd.DataFrame(mapping.rows),
                  column_config={"value / scale": st.column_config.NumberColumn(format="%.4f"),
                                 "+ zero-point": st.column_config.NumberColumn(format="%.4f"),
                                 "dequantized": st.column_config.NumberColumn(format="%.6g"),
@@ -147,7 +152,7 @@ def affine_section() -> None:
     metrics[2].metric("+ scale (fp32) and zero-point", f"{storage['scale_bytes'] + storage['zero_point_bytes']} bytes")
     metrics[3].metric("Stored", f"{storage['total_bytes']} bytes",
                       f"{storage['fp32_bytes'] / storage['total_bytes']:.2f}x smaller", delta_color="off")
-    st.caption("The seed's '16 bytes -> 4 bytes' counts the codes only. The scale has to be stored too: for four "
+    st.caption("The example's '16 bytes -> 4 bytes' counts the codes only. The scale has to be stored too: for four "
                "values it doubles the size. One scale per 4096 x 4096 matrix costs 4 bytes per 16.8 M weights "
                "(nothing); one fp16 scale per group of 32 costs 0.5 bits per weight (see Granularity).")
 
@@ -159,7 +164,6 @@ def granularity_records(model: str, layer: str, bits: int, _weight) -> pd.DataFr
 
 def granularity_section() -> None:
     loaded = common.current_model()
-    common.show_caveat(loaded)
     linears = dict(quantizable_linears(loaded.model))
     names = list(linears)
     st.session_state.setdefault("fx_layer", names[len(names) // 2])
@@ -171,19 +175,20 @@ def granularity_section() -> None:
                        help="Integer width of the per-tensor, per-channel and group variants; the GGUF and NF4 "
                             "rows keep their own widths.")
     weight = linears[layer].weight.detach()
+    common.show_caveat(loaded)
     with common.user_errors():
         records = granularity_records(common.model_name(), layer, bits, weight)
     st.plotly_chart(charts.granularity_tradeoff(records), key="fx_granularity_chart")
     exact = records.loc[records["relative_mse"] == 0, "variant"].tolist()
     if exact:
         st.info(f"{', '.join(exact)} reproduce this matrix exactly: its weights were stored in that very format "
-                "(see the warning above), so re-quantizing them finds the same blocks. Real FP16 weights would "
+                "(see the note above), so re-quantizing them finds the same blocks. Real FP16 weights would "
                 "not come back exactly.")
-    st.dataframe(records, hide_index=True, width="stretch",
-                 column_config={"relative_mse": st.column_config.NumberColumn(format="%.3e"),
-                                "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
-                                "bits_per_weight": st.column_config.NumberColumn(format="%.4f"),
-                                "overhead_bits_per_weight": st.column_config.NumberColumn(format="%.4f")})
+    common.table(records, column_config={
+        "relative_mse": st.column_config.NumberColumn(format="%.3e"),
+        "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
+        "bits_per_weight": st.column_config.NumberColumn(format="%.4f"),
+        "overhead_bits_per_weight": st.column_config.NumberColumn("scale overhead (bits/weight)", format="%.4f")})
     st.caption(f"`{layer}`: {weight.shape[0]} x {weight.shape[1]}. One scale for the whole matrix is set by its "
                "single largest weight and wastes levels on every row with smaller weights; a scale per row or "
                "per block tracks local ranges for a fraction of a bit per weight. That trade is why GGUF, GPTQ "
@@ -194,46 +199,69 @@ def granularity_section() -> None:
 
 def hardware_section() -> None:
     table = pd.DataFrame(explain.hardware_support())
-    st.caption("From the hardware catalog (`assets/hardware.json`, sources per entry) and this machine's "
-               "detected CPU flags: which formats each target runs natively or has mainstream kernels for.")
-    st.dataframe(table.drop(columns=["notes", "id"]), hide_index=True, width="stretch")
-    st.markdown("**The seed's hardware claims, checked against the catalog**")
-    st.dataframe(pd.DataFrame(explain.seed_hardware_claims()), hide_index=True, width="stretch")
+    st.caption("From qlab's hardware catalog (sources per entry) and this machine's detected CPU flags: which "
+               "formats each target runs natively or has mainstream kernels for.")
+    common.table(table.drop(columns=["notes", "id"]))
+    st.markdown("**Common hardware claims, checked against the catalog**")
+    common.table(pd.DataFrame(explain.seed_hardware_claims()))
     speed = st.session_state.get("fx_speed")
     if speed:
-        st.markdown("**Measured on this machine** (Seed claims section): " + "; ".join(
+        st.markdown("**Measured on this machine** (Claims section): " + "; ".join(
             f"{r['variant']} {r['speedup_vs_fp32']:.2f}x at {r['tokens']} token(s)" for r in speed))
     else:
-        st.caption("Speed measured on this machine appears here after the Seed claims section's benchmark; "
+        st.caption("Speed measured on this machine appears here after the Claims section's benchmark; "
                    "whole-model decode speed per backend is on the Speed page.")
 
 
 def claims_section() -> None:
-    st.caption("The seeds quote three headline ratios. qlab measures accuracy with the sweep (fp16; int8 per "
-               "channel; int4 in groups of 32, like GGUF's Q4 blocks) on the sidebar's model, and speed with a "
-               "labelled micro-benchmark on this CPU.")
-    left, middle, right = st.columns(3)
+    st.caption("Quantization guides often quote three headline ratios. qlab measures accuracy with the sweep "
+               "(fp16; int8 per channel; int4 in groups of 32, like GGUF's Q4 blocks) on the sidebar's model, and "
+               "speed with a labelled micro-benchmark on this CPU.")
     loaded = common.current_model()
     common.show_caveat(loaded)
+    left, middle, right = st.columns(3)
+    spec = EvalSpec(st.session_state["tokens"])
+    schemes = list(claims.CLAIM_SCHEMES)
+    measured = st.session_state.setdefault("fx_accuracy", {})  # (model, weights, budget) -> {scheme: record}
+    key = (loaded.name, model_sha256(loaded), spec.tokens)
+    if key not in measured:  # a reload: what the run history holds for these schemes (any sweep of them)
+        try:
+            measured[key] = Store().stored_schemes(loaded.name, key[1], spec.text_sha256, spec.tokens)
+        except QlabError as error:
+            measured[key] = {}
+            st.warning(f"Run history unavailable: {error}")
+    finished = measured[key]
 
-    def sweep(progress: Progress, _recorder: None) -> None:
-        spec = EvalSpec(st.session_state["tokens"])
-        rows = [row.to_record() for row in run_sweep(loaded, list(claims.CLAIM_SCHEMES), spec, progress=progress)]
-        st.session_state["fx_accuracy"] = {"model": loaded.name, "rows": rows}
+    def sweep_run():
+        common.baseline(loaded, loaded.name, spec, spec.text_sha256)  # a failing baseline stores no run
+        return sweep_meta(loaded, schemes, spec, st.session_state["hardware"])
+
+    def sweep(progress: Progress, recorder: Recorder) -> None:
+        baseline = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
+        named = common.step_names(progress, [s.label for s in schemes])
+        for row in run_sweep(loaded, schemes, spec, baseline=baseline, progress=named):
+            finished[row.scheme] = row.to_record()  # kept (and stored) before the next scheme starts
+            recorder.save(row)
+
+    def kept() -> str:
+        done = [s.label for s in schemes if s in finished]
+        return (f"Kept {common.count(done, 'finished scheme')} ({', '.join(done)}), shown below."
+                if done else "No scheme had finished, so none was kept.")
 
     # Any press reruns the page, which stops the sweep at its next progress update.
-    common.long_run("Measure accuracy (sweep)", "fx_run_accuracy", sweep, cancel_key="fx_cancel_accuracy",
-                    cancel_help="Stops the accuracy sweep after the current batch.", primary=False,
-                    start_text="Sweeping fp16, int8, int4...", columns=(left, middle))
+    common.long_run("Measure accuracy (sweep)", "fx_run_accuracy", sweep, prepare=sweep_run, kept=kept,
+                    cancel_key="fx_cancel_accuracy", cancel_help="Stops the accuracy sweep after the current batch.",
+                    primary=False, start_text="Computing the FP32 reference outputs...", columns=(left, middle))
     if right.button("Measure speed on this CPU", key="fx_run_speed"):
         with common.user_errors(), st.spinner("Timing fp32, bf16, fp16 and int8 dynamic..."):
             st.session_state["fx_speed"] = claims.measure_cpu_speed()
-    accuracy = st.session_state.get("fx_accuracy")
+    rows = [finished[s] for s in schemes if s in finished]
     speed = st.session_state.get("fx_speed")
-    table = pd.DataFrame(claims.compare_claims(accuracy["rows"] if accuracy else None, speed))
-    st.dataframe(table.drop(columns=["measured_loss_percent"]), hide_index=True, width="stretch")
-    if accuracy:
-        st.caption(f"Accuracy measured on {accuracy['model']} with {st.session_state['tokens']} evaluation tokens.")
+    table = pd.DataFrame(claims.compare_claims(rows, speed))
+    common.table(table.drop(columns=["measured_loss_percent"]), column_config={
+        "claimed_speedup": "claimed speed-up (x)"})
+    if rows:
+        st.caption(f"Accuracy measured on {loaded.name} with {spec.tokens} evaluation tokens.")
     if speed:
         st.plotly_chart(charts.speedups(pd.DataFrame(speed), table), key="fx_speed_chart")
         st.caption(f"Micro-benchmark: {speed[0]['workload']}, best of {speed[0]['repeats']} runs, "
@@ -241,9 +269,9 @@ def claims_section() -> None:
     published = claims.published_speedups()
     if published:
         st.markdown("**Published decode speed-ups** (references, not measured here)")
-        st.dataframe(pd.DataFrame(published), hide_index=True, width="stretch")
+        common.table(pd.DataFrame(published))
     st.markdown(
-        "**Why the numbers differ.** The seeds' 2x / 4x / 8x are ratios of bits: 32/16, 32/8, 32/4. They hold "
+        "**Why the numbers differ.** The quoted 2x / 4x / 8x are ratios of bits: 32/16, 32/8, 32/4. They hold "
         "only where time is spent moving weights *and* a kernel computes directly on the narrow type. With one "
         "token a matmul is memory-bound, so fewer bytes per weight win even when the math is converted back to "
         "fp32; with many tokens it is compute-bound, and a CPU without native fp16 arithmetic makes fp16 "
@@ -256,4 +284,4 @@ def claims_section() -> None:
 
 
 {"Bits of a value": bits_section, "Number lines": number_line_section, "Affine mapping": affine_section,
- "Granularity": granularity_section, "Hardware": hardware_section, "Seed claims": claims_section}[section]()
+ "Granularity": granularity_section, "Hardware": hardware_section, "Claims": claims_section}[section]()

@@ -9,7 +9,7 @@ from pages import common
 from qlab import charts
 from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.errors import QlabError
-from qlab.models.evaluate import DEFAULT_TEXT_NAME, Baseline, EvalSpec, Progress, decode_text
+from qlab.models.evaluate import DEFAULT_TEXT_NAME, LM_WINDOW, Baseline, EvalSpec, Progress, decode_text
 from qlab.models.loading import model_sha256
 from qlab.store import Recorder, Store, sweep_meta
 
@@ -18,10 +18,10 @@ TEXT_SOURCES = ("Built-in text", "Paste text", "Upload a file")
 common.page_setup()
 st.title("Quantize")
 loaded = common.current_model()
-common.show_caveat(loaded)
 st.caption("Weight-only post-training quantization, simulated exactly (quantize, then dequantize) on a copy "
            "of the model; the loaded model is never changed. Each scheme is compared with the FP32 model on "
            "the same tokens.")
+common.show_caveat(loaded)
 
 with st.expander("Evaluation text", expanded=False):
     source = st.radio("Text", TEXT_SOURCES, key="text_source", horizontal=True, label_visibility="collapsed")
@@ -37,6 +37,21 @@ with st.expander("Evaluation text", expanded=False):
         else:
             spec = EvalSpec(st.session_state["tokens"])
     st.caption(f"Evaluating on **{spec.text_name}**, {spec.tokens} tokens.")
+if spec.text is not None:  # a text shorter than the budget is said now, not after a press
+    available = len(loaded.tokenizer(spec.text, add_special_tokens=False, verbose=False).input_ids)
+    if available < spec.tokens:
+        window = min(LM_WINDOW, spec.tokens)
+        used = min(spec.tokens, available) // window * window
+        if loaded.kind != "causal-lm":
+            st.warning(f"This text has {available:,} tokens, fewer than the budget of {spec.tokens:,}: the "
+                       "evaluation uses all of it.")
+        elif used:
+            st.warning(f"This text has {available:,} tokens, fewer than the budget of {spec.tokens:,}: only "
+                       f"{used:,} are evaluated (whole windows of {window}). Lower the budget in the sidebar or "
+                       "give a longer text.")
+        else:
+            st.warning(f"This text has {available:,} tokens, fewer than one evaluation window of {window}: "
+                       f"set the sidebar's evaluation tokens to {available:,} or fewer, or give a longer text.")
 
 with common.user_errors():
     schemes = common.schemes()
@@ -70,14 +85,24 @@ def sweep(progress: Progress, recorder: Recorder) -> None:
     for scheme in schemes:
         if scheme in finished:
             recorder.save(finished[scheme], "sweep", scheme)
-    for row in run_sweep(loaded, todo, spec, baseline=baseline(), progress=progress):
+    named = common.step_names(progress, [s.label for s in todo])
+    for row in run_sweep(loaded, todo, spec, baseline=baseline(), progress=named):
         finished[row.scheme] = row.to_record()  # saved before the next scheme starts
         results[run_key] = finished
         recorder.save(row)
 
 
+def kept() -> str:
+    done = [s.label for s in schemes if s in finished]
+    if not done:
+        return "No scheme had finished, so none was kept."
+    return (f"Kept {common.count(done, 'finished scheme')} ({', '.join(done)}), shown below and in History; "
+            "press **Run sweep** to measure the rest.")
+
+
 common.long_run("Run sweep", "run_sweep", sweep, prepare=sweep_run, ready=bool(todo), cancel_key="cancel_sweep",
-                cancel_help="Stops after the current batch; schemes that finished are kept.",
+                cancel_help="Stops after the current batch; schemes that finished are kept.", kept=kept,
+                start_text="Computing the FP32 reference outputs...",
                 nothing_to_do="Every chosen scheme is already measured for this model, text and budget (shown "
                               "below).")
 
@@ -96,12 +121,11 @@ log_y = scale_column.checkbox("Log scale", value=metric.startswith("kld"), key=f
 st.plotly_chart(charts.size_vs_accuracy(frame, metric, log_y), key="size_vs_accuracy")
 
 table_columns = ["label", "bits_per_weight", "size_bytes", *metric_options, "seconds"]
-st.dataframe(
+common.table(
     frame[table_columns].assign(size_bytes=frame["size_bytes"] / 1e6).rename(columns={"size_bytes": "size (MB)"}),
-    hide_index=True, width="stretch",
     column_config={"bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f"),
                    "size (MB)": st.column_config.NumberColumn(format="%.1f"),
-                   "seconds": st.column_config.NumberColumn(format="%.1f"),
+                   "seconds": st.column_config.NumberColumn("time (s)", format="%.1f"),
                    **{m: st.column_config.NumberColumn(format="%.4g") for m in metric_options}},
 )
 st.caption("bits/weight: storage of the quantized linear weights including scales and zero-points. "

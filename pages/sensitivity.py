@@ -14,12 +14,14 @@ from qlab.analyses.mixed import (
     budget_steps,
     choices_from,
     compare,
+    recommend,
     recommendation_record,
 )
 from qlab.analyses.sensitivity import analyze
 from qlab.analyses.sweep import check_schemes
 from qlab.core.errors import QlabError
 from qlab.models.evaluate import Baseline, EvalSpec, Progress
+from qlab.models.loading import model_sha256
 from qlab.store import (
     ANALYSIS_RUN,
     Recorder,
@@ -28,6 +30,7 @@ from qlab.store import (
     save_summary,
     sensitivity_meta,
     sensitivity_saver,
+    stored_sensitivity,
 )
 
 VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
@@ -35,17 +38,24 @@ UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none
 TABLE_COLUMNS = ["layer", "layer_type", "block", "label", "bits_per_weight", "estimated_delta", "block_delta",
                  "linear_delta", "predicted_delta", "relative_mse", "sqnr_db", "weight_relative_mse", "weight_absmax_over_std",
                  "weight_kurtosis", "weight_outlier_rows", "input_absmax", "input_outlier_channels"]
+TABLE_LABELS = {"layer_type": "layer type", "label": "scheme", "estimated_delta": "estimated Δ",
+                "block_delta": "block Δ (measured)", "linear_delta": "layer Δ (measured)",
+                "predicted_delta": "predicted Δ (2nd order)", "relative_mse": "output relative MSE",
+                "weight_relative_mse": "weight relative MSE", "weight_absmax_over_std": "weight abs-max / std",
+                "weight_kurtosis": "weight kurtosis", "weight_outlier_rows": "weight outlier rows",
+                "input_absmax": "input abs-max", "input_outlier_channels": "input outlier channels"}
+ERROR_LABELS = {"kld_mean": "error: KLD (nats)", "cosine_mean": "error: 1 - cosine"}
 PARETO_POINTS = 4  # mixes measured between the smallest and largest format, besides the slider's budget
 
 common.page_setup()
 st.title("Sensitivity")
 loaded = common.current_model()
-common.show_caveat(loaded)
 st.caption("Which linear layers lose the most when quantized. **Per linear**: the output error of quantizing "
            "that layer alone, on its real input activations (captured once with hooks). **End to end**: the "
            "model's KL divergence (LMs) or 1 - cosine (embedding models) with one block quantized; each block "
            "replays from its cached input, so the unchanged prefix is never re-run. Then a per-layer format "
            "plan under a size budget, measured against the uniform formats.")
+common.show_caveat(loaded)
 
 with common.user_errors():
     candidates = {s.label: s for s in common.schemes(round_to_nearest=True) if s.fmt.scaled}
@@ -78,7 +88,29 @@ measured_unit = "block" if unit == "none" else unit
 run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
 reports = st.session_state.setdefault("sensitivity_reports", {})
 analysis_runs = st.session_state.setdefault("sensitivity_run_ids", {})  # run_key -> the stored analysis run
+analysis_settings = {"schemes": [s.to_dict() for s in schemes], "unit": measured_unit, "view": view,
+                     "blocks": unit != "none", "predict": True}
 
+
+def latest_stored(kind: str, holding: str, statuses: list[str] | None = None, **settings):
+    """The newest stored run of this analysis (and ``settings``), or None; a database that cannot be read is
+    said once and treated as empty."""
+    try:
+        return Store().latest_run(kind, loaded.name, model_sha256(loaded), analysis_settings | settings,
+                                  text_sha256=spec.text_sha256, tokens=spec.tokens, holding=holding,
+                                  statuses=statuses)
+    except QlabError as error:
+        st.warning(f"Run history unavailable: {error}")
+        return None
+
+
+if run_key not in reports:  # a reload or a shared link: show the analysis the run history already holds
+    stored = latest_stored("sensitivity", "sensitivity_linear", ["finished"])
+    if stored is not None:
+        reports[run_key] = stored_sensitivity(stored)
+        analysis_runs[run_key] = stored.id
+        st.caption(f"Shown from the analysis stored {stored.created_at[:16].replace('T', ' ')} UTC (History); "
+                   "**Analyse** measures it again.")
 
 
 def baseline() -> Baseline:
@@ -90,17 +122,49 @@ def analysis_run():
                             blocks=unit != "none", hardware=st.session_state["hardware"])
 
 
+# analyze reports each step once it is done; the label names the one that starts.
+NEXT_STEP = {"captured activations and block inputs": "estimating the output curvature (one backward pass)",
+             "estimated output curvature": "measuring each unit end to end",
+             "everything quantized": "capturing the quantized model's block inputs",
+             "captured quantized block inputs": "measuring each unit kept in FP32"}
+
+
+def running(progress: Progress) -> Progress:
+    def named(fraction: float, message: str) -> None:
+        scheme, _, done = message.rpartition(": ")
+        upcoming = NEXT_STEP.get(done) or f"measuring the unit after {done.removeprefix('all but ')}"
+        progress(fraction, f"{scheme}: {upcoming}" if scheme else upcoming)
+
+    return named
+
+
 def analyse(progress: Progress, recorder: Recorder) -> None:
     # One stored run per press; per-linear records and each measured unit are saved as they finish.
+    saved = st.session_state["sensitivity_saved"] = {"linear": 0, "block": 0}
+    save = sensitivity_saver(recorder)
+
+    def on_records(part: str, records: list[dict]) -> None:
+        save(part, records)
+        saved[part] += len(records)
+
     reports[run_key] = analyze(loaded, schemes, baseline(), blocks=unit != "none", unit=measured_unit, view=view,
-                               on_records=sensitivity_saver(recorder), progress=progress)
+                               on_records=on_records, progress=running(progress))
     save_summary(recorder, seconds=reports[run_key].seconds)
     # A recommendation built on this analysis names this run instead of storing it again.
     analysis_runs[run_key] = recorder.run_id if recorder.error is None else None
 
 
+def analysis_kept() -> str:
+    saved = st.session_state.get("sensitivity_saved", {})
+    if not saved.get("linear"):
+        return "It stopped before the per-layer errors were measured, so nothing new was kept."
+    return (f"Kept in History as a stopped run: the per-layer errors ({saved['linear']} records) and "
+            f"{common.count(saved['block'], 'end-to-end measurement')}; press **Analyse** for the full analysis.")
+
+
 common.long_run("Analyse", "run_sensitivity", analyse, prepare=analysis_run, cancel_key="cancel_sensitivity",
-                cancel_help="Stops the analysis; a finished analysis is kept.")
+                cancel_help="Stops the analysis; what it measured is kept in History.", kept=analysis_kept,
+                start_text="Capturing activations and block inputs (one FP32 pass)...")
 
 report = reports.get(run_key)
 if report is None:
@@ -123,29 +187,35 @@ with heatmap_tab:
 with table_tab:
     ascending = measure == "sqnr_db"
     columns = [c for c in TABLE_COLUMNS if c in frame.columns]
-    st.dataframe(frame.sort_values(measure, ascending=ascending)[columns], hide_index=True, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3e") for c in
+    common.table(frame.sort_values(measure, ascending=ascending)[columns], key="sensitivity_table",
+                 column_config={c: st.column_config.NumberColumn(TABLE_LABELS[c], format="%.3e") for c in
                                 ("relative_mse", "estimated_delta", "predicted_delta", "block_delta",
                                  "linear_delta", "weight_relative_mse")} | {
                      "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
-                     "bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f")},
-                 key="sensitivity_table")
-    st.caption("Click a column header to sort. relative_mse = |X(W_q - W)ᵀ|² / |XWᵀ|² on captured inputs; "
-               "predicted_delta = ½ Σ curvature × squared output error (one backward pass); block_delta = the "
-               f"measured {report.metric} change with the layer's whole block quantized; estimated_delta = the "
-               "block's measured delta shared among its linears by predicted_delta (what the recommender "
-               "minimises). Outliers: channels whose absmax exceeds 6x the median channel's.")
+                     "bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f")}
+                 | {c: label for c, label in TABLE_LABELS.items() if c not in ("relative_mse", "estimated_delta",
+                    "predicted_delta", "block_delta", "linear_delta", "weight_relative_mse")})
+    st.caption("Click a column header to sort. Output relative MSE = |X(W_q - W)ᵀ|² / |XWᵀ|² on captured "
+               "inputs; predicted Δ = ½ Σ curvature × squared output error (one backward pass); block Δ = the "
+               f"measured {report.metric.split('_')[0].upper()} change with the layer's whole block quantized; "
+               "estimated Δ = the block's measured Δ shared among its linears by the predicted Δ (what the "
+               "recommender minimises). Outliers: channels whose abs-max exceeds 6x the median channel's.")
 with type_tab:
     st.plotly_chart(charts.sensitivity_by_type(frame, measure), key="sensitivity_by_type")
     grouped = frame.groupby(["layer_type", "label"], sort=False)[measure].agg(["mean", "median", "max", "count"])
-    st.dataframe(grouped.reset_index(), hide_index=True, width="stretch", key="sensitivity_types")
+    common.table(grouped.reset_index(), key="sensitivity_types",
+                 column_config={"layer_type": "layer type", "label": "scheme", "count": "layers",
+                                **{c: f"{c} of {charts.SENSITIVITY_MEASURES[measure][0]}"
+                                   for c in ("mean", "median", "max")}})
 with block_tab:
     if blocks.empty:
         st.info("No end-to-end measurements in this analysis.")
     else:
         st.plotly_chart(charts.block_deltas(blocks, report.metric), key="sensitivity_blocks")
-        st.dataframe(blocks[["name", "label", "value", "delta", "seconds"]], hide_index=True, width="stretch",
-                     key="sensitivity_block_table")
+        common.table(blocks[["name", "label", "value", "delta", "seconds"]], key="sensitivity_block_table",
+                     column_config={"name": "unit", "label": "scheme", "value": common.header(report.metric),
+                                    "delta": st.column_config.NumberColumn("error added", format="%.3e"),
+                                    "seconds": st.column_config.NumberColumn("time (s)", format="%.2f")})
 
 st.subheader("Open a layer on the Weights page")
 pick = st.plotly_chart(charts.sensitivity_ranking(frame, measure), key="sensitivity_pick", on_select="rerun",
@@ -185,6 +255,12 @@ budgets = budget_steps(low, high, budget_bits, PARETO_POINTS)
 mix_key = (run_key, tuple(budgets))
 mixes_done = st.session_state.setdefault("mix_results", {})
 partial_mixes = st.session_state.setdefault("mix_partial", {})  # plans measured by a press that was stopped
+if mix_key not in mixes_done and mix_key not in partial_mixes:  # a reload: the mixes the history holds
+    stored = latest_stored("recommend", "mix", budgets=budgets)
+    if stored is not None and stored.records("recommendation"):  # every plan measured: the plans are redrawn
+        mixes_done[mix_key] = [recommend(loaded, choices, Budget(b)) for b in budgets], stored.records("mix")
+    elif stored is not None:
+        partial_mixes[mix_key] = stored.records("mix")
 
 
 def recommendation_run():
@@ -232,13 +308,14 @@ else:
 
 measured = pd.DataFrame(rows)
 st.plotly_chart(charts.mix_pareto(measured, report.metric), key="mix_pareto")
-st.dataframe(measured[["label", "kind", "bits_per_weight", "size_bytes", report.metric, "error",
+common.table(measured[["label", "kind", "bits_per_weight", "size_bytes", report.metric, "error",
                        "predicted_error"]].assign(size_bytes=measured["size_bytes"] / 1e6)
-             .rename(columns={"size_bytes": "size (MB)"}), hide_index=True, width="stretch",
-             column_config={"bits_per_weight": st.column_config.NumberColumn("bits/weight", format="%.3f"),
+             .rename(columns={"size_bytes": "size (MB)"}),
+             column_config={"kind": "plan", "bits_per_weight": st.column_config.NumberColumn("bits/weight",
+                                                                                           format="%.3f"),
                             "size (MB)": st.column_config.NumberColumn(format="%.2f"),
-                            "error": st.column_config.NumberColumn(format="%.4g"),
-                            "predicted_error": st.column_config.NumberColumn(format="%.4g")},
+                            "error": st.column_config.NumberColumn(ERROR_LABELS[report.metric], format="%.4g"),
+                            "predicted_error": st.column_config.NumberColumn("predicted error", format="%.4g")},
              key="mix_table")
 if mixes is None:  # stopped part-way: the recommendation needs every plan measured
     st.stop()
@@ -249,8 +326,6 @@ st.write(f"**{chosen_mix.label}**: {chosen_mix.bits_per_weight:.3f} bits/weight,
          f"{chosen_mix.size_bytes / 1e6:.2f} MB; " + ", ".join(f"{n} layers {fmt}" for fmt, n in counts.items())
          + f". Measured {report.metric}: mix {record['measured']['mix']:.4g}; "
          + "; ".join(f"uniform {fmt} {value:.4g}" for fmt, value in record["measured"].items() if fmt != "mix"))
-if loaded.source.caveat:
-    st.caption(f"Caveat: {loaded.source.caveat}")
 st.download_button("Download the mix (JSON: qlab schemes, torchao FqnToConfig, optimum-quanto map)",
                    json.dumps(record, indent=2, default=float), f"qlab-mix-{loaded.name}.json", "application/json",
                    key="download_mix")

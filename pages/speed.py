@@ -12,9 +12,11 @@ from pages import common
 from qlab import backends, charts
 from qlab.analyses import roofline
 from qlab.backends import export, speed
+from qlab.core.errors import QlabError
 from qlab.models import hardware
 from qlab.models.evaluate import Progress
-from qlab.store import Recorder, bench_meta
+from qlab.models.loading import model_sha256
+from qlab.store import Recorder, Store, bench_meta
 
 REFERENCES = Path(__file__).resolve().parent.parent / "assets" / "speed_references.json"
 DEFAULT_BACKENDS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "quanto-int8", "onnxruntime-fp32",
@@ -35,10 +37,9 @@ for_kind = [b for b in backends.all_backends() if loaded.kind in b.kinds]
 status = {b.slug: b.available("cpu") for b in for_kind}
 usable = [b.slug for b in for_kind if status[b.slug][0]]
 with st.expander(f"Backends for a {loaded.kind} model: {len(usable)} of {len(for_kind)} run here"):
-    st.dataframe(pd.DataFrame([{"backend": b.slug, "library": b.library, "what": b.title,
+    common.table(pd.DataFrame([{"backend": b.slug, "library": b.library, "what": b.title,
                                 "available here": status[b.slug][0], "why not": None if status[b.slug][0]
-                                else status[b.slug][1], "speed fact": b.note} for b in for_kind]),
-                 hide_index=True, width="stretch")
+                                else status[b.slug][1], "speed fact": b.note} for b in for_kind]))
 
 st.session_state.setdefault("speed_backends", [s for s in DEFAULT_BACKENDS if s in usable])
 st.multiselect("Backends to measure on this machine", usable, key="speed_backends",
@@ -56,29 +57,54 @@ spec = speed.SpeedSpec(prompt_tokens=int(prompt_tokens), new_tokens=int(new_toke
 tokens = int(st.session_state["tokens"])
 run_key = (loaded.name, spec, tokens)
 store = st.session_state.setdefault("speed_rows", {})
-finished: dict[str, dict] = store.setdefault(run_key, {})
-
-todo = [backends.get_backend(s) for s in st.session_state["speed_backends"] if s not in finished]
+if run_key not in store:  # a reload or a shared link: the last measurement stored for these settings
+    store[run_key] = {}
+    try:
+        stored = Store().latest_run("bench", loaded.name, model_sha256(loaded),
+                                    {key: value for key, value in speed.bench_settings(spec, [], tokens, "cpu")
+                                     .items() if key != "backends"}, holding="bench")
+    except QlabError as error:
+        st.warning(f"Run history unavailable: {error}")
+        stored = None
+    if stored is not None:
+        store[run_key] = {row["backend"]: row for row in stored.records("bench")}
+        st.caption(f"Shown from the measurement stored {stored.created_at[:16].replace('T', ' ')} UTC (History); "
+                   "pick more backends to measure them too.")
+finished: dict[str, dict] = store[run_key]
+chosen = st.session_state["speed_backends"]
+todo = [backends.get_backend(s) for s in chosen if s not in finished]
 
 
 def bench_run():
     if "speed_bandwidth" not in st.session_state:
         st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
-    # One stored run per press, each backend's row saved before the next one starts.
-    return bench_meta(loaded, spec, [b.slug for b in todo], tokens, "cpu",
-                      bandwidth=st.session_state["speed_bandwidth"].to_record())
+    # One stored run per press holding every backend shown, so a reload finds them all in the newest run.
+    return bench_meta(loaded, spec, chosen, tokens, "cpu", bandwidth=st.session_state["speed_bandwidth"].to_record())
 
 
 def measure(progress: Progress, recorder: Recorder) -> None:
+    for slug in chosen:
+        if slug in finished:
+            recorder.save(finished[slug], "bench")
+    progress(0.0, "Computing the FP32 reference outputs for the accuracy columns...")
     for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
-                               progress=progress):
+                               progress=common.step_names(progress, [b.slug for b in todo])):
         finished[row["backend"]] = row  # kept before the next backend starts
         recorder.save(row, "bench")
 
 
-common.long_run("Measure", "run_speed", measure, prepare=bench_run, ready=bool(todo),
+def kept() -> str:
+    done = [slug for slug in chosen if slug in finished]
+    if not done:
+        return "No backend had finished, so none was kept."
+    return (f"Kept {common.count(done, 'measured backend')} ({', '.join(done)}), shown below and in History; "
+            "press **Measure** for the rest.")
+
+
+common.long_run("Measure", "run_speed", measure, prepare=bench_run, ready=bool(todo), kept=kept,
                 start_text="Measuring memory bandwidth...", cancel_key="cancel_speed",
-                cancel_help="Stops after the current step; finished backends are kept.")
+                cancel_help="Stops after the current step; finished backends are kept.",
+                nothing_to_do="Every chosen backend is already measured with these settings (shown below).")
 
 rows = speed.add_ratios([finished[s] for s in st.session_state["speed_backends"] if s in finished])
 bandwidth = st.session_state.get("speed_bandwidth")
@@ -86,7 +112,7 @@ committed = [r for r in speed.bench_results("speed_cpu") if r.get("model") == lo
 if not rows and committed:
     # Nothing measured in this session yet: show the repository's own run, labelled as such.
     rows = committed
-    st.info(f"Showing `bench/results/speed_cpu.json` ({committed[0].get('cpu_model')}, "
+    st.info(f"Showing the measurement that comes with qlab ({committed[0].get('cpu_model')}, "
             f"{committed[0].get('threads')} thread(s), {committed[0].get('prompt_tokens')} prompt + "
             f"{committed[0].get('new_tokens')} decoded tokens); press **Measure** to time this machine.")
 host = hardware.detect_this_machine().host
@@ -125,7 +151,8 @@ if good:
                            "speed": prediction.decode_tokens_per_s, "error": speed.error_of(row),
                            "size_bytes": row.get("size_bytes") or 0, "source": "predicted", "pareto": False})
     st.subheader(f"Accuracy vs {'decode' if is_lm else 'encode'} speed vs size")
-    st.plotly_chart(charts.speed_tradeoff(pd.DataFrame(points), speed_key, error_title), key="speed_tradeoff")
+    st.plotly_chart(charts.speed_tradeoff(pd.DataFrame(points), speed_key, error_title, target.name),
+                    key="speed_tradeoff")
 
     table = pd.DataFrame(good)
     columns = [c for c in ("backend", "format", "twin", "prefill_ms", "decode_tokens_per_s",
@@ -133,15 +160,17 @@ if good:
                            "roofline_fraction", "kld_mean", "twin_kld_mean", "ppl", "top1_agreement",
                            "cosine_mean", "twin_cosine_mean", "agrees_with_twin", "size_bytes", "peak_memory_bytes",
                            "threads") if c in table.columns]
-    st.dataframe(table[columns], hide_index=True, width="stretch")
-    st.caption("`twin` is qlab's simulation of the same scheme (weights, and activations where the backend "
-               "quantizes them); `agrees_with_twin` checks the backend's accuracy against it within the "
-               "backend's stated tolerance. `roofline_fraction` is measured decode speed over bandwidth / bytes "
+    common.table(table[columns], column_config={
+        "decode_tokens_per_s_spread_pct": "decode spread (%)", "roofline_fraction": "share of roofline",
+        "threads": "threads"})
+    st.caption("Simulated as: qlab's simulation of the same scheme (weights, and activations where the backend "
+               "quantizes them); 'agrees with simulation' checks the backend's accuracy against it within the "
+               "backend's stated tolerance. Share of roofline: measured decode speed over bandwidth / bytes "
                "per token on this machine.")
     if predictions:
         with st.expander(f"Roofline on {target.name}"):
-            st.dataframe(pd.DataFrame(predictions), hide_index=True, width="stretch")
-            st.caption(" ".join(f"{k}: {v}." for k, v in roofline.FORMULAS.items()))
+            common.table(pd.DataFrame(predictions))
+            st.caption(" ".join(f"{common.header(k)}: {v}." for k, v in roofline.FORMULAS.items()))
 
     st.subheader("Verdicts")
     bound_col, budget_col = st.columns(2)
@@ -150,7 +179,9 @@ if good:
     budget = budget_col.number_input("Latency budget (ms per token)" if is_lm else "Latency budget (ms per "
                                      "sentence)", 0.1, 10_000.0, 50.0, key="speed_budget")
     verdict_rows = speed.verdicts(good, float(max_error), float(budget), target.memory_bytes)
-    st.dataframe(pd.DataFrame(verdict_rows), hide_index=True, width="stretch")
+    common.table(pd.DataFrame(verdict_rows), column_config={
+        "speed": charts.SPEED_TITLES[speed_key], "error": st.column_config.NumberColumn(
+            f"error ({'KLD, nats' if is_lm else '1 - cosine'})", format="%.4g")})
 
 st.subheader("Save a quantized model")
 savable = [slug for slug in usable if slug in export.exportable()]
@@ -176,7 +207,7 @@ else:
 
 references = json.loads(REFERENCES.read_text())
 gpu_rows = speed.bench_results("gpu_speed")
-st.subheader("The seed claims, next to measured ratios")
+st.subheader("Common claims, next to measured ratios")
 claims = []
 for claim in references["seed_claims"]:
     mine = [r["speedup_vs_fp32"] for r in good if r.get("format") == claim["format"] and r.get("speedup_vs_fp32")]
@@ -185,13 +216,14 @@ for claim in references["seed_claims"]:
                    "best measured here (vs FP32)": max(mine) if mine else None,
                    "published (decode, batch 1)": "; ".join(f"{p['speedup']}x {p['what']} [{p['source']}]"
                                                             for p in published)})
-st.dataframe(pd.DataFrame(claims), hide_index=True, width="stretch")
+common.table(pd.DataFrame(claims), column_config={
+    "best measured here (vs FP32)": st.column_config.NumberColumn(format="%.2f")})
 
 st.subheader("Measured on a GPU")
 measured_gpu = [r for r in gpu_rows if r.get("decode_tokens_per_s")]
 if not measured_gpu:
-    st.info("No GPU results yet: `python bench/gpu_speed.py --install-wheels --json bench/results/gpu_speed.json` "
-            "on a CUDA machine writes them.")
+    st.info("No GPU results yet: `python -m qlab bench --device cuda` on a CUDA machine measures them for this "
+            "page.")
 else:
     frame = pd.DataFrame(measured_gpu)
     config = frame["model"].iloc[0]
@@ -205,10 +237,12 @@ else:
         r["decode_tokens_per_s"] / bf16[path] if (path := r["path"] if r["path"] in bf16 else
                                                   r["path"].split(":")[0]) in bf16 else None
         for _, r in frame.iterrows()]
-    st.dataframe(frame[[c for c in ("format_slug", "backend", "path", "decode_tokens_per_s", "vs bf16 same path",
+    common.table(frame[[c for c in ("format_slug", "backend", "path", "decode_tokens_per_s", "vs bf16 same path",
                                     "decode_tokens_per_s_spread_pct", "prefill_ms", "compile_seconds",
                                     "peak_memory_bytes", "gpu", "torch", "torchao") if c in frame.columns]],
-                 hide_index=True, width="stretch")
+                 column_config={"format_slug": "format", "path": "code path", "vs bf16 same path":
+                                st.column_config.NumberColumn("speed-up over BF16, same path", format="%.2f"),
+                                "decode_tokens_per_s_spread_pct": "decode spread (%)", "torchao": "torchao"})
     compared = frame[(frame["format_slug"] != "bf16") & frame["vs bf16 same path"].notna()]
     ratios = "; ".join(f"{path}: " + ", ".join(f"{r['format_slug']} {r['vs bf16 same path']:.2f}x"
                                                 for _, r in part.iterrows())
@@ -238,4 +272,5 @@ else:
 failed_gpu = [r for r in gpu_rows if not r.get("decode_tokens_per_s")]
 if failed_gpu:
     with st.expander(f"{len(failed_gpu)} GPU step(s) without a measurement"):
-        st.dataframe(pd.DataFrame(failed_gpu)[["format_slug", "path", "error"]], hide_index=True, width="stretch")
+        common.table(pd.DataFrame(failed_gpu)[["format_slug", "path", "error"]],
+                     column_config={"format_slug": "format", "path": "code path"})

@@ -61,7 +61,7 @@ def test_number_lines_granularity_hardware_and_claims_render():
     assert {"per-tensor", "per-channel", "GGUF Q4_0", "GGUF Q8_0"} <= set(table["variant"])
     per = table.set_index("variant")["relative_mse"]
     assert per["group 32"] < per["per-channel"] < per["per-tensor"]
-    at.session_state["formats_section"] = "Seed claims"
+    at.session_state["formats_section"] = "Claims"
     at.run()
     no_errors(at)
     at.button(key="fx_run_accuracy").click().run()

@@ -1,5 +1,5 @@
 """The Speed page runs headless (Streamlit AppTest): backends listed with reasons, measured rows drawn with
-roofline predictions, verdicts, seed claims. Rows are injected, so no benchmark runs here."""
+roofline predictions, verdicts, common claims. Rows are injected, so no benchmark runs here."""
 
 import pytest
 
@@ -33,7 +33,7 @@ def test_speed_page_draws_measured_and_predicted_points_and_verdicts():
     app.run()
     assert not app.exception, [e.value for e in app.exception]
     subheaders = [s.value for s in app.subheader]
-    assert "Verdicts" in subheaders and "The seed claims, next to measured ratios" in subheaders
+    assert "Verdicts" in subheaders and "Common claims, next to measured ratios" in subheaders
     verdicts = next(df.value for df in app.dataframe if "question" in df.value.columns)
     answers = dict(zip(verdicts["question"], verdicts["backend"]))
     # Dynamic INT8 is fast but far outside a 0.01-nat bound; the int4 row is the fastest inside it.
