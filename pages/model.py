@@ -10,7 +10,6 @@ common.page_setup()
 st.title("Model")
 st.caption("Pick a model in the sidebar: a bundled one works offline; a Hugging Face id needs the network.")
 loaded = common.current_model()
-common.show_caveat(loaded)
 
 layers = pd.DataFrame([vars(layer) for layer in layer_table(loaded)])
 quantized = layers[layers["quantized"]]
@@ -22,11 +21,15 @@ columns[2].metric("Quantized by a scheme", f"{quantized['params'].sum() / loaded
 columns[3].metric("Kind", loaded.kind)
 st.write(f"**{loaded.source.title or loaded.name}** from `{loaded.source.path}`"
          + (f" (GGUF `{loaded.source.gguf_file}`, dequantized to FP32)" if loaded.source.gguf_file else ""))
+if loaded.source.caveat:  # the explanation the other pages' one-line caveat links to
+    st.info(f"**About this model's baseline.** {loaded.source.caveat} Every accuracy figure in qlab compares a "
+            "scheme with this dequantized model, so read its losses as the cost of re-quantizing those weights.",
+            icon="ℹ️")
 
 st.subheader("Parameters by tensor")
-st.dataframe(
+common.table(
     layers.assign(shape=layers["shape"].map(lambda s: " x ".join(map(str, s))), MB=layers["bytes"] / 1e6)
-    [["name", "module_type", "shape", "dtype", "params", "MB", "quantized", "note"]],
-    hide_index=True, width="stretch", height=420,
-    column_config={"MB": st.column_config.NumberColumn(format="%.3f")},
+    [["name", "module_type", "shape", "dtype", "params", "MB", "quantized", "note"]], height=420,
+    column_config={"MB": st.column_config.NumberColumn("size (MB)", format="%.3f"), "params": "parameters",
+                   "quantized": "quantized by a scheme"},
 )

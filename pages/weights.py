@@ -11,7 +11,6 @@ from qlab.models.loading import quantizable_linears
 common.page_setup()
 st.title("Weights")
 loaded = common.current_model()
-common.show_caveat(loaded)
 linears = dict(quantizable_linears(loaded.model))
 names = list(linears)
 st.session_state.setdefault("layer", names[0])
@@ -34,6 +33,7 @@ if not schemes:
     st.stop()
 st.caption(f"`{layer}`: {weight.shape[0]} x {weight.shape[1]} weights. Each block (the whole tensor, one row, or "
            "one group of a row) has its own scale, so its grid is drawn for the block that holds the chosen row.")
+common.show_caveat(loaded)
 
 errors, stats = {}, []
 with common.user_errors():
@@ -56,8 +56,7 @@ for tab, (label, (scheme, qtensor)) in zip(tabs, quantized.items(), strict=True)
                         key=f"hist_{label}")
 
 st.subheader("Error per scheme")
-st.dataframe(pd.DataFrame(stats), hide_index=True, width="stretch",
-             column_config={"relative_mse": st.column_config.NumberColumn(format="%.3e"),
+common.table(pd.DataFrame(stats), column_config={"relative_mse": st.column_config.NumberColumn(format="%.3e"),
                             "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f"),
                             "clipped_fraction": st.column_config.NumberColumn(format="%.2e"),
                             "bits_per_weight": st.column_config.NumberColumn(format="%.3f")})
@@ -65,7 +64,7 @@ st.caption("Relative MSE = mean((dequantized - w)²) / mean(w²); SQNR = -10·lo
            "of weights outside their block's grid range (non-zero only when calibration clips).")
 left, right = st.columns(2)
 with left:
-    st.markdown("**Error histogram** (dequantized - original), whole layer")
+    st.markdown("**Rounding error**: how far each weight moves")
     st.plotly_chart(charts.error_histogram(errors), key="error_histogram")
 with right:
     st.markdown("**Per-channel ranges**: why one scale per tensor wastes levels")

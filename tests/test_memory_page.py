@@ -17,6 +17,8 @@ def page():
     app.session_state["hardware"] = "h100-sxm-80gb"
     app.session_state["formats"] = ["fp16", "int8", "int4"]
     app.session_state["group_size"] = 128
+    app.session_state["memory_source"] = "Catalog architecture"
+    app.session_state["memory_arch"] = "llama-3.1-8b"
     return app
 
 
@@ -44,3 +46,21 @@ def test_a_group_size_that_does_not_divide_is_one_red_line(page):
     page.selectbox(key="memory_arch").set_value("smollm2-135m").run()
     assert not page.exception
     assert "does not divide input width(s) [576]" in page.error[0].value
+
+
+@pytest.mark.slow
+def test_the_page_starts_from_the_sidebars_model_and_says_so():
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    app.session_state["model_choice"] = "minilm-l6"
+    app.session_state["formats"] = ["fp16", "int8"]
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert app.subheader[0].value.startswith("minilm-l6 on ")
+    assert any("Showing **minilm-l6**: the sidebar's model" in c.value for c in app.caption)
+    # The catalog list then starts at the sidebar's model (the catalog has MiniLM's architecture too).
+    app.radio(key="memory_source").set_value("Catalog architecture").run()
+    assert not app.exception and not app.error
+    assert app.selectbox(key="memory_arch").value == "minilm-l6"
+    assert any("a catalog architecture, planned from its config alone" in c.value for c in app.caption)
