@@ -16,6 +16,16 @@ from qlab.models import loading as models
 from qlab.models.evaluate import DEFAULT_TEXT_NAME
 from qlab.store import Store, StoredRun, report, scheme_export
 
+KIND_NAMES = {"sweep": "sweep", "sensitivity": "sensitivity analysis", "recommend": "mixed-precision plan",
+              "bench": "speed measurement", "memory": "memory plan", "roofline": "speed prediction",
+              "sensitivity_quick": "quick sensitivity"}
+
+
+def kind_name(kind: str) -> str:
+    """A run kind in words (an imported run may bring a kind this version does not know: shown as stored)."""
+    return KIND_NAMES.get(kind, kind)
+
+
 common.page_setup()
 st.title("History")
 store = Store()
@@ -72,18 +82,19 @@ if summaries.empty:
 
 model_column, kind_column, search_column = st.columns([2, 1, 2])
 chosen_models = model_column.multiselect("Model", sorted(summaries["model"].unique()), key="history_models")
-chosen_kinds = kind_column.multiselect("Kind", sorted(summaries["kind"].unique()), key="history_kinds")
+chosen_kinds = kind_column.multiselect("Kind", sorted(summaries["kind"].unique()), key="history_kinds",
+                                      format_func=kind_name)
 search = search_column.text_input("Scheme contains", key="history_search", placeholder="int4")
 shown = summaries[(summaries["model"].isin(chosen_models) if chosen_models else True)
                   & (summaries["kind"].isin(chosen_kinds) if chosen_kinds else True)
                   & summaries["labels"].str.contains(search, case=False, regex=False)]
-st.dataframe(shown[["id", "created_at", "kind", "status", "model", "hardware", "results", "labels", "tokens",
-                    "qlab"]], hide_index=True, width="stretch", key="history_table",
-             column_config={"created_at": st.column_config.TextColumn("started (UTC)"),
+common.table(shown[["id", "created_at", "kind", "status", "model", "hardware", "results", "labels", "tokens",
+                    "qlab"]], key="history_table",
+             column_config={"id": "run", "qlab": "qlab version", "created_at": st.column_config.TextColumn("started (UTC)"),
                             "labels": st.column_config.TextColumn("schemes", width="large")})
 
-names = {row.id: f"{row.id[:6]} · {row.model} · {row.created_at[:16].replace('T', ' ')} · {row.results} result(s)"
-         for row in summaries.itertuples()}
+names = {row.id: f"{row.id[:6]} · {kind_name(row.kind)} · {row.model} · {row.created_at[:16].replace('T', ' ')} · "
+                 f"{row.results} result(s)" for row in summaries.itertuples()}
 options = list(shown["id"])
 # An import may name runs that the filters hide, a deletion runs that no longer exist.
 st.session_state["history_selected"] = [i for i in st.session_state["history_selected"] if i in names]
@@ -184,6 +195,11 @@ def show_run(run: StoredRun, frames: report.RunFrames) -> None:
 frames = [report.run_frames(run) for run in runs]  # each run's tables once, for its view and the comparisons
 if len(runs) > 1:
     st.subheader(f"{len(runs)} runs side by side")
+    kinds = pd.Series([kind_name(run.kind) for run in runs]).value_counts(sort=False)
+    if len(kinds) > 1:  # only runs of one kind line up; say which kinds this selection holds
+        st.caption(report.markdown_text("This selection compares runs of different kinds: " + ", ".join(
+            f"{kind} ({n})" for kind, n in kinds.items()) + "; runs of one kind are lined up below, each run is "
+            "shown on its own further down."))
     found = report.comparisons(runs, frames)  # sweeps by scheme, speed runs by backend, sensitivity runs by linear
     if not found:
         st.info("These runs hold no results of one kind to line up (two sweeps, two speed runs or two "

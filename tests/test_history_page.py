@@ -355,3 +355,20 @@ def test_a_recommendation_shows_the_analysis_run_it_names(db, monkeypatch, tmp_p
     assert any("Recommendation: mix @ 6 bits/weight" in m.value for m in at.markdown)
     assert any(analysis_id in str(v) for v in table_with(at, "setting")["value"])
     assert "Most sensitive linears" in report.render_html([db.get(run_id)])
+
+
+def test_the_picker_names_each_runs_kind_and_a_mixed_selection_says_which_kinds_it_compares(db):
+    bench = stored_bench_run(db)
+    first, second = sweep(db, "smollm2-135m", {"int8": 1e-3}), sweep(db, "smollm2-135m", {"int4": 2e-2})
+    at = page().run()
+    no_errors(at)
+    picker = at.multiselect(key="history_selected")
+    kinds = {option.split(" · ")[0]: option.split(" · ")[1] for option in picker.options}
+    assert kinds == {bench[:6]: "speed measurement", first[:6]: "sweep", second[:6]: "sweep"}
+    picker.select(first).select(second).run()
+    no_errors(at)
+    assert not any("different kinds" in c.value for c in at.caption)
+    at.multiselect(key="history_selected").select(bench).run()
+    no_errors(at)
+    assert any("compares runs of different kinds: sweep (2), speed measurement (1)" in c.value for c in at.caption), \
+        [c.value for c in at.caption]
