@@ -11,10 +11,11 @@ text and kept with the baseline; the model's head and metrics then run on the la
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from qlab.models.evaluate import (
     compute_view,
     evaluate,
     input_batches,
+    input_device,
     run_batch,
 )
 from qlab.models.loading import LoadedModel
@@ -41,7 +43,7 @@ from qlab.models.loading import LoadedModel
 # Block lists whose model runs them as a plain loop, each block taking the previous one's hidden state:
 # Llama/Mistral/Qwen/Gemma/Phi-3 (…ForCausalLM's "model.layers", a bare decoder's "layers") and BERT encoders.
 STREAMED_STACKS = ("model.layers", "layers", "encoder.layer")
-CHUNK_ELEMENTS = 1 << 24  # weight values rounded at once (64 MB in fp32)
+CHUNK_ELEMENTS = 1 << 26  # weight values rounded at once (256 MB in fp32): an 8B model's linears in one go
 
 
 def streamable_stack(model: torch.nn.Module) -> BlockStack | None:
@@ -134,22 +136,29 @@ def _rounded(param: torch.nn.Parameter, rest: Format) -> torch.nn.Parameter:
     return torch.nn.Parameter(rounded, requires_grad=False)
 
 
-def _materialised(weight: torch.Tensor, scheme: QuantScheme, stats, dtype: torch.dtype,
-                  timings: dict[str, float]) -> torch.Tensor:
-    """The scheme's rounding of a weight, dequantized once into the compute dtype; its time added to
-    ``timings["quantize_s"]`` (on a GPU, synchronised so earlier queued work is not counted)."""
-    _synchronize(weight.device)
-    started = time.perf_counter()
+def _materialised(weight: torch.Tensor, scheme: QuantScheme, stats, dtype: torch.dtype) -> torch.Tensor:
+    """The scheme's rounding of a weight, dequantized once into the compute dtype."""
     # Rounding holds several fp32 temporaries of what it rounds: 6 GB for an 8B model's 1 GB head at once.
     # With one scale per row or per group of a row (or none), rows round alone exactly as they do together.
     by_rows = scheme.algorithm == "rtn" and not (scheme.fmt.scaled and scheme.granularity == "tensor")
     step = max(1, CHUNK_ELEMENTS // weight.shape[1]) if by_rows else weight.shape[0]
+    if step >= weight.shape[0]:
+        return quantize_weight(weight, scheme, stats).dequantize(dtype)
     values = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     for start in range(0, weight.shape[0], step):
         values[start: start + step] = quantize_weight(weight[start: start + step], scheme, stats).dequantize(dtype)
-    _synchronize(weight.device)
-    timings["quantize_s"] = timings.get("quantize_s", 0.0) + time.perf_counter() - started
     return values
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], device: torch.device) -> Iterator[None]:
+    """Add the time spent inside to ``timings["quantize_s"]``; on a GPU synchronised before and after, so work
+    queued earlier is not counted and the work inside is."""
+    _synchronize(device)
+    started = time.perf_counter()
+    yield
+    _synchronize(device)
+    timings["quantize_s"] = timings.get("quantize_s", 0.0) + time.perf_counter() - started
 
 
 def _synchronize(device: torch.device) -> None:
@@ -162,7 +171,7 @@ def _hessian(hessians: Mapping | None, name: str):
 
 
 def _outer(model: torch.nn.Module, stack: BlockStack, assignment: dict[str, QuantScheme], rest: Format,
-           dtype: torch.dtype, hessians: Mapping | None, timings: dict[str, float]) -> tuple[torch.nn.Module, bool]:
+           dtype: torch.dtype, hessians: Mapping | None) -> tuple[torch.nn.Module, bool]:
     """The model without its blocks (an empty list in their place), with the plan applied to everything else;
     and whether every tensor before the blocks is still the base's own (then the base's capture applies)."""
     prefix = stack.path + "."
@@ -179,7 +188,7 @@ def _outer(model: torch.nn.Module, stack: BlockStack, assignment: dict[str, Quan
     outer = copy.deepcopy(model, memo)
     for name in stack.outside:
         if name in assignment:
-            weight = _materialised(modules[name].weight, assignment[name], _hessian(hessians, name), dtype, timings)
+            weight = _materialised(modules[name].weight, assignment[name], _hessian(hessians, name), dtype)
             outer.set_submodule(name, ComputeLinear(weight, outer.get_submodule(name).bias, dtype))
     return compute_view(outer, dtype), untouched
 
@@ -203,7 +212,7 @@ def _capture(outer: torch.nn.Module, stack: BlockStack, baseline: Baseline, canc
 
 
 def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantScheme], rest: Format,
-           dtype: torch.dtype, hessians: Mapping | None, timings: dict[str, float]) -> torch.nn.Module:
+           dtype: torch.dtype, hessians: Mapping | None) -> torch.nn.Module:
     """A runnable copy of one block with the plan applied: its linears' weights materialised in ``dtype``, its
     other tensors at the plan's format; the base block is only read."""
     base_modules = dict(block.named_modules())
@@ -216,8 +225,7 @@ def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantSchem
     for name, module in list(runnable.named_modules()):
         full = f"{prefix}.{name}"
         if full in assignment:
-            weight = _materialised(base_modules[name].weight, assignment[full], _hessian(hessians, full), dtype,
-                                   timings)
+            weight = _materialised(base_modules[name].weight, assignment[full], _hessian(hessians, full), dtype)
             runnable.set_submodule(name, ComputeLinear(weight, module.bias, dtype))
     return compute_view(runnable, dtype)
 
@@ -240,7 +248,8 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     """Metrics of ``loaded`` with ``plan`` applied, block by block; the same numbers as
     ``evaluate(quantized_copy(loaded.model, plan, hessians), baseline)``, without the copy.
 
-    ``timings``, when given, receives ``quantize_s``: the part of the time spent quantizing and materialising.
+    ``timings``, when given, receives ``quantize_s``: the part of the time spent applying the plan (quantizing,
+    materialising, rounding the other tensors).
     """
     timings = {} if timings is None else timings
     timings["quantize_s"] = 0.0
@@ -252,7 +261,8 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     dtype = baseline.compute_dtype
     assignment = layer_schemes(model, plan)
     rest = get_format(unquantized_format(plan))
-    outer, untouched = _outer(model, stack, assignment, rest, dtype, hessians, timings)
+    with _timed(timings, input_device(model)):
+        outer, untouched = _outer(model, stack, assignment, rest, dtype, hessians)
     key = ("streamed block inputs", stack.path)
     if untouched and key in baseline.cache:
         capture = baseline.cache[key]
@@ -266,8 +276,9 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     returns_tuple = False
     for index, block in enumerate(blocks):
         _check_cancel(cancel)
-        runnable = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians, timings)
         device = next(itertools.chain(block.parameters(), block.buffers())).device
+        with _timed(timings, device):
+            runnable = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians)
         with torch.inference_mode():
             for row, (args, kwargs) in enumerate(calls[index] for calls in capture.calls):
                 output = runnable(_to(hidden[row], device), *_to(args, device), **_to(kwargs, device))

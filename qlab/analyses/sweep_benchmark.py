@@ -29,7 +29,9 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **plac
     """
     process = psutil.Process()
     rss_before_load = process.memory_info().rss
+    started = time.perf_counter()
     loaded = load(model_name, **{k: v for k, v in placement.items() if v is not None})
+    load_s = time.perf_counter() - started
     peak = PeakMemory(loaded.device, rss_before_load)
     spec = EvalSpec(tokens=tokens)
     started = time.perf_counter()
@@ -66,6 +68,7 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **plac
         "formats": [s.label for s in schemes],
         "tokens": baseline.tokens,
         "parameters": loaded.num_params,
+        "load_s": round(load_s, 3),
         "baseline_s": round(baseline_s, 3),
         "one_eval_s": round(one_eval_s, 3),
         "sweep_s": round(sweep_s, 3),

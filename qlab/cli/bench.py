@@ -5,6 +5,7 @@
     python -m qlab bench --device cuda --model-config llama-3.1-8b --formats bf16,int8wo,int4wo,float8wo,nf4 \
         --json OUT
     python -m qlab bench sweep --model smollm2-135m --formats int8,int4 --json OUT
+    python -m qlab bench sweep --model DIR --device cuda --formats bf16,int8,int4,nf4 --tokens 2048 --json OUT
 
 The speed options sit on the ``bench`` parser itself, whose ``sweep`` sub-subcommand is therefore optional
 (``required=False``): ``bench --model ...`` runs the speed benchmark, ``bench sweep ...`` the sweep benchmark.
@@ -21,8 +22,10 @@ from qlab.cli.common import (
     Parser,
     add_scheme_arguments,
     db_option,
+    device_options,
     emit,
     json_option,
+    load_options,
     progress_bar,
     quiet_option,
     scheme_from_args,
@@ -36,10 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     bench = subparsers.add_parser("bench", help="speed of real backends (default), or `bench sweep` (JSON out)")
     add_bench_arguments(bench)
     bench_sub = bench.add_subparsers(dest="bench", required=False, parser_class=Parser)
-    sweep = bench_sub.add_parser("sweep", help="one FP32 evaluation vs a full sweep: time and peak RSS")
+    sweep = bench_sub.add_parser("sweep", help="one evaluation vs each scheme of a sweep: time and peak memory")
     sweep.add_argument("--model", default="smollm2-135m")
     sweep.add_argument("--formats", default="fp16,bf16,int8,int4,nf4")
     sweep.add_argument("--tokens", type=int, default=2048)
+    device_options(sweep)
     add_scheme_arguments(sweep, granularity="group")
     db_option(sweep, "also store the result in this run database (default: $QLAB_DB if set)")
     json_option(sweep, "write the benchmark JSON")
@@ -127,14 +131,15 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_bench_sweep(args: argparse.Namespace) -> None:
-    """Time one FP32 evaluation against a full sweep; write the JSON, then store it with ``--db``."""
+    """Time one evaluation of the base model against each scheme of a sweep; write the JSON, then store it with
+    ``--db``."""
     from qlab.analyses.sweep import parse_formats
     from qlab.analyses.sweep_benchmark import bench_sweep
     from qlab.store import requested_path
 
     schemes = [scheme_from_args(args, f) for f in parse_formats(args.formats)]
     requested_path(args.db)  # a database that cannot take the result is said before the benchmark, not after
-    result = bench_sweep(args.model, schemes, args.tokens)
+    result = bench_sweep(args.model, schemes, args.tokens, **load_options(args))
     # Written before it is stored: a database that fails now must not throw away minutes of benchmark.
     emit(result, args.json if args.json is not None else "-")
     store_bench_sweep(args, result)

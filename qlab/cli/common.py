@@ -1,4 +1,4 @@
-"""What every ``python -m qlab`` command shares: the parser class, the ``--json``/``--db``/scheme/evaluation
+"""What every ``python -m qlab`` command shares: the parser class, the ``--json``/``--db``/scheme/evaluation/device
 options, JSON output with atomic writes, and the progress bar on stderr.
 
 Command modules import from here and never from each other or from ``qlab.cli`` (the router), so the package
@@ -44,6 +44,22 @@ def db_option(parser: argparse.ArgumentParser, help_text: str = DB_HELP) -> None
 def quiet_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--quiet``, which turns ``progress_bar`` off."""
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def device_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device``, ``--device-map`` and ``--dtype``: where the model loads and in which precision
+    (``load_options`` reads them back)."""
+    parser.add_argument("--device", default=None,
+                        help="where the model runs: cpu (default), cuda, cuda:N (one GPU) or auto (every GPU)")
+    parser.add_argument("--device-map", default=None, choices=["auto"],
+                        help="'auto': spread a model too large for one device over every GPU (accelerate)")
+    parser.add_argument("--dtype", default=None,
+                        help="weights' precision: the checkpoint's own (default, e.g. bf16), bf16, fp16 or fp32")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, str]:
+    """The ``qlab.models.loading.load`` keyword arguments that ``device_options`` were given (none by default)."""
+    return {key: value for key in ("device", "device_map", "dtype") if (value := getattr(args, key)) is not None}
 
 
 def add_scheme_arguments(parser: argparse.ArgumentParser, granularity: str) -> None:

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import argparse
 
-from qlab.cli.common import add_scheme_arguments, emit, json_option, scheme_from_args, write_atomic
+from qlab.cli.common import (
+    add_scheme_arguments,
+    device_options,
+    emit,
+    json_option,
+    load_options,
+    scheme_from_args,
+    write_atomic,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="simulated scheme: write the per-layer scheme JSON (module -> scheme) instead")
     parser.add_argument("--format", default="int4", help="--scheme-json: weight format from the registry")
     add_scheme_arguments(parser, granularity="group")
+    device_options(parser)
     parser.add_argument("--list", action="store_true", help="list the backends that can export, and whether "
                                                             "each runs here")
     json_option(parser, "print what was written as JSON")
@@ -52,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     export._backend(args.backend)  # an unknown or unexportable backend fails before the model loads
     if args.out is not None and not args.out.strip():
         raise QlabError("--out is empty; name the directory to create (or leave --out out for the default).")
-    loaded = load(args.model)
+    loaded = load(args.model, **load_options(args))
     out = args.out or export.default_out_dir(loaded.name, args.backend)
     result = export.export_quantized(loaded, args.backend, out, force=args.force)
     record = {**result.to_record(), "model": loaded.name, "reload": "qlab.backends.export.load_exported(out_dir)"}
@@ -90,7 +99,7 @@ def _scheme_json(args: argparse.Namespace) -> None:
 
     if not args.out:
         raise QlabError("--scheme-json needs --out FILE.json.")
-    loaded = load(args.model)
+    loaded = load(args.model, **load_options(args))
     payload = scheme_export(loaded, scheme_from_args(args, args.format))
     write_atomic(args.out, json.dumps(payload, indent=1))
     if args.json is not None:

@@ -11,9 +11,11 @@ from qlab.cli.common import (
     add_eval_arguments,
     add_scheme_arguments,
     db_option,
+    device_options,
     emit,
     eval_spec,
     json_option,
+    load_options,
     progress_bar,
     quiet_option,
     scheme_from_args,
@@ -66,6 +68,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     quiet_option(parser)
     db_option(parser, "also store the results, each as it finishes, in this run database "
                       "(default: $QLAB_DB if set)")
+    device_options(parser)
 
 
 @contextlib.contextmanager
@@ -90,7 +93,7 @@ def _setup(args: argparse.Namespace):
     schemes = [scheme_from_args(args, f) for f in parse_formats(args.formats)]
     spec = eval_spec(args)
     db = requested_path(args.db)
-    loaded = load(args.model)
+    loaded = load(args.model, **load_options(args))
     return loaded, schemes, spec, db
 
 

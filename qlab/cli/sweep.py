@@ -8,9 +8,11 @@ from qlab.cli.common import (
     add_eval_arguments,
     add_scheme_arguments,
     db_option,
+    device_options,
     emit,
     eval_spec,
     json_option,
+    load_options,
     progress_bar,
     quiet_option,
     scheme_from_args,
@@ -39,8 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sparsity", default="none",
                         help="none | 2:4 (keep the two largest of every four inputs) | 2:4-sparsegpt (SparseGPT "
                              "from the calibration Hessians; with --algorithm gptq, or a plain fp16/bf16 format)")
-    parser.add_argument("--device-map", default=None, choices=["auto"],
-                        help="'auto': spread a model too large for one device over every GPU (accelerate)")
+    device_options(parser)
     add_scheme_arguments(parser, granularity="channel")
     json_option(parser, "write the result rows as JSON, rewritten after each scheme")
     parser.set_defaults(func=cmd_sweep)
@@ -56,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     schemes = [scheme_from_args(args, f) for f in parse_formats(args.formats)]
     spec = eval_spec(args)
     db = None if args.no_store else requested_path(args.db, default=True)  # checked before the model loads
-    loaded = load(args.model, device_map=args.device_map)
+    loaded = load(args.model, **load_options(args))
     check_schemes(loaded, schemes)
     records: list[dict] = []
     with progress_bar(args.quiet, "sweep") as progress:
@@ -64,7 +65,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if db is not None:  # each scheme is committed to the run store as it finishes
             from qlab.store import store_rows, sweep_meta
 
-            meta = sweep_meta(loaded, schemes, spec, args.hardware, device_map=args.device_map)
+            meta = sweep_meta(loaded, schemes, spec, args.hardware, device_map=args.device_map, device=loaded.device,
+                              dtype=str(loaded.dtype).removeprefix("torch."))
             rows = store_rows(db, meta, rows)
         for row in rows:
             records.append(row.to_record())
