@@ -753,7 +753,9 @@ def test_an_older_schema_that_cannot_be_migrated_is_one_clear_error(tmp_path, mo
         conn.executescript("CREATE TABLE runs (id TEXT); PRAGMA user_version = 1;")
     if locked:
         read_only(monkeypatch, tmp_path)
-    with pytest.raises(QlabError, match=r"older qlab schema \(v1\).*writable --db.*runs import"):
+    # Not qlab's layout at any version: another application's file (issue 17), never migrated or written.
+    with pytest.raises(QlabError, match=r"not a qlab run database but another application's SQLite file \(tables "
+                                        r"runs; user_version 1\)"):
         Store(path).list_runs()
 
 

@@ -82,6 +82,40 @@ def seed_out(stored: int | None) -> int | None:
     return None if stored is None else stored % (1 << 64)
 
 
+class DatabaseBusy(QlabError):
+    """Another process held the database's write lock past the busy timeout: retrying later may succeed."""
+
+
+# What makes a SQLite file qlab's: these columns in ``runs``, and ``rows`` (v1) or ``results`` (v2 on) beside it.
+RUN_COLUMNS = frozenset({"id", "created_at", "model", "settings", "environment"})
+
+
+def check_ours(conn: sqlite3.Connection, path: Path) -> int:
+    """The schema version of a database qlab may read and migrate: empty (a new file), or holding qlab's tables.
+    Another application's SQLite file (its own tables, perhaps its own ``runs``, any ``user_version``) is
+    refused before anything (migration, WAL) is written to it."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
+        "ORDER BY name")]
+    if not tables:
+        return version
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    if version >= 1 and RUN_COLUMNS <= columns and ("rows" if version == 1 else "results") in tables:
+        return version
+    shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+    raise QlabError(f"{path} is not a qlab run database but another application's SQLite file (tables {shown}; "
+                    f"user_version {version}); qlab leaves it untouched and uses only its own, so pass another file.")
+
+
+def _lock_error(path: Path, error: sqlite3.OperationalError) -> QlabError:
+    """A ``DatabaseBusy`` for a lock held past the busy timeout, a plain QlabError for anything else."""
+    if "locked" in str(error) or "busy" in str(error):
+        return DatabaseBusy(f"the run database {path} stayed locked by another process for over "
+                            f"{BUSY_TIMEOUT_S:g} s ({error}); retry, or pass another --db.")
+    return QlabError(f"the run database {path} could not be used ({error}); retry, or pass another --db.")
+
+
 def newer_schema_error(path: Path, version: int) -> QlabError:
     return QlabError(f"{path} was written by a newer qlab (schema v{version}, this one knows "
                      f"v{SCHEMA_VERSION}); upgrade qlab or pass another --db.")
@@ -186,7 +220,7 @@ def read(path: Path) -> Iterator[sqlite3.Connection]:
     conn = reader(path)
     try:
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = check_ours(conn, path)
             if version > SCHEMA_VERSION:
                 raise newer_schema_error(path, version)
             if version < SCHEMA_VERSION and path.exists() and writable(path):  # a missing file stays missing
@@ -225,6 +259,7 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
     try:
         conn.row_factory = sqlite3.Row
         try:
+            check_ours(conn, path)  # before WAL and migrations: another application's file is never written
             conn.execute("PRAGMA journal_mode=WAL")
             # With WAL, NORMAL loses nothing when a process is killed (only on power loss); it avoids an
             # fsync per result.
@@ -234,14 +269,15 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
         except sqlite3.DatabaseError as error:
             if "readonly" in str(error):
                 raise read_only_error(path) from None
+            if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):  # another writer migrating
+                raise _lock_error(path, error) from None
             raise QlabError(f"{path} is not a usable qlab run database ({error}); pass another --db.") from None
         try:
             yield conn
         except sqlite3.OperationalError as error:  # locked past the timeout, read-only, disk full
             if "readonly" in str(error):
                 raise read_only_error(path) from None
-            raise QlabError(f"the run database {path} could not be used ({error}); retry, or pass another "
-                            "--db.") from None
+            raise _lock_error(path, error) from None
     finally:
         conn.close()
 
@@ -265,7 +301,7 @@ def schema_version(path: Path) -> int:
         return 0
     with contextlib.closing(reader(path)) as conn:
         try:
-            return conn.execute("PRAGMA user_version").fetchone()[0]
+            return check_ours(conn, path)
         except sqlite3.DatabaseError as error:
             raise QlabError(f"{path} is not a usable qlab run database ({error}); pass another --db.") from None
 
@@ -277,7 +313,7 @@ def snapshot(path: Path, name: str | None = None) -> Iterator[sqlite3.Connection
     messages call it."""
     try:
         with contextlib.closing(reader(path)) as source:
-            version = source.execute("PRAGMA user_version").fetchone()[0]
+            version = check_ours(source, path if name is None else Path(name))
             # The backup API copies a consistent snapshot, WAL included; the copy is brought to this schema.
             copy = migrated_copy(source, path, version)
     except sqlite3.DatabaseError as error:

@@ -140,6 +140,10 @@ def stored_sensitivity(run: StoredRun):
 # --- statuses ------------------------------------------------------------------------------------------------
 
 
+class RunGone(QlabError):
+    """The run a result was meant for is no longer in the database (deleted while it ran)."""
+
+
 def _live_status(status: str, env: Mapping) -> str:
     """A run still marked running whose process is gone (same host) was killed: show it as interrupted."""
     if status != "running" or env.get("host") != socket.gethostname() or not env.get("pid"):
@@ -151,6 +155,12 @@ def _live_status(status: str, env: Mapping) -> str:
     except (PermissionError, OverflowError, ValueError):
         pass
     return status
+
+
+def _writer_here(status: str, env: Mapping) -> bool:
+    """Whether a live process on this machine is still writing the run (status running, its pid alive)."""
+    return status == "running" and env.get("host") == socket.gethostname() and bool(env.get("pid")) \
+        and _live_status(status, env) == "running"
 
 
 def _stored_run(row: sqlite3.Row, results: Sequence[sqlite3.Row]) -> StoredRun:
@@ -246,6 +256,8 @@ class Store:
         """Save results that finished together in one transaction (all or none); returns the first position."""
         prepared = [_as_result(result, kind, scheme) for result in results]
         with self._writing() as conn, transaction(conn):
+            if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                raise RunGone(f"run {run_id} is no longer in {self.path} (it was deleted while it ran).")
             first = conn.execute("SELECT COUNT(*) FROM results WHERE run_id = ?", (run_id,)).fetchone()[0]
             conn.executemany(
                 """INSERT INTO results (run_id, position, kind, label, record, scheme, created_at)
@@ -265,9 +277,16 @@ class Store:
                 (status, now(), error, now(), run_id))
 
     def delete(self, run_ids: Iterable[str]) -> int:
-        """Delete runs (and their results); returns how many were deleted."""
+        """Delete runs (and their results); returns how many were deleted. A run that a live process here is
+        still writing is refused (its next result would have no run to go to), all in one transaction."""
         ids = [self.resolve_id(i) for i in run_ids]
         with self._writing() as conn, transaction(conn):
+            for run_id in ids:
+                row = conn.execute("SELECT status, environment FROM runs WHERE id = ?", (run_id,)).fetchone()
+                env = json.loads(row["environment"]) if row else {}
+                if row and _writer_here(row["status"], env):
+                    raise QlabError(f"run {run_id} is still being written (process {env['pid']} on this machine); "
+                                    "wait for it to finish or stop it, then delete it.")
             return sum(conn.execute("DELETE FROM runs WHERE id = ?", (i,)).rowcount for i in ids)
 
     # reading
@@ -281,7 +300,9 @@ class Store:
         run_id = run_id.strip()
         if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
             return run_id
-        matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE id LIKE ? || '%'", (run_id,))]
+        # A plain prefix comparison: LIKE would read '%' and '_' in a typed id as wildcards ('%%%%' matches all).
+        matches = ([r[0] for r in conn.execute("SELECT id FROM runs WHERE substr(id, 1, ?) = ?",
+                                               (len(run_id), run_id))]
                    if len(run_id) >= ID_PREFIX_MIN else [])
         if len(matches) == 1:
             return matches[0]
