@@ -3,7 +3,7 @@
 Usage in a test module under tests/e2e/::
 
     import pytest
-    from tests.e2e.conftest import assert_no_exception, wait_for_app_idle
+    from tests.e2e.conftest import assert_no_exception, wait_for_app_idle, wait_for_element
 
     pytestmark = pytest.mark.e2e
 
@@ -251,6 +251,15 @@ def wait_for_app_idle(page, timeout_ms: int = 60_000, settle_ms: int = 500) -> N
         if now > deadline:
             raise AssertionError(f"Streamlit app not idle after {timeout_ms} ms (last state: {state})")
         page.wait_for_timeout(100)
+
+
+def wait_for_element(page, selector: str, timeout_ms: int = 120_000):
+    """Wait until ``selector`` is on the page and return its first match: what an assertion needs, rather than
+    a moment of idleness (a page that reruns, or draws a spinner first, is idle in between). An exception box
+    ends the wait at once, with its text."""
+    page.locator(f'{selector}, [data-testid="stException"]').first.wait_for(timeout=timeout_ms)
+    assert_no_exception(page)
+    return page.locator(selector).first
 
 
 def assert_no_exception(page) -> None:
