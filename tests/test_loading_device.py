@@ -127,3 +127,19 @@ def test_loads_on_the_gpu_in_bf16(bf16_dir):
     loaded = loading.load(str(bf16_dir), device="cuda")
     assert loaded.device == "cuda:0" and loaded.dtype == torch.bfloat16
     assert {p.device.type for p in loaded.model.parameters()} == {"cuda"}
+
+
+def test_a_bf16_model_goes_through_sensitivity(bf16_dir):
+    import math
+
+    from qlab.analyses.sensitivity import analyze
+    from qlab.core.quant import QuantScheme
+    from qlab.models.evaluate import EvalSpec, compute_baseline
+
+    loaded = loading.load(str(bf16_dir))
+    report = analyze(loaded, [QuantScheme("int8"), QuantScheme("int4")], compute_baseline(loaded, EvalSpec(tokens=64)))
+    # The untied head is outside the decoder pass the probes watch (it reads no tokens there).
+    errors = {(r["layer"], r["label"]): r["relative_mse"] for r in report.linears if r["tokens"]}
+    assert all(math.isfinite(e) and e > 0 for e in errors.values())
+    assert errors[("model.layers.0.mlp.up_proj", "int4 per-channel")] > errors[("model.layers.0.mlp.up_proj",
+                                                                                "int8 per-channel")]

@@ -222,7 +222,7 @@ class _LinearProbe:
 
     def __post_init__(self) -> None:
         self.error_channels = [torch.zeros(self.weight.shape[0], dtype=torch.float64) for _ in self.schemes]
-        self.weight_energy = max(float(torch.linalg.vector_norm(self.weight)) ** 2, 1e-30)
+        self.weight_energy = max(float(torch.linalg.vector_norm(self.weight, dtype=torch.float32)) ** 2, 1e-30)
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         x = args[0].reshape(-1, self.weight.shape[1])
@@ -249,7 +249,8 @@ class _LinearProbe:
             self.error_channels[index] += torch.linalg.vector_norm(x @ delta.T, dim=0).double().square()
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
-        return fake_quantize(self.weight, scheme).sub_(self.weight)
+        # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures.
+        return fake_quantize(self.weight, scheme).float().sub_(self.weight)
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""
