@@ -1,13 +1,16 @@
-"""Check qlab's memory planner against a real GPU: `python bench/memory_gpu.py [--dry-run] [--json OUT]`.
+"""Check qlab's memory planner against a real GPU: `python bench/memory_gpu.py [--measure-only | --reestimate IN]`.
 
 For each catalog config (random weights: the layout, not the values, sets the bytes) it builds the model in
-bf16 on CUDA, optionally converts its block linears to torchao int8/int4 weight-only (when torchao imports),
-runs one prefill per context with ``logits_to_keep=1`` as generate() does, and records
-``torch.cuda.max_memory_allocated``. qlab's estimate of the same thing is weights + KV cache + activations
-(``MemoryPlan.allocated_bytes``); the runtime overhead is compared separately with the device's used memory,
-because the allocator's counters do not see the CUDA context. Goals: weights within 3%, total within 10%.
+bf16 on CUDA, optionally converts its block linears with torchao (int8 and int4 weight-only, fp8 dynamic), and
+runs what transformers' ``generate`` runs: one prefill with ``use_cache=True`` and ``logits_to_keep=1`` (its
+DynamicCache), then one decode step on that cache. It records the bytes the weights hold, the prefill's
+``torch.cuda.max_memory_allocated`` (the peak), what stays allocated after it (weights + the cache, sliding
+layers still holding the whole prompt), and what stays after the decode step (sliding layers trimmed to their
+window: the steady state). qlab's ``transformers`` runtime plan estimates the same three numbers.
 
-``--dry-run`` needs no GPU: it writes the estimate rows only (measured fields null).
+Measurement and estimate are separate steps, so the committed measurements can be re-estimated by a newer
+planner without a GPU: ``--measure-only`` writes measured rows; ``--reestimate IN`` adds qlab's estimates to
+them (what ``bench/results/memory_gpu.json`` holds). Goals: weights within 1 %, peak within 3 %.
 """
 
 from __future__ import annotations
@@ -23,24 +26,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qlab.analyses import memory  # noqa: E402
-from qlab.core.quant import QuantScheme  # noqa: E402
-from qlab.models import architectures
+from qlab.analyses import memory, runtimes  # noqa: E402
+from qlab.models import architectures  # noqa: E402
 
-MODELS = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
-CONTEXTS = (512, 2048, 8192)
-FORMATS = ("bf16", "int8", "int4")
-GOALS = {"weights": 0.03, "total": 0.10}
-# qlab's scheme for what each torchao config stores: int8 weight-only keeps one bf16 scale per output row;
-# int4 weight-only (tinygemm layout) keeps a bf16 scale and a bf16 zero per group of 128, which qlab would
-# store as a 4-bit zero-point, so the estimate is ~0.09 bits per weight under torchao's real storage.
-QLAB_SCHEMES = {
-    "bf16": QuantScheme("bf16"),
-    "int8": QuantScheme("int8", "channel", scale_dtype="bf16"),
-    "int4": QuantScheme("int4", "group", 128, symmetric=False, scale_dtype="bf16"),
-}
-# Activations in bf16, logits of the last position only (logits_to_keep=1), kept in bf16 by transformers.
-ASSUMPTIONS = memory.Assumptions(activation_bytes_per_value=2, logits_bytes_per_value=2)
+# (model, format) in the order they are measured: the first rows are the ones a short lease must not miss.
+DENSE = ("llama-3.1-8b", "mistral-7b", "gemma-2-9b", "qwen3-8b", "gemma-3-1b", "phi-3-mini", "qwen2.5-7b")
+LARGE = ("gpt-oss-20b", "qwen3-30b-a3b", "mistral-small-24b", "gemma-2-27b", "llama-3.2-3b", "llama-3.2-1b")
+QUANTIZED = ("llama-3.1-8b", "gemma-2-9b", "qwen3-8b", "mistral-7b", "gemma-3-1b", "qwen2.5-7b", "phi-3-mini")
+PLAN = ([(m, "bf16") for m in DENSE]
+        + [(m, f) for m in QUANTIZED[:4] for f in ("int8", "int4", "fp8")]
+        + [(m, "bf16") for m in LARGE]
+        + [(m, f) for m in QUANTIZED[4:] for f in ("int8", "int4", "fp8")])
+# The other two transformers caches, measured on a few models: the static cache (preallocated for prompt and
+# output, sliding layers at their window) and the offloaded one (layers copied to the CPU after their update).
+CACHES = {"llama-3.1-8b": ("static", "offloaded"), "gemma-3-1b": ("static", "offloaded"), "mistral-7b": ("static",)}
+CONTEXTS = (2048, 8192, 32768)
+FORMATS = ("bf16", "int8", "int4", "fp8")
+GOALS = {"weights": 0.01, "peak": 0.03}
+CUBLAS = runtimes.CUBLAS_WORKSPACE_BYTES
+# torchao 0.18 stores each format in one layout, and qlab plans it as that layout (qlab.core.layouts).
+TORCHAO_LAYOUTS = {"bf16": None, "int8": "torchao-int8-weight-only", "int4": "torchao-int4-tile-packed",
+                   "fp8": "torchao-fp8-per-row"}
 
 
 def default_output() -> Path:
@@ -48,17 +54,48 @@ def default_output() -> Path:
     return Path(out) / "memory_gpu.json" if out else Path(__file__).resolve().parent / "results" / "memory_gpu.json"
 
 
-def estimate(model: str, fmt: str, context: int, batch: int, hardware_id: str) -> dict:
-    """qlab's figures for one benchmark row (no GPU needed)."""
-    plan = memory.plan(model, QLAB_SCHEMES[fmt], context, batch, "bf16", hardware_id, ASSUMPTIONS)
-    return {
-        "model": model, "format": fmt, "qlab_scheme": plan.scheme_label, "context_tokens": context,
-        "batch": batch, "estimated_weights_bytes": plan.weights_bytes,
-        "estimated_kv_cache_bytes": plan.kv_cache_bytes,
-        "estimated_activations_bytes": plan.activations_bytes,
-        "estimated_allocated_bytes": plan.allocated_bytes, "estimated_overhead_bytes": plan.overhead_bytes,
-        "estimated_total_bytes": plan.total_bytes,
-    }
+def estimate(model: str, fmt: str, context: int, batch: int, hardware_id: str, runtime: str = "transformers",
+             eager: bool = False, workspace_in_base: bool = False) -> dict:
+    """qlab's figures for one benchmark row (no GPU needed): the runtime's prefill peak and steady decode
+    state as torch's allocator sees them (no CUDA context). ``workspace_in_base``: the row's baseline already
+    held cuBLAS's workspace (every model after the first in one process), so it is not part of the row."""
+    plan = memory.plan(model, memory.weight_spec(TORCHAO_LAYOUTS[fmt] or "bf16"), context, batch, "bf16",
+                       hardware_id, memory.Assumptions(runtime=runtime, attention_scores_materialised=eager))
+    workspace = runtimes.CUBLAS_WORKSPACE_BYTES if workspace_in_base else 0
+    rounding = plan.peak.bytes_of("allocator block rounding")
+    return {"qlab_scheme": plan.scheme_label, "estimated_weights_bytes": plan.weights_bytes,
+            "estimated_weights_allocated_bytes": plan.weights_bytes + rounding,
+            "estimated_kv_peak_bytes": plan.peak.kv_bytes, "estimated_kv_steady_bytes": plan.steady.kv_bytes,
+            "estimated_peak_allocated_bytes": plan.peak.allocated_bytes - workspace,
+            "estimated_steady_allocated_bytes": plan.steady.allocated_bytes - workspace,
+            # What stays allocated between decode steps: weights, the trimmed cache, the workspace.
+            "estimated_steady_held_bytes": sum(c.bytes for c in plan.steady.components
+                                               if c.kind in ("weights", "kv") and c.on_device) + CUBLAS - workspace,
+            "estimated_peak_components": {c.name: c.bytes for c in plan.peak.components if c.in_allocator}}
+
+
+def with_estimates(row: dict, hardware_id: str, workspace_in_base: bool) -> dict:
+    """A measured row with qlab's estimate and the relative errors (estimate / measured - 1); the steady state
+    is compared with what stays allocated after one decode step (sliding layers trimmed to their window)."""
+    row = {**row, **estimate(row["model"], row["format"], row["context_tokens"], row["batch"], hardware_id,
+                             row.get("runtime", "transformers"), row.get("attention") == "eager", workspace_in_base)}
+    row["base_holds_cublas_workspace"] = workspace_in_base
+    for key, measured, estimated in (
+            ("weights", "measured_weights_bytes", "estimated_weights_allocated_bytes"),
+            ("peak", "measured_peak_allocated_bytes", "estimated_peak_allocated_bytes"),
+            ("steady", "measured_after_decode_bytes", "estimated_steady_held_bytes")):
+        row[f"{key}_error"] = row[estimated] / row[measured] - 1 if row.get(measured) else None
+    return row
+
+
+def estimated_rows(rows: list[dict], hardware_id: str) -> list[dict]:
+    """Estimates for every measured row; cuBLAS's workspace is in the baseline of all but the first model."""
+    first = next(((r["model"], r["format"]) for r in rows if r.get("measured_peak_allocated_bytes")), None)
+    return [with_estimates(r, hardware_id, (r["model"], r["format"]) != first)
+            if r.get("measured_peak_allocated_bytes") else r for r in rows]
+
+
+# --- measurement (CUDA only) ----------------------------------------------------------------------------
 
 
 def _hf_config(model: str):
@@ -71,7 +108,11 @@ def _hf_config(model: str):
 
 
 def _build(model: str):
-    """The catalog architecture with random bf16 weights, created directly on the GPU."""
+    """The catalog architecture with random bf16 weights, created directly on the GPU.
+
+    SDPA where the family supports it, else what transformers falls back to (Gemma-2's soft-capping and
+    gpt-oss's sinks are eager-only): the row records which ran.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -79,33 +120,53 @@ def _build(model: str):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            network = AutoModelForCausalLM.from_config(_hf_config(model), attn_implementation="sdpa")
+            try:
+                network = AutoModelForCausalLM.from_config(_hf_config(model), attn_implementation="sdpa")
+            except ValueError:
+                network = AutoModelForCausalLM.from_config(_hf_config(model), attn_implementation="eager")
     finally:
         torch.set_default_dtype(previous)
     return network.to(torch.bfloat16).eval().requires_grad_(False)
 
 
 def _torchao_quantize(network, fmt: str) -> None:
-    """Weight-only torchao on every block linear; lm_head stays bf16, as qlab's plan assumes by default."""
+    """torchao on every block linear; lm_head stays bf16, as qlab's plan assumes by default."""
     import torch
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
 
-    config = Int8WeightOnlyConfig() if fmt == "int8" else Int4WeightOnlyConfig(group_size=128)
+    config = {"int8": lambda: Int8WeightOnlyConfig(),
+              # The default int4 layout needs the mslk kernel package; the tinygemm tile layout ships with torch.
+              "int4": lambda: Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+              "fp8": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())}[fmt]()
     quantize_(network, config,
               filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and "lm_head" not in name)
 
 
-def _prefill(network, vocab: int, context: int, batch: int) -> None:
-    import torch
+def _stored_bytes(network) -> int:
+    """Bytes of the distinct storages behind parameters and buffers (torchao tensors: their inner tensors):
+    the layout itself, without the caching allocator's block rounding."""
+    seen, total = set(), 0
 
-    ids = torch.randint(0, vocab, (batch, context), device="cuda")
-    with torch.inference_mode():
-        try:
-            out = network(input_ids=ids, use_cache=True, logits_to_keep=1)
-        except TypeError:  # transformers before 4.50 names it num_logits_to_keep
-            out = network(input_ids=ids, use_cache=True, num_logits_to_keep=1)
-    torch.cuda.synchronize()
-    del out, ids
+    def add(tensor) -> None:
+        nonlocal total
+        if hasattr(tensor, "__tensor_flatten__"):
+            for name in tensor.__tensor_flatten__()[0]:
+                add(getattr(tensor, name))
+            return
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+
+    for tensor in [*network.parameters(), *network.buffers()]:
+        add(tensor)
+    return total
 
 
 def _free() -> None:
@@ -115,109 +176,168 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def measure(models: list[str], formats: list[str], contexts: list[int], batch: int, hardware_id: str) -> list[dict]:
-    """Build, quantize and prefill on CUDA; one row per (model, format, context)."""
+def _cache(network, kind: str, context: int):
+    """None lets the model make its DynamicCache, as generate() does; the others are made up front."""
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=network.config, max_cache_len=context + 1)
+    if kind == "offloaded":
+        return DynamicCache(config=network.config, offloading=True)
+    return None
+
+
+def _step(network, ids, cache=None):
     import torch
 
+    with torch.inference_mode():
+        out = network(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    return out
+
+
+def _measure_contexts(network, model: str, fmt: str, contexts: list[int], batch: int, base: int,
+                      weights: int, stored: int) -> list[dict]:
+    import torch
+
+    vocab = architectures.get(model).vocab_size
+    attention = network.config._attn_implementation
+    kinds = ("dynamic", *CACHES.get(model, ())) if fmt == "bf16" else ("dynamic",)
     rows = []
-    for model in models:
-        vocab = architectures.get(model).vocab_size
-        for fmt in formats:
-            _free()
-            base = torch.cuda.memory_allocated()
-            error = None
-            network = None
-            try:
-                network = _build(model)
-                param_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
-                if fmt != "bf16":
-                    _torchao_quantize(network, fmt)
-                    _free()
-            except Exception as exc:  # torchao missing or a layout this GPU/torch lacks: record, go on
-                error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    for context, kind in ((c, k) for c in contexts for k in kinds):
+        row = {"model": model, "format": fmt, "context_tokens": context, "batch": batch, "error": None,
+               "runtime": "transformers" if kind == "dynamic" else f"transformers-{kind}",
+               "attention": attention, "measured_weights_bytes": weights, "measured_stored_weights_bytes": stored}
+        _free()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            ids = torch.randint(0, vocab, (batch, context), device="cuda")
+            out = _step(network, ids, _cache(network, kind, context))
+            row["measured_peak_allocated_bytes"] = torch.cuda.max_memory_allocated() - base
+            row["measured_after_prefill_bytes"] = torch.cuda.memory_allocated() - base
+            row["prefill_s"] = round(time.perf_counter() - started, 3)
+            cache, last = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            del out, ids
+            torch.cuda.reset_peak_memory_stats()
+            out = _step(network, last, cache)
+            del out, last
+            row["measured_decode_peak_bytes"] = torch.cuda.max_memory_allocated() - base
+            row["measured_after_decode_bytes"] = torch.cuda.memory_allocated() - base
+            del cache
+        except torch.cuda.OutOfMemoryError as exc:
+            row["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0][:160]}"
+        except Exception as exc:  # a cache kind this transformers lacks: record it, keep the other rows
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        row["measured_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        rows.append(row)
+    return rows
+
+
+def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget_s: float, sink) -> list[dict]:
+    """Build, quantize, prefill and decode on CUDA, one row per (model, format, context), within a time budget."""
+    import torch
+
+    rows, started = [], time.perf_counter()
+    for model, fmt in plan:
+        arch = architectures.get(model)
+        usable = [c for c in contexts if not arch.max_context_tokens or c <= arch.max_context_tokens]
+        if time.perf_counter() - started > budget_s:
+            rows += [{"model": model, "format": fmt, "context_tokens": c, "batch": batch,
+                      "error": "not measured: the time budget ran out"} for c in usable]
+            continue
+        _free()
+        done = len(rows)
+        base = torch.cuda.memory_allocated()
+        network, error = None, None
+        try:
+            network = _build(model)
+            if fmt != "bf16":
+                _torchao_quantize(network, fmt)
+                _free()
+        except Exception as exc:  # a torchao layout this GPU/torch lacks, or OOM: record it and go on
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if error is None:
             weights = torch.cuda.memory_allocated() - base
-            for context in contexts:
-                row = estimate(model, fmt, context, batch, hardware_id)
-                row.update(error=error, param_bytes=None, measured_weights_bytes=None,
-                           measured_peak_allocated_bytes=None, measured_peak_reserved_bytes=None,
-                           measured_device_used_bytes=None, weights_error=None, total_error=None)
-                if error is None:
-                    torch.cuda.reset_peak_memory_stats()
-                    started = time.perf_counter()
-                    try:
-                        _prefill(network, vocab, context, batch)
-                    except torch.cuda.OutOfMemoryError as exc:
-                        row["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0][:200]}"
-                    free_bytes, total_bytes = torch.cuda.mem_get_info()
-                    peak = torch.cuda.max_memory_allocated() - base
-                    row.update(param_bytes=param_bytes if fmt == "bf16" else None,
-                               measured_weights_bytes=weights, measured_peak_allocated_bytes=peak,
-                               measured_peak_reserved_bytes=torch.cuda.max_memory_reserved(),
-                               measured_device_used_bytes=total_bytes - free_bytes,
-                               prefill_s=round(time.perf_counter() - started, 3),
-                               weights_error=row["estimated_weights_bytes"] / weights - 1,
-                               total_error=row["estimated_allocated_bytes"] / peak - 1)
-                    _free()
-                rows.append(row)
-            del network
-            _free()
+            rows += _measure_contexts(network, model, fmt, usable, batch, base, weights, _stored_bytes(network))
+        else:
+            rows += [{"model": model, "format": fmt, "context_tokens": c, "batch": batch, "error": error}
+                     for c in usable]
+        del network
+        _free()
+        sink(rows)
+        for row in rows[done:]:
+            result = row.get("error") or f"peak {row['measured_peak_allocated_bytes'] / 1e9:.3f} GB"
+            print(f"{model:18} {fmt:5} {row['context_tokens']:6} {row.get('runtime', '')} {result}", flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--formats", default=",".join(FORMATS), help="bf16 always; int8/int4 need torchao")
+    parser.add_argument("--models", default=None, help="comma-separated catalog slugs (default: the built-in plan)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="bf16, int8, int4, fp8 (torchao)")
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--hardware", default="h100-sxm-80gb", help="catalog id for the overhead/fit figures")
-    parser.add_argument("--dry-run", action="store_true", help="estimates only, no GPU (prints unless --json)")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new model after this many seconds")
+    parser.add_argument("--hardware", default="h200-sxm-141gb", help="catalog id for the fit figures")
+    parser.add_argument("--measure-only", action="store_true", help="GPU rows without qlab's estimates")
+    parser.add_argument("--reestimate", default=None, metavar="IN",
+                        help="add the current planner's estimates to measured rows (no GPU)")
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="output file (default $OUT/memory_gpu.json or bench/results/memory_gpu.json)")
     args = parser.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-    unknown = sorted(set(formats) - set(QLAB_SCHEMES))
+    unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        parser.error(f"unknown formats {unknown}; use {', '.join(QLAB_SCHEMES)}")
-    payload = {"benchmark": "memory_gpu", "goals": GOALS, "assumptions": vars(ASSUMPTIONS),
-               "python": platform.python_version()}
-    if args.dry_run:
-        payload["rows"] = [estimate(m, f, c, args.batch, args.hardware)
-                           for m in models for f in formats for c in contexts]
-        text = json.dumps(payload, indent=2)
-        if args.json is None:
-            print(text)
-        else:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text)
+        parser.error(f"unknown formats {unknown}; use {', '.join(FORMATS)}")
+    output = Path(args.json) if args.json else default_output()
+
+    def write(payload: dict) -> None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(payload, indent=1) + "\n")
+
+    if args.reestimate:
+        payload = json.loads(Path(args.reestimate).read_text())
+        payload.update(goals=GOALS, runtime="transformers", estimated_by="qlab.analyses.memory.plan (runtime "
+                       "transformers), recomputed from the stored measurements by --reestimate")
+        payload["rows"] = estimated_rows(payload["rows"], args.hardware)
+        write(payload)
+        for row in payload["rows"]:
+            if row.get("peak_error") is not None:
+                print(f"{row['model']:18} {row['format']:5} {row['context_tokens']:6} {row.get('runtime', ''):22} "
+                      f"weights {row['weights_error']:+.2%}  peak {row['peak_error']:+.2%}  "
+                      f"steady {row['steady_error']:+.2%}")
         return 0
     import torch
     import transformers
 
     if not torch.cuda.is_available():
-        parser.error("no CUDA device; use --dry-run for the estimates alone")
+        parser.error("no CUDA device; use --reestimate on measured rows instead")
     try:
         import torchao
 
         torchao_version = torchao.__version__
     except ImportError:
         torchao_version = None
-        payload["skipped"] = [f"{f}: torchao is not importable" for f in formats if f != "bf16"]
-        formats = [f for f in formats if f == "bf16"]
-    payload.update(device=torch.cuda.get_device_name(0), device_memory_bytes=torch.cuda.mem_get_info()[1],
-                   torch=torch.__version__, transformers=transformers.__version__, torchao=torchao_version)
-    payload["rows"] = measure(models, formats, contexts, args.batch, args.hardware)
-    output = Path(args.json) if args.json else default_output()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(payload, indent=2))
-    for row in payload["rows"]:
-        if row["error"]:
-            print(f"{row['model']:14} {row['format']:5} {row['context_tokens']:6}  {row['error']}")
-        else:
-            print(f"{row['model']:14} {row['format']:5} {row['context_tokens']:6}  weights "
-                  f"{row['weights_error']:+.2%}  total {row['total_error']:+.2%}")
+    plan = PLAN if args.models is None else [(m.strip(), f) for m in args.models.split(",") if m.strip()
+                                             for f in formats]
+    plan = [(m, f) for m, f in plan if f in formats and (f == "bf16" or torchao_version)]
+    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    payload = {"benchmark": "memory_gpu", "goals": GOALS, "python": platform.python_version(),
+               "device": torch.cuda.get_device_name(0), "device_memory_bytes": total_bytes,
+               # What the CUDA context and libraries take before any tensor: outside max_memory_allocated.
+               "context_bytes": total_bytes - free_bytes - torch.cuda.memory_reserved(),
+               "torch": torch.__version__, "transformers": transformers.__version__, "torchao": torchao_version,
+               "allocator_config": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+               "rows": []}
+
+    def sink(rows: list[dict]) -> None:
+        payload["rows"] = rows
+        write(payload)
+
+    rows = measure(plan, [int(c) for c in args.contexts.split(",") if c.strip()], args.batch, args.budget_s, sink)
+    if not args.measure_only:
+        sink(estimated_rows(rows, args.hardware))
     print(f"wrote {output}")
     return 0
 

@@ -33,34 +33,71 @@ def test_kv_cache_of_a_gqa_model(context, batch):
 
 @pytest.mark.parametrize(("context", "batch"), [(2048, 1), (4096, 2), (8192, 1), (8192, 4)])
 def test_kv_cache_of_a_sliding_window_model(context, batch):
-    # Gemma-2-9B: 42 layers alternate local (window 4096) and global; 8 KV heads of 256.
+    # Gemma-2-9B: 42 layers alternate local (window 4096) and global; 8 KV heads of 256. transformers' prefill
+    # leaves every layer holding the whole prompt; the first decode step trims the local ones to the window.
     per_token_layer = 2 * 8 * 256 * 2
-    expected = per_token_layer * batch * (21 * context + 21 * min(context, 4096))
-    assert memory.plan("gemma-2-9b", INT4_G128, context, batch).kv_cache_bytes == expected
+    plan = memory.plan("gemma-2-9b", INT4_G128, context, batch)
+    assert plan.kv_cache_bytes == per_token_layer * batch * 42 * context
+    assert plan.steady.kv_bytes == per_token_layer * batch * (21 * context + 21 * min(context, 4096))
+    static = memory.plan("gemma-2-9b", INT4_G128, context, batch,
+                         assumptions=memory.Assumptions(runtime="transformers-static"))
+    assert static.kv_cache_bytes == static.steady.kv_bytes == plan.steady.kv_bytes
 
 
-@pytest.mark.parametrize(("context", "batch"), [(1, 1), (8192, 1), (163840, 2)])
+def test_the_fit_uses_the_prefill_peak_not_the_steady_state():
+    # Mistral-7B at 32k: the prompt in all 32 sliding layers is 4.3 GB; the window alone 0.5 GB.
+    plan = memory.plan("mistral-7b", FP16, 32768, 1, "bf16", "h200-sxm-141gb")
+    assert plan.peak.kv_bytes == 8 * plan.steady.kv_bytes
+    assert plan.primary.total_bytes == plan.peak.device_bytes > plan.primary.steady_bytes == plan.steady.device_bytes
+    assert any("prefill peak, not the steady state" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize(("context", "batch"), [(16, 1), (8192, 1), (163840, 2)])
 def test_kv_cache_of_an_mla_model(context, batch):
-    # DeepSeek-V3: one latent of kv_lora_rank 512 + rope key 64 per token per layer, 61 layers, bf16.
-    expected = (512 + 64) * 61 * 2 * context * batch
-    plan = memory.plan("deepseek-v3", INT4_G128, context, batch, "bf16")
+    # DeepSeek-V3 in vLLM: one latent of kv_lora_rank 512 + rope key 64 per token per layer, 61 layers, bf16,
+    # in pages of 16 tokens (MLAAttentionSpec.page_size_bytes).
+    vllm = memory.Assumptions(runtime="vllm")
+    expected = (512 + 64) * 61 * 2 * math.ceil(context / 16) * 16 * batch
+    plan = memory.plan("deepseek-v3", INT4_G128, context, batch, "bf16", "h200-sxm-141gb", vllm)
     assert plan.kv_cache_bytes == expected
-    assert plan.kv.per_gpu_bytes(8) == expected  # the latent is replicated, not split, across TP ranks
+    assert plan.kv.per_gpu_bytes(8) == plan.kv.total_bytes  # the latent is replicated, not split, across TP ranks
+    # transformers' DeepSeek code caches decompressed keys (192) and values (128) for each of 128 heads.
+    eager = memory.plan("deepseek-v3", INT4_G128, context, batch, "bf16")
+    assert eager.kv_cache_bytes == 128 * (192 + 128) * 61 * 2 * context * batch
 
 
 def test_kv_dtypes_store_their_scales():
     values = 2 * 32 * 8 * 128 * 8192  # Llama-3.1-8B, 8192 tokens
     layer_tensors = 2 * 32  # K and V per layer
     groups = values // 32
-    got = {kv: memory.plan("llama-3.1-8b", INT4_G128, 8192, 1, kv).kv for kv in memory.KV_DTYPES}
-    assert got["bf16"].total_bytes == values * 2
-    # fp8: one byte a value plus one fp32 per-tensor scale for each layer's K and V.
-    assert got["fp8"].total_bytes == values + layer_tensors * 4
-    # int8/int4: an fp16 scale and a zero-point (at the KV bits) for every 32 values.
-    assert got["int8"].total_bytes == values + groups * 2 + groups
-    assert got["int4"].total_bytes == values // 2 + groups * 2 + groups // 2
-    assert got["int4"].bits_per_value == pytest.approx(4 + 16 / 32 + 4 / 32)
-    assert got["int4"].scales_bytes == groups * 2 + groups // 2
+
+    def kv(dtype: str, runtime: str = "transformers") -> memory.KVCache:
+        weights = memory.weight_spec("Q4_K_M") if runtime == "llama.cpp" else INT4_G128
+        return memory.plan("llama-3.1-8b", weights, 8192, 1, dtype,
+                           assumptions=memory.Assumptions(runtime=runtime)).kv
+
+    assert kv("bf16").total_bytes == values * 2
+    # fp8 (vLLM): one byte a value plus one fp32 per-tensor scale for each layer's K and V.
+    assert kv("fp8", "vllm").total_bytes == values + layer_tensors * 4
+    assert kv("int8_per_token_head", "vllm").total_bytes == values + values // 128 * 4  # fp32 per token and head
+    # int8/int4 (transformers' quantized cache): an fp16 scale and a zero-point at the cache's bits per 32 values.
+    assert kv("int8").total_bytes == values + groups * 2 + groups
+    assert kv("int4").total_bytes == values // 2 + groups * 2 + groups // 2
+    assert kv("int4").bits_per_value == pytest.approx(4 + 16 / 32 + 4 / 32)
+    assert kv("int4").scales_bytes == groups * 2 + groups // 2
+    # llama.cpp q8_0 / q4_0 rows: 34 and 18 bytes per block of 32 (ggml type_traits), n_ctx padded to 256.
+    assert kv("q8_0", "llama.cpp").total_bytes == values // 32 * 34
+    assert kv("q4_0", "llama.cpp").total_bytes == values // 32 * 18
+
+
+def test_each_runtime_refuses_kv_formats_it_does_not_store():
+    with pytest.raises(QlabError, match="transformers does not store a 'q8_0' KV cache; pick one of"):
+        memory.plan("llama-3.1-8b", INT4_G128, 8192, 1, "q8_0")
+    with pytest.raises(QlabError, match="llama.cpp does not store a 'fp8' KV cache"):
+        memory.plan("llama-3.1-8b", memory.weight_spec("Q4_K_M"), 8192, 1, "fp8",
+                    assumptions=memory.Assumptions(runtime="llama.cpp"))
+    with pytest.raises(QlabError, match="llama.cpp loads GGUF files"):
+        memory.plan("llama-3.1-8b", INT4_G128, 8192, assumptions=memory.Assumptions(runtime="llama.cpp"))
 
 
 def test_an_encoder_has_no_kv_cache():
@@ -84,7 +121,7 @@ def test_group_128_int4_overhead_is_visible():
 def test_plain_casts_cast_everything():
     plan = memory.plan("llama-3.1-8b", QuantScheme("fp32"), 1)
     assert plan.weights_bytes == 4 * 8_030_261_248 and plan.scales_bytes == 0
-    assert plan.activations.bytes_per_value == 4
+    assert plan.inputs.act_bytes == 4
 
 
 def test_lm_head_choice_is_an_assumption():

@@ -4,5 +4,5 @@ precision, the memory planner, the roofline, calibration, the Overview's verdict
 Each is a module; importing this package loads none of them (they pull in transformers and friends).
 """
 
-__all__ = ["activations", "calibration", "claims", "explain", "memory", "mixed", "qat", "roofline",
-           "sensitivity", "sweep", "sweep_benchmark"]
+__all__ = ["activations", "calibration", "claims", "explain", "memory", "mixed", "qat", "roofline", "runtimes",
+           "sensitivity", "sweep", "sweep_benchmark", "weights"]

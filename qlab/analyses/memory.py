@@ -1,50 +1,62 @@
 """The VRAM planner: weights (with their scales), KV cache, activations and runtime overhead, and fit verdicts.
 
-Every component is arithmetic on named inputs; the formulas are stated once, in ``FORMULAS``, and shown by the
-page and the CLI. Weight bytes come from ``QuantScheme.storage_bytes`` per matrix shape, so scale and
-zero-point overhead is exact; for a loaded model they equal ``qlab.core.plan.size_report`` to the byte.
+A plan models a named runtime (``qlab.analyses.runtimes``): its prefill peak and its steady decode state are
+stated separately, component by component with the formula of each, and a target fits when the peak does.
+Weight bytes come from ``QuantScheme.storage_bytes`` or a library's own layout (``qlab.core.layouts``) per
+matrix shape, so scales, zero-points and padding are exact; for a loaded model they equal
+``qlab.core.plan.size_report`` to the byte.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from qlab.analyses import runtimes
+from qlab.analyses import weights as weights_mod
+from qlab.analyses.runtimes import ENCODER_MODEL_TYPES, GGUFFile, MemoryState
+from qlab.analyses.weights import SchemeSpec
 from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
-from qlab.core.plan import SizeReport, unquantized_format
-from qlab.core.quant import QuantScheme, check_group_sizes
+from qlab.core.kv_formats import get_kv_format, kv_format_names
+from qlab.core.layouts import Layout
+from qlab.core.plan import SizeReport
+from qlab.core.quant import QuantScheme
 from qlab.models import architectures, hardware
 from qlab.models.architectures import Architecture
 from qlab.models.loading import ASSETS_DIR, LoadedModel, quantizable_linears
 
 GIB = 2**30
-KV_DTYPES: tuple[str, ...] = ("fp16", "bf16", "fp8", "int8", "int4")
-# Encoders run one pass over the whole input and keep no cache between tokens.
-ENCODER_MODEL_TYPES = frozenset({"bert"})
+KV_DTYPES: tuple[str, ...] = tuple(kv_format_names())
 UNBOUNDED_CONTEXT = 2**24  # upper end of the largest-context search when a config states no maximum
 SEED_FACTS_PATH = ASSETS_DIR / "seed_facts.json"
 
+# The planner's weights come from qlab.analyses.weights; this name keeps one import for callers.
+weight_spec = weights_mod.weight_spec
+
 FORMULAS: dict[str, str] = {
-    "weights": "sum over quantized matrices of scheme.storage_bytes((out, in)) (codes + scales + zero-points) "
-               "x count, plus every other parameter (embeddings, untied lm_head, norms, biases, routers) "
-               "x bits of the unquantized format / 8",
-    "kv_cache": "layers x batch x tokens held x kv_heads x head_dim x 2 (K and V) at the KV dtype's storage "
-                "(scales included); sliding-window layers hold min(context, window) tokens; MLA holds one "
-                "latent of kv_lora_rank + qk_rope_head_dim per token per layer; encoders hold none",
-    "activations": "bytes per value x batch x chunk x (2 x hidden + max(attention width, 3 x MLP width)) "
-                   "+ attention scores (only if materialised: 2 x heads x chunk x context) + logits "
-                   "(4 bytes, fp32, x batch x logits positions x vocab); attention width = (heads + kv_heads) x head_dim "
-                   "+ (kv_heads + heads) x v_head_dim; MLP width = intermediate (dense) or "
-                   "(experts per token + shared experts) x expert width (MoE)",
-    "overhead": "a fixed runtime allowance per device: CUDA context, cuBLAS workspaces and caching-allocator "
+    "weights": "sum over quantized matrices of the scheme's or the library layout's stored bytes for (out, in) "
+               "(codes + scales + zero-points + padding) x count, plus every other parameter (embeddings, untied "
+               "lm_head, norms, biases, routers, a vision tower) x bits of the unquantized format / 8; GGUF files: "
+               "each tensor at the ggml type llama-quantize gives it",
+    "kv_cache": "per layer and token: KV heads x (K + V bytes of one head vector in the KV format, scales "
+                "included); MLA: one latent of kv_lora_rank + qk_rope_head_dim (transformers: decompressed per "
+                "head). How many tokens each layer holds depends on the runtime: transformers' prefill holds the "
+                "whole prompt in every layer (sliding ones too), its steady state min(context, window) in sliding "
+                "layers; vLLM pages of block_size tokens; llama.cpp n_ctx cells padded to 256",
+    "activations": "transformers: the largest working set of one layer on top of the cache: bytes x batch x "
+                   "prompt x (4 x hidden + rotary + the attention or MLP widths alive at once), boolean sliding "
+                   "masks (1 B x prompt^2) and their converted copy in SDPA, eager scores, int8 weight "
+                   "dequantization or fp8 activation quantization; vLLM: its profile run of "
+                   "max_num_batched_tokens; llama.cpp: its compute buffer for one ubatch",
+    "overhead": "a fixed runtime allowance per device: CUDA context, cuBLAS handles and caching-allocator "
                 "slack on GPUs; 0 on CPUs and SoCs",
-    "total": "weights + KV cache + activations + overhead; fits when total <= the target's memory",
+    "total": "the prefill peak: every component on the device; fits when it is <= the target's memory "
+             "(vLLM: <= gpu_memory_utilization x memory, which it reserves whatever the load)",
     "tensor_parallel": "per GPU = ceil(weights / n) + KV / min(n, kv_heads) (MLA latents are replicated) "
-                       "+ activations (replicated, conservative) + overhead; n divides the attention heads",
+                       "+ the rest replicated (conservative); n divides the attention heads",
 }
 
 
@@ -66,44 +78,64 @@ class Assumptions:
     """The editable assumptions behind the parts of a plan that are not pure shape arithmetic.
 
     Args:
+        runtime: which runtime's allocation the plan models (``qlab.analyses.runtimes.runtime_names``).
         gpu_overhead_bytes: runtime overhead per GPU. A CUDA context with cuBLAS/cuDNN handles takes about
-            0.5 GiB on Hopper; the rest covers caching-allocator fragmentation.
+            0.55 GB on an H200 (measured); the rest covers caching-allocator fragmentation.
         host_overhead_bytes: the same for CPUs and SoCs (the OS and runtime live outside the model budget).
         activation_bytes_per_value: None follows the weights: 4 when everything is fp32, 2 otherwise.
-        logits_bytes_per_value: logits are upcast to fp32 before sampling.
-        logits_positions: positions per sequence whose logits are computed; generate() and serving engines
-            compute only the last one.
-        prefill_chunk_tokens: None prefills the whole prompt in one pass (transformers); vLLM/SGLang chunk it.
-        attention_scores_materialised: False for FlashAttention/SDPA, True for eager attention.
+        prompt_tokens: tokens prefilled at once; None takes the whole context as the prompt (the worst case).
+        prefill_chunk_tokens: None prefills the whole prompt in one pass (transformers); smaller chunks shrink
+            the working set, not the cache.
+        attention_scores_materialised: True for eager attention (transformers' fallback for Gemma-2 and
+            gpt-oss), False for SDPA / FlashAttention.
         kv_group_size: values per scale for int8/int4 KV caches (KIVI uses 32).
         quantize_lm_head: whether an untied output head is quantized with the blocks (AWQ/GPTQ keep it at 16
             bits). Loaded models follow ``qlab.models.loading.quantizable_linears`` instead, as the sweep does.
         max_gpus: the largest tensor-parallel degree considered.
+        vllm_block_size, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs: vLLM's engine arguments
+            (defaults: vLLM's, for a 70+ GB GPU).
+        llamacpp_ubatch, llamacpp_flash_attention: llama.cpp's -ub and -fa.
     """
 
+    runtime: str = "transformers"
     gpu_overhead_bytes: int = GIB
     host_overhead_bytes: int = 0
     activation_bytes_per_value: int | None = None
-    logits_bytes_per_value: int = 4
-    logits_positions: int = 1
+    prompt_tokens: int | None = None
     prefill_chunk_tokens: int | None = None
     attention_scores_materialised: bool = False
     kv_group_size: int = 32
     quantize_lm_head: bool = False
     max_gpus: int = 64
+    vllm_block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    llamacpp_ubatch: int = 512
+    llamacpp_flash_attention: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", runtimes.get_runtime(self.runtime).name)
         for name in ("gpu_overhead_bytes", "host_overhead_bytes"):
             _check_count(getattr(self, name), name.replace("_", " "), minimum=0)
-        for name in ("logits_bytes_per_value", "logits_positions", "kv_group_size", "max_gpus"):
+        for name in ("kv_group_size", "max_gpus", "vllm_block_size", "max_num_batched_tokens", "max_num_seqs",
+                     "llamacpp_ubatch"):
             _check_count(getattr(self, name), name.replace("_", " "), minimum=1)
-        if self.activation_bytes_per_value is not None:
-            _check_count(self.activation_bytes_per_value, "activation bytes per value", minimum=1)
-        if self.prefill_chunk_tokens is not None:
-            _check_count(self.prefill_chunk_tokens, "prefill chunk tokens", minimum=1)
+        for name in ("activation_bytes_per_value", "prompt_tokens", "prefill_chunk_tokens"):
+            if getattr(self, name) is not None:
+                _check_count(getattr(self, name), name.replace("_", " "), minimum=1)
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, int | float) or not 0 < utilization <= 1:
+            raise QlabError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}; vLLM's default is 0.9.")
 
     def overhead_bytes(self, kind: str) -> int:
         return self.gpu_overhead_bytes if kind == "gpu" else self.host_overhead_bytes
+
+    def runtime_options(self) -> dict:
+        return {"eager_attention": self.attention_scores_materialised, "block_size": self.vllm_block_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_num_batched_tokens": self.max_num_batched_tokens, "max_num_seqs": self.max_num_seqs,
+                "n_ubatch": self.llamacpp_ubatch, "flash_attention": self.llamacpp_flash_attention}
 
 
 @dataclass(frozen=True)
@@ -127,22 +159,6 @@ class KVCache:
 
 
 @dataclass(frozen=True)
-class Activations:
-    """Peak live activations of one prefill chunk (``FORMULAS["activations"]``)."""
-
-    chunk_tokens: int
-    bytes_per_value: int
-    hidden_bytes: int
-    sublayer_bytes: int
-    scores_bytes: int
-    logits_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.hidden_bytes + self.sublayer_bytes + self.scores_bytes + self.logits_bytes
-
-
-@dataclass(frozen=True)
 class TargetFit:
     """Whether a plan fits one target, with how much room, how far it stretches, and how many GPUs it needs."""
 
@@ -150,9 +166,11 @@ class TargetFit:
     hardware_name: str
     kind: str
     memory_bytes: int
+    budget_bytes: int  # what the runtime may use: the memory, or vLLM's gpu_memory_utilization share of it
     overhead_bytes: int
-    total_bytes: int
-    headroom_bytes: int  # negative when it does not fit
+    total_bytes: int  # the prefill peak on this target
+    steady_bytes: int
+    headroom_bytes: int  # budget - peak; negative when it does not fit
     fits: bool
     max_context: int  # 0 when the weights alone do not fit
     max_context_is_model_limit: bool  # True when the model's own maximum, not memory, is the limit
@@ -164,7 +182,8 @@ class TargetFit:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Memory needed to serve a model under a scheme, by component, and its verdict for each target."""
+    """Memory a runtime needs to serve a model under a scheme: its prefill peak and steady decode state, by
+    component, and the verdict (on the peak) for each target."""
 
     model: str
     scheme_label: str
@@ -174,13 +193,19 @@ class MemoryPlan:
     context_tokens: int
     batch: int
     weights: SizeReport
-    kv: KVCache
-    activations: Activations
+    kv: KVCache  # the cache at the prefill peak
+    peak: MemoryState
+    steady: MemoryState
     assumptions: Assumptions
     targets: tuple[TargetFit, ...]
     notes: tuple[str, ...]
     arch: Architecture = field(repr=False, compare=False)
     formats: tuple[str, ...] = ()
+    inputs: runtimes.Inputs | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def runtime(self) -> str:
+        return self.assumptions.runtime
 
     @property
     def weights_bytes(self) -> int:
@@ -192,16 +217,16 @@ class MemoryPlan:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.kv.total_bytes
+        return self.peak.kv_bytes
 
     @property
     def activations_bytes(self) -> int:
-        return self.activations.total_bytes
+        return self.peak.kind_bytes("activations")
 
     @property
     def allocated_bytes(self) -> int:
-        """What the framework allocates (weights + KV + activations): torch.cuda.max_memory_allocated's view."""
-        return self.weights_bytes + self.kv_cache_bytes + self.activations_bytes
+        """What the framework allocates at the peak (no CUDA context): torch.cuda.max_memory_allocated's view."""
+        return self.peak.allocated_bytes
 
     @property
     def primary(self) -> TargetFit:
@@ -228,17 +253,19 @@ class MemoryPlan:
     def gpus_needed(self) -> int | None:
         return self.primary.gpus_needed
 
-    def allocated_bytes_at(self, context_tokens: int, batch: int) -> int:
-        """Weights + KV + activations at another context or batch (weights do not change)."""
-        kv = kv_cache(self.arch, context_tokens, batch, self.kv.kv_dtype, self.assumptions.kv_group_size)
-        acts = activations(self.arch, context_tokens, batch, self.assumptions, self.activations.bytes_per_value)
-        return self.weights_bytes + kv.total_bytes + acts.total_bytes
+    def states_at(self, context_tokens: int, batch: int) -> tuple[MemoryState, MemoryState]:
+        """(peak, steady) at another context or batch on the primary target (weights do not change)."""
+        inputs = replace(_inputs_at(self.inputs, context_tokens, batch, self.assumptions),
+                         overhead_bytes=self.primary.overhead_bytes, device_memory=self.primary.memory_bytes)
+        return runtimes.states(self.runtime, inputs)
 
     def to_record(self) -> dict:
         """Flat JSON-ready row: every component, the primary target's verdict, then all targets."""
         fit = self.primary
+        runtime = runtimes.get_runtime(self.runtime)
         return {
             "model": self.model, "scheme": self.scheme_label, "formats": list(self.formats),
+            "runtime": runtime.name, "runtime_measured": runtime.measured, "runtime_source": runtime.source,
             "unquantized_format": self.unquantized_format,
             "params": self.params, "active_params": self.active_params,
             "quantized_params": self.weights.quantized_params, "unquantized_params": self.weights.other_params,
@@ -252,15 +279,17 @@ class MemoryPlan:
             "kv_dtype": self.kv.kv_dtype, "kv_scheme": self.kv.scheme_label,
             "kv_bits_per_value": round(self.kv.bits_per_value, 6),
             "kv_cache_bytes": self.kv_cache_bytes, "kv_scales_bytes": self.kv.scales_bytes,
+            "kv_steady_bytes": self.steady.kv_bytes,
             "activations_bytes": self.activations_bytes,
-            "activations_hidden_bytes": self.activations.hidden_bytes,
-            "activations_sublayer_bytes": self.activations.sublayer_bytes,
-            "activations_scores_bytes": self.activations.scores_bytes,
-            "activations_logits_bytes": self.activations.logits_bytes,
-            "prefill_chunk_tokens": self.activations.chunk_tokens,
+            "reserved_bytes": self.peak.kind_bytes("reserve"),
             "allocated_bytes": self.allocated_bytes,
-            "hardware": fit.hardware_id, "memory_bytes": fit.memory_bytes,
+            "steady_allocated_bytes": self.steady.allocated_bytes,
+            "host_bytes": self.peak.host_bytes,
+            "peak_components": [asdict(c) for c in self.peak.components],
+            "steady_components": [asdict(c) for c in self.steady.components],
+            "hardware": fit.hardware_id, "memory_bytes": fit.memory_bytes, "budget_bytes": fit.budget_bytes,
             "overhead_bytes": fit.overhead_bytes, "total_bytes": fit.total_bytes,
+            "steady_total_bytes": fit.steady_bytes,
             "headroom_bytes": fit.headroom_bytes, "fits": fit.fits, "max_context": fit.max_context,
             "max_context_is_model_limit": fit.max_context_is_model_limit, "max_batch": fit.max_batch,
             "gpus_needed": fit.gpus_needed, "per_gpu_bytes": fit.per_gpu_bytes,
@@ -271,16 +300,14 @@ class MemoryPlan:
         }
 
 
-SchemeSpec = QuantScheme | Mapping[str, QuantScheme]
-
-
 def plan(model: str | Architecture | Mapping, scheme: SchemeSpec, context_tokens: int, batch: int = 1,
          kv_dtype: str = "fp16", hardware_ids: str | Sequence[str] = "h100-sxm-80gb",
          assumptions: Assumptions = Assumptions()) -> MemoryPlan:
-    """Plan a catalog model (slug or HF id), an Architecture or a config.json dict under a scheme or a mix.
+    """Plan a catalog model (slug or HF id), an Architecture or a config.json dict under a scheme, a layout, a
+    GGUF file type or a mix, for the runtime ``assumptions.runtime`` names.
 
     A mix maps fnmatch globs over the architecture's matrix names (``model.layers.*.mlp.down_proj``) to
-    schemes; the first matching glob wins, and every matrix must match one (``"*"`` catches the rest).
+    schemes or layouts; the first matching glob wins, and every matrix must match one (``"*"`` catches the rest).
     """
     arch = _architecture(model)
     counts = architectures.count_params(arch)
@@ -288,6 +315,9 @@ def plan(model: str | Architecture | Mapping, scheme: SchemeSpec, context_tokens
     if arch.num_mtp_layers:
         notes.append(f"The checkpoint's {arch.num_mtp_layers} multi-token-prediction layer(s) are not "
                      "counted: transformers and most engines do not load them.")
+    if arch.vision is not None:
+        notes.append(f"The vision tower ({counts.breakdown.get('vision', 0):,} parameters) stays resident at "
+                     "16 bits; no text token runs it.")
     return _plan(arch, arch.slug, scheme, _catalog_matrices(arch, assumptions), counts.total,
                  counts.active_per_token, context_tokens, batch, kv_dtype, hardware_ids, assumptions, notes)
 
@@ -313,88 +343,32 @@ def model_weights(model: str | Architecture | Mapping, scheme: SchemeSpec,
     """Weight bytes alone (no context, no target) of a catalog model under a scheme or a mix."""
     arch = _architecture(model)
     matrices = _catalog_matrices(arch, assumptions)
-    return _weights(arch.slug, scheme, matrices, architectures.count_params(arch).total)[0]
-
-
-def kv_scheme(kv_dtype: str, group_size: int = 32) -> QuantScheme:
-    """How a KV cache of this dtype is stored, as a QuantScheme so its bits come from the format registry.
-
-    fp8: one fp32 scale per layer tensor (vLLM's per-tensor scale); int8/int4: an fp16 scale and an integer
-    zero-point per ``group_size`` values of a head vector (KIVI-style asymmetric groups).
-    """
-    kv_dtype = str(kv_dtype).strip().lower()
-    if kv_dtype in ("fp16", "bf16"):
-        return QuantScheme(kv_dtype)
-    if kv_dtype == "fp8":
-        return QuantScheme("fp8_e4m3", "tensor")
-    if kv_dtype in ("int8", "int4"):
-        return QuantScheme(kv_dtype, "group", group_size, symmetric=False, scale_dtype="fp16")
-    raise QlabError(f"unknown KV-cache dtype '{kv_dtype}'; use one of {', '.join(KV_DTYPES)}.")
+    return weights_mod.weights(arch, arch.slug, scheme, matrices, architectures.count_params(arch).total)[0]
 
 
 def kv_cache(arch: Architecture, context_tokens: int, batch: int, kv_dtype: str = "fp16",
-             group_size: int = 32) -> KVCache:
-    """KV-cache bytes (``FORMULAS["kv_cache"]``) for ``batch`` sequences of ``context_tokens`` each."""
-    kv_dtype = str(kv_dtype).strip().lower()
-    scheme = kv_scheme(kv_dtype, group_size)
-    if arch.model_type in ENCODER_MODEL_TYPES:
-        return KVCache(kv_dtype, scheme.label, 0, 0, 0, 1)
-    if arch.uses_mla:
-        # K and V are both rebuilt from one compressed latent plus the shared RoPE key (DeepSeek-V2 paper).
-        widths, heads, shards = ((arch.kv_lora_rank or 0) + (arch.qk_rope_head_dim or 0),), 1, 1
-    else:
-        widths, heads, shards = (arch.head_dim, arch.head_dim), arch.num_kv_heads, arch.num_kv_heads
-    if scheme.granularity == "group" and any(w % group_size for w in widths):
-        raise QlabError(f"KV group size {group_size} does not divide the head width {widths[0]} of "
-                        f"{arch.slug}; set a KV group size that divides it.")
+             group_size: int = 32, runtime: str = "vllm") -> KVCache:
+    """The cache a decode step reads at ``context_tokens``: global layers hold the context, sliding ones
+    min(context, window); MLA one latent per token (as serving engines store it)."""
+    fmt = get_kv_format(kv_dtype)
     window = arch.sliding_window_tokens or context_tokens
-    held = ((arch.num_global_layers, context_tokens), (arch.num_sliding_layers, min(context_tokens, window)))
-    values = total = scales = 0
-    for layers, tokens in held:
-        for width in widths:
-            rows = batch * tokens * heads
-            if not layers or not rows:
-                continue
-            parts = scheme.storage_bytes((rows, width))
-            values += layers * rows * width
-            total += layers * sum(parts.values())
-            scales += layers * (parts["scales"] + parts["zero_points"])
-    return KVCache(kv_dtype, scheme.label, values, total, scales, shards)
-
-
-def activations(arch: Architecture, context_tokens: int, batch: int, assumptions: Assumptions = Assumptions(),
-                bytes_per_value: int = 2) -> Activations:
-    """Peak prefill activations (``FORMULAS["activations"]``) of one chunk of the prompt."""
-    chunk = min(context_tokens, assumptions.prefill_chunk_tokens or context_tokens)
-    tokens = batch * chunk
-    heads, kv_heads = arch.num_attention_heads, arch.num_kv_heads
-    v_dim = arch.v_head_dim or arch.head_dim
-    attention_width = (heads + kv_heads) * arch.head_dim + (kv_heads + heads) * v_dim
-    mlp_widths = []
-    if arch.num_dense_layers:
-        mlp_widths.append(arch.intermediate_size)
-    if arch.is_moe and arch.num_moe_layers:
-        mlp_widths.append((arch.experts_per_token + arch.num_shared_experts) * arch.moe_intermediate_size)
-    # A gated MLP holds gate, up and their product at once before down_proj runs.
-    sublayer_width = max(attention_width, 3 * max(mlp_widths, default=0))
-    scores = (2 * bytes_per_value * batch * heads * chunk * context_tokens
-              if assumptions.attention_scores_materialised else 0)
-    logits = (0 if arch.model_type in ENCODER_MODEL_TYPES else
-              assumptions.logits_bytes_per_value * batch * min(assumptions.logits_positions, chunk)
-              * arch.vocab_size)
-    return Activations(chunk, bytes_per_value, bytes_per_value * tokens * 2 * arch.hidden_size,
-                       bytes_per_value * tokens * sublayer_width, scores, logits)
+    total = runtimes.kv_bytes(arch, fmt, group_size, runtime, context_tokens, min(context_tokens, window), batch)
+    widths, heads = runtimes.kv_widths(arch, runtime)
+    tokens = batch * (arch.num_global_layers * context_tokens + arch.num_sliding_layers * min(context_tokens, window))
+    values = 0 if arch.model_type in ENCODER_MODEL_TYPES else tokens * heads * sum(widths)
+    codes = -(-values * fmt.code_bits // 8)
+    shards = 1 if arch.uses_mla and not runtime.startswith("transformers") else heads
+    return KVCache(fmt.name, fmt.name, values, total, total - codes, shards)
 
 
 def context_curve(memory_plan: MemoryPlan, contexts: Sequence[int]) -> list[dict]:
-    """Total memory on the primary target at each context length (weights fixed, KV and activations grow)."""
-    overhead = memory_plan.primary.overhead_bytes
+    """The prefill peak and the steady state on the primary target at each context length."""
     rows = []
     for context in contexts:
-        allocated = memory_plan.allocated_bytes_at(int(context), memory_plan.batch)
+        peak, steady = memory_plan.states_at(int(context), memory_plan.batch)
         rows.append({"model": memory_plan.model, "scheme": memory_plan.scheme_label,
-                     "context_tokens": int(context), "total_bytes": allocated + overhead,
-                     "memory_bytes": memory_plan.primary.memory_bytes})
+                     "context_tokens": int(context), "total_bytes": peak.device_bytes,
+                     "steady_bytes": steady.device_bytes, "memory_bytes": memory_plan.primary.budget_bytes})
     return rows
 
 
@@ -441,29 +415,6 @@ def _architecture(model: str | Architecture | Mapping) -> Architecture:
     raise QlabError(f"cannot plan a {type(model).__name__}; give a catalog slug, an HF id or a config.json.")
 
 
-def _assign(spec: SchemeSpec, names: list[str], model: str) -> dict[str, QuantScheme]:
-    """The scheme of each matrix name: one scheme for all, or the first matching glob of a mix."""
-    if isinstance(spec, QuantScheme):
-        return dict.fromkeys(names, spec)
-    if not isinstance(spec, Mapping) or not spec:
-        raise QlabError("give a QuantScheme or a non-empty {glob: QuantScheme} mix for the weights.")
-    bad = [key for key, value in spec.items() if not isinstance(value, QuantScheme)]
-    if bad:
-        raise QlabError(f"mix entry '{bad[0]}' is not a QuantScheme; map each glob to a QuantScheme.")
-    chosen, used = {}, set()
-    for name in names:
-        pattern = next((p for p in spec if fnmatch.fnmatchcase(name, p)), None)
-        if pattern is None:
-            raise QlabError(f"no glob of the mix matches '{name}' of {model}; add a '*' entry for the rest.")
-        chosen[name] = spec[pattern]
-        used.add(pattern)
-    unused = [p for p in spec if p not in used]
-    if unused:
-        raise QlabError(f"mix glob '{unused[0]}' matches no matrix of {model} (they are named like "
-                        f"'{names[0]}'); fix or drop it.")
-    return chosen
-
-
 def _catalog_matrices(arch: Architecture, assumptions: Assumptions) -> list[tuple[str, tuple[int, ...], int]]:
     """(name glob, shape, count) of every matrix a scheme quantizes in a catalog architecture."""
     matrices = [(s.name_pattern, (s.out_features, s.in_features), s.count)
@@ -471,28 +422,6 @@ def _catalog_matrices(arch: Architecture, assumptions: Assumptions) -> list[tupl
     if assumptions.quantize_lm_head and not arch.tie_word_embeddings:
         matrices.append(("lm_head", (arch.vocab_size, arch.hidden_size), 1))
     return matrices
-
-
-def _weights(model: str, spec: SchemeSpec, matrices: list[tuple[str, tuple[int, ...], int]],
-             total_params: int) -> tuple[SizeReport, str, str, tuple[str, ...]]:
-    """Exact weight bytes, the scheme's label, the unquantized format and the formats the scheme uses."""
-    chosen = _assign(spec, [m[0] for m in matrices], model)
-    check_group_sizes(chosen, {m[0]: m[1][-1] for m in matrices}, model)
-    schemes = list(dict.fromkeys(chosen.values()))
-    rest_formats = {unquantized_format(s) for s in schemes}
-    # A mix of casts and scaled formats keeps the other tensors at fp16, as a single scaled scheme does.
-    rest = rest_formats.pop() if len(rest_formats) == 1 else "fp16"
-    label = schemes[0].label if isinstance(spec, QuantScheme) else "mixed: " + ", ".join(s.label for s in schemes)
-    quantized_params = quantized_bytes = scale_bytes = 0
-    for name, shape, count in matrices:
-        parts = chosen[name].storage_bytes(shape)
-        quantized_params += math.prod(shape) * count
-        quantized_bytes += sum(parts.values()) * count
-        scale_bytes += (parts["scales"] + parts["zero_points"]) * count
-    other_params = total_params - quantized_params
-    report = SizeReport(quantized_params, quantized_bytes, scale_bytes, other_params,
-                        other_params * get_format(rest).bits // 8)
-    return report, label, rest, tuple(dict.fromkeys(s.format for s in schemes))
 
 
 def _targets(hardware_ids: str | Sequence[str]) -> list[hardware.Hardware]:
@@ -515,30 +444,57 @@ def _largest(ok: Callable[[int], bool], upper: int) -> int:
     return low
 
 
+def _inputs_at(base: runtimes.Inputs, context: int, batch: int, a: Assumptions,
+               target: hardware.Hardware | None = None) -> runtimes.Inputs:
+    """The runtime inputs at another context, batch or target (the prompt follows the context unless fixed)."""
+    prompt = min(a.prompt_tokens or context, context)
+    changes = {"context": context, "prompt": prompt, "batch": batch,
+               "chunk": min(prompt, a.prefill_chunk_tokens or prompt)}
+    if target is not None:
+        changes.update(overhead_bytes=a.overhead_bytes(target.kind), device_memory=target.memory_bytes)
+    return replace(base, **changes)
+
+
+def _budget(runtime: str, a: Assumptions, memory: int) -> int:
+    # vLLM claims gpu_memory_utilization of the device at start-up and must fit everything inside it.
+    return int(a.gpu_memory_utilization * memory) if runtime == "vllm" else memory
+
+
+def _needed(state: MemoryState) -> int:
+    return state.device_bytes - state.kind_bytes("reserve")
+
+
 def _fit(memory_plan: MemoryPlan, target: hardware.Hardware) -> TargetFit:
-    a = memory_plan.assumptions
-    overhead = a.overhead_bytes(target.kind)
+    a, runtime = memory_plan.assumptions, memory_plan.runtime
     memory = target.memory_bytes
-    total = memory_plan.allocated_bytes + overhead
+    budget = _budget(runtime, a, memory)
+
+    def peak_at(context: int, batch: int) -> int:
+        inputs = _inputs_at(memory_plan.inputs, context, batch, a, target)
+        return _needed(runtimes.states(runtime, inputs)[0])
+
+    inputs = _inputs_at(memory_plan.inputs, memory_plan.context_tokens, memory_plan.batch, a, target)
+    peak, steady = runtimes.states(runtime, inputs)
+    total, overhead = _needed(peak), a.overhead_bytes(target.kind)
     model_max = memory_plan.arch.max_context_tokens or UNBOUNDED_CONTEXT
-    max_context = _largest(lambda c: memory_plan.allocated_bytes_at(c, memory_plan.batch) + overhead <= memory,
-                           model_max)
-    max_batch = _largest(lambda b: memory_plan.allocated_bytes_at(memory_plan.context_tokens, b) + overhead
-                         <= memory, MAX_BATCH)
+    max_context = _largest(lambda c: peak_at(c, memory_plan.batch) <= budget, model_max)
+    max_batch = _largest(lambda b: peak_at(memory_plan.context_tokens, b) <= budget, MAX_BATCH)
     gpus = per_gpu = None
     if target.kind == "gpu":
         heads = memory_plan.arch.num_attention_heads
+        weights, kv = peak.kind_bytes("weights"), peak.kv_bytes
         for n in (n for n in range(1, a.max_gpus + 1) if heads % n == 0):
-            need = (math.ceil(memory_plan.weights_bytes / n) + memory_plan.kv.per_gpu_bytes(n)
-                    + memory_plan.activations_bytes + overhead)
-            if need <= memory:
+            need = math.ceil(weights / n) + math.ceil(kv * memory_plan.kv.per_gpu_bytes(n)
+                                                      / max(memory_plan.kv.total_bytes, 1)) + total - weights - kv
+            if need <= budget:
                 gpus, per_gpu = n, need
                 break
-    elif total <= memory:
+    elif total <= budget:
         gpus, per_gpu = 1, total
-    return TargetFit(target.id, target.name, target.kind, memory, overhead, total, memory - total,
-                     total <= memory, max_context, max_context == model_max and max_context > 0, max_batch,
-                     gpus, per_gpu, all(f in target.native_formats for f in memory_plan.formats))
+    return TargetFit(target.id, target.name, target.kind, memory, budget, overhead, total, _needed(steady),
+                     budget - total, total <= budget, max_context,
+                     max_context == model_max and max_context > 0, max_batch, gpus, per_gpu,
+                     all(f in target.native_formats for f in memory_plan.formats))
 
 
 def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[str, tuple[int, ...], int]],
@@ -547,8 +503,22 @@ def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[
     _check_count(context_tokens, "context length (tokens)", maximum=MAX_CONTEXT_TOKENS)
     _check_count(batch, "batch size", maximum=MAX_BATCH)
     targets = _targets(hardware_ids)
-    weights, label, rest, formats = _weights(name, spec, matrices, params)
-    act_bytes = assumptions.activation_bytes_per_value or (4 if rest == "fp32" else 2)
+    runtime = runtimes.get_runtime(assumptions.runtime)
+    if runtime.name == "llama.cpp" and not isinstance(spec, GGUFFile) and not (
+            isinstance(spec, QuantScheme) and not spec.fmt.scaled):
+        raise QlabError(f"llama.cpp loads GGUF files; plan weights as one of {', '.join(runtimes.GGUF_FILE_TYPES)} "
+                        "(or a 16-bit cast) for it.")
+    weights, label, rest, formats, chosen = weights_mod.weights(arch, name, spec, matrices, params)
+    act_bytes = assumptions.activation_bytes_per_value or (4 if rest == "fp32" and runtime.name != "llama.cpp"
+                                                           else 2)
+    kv_format = get_kv_format(kv_dtype)
+    kernels = frozenset(s.name for s in chosen.values() if isinstance(s, Layout))
+    largest = weights_mod.largest_matrix(chosen, matrices, "torchao-int8-weight-only")
+    base = runtimes.Inputs(arch, weights.size_bytes, kernels, largest, context_tokens, context_tokens,
+                           batch, kv_format, assumptions.kv_group_size, act_bytes, 0, 0,
+                           assumptions.runtime_options(), tensor_sizes=weights_mod.tensor_sizes(arch, chosen, rest, weights))
+    inputs = _inputs_at(base, context_tokens, batch, assumptions, targets[0])
+    peak, steady = runtimes.states(runtime.name, inputs)
     if arch.is_moe:
         notes.append(f"MoE: all {arch.num_experts} experts per layer are resident; each token runs "
                      f"{arch.experts_per_token}, so {active_params:,} of {params:,} parameters are active "
@@ -557,13 +527,29 @@ def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[
         notes.append(f"{context_tokens:,} tokens is beyond the model's max_position_embeddings "
                      f"({arch.max_context_tokens:,}); quality past it is not guaranteed.")
     if arch.uses_mla:
-        notes.append("MLA: the cache holds the compressed latent, as vLLM and SGLang store it (transformers' "
-                     "eager DeepSeek code caches decompressed K and V, far larger); it is replicated on "
-                     "every tensor-parallel GPU.")
+        notes.append("MLA: vLLM and llama.cpp cache the compressed latent; transformers' DeepSeek code caches "
+                     "decompressed K and V per head, far larger. A latent is replicated on every tensor-parallel "
+                     "GPU.")
+    if not runtime.measured:
+        notes.append(f"{runtime.label}: these figures reproduce its own formulas ({runtime.source}); qlab has not "
+                     "measured them.")
+    if runtime.name == "vllm":
+        tokens = runtimes.vllm_pool_tokens(inputs, peak)
+        notes.append(f"vLLM refuses to start unless its KV pool holds max_model_len tokens of one request; this pool "
+                     f"holds {tokens:,} (the model's maximum is {arch.max_context_tokens:,}): pass "
+                     "--max-model-len accordingly.")
+    if peak.host_bytes:
+        notes.append(runtimes.host_note(peak))
+    window = arch.sliding_window_tokens
+    if runtime.name == "transformers" and window and inputs.prompt > window:
+        notes.append(f"Sliding-window layers hold the whole {inputs.prompt:,}-token prompt until the first decode "
+                     f"step trims them to {window:,}: the prefill peak, not the steady state, decides the fit.")
+    kv = kv_cache(arch, inputs.prompt if runtime.name == "transformers" else context_tokens, batch,
+                  kv_format.name, assumptions.kv_group_size, runtime.name)
+    if runtime.name == "transformers":
+        kv = replace(kv, total_bytes=peak.kv_bytes)
     memory_plan = MemoryPlan(
         model=name, scheme_label=label, unquantized_format=rest, params=params, active_params=active_params,
-        context_tokens=context_tokens, batch=batch, weights=weights,
-        kv=kv_cache(arch, context_tokens, batch, kv_dtype, assumptions.kv_group_size),
-        activations=activations(arch, context_tokens, batch, assumptions, act_bytes),
-        assumptions=assumptions, targets=(), notes=tuple(notes), arch=arch, formats=formats)
+        context_tokens=context_tokens, batch=batch, weights=weights, kv=kv, peak=peak, steady=steady,
+        assumptions=assumptions, targets=(), notes=tuple(notes), arch=arch, formats=formats, inputs=base)
     return replace(memory_plan, targets=tuple(_fit(memory_plan, t) for t in targets))

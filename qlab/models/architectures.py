@@ -613,6 +613,16 @@ def _all_tensors(a: Architecture) -> list[_Tensor]:
     return stored + _scale_tensors(a, stored)
 
 
+def stored_tensors(arch: Architecture) -> list[_Tensor]:
+    """Every tensor of the published checkpoint as (name glob, shape, count, part, matrix), main model first."""
+    return _all_tensors(arch)
+
+
+def family(arch: Architecture) -> _Family:
+    """How the architecture's transformers family lays out what its config does not state."""
+    return _FAMILIES[arch.model_type]
+
+
 def count_params(arch: Architecture) -> ParamCounts:
     """Exact parameter counts from the config, split by part, for the model and its published checkpoint."""
     tensors = _all_tensors(arch)
