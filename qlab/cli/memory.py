@@ -15,9 +15,17 @@ DEFAULT_GROUP_SIZE = 128
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``memory`` subcommand to qlab's parser."""
     from qlab.analyses.memory import KV_DTYPES
+    from qlab.analyses.runtimes import GGUF_FILE_TYPES, runtime_names
+    from qlab.core.layouts import layout_names
 
     parser = subparsers.add_parser(
         "memory", help="plan memory: weights with scales, KV cache, activations, overhead; fit per target")
+    parser.add_argument("--runtime", default="transformers", choices=runtime_names(),
+                        help="whose allocation to model: transformers generate (dynamic, static or offloaded "
+                             "cache; measured on a GPU), vLLM paged KV or llama.cpp (their formulas)")
+    parser.add_argument("--weights", default=None, metavar="LAYOUT",
+                        help="weights as a library stores them instead of --format: "
+                             + ", ".join([*layout_names(), *GGUF_FILE_TYPES]))
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="catalog slug or HF id (e.g. llama-3.1-8b, meta-llama/Llama-3.1-8B)")
     parser.add_argument("--config-file", default=None, metavar="PATH",
@@ -38,6 +46,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="count materialised attention scores (eager attention, no FlashAttention/SDPA)")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="quantize an untied output head with the blocks (default: keep it at 16 bits)")
+    parser.add_argument("--prompt-tokens", type=int, default=None, metavar="TOKENS",
+                        help="tokens prefilled at once (default: the whole context, the worst case)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="vLLM: the share of GPU memory it reserves at start-up")
+    parser.add_argument("--block-size", type=int, default=16, help="vLLM: tokens per KV page")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="vLLM: tokens of its profile run (the prefill chunk)")
+    parser.add_argument("--ubatch", type=int, default=512, help="llama.cpp: -ub, tokens per compute ubatch")
+    parser.add_argument("--no-flash-attention", action="store_true",
+                        help="llama.cpp: -fa off (the compute buffer then holds the f32 KQ matrix)")
     db_option(parser, "also store the plan and its verdicts in this run database (default: $QLAB_DB if set)")
     json_option(parser, "print the plan as JSON")
     parser.set_defaults(func=cmd_memory)
@@ -56,12 +74,16 @@ def build_plan(args: argparse.Namespace):
         ids = [h.id for h in hardware.catalog()]
     defaults = memory.Assumptions()
     assumptions = memory.Assumptions(
+        runtime=args.runtime,
         gpu_overhead_bytes=defaults.gpu_overhead_bytes if args.gpu_overhead_bytes is None
         else args.gpu_overhead_bytes,
         prefill_chunk_tokens=args.prefill_chunk, attention_scores_materialised=args.eager_attention,
-        quantize_lm_head=args.quantize_lm_head)
-    return memory.plan(model, scheme_from_args(args, args.format), args.context, args.batch, args.kv_dtype, ids,
-                       assumptions)
+        quantize_lm_head=args.quantize_lm_head, prompt_tokens=args.prompt_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, vllm_block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, llamacpp_ubatch=args.ubatch,
+        llamacpp_flash_attention=not args.no_flash_attention)
+    weights = memory.weight_spec(args.weights) if args.weights else scheme_from_args(args, args.format)
+    return memory.plan(model, weights, args.context, args.batch, args.kv_dtype, ids, assumptions)
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -75,20 +97,23 @@ def cmd_memory(args: argparse.Namespace) -> None:
         emit({**record, "formulas": FORMULAS}, args.json)
         return
     print(f"{plan.model}  {plan.scheme_label}  context {plan.context_tokens:,} x batch {plan.batch}  "
-          f"KV {plan.kv.scheme_label}")
+          f"KV {plan.kv.scheme_label}  runtime {plan.runtime}")
     print(f"  params {plan.params:,} (active per token {plan.active_params:,})")
-    for label, key in (("weights (codes)", "weights_before_scales_bytes"), ("  of which scales", "scales_bytes"),
-                       ("weights total", "weights_bytes"), ("KV cache", "kv_cache_bytes"),
-                       ("activations", "activations_bytes"), ("overhead", "overhead_bytes"),
-                       ("total", "total_bytes")):
-        print(f"  {label:18} {record[key] / 1e9:10.3f} GB")
+    print(f"  weights {record['weights_bytes'] / 1e9:.3f} GB, of which scales {record['scales_bytes'] / 1e9:.3f} GB")
+    for state in (plan.peak, plan.steady):
+        print(f"  {state.label}: {state.device_bytes / 1e9:.3f} GB on the device"
+              + (f", {state.host_bytes / 1e9:.3f} GB in host memory" if state.host_bytes else ""))
+        for component in state.components:
+            where = "" if component.on_device else " (host)"
+            print(f"    {component.name + where:30} {component.bytes / 1e9:10.3f} GB  {component.formula}")
     print(f"  unquantized tensors at {plan.unquantized_format}; {plan.weights.bits_per_weight:.3f} bits per "
           "quantized weight")
     for fit in plan.targets:
         verdict = "fits" if fit.fits else "does not fit"
         gpus = (f"{fit.gpus_needed} device(s)" if fit.gpus_needed
                 else "more GPUs than the TP limit" if fit.kind == "gpu" else "a larger machine")
-        print(f"  {fit.hardware_id:22} {verdict:12} headroom {fit.headroom_bytes / 1e9:8.2f} GB  "
+        print(f"  {fit.hardware_id:22} {verdict:12} peak {fit.total_bytes / 1e9:8.2f} GB of "
+              f"{fit.budget_bytes / 1e9:.2f}  headroom {fit.headroom_bytes / 1e9:8.2f} GB  "
               f"max context {fit.max_context:,}  max batch {fit.max_batch}  needs {gpus}")
     for note in plan.notes:
         print(f"  note: {note}")
