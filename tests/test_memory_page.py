@@ -22,22 +22,56 @@ def page():
     return app
 
 
+def _frame(page, column: str):
+    """The first table on the page that has this column."""
+    return next(d.value for d in page.dataframe if column in d.value.columns)
+
+
 def test_default_plan_draws_every_section(page):
     page.run()
     assert not page.exception and not page.error
     assert page.subheader[0].value == "llama-3.1-8b on NVIDIA H100 SXM 80GB"
-    components = page.dataframe[0].value
+    components = _frame(page, "scheme")
     assert list(components["scheme"]) == ["fp16", "int8 g128", "int4 g128"]
     assert components["fits"].all()
-    assert len(page.dataframe[1].value) >= 27  # every catalog target
-    assert len(page.dataframe[2].value) == 4  # the seed facts
+    assert (components["prefill peak (GB)"] >= components["steady decode (GB)"]).all()
+    assert len(_frame(page, "target")) >= 27  # every catalog target
+    assert len(_frame(page, "claim")) == 4  # the quoted figures
+    peak, steady = [d.value for d in page.dataframe if "formula" in d.value.columns]
+    assert "KV cache" in set(peak["component"]) and peak["formula"].str.len().min() > 0
+    assert peak["GB"].sum() == pytest.approx(components["prefill peak (GB)"].iloc[0])
+    assert steady["GB"].sum() == pytest.approx(components["steady decode (GB)"].iloc[0])
+
+
+def test_a_sliding_window_model_peaks_at_prefill_and_says_so(page):
+    page.run()
+    page.selectbox(key="memory_arch").set_value("mistral-7b").run()
+    page.number_input(key="memory_context").set_value(32768).run()
+    assert not page.exception and not page.error
+    assert any("prefill peak, not the steady state" in info.value for info in page.info)
+    table = _frame(page, "scheme")
+    assert (table["prefill peak (GB)"] > table["steady decode (GB)"] + 3).all()  # 4.3 GB of cache vs 0.5
+
+
+def test_runtimes_change_the_controls_and_the_plan(page):
+    page.run()
+    page.selectbox(key="memory_runtime").set_value("vllm").run()
+    assert not page.exception and not page.error
+    assert "fp8" in page.selectbox(key="memory_kv_dtype").options
+    assert any("has not measured" in info.value for info in page.info)
+    page.selectbox(key="memory_runtime").set_value("llama.cpp").run()
+    assert not page.exception and not page.error
+    assert page.selectbox(key="memory_kv_dtype").value == "fp16"  # a format llama.cpp stores
+    assert list(_frame(page, "scheme")["scheme"]) == ["GGUF Q4_K_M", "GGUF Q8_0"]
+    page.multiselect(key="memory_gguf").set_value([]).run()
+    assert "ick at least one GGUF file type" in page.error[0].value
 
 
 def test_deepseek_needs_several_gpus_and_says_why(page):
     page.run()
     page.selectbox(key="memory_arch").set_value("deepseek-v3").run()
     assert not page.exception and not page.error
-    assert (page.dataframe[0].value["GPUs needed"] >= 8).all()
+    assert (_frame(page, "scheme")["GPUs needed"] >= 8).all()
     assert any("MLA" in info.value for info in page.info)
 
 

@@ -221,7 +221,10 @@ class MemoryPlan:
 
     @property
     def activations_bytes(self) -> int:
-        return self.peak.kind_bytes("activations")
+        """Everything at the peak that is neither weights, cache, overhead nor vLLM's unused reserve: working
+        sets, masks, workspaces, allocator rounding; the stacked components then add up to the peak."""
+        return (self.peak.device_bytes - self.weights_bytes - self.kv_cache_bytes - self.peak.kind_bytes("overhead")
+                - self.peak.kind_bytes("reserve"))
 
     @property
     def allocated_bytes(self) -> int:
