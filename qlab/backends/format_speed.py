@@ -8,6 +8,7 @@ here gets a record that says so, which is stored like a measurement so it is not
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Sequence
 
 from qlab import backends
@@ -17,6 +18,9 @@ from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import CancelCheck, Progress
 from qlab.models.loading import LoadedModel
 
+# The module each backend library is imported as (its PyPI name differs).
+LIBRARY_MODULES = {"torchao": "torchao", "optimum-quanto": "optimum.quanto", "onnxruntime": "onnxruntime",
+                   "llama-cpp-python": "llama_cpp", "bitsandbytes": "bitsandbytes", "torch": "torch"}
 PREFERENCE = ("fp32", "bf16", "torchao-int8wo", "quanto-int8", "torch-dynamic-int8", "onnxruntime-int8",
               "quanto-int4", "llamacpp-q4_0", "torchao-int4wo", "torchao-float8wo", "quanto-float8", "bnb-nf4")
 QUICK_SPEC = speed.SpeedSpec(prompt_tokens=32, new_tokens=8, repetitions=3, warmup=1, sentences=8)
@@ -32,6 +36,14 @@ def backend_for(fmt: str, kind: str, device: str = "cpu") -> backends.Backend | 
                   if b.weight_format == fmt and kind in b.kinds and b.available(device)[0]}
     ordered = [candidates[slug] for slug in PREFERENCE if slug in candidates]
     return (ordered or list(candidates.values()) or [None])[0]
+
+
+def import_libraries(kind: str, schemes: Sequence[QuantScheme]) -> None:
+    """Import the kernel libraries ``measure`` will use for these schemes, now, in the calling thread."""
+    for scheme in schemes:
+        backend = backend_for(scheme.format, kind)
+        if backend is not None and backend.library in LIBRARY_MODULES:
+            importlib.import_module(LIBRARY_MODULES[backend.library])
 
 
 def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC

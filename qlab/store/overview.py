@@ -235,6 +235,20 @@ class OverviewJob:
         self._running: str | None = None
 
     def start(self) -> OverviewJob:
+        """Run the pieces on a worker thread, once the libraries they need are imported in this one.
+
+        Libraries load lazily (transformers resolves ``AutoModel`` and friends on first use); a first use on the
+        worker racing with a page loading a model on its own thread can leave one of them half imported.
+        """
+        import transformers
+
+        for name in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoTokenizer"):
+            getattr(transformers, name)
+        if any(step.piece == "sensitivity" for step in self.todo):
+            overview.sensitivity_available()
+        for step in self.todo:
+            if step.piece == "measured":
+                format_speed.import_libraries(self.loaded.kind, step.schemes)
         self._thread = threading.Thread(target=self.run, name=f"overview {self.loaded.name}", daemon=True)
         self._thread.start()
         return self
