@@ -88,9 +88,15 @@ def with_estimates(row: dict, hardware_id: str, workspace_in_base: bool) -> dict
     return row
 
 
+MEASURED = ("measured_weights_bytes", "measured_stored_weights_bytes", "measured_peak_allocated_bytes",
+            "measured_after_prefill_bytes", "measured_decode_peak_bytes", "measured_after_decode_bytes")
+
+
 def estimated_rows(rows: list[dict], hardware_id: str) -> list[dict]:
-    """Estimates for every measured row; cuBLAS's workspace is in the baseline of all but the first model."""
+    """Estimates for every measured row; cuBLAS's workspace is in the baseline of all but the first model. Rows
+    that could not be measured keep their error, with every measured field null, so all rows share one schema."""
     first = next(((r["model"], r["format"]) for r in rows if r.get("measured_peak_allocated_bytes")), None)
+    rows = [{**dict.fromkeys(MEASURED), **r} for r in rows]
     return [with_estimates(r, hardware_id, (r["model"], r["format"]) != first)
             if r.get("measured_peak_allocated_bytes") else r for r in rows]
 
