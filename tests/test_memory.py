@@ -295,6 +295,11 @@ def test_context_curve_grows_with_context():
      "KV group size"),
     (lambda: memory.Assumptions(gpu_overhead_bytes=-1), "overhead"),
     (lambda: memory.plan({"model_type": "llama"}, INT4_G128, 8192), "config"),
+    # Mixtral's config with 50 experts per token of 8 once reported 283B "active" of 46.7B.
+    (lambda: memory.plan({**architectures.get("mixtral-8x7b").config, "num_experts_per_tok": 50}, INT4_G128, 8192),
+     "num_experts_per_tok (50) exceeds the 8 experts"),
+    (lambda: memory.plan("llama-3.1-8b", INT4_G128, 8192, assumptions=memory.Assumptions(runtime="sglang")),
+     "unknown runtime"),
 ])
 def test_bad_inputs_raise_one_line(call, words):
     with pytest.raises(QlabError) as caught:
