@@ -24,10 +24,10 @@ import math
 from dataclasses import dataclass, field
 
 from qlab.core.errors import QlabError
-from qlab.core.kv_formats import KVFormat, get_kv_format
+from qlab.core.kv_formats import KVFormat, kv_format_names
 from qlab.core.layouts import ggml_row_bytes, ggml_type_size
 from qlab.models import architectures
-from qlab.models.architectures import FULL, Architecture
+from qlab.models.architectures import Architecture
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # torch's default cuBLAS workspace on Hopper (CUBLAS_WORKSPACE_CONFIG :4096:8)
 ENCODER_MODEL_TYPES = frozenset({"bert"})  # one pass over the whole input, no cache between tokens
@@ -546,7 +546,7 @@ def states(runtime: str, i: Inputs) -> tuple[MemoryState, MemoryState]:
     """(prefill peak, steady decode) of a runtime for these inputs."""
     name = get_runtime(runtime).name
     if name not in i.kv.runtimes:
-        offered = ", ".join(n for n in _kv_offered(name))
+        offered = ", ".join(kv_format_names(name))
         raise QlabError(f"{name} does not store a '{i.kv.name}' KV cache; pick one of {offered}.")
     if name == "vllm":
         return _vllm(i)
@@ -555,21 +555,6 @@ def states(runtime: str, i: Inputs) -> tuple[MemoryState, MemoryState]:
     return _transformers(i, name.removeprefix("transformers").removeprefix("-") or "dynamic")
 
 
-def _kv_offered(runtime: str) -> list[str]:
-    from qlab.core.kv_formats import kv_format_names
-
-    return kv_format_names(runtime)
-
-
-def kv_format(name: str) -> KVFormat:
-    """A KV format by name (the runtime check happens in ``states``)."""
-    return get_kv_format(name)
-
-
 def host_note(state: MemoryState) -> str:
     """A sentence for what a state keeps in host memory, or an empty string."""
     return f"{_fmt(state.host_bytes)} of KV cache stay in CPU memory." if state.host_bytes else ""
-
-
-def full_layers(a: Architecture) -> int:
-    return sum(1 for t in a.layer_types if t == FULL)
