@@ -35,6 +35,7 @@ DEFAULTS = {
     "calibration": "minmax",
     "algorithm": "rtn",
     "tokens": 512,
+    "device": models.default_device(),
 }
 
 
@@ -302,6 +303,9 @@ def sidebar() -> None:
             st.text_input("HF id or local directory", key="custom_model",
                           placeholder="org/name or /path/to/model",
                           help="Safetensors or GGUF weights only; custom code is never run.")
+        st.selectbox("Run on", models.device_choices(), key="device", format_func=models.device_label,
+                     help="Where the model is loaded and evaluated, in its own precision (bf16 for most "
+                          "published checkpoints): this CPU, one GPU, or every GPU with the model spread over them.")
         st.subheader("Target hardware")
         catalog = {h.id: h for h in hardware.catalog()}
         ids = [hardware.THIS_MACHINE_ID, *catalog]
@@ -384,16 +388,26 @@ def scheme_for(fmt: str) -> QuantScheme:
                        st.session_state["calibration"], algorithm=st.session_state["algorithm"])
 
 
+def load_model(name: str) -> models.LoadedModel:
+    """The model on the sidebar's "Run on" device, one copy per model and device for all sessions: never
+    mutate it (the sweep works block by block or on shadows)."""
+    return _cached_model(name, st.session_state.get("device", "cpu"))
+
+
 @st.cache_resource(show_spinner="Loading the model (the first load of SmolLM2 converts its GGUF, ~20 s)...",
                    max_entries=2)
-def load_model(name: str) -> models.LoadedModel:
-    """One copy per model for all sessions: never mutate it (the sweep works on shadows)."""
-    return models.load(name)
+def _cached_model(name: str, device: str) -> models.LoadedModel:
+    return models.load(name, device=device)
 
 
-@st.cache_resource(show_spinner="Computing the FP32 baseline...", max_entries=4)
-def baseline(_loaded: models.LoadedModel, model: str, spec: EvalSpec, text_sha256: str) -> Baseline:
-    """FP32 reference outputs for a model and evaluation spec, shared by all sessions."""
+def baseline(loaded: models.LoadedModel, model: str, spec: EvalSpec, text_sha256: str) -> Baseline:
+    """The model's reference outputs in its own precision for an evaluation spec, shared by all sessions."""
+    return _cached_baseline(loaded, model, loaded.device, spec, text_sha256)
+
+
+@st.cache_resource(show_spinner="Computing the baseline (the model in its own precision)...", max_entries=4)
+def _cached_baseline(_loaded: models.LoadedModel, model: str, device: str, spec: EvalSpec,
+                     text_sha256: str) -> Baseline:
     return compute_baseline(_loaded, spec)
 
 

@@ -118,8 +118,10 @@ def test_choices_list_each_gpu_and_all_of_them(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert loading.device_choices() == ["cpu", "cuda:0", "cuda:1", "auto"]
+    assert loading.default_device() == "cuda:0"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert loading.device_choices() == ["cpu"]
+    assert loading.device_choices() == ["cpu"] and loading.default_device() == "cpu"
+    assert loading.device_label("cpu") == "This CPU"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -143,3 +145,18 @@ def test_a_bf16_model_goes_through_sensitivity(bf16_dir):
     assert all(math.isfinite(e) and e > 0 for e in errors.values())
     assert errors[("model.layers.0.mlp.up_proj", "int4 per-channel")] > errors[("model.layers.0.mlp.up_proj",
                                                                                 "int8 per-channel")]
+
+
+@pytest.mark.slow
+def test_the_sidebar_runs_the_model_where_the_user_chose(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.session_state["model_choice"] = "minilm-l6"
+    at.switch_page("pages/model.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    [run_on] = [box for box in at.selectbox if box.label == "Run on"]
+    assert run_on.options == [loading.device_label(d) for d in loading.device_choices()]
+    assert run_on.value == loading.default_device()
+    assert not at.error, [e.value for e in at.error]

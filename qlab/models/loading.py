@@ -415,6 +415,21 @@ def device_choices() -> list[str]:
     return ["cpu", *gpus, *(["auto"] if len(gpus) > 1 else [])]
 
 
+def default_device() -> str:
+    """Where a model runs unless the user says otherwise: the first GPU when there is one, else the CPU."""
+    return "cuda:0" if gpu_count() else "cpu"
+
+
+def device_label(placement: str) -> str:
+    """A device choice in words: "This CPU", "GPU 0: NVIDIA H200 (150 GB)", "All 2 GPUs (accelerate)"."""
+    if placement == "cpu":
+        return "This CPU"
+    if placement == "auto":
+        return f"All {gpu_count()} GPUs (accelerate spreads the model)"
+    properties = torch.cuda.get_device_properties(torch.device(placement))
+    return f"GPU {placement.partition(':')[2]}: {properties.name} ({properties.total_memory / 1e9:.0f} GB)"
+
+
 def placement_of(device: str = "cpu", device_map: str | None = None) -> str:
     """Check a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``) or device map and name it: "cpu", "cuda:N" or
     "auto"; a device that does not exist here is a QlabError."""
@@ -453,11 +468,12 @@ def dtype_of(name: str | torch.dtype | None, checkpoint: Checkpoint) -> torch.dt
 
 
 def load(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         device_map: str | None = None) -> LoadedModel:
+         device_map: str | None = None, max_memory: dict[int, int] | None = None) -> LoadedModel:
     """Resolve, check, and load a model in its own dtype (or ``dtype``) on ``device`` (eval mode, no gradients).
 
     ``device`` is "cpu", "cuda", "cuda:N" or "auto"; ``device_map="auto"`` (the same as ``device="auto"``) hands
-    placement to accelerate: the weights fill every visible GPU, then CPU RAM. Everything that can be refused
+    placement to accelerate: the weights fill every visible GPU, then CPU RAM; ``max_memory`` caps the weights per
+    GPU (``qlab.analyses.placement.place`` derives it from the memory planner). Everything that can be refused
     (device, config against files, free memory) is refused before any weight is allocated.
     """
     source = resolve(name)
@@ -470,7 +486,7 @@ def load(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
         if source.gguf_file:
             model, tokenizer = _load_gguf(source, load_dtype, placement)
         else:
-            model, tokenizer = _load_pretrained(source.path, source.kind, load_dtype, placement)
+            model, tokenizer = _load_pretrained(source.path, source.kind, load_dtype, placement, max_memory)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(source, model, tokenizer, placement, load_dtype)
@@ -498,12 +514,14 @@ def _quiet_transformers():
 
 
 def _load_pretrained(path: str, kind: str, dtype: torch.dtype = torch.float32,
-                     placement: str = "cpu") -> tuple[torch.nn.Module, Any]:
+                     placement: str = "cpu", max_memory: dict[int, int] | None = None) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     model_class = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
     # A device map streams each tensor from the file straight to its device: no CPU copy of a GPU model.
     where = {} if placement == "cpu" else {"device_map": placement}
+    if placement == "auto" and max_memory:
+        where["max_memory"] = max_memory
     try:
         model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False,
                                             **where)
