@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         info,
         memory,
         overview,
+        placement,
         quantize,
         report,
         runs,
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qlab", description="Quantization lab: measure precision trade-offs headless.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     # In the order `qlab --help` lists them.
-    for command in (overview, quantize, sweep, info, memory, sensitivity, runs, report, explain, export, bench):
+    for command in (overview, quantize, sweep, info, memory, sensitivity, runs, report, explain, export, bench,
+                    placement):
         command.add_parser(sub)
     return parser
 
