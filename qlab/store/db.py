@@ -60,6 +60,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# What ``runs.status`` may hold (``interrupted``: a run still marked running whose process is gone).
+STATUSES = ("running", "finished", "cancelled", "stopped", "failed", "interrupted")
 
 
 def now() -> str:
@@ -94,13 +96,17 @@ def check_ours(conn: sqlite3.Connection, path: Path) -> int:
     """The schema version of a database qlab may read and migrate: empty (a new file), or holding qlab's tables.
     Another application's SQLite file (its own tables, perhaps its own ``runs``, any ``user_version``) is
     refused before anything (migration, WAL) is written to it."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    tables = [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
-        "ORDER BY name")]
+    # One statement, so one snapshot: a qlab process creating the file commits its tables and version together.
+    version, tables, columns = conn.execute(
+        """SELECT user_version,
+                  (SELECT group_concat(name, char(31)) FROM (SELECT name FROM sqlite_master WHERE type = 'table'
+                   AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name)),
+                  (SELECT group_concat(name, char(31)) FROM pragma_table_info('runs'))
+           FROM pragma_user_version""").fetchone()
+    tables = tables.split("\x1f") if tables else []
+    columns = set(columns.split("\x1f")) if columns else set()
     if not tables:
         return version
-    columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
     if version >= 1 and RUN_COLUMNS <= columns and ("rows" if version == 1 else "results") in tables:
         return version
     shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")

@@ -24,6 +24,7 @@ from qlab.core.errors import QlabError
 from qlab.core.paths import DB_ENV, default_path, resolve_path
 from qlab.store.db import (
     SCHEMA_VERSION,
+    STATUSES,
     connect,
     dumps,
     newer_schema_error,
@@ -40,7 +41,6 @@ from qlab.store.db import (
 from qlab.store.meta import RunMeta
 from qlab.store.transfer import export_payload, file_payload, insert_runs, runs_from_payload
 
-STATUSES = ("running", "finished", "cancelled", "stopped", "failed", "interrupted")
 ID_PREFIX_MIN = 4
 # A run's closing record (timings of its phases...): stored as a result, not listed among its labels.
 SUMMARY_KIND = "summary"

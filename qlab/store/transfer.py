@@ -16,6 +16,7 @@ from typing import Any
 
 from qlab.core.errors import QlabError
 from qlab.store.db import SCHEMA_VERSION, dumps, now, seed_in
+from qlab.store.run_schema import validate_runs
 
 EXPORT_FORMAT = "qlab-runs"
 
@@ -26,7 +27,14 @@ def export_payload(runs: Sequence[dict]) -> dict:
 
 
 def runs_from_payload(payload: Any, source_name: str) -> list[dict]:
-    """Normalise the JSON shapes qlab writes into a list of run dicts with results."""
+    """Normalise the JSON shapes qlab writes into a list of run dicts with results, each checked against
+    ``qlab.store.run_schema`` (one QlabError naming the run and field otherwise)."""
+    runs = _runs_of(payload, source_name)
+    validate_runs(runs, source_name)
+    return runs
+
+
+def _runs_of(payload: Any, source_name: str) -> list[dict]:
     if isinstance(payload, dict) and payload.get("format") == EXPORT_FORMAT:
         runs = payload.get("runs")
         if not isinstance(runs, list) or not all(isinstance(r, dict) and "id" in r for r in runs):
@@ -63,7 +71,7 @@ def _bare_run(kind: str, sweep_rows: list[dict], others: list[dict], source_name
     settings = {"schemes": [s for s in schemes if s is not None], "imported_from": source_name,
                 **{k: described[k] for k in ("benchmark", "formats") if k in described}}
     return {"id": run_id, "created_at": now(), "kind": kind, "status": "finished",
-            "model": str(described.get("model", "unknown")), "hardware": described.get("hardware"),
+            "model": described.get("model", "unknown"), "hardware": described.get("hardware"),
             "model_sha256": described.get("model_sha256"), "text_sha256": described.get("text_sha256"),
             "text_name": described.get("text_name"), "seed": described.get("seed"),
             "tokens": described.get("eval_tokens") or described.get("tokens"), "settings": settings,
