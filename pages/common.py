@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -218,10 +219,13 @@ HEADERS = {
     "twin": "simulated as", "speedup_vs_fp32": "speed-up over FP32", "label": "scheme",
 }
 UNIT_SUFFIXES = (("_tokens_per_s", " tokens/s"), ("_per_s", "/s"), ("_pct", " (%)"), ("_ms", " (ms)"),
-                 ("_seconds", " (s)"), ("_s", " (s)"), ("_db", " (dB)"))
+                 ("_seconds", " (s)"), ("_s", " (s)"), ("_db", " (dB)"), ("_GB", " (GB)"), ("_MB", " (MB)"))
 WORDS = {"mse": "MSE", "kld": "KLD", "fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "sqnr": "SQNR", "kv": "KV",
          "gpu": "GPU", "cpu": "CPU", "ppl": "perplexity", "id": "ID", "absmax": "abs-max"}
 MISSING = "–"
+SNAKE_WORD = re.compile(r"[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+")
+BYTE_WORD = re.compile(r"(?:(?P<what>[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*?)_)?bytes(?P<per_s>_per_s)?"
+                       r"(?P<tail>(?:_[A-Za-z0-9]+)*)\b")
 
 
 def header(name: str) -> str:
@@ -236,6 +240,27 @@ def header(name: str) -> str:
     return " ".join(WORDS.get(word, word) for word in name.split("_")) + unit
 
 
+def spelled(name: str) -> str:
+    """Every snake_case word of a header in words: ``Δ kld_mean [run]`` -> "Δ KLD mean (nats) [run]"."""
+    return SNAKE_WORD.sub(lambda match: header(match.group(0)), name)
+
+
+def _byte_column(name: str, values: pd.Series) -> tuple[str, pd.Series] | None:
+    """A column of byte counts (``size_bytes``, ``Δ size_bytes [run]``, ``bandwidth_bytes_per_s``) in MB, GB
+    or GB/s with its header to match; None for any other column."""
+    match = BYTE_WORD.search(name)
+    numbers_only = pd.to_numeric(values, errors="coerce")
+    if match is None or numbers_only.notna().sum() != values.notna().sum() or values.dtype == bool:
+        return None
+    per_second = bool(match.group("per_s"))
+    gigabytes = per_second or numbers_only.abs().max() >= 1e10
+    unit = "GB/s" if per_second else "GB" if gigabytes else "MB"
+    what = "_".join(part for part in (match.group("what"), match.group("tail").strip("_")) if part)
+    what = header(what) if what else "size"
+    return (name[:match.start()] + f"{what} ({unit})" + name[match.end():],
+            numbers_only / (1e9 if gigabytes else 1e6))
+
+
 def table(frame: pd.DataFrame, *, column_config: dict | None = None, **kwargs) -> object:
     """``st.dataframe`` for people: snake_case headers in words with units, byte counts in MB (GB when large),
     empty cells as a dash instead of "None". ``column_config`` as st.dataframe's; a label given there wins."""
@@ -248,16 +273,14 @@ def table(frame: pd.DataFrame, *, column_config: dict | None = None, **kwargs) -
             continue
         entry = {"label": given} if isinstance(given, str) else dict(given)
         name = str(column)
-        if name.endswith("bytes") and pd.api.types.is_numeric_dtype(shown[column]):
-            gigabytes = shown[column].abs().max() >= 1e10
-            shown[column] = shown[column] / (1e9 if gigabytes else 1e6)
-            name = name.removesuffix("bytes").rstrip("_") or "size"
-            entry.setdefault("label", None)
-            entry["label"] = entry["label"] or f"{header(name)} ({'GB' if gigabytes else 'MB'})"
-            entry.setdefault("type_config", {"type": "number", "format": "%.3f" if gigabytes else "%.1f"})
+        converted = None if entry.get("label") else _byte_column(name, shown[column])
+        if converted is not None:
+            name, shown[column] = converted
+            entry["label"] = name
+            entry.setdefault("type_config", {"type": "number", "format": "%.3f" if "GB" in name else "%.1f"})
         if not entry.get("label"):
-            spelled = name == "label" and "scheme" in shown.columns  # two columns would read "scheme"
-            entry["label"] = header(name) if "_" in name or (name in HEADERS and not spelled) else name
+            twice = name == "label" and "scheme" in shown.columns  # two columns would read "scheme"
+            entry["label"] = (HEADERS[name] if name in HEADERS and not twice else spelled(name))
         missing = shown[column].isna()
         if missing.any():
             fmt = (entry.get("type_config") or {}).get("format")

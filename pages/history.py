@@ -154,39 +154,36 @@ def rerun_settings(run_id: str) -> None:
 
 
 def show_run(run: StoredRun, frames: report.RunFrames) -> None:
-    st.dataframe(report.settings_table(run), hide_index=True, width="stretch", key=f"settings_{run.id}")
+    common.table(report.settings_table(run), key=f"settings_{run.id}")
     st.caption("Versions: " + report.markdown_text(", ".join(
         f"{k} {v}" for k, v in run.meta.environment.items() if k in ("qlab", "torch", "transformers", "python",
                                                                       "machine"))))
     if not frames.sweep.empty:
-        st.dataframe(report.results_table(frames.sweep), hide_index=True, width="stretch", key=f"results_{run.id}")
+        common.table(report.results_table(frames.sweep), key=f"results_{run.id}")
     verdicts = report.verdict_table(run)
     if not verdicts.empty:
-        st.dataframe(verdicts, hide_index=True, width="stretch", key=f"verdicts_{run.id}")
+        common.table(verdicts, key=f"verdicts_{run.id}")
     sensitivity, blocks, measure = frames.sensitivity, frames.blocks, frames.measure
     if measure:
         st.caption(f"Sensitivity: {sensitivity['layer'].nunique()} linears x {sensitivity['label'].nunique()} "
                    f"format(s), {len(blocks)} end-to-end unit(s); ranked by {measure}.")
-        st.dataframe(report.sensitivity_table(sensitivity, measure), hide_index=True, width="stretch",
-                     key=f"sensitivity_{run.id}")
+        common.table(report.sensitivity_table(sensitivity, measure), key=f"sensitivity_{run.id}")
     for title, text in report.recommendation_summary(run):
         st.markdown(f"**{report.markdown_text(title)}**: {report.markdown_text(text)}")
     mixes = frames.mixes
     if not mixes.empty:
-        st.dataframe(mixes[[c for c in report.MIX_COLUMNS if c in mixes]], hide_index=True, width="stretch",
-                     key=f"mix_{run.id}")
+        common.table(mixes[[c for c in report.MIX_COLUMNS if c in mixes]], key=f"mix_{run.id}")
     bench = frames.bench
     if not bench.empty:
-        st.dataframe(report.bench_table(bench), hide_index=True, width="stretch", key=f"bench_{run.id}")
+        common.table(report.bench_table(bench), key=f"bench_{run.id}")
         for note in report.bench_notes(bench):
             st.caption(report.markdown_text(note))
     summary = frames.benchmark
     if not summary.empty:
-        st.dataframe(summary, hide_index=True, width="stretch", key=f"benchmark_{run.id}")
+        common.table(summary, key=f"benchmark_{run.id}")
     for kind in dict.fromkeys(r.kind for r in run.results if r.kind not in report.LAID_OUT_KINDS):
-        st.dataframe(pd.DataFrame(run.records(kind)).map(lambda v: json.dumps(v) if isinstance(v, list | dict)
-                                                         else v),
-                     hide_index=True, width="stretch", key=f"{kind}_{run.id}")
+        common.table(pd.DataFrame(run.records(kind)).map(lambda v: json.dumps(v) if isinstance(v, list | dict)
+                                                         else v), key=f"{kind}_{run.id}")
     for index, (title, figure) in enumerate(report.run_figures(run, frames)):
         st.markdown(f"**{report.markdown_text(title)}**")
         st.plotly_chart(figure, key=f"chart_{run.id}_{index}")
@@ -211,7 +208,7 @@ if len(runs) > 1:
         if len(found) > 1:
             st.markdown(f"**{report.markdown_text(comparison.title)}**")
         st.caption(report.markdown_text(comparison.note))
-        st.dataframe(comparison.table, hide_index=True, width="stretch", key=f"comparison_{comparison.kind}")
+        common.table(comparison.table, key=f"comparison_{comparison.kind}")
         if comparison.kind == "sweep":  # the sweep chart offers every metric, on a log axis or not
             frame = comparison.rows
             metrics = report.chart_metrics(frame)

@@ -1,7 +1,13 @@
 """Every page rendered by Streamlit's AppTest, driven the way a user would drive it."""
 
+import json
+import re
+import time
+
 import pytest
 from streamlit.testing.v1 import AppTest
+
+from qlab.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +85,110 @@ def test_weights_page_draws_grid_and_error_table():
     assert stats["sqnr_db"].iloc[0] > stats["sqnr_db"].iloc[1]
     at.number_input(key="weight_row").set_value(5).run()
     no_errors(at)
+
+
+SNAKE = re.compile(r"[A-Za-z0-9]_[A-Za-z0-9]")
+PLAIN_NUMBERS = {"e", "E", "power", "none"}
+
+
+def words_problems(at: AppTest, where: str, axes: bool = True) -> list[str]:
+    """What a visitor should not see in the tables and charts on screen: snake_case or byte headers, "None"
+    cells, charts without a title or (with ``axes``) without axis titles or with SI prefixes (µ, n) on a
+    numeric axis."""
+    problems = []
+    for table in at.dataframe:
+        labels = {name: (config or {}).get("label") for name, config in json.loads(table.proto.columns or "{}").items()}
+        frame = table.value
+        for column in frame.columns:
+            header = labels.get(str(column)) or str(column)
+            if SNAKE.search(header) or "bytes" in header:
+                problems.append(f"{where}: header {header!r}")
+            cells = frame[column]
+            if cells.isna().any() or cells.astype(str).isin(["None", "nan"]).any():
+                problems.append(f"{where}: a None cell in {header!r}")
+    for chart in at.get("plotly_chart"):
+        figure = json.loads(chart.proto.spec)
+        layout = figure.get("layout", {})
+        title = (layout.get("title") or {}).get("text")
+        if not title:
+            problems.append(f"{where}: an untitled chart")
+        for trace in figure.get("data", []) if axes else []:
+            for letter in ("x", "y"):
+                values = trace.get(letter)
+                if values is None or trace.get("type") in ("pie", "table", "indicator"):
+                    continue
+                if isinstance(values, list) and all(v is None for v in values):
+                    continue  # a legend entry
+                ref = trace.get(f"{letter}axis", letter)
+                axis = layout.get(f"{letter}axis{ref[1:]}", {})
+                if axis.get("matches") or axis.get("showticklabels") is False:
+                    continue  # shares its partner's title
+                if not (axis.get("title") or {}).get("text"):
+                    problems.append(f"{where}: chart {title!r} has no {letter} axis title")
+                numeric = (isinstance(values, dict) and values.get("dtype") not in (None, "O")) or (
+                    isinstance(values, list) and any(isinstance(v, int | float) for v in values))
+                if numeric and axis.get("type") != "category" and axis.get("exponentformat") not in PLAIN_NUMBERS:
+                    problems.append(f"{where}: chart {title!r} writes its {letter} axis with SI prefixes")
+    return problems
+
+
+def test_every_page_speaks_to_users_on_minilm(minilm, tmp_path, monkeypatch):
+    """Walk every page on MiniLM, running what each runs, and collect any internal word on screen."""
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file("../app.py", default_timeout=600)
+    state = at.session_state
+    state["model_choice"], state["formats"], state["tokens"] = "minilm-l6", ["fp16", "int8", "int4"], 64
+    state["hardware"], state["overview_measure"] = "h100-sxm-80gb", False
+    problems: list[str] = []
+
+    def look(where: str) -> None:
+        no_errors(at)
+        problems.extend(words_problems(at, where))
+
+    for _ in range(120):  # the Overview computes its pieces in the background; the page polls them
+        at.run()
+        if not any(c.value.startswith("Computing what is not stored yet") for c in at.caption):
+            break
+        time.sleep(1)
+    # The Overview's panel figures are another change's (the end of qlab/charts.py): two of their category axes
+    # have no title yet, so only their titles and the tables are checked here.
+    no_errors(at)
+    problems.extend(words_problems(at, "Overview", axes=False))
+    for name in ("model", "weights", "memory"):
+        at.switch_page(f"pages/{name}.py").run()
+        look(name)
+    at.switch_page("pages/quantize.py").run()
+    at.button(key="run_sweep").click().run()
+    look("Quantize")
+    at.switch_page("pages/sensitivity.py").run()
+    at.button(key="run_sensitivity").click().run()
+    at.button(key="run_mix").click().run()
+    look("Sensitivity")
+    state["speed_backends"], state["speed_reps"] = ["fp32", "torch-dynamic-int8"], 1
+    at.switch_page("pages/speed.py").run()
+    at.button(key="run_speed").click().run()
+    look("Speed")
+    at.switch_page("pages/formats.py").run()
+    for section in ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Claims"):
+        state["formats_section"] = section
+        at.run()
+        look(f"Formats / {section}")
+    at.button(key="fx_run_accuracy").click().run()
+    at.button(key="fx_run_speed").click().run()
+    look("Formats / Claims, measured")
+    at.switch_page("pages/concepts.py").run()
+    for section in ("Calibration", "Static vs dynamic", "PTQ vs QAT", "GPTQ vs RTN"):
+        state["concepts_section"] = section
+        at.run()
+        look(f"Concepts / {section}")
+    state["concepts_section"] = "PTQ vs QAT"
+    at.run()
+    at.button(key="cx_run_qat").click().run()
+    look("Concepts / PTQ vs QAT, trained")
+    at.switch_page("pages/history.py").run()
+    picker = at.multiselect(key="history_selected")
+    for run in Store().list_runs():
+        picker = picker.select(run["id"])
+    picker.run()
+    look("History, every run")
+    assert not problems, "\n".join(dict.fromkeys(problems))
