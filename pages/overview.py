@@ -30,7 +30,8 @@ PANEL_LINKS = {"accuracy": ("pages/quantize.py", "Every metric on the Quantize p
                "speed": ("pages/speed.py", "Every backend on the Speed page", ":material/speed:"),
                "sensitivity": ("pages/sensitivity.py", "The full analysis on the Sensitivity page",
                                ":material/grid_on:")}
-STATE_ICONS = {"waiting": "⏳", "done": "✅", "cancelled": "⏹️", "failed": "❌"}
+STATE_ICONS = {"waiting": ":material/hourglass_empty:", "done": ":material/check_circle:",
+               "cancelled": ":material/stop_circle:", "failed": ":material/error:"}
 
 
 @st.cache_resource
@@ -40,8 +41,8 @@ def overviews() -> dict:
     return {}
 
 
-def about(seconds: float) -> str:
-    return f", about {seconds:.0f} s" if seconds > overview.ANNOUNCE_AFTER_S else ""
+def about(seconds: float, lead: str = ", ") -> str:
+    return f"{lead}about {seconds:.0f} s" if seconds > overview.ANNOUNCE_AFTER_S else ""
 
 
 common.page_setup()
@@ -139,7 +140,8 @@ def progress_lines() -> None:
             text, cancel = st.columns([6, 1])
             if state == "running":
                 fraction, message = current.progress.get(step.piece, (0.0, "starting"))
-                text.progress(fraction, text=f"{step.title}: {message}{about(step.seconds)}")
+                estimate = f" ({about(step.seconds, '')})" if step.announced else ""
+                text.progress(fraction, text=f"{step.title}{estimate}: {message}")
             else:
                 note = f" ({current.notes[step.piece]})" if current.notes.get(step.piece) else ""
                 text.caption(f"{STATE_ICONS[state]} {step.title}: {state}{note}"
@@ -176,7 +178,11 @@ with answer:
     st.caption(f"Rule: {result.rule}")
 
 layer = overview.most_sensitive_layer(pieces, request)
-grids = overview.layer_grids(loaded, layer, request.schemes) if layer else None
+grids_cache = st.session_state.setdefault("overview_grids", {})
+if layer and (key, layer) not in grids_cache:
+    grids_cache.clear()  # one layer's histogram is kept, for the answer on screen
+    grids_cache[(key, layer)] = overview.layer_grids(loaded, layer, request.schemes)
+grids = grids_cache.get((key, layer)) if layer else None
 figures = recorded.panel_figures(pieces, request, result, grids)
 waiting = {"accuracy": "the accuracy sweep", "memory": "the memory plans", "speed": "the speed predictions",
            "sensitivity": "the per-layer sensitivity"}

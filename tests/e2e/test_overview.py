@@ -6,20 +6,24 @@ import pytest
 from tests.e2e.conftest import REPO_ROOT, assert_no_exception, wait_for_app_idle
 
 pytestmark = pytest.mark.e2e
+# Three formats at 128 tokens keep the cold answer (load, sweep, sensitivity, speed here) within a few minutes
+# even when the 2-core machine is shared; the benchmark times the full four-format answer.
+LINK = "/?model=minilm-l6&hw=h100-sxm-80gb&formats=fp16,int8,int4&tokens=128"
 MAIN = '[data-testid="stMain"]'
 CHART = '[data-testid="stPlotlyChart"]'
 SCREENSHOT = REPO_ROOT / "assets" / "overview.png"
 
 
+@pytest.mark.timeout(2400)
 def test_default_url_lands_on_the_overview_and_minilm_gets_its_answer(streamlit_server, browser_page):
     page = browser_page
     # The server's root path (a shared link's view of MiniLM on an H100): the landing page is the Overview.
-    page.goto(f"{streamlit_server}/?model=minilm-l6&hw=h100-sxm-80gb&formats=fp16,int8,int4,nf4&tokens=256")
+    page.goto(streamlit_server + LINK)
     page.locator(f"{MAIN} h1", has_text="Overview").wait_for(timeout=240_000)
     assert "which precision should you ship this model in" in page.locator(MAIN).inner_text()
     assert_no_exception(page)
-    page.locator(f"{MAIN} h3", has_text="Ship ").wait_for(timeout=600_000)
-    page.get_by_text("Computing what is not stored yet").wait_for(state="detached", timeout=600_000)
+    page.locator(f"{MAIN} h3", has_text="Ship ").wait_for(timeout=900_000)
+    page.get_by_text("Computing what is not stored yet").wait_for(state="detached", timeout=1_200_000)
     wait_for_app_idle(page, timeout_ms=120_000)
     assert page.locator(CHART).count() == 5  # four panels and the most sensitive layer's histogram
     for title in ("Accuracy against size", "Memory on NVIDIA H100 SXM", "Speed: predicted on",
