@@ -170,7 +170,10 @@ if job is not None and job.save_error and not job.alive:
 
 result = overview.decide(pieces, request, loaded.kind, float(bound))
 with answer:
-    st.subheader(result.headline)
+    title, _, reason = result.headline.partition(": ")
+    st.subheader(title)
+    if reason:
+        st.markdown(f"**{reason[:1].upper() + reason[1:]}**")
     lines = verdict.details(result)
     st.markdown("\n".join(f"- {line}" for line in lines if line not in result.warnings))
     for warning in result.warnings:
