@@ -54,7 +54,11 @@ def page_setup() -> None:
     """First call of every page: shared state (restored from a shared URL once), the sidebar, and the URL
     updated to match it (pages also run standalone in AppTest)."""
     _leave_pages_directory_mode()
+    if not st.session_state.pop("_widths_rerun", False):  # said again on the rerun current_model() may ask for
+        st.session_state.pop("_link_warning", None)
     restore_view()
+    if st.session_state.get("_link_warning"):
+        st.warning(st.session_state["_link_warning"], icon="🔗")
     init_state()
     sidebar()
     publish_view()
@@ -92,6 +96,7 @@ def restore_view() -> None:
             st.session_state["model_choice"] = model
         else:
             st.session_state["model_choice"], st.session_state["custom_model"] = OTHER_MODEL, model
+            st.session_state["_link_model"] = model  # a link alone never downloads it: current_model asks
     if "hardware" in view and view["hardware"] not in {hardware.THIS_MACHINE_ID, *(h.id for h in hardware.catalog())}:
         ignored.append(f"hw={view.pop('hardware')}")
     if "group_size" in view and view["group_size"] not in GROUP_SIZES:
@@ -99,9 +104,10 @@ def restore_view() -> None:
     if view.get("tokens", 0) > MAX_UI_TOKENS:
         ignored.append(f"tokens={view.pop('tokens')}")
     if ignored:
-        st.warning(f"Ignored from the link: {', '.join(f'`{i}`' for i in ignored)} (not a valid choice here: "
-                   f"tokens 16-{MAX_UI_TOKENS}, group sizes {', '.join(map(str, GROUP_SIZES))}, formats and "
-                   "hardware as listed in the sidebar); the sidebar shows what is used.", icon="🔗")
+        st.session_state["_link_warning"] = (
+            f"Ignored from the link: {', '.join(f'`{i}`' for i in ignored)} (not a valid choice here: tokens "
+            f"16-{MAX_UI_TOKENS}, group sizes {', '.join(map(str, GROUP_SIZES))}, formats and hardware as listed in "
+            "the sidebar); the sidebar shows what is used.")
     for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
         if key in view:
             st.session_state[key] = view[key]
@@ -440,6 +446,13 @@ def current_model() -> models.LoadedModel:
     The first load in a session also tells the sidebar which group sizes fit the model's layers: the page then
     reruns once, so the slider offers only those before any button can be pressed.
     """
+    linked = st.session_state.get("_link_model")
+    if linked and linked == model_name() and models.would_download(linked):
+        st.info(f"This link names `{linked}`, which is not on this machine: loading it downloads its weights from "
+                "the Hugging Face Hub (its size is checked against free disk and memory first).", icon="🔗")
+        if not st.button("Download and load it", key="link_download", type="primary"):
+            st.stop()
+    st.session_state.pop("_link_model", None)  # a click, a cached or local model, or another model typed since
     with user_errors():
         loaded = load_model(model_name())
     known = st.session_state.setdefault("_linear_widths", {})
@@ -448,6 +461,7 @@ def current_model() -> models.LoadedModel:
         known[model_name()] = widths
         if (st.session_state["granularity"] == "group"
                 and offered_group_sizes(widths) != GROUP_SIZES):
+            st.session_state["_widths_rerun"] = True
             st.rerun()
     return loaded
 
