@@ -20,7 +20,7 @@ import math
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -41,6 +41,7 @@ SWEEP_MEMORY_FACTOR = 1.3
 # libraries' own scratch space.
 RUNTIME_BYTES = 1_000_000_000
 KINDS = ("causal-lm", "embedding")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # what is fetched of a Hub model: never a pickle
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # safetensors header dtype names of the floating dtypes a checkpoint is stored in.
@@ -144,8 +145,12 @@ def _package_dir(package: str, install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def resolve(name: str) -> ModelSource:
-    """Turn a bundled slug, a local directory or a Hugging Face id into a ModelSource, or fail clearly."""
+def resolve(name: str, before_download: Callable[[Checkpoint], None] | None = None) -> ModelSource:
+    """Turn a bundled slug, a local directory or a Hugging Face id into a ModelSource, or fail clearly.
+
+    A Hub id not in the local cache is checked before anything is downloaded: its config.json, its safetensors
+    headers (read with HTTP range requests) against each other and the free disk, then ``before_download``
+    (``load`` passes its free-memory check)."""
     name = (name or "").strip()
     if not name:
         raise QlabError("no model given; pick a bundled model (" + ", ".join(bundled_models()) + "), "
@@ -156,8 +161,8 @@ def resolve(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         return _resolve_local(path, name)
-    if name.count("/") == 1 and all(part for part in name.split("/")):
-        return _resolve_hub(name)
+    if _is_hub_id(name):
+        return _resolve_hub(name, before_download)
     raise QlabError(f"unknown model '{name}'; use a bundled model ({', '.join(bundled_models())}), "
                     "a local directory with config.json, or a Hugging Face id like org/name.")
 
@@ -190,6 +195,7 @@ def _resolve_local(path: Path, name: str) -> ModelSource:
     if not config_file.is_file() and not ggufs:
         raise QlabError(f"'{name}' has no config.json; point to a Hugging Face model directory "
                         "(config.json + *.safetensors) or one holding a .gguf file.")
+    check_weight_references(path, name)
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text())
@@ -212,6 +218,33 @@ def _resolve_local(path: Path, name: str) -> ModelSource:
     return ModelSource(path.name, "causal-lm", str(path), ggufs[0].name, path.name)
 
 
+def check_weight_references(path: Path, name: str) -> None:
+    """Refuse a directory whose safetensors index (what transformers reads to find the shards) maps a tensor to
+    anything but a safetensors file beside it: a pickle named there (``evil.bin``) would be unpickled, a path
+    would reach outside the model. Only names are read here; the shards' headers are checked next. Every weight
+    file must be a regular file too (a FIFO or device would hang or flood the header reader)."""
+    for file in [*sorted(path.glob("*.safetensors")), *sorted(path.glob("*.gguf"))]:
+        if not file.is_file():
+            raise QlabError(f"'{name}': {file.name} is not a regular file; replace it with the weights file.")
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise QlabError(f"'{name}': {index.name} is not a safetensors index (no weight_map of file names); "
+                            "fix or remove it.")
+        for shard in sorted(set(weight_map.values())):
+            plain = shard == Path(shard).name and not shard.startswith(".")
+            if not (plain and shard.endswith(".safetensors")):
+                raise QlabError(f"'{name}': {index.name} maps tensors to '{shard[:80]}', which is not a safetensors "
+                                "file beside it; qlab reads weights only from safetensors or GGUF, so remove that "
+                                "entry or convert the file.")
+            if not (path / shard).is_file():
+                raise QlabError(f"'{name}': {index.name} names {shard}, which is missing; download the missing "
+                                "shard.")
+
+
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether huggingface.co answers; False at once when the user asked for offline mode."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -223,13 +256,35 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _resolve_hub(hub_id: str) -> ModelSource:
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and all(part for part in name.split("/"))
+
+
+def _cached_snapshot(hub_id: str) -> Path | None:
+    """The local Hugging Face cache's copy of a Hub model, or None."""
     from huggingface_hub import snapshot_download
 
-    with contextlib.suppress(Exception):  # a missing cache entry is not an error: we try the network next
-        cached = snapshot_download(hub_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors",
-                                                                                   "*.txt", "*.model"])
-        source = _resolve_local(Path(cached), cached)
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True, allow_patterns=HUB_PATTERNS))
+    except Exception:  # a missing cache entry (the hub client raises several types): not an error here
+        return None
+
+
+def would_download(name: str) -> bool:
+    """Whether loading ``name`` would fetch it from the Hugging Face Hub: a Hub id not in the local cache (a
+    bundled model or a local directory never downloads)."""
+    name = (name or "").strip()
+    if name.lower() in bundled_models() or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return False
+    return _is_hub_id(name) and _cached_snapshot(name) is None
+
+
+def _resolve_hub(hub_id: str, before_download: Callable[[Checkpoint], None] | None = None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+
+    cached = _cached_snapshot(hub_id)
+    if cached is not None:  # checked like any local directory (its index and files as they are cached)
+        source = _resolve_local(cached, str(cached))
         return ModelSource(hub_id, source.kind, source.path, source.gguf_file, hub_id, hub_id=hub_id)
     if not hub_reachable():
         raise QlabError(f"'{hub_id}' is not in the local Hugging Face cache and the Hub cannot be reached "
@@ -243,9 +298,54 @@ def _resolve_hub(hub_id: str) -> ModelSource:
                         "check the id and your access.") from None
     if not any(f.endswith(".safetensors") for f in files):
         raise QlabError(f"'{hub_id}' has no safetensors weights; qlab does not load pickle checkpoints.")
-    directory = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    checkpoint, download_bytes = hub_checkpoint(hub_id)
+    check_checkpoint(checkpoint, f"'{hub_id}'")
+    _check_disk(download_bytes, hub_id)
+    if before_download is not None:
+        before_download(checkpoint)
+    directory = snapshot_download(hub_id, allow_patterns=HUB_PATTERNS)
     source = _resolve_local(Path(directory), hub_id)
     return ModelSource(hub_id, source.kind, source.path, None, hub_id, hub_id=hub_id)
+
+
+def hub_checkpoint(hub_id: str) -> tuple[Checkpoint, int]:
+    """A Hub model's ``Checkpoint`` and the bytes its safetensors files would download, from its config.json
+    and the files' headers (HTTP range requests): no weight is downloaded."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        metadata = HfApi().get_safetensors_metadata(hub_id)
+        config = _read_config(Path(hf_hub_download(hub_id, "config.json")))
+    except Exception as error:  # the hub client raises many types; all mean the same to the user
+        raise QlabError(f"could not read the config and weight headers of '{hub_id}' on the Hugging Face Hub "
+                        f"({type(error).__name__}); check the id and your access.") from None
+    _check_config(config, f"'{hub_id}'")
+    tensors = [(name, info) for file in metadata.files_metadata.values() for name, info in file.tensors.items()]
+    by_dtype: dict[torch.dtype, int] = {}
+    for _, info in tensors:
+        if (dtype := _HEADER_DTYPES.get(info.dtype)) is not None:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + info.parameter_count
+    blocks = {int(m.group(1)) for name, _ in tensors if (m := _BLOCK_INDEX.search(name))}
+    checkpoint = Checkpoint(sum(info.parameter_count for _, info in tensors),
+                            max(by_dtype, key=by_dtype.get) if by_dtype else _config_dtype(config),
+                            max((info.parameter_count for _, info in tensors), default=0), len(blocks) or None,
+                            _config_layers(config), _config_params(config))
+    download = sum(max((info.data_offsets[1] for info in file.tensors.values()), default=0)
+                   for file in metadata.files_metadata.values())
+    return checkpoint, download
+
+
+def _check_disk(download_bytes: int, hub_id: str) -> None:
+    """Refuse a download larger than the free space of the Hugging Face cache's disk."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    folder = next(p for p in (Path(constants.HF_HUB_CACHE), *Path(constants.HF_HUB_CACHE).parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if download_bytes > free:
+        raise QlabError(f"'{hub_id}' would download {download_bytes / 1e9:.1f} GB of weights but {folder} has "
+                        f"{free / 1e9:.1f} GB free; free some space or set HF_HOME to a larger disk.")
 
 
 @dataclass(frozen=True)
@@ -257,7 +357,7 @@ class Checkpoint:
     largest_params: int  # values of the largest tensor (an embedding or a head, usually)
     layers: int | None  # numbered blocks in the tensor names; None when the names have none
     config_layers: int | None
-    config_params: int | None  # what config.json describes, for families qlab.models.architectures counts
+    config_params: int | None  # what config.json describes (counted, or a lower bound for other families)
 
     def bytes_in(self, dtype: torch.dtype) -> int:
         """Size of the weights once loaded in ``dtype``."""
@@ -333,7 +433,21 @@ def _config_params(config: dict) -> int | None:
     try:
         return count_params(from_config(config)).total
     except (QlabError, KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None  # a family qlab does not count: the layer check still applies
+        return _config_params_at_least(config)  # a family (or a value) qlab does not count
+
+
+def _config_params_at_least(config: dict) -> int | None:
+    """What any transformer built from ``config`` allocates at least: its embedding (vocabulary x width) and
+    four width x width attention projections per layer. Enough to catch a config that claims a 50-million-token
+    vocabulary or a width of 10**6 over a small model's files; None without a vocabulary and a width."""
+    def number(*keys: str) -> int:
+        found = next((config[k] for k in keys if k in config), 0)
+        return found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else 0
+
+    vocab, width = number("vocab_size"), number("hidden_size", "n_embd", "d_model")
+    if not (vocab and width):
+        return None
+    return vocab * width + 4 * width * width * number("num_hidden_layers", "n_layer", "num_layers")
 
 
 def fp32_bytes_estimate(source: ModelSource) -> int:
@@ -476,8 +590,9 @@ def load(name: str, device: str = "cpu", dtype: str | torch.dtype | None = None,
     GPU (``qlab.analyses.placement.place`` derives it from the memory planner). Everything that can be refused
     (device, config against files, free memory) is refused before any weight is allocated.
     """
-    source = resolve(name)
     placement = placement_of(device, device_map)
+    source = resolve(name, before_download=lambda found: check_fits(found, dtype_of(dtype, found), placement,
+                                                                     f"'{name}'"))
     checkpoint = inspect_checkpoint(source)
     check_checkpoint(checkpoint, f"'{source.name}'")
     load_dtype = dtype_of(dtype, checkpoint)
