@@ -438,7 +438,8 @@ def _config_params(config: dict) -> int | None:
 
 def _config_params_at_least(config: dict) -> int | None:
     """What any transformer built from ``config`` allocates at least: its embedding (vocabulary x width) and
-    four width x width attention projections per layer. Enough to catch a config that claims a 50-million-token
+    per layer the query and output projections (width x width each; keys and values may be narrower under
+    grouped-query attention, and the MLP is not counted). Enough to catch a config that claims a 50-million-token
     vocabulary or a width of 10**6 over a small model's files; None without a vocabulary and a width."""
     def number(*keys: str) -> int:
         found = next((config[k] for k in keys if k in config), 0)
@@ -447,7 +448,7 @@ def _config_params_at_least(config: dict) -> int | None:
     vocab, width = number("vocab_size"), number("hidden_size", "n_embd", "d_model")
     if not (vocab and width):
         return None
-    return vocab * width + 4 * width * width * number("num_hidden_layers", "n_layer", "num_layers")
+    return vocab * width + 2 * width * width * number("num_hidden_layers", "n_layer", "num_layers")
 
 
 def fp32_bytes_estimate(source: ModelSource) -> int:
