@@ -191,3 +191,15 @@ def test_history_upload_of_a_malformed_run_is_one_line(case, run, needle, existi
     message = at.error[0].value
     assert message.startswith("colleague.json: ") and needle.lower() in message.lower() and "/tmp" not in message
     assert digest(existing) == before
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000 + "]" * 200_000, '{"a":' * 100_000 + "1" + "}" * 100_000],
+                         ids=["arrays nested 200k deep", "objects nested 100k deep"])
+def test_json_nested_too_deeply_is_one_line(text, existing, tmp_path, capsys):
+    before = digest(existing)
+    path = tmp_path / "deep.json"
+    path.write_text(text)
+    assert main(["runs", "import", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "nests its JSON too deeply" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert digest(existing) == before

@@ -353,3 +353,22 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     path.write_text(default_text()[:20_000])
     return path
+
+
+# --- a database path that is not a regular file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["/dev/null", "a FIFO", "a directory"])
+@pytest.mark.parametrize("command", ["runs list", "runs export", "sweep", "memory"])
+def test_a_database_path_that_is_not_a_regular_file_is_refused(what, command, tmp_path, capsys, monkeypatch):
+    target = {"/dev/null": Path("/dev/null"), "a FIFO": tmp_path / "fifo", "a directory": tmp_path / "folder"}[what]
+    if what == "a FIFO":
+        os.mkfifo(target)
+    if what == "a directory":
+        target.mkdir()
+    before = sorted(os.listdir(target.parent))
+    monkeypatch.setattr("qlab.models.loading.load", lambda *a, **k: pytest.fail("the model loaded first"))
+    assert main([*COMMANDS[command], "--db", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"{target} is not a regular file" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(target.parent)) == before  # no -wal or -shm beside it (not even in /dev)

@@ -167,6 +167,13 @@ def is_wal(path: Path) -> bool:
         return handle.read(20)[18:20] == b"\x02\x02"
 
 
+def _check_regular(path: Path) -> None:
+    """A database is a regular file: SQLite would read a device (``/dev/null``) as an empty database and put its
+    -wal and -shm files beside it, and block on a FIFO."""
+    if path.exists() and not path.is_file():
+        raise QlabError(f"{path} is not a regular file; pass a database file with --db (or set {DB_ENV}).")
+
+
 def _uri(path: Path, **options: str) -> str:
     query = "&".join(f"{k}={v}" for k, v in options.items())
     return f"file:{urllib.parse.quote(str(path.absolute()))}?{query}"
@@ -181,6 +188,7 @@ def reader(path: Path) -> sqlite3.Connection:
     WAL database with no -wal file beside it (all of it in the main file) ``immutable=1``, which needs no -shm
     file that a read-only folder could not hold.
     """
+    _check_regular(path)
     if not path.exists():
         try:  # the folder a first write would use; a path no database can have is an error now, not later
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +262,7 @@ def read(path: Path) -> Iterator[sqlite3.Connection]:
 @contextlib.contextmanager
 def connect(path: Path) -> Iterator[sqlite3.Connection]:
     """A connection for writing: autocommit (transactions are explicit), WAL, foreign keys, schema migrated."""
+    _check_regular(path)
     if path.exists() and not writable(path):
         raise read_only_error(path)
     try:

@@ -118,6 +118,9 @@ def file_payload(path: Path, shown: str) -> Any | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise QlabError(f"{shown} is neither a qlab SQLite database nor JSON ({error}); export it with "
                         "`python -m qlab runs export` or `sweep --json`.") from None
+    except RecursionError:  # arrays nested thousands deep: no export is shaped like that
+        raise QlabError(f"{shown} nests its JSON too deeply to be a qlab export; export it with "
+                        "`python -m qlab runs export` or `sweep --json`.") from None
 
 
 def scheme_export(loaded, plan) -> dict:
