@@ -30,6 +30,7 @@ PANEL_LINKS = {"accuracy": ("pages/quantize.py", "Every metric on the Quantize p
                "speed": ("pages/speed.py", "Every backend on the Speed page", ":material/speed:"),
                "sensitivity": ("pages/sensitivity.py", "The full analysis on the Sensitivity page",
                                ":material/grid_on:")}
+PANEL_PIECES = {"accuracy": "sweep", "memory": "memory", "speed": "predicted", "sensitivity": "sensitivity"}
 STATE_ICONS = {"waiting": ":material/hourglass_empty:", "done": ":material/check_circle:",
                "cancelled": ":material/stop_circle:", "failed": ":material/error:"}
 
@@ -103,6 +104,7 @@ if key not in entries:
     entries[key] = {"pieces": restored, "job": None, "owner": None, "held": set()}
 entry = entries[key]
 pieces, job = entry["pieces"], entry["job"]
+recorded.fill_arithmetic(loaded, request, pieces)  # memory plans and roofline: milliseconds, never stale
 if job is not None and not job.alive and entry.get("absorbed") is not job:
     # A piece the user cancelled, or one that failed, waits for Resume instead of starting again by itself.
     entry["held"] |= job.cancelled_by_user | {p for p, s in job.state.items() if s == "failed"}
@@ -193,8 +195,8 @@ top, bottom = st.columns(2), st.columns(2)
 for column, panel in zip([*top, *bottom], ("accuracy", "memory", "speed", "sensitivity"), strict=True):
     with column.container(border=True):
         if figures[panel] is None:
-            skipped = pieces.skipped.get(panel)
-            st.info(f"{overview.TITLES.get(panel, panel.capitalize())}: {skipped}." if skipped
+            skipped = pieces.skipped.get(PANEL_PIECES[panel])
+            st.info(f"{overview.TITLES[PANEL_PIECES[panel]]}: {skipped[:1].lower() + skipped[1:]}" if skipped
                     else f"Waiting for {waiting[panel]}.")
         else:
             st.plotly_chart(figures[panel], key=f"overview_{panel}")

@@ -583,13 +583,14 @@ def memory_on_target(records: pd.DataFrame, memory_bytes: int, target_name: str)
     the bars flat, so the axis follows the bars and the title states the device's memory instead."""
     figure = memory_stack(records, memory_bytes, target_name)
     tallest = float(records["total_bytes"].max())
-    title = f"Memory on {target_name}"
     if tallest < 0.2 * memory_bytes:
         figure.layout.shapes, figure.layout.annotations = [], []
-        figure.update_yaxes(range=[0, 1.15 * tallest / 1e9])
-        title += f" ({memory_bytes / 1e9:.0f} GB, far above every bar)"
+        figure.update_yaxes(range=[0, 1.2 * tallest / 1e9])
+        figure.add_annotation(text=f"{target_name}: {memory_bytes / 1e9:.0f} GB, far above the bars",
+                              xref="paper", yref="paper", x=1, y=1.02, xanchor="right", yanchor="bottom",
+                              showarrow=False, font={"size": 11, "color": "#e45756"})
     figure.update_yaxes(exponentformat="none")
-    return _overview_layout(figure, title)
+    return _overview_layout(figure, f"Memory per format on {target_name}")
 
 
 def speed_predicted_and_measured(rows: pd.DataFrame, unit: str, target_name: str) -> go.Figure:
@@ -599,8 +600,9 @@ def speed_predicted_and_measured(rows: pd.DataFrame, unit: str, target_name: str
     "measured"), ``speed``, ``low``, ``high``, ``native``, ``reference``."""
     from plotly.subplots import make_subplots
 
-    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.16,
-                           subplot_titles=(f"predicted on {target_name}", "measured on this machine"))
+    figure = make_subplots(rows=1, cols=2, horizontal_spacing=0.2,
+                           subplot_titles=(f"predicted on<br>{target_name}", "measured on<br>this machine"))
+    figure.update_annotations(font={"size": 12})
     for column, where in enumerate(("predicted", "measured"), start=1):
         part = rows[rows["where"] == where]
         shown = part[~part["reference"]] if (~part["reference"]).any() else part
@@ -627,17 +629,19 @@ def speed_predicted_and_measured(rows: pd.DataFrame, unit: str, target_name: str
                             row=1, col=column)
     if (rows["native"] == False).any():  # noqa: E712 (a column of True/False/None)
         figure.add_trace(go.Bar(x=[None], y=[None], marker_color="#bab0ac", name="no kernel there: not faster"))
-    return _overview_layout(figure, f"Speed: predicted on {target_name} and measured here (separate axes)")
+    figure = _overview_layout(figure, "Speed per format (two separate axes)")
+    figure.update_layout(margin={"t": 90})
+    return figure
 
 
-def sensitivity_top_layers(rows: pd.DataFrame, loss_title: str = "loss") -> go.Figure:
+def sensitivity_top_layers(rows: pd.DataFrame) -> go.Figure:
     """The most sensitive layers (rows already ranked, ``rank`` 0 first) as horizontal bars per scheme on a log
     axis: the estimated loss increase when that layer alone is quantized."""
     frame = rows.assign(shown=rows["score"].clip(lower=LOG_FLOOR ** 2))
     order = list(dict.fromkeys(frame.sort_values("rank")["layer"]))
     figure = px.bar(frame, x="shown", y="layer", color="scheme", orientation="h", barmode="group", log_x=True,
                     category_orders={"layer": order},
-                    labels={"shown": f"estimated increase of {loss_title}, layer alone", "layer": "",
+                    labels={"shown": "estimated loss increase, layer alone (log)", "layer": "",
                             "scheme": "format"})
     figure.update_xaxes(exponentformat="e")
     figure.update_yaxes(tickfont={"size": 10})

@@ -108,9 +108,6 @@ class Pieces:
         held = getattr(self, piece)
         return [s for s in self.wanted(piece, request) if s.label not in held]
 
-    def complete(self, request: OverviewRequest) -> bool:
-        return not any(self.missing(piece, request) for piece in PIECES)
-
 
 # --- estimates ---------------------------------------------------------------------------------------------
 

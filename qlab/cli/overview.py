@@ -69,6 +69,7 @@ def cmd_overview(args: argparse.Namespace) -> None:
     bound = loss_measure(loaded.kind).default_bound if args.bound is None else args.bound
     store = Store(db) if db is not None else None
     pieces = recorded.restore(store, loaded, request) if store is not None else overview.Pieces()
+    recorded.fill_arithmetic(loaded, request, pieces)
     todo = recorded.steps(loaded, request, pieces, measure_here=not args.no_measure)
     if not args.quiet:
         for step in todo:

@@ -1,13 +1,16 @@
 """The Overview, recorded: what the run store already holds for these settings, the missing pieces computed
 cheapest first and each saved as it finishes, the four panels' figures, and the whole answer as one HTML file.
 
-Every piece is its own run (``RUN_KINDS``), with one result per scheme (the scheme stored beside it), so a page
-reload, another session or the CLI finds what is done and computes only the rest; a sweep of the Quantize page
-counts as well. The pieces themselves are ``qlab.analyses.overview`` and ``qlab.backends.format_speed``.
+Each measured piece is its own run (``RUN_KINDS``), with one result per scheme (the scheme stored beside it), so
+a page reload, another session or the CLI finds what is done and computes only the rest; a sweep of the Quantize
+page counts as well. The memory plans and the roofline (``ARITHMETIC``) are computed on the spot instead: they
+take milliseconds, and a stored copy could hide a corrected formula. The pieces themselves are
+``qlab.analyses.overview`` and ``qlab.backends.format_speed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import html
@@ -22,7 +25,7 @@ import plotly.graph_objects as go
 
 from qlab import charts
 from qlab.analyses import overview
-from qlab.analyses.overview import PIECES, TITLES, OverviewRequest, Pieces
+from qlab.analyses.overview import TITLES, OverviewRequest, Pieces
 from qlab.analyses.verdict import Verdict, accuracy_loss, details
 from qlab.backends import format_speed, speed
 from qlab.core.errors import Cancelled, QlabError
@@ -31,8 +34,8 @@ from qlab.models.evaluate import Baseline, CancelCheck, Progress, compute_baseli
 from qlab.models.loading import LoadedModel, model_sha256
 from qlab.store import Recorder, Store, StoredRun, run_meta
 
-RUN_KINDS = {"memory": "memory", "predicted": "roofline", "sweep": "sweep", "sensitivity": "sensitivity_quick",
-             "measured": "bench"}
+ARITHMETIC = ("memory", "predicted")
+RUN_KINDS = {"sweep": "sweep", "sensitivity": "sensitivity_quick", "measured": "bench"}  # measured, stored
 LOOKBACK_RUNS = 25  # newest runs of a kind searched for reusable results
 TOP_LAYERS = 8
 
@@ -41,9 +44,7 @@ TOP_LAYERS = 8
 
 
 def piece_settings(piece: str, loaded: LoadedModel, request: OverviewRequest) -> dict:
-    """The inputs besides model, schemes, text and target that a stored piece must share to be reused."""
-    if piece in ("memory", "predicted"):
-        return {"context_tokens": request.context_for(loaded), "batch": request.batch, "kv_dtype": request.kv_dtype}
+    """The inputs besides model, weights, schemes and text that a stored piece must share to be reused."""
     if piece == "sensitivity":
         return {"method": "quick"}
     if piece == "measured":
@@ -55,19 +56,15 @@ def _evaluated(piece: str) -> bool:
     return piece in ("sweep", "sensitivity")
 
 
-def _hardware(piece: str, request: OverviewRequest) -> str:
-    # Accuracy and this machine's speed do not depend on the target; memory and predictions do.
-    return request.hardware_id if piece in ("memory", "predicted") else "this-machine"
-
-
 def restore(store: Store, loaded: LoadedModel, request: OverviewRequest) -> Pieces:
-    """Every piece the store holds for this model (same weights), schemes and settings; newest wins."""
+    """Every measured piece the store holds for this model (same weights), schemes and settings; newest wins.
+    Accuracy and this machine's speed do not depend on the target, so any target's runs count."""
     pieces = Pieces()
     sha = model_sha256(loaded)
     spec = request.spec
     swept = store.stored_schemes(loaded.name, sha, spec.text_sha256, spec.tokens)
     pieces.sweep = {s.label: swept[s] for s in request.schemes if s in swept}
-    for piece in ("memory", "predicted", "sensitivity", "measured"):
+    for piece in ("sensitivity", "measured"):
         wanted = {s: s.label for s in pieces.wanted(piece, request)}
         held = getattr(pieces, piece)
         for run in _matching_runs(store, piece, loaded, sha, request):
@@ -83,7 +80,7 @@ def _matching_runs(store: Store, piece: str, loaded: LoadedModel, sha: str | Non
                    request: OverviewRequest) -> Iterator[StoredRun]:
     settings = piece_settings(piece, loaded, request)
     for summary in store.list_runs(model=loaded.name, kind=RUN_KINDS[piece], limit=LOOKBACK_RUNS):
-        if summary["model"] != loaded.name or summary["hardware"] != _hardware(piece, request):
+        if summary["model"] != loaded.name:
             continue
         run = store.get(summary["id"])
         meta = run.meta
@@ -130,14 +127,32 @@ class Step:
         return self.seconds > overview.ANNOUNCE_AFTER_S
 
 
+def fill_arithmetic(loaded: LoadedModel, request: OverviewRequest, pieces: Pieces) -> None:
+    """Memory plans and roofline predictions of the schemes that lack them, here and now (milliseconds; this
+    machine's bandwidth is measured once per process, about a second). One that cannot be computed for this
+    target is marked in ``pieces.skipped`` with the reason."""
+    for piece in ARITHMETIC:
+        missing = pieces.missing(piece, request)
+        if not missing:
+            continue
+        try:
+            if piece == "memory":
+                pieces.memory.update(overview.memory_piece(loaded, request, missing))
+            else:
+                bandwidth = None if request.target.bandwidth_bytes_per_s else this_machine_bandwidth()
+                pieces.predicted.update(overview.predicted_piece(loaded, request, missing, bandwidth))
+        except QlabError as error:
+            pieces.skipped[piece] = str(error)
+
+
 def steps(loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, measure_here: bool = True,
           baseline_ready: bool = False) -> list[Step]:
-    """The pieces still missing, cheapest first, each with its estimate (``measured`` only if ``measure_here``);
-    a piece this version of qlab cannot compute is marked in ``pieces.skipped`` with the reason."""
+    """The measured pieces still missing, cheapest first, each with its estimate (``measured`` only if
+    ``measure_here``); a piece this version of qlab cannot compute is marked in ``pieces.skipped``."""
     if not overview.sensitivity_available():
         pieces.skipped["sensitivity"] = "the quick sensitivity analysis is not part of this version of qlab"
     found = []
-    for piece in PIECES:
+    for piece in RUN_KINDS:
         missing = pieces.missing(piece, request)
         if not missing or (piece == "measured" and not measure_here):
             continue
@@ -159,55 +174,42 @@ def this_machine_bandwidth() -> float:
 def run_step(step: Step, loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, store: Store | None,
              baseline: Callable[[], Baseline], progress: Progress | None = None, cancel: CancelCheck | None = None,
              on_update: Callable[[], None] | None = None) -> str | None:
-    """Compute one step, adding each scheme's result to ``pieces`` and saving it as it finishes.
+    """Compute one step, adding each scheme's result to ``pieces`` and saving it as it finishes (nothing is saved
+    when ``store`` is None).
 
     ``baseline()`` gives the FP32 baseline of the request's text (computed once by the caller's cache).
     Returns why results could not be saved (a read-only database), or None; ``Cancelled`` propagates after
     the finished schemes are kept and saved.
     """
     piece, schemes = step.piece, list(step.schemes)
+    by_label = {s.label: s for s in schemes}
     spec = request.spec if _evaluated(piece) else None
-    meta = run_meta(RUN_KINDS[piece], loaded, spec, _hardware(piece, request), schemes=[s.to_dict() for s in schemes],
+    meta = run_meta(RUN_KINDS[piece], loaded, spec, "this-machine", schemes=[s.to_dict() for s in schemes],
                     overview=True, **piece_settings(piece, loaded, request))
-    recorder = Recorder(store, meta, strict=False)
-    with recorder:
-        if piece == "memory":
-            for scheme in schemes:
-                record = overview.memory_piece(loaded, request, [scheme], progress, cancel)[scheme.label]
-                _keep(pieces.memory, recorder, scheme, record, piece, on_update)
-        elif piece == "predicted":
-            target = request.target
-            bandwidth = None if target.bandwidth_bytes_per_s else this_machine_bandwidth()
-            for scheme in schemes:
-                record = overview.predicted_piece(loaded, request, [scheme], bandwidth, progress, cancel)[scheme.label]
-                _keep(pieces.predicted, recorder, scheme, record, piece, on_update)
-        elif piece == "sweep":
-            by_label = {s.label: s for s in schemes}
+    recorder = Recorder(store, meta, strict=False) if store is not None else None
+
+    def keep(held: dict, record: dict) -> None:
+        held[record["label"]] = record
+        if recorder is not None:
+            recorder.save(record, RUN_KINDS[piece], by_label[record["label"]])
+        if on_update:
+            on_update()
+
+    with recorder if recorder is not None else contextlib.nullcontext():
+        if piece == "sweep":
             for record in overview.sweep_piece(loaded, request, schemes, baseline(), progress, cancel):
-                pieces.sweep[record["label"]] = record
-                recorder.save(record, "sweep", by_label[record["label"]])
-                if on_update:
-                    on_update()
+                keep(pieces.sweep, record)
         elif piece == "sensitivity":
             found = overview.sensitivity_piece(loaded, request, schemes, baseline(), progress, cancel)
-            for label, records in found.items():
-                pieces.sensitivity[label] = records
-            recorder.save_many([r for records in found.values() for r in records], RUN_KINDS[piece])
+            pieces.sensitivity.update(found)
+            if recorder is not None:  # one pass scores every scheme: its records are saved together
+                recorder.save_many([r for records in found.values() for r in records], RUN_KINDS[piece])
             if on_update:
                 on_update()
         else:
-            by_label = {s.label: s for s in schemes}
             for record in format_speed.measure(loaded, schemes, progress=progress, cancel=cancel):
-                _keep(pieces.measured, recorder, by_label[record["label"]], record, piece, on_update)
-    return recorder.error
-
-
-def _keep(held: dict, recorder: Recorder, scheme: QuantScheme, record: dict, piece: str,
-          on_update: Callable[[], None] | None) -> None:
-    held[scheme.label] = record
-    recorder.save(record, RUN_KINDS[piece], scheme)
-    if on_update:
-        on_update()
+                keep(pieces.measured, record)
+    return recorder.error if recorder is not None else None
 
 
 class OverviewJob:
@@ -370,7 +372,7 @@ def panel_figures(pieces: Pieces, request: OverviewRequest, verdict: Verdict,
                                              speed_frame(pieces, request), sensitivity_frame(pieces, request))
     return {
         "accuracy": None if accuracy.empty else charts.accuracy_size_front(
-            accuracy, verdict.loss.title, verdict.bound, log_y=verdict.kind == "causal-lm"),
+            accuracy, verdict.loss.title, verdict.bound),
         "memory": None if memory.empty else charts.memory_on_target(memory, target.memory_bytes, target.name),
         "speed": None if speeds.empty else charts.speed_predicted_and_measured(speeds, verdict.speed_unit,
                                                                                 target.name),
