@@ -26,7 +26,7 @@ def test_default_url_lands_on_the_overview_and_minilm_gets_its_answer(streamlit_
     page.get_by_text("Computing what is not stored yet").wait_for(state="detached", timeout=1_200_000)
     wait_for_app_idle(page, timeout_ms=120_000)
     assert page.locator(CHART).count() == 5  # four panels and the most sensitive layer's histogram
-    for title in ("Accuracy against size", "Memory on NVIDIA H100 SXM", "Speed: predicted on",
+    for title in ("Accuracy against size", "Memory per format on NVIDIA H100 SXM", "Speed per format",
                   "Most sensitive layers"):
         assert page.locator(CHART, has_text=title).count() == 1, title
     for link in ("Quantize page", "Memory page", "Speed page", "Sensitivity page"):
