@@ -571,9 +571,15 @@ def accuracy_size_front(rows: pd.DataFrame, loss_title: str, bound: float, log_y
         figure.add_trace(go.Scatter(x=front["size_mb"], y=front["shown"], mode="lines", name="Pareto front",
                                     line={"dash": "dot", "color": "#4c78a8"}, hoverinfo="skip"))
     if not log_y or bound > 0:
-        figure.add_hline(y=max(bound, LOG_FLOOR) if log_y else bound, line_dash="dash", line_color="#e45756",
-                         annotation_text=f"bound {bound:g}", annotation_position="bottom right")
-    figure.update_xaxes(title="model size as stored, scales included (MB)")
+        shown = max(bound, LOG_FLOOR) if log_y else bound
+        figure.add_hline(y=shown, line_dash="dash", line_color="#e45756")
+        # Annotations on a log axis take the exponent, not the value (shapes take the value).
+        figure.add_annotation(text=f"bound {bound:g}", x=1, xref="paper", xanchor="right", yanchor="bottom",
+                              y=np.log10(shown) if log_y else shown, showarrow=False,
+                              font={"color": "#e45756", "size": 11})
+    low, high = float(frame["size_mb"].min()), float(frame["size_mb"].max())
+    pad = 0.12 * (high - low or high or 1.0)  # room for the end points' labels
+    figure.update_xaxes(title="model size as stored, scales included (MB)", range=[low - pad, high + pad])
     figure.update_yaxes(title=loss_title, type="log" if log_y else "linear", exponentformat="e")
     return _overview_layout(figure, "Accuracy against size")
 
@@ -641,8 +647,7 @@ def sensitivity_top_layers(rows: pd.DataFrame) -> go.Figure:
     order = list(dict.fromkeys(frame.sort_values("rank")["layer"]))
     figure = px.bar(frame, x="shown", y="layer", color="scheme", orientation="h", barmode="group", log_x=True,
                     category_orders={"layer": order},
-                    labels={"shown": "estimated loss increase, layer alone (log)", "layer": "",
-                            "scheme": "format"})
+                    labels={"shown": "loss increase, layer alone (log)", "layer": "", "scheme": "format"})
     figure.update_xaxes(exponentformat="e")
     figure.update_yaxes(tickfont={"size": 10})
     return _overview_layout(figure, "Most sensitive layers (quick estimate)")
