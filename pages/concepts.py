@@ -8,7 +8,7 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.analyses import activations, explain, qat
+from qlab.analyses import activations, explain, qat, rounding
 from qlab.analyses.calibration import layer_comparison
 from qlab.analyses.sweep import run_sweep
 from qlab.core.errors import QlabError
@@ -181,6 +181,32 @@ def gptq_section() -> None:
                              "retrieval_agreement", "calibration_tokens", "quantize_seconds") if c in rows]
         common.table(rows[shown], column_config={"quantize_seconds": st.column_config.NumberColumn(
             "quantize time (s)", format="%.1f")})
+    measured_methods()
+
+
+def measured_methods() -> None:
+    st.subheader("Every rounding method, measured")
+    with common.user_errors():
+        table = pd.DataFrame(rounding.rounding_methods())
+    if table.empty:
+        st.caption("The measured table comes with qlab's source (its benchmark results); this copy has none.")
+        return
+    st.caption("RTN, GPTQ, GPTQ act-order, AWQ and HQQ on both bundled models, measured once on a shared two-core "
+               "CPU (times are inflated; compare them only within the table). SmolLM2's baseline is already a "
+               "4-bit (Q4_1) model, and it uses groups of 64 because 128 does not divide its width of 576.")
+    smol = table[table["model"] == "smollm2-135m"].assign(scheme=lambda f: f["format"] + " g" +
+                                                          f["group_size"].astype(str), algorithm=lambda f: f["method"])
+    if not smol.empty:
+        st.plotly_chart(charts.rtn_vs_gptq(smol, "ppl", "perplexity (lower is better; log scale)",
+                                           figure_title="SmolLM2-135M: perplexity per rounding method"),
+                        key="cx_rounding_chart")
+    common.table(table.dropna(axis="columns", how="all"),
+                 column_config={"rounding_seconds": st.column_config.NumberColumn("rounding time (s)", format="%.1f"),
+                                "calibration_seconds": st.column_config.NumberColumn("calibration inputs (s)",
+                                                                                     format="%.1f")})
+    st.caption("Rounding time leaves out collecting the calibration inputs, done once per model and shared by the "
+               "calibrated methods (its own column). Act-order is the one method that rescues SmolLM2 at int3; "
+               "HQQ lowers the weights' error but makes both int3 models worse.")
 
 
 {"Calibration": calibration_section, "Static vs dynamic": static_dynamic_section, "PTQ vs QAT": qat_section,

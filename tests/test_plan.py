@@ -64,3 +64,25 @@ def test_anything_else_is_refused_in_one_line(bad):
     with pytest.raises(QlabError, match="not a qlab plan file") as caught:
         read_plan(bad)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("changes", "missing"), [
+    ({"algorithm": "awq"}, "AWQ"), ({"algorithm": "hqq"}, "HQQ"), ({"algorithm": "gptq"}, "GPTQ"),
+    ({"algorithm": "gptq-act-order"}, "activation order"), ({"sparsity": "2:4"}, "2:4 pruning"),
+    ({"algorithm": "gptq", "sparsity": "2:4-sparsegpt"}, "2:4-sparsegpt pruning")])
+def test_library_spellings_say_what_they_do_not_reproduce(changes, missing):
+    """torchao and quanto round to nearest: an AWQ, HQQ, GPTQ or 2:4 layer's entry says so instead of passing
+    for the plain int scheme it resembles."""
+    scheme = QuantScheme.from_dict({**INT4, "symmetric": False, **changes})
+    record = json.loads(json.dumps(plan_record(model(), {"0": scheme, "2": QuantScheme.from_dict(INT4)}, "tiny")))
+    torchao, quanto = record["torchao"]["FqnToConfig"], record["optimum_quanto"]
+    assert torchao["0"]["config"] == "IntxWeightOnlyConfig" and quanto["0"]["weights"] == "qint4"
+    assert missing in torchao["0"]["note"] and missing in quanto["0"]["note"]
+    assert "note" not in torchao["2"] and "note" not in quanto["2"]  # round-to-nearest is what they do
+    assert any("round to nearest" in note for note in record["notes"])
+
+
+def test_act_order_with_static_groups_keeps_its_groups_in_order():
+    scheme = QuantScheme.from_dict({**INT4, "algorithm": "gptq-act-order", "static_groups": True})
+    note = plan_record(model(), scheme, "tiny")["torchao"]["FqnToConfig"]["0"]["note"]
+    assert "act-order" in note and "activation order" not in note

@@ -162,11 +162,37 @@ _QUANTO_WEIGHTS = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8_e4m3"
                    "fp8_e5m2": "qfloat8_e5m2"}
 
 
+_NOT_REPRODUCED = {"gptq": "GPTQ's error-compensated rounding", "gptq-act-order": "GPTQ act-order's rounding",
+                   "awq": "AWQ's per-input-channel scales", "hqq": "HQQ's optimised scales and zero-points"}
+
+
+def _algorithm_note(scheme: QuantScheme, library: str) -> str | None:
+    """Why ``library``'s entry for ``scheme`` does not give qlab's weights: the library rounds the original
+    weights to nearest, so it keeps the format and groups but not a calibrated algorithm or 2:4 pruning."""
+    missing = [_NOT_REPRODUCED[scheme.algorithm]] if scheme.algorithm in _NOT_REPRODUCED else []
+    if scheme.algorithm == "gptq-act-order" and not scheme.static_groups:
+        missing.append("its groups in activation order (a group index per input)")
+    if scheme.sparsity != "none":
+        missing.append(f"the {scheme.sparsity} pruning")
+    if not missing:
+        return None
+    return (f"{library} rounds the original weights to nearest: this entry keeps the number format but not "
+            f"{' nor '.join(missing)}, so its weights and outputs differ from qlab's.")
+
+
 def _torchao_config(scheme: QuantScheme) -> dict | None:
-    """The torchao ``quantize_`` config (class name and keyword arguments) that applies ``scheme``."""
+    """The torchao ``quantize_`` config (class name and keyword arguments) that applies ``scheme``; with a
+    ``note`` where the config keeps the layout but not the scheme's algorithm or sparsity."""
     fmt = scheme.fmt
     if not fmt.scaled:
         return None  # a plain cast: convert the module's dtype instead of quantizing it
+    note = _algorithm_note(scheme, "torchao's quantize_")
+    config = _torchao_layout(scheme)
+    return config if config is None or note is None else {**config, "note": note}
+
+
+def _torchao_layout(scheme: QuantScheme) -> dict | None:
+    fmt = scheme.fmt
     granularity = {"tensor": "PerTensor()", "channel": "PerAxis(0)"}.get(scheme.granularity,
                                                                        f"PerGroup({scheme.group_size})")
     if fmt.kind == "integer":
@@ -178,6 +204,14 @@ def _torchao_config(scheme: QuantScheme) -> dict | None:
     return None
 
 
+def _quanto_entry(scheme: QuantScheme) -> dict:
+    """optimum-quanto's spelling of ``scheme`` (``'none'`` where it has no weight qtype), with the same ``note``
+    as torchao's entry where quanto's rounding cannot give the scheme's weights."""
+    weights = _QUANTO_WEIGHTS.get(scheme.format, "none")
+    note = None if weights == "none" else _algorithm_note(scheme, "optimum-quanto's quantize")
+    return {"weights": weights, "activations": "none", **({"note": note} if note else {})}
+
+
 def plan_record(model: torch.nn.Module, plan: SchemePlan, model_id: str, model_sha256: str | None = None,
                 **extra: object) -> dict:
     """A scheme or per-layer plan on a model as JSON: the model's id and weights hash, each quantized linear's
@@ -187,13 +221,15 @@ def plan_record(model: torch.nn.Module, plan: SchemePlan, model_id: str, model_s
     assignment = layer_schemes(model, plan)
     size = size_report(model, plan)
     torchao = {name: _torchao_config(scheme) for name, scheme in assignment.items()}
-    quanto = {name: {"weights": _QUANTO_WEIGHTS.get(scheme.format, "none"), "activations": "none"}
-              for name, scheme in assignment.items()}
+    quanto = {name: _quanto_entry(scheme) for name, scheme in assignment.items()}
     formats = sorted({scheme.format for scheme in assignment.values()})
     notes = [f"{f}: torchao has no quantize_ config for it (null entries)" for f in formats
              if any(torchao[n] is None and s.format == f and s.fmt.scaled for n, s in assignment.items())]
     notes += [f"{f}: optimum-quanto has no weight qtype for it ('none')" for f in formats
               if f not in _QUANTO_WEIGHTS]
+    if any(_algorithm_note(scheme, "") for scheme in assignment.values()):
+        notes.append("torchao and optimum-quanto round to nearest: entries for layers rounded or pruned otherwise "
+                     "keep the format but not the method (each such entry's note says what is missing).")
     notes.append("optimum-quanto picks its own scale granularity (per-channel for 8 bits, groups for 4/2 bits); "
                  "torchao's entries keep this plan's granularity.")
     return {"format": PLAN_FORMAT, "model": model_id, "model_sha256": model_sha256,
