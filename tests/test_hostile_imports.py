@@ -203,3 +203,49 @@ def test_json_nested_too_deeply_is_one_line(text, existing, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nests its JSON too deeply" in err and err.count("\n") == 1 and "Traceback" not in err
     assert digest(existing) == before
+
+
+RECORD_CASES = [
+    ("a sweep metric that is text", "sweep", {"label": "x", "kld_mean": "low"}, "record's kld_mean is 'low', not a number"),
+    ("a size that is an object", "sweep", {"label": "x", "size_bytes": {"a": 1}}, "record's size_bytes"),
+    ("memory targets that are text", "memory", {"scheme": "x", "targets": "gpu"}, "targets is 'gpu'"),
+    ("a memory target's bytes as text", "memory", {"scheme": "x", "targets": [{"total_bytes": "many"}]},
+     "target's total_bytes"),
+    ("a bench backend that is a number", "bench", {"backend": 5}, "backend is 5, not text"),
+    ("a recommendation's assignment as a list", "recommendation", {"label": "x", "assignment": [1, 2]},
+     "assignment"),
+    ("a sensitivity layer that is a number", "sensitivity_linear", {"layer": 1, "label": "x"}, "layer is 1"),
+    ("a mix's error as text", "mix", {"label": "x", "error": "big"}, "record's error is 'big'"),
+    ("a speed of true", "bench", {"backend": "fp32", "decode_tokens_per_s": True}, "decode_tokens_per_s is True"),
+]
+
+
+@pytest.mark.parametrize("case, kind, record, needle", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_a_record_field_of_the_wrong_type_for_its_reader_is_refused(case, kind, record, needle, existing, tmp_path,
+                                                                    capsys):
+    """Fields the History page, the report and the charts compute with (they crashed on these before)."""
+    before = digest(existing)
+    run = change("results.0", {"kind": kind, "label": "x", "record": record})
+    assert main(["runs", "import", str(write_payload(tmp_path, [run]))]) == 2, case
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert digest(existing) == before
+
+
+def test_every_kind_qlab_stores_round_trips_through_the_schema(tmp_path, monkeypatch, capsys):
+    """Runs written by qlab's own code paths (sweep, sensitivity, recommendation, speed, memory) import again."""
+    from tests.test_history_page import recommend_run, stored_bench_run, stored_sensitivity_run, sweep
+
+    source = Store(tmp_path / "source.sqlite")
+    monkeypatch.setenv("QLAB_DB", str(source.path))
+    sweep(source, "smollm2-135m", {"int8": 1e-3, "int4": 0.05})
+    stored_bench_run(source)
+    recommend_run(source)
+    stored_sensitivity_run(source, monkeypatch, tmp_path)
+    assert main(["memory", "--model", "llama-3.1-8b", "--json", str(tmp_path / "plan.json"), "--db",
+                 str(source.path)]) == 0
+    kinds = {run["kind"] for run in source.list_runs()}
+    assert {"sweep", "bench", "recommend", "sensitivity", "memory"} <= kinds
+    target = tmp_path / "target.sqlite"
+    assert main(["runs", "import", str(source.path), str(tmp_path / "plan.json"), "--db", str(target)]) == 0
+    assert len(Store(target).list_runs()) == len(source.list_runs()) + 1

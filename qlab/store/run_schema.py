@@ -12,7 +12,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qlab.core.errors import QlabError
 from qlab.store.db import STATUSES
@@ -48,6 +48,50 @@ def _finite(value: float) -> float:
     return value
 
 
+# Record fields the History page, the report and the charts compute with: numbers (or null) in every kind,
+# and anything named with a unit (STYLE: ``size_bytes``, ``prefill_ms``, ``decode_tokens_per_s``...).
+NUMBERS = frozenset({
+    "bits_per_weight", "ppl", "kld_mean", "kld_p99", "top1_agreement", "cosine_mean", "cosine_min",
+    "retrieval_agreement", "seconds", "eval_tokens", "tokens", "speedup_vs_fp32", "roofline_fraction",
+    "twin_kld_mean", "twin_cosine_mean", "threads", "estimated_delta", "block_delta", "linear_delta",
+    "predicted_delta", "relative_mse", "sqnr_db", "weight_kurtosis", "input_outlier_channels", "value", "delta",
+    "predicted_error", "context_tokens", "batch", "max_context", "max_batch", "gpus_needed", "unit_index"})
+NUMBER_SUFFIXES = ("_bytes", "_ms", "_per_s", "_seconds", "_pct", "_gb")
+# Fields drawn as names (axes, legends, table keys).
+TEXTS = frozenset({"layer", "layer_type", "metric", "backend", "library", "scheme", "hardware", "hardware_id",
+                   "name", "format"})
+
+
+# Result kinds laid out field by field (a run's closing summary and a ``bench sweep`` timing row are free-form).
+LAID_OUT = frozenset({"sweep", "memory", "sensitivity_linear", "sensitivity_block", "mix", "recommendation", "bench"})
+
+
+def _record(kind: str, record: dict[str, Any], where: str = "record") -> None:
+    """Raise ValueError naming the first field of a result record that has the wrong type for what reads it."""
+    if kind not in LAID_OUT or (kind == "bench" and "backend" not in record):
+        return
+    for key, value in record.items():
+        numeric = key in NUMBERS or key.endswith(NUMBER_SUFFIXES) or (kind == "mix" and key == "error")
+        if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{where}'s {key} is {_short(value)}, not a number")
+        if key in TEXTS and value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}'s {key} is {_short(value)}, not text")
+    if kind == "recommendation" and not (isinstance(record.get("assignment", {}), dict) and all(
+            isinstance(v, str) for v in record.get("assignment", {}).values())):
+        raise ValueError(f"{where}'s assignment is not a map of layer to scheme")
+    if kind == "memory":
+        targets = record.get("targets", [])
+        if not isinstance(targets, list) or not all(isinstance(t, dict) for t in targets):
+            raise ValueError(f"{where}'s targets is {_short(targets)}, not a list of targets")
+        for target in targets:
+            _record(kind, target, f"{where}'s target")
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 Time = Annotated[str, Field(max_length=64), AfterValidator(_iso_time)]
 Scheme = Annotated[dict[str, Any], AfterValidator(_scheme)]
@@ -66,6 +110,11 @@ class ResultIn(_Strict):
     record: dict[str, Any]
     scheme: Scheme | None = None
     created_at: Time | None = None
+
+    @model_validator(mode="after")
+    def _typed_record(self) -> ResultIn:
+        _record(self.kind, self.record)
+        return self
 
 
 class SettingsIn(BaseModel):
@@ -116,7 +165,7 @@ def _one_line(exc: ValidationError, run: Any, index: int, source_name: str) -> Q
         return QlabError(f"{source_name}: {which} has no '{field}'; export it again with `python -m qlab runs "
                          "export`.")
     message = first["msg"].removeprefix("Value error, ")
-    shown = repr(first.get("input"))
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return QlabError(f"{source_name}: {which}'s {field} is {shown}: {message[:1].lower()}{message[1:]}; fix that "
-                     "field or export the run again.")
+    if first["type"] == "value_error" and message.startswith("record"):  # a record's own field, named inside
+        return QlabError(f"{source_name}: {which}'s {field}.{message}; fix that field or export the run again.")
+    return QlabError(f"{source_name}: {which}'s {field} is {_short(first.get('input'))}: {message[:1].lower()}"
+                     f"{message[1:]}; fix that field or export the run again.")
