@@ -25,7 +25,7 @@ def open_page(page, base_url: str, title: str) -> None:
 def test_sweep_in_the_browser_then_every_page(streamlit_server, browser_page):
     page = browser_page
     started = time.monotonic()
-    page.goto(streamlit_server)
+    page.goto(f"{streamlit_server}/model")
     # The first load of the bundled SmolLM2 converts its GGUF once (~20 s on 2 cores).
     wait_for_app_idle(page, timeout_ms=240_000)
     main_heading(page, "Model").wait_for()
@@ -59,7 +59,7 @@ def test_sweep_in_the_browser_then_every_page(streamlit_server, browser_page):
 
 def test_memory_page_plans_a_catalog_model(streamlit_server, browser_page):
     page = browser_page
-    page.goto(streamlit_server)
+    page.goto(f"{streamlit_server}/model")
     wait_for_app_idle(page, timeout_ms=240_000)
     open_page(page, streamlit_server, "Memory")
     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=60_000)

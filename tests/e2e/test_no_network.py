@@ -38,7 +38,7 @@ def test_start_up_and_the_bundled_model_touch_no_network(browser_page, tmp_path)
     log.touch()
     with run_server("streamlit-network.log", {"PYTHONPATH": str(tmp_path), "QLAB_NETWORK_LOG": str(log),
                                               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}) as base_url:
-        browser_page.goto(base_url)  # make run's view: the bundled SmolLM2
+        browser_page.goto(f"{base_url}/model")  # make run's model, the bundled SmolLM2, on its Model page
         browser_page.locator('[data-testid="stMain"] h1', has_text="Model").wait_for(timeout=240_000)
         wait_for_app_idle(browser_page, timeout_ms=240_000)
         assert_no_exception(browser_page)
