@@ -225,7 +225,7 @@ CASES = [
          act=upload("config.json", json.dumps({"architectures": ["LlamaForCausalLM"]}).encode(),
                     key="memory_config"),
          fix=lambda at, _: at.radio(key="memory_source").set_value("Catalog architecture").run()),
-    Case("config upload with zero layers", "memory", "zero",
+    Case("config upload with zero layers", "memory", "num_hidden_layers",
          act=upload("config.json", json.dumps({
              "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
              "num_hidden_layers": 0, "num_attention_heads": 8, "intermediate_size": 1024,
