@@ -633,6 +633,7 @@ def speed_predicted_and_measured(rows: pd.DataFrame, unit: str, target_name: str
                              annotation_text="16-bit", annotation_position="top left", row=1, col=column)
         figure.update_yaxes(title=unit, exponentformat="none", separatethousands=True, rangemode="tozero",
                             row=1, col=column)
+        figure.update_xaxes(title="format", row=1, col=column)
     if (rows["native"] == False).any():  # noqa: E712 (a column of True/False/None)
         figure.add_trace(go.Bar(x=[None], y=[None], marker_color="#bab0ac", name="no kernel there: not faster"))
     figure = _overview_layout(figure, "Speed per format (two separate axes)")
@@ -647,7 +648,7 @@ def sensitivity_top_layers(rows: pd.DataFrame) -> go.Figure:
     order = list(dict.fromkeys(frame.sort_values("rank")["layer"]))
     figure = px.bar(frame, x="shown", y="layer", color="scheme", orientation="h", barmode="group", log_x=True,
                     category_orders={"layer": order},
-                    labels={"shown": "loss increase, layer alone (log)", "layer": "", "scheme": "format"})
+                    labels={"shown": "loss increase, layer alone (log)", "layer": "layer", "scheme": "format"})
     figure.update_xaxes(exponentformat="e")
     figure.update_yaxes(tickfont={"size": 10})
     return _overview_layout(figure, "Most sensitive layers (quick estimate)")
