@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from qlab.cli import main
 from qlab.core.errors import QlabError
-from qlab.models import loading
+from qlab.models import checkpoint, loading
 
 MINILM = Path(loading.resolve("minilm-l6").path)
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -243,7 +243,7 @@ HUB_CASES = [
 def test_a_hub_model_is_checked_before_it_downloads(case, config, squeeze, needle, fake_hub, monkeypatch, capsys):
     fake_hub.config.update(config)
     if squeeze == "ram":
-        monkeypatch.setattr(loading.psutil, "virtual_memory", lambda: SimpleNamespace(available=10_000_000))
+        monkeypatch.setattr(checkpoint.psutil, "virtual_memory", lambda: SimpleNamespace(available=10_000_000))
     if squeeze == "disk":
         monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=1000))
     if squeeze == "headers":

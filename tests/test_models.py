@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.models import checkpoint
 from qlab.models import loading as models
 
 
@@ -19,7 +20,7 @@ def test_bundled_catalog_resolves_without_importing_the_packages():
 
 def test_fp32_estimate_from_headers_matches_the_loaded_model(minilm):
     # The safetensors header also lists the int64 position_ids buffer (512 values), not a parameter.
-    estimate = models.fp32_bytes_estimate(minilm.source)
+    estimate = checkpoint.fp32_bytes_estimate(minilm.source)
     assert 0 <= estimate - minilm.fp32_bytes <= 4 * 512
 
 
@@ -59,7 +60,7 @@ def test_ram_guard_refuses_before_loading(monkeypatch):
     class TinyMemory:
         available = 10_000_000
 
-    monkeypatch.setattr(models.psutil, "virtual_memory", lambda: TinyMemory())
+    monkeypatch.setattr(checkpoint.psutil, "virtual_memory", lambda: TinyMemory())
     with pytest.raises(QlabError, match="GB of RAM"):
         models.load("minilm-l6")
 
@@ -112,7 +113,7 @@ def test_gguf_size_estimate_from_the_converted_copy_equals_the_gguf_header(smoll
 
     reader = GGUFReader(Path(smollm.source.path) / smollm.source.gguf_file)
     from_gguf = 4 * sum(int(t.n_elements) for t in reader.tensors)
-    assert models.fp32_bytes_estimate(smollm.source) == from_gguf  # read from the cached FP32 copy's header
+    assert checkpoint.fp32_bytes_estimate(smollm.source) == from_gguf  # read from the cached FP32 copy's header
 
 
 def test_a_cache_that_cannot_be_written_is_named_not_blamed_on_the_gguf(tmp_path, monkeypatch):
