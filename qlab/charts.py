@@ -1,4 +1,8 @@
-"""Plotly figure builders: plain data in, Figure out. Used by the pages and, later, the HTML report."""
+"""Plotly figure builders: plain data in, Figure out. Used by the pages and, later, the HTML report.
+
+Over 500 lines on purpose: every figure builder is independent and short; one module keeps one visual style
+(titles, axis units, number formats) that pages and the HTML report import from one place.
+"""
 
 from __future__ import annotations
 

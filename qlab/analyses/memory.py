@@ -5,6 +5,9 @@ stated separately, component by component with the formula of each, and a target
 Weight bytes come from ``QuantScheme.storage_bytes`` or a library's own layout (``qlab.core.layouts``) per
 matrix shape, so scales, zero-points and padding are exact; for a loaded model they equal
 ``qlab.core.plan.size_report`` to the byte.
+
+Over 500 lines on purpose: the plan's components, the fit verdicts and the searches over context, batch and
+GPU count share one set of formulas; runtimes, layouts and KV formats already live in their own modules.
 """
 
 from __future__ import annotations

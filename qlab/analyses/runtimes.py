@@ -16,6 +16,9 @@ A runtime is named by the user; its model is the allocation its code makes, read
   determine_available_memory`` sizes it (formulas reproduced, not measured).
 - ``llama.cpp``: a KV cache of ``n_ctx`` cells allocated at start, GGUF weights, a compute buffer for one ubatch
   (formulas reproduced, not measured).
+
+Over 500 lines on purpose: one section per runtime, each with the formulas and citations of that runtime's
+allocation; they are read side by side when a plan's peak is explained.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Two measures per scheme, both against the FP32 model on the baseline's own token
    pass-through and the measured block reads its cached input (AIMET's per-layer analysis re-runs the whole
    model N+1 times). The reverse view, everything quantized except one block, replays the same way from the
    all-quantized model's cached hidden states.
+
+Over 500 lines on purpose: the probe pass, the per-linear errors, the block replays and their records share
+the captured activations and one report type; the quick ranking lives in sensitivity_quick.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@
 ``fake_quantize`` does both, which is how the sweep simulates a scheme. Everything works on a 2-D "blocks"
 view of the tensor, one row per scale: the whole tensor, one output channel, or one group of ``group_size``
 consecutive inputs. No Python loop runs over elements, channels or groups.
+
+Over 500 lines on purpose: the frozen scheme, its storage arithmetic and the vectorised encode/decode are one
+contract (bits per weight is computed here and nowhere else); the rounding algorithms live in
+qlab.core.algorithms.
 """
 
 from __future__ import annotations
