@@ -478,3 +478,41 @@ def show_caveat(loaded: models.LoadedModel) -> None:
                      icon=":material/info:")
     except StreamlitPageNotFoundError:  # run standalone (AppTest, `streamlit run pages/...`): no navigation
         st.caption("The Model page explains why this matters for the numbers here.")
+
+
+def stored_sweep(loaded: models.LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec, state_key: str,
+                 where_kept: str) -> tuple[dict, Callable[[], RunMeta], Callable[[Progress, Recorder], None],
+                                           Callable[[], str]]:
+    """A sweep of ``schemes`` for ``long_run``: the records finished so far (restored from the run history after a
+    reload), and the prepare / work / kept callables that measure the rest, each row saved as it finishes."""
+    from qlab.analyses.sweep import run_sweep
+    from qlab.models.loading import model_sha256
+    from qlab.store import Store, sweep_meta
+
+    measured = st.session_state.setdefault(state_key, {})  # (model, weights, budget) -> {scheme: record}
+    key = (loaded.name, model_sha256(loaded), spec.tokens)
+    if key not in measured:  # a reload: what the run history holds for these schemes (any sweep of them)
+        try:
+            measured[key] = Store().stored_schemes(loaded.name, key[1], spec.text_sha256, spec.tokens)
+        except QlabError as error:
+            measured[key] = {}
+            st.warning(f"Run history unavailable: {error}")
+    finished = measured[key]
+
+    def prepare() -> RunMeta:
+        baseline(loaded, loaded.name, spec, spec.text_sha256)  # a failing baseline stores no run
+        return sweep_meta(loaded, list(schemes), spec, st.session_state["hardware"])
+
+    def work(progress: Progress, recorder: Recorder) -> None:
+        reference = baseline(loaded, loaded.name, spec, spec.text_sha256)
+        named = step_names(progress, [s.label for s in schemes])
+        for row in run_sweep(loaded, list(schemes), spec, baseline=reference, progress=named):
+            finished[row.scheme] = row.to_record()  # kept (and stored) before the next scheme starts
+            recorder.save(row)
+
+    def kept() -> str:
+        done = [s.label for s in schemes if s in finished]
+        return (f"Kept {count(done, 'finished scheme')} ({', '.join(done)}), {where_kept}."
+                if done else "No scheme had finished, so none was kept.")
+
+    return finished, prepare, work, kept

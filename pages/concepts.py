@@ -10,13 +10,10 @@ from pages import common
 from qlab import charts
 from qlab.analyses import activations, explain, qat, rounding
 from qlab.analyses.calibration import layer_comparison
-from qlab.analyses.sweep import run_sweep
-from qlab.core.errors import QlabError
 from qlab.core.formats import get_format
 from qlab.core.quant import QuantScheme
-from qlab.models.evaluate import EvalSpec, Progress, default_text
-from qlab.models.loading import model_sha256, quantizable_linears
-from qlab.store import Recorder, Store, sweep_meta
+from qlab.models.evaluate import EvalSpec, default_text
+from qlab.models.loading import quantizable_linears
 
 SECTIONS = ("Calibration", "Static vs dynamic", "PTQ vs QAT", "GPTQ vs RTN")
 GPTQ_SCHEMES = (QuantScheme("int4", "group", 64), QuantScheme("int3", "group", 64))
@@ -140,31 +137,8 @@ def gptq_section() -> None:
 
     spec = EvalSpec(st.session_state["tokens"])
     schemes = [dataclasses.replace(s, algorithm=a) for s in GPTQ_SCHEMES for a in ("rtn", "gptq")]
-    measured = st.session_state.setdefault("cx_gptq_model", {})  # (model, weights, budget) -> {scheme: record}
-    key = (loaded.name, model_sha256(loaded), spec.tokens)
-    if key not in measured:  # a reload: what the run history holds for these schemes (any sweep of them)
-        try:
-            measured[key] = Store().stored_schemes(loaded.name, key[1], spec.text_sha256, spec.tokens)
-        except QlabError as error:
-            measured[key] = {}
-            st.warning(f"Run history unavailable: {error}")
-    finished = measured[key]
-
-    def sweep_run():
-        common.baseline(loaded, loaded.name, spec, spec.text_sha256)  # a failing baseline stores no run
-        return sweep_meta(loaded, schemes, spec, st.session_state["hardware"])
-
-    def sweep(progress: Progress, recorder: Recorder) -> None:
-        baseline = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
-        named = common.step_names(progress, [s.label for s in schemes])
-        for row in run_sweep(loaded, schemes, spec, baseline=baseline, progress=named):
-            finished[row.scheme] = row.to_record()  # kept (and stored) before the next scheme starts
-            recorder.save(row)
-
-    def kept() -> str:
-        done = [s.label for s in schemes if s in finished]
-        return (f"Kept {common.count(done, 'finished scheme')} ({', '.join(done)}), shown below and in History."
-                if done else "No scheme had finished, so none was kept.")
+    finished, sweep_run, sweep, kept = common.stored_sweep(loaded, schemes, spec, "cx_gptq_model",
+                                                            "shown below and in History")
 
     # Any press reruns the page, which stops the sweep at its next progress update.
     common.long_run("Run RTN vs GPTQ on the whole model", "cx_run_gptq_model", sweep, primary=False,

@@ -7,13 +7,11 @@ import streamlit as st
 from pages import common
 from qlab import charts
 from qlab.analyses import claims, explain
-from qlab.analyses.sweep import run_sweep
 from qlab.core.errors import QlabError
 from qlab.core.formats import FORMATS
 from qlab.core.quant import CALIBRATIONS
-from qlab.models.evaluate import EvalSpec, Progress
-from qlab.models.loading import model_sha256, quantizable_linears
-from qlab.store import Recorder, Store, sweep_meta
+from qlab.models.evaluate import EvalSpec
+from qlab.models.loading import quantizable_linears
 
 SECTIONS = ("Bits of a value", "Number lines", "Affine mapping", "Granularity", "Hardware", "Claims")
 VALUE_PRESETS = {
@@ -222,31 +220,7 @@ def claims_section() -> None:
     left, middle, right = st.columns(3)
     spec = EvalSpec(st.session_state["tokens"])
     schemes = list(claims.CLAIM_SCHEMES)
-    measured = st.session_state.setdefault("fx_accuracy", {})  # (model, weights, budget) -> {scheme: record}
-    key = (loaded.name, model_sha256(loaded), spec.tokens)
-    if key not in measured:  # a reload: what the run history holds for these schemes (any sweep of them)
-        try:
-            measured[key] = Store().stored_schemes(loaded.name, key[1], spec.text_sha256, spec.tokens)
-        except QlabError as error:
-            measured[key] = {}
-            st.warning(f"Run history unavailable: {error}")
-    finished = measured[key]
-
-    def sweep_run():
-        common.baseline(loaded, loaded.name, spec, spec.text_sha256)  # a failing baseline stores no run
-        return sweep_meta(loaded, schemes, spec, st.session_state["hardware"])
-
-    def sweep(progress: Progress, recorder: Recorder) -> None:
-        baseline = common.baseline(loaded, loaded.name, spec, spec.text_sha256)
-        named = common.step_names(progress, [s.label for s in schemes])
-        for row in run_sweep(loaded, schemes, spec, baseline=baseline, progress=named):
-            finished[row.scheme] = row.to_record()  # kept (and stored) before the next scheme starts
-            recorder.save(row)
-
-    def kept() -> str:
-        done = [s.label for s in schemes if s in finished]
-        return (f"Kept {common.count(done, 'finished scheme')} ({', '.join(done)}), shown below."
-                if done else "No scheme had finished, so none was kept.")
+    finished, sweep_run, sweep, kept = common.stored_sweep(loaded, schemes, spec, "fx_accuracy", "shown below")
 
     # Any press reruns the page, which stops the sweep at its next progress update.
     common.long_run("Measure accuracy (sweep)", "fx_run_accuracy", sweep, prepare=sweep_run, kept=kept,
