@@ -24,6 +24,7 @@ from qlab.cli.common import (
 DEFAULT_FORMATS = "int8,int4"
 TABLE_COLUMNS = ("layer", "label", "estimated_delta", "block_delta", "linear_delta", "predicted_delta",
                  "relative_mse", "sqnr_db", "weight_kurtosis", "input_outlier_channels")
+QUICK_COLUMNS = ("layer", "scheme", "score", "output_error", "error_cost", "sqnr_db")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sensitivity.add_argument("--no-blocks", action="store_true", help="per-linear error only (fastest)")
     sensitivity.add_argument("--no-predict", action="store_true",
                              help="skip the curvature pass that predicts each linear's own delta")
+    sensitivity.add_argument("--quick", action="store_true",
+                             help="quick ranking from one forward and one backward pass (no end-to-end replays; "
+                                  "--unit and --reverse do not apply)")
     add_scheme_arguments(sensitivity, granularity="group")
     json_option(sensitivity, "write one row per linear layer and format as JSON")
     sensitivity.set_defaults(func=cmd_sensitivity)
@@ -103,6 +107,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     from qlab.models.evaluate import compute_baseline
     from qlab.store import save_summary, sensitivity_meta, sensitivity_saver
 
+    if args.quick:
+        _quick(args)
+        return
     loaded, schemes, spec, db = _setup(args)
     view = "reverse" if args.reverse else "forward"
     with progress_bar(args.quiet, "sensitivity") as progress:
@@ -125,6 +132,32 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     columns = [c for c in TABLE_COLUMNS if c in frame.columns and frame[c].notna().any()]
     order = "estimated_delta" if "estimated_delta" in columns else "relative_mse"
     print(frame.sort_values(order, ascending=False)[columns].to_string(index=False))
+    if loaded.source.caveat:
+        print(f"note: {loaded.source.caveat}")
+
+
+def _quick(args: argparse.Namespace) -> None:
+    """``--quick``: every linear's quick score per format, stored as the Overview stores its quick ranking."""
+    from qlab.analyses.sensitivity_quick import quick_sensitivity
+    from qlab.core.errors import QlabError
+    from qlab.store import run_meta
+
+    if args.reverse or args.unit != "block":
+        raise QlabError("--quick measures no end-to-end units, so --reverse and --unit do not apply; drop them.")
+    loaded, schemes, spec, db = _setup(args)
+    meta = functools.partial(run_meta, "sensitivity_quick", loaded, spec, "this-machine",
+                             schemes=[s.to_dict() for s in schemes], method="quick")
+    with progress_bar(args.quiet, "quick sensitivity") as progress, _recording(db, meta) as recorder:
+        result = quick_sensitivity(loaded, schemes, spec, progress=progress)
+        if recorder:
+            recorder.save_many(result.to_records(), "sensitivity_quick")
+    if args.json is not None:
+        emit(result.to_records(), args.json)
+        return
+    import pandas as pd
+
+    frame = pd.DataFrame(result.records)
+    print(frame.sort_values("score", ascending=False)[list(QUICK_COLUMNS)].to_string(index=False))
     if loaded.source.caveat:
         print(f"note: {loaded.source.caveat}")
 

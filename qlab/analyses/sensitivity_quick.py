@@ -1,0 +1,264 @@
+"""Quick sensitivity: a per-linear ranking from one forward and one backward pass, no end-to-end replays.
+
+Each linear's score is the second-order estimate of how much the model's metric (KL divergence for LMs,
+1 - cosine for embedding models) grows when that linear alone is quantized: ``1/2 e^T H e`` per metric item,
+with ``e = X (W_q - W)^T`` the layer's output error on the baseline's own tokens and ``H`` the metric's
+Gauss-Newton curvature at that output. The backward pass is the full analysis's own
+(``qlab.analyses.sensitivity._output_curvature``): the gradient ``g`` of its pseudo-loss has covariance ``H``,
+so ``(g . e)^2`` estimates ``e^T H e``.
+
+How ``g . e`` is reduced decides whether the ranking holds. The full analysis multiplies squared errors by a
+per-channel curvature averaged over tokens (the diagonal of ``H``); that treats the error at each token as
+independent, but a weight error shifts every token's output the same way, and pooling (embeddings) or
+attention (LMs) adds those shifts up. The quick score keeps the token coupling and drops only the coupling
+between channels: ``sum_channels (sum_tokens g * e)^2`` per text or window. One random ``g`` per item is then
+averaged over hundreds of channels, so one backward pass is enough. Measured against the full per-block
+deltas (``bench/sensitivity_quick.py``), the diagonal ranks MiniLM's six blocks with Spearman 0.60-0.77,
+the token-coupled score 0.83-1.0 on the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qlab.analyses.sensitivity import (
+    METRIC,
+    SensitivityReport,
+    _batches,
+    _check_schemes,
+    _exact,
+    _output_curvature,
+    block_stack,
+    layer_type,
+    shared_copy,
+)
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme, fake_quantize
+from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress, _check_cancel, compute_baseline
+from qlab.models.loading import LoadedModel, quantizable_linears
+
+
+@dataclass(frozen=True)
+class QuickSensitivity:
+    """Per (linear, scheme) quick scores of one model, as flat records.
+
+    Each record: ``layer``, ``scheme`` (the scheme's label), ``score`` (the predicted metric increase from
+    quantizing that layer alone; higher is more sensitive) and its parts, ``output_error`` (relative squared
+    output error ``||X (W_q - W)^T||^2 / ||X W^T||^2``) times ``error_cost`` (metric increase per unit of it).
+    """
+
+    model: str
+    kind: str
+    metric: str
+    schemes: tuple[QuantScheme, ...]
+    records: list[dict]
+    tokens: int
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def top(self, n: int, scheme: QuantScheme | str | None = None) -> list[dict]:
+        """The ``n`` most sensitive layers for ``scheme`` (a scheme or its label); without one, each layer once,
+        ranked by its most damaging scheme."""
+        if scheme is None:
+            worst: dict[str, dict] = {}
+            for record in self.records:
+                kept = worst.get(record["layer"])
+                if kept is None or record["score"] > kept["score"]:
+                    worst[record["layer"]] = record
+            chosen = list(worst.values())
+        else:
+            label = self._label(scheme)
+            chosen = [r for r in self.records if r["scheme"] == label]
+        return sorted(chosen, key=lambda r: r["score"], reverse=True)[:n]
+
+    def block_scores(self, scheme: QuantScheme | str) -> dict[int, float]:
+        """Summed score per block (block index -> score): the quick estimate of each block's measured delta."""
+        label = self._label(scheme)
+        totals: dict[int, float] = {}
+        for record in self.records:
+            if record["scheme"] == label and record["block"] is not None:
+                totals[record["block"]] = totals.get(record["block"], 0.0) + record["score"]
+        return dict(sorted(totals.items()))
+
+    def to_records(self) -> list[dict]:
+        """JSON-ready records, each carrying what ``from_records`` needs to rebuild this result."""
+        settings = {s.label: s.to_dict() for s in self.schemes}
+        return [{**r, "model": self.model, "model_kind": self.kind, "metric": self.metric, "tokens": self.tokens,
+                 "scheme_settings": settings[r["scheme"]]} for r in self.records]
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> QuickSensitivity:
+        """Inverse of ``to_records`` (stored records, e.g. read back from a run database)."""
+        if not records:
+            raise QlabError("no quick sensitivity records to rebuild from; run the quick analysis first.")
+        first = records[0]
+        schemes = tuple(QuantScheme.from_dict(s) for s in
+                        {r["scheme"]: r["scheme_settings"] for r in records}.values())
+        shared = ("model", "model_kind", "metric", "tokens", "scheme_settings")
+        rows = [{k: v for k, v in r.items() if k not in shared} for r in records]
+        return cls(first["model"], first["model_kind"], first["metric"], schemes, rows, int(first["tokens"]))
+
+    def _label(self, scheme: QuantScheme | str) -> str:
+        label = scheme.label if isinstance(scheme, QuantScheme) else scheme
+        if label not in {s.label for s in self.schemes}:
+            raise QlabError(f"no quick sensitivity for '{label}'; analysed: "
+                            f"{', '.join(s.label for s in self.schemes)}.")
+        return label
+
+
+@dataclass
+class _Probe:
+    """Per linear, what the backward pass adds up: the output error's energy and its token-coupled cost."""
+
+    weight: torch.Tensor
+    schemes: Sequence[QuantScheme]
+    mask: list[torch.Tensor | None]  # shared slot: the current batch's real-token mask (None: all real)
+    output_energy: float = 0.0
+    error_energy: list[float] = field(default_factory=list)
+    coupled: list[float] = field(default_factory=list)  # sum over items and channels of (sum_tokens g*e)^2
+    reached: bool = False  # the metric's gradient arrived here (a BERT pooler's output never reaches it)
+
+    def __post_init__(self) -> None:
+        self.error_energy = [0.0] * len(self.schemes)
+        self.coupled = [0.0] * len(self.schemes)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not output.requires_grad:
+            return
+        # Sums of squares in FP32 whatever the model computes in (a bf16 sum of 512 products keeps 3 digits).
+        x, y, keep = args[0].detach().float(), output.detach().float(), self.mask[0]
+        output.register_hook(lambda grad: self._accumulate(x, y, grad.detach(), keep))
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor | None) -> None:
+        self.reached = True
+        if keep is not None and keep.shape == y.shape[:-1]:
+            # Padding rows carry no error: their gradient is zero, and their outputs are not the model's.
+            x = x * keep.unsqueeze(-1)
+            self.output_energy += float(torch.linalg.vector_norm(y, dim=-1).square_()[keep].sum())
+        else:
+            self.output_energy += _energy(y)
+        # (items, tokens, channels): a text or a window per item; a 2-D output has one token per item.
+        grad = grad.float()
+        items = grad.reshape(-1, *grad.shape[-2:]) if grad.dim() > 2 else grad.unsqueeze(1)
+        weight = self.weight.float()
+        for index, scheme in enumerate(self.schemes):
+            if _exact(scheme):
+                continue
+            # Rounded again per batch rather than kept: a rounded copy of every linear in every format would be
+            # one more FP32 model per format, and one window is the usual budget.
+            error = x @ fake_quantize(weight, scheme).sub_(weight).T
+            self.error_energy[index] += _energy(error)
+            # A product and a sum over tokens: einsum("itc,itc->ic") turns into one tiny matmul per channel.
+            self.coupled[index] += _energy(error.reshape(items.shape).mul_(items).sum(dim=1))
+
+
+def _energy(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t)) ** 2
+
+
+def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
+                      baseline: Baseline | None = None, progress: Progress | None = None,
+                      cancel: CancelCheck | None = None) -> QuickSensitivity:
+    """Score every linear for every scheme from one forward and one backward pass over the spec's tokens.
+
+    ``baseline``: the FP32 baseline of ``spec`` if already computed (a sweep's), which saves one evaluation.
+    ``progress(fraction, message)`` names the step that is running; ``cancel()`` returning True stops with
+    ``Cancelled`` (nothing partial is returned: the pass is the whole cost).
+    """
+    schemes = tuple(dict.fromkeys(schemes))
+    model = loaded.model
+    _check_schemes(model, schemes)
+    if baseline is not None and baseline.kind != loaded.kind:
+        raise QlabError(f"the baseline is for a {baseline.kind} model but {loaded.name} is a {loaded.kind}; "
+                        "compute the baseline on this model.")
+    seconds = {}
+    _check_cancel(cancel)
+    if baseline is None:
+        started = time.perf_counter()
+        baseline = compute_baseline(loaded, spec, progress and (lambda f, m: progress(0.25 * f, f"FP32 baseline: {m}")),
+                                    cancel)
+        seconds["baseline_s"] = time.perf_counter() - started
+    share = 0.75 if "baseline_s" in seconds else 1.0
+    total = sum(1 for _ in _batches(baseline, windows_per_batch=1))
+    unit = "window" if baseline.kind == "causal-lm" else "batch of texts"
+
+    shadow = shared_copy(model)
+    modules = dict(shadow.named_modules())
+    names = [name for name, _ in quantizable_linears(shadow)]
+    mask_slot: list[torch.Tensor | None] = [None]
+    probes = {name: _Probe(modules[name].weight.detach(), schemes, mask_slot) for name in names}
+    done = [0]
+
+    def batch_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        mask_slot[0] = None if mask is None else mask.bool()
+        if progress:
+            progress(1 - share + share * done[0] / total, f"quick sensitivity: {unit} {done[0] + 1}/{total}")
+        done[0] += 1
+
+    # The decoder (an LM's base model) or the encoder itself: both receive the batch's attention mask, if any.
+    handles = [shadow.base_model.register_forward_pre_hook(batch_starts, with_kwargs=True)]
+    handles += [modules[name].register_forward_hook(probe) for name, probe in probes.items()]
+    started = time.perf_counter()
+    try:
+        # Its own per-channel curvature hooks are not needed here (no names): only the pass and its item count.
+        _, items = _output_curvature(shadow, baseline, (), cancel)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seconds["pass_s"] = time.perf_counter() - started
+    if progress:
+        progress(1.0, "quick sensitivity: done")
+    return QuickSensitivity(loaded.name, loaded.kind, METRIC[loaded.kind], schemes,
+                            _records(shadow, probes, schemes, items), baseline.tokens, seconds)
+
+
+def agreement(quick: QuickSensitivity, report: SensitivityReport) -> dict[str, float]:
+    """Per scheme label, the Spearman rank correlation between the quick block scores and the block deltas the
+    full analysis measured (forward view, ``unit="block"``): how well the quick ranking orders blocks."""
+    if report.unit != "block" or report.view != "forward":
+        raise QlabError("the quick ranking is checked against measured block deltas; run the full analysis with "
+                        "unit block and the forward view.")
+    result = {}
+    for scheme in quick.schemes:
+        measured = {r["block"]: r["delta"] for r in report.blocks
+                    if r["label"] == scheme.label and r["block"] is not None}
+        if len(measured) < 2:
+            continue
+        estimated = quick.block_scores(scheme)
+        blocks = sorted(measured)
+        result[scheme.label] = spearman([estimated.get(b, 0.0) for b in blocks], [measured[b] for b in blocks])
+    return result
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation of two equally long sequences (ties ranked by position)."""
+    ranks = [torch.tensor(v, dtype=torch.float64).argsort(stable=True).argsort().double() for v in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+def _records(model: torch.nn.Module, probes: dict[str, _Probe], schemes: Sequence[QuantScheme], items: int
+             ) -> list[dict]:
+    try:
+        block_of = block_stack(model).block_of
+    except QlabError:  # no repeated blocks: the per-linear scores stand without a block
+        def block_of(name: str) -> None:
+            return None
+    records = []
+    for name, probe in probes.items():
+        for scheme, error_energy, coupled in zip(schemes, probe.error_energy, probe.coupled, strict=True):
+            # Second order: metric increase = 1/2 e^T H e per metric item (token for LMs, text for embeddings).
+            score = 0.5 * coupled / max(1, items)
+            output_error = error_energy / probe.output_energy if probe.output_energy > 0 else 0.0
+            records.append({
+                "layer": name, "scheme": scheme.label, "format": scheme.format, "block": block_of(name),
+                "layer_type": layer_type(name), "params": probe.weight.numel(), "score": score,
+                "output_error": output_error if probe.reached else None,
+                "sqnr_db": -10 * math.log10(output_error) if probe.reached and output_error > 0 else None,
+                "error_cost": score / output_error if output_error > 0 else 0.0,
+            })
+    return records

@@ -1,0 +1,203 @@
+import json
+
+import pytest
+
+from qlab.analyses.sensitivity import analyze
+from qlab.analyses.sensitivity_quick import QuickSensitivity, agreement, quick_sensitivity, spearman
+from qlab.cli.common import Parser
+from qlab.cli.sensitivity import add_parser
+from qlab.core.errors import Cancelled, QlabError
+from qlab.core.quant import QuantScheme
+from qlab.models import loading as models
+from qlab.models.evaluate import EvalSpec, compute_baseline, default_text
+from qlab.models.loading import quantizable_linears, weights_digest
+from qlab.store import Store
+from tests.tiny_models import tiny_bert, tiny_llama
+
+TEXT = default_text()[:20_000]  # the tiny models' byte tokenizer is pure Python: keep the text short
+LLAMA_SPEC = EvalSpec(tokens=128, text=TEXT)
+BERT_SPEC = EvalSpec(tokens=256, text=TEXT)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    loaded = tiny_llama(layers=4)
+    return loaded, compute_baseline(loaded, LLAMA_SPEC)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    loaded = tiny_bert()
+    return loaded, compute_baseline(loaded, BERT_SPEC)
+
+
+def test_one_record_per_linear_and_scheme_made_of_its_parts(llama):
+    loaded, baseline = llama
+    schemes = [QuantScheme("fp32"), QuantScheme("int8"), QuantScheme("int3", "channel")]
+    quick = quick_sensitivity(loaded, schemes, LLAMA_SPEC, baseline)
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    assert [(r["layer"], r["scheme"]) for r in quick.records] == [(n, s.label) for n in names for s in schemes]
+    for record in quick.records:
+        if record["scheme"] == "fp32":  # the cast of an FP32 weight to FP32 changes nothing
+            assert record["score"] == 0.0 and record["output_error"] == 0.0
+            continue
+        assert record["score"] > 0
+        assert record["score"] == pytest.approx(record["output_error"] * record["error_cost"], rel=1e-9)
+    int8, int3 = (sum(r["score"] for r in quick.records if r["scheme"] == s.label) for s in schemes[1:])
+    assert int3 > 100 * int8
+    assert quick.metric == "kld_mean" and quick.tokens == baseline.tokens
+
+
+def test_scores_predict_each_linears_measured_delta(llama):
+    """Second order, token-coupled: the score ranks linears like quantizing each alone does, at the right scale."""
+    loaded, baseline = llama
+    scheme = QuantScheme("int4", "channel")
+    quick = quick_sensitivity(loaded, [scheme], LLAMA_SPEC, baseline)
+    measured = {r["name"]: r["delta"] for r in analyze(loaded, [scheme], baseline, unit="linear",
+                                                        predict=False).blocks}
+    scores = [r["score"] for r in quick.records]
+    deltas = [measured[r["layer"]] for r in quick.records]
+    assert spearman(scores, deltas) > 0.8
+    assert 0.5 < sum(scores) / sum(deltas) < 2
+
+
+def test_embedding_scores_follow_measured_block_deltas(bert):
+    loaded, baseline = bert
+    scheme = QuantScheme("int3", "channel")
+    quick = quick_sensitivity(loaded, [scheme], BERT_SPEC, baseline)
+    report = analyze(loaded, [scheme], baseline, predict=False)
+    measured = {r["block"]: r["delta"] for r in report.blocks if r["block"] is not None}
+    estimated = quick.block_scores(scheme)
+    assert list(estimated) == sorted(measured)
+    assert 0.5 < sum(estimated.values()) / sum(measured.values()) < 2
+    pooler = [r for r in quick.records if r["layer"] == "pooler.dense"]
+    assert pooler and pooler[0]["score"] == 0.0  # mean pooling never reads the pooler: no cost there
+
+
+def test_an_artificial_outlier_tops_the_ranking():
+    loaded = tiny_llama(seed=1)
+    target = "model.layers.1.self_attn.v_proj"
+    weight = loaded.model.get_submodule(target).weight
+    weight.data[3, 5] = 20 * weight.abs().max()  # a per-tensor scale now rounds every other weight to zero
+    scheme = QuantScheme("int4", "tensor")
+    quick = quick_sensitivity(loaded, [scheme], LLAMA_SPEC)
+    assert quick.top(1, scheme)[0]["layer"] == target
+    assert max(quick.block_scores(scheme).items(), key=lambda item: item[1])[0] == 1
+
+
+def test_top_ranks_layers_per_scheme_and_overall(llama):
+    loaded, baseline = llama
+    int8, int3 = QuantScheme("int8"), QuantScheme("int3", "channel")
+    quick = quick_sensitivity(loaded, [int8, int3], LLAMA_SPEC, baseline)
+    top = quick.top(5, int8)
+    assert len(top) == 5 and {r["scheme"] for r in top} == {int8.label}
+    assert [r["score"] for r in top] == sorted((r["score"] for r in quick.records if r["scheme"] == int8.label),
+                                               reverse=True)[:5]
+    assert quick.top(3, int3.label) == quick.top(3, int3)
+    overall = quick.top(100)
+    assert len({r["layer"] for r in overall}) == len(overall) == len(quantizable_linears(loaded.model))
+    assert overall[0]["scheme"] == int3.label  # the coarser format is every layer's worst
+    with pytest.raises(QlabError, match="no quick sensitivity for 'nf4"):
+        quick.top(3, QuantScheme("nf4"))
+
+
+def test_records_survive_json_and_rebuild_the_result(llama):
+    loaded, baseline = llama
+    quick = quick_sensitivity(loaded, [QuantScheme("int8"), QuantScheme("nf4", "group", 32)], LLAMA_SPEC,
+                              baseline)
+    stored = json.loads(json.dumps(quick.to_records()))
+    assert {r["scheme"] for r in stored} == {s.label for s in quick.schemes}
+    rebuilt = QuickSensitivity.from_records(stored)
+    assert rebuilt == quick
+    assert rebuilt.top(4) == quick.top(4)
+    with pytest.raises(QlabError, match="no quick sensitivity records"):
+        QuickSensitivity.from_records([])
+
+
+def test_without_a_baseline_it_computes_one_and_scores_the_same(llama):
+    loaded, baseline = llama
+    schemes = [QuantScheme("int4", "channel")]
+    given = quick_sensitivity(loaded, schemes, LLAMA_SPEC, baseline)
+    computed = quick_sensitivity(loaded, schemes, LLAMA_SPEC)
+    assert "baseline_s" in computed.seconds and "baseline_s" not in given.seconds
+    assert [r["score"] for r in computed.records] == pytest.approx([r["score"] for r in given.records], rel=1e-5)
+
+
+def test_progress_names_the_running_step_and_cancel_stops_it(bert):
+    loaded, baseline = bert
+    before = weights_digest(loaded.model)
+    seen = []
+    quick_sensitivity(loaded, [QuantScheme("int8")], BERT_SPEC, progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("FP32 baseline") for _, m in seen)
+    assert "quick sensitivity: batch of texts 1/1" in [m for _, m in seen]
+    with pytest.raises(Cancelled):
+        quick_sensitivity(loaded, [QuantScheme("int8")], BERT_SPEC, baseline, cancel=lambda: True)
+    assert weights_digest(loaded.model) == before
+
+
+def test_bad_requests_fail_in_one_line(llama, bert):
+    loaded, baseline = llama
+    with pytest.raises(QlabError, match="group size 48"):
+        quick_sensitivity(loaded, [QuantScheme("int4", "group", 48)], LLAMA_SPEC, baseline)
+    with pytest.raises(QlabError, match="use algorithm rtn"):
+        quick_sensitivity(loaded, [QuantScheme("int4", algorithm="gptq")], LLAMA_SPEC, baseline)
+    with pytest.raises(QlabError, match="no schemes"):
+        quick_sensitivity(loaded, [], LLAMA_SPEC, baseline)
+    with pytest.raises(QlabError, match="baseline is for a causal-lm"):
+        quick_sensitivity(bert[0], [QuantScheme("int8")], BERT_SPEC, baseline)
+
+
+def test_spearman_and_agreement(bert):
+    assert spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    loaded, baseline = bert
+    scheme = QuantScheme("int3", "channel")
+    quick = quick_sensitivity(loaded, [scheme], BERT_SPEC, baseline)
+    with pytest.raises(QlabError, match="unit block and the forward view"):
+        agreement(quick, analyze(loaded, [scheme], baseline, predict=False, view="reverse"))
+
+
+def _cli(argv: list[str]) -> None:
+    parser = Parser(prog="qlab")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+def test_cli_quick_writes_and_stores_the_records(monkeypatch, tmp_path, capsys):
+    loaded = tiny_llama(seed=3)
+    monkeypatch.setattr(models, "load", lambda name, **options: loaded)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    common = ["sensitivity", "--quick", "--model", "tiny", "--tokens", "128", "--text-file", str(text), "--quiet",
+              "--group-size", "32", "--formats", "int8,int4"]
+    out, db = tmp_path / "quick.json", tmp_path / "runs.sqlite"
+    _cli([*common, "--json", str(out), "--db", str(db)])
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * len(quantizable_linears(loaded.model))
+    assert {r["scheme"] for r in records} == {"int8 g32", "int4 g32"}
+    assert QuickSensitivity.from_records(records).top(1)[0]["score"] == max(r["score"] for r in records)
+    (run,) = [Store(db).get(r["id"]) for r in Store(db).list_runs(kind="sensitivity_quick")]
+    assert run.meta.settings["method"] == "quick" and len(run.records("sensitivity_quick")) == len(records)
+    _cli(common)
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["layer", "scheme", "score", "output_error", "error_cost", "sqnr_db"]
+    with pytest.raises(QlabError, match="--reverse and --unit do not apply"):
+        _cli([*common, "--reverse"])
+
+
+# Bundled models against the full analysis's measured block deltas: the issue's goal is a Spearman rank
+# correlation of at least 0.85 (bench/sensitivity_quick.py records the figures at 512 tokens).
+GOAL = 0.85
+
+
+@pytest.mark.slow
+def test_minilm_quick_ranking_follows_measured_block_deltas(minilm):
+    spec = EvalSpec(tokens=512)
+    baseline = compute_baseline(minilm, spec)
+    schemes = [QuantScheme("int8", "group", 64), QuantScheme("int4", "group", 64)]
+    quick = quick_sensitivity(minilm, schemes, spec, baseline)
+    rho = agreement(quick, analyze(minilm, schemes, baseline, predict=False))
+    assert min(rho.values()) >= GOAL, rho
