@@ -20,6 +20,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from pages import common
+from qlab.models import checkpoint
 from qlab.models import loading as models
 
 pytestmark = pytest.mark.slow  # most rows load MiniLM (once for the whole file) before or after the bad input
@@ -108,7 +109,7 @@ def too_little_ram(monkeypatch: pytest.MonkeyPatch) -> None:
     class Tight:
         available = 10_000_000  # 10 MB: MiniLM's 91 MB of FP32 weights need ~230 MB
 
-    monkeypatch.setattr(models.psutil, "virtual_memory", lambda: Tight())
+    monkeypatch.setattr(checkpoint.psutil, "virtual_memory", lambda: Tight())
 
 
 def without_packages(*names: str) -> Callable[[pytest.MonkeyPatch], None]:
