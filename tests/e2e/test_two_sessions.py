@@ -15,7 +15,7 @@ from qlab.store import Store
 from tests.e2e.conftest import REPO_ROOT, assert_no_exception, wait_for_app_idle
 
 pytestmark = pytest.mark.e2e
-VIEW = "?model=smollm2-135m&tokens=256&gran=group&group=64&formats="
+VIEW = "/model?model=smollm2-135m&tokens=256&gran=group&group=64&formats="
 FORMAT_SETS = ("fp32,int8,int4", "fp32,nf4,fp8_e4m3")
 CHART = '[data-testid="stPlotlyChart"]'
 METRICS = ("ppl", "kld_mean", "top1_agreement")
