@@ -131,7 +131,8 @@ def test_progress_names_the_running_step_and_cancel_stops_it(bert):
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any(m.startswith("FP32 baseline") for _, m in seen)
-    assert "quick sensitivity: batch of texts 1/1" in [m for _, m in seen]
+    during = {f for f, m in seen if m == "quick sensitivity: batch of texts 1/1"}
+    assert len(during) > 10  # the backward pass reports as it scores each linear, not only per batch
     with pytest.raises(Cancelled):
         quick_sensitivity(loaded, [QuantScheme("int8")], BERT_SPEC, baseline, cancel=lambda: True)
     assert weights_digest(loaded.model) == before
@@ -189,7 +190,9 @@ def test_cli_quick_writes_and_stores_the_records(monkeypatch, tmp_path, capsys):
 
 
 # Bundled models against the full analysis's measured block deltas: the goal is a Spearman rank
-# correlation of at least 0.85 (bench/sensitivity_quick.py records the figures at 512 tokens).
+# correlation of at least 0.85 (bench/sensitivity_quick.py records the figures at 512 tokens). SmolLM2 is
+# checked at int4 only: an 8-bit block changes its KL by ~3e-5 nats, below what the full analysis's float32
+# metric resolves, so the bench compares 8-bit formats with a float64 reference instead.
 GOAL = 0.85
 
 
@@ -201,3 +204,13 @@ def test_minilm_quick_ranking_follows_measured_block_deltas(minilm):
     quick = quick_sensitivity(minilm, schemes, spec, baseline)
     rho = agreement(quick, analyze(minilm, schemes, baseline, predict=False))
     assert min(rho.values()) >= GOAL, rho
+
+
+@pytest.mark.slow
+def test_smollm_quick_ranking_follows_measured_block_deltas(smollm):
+    spec = EvalSpec(tokens=128)
+    baseline = compute_baseline(smollm, spec)
+    scheme = QuantScheme("int4", "group", 64)
+    quick = quick_sensitivity(smollm, [scheme], spec, baseline)
+    rho = agreement(quick, analyze(smollm, [scheme], baseline, predict=False))
+    assert rho[scheme.label] >= GOAL, rho

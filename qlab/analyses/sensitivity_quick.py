@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +121,7 @@ class _Probe:
     error_energy: list[float] = field(default_factory=list)
     coupled: list[float] = field(default_factory=list)  # sum over items and channels of (sum_tokens g*e)^2
     reached: bool = False  # the metric's gradient arrived here (a BERT pooler's output never reaches it)
+    finished: Callable[[], None] | None = None  # told after each batch's accumulation (progress)
 
     def __post_init__(self) -> None:
         self.error_energy = [0.0] * len(self.schemes)
@@ -154,6 +155,8 @@ class _Probe:
             self.error_energy[index] += _energy(error)
             # A product and a sum over tokens: einsum("itc,itc->ic") turns into one tiny matmul per channel.
             self.coupled[index] += _energy(error.reshape(items.shape).mul_(items).sum(dim=1))
+        if self.finished:
+            self.finished()
 
 
 def _energy(t: torch.Tensor) -> float:
@@ -190,15 +193,25 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     modules = dict(shadow.named_modules())
     names = [name for name, _ in quantizable_linears(shadow)]
     mask_slot: list[torch.Tensor | None] = [None]
-    probes = {name: _Probe(modules[name].weight.detach(), schemes, mask_slot) for name in names}
-    done = [0]
+    position = [0, 0]  # batches started, linears of the current batch scored (the backward pass goes by them)
+
+    def report() -> None:
+        if progress:
+            batch, scored = position
+            fraction = (batch - 1 + scored / len(names)) / total
+            progress(1 - share + share * fraction, f"quick sensitivity: {unit} {batch}/{total}")
 
     def batch_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         mask_slot[0] = None if mask is None else mask.bool()
-        if progress:
-            progress(1 - share + share * done[0] / total, f"quick sensitivity: {unit} {done[0] + 1}/{total}")
-        done[0] += 1
+        position[:] = [position[0] + 1, 0]
+        report()
+
+    def scored() -> None:
+        position[1] += 1
+        report()
+
+    probes = {name: _Probe(modules[name].weight.detach(), schemes, mask_slot, finished=scored) for name in names}
 
     # The decoder (an LM's base model) or the encoder itself: both receive the batch's attention mask, if any.
     handles = [shadow.base_model.register_forward_pre_hook(batch_starts, with_kwargs=True)]
