@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "sensitivity_quick", "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
               "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-              "note": "timed on a shared 2-core machine under other jobs' load: ratios move with it", "models": []}
+              "note": "timed on a 2-core machine shared with other jobs (load averages at start and end): a busy "
+                      "machine stretches times several-fold and the ratios move with it", "models": []}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         result["models"].append(bench_model(name, schemes, cost_schemes, args.tokens))
         result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -11,10 +11,14 @@ How ``g . e`` is reduced decides whether the ranking holds. The full analysis mu
 per-channel curvature averaged over tokens (the diagonal of ``H``); that treats the error at each token as
 independent, but a weight error shifts every token's output the same way, and pooling (embeddings) or
 attention (LMs) adds those shifts up. The quick score keeps the token coupling and drops only the coupling
-between channels: ``sum_channels (sum_tokens g * e)^2`` per text or window. One random ``g`` per item is then
-averaged over hundreds of channels, so one backward pass is enough. Measured against the full per-block
-deltas (``bench/sensitivity_quick.py``), the diagonal ranks MiniLM's six blocks with Spearman 0.60-0.77,
-the token-coupled score 0.83-1.0 on the same pass.
+between channels: ``sum_channels (sum_tokens g * e)^2`` per text or window, averaged over hundreds of channels.
+
+Measured at 512 tokens (``bench/sensitivity_quick.py``), Spearman rank correlation of the summed scores with
+the measured per-block deltas: MiniLM int8 0.94, int4 1.0 (the diagonal: 0.60, 0.66); SmolLM2 int4 0.849
+(the diagonal: 0.65) and int8 0.85 against a float64 reference (the full analysis's own float32 KL cannot
+resolve an 8-bit block). The one random probe moves SmolLM2's figures: 0.85-0.90 (int4) and 0.81-0.93 (int8)
+over eight seeds, the default the lowest for int4. Per linear, SmolLM2 int4 ranks its 210 layers against
+their measured deltas with Spearman 0.96.
 """
 
 from __future__ import annotations
