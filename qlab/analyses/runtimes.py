@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from qlab.core.errors import QlabError
 from qlab.core.kv_formats import KVFormat, kv_format_names
 from qlab.core.layouts import ggml_row_bytes, ggml_type_size
+from qlab.core.registry import Registry
 from qlab.models import architectures
 from qlab.models.architectures import Architecture
 
@@ -47,28 +48,11 @@ class Runtime:
     description: str
 
 
-RUNTIMES: dict[str, Runtime] = {}
-
-
-def register(runtime: Runtime) -> Runtime:
-    """Add a runtime to the registry (explicitly, by name)."""
-    if runtime.name in RUNTIMES:
-        raise ValueError(f"runtime {runtime.name} registered twice")
-    RUNTIMES[runtime.name] = runtime
-    return runtime
-
-
-def get_runtime(name: str) -> Runtime:
-    """A runtime by name, case-insensitively."""
-    key = str(name).strip().lower()
-    if key not in RUNTIMES:
-        raise QlabError(f"unknown runtime '{name}'; choose one of {', '.join(RUNTIMES)}.")
-    return RUNTIMES[key]
-
-
-def runtime_names() -> list[str]:
-    """Registered runtimes, in the order the page offers them."""
-    return list(RUNTIMES)
+_RUNTIMES: Registry[Runtime] = Registry("runtime")
+RUNTIMES = _RUNTIMES.entries
+register = _RUNTIMES.register
+get_runtime = _RUNTIMES.get
+runtime_names = _RUNTIMES.names  # in the order the page offers them
 
 
 register(Runtime("transformers", "Hugging Face transformers generate (dynamic cache)", True,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.core.registry import Registry
 from qlab.core.threads import one_thread
 
 Parts = dict[str, torch.Tensor]
@@ -349,28 +350,13 @@ def _q6_k_pack(parts: Parts) -> torch.Tensor:
 
 
 # The registry, named as every qlab registry is: ``register``, ``get_block_format``, ``block_format_names``.
-BLOCK_FORMATS: dict[str, BlockFormat] = {}
-
-
-def register(fmt: BlockFormat) -> BlockFormat:
-    """Add a block format to the registry (explicitly, by name)."""
-    if fmt.name in BLOCK_FORMATS:
-        raise ValueError(f"block format {fmt.name} registered twice")
-    BLOCK_FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def get_block_format(name: str) -> BlockFormat:
-    """A block format by name, case-insensitive (``q4_0`` or ``Q4_0``)."""
-    key = name.strip().upper()
-    if key not in BLOCK_FORMATS:
-        raise QlabError(f"unknown GGUF block format '{name}'; choose one of {', '.join(BLOCK_FORMATS)}.")
-    return BLOCK_FORMATS[key]
-
-
-def block_format_names() -> list[str]:
-    """Registered block format names, in llama.cpp's order (legacy 32-weight blocks, then K formats)."""
-    return list(BLOCK_FORMATS)
+# Names are llama.cpp's upper-case ones, so ``q4_0`` and ``Q4_0`` both find Q4_0; listed in llama.cpp's order
+# (legacy 32-weight blocks, then K formats).
+_BLOCK_FORMATS: Registry[BlockFormat] = Registry("GGUF block format", fold=str.upper)
+BLOCK_FORMATS = _BLOCK_FORMATS.entries
+register = _BLOCK_FORMATS.register
+get_block_format = _BLOCK_FORMATS.get
+block_format_names = _BLOCK_FORMATS.names
 
 
 register(BlockFormat("Q8_0", 32, (Field("d", 16, 1), Field("qs", 8, 32)),

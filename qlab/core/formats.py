@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.core.registry import Registry
 
 Kind = Literal["float", "integer", "lut"]
 
@@ -162,34 +163,15 @@ def _nearest_table_index(x: torch.Tensor, name: str) -> torch.Tensor:
 
 # The registry, named as every qlab registry is (GGUF block formats and backends alike): ``register``,
 # ``get_format``, ``format_names``.
-FORMATS: dict[str, Format] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(fmt: Format, *aliases: str) -> Format:
-    """Add a format to the registry (explicitly, never by scraping module globals)."""
-    if fmt.name in FORMATS:
-        raise ValueError(f"format {fmt.name} registered twice")
-    FORMATS[fmt.name] = fmt
-    for alias in aliases:
-        _ALIASES[alias] = fmt.name
-    return fmt
+_FORMATS: Registry[Format] = Registry("format", choose="choose one of:")
+FORMATS = _FORMATS.entries
+register = _FORMATS.register
+format_names = _FORMATS.names  # widest first
 
 
 def get_format(name: str | Format) -> Format:
     """Look a format up by name or alias (case-insensitive); accepts a Format as is."""
-    if isinstance(name, Format):
-        return name
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in FORMATS:
-        raise QlabError(f"unknown format '{name}'; choose one of: {', '.join(FORMATS)}.")
-    return FORMATS[key]
-
-
-def format_names() -> list[str]:
-    """Registered format names, widest first."""
-    return list(FORMATS)
+    return name if isinstance(name, Format) else _FORMATS.get(name)
 
 
 register(Format("fp32", 32, "float", False, "IEEE single: 1 sign, 8 exponent, 23 mantissa bits (the baseline)",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from qlab.core.errors import QlabError
 from qlab.core.layouts import ggml_row_bytes
+from qlab.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -69,27 +70,10 @@ def _nvfp4_kv(width: int, _group: int) -> int:
     return width // 2 + width // 16
 
 
-KV_FORMATS: dict[str, KVFormat] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(fmt: KVFormat, *aliases: str) -> KVFormat:
-    """Add a KV format to the registry (explicitly, by name)."""
-    if fmt.name in KV_FORMATS:
-        raise ValueError(f"KV format {fmt.name} registered twice")
-    KV_FORMATS[fmt.name] = fmt
-    for alias in aliases:
-        _ALIASES[alias] = fmt.name
-    return fmt
-
-
-def get_kv_format(name: str) -> KVFormat:
-    """A KV format by name or alias, case-insensitively."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in KV_FORMATS:
-        raise QlabError(f"unknown KV-cache dtype '{name}'; use one of {', '.join(KV_FORMATS)}.")
-    return KV_FORMATS[key]
+_KV_FORMATS: Registry[KVFormat] = Registry("KV-cache dtype", choose="use one of")
+KV_FORMATS = _KV_FORMATS.entries
+register = _KV_FORMATS.register
+get_kv_format = _KV_FORMATS.get
 
 
 def kv_format_names(runtime: str | None = None) -> list[str]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qlab.core.errors import QlabError
+from qlab.core.registry import Registry
 
 Parts = dict[str, int]
 
@@ -155,28 +156,11 @@ def _gguf(type_name: str) -> Callable[[tuple[int, int]], Parts]:
 
 # --- registry ----------------------------------------------------------------------------------------------
 
-LAYOUTS: dict[str, Layout] = {}
-
-
-def register(layout: Layout) -> Layout:
-    """Add a layout to the registry (explicitly, by name)."""
-    if layout.name in LAYOUTS:
-        raise ValueError(f"layout {layout.name} registered twice")
-    LAYOUTS[layout.name] = layout
-    return layout
-
-
-def get_layout(name: str) -> Layout:
-    """A layout by name, case-insensitively."""
-    key = str(name).strip().lower()
-    if key not in LAYOUTS:
-        raise QlabError(f"unknown weight layout '{name}'; choose one of {', '.join(LAYOUTS)}.")
-    return LAYOUTS[key]
-
-
-def layout_names() -> list[str]:
-    """Registered layout names."""
-    return list(LAYOUTS)
+_LAYOUTS: Registry[Layout] = Registry("weight layout")
+LAYOUTS = _LAYOUTS.entries
+register = _LAYOUTS.register
+get_layout = _LAYOUTS.get
+layout_names = _LAYOUTS.names
 
 
 _TORCHAO = "torchao 0.18 torchao/quantization/quantize_/workflows"
