@@ -74,6 +74,8 @@ def test_rounded_byte_grid_still_respects_the_budget(monkeypatch):
     low, high = choices.size_bytes.min(axis=1).sum(), choices.size_bytes.max(axis=1).sum()
     for budget in np.linspace(low + 1, high, 7).astype(int):
         assert choices.bytes_of(solve(choices, int(budget))) <= budget
+
+
 def test_budget_range_spans_the_all_smallest_and_all_largest_plans_and_steps_stay_inside():
     choices = synthetic(n_layers=5, seed=2)
     low, high = mixed.budget_range(choices)
@@ -86,8 +88,6 @@ def test_budget_range_spans_the_all_smallest_and_all_largest_plans_and_steps_sta
     assert steps == [3.7, 4.5, 4.9, 6.1, 7.3]
     assert all(choices.budget_bytes(Budget(b)) >= choices.size_bytes.min(axis=1).sum() for b in steps)
     assert mixed.budget_steps(2.33333, 3.0, 2.33333, points=1) == [2.3334, 2.6667]  # never rounded below low
-
-
 
 
 def test_budgets_below_the_smallest_format_or_malformed_are_refused():

@@ -116,6 +116,7 @@ def choices_from(loaded: LoadedModel, report: SensitivityReport) -> Choices:
     other_params = sum(p.numel() for p in loaded.model.parameters()) - int(params.sum())
     return Choices(layers, schemes, params, size, error, other_params * 2, predictor)
 
+
 def budget_range(choices: Choices) -> tuple[float, float]:
     """Average bits per quantized weight (scales included) with every linear at its smallest, and at its largest,
     analysed format: the budgets a mix can be asked for."""
@@ -130,7 +131,6 @@ def budget_steps(low: float, high: float, chosen: float, points: int = 4) -> lis
     budgets = sorted({round(chosen, 4)} | {round(low + (high - low) * k / (points + 1), 4)
                                            for k in range(1, points + 1)})
     return [max(b, math.ceil(low * 1e4) / 1e4) for b in budgets]
-
 
 
 def solve(choices: Choices, budget_bytes: int) -> np.ndarray:
