@@ -21,6 +21,7 @@ import psutil
 import torch
 
 from qlab.analyses import roofline
+from qlab.analyses.verdict import accuracy_loss
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.quant import QuantScheme
 from qlab.models import architectures, hardware
@@ -441,13 +442,8 @@ BENCH_FIELDS = ("model", "backend", "library", "format", "device", "threads", "b
                 "decode_tokens_per_s_spread_pct", "peak_memory_bytes", "available", "reason", "error")
 
 
-def error_of(row: dict) -> float | None:
-    """The row's accuracy loss, lower is better: mean KLD (LMs) or 1 - mean cosine (embedding models)."""
-    if row.get("kld_mean") is not None:
-        return float(row["kld_mean"])
-    if row.get("cosine_mean") is not None:
-        return 1.0 - float(row["cosine_mean"])
-    return None
+# A row's accuracy loss, lower is better: the Overview's verdict and the speed verdicts read it one way.
+error_of = accuracy_loss
 
 
 def speed_of(row: dict) -> float | None:
