@@ -169,12 +169,12 @@ st.caption("GPUs needed: the smallest tensor-parallel degree (dividing the atten
            "with mainstream kernels (qlab's hardware catalog, sources per entry).")
 
 st.subheader("Quoted memory figures, with what they leave out")
-seeds = pd.DataFrame(memory.seed_facts(group_size=128))
+common_claims = pd.DataFrame(memory.seed_facts(group_size=128))
 common.table(pd.DataFrame({
-    "claim": seeds["claim"], "scheme": seeds["scheme"], "claimed (GB)": seeds["claimed_bytes"] / GB,
-    "codes (GB)": seeds["codes_bytes"] / GB, "scales (GB)": seeds["scales_bytes"] / GB,
-    "with scales (GB)": seeds["total_bytes"] / GB, "bits/weight": seeds["bits_per_weight"],
-    "real model": seeds["real_model"], "real model (GB)": seeds["real_model_bytes"] / GB,
+    "claim": common_claims["claim"], "scheme": common_claims["scheme"], "claimed (GB)": common_claims["claimed_bytes"] / GB,
+    "codes (GB)": common_claims["codes_bytes"] / GB, "scales (GB)": common_claims["scales_bytes"] / GB,
+    "with scales (GB)": common_claims["total_bytes"] / GB, "bits/weight": common_claims["bits_per_weight"],
+    "real model": common_claims["real_model"], "real model (GB)": common_claims["real_model_bytes"] / GB,
 }), column_config={c: st.column_config.NumberColumn(format="%.2f")
                     for c in ("claimed (GB)", "codes (GB)", "scales (GB)", "with scales (GB)", "real model (GB)")})
 st.caption("Back-of-envelope figures that guides and users quote. Codes: parameters x bits / 8, the quoted "

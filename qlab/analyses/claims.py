@@ -1,4 +1,4 @@
-"""The seeds' headline claims ("INT8: 4x speed, <2% loss" ...) next to what qlab measures on this machine.
+"""Common headline claims about quantization ("INT8: 4x speed, <2% loss" ...) next to what qlab measures on this machine.
 
 Speed: a micro-benchmark, labelled as such: the forward pass of a stack of MLP blocks with SmolLM2-135M's
 widths (576 -> 1536 -> 576), in fp32, bf16, fp16 and torch.ao dynamic int8 (int8 weights; activations
