@@ -1,5 +1,5 @@
 """The rounding methods the sources name, on the bundled models: `python bench/rounding_methods.py [--models M,...]
-[--tokens N] [--note TEXT] [--json OUT]`.
+[--formats int4,int3] [--device cpu|cuda] [--tokens N] [--note TEXT] [--json OUT]`.
 
 RTN, GPTQ, GPTQ with act-order, AWQ and HQQ at int4 and int3 in asymmetric groups of 128 (64 where 128 does not
 divide every layer's input width, as SmolLM2-135M's 576), each a whole-model weight-only simulation measured by
@@ -7,6 +7,9 @@ the sweep (KLD, perplexity and top-1 agreement for a causal LM; cosine and retri
 model) with its time to quantize. Calibrated methods share one calibration pass per model (4096 tokens from the
 end of the evaluation text, apart from the tokens evaluated); its time is given once per model, not charged to
 the first method that triggered it. Writes bench/results/rounding_methods_cpu.json by default.
+
+A random-initialised checkpoint (bench/random_checkpoint.py) gives the time to quantize a model of real size: its
+accuracy columns say nothing (random weights), its times do not depend on the values.
 """
 
 import argparse
@@ -14,6 +17,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,13 +45,13 @@ def group_size_for(loaded) -> int:
     return next(g for g in GROUP_SIZES if all(w % g == 0 for w in widths))
 
 
-def measure(model: str, tokens: int) -> dict:
+def measure(model: str, tokens: int, formats: Sequence[str] = FORMATS, device: str = "cpu") -> dict:
     """Every method at every format on one model, as one sweep (calibration collected once)."""
-    loaded = load(model)
+    loaded = load(model, device=device)
     before = weights_digest(loaded.model)
     group_size = group_size_for(loaded)
     schemes = [QuantScheme(fmt, "group", group_size, symmetric=False, algorithm=algorithm)
-               for fmt in FORMATS for algorithm in ALGORITHMS]
+               for fmt in formats for algorithm in ALGORITHMS]
     started = time.perf_counter()
     rows = [row.to_record() for row in run_sweep(loaded, schemes, EvalSpec(tokens))]
     calibration_seconds = next((r["calibration_seconds"] for r in rows if "calibration_seconds" in r), None)
@@ -70,6 +74,8 @@ def measure(model: str, tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m,minilm-l6")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--device", default="cpu", help="cpu or a GPU such as cuda:0")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--note", default=None, help="recorded with the result, e.g. that the machine was shared")
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" /
@@ -81,10 +87,13 @@ def main() -> None:
         "eval_tokens": args.tokens, "calibration_tokens": activations.CALIBRATION_TOKENS,
         "gptq_damp_percent": gptq.DAMP_PERCENT, "awq_grid_points": awq.GRID_POINTS, "hqq_steps": hqq.STEPS,
         "machine": detect_this_machine().name, "python": platform.python_version(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "note": args.note, "models": [],
+        "threads": torch.get_num_threads(), "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "note": args.note, "models": [],
     }
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        result["models"].append(measure(model, args.tokens))
+        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+        result["models"].append(measure(model, args.tokens, formats, args.device))
         result["seconds"] = round(time.perf_counter() - started, 1)
         # Written after each model: a run stopped half-way keeps what it finished.
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
