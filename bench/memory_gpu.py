@@ -93,11 +93,14 @@ MEASURED = ("measured_weights_bytes", "measured_stored_weights_bytes", "measured
 
 
 def estimated_rows(rows: list[dict], hardware_id: str) -> list[dict]:
-    """Estimates for every measured row; cuBLAS's workspace is in the baseline of all but the first model. Rows
-    that could not be measured keep their error, with every measured field null, so all rows share one schema."""
+    """Estimates for every measured row. cuBLAS's workspace is in the baseline of every model but the first of
+    its process, as the row records (``base_holds_cublas_workspace``); rows without that record count as one
+    process. Rows that could not be measured keep their error, with every measured field null, so all rows
+    share one schema."""
     first = next(((r["model"], r["format"]) for r in rows if r.get("measured_peak_allocated_bytes")), None)
     rows = [{**dict.fromkeys(MEASURED), **r} for r in rows]
-    return [with_estimates(r, hardware_id, (r["model"], r["format"]) != first)
+    return [with_estimates(r, hardware_id, r.get("base_holds_cublas_workspace",
+                                                 (r["model"], r["format"]) != first))
             if r.get("measured_peak_allocated_bytes") else r for r in rows]
 
 
@@ -244,7 +247,7 @@ def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget
     """Build, quantize, prefill and decode on CUDA, one row per (model, format, context), within a time budget."""
     import torch
 
-    rows, started = [], time.perf_counter()
+    rows, started, warm = [], time.perf_counter(), False
     for model, fmt in plan:
         arch = architectures.get(model)
         usable = [c for c in contexts if not arch.max_context_tokens or c <= arch.max_context_tokens]
@@ -266,6 +269,10 @@ def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget
         if error is None:
             weights = torch.cuda.memory_allocated() - base
             rows += _measure_contexts(network, model, fmt, usable, batch, base, weights, _stored_bytes(network))
+            # The first forward of a process allocates cuBLAS's workspace, which later baselines hold.
+            for row in rows[done:]:
+                row["base_holds_cublas_workspace"] = warm
+            warm = True
         else:
             rows += [{"model": model, "format": fmt, "context_tokens": c, "batch": batch, "error": error}
                      for c in usable]

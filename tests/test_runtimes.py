@@ -122,6 +122,33 @@ def test_committed_gpu_measurements_meet_the_goals():
     assert max(abs(r["peak_error"]) for r in rows) <= 0.03
 
 
+def test_held_out_gpu_measurements_meet_the_goals():
+    # Measured after the planner was fitted, on models and formats not used to shape it (Gemma-3-1B int8/fp8
+    # among them, whose codes inherit the rounding of the bf16 blocks they replace).
+    rows = [r for r in json.loads(RESULTS.with_name("memory_gpu_heldout.json").read_text())["rows"]
+            if r.get("measured_peak_allocated_bytes")]
+    assert {("gemma-3-1b", "int8"), ("gemma-3-1b", "fp8")} <= {(r["model"], r["format"]) for r in rows}
+    assert max(abs(r["weights_error"]) for r in rows) <= 0.01
+    assert max(abs(r["peak_error"]) for r in rows) <= 0.03
+
+
+def test_torchao_codes_inherit_the_rounding_of_the_bf16_blocks_they_reuse():
+    # Gemma-3-1B's 78 MLP matrices of 6912 x 1152: a bf16 block of 16 MiB, int8 codes of 7,962,624 B; two codes
+    # per freed block, the second keeping the 851,968 B rest (<= 1 MiB, not split off).
+    mlp = (2 * 6912 * 1152, 6912 * 1152, 78)
+    assert runtimes.requantized_rounding((mlp,)) == 39 * (16 * 2**20 - 2 * 6912 * 1152)
+    # Llama's 14336 x 4096 bf16 blocks are whole MiBs: the codes fill them exactly.
+    assert runtimes.requantized_rounding(((2 * 14336 * 4096, 14336 * 4096, 96),)) == 0
+    # Qwen2.5's 3584 x 3584: a 24.5 MiB bf16 block in a 26 MiB segment splits, so nothing to inherit.
+    assert runtimes.requantized_rounding(((2 * 3584 * 3584, 3584 * 3584, 56),)) == 0
+    plan = memory.plan("gemma-3-1b", memory.weight_spec("torchao-int8-weight-only"), 2048, 1, "bf16",
+                       "h200-sxm-141gb")
+    assert plan.peak.bytes_of("allocator block rounding") >= 39 * 851_968
+    int4_plan = memory.plan("gemma-3-1b", memory.weight_spec("torchao-int4-tile-packed"), 2048, 1, "bf16",
+                            "h200-sxm-141gb")
+    assert int4_plan.peak.bytes_of("allocator block rounding") < 2**20
+
+
 @pytest.mark.parametrize("row", _measured_rows()[:: 9], ids=lambda r: f"{r['model']}-{r['format']}-"
                          f"{r['context_tokens']}-{r['runtime']}")
 def test_the_current_planner_reproduces_the_committed_estimates(row):

@@ -430,6 +430,25 @@ def _catalog_matrices(arch: Architecture, assumptions: Assumptions) -> list[tupl
     return matrices
 
 
+def _requantized(arch: Architecture, chosen: Mapping[str, object],
+                 matrices: list[tuple[str, tuple[int, ...], int]]) -> dict:
+    """Inputs for the allocator rounding of a model torchao quantizes in place on the device (what
+    ``quantize_`` does to a bf16 model): the untouched tensors as built, the converted matrices with the bf16
+    size they replace. Empty for any other weights. Only one-byte codes (int8, fp8) are made straight from the
+    weight; the int4 tile layout first pads a copy to 1024 columns, and its intermediates take the freed blocks
+    (measured: no rounding left on its codes)."""
+    if not chosen or not all(isinstance(s, Layout) and s.name.startswith("torchao-") for s in chosen.values()):
+        return {}
+    replaced = tuple((2 * math.prod(shape), chosen[name].storage_bytes(shape)["codes"], count)
+                     for name, shape, count in matrices if chosen[name].bits == 8)
+    sizes: dict[int, int] = {}
+    for t in architectures.stored_tensors(arch):
+        if t.name not in chosen and t.part not in ("mtp", "fp8_scales"):
+            size = 2 * math.prod(t.shape)
+            sizes[size] = sizes.get(size, 0) + t.count
+    return {"tensor_sizes": tuple(sizes.items()), "requantized": replaced}
+
+
 def _targets(hardware_ids: str | Sequence[str]) -> list[hardware.Hardware]:
     ids = [hardware_ids] if isinstance(hardware_ids, str) else list(hardware_ids)
     if not ids:
@@ -523,6 +542,7 @@ def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[
     base = runtimes.Inputs(arch, weights.size_bytes, kernels, largest, context_tokens, context_tokens,
                            batch, kv_format, assumptions.kv_group_size, act_bytes, 0, 0,
                            assumptions.runtime_options(), tensor_sizes=weights_mod.tensor_sizes(arch, chosen, rest, weights))
+    base = replace(base, **_requantized(arch, chosen, matrices))
     inputs = _inputs_at(base, context_tokens, batch, assumptions, targets[0])
     peak, steady = runtimes.states(runtime.name, inputs)
     if arch.is_moe:

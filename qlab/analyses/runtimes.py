@@ -35,6 +35,7 @@ from qlab.models.architectures import Architecture
 
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # torch's default cuBLAS workspace on Hopper (CUBLAS_WORKSPACE_CONFIG :4096:8)
 ENCODER_MODEL_TYPES = frozenset({"bert"})  # one pass over the whole input, no cache between tokens
+_MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ class Inputs:
     options: dict = field(default_factory=dict)
     chunk: int = 0  # tokens per prefill forward; 0: the whole prompt at once
     tensor_sizes: tuple[tuple[int, int], ...] = ()  # (bytes, how many) of every stored weight tensor
+    # (bf16 bytes, code bytes, how many) of the matrices torchao's quantize_ converts in place on the device
+    requantized: tuple[tuple[int, int, int], ...] = ()
 
 
 def allocator_rounding(sizes: tuple[tuple[int, int], ...]) -> int:
@@ -154,13 +157,32 @@ def allocator_rounding(sizes: tuple[tuple[int, int], ...]) -> int:
     segment rounded up to 2 MiB, and a rest of at most 1 MiB is not split off (should_split) but stays in the
     block, so it counts as allocated.
     """
-    mib, extra = 2**20, 0
-    for size, count in sizes:
-        block = -(-size // 512) * 512
-        segment = -(-size // (2 * mib)) * (2 * mib)
-        if size >= 10 * 10**6 and segment - size <= mib:
-            block = segment
-        extra += (block - size) * count
+    return sum((_fresh_block(size) - size) * count for size, count in sizes)
+
+
+def _fresh_block(size: int) -> int:
+    block, segment = -(-size // 512) * 512, -(-size // (2 * _MIB)) * (2 * _MIB)
+    return segment if size >= 10 * 10**6 and segment - size <= _MIB else block
+
+
+def requantized_rounding(replaced: tuple[tuple[int, int, int], ...]) -> int:
+    """Bytes the codes torchao's ``quantize_`` makes on the device hold beyond their size.
+
+    quantize_ frees each bf16 matrix once its codes exist, so codes of that size land in the freed block (best
+    fit): each splits it while more than 1 MiB would stay free, and the last that fits takes the whole rest
+    (should_split). int8/fp8 codes are half a bf16 matrix, so every second one carries the 2 MiB rounding of
+    the bf16 block it replaced (Gemma-3-1B's 6912 x 1152 MLP: 0.81 MiB each); a rest over 1 MiB stays free.
+    """
+    blocks: dict[tuple[int, int], int] = {}
+    for bf16, codes, count in replaced:
+        key = (_fresh_block(bf16), -(-codes // 512) * 512)
+        blocks[key] = blocks.get(key, 0) + count
+    extra = 0
+    for (block, code), count in blocks.items():
+        per_block = block // code if code > _MIB else 0
+        rest = block - per_block * code
+        if per_block >= 2 and 0 < rest <= _MIB:
+            extra += count // per_block * rest
     return extra
 
 
@@ -305,7 +327,7 @@ def _transformers(i: Inputs, kind: str) -> tuple[MemoryState, MemoryState]:
     a, runtime = i.arch, f"transformers-{kind}" if kind != "dynamic" else "transformers"
     static, offloaded = kind == "static", kind == "offloaded"
     window = a.sliding_window_tokens or i.context
-    rounding = allocator_rounding(i.tensor_sizes)
+    rounding = allocator_rounding(i.tensor_sizes) + requantized_rounding(i.requantized)
     fixed = [Component("weights", i.weights_bytes, "exact bytes of the stored layout", "weights"),
              Component("cuBLAS workspace", CUBLAS_WORKSPACE_BYTES, "32 MiB from torch's caching allocator"),
              Component("runtime overhead", i.overhead_bytes, "CUDA context and allocator slack (assumption)",
@@ -326,7 +348,8 @@ def _transformers(i: Inputs, kind: str) -> tuple[MemoryState, MemoryState]:
     ids = Component("token ids and logits", 8 * i.batch * i.prompt + 4 * i.batch * a.vocab_size,
                     "int64 ids x batch x prompt + fp32 logits of the last position")
     fixed.insert(1, Component("allocator block rounding", rounding, "weight tensors of 10 MB or more rounded up "
-                              "to 2 MiB when the rest is <= 1 MiB, others to 512 B", "weights"))
+                              "to 2 MiB when the rest is <= 1 MiB, others to 512 B; torchao codes made in freed bf16 "
+                              "blocks: every block's last code keeps a rest of <= 1 MiB", "weights"))
     prefill = [*fixed[:2], Component("KV cache", prefill_kv, kv_formula, kind="kv"), *work, fixed[2], ids, fixed[3]]
     if offloaded:
         prefill.append(Component("KV cache (host)", full_cache, "every layer, in CPU memory", "kv",
