@@ -239,3 +239,23 @@ def test_cli_overview_stores_then_reuses_and_refuses_a_bad_target(tmp_path, monk
     assert second["steps"] == [] and second["sweep"] == first["sweep"]  # everything came from the store
     assert main(["overview", "--hardware", "no-such-gpu", "--json"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_overview_loads_as_sweep_does_and_refuses_a_bad_bound_or_cap(tmp_path, monkeypatch, capsys):
+    import json
+
+    from qlab.cli import main
+    from qlab.models import loading
+
+    asked = []
+    monkeypatch.setattr(loading, "load", lambda name, **options: asked.append(options) or tiny_llama(layers=1))
+    argv = ["overview", "--model", "tiny", "--formats", "fp16", "--tokens", "64", "--no-measure", "--quiet",
+            "--no-store", "--device", "cpu", "--dtype", "fp32", "--speed-cap", "5", "--json"]
+    assert main(argv) == 0
+    assert asked == [{"device": "cpu", "dtype": "fp32"}]
+    assert json.loads(capsys.readouterr().out)["formats"] == ["fp16"]
+    for bad in (["--bound", "nan"], ["--bound", "-1"], ["--speed-cap", "0"], ["--speed-cap", "inf"]):
+        assert main(["overview", "--no-store", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("--bound" in err or "time cap" in err), err
+    assert len(asked) == 1  # each was refused before the model loaded

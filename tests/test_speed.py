@@ -1,5 +1,6 @@
 """qlab.backends.speed: timing loops, memory and bandwidth probes, verdicts; the bench JSON fields. No timing asserts."""
 
+import itertools
 import json
 
 import pytest
@@ -61,6 +62,78 @@ def test_measure_lm_stops_when_cancelled():
 
     with pytest.raises(Cancelled):
         speed.measure_lm(tiny_llama(), torch.randint(0, 64, (1, 4)), speed.SpeedSpec(new_tokens=8), cancel=cancel)
+
+
+class FakeClock:
+    """A clock that only the fake model below moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowEncoder(torch.nn.Module):
+    """An encoder whose every call takes the next of ``latencies`` seconds on ``clock``."""
+
+    def __init__(self, clock: FakeClock, latencies) -> None:
+        super().__init__()
+        self.clock, self.latencies, self.calls = clock, iter(latencies), 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.clock.now += next(self.latencies)
+        self.calls += 1
+        return input_ids
+
+
+BATCH = {"input_ids": torch.ones(4, 8, dtype=torch.long)}
+
+
+def test_a_capped_loop_stops_as_soon_as_its_last_runs_agree():
+    clock = FakeClock()
+    # One warm-up, two disagreeing timed runs, then steady: the first three steady runs agree.
+    model = SlowEncoder(clock, [1.0, 0.5, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1])
+    result = speed.measure_embedding(model, BATCH, speed.SpeedSpec(repetitions=3, warmup=1),
+                                     until=speed.Until(deadline=100.0, spread_pct=10.0, clock=clock))
+    assert model.calls == 6 and result.agreed is True and result.repetitions == 3
+    assert result.sentences_per_s.median == pytest.approx(40.0)
+    assert result.sentences_per_s.spread_pct == pytest.approx(0.0, abs=1e-9)
+    assert result.to_record()["agreed"] is True
+    fixed = speed.measure_embedding(SlowEncoder(clock, [1.0, 0.5, 0.2, 0.1]), BATCH, speed.SpeedSpec(repetitions=3))
+    assert fixed.agreed is None and fixed.repetitions == 3 and "agreed" not in fixed.to_record()
+
+
+def test_a_capped_loop_whose_runs_never_agree_stops_at_its_deadline_with_every_run():
+    clock = FakeClock()
+    model = SlowEncoder(clock, itertools.cycle([0.1, 0.2]))
+    result = speed.measure_embedding(model, BATCH, speed.SpeedSpec(repetitions=3, warmup=1),
+                                     until=speed.Until(deadline=5.0, spread_pct=10.0, clock=clock))
+    assert 5.0 <= clock.now < 5.0 + 0.2  # no run starts after the deadline
+    assert result.agreed is False and result.repetitions == model.calls - 1  # every timed run counts
+    assert result.sentences_per_s.spread_pct > 10.0
+
+
+def test_a_loop_past_its_deadline_still_makes_its_repetitions():
+    clock = FakeClock()
+    clock.now = 10.0
+    model = SlowEncoder(clock, itertools.cycle([0.1, 0.2]))
+    result = speed.measure_embedding(model, BATCH, speed.SpeedSpec(repetitions=3, warmup=1),
+                                     until=speed.Until(deadline=5.0, spread_pct=10.0, clock=clock))
+    assert model.calls == 4 and result.repetitions == 3 and result.agreed is False
+
+
+def test_a_time_cap_gives_each_loop_an_equal_share_of_what_is_left():
+    clock = FakeClock()
+    cap = speed.TimeCap(12.0, clock=clock)
+    assert cap.share(3).deadline == pytest.approx(4.0)
+    clock.now = 1.0  # the first loop agreed early: the other two share the rest
+    assert cap.share(2).deadline == pytest.approx(1.0 + 11.0 / 2)
+    clock.now = 20.0
+    assert cap.share(1).deadline == 20.0  # past the cap: no time beyond the repetitions
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(QlabError, match="time cap"):
+            speed.TimeCap(bad)
 
 
 def test_peak_memory_sees_a_transient_allocation():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ TITLES = {"memory": "Memory on the target", "predicted": "Speed predicted on the
           "sweep": "Accuracy of each format", "sensitivity": "Per-layer sensitivity (quick)",
           "measured": "Speed measured on this machine"}
 ANNOUNCE_AFTER_S = 10.0
+SPEED_CAP_S = 30.0  # the short speed measurement's time cap, all formats together
 DEFAULT_CONTEXT_TOKENS = 4096
 # The 16-bit baseline every speed is compared with, predicted on the target and measured here.
 REFERENCE = QuantScheme("bf16")
@@ -56,7 +58,8 @@ QUICK_S_PER_WEIGHT = 4e-7
 
 @dataclass(frozen=True)
 class OverviewRequest:
-    """What the Overview answers for: schemes, the target, the evaluation text, and the serving shape."""
+    """What the Overview answers for: schemes, the target, the evaluation text, the serving shape, and the time
+    cap of the speed measurement here."""
 
     schemes: tuple[QuantScheme, ...]
     hardware_id: str
@@ -64,10 +67,15 @@ class OverviewRequest:
     context_tokens: int | None = None  # None: DEFAULT_CONTEXT_TOKENS, capped at the model's maximum
     batch: int = 1
     kv_dtype: str = "fp16"
+    speed_cap_s: float = SPEED_CAP_S
 
     def __post_init__(self) -> None:
         if not self.schemes:
             raise QlabError("no formats to compare; pick at least one format.")
+        if isinstance(self.speed_cap_s, bool) or not isinstance(self.speed_cap_s, int | float) or not (
+                math.isfinite(self.speed_cap_s) and self.speed_cap_s > 0):
+            raise QlabError(f"the speed measurement's time cap must be a positive number of seconds, got "
+                            f"{self.speed_cap_s!r}.")
         labels = [s.label for s in self.schemes]
         if len(set(labels)) != len(labels):
             raise QlabError(f"a format is listed twice ({', '.join(labels)}); give each format once.")

@@ -2,7 +2,7 @@
 
 Every measurement warms up first, repeats, and reports the median with its spread (min and max), the peak
 memory above where it started and the thread count, because one timing on a shared 2-core machine means
-little. Models are called the Hugging Face way (``model(ids, past_key_values=..., use_cache=True)``), so torch
+little. Under a ``TimeCap`` a measurement repeats until its last runs agree, or its share of the cap is spent. Models are called the Hugging Face way (``model(ids, past_key_values=..., use_cache=True)``), so torch
 backends and the llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are timed by the same loop.
 ``cancel()`` returning True stops at the next step with ``qlab.core.errors.Cancelled``.
 """
@@ -10,6 +10,7 @@ backends and the llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are time
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import threading
 import time
@@ -31,6 +32,7 @@ CancelCheck = Callable[[], bool]
 BANDWIDTH_TEST_BYTES = 256 * 2**20
 MAX_PROMPT_TOKENS = 4096
 MAX_NEW_TOKENS = 2048
+MAX_TIMED_RUNS = 200  # a capped loop on a model this fast has long made its point
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"  # results committed with the repository
 
 
@@ -77,7 +79,11 @@ class Timing:
 
 @dataclass(frozen=True)
 class SpeedResult:
-    """One model's measured speed. LMs fill prefill and decode; embedding models fill sentences per second."""
+    """One model's measured speed. LMs fill prefill and decode; embedding models fill sentences per second.
+
+    ``repetitions`` counts the timed runs behind the numbers; ``agreed`` says whether a capped loop's runs agreed
+    before its time ran out (None: a fixed number of repetitions).
+    """
 
     device: str
     threads: int
@@ -89,9 +95,11 @@ class SpeedResult:
     prefill_ms: Timing | None = None
     decode_tokens_per_s: Timing | None = None
     sentences_per_s: Timing | None = None
+    agreed: bool | None = None
 
     def to_record(self) -> dict:
-        """Flat JSON fields: each timing as ``x`` (median), ``x_min``, ``x_max`` and ``x_spread_pct``."""
+        """Flat JSON fields: each timing as ``x`` (median), ``x_min``, ``x_max`` and ``x_spread_pct``; ``agreed``
+        only from a capped loop."""
         record = {k: v for k, v in asdict(self).items() if not isinstance(getattr(self, k), Timing | None)}
         for name in ("prefill_ms", "decode_tokens_per_s", "sentences_per_s"):
             timing = getattr(self, name)
@@ -161,50 +169,101 @@ def prompt_ids(loaded: LoadedModel, tokens: int, batch: int = 1) -> torch.Tensor
     return ids.repeat(batch, 1)
 
 
+@dataclass(frozen=True)
+class Until:
+    """When a timed loop stops past ``SpeedSpec.repetitions`` runs: once its last that many runs (at least two)
+    agree, their spread under ``spread_pct``, or once ``clock()`` passes ``deadline``."""
+
+    deadline: float
+    spread_pct: float
+    clock: Callable[[], float] = time.perf_counter
+
+
+class TimeCap:
+    """``seconds`` on ``clock``, from now, shared by timed loops that run one after another (one per backend):
+    each loop gets an equal share of what is left, so a loop that agrees early leaves its time to the next ones.
+    The ``SpeedSpec``'s warm-up and repetitions always run; the cap bounds the repeating beyond them."""
+
+    def __init__(self, seconds: float, spread_pct: float = 10.0, clock: Callable[[], float] = time.perf_counter
+                 ) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+                math.isfinite(seconds) and seconds > 0):
+            raise QlabError(f"the speed measurement's time cap must be a positive number of seconds, got {seconds!r}.")
+        self.seconds, self.spread_pct, self.clock = float(seconds), spread_pct, clock
+        self.deadline = clock() + self.seconds
+
+    def share(self, loops_left: int) -> Until:
+        """The next loop's stopping rule, when it and ``loops_left - 1`` more loops share what is left."""
+        now = self.clock()
+        return Until(now + max(0.0, self.deadline - now) / max(1, loops_left), self.spread_pct, self.clock)
+
+
 def _repeat(run_once: Callable[[], tuple[float, ...]], spec: SpeedSpec, device: str,
-            cancel: CancelCheck | None, progress: Callable[[float, str], None] | None) -> tuple[list[tuple], int]:
-    """Call ``run_once`` ``spec.warmup`` untimed then ``spec.repetitions`` timed times, under inference mode: the
-    timed runs' measurements and the peak memory above the start. ``run_once`` times itself (synchronised)."""
-    timed = []
+            cancel: CancelCheck | None, progress: Callable[[float, str], None] | None,
+            until: Until | None = None, speed: Callable[[tuple[float, ...]], float] | None = None
+            ) -> tuple[list[tuple], int, bool | None]:
+    """Call ``run_once`` ``spec.warmup`` untimed then ``spec.repetitions`` timed times, under inference mode; with
+    ``until``, go on until the last runs agree on ``speed(measurement)`` or the deadline passes.
+
+    Returns the measurements behind the result (the agreeing runs, or every timed run of a loop that never
+    agreed), the peak memory above the start, and whether they agreed (None without ``until``). ``run_once``
+    times itself (synchronised).
+    """
+    timed: list[tuple] = []
+    window = max(2, spec.repetitions)
     runs = spec.warmup + spec.repetitions
+    agreed = None if until is None else False
     with PeakMemory(device) as memory, torch.inference_mode():
-        for run in range(runs):
+        for run in range(spec.warmup + MAX_TIMED_RUNS):
             _check(cancel)
             measured = run_once()
             if run >= spec.warmup:
                 timed.append(measured)
             if progress:
-                progress((run + 1) / runs, f"run {run + 1}/{runs}")
-    return timed, memory.peak_bytes
+                progress(min(1.0, (run + 1) / runs), f"run {run + 1}/{runs}" if run < runs
+                         else f"run {run + 1}, repeating until the last {window} agree within {until.spread_pct:g} %")
+            if len(timed) < spec.repetitions:
+                continue
+            if until is None:
+                break
+            if len(timed) >= window and Timing.of([speed(m) for m in timed[-window:]]).spread_pct < until.spread_pct:
+                timed, agreed = timed[-window:], True
+                break
+            if until.clock() >= until.deadline:
+                break
+    return timed, memory.peak_bytes, agreed
 
 
 def measure_lm(model: torch.nn.Module, ids: torch.Tensor, spec: SpeedSpec, device: str = "cpu",
                cancel: CancelCheck | None = None,
-               progress: Callable[[float, str], None] | None = None) -> SpeedResult:
-    """Prefill ``ids`` (batch x prompt), then greedily decode ``spec.new_tokens`` steps; time both, repeatedly."""
+               progress: Callable[[float, str], None] | None = None, until: Until | None = None) -> SpeedResult:
+    """Prefill ``ids`` (batch x prompt), then greedily decode ``spec.new_tokens`` steps; time both, repeatedly
+    (with ``until``: until the decode rates agree, timed on its clock)."""
     ids = ids.to(device)
+    clock = until.clock if until is not None else time.perf_counter
 
     def prefill_and_decode() -> tuple[float, float]:
         _sync(device)
-        started = time.perf_counter()
+        started = clock()
         out = model(ids, use_cache=True)
         token = out.logits[:, -1:].argmax(dim=-1)
         _sync(device)
-        prefilled = time.perf_counter()
+        prefilled = clock()
         past = out.past_key_values
         for _ in range(spec.new_tokens):
             _check(cancel)
             out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
         _sync(device)
-        finished = time.perf_counter()
+        finished = clock()
         return 1000.0 * (prefilled - started), ids.shape[0] * spec.new_tokens / (finished - prefilled)
 
-    timed, peak_bytes = _repeat(prefill_and_decode, spec, device, cancel, progress)
+    timed, peak_bytes, agreed = _repeat(prefill_and_decode, spec, device, cancel, progress, until,
+                                        speed=lambda measured: measured[1])
     prefill_ms, decode_rates = (list(values) for values in zip(*timed, strict=True))
     return SpeedResult(device, torch.get_num_threads(), ids.shape[0], ids.shape[1], spec.new_tokens,
-                       spec.repetitions, peak_bytes, prefill_ms=Timing.of(prefill_ms),
-                       decode_tokens_per_s=Timing.of(decode_rates))
+                       len(timed), peak_bytes, prefill_ms=Timing.of(prefill_ms),
+                       decode_tokens_per_s=Timing.of(decode_rates), agreed=agreed)
 
 
 def embedding_batch(loaded: LoadedModel, sentences: int) -> dict[str, torch.Tensor]:
@@ -218,23 +277,27 @@ def embedding_batch(loaded: LoadedModel, sentences: int) -> dict[str, torch.Tens
 
 def measure_embedding(model: torch.nn.Module, batch: dict[str, torch.Tensor], spec: SpeedSpec,
                       device: str = "cpu", cancel: CancelCheck | None = None,
-                      progress: Callable[[float, str], None] | None = None) -> SpeedResult:
-    """Encode the batch repeatedly: sentences per second, and the batch's latency as ``prefill_ms``."""
+                      progress: Callable[[float, str], None] | None = None, until: Until | None = None
+                      ) -> SpeedResult:
+    """Encode the batch repeatedly: sentences per second, and the batch's latency as ``prefill_ms`` (with
+    ``until``: until the rates agree, timed on its clock)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     n = batch["input_ids"].shape[0]
+    clock = until.clock if until is not None else time.perf_counter
 
     def encode() -> tuple[float]:
         _sync(device)
-        started = time.perf_counter()
+        started = clock()
         model(**batch)
         _sync(device)
-        return (time.perf_counter() - started,)
+        return (clock() - started,)
 
-    timed, peak_bytes = _repeat(encode, spec, device, cancel, progress)
+    timed, peak_bytes, agreed = _repeat(encode, spec, device, cancel, progress, until,
+                                        speed=lambda measured: n / measured[0])
     latencies = [seconds for (seconds,) in timed]
-    return SpeedResult(device, torch.get_num_threads(), n, batch["input_ids"].shape[1], 0, spec.repetitions,
+    return SpeedResult(device, torch.get_num_threads(), n, batch["input_ids"].shape[1], 0, len(timed),
                        peak_bytes, prefill_ms=Timing.of([1000.0 * s for s in latencies]),
-                       sentences_per_s=Timing.of([n / s for s in latencies]))
+                       sentences_per_s=Timing.of([n / s for s in latencies]), agreed=agreed)
 
 
 @dataclass(frozen=True)
@@ -272,10 +335,11 @@ def measure_bandwidth(test_bytes: int = BANDWIDTH_TEST_BYTES, repetitions: int =
 def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str = "cpu",
               accuracy_tokens: int | None = 512, bandwidth: Bandwidth | None = None,
               progress: Callable[[float, str], None] | None = None,
-              cancel: CancelCheck | None = None):
+              cancel: CancelCheck | None = None, cap: TimeCap | None = None):
     """Build each backend's model, time it, score it against FP32 and against its simulated twin; yield rows.
 
-    Every backend gets the same prompt, token counts and evaluation tokens. A backend that is unavailable
+    Every backend gets the same prompt, token counts and evaluation tokens; under ``cap`` each backend's timing
+    repeats until its runs agree or its share of the cap is spent. A backend that is unavailable
     yields a row with ``available=False`` and the reason; one that fails yields its ``error``; neither stops
     the run. Rows hold the fields listed in ``BENCH_FIELDS`` (see ``bench_row``).
     """
@@ -306,10 +370,11 @@ def run_bench(loaded: LoadedModel, backends: list, spec: SpeedSpec, device: str 
             started = time.perf_counter()
             model = backend.apply(loaded, device)
             row["apply_seconds"] = round(time.perf_counter() - started, 3)
-            if loaded.kind == "causal-lm":
-                result = measure_lm(model, inputs, spec, device, cancel)
-            else:
-                result = measure_embedding(model, inputs, spec, device, cancel)
+            until = cap.share(len(backends) - index) if cap is not None else None
+            timing = (lambda fraction, message, index=index, slug=backend.slug: progress(
+                (index + 0.5 * fraction) / len(backends), f"{slug}: {message}")) if progress else None
+            measure = measure_lm if loaded.kind == "causal-lm" else measure_embedding
+            result = measure(model, inputs, spec, device, cancel, timing, until)
             row.update(result.to_record())
             row.update(_sizes(loaded, backend, model))
             if baseline is not None:

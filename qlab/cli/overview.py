@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from qlab.cli.common import (
     add_eval_arguments,
     add_scheme_arguments,
     db_option,
+    device_options,
     emit,
     eval_spec,
     json_option,
+    load_options,
     output_file,
     progress_bar,
     quiet_option,
     scheme_from_args,
     write_atomic,
 )
+from qlab.core.errors import QlabError
 
 TOP_LAYERS = 10
 SENSITIVITY_COLUMNS = ("layer", "scheme", "layer_type", "score", "output_error", "sqnr_db")
@@ -36,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="accuracy bound: the most KL divergence (nats/token, LMs) or 1 - cosine (embedding "
                              "models) a format may lose (default 0.01 and 0.001)")
     parser.add_argument("--no-measure", action="store_true", help="skip the short speed measurement here")
+    parser.add_argument("--speed-cap", type=float, default=None, metavar="SECONDS",
+                        help="time cap of the speed measurement, all formats together: each format's runs repeat "
+                             "until they agree within 10 %% or its share of the cap is spent (default 30)")
+    device_options(parser)
     add_eval_arguments(parser)
     add_scheme_arguments(parser, granularity="group")
     quiet_option(parser)
@@ -60,11 +68,14 @@ def cmd_overview(args: argparse.Namespace) -> None:
     from qlab.store import Store, requested_path
     from qlab.store import overview as recorded
 
-    hardware.get(args.hardware)  # an unknown target is said before the model loads
+    hardware.get(args.hardware)  # an unknown target and a bad bound are said before the model loads
+    if args.bound is not None and not (math.isfinite(args.bound) and args.bound >= 0):
+        raise QlabError(f"--bound must be a number of 0 or more, got {args.bound:g}.")
     schemes = tuple(scheme_from_args(args, f) for f in parse_formats(args.formats))
-    request = overview.OverviewRequest(schemes, args.hardware, eval_spec(args))
+    cap = {} if args.speed_cap is None else {"speed_cap_s": args.speed_cap}
+    request = overview.OverviewRequest(schemes, args.hardware, eval_spec(args), **cap)
     db = None if args.no_store else requested_path(args.db, default=True)
-    loaded = load(args.model)
+    loaded = load(args.model, **load_options(args))
     check_schemes(loaded, list(schemes))
     bound = loss_measure(loaded.kind).default_bound if args.bound is None else args.bound
     store = Store(db) if db is not None else None

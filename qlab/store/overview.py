@@ -48,7 +48,8 @@ def piece_settings(piece: str, loaded: LoadedModel, request: OverviewRequest) ->
     if piece == "sensitivity":
         return {"method": "quick"}
     if piece == "measured":
-        return {"device": "cpu", "accuracy_tokens": None, **dataclasses.asdict(format_speed.QUICK_SPEC)}
+        return {"device": format_speed.device_of(loaded), "accuracy_tokens": None,
+                **dataclasses.asdict(format_speed.QUICK_SPEC)}
     return {}
 
 
@@ -207,7 +208,8 @@ def run_step(step: Step, loaded: LoadedModel, request: OverviewRequest, pieces: 
             if on_update:
                 on_update()
         else:
-            for record in format_speed.measure(loaded, schemes, progress=progress, cancel=cancel):
+            for record in format_speed.measure(loaded, schemes, progress=progress, cancel=cancel,
+                                               cap_s=request.speed_cap_s):
                 keep(pieces.measured, record)
     return recorder.error if recorder is not None else None
 
@@ -250,7 +252,7 @@ class OverviewJob:
             overview.sensitivity_available()
         for step in self.todo:
             if step.piece == "measured":
-                format_speed.import_libraries(self.loaded.kind, step.schemes)
+                format_speed.import_libraries(self.loaded.kind, step.schemes, format_speed.device_of(self.loaded))
         self._thread = threading.Thread(target=self.run, name=f"overview {self.loaded.name}", daemon=True)
         self._thread.start()
         return self
