@@ -17,8 +17,9 @@ from qlab.analyses.mixed import (
     recommend,
     recommendation_record,
 )
-from qlab.analyses.sensitivity import analyze
+from qlab.analyses.sensitivity import analyze, calibrate, check_calibration
 from qlab.analyses.sweep import check_schemes
+from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import QlabError
 from qlab.models.evaluate import Baseline, EvalSpec, Progress
 from qlab.models.loading import model_sha256
@@ -58,7 +59,7 @@ st.caption("Which linear layers lose the most when quantized. **Per linear**: th
 common.show_caveat(loaded)
 
 with common.user_errors():
-    candidates = {s.label: s for s in common.schemes(round_to_nearest=True) if s.fmt.scaled}
+    candidates = {s.label: s for s in common.schemes() if s.fmt.scaled}
 if not candidates:
     st.info("Pick at least one scaled format in the sidebar (int8, int4, nf4, fp8...): plain fp32/fp16/bf16 "
             "casts have next to no sensitivity to analyse.")
@@ -84,6 +85,11 @@ spec = EvalSpec(st.session_state["tokens"])
 schemes = tuple(candidates[label] for label in chosen)
 with common.user_errors():
     check_schemes(loaded, list(schemes))  # a group size that does not fit is said now, and stores no failed run
+    check_calibration(loaded, schemes, spec)  # so is a text too short to calibrate GPTQ or AWQ on
+calibrated = needs_calibration(schemes)
+if calibrated:
+    st.caption("Each layer is rounded by the sidebar's algorithm, calibrated as the Quantize page calibrates it: "
+               "on up to 4096 tokens from the end of the text, apart from the tokens evaluated.")
 measured_unit = "block" if unit == "none" else unit
 run_key = (loaded.name, schemes, spec, spec.text_sha256, unit, view)
 reports = st.session_state.setdefault("sensitivity_reports", {})
@@ -117,9 +123,27 @@ def baseline() -> Baseline:
     return common.baseline(loaded, loaded.name, spec, spec.text_sha256)
 
 
+def calibration() -> tuple[dict | None, dict]:
+    """The statistics GPTQ or AWQ round each layer with, and their record; collected once per model and text,
+    so the mixes measured after the analysis round with the very same ones."""
+    if not calibrated:
+        return None, {}
+    key = (loaded.name, spec, spec.text_sha256)
+    kept = st.session_state.get("sensitivity_calibration")
+    if kept is None or kept[0] != key:  # one model's statistics at a time: they weigh a copy of its linears
+        kept = st.session_state["sensitivity_calibration"] = (key, calibrate(loaded, schemes, spec))
+    return kept[1]
+
+
+def calibration_settings() -> dict:
+    """How the run was calibrated, stored with it as the sweep stores its calibration tokens."""
+    record = calibration()[1]
+    return {"calibration": record} if record else {}
+
+
 def analysis_run():
     return sensitivity_meta("sensitivity", loaded, schemes, spec, baseline(), unit=measured_unit, view=view,
-                            blocks=unit != "none", hardware=st.session_state["hardware"])
+                            blocks=unit != "none", hardware=st.session_state["hardware"], **calibration_settings())
 
 
 # analyze reports each step once it is done; the label names the one that starts.
@@ -147,8 +171,10 @@ def analyse(progress: Progress, recorder: Recorder) -> None:
         save(part, records)
         saved[part] += len(records)
 
+    stats, record = calibration()
     reports[run_key] = analyze(loaded, schemes, baseline(), blocks=unit != "none", unit=measured_unit, view=view,
-                               on_records=on_records, progress=running(progress))
+                               on_records=on_records, progress=running(progress), calibration=stats,
+                               calibration_record=record)
     save_summary(recorder, seconds=reports[run_key].seconds)
     # A recommendation built on this analysis names this run instead of storing it again.
     analysis_runs[run_key] = recorder.run_id if recorder.error is None else None
@@ -164,7 +190,8 @@ def analysis_kept() -> str:
 
 common.long_run("Analyse", "run_sensitivity", analyse, prepare=analysis_run, cancel_key="cancel_sensitivity",
                 cancel_help="Stops the analysis; what it measured is kept in History.", kept=analysis_kept,
-                start_text="Capturing activations and block inputs (one FP32 pass)...")
+                start_text=("Calibrating on the end of the text, then capturing" if calibrated else "Capturing")
+                + " activations and block inputs (one FP32 pass)...")
 
 report = reports.get(run_key)
 if report is None:
@@ -274,7 +301,7 @@ def recommendation_run():
         analysis_id = None
     return sensitivity_meta("recommend", loaded, schemes, spec, baseline(), unit=measured_unit, view=view,
                             blocks=unit != "none", budget_bits=budget_bits, budgets=budgets,
-                            hardware=st.session_state["hardware"],
+                            hardware=st.session_state["hardware"], **calibration_settings(),
                             **({ANALYSIS_RUN: analysis_id} if analysis_id else {}))
 
 
@@ -282,7 +309,8 @@ def measure_mixes(progress: Progress, recorder: Recorder) -> None:
     if ANALYSIS_RUN not in recorder.meta.settings:
         save_sensitivity(recorder, report)
     mixes, rows = compare(loaded, choices, [Budget(b) for b in budgets], baseline(), progress,
-                          on_row=lambda row: (partial_mixes[mix_key].append(row), recorder.save(row, "mix")))
+                          on_row=lambda row: (partial_mixes[mix_key].append(row), recorder.save(row, "mix")),
+                          calibration=calibration()[0])
     mixes_done[mix_key] = mixes, rows
     partial_mixes.pop(mix_key, None)
     closest = min(mixes, key=lambda mix: abs(mix.budget.bits_per_weight - budget_bits))

@@ -95,3 +95,29 @@ def test_without_db_or_qlab_db_nothing_is_stored(tiny, tmp_path, monkeypatch):
     run(["sensitivity", *tiny, "--formats", "int8", "--no-blocks", "--json", str(tmp_path / "rows.json")])
     [stored] = Store(tmp_path / "env.sqlite").list_runs()
     assert stored["kind"] == "sensitivity" and stored["labels"] == "int8 g32"
+
+
+def test_recommend_with_gptq_stores_a_plan_of_gptq_schemes_and_its_calibration(tiny, tmp_path):
+    from qlab.store import Store
+
+    db = tmp_path / "runs.sqlite"
+    run(["recommend", *tiny, "--algorithm", "gptq", "--budget-bits", "5", "--db", str(db),
+         "--json", str(tmp_path / "mix.json")])
+    (stored,) = (Store(db).get(r["id"]) for r in Store(db).list_runs())
+    assert {r["label"] for r in stored.records("sensitivity_linear")} == {"int8 g32 gptq", "int4 g32 gptq"}
+    plan = stored.records("recommendation")[0]["plan"]
+    assert len(plan["layers"]) == 21 and {s["algorithm"] for s in plan["layers"].values()} == {"gptq"}
+    assert stored.meta.settings["calibration"]["calibration_tokens"] == 4096
+    assert json.loads((tmp_path / "mix.json").read_text())["calibration"]["calibration_tokens"] == 4096
+
+
+def test_too_little_calibration_text_is_refused_before_the_baseline(tiny, tmp_path, monkeypatch):
+    from qlab.models import evaluate
+
+    monkeypatch.setattr(evaluate, "compute_baseline", lambda *a, **k: pytest.fail("work started"))
+    short = tmp_path / "short.txt"
+    short.write_text("A few words of text, far fewer tokens than a layer has inputs. " * 1)
+    for command in (["sensitivity"], ["recommend", "--budget-bits", "5"]):
+        with pytest.raises(QlabError, match="fewer than the 128 inputs") as error:
+            run([*command, *tiny, "--text-file", str(short), "--algorithm", "gptq"])
+        assert "\n" not in str(error.value)

@@ -100,3 +100,30 @@ def test_cancel_of_recommend_and_measure_keeps_the_plans_already_measured(minilm
     at.button(key="run_mix").click().run()  # pressed again, every plan is measured and recommended
     no_errors(at)
     assert not any("Stopped after" in i.value for i in at.info) and len(at.dataframe[-1].value) > 2
+
+
+def test_the_sidebar_algorithm_rounds_every_layer_and_the_mixes(minilm, tmp_path, monkeypatch):
+    """GPTQ chosen in the sidebar (as on the Quantize page): the analysis and the mixes round with it, and the
+    calibration tokens are stored with the run."""
+    from qlab.store import Store
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file("../pages/sensitivity.py", default_timeout=600)
+    at.session_state["model_choice"] = "minilm-l6"
+    at.session_state["formats"] = ["int8", "int4"]
+    at.session_state["algorithm"] = "gptq"
+    at.session_state["tokens"] = 64
+    at.session_state["sensitivity_unit"] = "none"  # predict only: the fastest analysis
+    at.run()
+    no_errors(at)
+    assert at.multiselect(key="sensitivity_schemes").value == ["int8 g64 gptq", "int4 g64 gptq"]
+    at.button(key="run_sensitivity").click().run()
+    no_errors(at)
+    assert set(at.dataframe[0].value["label"]) == {"int8 g64 gptq", "int4 g64 gptq"}
+    [stored] = Store().runs()
+    assert stored.meta.settings["calibration"]["calibration_tokens"] > 1536  # more than the widest layer's inputs
+    at.button(key="run_mix").click().run()
+    no_errors(at)
+    recommend = Store().runs()[-1]
+    plan = recommend.records("recommendation")[0]["plan"]
+    assert {scheme["algorithm"] for scheme in plan["layers"].values()} == {"gptq"}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qlab.analyses.sensitivity import METRIC, SensitivityReport, error_of
+from qlab.core.algorithms import LayerStats
 from qlab.core.errors import QlabError
 from qlab.core.plan import SchemePlan, plan_record, quantized_copy, size_report, unquantized_format
 from qlab.core.quant import QuantScheme
@@ -200,9 +201,11 @@ def recommend(loaded: LoadedModel, choices: Choices, budget: Budget) -> Mix:
 
 def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Baseline,
             progress: Progress | None = None, cancel: CancelCheck | None = None,
-            on_row: Callable[[dict], None] | None = None) -> list[dict]:
+            on_row: Callable[[dict], None] | None = None,
+            calibration: Mapping[str, LayerStats] | None = None) -> list[dict]:
     """Quantize and evaluate each plan (uniform scheme or per-layer mix) end to end: one row per plan, also
-    handed to ``on_row`` as soon as it is measured."""
+    handed to ``on_row`` as soon as it is measured. ``calibration`` (``qlab.analyses.sensitivity.calibrate``)
+    is what plans rounded by GPTQ or AWQ round with, the statistics their analysis used."""
     metric = METRIC[baseline.kind]
     rows = []
     for index, (label, plan) in enumerate(plans.items()):
@@ -212,7 +215,7 @@ def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Base
             if progress:
                 progress((index + fraction) / len(plans), f"{label}: {message}")
 
-        metrics = evaluate(quantized_copy(loaded.model, plan), baseline, stage, cancel)
+        metrics = evaluate(quantized_copy(loaded.model, plan, calibration), baseline, stage, cancel)
         size = size_report(loaded.model, plan)
         uniform = isinstance(plan, QuantScheme)
         rows.append({"model": loaded.name, "label": label, "kind": "uniform" if uniform else "mix",
@@ -227,9 +230,11 @@ def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Base
 
 def compare(loaded: LoadedModel, choices: Choices, budgets: Sequence[Budget], baseline: Baseline,
             progress: Progress | None = None, cancel: CancelCheck | None = None,
-            on_row: Callable[[dict], None] | None = None) -> tuple[list[Mix], list[dict]]:
+            on_row: Callable[[dict], None] | None = None,
+            calibration: Mapping[str, LayerStats] | None = None) -> tuple[list[Mix], list[dict]]:
     """Recommend a mix per budget and measure the mixes next to every uniform scheme of the analysis;
-    ``on_row`` receives each measured row (with its ``predicted_error``) as soon as it is finished."""
+    ``on_row`` receives each measured row (with its ``predicted_error``) as soon as it is finished;
+    ``calibration`` as ``measure`` takes it."""
     mixes = [recommend(loaded, choices, budget) for budget in budgets]
     plans: dict[str, SchemePlan] = {scheme.label: scheme for scheme in choices.schemes}
     for mix in mixes:
@@ -241,7 +246,7 @@ def compare(loaded: LoadedModel, choices: Choices, budgets: Sequence[Budget], ba
         if on_row:
             on_row(row)
 
-    return mixes, measure(loaded, plans, baseline, progress, cancel, finished)
+    return mixes, measure(loaded, plans, baseline, progress, cancel, finished, calibration)
 
 
 def recommendation_record(loaded: LoadedModel, report: SensitivityReport, choices: Choices, mix: Mix,
@@ -273,4 +278,5 @@ def recommendation_record(loaded: LoadedModel, report: SensitivityReport, choice
                             eval_tokens=report.tokens),
         "caveat": loaded.source.caveat,
         "eval_tokens": report.tokens,
+        **({"calibration": report.calibration} if report.calibration else {}),  # GPTQ/AWQ: their tokens
     }

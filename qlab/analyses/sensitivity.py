@@ -12,6 +12,10 @@ Two measures per scheme, both against the FP32 model on the baseline's own token
    model N+1 times). The reverse view, everything quantized except one block, replays the same way from the
    all-quantized model's cached hidden states.
 
+Each layer is rounded by its scheme's algorithm (``qlab.core.algorithms.quantize_weight``); GPTQ and AWQ round
+with the statistics ``calibrate`` collects from the end of the text, exactly as the sweep does, so a block
+measured here is the block the sweep evaluates.
+
 Over 500 lines on purpose: the probe pass, the per-linear errors, the block replays and their records share
 the captured activations and one report type; the quick ranking lives in sensitivity_quick.
 """
@@ -22,19 +26,23 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from qlab.analyses.activations import calibration_data
+from qlab.analyses.calibration import calibration_stats
+from qlab.core.algorithms import LayerStats, needs_calibration, quantize_weight
 from qlab.core.errors import QlabError
 from qlab.core.plan import QuantizedLinear
-from qlab.core.quant import QuantScheme, fake_quantize, quantize
+from qlab.core.quant import QTensor, QuantScheme
 from qlab.models.evaluate import (
     LM_TOKENS_PER_FORWARD,
     Baseline,
     CancelCheck,
+    EvalSpec,
     Progress,
     _check_cancel,
     evaluate,
@@ -204,6 +212,29 @@ def _exact(scheme: QuantScheme) -> bool:
     return not scheme.fmt.scaled and scheme.fmt.bits >= 32
 
 
+class _Rounder:
+    """Each linear's weight rounded by a scheme's algorithm, with that layer's calibration statistics.
+
+    Round to nearest is redone whenever asked: it is cheap, and keeping every layer's rounding for every scheme
+    would hold a copy of the model per scheme. Any other algorithm costs one to two orders of magnitude more
+    (GPTQ walks the inputs one by one), and the probe pass and the replays ask for the same layer several
+    times, so its QTensor (one byte per weight) is kept.
+    """
+
+    def __init__(self, calibration: Mapping[str, LayerStats] | None) -> None:
+        self.calibration = calibration or {}
+        self.kept: dict[tuple[str, QuantScheme], QTensor] = {}
+
+    def __call__(self, name: str, weight: torch.Tensor, scheme: QuantScheme) -> QTensor:
+        key = (name, scheme)
+        if key in self.kept:
+            return self.kept[key]
+        qtensor = quantize_weight(weight, scheme, self.calibration.get(name))
+        if scheme.algorithm != "rtn" or scheme.sparsity != "none":
+            self.kept[key] = qtensor
+        return qtensor
+
+
 @dataclass
 class _LinearProbe:
     """Accumulates, over captured batches, one linear's output error for each scheme and its input stats.
@@ -216,6 +247,7 @@ class _LinearProbe:
     weight: torch.Tensor
     schemes: Sequence[QuantScheme]
     mask: list[torch.Tensor | None]  # one shared slot: the current batch's real-token mask, set by the pass
+    rounder: _Rounder
     tokens: int = 0
     output_energy: float = 0.0
     error_channels: list[torch.Tensor] = field(default_factory=list)  # per scheme: squared output error per channel
@@ -253,7 +285,7 @@ class _LinearProbe:
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
         # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures.
-        return fake_quantize(self.weight, scheme).float().sub_(self.weight)
+        return self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype).float().sub_(self.weight)
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""
@@ -295,6 +327,7 @@ class SensitivityReport:
     tokens: int
     view: str = "forward"
     unit: str = "block"
+    calibration: dict = field(default_factory=dict)  # how GPTQ/AWQ were calibrated (tokens...), empty for none
 
     def rows(self) -> list[dict]:
         """One row per linear and scheme with its end-to-end measures.
@@ -324,14 +357,24 @@ class SensitivityReport:
         return rows
 
 
-def _check_schemes(model: torch.nn.Module, schemes: Sequence[QuantScheme]) -> None:
+def _check_schemes(model: torch.nn.Module, schemes: Sequence[QuantScheme],
+                   calibration: Mapping[str, LayerStats] | None = None, *, algorithms: bool = False) -> None:
+    """Every check that can fail before any work; ``algorithms`` when the caller rounds each layer by its scheme's
+    algorithm (with ``calibration``), else only rounding to nearest is accepted (the quick ranking's case)."""
     if not schemes:
         raise QlabError("no schemes to analyse; pick at least one format.")
-    calibrated = [s.label for s in schemes if s.algorithm != "rtn" and s.fmt.scaled]
-    if calibrated:
-        raise QlabError(f"sensitivity rounds each layer to nearest, so {calibrated[0]} would be measured as "
-                        "something else; use algorithm rtn here.")
-    for _, module in quantizable_linears(model):
+    linears = quantizable_linears(model)
+    if not algorithms:
+        other = [s.label for s in schemes if (s.algorithm != "rtn" and s.fmt.scaled) or s.sparsity != "none"]
+        if other:
+            raise QlabError(f"this analysis rounds each layer to nearest, so {other[0]} would be measured as "
+                            "something else; use algorithm rtn here.")
+    calibrated = [s.label for s in schemes if needs_calibration(s)]
+    missing = [name for name, _ in linears if name not in (calibration or {})]
+    if calibrated and missing:
+        raise QlabError(f"{calibrated[0]} rounds each layer with its calibration statistics, and none were given "
+                        f"for '{missing[0]}'; collect them with qlab.analyses.sensitivity.calibrate first.")
+    for _, module in linears:
         for scheme in schemes:
             scheme.storage_bytes(tuple(module.weight.shape))  # raises a one-line error on a bad group size
 
@@ -449,15 +492,42 @@ def _replay(shadow: torch.nn.Module, stack: BlockStack, capture: _Capture | None
                 handle.remove()
 
 
-def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme
+def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme, rounder: _Rounder
                ) -> dict[str, torch.nn.Module]:
-    return {name: QuantizedLinear(quantize(modules[name].weight, scheme), modules[name].bias) for name in names}
+    return {name: QuantizedLinear(rounder(name, modules[name].weight, scheme), modules[name].bias) for name in names}
+
+
+def check_calibration(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec) -> None:
+    """Refuse, before any work, a text too short to calibrate the schemes' algorithms on: a Hessian from n
+    tokens has rank at most n, so a layer with more inputs than calibration tokens would be rounded by GPTQ's
+    damping (or AWQ's search) along directions the text never reached."""
+    calibrated = [s for s in schemes if needs_calibration(s)]
+    if not calibrated:
+        return
+    widest = max(module.in_features for _, module in quantizable_linears(loaded.model))
+    tokens = calibration_data(loaded, spec).tokens
+    if tokens < widest:
+        raise QlabError(f"{calibrated[0].label} calibrates on the end of the text, which gives {tokens} tokens, "
+                        f"fewer than the {widest} inputs of {loaded.name}'s widest layer; give a text of at least "
+                        f"{widest} tokens or use algorithm rtn or hqq.")
+
+
+def calibrate(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
+              progress: Progress | None = None, cancel: CancelCheck | None = None
+              ) -> tuple[dict[str, LayerStats] | None, dict]:
+    """The per-layer statistics the schemes' algorithms round with (None when every scheme rounds without
+    them) and the record of how they were calibrated, to store with the run as the sweep stores it."""
+    if not any(needs_calibration(s) for s in schemes):
+        return None, {}
+    check_calibration(loaded, schemes, spec)
+    return calibration_stats(loaded, spec, progress, cancel)
 
 
 def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Baseline, *, blocks: bool = True,
             unit: str = "block", view: str = "forward", predict: bool = True, progress: Progress | None = None,
-            cancel: CancelCheck | None = None,
-            on_records: Callable[[str, list[dict]], None] | None = None) -> SensitivityReport:
+            cancel: CancelCheck | None = None, on_records: Callable[[str, list[dict]], None] | None = None,
+            calibration: Mapping[str, LayerStats] | None = None, calibration_record: dict | None = None
+            ) -> SensitivityReport:
     """Per-linear output error for every scheme and, with ``blocks``, the end-to-end delta per unit.
 
     Args:
@@ -470,6 +540,8 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
         on_records: ``on_records(part, records)`` as records finish: ``"linear"`` once with every per-linear
             record, then ``"block"`` with each unit's record as soon as it is measured (so a caller can store
             them and a killed analysis keeps what it finished).
+        calibration: each linear's statistics (``calibrate``), needed when a scheme's algorithm rounds with
+            them (GPTQ, AWQ, SparseGPT); ``calibration_record`` is ``calibrate``'s record of them, kept in the report.
     """
     if unit not in UNITS:
         raise QlabError(f"unknown unit '{unit}'; use one of {', '.join(UNITS)}.")
@@ -480,7 +552,7 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
                         "compute the baseline on this model.")
     schemes = tuple(dict.fromkeys(schemes))
     model = loaded.model
-    _check_schemes(model, schemes)
+    _check_schemes(model, schemes, calibration, algorithms=True)
     metric = METRIC[loaded.kind]
     stack = block_stack(model)
     modules = dict(model.named_modules())
@@ -498,7 +570,9 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     _check_cache_fits(model, stack, baseline)
     shadow = shared_copy(model)
     mask_slot: list = [None]
-    probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot) for name in linear_names}
+    rounder = _Rounder(calibration)
+    probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot, rounder)
+              for name in linear_names}
     seconds = {}
     started = time.perf_counter()
     capture = _capture(shadow, stack, baseline, probes, mask_slot, cancel)
@@ -520,14 +594,14 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     started = time.perf_counter()
     for scheme in schemes if blocks else ():
         if view == "forward":
-            block_records += _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric,
-                                           loaded.name, step, cancel, finished)
+            block_records += _forward_view(shadow, stack, capture, units, modules, scheme, rounder, baseline,
+                                           metric, loaded.name, step, cancel, finished)
         else:
-            block_records += _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline, metric,
-                                           loaded.name, step, cancel, finished)
+            block_records += _reverse_view(shadow, stack, units, modules, linear_names, scheme, rounder, baseline,
+                                           metric, loaded.name, step, cancel, finished)
     seconds["blocks_s"] = time.perf_counter() - started
     return SensitivityReport(loaded.name, loaded.kind, metric, schemes, linear_records, block_records, seconds,
-                             baseline.tokens, view, unit)
+                             baseline.tokens, view, unit, dict(calibration_record or {}))
 
 
 def _check_cache_fits(model: torch.nn.Module, stack: BlockStack, baseline: Baseline) -> None:
@@ -562,12 +636,13 @@ def _block_record(model_name: str, label: str, names: Sequence[str], start: int 
             "seconds": round(seconds, 3)}
 
 
-def _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metric, model_name, step, cancel,
-                  finished) -> list[dict]:
+def _forward_view(shadow, stack, capture, units, modules, scheme, rounder, baseline, metric, model_name, step,
+                  cancel, finished) -> list[dict]:
     records = []
     for start, label, names in units:
         started = time.perf_counter()
-        metrics = _replay(shadow, stack, capture, start, _quantized(modules, names, scheme), baseline, cancel)
+        metrics = _replay(shadow, stack, capture, start, _quantized(modules, names, scheme, rounder), baseline,
+                          cancel)
         unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
         records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
                                      error_of(metric, metrics[metric]), "forward", time.perf_counter() - started))
@@ -576,10 +651,10 @@ def _forward_view(shadow, stack, capture, units, modules, scheme, baseline, metr
     return records
 
 
-def _reverse_view(shadow, stack, units, modules, linear_names, scheme, baseline, metric, model_name, step,
-                  cancel, finished) -> list[dict]:
+def _reverse_view(shadow, stack, units, modules, linear_names, scheme, rounder, baseline, metric, model_name,
+                  step, cancel, finished) -> list[dict]:
     """Everything at ``scheme`` except one unit: how much error keeping that unit in FP32 removes."""
-    everything = _quantized(modules, linear_names, scheme)
+    everything = _quantized(modules, linear_names, scheme, rounder)
     records = []
     with _swapped(shadow, everything):
         all_quantized = error_of(metric, evaluate(shadow, baseline, cancel=cancel)[metric])
@@ -639,7 +714,8 @@ def _linear_records(loaded: LoadedModel, stack: BlockStack, probes: dict[str, _L
 
 def sensitivity_settings(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Baseline, *, unit: str,
                          view: str = "forward", blocks: bool = True, predict: bool = True) -> dict:
-    """The JSON-ready settings of an ``analyze`` call that ``report_from_records`` needs to rebuild its report."""
+    """The JSON-ready settings of an ``analyze`` call that ``report_from_records`` needs to rebuild its report
+    (``calibrate``'s record goes beside them as ``calibration``)."""
     return {"schemes": [s.to_dict() for s in schemes], "unit": unit, "view": view, "blocks": blocks,
             "predict": predict, "model_kind": loaded.kind, "metric": METRIC[loaded.kind],
             "eval_tokens": baseline.tokens}
@@ -654,4 +730,5 @@ def report_from_records(model: str, settings: dict, linears: list[dict], blocks:
     return SensitivityReport(model, settings.get("model_kind", "causal-lm"),
                              settings.get("metric") or linears[0].get("metric", "kld_mean"), schemes, linears,
                              blocks, dict(seconds or {}), int(settings.get("eval_tokens") or tokens or 0),
-                             settings.get("view", "forward"), settings.get("unit", "block"))
+                             settings.get("view", "forward"), settings.get("unit", "block"),
+                             dict(settings.get("calibration") or {}))

@@ -73,6 +73,23 @@ def add_scheme_arguments(parser: argparse.ArgumentParser, granularity: str) -> N
     parser.add_argument("--scale-dtype", default="auto", help="auto | fp32 | fp16 | bf16")
 
 
+def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--algorithm``, ``--static-groups`` and ``--sparsity``: how the weights are rounded and pruned
+    (``scheme_from_args`` reads them back)."""
+    parser.add_argument("--algorithm", default="rtn",
+                        help="rtn (round to nearest) | gptq (error-compensating; Hessians from 4096 tokens at the "
+                             "end of the evaluation text, apart from the tokens evaluated) | gptq-act-order (GPTQ, "
+                             "inputs with the largest Hessian diagonal first) | awq (activation-aware input scales, "
+                             "same calibration tokens) | hqq (calibration-free zero-point fit, integer formats, "
+                             "always asymmetric)")
+    parser.add_argument("--static-groups", action="store_true",
+                        help="gptq-act-order with groups: group scales from the weights in input order, so no "
+                             "group index is stored")
+    parser.add_argument("--sparsity", default="none",
+                        help="none | 2:4 (keep the two largest of every four inputs) | 2:4-sparsegpt (SparseGPT "
+                             "from the calibration Hessians; with --algorithm gptq, or a plain fp16/bf16 format)")
+
+
 def scheme_from_args(args: argparse.Namespace, fmt: str):
     """The ``QuantScheme`` for format ``fmt`` that ``add_scheme_arguments``' options describe."""
     from qlab.core.quant import QuantScheme

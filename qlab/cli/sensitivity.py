@@ -8,6 +8,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 from qlab.cli.common import (
+    add_algorithm_arguments,
     add_eval_arguments,
     add_scheme_arguments,
     db_option,
@@ -43,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              help="quick ranking from one forward and one backward pass (no end-to-end replays; "
                                   "--unit and --reverse do not apply)")
     add_scheme_arguments(sensitivity, granularity="group")
+    add_algorithm_arguments(sensitivity)
     json_option(sensitivity, "write one row per linear layer and format as JSON")
     sensitivity.set_defaults(func=cmd_sensitivity)
 
@@ -61,6 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     recommend.add_argument("--plan", default=None, metavar="PATH",
                            help="also write the plan alone (qlab, torchao FqnToConfig, optimum-quanto map)")
     add_scheme_arguments(recommend, granularity="group")
+    add_algorithm_arguments(recommend)
     json_option(recommend, "print the recommendation and the measurements as JSON")
     recommend.set_defaults(func=cmd_recommend)
 
@@ -89,7 +92,9 @@ def _recording(db, make_meta: Callable[[], object]) -> Iterator[object | None]:
 
 def _setup(args: argparse.Namespace):
     """Model, schemes and evaluation spec the arguments describe, and the database to store into (``--db`` or
-    ``QLAB_DB``, checked before the model loads; None when not storing)."""
+    ``QLAB_DB``, checked before the model loads; None when not storing). A text too short to calibrate the
+    schemes' algorithm on is refused here, before any work."""
+    from qlab.analyses.sensitivity import check_calibration
     from qlab.analyses.sweep import parse_formats
     from qlab.models.loading import load
     from qlab.store import requested_path
@@ -98,7 +103,17 @@ def _setup(args: argparse.Namespace):
     spec = eval_spec(args)
     db = requested_path(args.db)
     loaded = load(args.model, **load_options(args))
+    check_calibration(loaded, schemes, spec)
     return loaded, schemes, spec, db
+
+
+def _calibrate(loaded, schemes, spec, progress: Callable[[float, str], None], at: float):
+    """``calibrate``'s statistics and record, the bar held at ``at`` meanwhile, and the run settings that
+    store the record (as the sweep stores its calibration tokens)."""
+    from qlab.analyses.sensitivity import calibrate
+
+    stats, record = calibrate(loaded, schemes, spec, lambda f, m: progress(at, f"calibration: {m}"))
+    return stats, record, ({"calibration": record} if record else {})
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -114,12 +129,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     view = "reverse" if args.reverse else "forward"
     with progress_bar(args.quiet, "sensitivity") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"FP32 baseline: {m}"))
+        stats, record, stored = _calibrate(loaded, schemes, spec, progress, 0.1)
         meta = functools.partial(sensitivity_meta, "sensitivity", loaded, schemes, spec, baseline, unit=args.unit,
-                                 view=view, blocks=not args.no_blocks, predict=not args.no_predict)
+                                 view=view, blocks=not args.no_blocks, predict=not args.no_predict, **stored)
         with _recording(db, meta) as recorder:
             report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit, view=view,
                              predict=not args.no_predict, progress=lambda f, m: progress(0.1 + 0.9 * f, m),
-                             on_records=recorder and sensitivity_saver(recorder))
+                             on_records=recorder and sensitivity_saver(recorder), calibration=stats,
+                             calibration_record=record)
             if recorder:
                 save_summary(recorder, seconds=report.seconds)
     rows = report.rows()
@@ -178,16 +195,19 @@ def cmd_recommend(args: argparse.Namespace) -> None:
     loaded, schemes, spec, db = _setup(args)
     with progress_bar(args.quiet, "recommend") as progress:
         baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
+        stats, calibrated, stored = _calibrate(loaded, schemes, spec, progress, 0.05)
         meta = functools.partial(sensitivity_meta, "recommend", loaded, schemes, spec, baseline, unit=args.unit,
-                                 blocks=not args.no_blocks, budget_bits=args.budget_bits, budget_gb=args.budget_gb)
+                                 blocks=not args.no_blocks, budget_bits=args.budget_bits, budget_gb=args.budget_gb,
+                                 **stored)
         with _recording(db, meta) as recorder:
             report = analyze(loaded, schemes, baseline, blocks=not args.no_blocks, unit=args.unit,
                              progress=lambda f, m: progress(0.05 + 0.75 * f, m),
-                             on_records=recorder and sensitivity_saver(recorder))
+                             on_records=recorder and sensitivity_saver(recorder), calibration=stats,
+                             calibration_record=calibrated)
             choices = choices_from(loaded, report)
             mixes, rows = compare(loaded, choices, [budget], baseline,
                                   progress=lambda f, m: progress(0.8 + 0.2 * f, f"measure {m}"),
-                                  on_row=recorder and (lambda row: recorder.save(row, "mix")))
+                                  on_row=recorder and (lambda row: recorder.save(row, "mix")), calibration=stats)
             record = recommendation_record(loaded, report, choices, mixes[0], rows)
             if recorder:
                 recorder.save({**record, "label": mixes[0].label}, "recommendation")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qlab.cli.common import (
+    add_algorithm_arguments,
     add_eval_arguments,
     add_scheme_arguments,
     db_option,
@@ -29,18 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     db_option(parser, "run database to store into (default: $QLAB_DB, else the user's data directory)")
     parser.add_argument("--no-store", action="store_true", help="do not record this sweep in the run database")
     parser.add_argument("--hardware", default="this-machine", help="hardware id recorded with the run")
-    parser.add_argument("--algorithm", default="rtn",
-                        help="rtn (round to nearest) | gptq (error-compensating; Hessians from 4096 tokens at the "
-                             "end of the evaluation text, apart from the tokens evaluated) | gptq-act-order (GPTQ, "
-                             "inputs with the largest Hessian diagonal first) | awq (activation-aware input scales, "
-                             "same calibration tokens) | hqq (calibration-free zero-point fit, integer formats, "
-                             "always asymmetric)")
-    parser.add_argument("--static-groups", action="store_true",
-                        help="gptq-act-order with groups: group scales from the weights in input order, so no "
-                             "group index is stored")
-    parser.add_argument("--sparsity", default="none",
-                        help="none | 2:4 (keep the two largest of every four inputs) | 2:4-sparsegpt (SparseGPT "
-                             "from the calibration Hessians; with --algorithm gptq, or a plain fp16/bf16 format)")
+    add_algorithm_arguments(parser)
     device_options(parser)
     add_scheme_arguments(parser, granularity="channel")
     json_option(parser, "write the result rows as JSON, rewritten after each scheme")
