@@ -61,9 +61,12 @@ def test_kv_cache_of_an_mla_model(context, batch):
     plan = memory.plan("deepseek-v3", INT4_G128, context, batch, "bf16", "h200-sxm-141gb", vllm)
     assert plan.kv_cache_bytes == expected
     assert plan.kv.per_gpu_bytes(8) == plan.kv.total_bytes  # the latent is replicated, not split, across TP ranks
-    # transformers' DeepSeek code caches decompressed keys (192) and values (128) for each of 128 heads.
+    # transformers 5.x caches the same latent (kv_lora_rank as keys, the rotated 64 as values), unpaged, and
+    # decompresses one layer's latents into 128 heads of keys (192) and values (128) only while it attends.
     eager = memory.plan("deepseek-v3", INT4_G128, context, batch, "bf16")
-    assert eager.kv_cache_bytes == 128 * (192 + 128) * 61 * 2 * context * batch
+    assert eager.kv_cache_bytes == eager.steady.kv_bytes == (512 + 64) * 61 * 2 * context * batch
+    assert eager.steady.bytes_of("decode step") == max(2 * batch * context * 128 * (128 + 128 + 128 + 64),
+                                                       2 * batch * (context + 1) * 512)
 
 
 def test_kv_dtypes_store_their_scales():

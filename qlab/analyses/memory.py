@@ -45,13 +45,15 @@ FORMULAS: dict[str, str] = {
                "lm_head, norms, biases, routers, a vision tower) x bits of the unquantized format / 8; GGUF files: "
                "each tensor at the ggml type llama-quantize gives it",
     "kv_cache": "per layer and token: KV heads x (K + V bytes of one head vector in the KV format, scales "
-                "included); MLA: one latent of kv_lora_rank + qk_rope_head_dim (transformers: decompressed per "
-                "head). How many tokens each layer holds depends on the runtime: transformers' prefill holds the "
+                "included); MLA: one latent of kv_lora_rank + qk_rope_head_dim per token and layer (transformers "
+                "5.x too: the latent as keys, the rotated part as values, decompressed per layer only while it "
+                "attends). How many tokens each layer holds depends on the runtime: transformers' prefill holds the "
                 "whole prompt in every layer (sliding ones too), its steady state min(context, window) in sliding "
                 "layers; vLLM pages of block_size tokens; llama.cpp n_ctx cells padded to 256",
     "activations": "transformers: the largest working set of one layer on top of the cache: bytes x batch x "
                    "prompt x (4 x hidden + rotary + the attention or MLP widths alive at once), boolean sliding "
-                   "masks (1 B x prompt^2) and their converted copy in SDPA, eager scores, int8 weight "
+                   "masks (1 B x prompt^2) and their converted copy in SDPA, eager scores, MoE experts as grouped_mm "
+                   "gathers them, MLA's decompressed keys and values, int8 weight "
                    "dequantization or fp8 activation quantization; vLLM: its profile run of "
                    "max_num_batched_tokens; llama.cpp: its compute buffer for one ubatch",
     "overhead": "a fixed runtime allowance per device: CUDA context, cuBLAS handles and caching-allocator "
@@ -363,7 +365,7 @@ def kv_cache(arch: Architecture, context_tokens: int, batch: int, kv_dtype: str 
     tokens = batch * (arch.num_global_layers * context_tokens + arch.num_sliding_layers * min(context_tokens, window))
     values = 0 if arch.model_type in ENCODER_MODEL_TYPES else tokens * heads * sum(widths)
     codes = -(-values * fmt.code_bits // 8)
-    shards = 1 if arch.uses_mla and not runtime.startswith("transformers") else heads
+    shards = 1 if arch.uses_mla else heads
     return KVCache(fmt.name, fmt.name, values, total, total - codes, shards)
 
 
@@ -549,13 +551,23 @@ def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[
         notes.append(f"MoE: all {arch.num_experts} experts per layer are resident; each token runs "
                      f"{arch.experts_per_token}, so {active_params:,} of {params:,} parameters are active "
                      "(what decode speed depends on).")
+        if runtime.name.startswith("transformers"):
+            notes.append("MoE prefill: the experts' working set is modelled on transformers 5.x's default grouped_mm "
+                         "experts (every routed token's input, gate_up output and down output gathered at once: "
+                         f"{arch.experts_per_token} x max(hidden + 4 x expert width, 4 x hidden) values a token), "
+                         "checked on Qwen3-30B-A3B on an H200; the looped eager experts (CPU, or "
+                         "experts_implementation='eager') hold far less and are not modelled.")
+        else:
+            notes.append("MoE prefill: the experts' working set is an estimate (one MLP per routed expert), not "
+                         f"read from {runtime.label}'s fused kernels.")
     if arch.max_context_tokens and context_tokens > arch.max_context_tokens:
         notes.append(f"{context_tokens:,} tokens is beyond the model's max_position_embeddings "
                      f"({arch.max_context_tokens:,}); quality past it is not guaranteed.")
     if arch.uses_mla:
-        notes.append("MLA: vLLM and llama.cpp cache the compressed latent; transformers' DeepSeek code caches "
-                     "decompressed K and V per head, far larger. A latent is replicated on every tensor-parallel "
-                     "GPU.")
+        notes.append("MLA: every runtime caches the compressed latent (kv_lora_rank + qk_rope_head_dim values per "
+                     "token and layer); transformers decompresses one layer's latents into per-head keys and values "
+                     "while that layer attends, an activation counted in the prefill peak and in each decode step. A "
+                     "latent is replicated on every tensor-parallel GPU.")
     if not runtime.measured:
         notes.append(f"{runtime.label}: these figures reproduce its own formulas ({runtime.source}); qlab has not "
                      "measured them.")

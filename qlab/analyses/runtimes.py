@@ -196,14 +196,16 @@ def _fmt(n: int) -> str:
 def kv_widths(a: Architecture, runtime: str) -> tuple[tuple[int, ...], int]:
     """(widths of the vectors cached per token and layer, how many of them): K and V per KV head, or MLA's latent.
 
-    transformers' DeepSeek code caches decompressed keys and values per head; vLLM one latent of kv_lora_rank +
+    MLA caches one latent per token whatever the runtime: transformers 5.x (DeepseekV3Attention.forward, "cache
+    read / write is performed while latent KV is still compressed") stores the normalised kv_lora_rank part as
+    keys and the rotated qk_rope_head_dim part as values, one head; vLLM one latent of kv_lora_rank +
     qk_rope_head_dim; llama.cpp that latent as K and kv_lora_rank as V.
     """
-    if a.uses_mla and not runtime.startswith("transformers"):
-        latent = (a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0)
-        return ((latent,) if runtime == "vllm" else (latent, a.kv_lora_rank or 0)), 1
     if a.uses_mla:
-        return (a.head_dim, a.v_head_dim or a.head_dim), a.num_attention_heads
+        rank, rope = a.kv_lora_rank or 0, a.qk_rope_head_dim or 0
+        if runtime.startswith("transformers"):
+            return (rank, rope), 1
+        return ((rank + rope,) if runtime == "vllm" else (rank + rope, rank)), 1
     return (a.head_dim, a.head_dim), a.num_kv_heads
 
 
@@ -234,18 +236,39 @@ def _layer_kv(a: Architecture, kv: KVFormat, group: int, runtime: str, tokens: i
 # --- transformers: the working set of one layer ----------------------------------------------------------
 
 
-def _widths(a: Architecture) -> dict[str, int]:
+def _widths(a: Architecture, grouped_experts: bool = False) -> dict[str, int]:
+    """Values per token alive in one layer's stages. ``grouped_experts``: the routed experts run as transformers
+    5.x runs them on a GPU (``integrations/moe.py grouped_mm_experts_forward``, its default
+    experts_implementation), else as one MLP per routed expert (the engines' fused kernels, an estimate)."""
     heads, kv_heads = a.num_attention_heads, a.num_kv_heads
     v_dim = a.v_head_dim or a.head_dim
     family = architectures.family(a)
+    h, width = a.hidden_size, a.moe_intermediate_size
     mlp = 0
     if a.num_dense_layers:
         mlp = (4 if family.fused else 3) * a.intermediate_size  # gate, act(gate), up, product (fused: gate_up too)
-    if a.is_moe and a.num_moe_layers:
+    if a.is_moe and a.num_moe_layers and grouped_experts:
+        # grouped_mm keeps the gathered inputs (S x hidden, S = tokens x experts_per_token) for the whole call:
+        # with the gate_up output and its masked_fill copy (+ the gathered biases), then at the end the down
+        # output, its masked copy, the weighted copy and its unpermuted gather (+ the gathered down biases).
+        bias = family.expert_bias
+        routed = a.experts_per_token * max(h + (6 if bias else 4) * width, (5 if bias else 4) * h)
+        # The shared experts run afterwards, beside the routed output.
+        mlp = max(mlp, routed, h + 3 * a.num_shared_experts * width)
+    elif a.is_moe and a.num_moe_layers:
         # Routed tokens run experts_per_token expert MLPs (each 3 x width, like a dense one) plus the shared ones.
-        routed = a.experts_per_token * (2 * a.hidden_size + 3 * a.moe_intermediate_size)
-        mlp = max(mlp, routed + 3 * a.num_shared_experts * a.moe_intermediate_size)
-    return {"q": heads * a.head_dim, "out": heads * v_dim, "kv": kv_heads * (a.head_dim + v_dim),
+        routed = a.experts_per_token * (2 * h + 3 * width)
+        mlp = max(mlp, routed + 3 * a.num_shared_experts * width)
+    mla = 0
+    if a.uses_mla:
+        # transformers' expand_kv decompresses the cached latents of every key token: kv_b_proj's output
+        # (nope + v per head; V is a view of it) and the keys it concatenates with the rotated part.
+        nope, rope = a.qk_nope_head_dim or 0, a.qk_rope_head_dim or 0
+        mla = heads * (nope + v_dim + nope + rope)
+    return {"mla_keys": mla,
+            # MLA's queries: the rotated part and their concatenation; the output's contiguous copy.
+            "mla_queries": heads * ((a.qk_rope_head_dim or 0) + a.head_dim + v_dim) if a.uses_mla else 0,
+            "q": heads * a.head_dim, "out": heads * v_dim, "kv": kv_heads * (a.head_dim + v_dim),
             # repeat_kv copies keys and values per query head, except from one KV head (a stride-0 view).
             "repeat": 0 if kv_heads in (1, heads) else heads * (a.head_dim + v_dim), "mlp": mlp,
             "rope": 0 if family.encoder else 2 * (a.qk_rope_head_dim or a.head_dim) * (
@@ -278,7 +301,7 @@ def _transformers_prefill(i: Inputs, static: bool, offloaded: bool) -> tuple[lis
     a, ab = i.arch, i.act_bytes
     q = i.chunk or i.prompt  # queries of one forward; keys span the prompt so far
     t = i.batch * q
-    w = _widths(a)
+    w = _widths(a, grouped_experts=True)
     eager = i.options.get("eager_attention", False)
     window = a.sliding_window_tokens
     masked_local = bool(a.num_sliding_layers) and window is not None and i.prompt >= window
@@ -289,7 +312,7 @@ def _transformers_prefill(i: Inputs, static: bool, offloaded: bool) -> tuple[lis
     base = ab * t * (4 * a.hidden_size) + ab * t * w["rope"]
     mlp_stage = base + ab * t * w["mlp"]
     # In attention the residual is still the layer's input: three hidden-sized tensors, then q and the output.
-    attention = ab * t * (w["q"] + w["out"] - a.hidden_size)
+    attention = ab * t * (w["q"] + w["out"] - a.hidden_size + w["mla_queries"]) + ab * i.batch * i.prompt * w["mla_keys"]
     # Keys and values of the current layer are activations only where the cache does not own them.
     own_kv = layer_kv if (static and masked_local) or offloaded else 0
     comps: list[Component] = []
@@ -364,6 +387,12 @@ def _transformers(i: Inputs, kind: str) -> tuple[MemoryState, MemoryState]:
         step = max(k_layer, v_layer) + (k_layer + v_layer if offloaded else 0)
         step_formula = "torch.cat copies one layer's keys (or values), one token longer" + (
             ", beside the layer being decoded" if offloaded else "")
+    if a.uses_mla:
+        # Each decode step decompresses one layer's whole latent cache again (expand_kv), after the cache update.
+        expanded = i.act_bytes * i.batch * i.context * _widths(a)["mla_keys"]
+        if expanded > step:
+            step, step_formula = expanded, (f"MLA: one layer's cached latents decompressed into per-head keys and "
+                                            f"values: {i.act_bytes} B x batch x context x heads x (2 x nope + rope + v)")
     kernels = [(n, b, f) for n, b, f, _ in _kernel_transients(i) if n.startswith("int8")]
     steady = [*fixed[:2], Component("KV cache", steady_kv, "global layers x context + sliding layers x "
                                   "min(context, window)" if not offloaded else kv_formula, kind="kv"),
