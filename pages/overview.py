@@ -12,6 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from pages import common
+from qlab import views
 from qlab.analyses import overview, verdict
 from qlab.analyses.sweep import check_schemes
 from qlab.core.errors import QlabError
@@ -77,9 +78,16 @@ loss = verdict.loss_measure(loaded.kind)
 answer = st.container()  # filled below, once the bound is read
 bound_column, measure_column = st.columns([2, 3])
 bound_key = f"overview_bound_{loaded.kind}"
+if not st.session_state.get("overview_bound_linked"):  # a shared link's bound, once per session (as the sidebar)
+    st.session_state["overview_bound_linked"] = True
+    linked = views.params_to_view(st.query_params.to_dict()).get("bound")  # a bad one is said by page_setup
+    if linked is not None:
+        st.session_state[bound_key] = linked
 st.session_state.setdefault(bound_key, loss.default_bound)
 bound = bound_column.number_input(f"Accuracy bound: the most {loss.title} you accept", min_value=0.0,
                                   step=loss.default_bound / 10, format="%g", key=bound_key)
+if st.query_params.get("bound") != (shared_bound := views.view_to_params({"bound": float(bound)})["bound"]):
+    st.query_params["bound"] = shared_bound  # the share link carries the bound the verdict uses
 st.session_state.setdefault("overview_measure", True)
 measure_here = measure_column.toggle("Also measure speed on this machine", key="overview_measure",
                                      help="One real backend per format, a few short runs each; the 16-bit "
@@ -218,7 +226,7 @@ for column, panel in zip([*top, *bottom], ("accuracy", "memory", "speed", "sensi
 share, download = st.columns([3, 2])
 if st.context.url:
     link = st.context.url + "?" + urllib.parse.urlencode(st.query_params.to_dict(), safe=",/:")
-    share.caption("Share this answer (model, target, formats and evaluation settings; the bound is set here):")
+    share.caption("Share this answer (model, target, formats, evaluation settings and the accuracy bound):")
     share.code(link, language=None)
 download.download_button(
     "Download this overview (HTML)", key="overview_download", mime="text/html",

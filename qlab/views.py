@@ -1,13 +1,15 @@
 """Shareable views: the dashboard's choices as URL query parameters and back (pure; the pages do the I/O).
 
 A view is a plain mapping: ``model``, ``hardware``, ``formats`` (list), ``granularity``, ``group_size``,
-``symmetric``, ``calibration``, ``tokens``, ``page`` and ``runs`` (stored run ids, list). ``view_to_params``
+``symmetric``, ``calibration``, ``tokens``, ``page``, ``runs`` (stored run ids, list) and ``bound`` (the
+Overview's accuracy bound, a number of 0 or more). ``view_to_params``
 writes the keys present as short strings; ``params_to_view`` reads them back, keeping only values that are
 valid, because a URL is typed, pasted and truncated by people: a bad parameter is dropped, never raised.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -19,11 +21,13 @@ from qlab.core.quant import CALIBRATIONS, GRANULARITIES
 PARAMS: dict[str, str] = {
     "model": "model", "hardware": "hw", "formats": "formats", "granularity": "gran", "group_size": "group",
     "symmetric": "sym", "calibration": "calib", "tokens": "tokens", "page": "page", "runs": "runs",
+    "bound": "bound",
 }
 LIST_KEYS = ("formats", "runs")
 MAX_TOKENS = 65_536  # as qlab.models.evaluate caps the budget
 _SAFE = re.compile(r"[A-Za-z0-9/~.][A-Za-z0-9._/~@:+-]{0,199}")  # model ids, paths, hardware ids, page names
 _RUN_ID = re.compile(r"[0-9a-f]{4,64}")
+_NUMBER = re.compile(r"(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)
 
 
 def view_to_params(view: Mapping[str, Any]) -> dict[str, str]:
@@ -37,6 +41,8 @@ def view_to_params(view: Mapping[str, Any]) -> dict[str, str]:
             params[name] = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
             params[name] = "1" if value else "0"
+        elif isinstance(value, float):
+            params[name] = repr(value)  # the shortest text that reads back as the same number
         else:
             params[name] = str(value)
     return params
@@ -104,6 +110,9 @@ def _parse(key: str, text: str) -> Any:
         number = int(text)
         upper = MAX_TOKENS if key == "tokens" else 1 << 16
         return number if 1 <= number <= upper else None
+    if key == "bound":
+        number = float(text) if _NUMBER.fullmatch(text) else math.nan  # no sign, nan, inf, hex or underscores
+        return number if math.isfinite(number) else None
     if key == "symmetric":
         return {"1": True, "true": True, "0": False, "false": False}.get(text.lower())
     if key == "granularity":

@@ -9,7 +9,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from qlab.analyses import overview
+from qlab.analyses import overview, verdict
 from qlab.core.errors import Cancelled
 from qlab.core.quant import QuantScheme
 from qlab.models import hardware
@@ -116,6 +116,31 @@ def test_all_stored_starts_nothing(db, minilm):
     assert headline(at).startswith("Ship int4 g64"), headline(at)
     html = at.get("download_button")
     assert html and not computing(at)
+
+
+def test_a_shared_link_sets_the_bound_the_verdict_uses_and_a_bad_one_is_said(db, minilm):
+    request = stored_request(70)
+    pieces = overview.Pieces()
+    recorded.OverviewJob(minilm, request, pieces, recorded.steps(minilm, request, pieces, measure_here=False),
+                         db).run()
+    at = page(70)
+    at.query_params["bound"] = "1"
+    run(at)
+    assert at.number_input(key="overview_bound_embedding").value == 1.0
+    assert headline(at).startswith("Ship int4 g64"), headline(at)  # every format is within the linked bound
+    assert at.query_params["bound"] == "1.0"
+    at.number_input(key="overview_bound_embedding").set_value(0.25)
+    run(at)
+    assert at.query_params["bound"] == "0.25" and at.number_input(key="overview_bound_embedding").value == 0.25
+    for text in ("nan", "-1", "lots"):
+        bad = page(70)
+        bad.query_params["bound"] = text
+        run(bad)
+        assert not bad.error, [e.value for e in bad.error]
+        assert any(f"bound={text}" in w.value for w in bad.warning), [w.value for w in bad.warning]
+        default = verdict.loss_measure("embedding").default_bound
+        assert bad.number_input(key="overview_bound_embedding").value == default
+        assert bad.query_params["bound"] == repr(default)
 
 
 def test_a_format_that_does_not_fit(db, monkeypatch, minilm):

@@ -8,7 +8,7 @@ from qlab.views import ignored_params, params_to_view, view_to_params
 
 FULL = {"model": "smollm2-135m", "hardware": "h100-sxm-80gb", "formats": ["fp16", "int8", "nf4"],
         "granularity": "group", "group_size": 64, "symmetric": False, "calibration": "mse", "tokens": 1024,
-        "page": "quantize", "runs": ["abcd12345678", "ef0123456789"]}
+        "page": "quantize", "runs": ["abcd12345678", "ef0123456789"], "bound": 0.005}
 
 
 def test_round_trip_through_a_real_url():
@@ -17,7 +17,12 @@ def test_round_trip_through_a_real_url():
     assert params_to_view(dict(parse_qsl(url_query))) == FULL
     assert params == {"model": "smollm2-135m", "hw": "h100-sxm-80gb", "formats": "fp16,int8,nf4", "gran": "group",
                       "group": "64", "sym": "0", "calib": "mse", "tokens": "1024", "page": "quantize",
-                      "runs": "abcd12345678,ef0123456789"}
+                      "runs": "abcd12345678,ef0123456789", "bound": "0.005"}
+
+
+@pytest.mark.parametrize("bound", [0.0, 0.01, 1e-7, 0.1 + 0.2, 12.5, 1e300])
+def test_the_accuracy_bound_survives_a_url_exactly(bound):
+    assert params_to_view(dict(parse_qsl(urlencode(view_to_params({"bound": bound}))))) == {"bound": bound}
 
 
 @pytest.mark.parametrize("model", ["minilm-l6", "HuggingFaceTB/SmolLM2-135M", "/data/models/my-model",
@@ -108,3 +113,7 @@ def test_ignored_params_name_what_a_link_lost_and_echo_no_markup():
     assert ignored_params(params) == ["model=?b?x?/b?", "formats=int99", "gran=row", "tokens=-5"]
     assert ignored_params({"formats": "int8,int4", "runs": "abcd1234"}) == []
     assert ignored_params({"tokens": "9" * 80}) == ["tokens=" + "9" * 40]
+    bad_bounds = {"abc": "abc", "-0.1": "-0.1", "nan": "nan", "inf": "inf", "1e999": "1e999", "0x1": "0x1",
+                  "<i>1</i>": "?i?1?/i?"}
+    for text, shown in bad_bounds.items():
+        assert params_to_view({"bound": text}) == {} and ignored_params({"bound": text}) == [f"bound={shown}"]
