@@ -8,6 +8,13 @@ DynamicCache), then one decode step on that cache. It records the bytes the weig
 layers still holding the whole prompt), and what stays after the decode step (sliding layers trimmed to their
 window: the steady state). qlab's ``transformers`` runtime plan estimates the same three numbers.
 
+A model too large for one GPU is measured at reduced depth: ``--override num_hidden_layers=4,
+first_k_dense_replace=3`` changes the catalog config before both the build and the estimate (DeepSeek-V3: three
+dense layers and one MoE layer with all 256 experts, MLA in every layer); each row records its overrides. Every
+row also records the bytes of the cache's own tensors after the prefill (what transformers stores per layer), so
+the KV estimate is checked apart from the allocator. ``--device cpu`` is a smoke run of the same steps (no
+allocator figures).
+
 Measurement and estimate are separate steps, so the committed measurements can be re-estimated by a newer
 planner without a GPU: ``--measure-only`` writes measured rows; ``--reestimate IN`` adds qlab's estimates to
 them (what ``bench/results/memory_gpu.json`` holds). Goals: weights within 1 %, peak within 3 %.
@@ -54,12 +61,28 @@ def default_output() -> Path:
     return Path(out) / "memory_gpu.json" if out else Path(__file__).resolve().parent / "results" / "memory_gpu.json"
 
 
+def config(model: str, overrides: dict | None = None) -> dict | str:
+    """The catalog slug, or its config.json with ``overrides`` applied (a reduced-depth variant)."""
+    if not overrides:
+        return model
+    return {**architectures.get(model).config, **overrides}
+
+
+def parse_overrides(text: str | None) -> dict:
+    """``key=value,key=value`` with JSON values (``num_hidden_layers=4``) into a dict."""
+    pairs = [item.split("=", 1) for item in (text or "").split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--override takes key=value pairs separated by commas, got '{text}'")
+    return {key.strip(): json.loads(value) for key, value in pairs}
+
+
 def estimate(model: str, fmt: str, context: int, batch: int, hardware_id: str, runtime: str = "transformers",
-             eager: bool = False, workspace_in_base: bool = False) -> dict:
+             eager: bool = False, workspace_in_base: bool = False, overrides: dict | None = None) -> dict:
     """qlab's figures for one benchmark row (no GPU needed): the runtime's prefill peak and steady decode
     state as torch's allocator sees them (no CUDA context). ``workspace_in_base``: the row's baseline already
     held cuBLAS's workspace (every model after the first in one process), so it is not part of the row."""
-    plan = memory.plan(model, memory.weight_spec(TORCHAO_LAYOUTS[fmt] or "bf16"), context, batch, "bf16",
+    plan = memory.plan(config(model, overrides), memory.weight_spec(TORCHAO_LAYOUTS[fmt] or "bf16"), context, batch,
+                       "bf16",
                        hardware_id, memory.Assumptions(runtime=runtime, attention_scores_materialised=eager))
     workspace = runtimes.CUBLAS_WORKSPACE_BYTES if workspace_in_base else 0
     rounding = plan.peak.bytes_of("allocator block rounding")
@@ -78,8 +101,11 @@ def with_estimates(row: dict, hardware_id: str, workspace_in_base: bool) -> dict
     """A measured row with qlab's estimate and the relative errors (estimate / measured - 1); the steady state
     is compared with what stays allocated after one decode step (sliding layers trimmed to their window)."""
     row = {**row, **estimate(row["model"], row["format"], row["context_tokens"], row["batch"], hardware_id,
-                             row.get("runtime", "transformers"), row.get("attention") == "eager", workspace_in_base)}
+                             row.get("runtime", "transformers"), row.get("attention") == "eager", workspace_in_base,
+                             row.get("config_overrides"))}
     row["base_holds_cublas_workspace"] = workspace_in_base
+    if row.get("measured_cache_bytes"):
+        row["kv_error"] = row["estimated_kv_peak_bytes"] / row["measured_cache_bytes"] - 1
     for key, measured, estimated in (
             ("weights", "measured_weights_bytes", "estimated_weights_allocated_bytes"),
             ("peak", "measured_peak_allocated_bytes", "estimated_peak_allocated_bytes"),
@@ -101,22 +127,22 @@ def estimated_rows(rows: list[dict], hardware_id: str) -> list[dict]:
     rows = [{**dict.fromkeys(MEASURED), **r} for r in rows]
     return [with_estimates(r, hardware_id, r.get("base_holds_cublas_workspace",
                                                  (r["model"], r["format"]) != first))
-            if r.get("measured_peak_allocated_bytes") else r for r in rows]
+            if r.get("measured_peak_allocated_bytes") or r.get("measured_cache_bytes") else r for r in rows]
 
 
 # --- measurement (CUDA only) ----------------------------------------------------------------------------
 
 
-def _hf_config(model: str):
+def _hf_config(model: str, overrides: dict | None = None):
     import transformers
 
-    config = dict(architectures.get(model).config)
+    config = {**architectures.get(model).config, **(overrides or {})}
     for key in ("quantization_config", "auto_map", "torch_dtype", "dtype"):
         config.pop(key, None)
     return transformers.AutoConfig.for_model(**config)
 
 
-def _build(model: str):
+def _build(model: str, overrides: dict | None = None, device: str = "cuda"):
     """The catalog architecture with random bf16 weights, created directly on the GPU.
 
     SDPA where the family supports it, else what transformers falls back to (Gemma-2's soft-capping and
@@ -128,11 +154,11 @@ def _build(model: str):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             try:
-                network = AutoModelForCausalLM.from_config(_hf_config(model), attn_implementation="sdpa")
+                network = AutoModelForCausalLM.from_config(_hf_config(model, overrides), attn_implementation="sdpa")
             except ValueError:
-                network = AutoModelForCausalLM.from_config(_hf_config(model), attn_implementation="eager")
+                network = AutoModelForCausalLM.from_config(_hf_config(model, overrides), attn_implementation="eager")
     finally:
         torch.set_default_dtype(previous)
     return network.to(torch.bfloat16).eval().requires_grad_(False)
@@ -182,7 +208,26 @@ def _free() -> None:
     import torch
 
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _allocated(device: str, peak: bool = False) -> int:
+    """torch.cuda's (peak) allocated bytes; 0 on the CPU, where a smoke run measures no allocator."""
+    import torch
+
+    if device != "cuda":
+        return 0
+    return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+
+
+def _cache_bytes(cache) -> int | None:
+    """Bytes of the tensors a DynamicCache holds (every layer's keys and values), as transformers stores them."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    return sum(t.nbytes for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+               if t is not None)
 
 
 def _cache(network, kind: str, context: int):
@@ -201,52 +246,65 @@ def _step(network, ids, cache=None):
 
     with torch.inference_mode():
         out = network(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
+    if ids.is_cuda:
+        torch.cuda.synchronize()
     return out
 
 
 def _measure_contexts(network, model: str, fmt: str, contexts: list[int], batch: int, base: int,
-                      weights: int, stored: int) -> list[dict]:
+                      weights: int, stored: int, overrides: dict, device: str) -> list[dict]:
     import torch
 
-    vocab = architectures.get(model).vocab_size
+    cuda = device == "cuda"
+    vocab = network.config.vocab_size
     attention = network.config._attn_implementation
-    kinds = ("dynamic", *CACHES.get(model, ())) if fmt == "bf16" else ("dynamic",)
+    kinds = ("dynamic", *CACHES.get(model, ())) if fmt == "bf16" and not overrides else ("dynamic",)
     rows = []
     for context, kind in ((c, k) for c in contexts for k in kinds):
         row = {"model": model, "format": fmt, "context_tokens": context, "batch": batch, "error": None,
                "runtime": "transformers" if kind == "dynamic" else f"transformers-{kind}",
-               "attention": attention, "measured_weights_bytes": weights, "measured_stored_weights_bytes": stored}
+               "attention": attention, "measured_weights_bytes": weights if cuda else None,
+               "measured_stored_weights_bytes": stored}
+        if overrides:
+            row["config_overrides"] = overrides
+        if hasattr(network.config, "_experts_implementation"):
+            row["experts_implementation"] = network.config._experts_implementation
         _free()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         try:
-            ids = torch.randint(0, vocab, (batch, context), device="cuda")
+            ids = torch.randint(0, vocab, (batch, context), device=device)
             out = _step(network, ids, _cache(network, kind, context))
-            row["measured_peak_allocated_bytes"] = torch.cuda.max_memory_allocated() - base
-            row["measured_after_prefill_bytes"] = torch.cuda.memory_allocated() - base
+            if cuda:
+                row["measured_peak_allocated_bytes"] = _allocated(device, peak=True) - base
+                row["measured_after_prefill_bytes"] = _allocated(device) - base
             row["prefill_s"] = round(time.perf_counter() - started, 3)
             cache, last = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            row["measured_cache_bytes"] = _cache_bytes(cache) if kind == "dynamic" else None
             del out, ids
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             out = _step(network, last, cache)
             del out, last
-            row["measured_decode_peak_bytes"] = torch.cuda.max_memory_allocated() - base
-            row["measured_after_decode_bytes"] = torch.cuda.memory_allocated() - base
+            if cuda:
+                row["measured_decode_peak_bytes"] = _allocated(device, peak=True) - base
+                row["measured_after_decode_bytes"] = _allocated(device) - base
             del cache
         except torch.cuda.OutOfMemoryError as exc:
             row["error"] = f"OutOfMemoryError: {str(exc).splitlines()[0][:160]}"
         except Exception as exc:  # a cache kind this transformers lacks: record it, keep the other rows
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        row["measured_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        if cuda:
+            row["measured_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         rows.append(row)
     return rows
 
 
-def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget_s: float, sink) -> list[dict]:
-    """Build, quantize, prefill and decode on CUDA, one row per (model, format, context), within a time budget."""
-    import torch
-
+def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget_s: float, sink,
+            overrides: dict | None = None, device: str = "cuda") -> list[dict]:
+    """Build (with ``overrides`` on the catalog config), quantize, prefill and decode, one row per (model,
+    format, context), within a time budget."""
     rows, started, warm = [], time.perf_counter(), False
     for model, fmt in plan:
         arch = architectures.get(model)
@@ -257,18 +315,19 @@ def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget
             continue
         _free()
         done = len(rows)
-        base = torch.cuda.memory_allocated()
+        base = _allocated(device)
         network, error = None, None
         try:
-            network = _build(model)
+            network = _build(model, overrides, device)
             if fmt != "bf16":
                 _torchao_quantize(network, fmt)
                 _free()
         except Exception as exc:  # a torchao layout this GPU/torch lacks, or OOM: record it and go on
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if error is None:
-            weights = torch.cuda.memory_allocated() - base
-            rows += _measure_contexts(network, model, fmt, usable, batch, base, weights, _stored_bytes(network))
+            weights = _allocated(device) - base
+            rows += _measure_contexts(network, model, fmt, usable, batch, base, weights, _stored_bytes(network),
+                                      overrides or {}, device)
             # The first forward of a process allocates cuBLAS's workspace, which later baselines hold.
             for row in rows[done:]:
                 row["base_holds_cublas_workspace"] = warm
@@ -280,9 +339,21 @@ def measure(plan: list[tuple[str, str]], contexts: list[int], batch: int, budget
         _free()
         sink(rows)
         for row in rows[done:]:
-            result = row.get("error") or f"peak {row['measured_peak_allocated_bytes'] / 1e9:.3f} GB"
+            result = row.get("error") or (f"peak {row['measured_peak_allocated_bytes'] / 1e9:.3f} GB"
+                                          if row.get("measured_peak_allocated_bytes") else
+                                          f"cache {row.get('measured_cache_bytes')} B")
             print(f"{model:18} {fmt:5} {row['context_tokens']:6} {row.get('runtime', '')} {result}", flush=True)
     return rows
+
+
+def report(rows: list[dict]) -> None:
+    """One line per estimated row: the relative error of each compared figure."""
+    for row in rows:
+        errors = [f"{key} {row[f'{key}_error']:+.2%}" for key in ("weights", "peak", "steady", "kv")
+                  if row.get(f"{key}_error") is not None]
+        if errors:
+            print(f"{row['model']:18} {row['format']:5} {row['context_tokens']:6} {row.get('runtime', ''):22} "
+                  + "  ".join(errors), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +369,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="add the current planner's estimates to measured rows (no GPU)")
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="output file (default $OUT/memory_gpu.json or bench/results/memory_gpu.json)")
+    parser.add_argument("--override", default=None, metavar="KEY=VALUE,...",
+                        help="change the catalog config before building and estimating (a reduced-depth model)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a smoke run of the same steps, the cache's bytes only (no allocator figures)")
     args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.override)
+    except ValueError as exc:
+        parser.error(str(exc))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -315,17 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                        "transformers), recomputed from the stored measurements by --reestimate")
         payload["rows"] = estimated_rows(payload["rows"], args.hardware)
         write(payload)
-        for row in payload["rows"]:
-            if row.get("peak_error") is not None:
-                print(f"{row['model']:18} {row['format']:5} {row['context_tokens']:6} {row.get('runtime', ''):22} "
-                      f"weights {row['weights_error']:+.2%}  peak {row['peak_error']:+.2%}  "
-                      f"steady {row['steady_error']:+.2%}")
+        report(payload["rows"])
         return 0
     import torch
     import transformers
 
-    if not torch.cuda.is_available():
-        parser.error("no CUDA device; use --reestimate on measured rows instead")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device; use --reestimate on measured rows instead (or --device cpu for a smoke run)")
     try:
         import torchao
 
@@ -335,11 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLAN if args.models is None else [(m.strip(), f) for m in args.models.split(",") if m.strip()
                                              for f in formats]
     plan = [(m, f) for m, f in plan if f in formats and (f == "bf16" or torchao_version)]
-    free_bytes, total_bytes = torch.cuda.mem_get_info()
+    cuda = args.device == "cuda"
+    free_bytes, total_bytes = torch.cuda.mem_get_info() if cuda else (None, None)
     payload = {"benchmark": "memory_gpu", "goals": GOALS, "python": platform.python_version(),
-               "device": torch.cuda.get_device_name(0), "device_memory_bytes": total_bytes,
+               "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke run)",
+               "device_memory_bytes": total_bytes,
                # What the CUDA context and libraries take before any tensor: outside max_memory_allocated.
-               "context_bytes": total_bytes - free_bytes - torch.cuda.memory_reserved(),
+               "context_bytes": total_bytes - free_bytes - torch.cuda.memory_reserved() if cuda else None,
+               "config_overrides": overrides or None,
                "torch": torch.__version__, "transformers": transformers.__version__, "torchao": torchao_version,
                "allocator_config": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                "rows": []}
@@ -348,9 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         payload["rows"] = rows
         write(payload)
 
-    rows = measure(plan, [int(c) for c in args.contexts.split(",") if c.strip()], args.batch, args.budget_s, sink)
+    rows = measure(plan, [int(c) for c in args.contexts.split(",") if c.strip()], args.batch, args.budget_s, sink,
+                   overrides, args.device)
     if not args.measure_only:
-        sink(estimated_rows(rows, args.hardware))
+        rows = estimated_rows(rows, args.hardware)
+        sink(rows)
+        report(rows)
     print(f"wrote {output}")
     return 0
 

@@ -161,3 +161,20 @@ def test_the_current_planner_reproduces_the_committed_estimates(row):
     fresh = estimate(row["model"], row["format"], row["context_tokens"], row["batch"], "h200-sxm-141gb",
                      row["runtime"], row["attention"] == "eager", workspace)
     assert fresh["estimated_peak_allocated_bytes"] == row["estimated_peak_allocated_bytes"]
+
+
+def test_reduced_depth_deepseek_rows_are_estimated_on_the_reduced_config():
+    import sys
+
+    sys.path.insert(0, str(RESULTS.parent.parent))
+    from memory_gpu import estimate, parse_overrides
+
+    overrides = parse_overrides("num_hidden_layers=4,first_k_dense_replace=3")
+    assert overrides == {"num_hidden_layers": 4, "first_k_dense_replace": 3}
+    row = estimate("deepseek-v3", "bf16", 2048, 1, "h200-sxm-141gb", overrides=overrides)
+    # Four MLA layers cache one latent of 512 + 64 bf16 values per token, as transformers stores it.
+    assert row["estimated_kv_peak_bytes"] == 4 * 2048 * (512 + 64) * 2
+    full = estimate("deepseek-v3", "bf16", 2048, 1, "h200-sxm-141gb")
+    assert 25e9 < row["estimated_weights_bytes"] < 35e9 < full["estimated_weights_bytes"]
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides("num_hidden_layers")
