@@ -86,3 +86,49 @@ def test_act_order_with_static_groups_keeps_its_groups_in_order():
     scheme = QuantScheme.from_dict({**INT4, "algorithm": "gptq-act-order", "static_groups": True})
     note = plan_record(model(), scheme, "tiny")["torchao"]["FqnToConfig"]["0"]["note"]
     assert "act-order" in note and "activation order" not in note
+
+
+SPLIT_SCHEMES = [
+    QuantScheme("int4", "group", 32),
+    QuantScheme("int4", "group", 32, algorithm="gptq-act-order"),
+    QuantScheme("int4", "group", 32, algorithm="gptq-act-order", static_groups=True),
+    QuantScheme("int4", "group", 32, symmetric=False, algorithm="awq"),
+    QuantScheme("int8", "channel", sparsity="2:4"),
+    QuantScheme("fp16", sparsity="2:4-sparsegpt"),
+]
+
+
+@pytest.mark.parametrize("scheme", SPLIT_SCHEMES, ids=lambda s: s.label)
+def test_size_report_names_what_algorithms_add_and_keeps_every_total(scheme):
+    """2:4 positions, act-order's group index and AWQ's input scales are parts of their own: each equals its
+    formula from the layout (and the bytes the packed tensors really hold), the totals stay what they were."""
+    from qlab.core.algorithms import LayerStats, quantize_weight
+    from qlab.core.algorithms.gptq import hessian_from_inputs
+
+    net = model()
+    report = size_report(net, scheme)
+    linears = [net[0], net[2]]
+    parts = [scheme.storage_bytes(tuple(m.weight.shape)) for m in linears]
+    # Totals as the report counted them before the split: every part, and scales with zero-points.
+    assert report.quantized_bytes == sum(sum(p.values()) for p in parts)
+    assert report.scale_bytes == sum(p["scales"] + p["zero_points"] for p in parts)
+    assert report.size_bytes == report.quantized_bytes + (32 + 64) * 2  # the biases, at fp16
+    numel = [m.weight.numel() for m in linears]
+    inputs = [m.in_features for m in linears]
+    sparse = scheme.sparsity != "none"
+    assert report.metadata_bytes == (sum(n // 2 * 2 // 8 for n in numel) if sparse else 0)  # 2 bits per kept value
+    indexed = scheme.algorithm == "gptq-act-order" and not scheme.static_groups
+    assert report.index_bytes == (sum(4 * i for i in inputs) if indexed else 0)  # an int32 per input
+    assert report.awq_scale_bytes == (sum(2 * i for i in inputs) if scheme.algorithm == "awq" else 0)  # fp16
+    stored = [n // 2 if sparse else n for n in numel]
+    assert report.code_bytes == sum(s * scheme.fmt.bits // 8 for s in stored)
+    assert (report.code_bytes + report.scale_bytes + report.metadata_bytes + report.index_bytes
+            + report.awq_scale_bytes) == report.quantized_bytes
+    # The layout's formula is what the packed tensors hold.
+    torch.manual_seed(1)
+    x = torch.randn(256, 64)
+    packed = quantize_weight(net[0].weight, scheme, LayerStats(hessian_from_inputs(x), x.abs().mean(0))).packed()
+    held = {"metadata": "metadata", "group_index": "group_index", "input_scales": "input_scales"}
+    for part, key in held.items():
+        expected = parts[0].get(part, 0)
+        assert (packed[key].numel() * packed[key].element_size() if key in packed else 0) == expected, part

@@ -84,15 +84,10 @@ def weights(arch: Architecture, model: str, spec: SchemeSpec, matrices: Matrices
     rest = rest_formats.pop() if len(rest_formats) == 1 else "fp16"
     single = isinstance(spec, QuantScheme | Layout)
     label = schemes[0].label if single else "mixed: " + ", ".join(s.label for s in schemes)
-    quantized_params = quantized_bytes = scale_bytes = 0
-    for name, shape, count in matrices:
-        parts = chosen[name].storage_bytes(shape)
-        quantized_params += math.prod(shape) * count
-        quantized_bytes += sum(parts.values()) * count
-        scale_bytes += (parts["scales"] + parts["zero_points"]) * count
-    other_params = total_params - quantized_params
-    report = SizeReport(quantized_params, quantized_bytes, scale_bytes, other_params,
-                        other_params * get_format(rest).bits // 8)
+    other_params = total_params - sum(math.prod(shape) * count for _, shape, count in matrices)
+    report = SizeReport.from_parts(((math.prod(shape), chosen[name].storage_bytes(shape), count)
+                                    for name, shape, count in matrices),
+                                   other_params, other_params * get_format(rest).bits // 8)
     return report, label, rest, tuple(dict.fromkeys(s.format for s in schemes)), chosen
 
 

@@ -7,7 +7,7 @@ without importing each other.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,11 @@ def layer_schemes(model: torch.nn.Module, plan: SchemePlan) -> dict[str, QuantSc
     return {name: plan[name] for name in names if name in plan}
 
 
+# Where each part of ``QuantScheme.storage_bytes`` is counted in a SizeReport; codes are what is left.
+PART_FIELDS = {"scales": "scale_bytes", "zero_points": "scale_bytes", "metadata": "metadata_bytes",
+               "group_index": "index_bytes", "input_scales": "awq_scale_bytes"}
+
+
 @dataclass(frozen=True)
 class SizeReport:
     """Bytes of a model as stored under a scheme, split the way the Memory page shows them."""
@@ -90,6 +95,29 @@ class SizeReport:
     scale_bytes: int  # the scales and zero-points part of quantized_bytes
     other_params: int
     other_bytes: int
+    metadata_bytes: int = 0  # 2:4 sparsity's positions of the kept values (2 bits each)
+    index_bytes: int = 0  # GPTQ act-order's group index (an int32 per input)
+    awq_scale_bytes: int = 0  # AWQ's input scales (an fp16 per input), unless folded into the op before
+
+    @classmethod
+    def from_parts(cls, matrices: Iterable[tuple[int, Mapping[str, int], int]], other_params: int,
+                   other_bytes: int) -> SizeReport:
+        """The report of quantized matrices given as (values, ``storage_bytes`` parts, how many of them), beside
+        ``other_params`` values stored in ``other_bytes``."""
+        totals = dict.fromkeys(("quantized_params", "quantized_bytes", *PART_FIELDS.values()), 0)
+        for values, parts, count in matrices:
+            totals["quantized_params"] += values * count
+            totals["quantized_bytes"] += sum(parts.values()) * count
+            for part, size in parts.items():
+                if part in PART_FIELDS:
+                    totals[PART_FIELDS[part]] += size * count
+        return cls(other_params=other_params, other_bytes=other_bytes, **totals)
+
+    @property
+    def code_bytes(self) -> int:
+        """The quantized values themselves: what the quantized linears store besides scales and algorithm parts."""
+        return (self.quantized_bytes - self.scale_bytes - self.metadata_bytes - self.index_bytes
+                - self.awq_scale_bytes)
 
     @property
     def size_bytes(self) -> int:
@@ -105,19 +133,13 @@ def size_report(model: torch.nn.Module, plan: SchemePlan) -> SizeReport:
     """Exact storage of a model under a scheme or per-layer plan, from shapes and the format registry."""
     assignment = layer_schemes(model, plan)
     modules = dict(model.named_modules())
-    quantized_ids = set()
-    quantized_params = quantized_bytes = scale_bytes = 0
-    for name, scheme in assignment.items():
-        weight = modules[name].weight
-        parts = scheme.storage_bytes(tuple(weight.shape))
-        quantized_ids.add(id(weight))
-        quantized_params += weight.numel()
-        quantized_bytes += sum(parts.values())
-        scale_bytes += parts["scales"] + parts["zero_points"]
+    weights = [modules[name].weight for name in assignment]
+    quantized_ids = {id(weight) for weight in weights}
     other_bits = get_format(unquantized_format(plan)).bits
     other_params = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
-    return SizeReport(quantized_params, quantized_bytes, scale_bytes, other_params,
-                      other_params * other_bits // 8)
+    return SizeReport.from_parts(((w.numel(), scheme.storage_bytes(tuple(w.shape)), 1)
+                                  for w, scheme in zip(weights, assignment.values(), strict=True)),
+                                 other_params, other_params * other_bits // 8)
 
 
 def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
