@@ -55,8 +55,8 @@ STEP_ORDER = (
     ("bf16", "eager-loop"), ("int4wo", "hf-generate"),
 )
 OWN_OPTIONS = {"--json", "--budget-s", "--step-timeout-s", "--install-wheels", "--wheels", "--formats", "--paths",
-               "--steps"}
-FLAGS = {"--install-wheels"}
+               "--steps", "--parallel"}
+FLAGS = {"--install-wheels", "--parallel"}
 
 
 def load_config(name_or_path: str) -> tuple[str, dict]:
@@ -153,6 +153,80 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     return rows
 
 
+def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
+    """``--parallel``: start every loop step at once, so their compiles (minutes each, mostly one CPU core) overlap;
+    once each has compiled (or died), let them time one after another, alone on the GPU. The rows are those of
+    ``orchestrate``, each with its own log appended to ``<json>.log``. Other paths (HF generate) run after, one
+    at a time."""
+    import tempfile
+
+    out = Path(ns.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + ns.budget_s
+    installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
+    env = dict(os.environ)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
+    steps = steps_for(ns.formats.split(","), ns.paths.split(","), ns.steps)
+    loops = [step for step in steps if step[1] != "hf-generate"]
+    turns = Path(tempfile.mkdtemp(prefix="gpu-speed-turns-"))
+    running = {}
+    for fmt, path in loops:
+        key = f"{fmt}.{path}"
+        row_file = out.with_name(f".{out.stem}.{key}.json")
+        log = out.with_name(f".{out.stem}.{key}.log")
+        command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
+                   "--row-out", str(row_file), "--turn-dir", str(turns), *passthrough]
+        sink = log.open("w")
+        running[key] = (fmt, path, row_file, log, sink, time.monotonic(),
+                        subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=env))
+    # Everyone compiles at once; nobody times before every step has compiled or stopped.
+    while time.monotonic() < deadline and any(
+            proc.poll() is None and not (turns / f"{key}.ready").exists()
+            for key, (*_, proc) in running.items()):
+        time.sleep(0.5)
+    rows = []
+    for key, (fmt, path, row_file, log, sink, started, proc) in running.items():
+        error = None
+        if proc.poll() is None and (turns / f"{key}.ready").exists():
+            (turns / f"{key}.go").touch()
+            try:
+                proc.wait(timeout=max(10.0, min(ns.step_timeout_s, deadline - time.monotonic() + 60)))
+            except subprocess.TimeoutExpired:
+                error = "timed out while being timed"
+        elif proc.poll() is None:
+            error = "had not compiled when the time budget was spent"
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sink.close()
+        tail = [line[:300] for line in log.read_text(errors="replace").strip().splitlines()[-12:]]
+        if error is None and row_file.is_file():
+            row = json.loads(row_file.read_text())
+        else:
+            error = error or f"step exited {proc.returncode}"
+            row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
+                   "error": f"{error}: {' | '.join(tail[-3:])[:400]}", "measured": False}
+        row["log_tail"] = tail
+        row["step_seconds"] = round(time.monotonic() - started, 1)
+        row["setup"] = {"install": installed, "parallel_compile": [k for k in running]}
+        with out.with_suffix(".log").open("a") as whole:
+            whole.write(f"=== {fmt}:{path} (parallel) ===\n{log.read_text(errors='replace')}")
+        row_file.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+        rows.append(row)
+        _write(out, rows)
+    rest = [f"{fmt}:{path}" for fmt, path in steps if path == "hf-generate"]
+    if rest and time.monotonic() < deadline:
+        ns.steps, ns.install_wheels = ",".join(rest), False
+        ns.budget_s = deadline - time.monotonic()
+        earlier = rows
+        rows = orchestrate(ns, passthrough)
+        rows = earlier + rows
+        _write(out, rows)
+    return rows
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -196,6 +270,9 @@ def parser() -> argparse.ArgumentParser:
                    help="merge earlier result files (later rows replace earlier ones of the same step) into --json")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--row-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--turn-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parallel", action="store_true",
+                   help="compile every loop step at the same time, then time them one after another")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny 2-layer config, few tokens (checks the code paths, e.g. on a CPU)")
     return p
@@ -217,7 +294,7 @@ def args_from(ns: argparse.Namespace) -> Args:
     return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
                 ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype],
                 quantize_head=not ns.keep_head_bf16, profile_steps=ns.profile_steps, all_directions=ns.all_directions,
-                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards)
+                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards, turn_dir=ns.turn_dir)
 
 
 def merge(files: list[str], out: str) -> list[dict]:
@@ -260,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.merge:
         rows = merge(ns.merge, ns.json)
+    elif ns.parallel:
+        rows = orchestrate_parallel(ns, step_arguments(argv))
     else:
         rows = orchestrate(ns, step_arguments(argv))
     for row in rows:

@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,16 +41,27 @@ log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py send
 
 # Each format slug of the CLI (``--formats``): the backend that runs it and the weight format it stores.
 BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
-              "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq"}
+              "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq",
+              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo"}
 WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
-                 "int8dq": "int8"}
+                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3"}
+# The kernel that does a decode step's weight matmuls in the compiled loop (the profile's top kernels confirm it).
+KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row)",
+             "int8wo": "inductor Triton multiply-reduce with the int8->bf16 cast and scale fused",
+             "int4wo": "tinygemm aten._weight_int4pack_mm (torchao tile_packed_to_4d)",
+             "float8wo": "inductor Triton multiply-reduce with the fp8->bf16 cast and scale fused",
+             "nf4": "bitsandbytes gemv_4bit", "int8dq": "inductor int8 x int8 mm",
+             "int8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)",
+             "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)"}
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
+GEMLITE_FORMATS = ("int8gl", "float8gl")
 INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
 # The qlab scheme whose bytes a weight-only recipe reads per decode step (its roofline); int8dq quantizes the
 # activations too, so bytes alone do not bound it and it has none. NF4 is bitsandbytes' default block of 64.
 SCHEMES = {"bf16": QuantScheme("bf16"), "int8wo": QuantScheme("int8", "channel"),
            "int4wo": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
-           "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64)}
+           "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64),
+           "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel")}
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,9 @@ class Args:
     all_directions: bool = False
     unwrap_subclasses: bool = True
     skip_guards: bool = False
+    # Steps compiled side by side (``bench/gpu_speed.py --parallel``) time one at a time: each waits here for
+    # its turn after compiling, so no other step's compile or autotuning shares the GPU while it is timed.
+    turn_dir: str | None = None
 
 
 # --- a compact Llama (the gpt-fast / torchao benchmark model), static KV cache --------------------------------
@@ -186,8 +201,10 @@ def _random_init_(model: nn.Module) -> None:
 
 def build_compact(args: Args) -> Llama:
     with torch.device("meta"):
-        model = Llama(args.config)
-    model = model.to_empty(device=args.device).to(args.dtype)
+        model = Llama(args.config).to(args.dtype)
+    # Cast on the meta device first: to_empty then allocates the weights once, in their dtype (allocating FP32
+    # and casting held 32 GB of an 8B model on the GPU at once).
+    model = model.to_empty(device=args.device)
     _random_init_(model)
     return model.eval().requires_grad_(False)
 
@@ -212,6 +229,9 @@ def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
         return
     if fmt == "nf4":
         _bnb_nf4(model, skip)
+        return
+    if fmt in GEMLITE_FORMATS:
+        _gemlite(model, fmt, skip)
         return
     from torchao.quantization import (
         Float8WeightOnlyConfig,
@@ -243,9 +263,12 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def bytes_per_token(model: nn.Module) -> dict:
-    """Weight bytes one decode step reads (every parameter but the embedding table, of which it reads one row) and
-    the KV cache's size (math attention reads all of it, masked): the numerator of a bandwidth roofline."""
+    """Weight bytes one decode step reads (every parameter but the embedding table, of which it reads one row, and
+    the weight buffers of layers that keep them as buffers: gemlite's codes and scales) and the KV cache's size
+    (math attention reads all of it, masked): the numerator of a bandwidth roofline."""
+    runtime = (".k", ".v", "cos", "sin", "causal")  # the cache and the rotary / mask tables, not weights
     weights = sum(tensor_bytes(p) for name, p in model.named_parameters() if "embed" not in name)
+    weights += sum(tensor_bytes(b) for name, b in model.named_buffers() if not name.endswith(runtime))
     cache = sum(tensor_bytes(b) for name, b in model.named_buffers() if name.endswith((".k", ".v")))
     return {"weight_bytes_per_token": weights, "kv_cache_bytes": cache}
 
@@ -260,6 +283,29 @@ def _bnb_nf4(model: nn.Module, skip: tuple[str, ...]) -> None:
                                   compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
         layer.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4")
         model.set_submodule(name, layer.to(linear.weight.device))
+
+
+def _gemlite(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
+    """gemlite's 8-bit weight-only recipe (one scale per output channel) on every linear: its Triton GEMV kernels
+    are a torch custom op, which the compiled loop calls as it is (measured per layer on the H200: 1.41x bf16 for
+    int8, against 1.14x for torchao's compiled int8)."""
+    from gemlite.helper import A16W8_FP8, A16W8_INT8
+
+    processor = (A16W8_INT8 if fmt == "int8gl" else A16W8_FP8)(device=str(next(model.parameters()).device))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    for name in names:
+        model.set_submodule(name, processor.from_linear(model.get_submodule(name)))
+
+
+def _wait_turn(turn_dir: str, key: str, timeout_s: float = 900.0) -> float:
+    """Say this step has compiled (``<key>.ready``), then wait for the orchestrator's ``<key>.go``; seconds
+    waited. A missing orchestrator must not hang a step forever: after ``timeout_s`` it goes on."""
+    folder = Path(turn_dir)
+    (folder / f"{key}.ready").touch()
+    started = time.monotonic()
+    while not (folder / f"{key}.go").exists() and time.monotonic() - started < timeout_s:
+        time.sleep(0.1)
+    return round(time.monotonic() - started, 1)
 
 
 # --- measurement ----------------------------------------------------------------------------------------------
@@ -432,6 +478,9 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
             log.info("repetition %d: %d decode steps in %.1f s", rep, args.new_tokens, t2 - t1)
             if rep == 0:
                 record["compile_seconds" if compiled else "warmup_seconds"] = round(t2 - t1, 2)
+                if args.turn_dir:
+                    key = f"{fmt}.{'compiled-loop' if compiled else 'eager-loop'}"
+                    record["waited_for_turn_seconds"] = _wait_turn(args.turn_dir, key)
                 continue
             prefill_ms.append(1000 * (t1 - t0))
             rates.append(args.new_tokens / (t2 - t1))
@@ -441,6 +490,11 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
     if rates:
         record["achieved_weight_gbps"] = round(record["weight_bytes_per_token"] * statistics.median(rates) / 1e9, 1)
     record["hbm_copy_gbps"] = copy_bandwidth_gbps(args.device)
+    if rates and record["hbm_copy_gbps"]:
+        # The bandwidth roofline: every weight byte and the whole KV cache read once per token at copy speed.
+        bound = record["hbm_copy_gbps"] * 1e9 / (record["weight_bytes_per_token"] + record["kv_cache_bytes"])
+        record["roofline_decode_tokens_per_s"] = round(bound, 1)
+        record["roofline_fraction"] = round(statistics.median(rates) / bound, 4)
     if compiled and args.device == "cuda":
         record["inductor_counters"] = _inductor_counters()
         log.info("counters %s; profiling", record["inductor_counters"])
@@ -516,12 +570,14 @@ def base_row(args: Args, fmt: str, path: str) -> dict:
         "model": args.config_name, "backend": BACKEND_OF[fmt], "format": WEIGHT_FORMAT[fmt], "format_slug": fmt,
         # A compile mode other than the default names its own path, so both can sit in one results file.
         "path": _path_name(args, fmt, path), "device": args.device, "gpu": gpu, "batch": 1,
+        "kernel": KERNEL_OF[fmt] if path == "compiled-loop" else None,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.hf_new_tokens if path == "hf-generate" else args.new_tokens,
         "repetitions": args.repetitions, "threads": torch.get_num_threads(),
         "compile_mode": args.compile_mode if path == "compiled-loop" else None,
         "prefill_ms": None, "decode_tokens_per_s": None, "peak_memory_bytes": None, "error": None,
         "torch": torch.__version__, "torchao": _version("torchao"), "bitsandbytes": _version("bitsandbytes"),
+        "gemlite": _version("gemlite") if fmt in GEMLITE_FORMATS else None,
         "transformers": _version("transformers"), "measured": True,
     }
 
