@@ -131,6 +131,12 @@ def run_view(run: StoredRun) -> tuple[dict, list[str]]:
         view["tokens"] = min(max(int(run.meta.tokens), 16), 8192)
     if run.meta.hardware:
         view["hardware"] = run.meta.hardware
+    device = run.meta.settings.get("device")
+    if device in models.device_choices():
+        view["device"] = device
+    elif device:  # a GPU server's run re-run here: the sidebar's own choice of device stays
+        where = "every GPU of its machine" if device == "auto" else device
+        notes.append(f"the run ran on {where}, which this machine does not have; the sidebar's Run on is used.")
     if run.meta.text_name and run.meta.text_name != DEFAULT_TEXT_NAME:
         notes.append(f"the run evaluated '{run.meta.text_name}' (SHA-256 {run.meta.text_sha256[:12]}...); "
                      "paste or upload it again on the Quantize page.")
@@ -139,7 +145,7 @@ def run_view(run: StoredRun) -> tuple[dict, list[str]]:
 
 def apply_view(view: dict) -> None:
     """Put a view into the sidebar's session state (call before the sidebar is drawn: in a callback)."""
-    for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
+    for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens", "device"):
         if key in view:
             st.session_state[key] = view[key]
     if "model" in view:
@@ -251,8 +257,8 @@ if sweeps:
         r for r in sweeps if r.id == st.selectbox("Run", [r.id for r in sweeps], format_func=names.get,
                                                   key="history_source"))
     if st.button("Re-run with these settings", key="history_rerun", on_click=rerun_settings, args=(source.id,),
-                 help="Sets the sidebar to this run's model, hardware, formats, scheme and token budget, "
-                      "then opens the Quantize page."):
+                 help="Sets the sidebar to this run's model, hardware, formats, scheme, token budget and device "
+                      "(when this machine has it), then opens the Quantize page."):
         st.switch_page("pages/quantize.py", query_params=views.view_to_params(run_view(source)[0]))
     for note in run_view(source)[1]:
         st.caption("Re-run: " + report.markdown_text(note))

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from qlab.analyses.calibration import calibration_stats
 from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.core.algorithms import LayerStats, needs_calibration
@@ -90,7 +92,7 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     stats: dict[str, LayerStats] | None = None
     calibration: dict = {}
     streamed = streamable_stack(loaded.model) is not None
-    for scheme in schemes:
+    for position, scheme in enumerate(schemes):
         started = time.perf_counter()
         extra = {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {}
         if needs_calibration(scheme):
@@ -98,16 +100,19 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
                 stats, calibration = calibration_stats(loaded, spec, stage(f"{scheme.label} calibration"), cancel)
             extra.update(calibration)
         extra.update(reference_dtype=baseline.reference_dtype, evaluation="streamed" if streamed else "shadow copy")
-        if streamed:  # each block quantized once, materialised, run for every token, freed
-            timings: dict[str, float] = {}
-            streaming = time.perf_counter()
-            metrics = evaluate_streamed(loaded, scheme, baseline, stats, stage(scheme.label), cancel, timings)
-            quantized_at = streaming + timings["quantize_s"]
-        else:
-            shadow = quantized_copy(loaded.model, scheme, stats)
-            quantized_at = time.perf_counter()
-            metrics = evaluate(shadow, baseline, stage(scheme.label), cancel)
-            del shadow
+        try:
+            metrics, quantized_at = _measure(loaded, scheme, baseline, stats, streamed, stage(scheme.label), cancel)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one, and so is the CPU allocator's failure
+            if not out_of_memory(error):
+                raise
+            metrics = None
+        if metrics is None:  # raised out here, so no traceback keeps the failed scheme's tensors alive
+            _release_memory()
+            kept = f"the {position} finished before it are kept" if position > 1 else (
+                "the one finished before it is kept" if position else "no scheme had finished")
+            raise QlabError(f"'{loaded.name}' ran out of memory on {_where(loaded.device)} while measuring "
+                            f"{scheme.label} ({kept}); free memory (other programs or dashboard sessions), lower "
+                            "the evaluation tokens, or pick another device.")
         finished = time.perf_counter()
         row = ResultRow(loaded.name, scheme, size_report(loaded.model, scheme), metrics,
                         quantized_at - started, finished - quantized_at, baseline.tokens, extra)
@@ -116,6 +121,35 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
         if progress:
             progress(done / units, f"{scheme.label}: done")
         yield row
+
+
+def _measure(loaded: LoadedModel, scheme: QuantScheme, baseline: Baseline, stats: dict[str, LayerStats] | None,
+             streamed: bool, progress: Progress | None, cancel: CancelCheck | None) -> tuple[dict[str, float], float]:
+    """One scheme's metrics and the moment its quantization ended."""
+    if streamed:  # each block quantized once, materialised, run for every token, freed
+        timings: dict[str, float] = {}
+        streaming = time.perf_counter()
+        metrics = evaluate_streamed(loaded, scheme, baseline, stats, progress, cancel, timings)
+        return metrics, streaming + timings["quantize_s"]
+    shadow = quantized_copy(loaded.model, scheme, stats)
+    quantized_at = time.perf_counter()
+    return evaluate(shadow, baseline, progress, cancel), quantized_at
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: CUDA's ``OutOfMemoryError`` or the CPU allocator's."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _where(device: str) -> str:
+    return {"cpu": "the CPU", "auto": "the GPUs"}.get(device, device)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def check_schemes(loaded: LoadedModel, schemes: list[QuantScheme]) -> None:

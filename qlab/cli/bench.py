@@ -57,8 +57,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--backends", default=DEFAULT_CPU_BACKENDS,
                         help="comma-separated backend slugs, or 'all' (every one for the model's kind; "
                              "unavailable ones are listed with the reason)")
-    parser.add_argument("--device", default="cpu", help="cpu (real backends on a bundled model) | cuda (GPU "
+    parser.add_argument("--device", default="cpu", help="cpu (real backends on --model) | cuda or cuda:N (GPU "
                                                         "benchmark on a random-initialised catalog config)")
+    parser.add_argument("--device-map", default=None, choices=["auto"],
+                        help="refused: the benchmark times one device (use --device cuda:N)")
+    parser.add_argument("--dtype", default=None,
+                        help="--model's precision on the CPU: its own (default), bf16, fp16 or fp32; with --device "
+                             "cuda: bf16 (default) or fp32")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prefill length")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per repetition")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
@@ -81,8 +86,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Run the CPU benchmark (or hand over to the GPU one) and print or write its rows."""
-    if args.device == "cuda":
-        _gpu(args)
+    from qlab.core.errors import QlabError
+    from qlab.models.loading import placement_of
+
+    placement = placement_of(args.device, args.device_map)  # a GPU that is not here: one line, before any work
+    if placement == "auto":
+        raise QlabError("the speed benchmark times one device, not a model spread over every GPU; use --device "
+                        "cuda:N (one GPU) or cpu.")
+    if placement != "cpu":
+        _gpu(args, placement)
         return
     rows = run_cpu(args)
     if args.json is not None:
@@ -92,31 +104,30 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def run_cpu(args: argparse.Namespace) -> list[dict]:
-    """Measure every requested backend on a bundled model; rows rewritten to ``args.json`` as they finish."""
+    """Measure every requested backend on ``--model`` on the CPU (in ``--dtype``, else its own); rows rewritten to
+    ``args.json`` as they finish."""
     import torch
 
     from qlab import backends
     from qlab.backends import speed
-    from qlab.core.errors import QlabError
     from qlab.models import hardware
     from qlab.models.loading import load
     from qlab.store import Recorder, bench_meta, requested_path
 
-    if args.device != "cpu":
-        raise QlabError(f"unknown device '{args.device}'; use cpu or cuda.")
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = speed.SpeedSpec(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch,
                            repetitions=args.repetitions, sentences=args.sentences)
     db = requested_path(getattr(args, "db", None))  # checked before the model loads
-    loaded = load(args.model)
+    loaded = load(args.model, dtype=args.dtype)
     chosen = ([b for b in backends.all_backends() if loaded.kind in b.kinds] if args.backends.strip() == "all"
               else backends.parse_backends(args.backends))
     bandwidth = None if args.no_bandwidth else speed.measure_bandwidth()
     machine = _machine(hardware.detect_this_machine(), bandwidth)
     rows: list[dict] = []
     meta = bench_meta(loaded, spec, [b.slug for b in chosen], args.accuracy_tokens or None, "cpu",
-                      threads=torch.get_num_threads(), machine=machine) if db else None
+                      threads=torch.get_num_threads(), machine=machine,
+                      dtype=str(loaded.dtype).removeprefix("torch.")) if db else None
     with (progress_bar(args.quiet, "bench", width=40) as progress,
           Recorder(db, meta) if db else contextlib.nullcontext() as recorder):
         for row in speed.run_bench(loaded, chosen, spec, "cpu", args.accuracy_tokens or None, bandwidth,
@@ -167,27 +178,38 @@ def _machine(host, bandwidth) -> dict:
     return record
 
 
-def _gpu(args: argparse.Namespace) -> None:
-    """Run the GPU benchmark program (``bench/gpu_speed.py``, beside the package in the checkout) and print its
-    rows; it writes them to ``--json`` (default: the repository's ``bench/results/gpu_speed.json``, which the
-    Speed page shows) after every step."""
+def _gpu(args: argparse.Namespace, placement: str) -> None:
+    """Run the GPU benchmark program (``bench/gpu_speed.py``, beside the package in the checkout) on the GPU
+    ``placement`` names ("cuda:N") and print its rows; it writes them to ``--json`` (default: the repository's
+    ``bench/results/gpu_speed.json``, which the Speed page shows) after every step."""
     import json
+    import os
     import subprocess
     from pathlib import Path
-
-    import torch
 
     from qlab.backends.speed import RESULTS_DIR
     from qlab.core.errors import QlabError
 
-    if not torch.cuda.is_available():
-        raise QlabError("--device cuda needs a CUDA GPU, and torch sees none here; run it on a GPU machine "
-                        "(`python bench/gpu_speed.py --dry-run --device cpu --dtype fp32` checks the code paths).")
+    if args.dtype not in (None, "bf16", "fp32"):
+        raise QlabError(f"the GPU benchmark builds its model in bf16 or fp32, not '{args.dtype}'; use --dtype bf16 "
+                        "or fp32.")
     out = Path(args.json).resolve() if args.json not in (None, "-") else RESULTS_DIR / "gpu_speed.json"
+    # The program runs on "cuda": showing it only the chosen GPU makes that GPU its cuda:0.
+    gpu = {"CUDA_VISIBLE_DEVICES": _visible_index(placement)}
     subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", args.model_config,
-                    "--device", "cuda", "--prompt-tokens", str(args.prompt_tokens), "--repetitions",
-                    str(args.repetitions), "--formats", args.formats, "--json", str(out)], check=True)
+                    "--device", "cuda", "--dtype", args.dtype or "bf16", "--prompt-tokens", str(args.prompt_tokens),
+                    "--repetitions", str(args.repetitions), "--formats", args.formats, "--json", str(out)],
+                   check=True, env={**os.environ, **gpu})
     _print(json.loads(out.read_text()))
+
+
+def _visible_index(placement: str) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of torch's "cuda:N" under the visibility this process already has."""
+    import os
+
+    index = int(placement.partition(":")[2])
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
 
 
 def _print(rows: list[dict]) -> None:

@@ -1,0 +1,311 @@
+"""A real-sized model on this CPU-only machine, the bad inputs around it: a model that cannot fit is refused with
+the numbers before anything is allocated (CLI and dashboard), a GPU that is not here is one line (CLI) and never
+offered (sidebar), and an out-of-memory error in the middle of a sweep is one line that keeps the finished
+schemes and leaves the cached base model as it was."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from pages import common
+from qlab.cli import main
+from qlab.core.errors import QlabError
+from qlab.core.quant import QuantScheme
+from qlab.models import checkpoint
+from qlab.models import loading as models
+from qlab.store import RunMeta, Store
+from tests.test_loading_device import TINY_LLAMA
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import random_checkpoint  # noqa: E402  (the program builds the checkpoints these tests load)
+
+APP = str(REPO / "app.py")
+FORMATS = ["fp16", "int8", "int4", "nf4"]
+
+
+def headers_only_checkpoint(config_name: str, directory: Path) -> None:
+    """A model directory whose config.json and safetensors headers are a real model's (every tensor's name, shape
+    and bf16 dtype, 5 GB shards and their index) while the data are holes of sparse files: all that the checks
+    before loading read, at no cost in disk or memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = random_checkpoint.read_config(config_name)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+    directory.mkdir(parents=True)
+    shards = random_checkpoint._shards(shapes, torch.bfloat16.itemsize)
+    weight_map = {}
+    for index, names in enumerate(shards, start=1):
+        file = directory / f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            size = math.prod(shapes[name]) * torch.bfloat16.itemsize
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[name] = file.name
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with open(file, "wb") as handle:
+            handle.write(struct.pack("<Q", len(text)) + text)
+            handle.truncate(8 + len(text) + offset)
+        if file.stat().st_blocks * 512 > 100_000_000:
+            pytest.skip("this file system does not keep sparse files sparse")
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def llama_70b(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("headers") / "llama-3.1-70b"
+    headers_only_checkpoint("llama-3.1-70b", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A two-block bf16 Llama with an offline tokenizer, as bench/random_checkpoint.py writes it."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
+    random_checkpoint.build(str(root / "config.json"), root / "model")
+    return root / "model"
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded although the check should have refused first")
+
+    monkeypatch.setattr(models, "_load_pretrained", refuse)
+
+
+def needed_gb(directory: Path) -> str:
+    found = checkpoint.inspect_checkpoint(models.resolve(str(directory)))
+    return f"{checkpoint.memory_needed(found, torch.bfloat16) / 1e9:.1f}"
+
+
+def test_the_headers_describe_the_whole_70b_model(llama_70b):
+    found = checkpoint.inspect_checkpoint(models.resolve(str(llama_70b)))
+    assert found.params == found.config_params == 70_553_706_496  # the Hub's exact count
+    assert (found.dtype, found.layers, found.config_layers) == (torch.bfloat16, 80, 80)
+    checkpoint.check_checkpoint(found, "llama-3.1-70b")  # files and config agree: only its size is in the way
+
+
+@pytest.mark.parametrize("command", [
+    ["sweep", "--formats", "int8", "--no-store"],
+    ["sensitivity", "--formats", "int8", "--quick"],
+    ["recommend", "--formats", "int8,int4", "--budget-bits", "4.5"],
+    ["bench", "sweep", "--formats", "int8"],
+    ["bench", "--backends", "fp32", "--no-bandwidth"],
+], ids=" ".join)
+def test_the_cli_refuses_a_model_too_big_for_ram_with_needed_and_free(llama_70b, no_allocation, capsys, command):
+    assert main([*command, "--model", str(llama_70b)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error
+    assert re.search(rf"needs about {needed_gb(llama_70b)} GB of RAM \(1\.3x its 141\.1 GB of bfloat16 weights.*"
+                     r"but only \d+\.\d GB is free", error), error
+
+
+def test_the_dashboard_refuses_it_on_the_model_page_and_the_overview_then_works_again(llama_70b, tiny_dir,
+                                                                                        no_allocation, monkeypatch):
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["model_choice"] = common.OTHER_MODEL
+    at.session_state["custom_model"] = str(llama_70b)
+    at.switch_page("pages/model.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    [error] = [e.value for e in at.error]
+    assert re.search(rf"needs about {needed_gb(llama_70b)} GB of RAM .* but only \d+\.\d GB is free", error)
+    at.switch_page("pages/overview.py").run()
+    at.button(key="overview_open").click().run()  # a local model waits for this click
+    assert not at.exception, [e.value for e in at.exception]
+    [again] = [e.value for e in at.error]
+    assert again.partition(" but only")[0] == error.partition(" but only")[0]  # free RAM moves between the two
+    monkeypatch.undo()  # the user types a model that fits: it loads
+    at.text_input(key="custom_model").input(str(tiny_dir))
+    at.switch_page("pages/model.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.metric[0].value == "0.14 M"
+
+
+@pytest.mark.parametrize("command", [
+    ["sweep", "--no-store"], ["sensitivity"], ["recommend", "--budget-bits", "4.5"], ["bench", "sweep"], ["bench"],
+    ["export", "--scheme-json", "--format", "int8", "--out", "{tmp}/scheme.json"],
+], ids=lambda command: " ".join(command[:2]))
+def test_a_gpu_that_is_not_here_is_one_line(tiny_dir, no_allocation, capsys, monkeypatch, tmp_path, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    command = [part.replace("{tmp}", str(tmp_path)) for part in command]
+    assert main([*command, "--model", str(tiny_dir), "--device", "cuda:3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("qlab: error: device 'cuda:3' needs a CUDA GPU and none is visible; leave it out (or use cpu) to "
+                     "load on the CPU.")
+
+
+def test_bench_refuses_a_model_spread_over_gpus_and_a_dtype_the_gpu_benchmark_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert main(["bench", "--device-map", "auto"]) == 2
+    assert "times one device" in capsys.readouterr().err
+    assert main(["bench", "--device", "cuda:1", "--dtype", "fp16"]) == 2
+    assert "bf16 or fp32, not 'fp16'" in capsys.readouterr().err
+
+
+def test_bench_runs_the_gpu_benchmark_on_the_chosen_gpu(monkeypatch, tmp_path):
+    """``--device cuda:1`` shows the GPU program only that GPU (its cuda:0), in the asked dtype."""
+    import subprocess
+
+    from qlab.cli import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    calls = []
+
+    def fake_run(argv, check, env):
+        calls.append((argv, env["CUDA_VISIBLE_DEVICES"]))
+        Path(argv[argv.index("--json") + 1]).write_text("[]")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "_print", lambda rows: None)
+    assert main(["bench", "--device", "cuda:1", "--dtype", "fp32", "--json", str(tmp_path / "gpu.json")]) == 0
+    [(argv, visible)] = calls
+    assert visible == "1" and argv[argv.index("--dtype") + 1] == "fp32" and argv[argv.index("--device") + 1] == "cuda"
+
+
+def test_the_sidebar_offers_only_devices_that_are_here(tiny_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["model_choice"] = common.OTHER_MODEL
+    at.session_state["custom_model"] = str(tiny_dir)
+    at.session_state["device"] = "cuda:3"  # left from a session on a machine that had it
+    at.switch_page("pages/model.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="device").options == ["This CPU"]
+    assert at.selectbox(key="device").value == "cpu"
+
+
+def test_history_re_run_keeps_the_sidebars_device_when_the_runs_is_not_here(tiny_dir, monkeypatch, tmp_path):
+    from qlab.analyses.sweep import ResultRow
+    from qlab.core.plan import SizeReport
+    from tests.test_history_page import ENV
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    store = Store()
+    scheme = QuantScheme("int8")
+    run_id = store.start_run(RunMeta("sweep", str(tiny_dir), {"schemes": [scheme.to_dict()], "device": "cuda:0"},
+                                     tokens=64, environment=ENV))
+    store.add_result(run_id, ResultRow(str(tiny_dir), scheme, SizeReport(800, 600, 40, 100, 200), {"kld_mean": 0.01},
+                                       0.1, 0.2, 64))
+    store.finish_run(run_id)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.switch_page("pages/history.py").run()
+    at.multiselect(key="history_selected").select(run_id).run()
+    [note] = [c.value for c in at.caption if c.value.startswith("Re-run:")]
+    assert "ran on cuda" in note and "this machine does not have; the sidebar" in note
+    at.button(key="history_rerun").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.title[0].value == "Quantize"
+    assert (at.session_state["custom_model"], at.session_state["device"]) == (str(tiny_dir), "cpu")
+
+
+# --- an out-of-memory error in the middle of a sweep ------------------------------------------------------------
+
+
+def fail_on_third(monkeypatch, error: BaseException, seen: list) -> None:
+    """The sweep's evaluation of a scheme runs out of memory on the third scheme; ``seen`` gets each call's model
+    and the hash of its weights then."""
+    from qlab.analyses import sweep
+
+    real = sweep.evaluate_streamed
+
+    def evaluate(loaded, *args, **kwargs):
+        seen.append((loaded.model, models.weights_digest(loaded.model)))
+        if len(seen) == 3:
+            raise error
+        return real(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_streamed", evaluate)
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes."),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_mid_sweep_is_one_line_keeps_finished_rows_and_the_base_model(monkeypatch, error):
+    from qlab.analyses.sweep import run_sweep
+    from qlab.models.evaluate import EvalSpec
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama()
+    before = models.weights_digest(loaded.model)
+    fail_on_third(monkeypatch, error, [])
+    rows = []
+    with pytest.raises(QlabError) as raised:
+        rows.extend(run_sweep(loaded, [QuantScheme(f) for f in FORMATS], EvalSpec(tokens=64)))
+    assert [r.scheme.format for r in rows] == ["fp16", "int8"]
+    assert str(raised.value) == ("'tiny-llama' ran out of memory on the CPU while measuring int4 per-channel (the 2 "
+                                 "finished before it are kept); free memory (other programs or dashboard sessions), "
+                                 "lower the evaluation tokens, or pick another device.")
+    assert raised.value.__context__ is None  # nothing keeps the failed scheme's tensors alive
+    assert models.weights_digest(loaded.model) == before
+
+
+def test_any_other_runtime_error_stays_a_bug(monkeypatch):
+    from qlab.analyses.sweep import run_sweep
+    from qlab.models.evaluate import EvalSpec
+    from tests.tiny_models import tiny_llama
+
+    fail_on_third(monkeypatch, RuntimeError("shape mismatch"), [])
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        list(run_sweep(tiny_llama(), [QuantScheme(f) for f in FORMATS], EvalSpec(tokens=64)))
+
+
+def test_out_of_memory_in_a_cli_sweep_keeps_the_written_and_stored_rows(tiny_dir, monkeypatch, capsys, tmp_path):
+    fail_on_third(monkeypatch, torch.OutOfMemoryError("CUDA out of memory."), seen := [])
+    out, db = tmp_path / "rows.json", tmp_path / "runs.sqlite"
+    assert main(["sweep", "--model", str(tiny_dir), "--formats", ",".join(FORMATS), "--tokens", "64", "--quiet",
+                 "--db", str(db), "--json", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "ran out of memory on the CPU while measuring int4 per-channel" in error
+    assert [r["format"] for r in json.loads(out.read_text())] == ["fp16", "int8"]
+    [run] = Store(db).list_runs()
+    assert (run["status"], run["results"]) == ("failed", 2)
+    assert len({digest for _, digest in seen}) == 1  # the base model's weights, the same at every scheme
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_the_quantize_page_keeps_two_rows_and_the_page_works(tiny_dir, monkeypatch):
+    at = AppTest.from_file(APP, default_timeout=300)
+    for key, value in dict(model_choice=common.OTHER_MODEL, custom_model=str(tiny_dir), formats=FORMATS, tokens=64,
+                           granularity="channel").items():
+        at.session_state[key] = value
+    at.switch_page("pages/quantize.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    fail_on_third(monkeypatch, torch.OutOfMemoryError("CUDA out of memory."), seen := [])
+    at.button(key="run_sweep").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    [error] = [e.value for e in at.error]
+    assert error.startswith(f"'{tiny_dir.name}' ran out of memory on the CPU while measuring int4 per-channel (the 2 "
+                            "finished before it are kept)")
+    [(base, digest)] = {(id(model), digest): (model, digest) for model, digest in seen}.values()  # one model, intact
+    at.run()  # the next visit shows what finished
+    assert not at.exception and not at.error
+    assert list(at.dataframe[0].value["label"]) == ["fp16", "int8 per-channel"]
+    monkeypatch.undo()  # memory was freed: the rest runs
+    at.button(key="run_sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert list(at.dataframe[0].value["label"]) == ["fp16", "int8 per-channel", "int4 per-channel",
+                                                    "nf4 per-channel"]
+    assert {d for _, d in seen} == {digest} and models.weights_digest(base) == digest
