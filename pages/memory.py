@@ -122,6 +122,8 @@ table = pd.DataFrame({
     "bits/weight": records["bits_per_weight"],
     "weights (GB)": records["weights_before_scales_bytes"] / GB,
     "scales (GB)": records["scales_bytes"] / GB,
+    **{f"{label} (GB)": records[column] / GB for column, label in charts.MEMORY_ALGORITHM_PARTS.items()
+       if column in records and records[column].any()},
     "KV cache (GB)": records["kv_cache_bytes"] / GB,
     "activations (GB)": records["activations_bytes"] / GB,
     "overhead (GB)": records["overhead_bytes"] / GB,

@@ -141,6 +141,12 @@ MEMORY_COMPONENTS: dict[str, str] = {
     "activations_bytes": "activations",
     "overhead_bytes": "runtime overhead",
 }
+# Parts only some schemes store (2:4, GPTQ act-order, AWQ), stacked above the scales where a plan holds them.
+MEMORY_ALGORITHM_PARTS: dict[str, str] = {
+    "metadata_bytes": "2:4 positions",
+    "index_bytes": "act-order group index",
+    "awq_scale_bytes": "AWQ input scales",
+}
 
 
 def _device_line(figure: go.Figure, memory_bytes: int, target_name: str) -> None:
@@ -150,9 +156,13 @@ def _device_line(figure: go.Figure, memory_bytes: int, target_name: str) -> None
 
 
 def memory_stack(records: pd.DataFrame, memory_bytes: int, target_name: str) -> go.Figure:
-    """One stacked bar per scheme (weights, scales, KV, activations, overhead, in GB) against the device."""
+    """One stacked bar per scheme (weights, scales, what an algorithm adds where a plan has it, KV, activations,
+    overhead, in GB) against the device."""
     figure = go.Figure()
-    for column, label in MEMORY_COMPONENTS.items():
+    present = {c: label for c, label in MEMORY_ALGORITHM_PARTS.items() if c in records and records[c].fillna(0).any()}
+    components = list(MEMORY_COMPONENTS.items())
+    components[2:2] = present.items()  # after weights and scales
+    for column, label in components:
         figure.add_trace(go.Bar(x=records["scheme"], y=records[column] / 1e9, name=label,
                                 hovertemplate="%{x}: %{y:.3f} GB<extra>" + label + "</extra>"))
     _device_line(figure, memory_bytes, target_name)

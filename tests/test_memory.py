@@ -349,3 +349,31 @@ def test_cli_text_output(capsys):
     _run_cli(["memory", "--model", "mixtral-8x7b", "--hardware", "h100-sxm-80gb"])
     text = capsys.readouterr().out
     assert "KV cache" in text and "h100-sxm-80gb" in text and "MoE" in text
+
+
+def test_what_awq_act_order_and_2_4_store_is_a_part_of_its_own_and_the_stack_still_adds_up():
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from qlab import charts
+
+    rtn = memory.plan("llama-3.1-8b", INT4_G128, 8192)
+    awq = memory.plan("llama-3.1-8b", replace(INT4_G128, algorithm="awq"), 8192).to_record()
+    act_order = memory.plan("llama-3.1-8b", replace(INT4_G128, algorithm="gptq-act-order"), 8192).to_record()
+    sparse = memory.plan("llama-3.1-8b", QuantScheme("int8", "channel", sparsity="2:4"), 8192).to_record()
+    matrices = memory._catalog_matrices(architectures.get("llama-3.1-8b"), memory.Assumptions())
+    inputs = sum(shape[-1] * count for _, shape, count in matrices)
+    values = sum(math.prod(shape) * count for _, shape, count in matrices)
+    assert awq["awq_scale_bytes"] == 2 * inputs and awq["index_bytes"] == awq["metadata_bytes"] == 0
+    assert act_order["index_bytes"] == 4 * inputs and act_order["awq_scale_bytes"] == 0
+    assert sparse["metadata_bytes"] == values // 2 * 2 // 8
+    assert rtn.to_record()["metadata_bytes"] == rtn.to_record()["index_bytes"] == 0
+    for record in (awq, act_order, sparse):
+        parts = ["weights_before_scales_bytes", "scales_bytes", *charts.MEMORY_ALGORITHM_PARTS]
+        assert sum(record[p] for p in parts) == record["weights_bytes"]
+    # The extra parts add to the same weights as before: AWQ is RTN's size plus its input scales.
+    assert awq["weights_bytes"] == rtn.weights_bytes + 2 * inputs
+    figure = charts.memory_stack(pd.DataFrame([rtn.to_record(), awq]), 80 * 10**9, "H100")
+    assert "AWQ input scales" in [trace.name for trace in figure.data]
+    assert "2:4 positions" not in [trace.name for trace in figure.data]

@@ -221,6 +221,13 @@ class MemoryPlan:
         return self.weights.scale_bytes
 
     @property
+    def algorithm_parts_bytes(self) -> dict[str, int]:
+        """What rounding algorithms and sparsity store beside codes and scales: 2:4 positions, act-order's group
+        index, AWQ's input scales (0 for schemes without them)."""
+        return {"metadata_bytes": self.weights.metadata_bytes, "index_bytes": self.weights.index_bytes,
+                "awq_scale_bytes": self.weights.awq_scale_bytes}
+
+    @property
     def kv_cache_bytes(self) -> int:
         return self.peak.kv_bytes
 
@@ -280,8 +287,9 @@ class MemoryPlan:
             "context_tokens": self.context_tokens, "batch": self.batch,
             "weights_bytes": self.weights_bytes,
             "quantized_weights_bytes": self.weights.quantized_bytes,
-            "scales_bytes": self.scales_bytes,
-            "weights_before_scales_bytes": self.weights_bytes - self.scales_bytes,
+            "scales_bytes": self.scales_bytes, **self.algorithm_parts_bytes,
+            "weights_before_scales_bytes": (self.weights_bytes - self.scales_bytes
+                                            - sum(self.algorithm_parts_bytes.values())),
             "unquantized_bytes": self.weights.other_bytes,
             "bits_per_weight": round(self.weights.bits_per_weight, 6),
             "kv_dtype": self.kv.kv_dtype, "kv_scheme": self.kv.scheme_label,
