@@ -58,11 +58,11 @@ def test_tensor_parallel_splits_weights_and_scales_the_roofline():
         placement.tensor_parallel(MODEL, "h200-sxm-141gb", 3, ["bf16"])
 
 
-def test_mla_kv_per_token_is_the_latent_for_engines():
+def test_mla_kv_per_token_is_the_latent_for_engines_and_transformers():
     arch = architectures.get("deepseek-v3")
     per_token = placement.kv_bytes_per_token(arch)
     assert per_token["vllm"] == arch.num_layers * (arch.kv_lora_rank + arch.qk_rope_head_dim) * 2
-    assert per_token["transformers"] > 10 * per_token["vllm"]
+    assert per_token["transformers"] == per_token["vllm"]  # transformers 5.x caches the latent too
 
 
 def test_cli_placement_json(capsys):

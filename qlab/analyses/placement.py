@@ -168,8 +168,8 @@ def tensor_parallel(model: str | Architecture, hardware_id: str, gpus: int, form
 
 
 def kv_bytes_per_token(model: str | Architecture, kv_dtype: str = "bf16") -> dict[str, int]:
-    """KV bytes one token adds over all layers, as serving engines store it (MLA: the latent) and as
-    transformers does (MLA decompressed per head)."""
+    """KV bytes one token adds over all layers, as serving engines and as transformers store it (for MLA both
+    cache the compressed latent)."""
     arch = model if isinstance(model, Architecture) else architectures.get(model)
     return {runtime: memory.kv_cache(arch, 1, 1, kv_dtype, runtime=runtime).total_bytes
             for runtime in ("vllm", "transformers")}
