@@ -190,13 +190,13 @@ with answer:
         st.markdown(f"⚠️ {warning}")
     st.caption(f"Rule: {result.rule}")
 
+# The histogram's data and the figures are kept beside the pieces, for every session and rerun that shows them.
 layer = overview.most_sensitive_layer(pieces, request)
-grids_cache = st.session_state.setdefault("overview_grids", {})
-if layer and (key, layer) not in grids_cache:
-    grids_cache.clear()  # one layer's histogram is kept, for the answer on screen
-    grids_cache[(key, layer)] = overview.layer_grids(loaded, layer, request.schemes)
-grids = grids_cache.get((key, layer)) if layer else None
-figures = recorded.panel_figures(pieces, request, result, grids)
+grids_by_layer = entry.setdefault("grids", {})
+if layer and layer not in grids_by_layer:
+    grids_by_layer[layer] = overview.layer_grids(loaded, layer, request.schemes)
+grids = grids_by_layer.get(layer) if layer else None
+figures = recorded.panel_figures(pieces, request, result, grids, cache=entry.setdefault("figures", {}))
 waiting = {"accuracy": "the accuracy sweep", "memory": "the memory plans", "speed": "the speed predictions",
            "sensitivity": "the per-layer sensitivity"}
 top, bottom = st.columns(2), st.columns(2)

@@ -174,6 +174,35 @@ def test_the_verdict_panels_and_html_from_the_pieces(llama, store):
     assert page.count("plotly.js") >= 1 and "a note" in page
 
 
+def test_panels_are_rebuilt_only_when_what_they_draw_changes(llama, monkeypatch):
+    from qlab import charts
+
+    pieces = Pieces()
+    recorded.fill_arithmetic(llama, request(), pieces)
+    sweep = list(overview.sweep_piece(llama, request(), SCHEMES))
+    pieces.sweep[sweep[0]["label"]] = sweep[0]
+    built = []
+    for name in ("accuracy_size_front", "memory_on_target", "speed_predicted_and_measured"):
+        monkeypatch.setattr(charts, name, lambda *args, name=name, real=getattr(charts, name): built.append(name)
+                            or real(*args))
+    cache: dict = {}
+
+    def figures(bound: float = 10.0) -> dict:
+        return recorded.panel_figures(pieces, request(), overview.decide(pieces, request(), llama.kind, bound),
+                                      cache=cache)
+
+    first = figures()
+    assert sorted(built) == ["accuracy_size_front", "memory_on_target", "speed_predicted_and_measured"]
+    assert figures() == first and len(built) == 3  # a rerun with nothing new builds nothing
+    for record in sweep[1:]:
+        pieces.sweep[record["label"]] = record
+    assert figures()["accuracy"] is not first["accuracy"] and built[3:] == ["accuracy_size_front"]
+    figures(bound=0.5)
+    assert built[4:] == ["accuracy_size_front"]  # the bound is drawn on the accuracy panel only
+    assert recorded.panel_figures(pieces, request(), overview.decide(pieces, request(), llama.kind, 0.5))[
+        "accuracy"] is not None and len(built) == 8  # no cache: every figure is built
+
+
 def test_layer_grids_without_a_scaled_format_and_for_an_unknown_layer(llama):
     assert overview.layer_grids(llama, "model.layers.0.mlp.down_proj", [QuantScheme("fp16")]) is None
     with pytest.raises(QlabError, match="no linear layer"):

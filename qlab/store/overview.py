@@ -366,22 +366,44 @@ def sensitivity_frame(pieces: Pieces, request: OverviewRequest, top: int = TOP_L
 
 
 def panel_figures(pieces: Pieces, request: OverviewRequest, verdict: Verdict,
-                  grids: overview.LayerGrids | None = None) -> dict[str, go.Figure | None]:
+                  grids: overview.LayerGrids | None = None, cache: dict | None = None) -> dict[str, go.Figure | None]:
     """The four panels (None where their piece is not there yet): accuracy, memory, speed, sensitivity (+ the
-    weight histogram of the most sensitive layer)."""
+    weight histogram of the most sensitive layer).
+
+    With ``cache`` (a dict kept beside ``pieces`` for this request) a figure is rebuilt only when what it draws
+    changed: the schemes its pieces hold (a scheme's record never changes once known), the bound, the layer.
+    Building a figure costs far more than drawing it, and the page redraws on every result that arrives.
+    """
     target = request.target
-    accuracy, memory, speeds, sensitivity = (accuracy_frame(pieces, request), memory_frame(pieces, request),
-                                             speed_frame(pieces, request), sensitivity_frame(pieces, request))
-    return {
-        "accuracy": None if accuracy.empty else charts.accuracy_size_front(
-            accuracy, verdict.loss.title, verdict.bound),
-        "memory": None if memory.empty else charts.memory_on_target(memory, target.memory_bytes, target.name),
-        "speed": None if speeds.empty else charts.speed_predicted_and_measured(speeds, verdict.speed_unit,
-                                                                                target.name),
-        "sensitivity": None if sensitivity.empty else charts.sensitivity_top_layers(sensitivity),
-        "histogram": None if grids is None else charts.weight_grids(
-            grids.values, grids.grids, f"Weights of {grids.layer}"),
+
+    def held(found: dict) -> tuple[str, ...]:
+        return tuple(label for label in (*(s.label for s in request.schemes), overview.REFERENCE.label)
+                     if label in found)
+
+    panels = {
+        "accuracy": ((held(pieces.sweep), verdict.loss.title, verdict.bound), lambda: _figure(
+            accuracy_frame(pieces, request),
+            lambda frame: charts.accuracy_size_front(frame, verdict.loss.title, verdict.bound))),
+        "memory": ((held(pieces.memory),), lambda: _figure(
+            memory_frame(pieces, request),
+            lambda frame: charts.memory_on_target(frame, target.memory_bytes, target.name))),
+        "speed": ((held(pieces.predicted), held(pieces.measured), verdict.speed_unit), lambda: _figure(
+            speed_frame(pieces, request),
+            lambda frame: charts.speed_predicted_and_measured(frame, verdict.speed_unit, target.name))),
+        "sensitivity": ((held(pieces.sensitivity),), lambda: _figure(
+            sensitivity_frame(pieces, request), charts.sensitivity_top_layers)),
+        "histogram": ((None if grids is None else grids.layer,), lambda: None if grids is None else charts.weight_grids(
+            grids.values, grids.grids, f"Weights of {grids.layer}")),
     }
+    cache = {} if cache is None else cache
+    for panel, (drawn, build) in panels.items():
+        if panel not in cache or cache[panel][0] != drawn:
+            cache[panel] = (drawn, build())
+    return {panel: cache[panel][1] for panel in panels}
+
+
+def _figure(frame: pd.DataFrame, build: Callable[[pd.DataFrame], go.Figure]) -> go.Figure | None:
+    return None if frame.empty else build(frame)
 
 
 # --- one self-contained HTML file ---------------------------------------------------------------------------
