@@ -309,3 +309,31 @@ def test_out_of_memory_on_the_quantize_page_keeps_two_rows_and_the_page_works(ti
     assert list(at.dataframe[0].value["label"]) == ["fp16", "int8 per-channel", "int4 per-channel",
                                                     "nf4 per-channel"]
     assert {d for _, d in seen} == {digest} and models.weights_digest(base) == digest
+
+
+# --- the dashboard benchmark ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_dashboard_benchmark_drives_every_step_of_a_two_layer_variant(tmp_path):
+    import subprocess
+
+    config = json.loads((REPO / "assets" / "model_configs" / "llama-3.2-1b.json").read_text())
+    config.update(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, vocab_size=512)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, str(REPO / "bench" / "dashboard_1b.py"), "--config", str(tmp_path / "config.json"),
+                    "--checkpoint", str(tmp_path / "model"), "--tokens", "64", "--no-overview-speed", "--json",
+                    str(out)], check=True, timeout=900, capture_output=True)
+    result = json.loads(out.read_text())
+    steps = {s["step"]: s for s in result["steps"]}
+    assert result["all_ok"] and list(steps) == ["choose the model in the sidebar", "Model page", "Quantize page",
+                                                "Quantize: Run sweep", "Overview", "Memory page"]
+    assert result["checkpoint"]["built"] and result["checkpoint"]["dtype"] == "bfloat16"
+    assert steps["choose the model in the sidebar"]["run_on_options"] == ["This CPU"]
+    assert steps["Model page"]["metrics"]["Parameters"] == "0.36 M"
+    assert [r["label"] for r in steps["Quantize: Run sweep"]["rows"]] == ["fp16", "int8 g64", "int4 g64", "nf4 g64"]
+    assert steps["Overview"]["pieces"] == {"sensitivity": {"state": "done", "note": ""}}  # the sweep was stored
+    assert steps["Overview"]["verdict"].startswith(("Ship ", "No "))
+    assert all(0 < s["peak_rss_over_libraries_bytes"] < s["peak_rss_bytes"] for s in result["steps"])
