@@ -147,7 +147,8 @@ def analysis_run():
 
 
 # analyze reports each step once it is done; the label names the one that starts.
-NEXT_STEP = {"captured activations and block inputs": "estimating the output curvature (one backward pass)",
+NEXT_STEP = {"rounded every layer": "capturing activations and block inputs (one FP32 pass)",
+             "captured activations and block inputs": "estimating the output curvature (one backward pass)",
              "estimated output curvature": "measuring each unit end to end",
              "everything quantized": "capturing the quantized model's block inputs",
              "captured quantized block inputs": "measuring each unit kept in FP32"}
@@ -156,6 +157,9 @@ NEXT_STEP = {"captured activations and block inputs": "estimating the output cur
 def running(progress: Progress) -> Progress:
     def named(fraction: float, message: str) -> None:
         scheme, _, done = message.rpartition(": ")
+        if done.startswith("rounding "):  # names the layer being rounded already
+            progress(fraction, message)
+            return
         upcoming = NEXT_STEP.get(done) or f"measuring the unit after {done.removeprefix('all but ')}"
         progress(fraction, f"{scheme}: {upcoming}" if scheme else upcoming)
 

@@ -205,6 +205,23 @@ def test_gptq_and_awq_blocks_equal_the_whole_model_with_that_block_rounded_by_th
             assert row["delta"] != pytest.approx(plain["delta"], rel=1e-3)
 
 
+def test_rounding_by_an_algorithm_shows_progress_per_layer_and_can_be_cancelled(llama):
+    from qlab.core.errors import Cancelled
+
+    loaded, baseline = llama
+    hqq = QuantScheme("int4", "group", 32, algorithm="hqq")
+    messages = []
+    analyze(loaded, [hqq], baseline, blocks=False, predict=False, progress=lambda f, m: messages.append((f, m)))
+    rounding = [m for _, m in messages if ": rounding " in m]
+    assert len(rounding) == 21 and rounding[0] == "int4 g32 asym hqq: rounding model.layers.0.self_attn.q_proj"
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    asked = []
+    with pytest.raises(Cancelled):
+        analyze(loaded, [hqq], baseline, cancel=lambda: len(asked.append(1) or asked) > 3)
+    assert len(asked) == 4  # stopped while rounding, before the first pass over the text
+
+
 def test_too_little_calibration_text_is_refused_before_any_work(llama):
     loaded, _ = llama
     gptq = QuantScheme("int4", "group", 32, algorithm="gptq")

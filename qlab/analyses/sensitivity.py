@@ -230,9 +230,14 @@ class _Rounder:
         if key in self.kept:
             return self.kept[key]
         qtensor = quantize_weight(weight, scheme, self.calibration.get(name))
-        if scheme.algorithm != "rtn" or scheme.sparsity != "none":
+        if self.keeps(scheme):
             self.kept[key] = qtensor
         return qtensor
+
+    @staticmethod
+    def keeps(scheme: QuantScheme) -> bool:
+        """Whether this scheme's rounding is kept rather than redone (anything but plain round to nearest)."""
+        return scheme.algorithm != "rtn" or scheme.sparsity != "none"
 
 
 @dataclass
@@ -559,7 +564,9 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     linear_names = [name for name, _ in quantizable_linears(model)]
     units = _units(stack, unit) if blocks else []
     replays_per_scheme = len(units) + (1 if view == "reverse" else 0)
-    total = 1 + predict + len(schemes) * replays_per_scheme + (len(schemes) if blocks and view == "reverse" else 0)
+    kept = [s for s in schemes if _Rounder.keeps(s)]
+    total = (1 + predict + bool(kept) + len(schemes) * replays_per_scheme
+             + (len(schemes) if blocks and view == "reverse" else 0))
     done = [0]
 
     def step(message: str) -> None:
@@ -574,6 +581,15 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot, rounder)
               for name in linear_names}
     seconds = {}
+    if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, with progress and Cancel, then reused by every pass
+        started = time.perf_counter()
+        for index, (scheme, name) in enumerate(itertools.product(kept, linear_names)):
+            _check_cancel(cancel)
+            if progress:
+                progress((done[0] + index / (len(kept) * len(linear_names))) / total, f"{scheme.label}: rounding {name}")
+            rounder(name, modules[name].weight.detach(), scheme)
+        seconds["rounding_s"] = time.perf_counter() - started
+        step("rounded every layer")
     started = time.perf_counter()
     capture = _capture(shadow, stack, baseline, probes, mask_slot, cancel)
     seconds["capture_and_linear_error_s"] = time.perf_counter() - started
