@@ -301,7 +301,9 @@ def merge(files: list[str], out: str) -> list[dict]:
     """One result list from several runs: the last measured row of each (format, path) wins, in step order."""
     rows: dict[tuple[str, str], dict] = {}
     for file in files:
-        for row in json.loads(Path(file).read_text()):
+        data = json.loads(Path(file).read_text())
+        # A committed result holds its rows under "rows" (with an earlier GPU's beside them); a run's file is a list.
+        for row in data["rows"] if isinstance(data, dict) else data:
             key = (row.get("format_slug"), row.get("path"))
             if row.get("decode_tokens_per_s") or key not in rows:
                 rows[key] = row

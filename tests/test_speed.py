@@ -257,6 +257,7 @@ def test_gpu_roofline_bounds_each_measured_weight_only_format_on_the_gpu_it_ran_
     cpu = hardware.get("cpu-x86-avx2")
     assert speed.gpu_target("NVIDIA H100 80GB HBM3", cpu).id == "h100-sxm-80gb"
     assert speed.gpu_target("NVIDIA H100 PCIe", cpu).id == "h100-pcie-80gb"
+    assert speed.gpu_target("NVIDIA H200", cpu).id == "h200-sxm-141gb"
     assert speed.gpu_target("NVIDIA A100-SXM4-80GB", cpu) is cpu
     row = {"model": "llama-3.1-8b", "prompt_tokens": 128, "new_tokens": 200}
     rows = [{**row, "format_slug": "int8wo"}, {**row, "format_slug": "bf16"}, {**row, "format_slug": "int8dq"},

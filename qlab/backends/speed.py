@@ -435,6 +435,8 @@ def roofline_predictions(loaded: LoadedModel, rows: list[dict], target: hardware
 def gpu_target(gpu_name: str, fallback: hardware.Hardware) -> hardware.Hardware:
     """The catalog entry of the GPU a benchmark ran on, by the name torch gave it (an H100, SXM or PCIe), else
     ``fallback``."""
+    if "H200" in gpu_name:
+        return hardware.get("h200-sxm-141gb")
     if "H100" not in gpu_name:
         return fallback
     return hardware.get("h100-pcie-80gb" if "PCIe" in gpu_name else "h100-sxm-80gb")
