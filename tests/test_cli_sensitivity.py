@@ -98,7 +98,7 @@ def test_without_db_or_qlab_db_nothing_is_stored(tiny, tmp_path, monkeypatch):
 
 
 def test_recommend_with_gptq_stores_a_plan_of_gptq_schemes_and_its_calibration(tiny, tmp_path):
-    from qlab.store import Store
+    from qlab.store import Store, stored_sensitivity
 
     db = tmp_path / "runs.sqlite"
     run(["recommend", *tiny, "--algorithm", "gptq", "--budget-bits", "5", "--db", str(db),
@@ -108,6 +108,7 @@ def test_recommend_with_gptq_stores_a_plan_of_gptq_schemes_and_its_calibration(t
     plan = stored.records("recommendation")[0]["plan"]
     assert len(plan["layers"]) == 21 and {s["algorithm"] for s in plan["layers"].values()} == {"gptq"}
     assert stored.meta.settings["calibration"]["calibration_tokens"] == 4096
+    assert stored_sensitivity(stored).calibration == stored.meta.settings["calibration"]  # rebuilt with the run
     assert json.loads((tmp_path / "mix.json").read_text())["calibration"]["calibration_tokens"] == 4096
 
 
