@@ -260,6 +260,28 @@ def _next_token_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return targets.reshape(-1), valid.reshape(-1)
 
 
+def lm_baseline(windows: torch.Tensor, log_prob_chunks: Iterable[tuple[int, torch.Tensor]], vocab: int) -> Baseline:
+    """An LM baseline from the reference engine's (flat position offset, next-token log-probs) chunks over
+    ``windows``: what ``lm_metrics`` compares every later run with."""
+    targets, valid = _next_token_targets(windows)
+    n = windows.numel()
+    # The next-token distribution is kept as fp16 log-probs (half the memory of fp32; fp16 probabilities would
+    # lose the tail to subnormals), renormalised when read. That rounding alone is a KL of ~1e-7 nats from the
+    # model's own distribution; it is kept per position and subtracted, so the reference scores exactly 0
+    # against itself and the storage's rounding never counts as damage.
+    log_probs16 = torch.empty(n, vocab, dtype=torch.float16)
+    storage_kld, nll = torch.empty(n), torch.empty(n)
+    top1 = torch.empty(n, dtype=torch.long)
+    for offset, log_probs in log_prob_chunks:
+        rows = slice(offset, offset + log_probs.shape[0])
+        log_probs16[rows] = log_probs.to(torch.float16)
+        storage_kld[rows] = _kld_rows(log_probs16[rows], log_probs)
+        top1[rows] = log_probs.argmax(dim=-1)
+        nll[rows] = -log_probs.gather(1, targets[rows, None])[:, 0]
+    inputs = {"windows": windows, "storage_kld": storage_kld, "top1": top1}
+    return Baseline("causal-lm", inputs, log_probs16, {"ppl": math.exp(nll[valid].mean().item())}, n)
+
+
 def compute_baseline(loaded: LoadedModel, spec: EvalSpec, progress: Progress | None = None,
                      cancel: CancelCheck | None = None) -> Baseline:
     """Run the model once, in its own dtype, on the spec's tokens and keep what later comparisons need."""
@@ -270,26 +292,9 @@ def compute_baseline(loaded: LoadedModel, spec: EvalSpec, progress: Progress | N
     model = compute_view(loaded.model, computes_in)
     if loaded.kind == "causal-lm":
         windows = _lm_windows(loaded, spec)
-        targets, valid = _next_token_targets(windows)
-        n = windows.numel()
         vocab = loaded.model.get_output_embeddings().out_features
-        # The next-token distribution is kept as fp16 log-probs (half the memory of fp32; fp16 probabilities
-        # would lose the tail to subnormals), and KL is taken against that stored copy itself, renormalised:
-        # KL(p16 || q) = sum p16 log p16 - sum p16 log q. Using the same p16 in both terms keeps KL >= 0
-        # and the rounding's own contribution second order (~1e-7 nats), below any 8-bit scheme's.
-        log_probs16 = torch.empty(n, vocab, dtype=torch.float16)
-        neg_entropy, nll = torch.empty(n), torch.empty(n)
-        top1 = torch.empty(n, dtype=torch.long)
-        for offset, log_probs in _lm_log_probs(model, windows, progress, cancel):
-            rows = slice(offset, offset + log_probs.shape[0])
-            log_probs16[rows] = log_probs.to(torch.float16)
-            log_p = torch.log_softmax(log_probs16[rows].float(), dim=-1)
-            neg_entropy[rows] = (log_p.exp() * log_p).sum(dim=-1)
-            top1[rows] = log_probs.argmax(dim=-1)
-            nll[rows] = -log_probs.gather(1, targets[rows, None])[:, 0]
-        metrics = {"ppl": math.exp(nll[valid].mean().item())}
-        inputs = {"windows": windows, "neg_entropy": neg_entropy, "top1": top1}
-        baseline = Baseline("causal-lm", inputs, log_probs16, metrics, n, dtype=dtype, compute_dtype=computes_in)
+        baseline = lm_baseline(windows, _lm_log_probs(model, windows, progress, cancel), vocab)
+        baseline.dtype, baseline.compute_dtype = dtype, computes_in
     else:
         batch = _embedding_inputs(loaded, spec)
         reference = _embed(model, batch, progress, cancel)
@@ -323,21 +328,36 @@ def lm_metrics(log_prob_chunks: Iterable[tuple[int, torch.Tensor]], baseline: Ba
     windows = baseline.inputs["windows"]
     targets, valid = _next_token_targets(windows)
     n = windows.numel()
-    nll, cross, agree = torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool)
+    nll, kld, agree = torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool)
     for offset, log_q in log_prob_chunks:
         rows = slice(offset, offset + log_q.shape[0])
-        p = baseline.reference[rows].float().exp_()
-        # sum_v p_v log q_v as a batched dot product: no (positions x vocab) temporary beyond p itself.
-        cross[rows] = torch.bmm(p.unsqueeze(1), log_q.unsqueeze(2)).reshape(-1) / p.sum(dim=-1)
+        kld[rows] = _kld_rows(baseline.reference[rows], log_q)
         agree[rows] = log_q.argmax(dim=-1) == baseline.inputs["top1"][rows]
         nll[rows] = -log_q.gather(1, targets[rows, None])[:, 0]
-    kld = (baseline.inputs["neg_entropy"] - cross).clamp_(min=0)
+    kld = kld.sub_(baseline.inputs["storage_kld"]).clamp_(min=0)
     return {
         "ppl": math.exp(nll[valid].mean().item()),
         "kld_mean": kld.mean().item(),
         "kld_p99": torch.quantile(kld, 0.99).item(),
         "top1_agreement": agree.float().mean().item(),
     }
+
+
+def _kld_rows(reference16: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per row, KL(p || q) of the renormalised fp16 reference p, summed term by term as p (log p - log q).
+
+    Never as sum p log p - sum p log q: each of those float32 sums over a 49k vocabulary rounds by ~1e-4 nats,
+    the size of a whole 8-bit block's effect, and their difference keeps all of it. Rows go LOGIT_CHUNK at a
+    time, so whatever chunks an engine hands over, the temporaries stay two (chunk x vocab) tensors.
+    """
+    kld = torch.empty(log_q.shape[0])
+    for start in range(0, log_q.shape[0], LOGIT_CHUNK):
+        rows = slice(start, start + LOGIT_CHUNK)
+        log_p = torch.log_softmax(reference16[rows].float(), dim=-1)
+        p = log_p.exp()
+        # A batched dot product: no third temporary for the elementwise product.
+        kld[rows] = torch.bmm(p.unsqueeze(1), log_p.sub_(log_q[rows]).unsqueeze(2)).reshape(-1)
+    return kld
 
 
 def _paragraphs(text: str) -> list[str]:
