@@ -20,6 +20,7 @@ step. A smoke run: ``--config`` a small config.json (two layers), ``--checkpoint
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -122,10 +123,6 @@ def page_messages(at) -> dict:
     return {"exceptions": [str(e.value)[:500] for e in at.exception], "errors": [e.value[:500] for e in at.error]}
 
 
-def overview_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("overview ") and t.is_alive()]
-
-
 def run(args: argparse.Namespace) -> dict:
     import psutil
 
@@ -152,6 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     import qlab.store  # noqa: F401
     from qlab import __version__
     from qlab.models import checkpoint, hardware, loading
+    from qlab.store.overview import OverviewJob
 
     source = loading.resolve(str(checkpoint_dir))
     found = checkpoint.inspect_checkpoint(source)
@@ -225,23 +223,21 @@ def run(args: argparse.Namespace) -> dict:
         pieces: dict[str, float] = {}
         states: dict = {}
         started = time.perf_counter()
-        threads = overview_threads()
-        for thread in threads:  # polled here, not by rerunning the page: the job is what is timed
-            job = getattr(getattr(thread, "_target", None), "__self__", None)
-            while thread.is_alive() and time.perf_counter() - started < args.step_timeout_s:
-                if job is not None:
-                    for piece, state in list(job.state.items()):
-                        if state not in ("waiting", "running") and piece not in pieces:
-                            pieces[piece] = round(time.perf_counter() - started, 2)
-                thread.join(POLL_S)
-            if job is not None:
-                states = {piece: {"state": state, "note": job.notes.get(piece)} for piece, state in job.state.items()}
-                for piece in job.state:
-                    pieces.setdefault(piece, round(time.perf_counter() - started, 2))
+        # The job the click started (the only one in this fresh process), polled here rather than by rerunning the
+        # page, so that what is timed is the work.
+        for job in [o for o in gc.get_objects() if isinstance(o, OverviewJob)]:
+            while job.alive and time.perf_counter() - started < args.step_timeout_s:
+                for piece, state in list(job.state.items()):
+                    if state not in ("waiting", "running") and piece not in pieces:
+                        pieces[piece] = round(time.perf_counter() - started, 2)
+                time.sleep(POLL_S)
+            states |= {piece: {"state": state, "note": job.notes.get(piece)} for piece, state in job.state.items()}
+            for piece in job.state:
+                pieces.setdefault(piece, round(time.perf_counter() - started, 2))
         at.run()  # the page as it looks once every piece is in
         headline = at.subheader[0].value if len(at.subheader) else None
         return {"pieces_done_after_s": pieces, "pieces": states, "verdict": headline,
-                "job_still_running": bool(overview_threads())}
+                "job_still_running": any(o.alive for o in gc.get_objects() if isinstance(o, OverviewJob))}
 
     def memory_page() -> dict:
         at.switch_page("pages/memory.py").run()
