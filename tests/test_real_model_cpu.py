@@ -323,9 +323,10 @@ def test_the_dashboard_benchmark_drives_every_step_of_a_two_layer_variant(tmp_pa
                   num_key_value_heads=2, head_dim=32, vocab_size=512)
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = tmp_path / "result.json"
-    subprocess.run([sys.executable, str(REPO / "bench" / "dashboard_1b.py"), "--config", str(tmp_path / "config.json"),
-                    "--checkpoint", str(tmp_path / "model"), "--tokens", "64", "--no-overview-speed", "--json",
-                    str(out)], check=True, timeout=900, capture_output=True)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "dashboard_1b.py"), "--config",
+                           str(tmp_path / "config.json"), "--checkpoint", str(tmp_path / "model"), "--tokens", "64",
+                           "--no-overview-speed", "--json", str(out)], timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     steps = {s["step"]: s for s in result["steps"]}
     assert result["all_ok"] and list(steps) == ["choose the model in the sidebar", "Model page", "Quantize page",
