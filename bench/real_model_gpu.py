@@ -258,7 +258,7 @@ def overview(run: Run, name: str, path: str, ns: argparse.Namespace, scratch: Pa
 
     def summary(record: dict, how: str) -> dict:
         return {"how": how, "verdict": record["verdict"].get("headline"), "steps": record["steps"],
-                "skipped": record.get("skipped"), "formats": record["formats"], "tokens": record["tokens"],
+                "pieces_skipped": record.get("skipped"), "formats": record["formats"], "tokens": record["tokens"],
                 "measured_speed": [{k: r.get(k) for k in ("label", "backend", "speed", "speed_unit", "reason")}
                                    for r in record["measured"]],
                 "goal_seconds": 180.0}
