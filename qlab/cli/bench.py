@@ -119,7 +119,7 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     spec = speed.SpeedSpec(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch,
                            repetitions=args.repetitions, sentences=args.sentences)
     db = requested_path(getattr(args, "db", None))  # checked before the model loads
-    loaded = load(args.model, dtype=args.dtype)
+    loaded = load(args.model, **({"dtype": args.dtype} if args.dtype else {}))  # given only when asked, as elsewhere
     chosen = ([b for b in backends.all_backends() if loaded.kind in b.kinds] if args.backends.strip() == "all"
               else backends.parse_backends(args.backends))
     bandwidth = None if args.no_bandwidth else speed.measure_bandwidth()
