@@ -27,6 +27,8 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,8 @@ def _write_gguf(model: Any, directory: Path) -> dict:
 
 
 WRITERS = {"optimum-quanto": _write_quanto, "torchao": _write_torchao, "llama-cpp-python": _write_gguf}
+# qlab's own schemes written in the layout serving engines read (qlab.backends.export_compressed).
+COMPRESSED_TENSORS = "compressed-tensors"
 
 
 def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.PathLike,
@@ -250,8 +254,7 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
     started = time.perf_counter()
     backend = _backend(backend_slug)
     out_dir = Path(out_dir).expanduser().resolve()
-    partial = _prepare(out_dir, force)
-    try:
+    with staged(out_dir, force) as partial:
         model = backend.apply(loaded, "cpu")
         written = WRITERS[backend.library](model, partial)
         loaded.model.config.to_json_file(partial / "config.json")
@@ -271,6 +274,16 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
         files = tuple(sorted(p.name for p in partial.iterdir()))
         total = sum(p.stat().st_size for p in partial.iterdir())
         weights_bytes = (partial / weights).stat().st_size
+    return ExportResult(out_dir, backend.slug, files, weights, weights_bytes, total, time.perf_counter() - started)
+
+
+@contextmanager
+def staged(out_dir: Path, force: bool) -> Iterator[Path]:
+    """A fresh hidden directory to write an export into, renamed over ``out_dir`` when the block ends without
+    an error and deleted when it raises; ``out_dir`` is checked first (see ``_prepare``)."""
+    partial = _prepare(out_dir, force)
+    try:
+        yield partial
         _publish(partial, out_dir)
     except OSError as error:
         shutil.rmtree(partial, ignore_errors=True)
@@ -279,7 +292,6 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return ExportResult(out_dir, backend.slug, files, weights, weights_bytes, total, time.perf_counter() - started)
 
 
 def _version(package: str) -> str | None:
@@ -297,7 +309,7 @@ def read_scheme(out_dir: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError):
         raise QlabError(f"{path.parent} is not a qlab export (no readable {SCHEME_FILE}); export it with "
                         "`python -m qlab export`.") from None
-    if record.get("format") != EXPORT_FORMAT or record.get("library") not in WRITERS:
+    if record.get("format") != EXPORT_FORMAT or record.get("library") not in (*WRITERS, COMPRESSED_TENSORS):
         raise QlabError(f"{path} is not a qlab quantized-model export; export it with `python -m qlab export`.")
     return record
 
@@ -314,6 +326,16 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = True) -> torch.nn.M
     if verify and _sha256(weights) != record["weights_sha256"]:
         raise QlabError(f"{weights} does not match the SHA-256 in {SCHEME_FILE}; it was changed or truncated, "
                         "export the model again.")
+    if record["library"] == COMPRESSED_TENSORS:  # transformers reads the layout itself, as a serving user would
+        from transformers import AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
+
+        model_class = AutoModelForCausalLM if record["model_kind"] == "causal-lm" else AutoModel
+        # transformers 5.23's compressed route sizes an asymmetric zero-point unpacked and refuses the packed one
+        # (llm-compressor issue 1618); dequantizing at load reads it.
+        dequantize = not (record.get("scheme") or {}).get("symmetric", True)
+        config = CompressedTensorsConfig(dequantize=True) if dequantize else None
+        return model_class.from_pretrained(directory, trust_remote_code=False, quantization_config=config
+                                           ).eval().requires_grad_(False)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=False)

@@ -3,6 +3,7 @@ or the per-layer scheme JSON of a simulated scheme.
 
     python -m qlab export --model minilm-l6 --backend quanto-int8 --out exports/minilm-int8
     python -m qlab export --model smollm2-135m --scheme-json --format int4 --out int4-g64.json
+    python -m qlab export --model smollm2-135m --compressed-tensors --format int4 --algorithm gptq --out smollm-gptq
     python -m qlab export --list
 """
 
@@ -11,11 +12,14 @@ from __future__ import annotations
 import argparse
 
 from qlab.cli.common import (
+    add_algorithm_arguments,
     add_scheme_arguments,
     device_options,
     emit,
     json_option,
     load_options,
+    progress_bar,
+    quiet_option,
     scheme_from_args,
     write_atomic,
 )
@@ -33,13 +37,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
     parser.add_argument("--scheme-json", action="store_true",
                         help="simulated scheme: write the per-layer scheme JSON (module -> scheme) instead")
-    parser.add_argument("--format", default="int4", help="--scheme-json: weight format from the registry")
+    parser.add_argument("--compressed-tensors", action="store_true",
+                        help="simulated scheme (int4/int8; rtn, gptq, gptq-act-order --static-groups, awq): write "
+                             "a compressed-tensors checkpoint (pack-quantized) that transformers and vLLM load")
+    parser.add_argument("--format", default="int4",
+                        help="--scheme-json / --compressed-tensors: weight format from the registry")
     add_scheme_arguments(parser, granularity="group")
+    add_algorithm_arguments(parser)
+    parser.add_argument("--text-file", default=None,
+                        help="--compressed-tensors with gptq/awq: UTF-8 text to calibrate on (its last 4096 tokens; "
+                             "default: pydoc topics)")
+    quiet_option(parser)
     device_options(parser)
     parser.add_argument("--list", action="store_true", help="list the backends that can export, and whether "
                                                             "each runs here")
     json_option(parser, "print what was written as JSON")
-    parser.set_defaults(func=cmd_export)
+    parser.set_defaults(func=cmd_export, tokens=512)  # EvalSpec's budget: an export evaluates nothing
     return parser
 
 
@@ -53,8 +66,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.scheme_json:
         _scheme_json(args)
         return
+    if args.compressed_tensors:
+        _compressed_tensors(args)
+        return
     if not args.backend:
-        raise QlabError("give --backend (a real backend, see `python -m qlab export --list`) or --scheme-json.")
+        raise QlabError("give --backend (a real backend, see `python -m qlab export --list`), --scheme-json or "
+                        "--compressed-tensors.")
     from qlab.backends import export
     from qlab.models.loading import load
 
@@ -106,3 +123,33 @@ def _scheme_json(args: argparse.Namespace) -> None:
         emit({"out": args.out, "model": loaded.name, "layers": len(payload["layers"])}, args.json)
         return
     print(f"wrote {args.out}: {len(payload['layers'])} layers of {loaded.name} at {args.format}")
+
+
+def _compressed_tensors(args: argparse.Namespace) -> None:
+    from qlab.backends import export
+    from qlab.backends.export_compressed import BACKEND, check_export, check_expressible, export_compressed
+    from qlab.cli.common import eval_spec
+    from qlab.core.errors import QlabError
+    from qlab.models.loading import load
+
+    if args.backend:
+        raise QlabError("--compressed-tensors writes qlab's own rounding; drop --backend (or --compressed-tensors).")
+    scheme = scheme_from_args(args, args.format)
+    check_expressible(scheme)  # before the model loads
+    if args.out is not None and not args.out.strip():
+        raise QlabError("--out is empty; name the directory to create (or leave --out out for the default).")
+    spec = eval_spec(args)
+    loaded = load(args.model, **load_options(args))
+    out = args.out or export.default_out_dir(loaded.name, f"{BACKEND}-{scheme.label.replace(' ', '-')}")
+    check_export(loaded, scheme, out, args.force)  # one line, before the progress bar starts
+    with progress_bar(args.quiet, "export") as progress:
+        result = export_compressed(loaded, scheme, out, force=args.force, spec=spec, progress=progress)
+    record = {**result.to_record(), "model": loaded.name, "scheme": scheme.to_dict(),
+              "reload": "transformers.AutoModelForCausalLM.from_pretrained(out_dir)"}
+    if args.json is not None:
+        emit(record, args.json)
+        return
+    print(f"{loaded.name} at {scheme.label} -> {result.out_dir} (compressed-tensors, pack-quantized)")
+    print(f"  {result.weights_file}: {result.weights_bytes / 1e6:.1f} MB; files: {', '.join(result.files)}")
+    print(f"  reload: python -c \"from transformers import AutoModelForCausalLM; "
+          f"AutoModelForCausalLM.from_pretrained('{result.out_dir}')\"")
