@@ -123,6 +123,12 @@ def page_messages(at) -> dict:
     return {"exceptions": [str(e.value)[:500] for e in at.exception], "errors": [e.value[:500] for e in at.error]}
 
 
+def overview_jobs(job_class: type) -> list:
+    """The Overview's jobs alive in this process (``type`` rather than ``isinstance``: the latter wakes lazy
+    module proxies such as torch.distributed's, which warn)."""
+    return [o for o in gc.get_objects() if type(o) is job_class]
+
+
 def run(args: argparse.Namespace) -> dict:
     import psutil
 
@@ -225,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         # The job the click started (the only one in this fresh process), polled here rather than by rerunning the
         # page, so that what is timed is the work.
-        for job in [o for o in gc.get_objects() if isinstance(o, OverviewJob)]:
+        for job in overview_jobs(OverviewJob):
             while job.alive and time.perf_counter() - started < args.step_timeout_s:
                 for piece, state in list(job.state.items()):
                     if state not in ("waiting", "running") and piece not in pieces:
@@ -237,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         at.run()  # the page as it looks once every piece is in
         headline = at.subheader[0].value if len(at.subheader) else None
         return {"pieces_done_after_s": pieces, "pieces": states, "verdict": headline,
-                "job_still_running": any(o.alive for o in gc.get_objects() if isinstance(o, OverviewJob))}
+                "job_still_running": any(job.alive for job in overview_jobs(OverviewJob))}
 
     def memory_page() -> dict:
         at.switch_page("pages/memory.py").run()
