@@ -102,7 +102,7 @@ def write(result: dict, out: Path | None) -> None:
         print(text)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f"{out.name}.partial-{threading.get_ident()}")  # the watchdog may write at the same time
     partial.write_text(text)
     partial.replace(out)
 
