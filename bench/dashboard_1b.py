@@ -1,6 +1,6 @@
 """A 1B model through the dashboard on this CPU, as a user drives it: wall time and memory of every step.
 
-    python bench/dashboard_1b.py --checkpoint /tmp/llama-3.2-1b-random --json bench/results/dashboard_1b_cpu.json
+    python bench/dashboard_1b.py --checkpoint /tmp/qlab-llama-3.2-1b-random --json bench/results/dashboard_1b_cpu.json
 
 The random-initialised Llama-3.2-1B (1.24 B parameters, bf16, ~2.5 GB) is built first by
 ``bench/random_checkpoint.py`` in a child process (so its memory is not this one's), or reused when ``--checkpoint``
