@@ -1,5 +1,5 @@
 """The rounding methods the sources name, on the bundled models: `python bench/rounding_methods.py [--models M,...]
-[--formats int4,int3] [--device cpu|cuda] [--tokens N] [--note TEXT] [--json OUT]`.
+[--formats int4,int3] [--algorithms rtn,gptq,...] [--device cpu|cuda] [--tokens N] [--note TEXT] [--json OUT]`.
 
 RTN, GPTQ, GPTQ with act-order, AWQ and HQQ at int4 and int3 in asymmetric groups of 128 (64 where 128 does not
 divide every layer's input width, as SmolLM2-135M's 576), each a whole-model weight-only simulation measured by
@@ -45,13 +45,14 @@ def group_size_for(loaded) -> int:
     return next(g for g in GROUP_SIZES if all(w % g == 0 for w in widths))
 
 
-def measure(model: str, tokens: int, formats: Sequence[str] = FORMATS, device: str = "cpu") -> dict:
+def measure(model: str, tokens: int, formats: Sequence[str] = FORMATS, device: str = "cpu",
+            algorithms: Sequence[str] = ALGORITHMS) -> dict:
     """Every method at every format on one model, as one sweep (calibration collected once)."""
     loaded = load(model, device=device)
     before = weights_digest(loaded.model)
     group_size = group_size_for(loaded)
     schemes = [QuantScheme(fmt, "group", group_size, symmetric=False, algorithm=algorithm)
-               for fmt in formats for algorithm in ALGORITHMS]
+               for fmt in formats for algorithm in algorithms]
     started = time.perf_counter()
     rows = [row.to_record() for row in run_sweep(loaded, schemes, EvalSpec(tokens))]
     calibration_seconds = next((r["calibration_seconds"] for r in rows if "calibration_seconds" in r), None)
@@ -75,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m,minilm-l6")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--device", default="cpu", help="cpu or a GPU such as cuda:0")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--note", default=None, help="recorded with the result, e.g. that the machine was shared")
@@ -93,7 +95,8 @@ def main() -> None:
     }
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-        result["models"].append(measure(model, args.tokens, formats, args.device))
+        algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+        result["models"].append(measure(model, args.tokens, formats, args.device, algorithms))
         result["seconds"] = round(time.perf_counter() - started, 1)
         # Written after each model: a run stopped half-way keeps what it finished.
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
