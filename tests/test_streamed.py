@@ -10,6 +10,7 @@ import torch
 from qlab.analyses import streamed
 from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.analyses.sweep import run_sweep
+from qlab.core import quant
 from qlab.core.errors import Cancelled
 from qlab.core.plan import quantizable_linears, quantized_copy
 from qlab.core.quant import QuantScheme
@@ -50,7 +51,7 @@ def test_equals_the_shadow_copy_and_leaves_the_base_alone(build):
 def test_rows_rounded_in_chunks_equal_the_whole_weight(monkeypatch):
     loaded = tiny_llama()
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
-    monkeypatch.setattr(streamed, "CHUNK_ELEMENTS", 64 * 3)  # three rows of 64 inputs per chunk: 43 chunks a layer
+    monkeypatch.setitem(quant.FAKE_QUANTIZE_CHUNK_ELEMENTS, "cpu", 64 * 3)  # three rows of 64 inputs: 43 chunks a layer
     for scheme in (QuantScheme("int4", "group", 32, symmetric=False), QuantScheme("nf4", "channel"),
                    QuantScheme("fp8_e4m3", "tensor"), QuantScheme("fp16")):
         assert_same_metrics(loaded, baseline, scheme)

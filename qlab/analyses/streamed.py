@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.analyses.sensitivity import BlockStack, block_stack
-from qlab.core.algorithms import quantize_weight
+from qlab.core.algorithms import dequantized_weights
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, get_format
 from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format
@@ -43,7 +43,6 @@ from qlab.models.loading import LoadedModel
 # Block lists whose model runs them as a plain loop, each block taking the previous one's hidden state:
 # Llama/Mistral/Qwen/Gemma/Phi-3 (…ForCausalLM's "model.layers", a bare decoder's "layers") and BERT encoders.
 STREAMED_STACKS = ("model.layers", "layers", "encoder.layer")
-CHUNK_ELEMENTS = 1 << 26  # weight values rounded at once (256 MB in fp32): an 8B model's linears in one go
 
 
 def streamable_stack(model: torch.nn.Module) -> BlockStack | None:
@@ -136,20 +135,6 @@ def _rounded(param: torch.nn.Parameter, rest: Format) -> torch.nn.Parameter:
     return torch.nn.Parameter(rounded, requires_grad=False)
 
 
-def _materialised(weight: torch.Tensor, scheme: QuantScheme, stats, dtype: torch.dtype) -> torch.Tensor:
-    """The scheme's rounding of a weight, dequantized once into the compute dtype."""
-    # Rounding holds several fp32 temporaries of what it rounds: 6 GB for an 8B model's 1 GB head at once.
-    # With one scale per row or per group of a row (or none), rows round alone exactly as they do together.
-    by_rows = scheme.algorithm == "rtn" and not (scheme.fmt.scaled and scheme.granularity == "tensor")
-    step = max(1, CHUNK_ELEMENTS // weight.shape[1]) if by_rows else weight.shape[0]
-    if step >= weight.shape[0]:
-        return quantize_weight(weight, scheme, stats).dequantize(dtype)
-    values = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    for start in range(0, weight.shape[0], step):
-        values[start: start + step] = quantize_weight(weight[start: start + step], scheme, stats).dequantize(dtype)
-    return values
-
-
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], device: torch.device) -> Iterator[None]:
     """Add the time spent inside to ``timings["quantize_s"]``; on a GPU synchronised before and after, so work
@@ -186,10 +171,11 @@ def _outer(model: torch.nn.Module, stack: BlockStack, assignment: dict[str, Quan
         memo[id(param)] = _rounded(param, rest)
         untouched &= memo[id(param)] is param
     outer = copy.deepcopy(model, memo)
-    for name in stack.outside:
-        if name in assignment:
-            weight = _materialised(modules[name].weight, assignment[name], _hessian(hessians, name), dtype)
-            outer.set_submodule(name, ComputeLinear(weight, outer.get_submodule(name).bias, dtype))
+    names = [name for name in stack.outside if name in assignment]
+    weights = dequantized_weights([(modules[name].weight, assignment[name], _hessian(hessians, name))
+                                   for name in names], dtype)
+    for name, weight in zip(names, weights, strict=True):
+        outer.set_submodule(name, ComputeLinear(weight, outer.get_submodule(name).bias, dtype))
     return compute_view(outer, dtype), untouched
 
 
@@ -222,11 +208,11 @@ def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantSchem
         if id(param) not in quantized:
             memo[id(param)] = _rounded(param, rest)
     runnable = copy.deepcopy(block, memo)
-    for name, module in list(runnable.named_modules()):
-        full = f"{prefix}.{name}"
-        if full in assignment:
-            weight = _materialised(base_modules[name].weight, assignment[full], _hessian(hessians, full), dtype)
-            runnable.set_submodule(name, ComputeLinear(weight, module.bias, dtype))
+    names = [name for name in base_modules if f"{prefix}.{name}" in assignment]
+    weights = dequantized_weights([(base_modules[name].weight, assignment[f"{prefix}.{name}"],
+                                    _hessian(hessians, f"{prefix}.{name}")) for name in names], dtype)
+    for name, weight in zip(names, weights, strict=True):
+        runnable.set_submodule(name, ComputeLinear(weight, runnable.get_submodule(name).bias, dtype))
     return compute_view(runnable, dtype)
 
 

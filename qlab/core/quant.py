@@ -12,6 +12,7 @@ qlab.core.algorithms.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -20,7 +21,7 @@ from typing import Literal
 import torch
 
 from qlab.core.errors import QlabError
-from qlab.core.formats import Format, get_format
+from qlab.core.formats import Format, _table_search, _table_tensor, get_format
 
 Granularity = Literal["tensor", "channel", "group"]
 Calibration = Literal["minmax", "percentile", "mse"]
@@ -337,6 +338,19 @@ def _clip_range(blocks: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor
 def _scale_from_range(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (rounded to its storage dtype) and integer zero-point that map [low, high] onto the grid."""
+    scale, zero_point, excess = _unchecked_scale(low, high, scheme)
+    need = excess.amax().item()
+    if need > 0:  # clamping to fp16's 65504 would silently clip the range instead
+        scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
+        raise QlabError(f"this range needs a scale of {need:.3g}, more than {str(scale_dtype).removeprefix('torch.')} "
+                        f"holds ({torch.finfo(scale_dtype).max:.3g}); use a wider scale dtype (fp32).")
+    return scale, zero_point
+
+
+def _unchecked_scale(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``_scale_from_range`` without its check, so no device sync: also each block's scale where its dtype
+    cannot hold it (0 where it can)."""
     fmt = scheme.fmt
     scale_dtype = SCALE_DTYPES[scheme.scale_dtype]
     finfo = torch.finfo(scale_dtype)
@@ -356,16 +370,13 @@ def _scale_from_range(low: torch.Tensor, high: torch.Tensor, scheme: QuantScheme
     # Round up, never down: a scale rounded down to fp16/bf16 makes the grid span less than [low, high] and
     # clips the ends of the range, by more than half a step for bf16 or fp16 subnormal scales.
     stored = scale.to(scale_dtype)
-    if not torch.isfinite(stored).all():  # clamping to fp16's 65504 would silently clip the range instead
-        need = scale[~torch.isfinite(stored)].max().item()
-        raise QlabError(f"this range needs a scale of {need:.3g}, more than {str(scale_dtype).removeprefix('torch.')} "
-                        f"holds ({finfo.max:.3g}); use a wider scale dtype (fp32).")
+    excess = torch.where(torch.isfinite(stored), 0.0, scale)
     stored = torch.where(stored.to(torch.float32) < scale,
                          torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
     scale = stored.clamp(min=finfo.tiny * finfo.eps, max=finfo.max)
     if not scheme.symmetric:
         zero_point = _zero_point_for(low, scale, fmt)
-    return scale, zero_point
+    return scale, zero_point, excess
 
 
 def _zero_point_for(low: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -497,9 +508,123 @@ def _check_grid_fits(scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: 
                         "the given scale) down.")
 
 
-def fake_quantize(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Quantize and dequantize in one go, returning a tensor of ``x``'s dtype (the simulation primitive)."""
-    return quantize(x, scheme).dequantize(x.dtype)
+def fake_quantize(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``quantize(x, scheme).dequantize(dtype)`` bit for bit (``dtype`` defaults to ``x``'s), without keeping
+    codes: the simulation primitive. One device sync, to refuse what ``quantize`` refuses."""
+    values, suspect = fake_quantize_unchecked(x, scheme, dtype)
+    if suspect is not None and suspect.item():
+        return quantize(x, scheme).dequantize(values.dtype)
+    return values
+
+
+def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fake_quantize`` without a device sync, and a 0-dim bool tensor (or None) that the caller must check:
+    True means these values cannot be trusted, and ``quantize(x, scheme)`` gives the exact ones or the error
+    (a value not finite, a scale its dtype cannot hold, a grid past float32, a reciprocal scale that overflows).
+    Lets a caller round many tensors and then wait for the device once."""
+    fmt = scheme.fmt
+    x = x.detach()
+    dtype = x.dtype if dtype is None else dtype
+    if x.numel() == 0 or scheme.sparsity != "none" or (scheme.algorithm != "rtn" and fmt.scaled):
+        return quantize(x, scheme).dequantize(dtype), None  # raises, as quantize does
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = x.to(torch.float32)  # then every conversion below is exact, as in quantize
+    if not fmt.scaled:
+        values = x.to(fmt.cast_dtype).to(dtype)
+        return (values.clone() if values.data_ptr() == x.data_ptr() else values), None
+    blocks = _as_blocks(x, scheme)
+    if scheme.calibration == "minmax":
+        # Ranges of the stored values: min and max are exact in any float dtype, so no float32 copy is needed,
+        # and they carry every NaN or infinity with them.
+        low, high = (end.to(torch.float32) for end in torch.aminmax(blocks, dim=1))
+        suspect = ~(torch.isfinite(low) & torch.isfinite(high)).all()
+        if scheme.symmetric:
+            high = torch.maximum(-low, high)  # max |x| = max(-min, max)
+            low = -high
+        scale, zero_point, excess = _unchecked_scale(low, high, scheme)
+        suspect |= (excess > 0).any()
+    else:  # percentile and MSE calibrations are searches of their own: checked as quantize checks them
+        scale, zero_point = compute_scale(x, scheme)
+        suspect = torch.zeros((), dtype=torch.bool, device=x.device)
+    scale = scale.to(torch.float32)[:, None]
+    inverse = 1.0 / scale
+    # Grid ends past float32's largest number (checked in float64 by quantize: >= is the float32 bound on it).
+    if zero_point is None:
+        extent = fmt.max_abs
+    else:
+        zero = zero_point[:, None].to(torch.float32)
+        extent = torch.maximum((fmt.qmin - zero).abs(), (fmt.qmax - zero).abs())
+    suspect |= (extent * scale >= torch.finfo(torch.float32).max).any() | ~torch.isfinite(inverse).all()
+    values = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero_point, fmt)
+    return values, suspect
+
+
+# Values rounded at once: on a CPU few enough that the float32 scratch stays in a core's cache through the
+# passes over it; on a GPU many, so that kernel launches hide behind the work.
+FAKE_QUANTIZE_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 25}
+
+
+def _dequantized_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
+                        zero_point: torch.Tensor | None, fmt: Format) -> None:
+    """Write ``encode`` then ``QTensor.dequantize`` of ``blocks`` into ``out``, chunk by chunk, in place."""
+    chunk = FAKE_QUANTIZE_CHUNK_ELEMENTS.get(blocks.device.type, 1 << 22)
+    n_blocks, width = blocks.shape
+    if n_blocks == 1:  # one scale: chunks along the block
+        parts = [(slice(0, 1), slice(start, start + chunk)) for start in range(0, width, chunk)]
+    else:
+        step = max(1, chunk // width)
+        parts = [(slice(start, start + step), slice(None)) for start in range(0, n_blocks, step)]
+    zero = torch.zeros((), dtype=torch.float32, device=blocks.device)
+    if zero_point is not None:
+        zero_point = zero_point[:, None].to(torch.float32)
+        # 0 - z, not -z: a code equal to a zero-point of 0 then dequantizes to +0, as the int8 code 0 does.
+        offset = 0.0 - zero_point
+    for rows, columns in parts:
+        # bf16 and fp16 times a float32 reciprocal multiply in float32: the float32 copy and the scaling in one.
+        scaled = torch.mul(blocks[rows, columns], inverse[rows])
+        if fmt.kind == "integer":
+            if zero_point is not None:
+                scaled.add_(zero_point[rows])
+            scaled.round_().clamp_(fmt.qmin, fmt.qmax)
+            if zero_point is None:
+                # + 0 makes the -0 that rounding leaves (-0.3 -> -0) the +0 an int8 code gives.
+                torch.addcmul(zero, scaled, scale[rows], out=out[rows, columns])
+                continue
+            scaled.add_(offset[rows])
+        elif fmt.kind == "float":
+            scaled.copy_(scaled.to(fmt.cast_dtype))
+        else:
+            scaled = _lut_levels(scaled, fmt.name)
+        torch.mul(scaled, scale[rows], out=out[rows, columns])
+
+
+@functools.cache
+def _lut_search(name: str, device: torch.device) -> tuple[torch.Tensor, tuple[float, ...], torch.Tensor]:
+    """A table format's decision boundaries, each nudged so that strict comparisons keep its tie rule, as a
+    tensor on ``device`` and as numbers; and the level each slot between them decodes to."""
+    codes, midpoints, ties_up, _ = _table_search(name)
+    boundaries = torch.tensor(midpoints, dtype=torch.float32)
+    # On float32, x >= b exactly when x > nextafter(b, -inf): a tie that goes up becomes a strict comparison.
+    down = torch.nextafter(boundaries, torch.full_like(boundaries, -math.inf))
+    boundaries = torch.where(torch.tensor(ties_up), down, boundaries)
+    return boundaries.to(device), tuple(boundaries.tolist()), _table_tensor(name)[codes.long()].to(device)
+
+
+def _lut_levels(scaled: torch.Tensor, name: str) -> torch.Tensor:
+    """The nearest level of a table format to each scaled value, ties as ``Format.round`` breaks them."""
+    boundaries, numbers, levels = _lut_search(name, scaled.device)
+    if scaled.device.type == "cpu":
+        # Counting the boundaries below each value (15 vectorised comparisons for 4 bits, on a chunk held in
+        # cache) is faster on a CPU than bucketize's per-value binary search.
+        slots = torch.zeros(scaled.shape, dtype=torch.uint8)
+        for boundary in numbers:
+            slots += scaled > boundary
+        slots = slots.to(torch.int32)
+    else:
+        slots = torch.bucketize(scaled, boundaries, out_int32=True)
+    return levels[slots]
 
 
 def grid_values(qtensor: QTensor, block: int = 0) -> torch.Tensor:

@@ -7,7 +7,7 @@ sparsity before rounding (by magnitude, or SparseGPT from the Hessian).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +17,11 @@ from qlab.core.algorithms.gptq import gptq_quantize
 from qlab.core.algorithms.hqq import hqq_quantize
 from qlab.core.algorithms.sparsity import sparse_quantize
 from qlab.core.errors import QlabError
-from qlab.core.quant import QTensor, QuantScheme, quantize
+from qlab.core.quant import QTensor, QuantScheme, fake_quantize_unchecked, quantize
 
 CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order", "awq"})
 
-__all__ = ["CALIBRATED_ALGORITHMS", "LayerStats", "needs_calibration", "quantize_weight"]
+__all__ = ["CALIBRATED_ALGORITHMS", "LayerStats", "dequantized_weights", "needs_calibration", "quantize_weight"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,23 @@ def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats
                             "with qlab.analyses.calibration.")
         return awq_quantize(weight, stats.input_abs_mean, stats.hessian, scheme)
     return gptq_quantize(weight, stats.hessian, scheme)
+
+
+def dequantized_weights(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerStats | None]], dtype: torch.dtype
+                        ) -> list[torch.Tensor]:
+    """Each (weight, scheme, stats) rounded by its scheme and dequantized once into ``dtype``: the values of
+    ``quantize_weight(...).dequantize(dtype)``. Round to nearest takes ``fake_quantize``'s route (no codes
+    kept, no device sync per weight); the checks of every weight then wait for the device once."""
+    values, suspects = [], []
+    for weight, scheme, stats in layers:
+        if scheme.algorithm == "rtn" and scheme.sparsity == "none":
+            value, suspect = fake_quantize_unchecked(weight, scheme, dtype)
+        else:
+            value, suspect = quantize_weight(weight, scheme, stats).dequantize(dtype), None
+        values.append(value)
+        suspects.append(suspect)
+    for index, suspect in enumerate(suspects):
+        if suspect is not None and suspect.item():  # raises quantize's own error, or gives its exact values
+            weight, scheme, stats = layers[index]
+            values[index] = quantize_weight(weight, scheme, stats).dequantize(dtype)
+    return values

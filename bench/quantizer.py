@@ -1,0 +1,105 @@
+"""The streamed sweep's per-layer quantizer, before and after the fused route, timed in one run.
+
+    python bench/quantizer.py [--device cpu|cuda] [--dtype bf16] [--shapes 2048x8192,8192x2048] [--layers 2]
+                              [--formats bf16,int8,int4,nf4,fp8_e4m3] [--group-size 64] [--repeats 3]
+                              [--chunk-elements N] [--json OUT]
+
+Per scheme (round to nearest, ``--group-size`` groups, as ``python -m qlab bench sweep`` builds them), on
+random weights of the given shapes in ``--dtype``:
+- ``before_s``: ``quantize_weight(w, scheme).dequantize(dtype)`` per weight, what the streamed sweep ran
+  until the fused route (codes kept, float32 passes, a device sync per check);
+- ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them);
+- ``speedup``: before / after (the two alternate within each repeat, so drifting load hits both alike), and
+  ``identical``: whether the two give the same bits.
+Seconds are the median of ``--repeats``; on a shared machine read the ratios, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from qlab.core import quant  # noqa: E402
+from qlab.core.algorithms import dequantized_weights, quantize_weight  # noqa: E402
+from qlab.core.quant import SCALE_DTYPES, QuantScheme  # noqa: E402
+
+DTYPES = {**SCALE_DTYPES, "fp32": torch.float32}
+
+
+def _timed(device: torch.device, function) -> tuple[object, float]:
+    """The result and wall seconds of ``function()``, the device drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - started
+
+
+def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return all(torch.equal(x.view(view[x.element_size()]), y.view(view[y.element_size()])) for x, y in zip(a, b))
+
+
+def measure(scheme: QuantScheme, weights: list[torch.Tensor], dtype: torch.dtype, repeats: int) -> dict:
+    """Median seconds of the old and the fused per-layer route over ``weights``, and whether they agree."""
+    device = weights[0].device
+    before, after, identical = [], [], True
+    for _ in range(repeats):
+        old, seconds = _timed(device, lambda: [quantize_weight(w, scheme).dequantize(dtype) for w in weights])
+        before.append(seconds)
+        new, seconds = _timed(device, lambda: dequantized_weights([(w, scheme, None) for w in weights], dtype))
+        after.append(seconds)
+        identical &= _same_bits(old, new)
+        del old, new  # each repeat starts with no materialised weights held
+    before_s, after_s = statistics.median(before), statistics.median(after)
+    return {"label": scheme.label, "before_s": round(before_s, 4), "after_s": round(after_s, 4),
+            "speedup": round(before_s / after_s, 3), "identical": identical}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--shapes", default="2048x8192,8192x2048", help="out x in, comma-separated")
+    parser.add_argument("--layers", type=int, default=2, help="weights of each shape")
+    parser.add_argument("--formats", default="bf16,int8,int4,nf4,fp8_e4m3")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="values the fused route rounds at once on this device (default: qlab's)")
+    parser.add_argument("--json", type=Path, default=None, help="write the result here as well")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.chunk_elements:
+        quant.FAKE_QUANTIZE_CHUNK_ELEMENTS[device.type] = args.chunk_elements
+    generator = torch.Generator(device=device).manual_seed(0)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+    weights = [(torch.randn(shape, generator=generator, device=device) * 0.02).to(dtype)
+               for shape in shapes for _ in range(args.layers)]
+    rows = [measure(QuantScheme(name, "group", args.group_size), weights, dtype, args.repeats)
+            for name in args.formats.split(",")]
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+              or platform.machine(), "threads": torch.get_num_threads(), "dtype": args.dtype,
+              "shapes": args.shapes, "layers_per_shape": args.layers, "repeats": args.repeats,
+              "chunk_elements": quant.FAKE_QUANTIZE_CHUNK_ELEMENTS.get(device.type),
+              "weights_elements": sum(w.numel() for w in weights), "rows": rows}
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
