@@ -15,6 +15,7 @@ from pages import common
 from qlab import views
 from qlab.analyses import overview, verdict
 from qlab.analyses.sweep import check_schemes
+from qlab.backends import format_speed
 from qlab.core.errors import QlabError
 from qlab.models.evaluate import EvalSpec
 from qlab.models.loading import bundled_models, model_sha256, resolve
@@ -70,8 +71,10 @@ if not bundled and name not in opened:
 loaded = common.current_model()
 common.show_caveat(loaded)
 with common.user_errors():
-    check_schemes(loaded, list(schemes))
     request = overview.OverviewRequest(schemes, st.session_state["hardware"], EvalSpec(st.session_state["tokens"]))
+    key = (loaded.name, model_sha256(loaded), request)
+    if key not in overviews():
+        check_schemes(loaded, list(schemes))  # it sizes every scheme: once per request, not on every rerun
 target = request.target
 loss = verdict.loss_measure(loaded.kind)
 
@@ -90,12 +93,12 @@ if st.query_params.get("bound") != (shared_bound := views.view_to_params({"bound
     st.query_params["bound"] = shared_bound  # the share link carries the bound the verdict uses
 st.session_state.setdefault("overview_measure", True)
 measure_here = measure_column.toggle("Also measure speed on this machine", key="overview_measure",
-                                     help="One real backend per format, a few short runs each; the 16-bit "
-                                          "reference (bf16) too.")
+                                     help="One real backend per format, and the 16-bit reference (bf16): short "
+                                          "runs, repeated until they agree, at most "
+                                          f"{request.speed_cap_s:.0f} s in all.")
 
 # The pieces of this request, shared with other sessions; a session that moves on stops the job it started.
 session = st.session_state.setdefault("overview_session", uuid.uuid4().hex)
-key = (loaded.name, model_sha256(loaded), request)
 entries = overviews()
 previous = st.session_state.get("overview_key")
 if previous is not None and previous != key and previous in entries:
@@ -117,8 +120,9 @@ if job is not None and not job.alive and entry.get("absorbed") is not job:
     # A piece the user cancelled, or one that failed, waits for Resume instead of starting again by itself.
     entry["held"] |= job.cancelled_by_user | {p for p, s in job.state.items() if s == "failed"}
     entry["absorbed"] = job
-todo = [s for s in recorded.steps(loaded, request, pieces, measure_here) if s.piece not in entry["held"]]
-if todo and (job is None or not job.alive):
+todo = [] if job is not None and job.alive else [
+    s for s in recorded.steps(loaded, request, pieces, measure_here) if s.piece not in entry["held"]]
+if todo:
     try:
         fresh = recorded.restore(Store(), loaded, request)  # what other jobs stored meanwhile
         for piece in overview.PIECES:
@@ -131,8 +135,9 @@ if todo and (job is None or not job.alive):
         job = recorded.OverviewJob(loaded, request, pieces, todo, Store()).start()
         entry.update(job=job, owner=session)
 running = job is not None and job.alive
-# The answer below is drawn from what the job had at this version; the progress lines rerun the page past it.
-st.session_state["overview_drawn"] = job.version if job is not None else None
+# The answer below is drawn from the results the job had by now; the progress lines (a fragment, polling on its
+# own) rerun the whole page only when a result arrives or the job ends, not on every change of state.
+st.session_state["overview_drawn"] = (job.results, running) if job is not None else None
 
 
 @st.fragment(run_every=POLL_S if running else None)
@@ -160,7 +165,7 @@ def progress_lines() -> None:
                 cancel.button("Cancel", key=f"overview_cancel_{step.piece}", on_click=current.cancel,
                               args=(step.piece,), help="Stops this piece; what it finished is kept, the other "
                                                        "pieces go on.")
-    if current.version != st.session_state.get("overview_drawn"):
+    if (current.results, current.alive) != st.session_state.get("overview_drawn"):
         st.rerun()
 
 
@@ -210,10 +215,16 @@ for column, panel in zip([*top, *bottom], ("accuracy", "memory", "speed", "sensi
             st.plotly_chart(figures[panel], key=f"overview_{panel}")
         if panel == "speed" and figures["speed"] is not None:
             noisy = [r["label"] for s in request.schemes if (r := pieces.measured.get(s.label)) and r.get("noisy")]
+            here = "CPU" if format_speed.device_of(loaded) == "cpu" else "GPU"
+            runs, agree = format_speed.QUICK_SPEC.repetitions, f"{format_speed.NOISY_SPREAD_PCT:g} %"
             st.caption(f"Predicted: roofline on {target.name} at {request.context_for(loaded):,} tokens of context, "
                        "batch 1 (bandwidth / bytes read per token; a format without a kernel there runs at the "
-                       "dense speed). Measured: one backend per format on this CPU, median of 3 runs, whiskers "
-                       "min to max" + (f"; noisy (spread over 10 %): {', '.join(noisy)}" if noisy else "") + ".")
+                       f"dense speed). Measured: one backend per format on this {here}, the median of the last "
+                       f"{runs} runs once they agree within {agree} (at most {request.speed_cap_s:.0f} s for all "
+                       "formats), whiskers min to max"
+                       + (f"; noisy (its runs never agreed within {agree}: the median of all of them): "
+                          f"{', '.join(noisy)}" if noisy else "")
+                       + ".")
         if panel == "sensitivity" and figures["histogram"] is not None:
             st.plotly_chart(figures["histogram"], key="overview_histogram")
             st.caption(f"{grids.layer}: {grids.where}; each line is a value the format can store there.")

@@ -218,8 +218,8 @@ class OverviewJob:
     """The missing pieces of one Overview computed in order, each saved as it finishes: ``start()`` runs them on
     a worker thread (the dashboard polls ``state`` and ``progress``), ``run()`` in the caller's (the CLI).
 
-    Any piece can be cancelled, waiting or running; the others go on. ``version`` grows with every new result,
-    so a page redraws only when something changed.
+    Any piece can be cancelled, waiting or running; the others go on. ``version`` grows with every new result
+    and every change of state, ``results`` with new results only (what an answer drawn from the pieces shows).
     """
 
     def __init__(self, loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, todo: Sequence[Step],
@@ -232,6 +232,7 @@ class OverviewJob:
         self.notes: dict[str, str] = {}  # per piece: what a cancel kept, or why it failed
         self.save_error: str | None = None
         self.version = 0
+        self.results = 0
         self.cancelled_by_user: set[str] = set()
         self._cancelled: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -310,6 +311,7 @@ class OverviewJob:
             self.listener(step, *self.progress[step.piece])
 
     def _changed(self) -> None:
+        self.results += 1
         self.version += 1
 
     def _finish(self, piece: str, state: str, note: str) -> None:
@@ -375,35 +377,44 @@ def panel_figures(pieces: Pieces, request: OverviewRequest, verdict: Verdict,
     Building a figure costs far more than drawing it, and the page redraws on every result that arrives.
     """
     target = request.target
+    labels = (*(s.label for s in request.schemes), overview.REFERENCE.label)
 
-    def held(found: dict) -> tuple[str, ...]:
-        return tuple(label for label in (*(s.label for s in request.schemes), overview.REFERENCE.label)
-                     if label in found)
+    def held(found: dict, drawn: Callable[[dict], bool] = bool) -> tuple[str, ...]:
+        # Lookups by label only: a worker thread may be adding results to these dicts meanwhile.
+        return tuple(label for label in labels if label in found and drawn(found[label]))
 
-    panels = {
-        "accuracy": ((held(pieces.sweep), verdict.loss.title, verdict.bound), lambda: _figure(
-            accuracy_frame(pieces, request),
-            lambda frame: charts.accuracy_size_front(frame, verdict.loss.title, verdict.bound))),
-        "memory": ((held(pieces.memory),), lambda: _figure(
-            memory_frame(pieces, request),
-            lambda frame: charts.memory_on_target(frame, target.memory_bytes, target.name))),
-        "speed": ((held(pieces.predicted), held(pieces.measured), verdict.speed_unit), lambda: _figure(
-            speed_frame(pieces, request),
-            lambda frame: charts.speed_predicted_and_measured(frame, verdict.speed_unit, target.name))),
-        "sensitivity": ((held(pieces.sensitivity),), lambda: _figure(
-            sensitivity_frame(pieces, request), charts.sensitivity_top_layers)),
-        "histogram": ((None if grids is None else grids.layer,), lambda: None if grids is None else charts.weight_grids(
-            grids.values, grids.grids, f"Weights of {grids.layer}")),
+    def accuracy() -> go.Figure | None:
+        frame = accuracy_frame(pieces, request)
+        return None if frame.empty else charts.accuracy_size_front(frame, verdict.loss.title, verdict.bound)
+
+    def memory() -> go.Figure | None:
+        frame = memory_frame(pieces, request)
+        return None if frame.empty else charts.memory_on_target(frame, target.memory_bytes, target.name)
+
+    def speeds() -> go.Figure | None:
+        frame = speed_frame(pieces, request)
+        return None if frame.empty else charts.speed_predicted_and_measured(frame, verdict.speed_unit, target.name)
+
+    def sensitivity() -> go.Figure | None:
+        frame = sensitivity_frame(pieces, request)
+        return None if frame.empty else charts.sensitivity_top_layers(frame)
+
+    def histogram() -> go.Figure | None:
+        return None if grids is None else charts.weight_grids(grids.values, grids.grids, f"Weights of {grids.layer}")
+
+    panels = {  # what each figure draws, and how to build it
+        "accuracy": ((held(pieces.sweep), verdict.loss.title, verdict.bound), accuracy),
+        "memory": (held(pieces.memory), memory),
+        "speed": ((held(pieces.predicted), held(pieces.measured, lambda r: bool(r.get("speed"))),
+                   verdict.speed_unit), speeds),
+        "sensitivity": (held(pieces.sensitivity), sensitivity),
+        "histogram": (None if grids is None else grids.layer, histogram),
     }
     cache = {} if cache is None else cache
     for panel, (drawn, build) in panels.items():
         if panel not in cache or cache[panel][0] != drawn:
             cache[panel] = (drawn, build())
     return {panel: cache[panel][1] for panel in panels}
-
-
-def _figure(frame: pd.DataFrame, build: Callable[[pd.DataFrame], go.Figure]) -> go.Figure | None:
-    return None if frame.empty else build(frame)
 
 
 # --- one self-contained HTML file ---------------------------------------------------------------------------
