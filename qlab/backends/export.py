@@ -145,6 +145,11 @@ def _prepare(out_dir: Path, force: bool) -> Path:
     return partial
 
 
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Raise the one-line error ``_prepare`` would, before long work starts, leaving nothing behind."""
+    _prepare(out_dir, force).rmdir()
+
+
 def _is_export(directory: Path) -> bool:
     """Whether ``directory`` is what ``export_quantized`` wrote: a readable scheme whose weight file is there
     and matches its SHA-256, and nothing but plain files (a look-alike ``qlab_scheme.json`` dropped into a
@@ -154,7 +159,7 @@ def _is_export(directory: Path) -> bool:
         weights = directory / (GGUF_FILE if record["library"] == "llama-cpp-python" else WEIGHTS_FILE)
         entries = list(directory.iterdir())
         return all(stat.S_ISREG(entry.lstat().st_mode) for entry in entries) and weights.is_file() \
-            and _sha256(weights) == record.get("weights_sha256")
+            and file_sha256(weights) == record.get("weights_sha256")
     except (QlabError, OSError):
         return False
 
@@ -178,7 +183,7 @@ def _publish(partial: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -189,7 +194,7 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.model if isinstance(model, _OutsideInferenceMode) else model
 
 
-def _without_aliases(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def without_aliases(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """The state dict with tied tensors kept once (safetensors refuses shared storage), and alias -> kept name."""
     kept: dict[str, Any] = {}
     seen: dict[tuple, str] = {}
@@ -211,7 +216,7 @@ def _write_quanto(model: torch.nn.Module, directory: Path) -> dict:
     from safetensors.torch import save_file
 
     inner = _unwrapped(model)
-    tensors, aliases = _without_aliases(inner.state_dict())
+    tensors, aliases = without_aliases(inner.state_dict())
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     return {"quantization_map": quantization_map(inner), "tied": aliases}
 
@@ -220,7 +225,7 @@ def _write_torchao(model: torch.nn.Module, directory: Path) -> dict:
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    state, aliases = _without_aliases(model.state_dict())
+    state, aliases = without_aliases(model.state_dict())
     quantized = {name: type(t).__name__ for name, t in state.items() if type(t) is not torch.Tensor}
     try:
         tensors, metadata = flatten_tensor_state_dict(state)
@@ -264,11 +269,11 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
         plan = backend.twin(loaded.model)
         record = {
             "format": EXPORT_FORMAT, "qlab": __version__, "backend": backend.slug, "library": backend.library,
-            "library_version": _version(backend.library), "torch": torch.__version__,
+            "library_version": package_version(backend.library), "torch": torch.__version__,
             "model": loaded.name, "model_kind": loaded.kind, "model_sha256": model_sha256(loaded),
             "scheme": plan.to_dict() if hasattr(plan, "to_dict") else None,
             "layers": layer_scheme_map(loaded.model, plan), "unquantized_format": unquantized_format(plan),
-            "weights_file": weights, "weights_sha256": _sha256(partial / weights), **written,
+            "weights_file": weights, "weights_sha256": file_sha256(partial / weights), **written,
         }
         (partial / SCHEME_FILE).write_text(json.dumps(record, indent=1))
         files = tuple(sorted(p.name for p in partial.iterdir()))
@@ -294,7 +299,7 @@ def staged(out_dir: Path, force: bool) -> Iterator[Path]:
         raise
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -323,7 +328,7 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = True) -> torch.nn.M
     weights = directory / (GGUF_FILE if record["library"] == "llama-cpp-python" else WEIGHTS_FILE)
     if not weights.is_file():
         raise QlabError(f"{weights} is missing; export the model again.")
-    if verify and _sha256(weights) != record["weights_sha256"]:
+    if verify and file_sha256(weights) != record["weights_sha256"]:
         raise QlabError(f"{weights} does not match the SHA-256 in {SCHEME_FILE}; it was changed or truncated, "
                         "export the model again.")
     if record["library"] == COMPRESSED_TENSORS:  # transformers reads the layout itself, as a serving user would

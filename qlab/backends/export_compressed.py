@@ -38,9 +38,11 @@ from qlab.backends.export import (
     SCHEME_FILE,
     WEIGHTS_FILE,
     ExportResult,
-    _sha256,
-    _without_aliases,
+    check_out_dir,
+    file_sha256,
+    package_version,
     staged,
+    without_aliases,
 )
 from qlab.core.algorithms import LayerStats, needs_calibration, quantize_weight
 from qlab.core.algorithms.awq import awq_quantize
@@ -204,7 +206,7 @@ def _checkpoint_tensors(model: torch.nn.Module, plan: CompressedPlan, rest: str)
     """The safetensors dict (packed linears, the rest at ``rest``) and the tied aliases left out."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    state, aliases = _without_aliases(model.state_dict())
+    state, aliases = without_aliases(model.state_dict())
     quantized = {f"{name}.weight" for name in plan.qtensors}
     tensors = {name: _round(plan.replaced.get(name, tensor), rest) if tensor.is_floating_point() else tensor
                for name, tensor in state.items() if name not in quantized}
@@ -263,22 +265,19 @@ def export_compressed(loaded: LoadedModel, scheme: QuantScheme, out_dir: str | o
 def check_export(loaded: LoadedModel, scheme: QuantScheme, out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Everything that can be known before calibrating: the scheme fits the layout, the model's shapes fit
     the scheme (and AWQ's folding), the library is installed and ``out_dir`` may be written; its resolved path."""
-    from qlab.backends.export import _prepare
-
     check_expressible(scheme)
     names = _plan_names(loaded.model, scheme)
     if scheme.algorithm == "awq":
         _awq_blocks(loaded.model, names)
     _check_library()
     out_dir = Path(out_dir).expanduser().resolve()
-    _prepare(out_dir, force).rmdir()  # the directory rules, without leaving anything behind
+    check_out_dir(out_dir, force)
     return out_dir
 
 
 def _check_library() -> None:
-    from qlab.backends.export import _version
 
-    if _version(COMPRESSED_TENSORS) is None:
+    if package_version(COMPRESSED_TENSORS) is None:
         raise QlabError("the compressed-tensors package is not installed; `pip install -r requirements.txt`.")
 
 
@@ -290,7 +289,6 @@ def write_compressed(loaded: LoadedModel, scheme: QuantScheme, plan: CompressedP
     from safetensors.torch import save_file
 
     from qlab import __version__
-    from qlab.backends.export import _version
     from qlab.models.loading import model_sha256
 
     started = time.perf_counter()
@@ -309,11 +307,11 @@ def write_compressed(loaded: LoadedModel, scheme: QuantScheme, plan: CompressedP
             loaded.tokenizer.save_pretrained(partial)
         record = {
             "format": EXPORT_FORMAT, "qlab": __version__, "backend": BACKEND, "library": COMPRESSED_TENSORS,
-            "library_version": _version(COMPRESSED_TENSORS), "torch": torch.__version__, "model": loaded.name,
+            "library_version": package_version(COMPRESSED_TENSORS), "torch": torch.__version__, "model": loaded.name,
             "model_kind": loaded.kind, "model_sha256": model_sha256(loaded), "scheme": scheme.to_dict(),
             "layers": {name: q.scheme.to_dict() for name, q in plan.qtensors.items()}, "unquantized_format": rest,
             "awq_folded": sorted(plan.replaced), "weights_file": WEIGHTS_FILE,
-            "weights_sha256": _sha256(partial / WEIGHTS_FILE), "tied": aliases,
+            "weights_sha256": file_sha256(partial / WEIGHTS_FILE), "tied": aliases,
         }
         (partial / SCHEME_FILE).write_text(json.dumps(record, indent=1))
         files = tuple(sorted(p.name for p in partial.iterdir()))
