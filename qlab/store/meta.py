@@ -51,13 +51,19 @@ class RunMeta:
     environment: dict = field(default_factory=environment, hash=False)
 
 
+def placement(loaded) -> dict[str, Any]:
+    """Where and in which precision a LoadedModel runs, as every run stores it (History re-runs it there)."""
+    return {"device": loaded.device, "device_map": "auto" if loaded.device == "auto" else None,
+            "dtype": str(loaded.dtype).removeprefix("torch.")}
+
+
 def run_meta(kind: str, loaded, spec=None, hardware: str = "this-machine", **settings: Any) -> RunMeta:
     """RunMeta for any run on a LoadedModel (sensitivity, bench, ...), with its EvalSpec when it evaluates;
-    keyword settings are stored as given (JSON-ready values)."""
+    keyword settings are stored as given (JSON-ready values), over the model's ``placement``."""
     import torch
 
-    return RunMeta(kind=kind, model=loaded.name, settings=settings, model_sha256=model_sha256(loaded),
-                   hardware=hardware, text_sha256=spec.text_sha256 if spec else None,
+    return RunMeta(kind=kind, model=loaded.name, settings=placement(loaded) | settings,
+                   model_sha256=model_sha256(loaded), hardware=hardware, text_sha256=spec.text_sha256 if spec else None,
                    text_name=spec.text_name if spec else None, tokens=spec.tokens if spec else None,
                    # The process's torch seed, so anything that draws random numbers can be replayed.
                    seed=torch.initial_seed())
