@@ -43,7 +43,16 @@ from qlab.analyses.sensitivity import (
 )
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme, fake_quantize
-from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress, _check_cancel, compute_baseline
+from qlab.models.evaluate import (
+    Baseline,
+    CancelCheck,
+    EvalSpec,
+    Progress,
+    _check_cancel,
+    _embedding_inputs,
+    _lm_windows,
+    evaluate,
+)
 from qlab.models.loading import LoadedModel, quantizable_linears
 
 
@@ -140,15 +149,16 @@ class _Probe:
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor | None) -> None:
         self.reached = True
-        if keep is not None and keep.shape == y.shape[:-1]:
-            # Padding rows carry no error: their gradient is zero, and their outputs are not the model's.
-            x = x * keep.unsqueeze(-1)
-            self.output_energy += float(torch.linalg.vector_norm(y, dim=-1).square_()[keep].sum())
-        else:
-            self.output_energy += _energy(y)
-        # (items, tokens, channels): a text or a window per item; a 2-D output has one token per item.
-        grad = grad.float()
-        items = grad.reshape(-1, *grad.shape[-2:]) if grad.dim() > 2 else grad.unsqueeze(1)
+        # Rows: (items, tokens) flattened, a text or a window per item; a 2-D output has one token per item.
+        rows = grad.shape[:-1] if grad.dim() > 2 else (grad.shape[0], 1)
+        x, y, grad = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), grad.reshape(-1, grad.shape[-1]).float()
+        item_of = torch.arange(rows[0]).repeat_interleave(rows[1])
+        if keep is not None and keep.shape == rows:
+            # Padding rows carry no error (their gradient is zero) and are not the model's outputs: left out of
+            # the products, which are most of this probe's cost.
+            flat = keep.reshape(-1)
+            x, y, grad, item_of = x[flat], y[flat], grad[flat], item_of[flat]
+        self.output_energy += _energy(y)
         weight = self.weight.float()
         for index, scheme in enumerate(self.schemes):
             if _exact(scheme):
@@ -157,8 +167,9 @@ class _Probe:
             # one more FP32 model per format, and one window is the usual budget.
             error = x @ fake_quantize(weight, scheme).sub_(weight).T
             self.error_energy[index] += _energy(error)
-            # A product and a sum over tokens: einsum("itc,itc->ic") turns into one tiny matmul per channel.
-            self.coupled[index] += _energy(error.reshape(items.shape).mul_(items).sum(dim=1))
+            # Per item and channel, sum over tokens of g * e: the token coupling the score keeps.
+            per_item = torch.zeros(rows[0], error.shape[1]).index_add_(0, item_of, error.mul_(grad))
+            self.coupled[index] += _energy(per_item)
         if self.finished:
             self.finished()
 
@@ -172,7 +183,8 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
                       cancel: CancelCheck | None = None) -> QuickSensitivity:
     """Score every linear for every scheme from one forward and one backward pass over the spec's tokens.
 
-    ``baseline``: the FP32 baseline of ``spec`` if already computed (a sweep's), which saves one evaluation.
+    ``baseline``: a baseline of ``spec`` already computed (a sweep's); only its inputs are read, so without one
+    the text is only tokenized.
     ``progress(fraction, message)`` names the step that is running; ``cancel()`` returning True stops with
     ``Cancelled`` (nothing partial is returned: the pass is the whole cost).
     """
@@ -182,14 +194,9 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     if baseline is not None and baseline.kind != loaded.kind:
         raise QlabError(f"the baseline is for a {baseline.kind} model but {loaded.name} is a {loaded.kind}; "
                         "compute the baseline on this model.")
-    seconds = {}
     _check_cancel(cancel)
     if baseline is None:
-        started = time.perf_counter()
-        baseline = compute_baseline(loaded, spec, progress and (lambda f, m: progress(0.25 * f, f"FP32 baseline: {m}")),
-                                    cancel)
-        seconds["baseline_s"] = time.perf_counter() - started
-    share = 0.75 if "baseline_s" in seconds else 1.0
+        baseline = _token_inputs(loaded, spec)
     total = sum(1 for _ in _batches(baseline, windows_per_batch=1))
     unit = "window" if baseline.kind == "causal-lm" else "batch of texts"
 
@@ -203,7 +210,7 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
         if progress:
             batch, scored = position
             fraction = (batch - 1 + scored / len(names)) / total
-            progress(1 - share + share * fraction, f"quick sensitivity: {unit} {batch}/{total}")
+            progress(fraction, f"quick sensitivity: {unit} {batch}/{total}")
 
     def batch_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -227,11 +234,35 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     finally:
         for handle in handles:
             handle.remove()
-    seconds["pass_s"] = time.perf_counter() - started
+    seconds = {"pass_s": time.perf_counter() - started}
     if progress:
         progress(1.0, "quick sensitivity: done")
     return QuickSensitivity(loaded.name, loaded.kind, METRIC[loaded.kind], schemes,
                             _records(shadow, probes, schemes, items), baseline.tokens, seconds)
+
+
+def _token_inputs(loaded: LoadedModel, spec: EvalSpec) -> Baseline:
+    """The spec's tokens, as a baseline holds them, without running the model: the pass draws its probe from the
+    model's own outputs in its one forward, so a baseline's reference outputs would cost a forward unused."""
+    if loaded.kind == "causal-lm":
+        windows = _lm_windows(loaded, spec)
+        return Baseline("causal-lm", {"windows": windows}, torch.empty(0), {}, windows.numel())
+    inputs = _embedding_inputs(loaded, spec)
+    return Baseline("embedding", inputs, torch.empty(0), {}, int(inputs["attention_mask"].sum()))
+
+
+def evaluations_per_format(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
+                           baseline: Baseline) -> float:
+    """The quick analysis's cost in FP32 evaluations per format, counted, not timed: the matmul FLOPs of
+    ``quick_sensitivity`` (its forward, its backward and every format's products; no baseline given) over those
+    of one ``evaluate`` of the FP32 model on ``baseline``'s tokens, divided by the number of formats."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as evaluation:
+        evaluate(loaded.model, baseline)
+    with FlopCounterMode(display=False) as quick:
+        quick_sensitivity(loaded, schemes, spec)
+    return quick.get_total_flops() / evaluation.get_total_flops() / len(tuple(dict.fromkeys(schemes)))
 
 
 def agreement(quick: QuickSensitivity, report: SensitivityReport) -> dict[str, float]:
