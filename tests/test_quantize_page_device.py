@@ -4,8 +4,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from qlab.core.quant import QuantScheme
-from qlab.models.evaluate import EvalSpec
-from qlab.store import Store, bench_meta, run_meta, sweep_meta
+from qlab.models.evaluate import EvalSpec, compute_baseline
+from qlab.store import Store, bench_meta, run_meta, sensitivity_meta, sweep_meta
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,9 @@ def test_every_run_meta_carries_the_model_placement(minilm):
     spec = EvalSpec(16)
     schemes = [QuantScheme("int8")]
     placement = {"device": minilm.device, "device_map": None, "dtype": "float32"}
-    for meta in (run_meta("sensitivity", minilm, spec), sweep_meta(minilm, schemes, spec)):
+    baseline = compute_baseline(minilm, spec)
+    for meta in (run_meta("memory", minilm), sweep_meta(minilm, schemes, spec),
+                 sensitivity_meta("sensitivity", minilm, schemes, spec, baseline, unit="block")):
         assert {k: meta.settings[k] for k in placement} == placement
     # A caller's own value wins: a speed run records the device it timed on, whatever the model's.
     assert sweep_meta(minilm, schemes, spec, device="cuda:1").settings["device"] == "cuda:1"
