@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
 
 from qlab.backends.base import ActivationQuant, Backend, Tolerance, register
+from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme
+from qlab.models.checkpoint import free_memory
 from qlab.models.loading import LoadedModel, quantizable_linears
 
 
-def shadow(model: torch.nn.Module) -> torch.nn.Module:
-    """A new module tree sharing every tensor with ``model`` (for backends that change modules, not weights)."""
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+def _moved(model: torch.nn.Module, device: str | None, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """The tensors of ``model`` not already on ``device`` in ``dtype`` (floating ones only, as ``Module.to``)."""
+    target = torch.device(device) if device else None
+    if target is not None and target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return [t for t in tensors if (target is not None and t.device != target)
+            or (dtype is not None and t.is_floating_point() and t.dtype != dtype)]
+
+
+def shadow(model: torch.nn.Module, device: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A new module tree sharing every tensor with ``model``, except those not yet on ``device`` in ``dtype``,
+    which it holds converted copies of; ``model`` is never written (``Module.to`` would cast shared tensors)."""
+    memo: dict[int, torch.Tensor] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for tensor in _moved(model, device, dtype):
+        converted = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        memo[id(tensor)] = (torch.nn.Parameter(converted, requires_grad=False)
+                            if isinstance(tensor, torch.nn.Parameter) else converted)
     return copy.deepcopy(model, memo)
 
 
@@ -22,15 +40,22 @@ def _always(device: str) -> tuple[bool, str]:
     return True, "built into torch"
 
 
-def _fp32(loaded: LoadedModel, device: str) -> torch.nn.Module:
-    if device == "cpu":
-        return shadow(loaded.model)
-    return copy.deepcopy(loaded.model).to(device)
+def _reference(dtype: torch.dtype) -> Callable[[LoadedModel, str], torch.nn.Module]:
+    """The model with its weights and activations in ``dtype`` whatever dtype it was loaded in (an "FP32" row of
+    a BF16 checkpoint times FP32 kernels), refused in one line when the converted copy would not fit."""
+    label = {torch.float32: "FP32", torch.bfloat16: "BF16"}[dtype]
 
+    def apply(loaded: LoadedModel, device: str) -> torch.nn.Module:
+        moved = _moved(loaded.model, device, dtype)
+        needed = sum(t.numel() * (dtype if t.is_floating_point() else t.dtype).itemsize for t in moved)
+        free = free_memory("cpu" if device == "cpu" else str(torch.device(device)))
+        if needed > free:
+            raise QlabError(f"timing {loaded.name} in {label} needs a {needed / 1e9:.3g} GB copy of its "
+                            f"{loaded.dtype_label} weights but only {free / 1e9:.3g} GB is free on {device}, so it "
+                            "is not timed; free memory or pick a smaller model.")
+        return shadow(loaded.model, device, dtype)
 
-def _bf16(loaded: LoadedModel, device: str) -> torch.nn.Module:
-    # A full copy: Module.to() rewrites each shared Parameter's .data in place, which would cast the base.
-    return copy.deepcopy(loaded.model).to(device=device, dtype=torch.bfloat16)
+    return apply
 
 
 def _dynamic_int8_available(device: str) -> tuple[bool, str]:
@@ -54,14 +79,15 @@ register(Backend(
     slug="fp32", library="torch", title="torch FP32 (the baseline)", weight_format="fp32", compute_dtype="fp32",
     devices=("cpu", "cuda"), kinds=("causal-lm", "embedding"), twin=lambda model: QuantScheme("fp32"),
     note="Reads 4 bytes per weight; every other path is compared with it.",
-    _apply=_fp32, _available=_always, tolerance=Tolerance(kld_abs=1e-6, kld_rel=0.0, cosine_abs=1e-6)))
+    _apply=_reference(torch.float32), _available=_always,
+    tolerance=Tolerance(kld_abs=1e-6, kld_rel=0.0, cosine_abs=1e-6)))
 
 register(Backend(
     slug="bf16", library="torch", title="torch BF16 weights and activations", weight_format="bf16",
     compute_dtype="bf16", devices=("cpu", "cuda"), kinds=("causal-lm", "embedding"),
     twin=lambda model: QuantScheme("bf16"),
     note="Half the bytes of FP32; fast on GPUs and on CPUs with AVX512-BF16 or AMX, emulated elsewhere.",
-    _apply=_bf16, _available=_always,
+    _apply=_reference(torch.bfloat16), _available=_always,
     tolerance=Tolerance(kld_abs=2e-3, kld_rel=1.0, cosine_abs=2e-3,
                         why="the twin rounds weights only; here activations are BF16 too")))
 
