@@ -2,8 +2,9 @@
 
 Every measurement warms up first, repeats, and reports the median with its spread (min and max), the peak
 memory above where it started and the thread count, because one timing on a shared 2-core machine means
-little. Under a ``TimeCap`` a measurement repeats until its last runs agree, or its share of the cap is spent. Models are called the Hugging Face way (``model(ids, past_key_values=..., use_cache=True)``), so torch
-backends and the llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are timed by the same loop.
+little; under a ``TimeCap`` it repeats until its last runs agree, or its share of the cap is spent. Models are
+called the Hugging Face way (``model(ids, past_key_values=..., use_cache=True)``), so torch backends and the
+llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are timed by the same loop.
 ``cancel()`` returning True stops at the next step with ``qlab.core.errors.Cancelled``.
 """
 
