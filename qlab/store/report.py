@@ -154,11 +154,12 @@ def settings_table(run: StoredRun) -> pd.DataFrame:
             ("model", meta.model), ("model SHA-256 (weight files)", meta.model_sha256 or "-"),
             ("hardware target", meta.hardware or "-"), ("evaluation text", meta.text_name or "-"),
             ("text SHA-256", meta.text_sha256 or "-"), ("token budget", meta.tokens),
-            ("seed", meta.seed), ("formats", ", ".join(schemes) or "-")]
+            ("random-draw number (repeats the same draws)", meta.seed), ("formats", ", ".join(schemes) or "-")]
     if first_scaled:
         rows.append(("scheme settings", json.dumps({k: v for k, v in first_scaled.items() if k != "format"})))
     other = {k: v for k, v in meta.settings.items() if k != "schemes"}
-    rows += [(key, json.dumps(value) if not isinstance(value, str) else value) for key, value in other.items()]
+    rows += [(key.replace("_", " "), json.dumps(value) if not isinstance(value, str) else value)
+             for key, value in other.items()]
     if run.error:
         rows.append(("error", run.error))
     return pd.DataFrame(rows, columns=["setting", "value"]).astype({"value": str})
