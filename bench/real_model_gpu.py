@@ -47,8 +47,8 @@ TOP = 5  # most sensitive layers kept per analysis
 class Run:
     """The result file and the clock: ``step`` times one call, records its peak GPU memory, rewrites the JSON."""
 
-    def __init__(self, out: Path, device: str, budget_s: float, header: dict) -> None:
-        self.out, self.device = out, device
+    def __init__(self, out: Path, device: str, budget_s: float, header: dict, skip: set[str] = frozenset()) -> None:
+        self.out, self.device, self.skip = out, device, skip
         self.deadline = time.monotonic() + budget_s
         self.result = {**header, "models": {}}
 
@@ -61,6 +61,8 @@ class Run:
     def step(self, model: str, name: str, call, min_left_s: float = 0.0):
         """Run ``call()`` as step ``name`` of ``model``; its return value (a dict) is stored; None on failure."""
         steps = self.result["models"].setdefault(model, {"steps": {}})["steps"]
+        if name in self.skip:  # measured in an earlier run (``--skip``): nothing recorded here
+            return None
         left = self.deadline - time.monotonic()
         if left < min_left_s:
             steps[name] = {"skipped": f"{left:.0f} s of the time budget left, the step needs about {min_left_s:.0f}"}
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed-new-tokens", type=int, default=16)
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary folder)")
     parser.add_argument("--budget-s", type=float, default=560.0, help="skip steps that would start after this")
+    parser.add_argument("--skip", default="", help="steps not to run this time, e.g. sweep,speed")
     parser.add_argument("--json", required=True)
     ns = parser.parse_args(argv)
     from qlab.analyses.sweep_benchmark import bench_sweep
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 "on the values.",
         "command": " ".join(["python", "bench/real_model_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "gpu": gpu, "software": versions, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "settings": {k: v for k, v in vars(ns).items() if k not in ("json", "dir")}})
+        "settings": {k: v for k, v in vars(ns).items() if k not in ("json", "dir")}},
+        skip={s.strip() for s in ns.skip.split(",") if s.strip()})
     started = time.perf_counter()
     built = build_all(models, scratch, ns.device)
     for model in models:
