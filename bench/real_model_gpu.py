@@ -167,7 +167,7 @@ def analyses(run: Run, name: str, path: str, ns: argparse.Namespace) -> None:
                 "parts_seconds": result.seconds,
                 "top": [{k: r.get(k) for k in ("layer", "scheme", "score")} for r in result.top(TOP)]}
 
-    run.step(name, "quick sensitivity", do_quick, min_left_s=20)
+    run.step(name, "quick sensitivity", do_quick, min_left_s=10)
 
     def do_full() -> dict:
         state["report"] = report = analyze(loaded, schemes, state["baseline"], blocks=True, unit="block")
@@ -176,7 +176,7 @@ def analyses(run: Run, name: str, path: str, ns: argparse.Namespace) -> None:
                 "blocks": len(report.blocks), "parts_seconds": report.seconds,
                 "top": [{k: r.get(k) for k in ("layer", "label", "estimated_delta")} for r in rows[:TOP]]}
 
-    run.step(name, "full sensitivity", do_full, min_left_s=60)
+    run.step(name, "full sensitivity", do_full, min_left_s=30)
 
     def do_recommend() -> dict:
         report = state["report"]
@@ -192,7 +192,7 @@ def analyses(run: Run, name: str, path: str, ns: argparse.Namespace) -> None:
                              for r in rows]}
 
     if "report" in state:
-        run.step(name, "recommend", do_recommend, min_left_s=20)
+        run.step(name, "recommend", do_recommend, min_left_s=10)
 
     def do_speed() -> dict:
         from qlab import backends
