@@ -48,6 +48,8 @@ def sample(shape, dtype, magnitude, seed) -> torch.Tensor:
 @pytest.mark.parametrize("chunk", [40, 1 << 18])  # many chunks per tensor (mid-block too) and one
 def test_every_format_and_scheme_matches_bit_for_bit(fmt, chunk, monkeypatch):
     monkeypatch.setitem(quant.FAKE_QUANTIZE_CHUNK_ELEMENTS, "cpu", chunk)
+    if chunk == 40:  # and tables by bucketize, the GPU's way
+        monkeypatch.setattr(quant, "COUNTING_DEVICES", frozenset())
     for seed, scheme in enumerate(schemes(fmt)):
         for shape, dtype, magnitude in INPUTS:
             x = sample(shape, dtype, magnitude, seed)
@@ -56,7 +58,9 @@ def test_every_format_and_scheme_matches_bit_for_bit(fmt, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "int4", "int3", "int2", "int8", "fp8_e4m3", "fp8_e5m2"])
-def test_ties_and_signed_zeros_round_as_quantize_rounds_them(fmt):
+@pytest.mark.parametrize("counting", [True, False])  # tables: counting boundaries (CPU) or bucketize (GPU)
+def test_ties_and_signed_zeros_round_as_quantize_rounds_them(fmt, counting, monkeypatch):
+    monkeypatch.setattr(quant, "COUNTING_DEVICES", frozenset({"cpu"} if counting else ()))
     info = get_format(fmt)
     levels = info.levels()
     midpoints = (levels[1:] + levels[:-1]) / 2
