@@ -235,17 +235,17 @@ def test_cli_quick_writes_and_stores_the_records(monkeypatch, tmp_path, capsys):
 
 # Bundled models against the full analysis's measured block deltas: the issue's goal is a Spearman rank
 # correlation of at least 0.85 for every format, at a cost of at most 3 FP32 evaluations per format, one format
-# alone included (bench/sensitivity_quick.py records both at 512 tokens). SmolLM2 runs 128 tokens here: its full
-# analysis replays 30 blocks per format.
+# alone included (bench/sensitivity_quick.py records both). Both at 512 tokens: at 128, SmolLM2's 8-bit block
+# deltas, within a factor of two of each other, rank at 0.6-0.75 whatever the probe.
 GOAL = 0.85
 BUNDLED_SCHEMES = [QuantScheme("int8", "group", 64), QuantScheme("int4", "group", 64)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, tokens", [("minilm", 512), ("smollm", 128)])
-def test_bundled_quick_ranking_follows_measured_block_deltas_within_the_cost(request, model, tokens):
+@pytest.mark.parametrize("model", ["minilm", "smollm"])
+def test_bundled_quick_ranking_follows_measured_block_deltas_within_the_cost(request, model):
     loaded = request.getfixturevalue(model)
-    spec = EvalSpec(tokens=tokens)
+    spec = EvalSpec(tokens=512)
     baseline = compute_baseline(loaded, spec)
     quick = quick_sensitivity(loaded, BUNDLED_SCHEMES, spec, baseline)
     rho = agreement(quick, analyze(loaded, BUNDLED_SCHEMES, baseline, predict=False))

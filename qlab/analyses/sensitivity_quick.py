@@ -11,14 +11,20 @@ How ``g . e`` is reduced decides whether the ranking holds. The full analysis mu
 per-channel curvature averaged over tokens (the diagonal of ``H``); that treats the error at each token as
 independent, but a weight error shifts every token's output the same way, and pooling (embeddings) or
 attention (LMs) adds those shifts up. The quick score keeps the token coupling and drops only the coupling
-between channels: ``sum_channels (sum_tokens g * e)^2`` per text or window, averaged over hundreds of channels.
+between channels: ``sum_channels (sum_tokens g * e)^2`` per text or run of COUPLED_TOKENS tokens of a window,
+averaged over hundreds of channels.
 
-Measured at 512 tokens (``bench/sensitivity_quick.py``), Spearman rank correlation of the summed scores with
-the measured per-block deltas: MiniLM int8 0.94, int4 1.0 (the diagonal: 0.60, 0.66); SmolLM2 int4 0.849
-(the diagonal: 0.65) and int8 0.85 against a float64 reference (the full analysis's own float32 KL cannot
-resolve an 8-bit block). The one random probe moves SmolLM2's figures: 0.85-0.90 (int4) and 0.81-0.93 (int8)
-over eight seeds, the default the lowest for int4. Per linear, SmolLM2 int4 ranks its 210 layers against
-their measured deltas with Spearman 0.96.
+Cost, counted rather than timed (``evaluations_per_format``: matmul FLOPs against one FP32 evaluation of the
+same tokens): the pass reads only the baseline's tokens, so without a baseline nothing else runs; one forward
+with autograd, one backward to the activations (no weight needs a gradient), and per format one product
+``X (W_q - W)^T`` per linear on the real (non-padding) tokens. That is under 3 evaluations for one format alone
+and falls per format as formats are added.
+
+Checked against the full analysis's measured per-block deltas (``agreement``; the tests and
+``bench/sensitivity_quick.py``, which also reports the full analysis's own diagonal estimate beside it). The one
+random probe moves the figures by a few hundredths, most on SmolLM2, whose 8-bit block deltas lie within a
+factor of two of each other: at 128 tokens its 8-bit ranking scored 0.59-0.74 over nine probes, so SmolLM2 is
+checked at 512.
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ from qlab.models.evaluate import (
     evaluate,
 )
 from qlab.models.loading import LoadedModel, quantizable_linears
+
+# Tokens whose errors' costs are summed before squaring: a text (MiniLM reads at most 128) or a run of a window.
+# Pairs of tokens further apart add mostly probe noise (attention weighs near tokens most): on SmolLM2 at 512
+# tokens, runs of 128 ranked int4 blocks at Spearman 0.90/0.91 against whole windows' 0.85/0.90 (two probes),
+# int8 blocks at 0.85/0.81 either way.
+COUPLED_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,9 @@ class _Probe:
         # Rows: (items, tokens) flattened, a text or a window per item; a 2-D output has one token per item.
         rows = grad.shape[:-1] if grad.dim() > 2 else (grad.shape[0], 1)
         x, y, grad = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), grad.reshape(-1, grad.shape[-1]).float()
-        item_of = torch.arange(rows[0]).repeat_interleave(rows[1])
+        # Each item's tokens in runs of COUPLED_TOKENS, the unit the score sums g * e over.
+        runs = -(-rows[1] // COUPLED_TOKENS)
+        item_of = (torch.arange(rows[0]).unsqueeze(1) * runs + torch.arange(rows[1]) // COUPLED_TOKENS).reshape(-1)
         if keep is not None and keep.shape == rows:
             # Padding rows carry no error (their gradient is zero) and are not the model's outputs: left out of
             # the products, which are most of this probe's cost.
@@ -167,8 +181,8 @@ class _Probe:
             # one more FP32 model per format, and one window is the usual budget.
             error = x @ fake_quantize(weight, scheme).sub_(weight).T
             self.error_energy[index] += _energy(error)
-            # Per item and channel, sum over tokens of g * e: the token coupling the score keeps.
-            per_item = torch.zeros(rows[0], error.shape[1]).index_add_(0, item_of, error.mul_(grad))
+            # Per run of tokens and channel, the sum of g * e: the token coupling the score keeps.
+            per_item = torch.zeros(rows[0] * runs, error.shape[1]).index_add_(0, item_of, error.mul_(grad))
             self.coupled[index] += _energy(per_item)
         if self.finished:
             self.finished()
