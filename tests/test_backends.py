@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qlab import backends
-from qlab.backends import ActivationQuant, Tolerance, native, speed
+from qlab.backends import ActivationQuant, Tolerance, base, native, speed
 from qlab.core.errors import QlabError
 from qlab.models.evaluate import EvalSpec, compute_baseline
 from qlab.models.loading import load, quantizable_linears, weights_digest
@@ -67,6 +67,12 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
                         real(name, *a))
     ok, reason = backends.get_backend("quanto-int8").available("cpu")
     assert not ok and "pip install optimum-quanto" in reason
+
+
+def test_a_missing_parent_package_is_unavailable_not_an_error():
+    # importlib imports "optimum" to look for "optimum.quanto": without the parent it raises (seen on a GPU box).
+    ok, reason = base.package_available("qlab_no_such_parent.quanto", "no-such-package")
+    assert not ok and "pip install no-such-package" in reason
 
 
 def test_activation_rounding_matches_torch_per_tensor_quantization():

@@ -187,6 +187,10 @@ def register(backend: Backend) -> Backend:
 
 def package_available(module: str, pip_name: str) -> tuple[bool, str]:
     """Whether a Python package can be imported, without importing it (imports are slow)."""
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name ("optimum.quanto") whose parent package is missing raises
+        found = False
+    if not found:
         return False, f"the package {pip_name} is not installed; `pip install {pip_name} -c requirements.txt`."
     return True, "installed"
