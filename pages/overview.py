@@ -219,8 +219,8 @@ for column, panel in zip([*top, *bottom], ("accuracy", "memory", "speed", "sensi
             runs, agree = format_speed.QUICK_SPEC.repetitions, f"{format_speed.NOISY_SPREAD_PCT:g} %"
             st.caption(f"Predicted: roofline on {target.name} at {request.context_for(loaded):,} tokens of context, "
                        "batch 1 (bandwidth / bytes read per token; a format without a kernel there runs at the "
-                       f"dense speed). Measured: one backend per format on this {here}, the median of the last "
-                       f"{runs} runs once they agree within {agree} (at most {request.speed_cap_s:.0f} s for all "
+                       f"dense speed). Measured: one backend per format on this {here}, the median of the "
+                       f"{runs} fastest runs once they agree within {agree} (at most {request.speed_cap_s:.0f} s for all "
                        "formats), whiskers min to max"
                        + (f"; noisy (its runs never agreed within {agree}: the median of all of them): "
                           f"{', '.join(noisy)}" if noisy else "")

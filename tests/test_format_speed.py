@@ -30,54 +30,59 @@ class FakeClock:
 
 @pytest.fixture
 def timed(monkeypatch):
-    """A fake clock and a function that makes every BERT forward take the next of the latencies given."""
+    """A fake clock, and ``use(latency)``: from then on every BERT forward takes ``latency(model, call)`` seconds
+    on it (``model``: 0 for the first model timed, 1 for the next...; ``call``: all forwards so far). ``use``
+    returns each model's (start, end) on the clock."""
     clock = FakeClock()
-    calls = []
+    spans: dict[int, list[float]] = {}
     original = BertModel.forward
 
-    def use(latencies) -> list:
-        latencies = iter(latencies)
+    def use(latency) -> dict[int, list[float]]:
+        calls = itertools.count()
 
         def forward(self, *args, **kwargs):
-            clock.now += next(latencies)
-            calls.append(clock.now)
+            model = self.__dict__.setdefault("_timed_as", len(spans))
+            span = spans.setdefault(model, [clock.now, clock.now])
+            clock.now += latency(model, next(calls))
+            span[1] = clock.now
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(BertModel, "forward", forward)
-        return calls
+        return spans
 
     return clock, use
 
 
 def test_runs_that_agree_stop_after_the_repetitions(timed):
     clock, use = timed
-    calls = use(itertools.repeat(0.1))
+    spans = use(lambda model, call: 0.1)
     records = list(format_speed.measure(bert(), SCHEMES, clock=clock))
     assert [r["backend"] for r in records] == ["fp32", "bf16", "torchao-int8wo"]
     runs = format_speed.QUICK_SPEC.warmup + format_speed.QUICK_SPEC.repetitions
-    assert len(calls) == len(SCHEMES) * runs  # nothing repeated beyond the three timed runs each
+    assert clock.now == pytest.approx(len(SCHEMES) * runs * 0.1)  # nothing repeated beyond three timed runs each
+    assert len(spans) == len(SCHEMES)
     assert all(r["agreed"] and not r["noisy"] and r["repetitions"] == 3 for r in records)
     assert all(r["spread_pct"] == pytest.approx(0.0, abs=1e-6) for r in records)
 
 
 def test_runs_that_never_agree_share_the_cap_and_are_marked_noisy(timed):
     clock, use = timed
-    use(itertools.cycle([0.1, 0.3]))
+    spans = use(lambda model, call: 0.05 * 1.08**call)  # ever slower: no three runs agree
     records = list(format_speed.measure(bert(), SCHEMES, cap_s=6.0, clock=clock))
-    assert 6.0 <= clock.now <= 6.0 + 0.3  # the whole measurement, all three formats, within the cap
+    last = 0.05 * 1.08 ** (sum(r["repetitions"] + 1 for r in records) - 1)
+    assert clock.now - last < 6.0 <= clock.now  # all three formats within the cap; no run started after it
     assert all(r["noisy"] and r["agreed"] is False and r["spread_pct"] > 10.0 for r in records)
-    # Equal shares of what is left: no format eats the cap of the ones after it.
-    counts = [r["repetitions"] for r in records]
-    assert min(counts) >= 5 and max(counts) - min(counts) <= 3, counts
+    # Equal shares of what is left, in time: no format eats the cap of the ones after it.
+    assert all(1.5 < end - start < 2.7 for start, end in spans.values()), spans
 
 
 def test_one_noisy_format_leaves_the_cap_to_the_others_when_they_agree(timed):
     clock, use = timed
-    # fp32 never agrees during its share (4 s of 12), then every run takes 0.1 s.
-    calls = use(itertools.chain(itertools.islice(itertools.cycle([0.1, 0.3]), 20), itertools.repeat(0.1)))
+    spans = use(lambda model, call: 0.05 * 1.08**call if model == 0 else 0.1)
     records = list(format_speed.measure(bert(), SCHEMES, cap_s=12.0, clock=clock))
     assert [r["noisy"] for r in records] == [True, False, False]
-    assert clock.now < 12.0 and len(calls) <= 20 + 2 * 4 + 3
+    assert spans[0][1] >= 4.0  # the noisy one used its share, a third of the cap
+    assert clock.now == pytest.approx(spans[0][1] + 2 * 4 * 0.1)  # the others stopped at their repetitions
 
 
 def test_the_estimate_is_the_quiet_case_and_a_bad_cap_is_refused():

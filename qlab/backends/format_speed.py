@@ -1,7 +1,7 @@
 """Speed of the chosen formats on this machine, for the Overview: one real backend per weight format, short
 runs, no accuracy pass (the sweep measures accuracy).
 
-Each backend's runs repeat until the last three agree within ``NOISY_SPREAD_PCT`` or its share of one time cap
+Each backend's runs repeat until the fastest three agree within ``NOISY_SPREAD_PCT`` or its share of one time cap
 for the whole measurement (``SPEED_CAP_S`` by default) is spent; a result whose runs never agreed is marked ``noisy``.
 
 A format is timed through the first backend of ``PREFERENCE`` that stores it, handles the model's kind and

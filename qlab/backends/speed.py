@@ -2,7 +2,7 @@
 
 Every measurement warms up first, repeats, and reports the median with its spread (min and max), the peak
 memory above where it started and the thread count, because one timing on a shared 2-core machine means
-little; under a ``TimeCap`` it repeats until its last runs agree, or its share of the cap is spent. Models are
+little; under a ``TimeCap`` it repeats until its fastest runs agree, or its share of the cap is spent. Models are
 called the Hugging Face way (``model(ids, past_key_values=..., use_cache=True)``), so torch backends and the
 llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are timed by the same loop.
 ``cancel()`` returning True stops at the next step with ``qlab.core.errors.Cancelled``.
@@ -172,8 +172,11 @@ def prompt_ids(loaded: LoadedModel, tokens: int, batch: int = 1) -> torch.Tensor
 
 @dataclass(frozen=True)
 class Until:
-    """When a timed loop stops past ``SpeedSpec.repetitions`` runs: once its last that many runs (at least two)
-    agree, their spread under ``spread_pct``, or once ``clock()`` passes ``deadline``."""
+    """When a timed loop stops past ``SpeedSpec.repetitions`` runs: once its fastest that many runs (at least two)
+    agree, their spread under ``spread_pct``, or once ``clock()`` passes ``deadline``.
+
+    The fastest, because on a shared machine other work only ever slows a run down: the least disturbed runs
+    agree first, and their median is the format's own speed rather than the neighbours' load."""
 
     deadline: float
     spread_pct: float
@@ -204,7 +207,7 @@ def _repeat(run_once: Callable[[], tuple[float, ...]], spec: SpeedSpec, device: 
             until: Until | None = None, speed: Callable[[tuple[float, ...]], float] | None = None
             ) -> tuple[list[tuple], int, bool | None]:
     """Call ``run_once`` ``spec.warmup`` untimed then ``spec.repetitions`` timed times, under inference mode; with
-    ``until``, go on until the last runs agree on ``speed(measurement)`` or the deadline passes.
+    ``until``, go on until the fastest runs agree on ``speed(measurement)`` or the deadline passes.
 
     Returns the measurements behind the result (the agreeing runs, or every timed run of a loop that never
     agreed), the peak memory above the start, and whether they agreed (None without ``until``). ``run_once``
@@ -221,14 +224,15 @@ def _repeat(run_once: Callable[[], tuple[float, ...]], spec: SpeedSpec, device: 
             if run >= spec.warmup:
                 timed.append(measured)
             if progress:
-                progress(min(1.0, (run + 1) / runs), f"run {run + 1}/{runs}" if run < runs
-                         else f"run {run + 1}, repeating until the last {window} agree within {until.spread_pct:g} %")
+                progress(min(1.0, (run + 1) / runs), f"run {run + 1}/{runs}" if run < runs else
+                         f"run {run + 1}, repeating until the fastest {window} agree within {until.spread_pct:g} %")
             if len(timed) < spec.repetitions:
                 continue
             if until is None:
                 break
-            if len(timed) >= window and Timing.of([speed(m) for m in timed[-window:]]).spread_pct < until.spread_pct:
-                timed, agreed = timed[-window:], True
+            fastest = sorted(timed, key=speed, reverse=True)[:window]
+            if len(fastest) == window and Timing.of([speed(m) for m in fastest]).spread_pct < until.spread_pct:
+                timed, agreed = fastest, True
                 break
             if until.clock() >= until.deadline:
                 break
