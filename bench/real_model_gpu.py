@@ -83,7 +83,7 @@ class Run:
             record["error"] = f"{type(error).__name__}: {str(error)[:500]}"
             record["traceback"] = traceback.format_exc().strip().splitlines()[-6:]
         record["seconds"] = round(time.perf_counter() - started, 2)
-        if cuda:
+        if cuda:  # since this step began, unless the call resets the peak itself (bench_sweep does, per scheme)
             record["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         if isinstance(value, dict):
             record.update(value)
@@ -109,7 +109,7 @@ def build_all(models: list[str], root: Path, device: str) -> dict[str, dict]:
     """Write every checkpoint at once (one ``random_checkpoint.py`` process each); what each build reports."""
     procs = {}
     for model in models:
-        target = root / Path(model).stem
+        target = root / (Path(model).stem if model.endswith(".json") else model)  # "llama-3.1-8b" has no suffix
         procs[model] = (target, time.perf_counter(), subprocess.Popen(
             [sys.executable, str(REPO / "bench" / "random_checkpoint.py"), model, str(target), "--device", device],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -221,7 +221,7 @@ def overview(run: Run, name: str, path: str, ns: argparse.Namespace, scratch: Pa
     """The whole Overview on the GPU: the CLI when it takes ``--device``, else its job through the API."""
     has_device = "--device" in subprocess.run([sys.executable, "-m", "qlab", "overview", "--help"], cwd=REPO,
                                               capture_output=True, text=True).stdout
-    out = scratch / f"overview-{Path(name).stem}.json"
+    out = scratch / "overview.json"
     command = [sys.executable, "-m", "qlab", "overview", "--model", path, "--hardware", ns.hardware, "--formats",
                ns.formats, "--tokens", str(ns.tokens), "--db", str(scratch / "runs.sqlite"), "--quiet",
                "--json", str(out)]
