@@ -22,7 +22,7 @@ from qlab.models.loading import bundled_models, model_sha256, resolve
 from qlab.store import Store
 from qlab.store import overview as recorded
 
-POLL_S = 1.0
+POLL_S = 0.5  # the progress lines alone rerun this often: cheap, and the finished answer shows sooner
 INTRO = ("**qlab answers one question: which precision should you ship this model in, on that hardware?** "
          "Pick the model, the target and the formats in the sidebar: the verdict and the four panels below fill in "
          "as each piece is measured, and every panel links to its full page.")
