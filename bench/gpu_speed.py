@@ -16,6 +16,10 @@ the rest, then one file (``--profile-steps 10`` adds the top kernels and host op
     python bench/gpu_speed.py --install-wheels --steps float8wo:compiled-loop,nf4:eager-loop,int8wo:hf-generate \
         --json $OUT/gpu_speed_2.json
     python bench/gpu_speed.py --merge first.json second.json --json bench/results/gpu_speed.json
+On the lent H200 the six compiled steps (int8gl / float8gl: gemlite's 8-bit kernels, its sdist unpacked on
+PYTHONPATH) compile side by side and are then timed one at a time, alone on the GPU (239 s in all):
+    python bench/gpu_speed.py --parallel --profile-steps 10 --budget-s 320 --json $OUT/gpu_speed.json \
+        --steps bf16:compiled-loop,int8wo:compiled-loop,int8gl:compiled-loop,int4wo:compiled-loop,float8wo:compiled-loop,float8gl:compiled-loop
 Variants of the recipe are recorded as their own path: ``--keep-subclasses`` (torchao weights compiled as tensor
 subclasses: host-bound), ``--skip-guards`` (``compiled-loop:skip-guards``), a compile mode other than
 reduce-overhead (``compiled-loop:max-autotune``; on torch 2.11 its int8 compile did not finish in 240 s), e.g.

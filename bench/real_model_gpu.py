@@ -1,6 +1,6 @@
 """Proof at size on one GPU: the calls the pages and the CLI make, on random-initialised 8B-class checkpoints.
 
-    python bench/real_model_gpu.py --json OUT/real_model_gpu.json        # on the GPU machine (about 8 minutes)
+    python bench/real_model_gpu.py --json OUT/real_model_gpu.json        # on the GPU machine (a few minutes)
     python bench/real_model_gpu.py --models /tmp/tiny.json --overview-model /tmp/tiny.json --device cpu \
         --sweep-tokens 64 --tokens 64 --json /tmp/real_model_smoke.json   # a tiny config: checks every step
 
