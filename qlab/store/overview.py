@@ -10,12 +10,14 @@ take milliseconds, and a stored copy could hide a corrected formula. The pieces 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
 import html
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +40,7 @@ ARITHMETIC = ("memory", "predicted")
 RUN_KINDS = {"sweep": "sweep", "sensitivity": "sensitivity_quick", "measured": "bench"}  # measured, stored
 LOOKBACK_RUNS = 25  # newest runs of a kind searched for reusable results
 TOP_LAYERS = 8
+EXIT_WAIT_S = 30.0  # how long interpreter exit waits for a cancelled worker to reach its next check
 
 
 # --- what is stored ----------------------------------------------------------------------------------------
@@ -255,6 +258,7 @@ class OverviewJob:
             if step.piece == "measured":
                 format_speed.import_libraries(self.loaded.kind, step.schemes, format_speed.device_of(self.loaded))
         self._thread = threading.Thread(target=self.run, name=f"overview {self.loaded.name}", daemon=True)
+        _live_jobs.add(self)
         self._thread.start()
         return self
 
@@ -445,3 +449,17 @@ def overview_html(loaded_name: str, request: OverviewRequest, verdict: Verdict,
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+_live_jobs: weakref.WeakSet[OverviewJob] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_jobs() -> None:
+    """Cancel the workers still running when the interpreter exits and wait for them: a daemon thread caught
+    inside a torch kernel while Python finalizes aborts the whole process (std::terminate), exit status lost."""
+    jobs = [job for job in list(_live_jobs) if job.alive]
+    for job in jobs:
+        job.cancel(by_user=False)
+    for job in jobs:
+        job.wait(EXIT_WAIT_S)
