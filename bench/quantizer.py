@@ -2,7 +2,7 @@
 
     python bench/quantizer.py [--device cpu|cuda] [--dtype bf16] [--shapes 2048x8192,8192x2048] [--layers 2]
                               [--formats bf16,int8,int4,nf4,fp8_e4m3] [--group-size 64] [--repeats 3]
-                              [--chunk-elements N] [--json OUT]
+                              [--chunk-elements N] [--threads N] [--json OUT]
 
 Per scheme (round to nearest, ``--group-size`` groups, as ``python -m qlab bench sweep`` builds them), on
 random weights of the given shapes in ``--dtype``:
@@ -11,7 +11,9 @@ random weights of the given shapes in ``--dtype``:
 - ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them);
 - ``speedup``: before / after (the two alternate within each repeat, so drifting load hits both alike), and
   ``identical``: whether the two give the same bits.
-Seconds are the median of ``--repeats``; on a shared machine read the ratios, not the seconds.
+Seconds are the median of ``--repeats``; on a shared machine read the ratios, not the seconds. On a busy CPU,
+``--threads 1`` measures the work itself: with two threads every op ends in a barrier that a loaded machine
+stretches, and the fused route runs more (smaller) ops than the old one.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-elements", type=int, default=None,
                         help="values the fused route rounds at once on this device (default: qlab's)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here as well")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.chunk_elements:
         quant.FAKE_QUANTIZE_CHUNK_ELEMENTS[device.type] = args.chunk_elements
