@@ -673,14 +673,16 @@ def weight_grids(values: torch.Tensor, grids: dict[str, torch.Tensor], title: st
     flat = values.detach().reshape(-1).float()
     bins = int(min(HISTOGRAM_BINS, max(20, flat.numel() // 3)))
     figure = go.Figure(_histogram_bars(flat, _bin_edges(flat, bins), name="weights", marker_color="#9ecae9"))
-    shapes = []
+    # One trace of NaN-separated vertical segments per format, not one layout shape per level: an int8 grid
+    # alone would be 256 shapes, slow to build here and to draw in the browser.
     for color, (label, grid) in zip(GRID_COLORS * 4, grids.items()):
-        opacity = 0.9 if grid.numel() <= 64 else 0.3
-        shapes += [{"type": "line", "x0": v, "x1": v, "y0": 0, "y1": 1, "yref": "paper", "opacity": opacity,
-                    "line": {"color": color, "width": 1}} for v in grid.tolist()]
-        figure.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line={"color": color},
-                                    name=f"{label} ({grid.numel()} levels)"))
-    figure.update_layout(shapes=shapes, bargap=0.05)
+        levels = grid.detach().float().cpu().numpy().astype(np.float64)
+        x = np.repeat(levels, 3)
+        x[2::3] = np.nan
+        figure.add_trace(go.Scatter(x=x, y=np.tile([0.0, 1.0, np.nan], len(levels)), yaxis="y2", mode="lines",
+                                    line={"color": color, "width": 1}, opacity=0.9 if len(levels) <= 64 else 0.3,
+                                    hoverinfo="skip", name=f"{label} ({len(levels)} levels)"))
+    figure.update_layout(bargap=0.05, yaxis2={"overlaying": "y", "range": [0, 1], "visible": False})
     low, high = float(flat.min()), float(flat.max())
     pad = 0.05 * (high - low or 1.0)
     figure.update_xaxes(title="weight value", range=[low - pad, high + pad], exponentformat="e")

@@ -27,6 +27,17 @@ def test_block_histogram_keeps_a_rug_of_each_weight_and_the_grid():
     assert len(figure.layout.shapes) == 16  # one line per grid level
 
 
+def test_weight_grids_draw_each_format_as_one_trace_of_level_lines():
+    grids = {"int8": torch.linspace(-1, 1, 256), "int4": torch.linspace(-1, 1, 16)}
+    figure = charts.weight_grids(torch.randn(4096) * 0.3, grids, "grids")
+    lines = {trace.name: trace for trace in figure.data[1:]}
+    assert sorted(lines) == ["int4 (16 levels)", "int8 (256 levels)"]
+    int4 = lines["int4 (16 levels)"]
+    np.testing.assert_array_equal(np.asarray(int4.x, dtype=float)[0::3], grids["int4"].numpy())
+    assert np.isnan(np.asarray(int4.x, dtype=float)[2::3]).all() and int4.yaxis == "y2"
+    assert not figure.layout.shapes and figure.layout.yaxis2.range == (0, 1)
+
+
 def test_constant_tensor_gets_one_full_bin():
     figure = charts.weight_histogram(torch.full((100,), 0.5), None, "constant")
     counts = np.asarray(figure.data[0].y)
