@@ -142,15 +142,19 @@ class _Probe:
     weight: torch.Tensor
     schemes: Sequence[QuantScheme]
     mask: list[torch.Tensor | None]  # shared slot: the current batch's real-token mask (None: all real)
-    output_energy: float = 0.0
-    error_energy: list[float] = field(default_factory=list)
-    coupled: list[float] = field(default_factory=list)  # sum over items and channels of (sum_tokens g*e)^2
+    # float64 sums on the layer's device, read once by the records: a float() in every backward hook would stop a
+    # GPU's queue at each linear.
+    output_energy: torch.Tensor = field(init=False)
+    error_energy: list[torch.Tensor] = field(default_factory=list)
+    coupled: list[torch.Tensor] = field(default_factory=list)  # sum over items and channels of (sum_tokens g*e)^2
     reached: bool = False  # the metric's gradient arrived here (a BERT pooler's output never reaches it)
     finished: Callable[[], None] | None = None  # told after each batch's accumulation (progress)
 
     def __post_init__(self) -> None:
-        self.error_energy = [0.0] * len(self.schemes)
-        self.coupled = [0.0] * len(self.schemes)
+        device = self.weight.device
+        self.output_energy = torch.zeros((), dtype=torch.float64, device=device)
+        self.error_energy = [torch.zeros((), dtype=torch.float64, device=device) for _ in self.schemes]
+        self.coupled = [torch.zeros((), dtype=torch.float64, device=device) for _ in self.schemes]
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         if not output.requires_grad:
@@ -166,11 +170,13 @@ class _Probe:
         x, y, grad = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), grad.reshape(-1, grad.shape[-1]).float()
         # Each item's tokens in runs of COUPLED_TOKENS, the unit the score sums g * e over.
         runs = -(-rows[1] // COUPLED_TOKENS)
-        item_of = (torch.arange(rows[0]).unsqueeze(1) * runs + torch.arange(rows[1]) // COUPLED_TOKENS).reshape(-1)
+        device = grad.device
+        item_of = (torch.arange(rows[0], device=device).unsqueeze(1) * runs
+                   + torch.arange(rows[1], device=device) // COUPLED_TOKENS).reshape(-1)
         if keep is not None and keep.shape == rows:
             # Padding rows carry no error (their gradient is zero) and are not the model's outputs: left out of
             # the products, which are most of this probe's cost.
-            flat = keep.reshape(-1)
+            flat = keep.reshape(-1).to(device)
             x, y, grad, item_of = x[flat], y[flat], grad[flat], item_of[flat]
         self.output_energy += _energy(y)
         weight = self.weight.float()
@@ -182,14 +188,15 @@ class _Probe:
             error = x @ fake_quantize(weight, scheme).sub_(weight).T
             self.error_energy[index] += _energy(error)
             # Per run of tokens and channel, the sum of g * e: the token coupling the score keeps.
-            per_item = torch.zeros(rows[0] * runs, error.shape[1]).index_add_(0, item_of, error.mul_(grad))
+            per_item = torch.zeros(rows[0] * runs, error.shape[1], device=device).index_add_(0, item_of,
+                                                                                            error.mul_(grad))
             self.coupled[index] += _energy(per_item)
         if self.finished:
             self.finished()
 
 
-def _energy(t: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(t)) ** 2
+def _energy(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t).double().square()
 
 
 def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
@@ -260,9 +267,9 @@ def _token_inputs(loaded: LoadedModel, spec: EvalSpec) -> Baseline:
     model's own outputs in its one forward, so a baseline's reference outputs would cost a forward unused."""
     if loaded.kind == "causal-lm":
         windows = _lm_windows(loaded, spec)
-        return Baseline("causal-lm", {"windows": windows}, torch.empty(0), {}, windows.numel())
+        return Baseline("causal-lm", {"windows": windows}, torch.empty(0, device="cpu"), {}, windows.numel())
     inputs = _embedding_inputs(loaded, spec)
-    return Baseline("embedding", inputs, torch.empty(0), {}, int(inputs["attention_mask"].sum()))
+    return Baseline("embedding", inputs, torch.empty(0, device="cpu"), {}, int(inputs["attention_mask"].sum()))
 
 
 def evaluations_per_format(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
@@ -299,7 +306,8 @@ def agreement(quick: QuickSensitivity, report: SensitivityReport) -> dict[str, f
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation of two equally long sequences (ties ranked by position)."""
-    ranks = [torch.tensor(v, dtype=torch.float64).argsort(stable=True).argsort().double() for v in (a, b)]
+    ranks = [torch.tensor(v, dtype=torch.float64, device="cpu").argsort(stable=True).argsort().double()
+             for v in (a, b)]
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
@@ -312,10 +320,11 @@ def _records(model: torch.nn.Module, probes: dict[str, _Probe], schemes: Sequenc
             return None
     records = []
     for name, probe in probes.items():
+        output_energy = float(probe.output_energy)
         for scheme, error_energy, coupled in zip(schemes, probe.error_energy, probe.coupled, strict=True):
             # Second order: metric increase = 1/2 e^T H e per metric item (token for LMs, text for embeddings).
-            score = 0.5 * coupled / max(1, items)
-            output_error = error_energy / probe.output_energy if probe.output_energy > 0 else 0.0
+            score = 0.5 * float(coupled) / max(1, items)
+            output_error = float(error_energy) / output_energy if output_energy > 0 else 0.0
             records.append({
                 "layer": name, "scheme": scheme.label, "format": scheme.format, "block": block_of(name),
                 "layer_type": layer_type(name), "params": probe.weight.numel(), "score": score,
