@@ -46,6 +46,7 @@ from qlab.models.evaluate import (
     Progress,
     _check_cancel,
     evaluate,
+    input_device,
 )
 from qlab.models.loading import LoadedModel, quantizable_linears
 
@@ -180,21 +181,22 @@ def _swapped(model: torch.nn.Module, replacements: dict[str, torch.nn.Module]) -
             model.set_submodule(name, module)
 
 
-def _batches(baseline: Baseline, windows_per_batch: int | None = None
+def _batches(baseline: Baseline, windows_per_batch: int | None = None, device: torch.device | None = None
              ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    """The baseline's inputs in forward-sized batches, with the mask of real (non-padding) tokens if any."""
+    """The baseline's inputs in forward-sized batches, with the mask of real (non-padding) tokens if any, on
+    ``device`` (a forward's: the model's ``input_device``; None leaves them where the baseline keeps them)."""
     if baseline.kind == "causal-lm":
         windows = baseline.inputs["windows"]
         per_forward = windows_per_batch or max(1, LM_TOKENS_PER_FORWARD // windows.shape[1])
         for start in range(0, windows.shape[0], per_forward):
-            batch = windows[start: start + per_forward]
+            batch = windows[start: start + per_forward].to(device)
             yield {"input_ids": batch}, None  # every position of a window is a real token
         return
     from qlab.models.evaluate import EMBED_BATCH
 
     total = baseline.inputs["input_ids"].shape[0]
     for start in range(0, total, EMBED_BATCH):
-        part = {k: v[start: start + EMBED_BATCH] for k, v in baseline.inputs.items()}
+        part = {k: v[start: start + EMBED_BATCH].to(device) for k, v in baseline.inputs.items()}
         yield part, part["attention_mask"].bool()
 
 
@@ -254,14 +256,19 @@ class _LinearProbe:
     mask: list[torch.Tensor | None]  # one shared slot: the current batch's real-token mask, set by the pass
     rounder: _Rounder
     tokens: int = 0
-    output_energy: float = 0.0
+    # Sums stay float64 tensors on the layer's device until the records read them: a float() per layer and batch
+    # would stop a GPU's queue at every linear of the pass.
+    output_energy: torch.Tensor = field(init=False)
     error_channels: list[torch.Tensor] = field(default_factory=list)  # per scheme: squared output error per channel
-    weight_error: list[float] = field(default_factory=list)  # relative MSE of the weights themselves
+    weight_error: list[torch.Tensor] = field(default_factory=list)  # relative MSE of the weights themselves
     input_absmax: torch.Tensor | None = None
     weight_energy: float = field(init=False)
 
     def __post_init__(self) -> None:
-        self.error_channels = [torch.zeros(self.weight.shape[0], dtype=torch.float64) for _ in self.schemes]
+        device = self.weight.device
+        self.output_energy = torch.zeros((), dtype=torch.float64, device=device)
+        self.error_channels = [torch.zeros(self.weight.shape[0], dtype=torch.float64, device=device)
+                               for _ in self.schemes]
         self.weight_energy = max(float(torch.linalg.vector_norm(self.weight, dtype=torch.float32)) ** 2, 1e-30)
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -269,23 +276,24 @@ class _LinearProbe:
         y = output.reshape(-1, self.weight.shape[0])
         keep = self.mask[0]
         if keep is not None and keep.numel() == x.shape[0]:  # a pooler sees one token per text: nothing to mask
-            x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]
+            keep = keep.reshape(-1).to(x.device)  # a model spread over GPUs runs this layer on its own one
+            x, y = x[keep], y[keep]
         x = x.float()
         self.tokens += x.shape[0]
-        self.output_energy += float(torch.linalg.vector_norm(y.float())) ** 2
+        self.output_energy += torch.linalg.vector_norm(y.float()).double().square()
         absmax = torch.maximum(x.amax(dim=0), x.amin(dim=0).neg_())  # no |x| temporary
         self.input_absmax = absmax if self.input_absmax is None else torch.maximum(self.input_absmax, absmax)
         first = not self.weight_error
         for index, scheme in enumerate(self.schemes):
             if _exact(scheme):
                 if first:
-                    self.weight_error.append(0.0)
+                    self.weight_error.append(torch.zeros((), dtype=torch.float64, device=self.weight.device))
                 continue
             # Rounding is recomputed per batch rather than kept for all layers at once: ΔW of every layer in
             # every format would hold a second FP32 model per format, and an LM budget is usually one batch.
             delta = self._delta(scheme)
             if first:
-                self.weight_error.append(float(torch.linalg.vector_norm(delta)) ** 2 / self.weight_energy)
+                self.weight_error.append(torch.linalg.vector_norm(delta).double().square() / self.weight_energy)
             self.error_channels[index] += torch.linalg.vector_norm(x @ delta.T, dim=0).double().square()
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
@@ -294,7 +302,9 @@ class _LinearProbe:
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""
-        return self.weight_error or [
+        if self.weight_error:
+            return [float(error) for error in self.weight_error]
+        return [
             0.0 if _exact(s) else float(torch.linalg.vector_norm(self._delta(s))) ** 2 / self.weight_energy
             for s in self.schemes]
 
@@ -400,7 +410,7 @@ def _capture(shadow: torch.nn.Module, stack: BlockStack, baseline: Baseline, pro
     modules = dict(shadow.named_modules())
     handles += [modules[name].register_forward_hook(probe) for name, probe in probes.items()]
     try:
-        for batch, mask in _batches(baseline):
+        for batch, mask in _batches(baseline, device=input_device(shadow)):
             _check_cancel(cancel)
             mask_slot[0] = mask
             _forward(shadow, baseline, batch)
@@ -421,9 +431,11 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
     embedding scaled by 1/|pooled| (the Hessian of 1 - cosine). Squared gradients at a linear's output then
     estimate how much a unit of squared error there costs at the output, to second order.
     """
-    generator = torch.Generator().manual_seed(seed)
+    # Drawn on the CPU whatever the model runs on, then moved: the probe a seed gives stays the CPU run's.
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     modules = dict(shadow.named_modules())
-    sums = {name: torch.zeros(modules[name].out_features, dtype=torch.float64) for name in names}
+    sums = {name: torch.zeros(modules[name].out_features, dtype=torch.float64, device=modules[name].weight.device)
+            for name in names}
     counts = dict.fromkeys(names, 0)
     mask_slot: list[torch.Tensor | None] = [None]
 
@@ -435,7 +447,7 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
                 def accumulate(grad: torch.Tensor) -> None:
                     flat = grad.reshape(-1, grad.shape[-1])
                     if mask is not None and mask.numel() == flat.shape[0]:
-                        flat = flat[mask.reshape(-1)]
+                        flat = flat[mask.reshape(-1).to(flat.device)]
                     sums[name] += flat.double().square().sum(dim=0)
                     counts[name] += flat.shape[0]
                 output.register_hook(accumulate)
@@ -447,24 +459,25 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
     items = 0
     try:
         with torch.enable_grad():
-            for batch, mask in _batches(baseline, windows_per_batch=1):  # one window: bounded autograd memory
+            # One window per pass: bounded autograd memory.
+            for batch, mask in _batches(baseline, windows_per_batch=1, device=input_device(shadow)):
                 _check_cancel(cancel)
                 mask_slot[0] = mask
                 if baseline.kind == "causal-lm":
                     hidden = shadow.base_model(**batch, use_cache=False).last_hidden_state
                     log_q = torch.log_softmax(shadow.get_output_embeddings()(hidden).float(), dim=-1)
                     log_q = log_q.reshape(-1, log_q.shape[-1])
-                    sampled = torch.multinomial(log_q.detach().exp(), 1, generator=generator)
+                    sampled = torch.multinomial(log_q.detach().exp().cpu(), 1, generator=generator).to(log_q.device)
                     pseudo_loss = log_q.gather(1, sampled).sum()
                     items += log_q.shape[0]
                 else:
                     hidden = shadow(**batch).last_hidden_state
-                    weights = mask.unsqueeze(-1).to(hidden.dtype)
+                    weights = mask.unsqueeze(-1).to(hidden.device, hidden.dtype)
                     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
                     with torch.no_grad():
                         norm = pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
                         unit = pooled / norm
-                        z = torch.randn(pooled.shape, generator=generator)
+                        z = torch.randn(pooled.shape, generator=generator, device="cpu").to(pooled.device)
                         direction = (z - (z * unit).sum(dim=-1, keepdim=True) * unit) / norm
                     pseudo_loss = (direction * pooled).sum()
                     items += pooled.shape[0]
@@ -698,13 +711,15 @@ def _linear_records(loaded: LoadedModel, stack: BlockStack, probes: dict[str, _L
     for name, probe in probes.items():
         weight = probe.weight
         stats = weight_stats(weight)
-        absmax = probe.input_absmax if probe.input_absmax is not None else torch.zeros(weight.shape[1])
+        absmax = (probe.input_absmax if probe.input_absmax is not None
+                  else torch.zeros(weight.shape[1], device=weight.device))
         activation = {"input_absmax": float(absmax.max()),
                       "input_outlier_channels": int((absmax > OUTLIER_RATIO * absmax.median()).sum())}
         shape = tuple(weight.shape)
+        output_energy = float(probe.output_energy)
         for scheme, channels, weight_mse in zip(schemes, probe.error_channels, probe.weight_errors(), strict=True):
             error_energy = float(channels.sum())
-            relative = error_energy / probe.output_energy if probe.output_energy > 0 else 0.0
+            relative = error_energy / output_energy if output_energy > 0 else 0.0
             record = {
                 "model": loaded.name, "layer": name, "block": stack.block_of(name), "layer_type": layer_type(name),
                 "format": scheme.format, "label": scheme.label, "params": weight.numel(), "shape": list(shape),
