@@ -146,7 +146,7 @@ class _Probe:
     # GPU's queue at each linear.
     output_energy: torch.Tensor = field(init=False)
     error_energy: list[torch.Tensor] = field(default_factory=list)
-    coupled: list[torch.Tensor] = field(default_factory=list)  # sum over items and channels of (sum_tokens g*e)^2
+    coupled: list[torch.Tensor] = field(default_factory=list)  # sum over token runs and channels of (sum g*e)^2
     reached: bool = False  # the metric's gradient arrived here (a BERT pooler's output never reaches it)
     finished: Callable[[], None] | None = None  # told after each batch's accumulation (progress)
 
