@@ -49,7 +49,7 @@ def sample(shape, dtype, magnitude, seed) -> torch.Tensor:
 def test_every_format_and_scheme_matches_bit_for_bit(fmt, chunk, monkeypatch):
     monkeypatch.setitem(quant.FAKE_QUANTIZE_CHUNK_ELEMENTS, "cpu", chunk)
     if chunk == 40:  # and tables by bucketize, the GPU's way
-        monkeypatch.setattr(quant, "COUNTING_DEVICES", frozenset())
+        monkeypatch.setattr(quant, "PREFIX_TABLE_DEVICES", frozenset())
     for seed, scheme in enumerate(schemes(fmt)):
         for shape, dtype, magnitude in INPUTS:
             x = sample(shape, dtype, magnitude, seed)
@@ -58,10 +58,12 @@ def test_every_format_and_scheme_matches_bit_for_bit(fmt, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "int4", "int3", "int2", "int8", "fp8_e4m3", "fp8_e5m2"])
-@pytest.mark.parametrize("counting", [True, False])  # tables: counting boundaries (CPU) or bucketize (GPU)
-def test_ties_and_signed_zeros_round_as_quantize_rounds_them(fmt, counting, monkeypatch):
-    monkeypatch.setattr(quant, "COUNTING_DEVICES", frozenset({"cpu"} if counting else ()))
+@pytest.mark.parametrize("prefix_table", [True, False])  # table formats: the CPU's route or bucketize (the GPU's)
+def test_ties_and_signed_zeros_round_as_quantize_rounds_them(fmt, prefix_table, monkeypatch):
+    monkeypatch.setattr(quant, "PREFIX_TABLE_DEVICES", frozenset({"cpu"} if prefix_table else ()))
     info = get_format(fmt)
+    if info.kind == "lut":  # 4-bit levels lie far enough apart that no float32 prefix straddles two boundaries
+        assert quant._prefix_tables(fmt) is not None
     levels = info.levels()
     midpoints = (levels[1:] + levels[:-1]) / 2
     # The block's largest magnitude is the grid's: its scale is exactly 1, so every midpoint is a true tie.

@@ -601,34 +601,55 @@ def _dequantized_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Te
         torch.mul(scaled, scale[rows], out=out[rows, columns])
 
 
-# Counting the boundaries below each value (15 vectorised comparisons for 4 bits, on a chunk held in cache)
-# takes half of bucketize's time on a CPU; on a GPU one bucketize kernel beats 30 launches.
-COUNTING_DEVICES = frozenset({"cpu"})
+# On a CPU, table formats round through a table indexed by the top 16 bits of each float32 (7 ops per chunk, a
+# third of the time of counting boundaries and a quarter of bucketize's); on a GPU one bucketize kernel is cheap.
+PREFIX_TABLE_DEVICES = frozenset({"cpu"})
 
 
 @functools.cache
-def _lut_search(name: str, device: torch.device) -> tuple[torch.Tensor, tuple[float, ...], torch.Tensor]:
-    """A table format's decision boundaries, each nudged so that strict comparisons keep its tie rule, as a
-    tensor on ``device`` and as numbers; and the level each slot between them decodes to."""
+def _lut_search(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A table format's decision boundaries, each nudged so that strict comparisons keep its tie rule, and the
+    level each slot between them decodes to; on ``device``."""
     codes, midpoints, ties_up, _ = _table_search(name)
     boundaries = torch.tensor(midpoints, dtype=torch.float32)
     # On float32, x >= b exactly when x > nextafter(b, -inf): a tie that goes up becomes a strict comparison.
     down = torch.nextafter(boundaries, torch.full_like(boundaries, -math.inf))
     boundaries = torch.where(torch.tensor(ties_up), down, boundaries)
-    return boundaries.to(device), tuple(boundaries.tolist()), _table_tensor(name)[codes.long()].to(device)
+    return boundaries.to(device), _table_tensor(name)[codes.long()].to(device)
+
+
+@functools.cache
+def _prefix_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For each top-16-bit prefix of a float32: the level of its smallest value, the one boundary its values
+    straddle (inf if none) and the level above it; None if some prefix straddles two (levels too close)."""
+    boundaries, levels = _lut_search(name, torch.device("cpu"))
+    prefixes = torch.arange(1 << 16, dtype=torch.int32)
+    ends = [(prefixes << 16).view(torch.float32), ((prefixes << 16) | 0xFFFF).view(torch.float32)]
+    # NaN patterns stand for the infinity of their sign: a NaN never gets here (the fallback takes it).
+    ends = [torch.where(end.isnan(), torch.copysign(torch.tensor(math.inf), end), end) for end in ends]
+    low, high = torch.minimum(*ends), torch.maximum(*ends)
+    slot_low, slot_high = torch.bucketize(low, boundaries), torch.bucketize(high, boundaries)
+    if (slot_high - slot_low).max() > 1:
+        return None
+    inside = torch.cat([boundaries, torch.tensor([math.inf])])[slot_low]
+    inside = torch.where(slot_high > slot_low, inside, math.inf)
+    return levels[slot_low].contiguous(), inside, levels[slot_high].contiguous()
 
 
 def _lut_levels(scaled: torch.Tensor, name: str) -> torch.Tensor:
     """The nearest level of a table format to each scaled value, ties as ``Format.round`` breaks them."""
-    boundaries, numbers, levels = _lut_search(name, scaled.device)
-    if scaled.device.type in COUNTING_DEVICES:
-        slots = torch.zeros(scaled.shape, dtype=torch.uint8)
-        for boundary in numbers:
-            slots += scaled > boundary
-        slots = slots.to(torch.int32)
-    else:
-        slots = torch.bucketize(scaled, boundaries, out_int32=True)
-    return torch.index_select(levels, 0, slots.view(-1)).view(slots.shape)  # 3x faster than levels[slots] on a CPU
+    tables = _prefix_tables(name) if scaled.device.type in PREFIX_TABLE_DEVICES else None
+    flat = scaled.view(-1)
+    if tables is not None:
+        low, inside, high = tables
+        prefix = (flat.view(torch.int32) >> 16) & 0xFFFF
+        # index_select: a third of the time of advanced indexing on a CPU
+        chosen = torch.where(flat > torch.index_select(inside, 0, prefix), torch.index_select(high, 0, prefix),
+                             torch.index_select(low, 0, prefix))
+        return chosen.view(scaled.shape)
+    boundaries, levels = _lut_search(name, scaled.device)
+    slots = torch.bucketize(flat, boundaries, out_int32=True)
+    return torch.index_select(levels, 0, slots).view(scaled.shape)
 
 
 def grid_values(qtensor: QTensor, block: int = 0) -> torch.Tensor:
