@@ -634,16 +634,21 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
 
 
 def _check_cache_fits(model: torch.nn.Module, stack: BlockStack, baseline: Baseline) -> None:
-    """Refuse before any work when every block's cached input would not fit in half the free RAM."""
+    """Refuse before any work when every block's cached input would not fit in half the free memory of the device
+    the blocks run on (RAM, or the GPU the inputs go to)."""
     import psutil
 
     positions = (baseline.inputs["windows"] if baseline.kind == "causal-lm" else baseline.inputs["input_ids"]).numel()
     width = model.get_input_embeddings().embedding_dim
     needed = len(stack.linears) * positions * width * 4  # FP32 hidden states, one per block
-    available = psutil.virtual_memory().available
+    device = input_device(model)
+    if device.type == "cuda":  # the cache stays beside the blocks, on the GPU
+        available, where = torch.cuda.mem_get_info(device)[0], "GPU memory"
+    else:
+        available, where = psutil.virtual_memory().available, "RAM"
     if needed > available / 2:
         raise QlabError(f"caching every block's input for {positions} tokens needs {needed / 1e9:.1f} GB, more than "
-                        f"half the {available / 1e9:.1f} GB of free RAM; lower the token budget.")
+                        f"half the {available / 1e9:.1f} GB of free {where}; lower the token budget.")
 
 
 def _units(stack: BlockStack, unit: str) -> list[tuple[int | None, str, tuple[str, ...]]]:
