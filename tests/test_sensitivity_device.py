@@ -17,7 +17,7 @@ from qlab.models.evaluate import EvalSpec, compute_baseline, default_text
 from tests.tiny_models import tiny_bert, tiny_llama
 
 ANALYSES = Path(__file__).resolve().parents[1] / "qlab" / "analyses"
-FILES = ("sensitivity.py", "sensitivity_quick.py", "mixed.py")
+FILES = ("sensitivity.py", "sensitivity_quick.py", "mixed.py", "calibration.py")
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "Generator", "randn", "rand",
              "randint", "randperm", "linspace", "eye"}
 # (file, function, factory) made on the CPU on purpose, each for a reason:

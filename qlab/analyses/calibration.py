@@ -53,8 +53,8 @@ def collect_layer_stats(loaded, data, names: Sequence[str],
             return
         x = x.to(torch.float32)
         if name not in sums:
-            sums[name] = torch.zeros(x.shape[-1], x.shape[-1])
-            abs_sums[name] = torch.zeros(x.shape[-1])
+            sums[name] = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+            abs_sums[name] = torch.zeros(x.shape[-1], device=x.device)
             counts[name] = 0
         sums[name].addmm_(x.T, x)
         abs_sums[name] += x.abs().sum(dim=0)
