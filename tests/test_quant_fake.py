@@ -48,7 +48,8 @@ def sample(shape, dtype, magnitude, seed) -> torch.Tensor:
 @pytest.mark.parametrize("chunk", [40, 1 << 18])  # many chunks per tensor (mid-block too) and one
 def test_every_format_and_scheme_matches_bit_for_bit(fmt, chunk, monkeypatch):
     monkeypatch.setitem(quant.FAKE_QUANTIZE_CHUNK_ELEMENTS, "cpu", chunk)
-    if chunk == 40:  # and tables by bucketize, the GPU's way
+    if chunk == 40:  # and the GPU's ops: mixed-dtype kernels, tables by bucketize
+        monkeypatch.setattr(quant, "CAST_FIRST_DEVICES", frozenset())
         monkeypatch.setattr(quant, "PREFIX_TABLE_DEVICES", frozenset())
     for seed, scheme in enumerate(schemes(fmt)):
         for shape, dtype, magnitude in INPUTS:
@@ -58,9 +59,10 @@ def test_every_format_and_scheme_matches_bit_for_bit(fmt, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "int4", "int3", "int2", "int8", "fp8_e4m3", "fp8_e5m2"])
-@pytest.mark.parametrize("prefix_table", [True, False])  # table formats: the CPU's route or bucketize (the GPU's)
+@pytest.mark.parametrize("prefix_table", [True, False])  # the CPU's ops, or the GPU's (run here on the CPU)
 def test_ties_and_signed_zeros_round_as_quantize_rounds_them(fmt, prefix_table, monkeypatch):
     monkeypatch.setattr(quant, "PREFIX_TABLE_DEVICES", frozenset({"cpu"} if prefix_table else ()))
+    monkeypatch.setattr(quant, "CAST_FIRST_DEVICES", frozenset({"cpu"} if prefix_table else ()))
     info = get_format(fmt)
     if info.kind == "lut":  # 4-bit levels lie far enough apart that no float32 prefix straddles two boundaries
         assert quant._prefix_tables(fmt) is not None

@@ -561,6 +561,9 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     return values, suspect
 
 
+# A CPU kernel given mixed dtypes (bf16 times float32, float32 written into bf16) converts value by value, ten
+# times slower than a cast and then a float32 op; a GPU kernel converts as it loads and stores, for free.
+CAST_FIRST_DEVICES = frozenset({"cpu"})
 # Values rounded at once: on a CPU few enough that the float32 scratch stays near the cores through the passes
 # over it (2^18 costs 20% less CPU time on a quiet machine, but every op is a barrier of the threads, and on a
 # busy machine 4x as many barriers cost more than that); on a GPU many, so that launches hide behind the work.
@@ -577,28 +580,33 @@ def _dequantized_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Te
     else:
         step = max(1, chunk // width)
         parts = [(slice(start, start + step), slice(None)) for start in range(0, n_blocks, step)]
+    split = blocks.device.type in CAST_FIRST_DEVICES
     zero = torch.zeros((), dtype=torch.float32, device=blocks.device)
-    if zero_point is not None:
-        zero_point = zero_point[:, None].to(torch.float32)
-        # 0 - z, not -z: a code equal to a zero-point of 0 then dequantizes to +0, as the int8 code 0 does.
-        offset = 0.0 - zero_point
+    if fmt.kind == "integer":
+        # Adding 0 - z, not subtracting z: the -0 that rounding leaves (-0.3 -> -0) becomes the +0 of the int8
+        # code 0, as in QTensor.dequantize.
+        if zero_point is not None:
+            zero_point = zero_point[:, None].to(torch.float32)
+        offset = torch.zeros_like(scale) if zero_point is None else 0.0 - zero_point
     for rows, columns in parts:
-        # bf16 and fp16 times a float32 reciprocal multiply in float32: the float32 copy and the scaling in one.
-        scaled = torch.mul(blocks[rows, columns], inverse[rows])
+        part, target = blocks[rows, columns], out[rows, columns]
+        scaled = part.to(torch.float32, copy=True).mul_(inverse[rows]) if split else torch.mul(part, inverse[rows])
         if fmt.kind == "integer":
             if zero_point is not None:
                 scaled.add_(zero_point[rows])
             scaled.round_().clamp_(fmt.qmin, fmt.qmax)
-            if zero_point is None:
-                # + 0 makes the -0 that rounding leaves (-0.3 -> -0) the +0 an int8 code gives.
-                torch.addcmul(zero, scaled, scale[rows], out=out[rows, columns])
+            if zero_point is None and not split:
+                torch.addcmul(zero, scaled, scale[rows], out=target)  # the + 0, the scaling and the cast in one
                 continue
             scaled.add_(offset[rows])
         elif fmt.kind == "float":
             scaled.copy_(scaled.to(fmt.cast_dtype))
         else:
             scaled = _lut_levels(scaled, fmt.name)
-        torch.mul(scaled, scale[rows], out=out[rows, columns])
+        if split:
+            target.copy_(scaled.mul_(scale[rows]))
+        else:
+            torch.mul(scaled, scale[rows], out=target)
 
 
 # On a CPU, table formats round through a table indexed by the top 16 bits of each float32 (7 ops per chunk, a
