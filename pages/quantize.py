@@ -132,7 +132,8 @@ st.caption("bits/weight: storage of the quantized linear weights including scale
            "Size: the whole model as stored, other tensors (embeddings, norms, biases) at "
            f"{', '.join(sorted(set(frame['unquantized_format'])))}. "
            + ("KLD: mean over tokens of KL(FP32 ‖ quantized) next-token distributions, in nats; "
-              "the FP32 baseline log-probs are kept in fp16, so values near 1e-6 are the floor."
+              "the baseline's log-probs are kept in fp16 and the KL that storage adds is subtracted, so the "
+              "baseline against itself scores exactly 0."
               if "kld_mean" in frame else
               "Cosine: embedding similarity to FP32; retrieval: share of texts whose nearest neighbour is "
               "unchanged."))

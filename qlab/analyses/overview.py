@@ -49,7 +49,7 @@ EVAL_FIXED_S = 1.0
 BASELINE_EVALS = {"causal-lm": 2.5, "embedding": 1.3}
 ROUNDING_S_PER_WEIGHT = 1e-8
 GPTQ_EVALS = 3.0  # calibration pass plus the column-by-column solve, in evaluations
-# The quick sensitivity: one forward and one backward pass (3 evaluations), plus rounding every linear for each
+# The quick sensitivity (no baseline): one forward and one backward pass (3 evaluations), plus rounding every linear for each
 # scaled scheme and its output error on every batch: MiniLM took 10 s for two schemes at 64 and at 512 tokens
 # alike (the same busy machine), about 0.4 us per weight and scheme.
 QUICK_PASS_EVALS = 3.0
@@ -164,7 +164,7 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
                 + GPTQ_EVALS * evaluation * len(gptq) + (evaluation if gptq else 0.0))
     if piece == "sensitivity":
         scaled = sum(1 for s in schemes if s.fmt.scaled)
-        return baseline + QUICK_PASS_EVALS * evaluation + QUICK_S_PER_WEIGHT * weights * scaled
+        return QUICK_PASS_EVALS * evaluation + QUICK_S_PER_WEIGHT * weights * scaled  # needs no baseline
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
 
