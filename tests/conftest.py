@@ -31,6 +31,29 @@ def smollm():
     return load("smollm2-135m")
 
 
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": False,
+              "rms_norm_eps": 1e-5}
+
+
+@pytest.fixture(scope="session")
+def bf16_llama_dir(tmp_path_factory):
+    """A two-block Llama in bf16 safetensors with an offline tokenizer, built by bench/random_checkpoint.py (read
+    only: tests that need a changed copy copy it)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import random_checkpoint
+
+    root = tmp_path_factory.mktemp("bf16-llama")
+    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
+    random_checkpoint.build(str(root / "config.json"), root / "model")
+    return root / "model"
+
+
 @pytest.fixture(scope="session")
 def bad_files(tmp_path_factory):
     """One folder of bad models and bad texts for the CLI and the UI bad-input matrices (tests/test_bad_inputs*.py)."""

@@ -6,10 +6,7 @@ backend's stated tolerance. The shared base model must come out untouched (weigh
 """
 
 import importlib.util
-import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +16,6 @@ from qlab.backends import ActivationQuant, Tolerance, base, native, speed
 from qlab.core.errors import QlabError
 from qlab.models.evaluate import EvalSpec, compute_baseline
 from qlab.models.loading import load, quantizable_linears, weights_digest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import random_checkpoint  # noqa: E402  (the program builds the checkpoint these tests load)
 
 ISSUE_SLUGS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "torchao-int4wo", "torchao-float8wo",
                "quanto-int8", "quanto-int4", "bnb-nf4", "bnb-int8", "onnxruntime-int8", "llamacpp-q8_0",
@@ -187,18 +181,6 @@ def test_llama_cpp_quantizer_writes_the_bytes_qlab_simulates(smollm, tmp_path, f
     np.testing.assert_array_equal(np.asarray(stored.data).reshape(-1).view(np.uint8), simulated.numpy().reshape(-1))
 
 
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory) -> Path:
-    """A two-block Llama in bf16 safetensors, built by bench/random_checkpoint.py."""
-    root = tmp_path_factory.mktemp("bf16")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": False}
-    (root / "config.json").write_text(json.dumps(config))
-    random_checkpoint.build(str(root / "config.json"), root / "model")
-    return root / "model"
-
-
 def _linear_input_dtype(model: torch.nn.Module) -> torch.dtype:
     name, _ = quantizable_linears(model)[0]
     seen = []
@@ -210,8 +192,8 @@ def _linear_input_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 @pytest.mark.parametrize("loaded_dtype", [torch.bfloat16, torch.float32])
-def test_fp32_and_bf16_rows_compute_in_their_own_dtype_whatever_the_model_was_loaded_in(bf16_dir, loaded_dtype):
-    loaded = load(str(bf16_dir), dtype=loaded_dtype)
+def test_fp32_and_bf16_rows_compute_in_their_own_dtype_whatever_the_model_was_loaded_in(bf16_llama_dir, loaded_dtype):
+    loaded = load(str(bf16_llama_dir), dtype=loaded_dtype)
     assert loaded.dtype == loaded_dtype
     digest = weights_digest(loaded.model)
     base = {id(p) for p in loaded.model.parameters()}
@@ -226,8 +208,8 @@ def test_fp32_and_bf16_rows_compute_in_their_own_dtype_whatever_the_model_was_lo
     assert {p.dtype for p in loaded.model.parameters()} == {loaded_dtype}
 
 
-def test_a_reference_copy_that_does_not_fit_is_said_in_one_line(bf16_dir, monkeypatch):
-    loaded = load(str(bf16_dir))
+def test_a_reference_copy_that_does_not_fit_is_said_in_one_line(bf16_llama_dir, monkeypatch):
+    loaded = load(str(bf16_llama_dir))
     monkeypatch.setattr(native, "free_memory", lambda placement: 100_000)
     spec = speed.SpeedSpec(prompt_tokens=8, new_tokens=4, repetitions=1, warmup=0)
     rows = list(speed.run_bench(loaded, [backends.get_backend("fp32"), backends.get_backend("bf16")], spec, "cpu",

@@ -2,32 +2,12 @@
 allocation (a config that claims more than the files hold, a device that is not there, too little memory)."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from qlab.core.errors import QlabError
 from qlab.models import loading
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import random_checkpoint  # noqa: E402  (the program builds the checkpoints these tests load)
-
-TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": False,
-              "rms_norm_eps": 1e-5}
-
-
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory) -> Path:
-    """A two-block Llama in bf16 safetensors with an offline tokenizer, built by bench/random_checkpoint.py."""
-    root = tmp_path_factory.mktemp("bf16")
-    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
-    random_checkpoint.build(str(root / "config.json"), root / "model")
-    return root / "model"
 
 
 def _no_allocation(monkeypatch):
@@ -37,24 +17,24 @@ def _no_allocation(monkeypatch):
     monkeypatch.setattr(loading, "_load_pretrained", refuse)
 
 
-def test_headers_give_the_checkpoints_own_dtype_and_counts(bf16_dir):
-    checkpoint = loading.inspect_checkpoint(loading.resolve(str(bf16_dir)))
+def test_headers_give_the_checkpoints_own_dtype_and_counts(bf16_llama_dir):
+    checkpoint = loading.inspect_checkpoint(loading.resolve(str(bf16_llama_dir)))
     assert checkpoint.dtype == torch.bfloat16
     assert checkpoint.layers == checkpoint.config_layers == 2
     assert checkpoint.params == checkpoint.config_params == 139_584
     assert checkpoint.largest_params == 512 * 64  # the embedding (and the untied head)
 
 
-def test_loads_in_its_own_dtype_unless_fp32_is_asked(bf16_dir):
-    loaded = loading.load(str(bf16_dir))
+def test_loads_in_its_own_dtype_unless_fp32_is_asked(bf16_llama_dir):
+    loaded = loading.load(str(bf16_llama_dir))
     assert (loaded.device, loaded.dtype) == ("cpu", torch.bfloat16)
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     assert loaded.weight_bytes == 2 * loaded.num_params
-    wide = loading.load(str(bf16_dir), dtype="fp32")
+    wide = loading.load(str(bf16_llama_dir), dtype="fp32")
     assert wide.dtype == torch.float32 and {p.dtype for p in wide.model.parameters()} == {torch.float32}
     assert torch.equal(wide.model.lm_head.weight, loaded.model.lm_head.weight.float())  # bf16 -> fp32 is exact
     with pytest.raises(QlabError, match="unknown dtype 'int3'"):
-        loading.load(str(bf16_dir), dtype="int3")
+        loading.load(str(bf16_llama_dir), dtype="int3")
 
 
 def test_bundled_models_stay_fp32():
@@ -66,11 +46,11 @@ def test_bundled_models_stay_fp32():
     ("num_hidden_layers", 80, "describes 80 layers but the weight files hold only 2"),
     ("intermediate_size", 128 * 40, r"describes 0\.\d+ B parameters but the weight files hold 0\.00 B"),
 ])
-def test_a_config_claiming_more_than_the_files_hold_is_refused_before_allocation(bf16_dir, tmp_path, monkeypatch,
+def test_a_config_claiming_more_than_the_files_hold_is_refused_before_allocation(bf16_llama_dir, tmp_path, monkeypatch,
                                                                                    field, value, needle):
     broken = tmp_path / "broken"
     broken.mkdir()
-    for file in bf16_dir.iterdir():
+    for file in bf16_llama_dir.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, field: value}))
@@ -91,26 +71,26 @@ def _one_gpu(monkeypatch, free_bytes: int) -> None:
     ("cuda:3", r"there is no GPU cuda:3; this machine has 1 \(cuda:0\)"),
     ("tpu", "unknown device 'tpu'"),
 ])
-def test_a_device_that_is_not_there_is_one_line(bf16_dir, monkeypatch, device, needle):
+def test_a_device_that_is_not_there_is_one_line(bf16_llama_dir, monkeypatch, device, needle):
     _one_gpu(monkeypatch, 80_000_000_000)
     _no_allocation(monkeypatch)
     with pytest.raises(QlabError, match=needle) as error:
-        loading.load(str(bf16_dir), device=device)
+        loading.load(str(bf16_llama_dir), device=device)
     assert "\n" not in str(error.value)
 
 
-def test_no_cuda_is_one_line(bf16_dir, monkeypatch):
+def test_no_cuda_is_one_line(bf16_llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _no_allocation(monkeypatch)
     with pytest.raises(QlabError, match="device 'cuda' needs a CUDA GPU and none is visible"):
-        loading.load(str(bf16_dir), device="cuda")
+        loading.load(str(bf16_llama_dir), device="cuda")
 
 
-def test_a_gpu_with_too_little_free_memory_says_needed_and_free(bf16_dir, monkeypatch):
+def test_a_gpu_with_too_little_free_memory_says_needed_and_free(bf16_llama_dir, monkeypatch):
     _one_gpu(monkeypatch, 5_000_000)
     _no_allocation(monkeypatch)
     with pytest.raises(QlabError, match=r"needs about 1\.0 GB on cuda:0 .* but only 0\.0 GB is free") as error:
-        loading.load(str(bf16_dir), device="cuda")
+        loading.load(str(bf16_llama_dir), device="cuda")
     assert "bfloat16 weights" in str(error.value)
 
 
@@ -125,20 +105,20 @@ def test_choices_list_each_gpu_and_all_of_them(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_loads_on_the_gpu_in_bf16(bf16_dir):
-    loaded = loading.load(str(bf16_dir), device="cuda")
+def test_loads_on_the_gpu_in_bf16(bf16_llama_dir):
+    loaded = loading.load(str(bf16_llama_dir), device="cuda")
     assert loaded.device == "cuda:0" and loaded.dtype == torch.bfloat16
     assert {p.device.type for p in loaded.model.parameters()} == {"cuda"}
 
 
-def test_a_bf16_model_goes_through_sensitivity(bf16_dir):
+def test_a_bf16_model_goes_through_sensitivity(bf16_llama_dir):
     import math
 
     from qlab.analyses.sensitivity import analyze
     from qlab.core.quant import QuantScheme
     from qlab.models.evaluate import EvalSpec, compute_baseline
 
-    loaded = loading.load(str(bf16_dir))
+    loaded = loading.load(str(bf16_llama_dir))
     report = analyze(loaded, [QuantScheme("int8"), QuantScheme("int4")], compute_baseline(loaded, EvalSpec(tokens=64)))
     # The untied head is outside the decoder pass the probes watch (it reads no tokens there).
     errors = {(r["layer"], r["label"]): r["relative_mse"] for r in report.linears if r["tokens"]}

@@ -23,7 +23,6 @@ from qlab.core.quant import QuantScheme
 from qlab.models import checkpoint
 from qlab.models import loading as models
 from qlab.store import RunMeta, Store
-from tests.test_loading_device import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -73,15 +72,6 @@ def llama_70b(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A two-block bf16 Llama with an offline tokenizer, as bench/random_checkpoint.py writes it."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
-    random_checkpoint.build(str(root / "config.json"), root / "model")
-    return root / "model"
-
-
 @pytest.fixture
 def no_allocation(monkeypatch):
     def refuse(*args, **kwargs):
@@ -117,7 +107,7 @@ def test_the_cli_refuses_a_model_too_big_for_ram_with_needed_and_free(llama_70b,
                      r"but only \d+\.\d GB is free", error), error
 
 
-def test_the_dashboard_refuses_it_on_the_model_page_and_the_overview_then_works_again(llama_70b, tiny_dir,
+def test_the_dashboard_refuses_it_on_the_model_page_and_the_overview_then_works_again(llama_70b, bf16_llama_dir,
                                                                                         no_allocation, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["model_choice"] = common.OTHER_MODEL
@@ -132,7 +122,7 @@ def test_the_dashboard_refuses_it_on_the_model_page_and_the_overview_then_works_
     [again] = [e.value for e in at.error]
     assert again.partition(" but only")[0] == error.partition(" but only")[0]  # free RAM moves between the two
     monkeypatch.undo()  # the user types a model that fits: it loads
-    at.text_input(key="custom_model").input(str(tiny_dir))
+    at.text_input(key="custom_model").input(str(bf16_llama_dir))
     at.switch_page("pages/model.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.metric[0].value == "0.14 M"
@@ -142,10 +132,10 @@ def test_the_dashboard_refuses_it_on_the_model_page_and_the_overview_then_works_
     ["sweep", "--no-store"], ["sensitivity"], ["recommend", "--budget-bits", "4.5"], ["bench", "sweep"], ["bench"],
     ["export", "--scheme-json", "--format", "int8", "--out", "{tmp}/scheme.json"],
 ], ids=lambda command: " ".join(command[:2]))
-def test_a_gpu_that_is_not_here_is_one_line(tiny_dir, no_allocation, capsys, monkeypatch, tmp_path, command):
+def test_a_gpu_that_is_not_here_is_one_line(bf16_llama_dir, no_allocation, capsys, monkeypatch, tmp_path, command):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     command = [part.replace("{tmp}", str(tmp_path)) for part in command]
-    assert main([*command, "--model", str(tiny_dir), "--device", "cuda:3"]) == 2
+    assert main([*command, "--model", str(bf16_llama_dir), "--device", "cuda:3"]) == 2
     error = capsys.readouterr().err.strip()
     assert error == ("qlab: error: device 'cuda:3' needs a CUDA GPU and none is visible; leave it out (or use cpu) to "
                      "load on the CPU.")
@@ -183,11 +173,11 @@ def test_bench_runs_the_gpu_benchmark_on_the_chosen_gpu(monkeypatch, tmp_path):
     assert visible == "1" and argv[argv.index("--dtype") + 1] == "fp32" and argv[argv.index("--device") + 1] == "cuda"
 
 
-def test_the_sidebar_offers_only_devices_that_are_here(tiny_dir, monkeypatch):
+def test_the_sidebar_offers_only_devices_that_are_here(bf16_llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["model_choice"] = common.OTHER_MODEL
-    at.session_state["custom_model"] = str(tiny_dir)
+    at.session_state["custom_model"] = str(bf16_llama_dir)
     at.session_state["device"] = "cuda:3"  # left from a session on a machine that had it
     at.switch_page("pages/model.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -195,7 +185,7 @@ def test_the_sidebar_offers_only_devices_that_are_here(tiny_dir, monkeypatch):
     assert at.selectbox(key="device").value == "cpu"
 
 
-def test_history_re_run_keeps_the_sidebars_device_when_the_runs_is_not_here(tiny_dir, monkeypatch, tmp_path):
+def test_history_re_run_keeps_the_sidebars_device_when_the_runs_is_not_here(bf16_llama_dir, monkeypatch, tmp_path):
     from qlab.analyses.sweep import ResultRow
     from qlab.core.plan import SizeReport
     from tests.test_history_page import ENV
@@ -204,9 +194,9 @@ def test_history_re_run_keeps_the_sidebars_device_when_the_runs_is_not_here(tiny
     monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
     store = Store()
     scheme = QuantScheme("int8")
-    run_id = store.start_run(RunMeta("sweep", str(tiny_dir), {"schemes": [scheme.to_dict()], "device": "cuda:0"},
+    run_id = store.start_run(RunMeta("sweep", str(bf16_llama_dir), {"schemes": [scheme.to_dict()], "device": "cuda:0"},
                                      tokens=64, environment=ENV))
-    store.add_result(run_id, ResultRow(str(tiny_dir), scheme, SizeReport(800, 600, 40, 100, 200), {"kld_mean": 0.01},
+    store.add_result(run_id, ResultRow(str(bf16_llama_dir), scheme, SizeReport(800, 600, 40, 100, 200), {"kld_mean": 0.01},
                                        0.1, 0.2, 64))
     store.finish_run(run_id)
     at = AppTest.from_file(APP, default_timeout=120)
@@ -217,7 +207,7 @@ def test_history_re_run_keeps_the_sidebars_device_when_the_runs_is_not_here(tiny
     at.button(key="history_rerun").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.title[0].value == "Quantize"
-    assert (at.session_state["custom_model"], at.session_state["device"]) == (str(tiny_dir), "cpu")
+    assert (at.session_state["custom_model"], at.session_state["device"]) == (str(bf16_llama_dir), "cpu")
 
 
 # --- an out-of-memory error in the middle of a sweep ------------------------------------------------------------
@@ -272,10 +262,10 @@ def test_any_other_runtime_error_stays_a_bug(monkeypatch):
         list(run_sweep(tiny_llama(), [QuantScheme(f) for f in FORMATS], EvalSpec(tokens=64)))
 
 
-def test_out_of_memory_in_a_cli_sweep_keeps_the_written_and_stored_rows(tiny_dir, monkeypatch, capsys, tmp_path):
+def test_out_of_memory_in_a_cli_sweep_keeps_the_written_and_stored_rows(bf16_llama_dir, monkeypatch, capsys, tmp_path):
     fail_on_third(monkeypatch, torch.OutOfMemoryError("CUDA out of memory."), seen := [])
     out, db = tmp_path / "rows.json", tmp_path / "runs.sqlite"
-    assert main(["sweep", "--model", str(tiny_dir), "--formats", ",".join(FORMATS), "--tokens", "64", "--quiet",
+    assert main(["sweep", "--model", str(bf16_llama_dir), "--formats", ",".join(FORMATS), "--tokens", "64", "--quiet",
                  "--db", str(db), "--json", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "ran out of memory on the CPU while measuring int4 per-channel" in error
@@ -286,9 +276,9 @@ def test_out_of_memory_in_a_cli_sweep_keeps_the_written_and_stored_rows(tiny_dir
 
 
 @pytest.mark.slow
-def test_out_of_memory_on_the_quantize_page_keeps_two_rows_and_the_page_works(tiny_dir, monkeypatch):
+def test_out_of_memory_on_the_quantize_page_keeps_two_rows_and_the_page_works(bf16_llama_dir, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=300)
-    for key, value in dict(model_choice=common.OTHER_MODEL, custom_model=str(tiny_dir), formats=FORMATS, tokens=64,
+    for key, value in dict(model_choice=common.OTHER_MODEL, custom_model=str(bf16_llama_dir), formats=FORMATS, tokens=64,
                            granularity="channel").items():
         at.session_state[key] = value
     at.switch_page("pages/quantize.py").run()
@@ -297,7 +287,7 @@ def test_out_of_memory_on_the_quantize_page_keeps_two_rows_and_the_page_works(ti
     at.button(key="run_sweep").click().run()
     assert not at.exception, [e.value for e in at.exception]
     [error] = [e.value for e in at.error]
-    assert error.startswith(f"'{tiny_dir.name}' ran out of memory on the CPU while measuring int4 per-channel (the 2 "
+    assert error.startswith(f"'{bf16_llama_dir.name}' ran out of memory on the CPU while measuring int4 per-channel (the 2 "
                             "finished before it are kept)")
     [(base, digest)] = {(id(model), digest): (model, digest) for model, digest in seen}.values()  # one model, intact
     at.run()  # the next visit shows what finished

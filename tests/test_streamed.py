@@ -1,9 +1,5 @@
 """The layer-streamed sweep: block by block over cached hidden states, the same metrics as the shadow copy."""
 
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,10 +14,6 @@ from qlab.models import evaluate as evaluation
 from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
 from qlab.models.loading import load, weights_digest
 from tests.tiny_models import tiny_bert, tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import random_checkpoint  # noqa: E402
 
 SCHEMES = [QuantScheme("fp32"), QuantScheme("fp16"), QuantScheme("bf16"), QuantScheme("int8"),
            QuantScheme("int4", "group", 32), QuantScheme("nf4", "group", 32, symmetric=True),
@@ -107,19 +99,8 @@ def test_cancel_stops_between_blocks():
         evaluate_streamed(loaded, QuantScheme("int4", "group", 32), baseline, cancel=cancel_after_two_checks)
 
 
-@pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bf16")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 512, "max_position_embeddings": 1024, "tie_word_embeddings": False}
-    (root / "config.json").write_text(json.dumps(config))
-    random_checkpoint.build(str(root / "config.json"), root / "model")
-    return root / "model"
-
-
-def test_a_bf16_model_is_its_own_reference_and_streams_like_the_shadow_copy(bf16_dir):
-    loaded = load(str(bf16_dir))
+def test_a_bf16_model_is_its_own_reference_and_streams_like_the_shadow_copy(bf16_llama_dir):
+    loaded = load(str(bf16_llama_dir))
     before = weights_digest(loaded.model)
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
     assert baseline.dtype == torch.bfloat16
@@ -129,14 +110,14 @@ def test_a_bf16_model_is_its_own_reference_and_streams_like_the_shadow_copy(bf16
     assert weights_digest(loaded.model) == before
 
 
-def test_without_native_bf16_the_cpu_computes_in_fp32_on_bf16_weights(bf16_dir, monkeypatch):
+def test_without_native_bf16_the_cpu_computes_in_fp32_on_bf16_weights(bf16_llama_dir, monkeypatch):
     monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no avx512_bf16, no amx
-    loaded = load(str(bf16_dir))
+    loaded = load(str(bf16_llama_dir))
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
     assert baseline.reference_dtype == "bfloat16 (float32 compute)"
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}  # the weights stay 16-bit
     # Computing in fp32 on bf16 weights is exactly the model loaded in fp32 (bf16 -> fp32 is exact).
-    wide = compute_baseline(load(str(bf16_dir), dtype="fp32"), EvalSpec(tokens=128))
+    wide = compute_baseline(load(str(bf16_llama_dir), dtype="fp32"), EvalSpec(tokens=128))
     assert torch.equal(baseline.reference, wide.reference)
     assert_same_metrics(loaded, baseline, QuantScheme("int4", "group", 32))
     monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
@@ -155,8 +136,8 @@ def test_equals_the_shadow_copy_on_both_bundled_models(request, fixture):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_streams_on_the_gpu_in_bf16(bf16_dir):
-    loaded = load(str(bf16_dir), device="cuda")
+def test_streams_on_the_gpu_in_bf16(bf16_llama_dir):
+    loaded = load(str(bf16_llama_dir), device="cuda")
     before = weights_digest(loaded.model)
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
     assert baseline.compute_dtype == torch.bfloat16
