@@ -85,7 +85,7 @@ def measure_cpu_speed(tokens: tuple[int, ...] = (1, 128), in_features: int = 576
 
 
 def _loss(row: dict, reference: dict) -> tuple[str, float | None, str]:
-    """The sweep's closest analogue of the seeds' "% loss", with its name and how it was computed."""
+    """The sweep's closest analogue of the common claims' "% loss", with its name and how it was computed."""
     if "ppl" in row and reference.get("ppl"):
         change = 100 * (row["ppl"] / reference["ppl"] - 1)
         return (f"perplexity +{change:.2f}% (top-1 agreement {100 * row['top1_agreement']:.1f}%)", change,
@@ -98,7 +98,7 @@ def _loss(row: dict, reference: dict) -> tuple[str, float | None, str]:
 
 
 def compare_claims(sweep_records: list[dict] | None, speed_records: list[dict] | None) -> list[dict]:
-    """One row per seed claim: what it says, and what qlab measured for each part of it here."""
+    """One row per common claim: what it says, and what qlab measured for each part of it here."""
     sweep_records = sweep_records or []
     speed_records = speed_records or []
     by_format = {r["format"]: r for r in sweep_records}

@@ -30,7 +30,7 @@ _INT_VIEWS = {32: torch.int32, 16: torch.int16, 8: torch.uint8}
 
 @functools.cache
 def presets() -> dict:
-    """The seeds' worked examples and headline claims (``assets/teaching_presets.json``)."""
+    """The common worked examples and headline claims (``assets/teaching_presets.json``)."""
     return json.loads((ASSETS_DIR / "teaching_presets.json").read_text(encoding="utf-8"))
 
 
@@ -399,7 +399,7 @@ def hardware_support() -> list[dict]:
 
 
 def seed_hardware_claims() -> list[dict]:
-    """The seeds' hardware claims checked against the catalog: how many matching targets run each format."""
+    """The common hardware claims checked against the catalog: how many matching targets run each format."""
     from qlab.models import hardware
 
     catalog = hardware.catalog()
