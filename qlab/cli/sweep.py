@@ -55,8 +55,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if db is not None:  # each scheme is committed to the run store as it finishes
             from qlab.store import store_rows, sweep_meta
 
-            meta = sweep_meta(loaded, schemes, spec, args.hardware, device_map=args.device_map, device=loaded.device,
-                              dtype=str(loaded.dtype).removeprefix("torch."))
+            meta = sweep_meta(loaded, schemes, spec, args.hardware)  # run_meta records where the model ran
             rows = store_rows(db, meta, rows)
         for row in rows:
             records.append(row.to_record())
