@@ -199,7 +199,7 @@ with answer:
 layer = overview.most_sensitive_layer(pieces, request)
 grids_by_layer = entry.setdefault("grids", {})
 if layer and layer not in grids_by_layer:
-    grids_by_layer[layer] = overview.layer_grids(loaded, layer, request.schemes)
+    grids_by_layer[layer] = overview.layer_grids(loaded, layer, request.schemes, request.spec)
 grids = grids_by_layer.get(layer) if layer else None
 figures = recorded.panel_figures(pieces, request, result, grids, cache=entry.setdefault("figures", {}))
 waiting = {"accuracy": "the accuracy sweep", "memory": "the memory plans", "speed": "the speed predictions",

@@ -5,8 +5,20 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
-from qlab.core.quant import block_of, error_stats, grid_values, quantize
-from qlab.models.loading import quantizable_linears
+from qlab.analyses import layer_rounding
+from qlab.analyses.activations import CALIBRATION_TOKENS
+from qlab.core.algorithms import LayerStats, needs_calibration
+from qlab.core.quant import QuantScheme, block_of, error_stats, grid_values
+from qlab.models.evaluate import EvalSpec
+from qlab.models.loading import LoadedModel, quantizable_linears
+
+
+@st.cache_resource(show_spinner="Calibrating the layer (the model runs over the end of the text)...", max_entries=4)
+def calibrated(_loaded: LoadedModel, model: str, device: str, layer: str, schemes: tuple[QuantScheme, ...],
+               spec: EvalSpec) -> LayerStats | None:
+    """One layer's calibration statistics, shared by sessions (a cached model's weights never change)."""
+    return layer_rounding.layer_stats(_loaded, layer, schemes, spec)
+
 
 common.page_setup()
 st.title("Weights")
@@ -26,7 +38,7 @@ if st.session_state["granularity"] == "group":
     group = row_column.number_input("Group within the row", 0, groups_per_row - 1, 0, key="weight_group")
 
 with common.user_errors():
-    schemes = [s for s in common.schemes(round_to_nearest=True) if s.fmt.scaled]
+    schemes = [s for s in common.schemes() if s.fmt.scaled]
 if not schemes:
     st.info("Pick a scaled format in the sidebar (int8, int4, nf4, fp8...) to see its grid; fp32/fp16/bf16 "
             "are plain casts with tens of thousands of levels.")
@@ -35,25 +47,46 @@ st.caption(f"`{layer}`: {weight.shape[0]} x {weight.shape[1]} weights. Each bloc
            "one group of a row) has its own scale, so its grid is drawn for the block that holds the chosen row.")
 common.show_caveat(loaded)
 
+algorithm = schemes[0].algorithm
+layer_stats = None
+if needs_calibration(schemes):
+    asked = st.session_state.setdefault("weights_calibrated", [])
+    if (loaded.name, layer) not in asked:
+        st.info(f"{algorithm} rounds a layer with statistics of its inputs: the model first runs over the end of "
+                f"the text (up to {CALIBRATION_TOKENS:,} tokens) to collect them for this layer.")
+        if not st.button(f"Round this layer with {algorithm}", key="weights_calibrate", type="primary"):
+            st.stop()
+        asked.append((loaded.name, layer))
+    with common.user_errors():
+        layer_stats = calibrated(loaded, loaded.name, loaded.device, layer, tuple(schemes),
+                                 EvalSpec(st.session_state["tokens"]))
+if algorithm != "rtn":
+    st.caption(f"Every figure below shows the weights rounded by the sidebar's algorithm, {algorithm}"
+               + (", with this layer's calibration statistics." if layer_stats is not None else "."))
+
 errors, stats = {}, []
 with common.user_errors():
-    quantized = {scheme.label: (scheme, quantize(weight, scheme)) for scheme in schemes}
-for label, (_, qtensor) in quantized.items():
+    rounded = layer_rounding.round_layer(loaded, layer, schemes, layer_stats)
+for scheme, qtensor in rounded.items():
     dequantized = qtensor.dequantize()
-    errors[label] = dequantized - weight
-    stats.append({"scheme": label, **error_stats(weight, qtensor, dequantized)})
+    errors[scheme.label] = dequantized - weight
+    stats.append({"scheme": scheme.label, **error_stats(weight, qtensor, dequantized)})
 
-tabs = st.tabs(list(quantized))
-for tab, (label, (scheme, qtensor)) in zip(tabs, quantized.items(), strict=True):
+tabs = st.tabs([scheme.label for scheme in rounded])
+for tab, (scheme, qtensor) in zip(tabs, rounded.items(), strict=True):
     with tab:
         block, columns = block_of(qtensor, row, group)
-        values = weight.reshape(qtensor.scale.numel(), -1)[block]
-        grid = grid_values(qtensor, block)
-        where = f"row {row}" + (f", columns {columns.start}-{columns.stop - 1}" if scheme.granularity == "group"
-                                else "" if scheme.granularity == "channel" else " (one scale for the tensor)")
-        st.plotly_chart(charts.weight_histogram(values, grid, f"{label}: block {block} ({where}), "
-                                                f"{values.numel()} weights, scale {qtensor.scale[block].item():.4g}"),
-                        key=f"hist_{label}")
+        values = weight if scheme.granularity == "tensor" else weight[row, columns]
+        input_scales = qtensor.input_scales()
+        if input_scales is not None:  # the grid is on the weights as AWQ rounds them
+            values = values / input_scales[columns].float()
+            st.caption("AWQ rounds each weight times its input's scale s: the histogram shows those values.")
+        where = ("one scale for the tensor" if scheme.granularity == "tensor" else f"row {row}" + (
+            f", {layer_rounding.columns_label(columns)}" if scheme.granularity == "group" else ""))
+        st.plotly_chart(charts.weight_histogram(values, grid_values(qtensor, block),
+                                                f"{scheme.label}: block {block} ({where}), {values.numel()} weights, "
+                                                f"scale {qtensor.scale[block].item():.4g}"),
+                        key=f"hist_{scheme.label}")
 
 st.subheader("Error per scheme")
 common.table(pd.DataFrame(stats), column_config={"relative_mse": st.column_config.NumberColumn(format="%.3e"),

@@ -7,6 +7,7 @@ arithmetic for scales and group codes, ``np.packbits`` for the bit layout, and p
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 
@@ -14,9 +15,20 @@ import numpy as np
 import pytest
 import torch
 
+from qlab.core.algorithms.awq import awq_quantize
+from qlab.core.algorithms.gptq import gptq_quantize, hessian_from_inputs
 from qlab.core.errors import QlabError
 from qlab.core.formats import format_names, get_format
-from qlab.core.quant import QuantScheme, fake_quantize, grid_values, pack_codes, quantize, unpack_codes
+from qlab.core.quant import (
+    QuantScheme,
+    block_of,
+    error_stats,
+    fake_quantize,
+    grid_values,
+    pack_codes,
+    quantize,
+    unpack_codes,
+)
 
 SCALED = [n for n in format_names() if get_format(n).scaled]
 INTEGERS = ["int8", "int4", "int3", "int2"]
@@ -455,3 +467,76 @@ def test_plain_cast_schemes_normalise():
     assert a.label == "fp16"
     # a scaled format keeps its granularity; group_size only matters for groups
     assert QuantScheme("int8", granularity="channel", group_size=32) == QuantScheme("int8", granularity="channel")
+
+
+def _clipped_by_hand(x: torch.Tensor, qt, group_of, input_scales: torch.Tensor | None = None) -> int:
+    """Values past their own block's grid by more than half the outermost step, counted element by element from
+    the packed scales (and zero-points, and AWQ's input scales)."""
+    fmt, stored = qt.scheme.fmt, qt.packed()
+    rows = x.shape[0]
+    scales = stored["scales"].float().reshape(rows, -1)
+    zeros = None if qt.zero_point is None else qt.zero_point.float().reshape(rows, -1)
+    half_step = (fmt.levels()[-1] - fmt.levels()[-2]).item() / 2
+    count = 0
+    for row, column in itertools.product(range(rows), range(x.shape[1])):
+        group = group_of(column)
+        scale = scales[row, group].item()
+        zero = 0.0 if zeros is None else zeros[row, group].item()
+        low, high = ((-fmt.max_abs, fmt.max_abs) if zeros is None else (fmt.qmin - zero, fmt.qmax - zero))
+        value = x[row, column].item() / (1.0 if input_scales is None else input_scales[column].item())
+        count += value < (low - half_step) * scale or value > (high + half_step) * scale
+    return count
+
+
+def test_consecutive_groups_cover_consecutive_columns():
+    qt = quantize(torch.randn(4, 64, generator=gen(39)), QuantScheme("int4", "group", 16))
+    block, columns = block_of(qt, 1, 2)
+    assert block == 6 and torch.equal(columns, torch.arange(32, 48))
+    assert torch.equal(qt.input_groups(), torch.arange(64) // 16)
+    assert block_of(quantize(torch.randn(4, 64), QuantScheme("int8")), 3)[0] == 3
+
+
+def test_act_order_blocks_grids_and_clipping_follow_the_group_index():
+    g = gen(40)
+    w = torch.randn(8, 64, generator=g)
+    inputs = torch.randn(256, 64, generator=g) * torch.logspace(-1, 1, 64)[torch.randperm(64, generator=g)]
+    # A percentile range clips each group's largest weights: the count then depends on which scale is whose.
+    scheme = QuantScheme("int4", "group", 16, calibration="percentile", percentile=90, algorithm="gptq-act-order")
+    qt = gptq_quantize(w, hessian_from_inputs(inputs), scheme)
+    index = qt.packed()["group_index"].long()
+    assert not torch.equal(index, torch.arange(64) // 16)  # the groups really are scattered
+    assert torch.equal(qt.input_groups(), index)
+    dequantized = qt.dequantize()
+    for row, group in ((0, 0), (5, 3), (7, 1)):
+        block, columns = block_of(qt, row, group)
+        assert block == 4 * row + group and torch.equal(columns, (index == group).nonzero()[:, 0])
+        assert torch.isin(dequantized[row, columns], grid_values(qt, block)).all()
+    planted = w.clone()
+    planted[2, 7], planted[6, 40] = 50.0, -50.0
+    for x in (w, planted):
+        by_hand = _clipped_by_hand(x, qt, lambda column: index[column].item())
+        consecutive = _clipped_by_hand(x, qt, lambda column: column // 16)
+        assert by_hand != consecutive  # the test tells the group index from consecutive groups
+        assert error_stats(x, qt)["clipped_fraction"] == pytest.approx(by_hand / x.numel(), abs=1e-12)
+    assert _clipped_by_hand(planted, qt, lambda column: index[column].item()) >= 2
+
+
+def test_awq_clipping_and_grids_are_on_the_scaled_weights():
+    g = gen(41)
+    w = torch.randn(8, 64, generator=g)
+    inputs = torch.randn(256, 64, generator=g) * torch.logspace(-1.5, 1.5, 64)
+    scheme = QuantScheme("int4", "group", 16, algorithm="awq")
+    qt = awq_quantize(w, inputs.abs().mean(dim=0), hessian_from_inputs(inputs), scheme)
+    input_scales = qt.packed()["input_scales"].float()
+    assert input_scales.max() > 2 * input_scales.min()  # AWQ chose a salience scale, not plain rounding
+    assert torch.equal(qt.input_groups(), torch.arange(64) // 16)
+    assert error_stats(w, qt)["clipped_fraction"] == 0.0  # min-max ranges of the scaled weights clip nothing
+    larger = w * 1.5
+    by_hand = _clipped_by_hand(larger, qt, lambda column: column // 16, input_scales)
+    assert by_hand != _clipped_by_hand(larger, qt, lambda column: column // 16)
+    assert error_stats(larger, qt)["clipped_fraction"] == pytest.approx(by_hand / w.numel(), abs=1e-12)
+    dequantized = qt.dequantize()
+    block, columns = block_of(qt, 3, 2)
+    for column in columns.tolist():  # each input's grid in weight space is the block's times its input scale
+        assert torch.isin(dequantized[3, column], grid_values(qt, block, column))
+    assert torch.isin(qt.dequantize_scaled()[3, columns], grid_values(qt, block)).all()

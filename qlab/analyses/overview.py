@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlab.analyses import memory, roofline, verdict
+from qlab.analyses import layer_rounding, memory, roofline, verdict
 from qlab.analyses.sweep import check_schemes, run_sweep
+from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import Cancelled, QlabError
-from qlab.core.quant import QuantScheme, block_of, grid_values, quantize
+from qlab.core.quant import QuantScheme, block_of, grid_values
 from qlab.models import architectures, hardware
 from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress
 from qlab.models.loading import LoadedModel, quantizable_linears
@@ -329,30 +330,38 @@ class LayerGrids:
     where: str
 
 
-def layer_grids(loaded: LoadedModel, layer: str, schemes: Sequence[QuantScheme]) -> LayerGrids | None:
+def layer_grids(loaded: LoadedModel, layer: str, schemes: Sequence[QuantScheme], spec: EvalSpec | None = None
+                ) -> LayerGrids | None:
     """The block of ``layer`` with the widest range (largest scale of the first scaled scheme) and every scaled
-    scheme's grid for that block; None when no chosen scheme has a grid (plain casts only)."""
-    # GPTQ moves codes, not the grid: its format's levels at the RTN scale are what the chart can show.
-    scaled = list(dict.fromkeys(dataclasses.replace(s, algorithm="rtn") for s in schemes if s.fmt.scaled))
+    scheme's grid for that block, each rounded by its own algorithm (GPTQ and AWQ calibrate the layer on
+    ``spec``'s text: one pass of the model); None when no chosen scheme has a grid (plain casts only)."""
+    scaled = list(dict.fromkeys(s for s in schemes if s.fmt.scaled))
     if not scaled:
         return None
-    linears = dict(quantizable_linears(loaded.model))
-    if layer not in linears:
-        raise QlabError(f"{loaded.name} has no linear layer '{layer}'; pick one of its quantized layers.")
-    weight = linears[layer].weight.detach()
-    first, granularity = quantize(weight, scaled[0]), scaled[0].granularity
+    weight = layer_rounding.layer_weight(loaded, layer)
+    if spec is None and needs_calibration(scaled):
+        raise QlabError(f"{scaled[0].label} rounds with calibration statistics; give the text to calibrate on.")
+    stats = None if spec is None else layer_rounding.layer_stats(loaded, layer, scaled, spec)
+    rounded = layer_rounding.round_layer(loaded, layer, scaled, stats)
+    first, granularity = rounded[scaled[0]], scaled[0].granularity
     widest = int(first.scale.reshape(-1).float().argmax()) if first.scale is not None else 0
     per_row = weight.shape[1] // scaled[0].group_size if granularity == "group" else 1
     row, group = (0, 0) if granularity == "tensor" else divmod(widest, per_row)
     _, cover = block_of(first, row, group)
-    values = weight.reshape(-1) if granularity == "tensor" else weight[row, cover.start:cover.stop]
-    grids = {}
-    for scheme in scaled:
-        qtensor = first if scheme == scaled[0] else quantize(weight, scheme)
-        # The block of this scheme that holds the chosen block's first weight (group sizes may differ).
-        column = cover.start // scheme.group_size if scheme.granularity == "group" else 0
-        grids[scheme.label] = grid_values(qtensor, block_of(qtensor, row, column)[0])
+    values = weight.reshape(-1) if granularity == "tensor" else weight[row, cover]
+    # AWQ's grid in weight space differs per input (each is scaled before rounding): drawn for the input that
+    # holds the block's largest weight, the one nearest the grid's end.
+    largest = int(values.abs().argmax()) % weight.shape[1] if granularity == "tensor" else int(
+        cover[weight[row, cover].abs().argmax()])
+    grids, scaled_inputs = {}, False
+    for scheme, qtensor in rounded.items():
+        # The block of this scheme that holds the chosen block's first weight (group sizes and orders may differ).
+        block = block_of(qtensor, row, int(qtensor.input_groups()[cover[0]]))[0]
+        scaled_inputs |= qtensor.input_scales() is not None
+        grids[scheme.label] = grid_values(qtensor, block, largest)
     where = ("the whole tensor" if granularity == "tensor" else
-             f"row {row}" + (f", columns {cover.start}-{cover.stop - 1}" if granularity == "group" else ""))
-    return LayerGrids(layer, values, grids, f"{where} (the block with the widest range, {values.numel()} weights)")
-
+             f"row {row}" + (f", {layer_rounding.columns_label(cover)}" if granularity == "group" else ""))
+    where += f" (the block with the widest range, {values.numel()} weights)"
+    if scaled_inputs:
+        where += f"; AWQ scales each input before rounding, so its grid is drawn for input {largest}"
+    return LayerGrids(layer, values, grids, where)

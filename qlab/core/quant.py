@@ -281,6 +281,18 @@ class QTensor:
     def bits_per_weight(self) -> float:
         return self.scheme.bits_per_weight(self.shape)
 
+    def input_groups(self) -> torch.Tensor:
+        """For each input (last-dimension) column, the index of its group within a row: consecutive groups of
+        ``group_size`` here, all 0 for one scale per tensor or per channel."""
+        if self.scheme.granularity != "group" or self.scale is None:
+            return torch.zeros(math.prod(self.shape[1:]), dtype=torch.int64, device=self.codes.device)
+        return torch.arange(self.shape[-1], device=self.codes.device) // self.scheme.group_size
+
+    def input_scales(self) -> torch.Tensor | None:
+        """What each input column is divided by before rounding (AWQ's input scale), or None: the grid of a
+        column in weight space is the block's grid times this."""
+        return None
+
 
 def pack_codes(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (< 2**bits) into a uint8 bit stream, least significant bit first."""
@@ -660,36 +672,56 @@ def _lut_levels(scaled: torch.Tensor, name: str) -> torch.Tensor:
     return torch.index_select(levels, 0, slots).view(scaled.shape)
 
 
-def grid_values(qtensor: QTensor, block: int = 0) -> torch.Tensor:
-    """The real values block ``block`` of a quantized tensor can take: the grid drawn over histograms."""
+def grid_values(qtensor: QTensor, block: int = 0, column: int | None = None) -> torch.Tensor:
+    """The real values block ``block`` of a quantized tensor can take: the grid drawn over histograms. With an
+    input scale (AWQ) that grid is on the scaled weights, ``x / input_scales()``; ``column`` gives the grid of that
+    one input column in weight space instead (each column's differs)."""
     fmt = qtensor.scheme.fmt
     levels = fmt.levels()
     if qtensor.scale is None:
         return levels
     if qtensor.zero_point is not None:
         levels = levels - qtensor.zero_point[block].to(torch.float32)
-    return levels * qtensor.scale[block].to(torch.float32)
+    grid = levels * qtensor.scale[block].to(torch.float32)
+    input_scales = qtensor.input_scales()
+    if column is not None and input_scales is not None:
+        grid = grid * input_scales[column].to(torch.float32)
+    return grid
 
 
-def block_of(qtensor: QTensor, row: int, group: int = 0) -> tuple[int, range]:
-    """Index of the block holding (row, group) of a 2-D quantized tensor, and the columns it covers."""
+def block_of(qtensor: QTensor, row: int, group: int = 0) -> tuple[int, torch.Tensor]:
+    """Index of the block holding (row, group) of a 2-D quantized tensor, and the columns it covers, ascending
+    (not consecutive when act-order groups inputs by their Hessian order: ``QTensor.input_groups``)."""
     rows, columns = qtensor.shape[0], math.prod(qtensor.shape[1:])
     if not 0 <= row < rows:
         raise QlabError(f"row {row} is outside 0..{rows - 1}.")
     scheme = qtensor.scheme
     if scheme.granularity == "tensor" or qtensor.scale is None:
-        return 0, range(columns)
+        return 0, torch.arange(columns)
     if scheme.granularity == "channel":
-        return row, range(columns)
+        return row, torch.arange(columns)
     groups_per_row = columns // scheme.group_size
     if not 0 <= group < groups_per_row:
         raise QlabError(f"group {group} is outside 0..{groups_per_row - 1}.")
-    start = group * scheme.group_size
-    return row * groups_per_row + group, range(start, start + scheme.group_size)
+    return row * groups_per_row + group, (qtensor.input_groups() == group).nonzero()[:, 0].cpu()
+
+
+def _per_element(qtensor: QTensor, per_block: torch.Tensor) -> torch.Tensor:
+    """A value per block (``scale``'s order) given to every element of its block, in the tensor's shape."""
+    shape = qtensor.shape
+    if per_block.numel() == 1:
+        return per_block.reshape(()).expand(shape)
+    if qtensor.scheme.granularity == "channel":
+        return per_block.reshape(shape[0], *[1] * (len(shape) - 1)).expand(shape)
+    groups = qtensor.input_groups()
+    return per_block.reshape(-1, shape[-1] // qtensor.scheme.group_size)[:, groups].reshape(shape)
 
 
 def error_stats(x: torch.Tensor, qtensor: QTensor, dequantized: torch.Tensor | None = None) -> dict[str, float]:
-    """Relative MSE, SQNR (dB), share of values clipped (saturated) by their block's grid, bits per weight."""
+    """Relative MSE, SQNR (dB), share of values clipped (saturated) by their block's grid, bits per weight.
+
+    Each value is compared with the grid of its own block (act-order's scattered groups included), as the
+    values the format rounds: divided by the input scale under AWQ."""
     x = x.detach().to(torch.float32)
     dequantized = qtensor.dequantize() if dequantized is None else dequantized
     relative_mse = (((dequantized - x) ** 2).mean() / (x**2).mean().clamp(min=1e-30)).item()
@@ -702,11 +734,16 @@ def error_stats(x: torch.Tensor, qtensor: QTensor, dequantized: torch.Tensor | N
         else:
             zero = qtensor.zero_point.to(torch.float32)
             low, high = (fmt.qmin - zero) * scale, (fmt.qmax - zero) * scale
-        blocks = _as_blocks(x, qtensor.scheme)
         # Beyond the outermost level by more than half the outermost step: rounding alone cannot explain it.
         levels = fmt.levels()
-        tolerance = (levels[-1] - levels[-2]).item() / 2 * scale[:, None]
-        clipped = ((blocks < low[:, None] - tolerance) | (blocks > high[:, None] + tolerance)).float().mean().item()
+        tolerance = (levels[-1] - levels[-2]).item() / 2 * scale
+        input_scales = qtensor.input_scales()
+        rounded = x.reshape(qtensor.shape)
+        if input_scales is not None:
+            rounded = rounded / input_scales.to(torch.float32)
+        outside = ((rounded < _per_element(qtensor, low - tolerance))
+                   | (rounded > _per_element(qtensor, high + tolerance)))
+        clipped = outside.float().mean().item()
     return {
         "relative_mse": relative_mse,
         "sqnr_db": -10 * math.log10(relative_mse) if relative_mse > 0 else float("inf"),

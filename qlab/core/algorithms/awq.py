@@ -43,6 +43,9 @@ class InputScaledQTensor(QTensor):
     def packed(self) -> dict[str, torch.Tensor]:
         return {**super().packed(), "input_scales": self.input_scale}
 
+    def input_scales(self) -> torch.Tensor:
+        return self.input_scale
+
 
 def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """Squared output error ``tr(dW H dW^T)`` of a linear whose inputs have Hessian ``H = 2 X^T X / n``."""

@@ -83,6 +83,9 @@ class GroupIndexedQTensor(QTensor):
     def packed(self) -> dict[str, torch.Tensor]:
         return {**super().packed(), "group_index": self.group_index.to(torch.int32)}
 
+    def input_groups(self) -> torch.Tensor:
+        return self.group_index.long()
+
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
                   damp_percent: float = DAMP_PERCENT, block_size: int = BLOCK_SIZE) -> QTensor:
