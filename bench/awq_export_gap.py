@@ -11,7 +11,9 @@ at the rounding-methods table's scheme (asymmetric groups of 128, or 64 where 12
 The export is simulated by ``export_compressed.simulated_model``, the model its checkpoint reloads to (tested
 bit for bit against transformers' reload on tiny models). "AWQ per linear, o_proj to nearest" separates the
 grouped-query o_proj from the sharing. Per layer kind, the mean relative output error ``tr(dW H dW^T) /
-tr(W H W^T)`` on the calibration Hessian shows where the difference comes from.
+tr(W H W^T)`` on the calibration Hessian shows where the difference comes from. "AWQ shared per input, explicit
+scale" shares the scale as the export does but keeps it as an input scale: the cost of sharing alone, measurable on
+MiniLM too, whose post-norm BERT layers the export refuses (the norm before q/k/v also feeds the residual).
 
 Writes bench/results/awq_export_gap.json. Accuracy does not depend on the machine's load; the times recorded
 are of a shared CPU and are not to be quoted.
@@ -32,7 +34,12 @@ import torch  # noqa: E402
 
 from qlab.analyses import activations  # noqa: E402
 from qlab.analyses.calibration import calibration_stats  # noqa: E402
-from qlab.backends.export_compressed import CompressedPlan, quantize_for_export, simulated_model  # noqa: E402
+from qlab.backends.export_compressed import (  # noqa: E402
+    CompressedPlan,
+    _shared_awq,
+    quantize_for_export,
+    simulated_model,
+)
 from qlab.cli.common import output_file, write_atomic  # noqa: E402
 from qlab.core.algorithms import LayerStats, awq, quantize_weight  # noqa: E402
 from qlab.core.errors import QlabError  # noqa: E402
@@ -103,6 +110,22 @@ def exported_effective(loaded: LoadedModel, plan: CompressedPlan, per_linear: Ma
     return effective
 
 
+def shared_awq(weights: Mapping[str, torch.Tensor], stats: Mapping[str, LayerStats], scheme: QuantScheme
+               ) -> dict[str, QTensor]:
+    """AWQ with one scale for the linears fed the very same input (calibration gives them one statistics
+    object), searched on their stacked rows as the export does, but kept as an explicit input scale: the
+    sharing without the folding."""
+    groups: dict[int, list[str]] = {}
+    for name in weights:
+        groups.setdefault(id(stats[name]), []).append(name)
+    out = {}
+    for names in groups.values():
+        parts, inverse = _shared_awq([weights[n].detach().to(torch.float32) for n in names], stats[names[0]], scheme)
+        out.update({n: awq.InputScaledQTensor(q.codes, q.scale, q.zero_point, q.scheme, q.shape, inverse)
+                    for n, q in zip(names, parts, strict=True)})
+    return out
+
+
 def _folded_into_v(plan: CompressedPlan, block: str) -> bool:
     """Whether the export folded o_proj's scale into v's rows (one v row per o input: no grouped-query heads)."""
     v_proj, o_proj = plan.qtensors.get(f"{block}.v_proj"), plan.qtensors.get(f"{block}.o_proj")
@@ -147,6 +170,11 @@ def measure(model: str, fmt: str, tokens: int) -> dict:
                                                            stats),
                                       "AWQ per linear (sweep)": errors_by_kind(
                                           weights, {n: q.dequantize() for n, q in per_linear.items()}, stats)}
+    print(f"{loaded.name}: AWQ shared by the linears of one input, not folded", flush=True)
+    shared, shared_seconds = _timed(lambda: shared_awq(weights, stats, awq_scheme))
+    row("AWQ shared per input, explicit scale", shared, shared_seconds)
+    entry["relative_output_error"]["AWQ shared per input, explicit scale"] = errors_by_kind(
+        weights, {n: q.dequantize() for n, q in shared.items()}, stats)
     print(f"{loaded.name}: AWQ shared and folded (the export's)", flush=True)
     try:
         exported, export_seconds = _timed(lambda: quantize_for_export(loaded, awq_scheme, stats))
