@@ -2,13 +2,16 @@
 estimated beforehand and can be cancelled; the panels and the HTML export are built from them."""
 
 import pytest
+import torch
 
 from qlab.analyses import overview
 from qlab.analyses.overview import OverviewRequest, Pieces
+from qlab.analyses.sensitivity import calibrate
 from qlab.backends import format_speed
+from qlab.core.algorithms.gptq import gptq_quantize
 from qlab.core.errors import Cancelled, QlabError
-from qlab.core.quant import QuantScheme
-from qlab.models.evaluate import EvalSpec, compute_baseline
+from qlab.core.quant import QuantScheme, grid_values, quantize
+from qlab.models.evaluate import EvalSpec, compute_baseline, default_text
 from qlab.store import Store
 from qlab.store import overview as recorded
 from tests.tiny_models import tiny_bert, tiny_llama
@@ -288,3 +291,36 @@ def test_cli_overview_loads_as_sweep_does_and_refuses_a_bad_bound_or_cap(tmp_pat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and ("--bound" in err or "time cap" in err), err
     assert len(asked) == 1  # each was refused before the model loaded
+
+
+def test_a_gptq_sidebar_scheme_gets_a_gptq_quick_ranking_kept_apart_from_round_to_nearest(llama, store):
+    spec = EvalSpec(64, default_text()[:20_000])  # the tiny models' byte tokenizer is pure Python: a short text
+    rtn = (QuantScheme("int4", "group", 32),)
+    gptq = (QuantScheme("int4", "group", 32, algorithm="gptq"),)
+    asked = {scheme: OverviewRequest(scheme, "h100-sxm-80gb", spec) for scheme in (rtn, gptq)}
+    assert (overview.estimate_seconds("sensitivity", llama, asked[gptq], gptq)
+            > overview.estimate_seconds("sensitivity", llama, asked[rtn], rtn))  # the calibration pass counts
+    found = {}
+    for schemes, wanted in asked.items():
+        step = recorded.Step("sensitivity", schemes, 0.0)
+        recorded.run_step(step, llama, wanted, Pieces(), store, lambda: compute_baseline(llama, spec))
+        if schemes == rtn:  # only the round-to-nearest run is stored so far: GPTQ does not take its records
+            assert recorded.restore(store, llama, asked[gptq]).sensitivity == {}
+        found[schemes] = recorded.restore(store, llama, wanted).sensitivity
+    assert set(found[rtn]) == {"int4 g32"} and set(found[gptq]) == {"int4 g32 gptq"}
+    assert all(r["scheme_settings"]["algorithm"] == "gptq" for r in found[gptq]["int4 g32 gptq"])
+    scores = {s: {r["layer"]: r["score"] for r in found[s][s[0].label]} for s in asked}
+    assert scores[gptq].keys() == scores[rtn].keys() and scores[gptq] != scores[rtn]
+    # The histogram of the most sensitive layer draws GPTQ's grid: its widest block, from that layer's GPTQ scales
+    # (GPTQ computed here from the whole model's calibration, as the sweep collects it).
+    layer = overview.most_sensitive_layer(Pieces(sensitivity=found[gptq]), asked[gptq])
+    grids = overview.layer_grids(llama, layer, gptq, spec)
+    weight = llama.model.get_submodule(layer).weight.detach()
+    rounded = gptq_quantize(weight, calibrate(llama, gptq, spec)[0][layer].hessian, gptq[0])
+    assert not torch.equal(rounded.scale, quantize(weight, rtn[0]).scale)
+    widest = int(rounded.scale.float().argmax())
+    assert torch.equal(grids.grids["int4 g32 gptq"], grid_values(rounded, widest))
+    row, group = divmod(widest, weight.shape[1] // 32)
+    assert torch.equal(grids.values, weight[row, 32 * group: 32 * group + 32])
+    with pytest.raises(QlabError, match="give the text to calibrate on"):
+        overview.layer_grids(llama, layer, gptq)

@@ -1,10 +1,11 @@
 import contextlib
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from qlab.analyses.sensitivity import _batches, analyze
+from qlab.analyses.sensitivity import _batches, analyze, calibrate
 from qlab.analyses.sensitivity_quick import (
     QuickSensitivity,
     agreement,
@@ -109,6 +110,34 @@ def test_top_ranks_layers_per_scheme_and_overall(llama):
         quick.top(3, QuantScheme("nf4"))
 
 
+CALIBRATED = [QuantScheme("int4", "group", 32, algorithm=a) for a in ("gptq", "gptq-act-order", "awq")]
+
+
+def test_each_algorithm_is_scored_on_its_own_rounding(llama):
+    """GPTQ, act-order and AWQ (with the calibration the full analysis and the sweep use) and HQQ: every linear's
+    output error on the pass's tokens is the one the full analysis measures for that rounding."""
+    loaded, baseline = llama
+    rtn = QuantScheme("int4", "group", 32)
+    schemes = [rtn, *CALIBRATED, dataclasses.replace(rtn, algorithm="hqq")]
+    seen = []
+    quick = quick_sensitivity(loaded, schemes, LLAMA_SPEC, baseline, progress=lambda f, m: seen.append((f, m)))
+    stats, record = calibrate(loaded, schemes, LLAMA_SPEC)
+    assert quick.calibration["calibration_tokens"] == record["calibration_tokens"] > 128
+    full = analyze(loaded, schemes, baseline, blocks=False, predict=False, calibration=stats)
+    measured = {(r["layer"], r["label"]): r["relative_mse"] for r in full.linears}
+    assert {r["scheme"] for r in quick.records} == {s.label for s in schemes}
+    for r in quick.records:
+        assert r["output_error"] == pytest.approx(measured[r["layer"], r["scheme"]], rel=1e-4), r
+    errors = {s.label: [r["output_error"] for r in quick.records if r["scheme"] == s.label] for s in schemes}
+    assert all(errors[s.label] != errors[rtn.label] for s in schemes[1:])
+    assert sum(errors["int4 g32 gptq"]) < sum(errors[rtn.label])  # GPTQ's point: less output error
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("calibration batch") for _, m in seen) and any("rounding" in m for _, m in seen)
+    with pytest.raises(Cancelled):
+        quick_sensitivity(loaded, CALIBRATED[:1], LLAMA_SPEC, baseline, cancel=lambda: True)
+
+
 def test_records_survive_json_and_rebuild_the_result(llama):
     loaded, baseline = llama
     quick = quick_sensitivity(loaded, [QuantScheme("int8"), QuantScheme("nf4", "group", 32)], LLAMA_SPEC,
@@ -186,8 +215,8 @@ def test_bad_requests_fail_in_one_line(llama, bert):
     loaded, baseline = llama
     with pytest.raises(QlabError, match="group size 48"):
         quick_sensitivity(loaded, [QuantScheme("int4", "group", 48)], LLAMA_SPEC, baseline)
-    with pytest.raises(QlabError, match="use algorithm rtn"):
-        quick_sensitivity(loaded, [QuantScheme("int4", algorithm="gptq")], LLAMA_SPEC, baseline)
+    with pytest.raises(QlabError, match="gives 100 tokens, fewer than the 128 inputs"):
+        quick_sensitivity(loaded, [QuantScheme("int4", algorithm="gptq")], EvalSpec(16, TEXT[:100]))
     with pytest.raises(QlabError, match="no schemes"):
         quick_sensitivity(loaded, [], LLAMA_SPEC, baseline)
     with pytest.raises(QlabError, match="baseline is for a causal-lm"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlab.analyses import layer_rounding, memory, roofline, verdict
+from qlab.analyses.activations import CALIBRATION_TOKENS
 from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import Cancelled, QlabError
@@ -167,7 +168,12 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
                 + GPTQ_EVALS * evaluation * len(gptq) + (evaluation if gptq else 0.0))
     if piece == "sensitivity":
         scaled = sum(1 for s in schemes if s.fmt.scaled)
-        return QUICK_PASS_EVALS * evaluation + QUICK_S_PER_WEIGHT * weights * scaled  # needs no baseline
+        calibrated = sum(1 for s in schemes if needs_calibration(s))
+        # GPTQ and AWQ add a forward pass over the calibration tokens (no backward, no head) and their rounding,
+        # counted as the sweep counts it.
+        calibration = matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S if calibrated else 0.0
+        return (QUICK_PASS_EVALS * evaluation + QUICK_S_PER_WEIGHT * weights * scaled  # needs no baseline
+                + calibration + GPTQ_EVALS * evaluation * calibrated)
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
 
@@ -257,7 +263,8 @@ def sensitivity_available() -> bool:
 def sensitivity_piece(loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
                       baseline: Baseline | None = None, progress: Progress | None = None,
                       cancel: CancelCheck | None = None) -> dict[str, list[dict]]:
-    """Quick per-layer sensitivity (one forward and one backward pass): records per scheme label."""
+    """Quick per-layer sensitivity (one forward and one backward pass; GPTQ and AWQ add a calibration pass), each
+    layer rounded by its scheme's algorithm: records per scheme label."""
     from qlab.analyses.sensitivity_quick import quick_sensitivity
 
     result = quick_sensitivity(loaded, list(schemes), request.spec, baseline=baseline, progress=progress,

@@ -29,6 +29,7 @@ checked at 512.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -43,10 +44,14 @@ from qlab.analyses.sensitivity import (
     _check_schemes,
     _exact,
     _output_curvature,
+    _Rounder,
     block_stack,
+    calibrate,
     layer_type,
     shared_copy,
 )
+from qlab.analyses.sweep import check_schemes
+from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme, fake_quantize
 from qlab.models.evaluate import (
@@ -84,6 +89,7 @@ class QuickSensitivity:
     records: list[dict]
     tokens: int
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
+    calibration: dict = field(default_factory=dict, compare=False)  # how GPTQ/AWQ calibrated (tokens...), or empty
 
     def top(self, n: int, scheme: QuantScheme | str | None = None) -> list[dict]:
         """The ``n`` most sensitive layers for ``scheme`` (a scheme or its label); without one, each layer once,
@@ -139,8 +145,10 @@ class QuickSensitivity:
 class _Probe:
     """Per linear, what the backward pass adds up: the output error's energy and its token-coupled cost."""
 
+    name: str
     weight: torch.Tensor
     schemes: Sequence[QuantScheme]
+    rounder: _Rounder
     mask: list[torch.Tensor | None]  # shared slot: the current batch's real-token mask (None: all real)
     # float64 sums on the layer's device, read once by the records: a float() in every backward hook would stop a
     # GPU's queue at each linear.
@@ -183,9 +191,12 @@ class _Probe:
         for index, scheme in enumerate(self.schemes):
             if _exact(scheme):
                 continue
-            # Rounded again per batch rather than kept: a rounded copy of every linear in every format would be
-            # one more FP32 model per format, and one window is the usual budget.
-            error = x @ fake_quantize(weight, scheme).sub_(weight).T
+            # Rounded to nearest again per batch rather than kept: a rounded copy of every linear in every format
+            # would be one more FP32 model per format, and one window is the usual budget. Other algorithms keep
+            # their codes (the rounder's), computed once before the pass.
+            rounded = (self.rounder(self.name, self.weight, scheme).dequantize() if _Rounder.keeps(scheme)
+                       else fake_quantize(weight, scheme))
+            error = x @ rounded.sub_(weight).T
             self.error_energy[index] += _energy(error)
             # Per run of tokens and channel, the sum of g * e: the token coupling the score keeps.
             per_item = torch.zeros(rows[0] * runs, error.shape[1], device=device).index_add_(0, item_of,
@@ -202,7 +213,9 @@ def _energy(t: torch.Tensor) -> torch.Tensor:
 def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
                       baseline: Baseline | None = None, progress: Progress | None = None,
                       cancel: CancelCheck | None = None) -> QuickSensitivity:
-    """Score every linear for every scheme from one forward and one backward pass over the spec's tokens.
+    """Score every linear for every scheme from one forward and one backward pass over the spec's tokens, each
+    linear rounded by its scheme's algorithm (GPTQ and AWQ with the statistics ``calibrate`` collects from the
+    end of the text, as the sweep and the full analysis round it: one more pass of the model, no backward).
 
     ``baseline``: a baseline of ``spec`` already computed (a sweep's); only its inputs are read, so without one
     the text is only tokenized.
@@ -211,11 +224,28 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     """
     schemes = tuple(dict.fromkeys(schemes))
     model = loaded.model
-    _check_schemes(model, schemes)
+    check_schemes(loaded, list(schemes))  # sizes first: a bad group size costs no calibration pass
     if baseline is not None and baseline.kind != loaded.kind:
         raise QlabError(f"the baseline is for a {baseline.kind} model but {loaded.name} is a {loaded.kind}; "
                         "compute the baseline on this model.")
     _check_cancel(cancel)
+    kept = [s for s in schemes if _Rounder.keeps(s) and not _exact(s)]
+    phases = [*(["calibration"] if needs_calibration(schemes) else []), *(["rounding"] if kept else []), "pass"]
+
+    def phase_progress(phase: str) -> Progress | None:
+        # Each phase gets an equal share of the bar, in order; with rounding to nearest the pass is all of it.
+        index = phases.index(phase)
+        return None if progress is None else (
+            lambda fraction, message: progress((index + fraction) / len(phases), message))
+
+    seconds = {}
+    started = time.perf_counter()
+    calibration, calibration_record = calibrate(loaded, schemes, spec, phase_progress("calibration")
+                                                if "calibration" in phases else None, cancel)
+    _check_schemes(model, schemes, calibration, algorithms=True)
+    rounder = _Rounder(calibration)
+    if calibration is not None:
+        seconds["calibration_s"] = time.perf_counter() - started
     if baseline is None:
         baseline = _token_inputs(loaded, spec)
     total = sum(1 for _ in _batches(baseline, windows_per_batch=1))
@@ -224,14 +254,24 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     shadow = shared_copy(model)
     modules = dict(shadow.named_modules())
     names = [name for name, _ in quantizable_linears(shadow)]
+    if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, with progress and Cancel, then read by every batch
+        started = time.perf_counter()
+        rounding = phase_progress("rounding")
+        for index, (scheme, name) in enumerate(itertools.product(kept, names)):
+            _check_cancel(cancel)
+            if rounding:
+                rounding(index / (len(kept) * len(names)), f"{scheme.label}: rounding {name}")
+            rounder(name, modules[name].weight.detach(), scheme)
+        seconds["rounding_s"] = time.perf_counter() - started
     mask_slot: list[torch.Tensor | None] = [None]
     position = [0, 0]  # batches started, linears of the current batch scored (the backward pass goes by them)
+    passing = phase_progress("pass")
 
     def report() -> None:
-        if progress:
+        if passing:
             batch, scored = position
             fraction = (batch - 1 + scored / len(names)) / total
-            progress(fraction, f"quick sensitivity: {unit} {batch}/{total}")
+            passing(fraction, f"quick sensitivity: {unit} {batch}/{total}")
 
     def batch_starts(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -243,7 +283,8 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
         position[1] += 1
         report()
 
-    probes = {name: _Probe(modules[name].weight.detach(), schemes, mask_slot, finished=scored) for name in names}
+    probes = {name: _Probe(name, modules[name].weight.detach(), schemes, rounder, mask_slot, finished=scored)
+              for name in names}
 
     # The decoder (an LM's base model) or the encoder itself: both receive the batch's attention mask, if any.
     handles = [shadow.base_model.register_forward_pre_hook(batch_starts, with_kwargs=True)]
@@ -255,11 +296,11 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     finally:
         for handle in handles:
             handle.remove()
-    seconds = {"pass_s": time.perf_counter() - started}
+    seconds["pass_s"] = time.perf_counter() - started
     if progress:
         progress(1.0, "quick sensitivity: done")
     return QuickSensitivity(loaded.name, loaded.kind, METRIC[loaded.kind], schemes,
-                            _records(shadow, probes, schemes, items), baseline.tokens, seconds)
+                            _records(shadow, probes, schemes, items), baseline.tokens, seconds, calibration_record)
 
 
 def _token_inputs(loaded: LoadedModel, spec: EvalSpec) -> Baseline:
