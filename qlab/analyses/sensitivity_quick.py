@@ -18,7 +18,9 @@ Cost, counted rather than timed (``evaluations_per_format``: matmul FLOPs agains
 same tokens): the pass reads only the baseline's tokens, so without a baseline nothing else runs; one forward
 with autograd, one backward to the activations (no weight needs a gradient), and per format one product
 ``X (W_q - W)^T`` per linear on the real (non-padding) tokens. That is under 3 evaluations for one format alone
-and falls per format as formats are added.
+and falls per format as formats are added. A scheme whose algorithm is not round to nearest is rounded once before
+the pass by the full analysis's rounder; GPTQ and AWQ first need its calibration pass (``calibrate``: a forward over
+the calibration tokens from the end of the text), which these counts leave out.
 
 Checked against the full analysis's measured per-block deltas (``agreement``; the tests and
 ``bench/sensitivity_quick.py``, which also reports the full analysis's own diagonal estimate beside it). The one
