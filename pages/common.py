@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import numbers
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -395,20 +394,11 @@ def selected_hardware() -> hardware.Hardware:
     return hardware.get(st.session_state["hardware"])
 
 
-def schemes(round_to_nearest: bool = False) -> list[QuantScheme]:
-    """The sidebar's formats as schemes (raises QlabError for invalid combinations).
-
-    ``round_to_nearest`` is for pages that quantize single tensors: GPTQ needs a model's calibration
-    activations, so they show RTN and say so.
-    """
+def schemes() -> list[QuantScheme]:
+    """The sidebar's formats as schemes (raises QlabError for invalid combinations)."""
     if not st.session_state["formats"]:
         raise QlabError("pick at least one format in the sidebar.")
-    chosen = [scheme_for(f) for f in st.session_state["formats"]]
-    if round_to_nearest and st.session_state["algorithm"] != "rtn":
-        st.caption("This page rounds to nearest (RTN): GPTQ needs the whole model's calibration activations; "
-                   "compare the two on the Quantize or Concepts page.")
-        chosen = [dataclasses.replace(s, algorithm="rtn") for s in chosen]
-    return chosen
+    return [scheme_for(f) for f in st.session_state["formats"]]
 
 
 def scheme_for(fmt: str) -> QuantScheme:
