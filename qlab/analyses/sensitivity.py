@@ -236,6 +236,18 @@ class _Rounder:
             self.kept[key] = qtensor
         return qtensor
 
+    def round_once(self, weights: Mapping[str, torch.Tensor], schemes: Sequence[QuantScheme],
+                   progress: Progress | None = None, cancel: CancelCheck | None = None) -> float:
+        """Round every named weight in each of ``schemes`` (ones this rounder ``keeps``) and keep it, scheme by
+        scheme, with progress and Cancel, so the passes that read them pay the algorithms once; its seconds."""
+        started = time.perf_counter()
+        for index, (scheme, name) in enumerate(itertools.product(schemes, weights)):
+            _check_cancel(cancel)
+            if progress:
+                progress(index / (len(schemes) * len(weights)), f"{scheme.label}: rounding {name}")
+            self(name, weights[name], scheme)
+        return time.perf_counter() - started
+
     @staticmethod
     def keeps(scheme: QuantScheme) -> bool:
         """Whether this scheme's rounding is kept rather than redone (anything but plain round to nearest)."""
@@ -373,17 +385,12 @@ class SensitivityReport:
 
 
 def _check_schemes(model: torch.nn.Module, schemes: Sequence[QuantScheme],
-                   calibration: Mapping[str, LayerStats] | None = None, *, algorithms: bool = False) -> None:
-    """Every check that can fail before any work; ``algorithms`` when the caller rounds each layer by its scheme's
-    algorithm (with ``calibration``), else only rounding to nearest is accepted (the quick ranking's case)."""
+                   calibration: Mapping[str, LayerStats] | None = None) -> None:
+    """Every check that can fail before any work: each layer is rounded by its scheme's algorithm, so GPTQ and
+    AWQ need ``calibration`` for every linear."""
     if not schemes:
         raise QlabError("no schemes to analyse; pick at least one format.")
     linears = quantizable_linears(model)
-    if not algorithms:
-        other = [s.label for s in schemes if (s.algorithm != "rtn" and s.fmt.scaled) or s.sparsity != "none"]
-        if other:
-            raise QlabError(f"this analysis rounds each layer to nearest, so {other[0]} would be measured as "
-                            "something else; use algorithm rtn here.")
     calibrated = [s.label for s in schemes if needs_calibration(s)]
     missing = [name for name, _ in linears if name not in (calibration or {})]
     if calibrated and missing:
@@ -570,7 +577,7 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
                         "compute the baseline on this model.")
     schemes = tuple(dict.fromkeys(schemes))
     model = loaded.model
-    _check_schemes(model, schemes, calibration, algorithms=True)
+    _check_schemes(model, schemes, calibration)
     metric = METRIC[loaded.kind]
     stack = block_stack(model)
     modules = dict(model.named_modules())
@@ -594,14 +601,11 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
     probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot, rounder)
               for name in linear_names}
     seconds = {}
-    if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, with progress and Cancel, then reused by every pass
-        started = time.perf_counter()
-        for index, (scheme, name) in enumerate(itertools.product(kept, linear_names)):
-            _check_cancel(cancel)
-            if progress:
-                progress((done[0] + index / (len(kept) * len(linear_names))) / total, f"{scheme.label}: rounding {name}")
-            rounder(name, modules[name].weight.detach(), scheme)
-        seconds["rounding_s"] = time.perf_counter() - started
+    if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, then reused by every pass
+        rounding = None if progress is None else (
+            lambda fraction, message: progress((done[0] + fraction) / total, message))
+        seconds["rounding_s"] = rounder.round_once({name: modules[name].weight.detach() for name in linear_names},
+                                                   kept, rounding, cancel)
         step("rounded every layer")
     started = time.perf_counter()
     capture = _capture(shadow, stack, baseline, probes, mask_slot, cancel)

@@ -31,7 +31,6 @@ checked at 512.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -244,7 +243,7 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     started = time.perf_counter()
     calibration, calibration_record = calibrate(loaded, schemes, spec, phase_progress("calibration")
                                                 if "calibration" in phases else None, cancel)
-    _check_schemes(model, schemes, calibration, algorithms=True)
+    _check_schemes(model, schemes, calibration)
     rounder = _Rounder(calibration)
     if calibration is not None:
         seconds["calibration_s"] = time.perf_counter() - started
@@ -256,15 +255,9 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     shadow = shared_copy(model)
     modules = dict(shadow.named_modules())
     names = [name for name, _ in quantizable_linears(shadow)]
-    if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, with progress and Cancel, then read by every batch
-        started = time.perf_counter()
-        rounding = phase_progress("rounding")
-        for index, (scheme, name) in enumerate(itertools.product(kept, names)):
-            _check_cancel(cancel)
-            if rounding:
-                rounding(index / (len(kept) * len(names)), f"{scheme.label}: rounding {name}")
-            rounder(name, modules[name].weight.detach(), scheme)
-        seconds["rounding_s"] = time.perf_counter() - started
+    if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, then read by every batch
+        seconds["rounding_s"] = rounder.round_once({name: modules[name].weight.detach() for name in names}, kept,
+                                                   phase_progress("rounding"), cancel)
     mask_slot: list[torch.Tensor | None] = [None]
     position = [0, 0]  # batches started, linears of the current batch scored (the backward pass goes by them)
     passing = phase_progress("pass")
