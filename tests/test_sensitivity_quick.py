@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from qlab.analyses.overview import OverviewRequest, Pieces
 from qlab.analyses.sensitivity import _batches, analyze, calibrate
 from qlab.analyses.sensitivity_quick import (
     QuickSensitivity,
@@ -21,6 +22,7 @@ from qlab.models import loading as models
 from qlab.models.evaluate import EvalSpec, compute_baseline, default_text
 from qlab.models.loading import quantizable_linears, weights_digest
 from qlab.store import Store
+from qlab.store import overview as recorded
 from tests.tiny_models import tiny_bert, tiny_llama
 
 TEXT = default_text()[:20_000]  # the tiny models' byte tokenizer is pure Python: keep the text short
@@ -149,6 +151,33 @@ def test_records_survive_json_and_rebuild_the_result(llama):
     assert rebuilt.top(4) == quick.top(4)
     with pytest.raises(QlabError, match="no quick sensitivity records"):
         QuickSensitivity.from_records([])
+
+
+def test_a_stored_calibrated_ranking_says_which_tokens_it_was_calibrated_on(llama, tmp_path):
+    """Issue 19: a GPTQ ranking the Overview stores carries its calibration record on its scheme's records, as the
+    sweep's rows do; a round-to-nearest scheme of the same pass carries none."""
+    loaded, baseline = llama
+    rtn = QuantScheme("int4", "group", 32)
+    gptq = dataclasses.replace(rtn, algorithm="gptq")
+    wanted = OverviewRequest((rtn, gptq), "h100-sxm-80gb", LLAMA_SPEC)
+    store = Store(tmp_path / "runs.sqlite")
+    recorded.run_step(recorded.Step("sensitivity", (rtn, gptq), 0.0), loaded, wanted, Pieces(), store,
+                      lambda: baseline)
+    (summary,) = store.list_runs(kind="sensitivity_quick")
+    records = store.get(summary["id"]).records("sensitivity_quick")
+    expected = calibrate(loaded, [gptq], LLAMA_SPEC)[1]
+    calibrated = [r for r in records if r["scheme"] == gptq.label]
+    assert calibrated and len(calibrated) == len(records) / 2
+    for r in calibrated:
+        assert r["calibration_tokens"] == expected["calibration_tokens"] > LLAMA_SPEC.tokens
+        assert r["calibration_overlaps_eval"] == expected["calibration_overlaps_eval"]
+        assert r["calibration_seconds"] > 0
+    assert not any(k.startswith("calibration") for r in records if r["scheme"] == rtn.label for k in r)
+    rebuilt = QuickSensitivity.from_records(records)
+    assert rebuilt.calibration == {k: v for k, v in calibrated[0].items() if k.startswith("calibration")}
+    assert not any(k.startswith("calibration") for r in rebuilt.records for k in r)
+    restored = recorded.restore(store, loaded, wanted).sensitivity[gptq.label]
+    assert {r["calibration_tokens"] for r in restored} == {expected["calibration_tokens"]}
 
 
 def test_without_a_baseline_it_runs_nothing_more_and_scores_the_same(llama):

@@ -72,6 +72,8 @@ from qlab.models.loading import LoadedModel, quantizable_linears
 # tokens, runs of 128 ranked int4 blocks at Spearman 0.90/0.91 against whole windows' 0.85/0.90 (two probes),
 # int8 blocks at 0.85/0.81 either way.
 COUPLED_TOKENS = 128
+# Prefix of the keys of ``calibrate``'s record (calibration_tokens...), which a calibrated scheme's records carry.
+CALIBRATION = "calibration_"
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,14 @@ class QuickSensitivity:
         return dict(sorted(totals.items()))
 
     def to_records(self) -> list[dict]:
-        """JSON-ready records, each carrying what ``from_records`` needs to rebuild this result."""
+        """JSON-ready records, each carrying what ``from_records`` needs to rebuild this result; a calibrated
+        scheme's records also carry how it was calibrated (``calibration_tokens``...), as the sweep's rows do, so
+        a stored ranking says which tokens it was calibrated on."""
         settings = {s.label: s.to_dict() for s in self.schemes}
+        calibrated = {s.label for s in self.schemes if needs_calibration(s)}
         return [{**r, "model": self.model, "model_kind": self.kind, "metric": self.metric, "tokens": self.tokens,
-                 "scheme_settings": settings[r["scheme"]]} for r in self.records]
+                 "scheme_settings": settings[r["scheme"]], **(self.calibration if r["scheme"] in calibrated else {})}
+                for r in self.records]
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> QuickSensitivity:
@@ -131,8 +137,11 @@ class QuickSensitivity:
         schemes = tuple(QuantScheme.from_dict(s) for s in
                         {r["scheme"]: r["scheme_settings"] for r in records}.values())
         shared = ("model", "model_kind", "metric", "tokens", "scheme_settings")
-        rows = [{k: v for k, v in r.items() if k not in shared} for r in records]
-        return cls(first["model"], first["model_kind"], first["metric"], schemes, rows, int(first["tokens"]))
+        rows = [{k: v for k, v in r.items() if k not in shared and not k.startswith(CALIBRATION)} for r in records]
+        calibration = next(({k: v for k, v in r.items() if k.startswith(CALIBRATION)} for r in records
+                            if any(k.startswith(CALIBRATION) for k in r)), {})
+        return cls(first["model"], first["model_kind"], first["metric"], schemes, rows, int(first["tokens"]),
+                   calibration=calibration)
 
     def _label(self, scheme: QuantScheme | str) -> str:
         label = scheme.label if isinstance(scheme, QuantScheme) else scheme
