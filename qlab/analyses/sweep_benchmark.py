@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -13,6 +11,7 @@ import transformers
 
 from qlab import __version__
 from qlab.analyses.sweep import peak_rss_bytes, run_sweep
+from qlab.core.peak_rss import PeakRss, high_water_mark
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
 from qlab.models.loading import RUNTIME_BYTES, SWEEP_MEMORY_FACTOR, load, model_sha256
@@ -99,15 +98,16 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **plac
 
 class PeakMemory:
     """Peak memory between ``reset`` and ``read``: allocated bytes on the model's GPUs, or on the CPU the
-    process's peak RSS (Linux VmHWM, reset through /proc/self/clear_refs) above ``baseline_rss``."""
+    process's peak RSS above ``baseline_rss`` (``qlab.core.peak_rss``: Linux VmHWM, else ru_maxrss)."""
 
     def __init__(self, device: str, baseline_rss: int) -> None:
         self.gpus = [] if device == "cpu" else (list(range(torch.cuda.device_count())) if device == "auto"
                                                 else [torch.device(device).index or 0])
         self.baseline_rss = baseline_rss
         self.kind = ("torch.cuda.max_memory_allocated" if self.gpus
-                     else "peak RSS above the libraries (VmHWM)" if _status_kib("VmHWM") is not None
+                     else "peak RSS above the libraries (VmHWM)" if high_water_mark() is not None
                      else "peak RSS above the libraries (ru_maxrss, since the start)")
+        self._rss: PeakRss | None = None
 
     def synchronize(self) -> None:
         for index in self.gpus:
@@ -118,22 +118,13 @@ class PeakMemory:
         for index in self.gpus:
             torch.cuda.reset_peak_memory_stats(index)
         if not self.gpus:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS to the current RSS
+            if self._rss is not None:
+                self._rss.stop()
+            self._rss = PeakRss().start()
 
     def read(self) -> int:
         self.synchronize()
         if self.gpus:
             return sum(torch.cuda.max_memory_allocated(index) for index in self.gpus)
-        hwm = _status_kib("VmHWM")
-        return (hwm * 1024 if hwm is not None else peak_rss_bytes()) - self.baseline_rss
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+        exact = self._rss is not None and self._rss.exact
+        return (self._rss.peak() if exact else peak_rss_bytes()) - self.baseline_rss

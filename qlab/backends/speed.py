@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 from qlab.analyses import roofline
 from qlab.analyses.verdict import accuracy_loss
 from qlab.core.errors import Cancelled, QlabError
+from qlab.core.peak_rss import PeakRss
 from qlab.core.quant import QuantScheme
 from qlab.models import architectures, hardware
 from qlab.models.loading import LoadedModel
@@ -111,21 +111,20 @@ class SpeedResult:
         return record
 
 
-# RSS sampling period: each sample takes the GIL and reads /proc, so a 2 ms period stole time from the very runs
-# being timed (and from a page redrawing beside them); 20 ms still catches every allocation that lasts a step.
+# RSS sampling period where the kernel's peak cannot be reset: each sample takes the GIL and reads /proc, so a 2 ms
+# period stole time from the very runs being timed; 20 ms still catches an allocation that lasts a step.
 SAMPLE_EVERY_S = 0.02
 
 
 class PeakMemory:
-    """Peak memory while the block runs, above its level at entry: CUDA allocator stats, or sampled process RSS.
-
-    RSS is sampled every 20 ms by a thread (Linux keeps only a lifetime peak, useless for one step of many).
-    """
+    """Peak memory while the block runs, above its level at entry: CUDA allocator stats, or the process's peak
+    resident set (``qlab.core.peak_rss``: exact on Linux, else sampled every ``SAMPLE_EVERY_S``)."""
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self.peak_bytes = 0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
@@ -133,15 +132,15 @@ class PeakMemory:
             self._start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             return self
-        self._process = psutil.Process()
-        self._start = self._peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._rss = PeakRss().start()
+        if not self._rss.exact:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):
-            self._peak = max(self._peak, self._process.memory_info().rss)
+            self._rss.observe()
 
     def __exit__(self, *exc) -> None:
         if self.device == "cuda":
@@ -149,9 +148,9 @@ class PeakMemory:
             self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._start)
             return
         self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._process.memory_info().rss)
-        self.peak_bytes = max(0, self._peak - self._start)
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = self._rss.stop()
 
 
 def _check(cancel: CancelCheck | None) -> None:
