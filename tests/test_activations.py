@@ -41,3 +41,25 @@ def test_calibration_tokens_come_from_the_end_and_capture_real_inputs(smollm):
     assert start.shape == (64, 1536) and not torch.equal(start[:8], inputs[:8])
     short = activations.calibration_data(smollm, EvalSpec(tokens=256, text="a short text " * 20), 300)
     assert short.overlaps_eval
+
+
+def test_an_untied_head_is_calibrated_on_the_final_norms_output_without_its_vocabulary_matmul():
+    from qlab.models.evaluate import EvalSpec
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama(tied=False)
+    data = activations.calibration_data(loaded, EvalSpec(tokens=64), 256)
+    seen: dict[str, list[torch.Tensor]] = {}
+    head_runs = []
+    handle = loaded.model.lm_head.register_forward_hook(lambda *_: head_runs.append(1))
+    try:
+        for names in (["model.layers.0.mlp.down_proj"], ["model.layers.0.mlp.down_proj", "lm_head"]):
+            activations.run_with_input_hooks(loaded, data, names,
+                                             lambda name, x, _: seen.setdefault(name, []).append(x.clone()))
+    finally:
+        handle.remove()
+    assert not head_runs  # the decoder alone, then the head's input taken and its logits skipped
+    final = torch.cat([loaded.model.model(**batch).last_hidden_state[0] for batch in data.batches])
+    assert torch.equal(torch.cat(seen["lm_head"]), final) and final.shape == (256, 64)
+    down = seen["model.layers.0.mlp.down_proj"]
+    assert len(down) == 2 * len(data.batches) and torch.equal(down[0], down[len(data.batches)])

@@ -36,13 +36,13 @@ class ByteTokenizer:
         return _Encoding(input_ids=input_ids, attention_mask=mask, token_type_ids=torch.zeros_like(mask))
 
 
-def tiny_llama(layers: int = 3, seed: int = 0) -> LoadedModel:
+def tiny_llama(layers: int = 3, seed: int = 0, tied: bool = True) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=tied)
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
     return LoadedModel(ModelSource("tiny-llama", "causal-lm", "."), model, ByteTokenizer())
 

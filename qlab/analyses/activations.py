@@ -94,6 +94,7 @@ def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequ
         raise QlabError(f"the model has no module '{missing[0]}'; pick a layer from the Model page's table.")
     mask: list[torch.Tensor | None] = [None]
     previous: list = [None, None]  # the last hooked input tensor and its layer's name
+    forward, head = _calibrated_forward(loaded, [modules[name] for name in names])
 
     def make(name: str):
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:
@@ -104,11 +105,11 @@ def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequ
             if mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
                 x = x[mask[0]]
             hook(name, x.reshape(-1, x.shape[-1]), shared_with)
+            if module is head:  # its input is all a pass needs of it: skip the vocabulary-wide matmul
+                raise _Captured
         return pre_hook
 
     handles = [modules[name].register_forward_pre_hook(make(name)) for name in names]
-    # A causal LM's decoder alone: the head is not quantized and its vocabulary-wide matmul would dominate.
-    forward = loaded.model.base_model if loaded.kind == "causal-lm" else loaded.model
     try:
         for index, batch in enumerate(data.batches):
             if cancel is not None and cancel():
@@ -125,6 +126,23 @@ def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequ
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _calibrated_forward(loaded: LoadedModel, hooked: Sequence[torch.nn.Module]
+                        ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """What to run so every hooked module sees its input, and a causal LM's output head when it is hooked.
+
+    A causal LM's decoder alone when nothing hooked lies outside it: the head's vocabulary-wide matmul would
+    dominate. An untied head is quantized like any linear, so it is calibrated like one: then the whole model runs
+    and the head's hook ends the pass once it has the final norm's output."""
+    if loaded.kind != "causal-lm":
+        return loaded.model, None
+    decoder = loaded.model.base_model
+    inside = {id(module) for module in decoder.modules()}
+    if all(id(module) in inside for module in hooked):
+        return decoder, None
+    head = loaded.model.get_output_embeddings()
+    return loaded.model, head if any(module is head for module in hooked) else None
 
 
 class _Captured(Exception):
