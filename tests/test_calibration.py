@@ -1,0 +1,61 @@
+"""Calibration statistics collected by running a model: each linear's Hessian and mean |x| per input channel."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlab.analyses import calibration
+from qlab.analyses.activations import calibration_data
+from qlab.core.plan import quantizable_linears
+from qlab.models.evaluate import EvalSpec
+from tests.tiny_models import tiny_llama
+
+
+class _NewSquareTensors(TorchDispatchMode):
+    """Records every op that makes a new square (Hessian-shaped) tensor instead of writing into its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == out.shape[1] > 1 \
+                and not name.endswith("_"):
+            self.made.append(name)
+        return out
+
+
+def test_hessians_are_scaled_in_place_to_the_same_values(monkeypatch):
+    """The averaged statistics are the sums scaled where they lie: no second Hessian-sized tensor at the end
+    (twice the memory on a 1B model), and the values of 2 X^T X / n to the bit."""
+    loaded = tiny_llama(tied=False)
+    data = calibration_data(loaded, EvalSpec(tokens=64), 256)
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    inputs: dict[str, list[torch.Tensor]] = {}
+    recorder = _NewSquareTensors()
+    real = calibration.run_with_input_hooks
+
+    def run_then_watch(loaded, data, names, hook, progress=None, cancel=None):
+        def keep(name, x, shared_with):
+            if shared_with is None:
+                inputs.setdefault(name, []).append(x.clone())
+            hook(name, x, shared_with)
+        real(loaded, data, names, keep, progress, cancel)
+        recorder.__enter__()  # from here on the sums are only averaged
+
+    monkeypatch.setattr(calibration, "run_with_input_hooks", run_then_watch)
+    try:
+        stats = calibration.collect_layer_stats(loaded, data, names)
+    finally:
+        recorder.__exit__(None, None, None)
+    assert recorder.made == []
+    assert set(stats) == set(names) and "lm_head" in inputs
+    for name, batches in inputs.items():
+        total = torch.zeros(batches[0].shape[1], batches[0].shape[1])
+        for x in batches:
+            total.addmm_(x.T, x)
+        count = sum(x.shape[0] for x in batches)
+        assert count == 256
+        assert torch.equal(stats[name].hessian, 2 * total / count), name
+        assert torch.equal(stats[name].input_abs_mean, sum(x.abs().sum(dim=0) for x in batches) / count), name
