@@ -1,12 +1,15 @@
 import pytest
 import torch
 
+from qlab.analyses import streamed, sweep
+from qlab.analyses.calibration import calibration_stats
 from qlab.analyses.sweep import parse_formats, run_sweep
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.plan import quantized_copy, size_report
 from qlab.core.quant import QuantScheme, quantize
-from qlab.models.evaluate import EvalSpec, compute_baseline
+from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
 from qlab.models.loading import quantizable_linears, weights_digest
+from tests.tiny_models import tiny_llama
 
 LADDER = ["fp32", "fp16", "int8", "int4", "int3", "int2"]
 
@@ -103,3 +106,34 @@ def test_per_layer_plan_quantizes_only_the_named_layers(minilm):
     assert report.other_bytes == 2 * (minilm.num_params - report.quantized_params)  # fp16 for the rest
     with pytest.raises(QlabError, match="not quantizable"):
         size_report(minilm.model, {"no.such.layer": QuantScheme("int8")})
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_an_untied_head_is_calibrated_and_rounded_by_the_algorithm_streamed_or_copied(monkeypatch, algorithm):
+    loaded = tiny_llama(tied=False)
+    spec = EvalSpec(tokens=128)
+    baseline = compute_baseline(loaded, spec)
+    scheme = QuantScheme("int4", "group", 32, algorithm=algorithm)
+    [layered] = run_sweep(loaded, [scheme], spec, baseline)
+    stats, _ = calibration_stats(loaded, spec)
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    assert names[-1] == "lm_head"
+    head_to_nearest = {**dict.fromkeys(names, scheme), "lm_head": QuantScheme("int4", "group", 32)}
+    monkeypatch.setattr(streamed, "STREAMED_STACKS", ())
+    [copied] = run_sweep(loaded, [scheme], spec, baseline)
+    assert [layered.extra["evaluation"], copied.extra["evaluation"]] == ["streamed", "shadow copy"]
+    # AWQ's shadow scales the input by 1 / s, the streamed block folds it into the weight: float32 rounding apart.
+    assert layered.metrics == pytest.approx(copied.metrics, rel=1e-6 if algorithm == "gptq" else 1e-3)
+    assert layered.extra["calibration_tokens"] == 4096
+    plain_head = evaluate(quantized_copy(loaded.model, head_to_nearest, stats), baseline)
+    assert plain_head["kld_mean"] != pytest.approx(copied.metrics["kld_mean"], rel=1e-3)
+
+
+def test_a_text_too_short_to_calibrate_on_is_refused_before_any_work(monkeypatch):
+    loaded = tiny_llama(tied=False)
+    monkeypatch.setattr(sweep, "compute_baseline", lambda *a, **k: pytest.fail("work started"))
+    short = EvalSpec(tokens=64, text=default_text()[:100])  # 100 byte tokens; the down projections take 128
+    with pytest.raises(QlabError, match="100 tokens, fewer than the 128 inputs") as error:
+        next(run_sweep(loaded, [QuantScheme("int8"), QuantScheme("int4", "group", 32, algorithm="awq")], short))
+    assert "\n" not in str(error.value)
+    sweep.check_schemes(loaded, [QuantScheme("int4", "group", 32, algorithm="hqq")], short)  # no calibration

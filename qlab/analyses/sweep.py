@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlab.analyses.calibration import calibration_stats
+from qlab.analyses.sensitivity import check_calibration
 from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.core.algorithms import LayerStats, needs_calibration
 from qlab.core.errors import QlabError
@@ -77,7 +78,7 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     ``progress(fraction, message)`` reports overall progress; ``cancel()`` returning True stops at the next
     batch with ``Cancelled``, after every finished row has been yielded.
     """
-    check_schemes(loaded, schemes)
+    check_schemes(loaded, schemes, spec)
     units = len(schemes) + (baseline is None)
     done = 0
 
@@ -152,14 +153,17 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def check_schemes(loaded: LoadedModel, schemes: list[QuantScheme]) -> None:
-    """Every check that can fail, before any work, so a bad choice costs no time."""
+def check_schemes(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec | None = None) -> None:
+    """Every check that can fail, before any work, so a bad choice costs no time; with ``spec``, also that its
+    text is long enough to calibrate the schemes' algorithms (GPTQ, AWQ) on."""
     if not schemes:
         raise QlabError("no schemes to run; pick at least one format.")
     widths = {name: module.in_features for name, module in quantizable_linears(loaded.model)}
     for scheme in schemes:
         check_group_sizes(dict.fromkeys(widths, scheme), widths, loaded.name)
         size_report(loaded.model, scheme)  # every layer's storage: refuses 2:4 on inputs not in fours
+    if spec is not None:
+        check_calibration(loaded, schemes, spec)
 
 
 def peak_rss_bytes() -> int:

@@ -48,7 +48,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     spec = eval_spec(args)
     db = None if args.no_store else requested_path(args.db, default=True)  # checked before the model loads
     loaded = load(args.model, **load_options(args))
-    check_schemes(loaded, schemes)
+    check_schemes(loaded, schemes, spec)  # before the baseline: a text too short to calibrate on stores nothing
     records: list[dict] = []
     with progress_bar(args.quiet, "sweep") as progress:
         rows = run_sweep(loaded, schemes, spec, progress=progress)
