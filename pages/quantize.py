@@ -55,7 +55,8 @@ if spec.text is not None:  # a text shorter than the budget is said now, not aft
 
 with common.user_errors():
     schemes = common.schemes()
-    check_schemes(loaded, schemes)  # a group size that does not fit the model is said now, not after a press
+    # A group size that does not fit the model, or a text too short to calibrate on, is said now, not after a press.
+    check_schemes(loaded, schemes, spec)
 st.write("Schemes: " + ", ".join(f"`{s.label}`" for s in schemes))
 
 run_key = (loaded.name, spec, spec.text_sha256)
