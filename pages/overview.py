@@ -74,7 +74,7 @@ with common.user_errors():
     request = overview.OverviewRequest(schemes, st.session_state["hardware"], EvalSpec(st.session_state["tokens"]))
     key = (loaded.name, model_sha256(loaded), request)
     if key not in overviews():
-        check_schemes(loaded, list(schemes))  # it sizes every scheme: once per request, not on every rerun
+        check_schemes(loaded, list(schemes), request.spec)  # it sizes every scheme: once per request, not each rerun
 target = request.target
 loss = verdict.loss_measure(loaded.kind)
 

@@ -324,3 +324,20 @@ def test_a_gptq_sidebar_scheme_gets_a_gptq_quick_ranking_kept_apart_from_round_t
     assert torch.equal(grids.values, weight[row, 32 * group: 32 * group + 32])
     with pytest.raises(QlabError, match="give the text to calibrate on"):
         overview.layer_grids(llama, layer, gptq)
+
+
+def test_cli_overview_refuses_a_text_too_short_to_calibrate_on_before_any_work(tmp_path, monkeypatch, capsys):
+    from qlab.cli import main
+    from qlab.models import loading
+
+    monkeypatch.setattr(loading, "load", lambda name, **options: tiny_llama())
+    monkeypatch.setattr(recorded, "compute_baseline", lambda *a, **k: pytest.fail("work started"))
+    short = tmp_path / "short.txt"
+    short.write_text("A few words of text, far fewer tokens than a layer has inputs.")
+    db = tmp_path / "runs.sqlite"
+    code = main(["overview", "--model", "tiny", "--formats", "fp16,int4", "--group-size", "32", "--algorithm",
+                 "gptq", "--tokens", "16", "--text-file", str(short), "--no-measure", "--quiet", "--db", str(db)])
+    assert code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "inputs" in line and "rtn or hqq" in line
+    assert not db.exists() or Store(db).list_runs() == []

@@ -7,6 +7,7 @@ import math
 import sys
 
 from qlab.cli.common import (
+    add_algorithm_arguments,
     add_eval_arguments,
     add_scheme_arguments,
     db_option,
@@ -46,6 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     device_options(parser)
     add_eval_arguments(parser)
     add_scheme_arguments(parser, granularity="group")
+    add_algorithm_arguments(parser)
     quiet_option(parser)
     db_option(parser, "run database to reuse results from and store into (default: $QLAB_DB, else the user's "
                       "data directory)")
@@ -76,7 +78,7 @@ def cmd_overview(args: argparse.Namespace) -> None:
     request = overview.OverviewRequest(schemes, args.hardware, eval_spec(args), **cap)
     db = None if args.no_store else requested_path(args.db, default=True)
     loaded = load(args.model, **load_options(args))
-    check_schemes(loaded, list(schemes))
+    check_schemes(loaded, list(schemes), request.spec)
     bound = loss_measure(loaded.kind).default_bound if args.bound is None else args.bound
     store = Store(db) if db is not None else None
     pieces = recorded.restore(store, loaded, request) if store is not None else overview.Pieces()
