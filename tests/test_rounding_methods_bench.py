@@ -110,3 +110,37 @@ def test_a_timing_run_on_short_calibration_says_so_once_and_records_it(bench, ti
     assert printed.count("accuracy does not") == 1
     model = json.loads(out.read_text())["models"][0]
     assert "fewer than the 128 inputs" in model["calibration_note"] and len(model["rows"]) == 1
+
+
+@pytest.mark.slow  # builds, loads and evaluates the model
+def test_a_two_four_row_has_its_own_label_and_stores_its_metadata(bench, tied_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    out = tmp_path / "sparsity.json"
+    assert bench.main(["--models", tied_llama, "--formats", "int4", "--algorithms", "rtn", "--sparsity",
+                       "none,2:4,2:4-sparsegpt", "--group-size", "64", "--tokens", "32", "--json", str(out)]) == 0
+    [model] = json.loads(out.read_text())["models"]
+    [refused] = model["left_out"]  # SparseGPT rounds with GPTQ only
+    assert refused.startswith("int4 rtn 2:4-sparsegpt: ") and "gptq" in refused
+    dense, sparse = model["rows"]
+    assert (dense["label"], sparse["label"]) == ("int4 g64 asym", "int4 g64 asym 2:4")
+    assert dense["metadata_bytes"] == 0 and sparse["kld_mean"] > dense["kld_mean"]
+
+    # Counted apart from qlab: every linear of the checkpoint (the tied head is the embedding, left as it is)
+    # keeps 2 int4 codes of 4 plus torch's own CUTLASS metadata for them (4 bits per group of 4), and one fp16
+    # scale and one 4-bit zero-point per 64 inputs of a row, as the dense row stores.
+    weights = [w for name, w in load_file(str(Path(tied_llama) / "model.safetensors")).items()
+               if name.endswith("_proj.weight")]
+    values = sum(w.numel() for w in weights)
+    metadata = 0
+    for w in weights:
+        kept = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float16).repeat(w.shape[0], w.shape[1] // 4)
+        _, meta = sparse_semi_structured_from_dense_cutlass(kept)
+        metadata += meta.numel() * meta.element_size()
+    scales = values // 64 * (2 + 0.5)
+    assert sparse["metadata_bytes"] == metadata == values // 8
+    assert sparse["quantized_bytes"] == values // 2 // 2 + metadata + scales
+    assert dense["quantized_bytes"] == values // 2 + scales
+    assert sparse["bits_per_weight"] == pytest.approx(8 * sparse["quantized_bytes"] / values, abs=1e-6) == 3.3125
