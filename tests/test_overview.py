@@ -341,3 +341,25 @@ def test_cli_overview_refuses_a_text_too_short_to_calibrate_on_before_any_work(t
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "inputs" in line and "rtn or hqq" in line
     assert not db.exists() or Store(db).list_runs() == []
+
+
+def test_rounding_estimates_reproduce_the_measured_1b_times_at_the_machine_rate_they_were_fitted_at(monkeypatch):
+    import json
+    import types
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parent.parent
+    fields = json.loads((root / "assets" / "model_configs" / "llama-3.2-1b.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    loaded = types.SimpleNamespace(model=model)
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda: 268e9)  # this machine's probe when they were timed
+    measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
+        (root / "bench" / "results" / "rounding_methods_1b_cpu.json").read_text())["models"][0]["rows"]}
+    for algorithm in ("gptq", "gptq-act-order", "awq", "hqq"):
+        scheme = QuantScheme("int4", "group", 128, symmetric=False, algorithm=algorithm)
+        estimate = overview.rounding_seconds(loaded, scheme)
+        assert 0.75 < estimate / measured[scheme.label] < 1.35, (scheme.label, estimate, measured[scheme.label])
+    assert overview.rounding_seconds(loaded, QuantScheme("int4", "group", 128)) < 30  # round to nearest: seconds

@@ -22,7 +22,7 @@ import torch
 from qlab.analyses import layer_rounding, memory, roofline, verdict
 from qlab.analyses.activations import CALIBRATION_TOKENS
 from qlab.analyses.sweep import check_schemes, run_sweep
-from qlab.core.algorithms import needs_calibration
+from qlab.core.algorithms import awq, needs_calibration
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.quant import QuantScheme, block_of, grid_values
 from qlab.models import architectures, hardware
@@ -50,7 +50,14 @@ EVAL_OVERHEAD = 3.0
 EVAL_FIXED_S = 1.0
 BASELINE_EVALS = {"causal-lm": 2.5, "embedding": 1.3}
 ROUNDING_S_PER_WEIGHT = 1e-8
-GPTQ_EVALS = 3.0  # calibration pass plus the column-by-column solve, in evaluations
+# The other algorithms, fitted to the random 1B Llama at int4 g128 on the quiet 2-core CPU
+# (bench/results/rounding_methods_1b_cpu.json) against this machine's probe rate: GPTQ's column-by-column solve
+# (2 out in^2 FLOPs a linear, on one thread in narrow blocks) ran at about a tenth of the probe's rate; AWQ scores
+# GRID_POINTS candidate scales a linear, each as tr(dW H dW^T) (the same FLOPs), at about 0.7 of it; HQQ's twenty
+# element-wise steps took about 0.7 us per weight.
+GPTQ_RATE = 0.1
+AWQ_RATE = 0.7
+HQQ_S_PER_WEIGHT = 7e-7
 # The quick sensitivity (no baseline): one forward and one backward pass (3 evaluations), plus rounding every linear for each
 # scaled scheme and its output error on every batch: MiniLM took 10 s for two schemes at 64 and at 512 tokens
 # alike (the same busy machine), about 0.4 us per weight and scheme; since it dropped its baseline forward and
@@ -154,6 +161,18 @@ def evaluation_seconds(loaded: LoadedModel, tokens: int) -> float:
     return matmul_seconds(loaded, tokens) + EVAL_FIXED_S
 
 
+def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
+    """About how long rounding every linear of the model by ``scheme``'s algorithm takes here."""
+    linears = [module for _, module in quantizable_linears(loaded.model)]
+    solve_flops = sum(2.0 * m.out_features * m.in_features**2 for m in linears)
+    if scheme.algorithm in ("gptq", "gptq-act-order") or scheme.sparsity == "2:4-sparsegpt":
+        return solve_flops / (GPTQ_RATE * matmul_flops_per_s())
+    if scheme.algorithm == "awq":
+        return awq.GRID_POINTS * solve_flops / (AWQ_RATE * matmul_flops_per_s())
+    per_weight = HQQ_S_PER_WEIGHT if scheme.algorithm == "hqq" else ROUNDING_S_PER_WEIGHT
+    return per_weight * sum(m.weight.numel() for m in linears)
+
+
 def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
                      baseline_ready: bool = False) -> float:
     """About how long ``piece`` takes for ``schemes`` (``measured``: ``qlab.backends.format_speed``)."""
@@ -162,18 +181,17 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
     evaluation = evaluation_seconds(loaded, request.spec.tokens)
     baseline = 0.0 if baseline_ready else BASELINE_EVALS.get(loaded.kind, 2.0) * evaluation
     weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
+    # GPTQ and AWQ add one forward pass over the calibration tokens (no backward, no head) for all schemes.
+    calibration = (matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S
+                   if any(needs_calibration(s) for s in schemes) else 0.0)
     if piece == "sweep":
-        gptq = [s for s in schemes if s.algorithm == "gptq"]
-        return (baseline + len(schemes) * evaluation + ROUNDING_S_PER_WEIGHT * weights * len(schemes)
-                + GPTQ_EVALS * evaluation * len(gptq) + (evaluation if gptq else 0.0))
+        return (baseline + len(schemes) * evaluation + calibration
+                + sum(rounding_seconds(loaded, s) for s in schemes))
     if piece == "sensitivity":
         scaled = sum(1 for s in schemes if s.fmt.scaled)
-        calibrated = sum(1 for s in schemes if needs_calibration(s))
-        # GPTQ and AWQ add a forward pass over the calibration tokens (no backward, no head) and their rounding,
-        # counted as the sweep counts it.
-        calibration = matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S if calibrated else 0.0
+        beyond_nearest = [s for s in schemes if s.algorithm != "rtn" or s.sparsity != "none"]
         return (QUICK_PASS_EVALS * evaluation + QUICK_S_PER_WEIGHT * weights * scaled  # needs no baseline
-                + calibration + GPTQ_EVALS * evaluation * calibrated)
+                + calibration + sum(rounding_seconds(loaded, s) for s in beyond_nearest))
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
 
