@@ -7,6 +7,7 @@ import streamlit as st
 
 from pages import common
 from qlab import charts
+from qlab.analyses.overview import ANNOUNCE_AFTER_S, sweep_seconds
 from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.errors import QlabError
 from qlab.models.evaluate import DEFAULT_TEXT_NAME, LM_WINDOW, Baseline, EvalSpec, Progress, decode_text
@@ -70,6 +71,10 @@ if run_key not in results:  # a new session or a shared link: show what the run 
 finished = results[run_key]
 
 todo = [s for s in schemes if s not in finished]
+if todo and (seconds := sweep_seconds(loaded, todo, spec)) > ANNOUNCE_AFTER_S:
+    st.caption(f"Measuring {common.count([s.label for s in todo], 'scheme')} takes about "
+               + (f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s")
+               + " here (the reference outputs, any calibration pass, then each scheme's rounding and evaluation).")
 
 
 def baseline() -> Baseline:

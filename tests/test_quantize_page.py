@@ -26,3 +26,25 @@ def test_a_text_too_short_to_calibrate_on_is_one_error_and_no_run():
     at.run()
     assert not at.error and "run_sweep" in [button.key for button in at.button]
     assert len(Store().list_runs()) == stored
+
+
+def test_a_long_sweep_is_announced_with_its_estimate_before_run(monkeypatch):
+    from qlab.analyses import overview
+
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda: 268e9)  # a fixed machine: the estimate is stable
+    at = AppTest.from_file("../app.py", default_timeout=300)
+    at.session_state["model_choice"] = "smollm2-135m"
+    at.switch_page("pages/model.py").run()
+    at.session_state["formats"] = ["int4"]
+    at.session_state["algorithm"] = "hqq"  # about 0.7 us a weight: over a minute for SmolLM2's 106 M
+    at.switch_page("pages/quantize.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    [announced] = [c.value for c in at.caption if "takes about" in c.value]
+    assert announced.startswith("Measuring 1 scheme takes about") and " s here" in announced
+    seconds = int(announced.split("takes about ")[1].split(" s")[0])
+    assert 60 < seconds < 120
+    at.session_state["algorithm"] = "rtn"
+    at.session_state["model_choice"] = "minilm-l6"
+    at.switch_page("pages/model.py").run()
+    at.switch_page("pages/quantize.py").run()
+    assert not [c.value for c in at.caption if "takes about" in c.value]  # a few seconds: nothing to announce

@@ -173,25 +173,35 @@ def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
     return per_weight * sum(m.weight.numel() for m in linears)
 
 
+def sweep_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
+                  baseline_ready: bool = False) -> float:
+    """About how long a sweep of ``schemes`` takes here: the baseline (unless ready), one calibration pass if an
+    algorithm needs it, and per scheme its rounding and one evaluation."""
+    evaluation = evaluation_seconds(loaded, spec.tokens)
+    baseline = 0.0 if baseline_ready else BASELINE_EVALS.get(loaded.kind, 2.0) * evaluation
+    calibration = (matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S
+                   if any(needs_calibration(s) for s in schemes) else 0.0)
+    return (baseline + calibration
+            + sum(evaluation + rounding_seconds(loaded, s) for s in schemes))
+
+
 def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
                      baseline_ready: bool = False) -> float:
     """About how long ``piece`` takes for ``schemes`` (``measured``: ``qlab.backends.format_speed``)."""
     if not schemes or piece in ("memory", "predicted"):
         return 0.0
-    evaluation = evaluation_seconds(loaded, request.spec.tokens)
-    baseline = 0.0 if baseline_ready else BASELINE_EVALS.get(loaded.kind, 2.0) * evaluation
-    weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
-    # GPTQ and AWQ add one forward pass over the calibration tokens (no backward, no head) for all schemes.
-    calibration = (matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S
-                   if any(needs_calibration(s) for s in schemes) else 0.0)
     if piece == "sweep":
-        return (baseline + len(schemes) * evaluation + calibration
-                + sum(rounding_seconds(loaded, s) for s in schemes))
+        return sweep_seconds(loaded, schemes, request.spec, baseline_ready)
     if piece == "sensitivity":
+        weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
         scaled = sum(1 for s in schemes if s.fmt.scaled)
         beyond_nearest = [s for s in schemes if s.algorithm != "rtn" or s.sparsity != "none"]
-        return (QUICK_PASS_EVALS * evaluation + QUICK_S_PER_WEIGHT * weights * scaled  # needs no baseline
-                + calibration + sum(rounding_seconds(loaded, s) for s in beyond_nearest))
+        # GPTQ and AWQ add one forward pass over the calibration tokens (no backward, no head) for all schemes.
+        calibration = (matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S
+                       if any(needs_calibration(s) for s in schemes) else 0.0)
+        return (QUICK_PASS_EVALS * evaluation_seconds(loaded, request.spec.tokens)  # needs no baseline
+                + QUICK_S_PER_WEIGHT * weights * scaled + calibration
+                + sum(rounding_seconds(loaded, s) for s in beyond_nearest))
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
 
