@@ -40,24 +40,6 @@ GB = 1e9
 POLL_S = 1.0
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes; None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5": the peak RSS (VmHWM) restarts at the current RSS
-    except OSError:
-        pass
-
-
 class Watchdog:
     """Samples free RAM and this process's RSS; past a limit it writes the result so far and ends the process,
     before the machine (shared, 24 GiB) runs out."""
@@ -84,7 +66,7 @@ class Watchdog:
 
         while not self._stop.wait(0.2):
             free = psutil.virtual_memory().available
-            rss = _status_bytes("VmRSS") or 0
+            rss = psutil.Process().memory_info().rss
             self.lowest_free = min(self.lowest_free, free)
             if free < self.min_free or rss > self.max_rss:
                 self.result["aborted"] = (f"stopped by the watchdog: {free / GB:.2f} GB free (floor "
@@ -154,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     import qlab.analyses.sweep  # noqa: F401
     import qlab.store  # noqa: F401
     from qlab import __version__
+    from qlab.core.peak_rss import PeakRss
     from qlab.models import checkpoint, hardware, loading
     from qlab.store.overview import OverviewJob
 
@@ -166,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
                           "streamlit": streamlit.__version__, "python": platform.python_version()}
     result["torch_threads"] = torch.get_num_threads()
     result["cpu"] = hardware.detect_this_machine().host.cpu_model
-    baseline_rss = _status_bytes("VmRSS") or psutil.Process().memory_info().rss
+    baseline_rss = psutil.Process().memory_info().rss
     result["libraries_rss_bytes"] = baseline_rss
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
 
@@ -176,14 +159,14 @@ def run(args: argparse.Namespace) -> dict:
         """Run one user action, timed and measured; the JSON is rewritten after it."""
         free_before = psutil.virtual_memory().available
         load_before = os.getloadavg()[0]
-        _reset_peak()
+        stretch = PeakRss().start()
         started = time.perf_counter()
         try:
             detail = action() or {}
         except Exception as error:  # the page did not offer what a user would click next: said in the JSON
             detail = {"bench_error": f"{type(error).__name__}: {error}"[:500]}
         seconds = time.perf_counter() - started
-        peak = _status_bytes("VmHWM") or psutil.Process().memory_info().rss
+        peak = stretch.start_bytes + stretch.stop()  # the kernel's peak: exact, however short
         record = {"step": name, "seconds": round(seconds, 2), "peak_rss_bytes": peak,
                   "peak_rss_over_libraries_bytes": peak - baseline_rss, "free_ram_before_bytes": free_before,
                   "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2),
