@@ -179,10 +179,13 @@ def sweep_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: Eva
     algorithm needs it, and per scheme its rounding and one evaluation."""
     evaluation = evaluation_seconds(loaded, spec.tokens)
     baseline = 0.0 if baseline_ready else BASELINE_EVALS.get(loaded.kind, 2.0) * evaluation
-    calibration = (matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S
-                   if any(needs_calibration(s) for s in schemes) else 0.0)
-    return (baseline + calibration
+    return (baseline + calibration_seconds(loaded, schemes)
             + sum(evaluation + rounding_seconds(loaded, s) for s in schemes))
+
+
+def calibration_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme]) -> float:
+    """The one forward pass over the calibration tokens (no backward, no head) GPTQ and AWQ share, or 0."""
+    return matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S if needs_calibration(schemes) else 0.0
 
 
 def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],
@@ -196,11 +199,8 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
         weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
         scaled = sum(1 for s in schemes if s.fmt.scaled)
         beyond_nearest = [s for s in schemes if s.algorithm != "rtn" or s.sparsity != "none"]
-        # GPTQ and AWQ add one forward pass over the calibration tokens (no backward, no head) for all schemes.
-        calibration = (matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S
-                       if any(needs_calibration(s) for s in schemes) else 0.0)
         return (QUICK_PASS_EVALS * evaluation_seconds(loaded, request.spec.tokens)  # needs no baseline
-                + QUICK_S_PER_WEIGHT * weights * scaled + calibration
+                + QUICK_S_PER_WEIGHT * weights * scaled + calibration_seconds(loaded, schemes)
                 + sum(rounding_seconds(loaded, s) for s in beyond_nearest))
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
