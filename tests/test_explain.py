@@ -1,5 +1,5 @@
 """Teaching views against independent references: struct's IEEE encodings, the IEEE decoding formula applied
-to the bit strings, bit-pattern counts, and the seeds' worked examples to the last digit."""
+to the bit strings, bit-pattern counts, and the common worked examples to the last digit."""
 
 import math
 import struct

@@ -389,9 +389,9 @@ def context_curve(memory_plan: MemoryPlan, contexts: Sequence[int]) -> list[dict
 
 
 def seed_facts(group_size: int = 128) -> list[dict]:
-    """The seeds' memory figures recomputed from the format registry, with the scales they leave out shown.
+    """The commonly quoted memory figures recomputed from the format registry, with the scales they leave out shown.
 
-    ``codes_bytes`` is the seed's own arithmetic (params x bits / 8); ``scales_bytes`` adds a 16-bit scale per
+    ``codes_bytes`` is the quoted figures' own arithmetic (params x bits / 8); ``scales_bytes`` adds a 16-bit scale per
     ``group_size`` weights; ``real_model_bytes`` is the catalog architecture with embeddings and head at fp16.
     """
     records = json.loads(SEED_FACTS_PATH.read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""torch itself: the FP32 and BF16 references, and torch.ao dynamic INT8 (the seeds' "PyTorch quantization")."""
+"""torch itself: the FP32 and BF16 references, and torch.ao dynamic INT8 (the common claims' "PyTorch quantization")."""
 
 from __future__ import annotations
 

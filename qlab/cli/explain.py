@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     affine = views.add_parser("affine", help="the affine mapping step by step, with storage bytes")
     affine.add_argument("--values", default="-2.45,1.32,0.67,-0.89", help="comma-separated; use --values=-1,2")
     affine.add_argument("--format", default="int8")
-    affine.add_argument("--scale", type=float, default=None, help="typed scale (the seed's example: 0.019)")
+    affine.add_argument("--scale", type=float, default=None, help="typed scale (a common worked example: 0.019)")
     affine.add_argument("--zero-point", type=int, default=None)
     affine.add_argument("--asymmetric", action="store_true")
     affine.add_argument("--calibration", default="minmax", help="minmax | percentile | mse")
@@ -113,7 +113,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     json_option(speed, "print JSON")
     speed.set_defaults(func=cmd_speed)
 
-    claims = views.add_parser("claims", help="the seeds' INT8/INT4/FP16 claims next to a sweep and the "
+    claims = views.add_parser("claims", help="the common INT8/INT4/FP16 claims next to a sweep and the "
                                              "micro-benchmark")
     claims.add_argument("--model", default="smollm2-135m")
     claims.add_argument("--tokens", type=int, default=512)
