@@ -1,6 +1,7 @@
 """Shared fixtures: bundled models load once per test session (they are read-only everywhere)."""
 
 import os
+import sys
 import tempfile
 
 import pytest
@@ -15,6 +16,17 @@ os.environ.setdefault("QLAB_DB", os.path.join(tempfile.mkdtemp(prefix="qlab-test
 def _private_run_db(tmp_path_factory):
     """Runs stored during tests (dashboard, CLI, browser) go to a throwaway database, never the user's."""
     os.environ["QLAB_DB"] = str(tmp_path_factory.mktemp("runs") / "runs.sqlite")
+
+
+@pytest.fixture(autouse=True)
+def _no_overview_job_outlives_its_test():
+    """An AppTest that lands on the Overview starts its background job (sweep, sensitivity, speed runs); left
+    running, it competed with every later test for the cores and moved the process's memory under the peak-memory
+    tests. Stopped here, as interpreter exit stops it."""
+    yield
+    overview = sys.modules.get("qlab.store.overview")  # nothing to stop if no test imported it
+    if overview is not None:
+        overview.stop_live_jobs()
 
 
 @pytest.fixture(scope="session")

@@ -455,9 +455,10 @@ _live_jobs: weakref.WeakSet[OverviewJob] = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_live_jobs() -> None:
-    """Cancel the workers still running when the interpreter exits and wait for them: a daemon thread caught
-    inside a torch kernel while Python finalizes aborts the whole process (std::terminate), exit status lost."""
+def stop_live_jobs() -> None:
+    """Cancel the workers still running and wait for them. At interpreter exit: a daemon thread caught inside a
+    torch kernel while Python finalizes aborts the whole process (std::terminate), exit status lost. After each
+    test: a page test's job would otherwise go on measuring beside the tests that follow."""
     jobs = [job for job in list(_live_jobs) if job.alive]
     for job in jobs:
         job.cancel(by_user=False)
