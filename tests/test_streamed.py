@@ -7,9 +7,9 @@ from qlab.analyses import streamed
 from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.analyses.sweep import run_sweep
 from qlab.core import quant
-from qlab.core.errors import Cancelled
+from qlab.core.errors import Cancelled, QlabError
 from qlab.core.plan import quantizable_linears, quantized_copy
-from qlab.core.quant import QuantScheme
+from qlab.core.quant import QuantScheme, quantize
 from qlab.models import evaluate as evaluation
 from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
 from qlab.models.loading import load, weights_digest
@@ -144,3 +144,41 @@ def test_streams_on_the_gpu_in_bf16(bf16_llama_dir):
     for scheme in (QuantScheme("int8"), QuantScheme("int4", "group", 32)):
         assert_same_metrics(loaded, baseline, scheme)
     assert weights_digest(loaded.model) == before
+
+
+def test_untrusted_weights_are_evaluated_again_checked(monkeypatch):
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    scheme = QuantScheme("int4", "group", 32)
+    expected = evaluate(quantized_copy(loaded.model, scheme), baseline)
+    unchecked = streamed.dequantized_weights_unchecked
+    calls = []
+
+    def every_block_untrusted(layers, dtype):
+        calls.append(len(layers))
+        values, _ = unchecked(layers, dtype)
+        return [torch.full_like(v, float("nan")) for v in values], torch.tensor(True)
+
+    monkeypatch.setattr(streamed, "dequantized_weights_unchecked", every_block_untrusted)
+    timings = {}
+    got = evaluate_streamed(loaded, scheme, baseline, timings=timings)
+    assert calls and len(calls) == len(streamable_stack(loaded.model).linears)  # one unchecked pass, then checked
+    assert got == pytest.approx(expected, rel=1e-6) and timings["quantize_s"] > 0
+
+
+def test_a_weight_quantize_refuses_is_refused_in_the_streamed_sweep_too():
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    weight = loaded.model.model.layers[1].mlp.down_proj.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("inf")
+    try:
+        with pytest.raises(QlabError) as streamed_error:
+            evaluate_streamed(loaded, QuantScheme("int8"), baseline)
+        with pytest.raises(QlabError) as quantize_error:
+            quantize(weight, QuantScheme("int8"))
+        assert str(streamed_error.value) == str(quantize_error.value)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.analyses.sensitivity import BlockStack, block_stack
-from qlab.core.algorithms import dequantized_weights
+from qlab.core.algorithms import dequantized_weights, dequantized_weights_unchecked
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, get_format
 from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format
@@ -124,31 +124,52 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
     return kwargs.pop("hidden_states"), (), kwargs
 
 
+# Other tensors of up to this many values (norms, biases) are copied at the plan's format without asking whether
+# that changed them: the answer would wait for the device, and the wait would keep a GPU from running one block
+# while the next block's weights are rounded.
+COPIED_UNCHECKED_VALUES = 1 << 20
+
+
 def _rounded(param: torch.nn.Parameter, rest: Format) -> torch.nn.Parameter:
     """A tensor the plan leaves unquantized, stored at the plan's format for everything else (as
-    ``quantized_copy`` stores it); the tensor itself when that changes no value, so nothing is copied."""
+    ``quantized_copy`` stores it); a large one is the tensor itself when that changes no value, so nothing large
+    is copied."""
     if rest.bits >= 32:
         return param
     rounded = rest.round(param.detach()).to(param.dtype)
-    if torch.equal(rounded, param):
+    if param.numel() > COPIED_UNCHECKED_VALUES and torch.equal(rounded, param):
         return param
     return torch.nn.Parameter(rounded, requires_grad=False)
 
 
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], device: torch.device) -> Iterator[None]:
-    """Add the time spent inside to ``timings["quantize_s"]``; on a GPU synchronised before and after, so work
-    queued earlier is not counted and the work inside is."""
-    _synchronize(device)
-    started = time.perf_counter()
-    yield
-    _synchronize(device)
-    timings["quantize_s"] = timings.get("quantize_s", 0.0) + time.perf_counter() - started
+class _Clock:
+    """The time spent applying the plan. On a GPU: the device's time between events recorded around that work,
+    read once at the end, so that timing never makes the host wait (then the GPU runs one block while the host
+    queues the rounding of the next); elsewhere wall time."""
 
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    @contextlib.contextmanager
+    def timing(self, device: torch.device) -> Iterator[None]:
+        if device.type != "cuda":
+            started = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(torch.cuda.current_stream(device))
+        yield
+        end.record(torch.cuda.current_stream(device))
+        self.events.append((start, end))
+
+    def total(self) -> float:
+        for start, end in self.events:
+            end.synchronize()
+            self.seconds += start.elapsed_time(end) / 1000
+        self.events.clear()
+        return self.seconds
 
 
 def _hessian(hessians: Mapping | None, name: str):
@@ -198,9 +219,11 @@ def _capture(outer: torch.nn.Module, stack: BlockStack, baseline: Baseline, canc
 
 
 def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantScheme], rest: Format,
-           dtype: torch.dtype, hessians: Mapping | None) -> torch.nn.Module:
+           dtype: torch.dtype, hessians: Mapping | None, checked: bool
+           ) -> tuple[torch.nn.Module, torch.Tensor | None]:
     """A runnable copy of one block with the plan applied: its linears' weights materialised in ``dtype``, its
-    other tensors at the plan's format; the base block is only read."""
+    other tensors at the plan's format; the base block is only read. Unless ``checked``, the weights are not
+    waited for: the flag that comes back says (on the device) whether some of them cannot be trusted."""
     base_modules = dict(block.named_modules())
     quantized = {id(base_modules[name].weight) for name in base_modules if f"{prefix}.{name}" in assignment}
     memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
@@ -209,11 +232,13 @@ def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantSchem
             memo[id(param)] = _rounded(param, rest)
     runnable = copy.deepcopy(block, memo)
     names = [name for name in base_modules if f"{prefix}.{name}" in assignment]
-    weights = dequantized_weights([(base_modules[name].weight, assignment[f"{prefix}.{name}"],
-                                    _hessian(hessians, f"{prefix}.{name}")) for name in names], dtype)
+    layers = [(base_modules[name].weight, assignment[f"{prefix}.{name}"], _hessian(hessians, f"{prefix}.{name}"))
+              for name in names]
+    weights, suspect = (dequantized_weights(layers, dtype), None) if checked else \
+        dequantized_weights_unchecked(layers, dtype)
     for name, weight in zip(names, weights, strict=True):
         runnable.set_submodule(name, ComputeLinear(weight, runnable.get_submodule(name).bias, dtype))
-    return compute_view(runnable, dtype)
+    return compute_view(runnable, dtype), suspect
 
 
 def _to(value, device: torch.device):
@@ -235,10 +260,22 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     ``evaluate(quantized_copy(loaded.model, plan, hessians), baseline)``, without the copy.
 
     ``timings``, when given, receives ``quantize_s``: the part of the time spent applying the plan (quantizing,
-    materialising, rounding the other tensors).
+    materialising, rounding the other tensors; on a GPU the device's time for it).
     """
     timings = {} if timings is None else timings
-    timings["quantize_s"] = 0.0
+    metrics, suspects = _evaluate(loaded, plan, baseline, hessians, progress, cancel, timings, checked=False)
+    if any(bool(suspect) for suspect in suspects):  # the device is idle by now: these are cheap to read
+        # Some weight's unchecked values cannot be trusted (rare): evaluate again, each block's checked as made,
+        # which gives the exact values or quantize's error.
+        metrics, _ = _evaluate(loaded, plan, baseline, hessians, progress, cancel, timings, checked=True)
+    return metrics
+
+
+def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessians: Mapping | None,
+              progress: Progress | None, cancel: CancelCheck | None, timings: dict[str, float], checked: bool
+              ) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """``evaluate_streamed``'s one pass, and (unless ``checked``) each block's flag of untrusted weights."""
+    clock = _Clock()
     model = loaded.model
     stack = streamable_stack(model)
     if stack is None:
@@ -247,7 +284,7 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     dtype = baseline.compute_dtype
     assignment = layer_schemes(model, plan)
     rest = get_format(unquantized_format(plan))
-    with _timed(timings, input_device(model)):
+    with clock.timing(input_device(model)):
         outer, untouched = _outer(model, stack, assignment, rest, dtype, hessians)
     key = ("streamed block inputs", stack.path)
     if untouched and key in baseline.cache:
@@ -260,11 +297,14 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     units = len(blocks) + 1
     hidden = list(capture.hidden)
     returns_tuple = False
+    suspects = []
     for index, block in enumerate(blocks):
         _check_cancel(cancel)
         device = next(itertools.chain(block.parameters(), block.buffers())).device
-        with _timed(timings, device):
-            runnable = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians)
+        with clock.timing(device):
+            runnable, suspect = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians, checked)
+        if suspect is not None:
+            suspects.append(suspect)
         with torch.inference_mode():
             for row, (args, kwargs) in enumerate(calls[index] for calls in capture.calls):
                 output = runnable(_to(hidden[row], device), *_to(args, device), **_to(kwargs, device))
@@ -277,4 +317,6 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
         [_Feed(hidden, returns_tuple)] + [_PassThrough(returns_tuple) for _ in range(len(blocks) - 1)]))
     tail = None if progress is None else (lambda fraction, message: progress((units - 1 + fraction) / units,
                                                                              f"head: {message}"))
-    return evaluate(outer, baseline, tail, cancel)
+    metrics = evaluate(outer, baseline, tail, cancel)
+    timings["quantize_s"] = clock.total()
+    return metrics, suspects

@@ -21,7 +21,8 @@ from qlab.core.quant import QTensor, QuantScheme, fake_quantize_unchecked, quant
 
 CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order", "awq"})
 
-__all__ = ["CALIBRATED_ALGORITHMS", "LayerStats", "dequantized_weights", "needs_calibration", "quantize_weight"]
+__all__ = ["CALIBRATED_ALGORITHMS", "LayerStats", "dequantized_weights", "dequantized_weights_unchecked",
+           "needs_calibration", "quantize_weight"]
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,32 @@ def dequantized_weights(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerS
     """Each (weight, scheme, stats) rounded by its scheme and dequantized once into ``dtype``: the values of
     ``quantize_weight(...).dequantize(dtype)``. Round to nearest takes ``fake_quantize``'s route (no codes
     kept, no device sync per weight); the checks of every weight then wait for the device once."""
-    values, suspects = [], []
+    values, suspect = dequantized_weights_unchecked(layers, dtype)
+    return values if suspect is None or not suspect.item() else _exact_weights(layers, values, dtype)
+
+
+def dequantized_weights_unchecked(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerStats | None]],
+                                  dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``dequantized_weights`` without waiting for the device: the values, and a 0-dim bool tensor (or None)
+    that is True when some of them cannot be trusted (then ``dequantized_weights`` gives the exact ones or the
+    error)."""
+    values, suspect = [], None
     for weight, scheme, stats in layers:
         if scheme.algorithm == "rtn" and scheme.sparsity == "none":
-            value, suspect = fake_quantize_unchecked(weight, scheme, dtype)
+            value, flag = fake_quantize_unchecked(weight, scheme, dtype)
+            if flag is not None:
+                suspect = flag if suspect is None else suspect | flag
         else:
-            value, suspect = quantize_weight(weight, scheme, stats).dequantize(dtype), None
+            value = quantize_weight(weight, scheme, stats).dequantize(dtype)
         values.append(value)
-        suspects.append(suspect)
-    for index, suspect in enumerate(suspects):
-        if suspect is not None and suspect.item():  # raises quantize's own error, or gives its exact values
-            weight, scheme, stats = layers[index]
-            values[index] = quantize_weight(weight, scheme, stats).dequantize(dtype)
-    return values
+    return values, suspect
+
+
+def _exact_weights(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerStats | None]],
+                   values: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``values`` with every round-to-nearest weight done again by ``quantize_weight``, which gives its exact
+    values or raises its error: what unchecked values fall back to when some cannot be trusted (rare: a weight
+    not finite, a scale its dtype cannot hold)."""
+    return [quantize_weight(weight, scheme, stats).dequantize(dtype)
+            if scheme.algorithm == "rtn" and scheme.sparsity == "none" else value
+            for (weight, scheme, stats), value in zip(layers, values, strict=True)]
