@@ -354,8 +354,8 @@ def test_rounding_estimates_reproduce_the_measured_1b_times_at_the_machine_rate_
     fields = json.loads((root / "assets" / "model_configs" / "llama-3.2-1b.json").read_text())
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    loaded = types.SimpleNamespace(model=model)
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda: 268e9)  # this machine's probe when they were timed
+    loaded = types.SimpleNamespace(model=model, device="cpu")
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 268e9)  # the probe when they were timed
     measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
         (root / "bench" / "results" / "rounding_methods_1b_cpu.json").read_text())["models"][0]["rows"]}
     for algorithm in ("gptq", "gptq-act-order", "awq", "hqq"):

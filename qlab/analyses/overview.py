@@ -50,6 +50,11 @@ EVAL_OVERHEAD = 3.0
 EVAL_FIXED_S = 1.0
 BASELINE_EVALS = {"causal-lm": 2.5, "embedding": 1.3}
 ROUNDING_S_PER_WEIGHT = 1e-8
+# On a GPU (the H200, random Llama-3.1-8B, bench/results/real_model_gpu.json run 3): rounding to nearest took
+# 0.43-0.48 s a scheme for 7.5 B weights, block copies included, so about 60 ps a weight; the quick sensitivity
+# 4.7 s for two schemes, about 3 evaluations and 0.1 ns a weight and scheme.
+GPU_ROUNDING_S_PER_WEIGHT = 6e-11
+GPU_QUICK_S_PER_WEIGHT = 1e-10
 # The other algorithms, fitted to the random 1B Llama at int4 g128 on the quiet 2-core CPU
 # (bench/results/rounding_methods_1b_cpu.json) against this machine's probe rate: GPTQ's column-by-column solve
 # (2 out in^2 FLOPs a linear, on one thread in narrow blocks) ran at about a tenth of the probe's rate; AWQ scores
@@ -132,14 +137,33 @@ class Pieces:
 
 
 @functools.lru_cache(maxsize=1)
-def matmul_flops_per_s() -> float:
-    """This process's FP32 matmul rate, from a 50 ms probe (what every estimate scales with)."""
+def matmul_flops_per_s(device: str = "cpu") -> float:
+    """This process's matmul rate where a model runs (what every estimate scales with): on a CPU FP32, from a
+    50 ms probe; on a GPU bfloat16 at a size that fills it, measured once."""
+    if device != "cpu":
+        return _gpu_matmul_flops_per_s(torch.device("cuda" if device == "auto" else device))
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     a @ b
     started, repeats = time.perf_counter(), 8
     for _ in range(repeats):
         a @ b
     return repeats * 2 * 512**3 / max(time.perf_counter() - started, 1e-6)
+
+
+@functools.cache
+def _gpu_matmul_flops_per_s(device: torch.device) -> float:
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize(device)
+    started, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ a
+    torch.cuda.synchronize(device)
+    return repeats * 2 * 4096**3 / max(time.perf_counter() - started, 1e-6)
+
+
+def _on_gpu(loaded: LoadedModel) -> bool:
+    return loaded.device != "cpu"
 
 
 def matmul_params(loaded: LoadedModel) -> int:
@@ -153,7 +177,7 @@ def matmul_params(loaded: LoadedModel) -> int:
 
 def matmul_seconds(loaded: LoadedModel, tokens: int) -> float:
     """About how long the matmuls of a forward pass over ``tokens`` tokens take here, overheads included."""
-    return EVAL_OVERHEAD * 2.0 * matmul_params(loaded) * tokens / matmul_flops_per_s()
+    return EVAL_OVERHEAD * 2.0 * matmul_params(loaded) * tokens / matmul_flops_per_s(loaded.device)
 
 
 def evaluation_seconds(loaded: LoadedModel, tokens: int) -> float:
@@ -166,10 +190,11 @@ def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
     linears = [module for _, module in quantizable_linears(loaded.model)]
     solve_flops = sum(2.0 * m.out_features * m.in_features**2 for m in linears)
     if scheme.algorithm in ("gptq", "gptq-act-order") or scheme.sparsity == "2:4-sparsegpt":
-        return solve_flops / (GPTQ_RATE * matmul_flops_per_s())
+        return solve_flops / (GPTQ_RATE * matmul_flops_per_s(loaded.device))
     if scheme.algorithm == "awq":
-        return awq.GRID_POINTS * solve_flops / (AWQ_RATE * matmul_flops_per_s())
-    per_weight = HQQ_S_PER_WEIGHT if scheme.algorithm == "hqq" else ROUNDING_S_PER_WEIGHT
+        return awq.GRID_POINTS * solve_flops / (AWQ_RATE * matmul_flops_per_s(loaded.device))
+    per_weight = (HQQ_S_PER_WEIGHT if scheme.algorithm == "hqq"
+                  else GPU_ROUNDING_S_PER_WEIGHT if _on_gpu(loaded) else ROUNDING_S_PER_WEIGHT)
     return per_weight * sum(m.weight.numel() for m in linears)
 
 
@@ -200,7 +225,8 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
         scaled = sum(1 for s in schemes if s.fmt.scaled)
         beyond_nearest = [s for s in schemes if s.algorithm != "rtn" or s.sparsity != "none"]
         return (QUICK_PASS_EVALS * evaluation_seconds(loaded, request.spec.tokens)  # needs no baseline
-                + QUICK_S_PER_WEIGHT * weights * scaled + calibration_seconds(loaded, schemes)
+                + (GPU_QUICK_S_PER_WEIGHT if _on_gpu(loaded) else QUICK_S_PER_WEIGHT) * weights * scaled
+                + calibration_seconds(loaded, schemes)
                 + sum(rounding_seconds(loaded, s) for s in beyond_nearest))
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
