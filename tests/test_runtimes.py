@@ -178,3 +178,19 @@ def test_reduced_depth_deepseek_rows_are_estimated_on_the_reduced_config():
     assert 25e9 < row["estimated_weights_bytes"] < 35e9 < full["estimated_weights_bytes"]
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides("num_hidden_layers")
+
+
+def test_reduced_depth_deepseek_measured_on_the_gpu_meets_the_goals_as_planned_now():
+    import sys
+
+    sys.path.insert(0, str(RESULTS.parent.parent))
+    from memory_gpu import estimate
+
+    rows = json.loads(RESULTS.with_name("memory_gpu_deepseek.json").read_text())["rows"]
+    assert {r["context_tokens"] for r in rows} == {2048, 8192}
+    for row in rows:
+        fresh = estimate("deepseek-v3", "bf16", row["context_tokens"], 1, "h200-sxm-141gb",
+                         overrides=row["config_overrides"])
+        measured = row["measured_peak_allocated_bytes"]
+        assert abs(fresh["estimated_peak_allocated_bytes"] / measured - 1) <= 0.03, row["context_tokens"]
+        assert abs(fresh["estimated_weights_bytes"] / row["measured_stored_weights_bytes"] - 1) <= 0.01

@@ -562,8 +562,10 @@ def _plan(arch: Architecture, name: str, spec: SchemeSpec, matrices: list[tuple[
         if runtime.name.startswith("transformers"):
             notes.append("MoE prefill: the experts' working set is modelled on transformers 5.x's default grouped_mm "
                          "experts (every routed token's input, gate_up output and down output gathered at once: "
-                         f"{arch.experts_per_token} x max(hidden + 4 x expert width, 4 x hidden) values a token), "
-                         "checked on Qwen3-30B-A3B on an H200; the looped eager experts (CPU, or "
+                         f"{arch.experts_per_token} x max(hidden + 4 x expert width, 4 x hidden) values a token, "
+                         "the last two of those hidden-sized copies in float32 where the router's weights are, as "
+                         "DeepSeek-V3's), checked on Qwen3-30B-A3B and a 4-layer DeepSeek-V3 on an H200; the looped "
+                         "eager experts (CPU, or "
                          "experts_implementation='eager') hold far less and are not modelled.")
         else:
             notes.append("MoE prefill: the experts' working set is an estimate (one MLP per routed expert), not "

@@ -52,6 +52,7 @@ class _Family:
     expert_bias: bool = False  # gpt-oss: biases on every expert projection
     router: str = "gate"
     router_bias: str = ""  # DeepSeek-V3 stores ".e_score_correction_bias" (noaux_tc routing), gpt-oss ".bias"
+    fp32_routing_weights: bool = False  # DeepSeek-V3's router scores (and so its expert weights) stay float32
     shared_expert: str = "shared_experts"
     shared_experts: int = 0  # shared experts when the config has no n_shared_experts (Llama-4: one)
     sinks: bool = False  # gpt-oss: one learned attention-sink logit per head
@@ -75,7 +76,7 @@ _FAMILIES: dict[str, _Family] = {
     "gpt_oss": _Family(bias="config", sliding="alternate", fused_experts=True, expert_bias=True, router="router",
                        router_bias=".bias", sinks=True),
     "phi3": _Family(fused=True, sliding="all"),
-    "deepseek_v3": _Family(bias="config", router_bias=".e_score_correction_bias"),
+    "deepseek_v3": _Family(bias="config", router_bias=".e_score_correction_bias", fp32_routing_weights=True),
     "bert": _Family(encoder=True),
 }
 # Configs that nest their language model in text_config, beside a vision tower whose weights stay resident.
