@@ -1,7 +1,8 @@
-"""The sensitivity analyses make every tensor on the device of the data it meets (the H200 run stopped on CPU
-tensors beside GPU ones). No GPU here, so two checks stand in: every tensor factory in those modules names its
-device, and under a default device of "meta" (where anything made without one lands) the analyses of a CPU model
-still run and give the same records. Backward hooks run outside the default-device mode, hence the first check.
+"""The sensitivity analyses and the rounding algorithms make every tensor on the device of the data it meets (the
+H200 run stopped on CPU tensors beside GPU ones). No GPU here, so two checks stand in: every tensor factory in those
+modules names its device, and under a default device of "meta" (where anything made without one lands) the analyses
+of a CPU model still run and give the same records. Backward hooks run outside the default-device mode, hence the
+first check.
 """
 
 import ast
@@ -16,16 +17,19 @@ from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec, compute_baseline, default_text
 from tests.tiny_models import tiny_bert, tiny_llama
 
-ANALYSES = Path(__file__).resolve().parents[1] / "qlab" / "analyses"
-FILES = ("sensitivity.py", "sensitivity_quick.py", "mixed.py", "calibration.py")
+QLAB = Path(__file__).resolve().parents[1] / "qlab"
+# The analyses, and what the sweep runs on a GPU model's weights and calibration inputs.
+FILES = ("analyses/sensitivity.py", "analyses/sensitivity_quick.py", "analyses/mixed.py", "analyses/calibration.py",
+         "analyses/activations.py", "core/algorithms/gptq.py", "core/algorithms/awq.py", "core/algorithms/hqq.py",
+         "core/algorithms/sparsity.py")
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "Generator", "randn", "rand",
              "randint", "randperm", "linspace", "eye"}
 # (file, function, factory) made on the CPU on purpose, each for a reason:
 CPU_ON_PURPOSE = {
-    ("sensitivity.py", "_output_curvature", "Generator"),  # the probe a seed draws is the CPU run's on any device
-    ("sensitivity.py", "_output_curvature", "randn"),  # drawn by that generator, then moved to the device
-    ("sensitivity_quick.py", "_token_inputs", "empty"),  # a baseline's (empty) reference lives on the CPU
-    ("sensitivity_quick.py", "spearman", "tensor"),  # ranks of Python floats
+    ("analyses/sensitivity.py", "_output_curvature", "Generator"),  # the probe a seed draws is the CPU run's on any device
+    ("analyses/sensitivity.py", "_output_curvature", "randn"),  # drawn by that generator, then moved to the device
+    ("analyses/sensitivity_quick.py", "_token_inputs", "empty"),  # a baseline's (empty) reference lives on the CPU
+    ("analyses/sensitivity_quick.py", "spearman", "tensor"),  # ranks of Python floats
 }
 TEXT = default_text()[:20_000]
 SCHEMES = [QuantScheme("int4", group_size=16)]
@@ -34,7 +38,7 @@ SCHEMES = [QuantScheme("int4", group_size=16)]
 def _factory_calls():
     """(file, enclosing function, factory, device keyword node or None) of every torch factory call."""
     for file in FILES:
-        tree = ast.parse((ANALYSES / file).read_text())
+        tree = ast.parse((QLAB / file).read_text())
         for function in ast.walk(tree):
             if not isinstance(function, ast.FunctionDef):
                 continue

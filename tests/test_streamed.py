@@ -182,3 +182,13 @@ def test_a_weight_quantize_refuses_is_refused_in_the_streamed_sweep_too():
     finally:
         with torch.no_grad():
             weight.copy_(original)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibrated_algorithms_sweep_on_the_gpu(bf16_llama_dir):
+    loaded = load(str(bf16_llama_dir), device="cuda")
+    spec = EvalSpec(tokens=128)
+    schemes = [QuantScheme("int4", "group", 32, algorithm=a) for a in ("gptq", "gptq-act-order", "awq", "hqq")]
+    rows = list(run_sweep(loaded, schemes, spec, compute_baseline(loaded, spec)))
+    assert [r.scheme.algorithm for r in rows] == ["gptq", "gptq-act-order", "awq", "hqq"]
+    assert all(torch.isfinite(torch.tensor(r.metrics["kld_mean"])) for r in rows)

@@ -17,7 +17,7 @@ import torch
 
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme, quantize
-from qlab.models.evaluate import LM_WINDOW, EvalSpec, _embedding_inputs, _paragraphs
+from qlab.models.evaluate import LM_WINDOW, EvalSpec, _embedding_inputs, _paragraphs, input_device
 from qlab.models.loading import LoadedModel
 
 # GPTQ's paper calibrates on 128 x 2048 tokens. On SmolLM2's 1536-wide down_proj, 1024 tokens made GPTQ worse
@@ -110,12 +110,14 @@ def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequ
         return pre_hook
 
     handles = [modules[name].register_forward_pre_hook(make(name)) for name in names]
+    device = input_device(loaded.model)
     try:
         for index, batch in enumerate(data.batches):
             if cancel is not None and cancel():
                 from qlab.core.errors import Cancelled
 
                 raise Cancelled("cancelled; results finished so far are kept.")
+            batch = {key: value.to(device) for key, value in batch.items()}  # token ids to a GPU model's embedding
             attention = batch.get("attention_mask")
             mask[0] = attention.bool() if attention is not None else None
             with contextlib.suppress(_Captured), torch.inference_mode():

@@ -52,7 +52,7 @@ def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
 def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping)^-1, with more damping while H is numerically singular."""
     damp = damp_percent * torch.diagonal(hessian).mean()
-    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for _ in range(MAX_DAMPING_RETRIES):
         factor, info = torch.linalg.cholesky_ex(hessian + damp * identity)
         if info.item() == 0:
@@ -119,7 +119,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
     # 2:4 by magnitude: the mask is fixed before any column moves, and scales see only the kept weights.
     # SparseGPT chooses each group of four inside the loop, from the weights as they are by then.
     fixed_mask = scheme.sparsity == "2:4"
-    keep_t = torch.ones(columns, rows, dtype=torch.bool)
+    keep_t = torch.ones(columns, rows, dtype=torch.bool, device=w.device)
     if sparse:
         check_prunable(weight.shape)
         if fixed_mask:
@@ -142,7 +142,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
         static_scale, static_zero = compute_scale(w, rtn_scheme)
         static_scale = static_scale.reshape(rows, -1)
         static_zero = None if static_zero is None else static_zero.reshape(rows, -1)
-    order = torch.arange(columns)
+    order = torch.arange(columns, device=w.device)
     if scheme.algorithm == "gptq-act-order":
         order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
@@ -156,7 +156,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
     # Work on W^T (inputs x outputs): a column of W is then a contiguous row, and the rank-1 update of the
     # rest of the block runs ~60x faster than on W's strided column slices.
     w_t = w.T.contiguous()
-    codes_t = torch.empty(columns, rows, dtype=fmt.code_dtype)
+    codes_t = torch.empty(columns, rows, dtype=fmt.code_dtype, device=w.device)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
     # GPTQ is sequential over input columns by construction (each column's rounding changes the next ones),
@@ -211,8 +211,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
         scale = torch.stack(group_scales, dim=1).reshape(-1)
         zero = torch.stack(group_zeros, dim=1).reshape(-1) if group_zeros else None
         if scheme.algorithm == "gptq-act-order":
-            position = torch.empty(columns, dtype=torch.int64)
-            position[order] = torch.arange(columns)
+            position = torch.empty(columns, dtype=torch.int64, device=order.device)
+            position[order] = torch.arange(columns, device=order.device)
             return GroupIndexedQTensor(codes, scale, zero, scheme, weight.shape,
                                        (position // group_size).to(torch.int32))
     elif scheme.granularity == "channel":
