@@ -217,10 +217,10 @@ def step_names(progress: Progress, steps: Sequence[str]) -> Progress:
 # Headers said in words (with units) for result keys; any other snake_case name is spelled out by ``header``.
 HEADERS = {
     "kld_mean": "KLD mean (nats)", "kld_p99": "KLD 99th percentile (nats)", "ppl": "perplexity",
-    "top1_agreement": "top-1 agreement", "cosine_mean": "cosine to FP32", "retrieval_agreement":
+    "top1_agreement": "top-1 agreement", "cosine_mean": "cosine to the base model", "retrieval_agreement":
     "nearest-neighbour agreement", "bits_per_weight": "bits/weight", "sqnr_db": "SQNR (dB)",
     "relative_mse": "relative MSE", "twin_kld_mean": "simulated KLD mean (nats)",
-    "twin_cosine_mean": "simulated cosine to FP32", "agrees_with_twin": "agrees with simulation",
+    "twin_cosine_mean": "simulated cosine to the base model", "agrees_with_twin": "agrees with simulation",
     "twin": "simulated as", "speedup_vs_fp32": "speed-up over FP32", "label": "scheme",
 }
 UNIT_SUFFIXES = (("_tokens_per_s", " tokens/s"), ("_per_s", "/s"), ("_pct", " (%)"), ("_ms", " (ms)"),

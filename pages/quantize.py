@@ -20,8 +20,8 @@ common.page_setup()
 st.title("Quantize")
 loaded = common.current_model()
 st.caption("Weight-only post-training quantization, simulated exactly (quantize, then dequantize) on a copy "
-           "of the model; the loaded model is never changed. Each scheme is compared with the FP32 model on "
-           "the same tokens.")
+           "of the model; the loaded model is never changed. Each scheme is compared with the base model, "
+           "run in its own precision, on the same tokens.")
 common.show_caveat(loaded)
 
 with st.expander("Evaluation text", expanded=False):
@@ -108,7 +108,7 @@ def kept() -> str:
 
 common.long_run("Run sweep", "run_sweep", sweep, prepare=sweep_run, ready=bool(todo), cancel_key="cancel_sweep",
                 cancel_help="Stops after the current batch; schemes that finished are kept.", kept=kept,
-                start_text="Computing the FP32 reference outputs...",
+                start_text="Computing the base model's reference outputs...",
                 nothing_to_do="Every chosen scheme is already measured for this model, text and budget (shown "
                               "below).")
 
@@ -137,11 +137,11 @@ common.table(
 st.caption("bits/weight: storage of the quantized linear weights including scales and zero-points. "
            "Size: the whole model as stored, other tensors (embeddings, norms, biases) at "
            f"{', '.join(sorted(set(frame['unquantized_format'])))}. "
-           + ("KLD: mean over tokens of KL(FP32 ‖ quantized) next-token distributions, in nats; "
+           + ("KLD: mean over tokens of KL(base ‖ quantized) next-token distributions, in nats; "
               "the baseline's log-probs are kept in fp16 and the KL that storage adds is subtracted, so the "
               "baseline against itself scores exactly 0."
               if "kld_mean" in frame else
-              "Cosine: embedding similarity to FP32; retrieval: share of texts whose nearest neighbour is "
+              "Cosine: embedding similarity to the base model; retrieval: share of texts whose nearest neighbour is "
               "unchanged."))
 download_left, download_right = st.columns(2)
 download_left.download_button("Download CSV", frame.to_csv(index=False), "qlab-sweep.csv", "text/csv",

@@ -14,12 +14,12 @@ import torch
 
 # Metric name -> (axis title, lower is better). Names match the result-row keys.
 METRICS: dict[str, tuple[str, bool]] = {
-    "kld_mean": ("KL divergence to FP32 (mean, nats/token)", True),
-    "kld_p99": ("KL divergence to FP32 (99th percentile)", True),
+    "kld_mean": ("KL divergence to the base model (mean, nats/token)", True),
+    "kld_p99": ("KL divergence to the base model (99th percentile)", True),
     "ppl": ("Perplexity", True),
-    "top1_agreement": ("Top-1 agreement with FP32", False),
-    "cosine_mean": ("Cosine similarity to FP32 embeddings (mean)", False),
-    "retrieval_agreement": ("Nearest-neighbour agreement with FP32", False),
+    "top1_agreement": ("Top-1 agreement with the base model", False),
+    "cosine_mean": ("Cosine similarity to the base model's embeddings (mean)", False),
+    "retrieval_agreement": ("Nearest-neighbour agreement with the base model", False),
 }
 HISTOGRAM_BINS = 200
 MAX_RUG_POINTS = 4096  # one tick per weight only for a block-sized input
@@ -228,8 +228,8 @@ SENSITIVITY_MEASURES: dict[str, tuple[str, bool]] = {
     "weight_relative_mse": ("Weight relative MSE", True),
 }
 LAYER_TYPE_ORDER = ("q", "k", "v", "o", "qkv", "gate", "up", "down", "other")
-ERROR_TITLES = {"kld_mean": "KL divergence to FP32 (mean, nats/token)",
-                "cosine_mean": "1 - cosine similarity to FP32 (mean)"}
+ERROR_TITLES = {"kld_mean": "KL divergence to the base model (mean, nats/token)",
+                "cosine_mean": "1 - cosine similarity to the base model (mean)"}
 
 
 def _log_values(values: pd.Series | np.ndarray) -> np.ndarray:

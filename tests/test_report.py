@@ -214,7 +214,7 @@ def test_speed_runs_compare_side_by_side_by_backend(db):
     assert pd.isna(table.loc["quanto-int4", f"Δ decode_tokens_per_s [{b}]"])  # not measured in the second run
     assert table.loc["bnb-nf4"].isna().all()  # listed, unavailable in both
     assert [t for t, _ in comparison.figures] == ["Decode (tokens/s)", "Prefill (ms)",
-                                                  "KL divergence to FP32 (nats/token)"]
+                                                  "KL divergence to the base model (nats/token)"]
     bars = comparison.figures[0][1]
     assert {trace.name for trace in bars.data} == {a, b}  # one bar colour per run, overlaid by backend
     assert report.bench_comparison([before]) is None

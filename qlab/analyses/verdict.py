@@ -21,7 +21,7 @@ TIE_FRACTION = 0.02
 
 @dataclass(frozen=True)
 class LossMeasure:
-    """How accuracy loss against FP32 is measured for a model kind, and its default bound."""
+    """How accuracy loss against the base model (in its own precision) is measured for a model kind, and its default bound."""
 
     name: str
     unit: str
@@ -35,8 +35,8 @@ class LossMeasure:
 # KLD: llama.cpp's quantization reports use it; 0.01 nats/token is where top-1 agreement stays near 99 %.
 # 1 - cosine: a cosine of 0.999 keeps nearest neighbours of sentence embeddings almost always unchanged.
 LOSS: dict[str, LossMeasure] = {
-    "causal-lm": LossMeasure("KL divergence to FP32", "nats/token", 0.01),
-    "embedding": LossMeasure("1 - cosine similarity to FP32", "", 0.001),
+    "causal-lm": LossMeasure("KL divergence to the base model", "nats/token", 0.01),
+    "embedding": LossMeasure("1 - cosine similarity to the base model", "", 0.001),
 }
 SPEED_UNIT = {"causal-lm": "tokens/s", "embedding": "sentences/s"}
 

@@ -128,7 +128,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     loaded, schemes, spec, db = _setup(args)
     view = "reverse" if args.reverse else "forward"
     with progress_bar(args.quiet, "sensitivity") as progress:
-        baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"FP32 baseline: {m}"))
+        baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.1 * f, f"baseline: {m}"))
         stats, record, stored = _calibrate(loaded, schemes, spec, progress, 0.1)
         meta = functools.partial(sensitivity_meta, "sensitivity", loaded, schemes, spec, baseline, unit=args.unit,
                                  view=view, blocks=not args.no_blocks, predict=not args.no_predict, **stored)
@@ -194,7 +194,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
     loaded, schemes, spec, db = _setup(args)
     with progress_bar(args.quiet, "recommend") as progress:
-        baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"FP32 baseline: {m}"))
+        baseline = compute_baseline(loaded, spec, lambda f, m: progress(0.05 * f, f"baseline: {m}"))
         stats, calibrated, stored = _calibrate(loaded, schemes, spec, progress, 0.05)
         meta = functools.partial(sensitivity_meta, "recommend", loaded, schemes, spec, baseline, unit=args.unit,
                                  blocks=not args.no_blocks, budget_bits=args.budget_bits, budget_gb=args.budget_gb,

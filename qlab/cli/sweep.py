@@ -1,4 +1,4 @@
-"""``python -m qlab sweep``: quantize a model at several formats and measure accuracy against FP32."""
+"""``python -m qlab sweep``: quantize a model at several formats and measure accuracy against the base model."""
 
 from __future__ import annotations
 

@@ -375,8 +375,8 @@ BENCH_COMPARE_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("decode_tokens_per_s", False), ("sentences_per_s", False), ("prefill_ms", False), ("kld_mean", True),
     ("cosine_mean", False), ("size_bytes", False), ("peak_memory_bytes", False))
 BENCH_TITLES = {"decode_tokens_per_s": "Decode (tokens/s)", "sentences_per_s": "Throughput (sentences/s)",
-                "prefill_ms": "Prefill (ms)", "kld_mean": "KL divergence to FP32 (nats/token)",
-                "cosine_mean": "Cosine similarity to FP32", "size_bytes": "Size (bytes)",
+                "prefill_ms": "Prefill (ms)", "kld_mean": "KL divergence to the base model (nats/token)",
+                "cosine_mean": "Cosine similarity to the base model", "size_bytes": "Size (bytes)",
                 "peak_memory_bytes": "Peak memory (bytes)"}
 
 
@@ -506,7 +506,8 @@ def render_html(runs: Sequence[StoredRun], title: str | None = None) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="note">Generated {datetime.now(UTC).isoformat(timespec="seconds")} by qlab '
              f"{html.escape(__version__)} from stored results; nothing was recomputed. KL divergence is in nats "
-             "per token against the FP32 model; sizes are the whole model as stored, scales included.</p>"]
+             "per token against the base model in its own precision; sizes are the whole model as stored, scales "
+             "included.</p>"]
     frames = [run_frames(run) for run in runs]
     if len(runs) > 1:
         parts.append("<h2>Comparison</h2>")
