@@ -363,3 +363,27 @@ def test_rounding_estimates_reproduce_the_measured_1b_times_at_the_machine_rate_
         estimate = overview.rounding_seconds(loaded, scheme)
         assert 0.75 < estimate / measured[scheme.label] < 1.35, (scheme.label, estimate, measured[scheme.label])
     assert overview.rounding_seconds(loaded, QuantScheme("int4", "group", 128)) < 30  # round to nearest: seconds
+
+
+def test_a_model_on_a_gpu_is_estimated_at_the_gpu_rates_measured_on_the_h200(monkeypatch):
+    import json
+    import types
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parent.parent
+    fields = json.loads((root / "assets" / "model_configs" / "llama-3.1-8b.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    probed = []
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": probed.append(device) or 268e9)
+    on_gpu = types.SimpleNamespace(model=model, device="cuda:0", kind="causal-lm")
+    on_cpu = types.SimpleNamespace(model=model, device="cpu", kind="causal-lm")
+    sweep = json.loads((root / "bench" / "results" / "real_model_gpu.json").read_text())["models"]["llama-3.1-8b"]
+    measured = [row["quantize_seconds"] for row in sweep["steps"]["sweep"]["rows"] if row["label"] != "bf16"]
+    estimate = overview.rounding_seconds(on_gpu, QuantScheme("int4", "group", 64))
+    assert 0.75 < estimate / max(measured) and estimate / min(measured) < 1.25, (estimate, measured)
+    assert overview.rounding_seconds(on_cpu, QuantScheme("int4", "group", 64)) > 100 * estimate
+    overview.evaluation_seconds(on_gpu, 512)
+    assert probed == ["cuda:0"]  # the rate of the device the model is on, not this CPU's

@@ -32,6 +32,9 @@ QUICK_SPEC = speed.SpeedSpec(prompt_tokens=32, new_tokens=8, repetitions=3, warm
 NOISY_SPREAD_PCT = 10.0  # runs repeat until they spread less than this; a median of runs that never did is noisy
 # Per token of decode, Python and kernel-launch overhead a 2-core CPU adds to the matmuls (measured ~10 ms).
 DECODE_STEP_OVERHEAD_S = 0.01
+# On a GPU eager generate is launch-bound, not matmul-bound: the 8B model decoded 15-28 tokens/s on the H200 in
+# every format (bench/results/real_model_gpu.json, run 4), about 40 ms a token whatever the matmuls cost.
+GPU_DECODE_STEP_OVERHEAD_S = 0.04
 BUILD_EVALS = 1.0  # building a backend's model (quantizing its weights) costs about one evaluation
 
 
@@ -62,8 +65,8 @@ def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: 
     (warm-up + repetitions) runs. A noisy machine repeats them until the time cap, so up to ``max(cap, this)``."""
     runnable = [s for s in schemes if backend_for(s.format, loaded.kind, device_of(loaded)) is not None]
     if loaded.kind == "causal-lm":
-        run = matmul_seconds(loaded, spec.prompt_tokens) + spec.new_tokens * (
-            matmul_seconds(loaded, 1) + DECODE_STEP_OVERHEAD_S)
+        overhead = DECODE_STEP_OVERHEAD_S if device_of(loaded) == "cpu" else GPU_DECODE_STEP_OVERHEAD_S
+        run = matmul_seconds(loaded, spec.prompt_tokens) + spec.new_tokens * (matmul_seconds(loaded, 1) + overhead)
     else:
         run = matmul_seconds(loaded, spec.sentences * 128)  # texts padded to the longest, up to 128 tokens
     build = BUILD_EVALS * evaluation_seconds(loaded, 512)
