@@ -86,7 +86,7 @@ def measure(progress: Progress, recorder: Recorder) -> None:
     for slug in chosen:
         if slug in finished:
             recorder.save(finished[slug], "bench")
-    progress(0.0, "Computing the FP32 reference outputs for the accuracy columns...")
+    progress(0.0, "Computing the base model's reference outputs for the accuracy columns...")
     for row in speed.run_bench(loaded, todo, spec, "cpu", tokens, st.session_state["speed_bandwidth"],
                                progress=common.step_names(progress, [b.slug for b in todo])):
         finished[row["backend"]] = row  # kept before the next backend starts
@@ -129,7 +129,8 @@ for row in problems:
 
 if good:
     speed_key = "decode_tokens_per_s" if is_lm else "sentences_per_s"
-    error_title = "KL divergence to FP32 (mean, nats/token)" if is_lm else "1 - cosine to FP32 embeddings"
+    error_title = ("KL divergence to the base model (mean, nats/token)" if is_lm
+                   else "1 - cosine to the base model's embeddings")
     points = []
     front = speed.pareto_front(good)
     for row, on_front in zip(good, front):
