@@ -38,5 +38,7 @@ def test_a_shared_link_opens_a_comparison(streamlit_server, browser_page):
     assert_no_exception(page)
     page.get_by_text("2 runs side by side").wait_for(timeout=30_000)
     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(timeout=30_000)
-    assert page.get_by_role("button", name="HTML report").is_visible()
+    # The report's button comes after the charts (the report is built first): waited for, not checked at once,
+    # which raced on a fresh clone.
+    page.get_by_role("button", name="HTML report").wait_for(state="visible", timeout=30_000)
     assert f"runs={first}%2C{second}" in page.url or f"runs={first},{second}" in page.url
