@@ -136,10 +136,10 @@ class Pieces:
 # --- estimates ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def matmul_flops_per_s(device: str = "cpu") -> float:
-    """This process's matmul rate where a model runs (what every estimate scales with): on a CPU FP32, from a
-    50 ms probe; on a GPU bfloat16 at a size that fills it, measured once."""
+    """This process's matmul rate where a model runs (what every estimate scales with), measured once per
+    device: on a CPU FP32, from a 50 ms probe; on a GPU bfloat16 at a size that fills it."""
     if device != "cpu":
         return _gpu_matmul_flops_per_s(torch.device("cuda" if device == "auto" else device))
     a, b = torch.randn(512, 512), torch.randn(512, 512)
@@ -150,7 +150,6 @@ def matmul_flops_per_s(device: str = "cpu") -> float:
     return repeats * 2 * 512**3 / max(time.perf_counter() - started, 1e-6)
 
 
-@functools.cache
 def _gpu_matmul_flops_per_s(device: torch.device) -> float:
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     a @ a
