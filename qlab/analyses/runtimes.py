@@ -254,7 +254,7 @@ def _widths(a: Architecture, grouped_experts: bool = False) -> dict[str, int]:
         # Weights in float32 (DeepSeek-V3) make the weighted copy and its gather float32: twice their values.
         bias = family.expert_bias
         weighted = 4 if family.fp32_routing_weights else 2
-        routed = a.experts_per_token * max(h + (6 if bias else 4) * width, (3 + weighted if bias else 2 + weighted) * h)
+        routed = a.experts_per_token * max(h + (6 if bias else 4) * width, ((3 if bias else 2) + weighted) * h)
         # The shared experts run afterwards, beside the routed output.
         mlp = max(mlp, routed, h + 3 * a.num_shared_experts * width)
     elif a.is_moe and a.num_moe_layers:

@@ -78,7 +78,7 @@ def dequantized_weights_unchecked(layers: Sequence[tuple[torch.Tensor, QuantSche
     error)."""
     values, suspect = [], None
     for weight, scheme, stats in layers:
-        if scheme.algorithm == "rtn" and scheme.sparsity == "none":
+        if _rounds_to_nearest(scheme):
             value, flag = fake_quantize_unchecked(weight, scheme, dtype)
             if flag is not None:
                 suspect = flag if suspect is None else suspect | flag
@@ -93,6 +93,10 @@ def _exact_weights(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerStats 
     """``values`` with every round-to-nearest weight done again by ``quantize_weight``, which gives its exact
     values or raises its error: what unchecked values fall back to when some cannot be trusted (rare: a weight
     not finite, a scale its dtype cannot hold)."""
-    return [quantize_weight(weight, scheme, stats).dequantize(dtype)
-            if scheme.algorithm == "rtn" and scheme.sparsity == "none" else value
+    return [quantize_weight(weight, scheme, stats).dequantize(dtype) if _rounds_to_nearest(scheme) else value
             for (weight, scheme, stats), value in zip(layers, values, strict=True)]
+
+
+def _rounds_to_nearest(scheme: QuantScheme) -> bool:
+    """Whether ``fake_quantize``'s unchecked route gives this scheme's values (rounding to nearest, no pruning)."""
+    return scheme.algorithm == "rtn" and scheme.sparsity == "none"
