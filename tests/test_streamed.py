@@ -6,7 +6,7 @@ import torch
 from qlab.analyses import streamed
 from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.analyses.sweep import run_sweep
-from qlab.core import quant
+from qlab.core import cpu_kernels, quant
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.plan import quantizable_linears, quantized_copy
 from qlab.core.quant import QuantScheme, quantize
@@ -47,6 +47,44 @@ def test_rows_rounded_in_chunks_equal_the_whole_weight(monkeypatch):
     for scheme in (QuantScheme("int4", "group", 32, symmetric=False), QuantScheme("nf4", "channel"),
                    QuantScheme("fp8_e4m3", "tensor"), QuantScheme("fp16")):
         assert_same_metrics(loaded, baseline, scheme)
+
+
+def test_each_block_reuses_the_previous_blocks_tensors_and_unchanged_weights_are_lent_as_themselves(
+        bf16_llama_dir, monkeypatch):
+    loaded = load(str(bf16_llama_dir))
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    allocated, lent = [], []
+    take = streamed.ReusedBuffers.take
+    monkeypatch.setattr(streamed.ReusedBuffers, "take",
+                        lambda self, *args: allocated.append(not self._free[(tuple(args[0]), *args[1:])])
+                        or take(self, *args))
+    unchecked = streamed.dequantized_weights_unchecked
+
+    def recording(layers, dtype, buffers):
+        values, suspect = unchecked(layers, dtype, buffers)
+        lent.extend(value.data_ptr() == weight.data_ptr() for (weight, _, _), value in zip(layers, values))
+        return values, suspect
+
+    monkeypatch.setattr(streamed, "dequantized_weights_unchecked", recording)
+    per_block = len(streamable_stack(loaded.model).linears[0])
+    evaluate_streamed(loaded, QuantScheme("int4", "group", 32), baseline)
+    assert sum(allocated) <= per_block < len(allocated) and not any(lent)  # new tensors for the first block only
+    allocated.clear()
+    lent.clear()
+    evaluate_streamed(loaded, QuantScheme("bf16"), baseline)
+    assert not allocated and all(lent)  # a bf16 model's own values: nothing copied
+
+
+def test_the_compiled_cpu_kernels_stream_like_the_shadow_copy(bf16_llama_dir, monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setattr(cpu_kernels, "MIN_VALUES", 1)
+    loaded = load(str(bf16_llama_dir))
+    before = weights_digest(loaded.model)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    for scheme in (QuantScheme("int4", "group", 32, symmetric=False), QuantScheme("nf4", "group", 32),
+                   QuantScheme("int8", "channel")):
+        assert_same_metrics(loaded, baseline, scheme)
+    assert weights_digest(loaded.model) == before
 
 
 def test_an_untied_head_is_quantized_like_the_shadow_copy_does():
@@ -154,9 +192,9 @@ def test_untrusted_weights_are_evaluated_again_checked(monkeypatch):
     unchecked = streamed.dequantized_weights_unchecked
     calls = []
 
-    def every_block_untrusted(layers, dtype):
+    def every_block_untrusted(layers, dtype, buffers):
         calls.append(len(layers))
-        values, _ = unchecked(layers, dtype)
+        values, _ = unchecked(layers, dtype, buffers)
         return [torch.full_like(v, float("nan")) for v in values], torch.tensor(True)
 
     monkeypatch.setattr(streamed, "dequantized_weights_unchecked", every_block_untrusted)

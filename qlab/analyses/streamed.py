@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from qlab.analyses.sensitivity import BlockStack, block_stack
-from qlab.core.algorithms import dequantized_weights, dequantized_weights_unchecked
+from qlab.core.algorithms import ReusedBuffers, dequantized_weights, dequantized_weights_unchecked
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, get_format
 from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format
@@ -137,8 +137,9 @@ def _rounded(param: torch.nn.Parameter, rest: Format) -> torch.nn.Parameter:
     if rest.bits >= 32:
         return param
     rounded = rest.round(param.detach()).to(param.dtype)
-    if param.numel() > COPIED_UNCHECKED_VALUES and torch.equal(rounded, param):
-        return param
+    if rounded.data_ptr() == param.data_ptr() or (param.numel() > COPIED_UNCHECKED_VALUES
+                                                  and torch.equal(rounded, param)):
+        return param  # a cast to the dtype it is stored in: the tensor itself
     return torch.nn.Parameter(rounded, requires_grad=False)
 
 
@@ -219,11 +220,12 @@ def _capture(outer: torch.nn.Module, stack: BlockStack, baseline: Baseline, canc
 
 
 def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantScheme], rest: Format,
-           dtype: torch.dtype, hessians: Mapping | None, checked: bool
+           dtype: torch.dtype, hessians: Mapping | None, checked: bool, buffers: ReusedBuffers
            ) -> tuple[torch.nn.Module, torch.Tensor | None]:
-    """A runnable copy of one block with the plan applied: its linears' weights materialised in ``dtype``, its
-    other tensors at the plan's format; the base block is only read. Unless ``checked``, the weights are not
-    waited for: the flag that comes back says (on the device) whether some of them cannot be trusted."""
+    """A runnable copy of one block with the plan applied: its linears' weights materialised in ``dtype`` (into
+    ``buffers``), its other tensors at the plan's format; the base block is only read. Unless ``checked``, the
+    weights are not waited for: the flag that comes back says (on the device) whether some of them cannot be
+    trusted."""
     base_modules = dict(block.named_modules())
     quantized = {id(base_modules[name].weight) for name in base_modules if f"{prefix}.{name}" in assignment}
     memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
@@ -234,8 +236,8 @@ def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantSchem
     names = [name for name in base_modules if f"{prefix}.{name}" in assignment]
     layers = [(base_modules[name].weight, assignment[f"{prefix}.{name}"], _hessian(hessians, f"{prefix}.{name}"))
               for name in names]
-    weights, suspect = (dequantized_weights(layers, dtype), None) if checked else \
-        dequantized_weights_unchecked(layers, dtype)
+    weights, suspect = (dequantized_weights(layers, dtype, buffers), None) if checked else \
+        dequantized_weights_unchecked(layers, dtype, buffers)
     for name, weight in zip(names, weights, strict=True):
         runnable.set_submodule(name, ComputeLinear(weight, runnable.get_submodule(name).bias, dtype))
     return compute_view(runnable, dtype), suspect
@@ -298,11 +300,13 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
     hidden = list(capture.hidden)
     returns_tuple = False
     suspects = []
+    buffers = ReusedBuffers()
     for index, block in enumerate(blocks):
         _check_cancel(cancel)
         device = next(itertools.chain(block.parameters(), block.buffers())).device
         with clock.timing(device):
-            runnable, suspect = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians, checked)
+            runnable, suspect = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians, checked,
+                                       buffers)
         if suspect is not None:
             suspects.append(suspect)
         with torch.inference_mode():
@@ -310,7 +314,8 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
                 output = runnable(_to(hidden[row], device), *_to(args, device), **_to(kwargs, device))
                 returns_tuple = isinstance(output, tuple)
                 hidden[row] = output[0] if returns_tuple else output
-        del runnable  # this block's materialised weights go before the next block's are made
+        del runnable
+        buffers.take_back()  # this block's materialised weights are overwritten by the next block's
         if progress:
             progress((index + 1) / units, f"block {index + 1}/{len(blocks)}")
     outer.set_submodule(stack.path, torch.nn.ModuleList(

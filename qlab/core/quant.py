@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from qlab.core import cpu_kernels
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, _table_search, _table_tensor, get_format
 
@@ -529,27 +530,40 @@ def fake_quantize(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | Non
     return values
 
 
-def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | None = None,
+                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fake_quantize`` without a device sync, and a 0-dim bool tensor (or None) that the caller must check:
     True means these values cannot be trusted, and ``quantize(x, scheme)`` gives the exact ones or the error
     (a value not finite, a scale its dtype cannot hold, a grid past float32, a reciprocal scale that overflows).
-    Lets a caller round many tensors and then wait for the device once."""
+    Lets a caller round many tensors and then wait for the device once. ``out`` (``x``'s shape, in ``dtype``)
+    receives the values instead of a new tensor: a caller that reuses it saves the allocation."""
     fmt = scheme.fmt
     x = x.detach()
     dtype = x.dtype if dtype is None else dtype
+    if out is not None and (out.shape != x.shape or out.dtype != dtype or out.device != x.device
+                            or not out.is_contiguous()):
+        raise QlabError(f"the output tensor is {tuple(out.shape)} {out.dtype} on {out.device}; these values need "
+                        f"a contiguous {tuple(x.shape)} {dtype} tensor on {x.device}.")
     if x.numel() == 0 or scheme.sparsity != "none" or (scheme.algorithm != "rtn" and fmt.scaled):
-        return quantize(x, scheme).dequantize(dtype), None  # raises, as quantize does
+        return _into(out, quantize(x, scheme).dequantize(dtype)), None  # raises, as quantize does
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         x = x.to(torch.float32)  # then every conversion below is exact, as in quantize
     if not fmt.scaled:
-        values = x.to(fmt.cast_dtype).to(dtype)
-        return (values.clone() if values.data_ptr() == x.data_ptr() else values), None
+        if out is None:
+            values = x.to(fmt.cast_dtype).to(dtype)
+            return (values.clone() if values.data_ptr() == x.data_ptr() else values), None
+        chunk = FAKE_QUANTIZE_CHUNK_ELEMENTS.get(x.device.type, 1 << 22)
+        flat, target = x.reshape(-1), out.view(-1)
+        for start in range(0, flat.numel(), chunk):  # the cast's scratch stays one chunk
+            target[start:start + chunk].copy_(flat[start:start + chunk].to(fmt.cast_dtype))
+        return out, None
     blocks = _as_blocks(x, scheme)
+    compiled = cpu_kernels.usable(blocks, dtype)
     if scheme.calibration == "minmax":
         # Ranges of the stored values: min and max are exact in any float dtype, so no float32 copy is needed,
         # and they carry every NaN or infinity with them.
-        low, high = (end.to(torch.float32) for end in torch.aminmax(blocks, dim=1))
+        low, high = cpu_kernels.block_ranges(blocks) if compiled else \
+            (end.to(torch.float32) for end in torch.aminmax(blocks, dim=1))
         suspect = ~(torch.isfinite(low) & torch.isfinite(high)).all()
         if scheme.symmetric:
             high = torch.maximum(-low, high)  # max |x| = max(-min, max)
@@ -568,9 +582,17 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
         zero = zero_point[:, None].to(torch.float32)
         extent = torch.maximum((fmt.qmin - zero).abs(), (fmt.qmax - zero).abs())
     suspect |= (extent * scale >= torch.finfo(torch.float32).max).any() | ~torch.isfinite(inverse).all()
-    values = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero_point, fmt)
+    values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
+    tables = _prefix_tables(fmt.name) if fmt.kind == "lut" and compiled else None
+    if compiled and (fmt.kind == "integer" or tables is not None):
+        cpu_kernels.dequantize_blocks(blocks, values.view(blocks.shape), scale, inverse, zero_point, fmt, tables)
+    else:
+        _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero_point, fmt)
     return values, suspect
+
+
+def _into(out: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    return values if out is None else out.copy_(values)
 
 
 # A CPU kernel given mixed dtypes (bf16 times float32, float32 written into bf16) converts value by value, ten
