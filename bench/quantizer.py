@@ -1,4 +1,4 @@
-"""The streamed sweep's per-layer quantizer, before and after the fused route, timed in one run.
+"""The streamed sweep's per-layer quantizer: the old route, torch's fused route and the compiled kernels, in one run.
 
     python bench/quantizer.py [--device cpu|cuda] [--dtype bf16] [--shapes 2048x8192,8192x2048] [--layers 2]
                               [--formats bf16,int8,int4,nf4,fp8_e4m3] [--group-size 64] [--repeats 3]
@@ -8,9 +8,11 @@ Per scheme (round to nearest, ``--group-size`` groups, as ``python -m qlab bench
 random weights of the given shapes in ``--dtype``:
 - ``before_s``: ``quantize_weight(w, scheme).dequantize(dtype)`` per weight, what the streamed sweep ran
   until the fused route (codes kept, float32 passes, a device sync per check);
-- ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them);
-- ``speedup``: before / after (the two alternate within each repeat, so drifting load hits both alike), and
-  ``identical``: whether the two give the same bits.
+- ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them; on a CPU
+  integer and table formats in ``qlab.core.cpu_kernels``' compiled passes);
+- ``torch_fused_s``: the same without the compiled kernels (torch's chunked passes);
+- ``speedup``: before / after, ``compiled_speedup``: torch_fused / after (the three alternate within each repeat,
+  so drifting load hits them alike), and ``identical``: whether all three give the same bits.
 Seconds are the median of ``--repeats``; on a shared machine read the ratios, not the seconds. On a busy CPU,
 ``--threads 1`` measures the work itself: with two threads every op ends in a barrier that a loaded machine
 stretches, and the fused route runs more (smaller) ops than the old one.
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from qlab.core import quant  # noqa: E402
+from qlab.core import cpu_kernels, quant  # noqa: E402
 from qlab.core.algorithms import dequantized_weights, quantize_weight  # noqa: E402
 from qlab.core.quant import SCALE_DTYPES, QuantScheme  # noqa: E402
 
@@ -54,19 +56,28 @@ def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def measure(scheme: QuantScheme, weights: list[torch.Tensor], dtype: torch.dtype, repeats: int) -> dict:
-    """Median seconds of the old and the fused per-layer route over ``weights``, and whether they agree."""
+    """Median seconds of the old route, torch's fused route and today's over ``weights``, and whether they agree."""
     device = weights[0].device
-    before, after, identical = [], [], True
+    before, fused, after, identical = [], [], [], True
+    layers = [(w, scheme, None) for w in weights]
     for _ in range(repeats):
         old, seconds = _timed(device, lambda: [quantize_weight(w, scheme).dequantize(dtype) for w in weights])
         before.append(seconds)
-        new, seconds = _timed(device, lambda: dequantized_weights([(w, scheme, None) for w in weights], dtype))
+        compiled_from = cpu_kernels.MIN_VALUES
+        cpu_kernels.MIN_VALUES = float("inf")
+        try:
+            torch_route, seconds = _timed(device, lambda: dequantized_weights(layers, dtype))
+        finally:
+            cpu_kernels.MIN_VALUES = compiled_from
+        fused.append(seconds)
+        new, seconds = _timed(device, lambda: dequantized_weights(layers, dtype))
         after.append(seconds)
-        identical &= _same_bits(old, new)
-        del old, new  # each repeat starts with no materialised weights held
-    before_s, after_s = statistics.median(before), statistics.median(after)
-    return {"label": scheme.label, "before_s": round(before_s, 4), "after_s": round(after_s, 4),
-            "speedup": round(before_s / after_s, 3), "identical": identical}
+        identical &= _same_bits(old, new) and _same_bits(old, torch_route)
+        del old, torch_route, new  # each repeat starts with no materialised weights held
+    before_s, fused_s, after_s = (statistics.median(times) for times in (before, fused, after))
+    return {"label": scheme.label, "before_s": round(before_s, 4), "torch_fused_s": round(fused_s, 4),
+            "after_s": round(after_s, 4), "speedup": round(before_s / after_s, 3),
+            "compiled_speedup": round(fused_s / after_s, 3), "identical": identical}
 
 
 def main(argv: list[str] | None = None) -> dict:
