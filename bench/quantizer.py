@@ -1,7 +1,7 @@
 """The streamed sweep's per-layer quantizer: the old route, torch's fused route and the compiled kernels, in one run.
 
     python bench/quantizer.py [--device cpu|cuda] [--dtype bf16] [--shapes 2048x8192,8192x2048] [--layers 2]
-                              [--formats bf16,int8,int4,nf4,fp8_e4m3] [--group-size 64] [--repeats 3]
+                              [--formats bf16,fp16,int8,int4,nf4,fp8_e4m3] [--group-size 64] [--repeats 3]
                               [--chunk-elements N] [--threads N] [--json OUT]
 
 Per scheme (round to nearest, ``--group-size`` groups, as ``python -m qlab bench sweep`` builds them), on
@@ -9,7 +9,8 @@ random weights of the given shapes in ``--dtype``:
 - ``before_s``: ``quantize_weight(w, scheme).dequantize(dtype)`` per weight, what the streamed sweep ran
   until the fused route (codes kept, float32 passes, a device sync per check);
 - ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them; on a CPU
-  integer and table formats in ``qlab.core.cpu_kernels``' compiled passes);
+  ranges, scales and rounding of integer, table and float formats in ``qlab.core.cpu_kernels``' compiled
+  passes);
 - ``torch_fused_s``: the same without the compiled kernels (torch's chunked passes);
 - ``speedup``: before / after, ``compiled_speedup``: torch_fused / after (the three alternate within each repeat,
   so drifting load hits them alike), and ``identical``: whether all three give the same bits.
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from qlab.core import cpu_kernels, quant  # noqa: E402
 from qlab.core.algorithms import dequantized_weights, quantize_weight  # noqa: E402
 from qlab.core.quant import SCALE_DTYPES, QuantScheme  # noqa: E402
+from qlab.models.hardware import detect_this_machine  # noqa: E402
 
 DTYPES = {**SCALE_DTYPES, "fp32": torch.float32}
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--shapes", default="2048x8192,8192x2048", help="out x in, comma-separated")
     parser.add_argument("--layers", type=int, default=2, help="weights of each shape")
-    parser.add_argument("--formats", default="bf16,int8,int4,nf4,fp8_e4m3")
+    parser.add_argument("--formats", default="bf16,fp16,int8,int4,nf4,fp8_e4m3")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-elements", type=int, default=None,
@@ -105,8 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
                for shape in shapes for _ in range(args.layers)]
     rows = [measure(QuantScheme(name, "group", args.group_size), weights, dtype, args.repeats)
             for name in args.formats.split(",")]
+    host = detect_this_machine().host
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-              or platform.machine(), "threads": torch.get_num_threads(), "dtype": args.dtype,
+              or platform.machine(), "cpu_model": host.cpu_model, "cpu_flags": sorted(host.cpu_flags),
+              "threads": torch.get_num_threads(), "dtype": args.dtype,
               "shapes": args.shapes, "layers_per_shape": args.layers, "repeats": args.repeats,
               "chunk_elements": quant.FAKE_QUANTIZE_CHUNK_ELEMENTS.get(device.type),
               "weights_elements": sum(w.numel() for w in weights), "rows": rows}

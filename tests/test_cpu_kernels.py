@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlab.core import cpu_kernels
+from qlab.core import cpu_kernels, quant
 from qlab.core.formats import format_names, get_format
 from qlab.core.quant import QuantScheme, fake_quantize, fake_quantize_unchecked, quantize
 from tests.test_quant_fake import bits, sample, schemes
 
 pytest.importorskip("numba")
 
-# Integer and table formats with several rows of scales: what the kernels take.
-COMPILED_FORMATS = [name for name in format_names() if get_format(name).scaled and get_format(name).kind != "float"]
+# Scaled formats with several rows of scales: what the kernels take.
+COMPILED_FORMATS = [name for name in format_names() if get_format(name).scaled]
+# Casts the float kernel makes: every format whose step's inverse is a float32 (not bf16's subnormals).
+CAST_FORMATS = [name for name in format_names() if get_format(name).kind == "float" and get_format(name).bits < 16
+                or name == "fp16"]
 
 
 @pytest.fixture
@@ -41,6 +44,73 @@ def test_kernels_match_quantize_bit_for_bit(fmt, every_size):
                         assert not suspect
                         assert torch.equal(bits(got), bits(expected)), (scheme.label, dtype, out)
     assert fmt in every_size
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int3", "nf4", "fp8_e4m3"])
+def test_block_scales_are_torchs_for_ranges_from_subnormal_to_huge(fmt):
+    generator = torch.Generator().manual_seed(7)
+    rows = 1 << 16
+    magnitudes = torch.logspace(-44, 38, rows).reshape(-1, 1)[torch.randperm(rows, generator=generator)]
+    blocks = (torch.randn(rows, 32, generator=generator, dtype=torch.float64) * magnitudes).to(torch.float32)
+    blocks[::5] = blocks[::5].abs()  # ranges on one side of zero, for the zero points
+    blocks[1::7] = 0.0
+    blocks[2::11, 3] = -3e38  # spans wider than float32's largest number
+    blocks[2::11, 4] = 3e38
+    blocks[3::13, 5] = float("nan")
+    for scheme in schemes(fmt):
+        if scheme.granularity != "group":
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            x = blocks.to(dtype)
+            scale_dtype = quant.SCALE_DTYPES[scheme.scale_dtype]
+            got = cpu_kernels.block_scales(x, scheme.symmetric, get_format(fmt), scale_dtype)
+            expected = quant._block_scales(x, x, scheme)
+            assert got[3] and expected[3]  # the NaN rows: their values are not used, only the flag
+            finite = x.isfinite().all(dim=1)
+            got = cpu_kernels.block_scales(x[finite], scheme.symmetric, get_format(fmt), scale_dtype)
+            expected = quant._block_scales(x[finite], x[finite], scheme)
+            for name, a, b in zip(("scale", "inverse", "zero"), got[:3], expected[:3], strict=True):
+                assert (a is None) == (b is None), name
+                assert a is None or torch.equal(bits(a), bits(b)), (scheme.label, dtype, name)
+            assert bool(got[3]) == bool(expected[3])  # scales past fp16 or bf16, grids past float32
+
+
+def nan_as_one(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, with every NaN alike: torch's casts keep NaN payloads that no model's weights carry."""
+    return torch.where(t.isnan(), torch.full_like(bits(t), -1), bits(t))
+
+
+@pytest.mark.parametrize("fmt", CAST_FORMATS)
+def test_float_rounding_matches_torchs_casts_for_every_bf16_and_many_float32_values(fmt):
+    cast_dtype = get_format(fmt).cast_dtype
+    every_bf16 = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    any_float32 = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 20,), generator=generator).to(torch.int32)
+    around_one = torch.randn(1 << 20, generator=generator) * torch.logspace(-12, 6, 1 << 20)
+    for x in (every_bf16, any_float32.view(torch.float32), around_one):
+        x = x.reshape(-1, 256)
+        for out_dtype in (torch.bfloat16, torch.float32):
+            out = torch.empty(x.shape, dtype=out_dtype)
+            cpu_kernels.cast(x, out, get_format(fmt))
+            assert torch.equal(nan_as_one(out), nan_as_one(x.to(cast_dtype).to(out_dtype))), (x.dtype, out_dtype)
+
+
+def test_a_plain_cast_of_a_large_bf16_tensor_takes_the_kernel(monkeypatch):
+    x = sample((256, 512), torch.bfloat16, 1e-4, 6)  # many values in fp16's subnormals
+    calls = []
+    real = cpu_kernels.cast
+    monkeypatch.setattr(cpu_kernels, "cast", lambda *args: calls.append(args[2].name) or real(*args))
+    monkeypatch.setattr(cpu_kernels, "MIN_VALUES", 1)
+    for out in (None, torch.empty_like(x)):
+        values, suspect = fake_quantize_unchecked(x, QuantScheme("fp16"), torch.bfloat16, out=out)
+        assert suspect is None and torch.equal(bits(values), bits(x.to(torch.float16).to(torch.bfloat16)))
+    assert calls == ["fp16", "fp16"]
+    transposed = x.t()  # not contiguous: torch's route
+    assert torch.equal(bits(fake_quantize(transposed, QuantScheme("fp16"))),
+                       bits(transposed.to(torch.float16).to(torch.bfloat16)))
+    fake_quantize(x.float(), QuantScheme("fp16"))  # fp32 (the bundled models): torch's one vectorised pass
+    fake_quantize(x, QuantScheme("bf16"))
+    assert calls == ["fp16", "fp16"]
 
 
 def test_ties_round_to_even_and_signed_zeros_survive(every_size):
@@ -78,6 +148,8 @@ def test_small_tensors_fp16_weights_and_one_scale_per_tensor_keep_torchs_route()
     weight = torch.zeros(1 << 12, 1 << 10, dtype=torch.bfloat16)
     assert cpu_kernels.usable(weight.reshape(-1, 64), torch.bfloat16)
     assert not cpu_kernels.usable(weight[:64].reshape(-1, 64), torch.bfloat16)  # 64 K values
+    bundled_largest = torch.zeros(1536, 576)  # SmolLM2's largest linear, and more than MiniLM's
+    assert not cpu_kernels.usable(bundled_largest.reshape(-1, 32), torch.float32)
     assert not cpu_kernels.usable(weight.half().reshape(-1, 64), torch.bfloat16)
     assert not cpu_kernels.usable(weight.reshape(-1, 64), torch.float16)
     assert not cpu_kernels.usable(weight.reshape(1, -1), torch.bfloat16)

@@ -109,6 +109,24 @@ def test_block_inputs_are_captured_once_per_model_and_text():
     assert baseline.cache[key] is capture and len(capture.hidden) == 1
 
 
+def test_large_tensors_outside_the_plan_are_rounded_once_per_baseline_until_they_change(monkeypatch):
+    monkeypatch.setattr(streamed, "COPIED_UNCHECKED_VALUES", 1)
+    loaded = tiny_llama()  # fp32: every scheme below stores the embedding in fp16
+    embedding = loaded.model.get_input_embeddings().weight
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    rounded = []
+    real = streamed.fake_quantize_unchecked
+    monkeypatch.setattr(streamed, "fake_quantize_unchecked",
+                        lambda x, scheme: rounded.append(x.data_ptr() == embedding.data_ptr()) or real(x, scheme))
+    assert_same_metrics(loaded, baseline, QuantScheme("int8"))
+    assert_same_metrics(loaded, baseline, QuantScheme("int4", "group", 32))
+    assert rounded.count(True) == 1
+    with torch.no_grad():
+        embedding[0, 0] += 1.0
+    assert_same_metrics(loaded, baseline, QuantScheme("int8"))
+    assert rounded.count(True) == 2
+
+
 def test_run_sweep_streams_known_blocks_and_falls_back_to_the_shadow_copy(monkeypatch):
     loaded = tiny_llama()
     spec = EvalSpec(tokens=128)

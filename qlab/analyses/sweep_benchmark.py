@@ -14,6 +14,7 @@ from qlab.analyses.sweep import peak_rss_bytes, run_sweep
 from qlab.core.peak_rss import PeakRss, high_water_mark
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
+from qlab.models.hardware import detect_this_machine
 from qlab.models.loading import RUNTIME_BYTES, SWEEP_MEMORY_FACTOR, load, model_sha256
 
 
@@ -57,6 +58,7 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **plac
                      "peak_memory_bytes": scheme_peak, "peak_over_goal": round(scheme_peak / goal_peak, 3)})
     sweep_s = time.perf_counter() - started + baseline_s
     overall = max([eval_peak] + [r["peak_memory_bytes"] for r in rows])
+    host = detect_this_machine().host
     return {
         "benchmark": "sweep",
         "model": loaded.name,
@@ -84,6 +86,9 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **plac
         "rss_before_load_bytes": rss_before_load,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        # The CPU varies between machines, and its bf16 matmuls (AMX, AVX512-BF16 or neither) set one evaluation.
+        "cpu_model": host.cpu_model,
+        "cpu_flags": sorted(host.cpu_flags),
         "torch": torch.__version__,
         # What makes the rows comparable with other runs once stored (``Store.import_payload``).
         "qlab": __version__,

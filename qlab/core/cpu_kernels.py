@@ -1,27 +1,36 @@
-"""Round-to-nearest of integer and table formats on a CPU in two compiled passes over the weights.
+"""Round-to-nearest of integer, table and float formats on a CPU in compiled passes over the weights.
 
 torch's route (``qlab.core.quant._dequantized_blocks``) makes seven passes over each chunk (cast, scale, round,
-clamp, offset, rescale, cast back) plus a slow min/max over 64-value rows: 2.4 s for the 0.97 B linear weights of
-a 1B model on two cores, while one evaluation of 512 tokens on AMX takes 1.5 s. Here one pass finds each block's
-range and a second rounds, rescales and stores each value while it is in a register: the same bits (the same
-float32 operations in the same order, ties to even, stores rounded to nearest even as torch casts), 3-4x faster.
+clamp, offset, rescale, cast back), a slow min/max over 64-value rows and two dozen passes over the rows to make
+their scales: 2.4 s for the 0.97 B linear weights of a 1B model on two cores, while one evaluation of 512 tokens
+takes 1.5 s on AMX, 4 s on AVX512-BF16. Here one pass finds each block's range, one makes every block's scale,
+inverse and zero point, and one rounds, rescales and stores each value while it is in a register: the same bits
+(the same float32 operations in the same order, ties to even, stores rounded to nearest even as torch casts).
+
+- Integers: ``rint`` and a clamp. Tables (4-bit): the value is compared with each boundary in turn, all of them
+  held in registers; a lookup per value would be a gather, microcode on some CPUs.
+- Floats (fp16, fp8): ``rint`` at the format's step for each value's exponent, the step built from the exponent
+  field (torch's casts of bf16 to them took 1.6 s and 3.7 s for those linears). A plain cast to fp16 goes here
+  only from bf16: torch casts fp32 (the bundled models' embeddings) in one vectorised pass.
 
 numba compiles each kernel once per machine and pair of dtypes (about 1.5 s), and keeps it in ``__pycache__``
 beside the kernels, as Python keeps bytecode; a later process loads them in 0.25 s. Tensors too small to repay
-that keep torch's route (the bundled models never import numba), and so does everything else: float formats,
-fp16 weights, one scale for a whole tensor, a GPU.
+that keep torch's route (the bundled models never import numba), and so does everything else: fp16 weights,
+one scale for a whole tensor, percentile and MSE calibration's scales, casts to bf16, a GPU.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import numpy as np
 import torch
 
-# Values in one tensor from which loading the kernels (once per process) pays: a 1B model's linears hold 4-33 M.
-MIN_VALUES = 1 << 22
+# Values in one tensor from which the kernels are used (loading them costs 0.25 s once per process): a 1B model's
+# linears hold 1-33 M, the bundled models' at most 0.88 M.
+MIN_VALUES = 1 << 20
 # Values rounded by one thread at a time (whole rows), so its float32 scratch row is made once per batch of rows.
 VALUES_PER_TASK = 1 << 18
 # Stored dtypes read and written here, as (unsigned view, bits to shift into a float32's pattern).
@@ -62,20 +71,92 @@ def block_ranges(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``quant._block_scales`` of min-max blocks: each row's scale (stored in ``scale_dtype``, rounded up) and
+    its inverse, its zero point (None if ``symmetric``), as float32 columns, and whether some of them cannot be
+    trusted. torch's two dozen passes over the rows took 0.26 s for a 1B model's linears in groups of 64."""
+    low, high = block_ranges(blocks)
+    scale, inverse = torch.empty_like(low), torch.empty_like(low)
+    zero = None if symmetric else torch.empty_like(low)
+    rows = 1 << 14
+    suspect = np.zeros((low.numel() + rows - 1) // rows, dtype=np.bool_)
+    if scale_dtype == torch.float32:
+        rounding, mantissa_bits, lowest = 0, np.uint32(0), np.uint32(0)
+    elif scale_dtype == torch.bfloat16:
+        rounding, mantissa_bits, lowest = 2, np.uint32(0), np.uint32(0)
+    else:
+        rounding, (mantissa_bits, lowest, _, _) = 1, _float_grid(scale_dtype)
+    finfo = torch.finfo(scale_dtype)
+    _kernels().scales(low.numpy(), high.numpy(), symmetric, np.float32(fmt.max_abs), np.float32(fmt.qmin),
+                      np.float32(fmt.qmax), rounding, mantissa_bits, lowest, np.float32(finfo.max),
+                      np.float32(finfo.tiny * finfo.eps), scale.numpy(), inverse.numpy(),
+                      (scale if zero is None else zero).numpy(), suspect, rows)
+    columns = [None if t is None else t[:, None] for t in (scale, inverse, zero)]
+    return *columns, torch.from_numpy(suspect).any()
+
+
+@functools.cache
+def _float_grid(cast_dtype: torch.dtype) -> tuple[np.uint32, np.uint32, np.float32, np.float32] | None:
+    """For a float format: its mantissa bits, the float32 exponent field of its smallest normal, its largest
+    value and what overflow gives (infinity, or the largest value where torch's cast saturates, as E4M3 "fn"
+    does); None where its subnormals' inverse step leaves float32 (bf16)."""
+    finfo = torch.finfo(cast_dtype)
+    mantissa_bits = round(-math.log2(finfo.eps))
+    lowest = round(math.log2(finfo.smallest_normal)) + 127
+    if mantissa_bits >= lowest:
+        return None
+    saturates = bool(torch.tensor(math.inf).to(cast_dtype).to(torch.float32).isfinite())
+    overflow = finfo.max if saturates else math.inf
+    return np.uint32(mantissa_bits), np.uint32(lowest), np.float32(finfo.max), np.float32(overflow)
+
+
+def rounds(fmt) -> bool:
+    """Whether the kernels round this format: every integer format, 4-bit tables, fp16 and fp8."""
+    if fmt.kind == "float":
+        return _float_grid(fmt.cast_dtype) is not None
+    return fmt.kind == "integer" or fmt.bits <= 4
+
+
+def casts(x: torch.Tensor, out_dtype: torch.dtype, fmt) -> bool:
+    """Whether ``cast`` makes this plain cast: a large contiguous bf16 tensor to fp16 or fp8."""
+    return (x.dtype == torch.bfloat16 and x.dim() > 0 and x.is_contiguous() and fmt.kind == "float"
+            and usable(x.reshape(-1, x.shape[-1]), out_dtype) and rounds(fmt))
+
+
+def cast(x: torch.Tensor, out: torch.Tensor, fmt) -> None:
+    """``out`` = ``x`` cast to the unscaled float format ``fmt`` and back (any contiguous bf16 or fp32 ``x``
+    and ``out`` of its shape)."""
+    rows = x.reshape(-1, x.shape[-1])
+    ones = np.ones(rows.shape[0], dtype=np.float32)
+    _round_floats(rows, out.view(rows.shape), ones, ones, fmt)
+
+
+def _round_floats(blocks: torch.Tensor, out: torch.Tensor, scale: np.ndarray, inverse: np.ndarray, fmt) -> None:
+    values, shift = _patterns(blocks)
+    target, out_shift = _patterns(out)
+    _kernels().floats(values, shift, inverse, scale, *_float_grid(fmt.cast_dtype), target, out_shift,
+                      _rows_per_task(blocks))
+
+
 def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
-                      zero_point: torch.Tensor | None, fmt, tables: tuple[torch.Tensor, ...] | None) -> None:
-    """``_dequantized_blocks`` for an integer format, or a table format with its prefix ``tables``."""
+                      zero: torch.Tensor | None, fmt, search: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """``_dequantized_blocks`` for a format the kernels round; a table format with its ``search``: the sorted
+    boundaries (a value above one goes up a slot) and each slot's level."""
     kernels = _kernels()
     values, shift = _patterns(blocks)
     target, out_shift = _patterns(out)
     scale, inverse = (s.reshape(-1).contiguous().numpy() for s in (scale, inverse))
-    if fmt.kind == "integer":
-        zero = np.zeros_like(scale) if zero_point is None else zero_point.to(torch.float32).numpy()
+    if fmt.kind == "float":
+        _round_floats(blocks, out, scale, inverse, fmt)
+    elif fmt.kind == "integer":
+        zero = np.zeros_like(scale) if zero is None else zero.reshape(-1).contiguous().numpy()
         offset = np.float32(0.0) - zero  # adding 0 - z turns rounding's -0 into the +0 of code 0, as torch's route
         kernels.integers(values, shift, inverse, zero, offset, scale, np.float32(fmt.qmin), np.float32(fmt.qmax),
-                 target, out_shift, _rows_per_task(blocks))
+                         target, out_shift, _rows_per_task(blocks))
     else:
-        low_level, boundary, high_level = (t.to(torch.float32).numpy() for t in tables)
-        kernels.table(values, shift, inverse, low_level, boundary, high_level, scale, target, out_shift,
-              _rows_per_task(blocks))
-
+        boundaries, levels = (t.to(torch.float32) for t in search)
+        padding = kernels.TABLE_BOUNDARIES - boundaries.numel()
+        boundaries = torch.cat([boundaries, torch.full((padding,), math.inf)]).numpy()
+        levels = torch.cat([levels, levels[-1:].expand(padding)]).numpy()
+        kernels.table(values, shift, inverse, boundaries, levels, scale, target, out_shift, _rows_per_task(blocks))

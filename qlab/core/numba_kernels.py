@@ -22,8 +22,9 @@ def load_row(values, row, shift, floats):
 def store_row(bits, out, row, shift):
     for j in range(out.shape[1]):
         pattern = bits[j]
-        if shift:  # round to nearest even, as torch's float32 -> bfloat16 cast
-            pattern = (pattern + np.uint32(0x7FFF) + ((pattern >> np.uint32(16)) & np.uint32(1))) >> shift
+        if shift:  # round to nearest even, as torch's float32 -> bfloat16 cast, which makes every NaN 0x7FC0
+            rounded = (pattern + np.uint32(0x7FFF) + ((pattern >> np.uint32(16)) & np.uint32(1))) >> shift
+            pattern = np.uint32(0x7FC0) if (pattern & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded
         out[row, j] = pattern
 
 
@@ -72,9 +73,23 @@ def integers(values, shift, inverse, zero, offset, scale, qmin, qmax, out, out_s
             store_row(bits, out, row, out_shift)
 
 
+# Boundaries of the tables below: 4-bit formats have at most 15 (fewer: padded with infinity).
+TABLE_BOUNDARIES = 15
+
+
 @_compiled
-def table(values, shift, inverse, low_level, boundary, high_level, scale, out, out_shift, rows):
+def table(values, shift, inverse, boundaries, levels, scale, out, out_shift, rows):
+    # boundaries: TABLE_BOUNDARIES sorted values (a value above one goes up a slot); levels: each slot's. Held in
+    # registers and compared one after another, with no lookup per value (a gather: microcode on some CPUs).
     n, width = values.shape
+    b0, b1, b2, b3, b4, b5, b6, b7 = boundaries[0], boundaries[1], boundaries[2], boundaries[3], boundaries[4], \
+        boundaries[5], boundaries[6], boundaries[7]
+    b8, b9, b10, b11, b12, b13, b14 = boundaries[8], boundaries[9], boundaries[10], boundaries[11], boundaries[12], \
+        boundaries[13], boundaries[14]
+    l0, l1, l2, l3, l4, l5, l6, l7 = levels[0], levels[1], levels[2], levels[3], levels[4], levels[5], levels[6], \
+        levels[7]
+    l8, l9, l10, l11, l12, l13, l14, l15 = levels[8], levels[9], levels[10], levels[11], levels[12], levels[13], \
+        levels[14], levels[15]
     for task in numba.prange((n + rows - 1) // rows):
         bits = np.empty(width, np.uint32)
         floats = bits.view(np.float32)
@@ -82,8 +97,121 @@ def table(values, shift, inverse, low_level, boundary, high_level, scale, out, o
             load_row(values, row, shift, bits)
             for j in range(width):
                 scaled = floats[j] * inverse[row]
-                floats[j] = scaled
-                prefix = bits[j] >> np.uint32(16)
-                level = high_level[prefix] if scaled > boundary[prefix] else low_level[prefix]
+                level = l0
+                level = l1 if scaled > b0 else level
+                level = l2 if scaled > b1 else level
+                level = l3 if scaled > b2 else level
+                level = l4 if scaled > b3 else level
+                level = l5 if scaled > b4 else level
+                level = l6 if scaled > b5 else level
+                level = l7 if scaled > b6 else level
+                level = l8 if scaled > b7 else level
+                level = l9 if scaled > b8 else level
+                level = l10 if scaled > b9 else level
+                level = l11 if scaled > b10 else level
+                level = l12 if scaled > b11 else level
+                level = l13 if scaled > b12 else level
+                level = l14 if scaled > b13 else level
+                level = l15 if scaled > b14 else level
                 floats[j] = level * scale[row]
             store_row(bits, out, row, out_shift)
+
+
+@_compiled
+def floats(values, shift, inverse, scale, mantissa_bits, lowest, largest, overflow, out, out_shift, rows):
+    n, width = values.shape
+    for task in numba.prange((n + rows - 1) // rows):
+        bits = np.empty(width, np.uint32)
+        floats = bits.view(np.float32)
+        up_bits = np.empty(width, np.uint32)
+        up = up_bits.view(np.float32)
+        down_bits = np.empty(width, np.uint32)
+        down = down_bits.view(np.float32)
+        for row in range(task * rows, min(n, (task + 1) * rows)):
+            load_row(values, row, shift, bits)
+            for j in range(width):
+                floats[j] = floats[j] * inverse[row]
+            # The format's step where each value lies (its subnormals' step below its smallest normal) and its
+            # inverse, as powers of two built from the exponent field: scaling by them is exact, so rint makes
+            # the one rounding, to nearest even, as the cast does.
+            for j in range(width):
+                exponent = max((bits[j] >> np.uint32(23)) & np.uint32(0xFF), lowest)
+                up_bits[j] = (np.uint32(254) + mantissa_bits - exponent) << np.uint32(23)
+                down_bits[j] = (exponent - mantissa_bits) << np.uint32(23)
+            for j in range(width):
+                level = np.rint(floats[j] * up[j]) * down[j]
+                if abs(level) > largest:  # NaN stays NaN: the comparison is false
+                    level = np.float32(np.copysign(overflow, floats[j]))
+                floats[j] = level * scale[row]
+            store_row(bits, out, row, out_shift)
+
+
+@_compiled
+def scales(low, high, symmetric, max_abs, qmin, qmax, rounding, mantissa_bits, lowest, largest, smallest,
+           scale, inverse, zero, suspect, rows):
+    # quant._unchecked_scale and fake_quantize_unchecked's checks, operation for operation, on each block's range;
+    # rounding says how the scale is stored: 0 float32, 1 on a float grid (fp16), 2 bfloat16.
+    n = low.shape[0]
+    steps = qmax - qmin
+    for task in numba.prange((n + rows - 1) // rows):
+        first = task * rows
+        count = min(n, first + rows) - first
+        wanted = np.empty(count, np.float32)  # the scale that maps the range onto the grid exactly
+        wanted_bits = wanted.view(np.uint32)
+        stored = np.empty(count, np.float32)  # that scale in its storage dtype, rounded up
+        stored_bits = stored.view(np.uint32)
+        step = np.empty(count, np.float32)
+        step_bits = step.view(np.uint32)
+        bottom = np.empty(count, np.float32)  # the low end that sets the zero point
+        bad = False
+        for i in range(count):
+            lo, hi = low[first + i], high[first + i]
+            bad |= not (np.isfinite(lo) and np.isfinite(hi))
+            if symmetric:
+                hi = max(-lo, hi)
+                lo = -hi
+                exact = hi / max_abs
+            else:
+                lo, hi = min(lo, np.float32(0)), max(hi, np.float32(0))
+                exact = (hi - lo) / steps
+                if not np.isfinite(exact):  # a range wider than float32's largest number overflows the difference
+                    exact = hi / steps - lo / steps
+            wanted[i] = exact if hi - lo > 0 else np.float32(1)
+            bottom[i] = lo
+        if rounding == 0:
+            for i in range(count):
+                stored[i] = wanted[i]
+        elif rounding == 2:
+            for i in range(count):
+                pattern = wanted_bits[i]
+                stored_bits[i] = (pattern + np.uint32(0x7FFF) + ((pattern >> np.uint32(16)) & np.uint32(1))) \
+                    & np.uint32(0xFFFF0000)
+                step_bits[i] = stored_bits[i] + np.uint32(0x10000)  # the next bfloat16 up
+        else:
+            for i in range(count):
+                exponent = max((wanted_bits[i] >> np.uint32(23)) & np.uint32(0xFF), lowest)
+                stored_bits[i] = (np.uint32(254) + mantissa_bits - exponent) << np.uint32(23)
+                step_bits[i] = (exponent - mantissa_bits) << np.uint32(23)
+            for i in range(count):
+                level = np.rint(wanted[i] * stored[i]) * step[i]
+                stored[i] = level if level <= largest else np.float32(np.inf)
+            for i in range(count):  # the grid's step where the stored scale lies, for the next one up
+                exponent = max((stored_bits[i] >> np.uint32(23)) & np.uint32(0xFF), lowest)
+                step_bits[i] = (exponent - mantissa_bits) << np.uint32(23)
+            for i in range(count):
+                step[i] = stored[i] + step[i]
+        for i in range(count):
+            bad |= not np.isfinite(stored[i])  # the storage dtype cannot hold this scale
+            # Round up, never down: a scale rounded down clips the ends of the range.
+            value = step[i] if rounding != 0 and stored[i] < wanted[i] else stored[i]
+            value = min(max(value, smallest), largest)
+            scale[first + i] = value
+            inverse[first + i] = np.float32(1) / value
+            if symmetric:
+                extent = max_abs
+            else:
+                point = min(max(qmin - np.rint(bottom[i] / value), qmin), qmax)
+                zero[first + i] = point
+                extent = max(abs(qmin - point), abs(qmax - point))
+            bad |= extent * value >= np.float32(3.4028234663852886e38) or not np.isfinite(inverse[first + i])
+        suspect[task] = bad

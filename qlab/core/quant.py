@@ -549,6 +549,10 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         x = x.to(torch.float32)  # then every conversion below is exact, as in quantize
     if not fmt.scaled:
+        if cpu_kernels.casts(x, dtype, fmt):
+            values = torch.empty(x.shape, dtype=dtype) if out is None else out
+            cpu_kernels.cast(x, values, fmt)
+            return values, None
         if out is None:
             values = x.to(fmt.cast_dtype).to(dtype)
             return (values.clone() if values.data_ptr() == x.data_ptr() else values), None
@@ -559,11 +563,30 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
         return out, None
     blocks = _as_blocks(x, scheme)
     compiled = cpu_kernels.usable(blocks, dtype)
+    if compiled and scheme.calibration == "minmax":
+        scale, inverse, zero, suspect = cpu_kernels.block_scales(blocks, scheme.symmetric, fmt,
+                                                                 SCALE_DTYPES[scheme.scale_dtype])
+    else:
+        scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
+    values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
+    if compiled and cpu_kernels.rounds(fmt):
+        search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
+        cpu_kernels.dequantize_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt, search)
+    else:
+        _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt)
+    return values, suspect
+
+
+def _block_scales(x: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Each block's scale and its inverse, its zero point (None if symmetric), as float32 columns, and whether
+    some of them cannot be trusted (``fake_quantize_unchecked``'s flag): what ``cpu_kernels.block_scales`` also
+    computes, operation for operation."""
+    fmt = scheme.fmt
     if scheme.calibration == "minmax":
         # Ranges of the stored values: min and max are exact in any float dtype, so no float32 copy is needed,
         # and they carry every NaN or infinity with them.
-        low, high = cpu_kernels.block_ranges(blocks) if compiled else \
-            (end.to(torch.float32) for end in torch.aminmax(blocks, dim=1))
+        low, high = (end.to(torch.float32) for end in torch.aminmax(blocks, dim=1))
         suspect = ~(torch.isfinite(low) & torch.isfinite(high)).all()
         if scheme.symmetric:
             high = torch.maximum(-low, high)  # max |x| = max(-min, max)
@@ -577,18 +600,12 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     inverse = 1.0 / scale
     # Grid ends past float32's largest number (checked in float64 by quantize: >= is the float32 bound on it).
     if zero_point is None:
-        extent = fmt.max_abs
+        zero, extent = None, fmt.max_abs
     else:
         zero = zero_point[:, None].to(torch.float32)
         extent = torch.maximum((fmt.qmin - zero).abs(), (fmt.qmax - zero).abs())
     suspect |= (extent * scale >= torch.finfo(torch.float32).max).any() | ~torch.isfinite(inverse).all()
-    values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
-    tables = _prefix_tables(fmt.name) if fmt.kind == "lut" and compiled else None
-    if compiled and (fmt.kind == "integer" or tables is not None):
-        cpu_kernels.dequantize_blocks(blocks, values.view(blocks.shape), scale, inverse, zero_point, fmt, tables)
-    else:
-        _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero_point, fmt)
-    return values, suspect
+    return scale, inverse, zero, suspect
 
 
 def _into(out: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
@@ -605,8 +622,9 @@ FAKE_QUANTIZE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 
 def _dequantized_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
-                        zero_point: torch.Tensor | None, fmt: Format) -> None:
-    """Write ``encode`` then ``QTensor.dequantize`` of ``blocks`` into ``out``, chunk by chunk, in place."""
+                        zero: torch.Tensor | None, fmt: Format) -> None:
+    """Write ``encode`` then ``QTensor.dequantize`` of ``blocks`` into ``out``, chunk by chunk, in place (the
+    per-block float32 columns of ``_block_scales``)."""
     chunk = FAKE_QUANTIZE_CHUNK_ELEMENTS.get(blocks.device.type, 1 << 22)
     n_blocks, width = blocks.shape
     if n_blocks == 1:  # one scale: chunks along the block
@@ -615,22 +633,20 @@ def _dequantized_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Te
         step = max(1, chunk // width)
         parts = [(slice(start, start + step), slice(None)) for start in range(0, n_blocks, step)]
     split = blocks.device.type in CAST_FIRST_DEVICES
-    zero = torch.zeros((), dtype=torch.float32, device=blocks.device)
+    nothing = torch.zeros((), dtype=torch.float32, device=blocks.device)
     if fmt.kind == "integer":
         # Adding 0 - z, not subtracting z: the -0 that rounding leaves (-0.3 -> -0) becomes the +0 of the int8
         # code 0, as in QTensor.dequantize.
-        if zero_point is not None:
-            zero_point = zero_point[:, None].to(torch.float32)
-        offset = torch.zeros_like(scale) if zero_point is None else 0.0 - zero_point
+        offset = torch.zeros_like(scale) if zero is None else 0.0 - zero
     for rows, columns in parts:
         part, target = blocks[rows, columns], out[rows, columns]
         scaled = part.to(torch.float32, copy=True).mul_(inverse[rows]) if split else torch.mul(part, inverse[rows])
         if fmt.kind == "integer":
-            if zero_point is not None:
-                scaled.add_(zero_point[rows])
+            if zero is not None:
+                scaled.add_(zero[rows])
             scaled.round_().clamp_(fmt.qmin, fmt.qmax)
-            if zero_point is None and not split:
-                torch.addcmul(zero, scaled, scale[rows], out=target)  # the + 0, the scaling and the cast in one
+            if zero is None and not split:
+                torch.addcmul(nothing, scaled, scale[rows], out=target)  # the + 0, the scaling and the cast in one
                 continue
             scaled.add_(offset[rows])
         elif fmt.kind == "float":
