@@ -1,7 +1,9 @@
-import ctypes
+from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import pytest
-import torch
 
 from qlab.core import peak_rss
 from qlab.core.peak_rss import PeakRss
@@ -9,21 +11,28 @@ from qlab.core.peak_rss import PeakRss
 BLOCK = 256 * 2**20
 
 
-def release_free_heap() -> None:
-    """Hand the heap's free pages back to the kernel, so that a new block is new resident memory: glibc serves a
-    large allocation from a free chunk of its heap when one fits (earlier tests' freed tensors leave some), and
-    then the block's pages are resident already and no peak appears (CI failed so on a fresh clone)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator is not the one these tests know
-        pass
+class NewPages:
+    """``size`` bytes of new resident memory while the block is open: a mapping of its own, every page written,
+    unmapped at the end. A tensor would come from the allocator, which may serve it from pages it holds already
+    (after earlier tests, glibc did so in CI: no peak appeared) or give them back without an unmap."""
+
+    def __init__(self, size: int = BLOCK) -> None:
+        self.size = size
+
+    def __enter__(self) -> NewPages:
+        self.mapping = mmap.mmap(-1, self.size)
+        pages = np.frombuffer(self.mapping, dtype=np.uint8)
+        pages[::mmap.PAGESIZE] = 1
+        del pages  # the mapping cannot close while an array still looks into it
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mapping.close()
 
 
 def transient_allocation(size: int = BLOCK) -> None:
-    release_free_heap()
-    block = torch.ones(size // 4)  # touched, so resident
-    block.add_(1)
-    del block
+    with NewPages(size):
+        pass
 
 
 needs_mark = pytest.mark.skipif(peak_rss.high_water_mark() is None or not peak_rss._reset_high_water_mark(),
@@ -51,11 +60,8 @@ def test_a_stretch_started_inside_another_does_not_hide_the_outer_peak():
 
 def test_without_a_resettable_mark_it_falls_back_to_sampling(monkeypatch):
     monkeypatch.setattr(peak_rss, "_reset_high_water_mark", lambda: False)
-    release_free_heap()
     stretch = PeakRss().start()
     assert not stretch.exact
-    block = torch.ones(BLOCK // 4)
-    block.add_(1)
-    stretch.observe()
-    del block
+    with NewPages():
+        stretch.observe()
     assert stretch.stop() > BLOCK * 0.95
