@@ -134,11 +134,13 @@ def _rounded(param: torch.nn.Parameter, rest: Format, cache: dict | None = None,
              ) -> torch.nn.Parameter:
     """A tensor the plan leaves unquantized, stored at the plan's format for everything else (as
     ``quantized_copy`` stores it); a large one is the tensor itself when that changes no value, so nothing large
-    is copied. A large one's result is kept in ``cache`` (the baseline's) under ``name``: every scheme of a
-    sweep rounds the embedding to the same format, and a 1B model's took 0.5 s."""
+    is copied. On a CPU a large one's result is kept in ``cache`` (the baseline's) under ``name``: every scheme
+    of a sweep rounds the embedding to the same format, and a 1B model's took 0.5 s (a GPU does it in
+    milliseconds, and its memory is the scarcer)."""
     if rest.bits >= 32 or rest.cast_dtype == param.dtype:
         return param
     large = param.numel() > COPIED_UNCHECKED_VALUES
+    cache = cache if param.device.type == "cpu" else None
     key = ("rounded outside the plan", name, rest.name)
     if large and cache is not None and key in cache:
         base, version, rounded = cache[key]
