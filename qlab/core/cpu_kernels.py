@@ -79,6 +79,7 @@ def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.
     low, high = block_ranges(blocks)
     scale, inverse = torch.empty_like(low), torch.empty_like(low)
     zero = None if symmetric else torch.empty_like(low)
+    unwritten = np.empty(0, dtype=np.float32)  # the kernel writes no zero point for a symmetric grid
     rows = 1 << 14
     suspect = np.zeros((low.numel() + rows - 1) // rows, dtype=np.bool_)
     if scale_dtype == torch.float32:
@@ -91,7 +92,7 @@ def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.
     _kernels().scales(low.numpy(), high.numpy(), symmetric, np.float32(fmt.max_abs), np.float32(fmt.qmin),
                       np.float32(fmt.qmax), rounding, mantissa_bits, lowest, np.float32(finfo.max),
                       np.float32(finfo.tiny * finfo.eps), scale.numpy(), inverse.numpy(),
-                      (scale if zero is None else zero).numpy(), suspect, rows)
+                      unwritten if zero is None else zero.numpy(), suspect, rows)
     columns = [None if t is None else t[:, None] for t in (scale, inverse, zero)]
     return *columns, torch.from_numpy(suspect).any()
 
@@ -151,9 +152,8 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
         _round_floats(blocks, out, scale, inverse, fmt)
     elif fmt.kind == "integer":
         zero = np.zeros_like(scale) if zero is None else zero.reshape(-1).contiguous().numpy()
-        offset = np.float32(0.0) - zero  # adding 0 - z turns rounding's -0 into the +0 of code 0, as torch's route
-        kernels.integers(values, shift, inverse, zero, offset, scale, np.float32(fmt.qmin), np.float32(fmt.qmax),
-                         target, out_shift, _rows_per_task(blocks))
+        kernels.integers(values, shift, inverse, zero, scale, np.float32(fmt.qmin), np.float32(fmt.qmax), target,
+                         out_shift, _rows_per_task(blocks))
     else:
         boundaries, levels = (t.to(torch.float32) for t in search)
         padding = kernels.TABLE_BOUNDARIES - boundaries.numel()

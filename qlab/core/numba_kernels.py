@@ -60,7 +60,7 @@ def ranges(values, shift, low, high, rows):
 
 
 @_compiled
-def integers(values, shift, inverse, zero, offset, scale, qmin, qmax, out, out_shift, rows):
+def integers(values, shift, inverse, zero, scale, qmin, qmax, out, out_shift, rows):
     n, width = values.shape
     for task in numba.prange((n + rows - 1) // rows):
         bits = np.empty(width, np.uint32)
@@ -69,7 +69,8 @@ def integers(values, shift, inverse, zero, offset, scale, qmin, qmax, out, out_s
             load_row(values, row, shift, bits)
             for j in range(width):
                 code = np.rint(floats[j] * inverse[row] + zero[row])
-                floats[j] = (min(max(code, qmin), qmax) + offset[row]) * scale[row]
+                # adding 0 - z turns rounding's -0 into the +0 of code 0, as torch's route
+                floats[j] = (min(max(code, qmin), qmax) + (np.float32(0) - zero[row])) * scale[row]
             store_row(bits, out, row, out_shift)
 
 
