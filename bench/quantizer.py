@@ -10,7 +10,7 @@ random weights of the given shapes in ``--dtype``:
   until the fused route (codes kept, float32 passes, a device sync per check);
 - ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them; on a CPU
   ranges, scales and rounding of integer, table and float formats in ``qlab.core.cpu_kernels``' compiled
-  passes);
+  passes, on a GPU their rounding in ``qlab.core.gpu_kernels``' one Triton pass);
 - ``torch_fused_s``: the same without the compiled kernels (torch's chunked passes);
 - ``speedup``: before / after, ``compiled_speedup``: torch_fused / after (the three alternate within each repeat,
   so drifting load hits them alike), and ``identical``: whether all three give the same bits.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from qlab.core import cpu_kernels, quant  # noqa: E402
+from qlab.core import cpu_kernels, gpu_kernels, quant  # noqa: E402
 from qlab.core.algorithms import dequantized_weights, quantize_weight  # noqa: E402
 from qlab.core.quant import SCALE_DTYPES, QuantScheme  # noqa: E402
 from qlab.models.hardware import detect_this_machine  # noqa: E402
@@ -65,12 +65,12 @@ def measure(scheme: QuantScheme, weights: list[torch.Tensor], dtype: torch.dtype
     for _ in range(repeats):
         old, seconds = _timed(device, lambda: [quantize_weight(w, scheme).dequantize(dtype) for w in weights])
         before.append(seconds)
-        compiled_from = cpu_kernels.MIN_VALUES
-        cpu_kernels.MIN_VALUES = float("inf")
+        compiled_from = cpu_kernels.MIN_VALUES, gpu_kernels.MIN_VALUES
+        cpu_kernels.MIN_VALUES = gpu_kernels.MIN_VALUES = float("inf")
         try:
             torch_route, seconds = _timed(device, lambda: dequantized_weights(layers, dtype))
         finally:
-            cpu_kernels.MIN_VALUES = compiled_from
+            cpu_kernels.MIN_VALUES, gpu_kernels.MIN_VALUES = compiled_from
         fused.append(seconds)
         new, seconds = _timed(device, lambda: dequantized_weights(layers, dtype))
         after.append(seconds)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from qlab.core import cpu_kernels
+from qlab.core import cpu_kernels, gpu_kernels
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, _table_search, _table_tensor, get_format
 
@@ -569,9 +569,10 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     else:
         scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
     values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
-    if compiled and cpu_kernels.rounds(fmt):
+    kernels = cpu_kernels if compiled else gpu_kernels if gpu_kernels.usable(blocks, dtype) else None
+    if kernels is not None and kernels.rounds(fmt):
         search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
-        cpu_kernels.dequantize_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt, search)
+        kernels.dequantize_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt, search)
     else:
         _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt)
     return values, suspect

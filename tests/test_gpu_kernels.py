@@ -1,0 +1,117 @@
+"""The GPU rounding kernel gives the bits of quantize(...).dequantize(...) and of torch's casts.
+
+On a CUDA GPU with Triton the kernel runs compiled and is reached through ``fake_quantize_unchecked``; on a
+machine with Triton but no GPU it runs in Triton's interpreter on CPU tensors (the same code, value by value in
+numpy); without Triton (CI) the module skips.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:  # read when the kernel is defined: before qlab.core.triton_kernels is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from qlab.core import gpu_kernels, quant  # noqa: E402
+from qlab.core.formats import format_names, get_format  # noqa: E402
+from qlab.core.quant import QuantScheme, fake_quantize, fake_quantize_unchecked, quantize  # noqa: E402
+from tests.test_cpu_kernels import nan_as_one  # noqa: E402
+from tests.test_quant_fake import bits, sample, schemes  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+ROUNDED = [name for name in format_names() if get_format(name).scaled and gpu_kernels.rounds(get_format(name))]
+CAST_FORMATS = [name for name in format_names() if get_format(name).kind == "float"
+                and get_format(name).cast_dtype != torch.bfloat16 and gpu_kernels.rounds(get_format(name))]
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def kernel_values(x: torch.Tensor, scheme: QuantScheme, out_dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's values of ``x`` under ``scheme``, given torch's scales of its blocks."""
+    blocks = quant._as_blocks(x, scheme)
+    scale, inverse, zero, suspect = quant._block_scales(x, blocks, scheme)
+    assert not suspect
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    gpu_kernels.dequantize_blocks(blocks, out.view(blocks.shape), scale, inverse, zero, scheme.fmt)
+    return out
+
+
+def test_integers_and_small_floats_are_rounded_here_and_tables_are_not():
+    assert {"int8", "int4", "int3", "fp8_e4m3", "fp8_e5m2"} <= set(ROUNDED)
+    assert not {"nf4", "fp4_e2m1"} & set(ROUNDED)
+
+
+@pytest.mark.parametrize("fmt", ROUNDED)
+def test_kernel_matches_quantize_bit_for_bit(fmt):
+    cases = [((7, 96), 1.0), ((33, 64), 1e-3), ((40, 128), 300.0)]
+    for seed, scheme in enumerate(schemes(fmt)):
+        for shape, magnitude in cases:
+            for dtype in DTYPES:
+                x = sample(shape, dtype, magnitude, seed).to(DEVICE)
+                for out in DTYPES:
+                    expected = quantize(x, scheme).dequantize(out)
+                    assert torch.equal(bits(kernel_values(x, scheme, out)), bits(expected)), \
+                        (scheme.label, dtype, out)
+
+
+@pytest.mark.parametrize("fmt", CAST_FORMATS)
+def test_float_rounding_matches_torchs_casts_for_every_bf16_and_many_float32_values(fmt):
+    """With a scale of 1 the kernel is the format's cast: compared with torch's on every bf16 value, random
+    float32 bit patterns (NaN, infinities, subnormals) and values from 1e-12 to 1e6. The reference is torch's CPU
+    cast, which saturates E4M3 at 448 past its range; qlab rounds alike on every device."""
+    fmt = get_format(fmt)
+    every_bf16 = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    any_float32 = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 18,), generator=generator).to(torch.int32)
+    around_one = torch.randn(1 << 18, generator=generator) * torch.logspace(-12, 6, 1 << 18)
+    for x in (every_bf16, any_float32.view(torch.float32), around_one):
+        x = x.reshape(-1, 256).to(DEVICE)
+        ones = torch.ones(x.shape[0], 1, device=DEVICE)
+        for out_dtype in DTYPES:
+            out = torch.empty(x.shape, dtype=out_dtype, device=DEVICE)
+            gpu_kernels.dequantize_blocks(x, out, ones, ones, None, fmt, None)
+            expected = x.cpu().to(fmt.cast_dtype).to(out_dtype)
+            assert torch.equal(nan_as_one(out.cpu()), nan_as_one(expected)), (x.dtype, out_dtype)
+
+
+def test_ties_round_to_even_and_signed_zeros_survive():
+    # Scaled by 127 / 63.5 = 2 exactly: k + 0.5 steps land on ties, each rounded to the even code.
+    x = torch.cat([torch.arange(-127, 128, dtype=torch.float32) / 2, torch.tensor([-0.0])]).reshape(-1, 64)
+    x = x.to(DEVICE)
+    for scheme in (QuantScheme("int8", "group", 64), QuantScheme("int8", "group", 64, symmetric=False),
+                   QuantScheme("fp8_e4m3", "group", 64)):
+        expected = quantize(x, scheme).dequantize(torch.float32)
+        assert torch.equal(bits(kernel_values(x, scheme, torch.float32)), bits(expected)), scheme.label
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_large_gpu_tensors_take_the_kernel_and_small_ones_torchs_route(monkeypatch):
+    calls = []
+    real = gpu_kernels.dequantize_blocks
+    monkeypatch.setattr(gpu_kernels, "dequantize_blocks", lambda *args: calls.append(args[5].name) or real(*args))
+    x = sample((1024, 2048), torch.bfloat16, 0.02, 9).to(DEVICE)
+    for name in ("int4", "nf4", "fp8_e4m3"):  # nf4: torch's route
+        scheme = QuantScheme(name, "group", 64)
+        out = torch.empty_like(x)
+        values, suspect = fake_quantize_unchecked(x, scheme, torch.bfloat16, out=out)
+        assert values is out and not suspect.item()
+        assert torch.equal(bits(values), bits(quantize(x, scheme).dequantize(torch.bfloat16)))
+    assert calls == ["int4", "fp8_e4m3"]
+    fake_quantize(x[:16], QuantScheme("int4", "group", 64))  # 32 K values: torch's route
+    fake_quantize(x, QuantScheme("fp16"))  # a plain cast: torch's
+    assert calls == ["int4", "fp8_e4m3"]
+    assert not gpu_kernels.usable(x.cpu().reshape(-1, 64), torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_values_that_are_not_finite_are_flagged_and_refused_like_quantize():
+    x = sample((1024, 2048), torch.bfloat16, 1.0, 0).to(DEVICE)
+    x[9, 17] = float("nan")
+    _, suspect = fake_quantize_unchecked(x, QuantScheme("int4", "group", 64), torch.bfloat16)
+    assert suspect.item()
+    with pytest.raises(Exception, match="NaN or infinite"):
+        fake_quantize(x, QuantScheme("int4", "group", 64), torch.bfloat16)
