@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -401,17 +401,31 @@ def _zero_point_for(low: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torc
 def encode(blocks: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
            fmt: Format) -> torch.Tensor:
     """Codes of ``blocks`` (one row per scale) on the format's grid, given each row's scale and zero-point."""
+    return encoder(scale, zero_point, fmt)(blocks)
+
+
+def encoder(scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: Format
+            ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``encode`` for any number of columns of blocks (one row per scale), the reciprocal of the scales and its
+    check made once: GPTQ encodes column by column, and the check waits for a GPU."""
+    scale = scale.to(torch.float32)[:, None]
     # Multiply by the reciprocal in float32, exactly as torch.quantize_per_tensor does, so ties agree.
-    inverse = 1.0 / scale.to(torch.float32)[:, None]
-    scaled = blocks * inverse
-    if not torch.isfinite(inverse).all():  # a scale below 2.9e-39 (a range under 1e-36): its reciprocal overflows
-        scaled = torch.where(torch.isfinite(inverse), scaled, blocks / scale.to(torch.float32)[:, None])
-    if zero_point is None:
-        return fmt.round(scaled)
-    # The zero-point is added before rounding, round(x / scale + zero_point), as torch.quantize_per_tensor and
-    # torch.quantize_per_channel do: a tie goes to the even code, not to an even offset from the zero-point.
-    q = torch.round(scaled + zero_point.to(torch.float32)[:, None])
-    return q.clamp_(fmt.qmin, fmt.qmax).to(torch.int8)
+    inverse = 1.0 / scale
+    # A scale below 2.9e-39 (a range under 1e-36): its reciprocal overflows, and those rows divide instead.
+    finite = None if torch.isfinite(inverse).all() else torch.isfinite(inverse)
+    zero = None if zero_point is None else zero_point.to(torch.float32)[:, None]
+
+    def codes(blocks: torch.Tensor) -> torch.Tensor:
+        scaled = blocks * inverse
+        if finite is not None:
+            scaled = torch.where(finite, scaled, blocks / scale)
+        if zero is None:
+            return fmt.round(scaled)
+        # The zero-point is added before rounding, round(x / scale + zero_point), as torch.quantize_per_tensor and
+        # torch.quantize_per_channel do: a tie goes to the even code, not to an even offset from the zero-point.
+        return torch.round(scaled + zero).clamp_(fmt.qmin, fmt.qmax).to(torch.int8)
+
+    return codes
 
 
 def _mse_scale(blocks: torch.Tensor, scheme: QuantScheme

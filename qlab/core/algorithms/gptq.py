@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 
 from qlab.core.algorithms.sparsity import KEPT, PATTERN, SparseQTensor, check_prunable, two_four_mask
 from qlab.core.errors import QlabError
-from qlab.core.quant import QTensor, QuantScheme, compute_scale, encode
+from qlab.core.quant import QTensor, QuantScheme, compute_scale, encoder
 from qlab.core.threads import one_thread
 
 # The reference's default is 1% of the mean diagonal with 128 x 2048 calibration tokens. With the few thousand
@@ -147,6 +148,10 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
         order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
     h_inv = _inverse_cholesky(h, damp_percent)
+    # Each column's group, read once: an element read per column waits for a GPU.
+    groups_in_order = [column // group_size for column in order.tolist()] if static else None
+    static_rounding: dict[int, Callable] = {}
+    rounding = None if row_scale is None else _column_rounding(row_scale, row_zero, fmt)
 
     # Blocks hold whole groups (and whole groups of four when pruning), so a group's scale and a group of
     # four's mask are computed from weights that already carry every update.
@@ -173,9 +178,11 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
                 keep_t[start + i: start + i + PATTERN].scatter_(
                     0, saliency.topk(PATTERN - KEPT, dim=0, largest=False).indices, False)
             if static:
-                group = order[start + i].item() // group_size
-                row_scale = static_scale[:, group]
-                row_zero = None if static_zero is None else static_zero[:, group]
+                group = groups_in_order[start + i]
+                if group not in static_rounding:
+                    static_rounding[group] = _column_rounding(
+                        static_scale[:, group], None if static_zero is None else static_zero[:, group], fmt)
+                rounding = static_rounding[group]
             elif group_size is not None and i % group_size == 0:
                 group = block[i: i + group_size]
                 if fixed_mask:
@@ -184,17 +191,14 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
                 group_scales.append(row_scale)
                 if row_zero is not None:
                     group_zeros.append(row_zero)
+                rounding = _column_rounding(row_scale, row_zero, fmt)
             column = block[i]
             target = column * keep_t[start + i] if sparse else column
-            if row_scale is None:  # a plain cast (fp16/bf16) pruned by SparseGPT: the cast is the rounding
+            if rounding is None:  # a plain cast (fp16/bf16) pruned by SparseGPT: the cast is the rounding
                 code = fmt.round(target)
                 quantized = fmt.decode(code)
             else:
-                code = encode(target[:, None], row_scale, row_zero, fmt)[:, 0]
-                values = fmt.decode(code)
-                if row_zero is not None:
-                    values = values - row_zero.to(torch.float32)
-                quantized = values * row_scale.to(torch.float32)
+                code, quantized = rounding(target)
             codes_t[start + i] = code
             error = (column - quantized) / h_block[i, i]
             block[i:].addr_(h_block[i, i:], error, alpha=-1)
@@ -220,6 +224,24 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, damp
     if sparse:
         return SparseQTensor(codes, scale, zero, scheme, weight.shape, keep_t.T.contiguous())
     return QTensor(codes, scale, zero, scheme, weight.shape)
+
+
+def _column_rounding(row_scale: torch.Tensor, row_zero: torch.Tensor | None, fmt
+                     ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Each column's codes and their float32 values under one scale (and zero point) per row: what
+    ``QTensor.dequantize`` gives, with the conversions made once for every column of the group."""
+    codes = encoder(row_scale, row_zero, fmt)
+    zero = None if row_zero is None else row_zero.to(torch.float32)
+    scale = row_scale.to(torch.float32)
+
+    def round_column(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = codes(target[:, None])[:, 0]
+        values = fmt.decode(code)
+        if zero is not None:
+            values = values - zero
+        return code, values * scale
+
+    return round_column
 
 
 def reconstruction_error(weight: torch.Tensor, dequantized: torch.Tensor, inputs: torch.Tensor) -> float:
