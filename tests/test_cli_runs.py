@@ -224,6 +224,37 @@ def test_bench_sweep_writes_its_result_even_when_the_database_then_fails(tmp_pat
 
 
 @pytest.mark.slow
+def test_bench_sweep_keeps_the_schemes_measured_before_one_fails(tmp_path, monkeypatch, minilm, capsys):
+    """A scheme that fails late (out of memory, a kernel that breaks) costs that scheme, not the ones before it:
+    the JSON holds them, marked incomplete, and imports as a stopped run."""
+    from qlab.analyses import sweep_benchmark
+    from qlab.core.errors import QlabError
+    from qlab.store.transfer import runs_from_payload
+
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    monkeypatch.setattr(sweep_benchmark, "load", lambda name: minilm)
+    real_sweep = sweep_benchmark.run_sweep
+
+    def breaks_at_the_second(*args, **kwargs):
+        rows = real_sweep(*args, **kwargs)
+        yield next(rows)
+        raise QlabError("the GPU ran out of memory in the second scheme.")
+
+    monkeypatch.setattr(sweep_benchmark, "run_sweep", breaks_at_the_second)
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8,int4,nf4", "--granularity",
+                     "group", "--tokens", "32", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "ran out of memory" in err and err.count("\n") == 1
+    kept = json.loads(out.read_text())
+    assert kept["complete"] is False and [r["label"] for r in kept["rows"]] == ["int8 g64"]
+    assert kept["rows"][0]["cost_over_eval"] > 0
+    [run] = runs_from_payload(kept, "bench.json")
+    assert run["status"] == "stopped"
+    assert [r["label"] for r in run["results"] if r["kind"] == "sweep"] == ["int8 g64"]
+
+
+@pytest.mark.slow
 def test_bench_sweep_run_carries_the_hashes_a_sweep_run_has(tmp_path, monkeypatch, minilm, capsys):
     """`bench sweep --db` stores the weights and text hashes of what it measured: its rows are reusable and a
     comparison with a plain sweep of the same model and text names no difference in text or weights."""

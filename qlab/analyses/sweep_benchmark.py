@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 
 import psutil
 import torch
@@ -18,10 +19,13 @@ from qlab.models.hardware import detect_this_machine
 from qlab.models.loading import RUNTIME_BYTES, SWEEP_MEMORY_FACTOR, load, model_sha256
 
 
-def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **placement: str | None) -> dict:
+def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
+                on_row: Callable[[dict], None] | None = None, **placement: str | None) -> dict:
     """Time one evaluation of the base model and a full sweep (baseline included) in one process, the model
     loaded by ``load(model_name, **placement)`` (``device``, ``device_map``, ``dtype``; default: the CPU, in its
-    own dtype); each row gets its cost over that evaluation and its peak memory.
+    own dtype); each row gets its cost over that evaluation and its peak memory. ``on_row`` receives the result
+    as it stands after each scheme (``"complete": False`` until the last), so that a caller can keep the rows
+    measured before a later scheme fails.
 
     Goals: each scheme <= 1.2x one base evaluation on the same device; peak memory <= 1.3x the weights as loaded
     plus the largest tensor plus 1 GB of working memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS
@@ -46,59 +50,66 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int, **plac
     largest = max(p.numel() * p.element_size() for p in loaded.model.parameters())
     goal_peak = int(SWEEP_MEMORY_FACTOR * loaded.weight_bytes) + largest + RUNTIME_BYTES
     rows = []
+    host = detect_this_machine().host
+    weights_sha256 = model_sha256(loaded)  # before the clock starts: files of 16 GB take seconds to hash
     started = time.perf_counter()
     sweep = run_sweep(loaded, schemes, spec, baseline)
+
+    def result(complete: bool) -> dict:
+        sweep_s = time.perf_counter() - started + baseline_s
+        overall = max([eval_peak] + [r["peak_memory_bytes"] for r in rows])
+        return {
+            "benchmark": "sweep",
+            "model": loaded.name,
+            "device": loaded.device,
+            "gpu": torch.cuda.get_device_name(0) if loaded.device != "cpu" else None,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "reference_dtype": baseline.reference_dtype,
+            "formats": [s.label for s in schemes],
+            "tokens": baseline.tokens,
+            "parameters": loaded.num_params,
+            "load_s": round(load_s, 3),
+            "baseline_s": round(baseline_s, 3),
+            "one_eval_s": round(one_eval_s, 3),
+            "sweep_s": round(sweep_s, 3),
+            "sweep_over_eval": round(sweep_s / one_eval_s, 3),
+            "max_scheme_cost_over_eval": max((r["cost_over_eval"] for r in rows), default=None),
+            "goal_scheme_cost_over_eval": 1.2,
+            "model_bytes": loaded.weight_bytes,
+            "largest_tensor_bytes": largest,
+            "peak_memory_kind": peak.kind,
+            "eval_peak_memory_bytes": eval_peak,
+            "peak_memory_bytes": overall,
+            "peak_memory_over_model": round(overall / loaded.weight_bytes, 3),
+            "goal_peak_memory_bytes": goal_peak,
+            "rss_before_load_bytes": rss_before_load,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            # The CPU varies between machines, and its bf16 matmuls (AMX, AVX512-BF16 or neither) set one evaluation.
+            "cpu_model": host.cpu_model,
+            "cpu_flags": sorted(host.cpu_flags),
+            "torch": torch.__version__,
+            # What makes the rows comparable with other runs once stored (``Store.import_payload``).
+            "qlab": __version__,
+            "transformers": transformers.__version__,
+            "model_sha256": weights_sha256,
+            "text_name": spec.text_name,
+            "text_sha256": spec.text_sha256,
+            "seed": torch.initial_seed(),
+            "complete": complete,
+            "rows": rows,
+        }
+
     while True:
         peak.reset()
         row = next(sweep, None)
         if row is None:
-            break
+            return result(complete=True)
         scheme_peak = peak.read()
         rows.append({**row.to_record(), "cost_over_eval": round(row.seconds / one_eval_s, 3),
                      "peak_memory_bytes": scheme_peak, "peak_over_goal": round(scheme_peak / goal_peak, 3)})
-    sweep_s = time.perf_counter() - started + baseline_s
-    overall = max([eval_peak] + [r["peak_memory_bytes"] for r in rows])
-    host = detect_this_machine().host
-    return {
-        "benchmark": "sweep",
-        "model": loaded.name,
-        "device": loaded.device,
-        "gpu": torch.cuda.get_device_name(0) if loaded.device != "cpu" else None,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "reference_dtype": baseline.reference_dtype,
-        "formats": [s.label for s in schemes],
-        "tokens": baseline.tokens,
-        "parameters": loaded.num_params,
-        "load_s": round(load_s, 3),
-        "baseline_s": round(baseline_s, 3),
-        "one_eval_s": round(one_eval_s, 3),
-        "sweep_s": round(sweep_s, 3),
-        "sweep_over_eval": round(sweep_s / one_eval_s, 3),
-        "max_scheme_cost_over_eval": max((r["cost_over_eval"] for r in rows), default=None),
-        "goal_scheme_cost_over_eval": 1.2,
-        "model_bytes": loaded.weight_bytes,
-        "largest_tensor_bytes": largest,
-        "peak_memory_kind": peak.kind,
-        "eval_peak_memory_bytes": eval_peak,
-        "peak_memory_bytes": overall,
-        "peak_memory_over_model": round(overall / loaded.weight_bytes, 3),
-        "goal_peak_memory_bytes": goal_peak,
-        "rss_before_load_bytes": rss_before_load,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        # The CPU varies between machines, and its bf16 matmuls (AMX, AVX512-BF16 or neither) set one evaluation.
-        "cpu_model": host.cpu_model,
-        "cpu_flags": sorted(host.cpu_flags),
-        "torch": torch.__version__,
-        # What makes the rows comparable with other runs once stored (``Store.import_payload``).
-        "qlab": __version__,
-        "transformers": transformers.__version__,
-        "model_sha256": model_sha256(loaded),
-        "text_name": spec.text_name,
-        "text_sha256": spec.text_sha256,
-        "seed": torch.initial_seed(),
-        "rows": rows,
-    }
+        if on_row is not None and len(rows) < len(schemes):
+            on_row(result(complete=False))
 
 
 class PeakMemory:

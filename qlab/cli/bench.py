@@ -150,7 +150,11 @@ def cmd_bench_sweep(args: argparse.Namespace) -> None:
 
     schemes = [scheme_from_args(args, f) for f in parse_formats(args.formats)]
     requested_path(args.db)  # a database that cannot take the result is said before the benchmark, not after
-    result = bench_sweep(args.model, schemes, args.tokens, **load_options(args))
+    # The rows so far are written after each scheme (marked incomplete), so a later scheme that fails (out of
+    # memory, a kernel that breaks) keeps what was measured; stdout gets the result once, at the end.
+    to_file = args.json not in (None, "-")
+    result = bench_sweep(args.model, schemes, args.tokens, on_row=(lambda partial: emit(partial, args.json))
+                         if to_file else None, **load_options(args))
     # Written before it is stored: a database that fails now must not throw away minutes of benchmark.
     emit(result, args.json if args.json is not None else "-")
     store_bench_sweep(args, result)

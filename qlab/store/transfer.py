@@ -70,7 +70,9 @@ def _bare_run(kind: str, sweep_rows: list[dict], others: list[dict], source_name
                    "record": o} for o in others])
     settings = {"schemes": [s for s in schemes if s is not None], "imported_from": source_name,
                 **{k: described[k] for k in ("benchmark", "formats") if k in described}}
-    return {"id": run_id, "created_at": now(), "kind": kind, "status": "finished",
+    # A `bench sweep` file written before its last scheme (one that failed) holds the schemes measured so far.
+    status = "stopped" if described.get("complete") is False else "finished"
+    return {"id": run_id, "created_at": now(), "kind": kind, "status": status,
             "model": described.get("model", "unknown"), "hardware": described.get("hardware"),
             "model_sha256": described.get("model_sha256"), "text_sha256": described.get("text_sha256"),
             "text_name": described.get("text_name"), "seed": described.get("seed"),
