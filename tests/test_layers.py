@@ -160,9 +160,14 @@ def test_the_check_catches_an_upward_import_and_a_cycle():
 
 def test_no_qlab_module_imports_streamlit():
     names = sorted(name for name in all_modules() if not name.endswith("__main__"))
+    # Triton comes with CUDA builds of torch only: qlab.core.triton_kernels is imported where it is installed.
     script = ("import importlib, sys\n"
               f"for name in {names!r}:\n"
-              "    importlib.import_module(name)\n"
+              "    try:\n"
+              "        importlib.import_module(name)\n"
+              "    except ModuleNotFoundError as missing:\n"
+              "        if missing.name != 'triton':\n"
+              "            raise\n"
               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'streamlit'))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=PACKAGE.parent)
