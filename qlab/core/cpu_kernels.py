@@ -87,7 +87,7 @@ def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.
     elif scale_dtype == torch.bfloat16:
         rounding, mantissa_bits, lowest = 2, np.uint32(0), np.uint32(0)
     else:
-        rounding, (mantissa_bits, lowest, _, _) = 1, _float_grid(scale_dtype)
+        rounding, (mantissa_bits, lowest, _, _) = 1, float_grid(scale_dtype)
     finfo = torch.finfo(scale_dtype)
     _kernels().scales(low.numpy(), high.numpy(), symmetric, np.float32(fmt.max_abs), np.float32(fmt.qmin),
                       np.float32(fmt.qmax), rounding, mantissa_bits, lowest, np.float32(finfo.max),
@@ -98,7 +98,7 @@ def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.
 
 
 @functools.cache
-def _float_grid(cast_dtype: torch.dtype) -> tuple[np.uint32, np.uint32, np.float32, np.float32] | None:
+def float_grid(cast_dtype: torch.dtype) -> tuple[np.uint32, np.uint32, np.float32, np.float32] | None:
     """For a float format: its mantissa bits, the float32 exponent field of its smallest normal, its largest
     value and what overflow gives (infinity, or the largest value where torch's cast saturates, as E4M3 "fn"
     does); None where its subnormals' inverse step leaves float32 (bf16)."""
@@ -115,7 +115,7 @@ def _float_grid(cast_dtype: torch.dtype) -> tuple[np.uint32, np.uint32, np.float
 def rounds(fmt) -> bool:
     """Whether the kernels round this format: every integer format, 4-bit tables, fp16 and fp8."""
     if fmt.kind == "float":
-        return _float_grid(fmt.cast_dtype) is not None
+        return float_grid(fmt.cast_dtype) is not None
     return fmt.kind == "integer" or fmt.bits <= 4
 
 
@@ -136,7 +136,7 @@ def cast(x: torch.Tensor, out: torch.Tensor, fmt) -> None:
 def _round_floats(blocks: torch.Tensor, out: torch.Tensor, scale: np.ndarray, inverse: np.ndarray, fmt) -> None:
     values, shift = _patterns(blocks)
     target, out_shift = _patterns(out)
-    _kernels().floats(values, shift, inverse, scale, *_float_grid(fmt.cast_dtype), target, out_shift,
+    _kernels().floats(values, shift, inverse, scale, *float_grid(fmt.cast_dtype), target, out_shift,
                       _rows_per_task(blocks))
 
 

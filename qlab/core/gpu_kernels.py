@@ -67,7 +67,7 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     mantissa_bits = lowest = 0
     largest = overflow = 0.0
     if fmt.kind == "float":
-        mantissa_bits, lowest, largest, overflow = (n.item() for n in cpu_kernels._float_grid(fmt.cast_dtype))
+        mantissa_bits, lowest, largest, overflow = (n.item() for n in cpu_kernels.float_grid(fmt.cast_dtype))
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     _kernels().dequantize(blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero,
                           fmt.kind == "integer", has_zero, float(fmt.qmin), float(fmt.qmax), int(mantissa_bits),

@@ -412,7 +412,8 @@ def encoder(scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: Format
     # Multiply by the reciprocal in float32, exactly as torch.quantize_per_tensor does, so ties agree.
     inverse = 1.0 / scale
     # A scale below 2.9e-39 (a range under 1e-36): its reciprocal overflows, and those rows divide instead.
-    finite = None if torch.isfinite(inverse).all() else torch.isfinite(inverse)
+    finite = torch.isfinite(inverse)
+    finite = None if finite.all() else finite
     zero = None if zero_point is None else zero_point.to(torch.float32)[:, None]
 
     def codes(blocks: torch.Tensor) -> torch.Tensor:
