@@ -36,7 +36,7 @@ def kernel_values(x: torch.Tensor, scheme: QuantScheme, out_dtype: torch.dtype) 
     scale, inverse, zero, suspect = quant._block_scales(x, blocks, scheme)
     assert not suspect
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    gpu_kernels.dequantize_blocks(blocks, out.view(blocks.shape), scale, inverse, zero, scheme.fmt)
+    assert gpu_kernels.dequantize_blocks(blocks, out.view(blocks.shape), scale, inverse, zero, scheme.fmt)
     return out
 
 
@@ -73,7 +73,7 @@ def test_float_rounding_matches_torchs_casts_for_every_bf16_and_many_float32_val
         ones = torch.ones(x.shape[0], 1, device=DEVICE)
         for out_dtype in DTYPES:
             out = torch.empty(x.shape, dtype=out_dtype, device=DEVICE)
-            gpu_kernels.dequantize_blocks(x, out, ones, ones, None, fmt, None)
+            assert gpu_kernels.dequantize_blocks(x, out, ones, ones, None, fmt)
             expected = x.cpu().to(fmt.cast_dtype).to(out_dtype)
             assert torch.equal(nan_as_one(out.cpu()), nan_as_one(expected)), (x.dtype, out_dtype)
 

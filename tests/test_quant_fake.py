@@ -134,3 +134,42 @@ def test_the_unchecked_route_reads_nothing_back_from_the_device():
                    QuantScheme("fp8_e4m3", "tensor"), QuantScheme("int8", "channel", scale_dtype="bf16")):
         values, suspect = fake_quantize_unchecked(weight, scheme, torch.float16)
         assert values.shape == weight.shape and values.dtype == torch.float16 and suspect.shape == ()
+
+
+def test_a_gpu_kernel_that_fails_to_compile_hands_the_rounding_to_torch_for_good(monkeypatch, caplog):
+    """A Triton failure (a GPU model or release the kernel never ran on) is logged and costs speed, not the
+    sweep: torch's route writes the same bits, and the kernel is not tried again."""
+    from qlab.core import cpu_kernels, gpu_kernels
+
+    calls = []
+
+    class Uncompilable:
+        def dequantize(self, *args):
+            calls.append(args)
+            raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(gpu_kernels, "_kernels", Uncompilable)
+    monkeypatch.setattr(gpu_kernels, "MIN_VALUES", 1)
+    monkeypatch.setattr(cpu_kernels, "usable", lambda blocks, dtype: False)
+    monkeypatch.setattr(gpu_kernels, "usable", lambda blocks, dtype: gpu_kernels.MIN_VALUES <= blocks.numel())
+    scheme = QuantScheme("int4", "group", 32, symmetric=False)
+    x = sample((7, 96), torch.bfloat16, 1.0, 0)
+    for _ in range(2):
+        values, _ = fake_quantize_unchecked(x, scheme, torch.bfloat16)
+        assert torch.equal(bits(values), bits(quantize(x, scheme).dequantize(torch.bfloat16)))
+    assert len(calls) == 1 and gpu_kernels.MIN_VALUES == float("inf")
+    assert "GPU rounding kernel failed" in caplog.text and "PTX assembly failed" in caplog.text
+
+
+def test_the_gpu_kernel_lets_out_of_memory_through(monkeypatch):
+    from qlab.core import gpu_kernels
+
+    class OutOfMemory:
+        def dequantize(self, *args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gpu_kernels, "_kernels", OutOfMemory)
+    x = torch.ones(4, 32)
+    ones = torch.ones(4, 1)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        gpu_kernels.dequantize_blocks(x, torch.empty_like(x), ones, ones, None, get_format("int8"))

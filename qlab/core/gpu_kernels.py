@@ -10,13 +10,17 @@ saturates as torch's CPU cast does (E4M3 at 448), on every device.
 
 The scales stay torch's (``quant._block_scales``): they are passes over one value per block. 4-bit tables (nf4,
 fp4) keep torch's route on a GPU: their kernel has not been compiled on one yet. Triton ships with CUDA builds of
-torch; without it, on a GPU before Ampere, or on a CPU, torch's route does everything.
+torch; without it, on a GPU before Ampere, or on a CPU, torch's route does everything. The kernel has run on one
+GPU model with one Triton release: where it fails to compile or launch elsewhere, the failure is logged and torch's
+route takes over for the rest of the process (the same bits, only slower), instead of stopping a sweep.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import math
 
 import torch
 
@@ -57,10 +61,11 @@ def rounds(fmt) -> bool:
 
 
 def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
-                      zero: torch.Tensor | None, fmt, search=None) -> None:
-    """``quant._dequantized_blocks`` for a format the kernel rounds (``cpu_kernels.dequantize_blocks``'
-    arguments; ``search``, a table's, is not used): ``out`` receives ``encode`` then ``QTensor.dequantize`` of
-    every value."""
+                      zero: torch.Tensor | None, fmt) -> bool:
+    """``quant._dequantized_blocks`` for a format the kernel rounds: ``out`` receives ``encode`` then
+    ``QTensor.dequantize`` of every value. False where the kernel could not be compiled or launched here (then
+    ``out`` holds nothing and the kernel is off for the rest of the process)."""
+    global MIN_VALUES
     scale, inverse = (s.reshape(-1).contiguous() for s in (scale, inverse))
     has_zero = zero is not None
     zero = zero.reshape(-1).contiguous() if has_zero else inverse  # never read without a zero point
@@ -69,7 +74,16 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     if fmt.kind == "float":
         mantissa_bits, lowest, largest, overflow = (n.item() for n in cpu_kernels.float_grid(fmt.cast_dtype))
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
-    _kernels().dequantize(blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero,
-                          fmt.kind == "integer", has_zero, float(fmt.qmin), float(fmt.qmax), int(mantissa_bits),
-                          int(lowest), float(largest), float(overflow), out.dtype == torch.bfloat16,
-                          VALUES_PER_PROGRAM)
+    try:
+        _kernels().dequantize(blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero,
+                              fmt.kind == "integer", has_zero, float(fmt.qmin), float(fmt.qmax),
+                              int(mantissa_bits), int(lowest), float(largest), float(overflow),
+                              out.dtype == torch.bfloat16, VALUES_PER_PROGRAM)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the GPU's state, not the kernel's: torch's route would need more memory still
+    except Exception:  # Triton's compiler and launcher raise many types; each is this kernel's failure alone
+        logging.getLogger(__name__).warning("the GPU rounding kernel failed on %s; torch's route rounds from now "
+                                            "on", out.device, exc_info=True)
+        MIN_VALUES = math.inf
+        return False
+    return True

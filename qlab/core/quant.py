@@ -584,12 +584,13 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     else:
         scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
     values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
-    kernels = cpu_kernels if compiled else gpu_kernels if gpu_kernels.usable(blocks, dtype) else None
-    if kernels is not None and kernels.rounds(fmt):
+    target = values.view(blocks.shape)
+    if compiled and cpu_kernels.rounds(fmt):
         search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
-        kernels.dequantize_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt, search)
-    else:
-        _dequantized_blocks(blocks, values.view(blocks.shape), scale, inverse, zero, fmt)
+        cpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)
+    elif compiled or not (gpu_kernels.usable(blocks, dtype) and gpu_kernels.rounds(fmt)
+                          and gpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt)):
+        _dequantized_blocks(blocks, target, scale, inverse, zero, fmt)
     return values, suspect
 
 
