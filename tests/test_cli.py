@@ -34,6 +34,8 @@ def test_quantize_seed_example(capsys):
     ["sweep", "--tokens", "-3"],
     ["sweep", "--granularity", "row"],
     ["sweep", "--group-size", "0", "--granularity", "group"],
+    ["sweep", "--group-size", "32", "--granularity", "channel"],
+    ["quantize", "--values=1,2", "--group-size", "2", "--granularity", "tensor"],
     ["nonsense-command"],
     ["sweep", "--unknown-flag"],
 ])
@@ -41,6 +43,17 @@ def test_bad_arguments_exit_2_with_one_line(args, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("qlab: error: ") and err.count("\n") == 1, err
+
+
+def test_a_group_size_given_alone_means_groups_of_that_size(capsys):
+    values = ",".join(str(v) for v in [0.01, 0.02, -0.03, 0.04, 5.0, -6.0, 7.0, 8.0])
+    assert main(["quantize", f"--values={values}", "--format", "int4", "--json"]) == 0
+    per_tensor = json.loads(capsys.readouterr().out)
+    assert main(["quantize", f"--values={values}", "--format", "int4", "--group-size", "4", "--json"]) == 0
+    grouped = json.loads(capsys.readouterr().out)
+    assert (per_tensor["scheme"], grouped["scheme"]) == ("int4 per-tensor", "int4 g4")
+    # the small first group gets its own scale, so its values survive where one scale for all rounds them away
+    assert grouped["dequantized"][:4] != per_tensor["dequantized"][:4]
 
 
 def test_bad_arguments_from_a_real_process_have_no_traceback():

@@ -62,11 +62,20 @@ def load_options(args: argparse.Namespace) -> dict[str, str]:
     return {key: value for key in ("device", "device_map", "dtype") if (value := getattr(args, key)) is not None}
 
 
+DEFAULT_GROUP_SIZE = 64
+
+
 def add_scheme_arguments(parser: argparse.ArgumentParser, granularity: str) -> None:
     """Add the ``QuantScheme`` options but the format (each command names its own ``--format(s)``)."""
-    parser.add_argument("--granularity", default=granularity, help="tensor | channel | group")
-    parser.add_argument("--group-size", type=int, default=64,
-                        help="values per group (64 divides every layer of both bundled models; 128 does not divide SmolLM2's 576)")
+    # Both default to None so that scheme_from_args can tell a --group-size given alone (group granularity
+    # meant) from one given beside a granularity that has no groups (refused, not ignored).
+    parser.set_defaults(default_granularity=granularity)
+    implied = "" if granularity == "group" else ", or group where --group-size is given"
+    parser.add_argument("--granularity", default=None,
+                        help=f"tensor | channel | group (default: {granularity}{implied})")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help=f"values per group (default {DEFAULT_GROUP_SIZE}, which divides every layer of both "
+                             "bundled models; 128 does not divide SmolLM2's 576)")
     parser.add_argument("--asymmetric", action="store_true", help="integer formats: use a zero-point")
     parser.add_argument("--calibration", default="minmax", help="minmax | percentile | mse")
     parser.add_argument("--percentile", type=float, default=99.9)
@@ -94,7 +103,11 @@ def scheme_from_args(args: argparse.Namespace, fmt: str):
     """The ``QuantScheme`` for format ``fmt`` that ``add_scheme_arguments``' options describe."""
     from qlab.core.quant import QuantScheme
 
-    return QuantScheme(format=fmt, granularity=args.granularity, group_size=args.group_size,
+    granularity = args.granularity or ("group" if args.group_size is not None else args.default_granularity)
+    if args.group_size is not None and granularity != "group":
+        raise QlabError(f"--group-size applies to --granularity group, not {granularity}; drop one of them.")
+    group_size = DEFAULT_GROUP_SIZE if args.group_size is None else args.group_size
+    return QuantScheme(format=fmt, granularity=granularity, group_size=group_size,
                        symmetric=not args.asymmetric, calibration=args.calibration,
                        percentile=args.percentile, scale_dtype=args.scale_dtype,
                        algorithm=getattr(args, "algorithm", "rtn"),
