@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -141,6 +143,7 @@ def test_a_gpu_kernel_that_fails_to_compile_hands_the_rounding_to_torch_for_good
     sweep: torch's route writes the same bits, and the kernel is not tried again."""
     from qlab.core import cpu_kernels, gpu_kernels
 
+    caplog.set_level(logging.WARNING, logger=gpu_kernels.__name__)  # the CLI's tests quiet the root logger
     calls = []
 
     class Uncompilable:

@@ -93,10 +93,11 @@ def test_sparsegpt_beats_magnitude_pruning_on_held_out_correlated_inputs(scheme)
     algorithm = "gptq" if scheme.fmt.scaled else "rtn"
     sparsegpt = quantize_weight(w, sparse(scheme, "2:4-sparsegpt", algorithm), stats)
     assert reconstruction_error(w, sparsegpt.dequantize(), held_out) < 0.3 * magnitude
-    if scheme.fmt.scaled:  # GPTQ compensating a fixed magnitude mask sits in between
-        compensated = quantize_weight(w, sparse(scheme, "2:4", "gptq"), stats)
-        error = reconstruction_error(w, compensated.dequantize(), held_out)
-        assert reconstruction_error(w, sparsegpt.dequantize(), held_out) < error < magnitude
+    # GPTQ compensating a fixed magnitude mask sits in between (a plain cast too: it has a mask to compensate)
+    compensated = quantize_weight(w, sparse(scheme, "2:4", "gptq"), stats)
+    assert torch.equal(compensated.keep, two_four_mask(w))
+    error = reconstruction_error(w, compensated.dequantize(), held_out)
+    assert reconstruction_error(w, sparsegpt.dequantize(), held_out) < error < magnitude
 
 
 @pytest.mark.parametrize("scheme", [QuantScheme("int4", "channel"), QuantScheme("int4", "group", 32)])
@@ -126,6 +127,10 @@ def test_bad_sparse_schemes():
     assert not needs_calibration(sparse(QuantScheme("int4", "group", 32)))
     assert needs_calibration(sparse(QuantScheme("fp16"), "2:4-sparsegpt"))
     assert sparse(QuantScheme("fp16")).label == "fp16 2:4"
+    assert sparse(QuantScheme("fp16"), "2:4", "gptq").label == "fp16 gptq 2:4"
+    assert needs_calibration(sparse(QuantScheme("fp16"), "2:4", "gptq"))
+    assert QuantScheme("fp16", algorithm="gptq") == QuantScheme("fp16")  # nothing to round, nothing to compensate
+    assert sparse(QuantScheme("bf16"), "2:4", "awq") == sparse(QuantScheme("bf16"))
     assert sparse(QuantScheme("int4", "group", 32), "2:4-sparsegpt", "gptq").label == "int4 g32 gptq 2:4-sparsegpt"
     scheme = sparse(QuantScheme("int4", "group", 32), "2:4-sparsegpt", "gptq")
     assert QuantScheme.from_dict(scheme.to_dict()) == scheme

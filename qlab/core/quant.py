@@ -100,10 +100,12 @@ class QuantScheme:
         if not 50.0 < float(self.percentile) <= 100.0:
             raise QlabError(f"percentile must be in (50, 100], got {self.percentile}.")
         if not fmt.scaled:
-            # A plain cast has no scale: canonicalise so equal schemes hash equal.
+            # A plain cast has no scale: canonicalise so equal schemes hash equal. GPTQ has nothing to round in
+            # it but a fixed 2:4 mask to compensate, so that pair stays (SparseGPT is named by its sparsity).
+            algorithm = "gptq" if (self.algorithm, self.sparsity) == ("gptq", "2:4") else "rtn"
             for name, value in (("granularity", "tensor"), ("group_size", 128), ("symmetric", True),
                                 ("calibration", "minmax"), ("percentile", 99.9), ("scale_dtype", "auto"),
-                                ("algorithm", "rtn"), ("static_groups", False)):
+                                ("algorithm", algorithm), ("static_groups", False)):
                 set_field(name, value)
             return
         self._check_algorithm(fmt, set_field)
@@ -144,7 +146,8 @@ class QuantScheme:
     def label(self) -> str:
         """Short human name, e.g. ``int4 g128 asym`` or ``int8 per-channel``."""
         if not self.fmt.scaled:
-            return self.format if self.sparsity == "none" else f"{self.format} {self.sparsity}"
+            return " ".join(part for part in (self.format, self.algorithm, self.sparsity)
+                            if part not in ("rtn", "none"))
         parts = [self.format, {"tensor": "per-tensor", "channel": "per-channel"}.get(
             self.granularity, f"g{self.group_size}")]
         if not self.symmetric:

@@ -37,10 +37,10 @@ class LayerStats:
 
 def needs_calibration(schemes: QuantScheme | Iterable[QuantScheme]) -> bool:
     """Whether any of these schemes rounds or prunes with calibration inputs (a plain cast rounds without them,
-    but SparseGPT prunes it with them)."""
+    but SparseGPT prunes it with them and GPTQ compensates its 2:4 mask with them; ``QuantScheme`` keeps no other
+    algorithm on a cast)."""
     schemes = [schemes] if isinstance(schemes, QuantScheme) else list(schemes)
-    return any((s.algorithm in CALIBRATED_ALGORITHMS and s.fmt.scaled) or s.sparsity == "2:4-sparsegpt"
-               for s in schemes)
+    return any(s.algorithm in CALIBRATED_ALGORITHMS or s.sparsity == "2:4-sparsegpt" for s in schemes)
 
 
 def quantize_weight(weight: torch.Tensor, scheme: QuantScheme, stats: LayerStats | None = None) -> QTensor:
