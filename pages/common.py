@@ -15,7 +15,7 @@ from streamlit.errors import StreamlitPageNotFoundError
 from qlab import views
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.formats import FORMATS
-from qlab.core.quant import ALGORITHMS, CALIBRATIONS, QuantScheme
+from qlab.core.quant import ALGORITHMS, CALIBRATIONS, SPARSITIES, QuantScheme
 from qlab.models import hardware
 from qlab.models import loading as models
 from qlab.models.evaluate import Baseline, EvalSpec, Progress, compute_baseline
@@ -24,6 +24,7 @@ from qlab.store import Recorder, RunMeta
 OTHER_MODEL = "Other: Hugging Face id or local directory"
 GROUP_SIZES = (32, 64, 128, 256)
 MAX_UI_TOKENS = 8192  # the dashboard's budget cap; the CLI allows more on purpose
+SPARSITY_LABELS = {"none": "None (dense)", "2:4": "2:4, by magnitude", "2:4-sparsegpt": "2:4, SparseGPT"}
 DEFAULTS = {
     "model_choice": "smollm2-135m",
     "custom_model": "",
@@ -34,9 +35,16 @@ DEFAULTS = {
     "symmetric": True,
     "calibration": "minmax",
     "algorithm": "rtn",
+    "static_groups": False,
+    "sparsity": "none",
     "tokens": 512,
     "device": models.default_device(),
 }
+
+
+# The sidebar's choices a shared link carries.
+SHARED_CHOICES = ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "algorithm",
+                  "static_groups", "sparsity", "tokens")
 
 
 def init_state() -> None:
@@ -107,15 +115,14 @@ def restore_view() -> None:
             f"Ignored from the link: {', '.join(f'`{i}`' for i in ignored)} (not a valid choice here: tokens "
             f"16-{MAX_UI_TOKENS}, group sizes {', '.join(map(str, GROUP_SIZES))}, formats and hardware as listed in "
             "the sidebar); the sidebar shows what is used.")
-    for key in ("hardware", "formats", "granularity", "group_size", "symmetric", "calibration", "tokens"):
+    for key in SHARED_CHOICES:
         if key in view:
             st.session_state[key] = view[key]
 
 
 def publish_view() -> None:
     """Mirror the sidebar's choices into the URL, so copying the address shares this view."""
-    current = {key: st.session_state[key] for key in ("hardware", "formats", "granularity", "group_size",
-                                                      "symmetric", "calibration", "tokens")}
+    current = {key: st.session_state[key] for key in SHARED_CHOICES}
     current["model"] = model_name() or None
     for name, value in views.view_to_params(current).items():
         if st.query_params.get(name) != value:
@@ -359,9 +366,21 @@ def sidebar() -> None:
                      help="minmax covers every weight; percentile clips the top 0.1%; mse searches the clip "
                           "range with the least squared error.")
         st.selectbox("Rounding algorithm", ALGORITHMS, key="algorithm",
-                     help="rtn rounds each weight to its nearest level; gptq rounds column by column and "
+                     help="rtn rounds each weight to its nearest level. gptq rounds column by column and "
                           "spreads each error over the columns not yet rounded, using second-order "
-                          "statistics of the layer's inputs on the evaluation text (slower, more accurate).")
+                          "statistics of the layer's inputs on the end of the text (slower, more accurate); "
+                          "gptq-act-order takes the inputs with the largest statistics first. awq scales each "
+                          "input by how large its activations are before rounding. hqq fits each block's scale "
+                          "and zero-point without any text (integer formats).")
+        if st.session_state["algorithm"] == "gptq-act-order" and st.session_state["granularity"] == "group":
+            st.checkbox("Static groups", key="static_groups",
+                        help="Group scales from the weights in their stored order, so a serving engine needs no "
+                             "group index; act-order then only changes the rounding order.")
+        st.selectbox("Sparsity", SPARSITIES, key="sparsity", format_func=SPARSITY_LABELS.get,
+                     help="2:4 keeps two of every four consecutive weights of a row, the pattern sparse tensor "
+                          "cores run: by magnitude keeps the two largest; SparseGPT (with gptq) chooses from the "
+                          "layer's input statistics and compensates. Stored as the kept values plus 2 bits of "
+                          "position each.")
         st.number_input("Evaluation tokens", min_value=16, max_value=MAX_UI_TOKENS, step=256, key="tokens",
                         help="Tokens of text the baseline and every scheme are evaluated on.")
 
@@ -403,8 +422,11 @@ def schemes() -> list[QuantScheme]:
 
 def scheme_for(fmt: str) -> QuantScheme:
     symmetric = st.session_state["symmetric"] or FORMATS[fmt].kind != "integer"
+    algorithm = st.session_state["algorithm"]
     return QuantScheme(fmt, st.session_state["granularity"], st.session_state["group_size"], symmetric,
-                       st.session_state["calibration"], algorithm=st.session_state["algorithm"])
+                       st.session_state["calibration"], algorithm=algorithm,
+                       static_groups=st.session_state["static_groups"] and algorithm == "gptq-act-order",
+                       sparsity=st.session_state["sparsity"])
 
 
 def load_model(name: str) -> models.LoadedModel:

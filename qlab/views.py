@@ -1,8 +1,8 @@
 """Shareable views: the dashboard's choices as URL query parameters and back (pure; the pages do the I/O).
 
 A view is a plain mapping: ``model``, ``hardware``, ``formats`` (list), ``granularity``, ``group_size``,
-``symmetric``, ``calibration``, ``tokens``, ``page``, ``runs`` (stored run ids, list) and ``bound`` (the
-Overview's accuracy bound, a number of 0 or more). ``view_to_params``
+``symmetric``, ``calibration``, ``algorithm``, ``static_groups``, ``sparsity``, ``tokens``, ``page``, ``runs``
+(stored run ids, list) and ``bound`` (the Overview's accuracy bound, a number of 0 or more). ``view_to_params``
 writes the keys present as short strings; ``params_to_view`` reads them back, keeping only values that are
 valid, because a URL is typed, pasted and truncated by people: a bad parameter is dropped, never raised.
 """
@@ -15,14 +15,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from qlab.core.formats import FORMATS
-from qlab.core.quant import CALIBRATIONS, GRANULARITIES
+from qlab.core.quant import ALGORITHMS, CALIBRATIONS, GRANULARITIES, SPARSITIES
 
 # view key -> URL parameter name (short, since the URL is pasted into chats and documents)
 PARAMS: dict[str, str] = {
     "model": "model", "hardware": "hw", "formats": "formats", "granularity": "gran", "group_size": "group",
-    "symmetric": "sym", "calibration": "calib", "tokens": "tokens", "page": "page", "runs": "runs",
-    "bound": "bound",
+    "symmetric": "sym", "calibration": "calib", "algorithm": "algo", "static_groups": "static",
+    "sparsity": "sparse", "tokens": "tokens", "page": "page", "runs": "runs", "bound": "bound",
 }
+_CHOICES = {"granularity": GRANULARITIES, "calibration": CALIBRATIONS, "algorithm": ALGORITHMS,
+            "sparsity": SPARSITIES}
 LIST_KEYS = ("formats", "runs")
 MAX_TOKENS = 65_536  # as qlab.models.evaluate caps the budget
 _SAFE = re.compile(r"[A-Za-z0-9/~.][A-Za-z0-9._/~@:+-]{0,199}")  # model ids, paths, hardware ids, page names
@@ -113,10 +115,8 @@ def _parse(key: str, text: str) -> Any:
     if key == "bound":
         number = float(text) if _NUMBER.fullmatch(text) else math.nan  # no sign, nan, inf, hex or underscores
         return number if math.isfinite(number) else None
-    if key == "symmetric":
+    if key in ("symmetric", "static_groups"):
         return {"1": True, "true": True, "0": False, "false": False}.get(text.lower())
-    if key == "granularity":
-        return text if text in GRANULARITIES else None
-    if key == "calibration":
-        return text if text in CALIBRATIONS else None
+    if key in _CHOICES:
+        return text if text in _CHOICES[key] else None
     return text if _SAFE.fullmatch(text) else None

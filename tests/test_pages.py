@@ -192,3 +192,30 @@ def test_every_page_speaks_to_users_on_minilm(minilm, tmp_path, monkeypatch):
     picker.run()
     look("History, every run")
     assert not problems, "\n".join(dict.fromkeys(problems))
+
+
+@pytest.mark.parametrize("algorithm,static_groups,sparsity", [("gptq", False, "2:4"),
+                                                              ("gptq-act-order", True, "none")])
+def test_the_sidebars_sparsity_and_static_groups_reach_every_page(algorithm, static_groups, sparsity, minilm,
+                                                                   tmp_path, monkeypatch):
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    at = app()
+    state = at.session_state
+    state["formats"], state["tokens"], state["algorithm"] = ["fp16", "int4"], 64, algorithm
+    state["static_groups"], state["sparsity"], state["overview_measure"] = static_groups, sparsity, False
+    at.run()
+    offered = {box.key: box.value for box in at.checkbox}
+    assert offered.get("static_groups") == (True if static_groups else None)  # with act-order and groups only
+    at.switch_page("pages/quantize.py").run()
+    at.button(key="run_sweep").click().run()
+    no_errors(at)
+    labels = set(at.dataframe[0].value.iloc[:, 0].astype(str))
+    expected = {"fp16 gptq 2:4", "int4 g64 gptq 2:4"} if sparsity == "2:4" else {"int4 g64 gptq-act-order "
+                                                                                  "static-groups"}
+    assert expected <= labels, labels
+    assert at.query_params["sparse"] == sparsity and at.query_params["algo"] == algorithm
+    for name in ("weights", "memory"):
+        at.switch_page(f"pages/{name}.py").run()
+        if name == "weights":
+            at.button(key="weights_calibrate").click().run()
+        no_errors(at)

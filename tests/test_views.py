@@ -7,7 +7,8 @@ import pytest
 from qlab.views import ignored_params, params_to_view, view_to_params
 
 FULL = {"model": "smollm2-135m", "hardware": "h100-sxm-80gb", "formats": ["fp16", "int8", "nf4"],
-        "granularity": "group", "group_size": 64, "symmetric": False, "calibration": "mse", "tokens": 1024,
+        "granularity": "group", "group_size": 64, "symmetric": False, "calibration": "mse",
+        "algorithm": "gptq-act-order", "static_groups": True, "sparsity": "2:4-sparsegpt", "tokens": 1024,
         "page": "quantize", "runs": ["abcd12345678", "ef0123456789"], "bound": 0.005}
 
 
@@ -16,7 +17,8 @@ def test_round_trip_through_a_real_url():
     url_query = urlencode(params)  # what the browser's address bar holds
     assert params_to_view(dict(parse_qsl(url_query))) == FULL
     assert params == {"model": "smollm2-135m", "hw": "h100-sxm-80gb", "formats": "fp16,int8,nf4", "gran": "group",
-                      "group": "64", "sym": "0", "calib": "mse", "tokens": "1024", "page": "quantize",
+                      "group": "64", "sym": "0", "calib": "mse", "algo": "gptq-act-order", "static": "1",
+                      "sparse": "2:4-sparsegpt", "tokens": "1024", "page": "quantize",
                       "runs": "abcd12345678,ef0123456789", "bound": "0.005"}
 
 
@@ -40,7 +42,8 @@ def test_unset_keys_are_left_out_and_partial_views_round_trip():
 def test_bad_values_are_dropped_not_raised():
     view = params_to_view({"model": "<script>alert(1)</script>", "hw": "x" * 500, "formats": "int4,bogus,INT8,int4",
                            "gran": "rows", "group": "-3", "sym": "maybe", "calib": "magic", "tokens": "10e9",
-                           "runs": "zz,abcd1234,../etc", "unknown": "1"})
+                           "runs": "zz,abcd1234,../etc", "unknown": "1", "algo": "GPTQ;drop", "static": "yes",
+                           "sparse": "3:4"})
     assert view == {"formats": ["int4", "int8"], "runs": ["abcd1234"]}
     assert params_to_view({"formats": "bogus", "tokens": "999999", "group": "0"}) == {}
 
