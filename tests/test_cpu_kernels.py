@@ -75,6 +75,28 @@ def test_block_scales_are_torchs_for_ranges_from_subnormal_to_huge(fmt):
             assert bool(got[3]) == bool(expected[3])  # scales past fp16 or bf16, grids past float32
 
 
+@pytest.mark.parametrize("width", [4, 64, 2048])
+def test_bf16_ranges_on_16_bits_are_the_float32_kernels_and_torchs(width):
+    """The bf16 kernel orders 16-bit patterns; the float32 one, their widened 32-bit ones: the same ranges, bit
+    for bit, over every finite bf16 value in shuffled rows, and NaN for each row that holds a NaN or an
+    infinity. torch.aminmax agrees wherever it can (it may pick either zero where -0 and +0 tie)."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = every[every.isfinite()]
+    generator = torch.Generator().manual_seed(width)
+    rows = finite[torch.randperm(finite.numel(), generator=generator)][: finite.numel() // width * width]
+    rows = rows.reshape(-1, width).clone()
+    rows[1, -1], rows[2, 0], rows[3, width // 2] = float("nan"), float("inf"), -float("inf")
+    rows[4] = torch.tensor([-0.0, 0.0] * (width // 2), dtype=torch.bfloat16)
+    rows[5] = 2.0 ** -133  # bf16's smallest subnormal
+    low, high = cpu_kernels.block_ranges(rows)
+    wide_low, wide_high = cpu_kernels.block_ranges(rows.float())
+    assert torch.equal(bits(low), bits(wide_low)) and torch.equal(bits(high), bits(wide_high))
+    bad = ~rows.isfinite().all(dim=1)
+    assert bad[1:4].all() and low[bad].isnan().all() and high[bad].isnan().all()
+    expected_low, expected_high = torch.aminmax(rows[~bad].float(), dim=1)
+    assert torch.equal(low[~bad], expected_low) and torch.equal(high[~bad], expected_high)
+
+
 def nan_as_one(t: torch.Tensor) -> torch.Tensor:
     """The raw bits, with every NaN alike: torch's casts keep NaN payloads that no model's weights carry."""
     return torch.where(t.isnan(), torch.full_like(bits(t), -1), bits(t))

@@ -33,8 +33,8 @@ import torch
 MIN_VALUES = 1 << 20
 # Values rounded by one thread at a time (whole rows), so its float32 scratch row is made once per batch of rows.
 VALUES_PER_TASK = 1 << 18
-# Stored dtypes read and written here, as (unsigned view, bits to shift into a float32's pattern).
-_PATTERNS = {torch.bfloat16: (torch.int16, np.uint16, 16), torch.float32: (torch.int32, np.uint32, 0)}
+# Stored dtypes read and written here, as their bit patterns (signed view, unsigned view).
+_PATTERNS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
 
 
 @functools.cache
@@ -57,17 +57,17 @@ def _rows_per_task(blocks: torch.Tensor) -> int:
     return max(1, VALUES_PER_TASK // blocks.shape[1])
 
 
-def _patterns(x: torch.Tensor) -> tuple[np.ndarray, int]:
-    signed, unsigned, shift = _PATTERNS[x.dtype]
-    return x.view(signed).numpy().view(unsigned), shift
+def _patterns(x: torch.Tensor) -> np.ndarray:
+    signed, unsigned = _PATTERNS[x.dtype]
+    return x.view(signed).numpy().view(unsigned)
 
 
 def block_ranges(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's (min, max) in float32, NaN where the row holds a NaN or an infinity."""
-    values, shift = _patterns(blocks)
     low = torch.empty(blocks.shape[0], dtype=torch.float32)
     high = torch.empty_like(low)
-    _kernels().ranges(values, shift, low.numpy(), high.numpy(), _rows_per_task(blocks))
+    ranges = _kernels().bf16_ranges if blocks.dtype == torch.bfloat16 else _kernels().ranges
+    ranges(_patterns(blocks), low.numpy(), high.numpy(), _rows_per_task(blocks))
     return low, high
 
 
@@ -134,9 +134,7 @@ def cast(x: torch.Tensor, out: torch.Tensor, fmt) -> None:
 
 
 def _round_floats(blocks: torch.Tensor, out: torch.Tensor, scale: np.ndarray, inverse: np.ndarray, fmt) -> None:
-    values, shift = _patterns(blocks)
-    target, out_shift = _patterns(out)
-    _kernels().floats(values, shift, inverse, scale, *float_grid(fmt.cast_dtype), target, out_shift,
+    _kernels().floats(_patterns(blocks), inverse, scale, *float_grid(fmt.cast_dtype), _patterns(out),
                       _rows_per_task(blocks))
 
 
@@ -145,18 +143,17 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     """``_dequantized_blocks`` for a format the kernels round; a table format with its ``search``: the sorted
     boundaries (a value above one goes up a slot) and each slot's level."""
     kernels = _kernels()
-    values, shift = _patterns(blocks)
-    target, out_shift = _patterns(out)
+    values, target = _patterns(blocks), _patterns(out)
     scale, inverse = (s.reshape(-1).contiguous().numpy() for s in (scale, inverse))
     if fmt.kind == "float":
         _round_floats(blocks, out, scale, inverse, fmt)
     elif fmt.kind == "integer":
         zero = np.zeros_like(scale) if zero is None else zero.reshape(-1).contiguous().numpy()
-        kernels.integers(values, shift, inverse, zero, scale, np.float32(fmt.qmin), np.float32(fmt.qmax), target,
-                         out_shift, _rows_per_task(blocks))
+        kernels.integers(values, inverse, zero, scale, np.float32(fmt.qmin), np.float32(fmt.qmax), target,
+                         _rows_per_task(blocks))
     else:
         boundaries, levels = (t.to(torch.float32) for t in search)
         padding = kernels.TABLE_BOUNDARIES - boundaries.numel()
         boundaries = torch.cat([boundaries, torch.full((padding,), math.inf)]).numpy()
         levels = torch.cat([levels, levels[-1:].expand(padding)]).numpy()
-        kernels.table(values, shift, inverse, boundaries, levels, scale, target, out_shift, _rows_per_task(blocks))
+        kernels.table(values, inverse, boundaries, levels, scale, target, _rows_per_task(blocks))
