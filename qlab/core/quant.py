@@ -129,7 +129,7 @@ class QuantScheme:
             set_field("static_groups", False)
         if self.algorithm == "hqq":
             if fmt.kind != "integer":
-                raise QlabError(f"hqq fits a zero-point on a uniform integer grid, and {fmt.name} is not one; "
+                raise QlabError(f"HQQ fits a zero-point on a uniform integer grid, and {fmt.name} is not one; "
                                 "pick an int format or another algorithm.")
             set_field("symmetric", False)  # the zero-point is what HQQ optimises
         if self.sparsity != "none" and self.algorithm not in ("rtn", "gptq"):
