@@ -59,10 +59,10 @@ st.caption("Which linear layers lose the most when quantized. **Per linear**: th
 common.show_caveat(loaded)
 
 with common.user_errors():
-    candidates = {s.label: s for s in common.schemes() if s.fmt.scaled}
+    candidates = {s.label: s for s in common.schemes() if s.fmt.scaled or s.sparsity != "none"}
 if not candidates:
-    st.info("Pick at least one scaled format in the sidebar (int8, int4, nf4, fp8...): plain fp32/fp16/bf16 "
-            "casts have next to no sensitivity to analyse.")
+    st.info("Pick at least one scaled format in the sidebar (int8, int4, nf4, fp8...), or a sparsity: plain "
+            "fp32/fp16/bf16 casts have next to no sensitivity to analyse.")
     st.stop()
 kept = [label for label in st.session_state.get("sensitivity_schemes", []) if label in candidates]
 st.session_state["sensitivity_schemes"] = kept or (

@@ -540,3 +540,12 @@ def test_awq_clipping_and_grids_are_on_the_scaled_weights():
     for column in columns.tolist():  # each input's grid in weight space is the block's times its input scale
         assert torch.isin(dequantized[3, column], grid_values(qt, block, column))
     assert torch.isin(qt.dequantize_scaled()[3, columns], grid_values(qt, block)).all()
+
+
+def test_dequantized_values_never_alias_the_codes():
+    """An fp32 cast's codes are float32 values already: what dequantize hands out is a copy, so writing into it
+    (as an error measurement might) leaves the quantized tensor as it was."""
+    qtensor = quantize(torch.randn(8, 32), QuantScheme("fp32"))
+    before = qtensor.codes.clone()
+    qtensor.dequantize(torch.float32).zero_()
+    assert torch.equal(qtensor.codes, before)

@@ -12,6 +12,7 @@ from qlab.analyses.sensitivity import (
     layer_type,
     weight_stats,
 )
+from qlab.core.algorithms import quantize_weight
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme, fake_quantize
 from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
@@ -278,3 +279,19 @@ def test_a_block_cache_larger_than_free_memory_is_refused_up_front(llama, monkey
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
     with pytest.raises(QlabError, match="lower the token budget"):
         analyze(loaded, [QuantScheme("int4")], baseline)
+
+
+def test_pruning_a_plain_cast_is_measured_not_taken_for_the_identity(llama):
+    """fp32 rounds nothing, but fp32 with 2:4 pruning drops half of every weight: its per-layer error and its
+    blocks' deltas are measured, as the whole model with that block pruned gives them."""
+    loaded, baseline = llama
+    pruned = QuantScheme("fp32", sparsity="2:4")
+    report = analyze(loaded, [pruned], baseline, blocks=True)
+    assert all(row["relative_mse"] > 0.01 and row["weight_relative_mse"] > 0.01 for row in report.linears)
+    first = next(r for r in report.blocks if r["unit"] == "block")
+    model = copy.deepcopy(loaded.model)
+    for name in first["layers"]:
+        module = model.get_submodule(name)
+        module.weight.data = quantize_weight(module.weight.data, pruned).dequantize()
+    expected = error_of(report.metric, evaluate(model, baseline)[report.metric])
+    assert expected > 1e-4 and first["delta"] == pytest.approx(expected, rel=1e-4, abs=1e-7)

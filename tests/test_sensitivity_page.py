@@ -127,3 +127,18 @@ def test_the_sidebar_algorithm_rounds_every_layer_and_the_mixes(minilm, tmp_path
     recommend = Store().runs()[-1]
     plan = recommend.records("recommendation")[0]["plan"]
     assert {scheme["algorithm"] for scheme in plan["layers"].values()} == {"gptq"}
+
+
+def test_a_pruned_cast_is_offered_for_analysis(minilm, tmp_path, monkeypatch):
+    """fp16 rounds next to nothing, but fp16 with 2:4 pruning is worth a per-layer look: the page offers it."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    at = AppTest.from_file("../pages/sensitivity.py", default_timeout=300)
+    at.session_state["model_choice"], at.session_state["formats"] = "minilm-l6", ["fp16"]
+    at.run()
+    assert not at.exception and any("Pick at least one scaled format" in i.value for i in at.info)
+    at.session_state["sparsity"] = "2:4"
+    at.run()
+    assert not at.exception and not any("Pick at least one scaled format" in i.value for i in at.info)
+    assert at.multiselect(key="sensitivity_schemes").value == ["fp16 2:4"]

@@ -210,8 +210,8 @@ def _forward(model: torch.nn.Module, baseline: Baseline, batch: dict[str, torch.
 
 
 def _exact(scheme: QuantScheme) -> bool:
-    """The fp32 cast is the identity on FP32 weights: nothing to measure."""
-    return not scheme.fmt.scaled and scheme.fmt.bits >= 32
+    """The fp32 cast is the identity on FP32 weights: nothing to measure (unless it prunes)."""
+    return not scheme.fmt.scaled and scheme.fmt.bits >= 32 and scheme.sparsity == "none"
 
 
 class _Rounder:
@@ -309,8 +309,9 @@ class _LinearProbe:
             self.error_channels[index] += torch.linalg.vector_norm(x @ delta.T, dim=0).double().square()
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
-        # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures.
-        return self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype).float().sub_(self.weight)
+        # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures. Not in
+        # place: an fp32 QTensor (a pruned fp32 cast) may hand out its own values, which the replays read later.
+        return self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype).float() - self.weight
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""

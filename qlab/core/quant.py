@@ -255,7 +255,9 @@ class QTensor:
             if self.zero_point is not None:
                 blocks = blocks - self.zero_point.to(torch.float32)[:, None]
             values = blocks * self.scale.to(torch.float32)[:, None]
-        return values.reshape(self.shape).to(dtype)
+        values = values.reshape(self.shape).to(dtype)
+        # An fp32 cast's codes are its values: a caller that writes into the result must not write into them.
+        return values.clone() if values.data_ptr() == self.codes.data_ptr() else values
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The tensors as stored: codes packed to ``bits`` per value, scales at their dtype."""
