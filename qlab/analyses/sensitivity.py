@@ -309,9 +309,8 @@ class _LinearProbe:
             self.error_channels[index] += torch.linalg.vector_norm(x @ delta.T, dim=0).double().square()
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
-        # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures. Not in
-        # place: an fp32 QTensor (a pruned fp32 cast) may hand out its own values, which the replays read later.
-        return self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype).float() - self.weight
+        # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures.
+        return self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype).float().sub_(self.weight)
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""

@@ -593,8 +593,8 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     if compiled and cpu_kernels.rounds(fmt):
         search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
         cpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)
-    elif compiled or not (gpu_kernels.usable(blocks, dtype) and gpu_kernels.rounds(fmt)
-                          and gpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt)):
+    elif not (gpu_kernels.usable(blocks, dtype) and gpu_kernels.rounds(fmt)
+              and gpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt)):
         _dequantized_blocks(blocks, target, scale, inverse, zero, fmt)
     return values, suspect
 
