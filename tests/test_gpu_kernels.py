@@ -36,13 +36,13 @@ def kernel_values(x: torch.Tensor, scheme: QuantScheme, out_dtype: torch.dtype) 
     scale, inverse, zero, suspect = quant._block_scales(x, blocks, scheme)
     assert not suspect
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    assert gpu_kernels.dequantize_blocks(blocks, out.view(blocks.shape), scale, inverse, zero, scheme.fmt)
+    search = quant._lut_search(scheme.fmt.name, x.device) if scheme.fmt.kind == "lut" else None
+    assert gpu_kernels.dequantize_blocks(blocks, out.view(blocks.shape), scale, inverse, zero, scheme.fmt, search)
     return out
 
 
-def test_integers_and_small_floats_are_rounded_here_and_tables_are_not():
-    assert {"int8", "int4", "int3", "fp8_e4m3", "fp8_e5m2"} <= set(ROUNDED)
-    assert not {"nf4", "fp4_e2m1"} & set(ROUNDED)
+def test_integers_tables_and_small_floats_are_rounded_here():
+    assert {"int8", "int4", "int3", "nf4", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2"} <= set(ROUNDED)
 
 
 @pytest.mark.parametrize("fmt", ROUNDED)
@@ -73,7 +73,7 @@ def test_float_rounding_matches_torchs_casts_for_every_bf16_and_many_float32_val
         ones = torch.ones(x.shape[0], 1, device=DEVICE)
         for out_dtype in DTYPES:
             out = torch.empty(x.shape, dtype=out_dtype, device=DEVICE)
-            assert gpu_kernels.dequantize_blocks(x, out, ones, ones, None, fmt)
+            assert gpu_kernels.dequantize_blocks(x, out, ones, ones, None, fmt, None)
             expected = x.cpu().to(fmt.cast_dtype).to(out_dtype)
             assert torch.equal(nan_as_one(out.cpu()), nan_as_one(expected)), (x.dtype, out_dtype)
 
@@ -83,7 +83,8 @@ def test_ties_round_to_even_and_signed_zeros_survive():
     x = torch.cat([torch.arange(-127, 128, dtype=torch.float32) / 2, torch.tensor([-0.0])]).reshape(-1, 64)
     x = x.to(DEVICE)
     for scheme in (QuantScheme("int8", "group", 64), QuantScheme("int8", "group", 64, symmetric=False),
-                   QuantScheme("fp8_e4m3", "group", 64)):
+                   QuantScheme("fp8_e4m3", "group", 64), QuantScheme("nf4", "group", 64),
+                   QuantScheme("fp4_e2m1", "group", 64)):
         expected = quantize(x, scheme).dequantize(torch.float32)
         assert torch.equal(bits(kernel_values(x, scheme, torch.float32)), bits(expected)), scheme.label
 
@@ -94,16 +95,16 @@ def test_large_gpu_tensors_take_the_kernel_and_small_ones_torchs_route(monkeypat
     real = gpu_kernels.dequantize_blocks
     monkeypatch.setattr(gpu_kernels, "dequantize_blocks", lambda *args: calls.append(args[5].name) or real(*args))
     x = sample((1024, 2048), torch.bfloat16, 0.02, 9).to(DEVICE)
-    for name in ("int4", "nf4", "fp8_e4m3"):  # nf4: torch's route
+    for name in ("int4", "nf4", "fp8_e4m3"):
         scheme = QuantScheme(name, "group", 64)
         out = torch.empty_like(x)
         values, suspect = fake_quantize_unchecked(x, scheme, torch.bfloat16, out=out)
         assert values is out and not suspect.item()
         assert torch.equal(bits(values), bits(quantize(x, scheme).dequantize(torch.bfloat16)))
-    assert calls == ["int4", "fp8_e4m3"]
+    assert calls == ["int4", "nf4", "fp8_e4m3"]
     fake_quantize(x[:16], QuantScheme("int4", "group", 64))  # 32 K values: torch's route
     fake_quantize(x, QuantScheme("fp16"))  # a plain cast: torch's
-    assert calls == ["int4", "fp8_e4m3"]
+    assert calls == ["int4", "nf4", "fp8_e4m3"]
     assert not gpu_kernels.usable(x.cpu().reshape(-1, 64), torch.bfloat16)
 
 

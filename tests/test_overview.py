@@ -365,6 +365,33 @@ def test_rounding_estimates_reproduce_the_measured_1b_times_at_the_machine_rate_
     assert overview.rounding_seconds(loaded, QuantScheme("int4", "group", 128)) < 30  # round to nearest: seconds
 
 
+def test_calibrated_and_optimised_methods_on_a_gpu_are_estimated_at_the_rates_measured_on_the_h100(monkeypatch):
+    import json
+    import types
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parent.parent
+    fields = json.loads((root / "assets" / "model_configs" / "llama-3.1-8b.json").read_text())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 700e12)  # a bf16 rate: unused here
+    on_gpu = types.SimpleNamespace(model=model, device="cuda:0", kind="causal-lm")
+    on_cpu = types.SimpleNamespace(model=model, device="cpu", kind="causal-lm")
+    measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
+        (root / "bench" / "results" / "rounding_methods_8b_gpu.json").read_text())["models"][0]["rows"]}
+    for algorithm in ("gptq", "gptq-act-order", "awq", "hqq"):
+        scheme = QuantScheme("int4", "group", 128, symmetric=False, algorithm=algorithm)
+        estimate = overview.rounding_seconds(on_gpu, scheme)
+        assert 0.75 < estimate / measured[scheme.label] < 1.35, (scheme.label, estimate, measured[scheme.label])
+    # The CPU's flops-bound model would promise GPTQ in about a second on this GPU, which took minutes.
+    assert overview.GPTQ_RATE * 700e12 * measured["int4 g128 asym gptq"] > 100 * sum(
+        2.0 * m.out_features * m.in_features**2 for _, m in overview.quantizable_linears(model))
+    assert overview.rounding_seconds(on_cpu, QuantScheme("int4", "group", 128, algorithm="hqq")) > 100 * \
+        overview.rounding_seconds(on_gpu, QuantScheme("int4", "group", 128, algorithm="hqq"))
+
+
 def test_a_model_on_a_gpu_is_estimated_at_the_gpu_rates_measured_on_the_h200(monkeypatch):
     import json
     import types

@@ -175,4 +175,4 @@ def test_the_gpu_kernel_lets_out_of_memory_through(monkeypatch):
     x = torch.ones(4, 32)
     ones = torch.ones(4, 1)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        gpu_kernels.dequantize_blocks(x, torch.empty_like(x), ones, ones, None, get_format("int8"))
+        gpu_kernels.dequantize_blocks(x, torch.empty_like(x), ones, ones, None, get_format("int8"), None)

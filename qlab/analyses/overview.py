@@ -63,6 +63,13 @@ GPU_QUICK_S_PER_WEIGHT = 1e-10
 GPTQ_RATE = 0.1
 AWQ_RATE = 0.7
 HQQ_S_PER_WEIGHT = 7e-7
+# On a GPU they are not bound by the matmul rate (bench/results/rounding_methods_8b_gpu.json, random Llama-3.1-8B at
+# int4 g128 on a lent H100): GPTQ took 264 s and act-order 276 s for 1.25 M input columns, about 0.21 ms a column
+# (a dozen small kernels each, launch-bound); AWQ's float32 scoring ran at about 37 TFLOP/s (54 s), a twentieth
+# of the bf16 rate; HQQ 12.3 s for 7.5 B weights, about 1.6 ns a weight.
+GPU_GPTQ_S_PER_COLUMN = 2.1e-4
+GPU_AWQ_FLOPS_PER_S = 3.7e13
+GPU_HQQ_S_PER_WEIGHT = 1.6e-9
 # The quick sensitivity (no baseline): one forward and one backward pass (3 evaluations), plus rounding every linear for each
 # scaled scheme and its output error on every batch: MiniLM took 10 s for two schemes at 64 and at 512 tokens
 # alike (the same busy machine), about 0.4 us per weight and scheme; since it dropped its baseline forward and
@@ -188,12 +195,18 @@ def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
     """About how long rounding every linear of the model by ``scheme``'s algorithm takes here."""
     linears = [module for _, module in quantizable_linears(loaded.model)]
     solve_flops = sum(2.0 * m.out_features * m.in_features**2 for m in linears)
+    on_gpu = _on_gpu(loaded)
     if scheme.algorithm in ("gptq", "gptq-act-order") or scheme.sparsity == "2:4-sparsegpt":
+        if on_gpu:
+            return GPU_GPTQ_S_PER_COLUMN * sum(m.in_features for m in linears)
         return solve_flops / (GPTQ_RATE * matmul_flops_per_s(loaded.device))
     if scheme.algorithm == "awq":
-        return awq.GRID_POINTS * solve_flops / (AWQ_RATE * matmul_flops_per_s(loaded.device))
-    per_weight = (HQQ_S_PER_WEIGHT if scheme.algorithm == "hqq"
-                  else GPU_ROUNDING_S_PER_WEIGHT if _on_gpu(loaded) else ROUNDING_S_PER_WEIGHT)
+        rate = GPU_AWQ_FLOPS_PER_S if on_gpu else AWQ_RATE * matmul_flops_per_s(loaded.device)
+        return awq.GRID_POINTS * solve_flops / rate
+    if scheme.algorithm == "hqq":
+        per_weight = GPU_HQQ_S_PER_WEIGHT if on_gpu else HQQ_S_PER_WEIGHT
+    else:
+        per_weight = GPU_ROUNDING_S_PER_WEIGHT if on_gpu else ROUNDING_S_PER_WEIGHT
     return per_weight * sum(m.weight.numel() for m in linears)
 
 

@@ -100,15 +100,15 @@ def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.
 @functools.cache
 def float_grid(cast_dtype: torch.dtype) -> tuple[np.uint32, np.uint32, np.float32, np.float32] | None:
     """For a float format: its mantissa bits, the float32 exponent field of its smallest normal, its largest
-    value and what overflow gives (infinity, or the largest value where torch's cast saturates, as E4M3 "fn"
-    does); None where its subnormals' inverse step leaves float32 (bf16)."""
+    value and what overflow gives: what torch's cast gives for infinity (infinity; E4M3 "fn" has none, and torch
+    2.13 saturates it at the largest value where torch 2.11 gave NaN); None where its subnormals' inverse step
+    leaves float32 (bf16)."""
     finfo = torch.finfo(cast_dtype)
     mantissa_bits = round(-math.log2(finfo.eps))
     lowest = round(math.log2(finfo.smallest_normal)) + 127
     if mantissa_bits >= lowest:
         return None
-    saturates = bool(torch.tensor(math.inf).to(cast_dtype).to(torch.float32).isfinite())
-    overflow = finfo.max if saturates else math.inf
+    overflow = torch.tensor(math.inf).to(cast_dtype).to(torch.float32).item()
     return np.uint32(mantissa_bits), np.uint32(lowest), np.float32(finfo.max), np.float32(overflow)
 
 

@@ -1,4 +1,4 @@
-"""Round-to-nearest of integer and float formats on a GPU in one pass over the weights (Triton).
+"""Round-to-nearest of integer, 4-bit table and float formats on a GPU in one pass over the weights (Triton).
 
 torch's route (``qlab.core.quant._dequantized_blocks``) runs each chunk through half a dozen float32 passes
 (scale, round, clamp, offset, rescale and cast, each a kernel writing a float32 copy): on a lent H100 the streamed
@@ -6,10 +6,11 @@ sweep of an 8B model spent 0.33-0.49 s of a scheme there (int4, int8, fp8), agai
 Here one kernel reads each stored value once, makes the same float32 operations in the same order (no fused
 multiply-adds: ``enable_fp_fusion=False``), and writes the result once, with torch's bits: ties to even, the
 float32 -> bfloat16 store rounded to nearest even with torch's NaN. A float format past its largest value
-saturates as torch's CPU cast does (E4M3 at 448), on every device.
+gives what torch's CPU cast gives for infinity (``cpu_kernels.float_grid``), on every device.
 
-The scales stay torch's (``quant._block_scales``): they are passes over one value per block. 4-bit tables (nf4,
-fp4) keep torch's route on a GPU: their kernel has not been compiled on one yet. Triton ships with CUDA builds of
+The scales stay torch's (``quant._block_scales``): they are passes over one value per block. A 4-bit table (nf4,
+fp4) is searched by comparing with its 15 boundaries, each nudged so that a strict comparison keeps the table's
+tie rule (``quant._lut_search``), as the CPU kernels do. Triton ships with CUDA builds of
 torch; without it, on a GPU before Ampere, or on a CPU, torch's route does everything. The kernel has run on one
 GPU model with one Triton release: where it fails to compile or launch elsewhere, the failure is logged and torch's
 route takes over for the rest of the process (the same bits, only slower), instead of stopping a sweep.
@@ -31,6 +32,7 @@ MIN_VALUES = 1 << 20
 # Values each program rounds: large enough for wide loads, small enough for thousands of programs per weight.
 VALUES_PER_PROGRAM = 2048
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KINDS = {"integer": 0, "lut": 1, "float": 2}  # what the kernel does with each value, by format kind
 
 
 @functools.cache
@@ -56,27 +58,34 @@ def usable(blocks: torch.Tensor, out_dtype: torch.dtype) -> bool:
 
 
 def rounds(fmt) -> bool:
-    """Whether the kernel rounds this format: every integer format, fp16 and fp8 (as the CPU kernels)."""
-    return fmt.kind in ("integer", "float") and cpu_kernels.rounds(fmt)
+    """Whether the kernel rounds this format: every integer format, 4-bit tables, fp16 and fp8 (as the CPU
+    kernels)."""
+    return cpu_kernels.rounds(fmt)
 
 
 def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
-                      zero: torch.Tensor | None, fmt) -> bool:
-    """``quant._dequantized_blocks`` for a format the kernel rounds: ``out`` receives ``encode`` then
-    ``QTensor.dequantize`` of every value. False where the kernel could not be compiled or launched here (then
-    ``out`` holds nothing and the kernel is off for the rest of the process)."""
+                      zero: torch.Tensor | None, fmt, search: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """``quant._dequantized_blocks`` for a format the kernel rounds (a table's ``search`` is ``quant._lut_search``):
+    ``out`` receives ``encode`` then ``QTensor.dequantize`` of every value. False where the kernel could not be
+    compiled or launched here (then ``out`` holds nothing and the kernel is off for the rest of the process)."""
     global MIN_VALUES
     scale, inverse = (s.reshape(-1).contiguous() for s in (scale, inverse))
     has_zero = zero is not None
     zero = zero.reshape(-1).contiguous() if has_zero else inverse  # never read without a zero point
+    boundaries = levels = scale  # never read but by a table
     mantissa_bits = lowest = 0
     largest = overflow = 0.0
-    if fmt.kind == "float":
+    if fmt.kind == "lut":
+        boundaries, levels = (t.to(torch.float32) for t in search)
+        padding = _kernels().TABLE_BOUNDARIES - boundaries.numel()
+        boundaries = torch.cat([boundaries, boundaries.new_full((padding,), math.inf)])
+        levels = torch.cat([levels, levels[-1:].expand(padding)])
+    elif fmt.kind == "float":
         mantissa_bits, lowest, largest, overflow = (n.item() for n in cpu_kernels.float_grid(fmt.cast_dtype))
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     try:
         _kernels().dequantize(blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero,
-                              fmt.kind == "integer", has_zero, float(fmt.qmin), float(fmt.qmax),
+                              boundaries, levels, _KINDS[fmt.kind], has_zero, float(fmt.qmin), float(fmt.qmax),
                               int(mantissa_bits), int(lowest), float(largest), float(overflow),
                               out.dtype == torch.bfloat16, VALUES_PER_PROGRAM)
     except torch.cuda.OutOfMemoryError:

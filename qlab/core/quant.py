@@ -590,11 +590,11 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
         scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
     values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
     target = values.view(blocks.shape)
+    search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
     if compiled and cpu_kernels.rounds(fmt):
-        search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
         cpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)
     elif not (gpu_kernels.usable(blocks, dtype) and gpu_kernels.rounds(fmt)
-              and gpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt)):
+              and gpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)):
         _dequantized_blocks(blocks, target, scale, inverse, zero, fmt)
     return values, suspect
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+TABLE_BOUNDARIES = 15  # boundaries a table's kernel compares with: a 4-bit table has at most 15, padded with inf
+
 
 @triton.jit
 def _rint(x):
@@ -27,16 +29,16 @@ def _as_float(pattern):
 
 
 @triton.jit
-def _dequantize(values, out, width, n, scale, inverse, zero, INTEGER: tl.constexpr, HAS_ZERO: tl.constexpr,
-                qmin, qmax, mantissa_bits, lowest, largest, overflow, STORE_BF16_BITS: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels, KIND: tl.constexpr,
+                HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, mantissa_bits, lowest, largest,
+                overflow, STORE_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     row = offsets // width
     x = tl.load(values + offsets, mask=inside, other=0.0).to(tl.float32)
     step = tl.load(scale + row, mask=inside, other=1.0)
     scaled = x * tl.load(inverse + row, mask=inside, other=1.0)
-    if INTEGER:  # round(x / s + z), clamped, then (code + (0 - z)) * s
+    if KIND == 0:  # integers: round(x / s + z), clamped, then (code + (0 - z)) * s
         if HAS_ZERO:
             point = tl.load(zero + row, mask=inside, other=0.0)
             code = _rint(scaled + point)
@@ -46,6 +48,10 @@ def _dequantize(values, out, width, n, scale, inverse, zero, INTEGER: tl.constex
             offset = 0.0
         # +0 turns rounding's -0 into the +0 of code 0, as torch's route
         level = tl.minimum(tl.maximum(code, qmin), qmax) + offset
+    elif KIND == 1:  # a table: the level of the slot above every boundary the value exceeds
+        level = tl.zeros_like(scaled) + tl.load(levels)
+        for k in tl.static_range(BOUNDARIES):
+            level = tl.where(scaled > tl.load(boundaries + k), tl.load(levels + k + 1), level)
     else:  # floats: rint at the format's step where the value lies, built from its exponent field
         pattern = scaled.to(tl.int32, bitcast=True)
         exponent = tl.maximum((pattern >> 23) & 0xFF, lowest)
@@ -63,9 +69,11 @@ def _dequantize(values, out, width, n, scale, inverse, zero, INTEGER: tl.constex
         tl.store(out + offsets, result.to(out.dtype.element_ty), mask=inside)
 
 
-def dequantize(values, out, width, scale, inverse, zero, integer, has_zero, qmin, qmax, mantissa_bits, lowest,
-               largest, overflow, store_bf16_bits, block):
+def dequantize(values, out, width, scale, inverse, zero, boundaries, levels, kind, has_zero, qmin, qmax,
+               mantissa_bits, lowest, largest, overflow, store_bf16_bits, block):
     n = values.numel()
+    # The table's length is a compile-time constant, so the comparisons unroll (a module constant read inside the
+    # kernel failed to compile on a GPU).
     _dequantize[(triton.cdiv(n, block),)](
-        values, out, width, n, scale, inverse, zero, integer, has_zero, qmin, qmax, mantissa_bits, lowest, largest,
-        overflow, store_bf16_bits, block, enable_fp_fusion=False)
+        values, out, width, n, scale, inverse, zero, boundaries, levels, kind, has_zero, TABLE_BOUNDARIES, qmin,
+        qmax, mantissa_bits, lowest, largest, overflow, store_bf16_bits, block, enable_fp_fusion=False)
