@@ -249,6 +249,12 @@ def test_bench_sweep_keeps_the_schemes_measured_before_one_fails(tmp_path, monke
     kept = json.loads(out.read_text())
     assert kept["complete"] is False and [r["label"] for r in kept["rows"]] == ["int8 g64"]
     assert kept["rows"][0]["cost_over_eval"] > 0
+    # One evaluation is the median of the base model's evaluations, each kept; a scheme's cost is over it.
+    assert len(kept["base_eval_s"]) == sweep_benchmark.BASE_EVALUATIONS
+    assert kept["one_eval_s"] == sorted(kept["base_eval_s"])[len(kept["base_eval_s"]) // 2]
+    row = kept["rows"][0]
+    assert 0 < kept["copy_floor_s"] < row["seconds"]  # copying the weights is less than rounding and evaluating
+    assert row["cost_over_eval"] == pytest.approx(row["seconds"] / kept["one_eval_s"], rel=0.05, abs=0.01)
     [run] = runs_from_payload(kept, "bench.json")
     assert run["status"] == "stopped"
     assert [r["label"] for r in run["results"] if r["kind"] == "sweep"] == ["int8 g64"]

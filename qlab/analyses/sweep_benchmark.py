@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -13,15 +14,21 @@ import transformers
 from qlab import __version__
 from qlab.analyses.sweep import peak_rss_bytes, run_sweep
 from qlab.core.peak_rss import PeakRss, high_water_mark
+from qlab.core.plan import quantizable_linears
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import EvalSpec, compute_baseline, evaluate
 from qlab.models.hardware import detect_this_machine
 from qlab.models.loading import RUNTIME_BYTES, SWEEP_MEMORY_FACTOR, load, model_sha256
 
+# One evaluation of the base model, the unit of every scheme's cost, is the median of three: a single one wandered
+# by 1.2-2x between runs of the same work on a CPU, and by 1.5-2.0 s on an H100 (bench/results/sweep_*.json).
+BASE_EVALUATIONS = 3
+
 
 def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
                 on_row: Callable[[dict], None] | None = None, **placement: str | None) -> dict:
-    """Time one evaluation of the base model and a full sweep (baseline included) in one process, the model
+    """Time one evaluation of the base model (the median of ``BASE_EVALUATIONS``, each kept in ``base_eval_s``)
+    and a full sweep (baseline included) in one process, the model
     loaded by ``load(model_name, **placement)`` (``device``, ``device_map``, ``dtype``; default: the CPU, in its
     own dtype); each row gets its cost over that evaluation and its peak memory. ``on_row`` receives the result
     as it stands after each scheme (``"complete": False`` until the last), so that a caller can keep the rows
@@ -42,11 +49,15 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
     baseline = compute_baseline(loaded, spec)
     baseline_s = time.perf_counter() - started
     peak.reset()
-    started = time.perf_counter()
-    evaluate(loaded.model, baseline)  # the base model scored against itself: the work one scheme also does
-    peak.synchronize()
-    one_eval_s = time.perf_counter() - started
+    base_eval_s = []
+    for _ in range(BASE_EVALUATIONS):
+        started = time.perf_counter()
+        evaluate(loaded.model, baseline)  # the base model scored against itself: the work one scheme also does
+        peak.synchronize()
+        base_eval_s.append(time.perf_counter() - started)
+    one_eval_s = statistics.median(base_eval_s)
     eval_peak = peak.read()
+    copy_floor_s = _copy_seconds(loaded, peak)
     largest = max(p.numel() * p.element_size() for p in loaded.model.parameters())
     goal_peak = int(SWEEP_MEMORY_FACTOR * loaded.weight_bytes) + largest + RUNTIME_BYTES
     rows = []
@@ -71,6 +82,10 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
             "load_s": round(load_s, 3),
             "baseline_s": round(baseline_s, 3),
             "one_eval_s": round(one_eval_s, 3),
+            "base_eval_s": [round(seconds, 3) for seconds in base_eval_s],
+            # Every quantizable weight read and written once, as materialising a scheme must: its floor here.
+            "copy_floor_s": round(copy_floor_s, 3),
+            "copy_floor_over_eval": round(copy_floor_s / one_eval_s, 3),
             "sweep_s": round(sweep_s, 3),
             "sweep_over_eval": round(sweep_s / one_eval_s, 3),
             "max_scheme_cost_over_eval": max((r["cost_over_eval"] for r in rows), default=None),
@@ -110,6 +125,23 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
                      "peak_memory_bytes": scheme_peak, "peak_over_goal": round(scheme_peak / goal_peak, 3)})
         if on_row is not None and len(rows) < len(schemes):
             on_row(result(complete=False))
+
+
+def _copy_seconds(loaded, peak: PeakMemory) -> float:
+    """Seconds to copy every quantizable linear weight once into a scratch tensor of its own dtype and device
+    (one at a time: no more memory than the largest), the least that applying any scheme costs here."""
+    weights = [module.weight for _, module in quantizable_linears(loaded.model)]
+    largest = max((w.numel() for w in weights), default=0)
+    scratch = {}  # one per dtype and device (a model placed over several GPUs)
+    peak.synchronize()
+    started = time.perf_counter()
+    for weight in weights:
+        key = (weight.dtype, weight.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(largest, dtype=weight.dtype, device=weight.device)
+        scratch[key][:weight.numel()].view_as(weight).copy_(weight)
+    peak.synchronize()
+    return time.perf_counter() - started
 
 
 class PeakMemory:
