@@ -1,6 +1,10 @@
 """The Overview's pieces on tiny models: each computes, is saved per scheme, comes back from the store, is
 estimated beforehand and can be cancelled; the panels and the HTML export are built from them."""
 
+import json
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -250,7 +254,6 @@ def test_baseline_is_shared_by_the_evaluating_pieces(llama, store, monkeypatch):
 
 
 def test_cli_overview_stores_then_reuses_and_refuses_a_bad_target(tmp_path, monkeypatch, capsys):
-    import json
 
     from qlab.cli import main
     from qlab.models import loading
@@ -274,7 +277,6 @@ def test_cli_overview_stores_then_reuses_and_refuses_a_bad_target(tmp_path, monk
 
 
 def test_cli_overview_loads_as_sweep_does_and_refuses_a_bad_bound_or_cap(tmp_path, monkeypatch, capsys):
-    import json
 
     from qlab.cli import main
     from qlab.models import loading
@@ -343,21 +345,29 @@ def test_cli_overview_refuses_a_text_too_short_to_calibrate_on_before_any_work(t
     assert not db.exists() or Store(db).list_runs() == []
 
 
-def test_rounding_estimates_reproduce_the_measured_1b_times_at_the_machine_rate_they_were_fitted_at(monkeypatch):
-    import json
-    import types
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
 
+
+def meta_model(config: str) -> torch.nn.Module:
+    """A catalog model's shapes on the meta device (no weights): what the estimates read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    root = Path(__file__).resolve().parent.parent
-    fields = json.loads((root / "assets" / "model_configs" / "llama-3.2-1b.json").read_text())
+    fields = json.loads((ROOT / "assets" / "model_configs" / f"{config}.json").read_text())
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    loaded = types.SimpleNamespace(model=model, device="cpu")
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 268e9)  # the probe when they were timed
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
+@pytest.mark.parametrize("config, device, results, probe", [
+    ("llama-3.2-1b", "cpu", "rounding_methods_1b_cpu.json", 268e9),  # the CPU's probe when they were timed
+    ("llama-3.1-8b", "cuda:0", "rounding_methods_8b_gpu.json", 700e12),  # a bf16 rate, which they do not use
+])
+def test_rounding_estimates_reproduce_the_times_measured_for_every_algorithm(monkeypatch, config, device, results,
+                                                                             probe):
+    model = meta_model(config)
+    loaded = types.SimpleNamespace(model=model, device=device)
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": probe)
     measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
-        (root / "bench" / "results" / "rounding_methods_1b_cpu.json").read_text())["models"][0]["rows"]}
+        (ROOT / "bench" / "results" / results).read_text())["models"][0]["rows"]}
     for algorithm in ("gptq", "gptq-act-order", "awq", "hqq"):
         scheme = QuantScheme("int4", "group", 128, symmetric=False, algorithm=algorithm)
         estimate = overview.rounding_seconds(loaded, scheme)
@@ -365,49 +375,24 @@ def test_rounding_estimates_reproduce_the_measured_1b_times_at_the_machine_rate_
     assert overview.rounding_seconds(loaded, QuantScheme("int4", "group", 128)) < 30  # round to nearest: seconds
 
 
-def test_calibrated_and_optimised_methods_on_a_gpu_are_estimated_at_the_rates_measured_on_the_h100(monkeypatch):
-    import json
-    import types
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    root = Path(__file__).resolve().parent.parent
-    fields = json.loads((root / "assets" / "model_configs" / "llama-3.1-8b.json").read_text())
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 700e12)  # a bf16 rate: unused here
-    on_gpu = types.SimpleNamespace(model=model, device="cuda:0", kind="causal-lm")
-    on_cpu = types.SimpleNamespace(model=model, device="cpu", kind="causal-lm")
+def test_gptq_on_a_gpu_is_not_estimated_by_its_arithmetic(monkeypatch):
+    """On the H100 GPTQ took minutes for a solve that the GPU's matmul rate would finish in about a second (a dozen
+    small kernels per input column), so a GPU estimate counts columns, not FLOPs."""
+    model = meta_model("llama-3.1-8b")
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 700e12)
     measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
-        (root / "bench" / "results" / "rounding_methods_8b_gpu.json").read_text())["models"][0]["rows"]}
-    for algorithm in ("gptq", "gptq-act-order", "awq", "hqq"):
-        scheme = QuantScheme("int4", "group", 128, symmetric=False, algorithm=algorithm)
-        estimate = overview.rounding_seconds(on_gpu, scheme)
-        assert 0.75 < estimate / measured[scheme.label] < 1.35, (scheme.label, estimate, measured[scheme.label])
-    # The CPU's flops-bound model would promise GPTQ in about a second on this GPU, which took minutes.
-    assert overview.GPTQ_RATE * 700e12 * measured["int4 g128 asym gptq"] > 100 * sum(
-        2.0 * m.out_features * m.in_features**2 for _, m in overview.quantizable_linears(model))
-    assert overview.rounding_seconds(on_cpu, QuantScheme("int4", "group", 128, algorithm="hqq")) > 100 * \
-        overview.rounding_seconds(on_gpu, QuantScheme("int4", "group", 128, algorithm="hqq"))
+        (ROOT / "bench" / "results" / "rounding_methods_8b_gpu.json").read_text())["models"][0]["rows"]}
+    solve_flops = sum(2.0 * m.out_features * m.in_features**2 for _, m in overview.quantizable_linears(model))
+    assert overview.GPTQ_RATE * 700e12 * measured["int4 g128 asym gptq"] > 100 * solve_flops
 
 
 def test_a_model_on_a_gpu_is_estimated_at_the_gpu_rates_measured_on_the_h200(monkeypatch):
-    import json
-    import types
-    from pathlib import Path
-
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    root = Path(__file__).resolve().parent.parent
-    fields = json.loads((root / "assets" / "model_configs" / "llama-3.1-8b.json").read_text())
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    model = meta_model("llama-3.1-8b")
     probed = []
     monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": probed.append(device) or 268e9)
     on_gpu = types.SimpleNamespace(model=model, device="cuda:0", kind="causal-lm")
     on_cpu = types.SimpleNamespace(model=model, device="cpu", kind="causal-lm")
-    sweep = json.loads((root / "bench" / "results" / "real_model_gpu.json").read_text())["models"]["llama-3.1-8b"]
+    sweep = json.loads((ROOT / "bench" / "results" / "real_model_gpu.json").read_text())["models"]["llama-3.1-8b"]
     measured = [row["quantize_seconds"] for row in sweep["steps"]["sweep"]["rows"] if row["label"] != "bf16"]
     estimate = overview.rounding_seconds(on_gpu, QuantScheme("int4", "group", 64))
     assert 0.75 < estimate / max(measured) and estimate / min(measured) < 1.25, (estimate, measured)
