@@ -132,14 +132,14 @@ def _copy_seconds(loaded, peak: PeakMemory) -> float:
     (one at a time: no more memory than the largest), the least that applying any scheme costs here."""
     weights = [module.weight for _, module in quantizable_linears(loaded.model)]
     largest = max((w.numel() for w in weights), default=0)
-    scratch = {}  # one per dtype and device (a model placed over several GPUs)
+    # One per dtype and device (a model placed over several GPUs), written before the clock starts so that the
+    # operating system's first touch of its pages is not counted.
+    scratch = {key: torch.zeros(largest, dtype=key[0], device=key[1])
+               for key in dict.fromkeys((w.dtype, w.device) for w in weights)}
     peak.synchronize()
     started = time.perf_counter()
     for weight in weights:
-        key = (weight.dtype, weight.device)
-        if key not in scratch:
-            scratch[key] = torch.empty(largest, dtype=weight.dtype, device=weight.device)
-        scratch[key][:weight.numel()].view_as(weight).copy_(weight)
+        scratch[weight.dtype, weight.device][:weight.numel()].view_as(weight).copy_(weight)
     peak.synchronize()
     return time.perf_counter() - started
 
