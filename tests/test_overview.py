@@ -254,7 +254,6 @@ def test_baseline_is_shared_by_the_evaluating_pieces(llama, store, monkeypatch):
 
 
 def test_cli_overview_stores_then_reuses_and_refuses_a_bad_target(tmp_path, monkeypatch, capsys):
-
     from qlab.cli import main
     from qlab.models import loading
 
@@ -277,7 +276,6 @@ def test_cli_overview_stores_then_reuses_and_refuses_a_bad_target(tmp_path, monk
 
 
 def test_cli_overview_loads_as_sweep_does_and_refuses_a_bad_bound_or_cap(tmp_path, monkeypatch, capsys):
-
     from qlab.cli import main
     from qlab.models import loading
 

@@ -138,6 +138,17 @@ def _round_floats(blocks: torch.Tensor, out: torch.Tensor, scale: np.ndarray, in
                       _rows_per_task(blocks))
 
 
+def padded_table(search: tuple[torch.Tensor, torch.Tensor], boundaries_count: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A table's ``search`` (``quant._lut_search``) as float32, grown to ``boundaries_count`` boundaries for a
+    kernel that compares with a fixed number: the extra boundaries are infinite, so no value goes past them, and
+    the extra levels repeat the last."""
+    boundaries, levels = (t.to(torch.float32) for t in search)
+    padding = boundaries_count - boundaries.numel()
+    return (torch.cat([boundaries, boundaries.new_full((padding,), math.inf)]),
+            torch.cat([levels, levels[-1:].expand(padding)]))
+
+
 def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
                       zero: torch.Tensor | None, fmt, search: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """``_dequantized_blocks`` for a format the kernels round; a table format with its ``search``: the sorted
@@ -152,8 +163,5 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
         kernels.integers(values, inverse, zero, scale, np.float32(fmt.qmin), np.float32(fmt.qmax), target,
                          _rows_per_task(blocks))
     else:
-        boundaries, levels = (t.to(torch.float32) for t in search)
-        padding = kernels.TABLE_BOUNDARIES - boundaries.numel()
-        boundaries = torch.cat([boundaries, torch.full((padding,), math.inf)]).numpy()
-        levels = torch.cat([levels, levels[-1:].expand(padding)]).numpy()
+        boundaries, levels = (t.numpy() for t in padded_table(search, kernels.TABLE_BOUNDARIES))
         kernels.table(values, inverse, boundaries, levels, scale, target, _rows_per_task(blocks))

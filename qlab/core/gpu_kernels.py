@@ -76,10 +76,7 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     mantissa_bits = lowest = 0
     largest = overflow = 0.0
     if fmt.kind == "lut":
-        boundaries, levels = (t.to(torch.float32) for t in search)
-        padding = _kernels().TABLE_BOUNDARIES - boundaries.numel()
-        boundaries = torch.cat([boundaries, boundaries.new_full((padding,), math.inf)])
-        levels = torch.cat([levels, levels[-1:].expand(padding)])
+        boundaries, levels = cpu_kernels.padded_table(search, _kernels().TABLE_BOUNDARIES)
     elif fmt.kind == "float":
         mantissa_bits, lowest, largest, overflow = (n.item() for n in cpu_kernels.float_grid(fmt.cast_dtype))
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
