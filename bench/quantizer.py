@@ -10,7 +10,9 @@ random weights of the given shapes in ``--dtype``:
   until the fused route (codes kept, float32 passes, a device sync per check);
 - ``after_s``: ``dequantized_weights`` of the same weights, what it runs now (one sync for all of them; on a CPU
   ranges, scales and rounding of integer, table and float formats in ``qlab.core.cpu_kernels``' compiled
-  passes, on a GPU their rounding in ``qlab.core.gpu_kernels``' one Triton pass);
+  passes, on a GPU ranges, scales and rounding in ``qlab.core.gpu_kernels``' one Triton launch per weight);
+- ``rounding_kernel_only_s`` (GPU): torch's scales, then the Triton rounding pass (the route before the fused
+  kernel), and ``fused_speedup`` = that / after; ``after_gb_per_s``: weights read and written per second;
 - ``torch_fused_s``: the same without the compiled kernels (torch's chunked passes);
 - ``speedup``: before / after, ``compiled_speedup``: torch_fused / after (the three alternate within each repeat,
   so drifting load hits them alike), and ``identical``: whether all three give the same bits.
@@ -60,7 +62,7 @@ def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def measure(scheme: QuantScheme, weights: list[torch.Tensor], dtype: torch.dtype, repeats: int) -> dict:
     """Median seconds of the old route, torch's fused route and today's over ``weights``, and whether they agree."""
     device = weights[0].device
-    before, fused, after, identical = [], [], [], True
+    before, fused, after, unfused, identical = [], [], [], [], True
     layers = [(w, scheme, None) for w in weights]
     for _ in range(repeats):
         old, seconds = _timed(device, lambda: [quantize_weight(w, scheme).dequantize(dtype) for w in weights])
@@ -75,11 +77,26 @@ def measure(scheme: QuantScheme, weights: list[torch.Tensor], dtype: torch.dtype
         new, seconds = _timed(device, lambda: dequantized_weights(layers, dtype))
         after.append(seconds)
         identical &= _same_bits(old, new) and _same_bits(old, torch_route)
+        if device.type == "cuda":  # the GPU kernel that rounds with torch's scales, as before the fused one
+            widest, gpu_kernels.MAX_FUSED_WIDTH = gpu_kernels.MAX_FUSED_WIDTH, 0
+            try:
+                rounded, seconds = _timed(device, lambda: dequantized_weights(layers, dtype))
+            finally:
+                gpu_kernels.MAX_FUSED_WIDTH = widest
+            unfused.append(seconds)
+            identical &= _same_bits(old, rounded)
+            del rounded
         del old, torch_route, new  # each repeat starts with no materialised weights held
     before_s, fused_s, after_s = (statistics.median(times) for times in (before, fused, after))
-    return {"label": scheme.label, "before_s": round(before_s, 4), "torch_fused_s": round(fused_s, 4),
-            "after_s": round(after_s, 4), "speedup": round(before_s / after_s, 3),
-            "compiled_speedup": round(fused_s / after_s, 3), "identical": identical}
+    moved = sum(w.numel() * (w.element_size() + torch.finfo(dtype).bits // 8) for w in weights)
+    row = {"label": scheme.label, "before_s": round(before_s, 4), "torch_fused_s": round(fused_s, 4),
+           "after_s": round(after_s, 4), "speedup": round(before_s / after_s, 3),
+           "compiled_speedup": round(fused_s / after_s, 3), "identical": identical,
+           "after_gb_per_s": round(moved / after_s / 1e9, 1)}
+    if unfused:  # ``after_s`` is then the fused kernel (scales and rounding in one launch per weight)
+        row["rounding_kernel_only_s"] = round(statistics.median(unfused), 4)
+        row["fused_speedup"] = round(row["rounding_kernel_only_s"] / after_s, 3)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:

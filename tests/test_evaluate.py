@@ -117,3 +117,34 @@ def test_text_shorter_than_one_window_is_refused(minilm):
 def test_lm_text_shorter_than_one_window_is_refused(smollm):
     with pytest.raises(QlabError, match="fewer than one evaluation window"):
         compute_baseline(smollm, EvalSpec(tokens=512, text="Only a handful of tokens here."))
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    for param in other.parameters():
+        param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    return other
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_models_metrics_are_computed_on_the_gpu_and_equal_the_cpus():
+    import dataclasses
+
+    from tests.tiny_models import tiny_llama
+
+    loaded = tiny_llama()
+    spec = EvalSpec(tokens=256)
+    other = _perturbed(loaded.model)
+    on_cpu = evaluate(other, compute_baseline(loaded, spec))
+    on_gpu = dataclasses.replace(loaded, model=loaded.model.cuda())
+    baseline = compute_baseline(on_gpu, spec)
+    # The reference stays in host memory, pinned so that each evaluation reads it back without waiting.
+    assert baseline.reference.device.type == "cpu" and baseline.reference.is_pinned()
+    assert evaluate(on_gpu.model, baseline)["kld_mean"] == 0
+    metrics = evaluate(other.cuda(), baseline)
+    assert metrics["kld_mean"] > 1e-4
+    for key, value in on_cpu.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-3), key

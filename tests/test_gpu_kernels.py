@@ -41,6 +41,17 @@ def kernel_values(x: torch.Tensor, scheme: QuantScheme, out_dtype: torch.dtype) 
     return out
 
 
+def fused_values(x: torch.Tensor, scheme: QuantScheme, out_dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """The fused kernel's values of ``x`` under ``scheme`` (its own scales) and its flag of untrusted values."""
+    blocks = quant._as_blocks(x, scheme)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    search = quant._lut_search(scheme.fmt.name, x.device) if scheme.fmt.kind == "lut" else None
+    suspect = gpu_kernels.round_groups(blocks, out.view(blocks.shape), scheme.fmt,
+                                       quant.SCALE_DTYPES[scheme.scale_dtype], scheme.symmetric, search)
+    assert suspect is not None
+    return out, bool(suspect)
+
+
 def test_integers_tables_and_small_floats_are_rounded_here():
     assert {"int8", "int4", "int3", "nf4", "fp4_e2m1", "fp8_e4m3", "fp8_e5m2"} <= set(ROUNDED)
 
@@ -56,6 +67,42 @@ def test_kernel_matches_quantize_bit_for_bit(fmt):
                     expected = quantize(x, scheme).dequantize(out)
                     assert torch.equal(bits(kernel_values(x, scheme, out)), bits(expected)), \
                         (scheme.label, dtype, out)
+
+
+@pytest.mark.parametrize("fmt", ROUNDED)
+def test_fused_kernel_makes_quantizes_scales_and_values_bit_for_bit(fmt):
+    # Widths that are not a power of two (96: padded lanes) and ranges from tiny to past fp16's largest scale.
+    cases = [((7, 96), 1.0), ((33, 64), 1e-3), ((40, 128), 300.0), ((6, 64), 1e-30)]
+    for seed, scheme in enumerate(s for s in schemes(fmt) if s.granularity != "tensor"):
+        for shape, magnitude in cases:
+            for dtype in DTYPES:
+                x = sample(shape, dtype, magnitude, seed).to(DEVICE)
+                for out in DTYPES:
+                    values, suspect = fused_values(x, scheme, out)
+                    blocks = quant._as_blocks(x, scheme)
+                    assert suspect == bool(quant._block_scales(x, blocks, scheme)[3]), (scheme.label, dtype)
+                    if not suspect:
+                        expected = quantize(x, scheme).dequantize(out)
+                        assert torch.equal(bits(values), bits(expected)), (scheme.label, dtype, out, magnitude)
+
+
+def test_fused_kernel_flags_what_quantize_refuses():
+    x = sample((8, 64), torch.float32, 1.0, 3).to(DEVICE)
+    assert not fused_values(x, QuantScheme("int4", "group", 64), torch.float32)[1]
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[5, 7] = bad
+        assert fused_values(y, QuantScheme("int4", "group", 64), torch.float32)[1]
+    # An fp16 scale cannot hold 1e6 / 7: flagged, and quantize refuses it.
+    big = x * 1e6
+    scheme = QuantScheme("int4", "group", 64, scale_dtype="fp16")
+    assert fused_values(big, scheme, torch.float32)[1]
+    with pytest.raises(Exception, match="scale"):
+        quantize(big, scheme)
+    # All-zero blocks take a scale of 1 and stay zero.
+    zeros = torch.zeros(4, 64, device=DEVICE)
+    values, suspect = fused_values(zeros, QuantScheme("int8", "group", 64, symmetric=False), torch.bfloat16)
+    assert not suspect and not values.any()
 
 
 @pytest.mark.parametrize("fmt", CAST_FORMATS)
@@ -92,8 +139,8 @@ def test_ties_round_to_even_and_signed_zeros_survive():
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def test_large_gpu_tensors_take_the_kernel_and_small_ones_torchs_route(monkeypatch):
     calls = []
-    real = gpu_kernels.dequantize_blocks
-    monkeypatch.setattr(gpu_kernels, "dequantize_blocks", lambda *args: calls.append(args[5].name) or real(*args))
+    real = gpu_kernels.round_groups
+    monkeypatch.setattr(gpu_kernels, "round_groups", lambda *args: calls.append(args[2].name) or real(*args))
     x = sample((1024, 2048), torch.bfloat16, 0.02, 9).to(DEVICE)
     for name in ("int4", "nf4", "fp8_e4m3"):
         scheme = QuantScheme(name, "group", 64)

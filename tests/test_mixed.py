@@ -242,3 +242,19 @@ def test_exported_plan_applies_with_torchao_and_optimum_quanto(analysed):
     # Same formats and groups, slightly different rounding conventions: errors of the same size, not identical.
     for other in (theirs, quanto_out):
         assert 0 < (other - reference).norm() < 3 * ours_error
+
+
+def test_measured_mixes_stream_block_by_block_with_the_shadow_copys_metrics(monkeypatch):
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    plan = {name: INT4 if index % 2 else INT8 for index, name in enumerate(names)}
+    expected = evaluate(quantized_copy(loaded.model, plan), baseline)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a model the streamed sweep knows was copied whole")
+
+    monkeypatch.setattr(mixed, "quantized_copy", no_copy)
+    (row,) = mixed.measure(loaded, {"mix": plan}, baseline)
+    assert row["kld_mean"] == pytest.approx(expected["kld_mean"], rel=1e-6)
+    assert row["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)

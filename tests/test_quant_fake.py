@@ -138,9 +138,14 @@ def test_the_unchecked_route_reads_nothing_back_from_the_device():
         assert values.shape == weight.shape and values.dtype == torch.float16 and suspect.shape == ()
 
 
-def test_a_gpu_kernel_that_fails_to_compile_hands_the_rounding_to_torch_for_good(monkeypatch, caplog):
+@pytest.mark.parametrize("scheme, kernel", [
+    (QuantScheme("int4", "group", 32, symmetric=False), "round_groups"),  # min-max scales: the fused kernel
+    (QuantScheme("int4", "group", 32, calibration="percentile", percentile=99.0), "dequantize"),  # torch's scales
+])
+def test_a_gpu_kernel_that_fails_to_compile_hands_the_rounding_to_torch_for_good(scheme, kernel, monkeypatch,
+                                                                                  caplog):
     """A Triton failure (a GPU model or release the kernel never ran on) is logged and costs speed, not the
-    sweep: torch's route writes the same bits, and the kernel is not tried again."""
+    sweep: torch's route writes the same bits, and the kernels are not tried again."""
     from qlab.core import cpu_kernels, gpu_kernels
 
     caplog.set_level(logging.WARNING, logger=gpu_kernels.__name__)  # the CLI's tests quiet the root logger
@@ -148,19 +153,22 @@ def test_a_gpu_kernel_that_fails_to_compile_hands_the_rounding_to_torch_for_good
 
     class Uncompilable:
         def dequantize(self, *args):
-            calls.append(args)
+            calls.append("dequantize")
+            raise RuntimeError("PTX assembly failed")
+
+        def round_groups(self, *args):
+            calls.append("round_groups")
             raise RuntimeError("PTX assembly failed")
 
     monkeypatch.setattr(gpu_kernels, "_kernels", Uncompilable)
     monkeypatch.setattr(gpu_kernels, "MIN_VALUES", 1)
     monkeypatch.setattr(cpu_kernels, "usable", lambda blocks, dtype: False)
     monkeypatch.setattr(gpu_kernels, "usable", lambda blocks, dtype: gpu_kernels.MIN_VALUES <= blocks.numel())
-    scheme = QuantScheme("int4", "group", 32, symmetric=False)
     x = sample((7, 96), torch.bfloat16, 1.0, 0)
     for _ in range(2):
         values, _ = fake_quantize_unchecked(x, scheme, torch.bfloat16)
         assert torch.equal(bits(values), bits(quantize(x, scheme).dequantize(torch.bfloat16)))
-    assert len(calls) == 1 and gpu_kernels.MIN_VALUES == float("inf")
+    assert calls == [kernel] and gpu_kernels.MIN_VALUES == float("inf")
     assert "GPU rounding kernel failed" in caplog.text and "PTX assembly failed" in caplog.text
 
 

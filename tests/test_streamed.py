@@ -248,3 +248,25 @@ def test_calibrated_algorithms_sweep_on_the_gpu(bf16_llama_dir):
     rows = list(run_sweep(loaded, schemes, spec, compute_baseline(loaded, spec)))
     assert [r.scheme.algorithm for r in rows] == ["gptq", "gptq-act-order", "awq", "hqq"]
     assert all(torch.isfinite(torch.tensor(r.metrics["kld_mean"])) for r in rows)
+
+
+def test_blocks_are_made_runnable_once_per_sweep_and_lent_without_keeping_weights(monkeypatch):
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    made = []
+    real_shell = streamed._shell
+    monkeypatch.setattr(streamed, "_shell", lambda *args: made.append(args[1]) or real_shell(*args))
+    shells: dict = {}
+    schemes = [QuantScheme("int8"), QuantScheme("int4", "group", 32), QuantScheme("nf4", "group", 32)]
+    shared = [evaluate_streamed(loaded, scheme, baseline, shells=shells) for scheme in schemes]
+    blocks = len(loaded.model.model.layers)
+    assert len(made) == blocks and len(shells) == blocks  # int8, int4 and nf4 share the fp16 rest: made once
+    assert all(linear.weight is None for shell in shells.values() for linear in shell.linears)
+    for scheme, metrics in zip(schemes, shared, strict=True):
+        assert metrics == evaluate_streamed(loaded, scheme, baseline), scheme.label
+    # A mixed plan leaving a large linear to the fp16 rest copies it: that block's shell is not kept.
+    monkeypatch.setattr(streamed, "COPIED_UNCHECKED_VALUES", 1000)
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    shells.clear()
+    evaluate_streamed(loaded, {name: QuantScheme("int8") for name in names[1:]}, baseline, shells=shells)
+    assert sorted(key[0] for key in shells) == [f"model.layers.{index}" for index in range(1, blocks)]

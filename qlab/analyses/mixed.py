@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qlab.analyses.sensitivity import METRIC, SensitivityReport, error_of
+from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.core.algorithms import LayerStats
 from qlab.core.errors import QlabError
 from qlab.core.plan import SchemePlan, plan_record, quantized_copy, size_report, unquantized_format
@@ -208,6 +209,7 @@ def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Base
     is what plans rounded by GPTQ or AWQ round with, the statistics their analysis used."""
     metric = METRIC[baseline.kind]
     rows = []
+    shells: dict = {}  # the blocks made runnable, lent to each plan in turn
     for index, (label, plan) in enumerate(plans.items()):
         started = time.perf_counter()
 
@@ -215,7 +217,10 @@ def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Base
             if progress:
                 progress((index + fraction) / len(plans), f"{label}: {message}")
 
-        metrics = evaluate(quantized_copy(loaded.model, plan, calibration), baseline, stage, cancel)
+        if streamable_stack(loaded.model) is not None:  # one block's weights at a time, as the sweep runs
+            metrics = evaluate_streamed(loaded, plan, baseline, calibration, stage, cancel, shells=shells)
+        else:
+            metrics = evaluate(quantized_copy(loaded.model, plan, calibration), baseline, stage, cancel)
         size = size_report(loaded.model, plan)
         uniform = isinstance(plan, QuantScheme)
         rows.append({"model": loaded.name, "label": label, "kind": "uniform" if uniform else "mix",

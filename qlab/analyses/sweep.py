@@ -93,6 +93,7 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     stats: dict[str, LayerStats] | None = None
     calibration: dict = {}
     streamed = streamable_stack(loaded.model) is not None
+    shells: dict = {}  # the blocks made runnable, lent to each scheme in turn (this generator's own)
     for position, scheme in enumerate(schemes):
         started = time.perf_counter()
         extra = {"baseline_ppl": baseline.metrics["ppl"]} if "ppl" in baseline.metrics else {}
@@ -102,7 +103,8 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
             extra.update(calibration)
         extra.update(reference_dtype=baseline.reference_dtype, evaluation="streamed" if streamed else "shadow copy")
         try:
-            metrics, quantized_at = _measure(loaded, scheme, baseline, stats, streamed, stage(scheme.label), cancel)
+            metrics, quantized_at = _measure(loaded, scheme, baseline, stats, streamed, stage(scheme.label), cancel,
+                                             shells)
         except RuntimeError as error:  # torch.OutOfMemoryError is one, and so is the CPU allocator's failure
             if not out_of_memory(error):
                 raise
@@ -125,12 +127,13 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
 
 
 def _measure(loaded: LoadedModel, scheme: QuantScheme, baseline: Baseline, stats: dict[str, LayerStats] | None,
-             streamed: bool, progress: Progress | None, cancel: CancelCheck | None) -> tuple[dict[str, float], float]:
+             streamed: bool, progress: Progress | None, cancel: CancelCheck | None, shells: dict
+             ) -> tuple[dict[str, float], float]:
     """One scheme's metrics and the moment its quantization ended."""
     if streamed:  # each block quantized once, materialised, run for every token, freed
         timings: dict[str, float] = {}
         streaming = time.perf_counter()
-        metrics = evaluate_streamed(loaded, scheme, baseline, stats, progress, cancel, timings)
+        metrics = evaluate_streamed(loaded, scheme, baseline, stats, progress, cancel, timings, shells)
         return metrics, streaming + timings["quantize_s"]
     shadow = quantized_copy(loaded.model, scheme, stats)
     quantized_at = time.perf_counter()

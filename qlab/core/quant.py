@@ -582,15 +582,20 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
             target[start:start + chunk].copy_(flat[start:start + chunk].to(fmt.cast_dtype))
         return out, None
     blocks = _as_blocks(x, scheme)
+    values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
+    target = values.view(blocks.shape)
+    search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
+    if scheme.calibration == "minmax" and gpu_kernels.fuses(blocks, dtype, fmt):
+        suspect = gpu_kernels.round_groups(blocks, target, fmt, SCALE_DTYPES[scheme.scale_dtype], scheme.symmetric,
+                                           search)
+        if suspect is not None:
+            return values, suspect
     compiled = cpu_kernels.usable(blocks, dtype)
     if compiled and scheme.calibration == "minmax":
         scale, inverse, zero, suspect = cpu_kernels.block_scales(blocks, scheme.symmetric, fmt,
                                                                  SCALE_DTYPES[scheme.scale_dtype])
     else:
         scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
-    values = torch.empty(x.shape, dtype=dtype, device=x.device) if out is None else out
-    target = values.view(blocks.shape)
-    search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
     if compiled and cpu_kernels.rounds(fmt):
         cpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)
     elif not (gpu_kernels.usable(blocks, dtype) and gpu_kernels.rounds(fmt)

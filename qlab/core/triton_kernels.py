@@ -29,18 +29,11 @@ def _as_float(pattern):
 
 
 @triton.jit
-def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels, KIND: tl.constexpr,
-                HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, mantissa_bits, lowest, largest,
-                overflow, STORE_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < n
-    row = offsets // width
-    x = tl.load(values + offsets, mask=inside, other=0.0).to(tl.float32)
-    step = tl.load(scale + row, mask=inside, other=1.0)
-    scaled = x * tl.load(inverse + row, mask=inside, other=1.0)
+def _level(scaled, point, boundaries, levels, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr,
+           qmin, qmax, mantissa_bits, lowest, largest, overflow):
+    """The grid's value for each scaled value, before the scale: the code's level (and the zero point's offset)."""
     if KIND == 0:  # integers: round(x / s + z), clamped, then (code + (0 - z)) * s
         if HAS_ZERO:
-            point = tl.load(zero + row, mask=inside, other=0.0)
             code = _rint(scaled + point)
             offset = 0.0 - point
         else:
@@ -59,7 +52,11 @@ def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels,
         down = _as_float((exponent - mantissa_bits) << 23)
         level = _rint(scaled * up) * down
         level = tl.where(tl.abs(level) > largest, tl.where(pattern < 0, -overflow, overflow), level)
-    result = level * step
+    return level
+
+
+@triton.jit
+def _store(out, offsets, result, inside, STORE_BF16_BITS: tl.constexpr):
     if STORE_BF16_BITS:  # to nearest even, every NaN 0x7FC0: torch's float32 -> bfloat16
         bits = result.to(tl.int32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -67,6 +64,110 @@ def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels,
         tl.store(out + offsets, rounded.to(tl.int16), mask=inside)
     else:
         tl.store(out + offsets, result.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels, KIND: tl.constexpr,
+                HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, mantissa_bits, lowest, largest,
+                overflow, STORE_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    row = offsets // width
+    x = tl.load(values + offsets, mask=inside, other=0.0).to(tl.float32)
+    step = tl.load(scale + row, mask=inside, other=1.0)
+    scaled = x * tl.load(inverse + row, mask=inside, other=1.0)
+    if HAS_ZERO:
+        point = tl.load(zero + row, mask=inside, other=0.0)
+    else:
+        point = 0.0
+    level = _level(scaled, point, boundaries, levels, KIND, HAS_ZERO, BOUNDARIES, qmin, qmax, mantissa_bits, lowest,
+                   largest, overflow)
+    _store(out, offsets, level * step, inside, STORE_BF16_BITS)
+
+
+@triton.jit
+def _isfinite(x):
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def _round_groups(values, out, suspect, n_rows, width, boundaries, levels, KIND: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, max_abs,
+                  RECIPROCAL: tl.constexpr, inverse_max_abs, inverse_steps, mantissa_bits, lowest,
+                  largest, overflow, SCALE_ROUNDING: tl.constexpr, scale_mantissa_bits, scale_lowest, scale_largest,
+                  scale_smallest, STORE_BF16_BITS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    # Each program takes ROWS whole blocks: finds each block's range, makes its scale (quant._unchecked_scale and
+    # fake_quantize_unchecked's checks, as numba_kernels.scales makes them, division for division correctly
+    # rounded, or by the reciprocal where torch's own division by a number takes it), then rounds the block's values
+    # while they are in registers: the weights are read once. With RECIPROCAL (a GPU), a division by a number is a
+    # product with its float32 reciprocal, as torch's CUDA division by a Python number computes it; on a CPU torch
+    # divides, and so does the kernel in Triton's interpreter.
+    # Float arguments as float32 in both compiled code and Triton's interpreter (which hands them in as float64).
+    qmin, qmax, max_abs = tl.cast(qmin, tl.float32), tl.cast(qmax, tl.float32), tl.cast(max_abs, tl.float32)
+    inverse_max_abs, inverse_steps = tl.cast(inverse_max_abs, tl.float32), tl.cast(inverse_steps, tl.float32)
+    scale_largest, scale_smallest = tl.cast(scale_largest, tl.float32), tl.cast(scale_smallest, tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    columns = tl.arange(0, WIDTH)
+    real_rows = rows < n_rows
+    inside = real_rows[:, None] & (columns < width)[None, :]
+    offsets = rows[:, None] * width + columns[None, :]
+    x = tl.load(values + offsets, mask=inside, other=0.0).to(tl.float32)
+    low = tl.min(tl.where(inside, x, float("inf")), axis=1)
+    high = tl.max(tl.where(inside, x, -float("inf")), axis=1)
+    # A block holding NaN or infinity: its values cannot be trusted, and the caller's checked route says why.
+    magnitude = tl.max(tl.where(inside, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0), axis=1)
+    bad = magnitude >= 0x7F800000
+    if SYMMETRIC:
+        high = tl.maximum(-low, high)
+        low = -high
+        if RECIPROCAL:
+            exact = high * inverse_max_abs
+        else:
+            exact = tl.math.div_rn(high, max_abs)
+    else:
+        low = tl.minimum(low, 0.0)
+        high = tl.maximum(high, 0.0)
+        steps = qmax - qmin
+        # a range wider than float32's largest number overflows the difference, not the scale
+        if RECIPROCAL:
+            exact = (high - low) * inverse_steps
+            exact = tl.where(_isfinite(exact), exact, high * inverse_steps - low * inverse_steps)
+        else:
+            exact = tl.math.div_rn(high - low, steps)
+            exact = tl.where(_isfinite(exact), exact, tl.math.div_rn(high, steps) - tl.math.div_rn(low, steps))
+    wanted = tl.where(high - low > 0, exact, 1.0)
+    if SCALE_ROUNDING == 0:  # float32 scales
+        value = wanted
+    else:
+        if SCALE_ROUNDING == 2:  # bfloat16: to nearest even, and the next bfloat16 up
+            pattern = wanted.to(tl.int32, bitcast=True)
+            stored_bits = (pattern + 0x7FFF + ((pattern >> 16) & 1)) & -65536
+            stored = _as_float(stored_bits)
+            up = _as_float(stored_bits + 0x10000)
+        else:  # on a float grid (fp16): rint at the step where the scale lies, and that step added once
+            exponent = tl.maximum((wanted.to(tl.int32, bitcast=True) >> 23) & 0xFF, scale_lowest)
+            stored = _rint(wanted * _as_float((254 + scale_mantissa_bits - exponent) << 23)) * \
+                _as_float((exponent - scale_mantissa_bits) << 23)
+            stored = tl.where(stored <= scale_largest, stored, float("inf"))
+            exponent = tl.maximum((stored.to(tl.int32, bitcast=True) >> 23) & 0xFF, scale_lowest)
+            up = stored + _as_float((exponent - scale_mantissa_bits) << 23)
+        bad |= ~_isfinite(stored)  # the storage dtype cannot hold this scale
+        # Round up, never down: a scale rounded down clips the ends of the range.
+        value = tl.where(stored < wanted, up, stored)
+    value = tl.minimum(tl.maximum(value, scale_smallest), scale_largest)
+    inverse = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), value)
+    if SYMMETRIC:
+        point = tl.zeros_like(value)
+        extent = max_abs
+    else:
+        point = tl.minimum(tl.maximum(qmin - _rint(tl.math.div_rn(low, value)), qmin), qmax)
+        extent = tl.maximum(tl.abs(qmin - point), tl.abs(qmax - point))
+    bad |= (extent * value >= 3.4028234663852886e38) | ~_isfinite(inverse)
+    tl.store(suspect + tl.program_id(0), tl.max((bad & real_rows).to(tl.int32), axis=0))
+    scaled = x * inverse[:, None]
+    level = _level(scaled, point[:, None], boundaries, levels, KIND, HAS_ZERO, BOUNDARIES, qmin, qmax,
+                   mantissa_bits, lowest, largest, overflow)
+    _store(out, offsets, level * value[:, None], inside, STORE_BF16_BITS)
 
 
 def dequantize(values, out, width, scale, inverse, zero, boundaries, levels, kind, has_zero, qmin, qmax,
@@ -77,3 +178,15 @@ def dequantize(values, out, width, scale, inverse, zero, boundaries, levels, kin
     _dequantize[(triton.cdiv(n, block),)](
         values, out, width, n, scale, inverse, zero, boundaries, levels, kind, has_zero, TABLE_BOUNDARIES, qmin,
         qmax, mantissa_bits, lowest, largest, overflow, store_bf16_bits, block, enable_fp_fusion=False)
+
+
+def round_groups(values, out, suspect, n_rows, width, boundaries, levels, kind, symmetric, qmin, qmax, max_abs,
+                 reciprocal, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest, overflow, scale_rounding,
+                 scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits, rows,
+                 width_padded, programs):
+    _round_groups[(programs,)](
+        values, out, suspect, n_rows, width, boundaries, levels, kind, symmetric, not symmetric, TABLE_BOUNDARIES,
+        qmin, qmax, max_abs, reciprocal, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest, overflow,
+        scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits, rows,
+        width_padded,
+        num_warps=max(4, min(16, rows * width_padded // 512)), enable_fp_fusion=False)
