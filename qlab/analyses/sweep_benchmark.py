@@ -152,7 +152,7 @@ def _copy_seconds(loaded, peak: PeakMemory) -> float:
 
 def _warm_up(loaded, schemes: list[QuantScheme], peak: PeakMemory) -> float:
     """Seconds for each round-to-nearest scheme to round one linear weight: the first call of the rounding
-    kernels in a process loads them (Triton 0.35-0.4 s on an H100, numba about 0.6 s on a CPU)."""
+    kernels in a process loads them (Triton 0.35-0.4 s on an H100, numba about 0.5 s on a CPU)."""
     weight = next((module.weight for _, module in quantizable_linears(loaded.model)), None)
     peak.synchronize()
     started = time.perf_counter()

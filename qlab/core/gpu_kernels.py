@@ -12,11 +12,12 @@ With min-max scales over blocks of up to ``MAX_FUSED_WIDTH`` values (groups, cha
 does everything (``round_groups``): each program finds its blocks' ranges and makes their scales as
 ``quant._unchecked_scale`` does, torch's CUDA division by a number (a product with its float32 reciprocal)
 included. Other scales (percentile, MSE, one per tensor) stay torch's (``quant._block_scales``) and only the
-rounding runs here (``dequantize_blocks``). A 4-bit table (nf4, fp4) is searched by comparing with its 15 boundaries, each nudged so that a strict comparison keeps the table's
-tie rule (``quant._lut_search``), as the CPU kernels do. Triton ships with CUDA builds of
-torch; without it, on a GPU before Ampere, or on a CPU, torch's route does everything. The kernel has run on one
-GPU model with one Triton release: where it fails to compile or launch elsewhere, the failure is logged and torch's
-route takes over for the rest of the process (the same bits, only slower), instead of stopping a sweep.
+rounding runs here (``dequantize_blocks``). A 4-bit table (nf4, fp4) is searched by comparing with its 15
+boundaries, each nudged so that a strict comparison keeps the table's tie rule (``quant._lut_search``), as the CPU
+kernels do. Triton ships with CUDA builds of torch; without it, on a GPU before Ampere, or on a CPU, torch's route
+does everything. The kernels have run on one GPU model with one Triton release: where one fails to compile or
+launch elsewhere, the failure is logged and torch's route takes over for the rest of the process (the same bits,
+only slower), instead of stopping a sweep.
 """
 
 from __future__ import annotations

@@ -97,11 +97,10 @@ def _round_groups(values, out, suspect, n_rows, width, boundaries, levels, KIND:
                   largest, overflow, SCALE_ROUNDING: tl.constexpr, scale_mantissa_bits, scale_lowest, scale_largest,
                   scale_smallest, STORE_BF16_BITS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     # Each program takes ROWS whole blocks: finds each block's range, makes its scale (quant._unchecked_scale and
-    # fake_quantize_unchecked's checks, as numba_kernels.scales makes them, division for division correctly
-    # rounded, or by the reciprocal where torch's own division by a number takes it), then rounds the block's values
-    # while they are in registers: the weights are read once. With RECIPROCAL (a GPU), a division by a number is a
-    # product with its float32 reciprocal, as torch's CUDA division by a Python number computes it; on a CPU torch
-    # divides, and so does the kernel in Triton's interpreter.
+    # fake_quantize_unchecked's checks, as numba_kernels.scales makes them, every division correctly rounded), then
+    # rounds the block's values while they are in registers: the weights are read once. With RECIPROCAL (a GPU), a
+    # division by a number is a product with its float32 reciprocal, as torch's CUDA division by a Python number
+    # computes it; on a CPU torch divides, and so does the kernel in Triton's interpreter.
     # Float arguments as float32 in both compiled code and Triton's interpreter (which hands them in as float64).
     qmin, qmax, max_abs = tl.cast(qmin, tl.float32), tl.cast(qmax, tl.float32), tl.cast(max_abs, tl.float32)
     inverse_max_abs, inverse_steps = tl.cast(inverse_max_abs, tl.float32), tl.cast(inverse_steps, tl.float32)
