@@ -47,6 +47,7 @@ def test_sensitivity_analysis_and_mixes_come_back_after_a_reload(minilm, monkeyp
     monkeypatch.setattr(sensitivity, "analyze", refuse)
     monkeypatch.setattr(mixed, "compare", refuse)
     monkeypatch.setattr(mixed, "evaluate", refuse)
+    monkeypatch.setattr(mixed, "evaluate_streamed", refuse)
     again = page("sensitivity", **state)
     again.run()
     no_errors(again)

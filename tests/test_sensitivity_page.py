@@ -76,15 +76,19 @@ def test_cancel_of_recommend_and_measure_keeps_the_plans_already_measured(minilm
     at.run()
     at.button(key="run_sensitivity").click().run()
     no_errors(at)
-    real_evaluate, calls = mixed.evaluate, []
+    calls = []
+    real_evaluations = {name: getattr(mixed, name) for name in ("evaluate", "evaluate_streamed")}
 
-    def evaluate_then_stop(*args, **kwargs):
-        if len(calls) == 2:  # the third plan: the user presses Cancel, which stops the script run like this
-            st.stop()
-        calls.append(args)
-        return real_evaluate(*args, **kwargs)
+    def then_stop(real):  # a plan is measured streamed (a known block list) or on a shadow copy
+        def evaluate_then_stop(*args, **kwargs):
+            if len(calls) == 2:  # the third plan: the user presses Cancel, which stops the script run like this
+                st.stop()
+            calls.append(args)
+            return real(*args, **kwargs)
+        return evaluate_then_stop
 
-    monkeypatch.setattr(mixed, "evaluate", evaluate_then_stop)
+    for name, real in real_evaluations.items():
+        monkeypatch.setattr(mixed, name, then_stop(real))
     at.button(key="run_mix").click().run()
     no_errors(at)
     at.button(key="cancel_mix").click().run()  # the rerun the Cancel press causes
@@ -96,7 +100,8 @@ def test_cancel_of_recommend_and_measure_keeps_the_plans_already_measured(minilm
     recommend = Store().runs()[-1]
     assert (recommend.kind, recommend.status) == ("recommend", "stopped")
     assert [r["label"] for r in recommend.records("mix")] == ["int8 g64", "int4 g64"]
-    monkeypatch.setattr(mixed, "evaluate", real_evaluate)
+    for name, real in real_evaluations.items():
+        monkeypatch.setattr(mixed, name, real)
     at.button(key="run_mix").click().run()  # pressed again, every plan is measured and recommended
     no_errors(at)
     assert not any("Stopped after" in i.value for i in at.info) and len(at.dataframe[-1].value) > 2
