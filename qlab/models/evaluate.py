@@ -278,13 +278,14 @@ def lm_baseline(windows: torch.Tensor, log_prob_chunks: Iterable[tuple[int, torc
         if log_probs16 is None:  # the per-position results where the chunks are; the reference on the host,
             # pinned when the chunks come from a GPU, so that every later evaluation reads it back asynchronously
             storage_kld, nll, top1 = _results(n, device, torch.float32, torch.float32, torch.long)
+            targets = targets.to(device)  # once, not a small copy that waits for the device in every chunk
             with torch.inference_mode(False):
                 log_probs16 = torch.empty(n, vocab, dtype=torch.float16, pin_memory=device.type == "cuda")
         rows = slice(offset, offset + log_probs.shape[0])
         chunk16 = log_probs.to(torch.float16)
         storage_kld[rows] = _kld_rows(chunk16, log_probs)
         top1[rows] = log_probs.argmax(dim=-1)
-        nll[rows] = -log_probs.gather(1, targets[rows, None].to(device))[:, 0]
+        nll[rows] = -log_probs.gather(1, targets[rows, None])[:, 0]
         # Queued behind the kernels that made it; the blocking copies below wait for it.
         log_probs16[rows].copy_(chunk16, non_blocking=True)
     storage_kld, nll, top1 = storage_kld.cpu(), nll.cpu(), top1.cpu()
@@ -343,11 +344,13 @@ def lm_metrics(log_prob_chunks: Iterable[tuple[int, torch.Tensor]], baseline: Ba
         device = log_q.device
         if nll is None:  # computed where the log-probs are (another engine's come on the CPU)
             nll, kld, agree = _results(n, device, torch.float32, torch.float32, torch.bool)
+            # once, not small copies that wait for the device in every chunk
+            targets, top1 = targets.to(device), baseline.inputs["top1"].to(device)
         rows = slice(offset, offset + log_q.shape[0])
         reference = baseline.reference[rows].to(device, non_blocking=True)
         kld[rows] = _kld_rows(reference, log_q)
-        agree[rows] = log_q.argmax(dim=-1) == baseline.inputs["top1"][rows].to(device)
-        nll[rows] = -log_q.gather(1, targets[rows, None].to(device))[:, 0]
+        agree[rows] = log_q.argmax(dim=-1) == top1[rows]
+        nll[rows] = -log_q.gather(1, targets[rows, None])[:, 0]
     nll, kld, agree = nll.cpu(), kld.cpu(), agree.cpu()
     kld = kld.sub_(baseline.inputs["storage_kld"]).clamp_(min=0)
     return {
