@@ -70,10 +70,10 @@ def rounds(fmt) -> bool:
     return cpu_kernels.rounds(fmt)
 
 
-def _format_arguments(fmt, search) -> tuple:
-    """What the kernels take about the format: a table's padded boundaries and levels (else placeholders never
+def _format_arguments(fmt, search, placeholder: torch.Tensor) -> tuple:
+    """What the kernels take about the format: a table's padded boundaries and levels (else ``placeholder``, never
     read), and a float format's mantissa bits, smallest normal exponent field, largest value and overflow."""
-    boundaries = levels = None
+    boundaries = levels = placeholder
     mantissa_bits = lowest = 0
     largest = overflow = 0.0
     if fmt.kind == "lut":
@@ -127,9 +127,7 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     scale, inverse = (s.reshape(-1).contiguous() for s in (scale, inverse))
     has_zero = zero is not None
     zero = zero.reshape(-1).contiguous() if has_zero else inverse  # never read without a zero point
-    boundaries, levels, *grid = _format_arguments(fmt, search)
-    boundaries = scale if boundaries is None else boundaries  # never read but by a table
-    levels = scale if levels is None else levels
+    boundaries, levels, *grid = _format_arguments(fmt, search, scale)
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     return _launched(lambda: _kernels().dequantize(
         blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero, boundaries, levels,
@@ -168,9 +166,7 @@ def round_groups(blocks: torch.Tensor, out: torch.Tensor, fmt, scale_dtype: torc
     rows = max(1, VALUES_PER_PROGRAM // width_padded)
     programs = -(-n_rows // rows)
     suspect = torch.empty(programs, dtype=torch.int32, device=blocks.device)
-    boundaries, levels, *grid = _format_arguments(fmt, search)
-    boundaries = suspect if boundaries is None else boundaries  # never read but by a table
-    levels = suspect if levels is None else levels
+    boundaries, levels, *grid = _format_arguments(fmt, search, suspect)
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     launched = _launched(lambda: _kernels().round_groups(
         blocks, target, suspect, n_rows, width, boundaries, levels, _KINDS[fmt.kind], symmetric, float(fmt.qmin),
