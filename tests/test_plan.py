@@ -132,3 +132,19 @@ def test_size_report_names_what_algorithms_add_and_keeps_every_total(scheme):
     for part, key in held.items():
         expected = parts[0].get(part, 0)
         assert (packed[key].numel() * packed[key].element_size() if key in packed else 0) == expected, part
+
+
+@pytest.mark.parametrize(("dtype", "rest"), [(torch.float32, "fp16"), (torch.bfloat16, "bf16"),
+                                             (torch.float16, "fp16")])
+def test_the_tensors_a_plan_leaves_keep_a_16_bit_models_own_dtype_and_fp32_goes_to_fp16(dtype, rest):
+    net = model().to(dtype)
+    with torch.no_grad():  # a bias below fp16's smallest subnormal (6e-8): torch's cast to fp16 flushes it to 0
+        net[0].bias[0] = 1e-8
+    assert plan_record(net, PLAN, "tiny", "cd" * 32)["unquantized_format"] == rest
+    shadow = quantized_copy(net, PLAN)
+    expected = net[0].bias if dtype != torch.float32 else net[0].bias.to(torch.float16).to(dtype)
+    assert torch.equal(shadow[0].bias, expected)
+    assert (shadow[0].bias[0] == 0) == (dtype != torch.bfloat16)  # fp16 holds no 1e-8 to begin with
+    # plain casts cast everything, whatever the model's dtype
+    assert plan_record(net, {"0": QuantScheme("fp32"), "2": QuantScheme("fp32")}, "tiny", "cd" * 32)[
+        "unquantized_format"] == "fp32"

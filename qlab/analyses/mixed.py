@@ -19,7 +19,14 @@ from qlab.analyses.sensitivity import METRIC, SensitivityReport, error_of
 from qlab.analyses.streamed import evaluate_streamed, streamable_stack
 from qlab.core.algorithms import LayerStats
 from qlab.core.errors import QlabError
-from qlab.core.plan import SchemePlan, plan_record, quantized_copy, size_report, unquantized_format
+from qlab.core.plan import (
+    SchemePlan,
+    plan_record,
+    quantized_copy,
+    size_report,
+    unquantized_format,
+    weights_dtype,
+)
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import Baseline, CancelCheck, Progress, evaluate
 from qlab.models.loading import LoadedModel, model_sha256, quantizable_linears
@@ -225,7 +232,7 @@ def measure(loaded: LoadedModel, plans: Mapping[str, SchemePlan], baseline: Base
         uniform = isinstance(plan, QuantScheme)
         rows.append({"model": loaded.name, "label": label, "kind": "uniform" if uniform else "mix",
                      "format": plan.format if uniform else "mixed", "bits_per_weight": size.bits_per_weight,
-                     "size_bytes": size.size_bytes, "unquantized_format": unquantized_format(plan),
+                     "size_bytes": size.size_bytes, "unquantized_format": unquantized_format(plan, weights_dtype(loaded.model)),
                      "metric": metric, "error": error_of(metric, metrics[metric]), **metrics,
                      "seconds": round(time.perf_counter() - started, 3)})
         if on_row:

@@ -24,7 +24,7 @@ from qlab.analyses.sensitivity import BlockStack, block_stack
 from qlab.core.algorithms import ReusedBuffers, dequantized_weights, dequantized_weights_unchecked
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, get_format
-from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format
+from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format, weights_dtype
 from qlab.core.quant import QuantScheme, fake_quantize_unchecked
 from qlab.models.evaluate import (
     Baseline,
@@ -337,7 +337,7 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
                         "(qlab.core.plan.quantized_copy) for it.")
     dtype = baseline.compute_dtype
     assignment = layer_schemes(model, plan)
-    rest = get_format(unquantized_format(plan))
+    rest = get_format(unquantized_format(plan, weights_dtype(model)))
     with clock.timing(input_device(model)):
         outer, untouched = _outer(model, stack, assignment, rest, dtype, hessians, baseline.cache)
     key = ("streamed block inputs", stack.path)

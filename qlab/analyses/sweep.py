@@ -28,6 +28,7 @@ from qlab.core.plan import (
     quantized_copy,
     size_report,
     unquantized_format,
+    weights_dtype,
 )
 from qlab.core.quant import QuantScheme, check_group_sizes
 from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_baseline, evaluate
@@ -93,6 +94,7 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
     stats: dict[str, LayerStats] | None = None
     calibration: dict = {}
     streamed = streamable_stack(loaded.model) is not None
+    base_dtype = weights_dtype(loaded.model)
     shells: dict = {}  # the blocks made runnable, lent to each scheme in turn (this generator's own)
     for position, scheme in enumerate(schemes):
         started = time.perf_counter()
@@ -101,7 +103,8 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
             if stats is None:  # once per sweep, shared by every calibrated scheme
                 stats, calibration = calibration_stats(loaded, spec, stage(f"{scheme.label} calibration"), cancel)
             extra.update(calibration)
-        extra.update(reference_dtype=baseline.reference_dtype, evaluation="streamed" if streamed else "shadow copy")
+        extra.update(reference_dtype=baseline.reference_dtype, evaluation="streamed" if streamed else "shadow copy",
+                     unquantized_format=unquantized_format(scheme, base_dtype))
         try:
             metrics, quantized_at = _measure(loaded, scheme, baseline, stats, streamed, stage(scheme.label), cancel,
                                              shells)

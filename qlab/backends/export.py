@@ -253,7 +253,7 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
     ``out_dir`` must be new or empty unless ``force``; the shared ``loaded`` model is not changed.
     """
     from qlab import __version__
-    from qlab.core.plan import layer_scheme_map, unquantized_format
+    from qlab.core.plan import layer_scheme_map, unquantized_format, weights_dtype
     from qlab.models.loading import model_sha256
 
     started = time.perf_counter()
@@ -272,7 +272,7 @@ def export_quantized(loaded: LoadedModel, backend_slug: str, out_dir: str | os.P
             "library_version": package_version(backend.library), "torch": torch.__version__,
             "model": loaded.name, "model_kind": loaded.kind, "model_sha256": model_sha256(loaded),
             "scheme": plan.to_dict() if hasattr(plan, "to_dict") else None,
-            "layers": layer_scheme_map(loaded.model, plan), "unquantized_format": unquantized_format(plan),
+            "layers": layer_scheme_map(loaded.model, plan), "unquantized_format": unquantized_format(plan, weights_dtype(loaded.model)),
             "weights_file": weights, "weights_sha256": file_sha256(partial / weights), **written,
         }
         (partial / SCHEME_FILE).write_text(json.dumps(record, indent=1))

@@ -47,7 +47,13 @@ from qlab.backends.export import (
 from qlab.core.algorithms import LayerStats, needs_calibration, quantize_weight
 from qlab.core.algorithms.awq import awq_quantize
 from qlab.core.errors import QlabError
-from qlab.core.plan import QuantizedLinear, quantizable_linears, quantized_copy, unquantized_format
+from qlab.core.plan import (
+    QuantizedLinear,
+    quantizable_linears,
+    quantized_copy,
+    unquantized_format,
+    weights_dtype,
+)
 from qlab.core.quant import QTensor, QuantScheme, quantize
 from qlab.models.loading import LoadedModel
 
@@ -183,9 +189,9 @@ def quantize_for_export(loaded: LoadedModel, scheme: QuantScheme,
 
 
 def simulated_model(loaded: LoadedModel, plan: CompressedPlan) -> torch.nn.Module:
-    """qlab's simulation of the checkpoint: a copy of the model with the rest rounded to fp16 (as
+    """qlab's simulation of the checkpoint: a copy of the model with the rest at 16 bits (as
     ``quantized_copy`` does), AWQ's folded parameters in place, and each linear dequantized from its QTensor."""
-    rest = unquantized_format(next(iter(plan.qtensors.values())).scheme)
+    rest = unquantized_format(next(iter(plan.qtensors.values())).scheme, weights_dtype(loaded.model))
     shadow = quantized_copy(loaded.model, {})  # no linear quantized: every parameter rounded to ``rest``
     for name, value in plan.replaced.items():
         module, _, attribute = name.rpartition(".")
@@ -293,7 +299,7 @@ def write_compressed(loaded: LoadedModel, scheme: QuantScheme, plan: CompressedP
 
     started = time.perf_counter()
     _check_library()
-    rest = unquantized_format(scheme)
+    rest = unquantized_format(scheme, weights_dtype(loaded.model))
     out_dir = Path(out_dir).expanduser().resolve()
     with staged(out_dir, force) as partial:
         tensors, aliases = _checkpoint_tensors(loaded.model, plan, rest)

@@ -57,16 +57,32 @@ class QuantizedLinear(torch.nn.Module):
 SchemePlan = QuantScheme | Mapping[str, QuantScheme]
 
 
-def unquantized_format(plan: SchemePlan) -> str:
-    """Storage format of tensors the plan leaves alone (embeddings, norms, biases, a tied head).
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype holding most of a model's parameters."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
-    A plain-cast scheme (fp32/fp16/bf16) casts everything; anything else keeps them at fp16, as deployments do.
+
+_SIXTEEN_BITS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def unquantized_format(plan: SchemePlan, base: torch.dtype | None = None) -> str:
+    """Storage format of tensors the plan leaves alone (embeddings, norms, biases, a tied head) in a model whose
+    weights are ``base`` (``weights_dtype``).
+
+    A plain-cast scheme (fp32/fp16/bf16) casts everything. Anything else keeps them at 16 bits, as deployments
+    do: a 16-bit model's own dtype (torchao, bitsandbytes and the Hugging Face quantizers leave a bf16
+    checkpoint's other modules in bf16; fp16 would turn its values above 65504 into inf and flush its smallest
+    ones), fp16 for a model in fp32.
     """
     schemes = {plan} if isinstance(plan, QuantScheme) else set(plan.values())
     formats = {s.format for s in schemes}
     if len(formats) == 1 and not next(iter(schemes)).fmt.scaled:
         return formats.pop()
-    return "fp16"
+    return _SIXTEEN_BITS.get(base, "fp16")
 
 
 def layer_schemes(model: torch.nn.Module, plan: SchemePlan) -> dict[str, QuantScheme]:
@@ -149,7 +165,7 @@ def quantized_copy(model: torch.nn.Module, plan: SchemePlan,
     ``calibration`` (linear name -> its input statistics) is needed by schemes whose algorithm uses it (GPTQ,
     AWQ, SparseGPT); ``run_sweep`` collects it once per sweep.
     """
-    rest_format = get_format(unquantized_format(plan))
+    rest_format = get_format(unquantized_format(plan, weights_dtype(model)))
     assignment = layer_schemes(model, plan)
     modules = dict(model.named_modules())
     quantized_ids = {id(modules[name].weight) for name in assignment}
@@ -255,7 +271,7 @@ def plan_record(model: torch.nn.Module, plan: SchemePlan, model_id: str, model_s
     notes.append("optimum-quanto picks its own scale granularity (per-channel for 8 bits, groups for 4/2 bits); "
                  "torchao's entries keep this plan's granularity.")
     return {"format": PLAN_FORMAT, "model": model_id, "model_sha256": model_sha256,
-            "unquantized_format": unquantized_format(plan), "bits_per_weight": size.bits_per_weight,
+            "unquantized_format": unquantized_format(plan, weights_dtype(model)), "bits_per_weight": size.bits_per_weight,
             "size_bytes": size.size_bytes, **extra,
             "layers": {name: scheme.to_dict() for name, scheme in assignment.items()},
             "torchao": {"FqnToConfig": torchao}, "optimum_quanto": quanto, "notes": notes}

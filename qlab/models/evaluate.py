@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlab.core.errors import Cancelled, QlabError
+from qlab.core.plan import weights_dtype
 from qlab.models.hardware import cpu_flags, cpu_native_formats
 from qlab.models.loading import LoadedModel
 
@@ -107,15 +108,6 @@ class Baseline:
         name = str(self.dtype).removeprefix("torch.")
         computes_in = str(self.compute_dtype).removeprefix("torch.")
         return name if computes_in == name else f"{name} ({computes_in} compute)"
-
-
-def weights_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The floating dtype holding most of a model's parameters."""
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
 
 
 _NATIVE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
