@@ -167,10 +167,14 @@ def round_groups(blocks: torch.Tensor, out: torch.Tensor, fmt, scale_dtype: torc
     programs = -(-n_rows // rows)
     suspect = torch.empty(programs, dtype=torch.int32, device=blocks.device)
     boundaries, levels, *grid = _format_arguments(fmt, search, suspect)
-    target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+    on_gpu = blocks.device.type == "cuda"
+    # On a GPU a bf16 is stored by the hardware's conversion (to nearest even, as torch's): it differs from torch's
+    # only in a NaN's bits, and a block holding NaN is flagged, its values made again by the checked route.
+    # Triton's interpreter on a CPU has no bf16: there the kernel stores the bits.
+    store_bits = out.dtype == torch.bfloat16 and not on_gpu
+    target = out.view(torch.int16) if store_bits else out
     launched = _launched(lambda: _kernels().round_groups(
         blocks, target, suspect, n_rows, width, boundaries, levels, _KINDS[fmt.kind], symmetric, float(fmt.qmin),
-        float(fmt.qmax), float(fmt.max_abs), blocks.device.type == "cuda", _reciprocal(fmt.max_abs),
-        _reciprocal(fmt.qmax - fmt.qmin), *grid, *_scale_arguments(scale_dtype), out.dtype == torch.bfloat16,
-        rows, width_padded, programs), out.device)
+        float(fmt.qmax), float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs), _reciprocal(fmt.qmax - fmt.qmin),
+        *grid, *_scale_arguments(scale_dtype), store_bits, rows, width_padded, programs), out.device)
     return suspect.any() if launched else None
