@@ -40,6 +40,31 @@ def test_equals_the_shadow_copy_and_leaves_the_base_alone(build):
     assert weights_digest(loaded.model) == before
 
 
+
+def test_a_blocks_shell_is_a_new_tree_of_modules_that_shares_the_rest():
+    loaded = tiny_llama()
+    base = loaded.model.model.layers[0]
+    shell, _ = streamed._shell(base, ["self_attn.q_proj"], streamed.get_format("fp32"), torch.float32)
+    pairs = list(zip(base.modules(), shell.runnable.modules(), strict=True))
+    assert all(copy is not module for module, copy in pairs)  # every module its own, so it can be replaced
+    assert shell.runnable.self_attn.config is base.self_attn.config  # attributes shared, not copied
+    assert shell.runnable.input_layernorm.weight is base.input_layernorm.weight
+    shell.lend([torch.zeros_like(base.self_attn.q_proj.weight)])
+    assert base.self_attn.q_proj.weight.abs().sum() > 0  # the base's linear never got the lent weight
+
+
+def test_blocks_with_accelerates_hooks_are_deep_copied_and_still_take_the_plans_weights():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    loaded = tiny_llama()
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    for module in loaded.model.model.layers.modules():  # as device_map="auto" does: forward bound to the module
+        add_hook_to_module(module, ModelHook())
+    # a shell sharing the hooked forward would run the base's weights: the int4 metrics would be the base's own
+    assert_same_metrics(loaded, baseline, QuantScheme("int4", "group", 32))
+    assert evaluate_streamed(loaded, QuantScheme("int4", "group", 32), baseline)["kld_mean"] > 0
+
+
 def test_rows_rounded_in_chunks_equal_the_whole_weight(monkeypatch):
     loaded = tiny_llama()
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
