@@ -51,6 +51,11 @@ def test_a_blocks_shell_is_a_new_tree_of_modules_that_shares_the_rest():
     assert shell.runnable.input_layernorm.weight is base.input_layernorm.weight
     shell.lend([torch.zeros_like(base.self_attn.q_proj.weight)])
     assert base.self_attn.q_proj.weight.abs().sum() > 0  # the base's linear never got the lent weight
+    seen = []  # a hook another session puts on the base later is not the shell's
+    handle = base.mlp.register_forward_pre_hook(lambda module, args: seen.append(module))
+    shell.runnable.mlp(torch.zeros(1, 2, base.mlp.down_proj.out_features))
+    handle.remove()
+    assert not seen
 
 
 def test_blocks_with_accelerates_hooks_are_deep_copied_and_still_take_the_plans_weights():

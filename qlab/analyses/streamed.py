@@ -259,6 +259,9 @@ def _module_tree(module: torch.nn.Module, tensors: dict[int, torch.Tensor]) -> t
     tree._parameters = {key: None if param is None else tensors.get(id(param), param)
                         for key, param in module._parameters.items()}
     tree._buffers = dict(module._buffers)
+    for key, value in module.__dict__.items():  # hooks registered on the base later (another session's) stay its own
+        if "hook" in key and isinstance(value, dict):
+            tree.__dict__[key] = type(value)(value)
     tree._modules = {key: None if child is None else _module_tree(child, tensors)
                      for key, child in module._modules.items()}
     return tree
