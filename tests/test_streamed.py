@@ -40,7 +40,6 @@ def test_equals_the_shadow_copy_and_leaves_the_base_alone(build):
     assert weights_digest(loaded.model) == before
 
 
-
 def test_a_blocks_shell_is_a_new_tree_of_modules_that_shares_the_rest():
     loaded = tiny_llama()
     base = loaded.model.model.layers[0]

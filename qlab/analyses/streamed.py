@@ -255,7 +255,7 @@ def _module_tree(module: torch.nn.Module, tensors: dict[int, torch.Tensor]) -> t
     buffers, so any of them can be replaced, and everything else (configs, tensors, functions) shared; each
     parameter is ``tensors[id(parameter)]`` where given. An 8B model's block took ``copy.deepcopy`` 1.5-2.8 ms of
     the host's time, most of it copying the config and every plain attribute, which nothing here changes."""
-    tree = copy.copy(module)  # a new instance __dict__, whose three lists below are still the original's
+    tree = copy.copy(module)  # a new instance __dict__ whose lists (below) are still the original's
     tree._parameters = {key: None if param is None else tensors.get(id(param), param)
                         for key, param in module._parameters.items()}
     tree._buffers = dict(module._buffers)
