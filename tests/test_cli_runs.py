@@ -242,9 +242,9 @@ def test_bench_sweep_keeps_the_schemes_measured_before_one_fails(tmp_path, monke
 
     monkeypatch.setattr(sweep_benchmark, "run_sweep", breaks_at_the_second)
     warmed = []
-    real_round = sweep_benchmark.fake_quantize_unchecked
-    monkeypatch.setattr(sweep_benchmark, "fake_quantize_unchecked",
-                        lambda weight, scheme: warmed.append(scheme.label) or real_round(weight, scheme))
+    real_round = sweep_benchmark.dequantized_weights_unchecked
+    monkeypatch.setattr(sweep_benchmark, "dequantized_weights_unchecked",
+                        lambda layers, dtype: warmed.append(layers[0][1].label) or real_round(layers, dtype))
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8,int4,nf4", "--granularity",
                      "group", "--tokens", "32", "--json", str(out)])
@@ -258,7 +258,8 @@ def test_bench_sweep_keeps_the_schemes_measured_before_one_fails(tmp_path, monke
     assert kept["one_eval_s"] == sorted(kept["base_eval_s"])[len(kept["base_eval_s"]) // 2]
     row = kept["rows"][0]
     assert 0 < kept["copy_floor_s"] < row["seconds"]  # copying the weights is less than rounding and evaluating
-    # Each scheme rounded one weight before the clock: the kernels' first call is the process's, not a scheme's.
+    # Each scheme rounded a block's weights before the clock: the kernels' first call is the process's, not a
+    # scheme's.
     assert warmed == ["int8 g64", "int4 g64", "nf4 g64"] and kept["kernel_warm_up_s"] >= 0
     assert row["cost_over_eval"] == pytest.approx(row["seconds"] / kept["one_eval_s"], rel=0.05, abs=0.01)
     [run] = runs_from_payload(kept, "bench.json")

@@ -21,16 +21,21 @@ CAST_FORMATS = [name for name in format_names() if get_format(name).kind == "flo
 
 @pytest.fixture
 def every_size(monkeypatch):
-    """Kernels for tensors of any size, and a record of the calls that reached them."""
+    """Kernels for tensors of any size, in tasks of a few rows (several per tensor, the last one shorter, as a
+    large weight's), and a record of the calls that reached them: (kernel, format)."""
     monkeypatch.setattr(cpu_kernels, "MIN_VALUES", 1)
+    monkeypatch.setattr(cpu_kernels, "VALUES_PER_TASK", 200)
     calls = []
-    real = cpu_kernels.dequantize_blocks
-    monkeypatch.setattr(cpu_kernels, "dequantize_blocks", lambda *args: calls.append(args[5].name) or real(*args))
+    for name, fmt_index in (("round_groups", 2), ("dequantize_blocks", 5)):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args, name=name, fmt_index=fmt_index, real=real:
+                            calls.append((name, args[fmt_index].name)) or real(*args))
     return calls
 
 
 @pytest.mark.parametrize("fmt", COMPILED_FORMATS)
 def test_kernels_match_quantize_bit_for_bit(fmt, every_size):
+    """Min-max scales take the fused kernel, percentile and MSE ones (torch's) the rounding kernel."""
     cases = [((7, 96), 1.0), ((33, 64), 1e-3), ((40, 128), 300.0)]
     for seed, scheme in enumerate(s for s in schemes(fmt) if s.granularity != "tensor"):
         for calibration in ("minmax", "mse", "percentile"):
@@ -43,11 +48,49 @@ def test_kernels_match_quantize_bit_for_bit(fmt, every_size):
                         got, suspect = fake_quantize_unchecked(x, scheme, out)
                         assert not suspect
                         assert torch.equal(bits(got), bits(expected)), (scheme.label, dtype, out)
-    assert fmt in every_size
+    assert set(every_size) == {("round_groups", fmt), ("dequantize_blocks", fmt)}
+
+
+def test_min_max_blocks_take_the_fused_kernel_and_other_scales_the_rounding_one(every_size):
+    x = sample((64, 256), torch.bfloat16, 0.02, 8)
+    for calibration, kernel in (("minmax", "round_groups"), ("mse", "dequantize_blocks"),
+                                ("percentile", "dequantize_blocks")):
+        every_size.clear()
+        fake_quantize_unchecked(x, QuantScheme("int4", "group", 64, calibration=calibration), torch.bfloat16)
+        assert every_size == [(kernel, "int4")], calibration
+
+
+def scales_then_rounding(blocks: torch.Tensor, out: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """The two-step route into ``out``: torch's min-max scales (``quant._block_scales``), then the rounding kernel;
+    returns the flag."""
+    scale, inverse, zero, suspect = quant._block_scales(blocks, blocks, scheme)
+    search = quant._lut_search(scheme.fmt.name, blocks.device) if scheme.fmt.kind == "lut" else None
+    cpu_kernels.dequantize_blocks(blocks, out, scale, inverse, zero, scheme.fmt, search)
+    return suspect
+
+
+def fused(blocks: torch.Tensor, out: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``cpu_kernels.round_groups`` of ``scheme``'s min-max blocks into ``out``; returns the flag."""
+    search = quant._lut_search(scheme.fmt.name, blocks.device) if scheme.fmt.kind == "lut" else None
+    return cpu_kernels.round_groups(blocks, out, scheme.fmt, quant.SCALE_DTYPES[scheme.scale_dtype],
+                                    scheme.symmetric, search)
+
+
+@pytest.mark.parametrize("fmt", COMPILED_FORMATS)
+def test_the_fused_kernel_is_torchs_scales_then_the_rounding_kernel_bit_for_bit(fmt, every_size):
+    for seed, scheme in enumerate(s for s in schemes(fmt) if s.granularity == "group"):
+        for dtype in (torch.bfloat16, torch.float32):
+            blocks = sample((45, 32), dtype, 10.0 ** (seed % 5 - 2), seed)
+            for out_dtype in (torch.bfloat16, torch.float32):
+                got, expected = (torch.full(blocks.shape, 7.0, dtype=out_dtype) for _ in range(2))
+                assert not fused(blocks, got, scheme) and not scales_then_rounding(blocks, expected, scheme)
+                assert torch.equal(bits(got), bits(expected)), (scheme.label, dtype, out_dtype)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "int3", "nf4", "fp8_e4m3"])
-def test_block_scales_are_torchs_for_ranges_from_subnormal_to_huge(fmt):
+def test_the_fused_kernels_scales_are_torchs_for_ranges_from_subnormal_to_huge(fmt):
+    """Scales, zero points and flags as torch makes them, seen through the values they give: ranges from float32's
+    smallest subnormal to its largest number, on one side of zero, zero, and spans wider than float32 holds."""
     generator = torch.Generator().manual_seed(7)
     rows = 1 << 16
     magnitudes = torch.logspace(-44, 38, rows).reshape(-1, 1)[torch.randperm(rows, generator=generator)]
@@ -62,24 +105,21 @@ def test_block_scales_are_torchs_for_ranges_from_subnormal_to_huge(fmt):
             continue
         for dtype in (torch.float32, torch.bfloat16):
             x = blocks.to(dtype)
-            scale_dtype = quant.SCALE_DTYPES[scheme.scale_dtype]
-            got = cpu_kernels.block_scales(x, scheme.symmetric, get_format(fmt), scale_dtype)
-            expected = quant._block_scales(x, x, scheme)
-            assert got[3] and expected[3]  # the NaN rows: their values are not used, only the flag
-            finite = x.isfinite().all(dim=1)
-            got = cpu_kernels.block_scales(x[finite], scheme.symmetric, get_format(fmt), scale_dtype)
-            expected = quant._block_scales(x[finite], x[finite], scheme)
-            for name, a, b in zip(("scale", "inverse", "zero"), got[:3], expected[:3], strict=True):
-                assert (a is None) == (b is None), name
-                assert a is None or torch.equal(bits(a), bits(b)), (scheme.label, dtype, name)
-            assert bool(got[3]) == bool(expected[3])  # scales past fp16 or bf16, grids past float32
+            out = torch.empty_like(blocks)
+            # the NaN rows: their values are not used, only the flag
+            assert fused(x, out, scheme) and scales_then_rounding(x, out, scheme)
+            x = x[x.isfinite().all(dim=1)]
+            got, expected = torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
+            # flagged alike: scales past fp16 or bf16, grids past float32
+            assert bool(fused(x, got, scheme)) == bool(scales_then_rounding(x, expected, scheme))
+            assert torch.equal(nan_as_one(got), nan_as_one(expected)), (scheme.label, dtype)
 
 
 @pytest.mark.parametrize("width", [4, 64, 2048])
 def test_bf16_ranges_on_16_bits_are_the_float32_kernels_and_torchs(width):
-    """The bf16 kernel orders 16-bit patterns; the float32 one, their widened 32-bit ones: the same ranges, bit
-    for bit, over every finite bf16 value in shuffled rows, and NaN for each row that holds a NaN or an
-    infinity. torch.aminmax agrees wherever it can (it may pick either zero where -0 and +0 tie)."""
+    """The fused kernel orders bf16's 16-bit patterns, and float32's 32-bit ones: the same ranges, seen through the
+    values they give (float32 scales, asymmetric: both ends count), over every finite bf16 value in shuffled rows,
+    and a flag for each row that holds a NaN or an infinity. torch.aminmax's ranges give the same values."""
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     finite = every[every.isfinite()]
     generator = torch.Generator().manual_seed(width)
@@ -88,13 +128,16 @@ def test_bf16_ranges_on_16_bits_are_the_float32_kernels_and_torchs(width):
     rows[1, -1], rows[2, 0], rows[3, width // 2] = float("nan"), float("inf"), -float("inf")
     rows[4] = torch.tensor([-0.0, 0.0] * (width // 2), dtype=torch.bfloat16)
     rows[5] = 2.0 ** -133  # bf16's smallest subnormal
-    low, high = cpu_kernels.block_ranges(rows)
-    wide_low, wide_high = cpu_kernels.block_ranges(rows.float())
-    assert torch.equal(bits(low), bits(wide_low)) and torch.equal(bits(high), bits(wide_high))
+    scheme = QuantScheme("int8", "group", width, symmetric=False, scale_dtype="fp32")
     bad = ~rows.isfinite().all(dim=1)
-    assert bad[1:4].all() and low[bad].isnan().all() and high[bad].isnan().all()
-    expected_low, expected_high = torch.aminmax(rows[~bad].float(), dim=1)
-    assert torch.equal(low[~bad], expected_low) and torch.equal(high[~bad], expected_high)
+    assert bad[1:4].all()
+    for row in range(5):
+        assert bool(fused(rows[row:row + 1], torch.empty(1, width), scheme)) == bool(bad[row]), row
+    rows = rows[~bad]
+    got, wide, expected = (torch.empty(rows.shape) for _ in range(3))
+    flags = fused(rows, got, scheme), fused(rows.float(), wide, scheme), scales_then_rounding(rows, expected, scheme)
+    assert len({bool(flag) for flag in flags}) == 1  # raised alike by grids past float32
+    assert torch.equal(bits(got), bits(wide)) and torch.equal(bits(got), bits(expected))
 
 
 def nan_as_one(t: torch.Tensor) -> torch.Tensor:

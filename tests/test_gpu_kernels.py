@@ -18,6 +18,7 @@ if not ON_GPU:  # read when the kernel is defined: before qlab.core.triton_kerne
 pytest.importorskip("triton")
 
 from qlab.core import gpu_kernels, quant  # noqa: E402
+from qlab.core.algorithms import ReusedBuffers, dequantized_weights_unchecked  # noqa: E402
 from qlab.core.formats import format_names, get_format  # noqa: E402
 from qlab.core.quant import QuantScheme, fake_quantize, fake_quantize_unchecked, quantize  # noqa: E402
 from tests.test_cpu_kernels import nan_as_one  # noqa: E402
@@ -105,6 +106,55 @@ def test_fused_kernel_flags_what_quantize_refuses():
     assert not suspect and not values.any()
 
 
+def test_a_given_flag_is_raised_in_place_and_never_cleared():
+    scheme = QuantScheme("int4", "group", 64)
+    good = sample((8, 64), torch.float32, 1.0, 4).to(DEVICE)
+    bad = good.clone()
+    bad[2, 3] = float("nan")
+
+    def round_into(x, flag):
+        out = torch.empty_like(x)
+        return gpu_kernels.round_groups(x, out, scheme.fmt, quant.SCALE_DTYPES[scheme.scale_dtype], True, None, flag)
+
+    flag = round_into(good, None)
+    assert flag.dtype == torch.int32 and not flag.item()
+    assert round_into(bad, flag) is flag and flag.item()
+    assert round_into(good, flag) is flag and flag.item()  # a later good weight leaves it raised
+    # A flag of another kind (torch's route gives a bool) is not written into: a new one comes back.
+    other = torch.zeros((), dtype=torch.bool, device=DEVICE)
+    fresh = round_into(good, other)
+    assert fresh is not other and not fresh.item() and not other.item()
+
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "fp8_e4m3"])
+def test_weights_rounded_together_equal_each_rounded_alone(fmt, monkeypatch):
+    scheme = QuantScheme(fmt, "group", 64, symmetric=fmt != "int4")
+    search = quant._lut_search(fmt, DEVICE) if scheme.fmt.kind == "lut" else None
+    # Weights of different lengths in one storage: the third starts 8 values off the grid of 16, so it cannot
+    # join the first two's launch and gets its own.
+    rows, starts = (3, 40, 7, 5), (0, 3 * 64, 43 * 64 + 8, 50 * 64 + 8)
+    values = sample((60 * 64,), torch.bfloat16, 1.0, 6).to(DEVICE)
+    outs_storage = torch.empty(60 * 64, dtype=torch.float32, device=DEVICE)
+    weights = [values[start:start + 64 * n].view(n, 64) for start, n in zip(starts, rows)]
+    outs = [outs_storage[start:start + 64 * n].view(n, 64) for start, n in zip(starts, rows)]
+    launches = []
+    real = gpu_kernels._kernels().round_groups
+    monkeypatch.setattr(gpu_kernels._kernels(), "round_groups", lambda *args: launches.append(args[4]) or real(*args))
+    flag = gpu_kernels.round_groups_together(weights, outs, scheme.fmt, quant.SCALE_DTYPES[scheme.scale_dtype],
+                                             scheme.symmetric, search)
+    assert launches == [2, 2] and not flag.item()
+    for weight, out in zip(weights, outs):
+        alone = torch.empty_like(out)
+        gpu_kernels.round_groups(weight, alone, scheme.fmt, quant.SCALE_DTYPES[scheme.scale_dtype],
+                                 scheme.symmetric, search)
+        assert torch.equal(bits(out), bits(alone))
+        assert torch.equal(bits(out), bits(quantize(weight, scheme).dequantize(torch.float32)))
+    values[starts[3] + 70] = float("inf")  # in the last weight: the launch it shares raises the one flag
+    assert gpu_kernels.round_groups_together(weights, outs, scheme.fmt, quant.SCALE_DTYPES[scheme.scale_dtype],
+                                             scheme.symmetric, search).item()
+
+
 @pytest.mark.parametrize("fmt", CAST_FORMATS)
 def test_float_rounding_matches_torchs_casts_for_every_bf16_and_many_float32_values(fmt):
     """With a scale of 1 the kernel is the format's cast: compared with torch's on every bf16 value, random
@@ -153,6 +203,24 @@ def test_large_gpu_tensors_take_the_kernel_and_small_ones_torchs_route(monkeypat
     fake_quantize(x, QuantScheme("fp16"))  # a plain cast: torch's
     assert calls == ["int4", "nf4", "fp8_e4m3"]
     assert not gpu_kernels.usable(x.cpu().reshape(-1, 64), torch.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_a_blocks_weights_are_rounded_in_one_launch(monkeypatch):
+    launches = []
+    real = gpu_kernels._kernels().round_groups
+    monkeypatch.setattr(gpu_kernels._kernels(), "round_groups", lambda *args: launches.append(args[4]) or real(*args))
+    shapes = [(1024, 2048), (512, 2048), (2048, 1024), (1024, 2048)]
+    weights = [sample(shape, torch.bfloat16, 0.02, seed).to(DEVICE) for seed, shape in enumerate(shapes)]
+    scheme = QuantScheme("int4", "group", 64)
+    buffers = ReusedBuffers()
+    values, suspect = dequantized_weights_unchecked([(w, scheme, None) for w in weights], torch.bfloat16, buffers)
+    assert launches == [4] and not suspect.item()
+    for weight, value in zip(weights, values):
+        assert torch.equal(bits(value), bits(quantize(weight, scheme).dequantize(torch.bfloat16)))
+    weights[2][5, 9] = float("nan")
+    buffers.take_back()
+    assert dequantized_weights_unchecked([(w, scheme, None) for w in weights], torch.bfloat16, buffers)[1].item()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")

@@ -95,9 +95,11 @@ def test_each_block_reuses_the_previous_blocks_tensors_and_unchanged_weights_are
         return values, suspect
 
     monkeypatch.setattr(streamed, "dequantized_weights_unchecked", recording)
-    per_block = len(streamable_stack(loaded.model).linears[0])
+    stack = streamable_stack(loaded.model)
+    per_block = len(stack.linears[0])
     evaluate_streamed(loaded, QuantScheme("int4", "group", 32), baseline)
-    assert sum(allocated) <= per_block < len(allocated) and not any(lent)  # new tensors for the first block only
+    # New tensors for the first block (and a head outside the blocks) only
+    assert sum(allocated) <= per_block + len(stack.outside) < len(allocated) and not any(lent)
     allocated.clear()
     lent.clear()
     evaluate_streamed(loaded, QuantScheme("bf16"), baseline)
@@ -133,7 +135,7 @@ def test_block_inputs_are_captured_once_per_model_and_text():
     loaded = tiny_llama()
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
     evaluate_streamed(loaded, QuantScheme("fp32"), baseline)  # leaves the embedding as it is: its capture is kept
-    [(key, capture)] = baseline.cache.items()
+    [(key, capture)] = [(key, value) for key, value in baseline.cache.items() if key[0] == "streamed block inputs"]
     evaluate_streamed(loaded, QuantScheme("int8"), baseline)  # fp16 rounds the embedding: a capture of its own
     assert baseline.cache[key] is capture and len(capture.hidden) == 1
 
@@ -279,6 +281,23 @@ def test_calibrated_algorithms_sweep_on_the_gpu(bf16_llama_dir):
     assert all(torch.isfinite(torch.tensor(r.metrics["kld_mean"])) for r in rows)
 
 
+def test_the_model_outside_its_blocks_is_made_once_per_sweep_and_keeps_no_schemes_head(monkeypatch):
+    loaded = tiny_llama(tied=False)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128))
+    made = []
+    real_outer = streamed._outer
+    monkeypatch.setattr(streamed, "_outer", lambda *args: made.append(args[3].name) or real_outer(*args))
+    shells: dict = {}
+    schemes = [QuantScheme("int8"), QuantScheme("int4", "group", 32), QuantScheme("fp32")]
+    shared = [evaluate_streamed(loaded, scheme, baseline, shells=shells) for scheme in schemes]
+    assert made == ["fp16", "fp32"]  # int8 and int4 share the fp16 rest
+    for scheme, metrics in zip(schemes, shared, strict=True):
+        assert metrics == evaluate_streamed(loaded, scheme, baseline), scheme.label
+    [outer] = [shells[key] for key in shells if key[:2] == ("outside the blocks", "fp16")]
+    assert [linear.weight for linear in outer.linears] == [None]  # the quantized head is dropped after each pass
+    assert len(outer.runnable.get_submodule("model.layers")) == 0  # and so are the blocks' outputs
+
+
 def test_blocks_are_made_runnable_once_per_sweep_and_lent_without_keeping_weights(monkeypatch):
     loaded = tiny_llama()
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
@@ -289,7 +308,8 @@ def test_blocks_are_made_runnable_once_per_sweep_and_lent_without_keeping_weight
     schemes = [QuantScheme("int8"), QuantScheme("int4", "group", 32), QuantScheme("nf4", "group", 32)]
     shared = [evaluate_streamed(loaded, scheme, baseline, shells=shells) for scheme in schemes]
     blocks = len(loaded.model.model.layers)
-    assert len(made) == blocks and len(shells) == blocks  # int8, int4 and nf4 share the fp16 rest: made once
+    # int8, int4 and nf4 share the fp16 rest: each block made once, and the model outside the blocks once
+    assert len(made) == blocks and len(shells) == blocks + 1
     assert all(linear.weight is None for shell in shells.values() for linear in shell.linears)
     for scheme, metrics in zip(schemes, shared, strict=True):
         assert metrics == evaluate_streamed(loaded, scheme, baseline), scheme.label
@@ -298,4 +318,5 @@ def test_blocks_are_made_runnable_once_per_sweep_and_lent_without_keeping_weight
     names = [name for name, _ in quantizable_linears(loaded.model)]
     shells.clear()
     evaluate_streamed(loaded, {name: QuantScheme("int8") for name in names[1:]}, baseline, shells=shells)
-    assert sorted(key[0] for key in shells) == [f"model.layers.{index}" for index in range(1, blocks)]
+    assert sorted(key[0] for key in shells) == [f"model.layers.{index}" for index in range(1, blocks)] + [
+        "outside the blocks"]

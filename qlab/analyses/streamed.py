@@ -24,7 +24,7 @@ from qlab.analyses.sensitivity import BlockStack, block_stack
 from qlab.core.algorithms import ReusedBuffers, dequantized_weights, dequantized_weights_unchecked
 from qlab.core.errors import QlabError
 from qlab.core.formats import Format, get_format
-from qlab.core.plan import SchemePlan, layer_schemes, unquantized_format, weights_dtype
+from qlab.core.plan import SchemePlan, layer_schemes, quantizable_linears, unquantized_format, weights_dtype
 from qlab.core.quant import QuantScheme, fake_quantize_unchecked
 from qlab.models.evaluate import (
     Baseline,
@@ -187,28 +187,46 @@ def _hessian(hessians: Mapping | None, name: str):
     return None if hessians is None else hessians.get(name)
 
 
-def _outer(model: torch.nn.Module, stack: BlockStack, assignment: dict[str, QuantScheme], rest: Format,
-           dtype: torch.dtype, hessians: Mapping | None, cache: dict) -> tuple[torch.nn.Module, bool]:
-    """The model without its blocks (an empty list in their place), with the plan applied to everything else;
-    and whether every tensor before the blocks is still the base's own (then the base's capture applies)."""
+@dataclass
+class _Outer:
+    """The model without its blocks (an empty list in their place), kept for every scheme of a sweep that rounds
+    the other tensors alike: its other tensors at the plan's format, its linears outside the blocks (an untied
+    head) computing in the compute dtype with each scheme's weights set in turn. Copying an 8B model's outside
+    and walking its modules for it took the host 10-20 ms of every scheme while the GPU waited."""
+
+    runnable: torch.nn.Module
+    untouched: bool  # every tensor before the blocks is still the base's own (then the base's capture applies)
+    linears: list[ComputeLinear]
+
+    def take_back(self, stack: BlockStack) -> None:
+        """Drops what a scheme set in: its weights (an 8B model's head is 1 GB) and its blocks' outputs."""
+        for linear in self.linears:
+            linear._parameters["weight"] = None
+        self.runnable.set_submodule(stack.path, torch.nn.ModuleList())
+
+
+def _outer(model: torch.nn.Module, stack: BlockStack, names: list[str], rest: Format, dtype: torch.dtype,
+           cache: dict) -> tuple[_Outer, bool]:
+    """``_Outer`` of ``model`` whose linears ``names`` (outside the blocks) take the plan's weights, and whether it
+    may be kept for the next scheme: not where a large tensor was copied at the plan's format on a GPU (a bf16
+    model's embedding rounded to fp16), which would stay beside the model for the rest of a sweep."""
     prefix = stack.path + "."
     modules = dict(model.named_modules())
-    quantized = {id(modules[name].weight) for name in stack.outside if name in assignment}
+    quantized = {id(modules[name].weight) for name in names}
     memo: dict[int, object] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     memo[id(model.get_submodule(stack.path))] = torch.nn.ModuleList()  # blocks are never copied
-    untouched = True
+    untouched = keep = True
     for name, param in model.named_parameters():  # tied tensors once: a tied head keeps sharing
         if name.startswith(prefix) or id(param) in quantized:
             continue
-        memo[id(param)] = _rounded(param, rest, cache, name)
-        untouched &= memo[id(param)] is param
+        memo[id(param)] = rounded = _rounded(param, rest, cache, name)
+        untouched &= rounded is param
+        keep &= rounded is param or param.numel() <= COPIED_UNCHECKED_VALUES or param.device.type == "cpu"
     outer = copy.deepcopy(model, memo)
-    names = [name for name in stack.outside if name in assignment]
-    weights = dequantized_weights([(modules[name].weight, assignment[name], _hessian(hessians, name))
-                                   for name in names], dtype)
-    for name, weight in zip(names, weights, strict=True):
-        outer.set_submodule(name, ComputeLinear(weight, outer.get_submodule(name).bias, dtype))
-    return compute_view(outer, dtype), untouched
+    for name in names:
+        outer.set_submodule(name, ComputeLinear(modules[name].weight, outer.get_submodule(name).bias, dtype))
+    view = compute_view(outer, dtype)
+    return _Outer(view, untouched, [view.get_submodule(name) for name in names]), keep
 
 
 def _capture(outer: torch.nn.Module, stack: BlockStack, baseline: Baseline, cancel: CancelCheck | None
@@ -349,33 +367,93 @@ def evaluate_streamed(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline,
     return metrics
 
 
+@dataclass(frozen=True)
+class _Structure:
+    """What a pass reads of the base model's structure, found once per baseline (the model is never changed)."""
+
+    model: torch.nn.Module
+    stack: BlockStack
+    dtype: torch.dtype  # its weights' (``weights_dtype``)
+    linears: tuple[str, ...]  # its quantizable linears
+
+
+def _structure(loaded: LoadedModel, baseline: Baseline) -> _Structure:
+    structure = baseline.cache.get(("streamed model structure",))
+    if structure is None or structure.model is not loaded.model:
+        stack = streamable_stack(loaded.model)
+        if stack is None:
+            raise QlabError(f"{loaded.name} has no block list the streamed sweep knows; use the shadow copy "
+                            "(qlab.core.plan.quantized_copy) for it.")
+        structure = _Structure(loaded.model, stack, weights_dtype(loaded.model),
+                               tuple(name for name, _ in quantizable_linears(loaded.model)))
+        baseline.cache[("streamed model structure",)] = structure
+    return structure
+
+
 def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessians: Mapping | None,
               progress: Progress | None, cancel: CancelCheck | None, timings: dict[str, float], checked: bool,
               shells: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
     """``evaluate_streamed``'s one pass, and (unless ``checked``) each block's flag of untrusted weights."""
     clock = _Clock()
     model = loaded.model
-    stack = streamable_stack(model)
-    if stack is None:
-        raise QlabError(f"{loaded.name} has no block list the streamed sweep knows; use the shadow copy "
-                        "(qlab.core.plan.quantized_copy) for it.")
+    structure = _structure(loaded, baseline)
+    stack = structure.stack
     dtype = baseline.compute_dtype
-    assignment = layer_schemes(model, plan)
-    rest = get_format(unquantized_format(plan, weights_dtype(model)))
+    assignment = layer_schemes(model, plan, structure.linears)
+    rest = get_format(unquantized_format(plan, structure.dtype))
+    names = [name for name in stack.outside if name in assignment]
+    key = ("outside the blocks", rest.name, dtype, tuple(names))
+    suspects = []
     with clock.timing(input_device(model)):
-        outer, untouched = _outer(model, stack, assignment, rest, dtype, hessians, baseline.cache)
+        outer = shells.get(key)
+        if outer is None:
+            outer, keep = _outer(model, stack, names, rest, dtype, baseline.cache)
+            if keep:
+                shells[key] = outer
+    try:
+        if names:
+            with clock.timing(input_device(model)):
+                layers = [(model.get_submodule(name).weight, assignment[name], _hessian(hessians, name))
+                          for name in names]
+                # Lent buffers, so that a scheme that leaves the head's values unchanged lends the head itself.
+                weights, suspect = (dequantized_weights(layers, dtype, ReusedBuffers()), None) if checked else \
+                    dequantized_weights_unchecked(layers, dtype, ReusedBuffers())
+                for linear, weight in zip(outer.linears, weights, strict=True):
+                    linear._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
+            if suspect is not None:
+                suspects.append(suspect)
+        hidden, returns_tuple = _blocks(loaded, stack, outer, assignment, rest, dtype, baseline, hessians, progress,
+                                        cancel, clock, checked, shells, suspects)
+        outer.runnable.set_submodule(stack.path, torch.nn.ModuleList(
+            [_Feed(hidden, returns_tuple)] + [_PassThrough(returns_tuple) for _ in range(len(stack.linears) - 1)]))
+        units = len(stack.linears) + 1
+        tail = None if progress is None else (lambda fraction, message: progress((units - 1 + fraction) / units,
+                                                                                 f"head: {message}"))
+        metrics = evaluate(outer.runnable, baseline, tail, cancel)
+    finally:
+        outer.take_back(stack)
+    timings["quantize_s"] = clock.total()
+    return metrics, suspects
+
+
+def _blocks(loaded: LoadedModel, stack: BlockStack, outer: _Outer, assignment: dict[str, QuantScheme],
+            rest: Format, dtype: torch.dtype, baseline: Baseline, hessians: Mapping | None,
+            progress: Progress | None, cancel: CancelCheck | None, clock: _Clock, checked: bool, shells: dict,
+            suspects: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """Every block with the plan applied over the captured inputs: the last block's output per batch, and whether
+    blocks return tuples. Each block's flag of untrusted weights goes to ``suspects``."""
     key = ("streamed block inputs", stack.path)
-    if untouched and key in baseline.cache:
+    if outer.untouched and key in baseline.cache:
         capture = baseline.cache[key]
     else:
-        capture = _capture(outer, stack, baseline, cancel)
-        if untouched:  # the base's own inputs: valid for every plan that leaves the tensors before the blocks
+        capture = _capture(outer.runnable, stack, baseline, cancel)
+        if outer.untouched:  # the base's own inputs: valid for every plan that leaves the tensors before the blocks
             baseline.cache[key] = capture
-    blocks = model.get_submodule(stack.path)
+    blocks = loaded.model.get_submodule(stack.path)
+    spread = loaded.device == "auto"  # else every block and everything captured is on one device
     units = len(blocks) + 1
     hidden = list(capture.hidden)
     returns_tuple = False
-    suspects = []
     buffers = ReusedBuffers()
     for index, block in enumerate(blocks):
         _check_cancel(cancel)
@@ -388,7 +466,9 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
         try:
             with torch.inference_mode():
                 for row, (args, kwargs) in enumerate(calls[index] for calls in capture.calls):
-                    output = runnable(_to(hidden[row], device), *_to(args, device), **_to(kwargs, device))
+                    if spread:
+                        hidden[row], args, kwargs = _to((hidden[row], args, kwargs), device)
+                    output = runnable(hidden[row], *args, **kwargs)
                     returns_tuple = isinstance(output, tuple)
                     hidden[row] = output[0] if returns_tuple else output
         finally:
@@ -397,10 +477,4 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
         buffers.take_back()  # this block's materialised weights are overwritten by the next block's
         if progress:
             progress((index + 1) / units, f"block {index + 1}/{len(blocks)}")
-    outer.set_submodule(stack.path, torch.nn.ModuleList(
-        [_Feed(hidden, returns_tuple)] + [_PassThrough(returns_tuple) for _ in range(len(blocks) - 1)]))
-    tail = None if progress is None else (lambda fraction, message: progress((units - 1 + fraction) / units,
-                                                                             f"head: {message}"))
-    metrics = evaluate(outer, baseline, tail, cancel)
-    timings["quantize_s"] = clock.total()
-    return metrics, suspects
+    return hidden, returns_tuple

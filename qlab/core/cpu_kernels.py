@@ -1,11 +1,18 @@
-"""Round-to-nearest of integer, table and float formats on a CPU in compiled passes over the weights.
+"""Round-to-nearest of integer, table and float formats on a CPU in compiled kernels.
 
 torch's route (``qlab.core.quant._dequantized_blocks``) makes seven passes over each chunk (cast, scale, round,
 clamp, offset, rescale, cast back), a slow min/max over 64-value rows and two dozen passes over the rows to make
 their scales: 2.4 s for the 0.97 B linear weights of a 1B model on two cores, while one evaluation of 512 tokens
-takes 1.5 s on AMX, 4 s on AVX512-BF16. Here one pass finds each block's range, one makes every block's scale,
-inverse and zero point, and one rounds, rescales and stores each value while it is in a register: the same bits
-(the same float32 operations in the same order, ties to even, stores rounded to nearest even as torch casts).
+takes 1.5 s on AMX, 4 s on AVX512-BF16. With min-max scales one kernel does everything (``round_groups``, the CPU
+counterpart of ``gpu_kernels.round_groups``): each task of whole rows (``VALUES_PER_TASK`` values) finds its rows'
+ranges, makes their scales, inverses and zero points, then rounds, rescales and stores each value in one loop per
+row while the rows are still in its core's L2 cache, so the weights are read from memory once. Scales made
+elsewhere (percentile, MSE) go to the rounding loop alone (``dequantize_blocks``). Either way the bits are torch's
+route's: the same float32 operations in the same order, ties to even, stores rounded to nearest even as torch casts.
+For those linears in groups of 64 (bf16 in and out, two cores, medians of 9 runs) the fused kernel took 0.49 s for
+int4, 0.50 s int8, 0.71 s nf4, 0.48 s fp8_e4m3, against 0.68, 0.70, 1.07 and 0.79 s for the three kernels before
+it (ranges, scales, rounding through a scratch row in memory): most of the gain is the one loop per row, as the
+kernels run below this machine's memory bandwidth.
 
 - Integers: ``rint`` and a clamp. Tables (4-bit): the value is compared with each boundary in turn, all of them
   held in registers; a lookup per value would be a gather, microcode on some CPUs.
@@ -13,10 +20,11 @@ inverse and zero point, and one rounds, rescales and stores each value while it 
   field (torch's casts of bf16 to them took 1.6 s and 3.7 s for those linears). A plain cast to fp16 goes here
   only from bf16: torch casts fp32 (the bundled models' embeddings) in one vectorised pass.
 
-numba compiles each kernel once per machine and pair of dtypes (about 1.5 s), and keeps it in ``__pycache__``
-beside the kernels, as Python keeps bytecode; a later process loads them in 0.25 s. Tensors too small to repay
-that keep torch's route (the bundled models never import numba), and so does everything else: fp16 weights,
-one scale for a whole tensor, percentile and MSE calibration's scales, casts to bf16, a GPU.
+numba compiles each kernel once per machine, pair of dtypes and kind of format (about 1.5 s), and keeps it in
+``__pycache__`` beside the kernels, as Python keeps bytecode; a later process loads them in 0.25 s. Tensors too small
+to repay that keep torch's route (the bundled models never import numba), and so does everything else: fp16
+weights, one scale for a whole tensor, percentile and MSE calibration's scales (not their rounding), casts to bf16,
+a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import torch
 # Values in one tensor from which the kernels are used (loading them costs 0.25 s once per process): a 1B model's
 # linears hold 1-33 M, the bundled models' at most 0.88 M.
 MIN_VALUES = 1 << 20
-# Values rounded by one thread at a time (whole rows), so its float32 scratch row is made once per batch of rows.
+# Values one thread takes at a time (whole rows): 0.5-1 MB, so they stay in its core's L2 cache (2 MB here)
+# from the fused kernel's ranges to its rounding.
 VALUES_PER_TASK = 1 << 18
 # Stored dtypes read and written here, as their bit patterns (signed view, unsigned view).
 _PATTERNS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
@@ -62,39 +71,30 @@ def _patterns(x: torch.Tensor) -> np.ndarray:
     return x.view(signed).numpy().view(unsigned)
 
 
-def block_ranges(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's (min, max) in float32, NaN where the row holds a NaN or an infinity."""
-    low = torch.empty(blocks.shape[0], dtype=torch.float32)
-    high = torch.empty_like(low)
-    ranges = _kernels().bf16_ranges if blocks.dtype == torch.bfloat16 else _kernels().ranges
-    ranges(_patterns(blocks), low.numpy(), high.numpy(), _rows_per_task(blocks))
-    return low, high
-
-
-def block_scales(blocks: torch.Tensor, symmetric: bool, fmt, scale_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``quant._block_scales`` of min-max blocks: each row's scale (stored in ``scale_dtype``, rounded up) and
-    its inverse, its zero point (None if ``symmetric``), as float32 columns, and whether some of them cannot be
-    trusted. torch's two dozen passes over the rows took 0.26 s for a 1B model's linears in groups of 64."""
-    low, high = block_ranges(blocks)
-    scale, inverse = torch.empty_like(low), torch.empty_like(low)
-    zero = None if symmetric else torch.empty_like(low)
-    unwritten = np.empty(0, dtype=np.float32)  # the kernel writes no zero point for a symmetric grid
-    rows = 1 << 14
-    suspect = np.zeros((low.numel() + rows - 1) // rows, dtype=np.bool_)
-    if scale_dtype == torch.float32:
-        rounding, mantissa_bits, lowest = 0, np.uint32(0), np.uint32(0)
-    elif scale_dtype == torch.bfloat16:
-        rounding, mantissa_bits, lowest = 2, np.uint32(0), np.uint32(0)
-    else:
-        rounding, (mantissa_bits, lowest, _, _) = 1, float_grid(scale_dtype)
+def _scale_storage(scale_dtype: torch.dtype) -> tuple[int, np.uint32, np.uint32, np.float32, np.float32]:
+    """How the kernels store a scale in ``scale_dtype`` (0 float32, 1 on a float grid, 2 bfloat16), that grid's
+    mantissa bits and smallest normal exponent field, and the dtype's largest and smallest scale."""
     finfo = torch.finfo(scale_dtype)
-    _kernels().scales(low.numpy(), high.numpy(), symmetric, np.float32(fmt.max_abs), np.float32(fmt.qmin),
-                      np.float32(fmt.qmax), rounding, mantissa_bits, lowest, np.float32(finfo.max),
-                      np.float32(finfo.tiny * finfo.eps), scale.numpy(), inverse.numpy(),
-                      unwritten if zero is None else zero.numpy(), suspect, rows)
-    columns = [None if t is None else t[:, None] for t in (scale, inverse, zero)]
-    return *columns, torch.from_numpy(suspect).any()
+    extremes = np.float32(finfo.max), np.float32(finfo.tiny * finfo.eps)
+    if scale_dtype == torch.float32:
+        return 0, np.uint32(0), np.uint32(0), *extremes
+    if scale_dtype == torch.bfloat16:
+        return 2, np.uint32(0), np.uint32(0), *extremes
+    return 1, *float_grid(scale_dtype)[:2], *extremes
+
+
+def round_groups(blocks: torch.Tensor, out: torch.Tensor, fmt, scale_dtype: torch.dtype, symmetric: bool,
+                 search: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``fake_quantize_unchecked`` of min-max blocks (a format the kernels round) in one pass over the weights:
+    each task finds its rows' ranges, makes their scales (stored in ``scale_dtype``, rounded up, as
+    ``quant._block_scales``) and rounds the rows into ``out`` while they are in its core's cache. Returns the
+    0-dim bool flag of values that cannot be trusted."""
+    rows = _rows_per_task(blocks)
+    suspect = np.zeros(-(-blocks.shape[0] // rows), dtype=np.bool_)
+    _kernels().round_groups(_patterns(blocks), symmetric, np.float32(fmt.max_abs), np.float32(fmt.qmin),
+                            np.float32(fmt.qmax), _scale_storage(scale_dtype), _grid(fmt, search), _patterns(out),
+                            suspect, rows)
+    return torch.from_numpy(suspect).any()
 
 
 @functools.cache
@@ -130,12 +130,8 @@ def cast(x: torch.Tensor, out: torch.Tensor, fmt) -> None:
     and ``out`` of its shape)."""
     rows = x.reshape(-1, x.shape[-1])
     ones = np.ones(rows.shape[0], dtype=np.float32)
-    _round_floats(rows, out.view(rows.shape), ones, ones, fmt)
-
-
-def _round_floats(blocks: torch.Tensor, out: torch.Tensor, scale: np.ndarray, inverse: np.ndarray, fmt) -> None:
-    _kernels().floats(_patterns(blocks), inverse, scale, *float_grid(fmt.cast_dtype), _patterns(out),
-                      _rows_per_task(blocks))
+    _kernels().round_rows(_patterns(rows), ones, ones, np.zeros_like(ones), float_grid(fmt.cast_dtype),
+                          _patterns(out.view(rows.shape)), _rows_per_task(rows))
 
 
 def padded_table(search: tuple[torch.Tensor, torch.Tensor], boundaries_count: int
@@ -149,19 +145,21 @@ def padded_table(search: tuple[torch.Tensor, torch.Tensor], boundaries_count: in
             torch.cat([levels, levels[-1:].expand(padding)]))
 
 
+def _grid(fmt, search: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """The format's grid as the kernels take it, a tuple whose length says how values round (``numba_kernels``)."""
+    if fmt.kind == "float":
+        return float_grid(fmt.cast_dtype)
+    if fmt.kind == "integer":
+        return np.float32(fmt.qmin), np.float32(fmt.qmax)
+    return tuple(torch.cat(padded_table(search, _kernels().TABLE_BOUNDARIES)).numpy())
+
+
 def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,
                       zero: torch.Tensor | None, fmt, search: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """``_dequantized_blocks`` for a format the kernels round; a table format with its ``search``: the sorted
-    boundaries (a value above one goes up a slot) and each slot's level."""
-    kernels = _kernels()
-    values, target = _patterns(blocks), _patterns(out)
+    """``_dequantized_blocks`` for a format the kernels round, with scales made elsewhere (percentile and MSE
+    calibration's); a table format with its ``search``: the sorted boundaries (a value above one goes up a slot)
+    and each slot's level."""
     scale, inverse = (s.reshape(-1).contiguous().numpy() for s in (scale, inverse))
-    if fmt.kind == "float":
-        _round_floats(blocks, out, scale, inverse, fmt)
-    elif fmt.kind == "integer":
-        zero = np.zeros_like(scale) if zero is None else zero.reshape(-1).contiguous().numpy()
-        kernels.integers(values, inverse, zero, scale, np.float32(fmt.qmin), np.float32(fmt.qmax), target,
-                         _rows_per_task(blocks))
-    else:
-        boundaries, levels = (t.numpy() for t in padded_table(search, kernels.TABLE_BOUNDARIES))
-        kernels.table(values, inverse, boundaries, levels, scale, target, _rows_per_task(blocks))
+    zero = np.zeros_like(scale) if zero is None else zero.reshape(-1).contiguous().numpy()
+    _kernels().round_rows(_patterns(blocks), scale, inverse, zero, _grid(fmt, search), _patterns(out),
+                          _rows_per_task(blocks))

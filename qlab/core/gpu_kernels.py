@@ -26,6 +26,7 @@ import functools
 import importlib
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -104,11 +105,12 @@ def _scale_arguments(scale_dtype: torch.dtype) -> tuple[int, int, int, float, fl
     return 1, mantissa_bits, lowest, *extremes
 
 
-def _launched(launch, device: torch.device) -> bool:
-    """Run ``launch``; False (and the kernels off for the rest of the process) where it cannot compile or run."""
+def _launched(device: torch.device, launch, *arguments) -> bool:
+    """``launch(*arguments)``; False (and the kernels off for the rest of the process) where it cannot compile or
+    run."""
     global MIN_VALUES
     try:
-        launch()
+        launch(*arguments)
     except torch.cuda.OutOfMemoryError:
         raise  # the GPU's state, not the kernel's: torch's route would need more memory still
     except Exception:  # Triton's compiler and launcher raise many types; each is this kernel's failure alone
@@ -129,10 +131,10 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     zero = zero.reshape(-1).contiguous() if has_zero else inverse  # never read without a zero point
     boundaries, levels, *grid = _format_arguments(fmt, search, scale)
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
-    return _launched(lambda: _kernels().dequantize(
-        blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero, boundaries, levels,
-        _KINDS[fmt.kind], has_zero, float(fmt.qmin), float(fmt.qmax), *grid, out.dtype == torch.bfloat16,
-        VALUES_PER_PROGRAM), out.device)
+    return _launched(out.device, _kernels().dequantize,
+                     blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero, boundaries, levels,
+                     _KINDS[fmt.kind], has_zero, float(fmt.qmin), float(fmt.qmax), *grid, out.dtype == torch.bfloat16,
+                     VALUES_PER_PROGRAM)
 
 
 @functools.cache
@@ -154,27 +156,87 @@ def fuses(blocks: torch.Tensor, out_dtype: torch.dtype, fmt) -> bool:
 
 
 def round_groups(blocks: torch.Tensor, out: torch.Tensor, fmt, scale_dtype: torch.dtype, symmetric: bool,
-                 search: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+                 search: tuple[torch.Tensor, torch.Tensor] | None, flag: torch.Tensor | None = None
+                 ) -> torch.Tensor | None:
     """``fake_quantize_unchecked`` of min-max blocks in one launch, scales included: each program finds its
     blocks' ranges, makes their scales (stored in ``scale_dtype``, rounded up) and rounds their values into
     ``out`` while they are in registers. On an 8B model the scales' torch passes and the rounding pass took
     0.18-0.20 s of a scheme's GPU time against 0.09 s for an evaluation (``quant._block_scales``' two dozen
-    launches per weight). Returns the flag of untrusted values (a 0-dim bool on the device, not waited for), or
-    None where the kernel could not run (then ``out`` holds nothing)."""
-    n_rows, width = blocks.shape
+    launches per weight). Returns the flag of untrusted values (a one-value int32 on the device, not waited
+    for, nonzero if some cannot be trusted): ``flag`` itself, raised in place, where it is such a flag on this
+    device (a pass over many weights then makes, reduces and combines no flag per weight: 3 launches fewer each,
+    host time the GPU otherwise waits for); None where the kernel could not run (then ``out`` holds nothing)."""
+    return round_groups_together([blocks], [out], fmt, scale_dtype, symmetric, search, flag)
+
+
+# Weights one launch takes at most: a transformer block's linears (a Llama block has 7).
+MAX_TOGETHER = 8
+
+
+def round_groups_together(blocks: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], fmt,
+                          scale_dtype: torch.dtype, symmetric: bool, search: tuple[torch.Tensor, torch.Tensor] | None,
+                          flag: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``round_groups`` of several weights, each of which ``fuses``, with blocks of one width and dtype and outputs
+    of one dtype on one device: up to ``MAX_TOGETHER`` of them in one launch where their values and outputs lie at
+    multiples of 16 elements from the first's (the kernel then loads as wide as for one). Launching once per
+    weight, the host took longer to queue an 8B model's linears than the GPU took to round them. The flag is
+    ``round_groups``'; None where the kernel could not run (then the outputs hold nothing)."""
+    device = blocks[0].device
+    n_rows, width = blocks[0].shape
     width_padded = _padded_width(width)
     rows = max(1, VALUES_PER_PROGRAM // width_padded)
-    programs = -(-n_rows // rows)
-    suspect = torch.empty(programs, dtype=torch.int32, device=blocks.device)
-    boundaries, levels, *grid = _format_arguments(fmt, search, suspect)
-    on_gpu = blocks.device.type == "cuda"
+    if flag is None or flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != device:
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+    boundaries, levels, *grid = _format_arguments(fmt, search, flag)
+    on_gpu = device.type == "cuda"
     # On a GPU a bf16 is stored by the hardware's conversion (to nearest even, as torch's): it differs from torch's
     # only in a NaN's bits, and a block holding NaN is flagged, its values made again by the checked route.
     # Triton's interpreter on a CPU has no bf16: there the kernel stores the bits.
-    store_bits = out.dtype == torch.bfloat16 and not on_gpu
-    target = out.view(torch.int16) if store_bits else out
-    launched = _launched(lambda: _kernels().round_groups(
-        blocks, target, suspect, n_rows, width, boundaries, levels, _KINDS[fmt.kind], symmetric, float(fmt.qmin),
-        float(fmt.qmax), float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs), _reciprocal(fmt.qmax - fmt.qmin),
-        *grid, *_scale_arguments(scale_dtype), store_bits, rows, width_padded, programs), out.device)
-    return suspect.any() if launched else None
+    store_bits = outs[0].dtype == torch.bfloat16 and not on_gpu
+    targets = [out.view(torch.int16) if store_bits else out for out in outs]
+    arguments = (boundaries, levels, _KINDS[fmt.kind], symmetric, float(fmt.qmin), float(fmt.qmax),
+                 float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs), _reciprocal(fmt.qmax - fmt.qmin), *grid,
+                 *_scale_arguments(scale_dtype), store_bits, rows, width_padded)
+    for group in _launch_groups(list(zip(blocks, targets, strict=True))):
+        first_values, first_out = group[0]
+        if len(group) == 1:
+            table, n_rows, programs = flag, first_values.shape[0], -(-first_values.shape[0] // rows)
+        else:
+            table, programs = _weights_table(group, rows)
+            n_rows = 0  # each weight's is in the table
+        if not _launched(device, _kernels().round_groups, first_values, first_out, flag, table, len(group), n_rows,
+                         width, *arguments, programs):
+            return None
+    return flag
+
+
+def _launch_groups(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(values, output) pairs in runs of up to ``MAX_TOGETHER`` whose tensors lie at multiples of 16 elements from
+    their run's first ones."""
+    groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for values, out in pairs:
+        if groups and len(groups[-1]) < MAX_TOGETHER and all(
+                (tensor.data_ptr() - first.data_ptr()) % (16 * tensor.element_size()) == 0
+                for tensor, first in zip((values, out), groups[-1][0], strict=True)):
+            groups[-1].append((values, out))
+        else:
+            groups.append([(values, out)])
+    return groups
+
+
+def _weights_table(group: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> tuple[torch.Tensor, int]:
+    """The kernel's table for weights launched together (per weight: its values' and output's offsets in elements
+    from the first's, its rows, its first program) and the launch's programs."""
+    (first_values, first_out), numbers, programs = group[0], [], 0
+    for values, out in group:
+        numbers += [(values.data_ptr() - first_values.data_ptr()) // values.element_size(),
+                    (out.data_ptr() - first_out.data_ptr()) // out.element_size(), values.shape[0], programs]
+        programs += -(-values.shape[0] // rows)
+    return _device_table(tuple(numbers), first_values.device), programs
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_table(numbers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Kept by value: a block whose weights and outputs lie where they lay before (the streamed sweep's reused
+    # buffers) launches with no copy to the device.
+    return torch.tensor(numbers, dtype=torch.int64).to(device)

@@ -7,7 +7,7 @@ without importing each other.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,16 +19,13 @@ from qlab.core.formats import get_format
 from qlab.core.quant import QTensor, QuantScheme
 
 
-def is_tied_to_input_embedding(model: torch.nn.Module, weight: torch.Tensor) -> bool:
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return embedding is not None and embedding.weight is weight
-
-
 def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     """The linear layers a weight-only scheme quantizes: every nn.Linear except an output head whose weight
     is tied to the input embedding (quantizing it would quantize the embedding table too)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = None if embedding is None else embedding.weight  # looked up once, not for each of hundreds of linears
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not is_tied_to_input_embedding(model, module.weight)]
+            if isinstance(module, torch.nn.Linear) and module.weight is not tied]
 
 
 
@@ -85,9 +82,11 @@ def unquantized_format(plan: SchemePlan, base: torch.dtype | None = None) -> str
     return _SIXTEEN_BITS.get(base, "fp16")
 
 
-def layer_schemes(model: torch.nn.Module, plan: SchemePlan) -> dict[str, QuantScheme]:
-    """Which scheme each quantizable linear gets; layers a per-layer plan omits stay unquantized."""
-    names = [name for name, _ in quantizable_linears(model)]
+def layer_schemes(model: torch.nn.Module, plan: SchemePlan, names: Sequence[str] | None = None
+                  ) -> dict[str, QuantScheme]:
+    """Which scheme each quantizable linear gets; layers a per-layer plan omits stay unquantized. ``names``: the
+    model's quantizable linears, where the caller has them already."""
+    names = [name for name, _ in quantizable_linears(model)] if names is None else names
     if isinstance(plan, QuantScheme):
         return dict.fromkeys(names, plan)
     unknown = sorted(set(plan) - set(names))

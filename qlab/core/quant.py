@@ -12,9 +12,10 @@ qlab.core.algorithms.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -551,12 +552,15 @@ def fake_quantize(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | Non
 
 
 def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype | None = None,
-                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``fake_quantize`` without a device sync, and a 0-dim bool tensor (or None) that the caller must check:
-    True means these values cannot be trusted, and ``quantize(x, scheme)`` gives the exact ones or the error
+                            out: torch.Tensor | None = None, flag: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fake_quantize`` without a device sync, and a one-value tensor (or None) that the caller must check:
+    nonzero means these values cannot be trusted, and ``quantize(x, scheme)`` gives the exact ones or the error
     (a value not finite, a scale its dtype cannot hold, a grid past float32, a reciprocal scale that overflows).
     Lets a caller round many tensors and then wait for the device once. ``out`` (``x``'s shape, in ``dtype``)
-    receives the values instead of a new tensor: a caller that reuses it saves the allocation."""
+    receives the values instead of a new tensor: a caller that reuses it saves the allocation. ``flag``, one
+    that an earlier call returned, may be raised in place by the GPU kernel (then it is the one returned): a
+    caller rounding many tensors then saves a reduction and an "or" per tensor."""
     fmt = scheme.fmt
     x = x.detach()
     dtype = x.dtype if dtype is None else dtype
@@ -587,16 +591,15 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     search = _lut_search(fmt.name, blocks.device) if fmt.kind == "lut" else None
     if scheme.calibration == "minmax" and gpu_kernels.fuses(blocks, dtype, fmt):
         suspect = gpu_kernels.round_groups(blocks, target, fmt, SCALE_DTYPES[scheme.scale_dtype], scheme.symmetric,
-                                           search)
+                                           search, flag)
         if suspect is not None:
             return values, suspect
-    compiled = cpu_kernels.usable(blocks, dtype)
+    compiled = cpu_kernels.usable(blocks, dtype) and cpu_kernels.rounds(fmt)
     if compiled and scheme.calibration == "minmax":
-        scale, inverse, zero, suspect = cpu_kernels.block_scales(blocks, scheme.symmetric, fmt,
-                                                                 SCALE_DTYPES[scheme.scale_dtype])
-    else:
-        scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
-    if compiled and cpu_kernels.rounds(fmt):
+        return values, cpu_kernels.round_groups(blocks, target, fmt, SCALE_DTYPES[scheme.scale_dtype],
+                                                scheme.symmetric, search)
+    scale, inverse, zero, suspect = _block_scales(x, blocks, scheme)
+    if compiled:
         cpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)
     elif not (gpu_kernels.usable(blocks, dtype) and gpu_kernels.rounds(fmt)
               and gpu_kernels.dequantize_blocks(blocks, target, scale, inverse, zero, fmt, search)):
@@ -604,10 +607,52 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     return values, suspect
 
 
+
+def fake_quantize_together_unchecked(xs: Sequence[torch.Tensor], scheme: QuantScheme, dtype: torch.dtype,
+                                     outs: Sequence[torch.Tensor] | None = None, flag: torch.Tensor | None = None
+                                     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``fake_quantize_unchecked`` of several tensors under one scheme (into ``outs`` where given), with one flag
+    for all of them: on a GPU the fused kernel rounds those it takes (min-max blocks of one width and dtype) in
+    as few launches as it can, where one launch per weight kept the GPU waiting for the host."""
+    outs = [None] * len(xs) if outs is None else list(outs)
+    fmt = scheme.fmt
+    values: list[torch.Tensor | None] = [None] * len(xs)
+    together: dict[tuple, list[tuple[int, torch.Tensor]]] = collections.defaultdict(list)
+    if scheme.calibration == "minmax" and scheme.algorithm == "rtn" and scheme.sparsity == "none" and fmt.scaled:
+        for index, (x, out) in enumerate(zip(xs, outs, strict=True)):
+            if x.device.type != "cuda" or x.numel() == 0:
+                continue
+            if out is None:
+                outs[index] = out = torch.empty(x.shape, dtype=dtype, device=x.device)
+            elif out.shape != x.shape or out.dtype != dtype or out.device != x.device or not out.is_contiguous():
+                continue  # fake_quantize_unchecked says what is wrong with it
+            blocks = _as_blocks(x.detach(), scheme)
+            if gpu_kernels.fuses(blocks, dtype, fmt):
+                together[(blocks.shape[1], blocks.dtype, blocks.device)].append((index, blocks))
+    for group in together.values():
+        indices = [index for index, _ in group]
+        blocks = [part for _, part in group]
+        targets = [outs[index].view(part.shape) for index, part in group]
+        search = _lut_search(fmt.name, blocks[0].device) if fmt.kind == "lut" else None
+        raised = gpu_kernels.round_groups_together(blocks, targets, fmt, SCALE_DTYPES[scheme.scale_dtype],
+                                                   scheme.symmetric, search, flag)
+        if raised is None:
+            continue  # the kernel is off now: fake_quantize_unchecked takes torch's route for each
+        if raised is not flag:
+            flag = raised if flag is None else flag | raised
+        for index in indices:
+            values[index] = outs[index]
+    for index, x in enumerate(xs):
+        if values[index] is None:
+            values[index], raised = fake_quantize_unchecked(x, scheme, dtype, out=outs[index], flag=flag)
+            if raised is not None and raised is not flag:
+                flag = raised if flag is None else flag | raised
+    return values, flag
+
 def _block_scales(x: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Each block's scale and its inverse, its zero point (None if symmetric), as float32 columns, and whether
-    some of them cannot be trusted (``fake_quantize_unchecked``'s flag): what ``cpu_kernels.block_scales`` also
+    some of them cannot be trusted (``fake_quantize_unchecked``'s flag): what ``cpu_kernels.round_groups`` also
     computes, operation for operation."""
     fmt = scheme.fmt
     if scheme.calibration == "minmax":

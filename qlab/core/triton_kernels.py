@@ -95,14 +95,15 @@ def _isfinite(x):
 
 
 @triton.jit
-def _round_groups(values, out, suspect, n_rows, width, boundaries, levels, KIND: tl.constexpr,
+def _round_groups(values, out, suspect, table, n_rows, width, boundaries, levels, KIND: tl.constexpr,
                   SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, max_abs,
                   GPU: tl.constexpr, inverse_max_abs, inverse_steps, mantissa_bits, lowest,
                   largest, overflow, SCALE_ROUNDING: tl.constexpr, scale_mantissa_bits, scale_lowest, scale_largest,
-                  scale_smallest, STORE_BF16_BITS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+                  scale_smallest, STORE_BF16_BITS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                  WEIGHTS: tl.constexpr):
     # Each program takes ROWS whole blocks: finds each block's range, makes its scale (quant._unchecked_scale and
-    # fake_quantize_unchecked's checks, as numba_kernels.scales makes them, every division correctly rounded), then
-    # rounds the block's values while they are in registers: the weights are read once. On a GPU a division by a
+    # fake_quantize_unchecked's checks, as numba_kernels.make_scales makes them, every division correctly rounded),
+    # then rounds the block's values while they are in registers: the weights are read once. On a GPU a division by a
     # number is a product with its float32 reciprocal, as torch's CUDA division by a Python number computes it (on
     # a CPU torch divides, and so does the kernel in Triton's interpreter), and rint is the instruction (a quarter
     # fewer instructions per value than the interpreter's exact emulation).
@@ -110,7 +111,20 @@ def _round_groups(values, out, suspect, n_rows, width, boundaries, levels, KIND:
     qmin, qmax, max_abs = tl.cast(qmin, tl.float32), tl.cast(qmax, tl.float32), tl.cast(max_abs, tl.float32)
     inverse_max_abs, inverse_steps = tl.cast(inverse_max_abs, tl.float32), tl.cast(inverse_steps, tl.float32)
     scale_largest, scale_smallest = tl.cast(scale_largest, tl.float32), tl.cast(scale_smallest, tl.float32)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    program = tl.program_id(0)
+    if WEIGHTS > 1:
+        # Several weights in one launch, each program inside one of them: ``table`` holds, per weight, where its
+        # values and its output lie (in elements from the first weight's, multiples of 16), its rows and its
+        # first program.
+        slot = 0
+        for k in tl.static_range(1, WEIGHTS):
+            slot += (program >= tl.load(table + 4 * k + 3)).to(tl.int32)
+        entry = table + 4 * slot
+        values += tl.multiple_of(tl.load(entry), 16)
+        out += tl.multiple_of(tl.load(entry + 1), 16)
+        n_rows = tl.load(entry + 2).to(tl.int32)
+        program -= tl.load(entry + 3).to(tl.int32)
+    rows = program * ROWS + tl.arange(0, ROWS)
     columns = tl.arange(0, WIDTH)
     real_rows = rows < n_rows
     inside = real_rows[:, None] & (columns < width)[None, :]
@@ -167,7 +181,8 @@ def _round_groups(values, out, suspect, n_rows, width, boundaries, levels, KIND:
         point = tl.minimum(tl.maximum(qmin - _rint(tl.math.div_rn(low, value), GPU), qmin), qmax)
         extent = tl.maximum(tl.abs(qmin - point), tl.abs(qmax - point))
     bad |= (extent * value >= 3.4028234663852886e38) | ~_isfinite(inverse)
-    tl.store(suspect + tl.program_id(0), tl.max((bad & real_rows).to(tl.int32), axis=0))
+    # Raised only where a block is bad: one flag for a whole pass of launches, never cleared here.
+    tl.store(suspect, 1, mask=tl.max((bad & real_rows).to(tl.int32), axis=0) > 0)
     scaled = x * inverse[:, None]
     level = _level(scaled, point[:, None], boundaries, levels, KIND, HAS_ZERO, BOUNDARIES, qmin, qmax,
                    mantissa_bits, lowest, largest, overflow, GPU)
@@ -184,13 +199,13 @@ def dequantize(values, out, width, scale, inverse, zero, boundaries, levels, kin
         qmax, mantissa_bits, lowest, largest, overflow, store_bf16_bits, block, enable_fp_fusion=False)
 
 
-def round_groups(values, out, suspect, n_rows, width, boundaries, levels, kind, symmetric, qmin, qmax, max_abs,
-                 gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest, overflow, scale_rounding,
-                 scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits, rows,
-                 width_padded, programs):
+def round_groups(values, out, suspect, table, weights, n_rows, width, boundaries, levels, kind, symmetric, qmin,
+                 qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest, overflow,
+                 scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits,
+                 rows, width_padded, programs):
     _round_groups[(programs,)](
-        values, out, suspect, n_rows, width, boundaries, levels, kind, symmetric, not symmetric, TABLE_BOUNDARIES,
-        qmin, qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest, overflow,
-        scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits, rows,
-        width_padded,
+        values, out, suspect, table, n_rows, width, boundaries, levels, kind, symmetric, not symmetric,
+        TABLE_BOUNDARIES, qmin, qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest,
+        overflow, scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits,
+        rows, width_padded, weights,
         num_warps=max(4, min(16, rows * width_padded // 512)), enable_fp_fusion=False)

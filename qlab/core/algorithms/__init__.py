@@ -18,7 +18,7 @@ from qlab.core.algorithms.gptq import gptq_quantize
 from qlab.core.algorithms.hqq import hqq_quantize
 from qlab.core.algorithms.sparsity import sparse_quantize
 from qlab.core.errors import QlabError
-from qlab.core.quant import QTensor, QuantScheme, fake_quantize_unchecked, quantize
+from qlab.core.quant import QTensor, QuantScheme, fake_quantize_together_unchecked, quantize
 
 CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order", "awq"})
 
@@ -102,21 +102,27 @@ def dequantized_weights(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerS
 def dequantized_weights_unchecked(layers: Sequence[tuple[torch.Tensor, QuantScheme, LayerStats | None]],
                                   dtype: torch.dtype, buffers: ReusedBuffers | None = None
                                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """``dequantized_weights`` without waiting for the device: the values, and a 0-dim bool tensor (or None)
-    that is True when some of them cannot be trusted (then ``dequantized_weights`` gives the exact ones or the
-    error)."""
-    values, suspect = [], None
-    for weight, scheme, stats in layers:
+    """``dequantized_weights`` without waiting for the device: the values, and a one-value tensor (or None)
+    that is nonzero when some of them cannot be trusted (then ``dequantized_weights`` gives the exact ones or the
+    error). The weights a scheme rounds to nearest are rounded together (one GPU launch for a block's)."""
+    values: list[torch.Tensor | None] = [None] * len(layers)
+    rounded: dict[QuantScheme, list[int]] = collections.defaultdict(list)
+    for index, (weight, scheme, stats) in enumerate(layers):
         if buffers is not None and _leaves_unchanged(scheme, weight.dtype, dtype):
-            value = weight.detach()
+            values[index] = weight.detach()
         elif _rounds_to_nearest(scheme):
-            out = None if buffers is None else buffers.take(weight.shape, dtype, weight.device)
-            value, flag = fake_quantize_unchecked(weight, scheme, dtype, out=out)
-            if flag is not None:
-                suspect = flag if suspect is None else suspect | flag
+            rounded[scheme].append(index)
         else:
-            value = quantize_weight(weight, scheme, stats).dequantize(dtype)
-        values.append(value)
+            values[index] = quantize_weight(weight, scheme, stats).dequantize(dtype)
+    suspect = None
+    for scheme, indices in rounded.items():
+        weights = [layers[index][0] for index in indices]
+        outs = None if buffers is None else [buffers.take(weight.shape, dtype, weight.device) for weight in weights]
+        made, flag = fake_quantize_together_unchecked(weights, scheme, dtype, outs, suspect)
+        if flag is not None and flag is not suspect:
+            suspect = flag if suspect is None else suspect | flag
+        for index, value in zip(indices, made, strict=True):
+            values[index] = value
     return values, suspect
 
 
