@@ -153,22 +153,25 @@ def _copy_seconds(loaded, peak: PeakMemory) -> float:
 
 
 def _warm_up(loaded, schemes: list[QuantScheme], dtype: torch.dtype, peak: PeakMemory) -> float:
-    """Seconds for each round-to-nearest scheme to round the first block's linears into ``dtype`` as the sweep
-    rounds them (together): the first call of the rounding kernels in a process loads them (Triton 0.35-0.4 s on
-    an H100, numba about 0.5 s on a CPU), and Triton compiles one kernel for each number of weights launched
-    together (0.2-0.35 s of an 8B model's first int8, fp8 and nf4 schemes on an H200 before this warmed it)."""
+    """Seconds for each round-to-nearest scheme to round the first block's linears, and those outside the blocks,
+    into ``dtype`` as the streamed sweep rounds them (each set together): the first call of the rounding kernels in
+    a process loads them (Triton 0.35-0.4 s on an H100, numba about 0.5 s on a CPU), and Triton compiles one kernel
+    for each number of weights launched together (0.23-0.47 s of an 8B model's first fp8, int8 and nf4 schemes
+    on a lent H100 and H200, whose head is launched alone, when only a block's linears were warmed)."""
     modules = dict(quantizable_linears(loaded.model))
     try:
-        names = block_stack(loaded.model).linears[0]
+        stack = block_stack(loaded.model)
+        groups = [names for names in (stack.linears[0], stack.outside) if names]
     except QlabError:  # no stack of blocks: one weight loads the kernels
-        names = list(modules)[:1]
-    weights = [modules[name].weight for name in names]
+        groups = [list(modules)[:1]]
     peak.synchronize()
     started = time.perf_counter()
     for scheme in schemes:
-        if weights and scheme.algorithm == "rtn":
+        if scheme.algorithm != "rtn":
+            continue
+        for names in groups:
             with contextlib.suppress(QlabError):  # a group size the weights refuse: the sweep says so itself
-                dequantized_weights_unchecked([(weight, scheme, None) for weight in weights], dtype)
+                dequantized_weights_unchecked([(modules[name].weight, scheme, None) for name in names], dtype)
     peak.synchronize()
     return time.perf_counter() - started
 
