@@ -126,7 +126,6 @@ def test_a_given_flag_is_raised_in_place_and_never_cleared():
     assert fresh is not other and not fresh.item() and not other.item()
 
 
-
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "fp8_e4m3"])
 def test_weights_rounded_together_equal_each_rounded_alone(fmt, monkeypatch):
     scheme = QuantScheme(fmt, "group", 64, symmetric=fmt != "int4")

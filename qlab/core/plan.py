@@ -28,7 +28,6 @@ def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Line
             if isinstance(module, torch.nn.Linear) and module.weight is not tied]
 
 
-
 class QuantizedLinear(torch.nn.Module):
     """A linear layer whose weight lives as a QTensor and is dequantized on each call (weight-only PTQ).
 

@@ -607,7 +607,6 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     return values, suspect
 
 
-
 def fake_quantize_together_unchecked(xs: Sequence[torch.Tensor], scheme: QuantScheme, dtype: torch.dtype,
                                      outs: Sequence[torch.Tensor] | None = None, flag: torch.Tensor | None = None
                                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
