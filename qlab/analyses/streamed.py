@@ -194,15 +194,13 @@ class _Outer:
     head) computing in the compute dtype with each scheme's weights set in turn. Copying an 8B model's outside
     and walking its modules for it took the host 10-20 ms of every scheme while the GPU waited."""
 
-    runnable: torch.nn.Module
+    shell: _Shell
     untouched: bool  # every tensor before the blocks is still the base's own (then the base's capture applies)
-    linears: list[ComputeLinear]
 
     def take_back(self, stack: BlockStack) -> None:
         """Drops what a scheme set in: its weights (an 8B model's head is 1 GB) and its blocks' outputs."""
-        for linear in self.linears:
-            linear._parameters["weight"] = None
-        self.runnable.set_submodule(stack.path, torch.nn.ModuleList())
+        self.shell.take_back()
+        self.shell.runnable.set_submodule(stack.path, torch.nn.ModuleList())
 
 
 def _outer(model: torch.nn.Module, stack: BlockStack, names: list[str], rest: Format, dtype: torch.dtype,
@@ -226,7 +224,7 @@ def _outer(model: torch.nn.Module, stack: BlockStack, names: list[str], rest: Fo
     for name in names:
         outer.set_submodule(name, ComputeLinear(modules[name].weight, outer.get_submodule(name).bias, dtype))
     view = compute_view(outer, dtype)
-    return _Outer(view, untouched, [view.get_submodule(name) for name in names]), keep
+    return _Outer(_Shell(view, [view.get_submodule(name) for name in names]), untouched), keep
 
 
 def _capture(outer: torch.nn.Module, stack: BlockStack, baseline: Baseline, cancel: CancelCheck | None
@@ -418,18 +416,17 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
                 # Lent buffers, so that a scheme that leaves the head's values unchanged lends the head itself.
                 weights, suspect = (dequantized_weights(layers, dtype, ReusedBuffers()), None) if checked else \
                     dequantized_weights_unchecked(layers, dtype, ReusedBuffers())
-                for linear, weight in zip(outer.linears, weights, strict=True):
-                    linear._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
+                outer.shell.lend(weights)
             if suspect is not None:
                 suspects.append(suspect)
         hidden, returns_tuple = _blocks(loaded, stack, outer, assignment, rest, dtype, baseline, hessians, progress,
                                         cancel, clock, checked, shells, suspects)
-        outer.runnable.set_submodule(stack.path, torch.nn.ModuleList(
+        outer.shell.runnable.set_submodule(stack.path, torch.nn.ModuleList(
             [_Feed(hidden, returns_tuple)] + [_PassThrough(returns_tuple) for _ in range(len(stack.linears) - 1)]))
         units = len(stack.linears) + 1
         tail = None if progress is None else (lambda fraction, message: progress((units - 1 + fraction) / units,
                                                                                  f"head: {message}"))
-        metrics = evaluate(outer.runnable, baseline, tail, cancel)
+        metrics = evaluate(outer.shell.runnable, baseline, tail, cancel)
     finally:
         outer.take_back(stack)
     timings["quantize_s"] = clock.total()
@@ -446,7 +443,7 @@ def _blocks(loaded: LoadedModel, stack: BlockStack, outer: _Outer, assignment: d
     if outer.untouched and key in baseline.cache:
         capture = baseline.cache[key]
     else:
-        capture = _capture(outer.runnable, stack, baseline, cancel)
+        capture = _capture(outer.shell.runnable, stack, baseline, cancel)
         if outer.untouched:  # the base's own inputs: valid for every plan that leaves the tensors before the blocks
             baseline.cache[key] = capture
     blocks = loaded.model.get_submodule(stack.path)

@@ -182,7 +182,7 @@ def round_groups_together(blocks: Sequence[torch.Tensor], outs: Sequence[torch.T
     weight, the host took longer to queue an 8B model's linears than the GPU took to round them. The flag is
     ``round_groups``'; None where the kernel could not run (then the outputs hold nothing)."""
     device = blocks[0].device
-    n_rows, width = blocks[0].shape
+    width = blocks[0].shape[1]
     width_padded = _padded_width(width)
     rows = max(1, VALUES_PER_PROGRAM // width_padded)
     if flag is None or flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != device:

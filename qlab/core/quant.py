@@ -564,8 +564,7 @@ def fake_quantize_unchecked(x: torch.Tensor, scheme: QuantScheme, dtype: torch.d
     fmt = scheme.fmt
     x = x.detach()
     dtype = x.dtype if dtype is None else dtype
-    if out is not None and (out.shape != x.shape or out.dtype != dtype or out.device != x.device
-                            or not out.is_contiguous()):
+    if out is not None and not _fits(out, x, dtype):
         raise QlabError(f"the output tensor is {tuple(out.shape)} {out.dtype} on {out.device}; these values need "
                         f"a contiguous {tuple(x.shape)} {dtype} tensor on {x.device}.")
     if x.numel() == 0 or scheme.sparsity != "none" or (scheme.algorithm != "rtn" and fmt.scaled):
@@ -623,7 +622,7 @@ def fake_quantize_together_unchecked(xs: Sequence[torch.Tensor], scheme: QuantSc
                 continue
             if out is None:
                 outs[index] = out = torch.empty(x.shape, dtype=dtype, device=x.device)
-            elif out.shape != x.shape or out.dtype != dtype or out.device != x.device or not out.is_contiguous():
+            elif not _fits(out, x, dtype):
                 continue  # fake_quantize_unchecked says what is wrong with it
             blocks = _as_blocks(x.detach(), scheme)
             if gpu_kernels.fuses(blocks, dtype, fmt):
@@ -637,16 +636,26 @@ def fake_quantize_together_unchecked(xs: Sequence[torch.Tensor], scheme: QuantSc
                                                    scheme.symmetric, search, flag)
         if raised is None:
             continue  # the kernel is off now: fake_quantize_unchecked takes torch's route for each
-        if raised is not flag:
-            flag = raised if flag is None else flag | raised
+        flag = combined_flag(flag, raised)
         for index in indices:
             values[index] = outs[index]
     for index, x in enumerate(xs):
         if values[index] is None:
             values[index], raised = fake_quantize_unchecked(x, scheme, dtype, out=outs[index], flag=flag)
-            if raised is not None and raised is not flag:
-                flag = raised if flag is None else flag | raised
+            flag = combined_flag(flag, raised)
     return values, flag
+
+
+def combined_flag(flag: torch.Tensor | None, raised: torch.Tensor | None) -> torch.Tensor | None:
+    """One flag of untrusted values for both: ``flag`` itself where ``raised`` is it (raised in place) or None."""
+    if raised is None or raised is flag:
+        return flag
+    return raised if flag is None else flag | raised
+
+
+def _fits(out: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``out`` can receive the values of ``x`` in ``dtype``."""
+    return out.shape == x.shape and out.dtype == dtype and out.device == x.device and out.is_contiguous()
 
 def _block_scales(x: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -18,7 +18,7 @@ from qlab.core.algorithms.gptq import gptq_quantize
 from qlab.core.algorithms.hqq import hqq_quantize
 from qlab.core.algorithms.sparsity import sparse_quantize
 from qlab.core.errors import QlabError
-from qlab.core.quant import QTensor, QuantScheme, fake_quantize_together_unchecked, quantize
+from qlab.core.quant import QTensor, QuantScheme, combined_flag, fake_quantize_together_unchecked, quantize
 
 CALIBRATED_ALGORITHMS = frozenset({"gptq", "gptq-act-order", "awq"})
 
@@ -119,8 +119,7 @@ def dequantized_weights_unchecked(layers: Sequence[tuple[torch.Tensor, QuantSche
         weights = [layers[index][0] for index in indices]
         outs = None if buffers is None else [buffers.take(weight.shape, dtype, weight.device) for weight in weights]
         made, flag = fake_quantize_together_unchecked(weights, scheme, dtype, outs, suspect)
-        if flag is not None and flag is not suspect:
-            suspect = flag if suspect is None else suspect | flag
+        suspect = combined_flag(suspect, flag)
         for index, value in zip(indices, made, strict=True):
             values[index] = value
     return values, suspect
