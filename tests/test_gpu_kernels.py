@@ -7,6 +7,7 @@ numpy); without Triton (CI) the module skips.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -172,6 +173,42 @@ def test_float_rounding_matches_torchs_casts_for_every_bf16_and_many_float32_val
             assert gpu_kernels.dequantize_blocks(x, out, ones, ones, None, fmt, None)
             expected = x.cpu().to(fmt.cast_dtype).to(out_dtype)
             assert torch.equal(nan_as_one(out.cpu()), nan_as_one(expected)), (x.dtype, out_dtype)
+
+
+@pytest.mark.parametrize("fmt", [name for name in ROUNDED if get_format(name).kind == "lut"])
+def test_table_search_in_buckets_matches_torchs_bucketize_for_every_bf16_and_each_boundarys_neighbours(fmt):
+    """With a scale of 1 the kernel gives each value its table level: compared with torch's ``bucketize`` over the
+    format's boundaries on every bf16 value and on each boundary and the float32 values either side of it."""
+    boundaries, levels = quant._lut_search(fmt, torch.device("cpu"))
+    every_bf16 = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    every_bf16 = every_bf16[every_bf16.isfinite()]
+    near = torch.cat([torch.nextafter(boundaries, torch.full_like(boundaries, -math.inf)), boundaries,
+                      torch.nextafter(boundaries, torch.full_like(boundaries, math.inf))])
+    x = torch.cat([every_bf16, near])
+    x = torch.cat([x, x.new_zeros(-x.numel() % 256)]).reshape(-1, 256)
+    expected = levels[torch.bucketize(x, boundaries)]
+    ones = torch.ones(x.shape[0], 1, device=DEVICE)
+    out = torch.empty(x.shape, dtype=torch.float32, device=DEVICE)
+    assert gpu_kernels.dequantize_blocks(x.to(DEVICE), out, ones, ones, None, get_format(fmt),
+                                         quant._lut_search(fmt, DEVICE))
+    assert torch.equal(bits(out.cpu()), bits(expected))
+
+
+def test_a_table_the_kernel_cannot_bucket_goes_torchs_route_and_leaves_the_kernel_on(monkeypatch):
+    monkeypatch.setattr(gpu_kernels, "MAX_BUCKETS", 8)  # nf4 needs 32
+    gpu_kernels._bucketed.cache_clear()
+    kernel_from = gpu_kernels.MIN_VALUES
+    try:
+        scheme = QuantScheme("nf4", "group", 64)
+        x = sample((64, 256), torch.bfloat16, 1.0, 3).to(DEVICE)
+        out = torch.empty(x.shape, dtype=torch.float32, device=DEVICE)
+        assert gpu_kernels.round_groups(x.view(-1, 64), out.view(-1, 64), scheme.fmt, torch.float16, True,
+                                        quant._lut_search("nf4", DEVICE)) is None
+        assert gpu_kernels.MIN_VALUES == kernel_from  # declined, not failed
+        values, _ = fake_quantize_unchecked(x, scheme, torch.float32)
+        assert torch.equal(bits(values), bits(quantize(x, scheme).dequantize(torch.float32)))
+    finally:
+        gpu_kernels._bucketed.cache_clear()
 
 
 def test_ties_round_to_even_and_signed_zeros_survive():

@@ -134,7 +134,7 @@ def cast(x: torch.Tensor, out: torch.Tensor, fmt) -> None:
                           _patterns(out.view(rows.shape)), _rows_per_task(rows))
 
 
-def padded_table(search: tuple[torch.Tensor, torch.Tensor], boundaries_count: int
+def _padded_table(search: tuple[torch.Tensor, torch.Tensor], boundaries_count: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A table's ``search`` (``quant._lut_search``) as float32, grown to ``boundaries_count`` boundaries for a
     kernel that compares with a fixed number: the extra boundaries are infinite, so no value goes past them, and
@@ -151,7 +151,7 @@ def _grid(fmt, search: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
         return float_grid(fmt.cast_dtype)
     if fmt.kind == "integer":
         return np.float32(fmt.qmin), np.float32(fmt.qmax)
-    return tuple(torch.cat(padded_table(search, _kernels().TABLE_BOUNDARIES)).numpy())
+    return tuple(torch.cat(_padded_table(search, _kernels().TABLE_BOUNDARIES)).numpy())
 
 
 def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor,

@@ -10,8 +10,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-TABLE_BOUNDARIES = 15  # boundaries a table's kernel compares with: a 4-bit table has at most 15, padded with inf
-
 
 @triton.jit
 def _rint(x, HARDWARE: tl.constexpr = False):
@@ -33,8 +31,8 @@ def _as_float(pattern):
 
 
 @triton.jit
-def _level(scaled, point, boundaries, levels, KIND: tl.constexpr, HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr,
-           qmin, qmax, mantissa_bits, lowest, largest, overflow, HARDWARE: tl.constexpr = False):
+def _level(scaled, point, table, bucket_scale, bucket_offset, KIND: tl.constexpr, HAS_ZERO: tl.constexpr,
+           BUCKETS: tl.constexpr, qmin, qmax, mantissa_bits, lowest, largest, overflow, HARDWARE: tl.constexpr = False):
     """The grid's value for each scaled value, before the scale: the code's level (and the zero point's offset)."""
     if KIND == 0:  # integers: round(x / s + z), clamped, then (code + (0 - z)) * s
         if HAS_ZERO:
@@ -45,10 +43,12 @@ def _level(scaled, point, boundaries, levels, KIND: tl.constexpr, HAS_ZERO: tl.c
             offset = 0.0
         # +0 turns rounding's -0 into the +0 of code 0, as torch's route
         level = tl.minimum(tl.maximum(code, qmin), qmax) + offset
-    elif KIND == 1:  # a table: the level of the slot above every boundary the value exceeds
-        level = tl.zeros_like(scaled) + tl.load(levels)
-        for k in tl.static_range(BOUNDARIES):
-            level = tl.where(scaled > tl.load(boundaries + k), tl.load(levels + k + 1), level)
+    elif KIND == 1:  # a table: the value's bucket holds one boundary, and the levels either side of it
+        position = scaled * bucket_scale + bucket_offset
+        position = tl.minimum(tl.where(position > 0.0, position, 0.0), BUCKETS - 1.0)  # a NaN in the first
+        bucket = position.to(tl.int32)
+        level = tl.where(scaled > tl.load(table + bucket), tl.load(table + 2 * BUCKETS + bucket),
+                         tl.load(table + BUCKETS + bucket))
     else:  # floats: rint at the format's step where the value lies, built from its exponent field
         pattern = scaled.to(tl.int32, bitcast=True)
         exponent = tl.maximum((pattern >> 23) & 0xFF, lowest)
@@ -71,9 +71,11 @@ def _store(out, offsets, result, inside, STORE_BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels, KIND: tl.constexpr,
-                HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, mantissa_bits, lowest, largest,
+def _dequantize(values, out, width, n, scale, inverse, zero, table, bucket_scale, bucket_offset, KIND: tl.constexpr,
+                HAS_ZERO: tl.constexpr, BUCKETS: tl.constexpr, qmin, qmax, mantissa_bits, lowest, largest,
                 overflow, STORE_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # Float arguments as float32 in both compiled code and Triton's interpreter (which hands them in as float64).
+    bucket_scale, bucket_offset = tl.cast(bucket_scale, tl.float32), tl.cast(bucket_offset, tl.float32)
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     row = offsets // width
@@ -84,8 +86,8 @@ def _dequantize(values, out, width, n, scale, inverse, zero, boundaries, levels,
         point = tl.load(zero + row, mask=inside, other=0.0)
     else:
         point = 0.0
-    level = _level(scaled, point, boundaries, levels, KIND, HAS_ZERO, BOUNDARIES, qmin, qmax, mantissa_bits, lowest,
-                   largest, overflow)
+    level = _level(scaled, point, table, bucket_scale, bucket_offset, KIND, HAS_ZERO, BUCKETS, qmin, qmax,
+                   mantissa_bits, lowest, largest, overflow)
     _store(out, offsets, level * step, inside, STORE_BF16_BITS)
 
 
@@ -95,8 +97,9 @@ def _isfinite(x):
 
 
 @triton.jit
-def _round_groups(values, out, suspect, table, n_rows, width, boundaries, levels, KIND: tl.constexpr,
-                  SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr, BOUNDARIES: tl.constexpr, qmin, qmax, max_abs,
+def _round_groups(values, out, suspect, weights_table, n_rows, width, table, bucket_scale, bucket_offset,
+                  KIND: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_ZERO: tl.constexpr, BUCKETS: tl.constexpr, qmin,
+                  qmax, max_abs,
                   GPU: tl.constexpr, inverse_max_abs, inverse_steps, mantissa_bits, lowest,
                   largest, overflow, SCALE_ROUNDING: tl.constexpr, scale_mantissa_bits, scale_lowest, scale_largest,
                   scale_smallest, STORE_BF16_BITS: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr,
@@ -111,15 +114,16 @@ def _round_groups(values, out, suspect, table, n_rows, width, boundaries, levels
     qmin, qmax, max_abs = tl.cast(qmin, tl.float32), tl.cast(qmax, tl.float32), tl.cast(max_abs, tl.float32)
     inverse_max_abs, inverse_steps = tl.cast(inverse_max_abs, tl.float32), tl.cast(inverse_steps, tl.float32)
     scale_largest, scale_smallest = tl.cast(scale_largest, tl.float32), tl.cast(scale_smallest, tl.float32)
+    bucket_scale, bucket_offset = tl.cast(bucket_scale, tl.float32), tl.cast(bucket_offset, tl.float32)
     program = tl.program_id(0)
     if WEIGHTS > 1:
-        # Several weights in one launch, each program inside one of them: ``table`` holds, per weight, where its
+        # Several weights in one launch, each program inside one of them: ``weights_table`` holds, per weight, where its
         # values and its output lie (in elements from the first weight's, multiples of 16), its rows and its
         # first program.
         slot = 0
         for k in tl.static_range(1, WEIGHTS):
-            slot += (program >= tl.load(table + 4 * k + 3)).to(tl.int32)
-        entry = table + 4 * slot
+            slot += (program >= tl.load(weights_table + 4 * k + 3)).to(tl.int32)
+        entry = weights_table + 4 * slot
         values += tl.multiple_of(tl.load(entry), 16)
         out += tl.multiple_of(tl.load(entry + 1), 16)
         n_rows = tl.load(entry + 2).to(tl.int32)
@@ -184,28 +188,26 @@ def _round_groups(values, out, suspect, table, n_rows, width, boundaries, levels
     # Raised only where a block is bad: one flag for a whole pass of launches, never cleared here.
     tl.store(suspect, 1, mask=tl.max((bad & real_rows).to(tl.int32), axis=0) > 0)
     scaled = x * inverse[:, None]
-    level = _level(scaled, point[:, None], boundaries, levels, KIND, HAS_ZERO, BOUNDARIES, qmin, qmax,
+    level = _level(scaled, point[:, None], table, bucket_scale, bucket_offset, KIND, HAS_ZERO, BUCKETS, qmin, qmax,
                    mantissa_bits, lowest, largest, overflow, GPU)
     _store(out, offsets, level * value[:, None], inside, STORE_BF16_BITS)
 
 
-def dequantize(values, out, width, scale, inverse, zero, boundaries, levels, kind, has_zero, qmin, qmax,
-               mantissa_bits, lowest, largest, overflow, store_bf16_bits, block):
+def dequantize(values, out, width, scale, inverse, zero, table, bucket_scale, bucket_offset, buckets, kind, has_zero,
+               qmin, qmax, mantissa_bits, lowest, largest, overflow, store_bf16_bits, block):
     n = values.numel()
-    # The table's length is a compile-time constant, so the comparisons unroll (a module constant read inside the
-    # kernel failed to compile on a GPU).
     _dequantize[(triton.cdiv(n, block),)](
-        values, out, width, n, scale, inverse, zero, boundaries, levels, kind, has_zero, TABLE_BOUNDARIES, qmin,
+        values, out, width, n, scale, inverse, zero, table, bucket_scale, bucket_offset, kind, has_zero, buckets, qmin,
         qmax, mantissa_bits, lowest, largest, overflow, store_bf16_bits, block, enable_fp_fusion=False)
 
 
-def round_groups(values, out, suspect, table, weights, n_rows, width, boundaries, levels, kind, symmetric, qmin,
-                 qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest, overflow,
-                 scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits,
-                 rows, width_padded, programs):
+def round_groups(values, out, suspect, weights_table, weights, n_rows, width, table, bucket_scale, bucket_offset,
+                 buckets, kind, symmetric, qmin, qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits,
+                 lowest, largest, overflow, scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest,
+                 scale_smallest, store_bf16_bits, rows, width_padded, programs):
     _round_groups[(programs,)](
-        values, out, suspect, table, n_rows, width, boundaries, levels, kind, symmetric, not symmetric,
-        TABLE_BOUNDARIES, qmin, qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest, largest,
-        overflow, scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest, store_bf16_bits,
-        rows, width_padded, weights,
+        values, out, suspect, weights_table, n_rows, width, table, bucket_scale, bucket_offset, kind, symmetric,
+        not symmetric, buckets, qmin, qmax, max_abs, gpu, inverse_max_abs, inverse_steps, mantissa_bits, lowest,
+        largest, overflow, scale_rounding, scale_mantissa_bits, scale_lowest, scale_largest, scale_smallest,
+        store_bf16_bits, rows, width_padded, weights,
         num_warps=max(4, min(16, rows * width_padded // 512)), enable_fp_fusion=False)
