@@ -130,6 +130,11 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
 COPIED_UNCHECKED_VALUES = 1 << 20
 
 
+def _copies_little(param: torch.nn.Parameter, rounded: torch.nn.Parameter) -> bool:
+    """Whether keeping ``rounded`` for the next scheme keeps no large copy of ``param`` beside the model."""
+    return rounded is param or param.numel() <= COPIED_UNCHECKED_VALUES
+
+
 def _rounded(param: torch.nn.Parameter, rest: Format, cache: dict | None = None, name: str = ""
              ) -> torch.nn.Parameter:
     """A tensor the plan leaves unquantized, stored at the plan's format for everything else (as
@@ -219,7 +224,7 @@ def _outer(model: torch.nn.Module, stack: BlockStack, names: list[str], rest: Fo
             continue
         memo[id(param)] = rounded = _rounded(param, rest, cache, name)
         untouched &= rounded is param
-        keep &= rounded is param or param.numel() <= COPIED_UNCHECKED_VALUES or param.device.type == "cpu"
+        keep &= _copies_little(param, rounded) or param.device.type == "cpu"  # a CPU's is the baseline's cache
     outer = copy.deepcopy(model, memo)
     for name in names:
         outer.set_submodule(name, ComputeLinear(modules[name].weight, outer.get_submodule(name).bias, dtype))
@@ -301,7 +306,7 @@ def _shell(block: torch.nn.Module, names: list[str], rest: Format, dtype: torch.
     for param in block.parameters():
         if id(param) not in quantized:
             memo[id(param)] = rounded = _rounded(param, rest)
-            keep &= rounded is param or param.numel() <= COPIED_UNCHECKED_VALUES
+            keep &= _copies_little(param, rounded)
     runnable = copy.deepcopy(block, memo) if _bound_to_itself(block) else _module_tree(block, memo)
     for name in names:
         runnable.set_submodule(name, ComputeLinear(base_modules[name].weight, runnable.get_submodule(name).bias,
@@ -310,26 +315,51 @@ def _shell(block: torch.nn.Module, names: list[str], rest: Format, dtype: torch.
     return _Shell(view, [view.get_submodule(name) for name in names]), keep
 
 
-def _block(block: torch.nn.Module, prefix: str, assignment: dict[str, QuantScheme], rest: Format,
-           dtype: torch.dtype, hessians: Mapping | None, checked: bool, buffers: ReusedBuffers,
-           shells: dict) -> tuple[_Shell, torch.nn.Module, torch.Tensor | None]:
+@dataclass
+class _Pass:
+    """What one pass of ``evaluate_streamed`` applies and keeps: the plan per linear, the format of everything
+    else, the compute dtype, whether weights are checked as made, the sweep's shells, and each block's flag of
+    untrusted weights (``suspects``)."""
+
+    loaded: LoadedModel
+    baseline: Baseline
+    assignment: dict[str, QuantScheme]
+    rest: Format
+    dtype: torch.dtype
+    hessians: Mapping | None
+    progress: Progress | None
+    cancel: CancelCheck | None
+    clock: _Clock
+    checked: bool
+    shells: dict
+    suspects: list[torch.Tensor]
+
+    def weights(self, layers: list[tuple], buffers: ReusedBuffers) -> list[torch.Tensor]:
+        """``layers``' weights materialised in the compute dtype (into ``buffers``); unless checked, not waited
+        for, their flag of untrusted values kept in ``suspects``."""
+        if self.checked:
+            return dequantized_weights(layers, self.dtype, buffers)
+        weights, suspect = dequantized_weights_unchecked(layers, self.dtype, buffers)
+        if suspect is not None:
+            self.suspects.append(suspect)
+        return weights
+
+
+def _block(this_pass: _Pass, block: torch.nn.Module, prefix: str, buffers: ReusedBuffers) -> tuple[_Shell, torch.nn.Module]:
     """One block with the plan applied, run through its shell (kept in ``shells`` for the next scheme where it
     can be): its linears' weights materialised in ``dtype`` (into ``buffers``), its other tensors at the plan's
-    format; the base block is only read. Unless ``checked``, the weights are not waited for: the flag that comes
-    back says (on the device) whether some of them cannot be trusted. The caller gives the shell back
-    (``take_back``) once the block has run."""
-    names = [name for name, _ in block.named_modules() if f"{prefix}.{name}" in assignment]
-    key = (prefix, rest.name, dtype, tuple(names))
-    shell = shells.get(key)
+    format; the base block is only read. The caller gives the shell back (``take_back``) once the block has
+    run."""
+    names = [name for name, _ in block.named_modules() if f"{prefix}.{name}" in this_pass.assignment]
+    key = (prefix, this_pass.rest.name, this_pass.dtype, tuple(names))
+    shell = this_pass.shells.get(key)
     if shell is None:
-        shell, keep = _shell(block, names, rest, dtype)
+        shell, keep = _shell(block, names, this_pass.rest, this_pass.dtype)
         if keep:
-            shells[key] = shell
-    layers = [(block.get_submodule(name).weight, assignment[f"{prefix}.{name}"],
-               _hessian(hessians, f"{prefix}.{name}")) for name in names]
-    weights, suspect = (dequantized_weights(layers, dtype, buffers), None) if checked else \
-        dequantized_weights_unchecked(layers, dtype, buffers)
-    return shell, shell.lend(weights), suspect
+            this_pass.shells[key] = shell
+    layers = [(block.get_submodule(name).weight, this_pass.assignment[f"{prefix}.{name}"],
+               _hessian(this_pass.hessians, f"{prefix}.{name}")) for name in names]
+    return shell, shell.lend(this_pass.weights(layers, buffers))
 
 
 def _to(value, device: torch.device):
@@ -392,35 +422,28 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
               progress: Progress | None, cancel: CancelCheck | None, timings: dict[str, float], checked: bool,
               shells: dict) -> tuple[dict[str, float], list[torch.Tensor]]:
     """``evaluate_streamed``'s one pass, and (unless ``checked``) each block's flag of untrusted weights."""
-    clock = _Clock()
     model = loaded.model
     structure = _structure(loaded, baseline)
     stack = structure.stack
-    dtype = baseline.compute_dtype
-    assignment = layer_schemes(model, plan, structure.linears)
-    rest = get_format(unquantized_format(plan, structure.dtype))
-    names = [name for name in stack.outside if name in assignment]
-    key = ("outside the blocks", rest.name, dtype, tuple(names))
-    suspects = []
-    with clock.timing(input_device(model)):
+    this_pass = _Pass(loaded, baseline, layer_schemes(model, plan, structure.linears),
+                      get_format(unquantized_format(plan, structure.dtype)), baseline.compute_dtype, hessians,
+                      progress, cancel, _Clock(), checked, shells, [])
+    names = [name for name in stack.outside if name in this_pass.assignment]
+    key = ("outside the blocks", this_pass.rest.name, this_pass.dtype, tuple(names))
+    with this_pass.clock.timing(input_device(model)):
         outer = shells.get(key)
         if outer is None:
-            outer, keep = _outer(model, stack, names, rest, dtype, baseline.cache)
+            outer, keep = _outer(model, stack, names, this_pass.rest, this_pass.dtype, baseline.cache)
             if keep:
                 shells[key] = outer
     try:
         if names:
-            with clock.timing(input_device(model)):
-                layers = [(model.get_submodule(name).weight, assignment[name], _hessian(hessians, name))
+            with this_pass.clock.timing(input_device(model)):
+                layers = [(model.get_submodule(name).weight, this_pass.assignment[name], _hessian(hessians, name))
                           for name in names]
                 # Lent buffers, so that a scheme that leaves the head's values unchanged lends the head itself.
-                weights, suspect = (dequantized_weights(layers, dtype, ReusedBuffers()), None) if checked else \
-                    dequantized_weights_unchecked(layers, dtype, ReusedBuffers())
-                outer.shell.lend(weights)
-            if suspect is not None:
-                suspects.append(suspect)
-        hidden, returns_tuple = _blocks(loaded, stack, outer, assignment, rest, dtype, baseline, hessians, progress,
-                                        cancel, clock, checked, shells, suspects)
+                outer.shell.lend(this_pass.weights(layers, ReusedBuffers()))
+        hidden, returns_tuple = _blocks(this_pass, stack, outer)
         outer.shell.runnable.set_submodule(stack.path, torch.nn.ModuleList(
             [_Feed(hidden, returns_tuple)] + [_PassThrough(returns_tuple) for _ in range(len(stack.linears) - 1)]))
         units = len(stack.linears) + 1
@@ -429,37 +452,31 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
         metrics = evaluate(outer.shell.runnable, baseline, tail, cancel)
     finally:
         outer.take_back(stack)
-    timings["quantize_s"] = clock.total()
-    return metrics, suspects
+    timings["quantize_s"] = this_pass.clock.total()
+    return metrics, this_pass.suspects
 
 
-def _blocks(loaded: LoadedModel, stack: BlockStack, outer: _Outer, assignment: dict[str, QuantScheme],
-            rest: Format, dtype: torch.dtype, baseline: Baseline, hessians: Mapping | None,
-            progress: Progress | None, cancel: CancelCheck | None, clock: _Clock, checked: bool, shells: dict,
-            suspects: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+def _blocks(this_pass: _Pass, stack: BlockStack, outer: _Outer) -> tuple[list[torch.Tensor], bool]:
     """Every block with the plan applied over the captured inputs: the last block's output per batch, and whether
-    blocks return tuples. Each block's flag of untrusted weights goes to ``suspects``."""
+    blocks return tuples."""
     key = ("streamed block inputs", stack.path)
-    if outer.untouched and key in baseline.cache:
-        capture = baseline.cache[key]
+    if outer.untouched and key in this_pass.baseline.cache:
+        capture = this_pass.baseline.cache[key]
     else:
-        capture = _capture(outer.shell.runnable, stack, baseline, cancel)
+        capture = _capture(outer.shell.runnable, stack, this_pass.baseline, this_pass.cancel)
         if outer.untouched:  # the base's own inputs: valid for every plan that leaves the tensors before the blocks
-            baseline.cache[key] = capture
-    blocks = loaded.model.get_submodule(stack.path)
-    spread = loaded.device == "auto"  # else every block and everything captured is on one device
+            this_pass.baseline.cache[key] = capture
+    blocks = this_pass.loaded.model.get_submodule(stack.path)
+    spread = this_pass.loaded.device == "auto"  # else every block and everything captured is on one device
     units = len(blocks) + 1
     hidden = list(capture.hidden)
     returns_tuple = False
     buffers = ReusedBuffers()
     for index, block in enumerate(blocks):
-        _check_cancel(cancel)
+        _check_cancel(this_pass.cancel)
         device = next(itertools.chain(block.parameters(), block.buffers())).device
-        with clock.timing(device):
-            shell, runnable, suspect = _block(block, f"{stack.path}.{index}", assignment, rest, dtype, hessians,
-                                              checked, buffers, shells)
-        if suspect is not None:
-            suspects.append(suspect)
+        with this_pass.clock.timing(device):
+            shell, runnable = _block(this_pass, block, f"{stack.path}.{index}", buffers)
         try:
             with torch.inference_mode():
                 for row, (args, kwargs) in enumerate(calls[index] for calls in capture.calls):
@@ -472,6 +489,6 @@ def _blocks(loaded: LoadedModel, stack: BlockStack, outer: _Outer, assignment: d
             shell.take_back()
         del runnable
         buffers.take_back()  # this block's materialised weights are overwritten by the next block's
-        if progress:
-            progress((index + 1) / units, f"block {index + 1}/{len(blocks)}")
+        if this_pass.progress:
+            this_pass.progress((index + 1) / units, f"block {index + 1}/{len(blocks)}")
     return hidden, returns_tuple
