@@ -109,7 +109,10 @@ def _bucketed(boundaries: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Ten
     a value's level is the level of the slot above every boundary it exceeds."""
     bounds = boundaries.cpu().numpy().astype(np.float32)
     grid = levels.cpu().numpy().astype(np.float32)
-    slot_of = lambda x: (x[:, None] > bounds[None, :]).sum(axis=1)  # noqa: E731 - boundaries a value exceeds
+
+    def slot_of(x: np.ndarray) -> np.ndarray:  # the boundaries each value exceeds
+        return (x[:, None] > bounds[None, :]).sum(axis=1)
+
     buckets = 16
     while buckets <= MAX_BUCKETS:
         scale = np.float32(buckets) / (grid[-1] - grid[0])
