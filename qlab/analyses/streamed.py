@@ -345,7 +345,8 @@ class _Pass:
         return weights
 
 
-def _block(this_pass: _Pass, block: torch.nn.Module, prefix: str, buffers: ReusedBuffers) -> tuple[_Shell, torch.nn.Module]:
+def _block(this_pass: _Pass, block: torch.nn.Module, prefix: str, buffers: ReusedBuffers
+           ) -> tuple[_Shell, torch.nn.Module]:
     """One block with the plan applied, run through its shell (kept in ``shells`` for the next scheme where it
     can be): its linears' weights materialised in ``dtype`` (into ``buffers``), its other tensors at the plan's
     format; the base block is only read. The caller gives the shell back (``take_back``) once the block has

@@ -16,8 +16,9 @@ rounding runs here (``dequantize_blocks``). A 4-bit table (nf4, fp4) is searched
 equal buckets, each holding at most one of its boundaries (``_bucketed``), a value's bucket names the one boundary
 to compare it with and the levels on either side. The boundaries are nudged so that a strict comparison keeps the
 table's tie rule (``quant._lut_search``), so the levels are the CPU kernels' (which compare with all 15 in turn:
-on a lent H100 that took an nf4 scheme's rounding to 2.15x the time of copying the weights, int4's 1.04x). Triton ships with CUDA builds of torch; without it, on a GPU before Ampere, or on a CPU, torch's route
-does everything. The kernels have run on one GPU model with one Triton release: where one fails to compile or
+on a lent H100 that took an nf4 scheme's rounding to 2.15x the time of copying the weights, int4's 1.04x).
+Triton ships with CUDA builds of torch; without it, on a GPU before Ampere, or on a CPU, torch's route does
+everything. The kernels have run on one GPU model with one Triton release: where one fails to compile or
 launch elsewhere, the failure is logged and torch's route takes over for the rest of the process (the same bits,
 only slower), instead of stopping a sweep.
 """
@@ -264,9 +265,10 @@ def round_groups_together(blocks: Sequence[torch.Tensor], outs: Sequence[torch.T
     store_bits = outs[0].dtype == torch.bfloat16 and not on_gpu
     targets = [out.view(torch.int16) if store_bits else out for out in outs]
     table, bucket_scale, bucket_offset, buckets, *grid = format_arguments
-    arguments = (table, bucket_scale, bucket_offset, buckets, _KINDS[fmt.kind], symmetric, float(fmt.qmin), float(fmt.qmax),
-                 float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs), _reciprocal(fmt.qmax - fmt.qmin), *grid,
-                 *_scale_arguments(scale_dtype), store_bits, rows, width_padded)
+    arguments = (table, bucket_scale, bucket_offset, buckets, _KINDS[fmt.kind], symmetric, float(fmt.qmin),
+                 float(fmt.qmax), float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs),
+                 _reciprocal(fmt.qmax - fmt.qmin), *grid, *_scale_arguments(scale_dtype), store_bits, rows,
+                 width_padded)
     for group in _launch_groups(list(zip(blocks, targets, strict=True))):
         first_values, first_out = group[0]
         if len(group) == 1:
