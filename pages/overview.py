@@ -48,11 +48,24 @@ def about(seconds: float, lead: str = ", ") -> str:
     return f"{lead}about {seconds:.0f} s" if seconds > overview.ANNOUNCE_AFTER_S else ""
 
 
+def leave_other_overviews(key=None) -> None:
+    """Stops the job this session started for another overview than ``key`` (None: the page shows none now): a
+    session that moves on, to another model or to one still waiting for its click, stops the job it left."""
+    session = st.session_state.setdefault("overview_session", uuid.uuid4().hex)
+    entries = overviews()
+    previous = st.session_state.get("overview_key")
+    if previous is not None and previous != key and previous in entries:
+        old = entries[previous]["job"]
+        if old is not None and old.alive and entries[previous]["owner"] == session:
+            old.cancel(by_user=False)
+
+
 common.page_setup()
 st.title("Overview")
 st.markdown(INTRO)
 name = common.model_name()
 if not name:
+    leave_other_overviews()
     st.info("Type a Hugging Face id or a local directory in the sidebar, or pick a bundled model.")
     st.stop()
 bundled = name in bundled_models()
@@ -65,6 +78,7 @@ if not bundled and name not in opened:
     st.info(f"**{name}** is not a bundled model: loading it may download its weights and measuring it takes "
             "minutes, so nothing starts until you ask.")
     if not st.button("Load it and compute the overview", type="primary", key="overview_open"):
+        leave_other_overviews()
         st.stop()
     opened.append(name)
 
@@ -97,14 +111,10 @@ measure_here = measure_column.toggle("Also measure speed on this machine", key="
                                           "runs, repeated until they agree, at most "
                                           f"{request.speed_cap_s:.0f} s in all.")
 
-# The pieces of this request, shared with other sessions; a session that moves on stops the job it started.
-session = st.session_state.setdefault("overview_session", uuid.uuid4().hex)
+# The pieces of this request, shared with other sessions.
+leave_other_overviews(key)
+session = st.session_state["overview_session"]
 entries = overviews()
-previous = st.session_state.get("overview_key")
-if previous is not None and previous != key and previous in entries:
-    old = entries[previous]["job"]
-    if old is not None and old.alive and entries[previous]["owner"] == session:
-        old.cancel(by_user=False)
 st.session_state["overview_key"] = key
 if key not in entries:
     try:
