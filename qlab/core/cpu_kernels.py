@@ -135,7 +135,7 @@ def cast(x: torch.Tensor, out: torch.Tensor, fmt) -> None:
 
 
 def _padded_table(search: tuple[torch.Tensor, torch.Tensor], boundaries_count: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A table's ``search`` (``quant._lut_search``) as float32, grown to ``boundaries_count`` boundaries for a
     kernel that compares with a fixed number: the extra boundaries are infinite, so no value goes past them, and
     the extra levels repeat the last."""

@@ -8,6 +8,7 @@ entries (see ``qlab.core.quant.storage_bytes``), never typed in a second place.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -159,6 +160,20 @@ def _nearest_table_index(x: torch.Tensor, name: str) -> torch.Tensor:
     for boundary, up in zip(midpoints, ties_up, strict=True):
         slot += (x >= boundary) if up else (x > boundary)
     return slot if identity else codes.to(x.device)[slot.long()]
+
+
+def straddled_levels(low: torch.Tensor, high: torch.Tensor, boundaries: torch.Tensor, levels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """For buckets of float32 values, each from ``low`` to ``high``, on a table searched by its sorted
+    ``boundaries`` (a value above one goes up a slot) and each slot's ``levels``: the level of each bucket's
+    smallest value, the one boundary its values straddle (inf if none) and the level above it; None if some bucket
+    straddles two (then one comparison per value cannot find its level)."""
+    slot_low, slot_high = torch.bucketize(low, boundaries), torch.bucketize(high, boundaries)
+    if (slot_high - slot_low).max() > 1:
+        return None
+    inside = torch.cat([boundaries, boundaries.new_full((1,), math.inf)])[slot_low]
+    inside = torch.where(slot_high > slot_low, inside, math.inf)
+    return levels[slot_low].contiguous(), inside, levels[slot_high].contiguous()
 
 
 # The registry, named as every qlab registry is (GGUF block formats and backends alike): ``register``,

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from qlab.core import cpu_kernels
+from qlab.core.formats import straddled_levels
 
 # Values in one tensor from which the kernel is used: below, torch's few launches cost less than a first compile.
 MIN_VALUES = 1 << 20
@@ -101,31 +102,26 @@ MAX_BUCKETS = 1024
 def _bucketed(boundaries: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, float, float, int] | None:
     """A table's search cut into buckets, each holding at most one boundary: the fewest (a power of two, up to
     ``MAX_BUCKETS``) that separate its boundaries, on ``boundaries``' device as three rows (each bucket's boundary,
-    infinite where it holds none; the level below it; the level above it), the float32 scale and offset of the
-    kernels' bucket ``trunc(x * scale + offset)`` (clamped to the buckets, a NaN in the first) and their number;
-    None where none does. Once per table and device (``quant._lut_search`` hands the same tensors every time).
+    infinite where it holds none; the level below it; the level above it: ``formats.straddled_levels``), the
+    float32 scale and offset of the kernels' bucket ``trunc(x * scale + offset)`` (clamped to the buckets, a NaN
+    in the first) and their number; None where none does. Once per table and device (``quant._lut_search`` hands the same tensors every time).
 
     Exact for every float32: each bucket holds an interval of values (the bucket is monotone in x), whose ends are
     found by bisecting float32's order with the kernels' own roundings (product, then sum, each rounded once), and
     a value's level is the level of the slot above every boundary it exceeds."""
-    bounds = boundaries.cpu().numpy().astype(np.float32)
-    grid = levels.cpu().numpy().astype(np.float32)
-
-    def slot_of(x: np.ndarray) -> np.ndarray:  # the boundaries each value exceeds
-        return (x[:, None] > bounds[None, :]).sum(axis=1)
-
+    device = boundaries.device
+    boundaries, levels = boundaries.cpu(), levels.cpu()
+    low, high = np.float32(levels[0].item()), np.float32(levels[-1].item())
     buckets = 16
     while buckets <= MAX_BUCKETS:
-        scale = np.float32(buckets) / (grid[-1] - grid[0])
-        offset = -grid[0] * scale
+        scale = np.float32(buckets) / (high - low)
+        offset = -low * scale
         starts = _bucket_starts(scale, offset, buckets)  # the smallest float32 in each bucket
         ends = np.append(np.nextafter(starts[1:], np.float32(-np.inf)), np.float32(np.inf))
-        slots = slot_of(starts)
-        if np.all(slot_of(ends) - slots <= 1):
-            threshold = np.append(bounds, np.float32(np.inf))[slots]
-            below, above = grid[slots], grid[np.minimum(slots + 1, len(grid) - 1)]
-            table = torch.from_numpy(np.concatenate([threshold, below, above])).to(boundaries.device)
-            return table, float(scale), float(offset), buckets
+        found = straddled_levels(torch.from_numpy(starts), torch.from_numpy(ends), boundaries, levels)
+        if found is not None:
+            below, inside, above = found
+            return torch.cat([inside, below, above]).to(device), float(scale), float(offset), buckets
         buckets *= 2
     return None
 

@@ -23,7 +23,7 @@ import torch
 
 from qlab.core import cpu_kernels, gpu_kernels
 from qlab.core.errors import QlabError
-from qlab.core.formats import Format, _table_search, _table_tensor, get_format
+from qlab.core.formats import Format, _table_search, _table_tensor, get_format, straddled_levels
 
 Granularity = Literal["tensor", "channel", "group"]
 Calibration = Literal["minmax", "percentile", "mse"]
@@ -657,6 +657,7 @@ def _fits(out: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether ``out`` can receive the values of ``x`` in ``dtype``."""
     return out.shape == x.shape and out.dtype == dtype and out.device == x.device and out.is_contiguous()
 
+
 def _block_scales(x: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Each block's scale and its inverse, its zero point (None if symmetric), as float32 columns, and whether
@@ -765,13 +766,7 @@ def _prefix_tables(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ends = [(prefixes << 16).view(torch.float32), ((prefixes << 16) | 0xFFFF).view(torch.float32)]
     # NaN patterns stand for the infinity of their sign: a NaN never gets here (the fallback takes it).
     ends = [torch.where(end.isnan(), torch.copysign(torch.tensor(math.inf), end), end) for end in ends]
-    low, high = torch.minimum(*ends), torch.maximum(*ends)
-    slot_low, slot_high = torch.bucketize(low, boundaries), torch.bucketize(high, boundaries)
-    if (slot_high - slot_low).max() > 1:
-        return None
-    inside = torch.cat([boundaries, torch.tensor([math.inf])])[slot_low]
-    inside = torch.where(slot_high > slot_low, inside, math.inf)
-    return levels[slot_low].contiguous(), inside, levels[slot_high].contiguous()
+    return straddled_levels(torch.minimum(*ends), torch.maximum(*ends), boundaries, levels)
 
 
 def _lut_levels(scaled: torch.Tensor, name: str) -> torch.Tensor:
