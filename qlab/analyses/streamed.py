@@ -426,9 +426,10 @@ def _evaluate(loaded: LoadedModel, plan: SchemePlan, baseline: Baseline, hessian
     model = loaded.model
     structure = _structure(loaded, baseline)
     stack = structure.stack
-    this_pass = _Pass(loaded, baseline, layer_schemes(model, plan, structure.linears),
-                      get_format(unquantized_format(plan, structure.dtype)), baseline.compute_dtype, hessians,
-                      progress, cancel, _Clock(), checked, shells, [])
+    this_pass = _Pass(loaded=loaded, baseline=baseline, assignment=layer_schemes(model, plan, structure.linears),
+                      rest=get_format(unquantized_format(plan, structure.dtype)), dtype=baseline.compute_dtype,
+                      hessians=hessians, progress=progress, cancel=cancel, clock=_Clock(), checked=checked,
+                      shells=shells, suspects=[])
     names = [name for name in stack.outside if name in this_pass.assignment]
     key = ("outside the blocks", this_pass.rest.name, this_pass.dtype, tuple(names))
     with this_pass.clock.timing(input_device(model)):
