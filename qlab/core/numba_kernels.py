@@ -30,6 +30,14 @@ _compiled = functools.partial(numba.njit, parallel=True, cache=True, nogil=True)
 
 # Boundaries of a table grid: 4-bit formats have at most 15 (fewer: padded with infinity).
 TABLE_BOUNDARIES = 15
+# How far ahead of the row it reads a kernel asks for the weights (bytes), and a cache line's bytes. One core of
+# these CPUs reads memory at ~7 GB/s when it asks for each line as it needs it: the hardware's own prefetching
+# stops at each 4 KiB page. Asked for 4 KiB ahead (2-16 KiB made no difference), reading a 1B model's linear
+# weights in bf16 took 0.10 s instead of 0.17 s on two cores; the fused kernel, medians of one interleaved run,
+# 0.37 s instead of 0.43 s for int8 g64, 0.36 / 0.43 int4, 0.46 / 0.49 fp8, 0.65 / 0.71 nf4 (which spends its time
+# comparing), against 0.22 s to copy the weights.
+FETCH_AHEAD_BYTES = 4096
+CACHE_LINE_BYTES = 64
 
 
 @intrinsic
@@ -46,6 +54,31 @@ def as_pattern(typingctx, value):
     def reinterpret(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(types.float32), reinterpret
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to bring the C-contiguous ``array``'s element ``index`` (counted as if it were flat) into its
+    caches, without waiting for it (numba only): LLVM's prefetch, an instruction on x86 and ARM, nothing where a
+    target has none."""
+    def ask(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte = ir.IntType(8).as_pointer()
+        fetch = builder.module.declare_intrinsic("llvm.prefetch", fnty=ir.FunctionType(
+            ir.VoidType(), [byte, ir.IntType(32), ir.IntType(32), ir.IntType(32)]))
+        read, keep_in_every_cache, data_cache = (ir.Constant(ir.IntType(32), n) for n in (0, 3, 1))
+        builder.call(fetch, [builder.bitcast(builder.gep(data, [args[1]]), byte), read, keep_in_every_cache,
+                             data_cache])
+        return context.get_dummy_value()
+    return types.void(array, types.intp), ask
+
+
+@numba.njit(inline="always")
+def fetch_ahead(values, row):
+    # The cache lines FETCH_AHEAD_BYTES past row ``row`` of the 2-D ``values``, asked for while this row is read.
+    start = row * values.shape[1] + FETCH_AHEAD_BYTES // values.itemsize
+    for index in range(start, min(start + values.shape[1], values.size), CACHE_LINE_BYTES // values.itemsize):
+        prefetch(values, index)
 
 
 def load(values, row, column):
@@ -263,6 +296,7 @@ def round_rows(values, scale, inverse, zero, grid, out, rows):
     n = values.shape[0]
     for task in numba.prange((n + rows - 1) // rows):
         for row in range(task * rows, min(n, (task + 1) * rows)):
+            fetch_ahead(values, row)
             round_row(values, row, grid, scale[row], inverse[row], zero[row], out)
 
 
@@ -277,6 +311,7 @@ def round_groups(values, symmetric, max_abs, qmin, qmax, storage, grid, out, sus
         low = np.empty(count, np.float32)
         high = np.empty(count, np.float32)
         for i in range(count):
+            fetch_ahead(values, first + i)
             low[i], high[i] = row_range(values, first + i)
         scale = np.empty(count, np.float32)
         inverse = np.empty(count, np.float32)
