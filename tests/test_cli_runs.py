@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import statistics
 
 import pytest
 
@@ -267,6 +268,61 @@ def test_bench_sweep_keeps_the_schemes_measured_before_one_fails(tmp_path, monke
     [run] = runs_from_payload(kept, "bench.json")
     assert run["status"] == "stopped"
     assert [r["label"] for r in run["results"] if r["kind"] == "sweep"] == ["int8 g64"]
+
+
+@pytest.mark.slow
+def test_bench_sweep_repeats_put_each_scheme_between_two_base_evaluations(tmp_path, monkeypatch, minilm, capsys):
+    """`--repeats N` measures each scheme N more times after the sweep, each time between two evaluations of the
+    base model, and reports its cost over their mean per round, the median and the range; the run is stored."""
+    from qlab.analyses import sweep_benchmark
+
+    monkeypatch.delenv("QLAB_DB", raising=False)
+    monkeypatch.setattr(sweep_benchmark, "load", lambda name: minilm)
+    # The benchmark's clock advances only by what the work below says it took: base evaluations 1, 2, 3, ... s
+    # (each its own, so that a ratio over the wrong neighbours shows), every scheme 10 s.
+    clock, work = [0.0], []
+    monkeypatch.setattr(sweep_benchmark, "time", type("Clock", (), {"perf_counter": lambda: clock[0]}))
+    real_evaluate, real_measure = sweep_benchmark.evaluate, sweep_benchmark.measure_scheme
+
+    def evaluate(*args, **kwargs):
+        work.append("base")
+        clock[0] += work.count("base")
+        return real_evaluate(*args, **kwargs)
+
+    def measure_scheme(loaded, scheme, *args, **kwargs):
+        work.append(scheme.label)
+        clock[0] += 10
+        return real_measure(loaded, scheme, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_benchmark, "evaluate", evaluate)
+    monkeypatch.setattr(sweep_benchmark, "measure_scheme", measure_scheme)
+    out, db = tmp_path / "bench.json", tmp_path / "runs.db"
+    assert cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8,nf4", "--granularity", "group",
+                     "--tokens", "32", "--repeats", "2", "--json", str(out), "--db", str(db)]) == 0
+    result = json.loads(out.read_text())
+    first = sweep_benchmark.BASE_EVALUATIONS
+    assert work[first:] == ["base"] + ["int8 g64", "base", "nf4 g64", "base"] * 2
+    assert result["complete"] and result["repeats"] == 2
+    assert result["repeat_base_eval_s"] == [float(n) for n in range(first + 1, first + 6)]
+    int8, nf4 = result["rows"]
+    assert int8["repeated_s"] == nf4["repeated_s"] == [10.0, 10.0]
+    # int8 sits between the 4th and 5th evaluations, then the 6th and 7th; nf4 between the 5th and 6th, ...
+    assert int8["repeated_cost_over_eval"] == [round(20 / (4 + 5), 3), round(20 / (6 + 7), 3)]
+    assert nf4["repeated_cost_over_eval"] == [round(20 / (5 + 6), 3), round(20 / (7 + 8), 3)]
+    for row in (int8, nf4):
+        ratios = row["repeated_cost_over_eval"]
+        assert row["cost_over_eval_median"] == round(statistics.median(ratios), 3)
+        assert row["cost_over_eval_range"] == [min(ratios), max(ratios)]
+    assert result["max_scheme_cost_over_eval_median"] == int8["cost_over_eval_median"]
+    [stored] = Store(db).runs()
+    assert [r["label"] for r in stored.records("sweep")] == ["int8 g64", "nf4 g64"]
+    assert stored.records("sweep")[0]["repeated_cost_over_eval"] == int8["repeated_cost_over_eval"]
+    # Out of range: one line, before the model loads.
+    monkeypatch.setattr(sweep_benchmark, "load", lambda name: pytest.fail("loaded before the refusal"))
+    assert cli.main(["bench", "sweep", "--model", "minilm-l6", "--repeats", "51", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "repeats must be between 0 and 50" in err and err.count("\n") == 1
+    assert json.loads(out.read_text()) == result  # the refused run wrote nothing over the last result
 
 
 @pytest.mark.slow

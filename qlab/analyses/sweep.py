@@ -106,8 +106,8 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
         extra.update(reference_dtype=baseline.reference_dtype, evaluation="streamed" if streamed else "shadow copy",
                      unquantized_format=unquantized_format(scheme, base_dtype))
         try:
-            metrics, quantized_at = _measure(loaded, scheme, baseline, stats, streamed, stage(scheme.label), cancel,
-                                             shells)
+            metrics, quantized_at = measure_scheme(loaded, scheme, baseline, stats, streamed, stage(scheme.label),
+                                                   cancel, shells)
         except RuntimeError as error:  # torch.OutOfMemoryError is one, and so is the CPU allocator's failure
             if not out_of_memory(error):
                 raise
@@ -129,10 +129,12 @@ def run_sweep(loaded: LoadedModel, schemes: list[QuantScheme], spec: EvalSpec,
         yield row
 
 
-def _measure(loaded: LoadedModel, scheme: QuantScheme, baseline: Baseline, stats: dict[str, LayerStats] | None,
-             streamed: bool, progress: Progress | None, cancel: CancelCheck | None, shells: dict
-             ) -> tuple[dict[str, float], float]:
-    """One scheme's metrics and the moment its quantization ended."""
+def measure_scheme(loaded: LoadedModel, scheme: QuantScheme, baseline: Baseline,
+                   stats: dict[str, LayerStats] | None, streamed: bool, progress: Progress | None = None,
+                   cancel: CancelCheck | None = None, shells: dict | None = None) -> tuple[dict[str, float], float]:
+    """One scheme's metrics and the moment its quantization ended (``run_sweep``'s work for one scheme);
+    ``streamed``: whether the model's blocks stream (``streamable_stack``), ``shells`` as ``evaluate_streamed``
+    takes them."""
     if streamed:  # each block quantized once, materialised, run for every token, freed
         timings: dict[str, float] = {}
         streaming = time.perf_counter()

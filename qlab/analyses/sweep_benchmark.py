@@ -6,16 +6,18 @@ import contextlib
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 import torch
 import transformers
 
 from qlab import __version__
+from qlab.analyses.calibration import calibration_stats
 from qlab.analyses.sensitivity import block_stack
-from qlab.analyses.sweep import peak_rss_bytes, run_sweep
-from qlab.core.algorithms import dequantized_weights_unchecked
+from qlab.analyses.streamed import streamable_stack
+from qlab.analyses.sweep import measure_scheme, peak_rss_bytes, run_sweep
+from qlab.core.algorithms import dequantized_weights_unchecked, needs_calibration
 from qlab.core.errors import QlabError
 from qlab.core.peak_rss import PeakRss, high_water_mark
 from qlab.core.plan import quantizable_linears
@@ -27,10 +29,11 @@ from qlab.models.loading import RUNTIME_BYTES, SWEEP_MEMORY_FACTOR, load, model_
 # One evaluation of the base model, the unit of every scheme's cost, is the median of three: a single one wandered
 # by 1.2-2x between runs of the same work on a CPU, and by 1.5-2.0 s on an H100 (bench/results/sweep_*.json).
 BASE_EVALUATIONS = 3
+MAX_REPEATS = 50
 
 
 def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
-                on_row: Callable[[dict], None] | None = None, **placement: str | None) -> dict:
+                on_row: Callable[[dict], None] | None = None, repeats: int = 0, **placement: str | None) -> dict:
     """Time one evaluation of the base model (the median of ``BASE_EVALUATIONS``, each kept in ``base_eval_s``)
     and a full sweep (baseline included) in one process, the model
     loaded by ``load(model_name, **placement)`` (``device``, ``device_map``, ``dtype``; default: the CPU, in its
@@ -38,10 +41,17 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
     as it stands after each scheme (``"complete": False`` until the last), so that a caller can keep the rows
     measured before a later scheme fails.
 
+    ``repeats`` rounds after the sweep measure each scheme again between two base evaluations
+    (``_alternated``): each row then also gets its cost over the mean of those two, once per round, and their
+    median. Where the machine's speed drifts faster than a sweep runs (a shared CPU: 2x within a minute), a
+    single sweep's ratios say more about the drift than about the schemes.
+
     Goals: each scheme <= 1.2x one base evaluation on the same device; peak memory <= 1.3x the weights as loaded
     plus the largest tensor plus 1 GB of working memory (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS
     above the interpreter with its libraries imported, which no sweep design can remove).
     """
+    if not 0 <= repeats <= MAX_REPEATS:
+        raise QlabError(f"repeats must be between 0 and {MAX_REPEATS}, not {repeats}.")
     process = psutil.Process()
     rss_before_load = process.memory_info().rss
     started = time.perf_counter()
@@ -98,6 +108,10 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
             "sweep_over_eval": round(sweep_s / one_eval_s, 3),
             "max_scheme_cost_over_eval": max((r["cost_over_eval"] for r in rows), default=None),
             "goal_scheme_cost_over_eval": 1.2,
+            "repeats": repeats,
+            "repeat_base_eval_s": [round(seconds, 3) for seconds in repeat_base_s],
+            "max_scheme_cost_over_eval_median": max((r["cost_over_eval_median"] for r in rows
+                                                     if "cost_over_eval_median" in r), default=None),
             "model_bytes": loaded.weight_bytes,
             "largest_tensor_bytes": largest,
             "peak_memory_kind": peak.kind,
@@ -123,16 +137,59 @@ def bench_sweep(model_name: str, schemes: list[QuantScheme], tokens: int,
             "rows": rows,
         }
 
+    repeat_base_s: list[float] = []
     while True:
         peak.reset()
         row = next(sweep, None)
         if row is None:
-            return result(complete=True)
+            break
         scheme_peak = peak.read()
         rows.append({**row.to_record(), "cost_over_eval": round(row.seconds / one_eval_s, 3),
                      "peak_memory_bytes": scheme_peak, "peak_over_goal": round(scheme_peak / goal_peak, 3)})
-        if on_row is not None and len(rows) < len(schemes):
+        if on_row is not None and (len(rows) < len(schemes) or repeats):
             on_row(result(complete=False))
+    for done in _alternated(loaded, schemes, baseline, spec, repeats, peak, repeat_base_s, rows):
+        if on_row is not None and done < repeats:
+            on_row(result(complete=False))
+    return result(complete=True)
+
+
+def _alternated(loaded, schemes: list[QuantScheme], baseline, spec: EvalSpec, repeats: int, peak: PeakMemory,
+                base_s: list[float], rows: list[dict]) -> Iterator[int]:
+    """``repeats`` rounds of: each scheme measured as the sweep measures it, with one base evaluation before
+    the first and after each (``base_s``), so that a scheme sits between two. Each row gets ``repeated_s``, its
+    ``repeated_cost_over_eval`` (its seconds over the mean of the evaluations either side, per round), their
+    median and range. Yields the rounds done."""
+    if not repeats:
+        return
+    streamed = streamable_stack(loaded.model) is not None
+    stats = calibration_stats(loaded, spec)[0] if any(needs_calibration(s) for s in schemes) else None
+    shells: dict = {}
+
+    def timed(work: Callable[[], object]) -> float:
+        peak.synchronize()
+        started = time.perf_counter()
+        work()
+        peak.synchronize()
+        return time.perf_counter() - started
+
+    def base_evaluation() -> float:
+        return timed(lambda: evaluate(loaded.model, baseline))
+
+    base_s.append(base_evaluation())
+    for row in rows:
+        row["repeated_s"], row["repeated_cost_over_eval"] = [], []
+    for done in range(1, repeats + 1):
+        for scheme, row in zip(schemes, rows, strict=True):
+            seconds = timed(lambda s=scheme: measure_scheme(loaded, s, baseline, stats, streamed, shells=shells))
+            base_s.append(base_evaluation())
+            row["repeated_s"].append(round(seconds, 3))
+            row["repeated_cost_over_eval"].append(round(2 * seconds / (base_s[-2] + base_s[-1]), 3))
+        for row in rows:
+            ratios = row["repeated_cost_over_eval"]
+            row["cost_over_eval_median"] = round(statistics.median(ratios), 3)
+            row["cost_over_eval_range"] = [min(ratios), max(ratios)]
+        yield done
 
 
 def _copy_seconds(loaded, peak: PeakMemory) -> float:

@@ -43,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sweep.add_argument("--model", default="smollm2-135m")
     sweep.add_argument("--formats", default="fp16,bf16,int8,int4,nf4")
     sweep.add_argument("--tokens", type=int, default=2048)
+    sweep.add_argument("--repeats", type=int, default=0,
+                       help="after the sweep, measure each scheme this many times more, each between two base "
+                            "evaluations, and report the median ratio (for a machine whose speed drifts)")
     device_options(sweep)
     add_scheme_arguments(sweep, granularity="group")
     db_option(sweep, "also store the result in this run database (default: $QLAB_DB if set)")
@@ -154,7 +157,7 @@ def cmd_bench_sweep(args: argparse.Namespace) -> None:
     # memory, a kernel that breaks) keeps what was measured; stdout gets the result once, at the end.
     to_file = args.json not in (None, "-")
     result = bench_sweep(args.model, schemes, args.tokens, on_row=(lambda partial: emit(partial, args.json))
-                         if to_file else None, **load_options(args))
+                         if to_file else None, repeats=args.repeats, **load_options(args))
     # Written before it is stored: a database that fails now must not throw away minutes of benchmark.
     emit(result, args.json if args.json is not None else "-")
     store_bench_sweep(args, result)
