@@ -115,24 +115,28 @@ def test_the_fused_kernels_scales_are_torchs_for_ranges_from_subnormal_to_huge(f
             assert torch.equal(nan_as_one(got), nan_as_one(expected)), (scheme.label, dtype)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("width", [4, 64, 2048])
-def test_bf16_ranges_on_16_bits_are_the_float32_kernels_and_torchs(width):
-    """The fused kernel orders bf16's 16-bit patterns, and float32's 32-bit ones: the same ranges, seen through the
-    values they give (float32 scales, asymmetric: both ends count), over every finite bf16 value in shuffled rows,
-    and a flag for each row that holds a NaN or an infinity. torch.aminmax's ranges give the same values."""
+def test_bf16_ranges_on_16_bits_are_the_float32_kernels_and_torchs(width, symmetric):
+    """The fused kernel orders bf16's 16-bit patterns, and float32's 32-bit ones (asymmetric: both ends count;
+    symmetric: only the largest magnitude, one reduction): the same ranges, seen through the values they give
+    (float32 scales), over every finite bf16 value in shuffled rows, and a flag for each row that holds a NaN or
+    an infinity. torch.aminmax's ranges give the same values."""
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     finite = every[every.isfinite()]
     generator = torch.Generator().manual_seed(width)
     rows = finite[torch.randperm(finite.numel(), generator=generator)][: finite.numel() // width * width]
     rows = rows.reshape(-1, width).clone()
     rows[1, -1], rows[2, 0], rows[3, width // 2] = float("nan"), float("inf"), -float("inf")
+    rows.view(torch.int16)[0, 0] = -63  # 0xFFC1: a NaN with the sign bit set, below every other pattern's key
     rows[4] = torch.tensor([-0.0, 0.0] * (width // 2), dtype=torch.bfloat16)
     rows[5] = 2.0 ** -133  # bf16's smallest subnormal
-    scheme = QuantScheme("int8", "group", width, symmetric=False, scale_dtype="fp32")
+    scheme = QuantScheme("int8", "group", width, symmetric=symmetric, scale_dtype="fp32")
     bad = ~rows.isfinite().all(dim=1)
-    assert bad[1:4].all()
-    for row in range(5):
-        assert bool(fused(rows[row:row + 1], torch.empty(1, width), scheme)) == bool(bad[row]), row
+    assert bad[:4].all() and not bad[4:].any()
+    for row in range(5):  # (the subnormal row is flagged too: its scale's inverse leaves float32)
+        for x in (rows[row:row + 1], rows[row:row + 1].float()):
+            assert bool(fused(x, torch.empty(1, width), scheme)) == bool(bad[row]), (row, x.dtype)
     rows = rows[~bad]
     got, wide, expected = (torch.empty(rows.shape) for _ in range(3))
     flags = fused(rows, got, scheme), fused(rows.float(), wide, scheme), scales_then_rounding(rows, expected, scheme)

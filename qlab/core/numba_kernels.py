@@ -33,9 +33,9 @@ TABLE_BOUNDARIES = 15
 # How far ahead of the row it reads a kernel asks for the weights (bytes), and a cache line's bytes. One core of
 # these CPUs reads memory at ~7 GB/s when it asks for each line as it needs it: the hardware's own prefetching
 # stops at each 4 KiB page. Asked for 4 KiB ahead (2-16 KiB made no difference), reading a 1B model's linear
-# weights in bf16 took 0.10 s instead of 0.17 s on two cores; the fused kernel, medians of one interleaved run,
-# 0.37 s instead of 0.43 s for int8 g64, 0.36 / 0.43 int4, 0.46 / 0.49 fp8, 0.65 / 0.71 nf4 (which spends its time
-# comparing), against 0.22 s to copy the weights.
+# weights in bf16 took 0.10 s instead of 0.16-0.17 s on two cores, in every run. The fused kernel gained 9-28 % in
+# four interleaved runs (int8 g64 0.37 s instead of 0.43 s) and nothing in two later ones (0.96-1.02x): it also
+# computes, and how much the reads cost depends on how busy the host's memory is at the time.
 FETCH_AHEAD_BYTES = 4096
 CACHE_LINE_BYTES = 64
 
@@ -128,8 +128,9 @@ def ordered16(pattern):
 
 
 def row_range(values, row):
-    """Row ``row``'s (min, max) as float32s, NaN where the row holds a NaN or an infinity, as torch.aminmax gives
-    it (numba only)."""
+    """Row ``row``'s (min, max) as float32s, as torch.aminmax gives them for finite rows; a row holding a NaN or
+    an infinity has one in its min or max (a NaN's key lies beyond the infinities'), which ``make_scales`` flags
+    (numba only)."""
 
 
 @overload(row_range, inline="always")
@@ -138,31 +139,49 @@ def _row_range(values, row):
         def bf16_range(values, row):
             # On the 16 bits (a bf16's order is its float32's): 32 lanes to a 512-bit register, where numba's
             # widened keys took 64-bit lanes; 3-5x faster than widening every value first.
-            lo, hi, magnitude = np.int16(0x7FFF), np.int16(-0x8000), np.uint16(0)
+            lo, hi = np.int16(0x7FFF), np.int16(-0x8000)
             for j in range(values.shape[1]):
-                pattern = values[row, j]
-                key = ordered16(pattern)
+                key = ordered16(values[row, j])
                 lo = min(lo, key)
                 hi = max(hi, key)
-                magnitude = max(magnitude, np.uint16(pattern & np.uint16(0x7FFF)))
-            if magnitude >= np.uint16(0x7F80):  # bf16's infinity; every NaN lies above it
-                return np.float32(np.nan), np.float32(np.nan)
             return (as_float(np.uint32(np.uint16(ordered16(lo))) << np.uint32(16)),
                     as_float(np.uint32(np.uint16(ordered16(hi))) << np.uint32(16)))
         return bf16_range
 
     def float32_range(values, row):
-        lo, hi, magnitude = np.int32(0x7FFFFFFF), np.int32(-0x80000000), np.uint32(0)
+        lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
         for j in range(values.shape[1]):
             key = ordered(values[row, j])
             lo = min(lo, key)
             hi = max(hi, key)
-            # |x|'s pattern: infinity's is 0x7F800000, every NaN's above it
-            magnitude = max(magnitude, values[row, j] & np.uint32(0x7FFFFFFF))
-        if magnitude >= np.uint32(0x7F800000):
-            return np.float32(np.nan), np.float32(np.nan)
         return as_float(np.uint32(ordered(lo))), as_float(np.uint32(ordered(hi)))  # the map is its own inverse
     return float32_range
+
+
+def row_extent(values, row):
+    """Row ``row``'s (-max |x|, max |x|) as float32s: all that a symmetric scale reads of a range (``make_scales``
+    takes max(-min, max)), in one reduction where ``row_range`` makes two; a NaN's or an infinity's magnitude is
+    the largest, so such a row is flagged as ``row_range``'s is (numba only)."""
+
+
+@overload(row_extent, inline="always")
+def _row_extent(values, row):
+    if values.dtype == types.uint16:
+        def bf16_extent(values, row):
+            magnitude = np.uint16(0)
+            for j in range(values.shape[1]):
+                magnitude = max(magnitude, np.uint16(values[row, j] & np.uint16(0x7FFF)))
+            top = as_float(np.uint32(magnitude) << np.uint32(16))
+            return -top, top
+        return bf16_extent
+
+    def float32_extent(values, row):
+        magnitude = np.uint32(0)
+        for j in range(values.shape[1]):
+            magnitude = max(magnitude, values[row, j] & np.uint32(0x7FFFFFFF))
+        top = as_float(magnitude)
+        return -top, top
+    return float32_extent
 
 
 @numba.njit(inline="always")
@@ -310,9 +329,14 @@ def round_groups(values, symmetric, max_abs, qmin, qmax, storage, grid, out, sus
         count = min(n, first + rows) - first
         low = np.empty(count, np.float32)
         high = np.empty(count, np.float32)
-        for i in range(count):
-            fetch_ahead(values, first + i)
-            low[i], high[i] = row_range(values, first + i)
+        if symmetric:
+            for i in range(count):
+                fetch_ahead(values, first + i)
+                low[i], high[i] = row_extent(values, first + i)
+        else:
+            for i in range(count):
+                fetch_ahead(values, first + i)
+                low[i], high[i] = row_range(values, first + i)
         scale = np.empty(count, np.float32)
         inverse = np.empty(count, np.float32)
         zero = np.zeros(count, np.float32)
