@@ -3,6 +3,7 @@
 import argparse
 import json
 import statistics
+import time
 
 import pytest
 
@@ -317,6 +318,25 @@ def test_bench_sweep_repeats_put_each_scheme_between_two_base_evaluations(tmp_pa
     [stored] = Store(db).runs()
     assert [r["label"] for r in stored.records("sweep")] == ["int8 g64", "nf4 g64"]
     assert stored.records("sweep")[0]["repeated_cost_over_eval"] == int8["repeated_cost_over_eval"]
+    # Out of memory in a round: one line, and the file keeps the sweep and the rounds finished before it.
+    calls = []
+
+    def fails_in_the_second_round(loaded, scheme, *args, **kwargs):
+        calls.append(scheme.label)
+        if len(calls) > 2:  # the first round's two schemes (the sweep's own go through run_sweep)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_measure(loaded, scheme, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_benchmark, "measure_scheme", fails_in_the_second_round)
+    monkeypatch.setattr(sweep_benchmark, "evaluate", real_evaluate)
+    monkeypatch.setattr(sweep_benchmark, "time", time)
+    partial = tmp_path / "partial.json"
+    assert cli.main(["bench", "sweep", "--model", "minilm-l6", "--formats", "int8,nf4", "--granularity", "group",
+                     "--tokens", "32", "--repeats", "3", "--json", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory measuring int8 g64 again in round 2 of 3" in err and err.count("\n") == 1
+    kept = json.loads(partial.read_text())
+    assert not kept["complete"] and [len(r["repeated_s"]) for r in kept["rows"]] == [1, 1]
     # Out of range: one line, before the model loads.
     monkeypatch.setattr(sweep_benchmark, "load", lambda name: pytest.fail("loaded before the refusal"))
     assert cli.main(["bench", "sweep", "--model", "minilm-l6", "--repeats", "51", "--json", str(out)]) == 2

@@ -16,7 +16,7 @@ from qlab import __version__
 from qlab.analyses.calibration import calibration_stats
 from qlab.analyses.sensitivity import block_stack
 from qlab.analyses.streamed import streamable_stack
-from qlab.analyses.sweep import measure_scheme, peak_rss_bytes, run_sweep
+from qlab.analyses.sweep import measure_scheme, out_of_memory, peak_rss_bytes, run_sweep
 from qlab.core.algorithms import dequantized_weights_unchecked, needs_calibration
 from qlab.core.errors import QlabError
 from qlab.core.peak_rss import PeakRss, high_water_mark
@@ -159,7 +159,8 @@ def _alternated(loaded, schemes: list[QuantScheme], baseline, spec: EvalSpec, re
     """``repeats`` rounds of: each scheme measured as the sweep measures it, with one base evaluation before
     the first and after each (``base_s``), so that a scheme sits between two. Each row gets ``repeated_s``, its
     ``repeated_cost_over_eval`` (its seconds over the mean of the evaluations either side, per round), their
-    median and range. Yields the rounds done."""
+    median and range. Yields the rounds done; running out of memory ends it with one line, the rounds done kept
+    by the caller's ``on_row``."""
     if not repeats:
         return
     streamed = streamable_stack(loaded.model) is not None
@@ -181,7 +182,17 @@ def _alternated(loaded, schemes: list[QuantScheme], baseline, spec: EvalSpec, re
         row["repeated_s"], row["repeated_cost_over_eval"] = [], []
     for done in range(1, repeats + 1):
         for scheme, row in zip(schemes, rows, strict=True):
-            seconds = timed(lambda s=scheme: measure_scheme(loaded, s, baseline, stats, streamed, shells=shells))
+            try:
+                seconds = timed(lambda s=scheme: measure_scheme(loaded, s, baseline, stats, streamed, shells=shells))
+            except RuntimeError as error:  # as run_sweep says it: the rounds written before are kept
+                if not out_of_memory(error):
+                    raise
+                failed = True
+            else:
+                failed = False
+            if failed:  # raised out here, so no traceback keeps the scheme's tensors alive
+                raise QlabError(f"'{loaded.name}' ran out of memory measuring {scheme.label} again in round {done} "
+                                f"of {repeats}; the sweep and the rounds before this one are kept.")
             base_s.append(base_evaluation())
             row["repeated_s"].append(round(seconds, 3))
             row["repeated_cost_over_eval"].append(round(2 * seconds / (base_s[-2] + base_s[-1]), 3))
