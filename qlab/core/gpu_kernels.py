@@ -30,6 +30,7 @@ import importlib
 import logging
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -75,22 +76,41 @@ def rounds(fmt) -> bool:
     return cpu_kernels.rounds(fmt)
 
 
-def _format_arguments(fmt, search, placeholder: torch.Tensor) -> tuple | None:
-    """What the kernels take about the format: a table's buckets (``_bucketed``: the device table, else
-    ``placeholder``, never read; the bucket of a value x is trunc(x * scale + offset); their number), and a float
-    format's mantissa bits, smallest normal exponent field, largest value and overflow. None for a table whose
+class _FormatArguments(NamedTuple):
+    """What the kernels take about the format: a table's buckets (``_bucketed``: the device table, else a
+    placeholder never read; the bucket of a value x is trunc(x * scale + offset); their number) and a float
+    format's grid (mantissa bits, smallest normal exponent field, largest value, overflow), zeros for what another
+    kind of format does not use."""
+
+    table: torch.Tensor
+    bucket_scale: float
+    bucket_offset: float
+    buckets: int
+    mantissa_bits: int = 0
+    lowest: int = 0
+    largest: float = 0.0
+    overflow: float = 0.0
+
+    @property
+    def table_search(self) -> tuple[torch.Tensor, float, float, int]:
+        return self.table, self.bucket_scale, self.bucket_offset, self.buckets
+
+    @property
+    def float_grid(self) -> tuple[int, int, float, float]:
+        return self.mantissa_bits, self.lowest, self.largest, self.overflow
+
+
+def _format_arguments(fmt, search, placeholder: torch.Tensor) -> _FormatArguments | None:
+    """``_FormatArguments`` of ``fmt`` (``placeholder`` in place of a table it has not); None for a table whose
     boundaries no bucketing here separates (then torch's route rounds it)."""
-    table, bucket_scale, bucket_offset, buckets = placeholder, 0.0, 0.0, 1
-    mantissa_bits = lowest = 0
-    largest = overflow = 0.0
     if fmt.kind == "lut":
         bucketed = _bucketed(*search)
-        if bucketed is None:
-            return None
-        table, bucket_scale, bucket_offset, buckets = bucketed
-    elif fmt.kind == "float":
-        mantissa_bits, lowest, largest, overflow = (n.item() for n in cpu_kernels.float_grid(fmt.cast_dtype))
-    return table, bucket_scale, bucket_offset, buckets, int(mantissa_bits), int(lowest), float(largest), float(overflow)
+        return None if bucketed is None else _FormatArguments(*bucketed)
+    if fmt.kind == "float":
+        mantissa_bits, lowest, largest, overflow = cpu_kernels.float_grid(fmt.cast_dtype)
+        return _FormatArguments(placeholder, 0.0, 0.0, 1, int(mantissa_bits), int(lowest), float(largest),
+                                float(overflow))
+    return _FormatArguments(placeholder, 0.0, 0.0, 1)
 
 
 # Most buckets a table is cut into: a 4-bit table needs 32 (nf4's closest boundaries are 0.08 of its range of 2
@@ -193,12 +213,11 @@ def dequantize_blocks(blocks: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     format_arguments = _format_arguments(fmt, search, scale)
     if format_arguments is None:
         return False
-    table, bucket_scale, bucket_offset, buckets, *grid = format_arguments
     target = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     return _launched(out.device, _kernels().dequantize,
-                     blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero, table, bucket_scale,
-                     bucket_offset, buckets, _KINDS[fmt.kind], has_zero, float(fmt.qmin), float(fmt.qmax), *grid,
-                     out.dtype == torch.bfloat16, VALUES_PER_PROGRAM)
+                     blocks.reshape(-1), target.reshape(-1), blocks.shape[1], scale, inverse, zero,
+                     *format_arguments.table_search, _KINDS[fmt.kind], has_zero, float(fmt.qmin), float(fmt.qmax),
+                     *format_arguments.float_grid, out.dtype == torch.bfloat16, VALUES_PER_PROGRAM)
 
 
 @functools.cache
@@ -260,11 +279,9 @@ def round_groups_together(blocks: Sequence[torch.Tensor], outs: Sequence[torch.T
     # Triton's interpreter on a CPU has no bf16: there the kernel stores the bits.
     store_bits = outs[0].dtype == torch.bfloat16 and not on_gpu
     targets = [out.view(torch.int16) if store_bits else out for out in outs]
-    table, bucket_scale, bucket_offset, buckets, *grid = format_arguments
-    arguments = (table, bucket_scale, bucket_offset, buckets, _KINDS[fmt.kind], symmetric, float(fmt.qmin),
-                 float(fmt.qmax), float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs),
-                 _reciprocal(fmt.qmax - fmt.qmin), *grid, *_scale_arguments(scale_dtype), store_bits, rows,
-                 width_padded)
+    arguments = (*format_arguments.table_search, _KINDS[fmt.kind], symmetric, float(fmt.qmin), float(fmt.qmax),
+                 float(fmt.max_abs), on_gpu, _reciprocal(fmt.max_abs), _reciprocal(fmt.qmax - fmt.qmin),
+                 *format_arguments.float_grid, *_scale_arguments(scale_dtype), store_bits, rows, width_padded)
     for group in _launch_groups(list(zip(blocks, targets, strict=True))):
         first_values, first_out = group[0]
         if len(group) == 1:
