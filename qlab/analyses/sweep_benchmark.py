@@ -187,10 +187,8 @@ def _alternated(loaded, schemes: list[QuantScheme], baseline, spec: EvalSpec, re
             except RuntimeError as error:  # as run_sweep says it: the rounds written before are kept
                 if not out_of_memory(error):
                     raise
-                failed = True
-            else:
-                failed = False
-            if failed:  # raised out here, so no traceback keeps the scheme's tensors alive
+                seconds = None
+            if seconds is None:  # raised out here, so no traceback keeps the scheme's tensors alive
                 raise QlabError(f"'{loaded.name}' ran out of memory measuring {scheme.label} again in round {done} "
                                 f"of {repeats}; the sweep and the rounds before this one are kept.")
             base_s.append(base_evaluation())
