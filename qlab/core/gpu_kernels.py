@@ -124,7 +124,8 @@ def _bucketed(boundaries: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Ten
     ``MAX_BUCKETS``) that separate its boundaries, on ``boundaries``' device as three rows (each bucket's boundary,
     infinite where it holds none; the level below it; the level above it: ``formats.straddled_levels``), the
     float32 scale and offset of the kernels' bucket ``trunc(x * scale + offset)`` (clamped to the buckets, a NaN
-    in the first) and their number; None where none does. Once per table and device (``quant._lut_search`` hands the same tensors every time).
+    in the first) and their number; None where none does. Once per table and device (``quant._lut_search`` hands
+    the same tensors every time).
 
     Exact for every float32: each bucket holds an interval of values (the bucket is monotone in x), whose ends are
     found by bisecting float32's order with the kernels' own roundings (product, then sum, each rounded once), and
