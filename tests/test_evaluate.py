@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from qlab.core.errors import QlabError
+from qlab.models import evaluate as evaluate_module
 from qlab.models.evaluate import (
+    ComputeLinear,
     EvalSpec,
     compute_baseline,
     decode_text,
@@ -148,3 +150,42 @@ def test_a_gpu_models_metrics_are_computed_on_the_gpu_and_equal_the_cpus():
     assert metrics["kld_mean"] > 1e-4
     for key, value in on_cpu.items():
         assert metrics[key] == pytest.approx(value, rel=1e-3), key
+
+
+class _CastRecorder(torch.overrides.TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cast_sizes: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            self.cast_sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("leading", [(5,), (2, 3)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_large_16_bit_weight_is_cast_part_by_part_and_computes_what_the_whole_cast_does(monkeypatch, leading,
+                                                                                          with_bias):
+    monkeypatch.setattr(evaluate_module, "CAST_CHUNK_VALUES", 24)  # 3 rows of 8 at a time: 10 rows in 4 parts
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(10, 8, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(10, generator=generator).to(torch.bfloat16) if with_bias else None
+    x = torch.randn(*leading, 8, generator=generator)
+    linear = ComputeLinear(weight, bias, torch.float32)
+    with _CastRecorder() as recorder:
+        out = linear(x)
+    expected = torch.nn.functional.linear(x, weight.float(), None if bias is None else bias.float())
+    assert out.dtype == torch.float32 and out.shape == (*leading, 10)
+    torch.testing.assert_close(out, expected)
+    assert max(size for size in recorder.cast_sizes if size != x.numel()) == 24
+
+
+def test_a_weight_already_in_the_compute_dtype_is_used_whole(monkeypatch):
+    monkeypatch.setattr(evaluate_module, "CAST_CHUNK_VALUES", 24)
+    weight = torch.randn(10, 8)
+    x = torch.randn(4, 8)
+    with _CastRecorder() as recorder:
+        out = ComputeLinear(weight, None, torch.float32)(x)
+    torch.testing.assert_close(out, x @ weight.T)
+    assert 80 in recorder.cast_sizes  # one call on the whole weight, which returns it as is
