@@ -1,5 +1,5 @@
 """The Overview page under Streamlit's AppTest: nothing stored, partly stored, all stored, a format that does
-not fit, a cancelled piece, and a model change while a piece runs. MiniLM with a small token budget; each
+not fit, a cancelled piece, a model change while a piece runs, and a mistyped local path. MiniLM with a small token budget; each
 test uses its own token count, so the page's shared registry gives every test a fresh answer."""
 
 import dataclasses
@@ -238,3 +238,16 @@ def test_a_model_change_mid_run_stops_the_old_job_and_waits_for_a_click(db, monk
     sweep = next(r for r in db.runs() if r.kind == "sweep")
     assert sweep.status == "cancelled"  # the job the session left behind stopped, keeping what it finished
     assert [r["label"] for r in sweep.records("sweep")] == ["fp16"]
+
+
+@pytest.mark.parametrize("typed", ["missing-folder", "~/missing-folder"])
+def test_a_mistyped_local_path_is_one_clear_line_and_starts_nothing(db, tmp_path, monkeypatch, typed):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = str(tmp_path / typed) if not typed.startswith("~") else typed
+    at = page(70)
+    at.session_state["model_choice"] = "Other: Hugging Face id or local directory"
+    at.session_state["custom_model"] = path
+    run(at)
+    assert len(at.error) == 1 and "missing-folder" in at.error[0].value, [e.value for e in at.error]
+    assert "overview_open" not in keys(at) and not computing(at)  # no button offered for a model that is not there
+    assert not db.runs()
