@@ -1,6 +1,7 @@
 """The Overview page under Streamlit's AppTest: nothing stored, partly stored, all stored, a format that does
-not fit, a cancelled piece, a model change while a piece runs, and a mistyped local path. MiniLM with a small token budget; each
-test uses its own token count, so the page's shared registry gives every test a fresh answer."""
+not fit, a cancelled piece, a model change while a piece runs, and a mistyped local path. MiniLM with a small
+token budget; each test uses its own token count, so the page's shared registry gives every test a fresh
+answer."""
 
 import dataclasses
 import threading
