@@ -181,11 +181,31 @@ def test_a_large_16_bit_weight_is_cast_part_by_part_and_computes_what_the_whole_
     assert max(size for size in recorder.cast_sizes if size != x.numel()) == 24
 
 
-def test_a_weight_already_in_the_compute_dtype_is_used_whole(monkeypatch):
+def test_a_weight_already_in_the_compute_dtype_is_used_as_it_is(monkeypatch):
     monkeypatch.setattr(evaluate_module, "CAST_CHUNK_VALUES", 24)
     weight = torch.randn(10, 8)
     x = torch.randn(4, 8)
     with _CastRecorder() as recorder:
         out = ComputeLinear(weight, None, torch.float32)(x)
     torch.testing.assert_close(out, x @ weight.T)
-    assert 80 in recorder.cast_sizes  # one call on the whole weight, which returns it as is
+    assert 80 not in recorder.cast_sizes and max(recorder.cast_sizes, default=0) <= x.numel()
+
+
+@pytest.mark.parametrize("chunk", [24, 1 << 24])
+def test_the_backward_pass_keeps_the_16_bit_weight_not_its_widened_copy(monkeypatch, chunk):
+    monkeypatch.setattr(evaluate_module, "CAST_CHUNK_VALUES", chunk)
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(10, 8, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(10, generator=generator).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, generator=generator, requires_grad=True)
+    direction = torch.randn(2, 3, 10, generator=generator)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ComputeLinear(weight, bias, torch.float32)(x)
+    (out * direction).sum().backward()
+    wide = x.detach().clone().requires_grad_()
+    expected = torch.nn.functional.linear(wide, weight.float(), bias.float())
+    (expected * direction).sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, wide.grad)
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved)  # no fp32 copy kept for the backward pass
