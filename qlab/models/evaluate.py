@@ -128,7 +128,8 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
 class ComputeLinear(torch.nn.Linear):
     """A linear computing in ``dtype`` whatever its weight is stored in (no cast when they agree): weights kept
     16-bit on a CPU that computes in fp32, or a quantized weight materialised once in the compute dtype. A large
-    weight is cast ``CAST_CHUNK_VALUES`` at a time, each part's outputs written in place."""
+    weight is cast ``CAST_CHUNK_VALUES`` at a time, each part's outputs written in place; under autograd only the
+    16-bit weight is kept for the backward pass (``_WidenedLinear``)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         torch.nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate and initialise a weight
@@ -153,12 +154,17 @@ def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``linear(x, weight.to(dtype), bias)``, a large weight cast ``CAST_CHUNK_VALUES`` at a time."""
     if weight.numel() <= CAST_CHUNK_VALUES:
         return torch.nn.functional.linear(x, weight.to(dtype), bias)
-    rows = max(1, CAST_CHUNK_VALUES // weight.shape[1])
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    for start in range(0, weight.shape[0], rows):
-        part = slice(start, start + rows)
+    for part in _row_parts(weight):
         out[..., part] = torch.nn.functional.linear(x, weight[part].to(dtype), None if bias is None else bias[part])
     return out
+
+
+def _row_parts(weight: torch.Tensor) -> Iterator[slice]:
+    """``weight``'s rows in parts of at most ``CAST_CHUNK_VALUES`` values (one row at least)."""
+    rows = max(1, CAST_CHUNK_VALUES // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        yield slice(start, start + rows)
 
 
 class _WidenedLinear(torch.autograd.Function):
@@ -176,10 +182,8 @@ class _WidenedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        rows = max(1, CAST_CHUNK_VALUES // weight.shape[1])
         grad_x = None
-        for start in range(0, weight.shape[0], rows):
-            part = slice(start, start + rows)
+        for part in _row_parts(weight):
             term = grad[..., part] @ weight[part].to(ctx.dtype)
             grad_x = term if grad_x is None else grad_x.add_(term)
         return grad_x, None, None, None
