@@ -295,3 +295,49 @@ def test_pruning_a_plain_cast_is_measured_not_taken_for_the_identity(llama):
         module.weight.data = quantize_weight(module.weight.data, pruned).dequantize()
     expected = error_of(report.metric, evaluate(model, baseline)[report.metric])
     assert expected > 1e-4 and first["delta"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize(("flags", "computes_in"), [({"avx2", "fma"}, torch.float32),
+                                                    ({"avx512_bf16"}, torch.bfloat16)], ids=["avx2", "bf16"])
+def test_a_16_bit_model_is_measured_in_what_its_evaluations_compute_in(monkeypatch, flags, computes_in):
+    """A bf16 model (with biases) on a CPU without native bf16 math: the capture, curvature and replay passes all
+    compute in fp32, as the evaluations do, so a replayed block (forward view) and everything-but-a-block (reverse
+    view) equal the whole model with those weights quantized. Capturing in emulated bf16 broke both equalities."""
+    from qlab.analyses import sensitivity
+    from qlab.models import evaluate as evaluation
+
+    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))  # whatever this machine's CPU has
+    loaded = tiny_bert(seed=5)
+    loaded.model.to(torch.bfloat16)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=256, text=TEXT))
+    assert baseline.compute_dtype == computes_in
+    before = weights_digest(loaded.model)
+    seen = set()
+    probe = sensitivity._LinearProbe.__call__
+
+    def recording(self, module, args, output):
+        seen.add((args[0].dtype, output.dtype, self.weight.dtype))
+        return probe(self, module, args, output)
+
+    monkeypatch.setattr(sensitivity._LinearProbe, "__call__", recording)
+    scheme = QuantScheme("int3", "channel")
+    names = [n for n, _ in quantizable_linears(loaded.model)]
+
+    def reference(quantized: list[str]) -> float:
+        model = copy.deepcopy(loaded.model)
+        for name in quantized:
+            module = model.get_submodule(name)
+            module.weight = torch.nn.Parameter(quantize_weight(module.weight, scheme).dequantize(computes_in), False)
+        return error_of("cosine_mean", evaluate(model, baseline)["cosine_mean"])
+
+    forward = analyze(loaded, [scheme], baseline)
+    assert seen == {(computes_in, computes_in, torch.bfloat16)}  # the weights stay 16-bit
+    assert all(torch.isfinite(torch.tensor(r["predicted_delta"])) for r in forward.linears)
+    first = forward.blocks[0]
+    assert first["delta"] > 1e-5
+    assert first["delta"] == pytest.approx(reference(first["layers"]), rel=1e-3, abs=1e-7)
+    reverse = analyze(loaded, [scheme], baseline, view="reverse", predict=False)
+    kept = set(reverse.blocks[1]["layers"])
+    expected = reference(names) - reference([n for n in names if n not in kept])
+    assert reverse.blocks[1]["delta"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert weights_digest(loaded.model) == before

@@ -45,6 +45,7 @@ from qlab.models.evaluate import (
     EvalSpec,
     Progress,
     _check_cancel,
+    compute_view,
     evaluate,
     input_device,
 )
@@ -517,9 +518,17 @@ def _replay(shadow: torch.nn.Module, stack: BlockStack, capture: _Capture | None
                 handle.remove()
 
 
-def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme, rounder: _Rounder
-               ) -> dict[str, torch.nn.Module]:
-    return {name: QuantizedLinear(rounder(name, modules[name].weight, scheme), modules[name].bias) for name in names}
+def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme, rounder: _Rounder,
+               dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Each named linear quantized, computing in ``dtype``: its bias cast (a copy) so the capture passes, which run
+    the shadow as it is, can feed it the shadow's activations."""
+    layers = {}
+    for name in names:
+        bias = modules[name].bias
+        if bias is not None and bias.dtype != dtype:
+            bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        layers[name] = QuantizedLinear(rounder(name, modules[name].weight, scheme), bias)
+    return layers
 
 
 def check_calibration(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec) -> None:
@@ -595,7 +604,9 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
             progress(min(1.0, done[0] / total), message)
 
     _check_cache_fits(model, stack, baseline)
-    shadow = shared_copy(model)
+    # Computes where the evaluations do: 16-bit weights on a CPU without native 16-bit math would otherwise run
+    # the capture and curvature passes in emulated bf16, several times slower than fp32.
+    shadow = compute_view(shared_copy(model), baseline.compute_dtype)
     mask_slot: list = [None]
     rounder = _Rounder(calibration)
     probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot, rounder)
@@ -679,8 +690,8 @@ def _forward_view(shadow, stack, capture, units, modules, scheme, rounder, basel
     records = []
     for start, label, names in units:
         started = time.perf_counter()
-        metrics = _replay(shadow, stack, capture, start, _quantized(modules, names, scheme, rounder), baseline,
-                          cancel)
+        metrics = _replay(shadow, stack, capture, start,
+                          _quantized(modules, names, scheme, rounder, baseline.compute_dtype), baseline, cancel)
         unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
         records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
                                      error_of(metric, metrics[metric]), "forward", time.perf_counter() - started))
@@ -692,7 +703,8 @@ def _forward_view(shadow, stack, capture, units, modules, scheme, rounder, basel
 def _reverse_view(shadow, stack, units, modules, linear_names, scheme, rounder, baseline, metric, model_name,
                   step, cancel, finished) -> list[dict]:
     """Everything at ``scheme`` except one unit: how much error keeping that unit in FP32 removes."""
-    everything = _quantized(modules, linear_names, scheme, rounder)
+    everything = _quantized(modules, linear_names, scheme, rounder, baseline.compute_dtype)
+    own = {name: shadow.get_submodule(name) for name in linear_names}  # the shadow's, computing as it does
     records = []
     with _swapped(shadow, everything):
         all_quantized = error_of(metric, evaluate(shadow, baseline, cancel=cancel)[metric])
@@ -702,8 +714,7 @@ def _reverse_view(shadow, stack, units, modules, linear_names, scheme, rounder, 
         step(f"{scheme.label}: captured quantized block inputs")
         for start, label, names in units:
             started = time.perf_counter()
-            originals = {name: modules[name] for name in names}
-            metrics = _replay(shadow, stack, capture, start, originals, baseline, cancel)
+            metrics = _replay(shadow, stack, capture, start, {name: own[name] for name in names}, baseline, cancel)
             unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
             records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
                                          all_quantized - error_of(metric, metrics[metric]), "reverse",
