@@ -1,5 +1,9 @@
 """Calibration statistics collected by running a model: each linear's Hessian and mean |x| per input channel."""
 
+import copy
+import dataclasses
+
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,3 +63,38 @@ def test_hessians_are_scaled_in_place_to_the_same_values(monkeypatch):
         assert count == 256
         assert torch.equal(stats[name].hessian, 2 * total / count), name
         assert torch.equal(stats[name].input_abs_mean, sum(x.abs().sum(dim=0) for x in batches) / count), name
+
+
+@pytest.mark.parametrize(("flags", "computes_in"), [({"avx2", "fma"}, torch.float32),
+                                                    ({"avx512_bf16"}, torch.bfloat16)], ids=["avx2", "bf16"])
+def test_a_16_bit_model_is_calibrated_in_what_its_evaluations_compute_in(monkeypatch, flags, computes_in):
+    """On a CPU without native bf16 math a bf16 model's calibration pass computes in fp32 (emulated bf16 was
+    several times slower), so its statistics are those of the same weights held in fp32; the weights stay bf16."""
+    from qlab.models import evaluate as evaluation
+    from qlab.models.loading import weights_digest
+
+    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))  # whatever this machine's CPU has
+    loaded = tiny_llama(tied=False)
+    loaded.model.to(torch.bfloat16)
+    before = weights_digest(loaded.model)
+    widened = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).float())
+    data = calibration_data(loaded, EvalSpec(tokens=64), 256)
+    names = [name for name, _ in quantizable_linears(loaded.model)]
+    seen = set()
+    real = calibration.run_with_input_hooks
+
+    def recording(loaded, data, names, hook, progress=None, cancel=None):
+        def keep(name, x, shared_with):
+            seen.add(x.dtype)
+            hook(name, x, shared_with)
+        real(loaded, data, names, keep, progress, cancel)
+
+    monkeypatch.setattr(calibration, "run_with_input_hooks", recording)
+    stats = calibration.collect_layer_stats(loaded, data, names)
+    assert seen == {computes_in}
+    assert weights_digest(loaded.model) == before
+    reference = calibration.collect_layer_stats(widened, data, names)
+    assert set(stats) == set(names)
+    for name in names:
+        close = torch.allclose(stats[name].hessian, reference[name].hessian, rtol=1e-4, atol=1e-6)
+        assert close == (computes_in == torch.float32), name  # bf16 math rounds the activations it measures

@@ -17,7 +17,15 @@ import torch
 
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme, quantize
-from qlab.models.evaluate import LM_WINDOW, EvalSpec, _embedding_inputs, _paragraphs, input_device
+from qlab.models.evaluate import (
+    LM_WINDOW,
+    EvalSpec,
+    _embedding_inputs,
+    _paragraphs,
+    compute_dtype,
+    compute_view,
+    input_device,
+)
 from qlab.models.loading import LoadedModel
 
 # GPTQ's paper calibrates on 128 x 2048 tokens. On SmolLM2's 1536-wide down_proj, 1024 tokens made GPTQ worse
@@ -86,15 +94,17 @@ Hook = Callable[[str, torch.Tensor, str | None], None]
 def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequence[str], hook: Hook,
                          progress: Callable[[float, str], None] | None = None,
                          cancel: Callable[[], bool] | None = None) -> None:
-    """Run the FP32 model on the calibration batches; ``hook(name, x)`` gets each named linear's input as
+    """Run the model on the calibration batches, computing in what its evaluations do (fp32 for 16-bit weights on
+    a CPU without native 16-bit math, not emulated bf16); ``hook(name, x)`` gets each named linear's input as
     (tokens, features), padding removed."""
-    modules = dict(loaded.model.named_modules())
+    model = compute_view(loaded.model, compute_dtype(loaded.model))
+    modules = dict(model.named_modules())
     missing = [name for name in names if name not in modules]
     if missing:
         raise QlabError(f"the model has no module '{missing[0]}'; pick a layer from the Model page's table.")
     mask: list[torch.Tensor | None] = [None]
     previous: list = [None, None]  # the last hooked input tensor and its layer's name
-    forward, head = _calibrated_forward(loaded, [modules[name] for name in names])
+    forward, head = _calibrated_forward(model, loaded.kind, [modules[name] for name in names])
 
     def make(name: str):
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:
@@ -110,7 +120,7 @@ def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequ
         return pre_hook
 
     handles = [modules[name].register_forward_pre_hook(make(name)) for name in names]
-    device = input_device(loaded.model)
+    device = input_device(model)
     try:
         for index, batch in enumerate(data.batches):
             if cancel is not None and cancel():
@@ -130,21 +140,21 @@ def run_with_input_hooks(loaded: LoadedModel, data: CalibrationData, names: Sequ
             handle.remove()
 
 
-def _calibrated_forward(loaded: LoadedModel, hooked: Sequence[torch.nn.Module]
+def _calibrated_forward(model: torch.nn.Module, kind: str, hooked: Sequence[torch.nn.Module]
                         ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """What to run so every hooked module sees its input, and a causal LM's output head when it is hooked.
 
     A causal LM's decoder alone when nothing hooked lies outside it: the head's vocabulary-wide matmul would
     dominate. An untied head is quantized like any linear, so it is calibrated like one: then the whole model runs
     and the head's hook ends the pass once it has the final norm's output."""
-    if loaded.kind != "causal-lm":
-        return loaded.model, None
-    decoder = loaded.model.base_model
+    if kind != "causal-lm":
+        return model, None
+    decoder = model.base_model
     inside = {id(module) for module in decoder.modules()}
     if all(id(module) in inside for module in hooked):
         return decoder, None
-    head = loaded.model.get_output_embeddings()
-    return loaded.model, head if any(module is head for module in hooked) else None
+    head = model.get_output_embeddings()
+    return model, head if any(module is head for module in hooked) else None
 
 
 class _Captured(Exception):
