@@ -29,6 +29,38 @@ def _no_overview_job_outlives_its_test():
         overview.stop_live_jobs()
 
 
+@pytest.fixture(params=[({"avx2", "fma"}, "float32"), ({"avx512_bf16"}, "bfloat16")], ids=["avx2", "bf16"])
+def cpu_bf16_math(request, monkeypatch):
+    """This CPU's flags set to a CPU without (avx2) and with (bf16) native bf16 math, whatever the machine has;
+    gives the dtype a bf16 model's evaluations then compute in."""
+    import torch
+
+    from qlab.models import evaluate as evaluation
+
+    flags, computes_in = request.param
+    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))
+    return getattr(torch, computes_in)
+
+
+@pytest.fixture
+def probe_dtypes(monkeypatch):
+    """``probe_dtypes(probe_class)``: the set, filled as the analysis runs, of (input, output, weight) dtypes each
+    call of that forward-hook probe sees."""
+
+    def watch(probe_class) -> set:
+        seen = set()
+        call = probe_class.__call__
+
+        def recording(self, module, args, output):
+            seen.add((args[0].dtype, output.dtype, module.weight.dtype))
+            return call(self, module, args, output)
+
+        monkeypatch.setattr(probe_class, "__call__", recording)
+        return seen
+
+    return watch
+
+
 @pytest.fixture(scope="session")
 def minilm():
     from qlab.models.loading import load

@@ -3,7 +3,6 @@
 import copy
 import dataclasses
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -65,15 +64,12 @@ def test_hessians_are_scaled_in_place_to_the_same_values(monkeypatch):
         assert torch.equal(stats[name].input_abs_mean, sum(x.abs().sum(dim=0) for x in batches) / count), name
 
 
-@pytest.mark.parametrize(("flags", "computes_in"), [({"avx2", "fma"}, torch.float32),
-                                                    ({"avx512_bf16"}, torch.bfloat16)], ids=["avx2", "bf16"])
-def test_a_16_bit_model_is_calibrated_in_what_its_evaluations_compute_in(monkeypatch, flags, computes_in):
+def test_a_16_bit_model_is_calibrated_in_what_its_evaluations_compute_in(monkeypatch, cpu_bf16_math):
     """On a CPU without native bf16 math a bf16 model's calibration pass computes in fp32 (emulated bf16 was
     several times slower), so its statistics are those of the same weights held in fp32; the weights stay bf16."""
-    from qlab.models import evaluate as evaluation
     from qlab.models.loading import weights_digest
 
-    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))  # whatever this machine's CPU has
+    computes_in = cpu_bf16_math
     loaded = tiny_llama(tied=False)
     loaded.model.to(torch.bfloat16)
     before = weights_digest(loaded.model)

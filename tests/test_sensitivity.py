@@ -297,29 +297,19 @@ def test_pruning_a_plain_cast_is_measured_not_taken_for_the_identity(llama):
     assert expected > 1e-4 and first["delta"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize(("flags", "computes_in"), [({"avx2", "fma"}, torch.float32),
-                                                    ({"avx512_bf16"}, torch.bfloat16)], ids=["avx2", "bf16"])
-def test_a_16_bit_model_is_measured_in_what_its_evaluations_compute_in(monkeypatch, flags, computes_in):
+def test_a_16_bit_model_is_measured_in_what_its_evaluations_compute_in(cpu_bf16_math, probe_dtypes):
     """A bf16 model (with biases) on a CPU without native bf16 math: the capture, curvature and replay passes all
     compute in fp32, as the evaluations do, so a replayed block (forward view) and everything-but-a-block (reverse
-    view) equal the whole model with those weights quantized. Capturing in emulated bf16 broke both equalities."""
+    view) equal the whole model with those weights quantized. Before, a bf16 BERT failed in its block replays."""
     from qlab.analyses import sensitivity
-    from qlab.models import evaluate as evaluation
 
-    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))  # whatever this machine's CPU has
+    computes_in = cpu_bf16_math
     loaded = tiny_bert(seed=5)
     loaded.model.to(torch.bfloat16)
     baseline = compute_baseline(loaded, EvalSpec(tokens=256, text=TEXT))
     assert baseline.compute_dtype == computes_in
     before = weights_digest(loaded.model)
-    seen = set()
-    probe = sensitivity._LinearProbe.__call__
-
-    def recording(self, module, args, output):
-        seen.add((args[0].dtype, output.dtype, self.weight.dtype))
-        return probe(self, module, args, output)
-
-    monkeypatch.setattr(sensitivity._LinearProbe, "__call__", recording)
+    seen = probe_dtypes(sensitivity._LinearProbe)
     scheme = QuantScheme("int3", "channel")
     names = [n for n, _ in quantizable_linears(loaded.model)]
 

@@ -313,23 +313,13 @@ def test_bundled_quick_ranking_follows_measured_block_deltas_within_the_cost(req
         assert evaluations_per_format(loaded, schemes, spec, baseline) <= 3
 
 
-@pytest.mark.parametrize(("flags", "computes_in"), [({"avx2", "fma"}, torch.float32),
-                                                    ({"avx512_bf16"}, torch.bfloat16)], ids=["avx2", "bf16"])
-def test_a_16_bit_model_computes_in_what_its_evaluations_do(bf16_llama_dir, monkeypatch, flags, computes_in):
+def test_a_16_bit_model_computes_in_what_its_evaluations_do(bf16_llama_dir, cpu_bf16_math, probe_dtypes):
     from qlab.analyses import sensitivity_quick
-    from qlab.models import evaluate as evaluation
 
-    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))  # whatever this machine's CPU has
+    computes_in = cpu_bf16_math
     loaded = models.load(str(bf16_llama_dir))
     before = weights_digest(loaded.model)
-    seen = set()
-    probe = sensitivity_quick._Probe.__call__
-
-    def recording(self, module, args, output):
-        seen.add((args[0].dtype, output.dtype, module.weight.dtype))
-        return probe(self, module, args, output)
-
-    monkeypatch.setattr(sensitivity_quick._Probe, "__call__", recording)
+    seen = probe_dtypes(sensitivity_quick._Probe)
     result = quick_sensitivity(loaded, [QuantScheme("int8")], EvalSpec(tokens=128))
     assert seen == {(computes_in, computes_in, torch.bfloat16)}  # the weights stay 16-bit
     assert result.records and all(math.isfinite(r["score"]) for r in result.records)

@@ -78,10 +78,8 @@ def test_rows_rounded_in_chunks_equal_the_whole_weight(monkeypatch):
         assert_same_metrics(loaded, baseline, scheme)
 
 
-@pytest.mark.parametrize("flags", [{"avx512_bf16"}, {"avx2", "fma"}], ids=["bf16 compute", "fp32 compute"])
 def test_each_block_reuses_the_previous_blocks_tensors_and_unchanged_weights_are_lent_as_themselves(
-        bf16_llama_dir, monkeypatch, flags):
-    monkeypatch.setattr(evaluation, "cpu_flags", lambda: frozenset(flags))  # whatever this machine's CPU has
+        bf16_llama_dir, monkeypatch, cpu_bf16_math):
     loaded = load(str(bf16_llama_dir))
     baseline = compute_baseline(loaded, EvalSpec(tokens=128))
     allocated, lent = [], []
