@@ -8,7 +8,8 @@ already holds one. Then Streamlit's AppTest runs the real app in this process, w
 History page (it loads nothing) while the sidebar is set as a user sets it (Other → the checkpoint's directory,
 Run on this CPU, formats, 512 tokens), the Model page (the load), the Quantize page and its **Run sweep**, the
 Overview (its button for a local model, then its background pieces until done; the sweep is reused from the
-store), and the Memory page.
+store), the Memory page, and the Sensitivity page: its full analysis of the page's default formats, then **Recommend
+and measure** at the default budget.
 
 Per step: wall seconds, the process's peak RSS (Linux VmHWM, reset before each step) and that peak minus the
 RSS once the libraries were imported, the machine's free RAM before it, the load average, and every exception or
@@ -232,17 +233,32 @@ def run(args: argparse.Namespace) -> dict:
         at.switch_page("pages/memory.py").run()
         return {"charts": len(at.get("plotly_chart"))}
 
+    def sensitivity() -> dict:
+        at.switch_page("pages/sensitivity.py").run()
+        formats_analysed = at.multiselect(key="sensitivity_schemes").value
+        at.button(key="run_sensitivity").click().run()
+        table = at.dataframe[0].value if len(at.dataframe) else None
+        return {"formats_analysed": formats_analysed, "rows": 0 if table is None else len(table),
+                "blocks_measured": 0 if table is None else int(table["block_delta"].notna().sum())}
+
+    def recommend() -> dict:
+        at.button(key="run_mix").click().run()
+        mixes = [frame.value for frame in at.dataframe if "bits_per_weight" in frame.value.columns]
+        return {"budget_bits": at.slider(key="mix_budget_bits").value,
+                "mixes": mixes[-1].to_dict("records") if mixes else []}
+
     with tempfile.TemporaryDirectory(prefix="qlab-dashboard-1b-") as folder, \
             Watchdog(result, out, int(args.min_free_gb * GB), int(args.max_rss_gb * GB)) as watchdog:
         os.environ["QLAB_DB"] = str(Path(folder) / "runs.sqlite")  # a fresh history: everything is measured
         for name, action in (("choose the model in the sidebar", choose_model), ("Model page", model_page),
                              ("Quantize page", quantize_page), ("Quantize: Run sweep", sweep),
-                             ("Overview", overview), ("Memory page", memory_page)):
+                             ("Overview", overview), ("Memory page", memory_page),
+                             ("Sensitivity: Analyse", sensitivity), ("Sensitivity: Recommend and measure", recommend)):
             if not step(name, action)["ok"] and not args.keep_going:
                 break
         result["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in result["steps"])
         result["peak_rss_over_libraries_bytes"] = result["peak_rss_bytes"] - baseline_rss
-        result["all_ok"] = all(s["ok"] for s in result["steps"]) and len(result["steps"]) == 6
+        result["all_ok"] = all(s["ok"] for s in result["steps"]) and len(result["steps"]) == 8
         result["load_average_after"] = os.getloadavg()
         result["lowest_free_ram_bytes"] = watchdog.lowest_free
     write(result, out)

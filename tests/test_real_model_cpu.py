@@ -320,11 +320,17 @@ def test_the_dashboard_benchmark_drives_every_step_of_a_two_layer_variant(tmp_pa
     result = json.loads(out.read_text())
     steps = {s["step"]: s for s in result["steps"]}
     assert result["all_ok"] and list(steps) == ["choose the model in the sidebar", "Model page", "Quantize page",
-                                                "Quantize: Run sweep", "Overview", "Memory page"]
+                                                "Quantize: Run sweep", "Overview", "Memory page",
+                                                "Sensitivity: Analyse", "Sensitivity: Recommend and measure"]
     assert result["checkpoint"]["built"] and result["checkpoint"]["dtype"] == "bfloat16"
     assert steps["choose the model in the sidebar"]["run_on_options"] == ["This CPU"]
     assert steps["Model page"]["metrics"]["Parameters"] == "0.36 M"
     assert [r["label"] for r in steps["Quantize: Run sweep"]["rows"]] == ["fp16", "int8 g64", "int4 g64", "nf4 g64"]
     assert steps["Overview"]["pieces"] == {"sensitivity": {"state": "done", "note": ""}}  # the sweep was stored
     assert steps["Overview"]["verdict"].startswith(("Ship ", "No "))
+    analysis = steps["Sensitivity: Analyse"]
+    assert analysis["formats_analysed"] == ["int8 g64", "int4 g64"]
+    assert analysis["rows"] == 2 * 14 and analysis["blocks_measured"] == analysis["rows"]  # 2 blocks of 7 linears
+    mixes = steps["Sensitivity: Recommend and measure"]["mixes"]
+    assert {"uniform", "mix"} <= {m["kind"] for m in mixes} and all(m["error"] >= 0 for m in mixes)
     assert all(0 < s["peak_rss_over_libraries_bytes"] < s["peak_rss_bytes"] for s in result["steps"])
