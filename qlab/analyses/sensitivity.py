@@ -518,17 +518,9 @@ def _replay(shadow: torch.nn.Module, stack: BlockStack, capture: _Capture | None
                 handle.remove()
 
 
-def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme, rounder: _Rounder,
-               dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """Each named linear quantized, computing in ``dtype``: its bias cast (a copy) so the capture passes, which run
-    the shadow as it is, can feed it the shadow's activations."""
-    layers = {}
-    for name in names:
-        bias = modules[name].bias
-        if bias is not None and bias.dtype != dtype:
-            bias = torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        layers[name] = QuantizedLinear(rounder(name, modules[name].weight, scheme), bias)
-    return layers
+def _quantized(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme, rounder: _Rounder
+               ) -> dict[str, torch.nn.Module]:
+    return {name: QuantizedLinear(rounder(name, modules[name].weight, scheme), modules[name].bias) for name in names}
 
 
 def check_calibration(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec) -> None:
@@ -690,8 +682,8 @@ def _forward_view(shadow, stack, capture, units, modules, scheme, rounder, basel
     records = []
     for start, label, names in units:
         started = time.perf_counter()
-        metrics = _replay(shadow, stack, capture, start,
-                          _quantized(modules, names, scheme, rounder, baseline.compute_dtype), baseline, cancel)
+        metrics = _replay(shadow, stack, capture, start, _quantized(modules, names, scheme, rounder), baseline,
+                          cancel)
         unit_kind = "linear" if len(names) == 1 and label == names[0] else "block"
         records.append(_block_record(model_name, label, names, start, unit_kind, scheme, metrics, metric,
                                      error_of(metric, metrics[metric]), "forward", time.perf_counter() - started))
@@ -703,7 +695,7 @@ def _forward_view(shadow, stack, capture, units, modules, scheme, rounder, basel
 def _reverse_view(shadow, stack, units, modules, linear_names, scheme, rounder, baseline, metric, model_name,
                   step, cancel, finished) -> list[dict]:
     """Everything at ``scheme`` except one unit: how much error keeping that unit in FP32 removes."""
-    everything = _quantized(modules, linear_names, scheme, rounder, baseline.compute_dtype)
+    everything = _quantized(modules, linear_names, scheme, rounder)
     own = {name: shadow.get_submodule(name) for name in linear_names}  # the shadow's, computing as it does
     records = []
     with _swapped(shadow, everything):

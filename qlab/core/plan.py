@@ -43,10 +43,13 @@ class QuantizedLinear(torch.nn.Module):
         self.input_scale = qweight.input_scale if isinstance(qweight, InputScaledQTensor) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias computes in the input's dtype, as the weight does: a bf16 layer fed fp32 activations (a CPU
+        # without native bf16 math) would otherwise fail.
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.input_scale is None:
-            return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), self.bias)
+            return torch.nn.functional.linear(x, self.qweight.dequantize(x.dtype), bias)
         return torch.nn.functional.linear(x * self.input_scale.to(x.dtype), self.qweight.dequantize_scaled(x.dtype),
-                                          self.bias)
+                                          bias)
 
 
 # A whole-model scheme, or a per-layer plan: linear module name -> scheme (a mixed-precision assignment).
