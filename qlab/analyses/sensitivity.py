@@ -117,11 +117,15 @@ def block_stack(model: torch.nn.Module) -> BlockStack:
     return BlockStack(best_path, tuple(tuple(b) for b in per_block), tuple(outside))
 
 
-def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of ``model`` whose parameters and buffers are the base's own tensors.
+def shared_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the base's own tensors, computing in
+    ``dtype`` when given (``compute_view``: 16-bit weights on a CPU without native 16-bit math compute in fp32, as
+    every evaluation does, not in emulated bf16, several times slower).
 
     Modules of the copy can be swapped freely (replays, quantized layers) without touching the cached base.
     """
+    if dtype is not None and (view := compute_view(model, dtype)) is not model:
+        return view  # already a structural copy sharing the weights: no second one
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
 
@@ -596,9 +600,7 @@ def analyze(loaded: LoadedModel, schemes: Sequence[QuantScheme], baseline: Basel
             progress(min(1.0, done[0] / total), message)
 
     _check_cache_fits(model, stack, baseline)
-    # Computes where the evaluations do: 16-bit weights on a CPU without native 16-bit math would otherwise run
-    # the capture and curvature passes in emulated bf16, several times slower than fp32.
-    shadow = compute_view(shared_copy(model), baseline.compute_dtype)
+    shadow = shared_copy(model, baseline.compute_dtype)
     mask_slot: list = [None]
     rounder = _Rounder(calibration)
     probes = {name: _LinearProbe(name, modules[name].weight.detach(), schemes, mask_slot, rounder)

@@ -64,7 +64,6 @@ from qlab.models.evaluate import (
     _embedding_inputs,
     _lm_windows,
     compute_dtype,
-    compute_view,
     evaluate,
 )
 from qlab.models.loading import LoadedModel, quantizable_linears
@@ -263,9 +262,8 @@ def quick_sensitivity(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec:
     total = sum(1 for _ in _batches(baseline, windows_per_batch=1))
     unit = "window" if baseline.kind == "causal-lm" else "batch of texts"
 
-    # 16-bit weights on a CPU without native 16-bit math compute in fp32, as every evaluation does: a 1B model's
-    # pass in emulated bf16 on an AVX2-only CPU ran for over 14 minutes without finishing.
-    shadow = compute_view(shared_copy(model), compute_dtype(model))
+    # In the evaluations' dtype: a 1B model's pass in emulated bf16 on an AVX2-only CPU ran over 14 minutes.
+    shadow = shared_copy(model, compute_dtype(model))
     modules = dict(shadow.named_modules())
     names = [name for name, _ in quantizable_linears(shadow)]
     if kept:  # GPTQ, AWQ, HQQ, 2:4: rounded once here, then read by every batch
