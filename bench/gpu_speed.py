@@ -258,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
                    help="compile torchao's tensor-subclass weights as they are (no unwrap_tensor_subclass)")
     p.add_argument("--skip-guards", action="store_true",
                    help="time the compiled loop with torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="q/k/v and gate/up as one linear each (gpt-fast's layout); a step can ask for it alone "
+                        "as compiled-loop:fused-projections")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing, profile this many compiled decode steps (top kernels, launches) on CUDA")
     p.add_argument("--dtype", default="bf16", help="bf16 (GPU) | fp32 (a CPU dry run)")
@@ -298,7 +301,8 @@ def args_from(ns: argparse.Namespace) -> Args:
     return Args(config, name, ns.device, ns.prompt_tokens, ns.new_tokens, ns.hf_new_tokens, ns.repetitions,
                 ns.compile_mode, {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype],
                 quantize_head=not ns.keep_head_bf16, profile_steps=ns.profile_steps, all_directions=ns.all_directions,
-                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards, turn_dir=ns.turn_dir)
+                unwrap_subclasses=not ns.keep_subclasses, skip_guards=ns.skip_guards, turn_dir=ns.turn_dir,
+                fuse_projections=ns.fuse_projections)
 
 
 def merge(files: list[str], out: str) -> list[dict]:
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
     if ns.step:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-        fmt, path = ns.step.split(":")
+        fmt, path = ns.step.split(":", 1)
         row = run_step(args_from(ns), fmt, path)
         Path(ns.row_out).write_text(json.dumps(row, indent=2))
         return 0

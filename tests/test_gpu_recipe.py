@@ -35,6 +35,32 @@ def test_compact_model_decodes_like_a_full_forward():
     torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_projections_compute_what_the_separate_ones_do():
+    args = tiny_args()
+    torch.manual_seed(0)
+    separate = gpu_recipe.build_compact(args)
+    fused = gpu_recipe.build_compact(gpu_recipe.Args(**{**args.__dict__, "fuse_projections": True}))
+    state = {}
+    for name, tensor in separate.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        layer = prefix.rpartition(".")[0]
+        if leaf == "weight" and prefix.endswith((".wq", ".w1")):
+            parts = ("wq", "wk", "wv") if prefix.endswith(".wq") else ("w1", "w3")
+            stacked = torch.cat([separate.state_dict()[f"{layer}.{p}.weight"] for p in parts])
+            state[f"{layer}.{'wqkv' if parts[0] == 'wq' else 'w13'}.weight"] = stacked
+        elif not prefix.endswith((".wk", ".wv", ".w3")):
+            state[name] = tensor
+    fused.load_state_dict(state)
+    assert len([m for m in fused.modules() if isinstance(m, torch.nn.Linear)]) == 4 * len(fused.layers) + 1
+    ids = torch.randint(0, args.config["vocab_size"], (1, 10))
+    for model in (separate, fused):
+        model.setup_caches(1, 16, torch.float32, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids, torch.arange(10)), separate(ids, torch.arange(10)))
+    row = gpu_recipe.run_step(args, "bf16", "eager-loop:fused-projections")
+    assert row["error"] is None and row["path"] == "eager-loop:fused-projections"
+
+
 @pytest.mark.parametrize(("fmt", "path"), [("bf16", "eager-loop"), ("bf16", "hf-generate"),
                                            ("int8wo", "eager-loop")])
 def test_steps_measure_on_cpu(fmt, path):
@@ -89,3 +115,5 @@ def test_compile_variants_name_their_own_path():
     assert gpu_recipe._path_name(wrapped, "int4wo", "compiled-loop") == "compiled-loop:subclass-weights:head-bf16"
     assert gpu_recipe._path_name(wrapped, "bf16", "compiled-loop") == "compiled-loop"
     assert gpu_recipe._path_name(wrapped, "nf4", "compiled-loop") == "compiled-loop:head-bf16"
+    fused = gpu_recipe.Args(**{**args.__dict__, "fuse_projections": True})
+    assert gpu_recipe._path_name(fused, "int8gl", "compiled-loop") == "compiled-loop:fused-projections"

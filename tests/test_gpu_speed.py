@@ -62,10 +62,13 @@ def test_missing_wheels_are_reported_not_fatal(tmp_path):
 
 def test_command_line_reaches_the_recipe_switches():
     ns = gpu_speed.parser().parse_args(["--dry-run", "--device", "cpu", "--dtype", "fp32", "--keep-head-bf16",
-                                        "--keep-subclasses", "--skip-guards", "--profile-steps", "5"])
+                                        "--keep-subclasses", "--skip-guards", "--profile-steps", "5",
+                                        "--fuse-projections"])
     args = gpu_speed.args_from(ns)
     assert not args.quantize_head and not args.unwrap_subclasses and args.skip_guards and args.profile_steps == 5
+    assert args.fuse_projections
     defaults = tiny_args()
     assert defaults.quantize_head and defaults.unwrap_subclasses and not defaults.skip_guards
+    assert not defaults.fuse_projections
     with gpu_recipe._guard_stance(False), gpu_recipe._guard_stance(True):
         pass  # both are context managers on this torch

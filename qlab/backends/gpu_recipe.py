@@ -29,7 +29,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row
              "nf4": "bitsandbytes gemv_4bit", "int8dq": "inductor int8 x int8 mm",
              "int8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)",
              "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)"}
+FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 GEMLITE_FORMATS = ("int8gl", "float8gl")
 INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
@@ -82,6 +83,8 @@ class Args:
     all_directions: bool = False
     unwrap_subclasses: bool = True
     skip_guards: bool = False
+    # gpt-fast's layout: q/k/v as one linear and gate/up as another, so a block runs four weight matmuls, not seven.
+    fuse_projections: bool = False
     # Steps compiled side by side (``bench/gpu_speed.py --parallel``) time one at a time: each waits here for
     # its turn after compiling, so no other step's compile or autotuning shares the GPU while it is timed.
     turn_dir: str | None = None
@@ -122,17 +125,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Block(nn.Module):
-    def __init__(self, c: dict) -> None:
+    def __init__(self, c: dict, fused: bool = False) -> None:
         super().__init__()
         dim, heads = c["hidden_size"], c["num_attention_heads"]
         self.heads, self.kv_heads = heads, c.get("num_key_value_heads", heads)
         self.head_dim = c.get("head_dim") or dim // heads
-        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.widths = (heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        self.fused = fused
+        if fused:
+            # Each output row keeps its own scales in every format here, so stacking rows changes no rounding;
+            # it only halves the launches and lengthens the small k/v matmuls, whose fixed cost dominates.
+            self.wqkv = nn.Linear(dim, sum(self.widths), bias=False)
+            self.w13 = nn.Linear(dim, 2 * c["intermediate_size"], bias=False)
+        else:
+            self.wq = nn.Linear(dim, self.widths[0], bias=False)
+            self.wk = nn.Linear(dim, self.widths[1], bias=False)
+            self.wv = nn.Linear(dim, self.widths[2], bias=False)
+            self.w1 = nn.Linear(dim, c["intermediate_size"], bias=False)
+            self.w3 = nn.Linear(dim, c["intermediate_size"], bias=False)
         self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
-        self.w1 = nn.Linear(dim, c["intermediate_size"], bias=False)
-        self.w3 = nn.Linear(dim, c["intermediate_size"], bias=False)
         self.w2 = nn.Linear(c["intermediate_size"], dim, bias=False)
         eps = c.get("rms_norm_eps", 1e-5)
         self.attention_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
@@ -141,9 +152,10 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, positions):
         b, t, _ = x.shape
         h = self.attention_norm(x)
-        q = self.wq(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.wk(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(h).split(self.widths, dim=-1) if self.fused else (self.wq(h), self.wk(h), self.wv(h))
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = self.cache.update(positions, k, v)
         groups = self.heads // self.kv_heads
@@ -151,17 +163,18 @@ class Block(nn.Module):
         y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.wo(y.transpose(1, 2).reshape(b, t, -1))
         h = self.ffn_norm(x)
-        return x + self.w2(nn.functional.silu(self.w1(h)) * self.w3(h))
+        gate, up = self.w13(h).chunk(2, dim=-1) if self.fused else (self.w1(h), self.w3(h))
+        return x + self.w2(nn.functional.silu(gate) * up)
 
 
 class Llama(nn.Module):
     """Llama-family decoder with a static KV cache; ``forward(ids, positions) -> logits``."""
 
-    def __init__(self, c: dict) -> None:
+    def __init__(self, c: dict, fused: bool = False) -> None:
         super().__init__()
         self.config = c
         self.tok_embeddings = nn.Embedding(c["vocab_size"], c["hidden_size"])
-        self.layers = nn.ModuleList(Block(c) for _ in range(c["num_hidden_layers"]))
+        self.layers = nn.ModuleList(Block(c, fused) for _ in range(c["num_hidden_layers"]))
         self.norm = RMSNorm(c["hidden_size"], c.get("rms_norm_eps", 1e-5))
         self.output = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
         self.max_tokens = 0
@@ -201,7 +214,7 @@ def _random_init_(model: nn.Module) -> None:
 
 def build_compact(args: Args) -> Llama:
     with torch.device("meta"):
-        model = Llama(args.config).to(args.dtype)
+        model = Llama(args.config, args.fuse_projections).to(args.dtype)
     # Cast on the meta device first: to_empty then allocates the weights once, in their dtype (allocating FP32
     # and casting held 32 GB of an 8B model on the GPU at once).
     model = model.to_empty(device=args.device)
@@ -549,6 +562,8 @@ def _hf_step(args: Args, fmt: str) -> dict:
 
 def run_step(args: Args, fmt: str, path: str) -> dict:
     """One (format, path) measurement in this process; the row, with ``error`` set if it failed."""
+    if path.endswith(FUSED):  # one step of a run can ask for the fused layout, so both sit side by side
+        args, path = replace(args, fuse_projections=True), path.removesuffix(FUSED)
     row = base_row(args, fmt, path)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -586,13 +601,15 @@ def _path_name(args: Args, fmt: str, path: str) -> str:
     """Every recipe switch that changes a compiled-loop measurement names its own path, so ``merge`` (keyed on
     format and path) never lets a variant overwrite the default recipe's row."""
     if path != "compiled-loop":
-        return path
+        return path + FUSED if args.fuse_projections and path == "eager-loop" else path
     if args.compile_mode != "reduce-overhead":
         path += f":{args.compile_mode}"
     if not args.unwrap_subclasses and fmt in TORCHAO_FORMATS:
         path += ":subclass-weights"
     if not args.quantize_head and fmt != "bf16":
         path += ":head-bf16"
+    if args.fuse_projections:
+        path += FUSED
     return path + ":skip-guards" if args.skip_guards else path
 
 
