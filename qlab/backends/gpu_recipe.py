@@ -438,7 +438,7 @@ def _inductor_counters() -> dict:
     return {k: v for k, v in counters["inductor"].items() if any(w in k for w in ("cudagraph", "decompose", "mm"))}
 
 
-def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
+def _loop_step(args: Args, fmt: str, compiled: bool, turn_key: str = "") -> dict:
     record: dict = {}
     started = time.perf_counter()
     model = build_compact(args)
@@ -492,8 +492,7 @@ def _loop_step(args: Args, fmt: str, compiled: bool) -> dict:
             if rep == 0:
                 record["compile_seconds" if compiled else "warmup_seconds"] = round(t2 - t1, 2)
                 if args.turn_dir:
-                    key = f"{fmt}.{'compiled-loop' if compiled else 'eager-loop'}"
-                    record["waited_for_turn_seconds"] = _wait_turn(args.turn_dir, key)
+                    record["waited_for_turn_seconds"] = _wait_turn(args.turn_dir, turn_key)
                 continue
             prefill_ms.append(1000 * (t1 - t0))
             rates.append(args.new_tokens / (t2 - t1))
@@ -562,6 +561,7 @@ def _hf_step(args: Args, fmt: str) -> dict:
 
 def run_step(args: Args, fmt: str, path: str) -> dict:
     """One (format, path) measurement in this process; the row, with ``error`` set if it failed."""
+    turn_key = f"{fmt}.{path}"  # the orchestrator's name for this step, as it asked for it
     if path.endswith(FUSED):  # one step of a run can ask for the fused layout, so both sit side by side
         args, path = replace(args, fuse_projections=True), path.removesuffix(FUSED)
     row = base_row(args, fmt, path)
@@ -571,7 +571,7 @@ def run_step(args: Args, fmt: str, path: str) -> dict:
         if path == "hf-generate":
             row.update(_hf_step(args, fmt))
         else:
-            row.update(_loop_step(args, fmt, compiled=path == "compiled-loop"))
+            row.update(_loop_step(args, fmt, compiled=path == "compiled-loop", turn_key=turn_key))
     except Exception as error:  # the row records the failure; the orchestrator goes on with the next step
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:400] if str(error).strip() else ''}"
     if args.device == "cuda":
