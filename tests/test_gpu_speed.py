@@ -37,6 +37,20 @@ def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
     assert any("repetition 1" in line for line in bf16["log_tail"])
 
 
+@pytest.mark.slow  # two subprocesses, each importing torch and transformers
+def test_parallel_steps_of_both_layouts_each_get_their_turn(tmp_path):
+    out = tmp_path / "gpu.json"
+    argv = ["--dry-run", "--device", "cpu", "--dtype", "fp32", "--parallel", "--json", str(out), "--budget-s", "150",
+            "--steps", "bf16:eager-loop,bf16:eager-loop:fused-projections"]
+    assert gpu_speed.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == ["eager-loop", "eager-loop:fused-projections"]
+    for row in rows:
+        assert row["error"] is None and row["decode_tokens_per_s"] > 0
+        # A step whose turn never came waits out its timeout (900 s) or the budget; these were let go at once.
+        assert row["waited_for_turn_seconds"] < 60
+
+
 def test_explicit_steps_and_merging_runs(tmp_path):
     assert gpu_speed.steps_for([], [], "float8wo:compiled-loop, nf4:eager-loop") == [
         ("float8wo", "compiled-loop"), ("nf4", "eager-loop")]
