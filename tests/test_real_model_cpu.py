@@ -171,6 +171,13 @@ def test_bench_runs_the_gpu_benchmark_on_the_chosen_gpu(monkeypatch, tmp_path):
     assert main(["bench", "--device", "cuda:1", "--dtype", "fp32", "--json", str(tmp_path / "gpu.json")]) == 0
     [(argv, visible)] = calls
     assert visible == "1" and argv[argv.index("--dtype") + 1] == "fp32" and argv[argv.index("--device") + 1] == "cuda"
+    assert "--fuse-projections" not in argv
+    assert main(["bench", "--device", "cuda:0", "--fuse-projections", "--json", str(tmp_path / "gpu.json")]) == 0
+    assert "--fuse-projections" in calls[-1][0]
+    # every option handed on is one the GPU program accepts
+    import gpu_speed  # beside random_checkpoint in bench/
+
+    gpu_speed.parser().parse_args(calls[-1][0][2:])
 
 
 def test_the_sidebar_offers_only_devices_that_are_here(bf16_llama_dir, monkeypatch):

@@ -78,7 +78,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory read-bandwidth test")
     parser.add_argument("--model-config", default="llama-3.1-8b", help="--device cuda: catalog config name")
     parser.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4",
-                        help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq")
+                        help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq, int8gl, float8gl")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="--device cuda: q/k/v and gate/up as one linear each (gpt-fast's layout)")
     quiet_option(parser)
     db_option(parser, "also store each backend's row, as it finishes, in this run database "
                       "(default: $QLAB_DB if set; CPU runs)")
@@ -205,7 +207,8 @@ def _gpu(args: argparse.Namespace, placement: str) -> None:
     gpu = {"CUDA_VISIBLE_DEVICES": _visible_index(placement)}
     subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", args.model_config,
                     "--device", "cuda", "--dtype", args.dtype or "bf16", "--prompt-tokens", str(args.prompt_tokens),
-                    "--repetitions", str(args.repetitions), "--formats", args.formats, "--json", str(out)],
+                    "--repetitions", str(args.repetitions), "--formats", args.formats, "--json", str(out),
+                    *(["--fuse-projections"] if args.fuse_projections else [])],
                    check=True, env={**os.environ, **gpu})
     _print(json.loads(out.read_text()))
 
