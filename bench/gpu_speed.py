@@ -20,7 +20,9 @@ On the lent H200 the six compiled steps (int8gl / float8gl: gemlite's 8-bit kern
 PYTHONPATH) compile side by side and are then timed one at a time, alone on the GPU (239 s in all):
     python bench/gpu_speed.py --parallel --profile-steps 10 --budget-s 320 --json $OUT/gpu_speed.json \
         --steps bf16:compiled-loop,int8wo:compiled-loop,int8gl:compiled-loop,int4wo:compiled-loop,float8wo:compiled-loop,float8gl:compiled-loop
-Variants of the recipe are recorded as their own path: ``--keep-subclasses`` (torchao weights compiled as tensor
+gpt-fast's layout (q/k/v and gate/up each one linear) is a step of its own, so both layouts can share a run:
+    python bench/gpu_speed.py --parallel --steps bf16:compiled-loop:fused-projections,int8gl:compiled-loop:fused-projections
+Other variants of the recipe are recorded as their own path: ``--keep-subclasses`` (torchao weights compiled as tensor
 subclasses: host-bound), ``--skip-guards`` (``compiled-loop:skip-guards``), a compile mode other than
 reduce-overhead (``compiled-loop:max-autotune``; on torch 2.11 its int8 compile did not finish in 240 s), e.g.
     python bench/gpu_speed.py --install-wheels --compile-mode max-autotune \
