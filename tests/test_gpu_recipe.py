@@ -40,17 +40,12 @@ def test_fused_projections_compute_what_the_separate_ones_do():
     torch.manual_seed(0)
     separate = gpu_recipe.build_compact(args)
     fused = gpu_recipe.build_compact(gpu_recipe.Args(**{**args.__dict__, "fuse_projections": True}))
-    state = {}
-    for name, tensor in separate.state_dict().items():
-        prefix, _, leaf = name.rpartition(".")
-        layer = prefix.rpartition(".")[0]
-        if leaf == "weight" and prefix.endswith((".wq", ".w1")):
-            parts = ("wq", "wk", "wv") if prefix.endswith(".wq") else ("w1", "w3")
-            stacked = torch.cat([separate.state_dict()[f"{layer}.{p}.weight"] for p in parts])
-            state[f"{layer}.{'wqkv' if parts[0] == 'wq' else 'w13'}.weight"] = stacked
-        elif not prefix.endswith((".wk", ".wv", ".w3")):
-            state[name] = tensor
-    fused.load_state_dict(state)
+    state = separate.state_dict()
+    for layer in range(len(separate.layers)):
+        for fused_name, parts in (("wqkv", ("wq", "wk", "wv")), ("w13", ("w1", "w3"))):
+            state[f"layers.{layer}.{fused_name}.weight"] = torch.cat(
+                [state.pop(f"layers.{layer}.{part}.weight") for part in parts])
+    fused.load_state_dict(state)  # strict: every fused weight given, no separate one left over
     assert len([m for m in fused.modules() if isinstance(m, torch.nn.Linear)]) == 4 * len(fused.layers) + 1
     ids = torch.randint(0, args.config["vocab_size"], (1, 10))
     for model in (separate, fused):
