@@ -207,7 +207,6 @@ else:
                "config.json with transformers' own classes. llama.cpp backends copy their GGUF file.")
 
 references = json.loads(REFERENCES.read_text())
-gpu_rows = speed.bench_results("gpu_speed")
 st.subheader("Common claims, next to measured ratios")
 claims = []
 for claim in references["seed_claims"]:
@@ -221,7 +220,14 @@ common.table(pd.DataFrame(claims), column_config={
     "best measured here (vs FP32)": st.column_config.NumberColumn(format="%.2f")})
 
 st.subheader("Measured on a GPU")
-measured_gpu = [r for r in gpu_rows if r.get("decode_tokens_per_s")]
+gpu_runs, unreadable_runs = speed.gpu_speed_runs()
+if unreadable_runs:
+    st.warning(f"Stored GPU results that could not be read: {', '.join(unreadable_runs)}.")
+runs_by_label = {run["label"]: run for run in gpu_runs}
+gpu_run = (runs_by_label[st.selectbox("GPU run", list(runs_by_label), key="gpu_run",
+                                      help="Each run measured every format on one GPU, one step at a time.")]
+           if len(gpu_runs) > 1 else gpu_runs[0] if gpu_runs else {"rows": []})
+measured_gpu = [r for r in gpu_run["rows"] if r.get("decode_tokens_per_s")]
 if not measured_gpu:
     st.info("No GPU results yet: `python -m qlab bench --device cuda` on a CUDA machine measures them for this "
             "page.")
@@ -238,12 +244,23 @@ else:
         r["decode_tokens_per_s"] / bf16[path] if (path := r["path"] if r["path"] in bf16 else
                                                   r["path"].split(":")[0]) in bf16 else None
         for _, r in frame.iterrows()]
-    common.table(frame[[c for c in ("format_slug", "backend", "path", "decode_tokens_per_s", "vs bf16 same path",
-                                    "decode_tokens_per_s_spread_pct", "prefill_ms", "compile_seconds",
-                                    "peak_memory_bytes", "gpu", "torch", "torchao") if c in frame.columns]],
-                 column_config={"format_slug": "format", "path": "code path", "vs bf16 same path":
-                                st.column_config.NumberColumn("speed-up over BF16, same path", format="%.2f"),
-                                "decode_tokens_per_s_spread_pct": "decode spread (%)", "torchao": "torchao"})
+    if "achieved_weight_gbps" in frame.columns:
+        frame["weight read TB/s"] = frame["achieved_weight_gbps"] / 1000
+    common.table(frame[[c for c in ("format_slug", "backend", "kernel", "path", "decode_tokens_per_s",
+                                    "vs bf16 same path", "weight read TB/s", "decode_tokens_per_s_spread_pct",
+                                    "prefill_ms", "compile_seconds", "gpu", "torch", "torchao")
+                        if c in frame.columns]],
+                 column_config={"format_slug": "format", "kernel": "kernel doing the weight matmuls",
+                                "path": "code path", "decode_tokens_per_s": st.column_config.NumberColumn(
+                                    "decode tokens/s", format="%.1f"),
+                                "vs bf16 same path": st.column_config.NumberColumn("speed-up over BF16, same path",
+                                                                                   format="%.2f"),
+                                "weight read TB/s": st.column_config.NumberColumn(
+                                    "weights read (TB/s)", format="%.2f",
+                                    help="Weight bytes of one decode step over the step's time."),
+                                "decode_tokens_per_s_spread_pct": "decode spread (%)", "prefill_ms": "prefill (ms)",
+                                "compile_seconds": "compile (s)", "gpu": "GPU", "torch": "torch",
+                                "torchao": "torchao"})
     compared = frame[(frame["format_slug"] != "bf16") & frame["vs bf16 same path"].notna()]
     ratios = "; ".join(f"{path}: " + ", ".join(f"{r['format_slug']} {r['vs bf16 same path']:.2f}x"
                                                 for _, r in part.iterrows())
@@ -259,18 +276,23 @@ else:
         copy_bound = row["hbm_copy_gbps"] * 1e9 / (row["weight_bytes_per_token"] + row.get("kv_cache_bytes", 0))
         fraction += (f" Against the copy bandwidth measured on that GPU ({row['hbm_copy_gbps'] / 1000:.2f} TB/s) "
                      f"it reaches {compiled_bf16 / copy_bound:.0%}.")
+    paths = set(frame["path"])
+    eager = (" Through eager `generate`, each quantized matmul is a dequantize kernel plus a BF16 matmul among "
+             "hundreds of small kernel launches per token, so fewer bytes do not make it faster; on the compiled "
+             "static-cache path the dequantization fuses into the matmul and decode follows the bytes read. "
+             "That gap is the 'quantized model slower than FP16' trap." if "hf-generate" in paths else "")
+    wrapped = (" `compiled-loop:subclass-weights` is the same compiled loop with torchao's quantized weight "
+               "objects handed to torch.compile as they are; each step then waits about 7 ms on the host and "
+               "INT8/INT4 fall below BF16. Unwrapping them first (`torchao.utils.unwrap_tensor_subclass`) removes "
+               "it." if any(":subclass-weights" in path for path in paths) else "")
+    fused = (" `compiled-loop:fused-projections` builds each block as gpt-fast does: q/k/v as one matmul and "
+             "gate/up as another, four weight matmuls a block instead of seven, with the same rounding."
+             if any(":fused-projections" in path for path in paths) else "")
     st.caption(f"{config}, random weights, batch 1, measured on {gpu_name}; roofline markers: {gpu_target.name} "
-               f"bandwidth / bytes read per token. Speed-up over BF16 on the same path: {ratios}.{fraction} "
-               "Through eager `generate`, each quantized matmul is a dequantize kernel plus a BF16 matmul among "
-               "hundreds of small kernel launches per token, so fewer bytes do not make it faster; on the compiled "
-               "static-cache path the dequantization fuses into the matmul and decode follows the bytes read. "
-               "That gap is the 'quantized model slower than FP16' trap. It has a second form: "
-               "`compiled-loop:subclass-weights` is the same compiled loop with torchao's quantized weight "
-               "objects handed to torch.compile as they are; each step then waits about 7 ms on the host and INT8/"
-               "INT4 fall below BF16. Unwrapping them first (`torchao.utils.unwrap_tensor_subclass`) removes it. "
-               "Past that, the INT4 and INT8 kernels read their bytes at roughly half the bandwidth BF16's do, "
-               "which is why INT8 weight-only stays near BF16 here.")
-failed_gpu = [r for r in gpu_rows if not r.get("decode_tokens_per_s")]
+               f"bandwidth / bytes read per token. Speed-up over BF16 on the same path: {ratios}.{fraction}"
+               f"{eager}{wrapped}{fused} A format whose weights are read slower than BF16's (the weights-read "
+               "column) gains less than its smaller bytes promise: its kernel, not the memory, sets the pace.")
+failed_gpu = [r for r in gpu_run["rows"] if not r.get("decode_tokens_per_s")]
 if failed_gpu:
     with st.expander(f"{len(failed_gpu)} GPU step(s) without a measurement"):
         common.table(pd.DataFrame(failed_gpu)[["format_slug", "path", "error"]],

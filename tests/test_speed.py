@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -286,3 +288,26 @@ def test_bench_results_reads_row_lists_and_row_objects_from_the_repository(tmp_p
     assert speed.bench_results("listed") == [{"backend": "fp32"}]
     assert speed.bench_results("held") == [{"format": "int8"}]
     assert speed.bench_results("missing") == []
+
+
+def test_gpu_speed_runs_keep_each_gpu_and_date_of_every_result_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "RESULTS_DIR", tmp_path)
+    assert speed.gpu_speed_runs() == ([], [])
+    h200 = {"gpu": "NVIDIA H200", "format_slug": "bf16", "path": "compiled-loop", "decode_tokens_per_s": 208.0}
+    h100 = {**h200, "gpu": "NVIDIA H100 80GB HBM3", "decode_tokens_per_s": 175.0}
+    failed = {"format_slug": "nf4", "path": "eager-loop", "error": "out of memory"}  # failed before naming a GPU
+    (tmp_path / "gpu_speed.json").write_text(json.dumps({"runs": [
+        {"date": "2026-12-04", "rows": [h200]}, {"date": "2026-11-24", "rows": [h100, failed]}]}))
+    (tmp_path / "gpu_speed_layouts.json").write_text(json.dumps({"date": "2026-12-06", "runs": [
+        {"rows": [h100]}, {"rows": [{**h100, "path": "compiled-loop:fused-projections"}]}]}))
+    mine = tmp_path / "gpu_speed_mine.json"
+    mine.write_text(json.dumps([h200]))  # a list of rows, as the benchmark writes it: dated by the file
+    os.utime(mine, (time.mktime((2026, 12, 4, 12, 0, 0, 0, 0, -1)),) * 2)
+    (tmp_path / "gpu_speed_cut.json").write_text('{"runs": [')
+    runs, unreadable = speed.gpu_speed_runs()
+    assert [run["label"] for run in runs] == [
+        "NVIDIA H200, 2026-12-04 (gpu_speed)", "NVIDIA H100 80GB HBM3, 2026-11-24", "NVIDIA H100 80GB HBM3, 2026-12-06",
+        "NVIDIA H200, 2026-12-04 (gpu_speed_mine)"]
+    assert runs[1]["rows"] == [h100, failed]
+    assert [row["path"] for row in runs[2]["rows"]] == ["compiled-loop", "compiled-loop:fused-projections"]
+    assert unreadable == ["gpu_speed_cut.json (JSONDecodeError)"]

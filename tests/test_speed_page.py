@@ -87,3 +87,26 @@ def test_speed_page_stores_what_it_measures_and_saves_a_quantized_model(tmp_path
     assert not app.exception and not app.error, [e.value for e in app.error]
     assert any("model.safetensors" in s.value for s in app.success)
     assert export.read_scheme(tmp_path / "exports" / "saved")["backend"] == "quanto-int8"
+
+
+@pytest.mark.slow
+def test_speed_page_shows_each_stored_gpu_run_with_its_own_ratios():
+    from streamlit.testing.v1 import AppTest
+
+    runs, unreadable = speed.gpu_speed_runs()
+    fused_run = next(run for run in runs if any(":fused-projections" in r["path"] for r in run["rows"]))
+    rate = {(r["format_slug"], r["path"]): r["decode_tokens_per_s"] for r in fused_run["rows"]}
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    app.session_state["model_choice"] = "minilm-l6"
+    app.run()
+    assert not app.exception and not unreadable
+    assert app.selectbox(key="gpu_run").options == [run["label"] for run in runs]
+    app.selectbox(key="gpu_run").select(fused_run["label"]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    table = next(df.value for df in app.dataframe if "vs bf16 same path" in df.value.columns)
+    assert len(table) == len(fused_run["rows"])
+    fused_int4 = table[(table["format_slug"] == "int4wo") & (table["path"] == "compiled-loop:fused-projections")]
+    path = "compiled-loop:fused-projections"
+    assert fused_int4["vs bf16 same path"].item() == pytest.approx(rate["int4wo", path] / rate["bf16", path])
+    caption = " ".join(c.value for c in app.caption)
+    assert "four weight matmuls a block instead of seven" in caption and "subclass-weights" not in caption

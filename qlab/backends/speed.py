@@ -477,6 +477,37 @@ def bench_results(name: str) -> list[dict]:
     return data["rows"] if isinstance(data, dict) else data
 
 
+def gpu_speed_runs() -> tuple[list[dict], list[str]]:
+    """Every GPU decode run in ``bench/results/gpu_speed*.json`` (committed, or written there by ``qlab bench
+    --device cuda``): ``gpu_speed.json``'s first, each ``{"label", "gpu", "date", "rows"}``, one per GPU and date
+    of a file, so layouts measured one after the other on one machine stay together. The second list names the files
+    that could not be read."""
+    runs: dict[tuple[str, str, str], dict] = {}
+    unreadable = []
+    for path in sorted(RESULTS_DIR.glob("gpu_speed*.json"), key=lambda p: (p.name != "gpu_speed.json", p.name)):
+        try:
+            data = json.loads(path.read_text())
+            parts = ([{"rows": data}] if isinstance(data, list) else
+                     data["runs"] if "runs" in data else [data])
+            # Rows written by the benchmark itself carry no date: the file's own then tells when they were measured.
+            written = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+            for part in parts:
+                date = str(part.get("date") or (data.get("date") if isinstance(data, dict) else None) or written)
+                # A step that failed before it reached the GPU names none; it belongs to its run's GPU.
+                gpu = next((str(row["gpu"]) for row in part["rows"] if row.get("gpu")), "GPU")
+                run = runs.setdefault((path.name, gpu, date),
+                                      {"label": f"{gpu}, {date}", "gpu": gpu, "date": date, "rows": []})
+                run["rows"].extend(dict(row) for row in part["rows"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            unreadable.append(f"{path.name} ({type(error).__name__})")
+    ordered = list(runs.values())
+    labels = [run["label"] for run in ordered]
+    for (name, _, _), run in runs.items():
+        if labels.count(run["label"]) > 1:
+            run["label"] += f" ({Path(name).stem})"
+    return ordered, unreadable
+
+
 def bench_row(loaded: LoadedModel, backend, device: str, spec: SpeedSpec) -> dict:
     """The identifying fields every bench row starts with."""
     return {"model": loaded.name, "kind": loaded.kind, "backend": backend.slug, "library": backend.library,
