@@ -300,6 +300,8 @@ def test_gpu_speed_runs_keep_each_gpu_and_date_of_every_result_file(tmp_path, mo
         {"date": "2026-12-04", "rows": [h200]}, {"date": "2026-11-24", "rows": [h100, failed]}]}))
     (tmp_path / "gpu_speed_layouts.json").write_text(json.dumps({"date": "2026-12-06", "runs": [
         {"rows": [h100]}, {"rows": [{**h100, "path": "compiled-loop:fused-projections"}]}]}))
+    (tmp_path / "gpu_speed_repeated.json").write_text(json.dumps({"date": "2026-12-06", "runs": [
+        {"label": "first run", "rows": [h200]}, {"label": "second run", "rows": [h200]}]}))
     mine = tmp_path / "gpu_speed_mine.json"
     mine.write_text(json.dumps([h200]))  # a list of rows, as the benchmark writes it: dated by the file
     os.utime(mine, (time.mktime((2026, 12, 4, 12, 0, 0, 0, 0, -1)),) * 2)
@@ -307,7 +309,8 @@ def test_gpu_speed_runs_keep_each_gpu_and_date_of_every_result_file(tmp_path, mo
     runs, unreadable = speed.gpu_speed_runs()
     assert [run["label"] for run in runs] == [
         "NVIDIA H200, 2026-12-04 (gpu_speed)", "NVIDIA H100 80GB HBM3, 2026-11-24", "NVIDIA H100 80GB HBM3, 2026-12-06",
-        "NVIDIA H200, 2026-12-04 (gpu_speed_mine)"]
+        "NVIDIA H200, 2026-12-04 (gpu_speed_mine)", "NVIDIA H200, 2026-12-06, first run",
+        "NVIDIA H200, 2026-12-06, second run"]
     assert runs[1]["rows"] == [h100, failed]
     assert [row["path"] for row in runs[2]["rows"]] == ["compiled-loop", "compiled-loop:fused-projections"]
     assert unreadable == ["gpu_speed_cut.json (JSONDecodeError)"]

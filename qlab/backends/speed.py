@@ -482,7 +482,7 @@ def gpu_speed_runs() -> tuple[list[dict], list[str]]:
     --device cuda``): ``gpu_speed.json``'s first, each ``{"label", "gpu", "date", "rows"}``, one per GPU and date
     of a file, so layouts measured one after the other on one machine stay together. The second list names the files
     that could not be read."""
-    runs: dict[tuple[str, str, str], dict] = {}
+    runs: dict[tuple[str, str], dict] = {}
     unreadable = []
     for path in sorted(RESULTS_DIR.glob("gpu_speed*.json"), key=lambda p: (p.name != "gpu_speed.json", p.name)):
         try:
@@ -495,14 +495,16 @@ def gpu_speed_runs() -> tuple[list[dict], list[str]]:
                 date = str(part.get("date") or (data.get("date") if isinstance(data, dict) else None) or written)
                 # A step that failed before it reached the GPU names none; it belongs to its run's GPU.
                 gpu = next((str(row["gpu"]) for row in part["rows"] if row.get("gpu")), "GPU")
-                run = runs.setdefault((path.name, gpu, date),
-                                      {"label": f"{gpu}, {date}", "gpu": gpu, "date": date, "rows": []})
+                # Runs repeated on one machine and day keep their own label; layouts measured one after the
+                # other share a run (their paths tell them apart).
+                label = ", ".join(filter(None, (gpu, date, part.get("label"))))
+                run = runs.setdefault((path.name, label), {"label": label, "gpu": gpu, "date": date, "rows": []})
                 run["rows"].extend(dict(row) for row in part["rows"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             unreadable.append(f"{path.name} ({type(error).__name__})")
     ordered = list(runs.values())
     labels = [run["label"] for run in ordered]
-    for (name, _, _), run in runs.items():
+    for (name, _), run in runs.items():
         if labels.count(run["label"]) > 1:
             run["label"] += f" ({Path(name).stem})"
     return ordered, unreadable
