@@ -112,33 +112,3 @@ def test_compile_variants_name_their_own_path():
     assert gpu_recipe._path_name(wrapped, "nf4", "compiled-loop") == "compiled-loop:head-bf16"
     fused = gpu_recipe.Args(**{**args.__dict__, "fuse_projections": True})
     assert gpu_recipe._path_name(fused, "int8gl", "compiled-loop") == "compiled-loop:fused-projections"
-
-
-def test_kernel_tunings_of_side_by_side_steps_time_one_at_a_time(tmp_path, monkeypatch):
-    import fcntl
-    import threading
-
-    lock_file = tmp_path / "gpu-tuning.lock"
-    calls = []
-    timing = gpu_recipe._timed_alone(lambda name: calls.append(name) or name, lock_file)
-    nested = gpu_recipe._timed_alone(lambda: timing("inner"), lock_file)
-    assert nested() == "inner"  # a timing inside a timing does not wait for itself
-    with lock_file.open("a") as other_step:  # another step's timing holds the lock
-        fcntl.flock(other_step, fcntl.LOCK_EX)
-        waiting = threading.Thread(target=timing, args=("mine",))
-        waiting.start()
-        waiting.join(timeout=0.5)
-        assert waiting.is_alive() and calls == ["inner"]
-        fcntl.flock(other_step, fcntl.LOCK_UN)
-    waiting.join(timeout=10)
-    assert not waiting.is_alive() and calls == ["inner", "mine"]
-
-    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
-
-    monkeypatch.setattr(CachingAutotuner, "bench", CachingAutotuner.bench)  # restored after the test
-    original = CachingAutotuner.bench
-    assert "CachingAutotuner.bench" in gpu_recipe._one_tuner_at_a_time(str(tmp_path))
-    wrapped = CachingAutotuner.bench
-    assert wrapped is not original and wrapped.__wrapped__ is original
-    gpu_recipe._one_tuner_at_a_time(str(tmp_path))
-    assert CachingAutotuner.bench is wrapped  # a second step's setup does not wrap it twice

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -326,53 +325,6 @@ def _wait_turn(turn_dir: str, key: str, timeout_s: float = 900.0) -> float:
 # --- measurement ----------------------------------------------------------------------------------------------
 
 
-_TIMING = threading.local()  # whether this thread holds the tuning lock, whichever tuner took it
-
-
-def _timed_alone(timing, lock_file: Path):
-    """``timing`` holding an exclusive lock on ``lock_file`` (shared by processes), so no two run at once. A
-    timing inside a timing (one tuner calling another) does not wait for itself."""
-    import fcntl
-    import functools
-
-    @functools.wraps(timing)
-    def alone(*args, **kwargs):
-        if getattr(_TIMING, "held", False):
-            return timing(*args, **kwargs)
-        with lock_file.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            _TIMING.held = True
-            try:
-                return timing(*args, **kwargs)
-            finally:
-                _TIMING.held = False
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    alone.qlab_alone = True
-    return alone
-
-
-def _one_tuner_at_a_time(turn_dir: str) -> list[str]:
-    """Steps compiled side by side tune kernels at their first call: inductor times candidate configs of each
-    Triton kernel (coordinate descent), Triton's autotuner those of gemlite's. A candidate timed while another
-    step's kernels share the GPU can win by noise, and the loser stays for good: on the H200 two runs of the
-    same steps put BF16's down projection at 1365 and 996 us a step (204 and 220 tok/s), while tinygemm, which
-    tunes nothing, repeated within 0.3 %. Every candidate's timing here holds one lock that all the steps share,
-    so it runs alone; compiling the candidates still overlaps. The names of the timings it covers."""
-    covered = []
-    for module, owner, name in (("torch._inductor.runtime.triton_heuristics", "CachingAutotuner", "bench"),
-                                ("triton.runtime.autotuner", "Autotuner", "_bench")):
-        try:
-            cls = getattr(__import__(module, fromlist=[owner]), owner)
-        except (ImportError, AttributeError):  # no Triton (a CPU-only torch): that tuner does not exist here
-            continue
-        if hasattr(cls, name):
-            if not getattr(getattr(cls, name), "qlab_alone", False):
-                setattr(cls, name, _timed_alone(getattr(cls, name), Path(turn_dir) / "gpu-tuning.lock"))
-            covered.append(f"{owner}.{name}")
-    return covered
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -516,8 +468,6 @@ def _loop_step(args: Args, fmt: str, compiled: bool, turn_key: str = "") -> dict
     step = decode_one
     if compiled:
         _inductor_settings(args.all_directions)
-        if args.turn_dir:
-            record["tunings_timed_alone"] = _one_tuner_at_a_time(args.turn_dir)
         record["inductor_all_directions"] = args.all_directions
         step = torch.compile(decode_one, mode=args.compile_mode, fullgraph=True)
     generator = torch.Generator(device="cpu").manual_seed(0)
