@@ -71,7 +71,8 @@ def load_config(name_or_path: str) -> tuple[str, dict]:
         path = CONFIG_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise SystemExit(f"gpu_speed: no model config '{name_or_path}' (looked in {CONFIG_DIR}).")
-    return path.stem, json.loads(path.read_text())
+    # A model directory's config.json is named after its directory (``qlab bench --device cuda --model DIR``).
+    return path.parent.name if path.name == "config.json" else path.stem, json.loads(path.read_text())
 
 
 def install_wheels(directory: Path) -> tuple[str, str | None]:
@@ -312,7 +313,10 @@ def merge(files: list[str], out: str) -> list[dict]:
     rows: dict[tuple[str, str], dict] = {}
     for file in files:
         data = json.loads(Path(file).read_text())
-        # A committed result holds its rows under "rows" (with an earlier GPU's beside them); a run's file is a list.
+        # A run's file is a list; a committed result holds its rows under "rows", or several runs under "runs",
+        # whose GPUs may differ, so one of those is merged only as its own run's file.
+        if isinstance(data, dict) and "runs" in data:
+            raise SystemExit(f"gpu_speed: {file} holds several runs; merge the file of one run.")
         for row in data["rows"] if isinstance(data, dict) else data:
             key = (row.get("format_slug"), row.get("path"))
             if row.get("decode_tokens_per_s") or key not in rows:

@@ -229,8 +229,8 @@ gpu_run = (runs_by_label[st.selectbox("GPU run", list(runs_by_label), key="gpu_r
            if len(gpu_runs) > 1 else gpu_runs[0] if gpu_runs else {"rows": []})
 measured_gpu = [r for r in gpu_run["rows"] if r.get("decode_tokens_per_s")]
 if not measured_gpu:
-    st.info("No GPU results yet: `python -m qlab bench --device cuda` on a CUDA machine measures them for this "
-            "page.")
+    st.info("No GPU results yet: `python -m qlab bench --device cuda --model YOUR_MODEL --json "
+            "bench/results/gpu_speed_mine.json` on a CUDA machine measures them for this page.")
 else:
     frame = pd.DataFrame(measured_gpu)
     config = frame["model"].iloc[0]

@@ -67,6 +67,10 @@ def test_explicit_steps_and_merging_runs(tmp_path):
     assert [(r["format_slug"], r["decode_tokens_per_s"]) for r in merged] == [
         ("bf16", 120.0), ("int8wo", 190.0), ("float8wo", 170.0)]
     assert json.loads((tmp_path / "out.json").read_text()) == merged
+    several = tmp_path / "runs.json"  # runs of different GPUs must not be mixed into one
+    several.write_text(json.dumps({"runs": [{"rows": []}, {"rows": []}]}))
+    with pytest.raises(SystemExit, match="holds several runs"):
+        gpu_speed.merge([str(first), str(several)], str(tmp_path / "out.json"))
 
 
 def test_missing_wheels_are_reported_not_fatal(tmp_path):

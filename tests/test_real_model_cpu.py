@@ -180,6 +180,88 @@ def test_bench_runs_the_gpu_benchmark_on_the_chosen_gpu(monkeypatch, tmp_path):
     gpu_speed.parser().parse_args(calls[-1][0][2:])
 
 
+def test_bench_on_the_gpu_builds_the_users_own_model_shapes_and_writes_only_where_asked(
+        bf16_llama_dir, monkeypatch, tmp_path, capsys):
+    """``--model DIR --device cuda``: the GPU program gets a copy of DIR's config.json in a folder named after DIR
+    (its rows' model name); without ``--json`` its rows go to a scratch file and are printed, and nothing is
+    written under bench/results."""
+    import json
+    import subprocess
+
+    from qlab.backends.speed import RESULTS_DIR
+    from qlab.cli import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    handed, formats = [], []
+
+    def fake_run(argv, check, env):
+        config = Path(argv[argv.index("--model-config") + 1])
+        out = Path(argv[argv.index("--json") + 1])
+        handed.append((json.loads(config.read_text()), config.parent.name, out) if config.is_file()
+                      else (None, str(config), out))  # a catalog name
+        formats.append(argv[argv.index("--formats") + 1])
+        out.write_text(json.dumps([{"backend": "bf16", "path": "compiled-loop", "decode_tokens_per_s": 99.5}]))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    results_before = sorted(RESULTS_DIR.iterdir())
+    assert main(["bench", "--device", "cuda:0", "--model", str(bf16_llama_dir), "--formats", "bf16"]) == 0
+    [(config, name, out)] = handed
+    assert config == json.loads((bf16_llama_dir / "config.json").read_text()) and name == bf16_llama_dir.name
+    assert "99.5" in capsys.readouterr().out
+    assert not out.exists() and sorted(RESULTS_DIR.iterdir()) == results_before  # the scratch file is gone
+    import gpu_speed  # the program names the rows after the model's folder
+
+    assert gpu_speed.load_config(str(bf16_llama_dir / "config.json"))[0] == bf16_llama_dir.name
+    asked = tmp_path / "mine.json"
+    assert main(["bench", "--device", "cuda:0", "--model", str(bf16_llama_dir), "--json", str(asked)]) == 0
+    assert handed[-1][2] == asked and json.loads(asked.read_text())[0]["decode_tokens_per_s"] == 99.5
+    # the catalog shape when no model is named, as before; each format through its fastest installed kernel
+    assert main(["bench", "--device", "cuda:0", "--json", str(asked)]) == 0
+    assert handed[-1][1] == bench.DEFAULT_GPU_CONFIG == "llama-3.1-8b"
+    assert formats == ["bf16", bench.fastest_gpu_formats(), bench.fastest_gpu_formats()]
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "gemlite" else None)
+    assert bench.fastest_gpu_formats() == "bf16,int8gl,int4wo,float8gl,nf4"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None)
+    assert bench.fastest_gpu_formats() == "bf16,int8wo,int4wo,float8wo,nf4"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bert", "builds Llama-family decoders (llama, mistral, qwen2)"),
+    ("both", "not both"),
+    ("missing", "is not a directory"),
+    ("custom code", "trust_remote_code"),
+])
+def test_bench_on_the_gpu_refuses_a_model_it_cannot_build_in_one_line(bf16_llama_dir, monkeypatch, tmp_path,
+                                                                      capsys, case, message):
+    import json
+    import shutil
+    import subprocess
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the GPU program must not start"))
+    model = tmp_path / "model"
+    shutil.copytree(bf16_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    extra = []
+    if case == "bert":
+        config["model_type"] = "bert"
+    elif case == "both":
+        extra = ["--model-config", "llama-3.1-8b"]
+    elif case == "missing":
+        model = tmp_path / "nowhere"
+    else:
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.Mine"}
+    if model.exists():
+        (model / "config.json").write_text(json.dumps(config))
+    assert main(["bench", "--device", "cuda:0", "--model", str(model), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
 def test_the_sidebar_offers_only_devices_that_are_here(bf16_llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     at = AppTest.from_file(APP, default_timeout=120)

@@ -32,6 +32,10 @@ from qlab.cli.common import (
 )
 
 DEFAULT_CPU_BACKENDS = "all"
+DEFAULT_CPU_MODEL = "smollm2-135m"
+DEFAULT_GPU_CONFIG = "llama-3.1-8b"
+# Decoders the GPU benchmark's compact Llama builds with the model's own shapes (a Qwen2 bias on q/k/v is left out).
+GPU_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -56,7 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the speed-benchmark options to the ``bench`` parser and make it run ``cmd_bench`` by default."""
-    parser.add_argument("--model", default="smollm2-135m", help="bundled slug, local directory or HF id (CPU)")
+    parser.add_argument("--model", default=None,
+                        help="bundled slug, local directory or HF id (default smollm2-135m); with --device cuda a "
+                             "Llama-family model (llama, mistral, qwen2) whose shapes the GPU benchmark builds")
     parser.add_argument("--backends", default=DEFAULT_CPU_BACKENDS,
                         help="comma-separated backend slugs, or 'all' (every one for the model's kind; "
                              "unavailable ones are listed with the reason)")
@@ -76,9 +82,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="evaluation tokens for accuracy vs FP32 and vs the simulated twin (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory read-bandwidth test")
-    parser.add_argument("--model-config", default="llama-3.1-8b", help="--device cuda: catalog config name")
-    parser.add_argument("--formats", default="bf16,int8wo,int4wo,float8wo,nf4",
-                        help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq, int8gl, float8gl")
+    parser.add_argument("--model-config", default=None,
+                        help="--device cuda without --model: catalog config name (default llama-3.1-8b)")
+    parser.add_argument("--formats", default=None,
+                        help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq, int8gl, float8gl "
+                             "(default: each format through its fastest kernel installed here)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="--device cuda: q/k/v and gate/up as one linear each (gpt-fast's layout)")
     quiet_option(parser)
@@ -124,7 +132,8 @@ def run_cpu(args: argparse.Namespace) -> list[dict]:
     spec = speed.SpeedSpec(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, batch=args.batch,
                            repetitions=args.repetitions, sentences=args.sentences)
     db = requested_path(getattr(args, "db", None))  # checked before the model loads
-    loaded = load(args.model, **({"dtype": args.dtype} if args.dtype else {}))  # given only when asked, as elsewhere
+    loaded = load(args.model or DEFAULT_CPU_MODEL,
+                  **({"dtype": args.dtype} if args.dtype else {}))  # given only when asked, as elsewhere
     chosen = ([b for b in backends.all_backends() if loaded.kind in b.kinds] if args.backends.strip() == "all"
               else backends.parse_backends(args.backends))
     bandwidth = None if args.no_bandwidth else speed.measure_bandwidth()
@@ -189,11 +198,13 @@ def _machine(host, bandwidth) -> dict:
 
 def _gpu(args: argparse.Namespace, placement: str) -> None:
     """Run the GPU benchmark program (``bench/gpu_speed.py``, beside the package in the checkout) on the GPU
-    ``placement`` names ("cuda:N") and print its rows; it writes them to ``--json`` (default: the repository's
-    ``bench/results/gpu_speed.json``, which the Speed page shows) after every step."""
+    ``placement`` names ("cuda:N"), on ``--model``'s own shapes (random weights: speed does not depend on the
+    values) or a catalog config's, and print its rows. With ``--json`` it writes them there after every step; a
+    file named ``bench/results/gpu_speed*.json`` shows on the Speed page."""
     import json
     import os
     import subprocess
+    import tempfile
     from pathlib import Path
 
     from qlab.backends.speed import RESULTS_DIR
@@ -202,15 +213,69 @@ def _gpu(args: argparse.Namespace, placement: str) -> None:
     if args.dtype not in (None, "bf16", "fp32"):
         raise QlabError(f"the GPU benchmark builds its model in bf16 or fp32, not '{args.dtype}'; use --dtype bf16 "
                         "or fp32.")
-    out = Path(args.json).resolve() if args.json not in (None, "-") else RESULTS_DIR / "gpu_speed.json"
-    # The program runs on "cuda": showing it only the chosen GPU makes that GPU its cuda:0.
-    gpu = {"CUDA_VISIBLE_DEVICES": _visible_index(placement)}
-    subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", args.model_config,
-                    "--device", "cuda", "--dtype", args.dtype or "bf16", "--prompt-tokens", str(args.prompt_tokens),
-                    "--repetitions", str(args.repetitions), "--formats", args.formats, "--json", str(out),
-                    *(["--fuse-projections"] if args.fuse_projections else [])],
-                   check=True, env={**os.environ, **gpu})
-    _print(json.loads(out.read_text()))
+    if args.model and args.model_config:
+        raise QlabError("give --model (your model's shapes) or --model-config (a catalog shape), not both.")
+    with tempfile.TemporaryDirectory(prefix="qlab-gpu-bench-") as scratch:
+        config = (_shapes_of(args.model, Path(scratch)) if args.model
+                  else args.model_config or DEFAULT_GPU_CONFIG)
+        out = Path(args.json).resolve() if args.json not in (None, "-") else Path(scratch) / "gpu_speed.json"
+        # The program runs on "cuda": showing it only the chosen GPU makes that GPU its cuda:0.
+        gpu = {"CUDA_VISIBLE_DEVICES": _visible_index(placement)}
+        subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", str(config),
+                        "--device", "cuda", "--dtype", args.dtype or "bf16", "--prompt-tokens", str(args.prompt_tokens),
+                        "--repetitions", str(args.repetitions), "--formats", args.formats or fastest_gpu_formats(),
+                        "--json", str(out),
+                        *(["--fuse-projections"] if args.fuse_projections else [])],
+                       check=True, env={**os.environ, **gpu})
+        _print(json.loads(out.read_text()))
+
+
+def fastest_gpu_formats() -> str:
+    """Each weight format through the fastest kernel measured on the H100 and H200 that is installed here:
+    gemlite's int8 and fp8 GEMV (1.42x and 1.68x bf16 on the H200) over torchao's inductor-fused ones, tinygemm
+    for int4, bitsandbytes for nf4."""
+    import importlib.util
+
+    gemlite = importlib.util.find_spec("gemlite") is not None
+    return ",".join(("bf16", "int8gl" if gemlite else "int8wo", "int4wo", "float8gl" if gemlite else "float8wo",
+                     "nf4"))
+
+
+def _shapes_of(model: str, scratch) -> str:
+    """A copy of ``model``'s config.json, checked, in a folder named after the model (the benchmark names its rows
+    by that folder); the path to hand the GPU program."""
+    import json
+    import re
+    from pathlib import Path
+
+    from qlab.core.errors import QlabError
+    from qlab.models.checkpoint import check_config, converted_dir
+    from qlab.models.config_schema import validate_text
+    from qlab.models.loading import resolve
+
+    source = resolve(model)
+    found = [file for file in (Path(source.path) / "config.json",
+                               converted_dir(source) / "config.json" if source.gguf_file else None)
+             if file is not None and file.is_file()]
+    if not found:
+        raise QlabError(f"{model} has no config.json to build its shapes from; open it once in qlab (a GGUF file "
+                        "is converted then) or use --model-config with a catalog shape.")
+    try:
+        config = json.loads(found[0].read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise QlabError(f"{model}'s config.json cannot be read ({type(error).__name__}); fix or replace it.") from None
+    if not isinstance(config, dict):
+        raise QlabError(f"{model}'s config.json is not a JSON object; fix or replace it.")
+    check_config(config, model)
+    validate_text(config, f" of {model}")
+    if config["model_type"] not in GPU_MODEL_TYPES:
+        raise QlabError(f"the GPU benchmark builds Llama-family decoders ({', '.join(GPU_MODEL_TYPES)}); {model} is "
+                        f"'{config['model_type']}'. Its CPU speed: --device cpu.")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or "model").strip("-.") or "model"
+    folder = scratch / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder / "config.json")
 
 
 def _visible_index(placement: str) -> str:
