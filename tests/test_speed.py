@@ -274,6 +274,8 @@ def test_gpu_roofline_bounds_each_measured_weight_only_format_on_the_gpu_it_ran_
     assert bounds[0]["decode_tokens_per_s"] == pytest.approx(3.35e12 / (15_009_849_344 + kv))
     assert bounds[1]["decode_tokens_per_s"] > 1.8 * bounds[0]["decode_tokens_per_s"]
     assert speed.gpu_roofline(rows, cpu) == [] and speed.gpu_roofline([], hardware.get("h100-sxm-80gb")) == []
+    # a stored row without the context it ran at (an edited results file) gets no bound rather than an error
+    assert speed.gpu_roofline([{**rows[0], "prompt_tokens": None}], hardware.get("h100-sxm-80gb")) == []
 
 
 def test_bench_results_reads_row_lists_and_row_objects_from_the_repository(tmp_path, monkeypatch):
@@ -306,11 +308,14 @@ def test_gpu_speed_runs_keep_each_gpu_and_date_of_every_result_file(tmp_path, mo
     mine.write_text(json.dumps([h200]))  # a list of rows, as the benchmark writes it: dated by the file
     os.utime(mine, (time.mktime((2026, 12, 4, 12, 0, 0, 0, 0, -1)),) * 2)
     (tmp_path / "gpu_speed_cut.json").write_text('{"runs": [')
+    (tmp_path / "gpu_speed_rowless.json").write_text(json.dumps([{"gpu": "NVIDIA H200"}]))  # no format, no path
     runs, unreadable = speed.gpu_speed_runs()
     assert [run["label"] for run in runs] == [
         "NVIDIA H200, 2026-12-04 (gpu_speed)", "NVIDIA H100 80GB HBM3, 2026-11-24", "NVIDIA H100 80GB HBM3, 2026-12-06",
         "NVIDIA H200, 2026-12-04 (gpu_speed_mine)", "NVIDIA H200, 2026-12-06, first run",
         "NVIDIA H200, 2026-12-06, second run"]
-    assert runs[1]["rows"] == [h100, failed]
+    assert runs[1]["rows"] == [{**h100, "model": None, "prompt_tokens": None, "new_tokens": None},
+                               {**failed, **dict.fromkeys(("model", "gpu", "decode_tokens_per_s", "prompt_tokens",
+                                                           "new_tokens"))}]
     assert [row["path"] for row in runs[2]["rows"]] == ["compiled-loop", "compiled-loop:fused-projections"]
-    assert unreadable == ["gpu_speed_cut.json (JSONDecodeError)"]
+    assert unreadable == ["gpu_speed_cut.json (not valid)", "gpu_speed_rowless.json (not valid)"]

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from qlab.analyses import roofline
 from qlab.analyses.verdict import accuracy_loss
@@ -457,7 +458,8 @@ def gpu_roofline(rows: list[dict], target: hardware.Hardware) -> list[dict]:
     none when ``target`` is not a GPU."""
     from qlab.backends.gpu_recipe import SCHEMES
 
-    if target.kind != "gpu" or not rows:
+    if target.kind != "gpu" or not rows or any(row.get(key) is None for row in rows
+                                               for key in ("model", "prompt_tokens", "new_tokens")):
         return []
     arch = architectures.get(rows[0]["model"])
     context = int(rows[0]["prompt_tokens"] + max(row["new_tokens"] for row in rows))
@@ -477,37 +479,68 @@ def bench_results(name: str) -> list[dict]:
     return data["rows"] if isinstance(data, dict) else data
 
 
+class _GpuRow(BaseModel):
+    """A measured (format, code path) step of ``bench/gpu_speed.py``: the fields the Speed page groups by; the rest
+    pass through as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    format_slug: str
+    path: str
+    model: str | None = None
+    gpu: str | None = None
+    decode_tokens_per_s: float | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+
+
+class _GpuRun(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    rows: list[_GpuRow]
+    date: str | None = None
+    label: str | None = None
+
+
+class _GpuRunsFile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    runs: list[_GpuRun]
+    date: str | None = None
+
+
+# A results file: the rows a run of the benchmark writes, a committed run ({"rows": ...}), or several ({"runs": ...}).
+_GPU_RESULTS = TypeAdapter(list[_GpuRow] | _GpuRunsFile | _GpuRun)
+
+
 def gpu_speed_runs() -> tuple[list[dict], list[str]]:
     """Every GPU decode run in ``bench/results/gpu_speed*.json`` (committed, or written there by ``qlab bench
-    --device cuda``): ``gpu_speed.json``'s first, each ``{"label", "gpu", "date", "rows"}``, one per GPU and date
-    of a file, so layouts measured one after the other on one machine stay together. The second list names the files
-    that could not be read."""
+    --device cuda --json``): ``gpu_speed.json``'s first, each ``{"label", "gpu", "date", "rows"}``, one per GPU
+    and date of a file, so layouts measured one after the other on one machine stay together. The second list
+    names the files that could not be read."""
     runs: dict[tuple[str, str], dict] = {}
     unreadable = []
     for path in sorted(RESULTS_DIR.glob("gpu_speed*.json"), key=lambda p: (p.name != "gpu_speed.json", p.name)):
         try:
-            data = json.loads(path.read_text())
-            parts = ([{"rows": data}] if isinstance(data, list) else
-                     data["runs"] if "runs" in data else [data])
-            # Rows written by the benchmark itself carry no date: the file's own then tells when they were measured.
-            written = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
-            for part in parts:
-                date = str(part.get("date") or (data.get("date") if isinstance(data, dict) else None) or written)
-                # A step that failed before it reached the GPU names none; it belongs to its run's GPU.
-                gpu = next((str(row["gpu"]) for row in part["rows"] if row.get("gpu")), "GPU")
-                # Runs repeated on one machine and day keep their own label; layouts measured one after the
-                # other share a run (their paths tell them apart).
-                label = ", ".join(filter(None, (gpu, date, part.get("label"))))
-                run = runs.setdefault((path.name, label), {"label": label, "gpu": gpu, "date": date, "rows": []})
-                run["rows"].extend(dict(row) for row in part["rows"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            unreadable.append(f"{path.name} ({type(error).__name__})")
-    ordered = list(runs.values())
-    labels = [run["label"] for run in ordered]
+            data = _GPU_RESULTS.validate_json(path.read_bytes())
+        except (OSError, ValidationError) as error:
+            unreadable.append(f"{path.name} ({'not valid' if isinstance(error, ValidationError) else 'unreadable'})")
+            continue
+        parts = ([_GpuRun(rows=data)] if isinstance(data, list) else
+                 data.runs if isinstance(data, _GpuRunsFile) else [data])
+        # Rows written by the benchmark itself carry no date: the file's own then tells when they were measured.
+        written = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+        for part in parts:
+            date = part.date or getattr(data, "date", None) or written
+            # A step that failed before it reached the GPU names none; it belongs to its run's GPU.
+            gpu = next((row.gpu for row in part.rows if row.gpu), "GPU")
+            # Runs repeated on one machine and day keep their own label; layouts measured one after the other
+            # share a run (their paths tell them apart).
+            label = ", ".join(filter(None, (gpu, date, part.label)))
+            run = runs.setdefault((path.name, label), {"label": label, "gpu": gpu, "date": date, "rows": []})
+            run["rows"].extend(row.model_dump() for row in part.rows)
+    labels = [run["label"] for run in runs.values()]
     for (name, _), run in runs.items():
         if labels.count(run["label"]) > 1:
             run["label"] += f" ({Path(name).stem})"
-    return ordered, unreadable
+    return list(runs.values()), unreadable
 
 
 def bench_row(loaded: LoadedModel, backend, device: str, spec: SpeedSpec) -> dict:
