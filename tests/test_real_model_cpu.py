@@ -233,6 +233,7 @@ def test_bench_on_the_gpu_builds_the_users_own_model_shapes_and_writes_only_wher
     ("both", "not both"),
     ("missing", "is not a directory"),
     ("custom code", "trust_remote_code"),
+    ("broken", "is not valid JSON"),
 ])
 def test_bench_on_the_gpu_refuses_a_model_it_cannot_build_in_one_line(bf16_llama_dir, monkeypatch, tmp_path,
                                                                       capsys, case, message):
@@ -253,10 +254,10 @@ def test_bench_on_the_gpu_refuses_a_model_it_cannot_build_in_one_line(bf16_llama
         extra = ["--model-config", "llama-3.1-8b"]
     elif case == "missing":
         model = tmp_path / "nowhere"
-    else:
+    elif case == "custom code":
         config["auto_map"] = {"AutoModelForCausalLM": "modeling_mine.Mine"}
     if model.exists():
-        (model / "config.json").write_text(json.dumps(config))
+        (model / "config.json").write_text(json.dumps(config)[:-1] if case == "broken" else json.dumps(config))
     assert main(["bench", "--device", "cuda:0", "--model", str(model), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1

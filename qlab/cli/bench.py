@@ -249,10 +249,11 @@ def _shapes_of(model: str, scratch) -> str:
     from pathlib import Path
 
     from qlab.core.errors import QlabError
-    from qlab.models.checkpoint import check_config, converted_dir
+    from qlab.models.checkpoint import converted_dir
     from qlab.models.config_schema import validate_text
     from qlab.models.loading import resolve
 
+    # resolve() refuses a config.json that is not a JSON object or needs custom code; a GGUF's is qlab's own.
     source = resolve(model)
     found = [file for file in (Path(source.path) / "config.json",
                                converted_dir(source) / "config.json" if source.gguf_file else None)
@@ -260,13 +261,7 @@ def _shapes_of(model: str, scratch) -> str:
     if not found:
         raise QlabError(f"{model} has no config.json to build its shapes from; open it once in qlab (a GGUF file "
                         "is converted then) or use --model-config with a catalog shape.")
-    try:
-        config = json.loads(found[0].read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise QlabError(f"{model}'s config.json cannot be read ({type(error).__name__}); fix or replace it.") from None
-    if not isinstance(config, dict):
-        raise QlabError(f"{model}'s config.json is not a JSON object; fix or replace it.")
-    check_config(config, model)
+    config = json.loads(found[0].read_text())
     validate_text(config, f" of {model}")
     if config["model_type"] not in GPU_MODEL_TYPES:
         raise QlabError(f"the GPU benchmark builds Llama-family decoders ({', '.join(GPU_MODEL_TYPES)}); {model} is "
