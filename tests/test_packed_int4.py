@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from qlab.backends import gpu_recipe
 from qlab.backends.packed_int4 import NIBBLES, PackedInt4Linear, pack_model
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme, quantize
@@ -93,20 +92,3 @@ def test_pack_model_replaces_every_linear_but_the_skipped():
     assert pack_model(model, skip=("2",)) == 1
     assert isinstance(model[0], PackedInt4Linear) and isinstance(model[2], nn.Linear)
 
-
-def test_the_gpu_recipe_measures_packed_int4_in_both_layouts_on_a_cpu():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gpu_speed
-
-    args = gpu_speed.args_from(gpu_speed.parser().parse_args(["--dry-run", "--device", "cpu", "--dtype", "fp32",
-                                                              "--hidden", "512"]))
-    bf16 = gpu_recipe.run_step(args, "bf16", "eager-loop")
-    for path in ("eager-loop", "eager-loop:fused-projections"):
-        row = gpu_recipe.run_step(args, "int4pk", path)
-        assert row["error"] is None, row["error"]
-        assert row["backend"] == "qlab-int4-packed" and row["format"] == "int4"
-        # fp32 weights here (4 bytes), packed: half a byte and 4 bytes of scale and zero-point per 64
-        assert row["weight_bytes_per_token"] < bf16["weight_bytes_per_token"] * (0.5 + 4 / 64) / 4 * 1.05

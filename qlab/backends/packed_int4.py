@@ -58,11 +58,13 @@ class PackedInt4Linear(nn.Module):
         # last input, which dequantize to 0 and meet zeros padded onto the input.
         slices = -(-in_features // (NIBBLES * group))
         padded_groups = NIBBLES * slices - in_features // group
-        codes = qtensor.codes.to(torch.int64).reshape(out_features, -1) - qmin
+        codes = qtensor.codes.reshape(out_features, -1) - qmin  # int8 0..15: an output head's stays 0.5 GB
         codes = nn.functional.pad(codes, (0, padded_groups * group)).reshape(out_features, NIBBLES, -1)
-        shifts = 4 * torch.arange(NIBBLES, device=codes.device, dtype=torch.int64)[None, :, None]
-        words = (codes << shifts).sum(dim=1)  # up to 2**32 - 1: wrapped into int32's range below
-        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        # One nibble at a time in int64, so only one word-sized temporary exists beside the codes, not eight.
+        words = torch.zeros(codes[:, 0].shape, dtype=torch.int64, device=codes.device)
+        for i in range(NIBBLES):
+            words |= codes[:, i].to(torch.int64) << (4 * i)
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # into int32's range
 
         def per_nibble(values: torch.Tensor) -> torch.Tensor:
             # (out * K / group,) in input order -> (8, out, slices, 1): nibble i covers groups i*slices .. +slices
