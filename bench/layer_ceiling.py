@@ -55,19 +55,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def block_linears(ns: argparse.Namespace) -> tuple[gpu_recipe.Args, dict[str, nn.Linear]]:
-    """One block's linears and the output head, random-initialised on the device, keyed by their name."""
+def one_block_model(ns: argparse.Namespace) -> tuple[gpu_recipe.Args, int]:
+    """The end-to-end benchmark's model cut to one block (its linears and the head are what is timed), and the
+    number of blocks of the real config, which the step's sum multiplies by."""
     argv = ["--model-config", ns.model_config, "--device", ns.device, "--dtype", ns.dtype]
     args = gpu_speed.args_from(gpu_speed.parser().parse_args(argv + (["--dry-run"] if ns.dry_run else [])))
-    with torch.device("meta"):
-        block = gpu_recipe.Block(args.config, fused=ns.layout == "fused").to(args.dtype)
-        head = nn.Linear(args.config["hidden_size"], args.config["vocab_size"], bias=False).to(args.dtype)
-    linears = {name: module for name, module in block.named_children() if isinstance(module, nn.Linear)}
-    linears["output"] = head
-    for name, module in linears.items():
-        linears[name] = module.to_empty(device=args.device)
-        gpu_recipe._random_init_(linears[name])
-    return args, linears
+    layers = args.config["num_hidden_layers"]
+    return gpu_recipe.Args(**{**args.__dict__, "config": {**args.config, "num_hidden_layers": 1},
+                              "fuse_projections": ns.layout == "fused"}), layers
 
 
 def _seconds_per_call(fn, x: torch.Tensor, calls: int, repetitions: int) -> tuple[list[float], str]:
@@ -127,17 +122,19 @@ def _seconds_per_call(fn, x: torch.Tensor, calls: int, repetitions: int) -> tupl
 
 def measure_format(ns: argparse.Namespace, fmt: str) -> dict:
     """Every shape of one block and the head in format ``fmt``: seconds per one-row product and bytes read."""
-    args, linears = block_linears(ns)
-    holder = nn.Module()
-    for name, module in linears.items():
-        holder.add_module(name, module)
-    gpu_recipe.quantize(holder, fmt, skip=())
+    args, layers = one_block_model(ns)
+    model = gpu_recipe.build_compact(args)
+    names = {f"layers.0.{name}": name for name, module in model.layers[0].named_children()
+             if isinstance(module, nn.Linear)} | {"output": "output"}
+    in_features = {name: model.get_submodule(name).in_features for name in names}
+    out_features = {name: model.get_submodule(name).out_features for name in names}
+    gpu_recipe.quantize(model, fmt, skip=())
     if not ns.eager:
         gpu_recipe._inductor_settings()
     shapes = {}
-    for name, module in holder.named_children():
-        linear = linears[name]
-        x = torch.randn(1, 1, linear.in_features, device=args.device, dtype=args.dtype)
+    for name, short in names.items():
+        module = model.get_submodule(name)
+        x = torch.randn(1, 1, in_features[name], device=args.device, dtype=args.dtype)
         weight_bytes = sum(gpu_recipe.tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
         with torch.no_grad():
             if ns.eager:
@@ -147,12 +144,11 @@ def measure_format(ns: argparse.Namespace, fmt: str) -> dict:
                 fn = torch.compile(module, dynamic=False)
             seconds, timed_as = _seconds_per_call(fn, x, ns.calls, ns.repetitions)
         median = statistics.median(seconds)
-        shapes[name] = {"out_features": linear.out_features, "in_features": linear.in_features,
-                        "weight_bytes": weight_bytes, "us_per_call": round(median * 1e6, 2),
-                        "us_min": round(min(seconds) * 1e6, 2), "us_max": round(max(seconds) * 1e6, 2),
-                        "read_gbps": round(weight_bytes / median / 1e9, 1) if median > 0 else None,
-                        "timed_as": timed_as}
-    layers = args.config["num_hidden_layers"]
+        shapes[short] = {"out_features": out_features[name], "in_features": in_features[name],
+                         "weight_bytes": weight_bytes, "us_per_call": round(median * 1e6, 2),
+                         "us_min": round(min(seconds) * 1e6, 2), "us_max": round(max(seconds) * 1e6, 2),
+                         "read_gbps": round(weight_bytes / median / 1e9, 1) if median > 0 else None,
+                         "timed_as": timed_as}
     step = layers * sum(row["us_per_call"] for name, row in shapes.items() if name != "output")
     step += shapes["output"]["us_per_call"]
     step_bytes = layers * sum(row["weight_bytes"] for name, row in shapes.items() if name != "output")
@@ -177,9 +173,10 @@ def ratios(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    on_gpu = ns.device.startswith("cuda")
     result = {"benchmark": "layer_ceiling", "model_config": ns.model_config, "device": ns.device,
-              "gpu": torch.cuda.get_device_name() if ns.device.startswith("cuda") else None,
-              "torch": torch.__version__, "copy_gbps": gpu_recipe.copy_bandwidth_gbps("cuda" if ns.device.startswith("cuda") else "cpu"), "rows": []}
+              "gpu": torch.cuda.get_device_name() if on_gpu else None, "torch": torch.__version__,
+              "copy_gbps": gpu_recipe.copy_bandwidth_gbps("cuda") if on_gpu else None, "rows": []}
     for fmt in ns.formats.split(","):
         try:
             row = measure_format(ns, fmt)
@@ -187,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             row = {"format_slug": fmt, "error": f"{type(error).__name__}: {error}"[:300]}
         result["rows"].append(row)
         ratios(result["rows"])
-        shown = (f"{row['step_matmul_ms']:.3f} ms a step ({row['step_read_gbps']} GB/s"
-                 + (f", {row['step_matmul_speedup_over_bf16']}x bf16)" if "step_matmul_speedup_over_bf16" in row
-                    else ")")) if "shapes" in row else row["error"]
-        print(f"{fmt:9} {shown}", file=sys.stderr, flush=True)
+        if "shapes" in row:
+            print(f"{fmt:9} {row['step_matmul_ms']:.3f} ms a step, {row['step_read_gbps']} GB/s, "
+                  f"{row.get('step_matmul_speedup_over_bf16', '?')}x bf16", file=sys.stderr, flush=True)
+        else:
+            print(f"{fmt:9} {row['error']}", file=sys.stderr, flush=True)
         if ns.json:
             Path(ns.json).write_text(json.dumps(result, indent=1))
     return 0
