@@ -46,10 +46,10 @@ def test_bytes_read_are_each_format_s_own(result):
 def test_ratios_are_against_bf16_of_the_same_run(result):
     bf16, packed, _ = result["rows"]
     assert bf16["step_matmul_speedup_over_bf16"] == 1.0
-    assert packed["step_matmul_speedup_over_bf16"] == pytest.approx(
-        bf16["step_matmul_ms"] / packed["step_matmul_ms"], rel=1e-2)
-    assert packed["shapes"]["w2"]["speedup_over_bf16"] == pytest.approx(
-        bf16["shapes"]["w2"]["us_per_call"] / packed["shapes"]["w2"]["us_per_call"], rel=1e-2)
+    # the stored ratio is the stored times' ratio, rounded as stored (three decimals)
+    assert packed["step_matmul_speedup_over_bf16"] == round(bf16["step_matmul_ms"] / packed["step_matmul_ms"], 3)
+    assert packed["shapes"]["w2"]["speedup_over_bf16"] == round(
+        bf16["shapes"]["w2"]["us_per_call"] / packed["shapes"]["w2"]["us_per_call"], 3)
     assert packed["kernel"].startswith("inductor") and packed["format"] == "int4"
 
 
