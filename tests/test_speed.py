@@ -278,6 +278,52 @@ def test_gpu_roofline_bounds_each_measured_weight_only_format_on_the_gpu_it_ran_
     assert speed.gpu_roofline([{**rows[0], "prompt_tokens": None}], hardware.get("h100-sxm-80gb")) == []
 
 
+def test_gpu_roofline_of_a_model_outside_the_catalog_uses_the_bytes_its_rows_read():
+    from qlab.models import hardware
+
+    # qlab bench --device cuda --model DIR names the rows after the user's folder, which no catalog entry matches
+    row = {"model": "my-llama-1b", "prompt_tokens": 128, "new_tokens": 200, "kv_cache_bytes": 10_747_904}
+    rows = [{**row, "format_slug": "int4wo", "weight_bytes_per_token": 700_000_000},
+            {**row, "format_slug": "bf16", "weight_bytes_per_token": 2_471_628_800},
+            {**row, "format_slug": "bf16", "path": "hf-generate"}]  # eager generate stores no bytes
+    bounds = speed.gpu_roofline(rows, hardware.get("h100-sxm-80gb"))
+    assert [b["format_slug"] for b in bounds] == ["bf16", "int4wo"]
+    assert bounds[0]["decode_tokens_per_s"] == pytest.approx(3.35e12 / (2_471_628_800 + 10_747_904))
+    assert bounds[1]["decode_tokens_per_s"] == pytest.approx(3.35e12 / (700_000_000 + 10_747_904))
+
+
+def test_layer_ceilings_are_read_and_set_beside_the_run_of_the_same_model_and_layout(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "RESULTS_DIR", tmp_path)
+    assert speed.layer_ceilings() == ([], [])
+    rows = [{"format_slug": "bf16", "kernel": "inductor", "layout": "fused", "step_matmul_ms": 5.0,
+             "step_read_gbps": 3000.0, "step_matmul_speedup_over_bf16": 1.0},
+            {"format_slug": "int4wo", "kernel": "tinygemm", "layout": "fused", "step_matmul_ms": 2.5,
+             "step_read_gbps": 1600.0, "step_matmul_speedup_over_bf16": 2.0},
+            {"format_slug": "int8gl", "layout": "fused", "error": "gemlite is not installed"}]
+    (tmp_path / "layer_ceiling_h100.json").write_text(json.dumps(
+        {"gpu": "NVIDIA H100 80GB HBM3", "model_config": "llama-3.1-8b", "date": "2026-12-07", "rows": rows}))
+    (tmp_path / "layer_ceiling_broken.json").write_text(json.dumps({"rows": rows}))  # no GPU named
+    [ceiling], unreadable = speed.layer_ceilings()
+    assert unreadable == ["layer_ceiling_broken.json (not valid)"]
+    assert (ceiling["gpu"], ceiling["model"], ceiling["layout"], ceiling["date"]) == (
+        "NVIDIA H100 80GB HBM3", "llama-3.1-8b", "fused", "2026-12-07")
+    run = [{"model": "llama-3.1-8b", "format_slug": "bf16", "path": "compiled-loop:fused-projections",
+            "decode_tokens_per_s": 160.0},
+           {"model": "llama-3.1-8b", "format_slug": "int4wo", "path": "compiled-loop:fused-projections",
+            "decode_tokens_per_s": 320.0},
+           # the separate layout and another model are not what the ceiling measured
+           {"model": "llama-3.1-8b", "format_slug": "int4wo", "path": "compiled-loop", "decode_tokens_per_s": 1.0},
+           {"model": "my-llama-1b", "format_slug": "bf16", "path": "compiled-loop:fused-projections",
+            "decode_tokens_per_s": 700.0}]
+    bf16, int4 = speed.ceiling_beside_run(ceiling, run)  # the failed format has no ceiling to show
+    assert bf16["step_ms"] == pytest.approx(6.25) and bf16["rest_ms"] == pytest.approx(1.25)
+    assert int4["step_ms"] == pytest.approx(3.125) and int4["rest_ms"] == pytest.approx(0.625)
+    assert int4["step_speedup"] == pytest.approx(2.0) and int4["matmul_speedup"] == 2.0
+    assert int4["read_tbps"] == pytest.approx(1.6) and int4["kernel"] == "tinygemm"
+    alone = speed.ceiling_beside_run(ceiling, run[2:])
+    assert [row["step_ms"] for row in alone] == [None, None] and alone[1]["matmul_ms"] == 2.5
+
+
 def test_bench_results_reads_row_lists_and_row_objects_from_the_repository(tmp_path, monkeypatch):
     from pathlib import Path
 

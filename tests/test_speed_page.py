@@ -1,6 +1,7 @@
 """The Speed page runs headless (Streamlit AppTest): backends listed with reasons, measured rows drawn with
 roofline predictions, verdicts, common claims. Rows are injected, so no benchmark runs here."""
 
+import pandas as pd
 import pytest
 
 from qlab.backends import speed
@@ -110,3 +111,28 @@ def test_speed_page_shows_each_stored_gpu_run_with_its_own_ratios():
     assert fused_int4["vs bf16 same path"].item() == pytest.approx(rate["int4wo", path] / rate["bf16", path])
     caption = " ".join(c.value for c in app.caption)
     assert "four weight matmuls a block instead of seven" in caption and "subclass-weights" not in caption
+
+
+def test_speed_page_sets_each_kernel_s_ceiling_beside_the_runs_of_its_gpu():
+    from streamlit.testing.v1 import AppTest
+
+    runs, _ = speed.gpu_speed_runs()
+    [ceiling], unreadable = speed.layer_ceilings()
+    assert not unreadable
+    app = AppTest.from_file(PAGE, default_timeout=120)
+    app.session_state["model_choice"] = "minilm-l6"
+    app.run()
+    beside = 0
+    for run in runs:  # the user's own model (outside the catalog) and every stored run draw without an error
+        app.selectbox(key="gpu_run").select(run["label"]).run()
+        assert not app.exception, (run["label"], [e.value for e in app.exception])
+        tables = [df.value for df in app.dataframe if "rest_ms" in df.value.columns]
+        same_gpu = run["gpu"] == ceiling["gpu"] and any(r.get("model") == ceiling["model"] for r in run["rows"])
+        assert len(tables) == int(same_gpu), run["label"]
+        for table in tables:
+            numbers = table[["step_ms", "matmul_ms", "rest_ms"]].apply(pd.to_numeric, errors="coerce")  # "–" empty
+            measured = numbers.dropna()
+            beside += len(measured)
+            assert measured["rest_ms"].to_numpy() == pytest.approx(
+                (measured["step_ms"] - measured["matmul_ms"]).to_numpy(), abs=0.011)  # shown to 0.01 ms
+    assert beside >= 4  # the stored H100 runs measured bf16 and int4 (at least) in the ceiling's layout

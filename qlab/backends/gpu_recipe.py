@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py send
 # Each format slug of the CLI (``--formats``): the backend that runs it and the weight format it stores.
 BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
               "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq",
-              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo", "int4pk": "qlab-int4-packed"}
+              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo"}
 WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
-                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3", "int4pk": "int4"}
+                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3"}
 # The kernel that does a decode step's weight matmuls in the compiled loop (the profile's top kernels confirm it).
 KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row)",
              "int8wo": "inductor Triton multiply-reduce with the int8->bf16 cast and scale fused",
@@ -52,8 +52,7 @@ KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row
              "float8wo": "inductor Triton multiply-reduce with the fp8->bf16 cast and scale fused",
              "nf4": "bitsandbytes gemv_4bit", "int8dq": "inductor int8 x int8 mm",
              "int8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)",
-             "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)",
-             "int4pk": "inductor Triton multiply-reduce with qlab's packed int4 unpacking, zero-point and scale fused"}
+             "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)"}
 FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 GEMLITE_FORMATS = ("int8gl", "float8gl")
@@ -63,8 +62,7 @@ INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64
 SCHEMES = {"bf16": QuantScheme("bf16"), "int8wo": QuantScheme("int8", "channel"),
            "int4wo": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
            "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64),
-           "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel"),
-           "int4pk": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False)}
+           "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel")}
 
 
 @dataclass(frozen=True)
@@ -248,11 +246,6 @@ def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
         return
     if fmt in GEMLITE_FORMATS:
         _gemlite(model, fmt, skip)
-        return
-    if fmt == "int4pk":
-        from qlab.backends.packed_int4 import pack_model
-
-        pack_model(model, skip, INT4_GROUP_SIZE)
         return
     from torchao.quantization import (
         Float8WeightOnlyConfig,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from qlab.analyses import roofline
 from qlab.analyses.verdict import accuracy_loss
@@ -455,15 +455,22 @@ def gpu_target(gpu_name: str, fallback: hardware.Hardware) -> hardware.Hardware:
 def gpu_roofline(rows: list[dict], target: hardware.Hardware) -> list[dict]:
     """The bandwidth bound of each weight-only format the GPU benchmark measured (``bench/gpu_speed.py``'s rows,
     one model) on ``target`` at the context the rows used: ``{"format_slug", "decode_tokens_per_s"}`` per format,
-    none when ``target`` is not a GPU."""
+    none when ``target`` is not a GPU. A model outside the catalog (``qlab bench --device cuda --model DIR``, the
+    user's own) is bounded by the bytes its rows say a decode step read."""
     from qlab.backends.gpu_recipe import SCHEMES
 
-    if target.kind != "gpu" or not rows or any(row.get(key) is None for row in rows
-                                               for key in ("model", "prompt_tokens", "new_tokens")):
+    if target.kind != "gpu" or not target.bandwidth_bytes_per_s or not rows or any(
+            row.get(key) is None for row in rows for key in ("model", "prompt_tokens", "new_tokens")):
         return []
-    arch = architectures.get(rows[0]["model"])
-    context = int(rows[0]["prompt_tokens"] + max(row["new_tokens"] for row in rows))
     measured = {row["format_slug"] for row in rows}
+    try:
+        arch = architectures.get(rows[0]["model"])
+    except QlabError:
+        step_bytes = {row["format_slug"]: row["weight_bytes_per_token"] + (row.get("kv_cache_bytes") or 0)
+                      for row in rows if row.get("weight_bytes_per_token")}
+        return [{"format_slug": fmt, "decode_tokens_per_s": target.bandwidth_bytes_per_s / step_bytes[fmt]}
+                for fmt in SCHEMES if fmt in step_bytes]
+    context = int(rows[0]["prompt_tokens"] + max(row["new_tokens"] for row in rows))
     return [{"format_slug": fmt, "decode_tokens_per_s":
              roofline.predict(arch, scheme, target, context_tokens=context).decode_bound_tokens_per_s}
             for fmt, scheme in SCHEMES.items() if fmt in measured]
@@ -541,6 +548,68 @@ def gpu_speed_runs() -> tuple[list[dict], list[str]]:
         if labels.count(run["label"]) > 1:
             run["label"] += f" ({Path(name).stem})"
     return list(runs.values()), unreadable
+
+
+class _CeilingRow(BaseModel):
+    """One format of ``bench/layer_ceiling.py``: its weight matmuls of a decode step, each timed alone."""
+
+    model_config = ConfigDict(extra="allow")
+    format_slug: str
+    kernel: str | None = None
+    step_matmul_ms: float | None = None
+    step_read_gbps: float | None = None
+    step_matmul_speedup_over_bf16: float | None = None
+    error: str | None = None
+
+
+class _CeilingRun(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    gpu: str
+    model_config_name: str = Field(alias="model_config")
+    layout: str | None = None
+    date: str | None = None
+    rows: list[_CeilingRow]
+
+
+def layer_ceilings() -> tuple[list[dict], list[str]]:
+    """Every per-layer ceiling in ``bench/results/layer_ceiling*.json`` (``bench/layer_ceiling.py``'s output):
+    ``{"gpu", "model", "layout", "date", "rows"}`` each, the rows as stored. The second list names the files that
+    could not be read."""
+    ceilings, unreadable = [], []
+    for path in sorted(RESULTS_DIR.glob("layer_ceiling*.json")):
+        try:
+            run = _CeilingRun.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as error:
+            unreadable.append(f"{path.name} ({'not valid' if isinstance(error, ValidationError) else 'unreadable'})")
+            continue
+        layouts = {row.model_dump().get("layout") for row in run.rows} - {None}
+        ceilings.append({"gpu": run.gpu, "model": run.model_config_name,
+                         "layout": run.layout or (layouts.pop() if len(layouts) == 1 else None),
+                         "date": run.date or time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)),
+                         "rows": [row.model_dump() for row in run.rows]})
+    return ceilings, unreadable
+
+
+def ceiling_beside_run(ceiling: dict, run_rows: list[dict]) -> list[dict]:
+    """Each format of a per-layer ceiling beside the same format's compiled decode loop in a GPU run of the same
+    model and layout: the run's step time, the part of it that is not the weight matmuls at their ceiling, and
+    both speed-ups over BF16. A format the run did not measure keeps only its ceiling."""
+    path = "compiled-loop" + (":fused-projections" if ceiling["layout"] == "fused" else "")
+    tokens_per_s = {row["format_slug"]: row["decode_tokens_per_s"] for row in run_rows
+                    if row.get("path") == path and row.get("model") == ceiling["model"]
+                    and row.get("decode_tokens_per_s")}
+    bf16_ms = 1000 / tokens_per_s["bf16"] if "bf16" in tokens_per_s else None
+    table = []
+    for row in ceiling["rows"]:
+        if row.get("step_matmul_ms") is None:
+            continue
+        step_ms = 1000 / tokens_per_s[row["format_slug"]] if row["format_slug"] in tokens_per_s else None
+        table.append({"format_slug": row["format_slug"], "kernel": row.get("kernel"),
+                      "matmul_ms": row["step_matmul_ms"], "matmul_speedup": row.get("step_matmul_speedup_over_bf16"),
+                      "read_tbps": row["step_read_gbps"] / 1000 if row.get("step_read_gbps") else None,
+                      "step_ms": step_ms, "rest_ms": step_ms - row["step_matmul_ms"] if step_ms else None,
+                      "step_speedup": bf16_ms / step_ms if step_ms and bf16_ms else None})
+    return table
 
 
 def bench_row(loaded: LoadedModel, backend, device: str, spec: SpeedSpec) -> dict:
