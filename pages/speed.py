@@ -295,25 +295,35 @@ else:
     ceilings, unreadable_ceilings = speed.layer_ceilings()
     if unreadable_ceilings:
         st.warning(f"Stored per-layer ceilings that could not be read: {', '.join(unreadable_ceilings)}.")
-    ceiling = next((c for c in ceilings if c["gpu"] == gpu_name and c["model"] == config), None)
-    if ceiling:
-        st.subheader("Each kernel's ceiling on this GPU")
-        layout = {"fused": "q/k/v and gate/up fused", "separate": "q/k/v and gate/up separate"}.get(
-            ceiling["layout"], "")
-        common.table(pd.DataFrame(speed.ceiling_beside_run(ceiling, measured_gpu)), column_config={
+    layouts_run = {"fused" if path.endswith(":fused-projections") else "separate"
+                   for path in frame["path"] if path.startswith("compiled-loop")}
+    for layout, repeats in speed.ceilings_of(ceilings, gpu_name, config).items():
+        if layout not in layouts_run:
+            continue
+        ceiling = repeats[-1]
+        layout_words = {"fused": "q/k/v and gate/up fused", "separate": "q/k/v and gate/up separate"}[layout]
+        st.subheader(f"Each kernel's ceiling on this GPU, {layout_words}")
+        table = pd.DataFrame(speed.ceiling_beside_run(ceiling, measured_gpu))
+        spread = speed.ceiling_spread_pct(repeats)
+        if spread:
+            table["repeat_spread_pct"] = table["format_slug"].map(spread)
+        common.table(table, column_config={
             "format_slug": "format", "kernel": "kernel",
             "matmul_ms": st.column_config.NumberColumn("weight matmuls of a step, alone (ms)", format="%.2f"),
             "matmul_speedup": st.column_config.NumberColumn("speed-up over BF16, matmuls alone", format="%.2f"),
             "read_tbps": st.column_config.NumberColumn("weights read alone (TB/s)", format="%.2f"),
             "step_ms": st.column_config.NumberColumn("decode step in this run (ms)", format="%.2f"),
             "rest_ms": st.column_config.NumberColumn("rest of the step (ms)", format="%.2f"),
-            "step_speedup": st.column_config.NumberColumn("speed-up over BF16, end to end", format="%.2f")})
-        st.caption(f"Measured on {ceiling['gpu']} on {ceiling['date']} ({layout}): each weight matmul of one block "
-                   f"of {config} and its output head, timed alone from CUDA graphs with the L2 cache emptied before "
+            "step_speedup": st.column_config.NumberColumn("speed-up over BF16, end to end", format="%.2f"),
+            "repeat_spread_pct": st.column_config.NumberColumn(
+                f"spread over {len(repeats)} measurements (%)", format="%.1f")}, key=f"ceiling_{layout}")
+        repeated = f" The latest of {len(repeats)} measurements is shown." if len(repeats) > 1 else ""
+        st.caption(f"Measured on {ceiling['gpu']} on {ceiling['date']}: each weight matmul of one block of "
+                   f"{config} and its output head, timed alone from CUDA graphs with the L2 cache emptied before "
                    "every call, summed over the layers. That is the shortest time a decode step's weight matmuls "
                    "can take with the kernel. The rest of the step is this run's step time minus it: attention, "
-                   "norms, rotary and residual adds, and whatever the kernel loses inside the model. A format whose "
-                   "end-to-end speed-up stays under its ceiling's is held back by that rest, not by its kernel.")
+                   "norms, rotary and residual adds, and whatever the kernel gains or loses inside the model. A "
+                   f"format whose end-to-end speed-up stays under its ceiling's is held back by that rest.{repeated}")
 failed_gpu = [r for r in gpu_run["rows"] if not r.get("decode_tokens_per_s")]
 if failed_gpu:
     with st.expander(f"{len(failed_gpu)} GPU step(s) without a measurement"):

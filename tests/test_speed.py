@@ -324,6 +324,30 @@ def test_layer_ceilings_are_read_and_set_beside_the_run_of_the_same_model_and_la
     assert [row["step_ms"] for row in alone] == [None, None] and alone[1]["matmul_ms"] == 2.5
 
 
+def test_repeated_ceilings_are_kept_apart_by_gpu_model_and_layout_with_their_spread(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "RESULTS_DIR", tmp_path)
+
+    def run(gpu, layout, int4_ms, model="llama-3.1-8b"):
+        return {"gpu": gpu, "model_config": model, "rows": [
+            {"format_slug": "bf16", "layout": layout, "step_matmul_ms": 5.0},
+            {"format_slug": "int4wo", "layout": layout, "step_matmul_ms": int4_ms}]}
+
+    (tmp_path / "layer_ceiling_h100.json").write_text(json.dumps({"runs": [
+        {**run("H100", "fused", 2.5), "label": "first"}, {**run("H100", "fused", 2.6), "label": "second"},
+        run("H100", "separate", 3.0), run("H100", "fused", 9.0, model="qwen2.5-7b")]}))
+    (tmp_path / "layer_ceiling_h200.json").write_text(json.dumps(run("H200", "fused", 2.2)))  # as the program writes
+    ceilings, unreadable = speed.layer_ceilings()
+    assert not unreadable and len(ceilings) == 5
+    h100 = speed.ceilings_of(ceilings, "H100", "llama-3.1-8b")
+    assert sorted(h100) == ["fused", "separate"]
+    assert [c["label"] for c in h100["fused"]] == ["first", "second"]
+    assert speed.ceiling_spread_pct(h100["fused"]) == {"bf16": 0.0, "int4wo": pytest.approx(4.0)}
+    assert speed.ceiling_spread_pct(h100["separate"]) == {}  # measured once: no spread to show
+    assert [c["rows"][1]["step_matmul_ms"] for c in speed.ceilings_of(ceilings, "H200", "llama-3.1-8b")["fused"]] \
+        == [2.2]
+    assert speed.ceilings_of(ceilings, "H200", "qwen2.5-7b") == {}
+
+
 def test_bench_results_reads_row_lists_and_row_objects_from_the_repository(tmp_path, monkeypatch):
     from pathlib import Path
 

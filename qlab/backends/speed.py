@@ -568,26 +568,58 @@ class _CeilingRun(BaseModel):
     model_config_name: str = Field(alias="model_config")
     layout: str | None = None
     date: str | None = None
+    label: str | None = None
     rows: list[_CeilingRow]
 
 
+class _CeilingRunsFile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    runs: list[_CeilingRun]
+
+
+# A ceilings file: the program's output as it wrote it, or several runs of it kept together.
+_CEILING_RESULTS = TypeAdapter(_CeilingRunsFile | _CeilingRun)
+
+
 def layer_ceilings() -> tuple[list[dict], list[str]]:
-    """Every per-layer ceiling in ``bench/results/layer_ceiling*.json`` (``bench/layer_ceiling.py``'s output):
-    ``{"gpu", "model", "layout", "date", "rows"}`` each, the rows as stored. The second list names the files that
-    could not be read."""
+    """Every per-layer ceiling in ``bench/results/layer_ceiling*.json`` (``bench/layer_ceiling.py``'s output, alone
+    or as ``{"runs": [...]}``): ``{"gpu", "model", "layout", "date", "label", "rows"}`` per run, the rows as
+    stored. The second list names the files that could not be read."""
     ceilings, unreadable = [], []
     for path in sorted(RESULTS_DIR.glob("layer_ceiling*.json")):
         try:
-            run = _CeilingRun.model_validate_json(path.read_bytes())
+            data = _CEILING_RESULTS.validate_json(path.read_bytes())
         except (OSError, ValidationError) as error:
             unreadable.append(f"{path.name} ({'not valid' if isinstance(error, ValidationError) else 'unreadable'})")
             continue
-        layouts = {row.model_dump().get("layout") for row in run.rows} - {None}
-        ceilings.append({"gpu": run.gpu, "model": run.model_config_name,
-                         "layout": run.layout or (layouts.pop() if len(layouts) == 1 else None),
-                         "date": run.date or time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)),
-                         "rows": [row.model_dump() for row in run.rows]})
+        written = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+        for run in data.runs if isinstance(data, _CeilingRunsFile) else [data]:
+            layouts = {row.model_dump().get("layout") for row in run.rows} - {None}
+            ceilings.append({"gpu": run.gpu, "model": run.model_config_name,
+                             "layout": run.layout or (layouts.pop() if len(layouts) == 1 else None),
+                             "date": run.date or written, "label": run.label,
+                             "rows": [row.model_dump() for row in run.rows]})
     return ceilings, unreadable
+
+
+def ceilings_of(ceilings: list[dict], gpu: str, model: str) -> dict[str, list[dict]]:
+    """The ceilings measured on ``gpu`` for ``model``, by layout ("fused", "separate"), in the order stored."""
+    by_layout: dict[str, list[dict]] = {}
+    for ceiling in ceilings:
+        if ceiling["gpu"] == gpu and ceiling["model"] == model and ceiling["layout"]:
+            by_layout.setdefault(ceiling["layout"], []).append(ceiling)
+    return by_layout
+
+
+def ceiling_spread_pct(repeats: list[dict]) -> dict[str, float]:
+    """How far repeated ceilings of one layout disagree, per format: (slowest - fastest) / fastest step matmul
+    time, in %, for each format measured more than once."""
+    times: dict[str, list[float]] = {}
+    for ceiling in repeats:
+        for row in ceiling["rows"]:
+            if row.get("step_matmul_ms"):
+                times.setdefault(row["format_slug"], []).append(row["step_matmul_ms"])
+    return {fmt: 100 * (max(ms) - min(ms)) / min(ms) for fmt, ms in times.items() if len(ms) > 1}
 
 
 def ceiling_beside_run(ceiling: dict, run_rows: list[dict]) -> list[dict]:
