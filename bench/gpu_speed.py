@@ -30,7 +30,7 @@ reduce-overhead (``compiled-loop:max-autotune``; on torch 2.11 its int8 compile 
 
 The model and the measured step are ``qlab.backends.gpu_recipe``; this program owns the rest: the command line,
 one subprocess per step (a compile can take minutes; an OOM or a crash must not lose the others), its output
-streamed into ``<json>.log``, the wheel installer and the merging of runs. ``python -m qlab bench --device cuda``
+streamed into ``<json>.log`` (or ``--work-dir``), the wheel installer and the merging of runs. ``python -m qlab bench --device cuda``
 runs it.
 """
 
@@ -61,7 +61,7 @@ STEP_ORDER = (
     ("bf16", "eager-loop"), ("int4wo", "hf-generate"),
 )
 OWN_OPTIONS = {"--json", "--budget-s", "--step-timeout-s", "--install-wheels", "--wheels", "--formats", "--paths",
-               "--steps", "--parallel"}
+               "--steps", "--parallel", "--work-dir"}
 FLAGS = {"--install-wheels", "--parallel"}
 
 
@@ -112,8 +112,9 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     """Run each step in a subprocess under the time budget; rewrite the JSON after each one."""
     out = Path(ns.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _work_file(ns, "").mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    log_file = out.with_suffix(".log")
+    log_file = _work_file(ns, f"{out.stem}.log")
     deadline = time.monotonic() + ns.budget_s
     installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
     notes = {"install": installed}
@@ -126,7 +127,7 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
             rows.append({"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path,
                          "device": ns.device, "error": "skipped: the time budget was spent", "measured": False})
             continue
-        row_file = out.with_name(f".{out.stem}.{fmt}.{path}.json")
+        row_file = _work_file(ns, f".{out.stem}.{fmt}.{path}.json")
         command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
                    "--row-out", str(row_file), *passthrough]
         started = time.monotonic()
@@ -169,6 +170,7 @@ def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list
 
     out = Path(ns.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _work_file(ns, "").mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + ns.budget_s
     installed, extra_path = install_wheels(Path(ns.wheels)) if ns.install_wheels else ("not asked", None)
     env = dict(os.environ)
@@ -180,8 +182,8 @@ def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list
     running = {}
     for fmt, path in loops:
         key = f"{fmt}.{path}"
-        row_file = out.with_name(f".{out.stem}.{key}.json")
-        log = out.with_name(f".{out.stem}.{key}.log")
+        row_file = _work_file(ns, f".{out.stem}.{key}.json")
+        log = _work_file(ns, f".{out.stem}.{key}.log")
         command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
                    "--row-out", str(row_file), "--turn-dir", str(turns), *passthrough]
         sink = log.open("w")
@@ -217,7 +219,7 @@ def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list
         row["log_tail"] = tail
         row["step_seconds"] = round(time.monotonic() - started, 1)
         row["setup"] = {"install": installed, "parallel_compile": [k for k in running]}
-        with out.with_suffix(".log").open("a") as whole:
+        with _work_file(ns, f"{out.stem}.log").open("a") as whole:
             whole.write(f"=== {fmt}:{path} (parallel) ===\n{log.read_text(errors='replace')}")
         row_file.unlink(missing_ok=True)
         log.unlink(missing_ok=True)
@@ -232,6 +234,11 @@ def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list
         rows = earlier + rows
         _write(out, rows)
     return rows
+
+
+def _work_file(ns: argparse.Namespace, name: str) -> Path:
+    """Where a step's row file and the log go: ``--work-dir``, else beside the JSON."""
+    return Path(ns.work_dir or Path(ns.json).parent) / name
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -274,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--install-wheels", action="store_true", help="pip install --no-deps the wheels in --wheels")
     p.add_argument("--wheels", default=str(REPO / "bench" / "wheels"))
     p.add_argument("--json", default="gpu_speed.json", help="output file (rewritten after each step)")
+    p.add_argument("--work-dir", default=None,
+                   help="folder for the steps' row files and the log (default: beside --json)")
     p.add_argument("--steps", default=None,
                    help="explicit steps instead of formats x paths, e.g. float8wo:compiled-loop,int8wo:hf-generate")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",

@@ -39,10 +39,14 @@ def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
 
 @pytest.mark.slow  # two subprocesses, each importing torch and transformers
 def test_parallel_steps_of_both_layouts_each_get_their_turn(tmp_path):
-    out = tmp_path / "gpu.json"
+    out, work = tmp_path / "mine" / "gpu.json", tmp_path / "work"
     argv = ["--dry-run", "--device", "cpu", "--dtype", "fp32", "--parallel", "--json", str(out), "--budget-s", "150",
-            "--steps", "bf16:eager-loop,bf16:eager-loop:fused-projections"]
+            "--steps", "bf16:eager-loop,bf16:eager-loop:fused-projections", "--work-dir", str(work)]
+    assert "--work-dir" not in gpu_speed.step_arguments(argv)
     assert gpu_speed.main(argv) == 0
+    # with --work-dir the log and the steps' files go there; beside the JSON there is only the JSON
+    assert [p.name for p in out.parent.iterdir()] == ["gpu.json"]
+    assert [p.name for p in work.iterdir()] == ["gpu.log"]
     rows = json.loads(out.read_text())
     assert [r["path"] for r in rows] == ["eager-loop", "eager-loop:fused-projections"]
     for row in rows:

@@ -228,6 +228,34 @@ def test_bench_on_the_gpu_builds_the_users_own_model_shapes_and_writes_only_wher
     assert bench.fastest_gpu_formats() == "bf16,int8wo,int4wo,float8wo,nf4"
 
 
+def test_bench_on_the_gpu_refuses_an_unknown_format_and_reports_a_failed_program_in_one_line(
+        monkeypatch, tmp_path, capsys):
+    import json
+    import subprocess
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the GPU program must not start"))
+    assert main(["bench", "--device", "cuda:0", "--formats", "bf16,int4pk"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("qlab: error: the GPU benchmark has no format 'int4pk'; choose from bf16,")
+    assert "\n" not in error
+    mine = tmp_path / "mine.json"
+
+    def dies_after_one_step(argv, check, env):
+        assert check  # the program's failure is what this test turns into one line
+        assert Path(argv[argv.index("--work-dir") + 1]) != mine.parent  # its log goes elsewhere
+        mine.write_text(json.dumps([{"format_slug": "bf16", "path": "compiled-loop", "decode_tokens_per_s": 1.0}]))
+        raise subprocess.CalledProcessError(1, argv)
+
+    monkeypatch.setattr(subprocess, "run", dies_after_one_step)
+    assert main(["bench", "--device", "cuda:0", "--formats", "bf16,int4wo", "--json", str(mine)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"qlab: error: the GPU benchmark stopped with exit status 1; the steps that finished are in {mine}."
+    assert json.loads(mine.read_text())[0]["decode_tokens_per_s"] == 1.0  # kept
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.json"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("bert", "builds Llama-family decoders (llama, mistral, qwen2)"),
     ("both", "not both"),

@@ -207,6 +207,7 @@ def _gpu(args: argparse.Namespace, placement: str) -> None:
     import tempfile
     from pathlib import Path
 
+    from qlab.backends.gpu_recipe import BACKEND_OF
     from qlab.backends.speed import RESULTS_DIR
     from qlab.core.errors import QlabError
 
@@ -215,18 +216,28 @@ def _gpu(args: argparse.Namespace, placement: str) -> None:
                         "or fp32.")
     if args.model and args.model_config:
         raise QlabError("give --model (your model's shapes) or --model-config (a catalog shape), not both.")
+    formats = args.formats or fastest_gpu_formats()
+    unknown = [fmt for fmt in formats.split(",") if fmt not in BACKEND_OF]
+    if unknown:
+        raise QlabError(f"the GPU benchmark has no format {', '.join(map(repr, unknown))}; choose from "
+                        f"{', '.join(BACKEND_OF)}.")
     with tempfile.TemporaryDirectory(prefix="qlab-gpu-bench-") as scratch:
         config = (_shapes_of(args.model, Path(scratch)) if args.model
                   else args.model_config or DEFAULT_GPU_CONFIG)
         out = Path(args.json).resolve() if args.json not in (None, "-") else Path(scratch) / "gpu_speed.json"
         # The program runs on "cuda": showing it only the chosen GPU makes that GPU its cuda:0.
         gpu = {"CUDA_VISIBLE_DEVICES": _visible_index(placement)}
-        subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", str(config),
-                        "--device", "cuda", "--dtype", args.dtype or "bf16", "--prompt-tokens", str(args.prompt_tokens),
-                        "--repetitions", str(args.repetitions), "--formats", args.formats or fastest_gpu_formats(),
-                        "--json", str(out),
-                        *(["--fuse-projections"] if args.fuse_projections else [])],
-                       check=True, env={**os.environ, **gpu})
+        # Its log and per-step files go to the scratch folder: the only file written is the one --json names.
+        try:
+            subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", str(config),
+                            "--device", "cuda", "--dtype", args.dtype or "bf16",
+                            "--prompt-tokens", str(args.prompt_tokens), "--repetitions", str(args.repetitions),
+                            "--formats", formats, "--json", str(out), "--work-dir", scratch,
+                            *(["--fuse-projections"] if args.fuse_projections else [])],
+                           check=True, env={**os.environ, **gpu})
+        except subprocess.CalledProcessError as error:
+            kept = f"; the steps that finished are in {out}" if args.json not in (None, "-") and out.is_file() else ""
+            raise QlabError(f"the GPU benchmark stopped with exit status {error.returncode}{kept}.") from None
         _print(json.loads(out.read_text()))
 
 
