@@ -14,7 +14,7 @@ smaller ones (4096 x 4096 in int4: 9 MB) would fit in the H100/H200's 50 MB. The
 format, so a cut-off run keeps what it measured.
 
 On a lent GPU (torchao and gemlite from the carried wheels, installed with ``--target`` on PYTHONPATH):
-    python bench/layer_ceiling.py --formats bf16,int8gl,float8gl,int4wo,int8wo,float8wo --json $OUT/layer_ceiling.json
+    python bench/layer_ceiling.py --formats bf16,int8gl,float8gl,int4wo,int4gl,int8wo,float8wo --json $OUT/layer_ceiling.json
 Dry run on a CPU (tiny shapes, no graphs, no compiles):
     python bench/layer_ceiling.py --dry-run --device cpu --dtype fp32 --eager --formats bf16,int8wo --json /tmp/c.json
 """
@@ -43,7 +43,7 @@ L2_FLUSH_BYTES = 256 << 20
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-config", default="llama-3.1-8b", help="catalog config name or a config.json path")
-    p.add_argument("--formats", default="bf16,int8gl,float8gl,int4wo,int8wo,float8wo")
+    p.add_argument("--formats", default="bf16,int8gl,float8gl,int4wo,int4gl,int8wo,float8wo")
     p.add_argument("--layout", choices=("fused", "separate"), default="fused")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))

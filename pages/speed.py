@@ -300,7 +300,7 @@ else:
     for layout, repeats in speed.ceilings_of(ceilings, gpu_name, config).items():
         if layout not in layouts_run:
             continue
-        ceiling = repeats[-1]
+        ceiling = speed.latest_ceiling(repeats)
         layout_words = {"fused": "q/k/v and gate/up fused", "separate": "q/k/v and gate/up separate"}[layout]
         st.subheader(f"Each kernel's ceiling on this GPU, {layout_words}")
         table = pd.DataFrame(speed.ceiling_beside_run(ceiling, measured_gpu))
@@ -317,7 +317,8 @@ else:
             "step_speedup": st.column_config.NumberColumn("speed-up over BF16, end to end", format="%.2f"),
             "repeat_spread_pct": st.column_config.NumberColumn(
                 f"spread over {len(repeats)} measurements (%)", format="%.1f")}, key=f"ceiling_{layout}")
-        repeated = f" The latest of {len(repeats)} measurements is shown." if len(repeats) > 1 else ""
+        repeated = (f" Each format's latest of {len(repeats)} runs of the program is shown." if len(repeats) > 1
+                    else "")
         st.caption(f"Measured on {ceiling['gpu']} on {ceiling['date']}: each weight matmul of one block of "
                    f"{config} and its output head, timed alone from CUDA graphs with the L2 cache emptied before "
                    "every call, summed over the layers. That is the shortest time a decode step's weight matmuls "

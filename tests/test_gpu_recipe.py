@@ -67,6 +67,19 @@ def test_steps_measure_on_cpu(fmt, path):
     assert row["backend"] == gpu_recipe.BACKEND_OF[fmt] and row["path"] == path and row["device"] == "cpu"
 
 
+def test_int4_groups_for_gemlite_dequantize_to_the_sweep_s_int4():
+    from qlab.core.quant import fake_quantize
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256, dtype=torch.bfloat16)
+    codes, scales, zeros = gpu_recipe.int4_groups(weight, 64)
+    assert codes.dtype == torch.uint8 and codes.shape == (96, 256) and 0 <= int(codes.min()) <= int(codes.max()) <= 15
+    assert scales.shape == zeros.shape == (96, 4)
+    rebuilt = (codes.float().reshape(96, 4, 64) - zeros[..., None]) * scales[..., None]
+    expected = fake_quantize(weight, gpu_recipe.SCHEMES["int4gl"], dtype=torch.float32)
+    torch.testing.assert_close(rebuilt.reshape(96, 256), expected, rtol=0, atol=0)
+
+
 def test_a_failing_recipe_becomes_an_error_row():
     row = gpu_recipe.run_step(tiny_args(), "int4wo", "eager-loop")  # tinygemm INT4 needs CUDA and BF16
     assert row["error"] and row["decode_tokens_per_s"] is None

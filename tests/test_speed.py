@@ -343,6 +343,14 @@ def test_repeated_ceilings_are_kept_apart_by_gpu_model_and_layout_with_their_spr
     assert [c["label"] for c in h100["fused"]] == ["first", "second"]
     assert speed.ceiling_spread_pct(h100["fused"]) == {"bf16": 0.0, "int4wo": pytest.approx(4.0)}
     assert speed.ceiling_spread_pct(h100["separate"]) == {}  # measured once: no spread to show
+    later = {"gpu": "H100", "model": "llama-3.1-8b", "layout": "fused", "date": "2026-12-08", "label": "int4 only",
+             "rows": [{"format_slug": "int4wo", "step_matmul_ms": 2.4}, {"format_slug": "int4gl", "step_matmul_ms": 2.7},
+                      {"format_slug": "bf16", "error": "out of memory"}]}
+    merged = speed.latest_ceiling([*h100["fused"], later])
+    # each format's latest measurement; a later failure does not hide an earlier measurement
+    assert [(r["format_slug"], r["step_matmul_ms"]) for r in merged["rows"]] == [
+        ("bf16", 5.0), ("int4wo", 2.4), ("int4gl", 2.7)]
+    assert merged["date"] == "2026-12-08"
     assert [c["rows"][1]["step_matmul_ms"] for c in speed.ceilings_of(ceilings, "H200", "llama-3.1-8b")["fused"]] \
         == [2.2]
     assert speed.ceilings_of(ceilings, "H200", "qwen2.5-7b") == {}

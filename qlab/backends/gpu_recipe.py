@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py send
 # Each format slug of the CLI (``--formats``): the backend that runs it and the weight format it stores.
 BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
               "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq",
-              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo"}
+              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo", "int4gl": "gemlite-int4wo"}
 WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
-                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3"}
+                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3", "int4gl": "int4"}
 # The kernel that does a decode step's weight matmuls in the compiled loop (the profile's top kernels confirm it).
 KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row)",
              "int8wo": "inductor Triton multiply-reduce with the int8->bf16 cast and scale fused",
@@ -52,17 +52,19 @@ KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row
              "float8wo": "inductor Triton multiply-reduce with the fp8->bf16 cast and scale fused",
              "nf4": "bitsandbytes gemv_4bit", "int8dq": "inductor int8 x int8 mm",
              "int8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)",
-             "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)"}
+             "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)",
+             "int4gl": "gemlite GEMV_REVSPLITK Triton kernel (A16W4, int4 g64 asymmetric)"}
 FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
-GEMLITE_FORMATS = ("int8gl", "float8gl")
+GEMLITE_FORMATS = ("int8gl", "float8gl", "int4gl")
 INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
 # The qlab scheme whose bytes a weight-only recipe reads per decode step (its roofline); int8dq quantizes the
 # activations too, so bytes alone do not bound it and it has none. NF4 is bitsandbytes' default block of 64.
 SCHEMES = {"bf16": QuantScheme("bf16"), "int8wo": QuantScheme("int8", "channel"),
            "int4wo": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
            "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64),
-           "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel")}
+           "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel"),
+           "int4gl": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False)}
 
 
 @dataclass(frozen=True)
@@ -300,15 +302,40 @@ def _bnb_nf4(model: nn.Module, skip: tuple[str, ...]) -> None:
 
 
 def _gemlite(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
-    """gemlite's 8-bit weight-only recipe (one scale per output channel) on every linear: its Triton GEMV kernels
-    are a torch custom op, which the compiled loop calls as it is (measured per layer on the H200: 1.41x bf16 for
-    int8, against 1.14x for torchao's compiled int8)."""
-    from gemlite.helper import A16W8_FP8, A16W8_INT8
+    """gemlite's weight-only recipes on every linear: 8-bit with one scale per output channel, or qlab's own int4
+    g64 asymmetric codes. Its Triton GEMV kernels are a torch custom op, which the compiled loop calls as it is
+    (measured per layer on the H200: 1.41x bf16 for int8, against 1.14x for torchao's compiled int8)."""
+    from gemlite.helper import A16W8_FP8, A16W8_INT8, A16Wn
 
-    processor = (A16W8_INT8 if fmt == "int8gl" else A16W8_FP8)(device=str(next(model.parameters()).device))
+    device = str(next(model.parameters()).device)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    if fmt == "int4gl":
+        processor = A16Wn(device=device, dtype=torch.bfloat16)
+        for name in names:
+            linear = model.get_submodule(name)
+            codes, scales, zeros = int4_groups(linear.weight.detach(), INT4_GROUP_SIZE)
+            model.set_submodule(name, processor.from_weights(codes, scales, zeros, W_nbits=4,
+                                                             group_size=INT4_GROUP_SIZE, bias=linear.bias))
+        return
+    processor = (A16W8_INT8 if fmt == "int8gl" else A16W8_FP8)(device=device)
     for name in names:
         model.set_submodule(name, processor.from_linear(model.get_submodule(name)))
+
+
+def int4_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qlab's int4 round-to-nearest (groups of ``group`` inputs, asymmetric) as gemlite's A16W4 takes it: unsigned
+    codes 0..15 (out, in) as uint8, and per group the scale and the zero-point in code units (out, in / group),
+    so that ``(codes - zeros) * scales`` is the weight the sweep evaluates (gemlite then holds the scales and
+    zero-points in bf16, its activations' dtype)."""
+    from qlab.core.quant import quantize
+
+    scheme = QuantScheme("int4", "group", group, symmetric=False)
+    qtensor = quantize(weight, scheme)
+    rows, width = weight.shape
+    qmin = scheme.fmt.qmin
+    codes = (qtensor.codes.to(torch.int16) - qmin).to(torch.uint8).reshape(rows, width)
+    zeros = (qtensor.zero_point.to(torch.float32) - qmin).reshape(rows, width // group)
+    return codes, qtensor.scale.to(torch.float32).reshape(rows, width // group), zeros
 
 
 def _wait_turn(turn_dir: str, key: str, timeout_s: float = 900.0) -> float:

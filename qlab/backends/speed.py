@@ -611,6 +611,17 @@ def ceilings_of(ceilings: list[dict], gpu: str, model: str) -> dict[str, list[di
     return by_layout
 
 
+def latest_ceiling(repeats: list[dict]) -> dict:
+    """Repeated ceilings of one GPU, model and layout as one: each format's latest measured row (a later run may
+    have measured only some formats), in the order the formats first appear; the latest run's date."""
+    rows: dict[str, dict] = {}
+    for ceiling in repeats:
+        for row in ceiling["rows"]:
+            if row.get("step_matmul_ms") is not None or row["format_slug"] not in rows:
+                rows[row["format_slug"]] = row
+    return {**repeats[-1], "rows": list(rows.values())}
+
+
 def ceiling_spread_pct(repeats: list[dict]) -> dict[str, float]:
     """How far repeated ceilings of one layout disagree, per format: (slowest - fastest) / fastest step matmul
     time, in %, for each format measured more than once."""
