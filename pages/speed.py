@@ -246,9 +246,10 @@ else:
         for _, r in frame.iterrows()]
     if "achieved_weight_gbps" in frame.columns:
         frame["weight read TB/s"] = frame["achieved_weight_gbps"] / 1000
-    common.table(frame[[c for c in ("format_slug", "backend", "kernel", "path", "decode_tokens_per_s",
-                                    "vs bf16 same path", "weight read TB/s", "decode_tokens_per_s_spread_pct",
-                                    "prefill_ms", "compile_seconds", "gpu", "torch", "torchao")
+    # The numbers first: at 1280 pixels the long kernel names would push them out of view.
+    common.table(frame[[c for c in ("format_slug", "path", "decode_tokens_per_s", "vs bf16 same path",
+                                    "weight read TB/s", "decode_tokens_per_s_spread_pct", "prefill_ms",
+                                    "compile_seconds", "kernel", "backend", "gpu", "torch", "torchao")
                         if c in frame.columns]],
                  column_config={"format_slug": "format", "kernel": "kernel doing the weight matmuls",
                                 "path": "code path", "decode_tokens_per_s": st.column_config.NumberColumn(
@@ -259,7 +260,8 @@ else:
                                     "weights read (TB/s)", format="%.2f",
                                     help="Weight bytes of one decode step over the step's time."),
                                 "decode_tokens_per_s_spread_pct": "decode spread (%)", "prefill_ms": "prefill (ms)",
-                                "compile_seconds": "compile (s)", "gpu": "GPU", "torch": "torch",
+                                "compile_seconds": st.column_config.NumberColumn("compile (s)", format="%.0f"),
+                                "gpu": "GPU", "torch": "torch",
                                 "torchao": "torchao"})
     compared = frame[(frame["format_slug"] != "bf16") & frame["vs bf16 same path"].notna()]
     ratios = "; ".join(f"{path}: " + ", ".join(f"{r['format_slug']} {r['vs bf16 same path']:.2f}x"
@@ -309,14 +311,16 @@ else:
             table["repeat_spread_pct"] = table["format_slug"].map(spread)
         common.table(table, column_config={
             "format_slug": "format", "kernel": "kernel",
-            "matmul_ms": st.column_config.NumberColumn("weight matmuls of a step, alone (ms)", format="%.2f"),
-            "matmul_speedup": st.column_config.NumberColumn("speed-up over BF16, matmuls alone", format="%.2f"),
+            "matmul_ms": st.column_config.NumberColumn(
+                "matmuls alone (ms)", format="%.2f", help="A decode step's weight matmuls, each timed alone."),
+            "matmul_speedup": st.column_config.NumberColumn("vs BF16, alone", format="%.2fx"),
+            "step_ms": st.column_config.NumberColumn("step in this run (ms)", format="%.2f"),
+            "rest_ms": st.column_config.NumberColumn(
+                "rest of the step (ms)", format="%.2f", help="This run's step time minus the matmuls alone."),
+            "step_speedup": st.column_config.NumberColumn("vs BF16, end to end", format="%.2fx"),
             "read_tbps": st.column_config.NumberColumn("weights read alone (TB/s)", format="%.2f"),
-            "step_ms": st.column_config.NumberColumn("decode step in this run (ms)", format="%.2f"),
-            "rest_ms": st.column_config.NumberColumn("rest of the step (ms)", format="%.2f"),
-            "step_speedup": st.column_config.NumberColumn("speed-up over BF16, end to end", format="%.2f"),
             "repeat_spread_pct": st.column_config.NumberColumn(
-                f"spread over {len(repeats)} measurements (%)", format="%.1f")}, key=f"ceiling_{layout}")
+                f"spread over {len(repeats)} runs (%)", format="%.1f")}, key=f"ceiling_{layout}")
         repeated = (f" Each format's latest of {len(repeats)} runs of the program is shown." if len(repeats) > 1
                     else "")
         st.caption(f"Measured on {ceiling['gpu']} on {ceiling['date']}: each weight matmul of one block of "

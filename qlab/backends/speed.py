@@ -647,11 +647,12 @@ def ceiling_beside_run(ceiling: dict, run_rows: list[dict]) -> list[dict]:
         if row.get("step_matmul_ms") is None:
             continue
         step_ms = 1000 / tokens_per_s[row["format_slug"]] if row["format_slug"] in tokens_per_s else None
-        table.append({"format_slug": row["format_slug"], "kernel": row.get("kernel"),
+        table.append({"format_slug": row["format_slug"],
                       "matmul_ms": row["step_matmul_ms"], "matmul_speedup": row.get("step_matmul_speedup_over_bf16"),
-                      "read_tbps": row["step_read_gbps"] / 1000 if row.get("step_read_gbps") else None,
                       "step_ms": step_ms, "rest_ms": step_ms - row["step_matmul_ms"] if step_ms else None,
-                      "step_speedup": bf16_ms / step_ms if step_ms and bf16_ms else None})
+                      "step_speedup": bf16_ms / step_ms if step_ms and bf16_ms else None,
+                      "read_tbps": row["step_read_gbps"] / 1000 if row.get("step_read_gbps") else None,
+                      "kernel": row.get("kernel")})
     return table
 
 
