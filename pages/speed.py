@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -11,12 +12,12 @@ import streamlit as st
 from pages import common
 from qlab import backends, charts
 from qlab.analyses import roofline
-from qlab.backends import export, speed
+from qlab.backends import export, gpu_bench, gpu_recipe, speed
 from qlab.core.errors import QlabError
 from qlab.models import hardware
 from qlab.models.evaluate import Progress
-from qlab.models.loading import model_sha256
-from qlab.store import Recorder, Store, bench_meta
+from qlab.models.loading import device_label, model_sha256
+from qlab.store import Recorder, Store, bench_meta, run_meta
 
 REFERENCES = Path(__file__).resolve().parent.parent / "assets" / "speed_references.json"
 DEFAULT_BACKENDS = ("fp32", "bf16", "torch-dynamic-int8", "torchao-int8wo", "quanto-int8", "onnxruntime-fp32",
@@ -223,6 +224,54 @@ st.subheader("Measured on a GPU")
 gpu_runs, unreadable_runs = speed.gpu_speed_runs()
 if unreadable_runs:
     st.warning(f"Stored GPU results that could not be read: {', '.join(unreadable_runs)}.")
+device = st.session_state.get("device", "cpu")
+if is_lm and device.startswith("cuda"):
+    st.multiselect("Formats to measure on this GPU", list(gpu_recipe.BACKEND_OF), key="gpu_formats",
+                   default=gpu_bench.fastest_formats(),
+                   help="Each through its own kernel, named in the table below; the defaults are the fastest "
+                        "measured that are installed here.")
+    fuse = st.checkbox("q/k/v and gate/up as one matmul each (gpt-fast's layout)", value=True, key="gpu_fuse")
+    gpu_formats = st.session_state["gpu_formats"]
+    gpu_settings = {"gpu_benchmark": {"formats": gpu_formats, "fuse_projections": fuse, "device": device}}
+    gpu_key = (loaded.name, device, tuple(gpu_formats), fuse)
+    gpu_store = st.session_state.setdefault("gpu_speed_rows", {})
+    if gpu_key not in gpu_store:  # a reload: the last measurement stored for these choices
+        try:
+            stored_gpu = Store().latest_run("bench", loaded.name, model_sha256(loaded), gpu_settings,
+                                            holding="bench")
+        except QlabError as error:
+            st.warning(f"Run history unavailable: {error}")
+            stored_gpu = None
+        gpu_store[gpu_key] = stored_gpu.records("bench") if stored_gpu is not None else []
+    gpu_rows: list[dict] = gpu_store[gpu_key]
+
+    def measure_gpu(progress: Progress, recorder: Recorder | None) -> None:
+        gpu_rows.clear()
+
+        def keep(row: dict) -> None:
+            gpu_rows.append(row)  # kept before the next format is timed
+            if recorder is not None:
+                recorder.save(row, "bench")
+
+        with tempfile.TemporaryDirectory(prefix="qlab-gpu-bench-") as scratch:
+            gpu_bench.run_compiled(common.model_name(), device, gpu_formats, Path(scratch), fuse_projections=fuse,
+                                   on_row=keep, progress=progress)
+
+    measured_now = common.long_run(
+        "Measure on this GPU", "run_gpu_speed", measure_gpu, ready=bool(gpu_formats),
+        prepare=lambda: run_meta("bench", loaded, None, **gpu_settings),
+        kept=lambda: f"Kept {common.count(len(gpu_rows), 'measured format')}, shown below and in History.",
+        start_text=f"Building random weights in your model's shapes and compiling "
+                   f"{common.count(len(gpu_formats), 'format')} side by side (one to four minutes, longer for "
+                   "large models), then timing each alone...",
+        cancel_key="cancel_gpu_speed", cancel_help="Stops the benchmark; formats already timed are kept.",
+        nothing_to_do="Pick at least one format.")
+    if gpu_rows:
+        label = f"your model on {device_label(device)}, measured here"
+        gpu_runs.insert(0, {"label": label, "rows": gpu_rows,
+                            "gpu": next((r.get("gpu") for r in gpu_rows if r.get("gpu")), "GPU")})
+        if measured_now:  # show what was just measured, not the run picked before
+            st.session_state["gpu_run"] = label
 runs_by_label = {run["label"]: run for run in gpu_runs}
 gpu_run = (runs_by_label[st.selectbox("GPU run", list(runs_by_label), key="gpu_run",
                                       help="Each run measured every format on one GPU, one step at a time.")]

@@ -1,6 +1,8 @@
 """The Speed page runs headless (Streamlit AppTest): backends listed with reasons, measured rows drawn with
 roofline predictions, verdicts, common claims. Rows are injected, so no benchmark runs here."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -139,3 +141,83 @@ def test_speed_page_sets_each_kernel_s_ceiling_beside_the_runs_of_its_gpu():
             assert measured["rest_ms"].to_numpy() == pytest.approx(
                 (measured["step_ms"] - measured["matmul_ms"]).to_numpy(), abs=0.011)  # shown to 0.01 ms
     assert beside >= 4  # the stored H100 runs measured bf16 and int4 (at least) in the ceiling's layout
+
+
+@pytest.mark.slow
+def test_speed_page_measures_the_model_on_the_chosen_gpu_and_keeps_it_over_a_reload(
+        bf16_llama_dir, tmp_path, monkeypatch):
+    """With a GPU chosen in the sidebar the page runs the GPU benchmark on the model's shapes (faked here: the real
+    program is tests/test_gpu_bench.py's), shows each row as it arrives, stores them, and a reload shows them
+    again without measuring; a benchmark that fails is one red line."""
+    import types
+
+    import torch
+    from streamlit.testing.v1 import AppTest
+
+    from pages import common
+    from qlab import models
+    from qlab.backends import gpu_bench
+    from qlab.core.errors import QlabError
+    from qlab.models import loading
+    from qlab.store import Store
+
+    monkeypatch.setenv("QLAB_DB", str(tmp_path / "runs.sqlite"))
+    monkeypatch.setattr(loading, "gpu_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80e9))
+    on_cpu = models.load(str(bf16_llama_dir))  # the model the page works on; the benchmark builds its own
+    monkeypatch.setattr(common, "load_model", lambda name: on_cpu)
+    calls = []
+
+    # rows the real program wrote for a user's 1B model on a lent H100 (committed results), renamed to this model
+    measured_rows = {row["format_slug"]: {**row, "model": bf16_llama_dir.name}
+                     for row in json.loads((speed.RESULTS_DIR / "gpu_speed_own_model_h100.json").read_text())
+                     ["runs"][1]["rows"] if row["path"] == "compiled-loop:fused-projections"}
+
+    def fake_run(model, placement, formats, scratch, *, fuse_projections, on_row, progress):
+        calls.append((model, placement, formats, fuse_projections))
+        for done, fmt in enumerate(formats):
+            progress(done / len(formats), "timing")
+            on_row(measured_rows[fmt])
+        return []
+
+    monkeypatch.setattr(gpu_bench, "run_compiled", fake_run)
+
+    def page():
+        app = AppTest.from_file(PAGE, default_timeout=120)
+        app.session_state["model_choice"] = common.OTHER_MODEL
+        app.session_state["custom_model"] = str(bf16_llama_dir)
+        app.session_state["device"] = "cuda:0"
+        app.session_state["gpu_formats"] = ["bf16", "int4wo"]
+        return app.run()
+
+    app = page()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.multiselect(key="gpu_formats").value == ["bf16", "int4wo"]
+    app.button(key="run_gpu_speed").click().run()
+    assert not app.exception and not app.error, ([e.value for e in app.exception], [e.value for e in app.error])
+    assert calls == [(str(bf16_llama_dir), "cuda:0", ["bf16", "int4wo"], True)]
+    measured = app.selectbox(key="gpu_run").options[0]
+    assert measured == "your model on GPU 0: NVIDIA H100 80GB HBM3 (80 GB), measured here"
+    assert app.selectbox(key="gpu_run").value == measured
+    table = next(df.value for df in app.dataframe if "vs bf16 same path" in df.value.columns)
+    assert list(table["format_slug"]) == ["bf16", "int4wo"]
+    rate = measured_rows["int4wo"]["decode_tokens_per_s"] / measured_rows["bf16"]["decode_tokens_per_s"]
+    assert table["vs bf16 same path"].iloc[1] == pytest.approx(rate)
+    [stored] = Store().runs()
+    assert stored.kind == "bench" and stored.meta.settings["gpu_benchmark"] == {
+        "formats": ["bf16", "int4wo"], "fuse_projections": True, "device": "cuda:0"}
+    assert stored.records("bench") == [measured_rows["bf16"], measured_rows["int4wo"]]
+
+    monkeypatch.setattr(gpu_bench, "run_compiled", lambda *a, **k: pytest.fail("a reload must not measure again"))
+    reloaded = page()
+    assert not reloaded.exception
+    assert reloaded.selectbox(key="gpu_run").options[0] == measured  # from the run database
+
+    def fails(*args, **kwargs):
+        raise QlabError("the GPU benchmark stopped with exit status 1 after 0 of 2 formats.")
+
+    monkeypatch.setattr(gpu_bench, "run_compiled", fails)
+    reloaded.button(key="run_gpu_speed").click().run()
+    assert not reloaded.exception
+    assert [e.value for e in reloaded.error] == ["The GPU benchmark stopped with exit status 1 after 0 of 2 formats."]

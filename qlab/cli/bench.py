@@ -34,8 +34,6 @@ from qlab.cli.common import (
 DEFAULT_CPU_BACKENDS = "all"
 DEFAULT_CPU_MODEL = "smollm2-135m"
 DEFAULT_GPU_CONFIG = "llama-3.1-8b"
-# Decoders the GPU benchmark's compact Llama builds with the model's own shapes (a Qwen2 bias on q/k/v is left out).
-GPU_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -197,18 +195,16 @@ def _machine(host, bandwidth) -> dict:
 
 
 def _gpu(args: argparse.Namespace, placement: str) -> None:
-    """Run the GPU benchmark program (``bench/gpu_speed.py``, beside the package in the checkout) on the GPU
-    ``placement`` names ("cuda:N"), on ``--model``'s own shapes (random weights: speed does not depend on the
-    values) or a catalog config's, and print its rows. With ``--json`` it writes them there after every step; a
-    file named ``bench/results/gpu_speed*.json`` shows on the Speed page."""
+    """Run the GPU benchmark (``qlab.backends.gpu_bench``) on the GPU ``placement`` names ("cuda:N"), on
+    ``--model``'s own shapes or a catalog config's, and print its rows. With ``--json`` it writes them there after
+    every step; a file named ``bench/results/gpu_speed*.json`` shows on the Speed page."""
     import json
     import os
     import subprocess
     import tempfile
     from pathlib import Path
 
-    from qlab.backends.gpu_recipe import BACKEND_OF
-    from qlab.backends.speed import RESULTS_DIR
+    from qlab.backends import gpu_bench
     from qlab.core.errors import QlabError
 
     if args.dtype not in (None, "bf16", "fp32"):
@@ -216,25 +212,18 @@ def _gpu(args: argparse.Namespace, placement: str) -> None:
                         "or fp32.")
     if args.model and args.model_config:
         raise QlabError("give --model (your model's shapes) or --model-config (a catalog shape), not both.")
-    formats = args.formats or fastest_gpu_formats()
-    unknown = [fmt for fmt in formats.split(",") if fmt not in BACKEND_OF]
-    if unknown:
-        raise QlabError(f"the GPU benchmark has no format {', '.join(map(repr, unknown))}; choose from "
-                        f"{', '.join(BACKEND_OF)}.")
+    formats = gpu_bench.check_formats(args.formats.split(",") if args.formats else gpu_bench.fastest_formats())
     with tempfile.TemporaryDirectory(prefix="qlab-gpu-bench-") as scratch:
-        config = (_shapes_of(args.model, Path(scratch)) if args.model
+        config = (gpu_bench.shapes_of(args.model, Path(scratch)) if args.model
                   else args.model_config or DEFAULT_GPU_CONFIG)
         out = Path(args.json).resolve() if args.json not in (None, "-") else Path(scratch) / "gpu_speed.json"
+        command = gpu_bench.program_command(config, out, Path(scratch), formats=formats, dtype=args.dtype or "bf16",
+                                            prompt_tokens=args.prompt_tokens, repetitions=args.repetitions,
+                                            fuse_projections=args.fuse_projections)
         # The program runs on "cuda": showing it only the chosen GPU makes that GPU its cuda:0.
-        gpu = {"CUDA_VISIBLE_DEVICES": _visible_index(placement)}
-        # Its log and per-step files go to the scratch folder: the only file written is the one --json names.
+        gpu = {"CUDA_VISIBLE_DEVICES": gpu_bench.visible_index(placement)}
         try:
-            subprocess.run([sys.executable, str(RESULTS_DIR.parent / "gpu_speed.py"), "--model-config", str(config),
-                            "--device", "cuda", "--dtype", args.dtype or "bf16",
-                            "--prompt-tokens", str(args.prompt_tokens), "--repetitions", str(args.repetitions),
-                            "--formats", formats, "--json", str(out), "--work-dir", scratch,
-                            *(["--fuse-projections"] if args.fuse_projections else [])],
-                           check=True, env={**os.environ, **gpu})
+            subprocess.run(command, check=True, env={**os.environ, **gpu})
         except subprocess.CalledProcessError as error:
             kept = f"; the steps that finished are in {out}" if args.json not in (None, "-") and out.is_file() else ""
             raise QlabError(f"the GPU benchmark stopped with exit status {error.returncode}{kept}.") from None
@@ -242,55 +231,10 @@ def _gpu(args: argparse.Namespace, placement: str) -> None:
 
 
 def fastest_gpu_formats() -> str:
-    """Each weight format through the fastest kernel measured on the H100 and H200 that is installed here:
-    gemlite's int8 and fp8 GEMV (1.42x and 1.68x bf16 on the H200) over torchao's inductor-fused ones, tinygemm
-    for int4, bitsandbytes for nf4."""
-    import importlib.util
+    """The formats ``--device cuda`` measures unless ``--formats`` says otherwise (``gpu_bench.fastest_formats``)."""
+    from qlab.backends import gpu_bench
 
-    gemlite = importlib.util.find_spec("gemlite") is not None
-    return ",".join(("bf16", "int8gl" if gemlite else "int8wo", "int4wo", "float8gl" if gemlite else "float8wo",
-                     "nf4"))
-
-
-def _shapes_of(model: str, scratch) -> str:
-    """A copy of ``model``'s config.json, checked, in a folder named after the model (the benchmark names its rows
-    by that folder); the path to hand the GPU program."""
-    import json
-    import re
-    from pathlib import Path
-
-    from qlab.core.errors import QlabError
-    from qlab.models.checkpoint import converted_dir
-    from qlab.models.config_schema import validate_text
-    from qlab.models.loading import resolve
-
-    # resolve() refuses a config.json that is not a JSON object or needs custom code; a GGUF's is qlab's own.
-    source = resolve(model)
-    found = [file for file in (Path(source.path) / "config.json",
-                               converted_dir(source) / "config.json" if source.gguf_file else None)
-             if file is not None and file.is_file()]
-    if not found:
-        raise QlabError(f"{model} has no config.json to build its shapes from; open it once in qlab (a GGUF file "
-                        "is converted then) or use --model-config with a catalog shape.")
-    config = json.loads(found[0].read_text())
-    validate_text(config, f" of {model}")
-    if config["model_type"] not in GPU_MODEL_TYPES:
-        raise QlabError(f"the GPU benchmark builds Llama-family decoders ({', '.join(GPU_MODEL_TYPES)}); {model} is "
-                        f"'{config['model_type']}'. Its CPU speed: --device cpu.")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name or "model").strip("-.") or "model"
-    folder = scratch / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder / "config.json")
-
-
-def _visible_index(placement: str) -> str:
-    """The CUDA_VISIBLE_DEVICES entry of torch's "cuda:N" under the visibility this process already has."""
-    import os
-
-    index = int(placement.partition(":")[2])
-    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return visible[index] if index < len(visible) else str(index)
+    return ",".join(gpu_bench.fastest_formats())
 
 
 def _print(rows: list[dict]) -> None:
