@@ -149,10 +149,11 @@ def measure_format(ns: argparse.Namespace, fmt: str) -> dict:
                          "us_min": round(min(seconds) * 1e6, 2), "us_max": round(max(seconds) * 1e6, 2),
                          "read_gbps": round(weight_bytes / median / 1e9, 1) if median > 0 else None,
                          "timed_as": timed_as}
-    step = layers * sum(row["us_per_call"] for name, row in shapes.items() if name != "output")
-    step += shapes["output"]["us_per_call"]
-    step_bytes = layers * sum(row["weight_bytes"] for name, row in shapes.items() if name != "output")
-    step_bytes += shapes["output"]["weight_bytes"]
+
+    def per_step(key: str) -> float:  # every block's shapes once per layer, the head once
+        return layers * sum(row[key] for name, row in shapes.items() if name != "output") + shapes["output"][key]
+
+    step, step_bytes = per_step("us_per_call"), per_step("weight_bytes")
     return {"format_slug": fmt, "format": gpu_recipe.WEIGHT_FORMAT[fmt], "kernel": gpu_recipe.KERNEL_OF[fmt],
             "layout": ns.layout, "layers": layers, "shapes": shapes, "step_matmul_ms": round(step / 1000, 4),
             "step_weight_bytes": step_bytes, "step_read_gbps": round(step_bytes / (step * 1e-6) / 1e9, 1)}

@@ -346,7 +346,7 @@ else:
     ceilings, unreadable_ceilings = speed.layer_ceilings()
     if unreadable_ceilings:
         st.warning(f"Stored per-layer ceilings that could not be read: {', '.join(unreadable_ceilings)}.")
-    layouts_run = {"fused" if path.endswith(":fused-projections") else "separate"
+    layouts_run = {"fused" if path.endswith(gpu_recipe.FUSED) else "separate"
                    for path in frame["path"] if path.startswith("compiled-loop")}
     for layout, repeats in speed.ceilings_of(ceilings, gpu_name, config).items():
         if layout not in layouts_run:

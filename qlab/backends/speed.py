@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -517,23 +518,33 @@ class _GpuRunsFile(BaseModel):
 _GPU_RESULTS = TypeAdapter(list[_GpuRow] | _GpuRunsFile | _GpuRun)
 
 
+def _result_files(pattern: str, adapter: TypeAdapter, order: Callable[[Path], Any] | None = None
+                  ) -> tuple[list[tuple[Path, Any, str]], list[str]]:
+    """The files of ``bench/results`` matching ``pattern`` (in ``order``, else by name) that ``adapter`` accepts, each
+    as (path, validated data, the day it was written: rows the benchmark wrote itself carry no date), and the names
+    of the others with why."""
+    files, unreadable = [], []
+    for path in sorted(RESULTS_DIR.glob(pattern), key=order):
+        try:
+            data = adapter.validate_json(path.read_bytes())
+        except (OSError, ValidationError) as error:
+            unreadable.append(f"{path.name} ({'not valid' if isinstance(error, ValidationError) else 'unreadable'})")
+            continue
+        files.append((path, data, time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))))
+    return files, unreadable
+
+
 def gpu_speed_runs() -> tuple[list[dict], list[str]]:
     """Every GPU decode run in ``bench/results/gpu_speed*.json`` (committed, or written there by ``qlab bench
     --device cuda --json``): ``gpu_speed.json``'s first, each ``{"label", "gpu", "date", "rows"}``, one per GPU
     and date of a file, so layouts measured one after the other on one machine stay together. The second list
     names the files that could not be read."""
     runs: dict[tuple[str, str], dict] = {}
-    unreadable = []
-    for path in sorted(RESULTS_DIR.glob("gpu_speed*.json"), key=lambda p: (p.name != "gpu_speed.json", p.name)):
-        try:
-            data = _GPU_RESULTS.validate_json(path.read_bytes())
-        except (OSError, ValidationError) as error:
-            unreadable.append(f"{path.name} ({'not valid' if isinstance(error, ValidationError) else 'unreadable'})")
-            continue
+    files, unreadable = _result_files("gpu_speed*.json", _GPU_RESULTS,
+                                      order=lambda p: (p.name != "gpu_speed.json", p.name))
+    for path, data, written in files:
         parts = ([_GpuRun(rows=data)] if isinstance(data, list) else
                  data.runs if isinstance(data, _GpuRunsFile) else [data])
-        # Rows written by the benchmark itself carry no date: the file's own then tells when they were measured.
-        written = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
         for part in parts:
             date = part.date or getattr(data, "date", None) or written
             # A step that failed before it reached the GPU names none; it belongs to its run's GPU.
@@ -585,14 +596,9 @@ def layer_ceilings() -> tuple[list[dict], list[str]]:
     """Every per-layer ceiling in ``bench/results/layer_ceiling*.json`` (``bench/layer_ceiling.py``'s output, alone
     or as ``{"runs": [...]}``): ``{"gpu", "model", "layout", "date", "label", "rows"}`` per run, the rows as
     stored. The second list names the files that could not be read."""
-    ceilings, unreadable = [], []
-    for path in sorted(RESULTS_DIR.glob("layer_ceiling*.json")):
-        try:
-            data = _CEILING_RESULTS.validate_json(path.read_bytes())
-        except (OSError, ValidationError) as error:
-            unreadable.append(f"{path.name} ({'not valid' if isinstance(error, ValidationError) else 'unreadable'})")
-            continue
-        written = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+    ceilings = []
+    files, unreadable = _result_files("layer_ceiling*.json", _CEILING_RESULTS)
+    for _, data, written in files:
         for run in data.runs if isinstance(data, _CeilingRunsFile) else [data]:
             layouts = {row.model_dump().get("layout") for row in run.rows} - {None}
             ceilings.append({"gpu": run.gpu, "model": run.model_config_name,
@@ -637,7 +643,9 @@ def ceiling_beside_run(ceiling: dict, run_rows: list[dict]) -> list[dict]:
     """Each format of a per-layer ceiling beside the same format's compiled decode loop in a GPU run of the same
     model and layout: the run's step time, the part of it that is not the weight matmuls at their ceiling, and
     both speed-ups over BF16. A format the run did not measure keeps only its ceiling."""
-    path = "compiled-loop" + (":fused-projections" if ceiling["layout"] == "fused" else "")
+    from qlab.backends.gpu_recipe import FUSED
+
+    path = "compiled-loop" + (FUSED if ceiling["layout"] == "fused" else "")
     tokens_per_s = {row["format_slug"]: row["decode_tokens_per_s"] for row in run_rows
                     if row.get("path") == path and row.get("model") == ceiling["model"]
                     and row.get("decode_tokens_per_s")}
