@@ -40,10 +40,15 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Read before the slow imports below: if the parent ends before end_with_parent runs, getppid() changes.
+STARTED_BY = os.getppid()
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -225,6 +230,7 @@ def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list
         log.unlink(missing_ok=True)
         rows.append(row)
         _write(out, rows)
+    shutil.rmtree(turns, ignore_errors=True)
     rest = [f"{fmt}:{path}" for fmt, path in steps if path == "hf-generate"]
     if rest and time.monotonic() < deadline:
         ns.steps, ns.install_wheels = ",".join(rest), False
@@ -351,6 +357,20 @@ def step_arguments(argv: list[str]) -> list[str]:
     return kept
 
 
+def end_with_parent() -> None:
+    """Have Linux kill this process when the process that started it ends. The Speed page starts this program,
+    which starts a step process per format: were the dashboard's server killed, they would otherwise hold the GPU
+    and its memory until their own time budget (minutes) ran out."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG, <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(set_parent_death_signal, int(signal.SIGKILL))
+    if os.getppid() != STARTED_BY:  # the parent ended before the request was made
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser().parse_args(argv)
@@ -374,4 +394,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    end_with_parent()
     sys.exit(main())

@@ -3,6 +3,13 @@ wheel installer and merging of runs, on a tiny config on the CPU."""
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -38,8 +45,10 @@ def test_orchestrator_keeps_steps_apart_and_writes_json(tmp_path):
 
 
 @pytest.mark.slow  # two subprocesses, each importing torch and transformers
-def test_parallel_steps_of_both_layouts_each_get_their_turn(tmp_path):
-    out, work = tmp_path / "mine" / "gpu.json", tmp_path / "work"
+def test_parallel_steps_of_both_layouts_each_get_their_turn(tmp_path, monkeypatch):
+    out, work, scratch = tmp_path / "mine" / "gpu.json", tmp_path / "work", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     argv = ["--dry-run", "--device", "cpu", "--dtype", "fp32", "--parallel", "--json", str(out), "--budget-s", "150",
             "--steps", "bf16:eager-loop,bf16:eager-loop:fused-projections", "--work-dir", str(work)]
     assert "--work-dir" not in gpu_speed.step_arguments(argv)
@@ -53,6 +62,44 @@ def test_parallel_steps_of_both_layouts_each_get_their_turn(tmp_path):
         assert row["error"] is None and row["decode_tokens_per_s"] > 0
         # A step whose turn never came waits out its timeout (900 s) or the budget; these were let go at once.
         assert row["waited_for_turn_seconds"] < 60
+    assert not list(scratch.iterdir())  # the folder where the steps took turns is gone
+
+
+@pytest.mark.slow  # the step imports torch and transformers
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_step_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    # What the Speed page's server is to the program, and the program to its steps: killed, it must take them
+    # along (a step waiting for its turn would otherwise wait 900 s, holding the GPU's memory).
+    step = [sys.executable, str(gpu_speed.REPO / "bench" / "gpu_speed.py"), "--step", "bf16:eager-loop",
+            "--row-out", str(tmp_path / "row.json"), "--turn-dir", str(tmp_path),
+            "--dry-run", "--device", "cpu", "--dtype", "fp32"]
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"print(subprocess.Popen({step!r}).pid, flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    pid = None
+
+    def alive() -> bool:
+        try:  # a killed child nobody has reaped yet is a zombie: ended
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    try:
+        pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "bf16.eager-loop.ready").exists():  # compiled, now waiting for its turn
+            assert time.monotonic() < deadline, "the step never got to wait for its turn"
+            time.sleep(0.2)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive()
+    finally:
+        parent.kill()
+        if pid is not None and alive():
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_explicit_steps_and_merging_runs(tmp_path):
