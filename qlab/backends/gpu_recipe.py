@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py send
 # Each format slug of the CLI (``--formats``): the backend that runs it and the weight format it stores.
 BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
               "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq",
-              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo", "int4gl": "gemlite-int4wo"}
+              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo", "int4gl": "gemlite-int4wo",
+              "int4tq": "qlab-int4-triton"}
 WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
-                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3", "int4gl": "int4"}
+                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3", "int4gl": "int4", "int4tq": "int4"}
 # The kernel that does a decode step's weight matmuls in the compiled loop (the profile's top kernels confirm it).
 KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row)",
              "int8wo": "inductor Triton multiply-reduce with the int8->bf16 cast and scale fused",
@@ -53,7 +54,8 @@ KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row
              "nf4": "bitsandbytes gemv_4bit", "int8dq": "inductor int8 x int8 mm",
              "int8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)",
              "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)",
-             "int4gl": "gemlite GEMV_REVSPLITK Triton kernel (A16W4, int4 g64 asymmetric)"}
+             "int4gl": "gemlite GEMV_REVSPLITK Triton kernel (A16W4, int4 g64 asymmetric)",
+             "int4tq": "qlab Triton GEMV (A16W4, int4 g64 asymmetric, codes made floats by a bitwise OR)"}
 FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 GEMLITE_FORMATS = ("int8gl", "float8gl", "int4gl")
@@ -64,7 +66,8 @@ SCHEMES = {"bf16": QuantScheme("bf16"), "int8wo": QuantScheme("int8", "channel")
            "int4wo": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
            "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64),
            "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel"),
-           "int4gl": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False)}
+           "int4gl": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
+           "int4tq": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False)}
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,13 @@ def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
         return
     if fmt in GEMLITE_FORMATS:
         _gemlite(model, fmt, skip)
+        return
+    if fmt == "int4tq":
+        from qlab.backends.int4_triton import Int4Linear
+
+        for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]:
+            model.set_submodule(name, Int4Linear(*int4_groups(model.get_submodule(name).weight.detach(),
+                                                             INT4_GROUP_SIZE)))
         return
     from torchao.quantization import (
         Float8WeightOnlyConfig,

@@ -83,7 +83,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model-config", default=None,
                         help="--device cuda without --model: catalog config name (default llama-3.1-8b)")
     parser.add_argument("--formats", default=None,
-                        help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq, int8gl, float8gl, int4gl "
+                        help="--device cuda: bf16, int8wo, int4wo, float8wo, nf4, int8dq, int8gl, float8gl, int4gl, int4tq "
                              "(default: each format through its fastest kernel installed here)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="--device cuda: q/k/v and gate/up as one linear each (gpt-fast's layout)")
