@@ -41,7 +41,7 @@ def test_packing_puts_input_8w_plus_i_in_nibble_i_of_word_w():
     assert (packed < 0).any()
 
 
-@pytest.mark.parametrize("out_features, in_features, rows", [(256, 128, 1), (384, 640, 3), (128, 64, 1),
+@pytest.mark.parametrize("out_features, in_features, rows", [(256, 128, 1), (384, 640, 3), (96, 64, 1),
                                                              (1024, 4096, 1)])
 def test_products_match_the_dequantized_weight(out_features, in_features, rows):
     stored, (codes, scales, zeros) = sweep_weight(out_features, in_features)
@@ -56,11 +56,15 @@ def test_products_match_the_dequantized_weight(out_features, in_features, rows):
     torch.testing.assert_close(out.float()[0], expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
 
 
-def test_launch_shapes_cover_each_llama_weight_exactly():
-    for out_features, in_features in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
-                                      (2048, 8192), (192, 64)]:
+def test_launch_shapes_split_the_input_into_whole_groups_until_there_are_enough_programs():
+    # the shapes measured on an H100 (bench/results/int4tq_h100.json): the fastest or within 9 % of it
+    assert int4_triton.launch_shape(4096, 4096) == (256, 1, 2)  # 1024 programs: as many as there can be
+    assert int4_triton.launch_shape(28672, 4096) == (256, 4, 2)  # 1792
+    assert int4_triton.launch_shape(4096, 14336) == (256, 2, 2)  # 1792
+    assert int4_triton.launch_shape(128256, 4096) == (256, 16, 2)  # 2004
+    for out_features, in_features in [(6144, 4096), (2048, 8192), (96, 64), (49152, 576)]:
         block, groups, warps = int4_triton.launch_shape(out_features, in_features)
-        assert out_features % block == 0 and (in_features // 64) % groups == 0 and warps >= 1
+        assert (in_features // 64) % groups == 0 and warps >= 1
 
 
 def test_a_width_off_the_group_is_refused():

@@ -45,12 +45,13 @@ def _gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, partial_ptr, N, K,
                  BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, HARDWARE: tl.constexpr):
     column_block, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     columns = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = columns < N  # the last block of a width that is not a multiple of BLOCK_N
     words = tl.arange(0, 8)  # the group's 8 packed rows: word w holds inputs 8w .. 8w + 7
     total = tl.zeros([BLOCK_N], tl.float32)
     for step in range(GROUPS):
         group = split * GROUPS + step
         first = group * 64
-        packed = tl.load(packed_ptr + (group * 8 + words)[:, None] * N + columns[None, :])
+        packed = tl.load(packed_ptr + (group * 8 + words)[:, None] * N + columns[None, :], mask=inside[None, :])
         sums = tl.zeros([8, BLOCK_N], tl.float32)
         x_sum = tl.zeros([8], tl.float32)
         for nibble in tl.static_range(8):
@@ -59,10 +60,10 @@ def _gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, partial_ptr, N, K,
             code = _code_plus_2_23(packed >> (4 * nibble), HARDWARE).to(tl.float32, bitcast=True) - 8388608.0
             sums += code * x[:, None]
             x_sum += x
-        scale = tl.load(scale_ptr + group * N + columns).to(tl.float32)
-        zero = tl.load(zero_ptr + group * N + columns).to(tl.float32)
+        scale = tl.load(scale_ptr + group * N + columns, mask=inside).to(tl.float32)
+        zero = tl.load(zero_ptr + group * N + columns, mask=inside).to(tl.float32)
         total += scale * (tl.sum(sums, axis=0) - zero * tl.sum(x_sum, axis=0))
-    tl.store(partial_ptr + (split * tl.num_programs(2) + row) * N + columns, total)
+    tl.store(partial_ptr + (split * tl.num_programs(2) + row) * N + columns, total, mask=inside)
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -81,21 +82,23 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tupl
             zeros.T.contiguous().to(torch.bfloat16))
 
 
+# Programs a launch aims for: on a lent H100 (132 multiprocessors) every weight shape of Llama-3.1-8B ran fastest,
+# or within 10 % of it, with 256 columns and two warps a program and the input split until there were 1024-2004
+# programs (bench/int4tq_tune.py; bench/results/int4tq_h100.json). Fewer, longer programs left memory idle:
+# gate/up took 45 us with 448 of them against 36 us with 1792.
+PROGRAMS = 1536
+BLOCK_N = 256
+WARPS = 2
+
+
 def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
-    """(columns per program, groups per program, warps) for a weight's shape: about four programs for each of an
-    H100's 132 multiprocessors, each reading whole groups."""
-    block = 256 if out_features % 256 == 0 else 128 if out_features % 128 == 0 else 64
+    """(columns per program, groups of 64 inputs per program, warps) for a weight's shape: the most groups per
+    program (a divisor of the groups) that still makes ``PROGRAMS`` programs, one group where none does."""
     groups = in_features // GROUP
-    column_blocks = out_features // block
-    per_program = groups
-    # Split the input dimension (a divisor of the groups) until there are enough programs to keep memory busy.
-    for candidate in range(groups, 0, -1):
-        if groups % candidate == 0 and column_blocks * (groups // candidate) >= 528:
-            per_program = candidate
-            break
-    else:
-        per_program = 1
-    return block, per_program, max(1, block // 128)
+    column_blocks = -(-out_features // BLOCK_N)
+    per_program = next((c for c in range(groups, 0, -1)
+                        if groups % c == 0 and column_blocks * (groups // c) >= PROGRAMS), 1)
+    return BLOCK_N, per_program, WARPS
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -105,7 +108,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     out_features = packed.shape[1]
     splits = in_features // (GROUP * groups)
     partial = torch.empty((splits, rows, out_features), dtype=torch.float32, device=x.device)
-    _gemv_kernel[(out_features // block, splits, rows)](
+    _gemv_kernel[(-(-out_features // block), splits, rows)](
         x, packed, scales, zeros, partial, out_features, in_features, BLOCK_N=block, GROUPS=groups,
         HARDWARE=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps)
     return partial
