@@ -4,7 +4,7 @@ codes (asymmetric, groups of 64 inputs), the format ``int4tq`` of the GPU benchm
 Why another int4 kernel: tinygemm and gemlite's A16W4 both read their 4-bit weights at about 1.55 TB/s on an H100
 and an H200 alike (``bench/layer_ceiling.py``), half the copy bandwidth, so int4 gains nothing from the H200's
 faster memory. They turn each 4-bit code into a float with a conversion instruction, which a GPU runs at a
-fraction of the rate of its adds and multiplies. Here a code becomes a float with one bitwise OR: ``0x4B000000 |
+fraction of the rate of its adds and multiplies. Here a code becomes a float with one bitwise instruction: ``0x4B000000 |
 code`` is the float32 2^23 + code, and subtracting 2^23 leaves the code exactly. The scale and zero-point are
 applied once per group, not per weight: sum(s (q - z) x) = s (sum(q x) - z sum(x)).
 
@@ -103,7 +103,7 @@ def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
          block: int, groups: int, warps: int) -> torch.Tensor:
-    """x (rows, in) bf16 times the packed int4 weight: (rows, out) float32 partial sums per input split."""
+    """x (rows, in) bf16 times the packed int4 weight, as float32 partial sums (input splits, rows, out)."""
     rows, in_features = x.shape
     out_features = packed.shape[1]
     splits = in_features // (GROUP * groups)
