@@ -53,18 +53,18 @@ def main(argv: list[str] | None = None) -> int:
         weight = (codes.float() - zeros.bfloat16().float().repeat_interleave(64, 1)) \
             * scales.bfloat16().float().repeat_interleave(64, 1)
         expected = (x.float() @ weight.T)[0]
-        rows, groups = [], in_features // 64
+        rows = []
         for block in (256, 512):
             for warps in (1, 2, 4):
                 for target in (264, 1056):
-                    per = next((c for c in range(groups, 0, -1)
-                                if groups % c == 0 and -(-out_features // block) * (groups // c) >= target), 1)
-                    if any((r["block"], r["warps"], r["groups"]) == (block, warps, per) for r in rows):
+                    shape = int4_triton.launch_shape(out_features, in_features, programs=target, block=block,
+                                                     warps=warps)
+                    if any((r["block"], r["groups"], r["warps"]) == shape for r in rows):
                         continue
-                    rows.append(time_kernel(layer, x, block, warps=warps, groups=per))
-        chosen = time_kernel(layer, x, *int4_triton.launch_shape(out_features, in_features))
-        got = int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros,
-                               *int4_triton.launch_shape(out_features, in_features)).sum(0)[0]
+                    rows.append(time_kernel(layer, x, *shape))
+        rule = int4_triton.launch_shape(out_features, in_features)
+        chosen = time_kernel(layer, x, *rule)
+        got = int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, *rule).sum(0)[0]
         result["shapes"][name] = {
             "out_features": out_features, "in_features": in_features, "launch_shape": chosen,
             "relative_error": float((got - expected).abs().max() / expected.abs().max()),

@@ -242,6 +242,11 @@ def build_hf(args: Args) -> nn.Module:
 # --- quantization recipes -------------------------------------------------------------------------------------
 
 
+def _linear_names(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
+    """The names of the model's linear layers a recipe replaces: all but ``skip``."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+
+
 def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
     """Apply the format's library recipe in place (the model is this step's own)."""
     if fmt == "bf16":
@@ -255,7 +260,7 @@ def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
     if fmt == "int4tq":
         from qlab.backends.int4_triton import Int4Linear
 
-        for name in [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]:
+        for name in _linear_names(model, skip):
             model.set_submodule(name, Int4Linear(*int4_groups(model.get_submodule(name).weight.detach(),
                                                              INT4_GROUP_SIZE)))
         return
@@ -302,7 +307,7 @@ def bytes_per_token(model: nn.Module) -> dict:
 def _bnb_nf4(model: nn.Module, skip: tuple[str, ...]) -> None:
     import bitsandbytes as bnb
 
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    names = _linear_names(model, skip)
     for name in names:
         linear = model.get_submodule(name)
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
@@ -319,7 +324,7 @@ def _gemlite(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
     from gemlite.helper import A16W8_FP8, A16W8_INT8, A16Wn
 
     device = str(next(model.parameters()).device)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    names = _linear_names(model, skip)
     if fmt == "int4gl":
         processor = A16Wn(device=device, dtype=torch.bfloat16)
         for name in names:

@@ -91,14 +91,16 @@ BLOCK_N = 256
 WARPS = 2
 
 
-def launch_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+def launch_shape(out_features: int, in_features: int, *, programs: int = PROGRAMS, block: int = BLOCK_N,
+                 warps: int = WARPS) -> tuple[int, int, int]:
     """(columns per program, groups of 64 inputs per program, warps) for a weight's shape: the most groups per
-    program (a divisor of the groups) that still makes ``PROGRAMS`` programs, one group where none does."""
+    program (a divisor of the groups) that still makes ``programs`` programs of ``block`` columns, one group where
+    none does."""
     groups = in_features // GROUP
-    column_blocks = -(-out_features // BLOCK_N)
+    column_blocks = -(-out_features // block)
     per_program = next((c for c in range(groups, 0, -1)
-                        if groups % c == 0 and column_blocks * (groups // c) >= PROGRAMS), 1)
-    return BLOCK_N, per_program, WARPS
+                        if groups % c == 0 and column_blocks * (groups // c) >= programs), 1)
+    return block, per_program, warps
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
