@@ -227,7 +227,7 @@ if unreadable_runs:
 device = st.session_state.get("device", "cpu")
 if is_lm and device.startswith("cuda"):
     st.multiselect("Formats to measure on this GPU", list(gpu_recipe.BACKEND_OF), key="gpu_formats",
-                   default=gpu_bench.fastest_formats(),
+                   default=gpu_bench.fastest_formats(), format_func=gpu_recipe.FORMAT_LABEL.__getitem__,
                    help="Each through its own kernel, named in the table below; the defaults are the fastest "
                         "measured that are installed here.")
     fuse = st.checkbox("q/k/v and gate/up as one matmul each (gpt-fast's layout)", value=True, key="gpu_fuse")

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from qlab.backends import speed
+from qlab.backends import gpu_recipe, speed
 
 PAGE = "../pages/speed.py"
 
@@ -194,6 +194,9 @@ def test_speed_page_measures_the_model_on_the_chosen_gpu_and_keeps_it_over_a_rel
     app = page()
     assert not app.exception, [e.value for e in app.exception]
     assert app.multiselect(key="gpu_formats").value == ["bf16", "int4wo"]
+    # Words, not the command line's slugs: every format offered has its own label.
+    offered = app.multiselect(key="gpu_formats").options
+    assert "INT4 weights, torchao (tinygemm)" in offered and len(set(offered)) == len(gpu_recipe.BACKEND_OF)
     app.button(key="run_gpu_speed").click().run()
     assert not app.exception and not app.error, ([e.value for e in app.exception], [e.value for e in app.error])
     assert calls == [(str(bf16_llama_dir), "cuda:0", ["bf16", "int4wo"], True)]
