@@ -41,19 +41,44 @@ def test_packing_puts_input_8w_plus_i_in_nibble_i_of_word_w():
     assert (packed < 0).any()
 
 
+@pytest.mark.parametrize("variant", [{}, {"shift_free": True}, {"shift_free": True, "stages": 2}],
+                         ids=["shift-per-nibble", "shift-free", "shift-free-pipelined"])
 @pytest.mark.parametrize("out_features, in_features, rows", [(256, 128, 1), (384, 640, 3), (96, 64, 1),
                                                              (1024, 4096, 1)])
-def test_products_match_the_dequantized_weight(out_features, in_features, rows):
+def test_products_match_the_dequantized_weight(out_features, in_features, rows, variant):
     stored, (codes, scales, zeros) = sweep_weight(out_features, in_features)
     layer = int4_triton.Int4Linear(*(t.to(DEVICE) for t in (codes, scales, zeros)))
     x = torch.randn(rows, in_features, dtype=torch.bfloat16, device=DEVICE)
-    partial = int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, layer.block, layer.groups, layer.warps)
+    partial = int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, layer.block, layer.groups, layer.warps,
+                               **variant)
     expected = x.float() @ stored.to(DEVICE).T
     # float32 sums in another order: a few units in the last place of the largest product
     torch.testing.assert_close(partial.sum(0), expected, rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
     out = layer(x.unsqueeze(0))
     assert out.shape == (1, rows, out_features) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float()[0], expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("out_features, in_features", [(256, 128), (300, 192)])
+def test_dequantized_weight_is_the_stored_one_in_bf16(out_features, in_features):
+    stored, (codes, scales, zeros) = sweep_weight(out_features, in_features)
+    layer = int4_triton.Int4Linear(*(t.to(DEVICE) for t in (codes, scales, zeros)))
+    weight = int4_triton.dequantize(layer.packed, layer.scales, layer.zeros)
+    assert weight.shape == (in_features, out_features) and weight.dtype == torch.bfloat16
+    # (code - zero-point) * scale in float32, rounded once to bf16: to nearest on a GPU, toward zero in Triton's
+    # interpreter, so within one bf16 step (2^-7 of the value) either way
+    torch.testing.assert_close(weight.cpu().float(), stored.T, rtol=2**-7, atol=0)
+
+
+def test_a_prompt_is_multiplied_by_the_dequantized_weight_not_one_gemv_per_row(monkeypatch):
+    stored, (codes, scales, zeros) = sweep_weight(128, 256)
+    layer = int4_triton.Int4Linear(*(t.to(DEVICE) for t in (codes, scales, zeros)))
+    x = torch.randn(2, int4_triton.DEQUANTIZE_FROM_ROWS, 256, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setattr(int4_triton, "gemv", lambda *a, **k: pytest.fail("a GEMV per row of a prompt"))
+    out = layer(x)
+    expected = x.float() @ stored.to(DEVICE).T
+    assert out.shape == (2, int4_triton.DEQUANTIZE_FROM_ROWS, 128) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
 
 
 def test_launch_shapes_split_the_input_into_whole_groups_until_there_are_enough_programs():
