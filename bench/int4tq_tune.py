@@ -4,7 +4,9 @@ For each weight shape of a catalog model's block (gpt-fast's fused layout) and i
 kernel (no partial-sum reduction after it) for every combination of columns per program, warps and input split
 tried, with ``bench/layer_ceiling.py``'s timing (a CUDA graph of calls, each after an L2-evicting write whose own
 time is subtracted), and checks its products against the dequantized weight. ``launch_shape``'s rule comes from
-these numbers; the row ``launch_shape`` is the rule's own choice, timed the same way.
+these numbers; the row ``launch_shape`` is the rule's own choice, timed the same way. Two variants of the kernel
+were timed with it and removed, neither faster (``bench/results/int4tq_variants_h100.json``): each nibble read in place
+(one shift a word instead of one a nibble) and Triton's software pipelining of the loop over groups.
 """
 
 from __future__ import annotations
@@ -26,20 +28,14 @@ SHAPES = {"wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336), "wqkv":
           "output": (128256, 4096)}  # Llama-3.1-8B, fused layout: (out, in)
 
 
-VARIANTS = ({"shift_free": False, "stages": 0}, {"shift_free": True, "stages": 0}, {"shift_free": False, "stages": 2},
-            {"shift_free": True, "stages": 2}, {"shift_free": True, "stages": 3})
-
-
-def time_kernel(layer: int4_triton.Int4Linear, x: torch.Tensor, block: int, groups: int, warps: int,
-                shift_free: bool = False, stages: int = 0) -> dict:
+def time_kernel(layer: int4_triton.Int4Linear, x: torch.Tensor, block: int, groups: int, warps: int) -> dict:
     def run(x):
-        return int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, block, groups, warps,
-                                shift_free=shift_free, stages=stages)
+        return int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, block, groups, warps)
 
     seconds, _ = layer_ceiling._seconds_per_call(run, x, 20, 5)
     median = statistics.median(seconds)
     columns = -(-layer.out_features // block)
-    return {"block": block, "warps": warps, "groups": groups, "shift_free": shift_free, "stages": stages,
+    return {"block": block, "warps": warps, "groups": groups,
             "programs": columns * layer.in_features // (64 * groups), "us": round(median * 1e6, 2),
             "read_gbps": round(layer.packed.numel() * 4 * 1.125 / median / 1e9, 1)}
 
@@ -47,9 +43,6 @@ def time_kernel(layer: int4_triton.Int4Linear, x: torch.Tensor, block: int, grou
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True)
-    p.add_argument("--variants", action="store_true",
-                   help="time the kernel's variants (shift-free nibbles, pipelined loads) at the rule's shape and "
-                        "at two other splits, instead of the grid of launch shapes")
     ns = p.parse_args(argv)
     result = {"benchmark": "int4tq_tune", "gpu": torch.cuda.get_device_name(), "shapes": {}}
     started = time.monotonic()
@@ -63,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             * scales.bfloat16().float().repeat_interleave(64, 1)
         expected = (x.float() @ weight.T)[0]
         rows = []
-        for block in (256, 512) if not ns.variants else ():
+        for block in (256, 512):
             for warps in (1, 2, 4):
                 for target in (264, 1056):
                     shape = int4_triton.launch_shape(out_features, in_features, programs=target, block=block,
@@ -72,22 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     rows.append(time_kernel(layer, x, *shape))
         rule = int4_triton.launch_shape(out_features, in_features)
-        errors = {}
-        for variant in VARIANTS if ns.variants else ():
-            for target in (int4_triton.PROGRAMS, 2 * int4_triton.PROGRAMS):
-                shape = int4_triton.launch_shape(out_features, in_features, programs=target)
-                if any((r["block"], r["groups"], r["warps"], r["shift_free"], r["stages"]) ==
-                       (*shape, *variant.values()) for r in rows):
-                    continue
-                rows.append(time_kernel(layer, x, *shape, **variant))
-            got = int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, *rule, **variant).sum(0)[0]
-            errors[str(variant)] = float((got - expected).abs().max() / expected.abs().max())
         chosen = time_kernel(layer, x, *rule)
         got = int4_triton.gemv(x, layer.packed, layer.scales, layer.zeros, *rule).sum(0)[0]
         result["shapes"][name] = {
             "out_features": out_features, "in_features": in_features, "launch_shape": chosen,
             "relative_error": float((got - expected).abs().max() / expected.abs().max()),
-            "variant_relative_errors": errors, "tried": sorted(rows, key=lambda r: r["us"])}
+            "tried": sorted(rows, key=lambda r: r["us"])}
         print(f"{name}: rule {chosen['us']} us, best {min(r['us'] for r in rows)} us "
               f"({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
         Path(ns.json).write_text(json.dumps(result, indent=1))

@@ -12,7 +12,8 @@ Layout: codes packed eight to an int32 along the input dimension, output columns
 warp's loads are consecutive; scales and zero-points (in code units) in bf16, (in / 64, out). A program sums
 ``GROUPS`` groups of its ``BLOCK_N`` columns; programs along the input dimension write partial sums (splits, out)
 in float32, which are added up by plain torch ops after the kernel, so a compiled model fuses that sum into the
-next operation instead of zeroing a buffer for atomic adds.
+next operation instead of zeroing a buffer for atomic adds. A product of many rows (a prompt's prefill) does not
+run the GEMV once per row: a second kernel writes the weight out in bf16 once and cuBLAS multiplies by it.
 
 Imported only where Triton is (a CUDA machine); on a CPU the tests run it in Triton's interpreter.
 """
@@ -41,42 +42,18 @@ def _code_plus_2_23(shifted, HARDWARE: tl.constexpr):
 
 
 @triton.jit
-def _masked_plus_2_23(word, MASK: tl.constexpr, HARDWARE: tl.constexpr):
-    # The bits of word under MASK (one nibble in place) OR'ed into 2^23's: 2^23 + code * 16^position, one LOP3
-    # and no shift. The asm needs its mask as a literal, hence one line per nibble position.
-    if HARDWARE:
-        if MASK == 15:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 15, 1258291200, 234;", "=r,r", [word],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif MASK == 240:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 240, 1258291200, 234;", "=r,r", [word],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif MASK == 3840:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 3840, 1258291200, 234;", "=r,r", [word],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 61440, 1258291200, 234;", "=r,r", [word],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-    return (word & MASK) | 0x4B000000
-
-
-@triton.jit
-def _group_sum(x_ptr, packed_ptr, scale_ptr, zero_ptr, group, columns, inside, words, N, K, row,
-               BLOCK_N: tl.constexpr, HARDWARE: tl.constexpr, SHIFT_FREE: tl.constexpr):
-    first = group * 64
-    packed = tl.load(packed_ptr + (group * 8 + words)[:, None] * N + columns[None, :], mask=inside[None, :])
-    sums = tl.zeros([8, BLOCK_N], tl.float32)
-    if SHIFT_FREE:
-        # Nibbles 4..7 moved down to 0..3 by one shift a word; each nibble is then read where it lies, as
-        # code * 16^position, and its inputs are divided by 16^position (exact: a power of two) instead.
-        high = packed >> 16
-        for nibble in tl.static_range(8):
-            x = tl.load(x_ptr + row * K + first + words * 8 + nibble).to(tl.float32)
-            source = packed if nibble < 4 else high
-            code = _masked_plus_2_23(source, 15 << (4 * (nibble % 4)), HARDWARE).to(tl.float32, bitcast=True)
-            sums += (code - 8388608.0) * (x * (1.0 / (16 ** (nibble % 4))))[:, None]
-        x_total = tl.sum(tl.load(x_ptr + row * K + first + tl.arange(0, 64)).to(tl.float32), axis=0)
-    else:
+def _gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, partial_ptr, N, K,
+                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, HARDWARE: tl.constexpr):
+    column_block, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    columns = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = columns < N  # the last block of a width that is not a multiple of BLOCK_N
+    words = tl.arange(0, 8)  # the group's 8 packed rows: word w holds inputs 8w .. 8w + 7
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for step in range(GROUPS):
+        group = split * GROUPS + step
+        first = group * 64
+        packed = tl.load(packed_ptr + (group * 8 + words)[:, None] * N + columns[None, :], mask=inside[None, :])
+        sums = tl.zeros([8, BLOCK_N], tl.float32)
         x_sum = tl.zeros([8], tl.float32)
         for nibble in tl.static_range(8):
             x = tl.load(x_ptr + row * K + first + words * 8 + nibble).to(tl.float32)
@@ -84,29 +61,9 @@ def _group_sum(x_ptr, packed_ptr, scale_ptr, zero_ptr, group, columns, inside, w
             code = _code_plus_2_23(packed >> (4 * nibble), HARDWARE).to(tl.float32, bitcast=True) - 8388608.0
             sums += code * x[:, None]
             x_sum += x
-        x_total = tl.sum(x_sum, axis=0)
-    scale = tl.load(scale_ptr + group * N + columns, mask=inside).to(tl.float32)
-    zero = tl.load(zero_ptr + group * N + columns, mask=inside).to(tl.float32)
-    return scale * (tl.sum(sums, axis=0) - zero * x_total)
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, partial_ptr, N, K,
-                 BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, HARDWARE: tl.constexpr, SHIFT_FREE: tl.constexpr,
-                 STAGES: tl.constexpr):
-    column_block, split, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    columns = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    inside = columns < N  # the last block of a width that is not a multiple of BLOCK_N
-    words = tl.arange(0, 8)  # the group's 8 packed rows: word w holds inputs 8w .. 8w + 7
-    total = tl.zeros([BLOCK_N], tl.float32)
-    if STAGES > 0:  # the next groups' loads issued while this one is summed
-        for step in tl.range(0, GROUPS, num_stages=STAGES):
-            total += _group_sum(x_ptr, packed_ptr, scale_ptr, zero_ptr, split * GROUPS + step, columns, inside,
-                                words, N, K, row, BLOCK_N, HARDWARE, SHIFT_FREE)
-    else:
-        for step in range(GROUPS):
-            total += _group_sum(x_ptr, packed_ptr, scale_ptr, zero_ptr, split * GROUPS + step, columns, inside,
-                                words, N, K, row, BLOCK_N, HARDWARE, SHIFT_FREE)
+        scale = tl.load(scale_ptr + group * N + columns, mask=inside).to(tl.float32)
+        zero = tl.load(zero_ptr + group * N + columns, mask=inside).to(tl.float32)
+        total += scale * (tl.sum(sums, axis=0) - zero * tl.sum(x_sum, axis=0))
     tl.store(partial_ptr + (split * tl.num_programs(2) + row) * N + columns, total, mask=inside)
 
 
@@ -150,8 +107,6 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tupl
 PROGRAMS = 1536
 BLOCK_N = 256
 WARPS = 2
-SHIFT_FREE = False
-STAGES = 0
 DEQUANTIZE_BLOCK = 256
 # From this many rows on (a prompt's prefill), the weight is dequantized once and multiplied by cuBLAS: the GEMV
 # reads the whole weight again for every row.
@@ -171,7 +126,7 @@ def launch_shape(out_features: int, in_features: int, *, programs: int = PROGRAM
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-         block: int, groups: int, warps: int, *, shift_free: bool = False, stages: int = 0) -> torch.Tensor:
+         block: int, groups: int, warps: int) -> torch.Tensor:
     """x (rows, in) bf16 times the packed int4 weight, as float32 partial sums (input splits, rows, out)."""
     rows, in_features = x.shape
     out_features = packed.shape[1]
@@ -179,8 +134,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     partial = torch.empty((splits, rows, out_features), dtype=torch.float32, device=x.device)
     _gemv_kernel[(-(-out_features // block), splits, rows)](
         x, packed, scales, zeros, partial, out_features, in_features, BLOCK_N=block, GROUPS=groups,
-        HARDWARE=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", SHIFT_FREE=shift_free, STAGES=stages,
-        num_warps=warps)
+        HARDWARE=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps)
     return partial
 
 
@@ -197,12 +151,12 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
 
 @torch.library.custom_op("qlab::int4_gemv", mutates_args=())
 def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  block: int, groups: int, warps: int, shift_free: bool, stages: int) -> torch.Tensor:
-    return gemv(x, packed, scales, zeros, block, groups, warps, shift_free=shift_free, stages=stages)
+                  block: int, groups: int, warps: int) -> torch.Tensor:
+    return gemv(x, packed, scales, zeros, block, groups, warps)
 
 
 @_int4_gemv_op.register_fake
-def _(x, packed, scales, zeros, block, groups, warps, shift_free, stages):
+def _(x, packed, scales, zeros, block, groups, warps):
     splits = x.shape[1] // (GROUP * groups)
     return x.new_empty((splits, x.shape[0], packed.shape[1]), dtype=torch.float32)
 
@@ -234,6 +188,5 @@ class Int4Linear(nn.Module):
         if rows.shape[0] >= DEQUANTIZE_FROM_ROWS:
             weight = _int4_dequantize_op(self.packed, self.scales, self.zeros)
             return (rows @ weight.to(rows.dtype)).reshape(*x.shape[:-1], self.out_features)
-        partial = _int4_gemv_op(rows, self.packed, self.scales, self.zeros, self.block, self.groups, self.warps,
-                                SHIFT_FREE, STAGES)
+        partial = _int4_gemv_op(rows, self.packed, self.scales, self.zeros, self.block, self.groups, self.warps)
         return partial.sum(dim=0).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
