@@ -224,6 +224,8 @@ def test_bench_on_the_gpu_builds_the_users_own_model_shapes_and_writes_only_wher
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "gemlite" else None)
     assert bench.fastest_gpu_formats() == "bf16,int8gl,int4wo,float8gl,nf4"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "triton" else None)
+    assert bench.fastest_gpu_formats() == "bf16,int8wo,int4tq,float8wo,nf4"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None)
     assert bench.fastest_gpu_formats() == "bf16,int8wo,int4wo,float8wo,nf4"
 
