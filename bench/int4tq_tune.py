@@ -5,8 +5,8 @@ kernel (no partial-sum reduction after it) for every combination of columns per 
 tried, with ``bench/layer_ceiling.py``'s timing (a CUDA graph of calls, each after an L2-evicting write whose own
 time is subtracted), and checks its products against the dequantized weight. ``launch_shape``'s rule comes from
 these numbers; the row ``launch_shape`` is the rule's own choice, timed the same way. Two variants of the kernel
-were timed with it and removed, neither faster (``bench/results/int4tq_variants_h100.json``): each nibble read in place
-(one shift a word instead of one a nibble) and Triton's software pipelining of the loop over groups.
+were timed with it and removed, neither faster (``bench/results/int4tq_variants_h100.json``): each nibble read in
+place (one shift a word instead of one a nibble) and Triton's software pipelining of the loop over groups.
 """
 
 from __future__ import annotations

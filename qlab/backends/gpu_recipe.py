@@ -58,10 +58,10 @@ KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row
              "int4tq": "qlab Triton GEMV (A16W4, int4 g64 asymmetric, codes made floats by a bitwise OR)"}
 # What the dashboard shows for each slug when a user picks the formats to measure: the weights and whose kernel.
 FORMAT_LABEL = {"bf16": "BF16, not quantized", "int8wo": "INT8 weights, torchao",
-                "int4wo": "INT4 weights, torchao (tinygemm)", "float8wo": "FP8 weights, torchao", "nf4": "NF4 weights, bitsandbytes",
-                "int8dq": "INT8 weights and activations, torchao", "int8gl": "INT8 weights, gemlite",
-                "float8gl": "FP8 weights, gemlite", "int4gl": "INT4 weights, gemlite",
-                "int4tq": "INT4 weights, qlab's Triton kernel"}
+                "int4wo": "INT4 weights, torchao (tinygemm)", "float8wo": "FP8 weights, torchao",
+                "nf4": "NF4 weights, bitsandbytes", "int8dq": "INT8 weights and activations, torchao",
+                "int8gl": "INT8 weights, gemlite", "float8gl": "FP8 weights, gemlite",
+                "int4gl": "INT4 weights, gemlite", "int4tq": "INT4 weights, qlab's Triton kernel"}
 FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 GEMLITE_FORMATS = ("int8gl", "float8gl", "int4gl")
