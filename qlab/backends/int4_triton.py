@@ -109,8 +109,9 @@ BLOCK_N = 256
 WARPS = 2
 DEQUANTIZE_BLOCK = 256
 # From this many rows on (a prompt's prefill), the weight is dequantized once and multiplied by cuBLAS: the GEMV
-# reads the whole weight again for every row.
-DEQUANTIZE_FROM_ROWS = 4
+# reads the whole weight again for every row. On a lent H100, for Llama-3.1-8B's weights, writing them out took
+# about 13 ms and the GEMV about 1.65 ms a row (bench/results/int4tq_prefill_h100.json): even at about 8 rows.
+DEQUANTIZE_FROM_ROWS = 8
 
 
 def launch_shape(out_features: int, in_features: int, *, programs: int = PROGRAMS, block: int = BLOCK_N,
