@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from int4tq_tune import SHAPES  # noqa: E402  (the weight shapes the launch rule was tuned on)
 
 from qlab.backends import gpu_recipe, int4_triton  # noqa: E402
 
-SHAPES = {"wqkv": (6144, 4096), "w13": (28672, 4096), "wo": (4096, 4096), "w2": (4096, 14336),
-          "output": (128256, 4096)}
 COUNT = {"wqkv": 32, "w13": 32, "wo": 32, "w2": 32, "output": 1}
 PROMPT_ROWS = 128
 
