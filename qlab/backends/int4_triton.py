@@ -126,6 +126,11 @@ def launch_shape(out_features: int, in_features: int, *, programs: int = PROGRAM
     return block, per_program, warps
 
 
+def _on_hardware(tensor: torch.Tensor) -> bool:
+    """Whether the kernels run compiled for a GPU (the LOP3 instruction) rather than in Triton's interpreter."""
+    return tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
          block: int, groups: int, warps: int) -> torch.Tensor:
     """x (rows, in) bf16 times the packed int4 weight, as float32 partial sums (input splits, rows, out)."""
@@ -135,7 +140,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: tor
     partial = torch.empty((splits, rows, out_features), dtype=torch.float32, device=x.device)
     _gemv_kernel[(-(-out_features // block), splits, rows)](
         x, packed, scales, zeros, partial, out_features, in_features, BLOCK_N=block, GROUPS=groups,
-        HARDWARE=x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps)
+        HARDWARE=_on_hardware(x), num_warps=warps)
     return partial
 
 
@@ -144,9 +149,8 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) 
     (a prompt's prefill) multiplies by, read once, instead of running the GEMV once per row."""
     out_features = packed.shape[1]
     weight = torch.empty((packed.shape[0] * PER_WORD, out_features), dtype=torch.bfloat16, device=packed.device)
-    _dequantize_kernel[(packed.shape[0] // 8, -(-out_features // DEQUANTIZE_BLOCK))](
-        packed, scales, zeros, weight, out_features, BLOCK_N=DEQUANTIZE_BLOCK,
-        HARDWARE=packed.is_cuda and os.environ.get("TRITON_INTERPRET") != "1")
+    _dequantize_kernel[(packed.shape[0] * PER_WORD // GROUP, -(-out_features // DEQUANTIZE_BLOCK))](
+        packed, scales, zeros, weight, out_features, BLOCK_N=DEQUANTIZE_BLOCK, HARDWARE=_on_hardware(packed))
     return weight
 
 
