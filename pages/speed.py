@@ -76,6 +76,11 @@ chosen = st.session_state["speed_backends"]
 todo = [backends.get_backend(s) for s in chosen if s not in finished]
 
 
+def format_words(slugs: pd.Series) -> pd.Series:
+    """The GPU benchmark's format names as the page shows them: the weights and whose kernel."""
+    return slugs.map(gpu_recipe.FORMAT_LABEL).fillna(slugs)
+
+
 def bench_run():
     if "speed_bandwidth" not in st.session_state:
         st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
@@ -286,7 +291,12 @@ else:
     gpu_name = str(frame["gpu"].dropna().iloc[0]) if frame["gpu"].notna().any() else "GPU"
     gpu_target = speed.gpu_target(gpu_name, target)
     predicted_rows = speed.gpu_roofline(measured_gpu, gpu_target)
-    st.plotly_chart(charts.gpu_decode_bars(frame, pd.DataFrame(predicted_rows)), key="gpu_bars")
+    frame["format"] = format_words(frame["format_slug"])
+    frame["code path"] = frame["path"].map(gpu_recipe.PATH_LABEL).fillna(frame["path"])
+    predicted = pd.DataFrame(predicted_rows)
+    if len(predicted):
+        predicted["format"] = format_words(predicted["format_slug"])
+    st.plotly_chart(charts.gpu_decode_bars(frame, predicted), key="gpu_bars")
     bf16 = frame[(frame["format_slug"] == "bf16")].set_index("path")["decode_tokens_per_s"]
     # A variant path (``compiled-loop:subclass-weights``) without a BF16 row of its own compares with its base path.
     frame["vs bf16 same path"] = [
@@ -296,12 +306,12 @@ else:
     if "achieved_weight_gbps" in frame.columns:
         frame["weight read TB/s"] = frame["achieved_weight_gbps"] / 1000
     # The numbers first: at 1280 pixels the long kernel names would push them out of view.
-    common.table(frame[[c for c in ("format_slug", "path", "decode_tokens_per_s", "vs bf16 same path",
+    common.table(frame[[c for c in ("format", "code path", "decode_tokens_per_s", "vs bf16 same path",
                                     "weight read TB/s", "decode_tokens_per_s_spread_pct", "prefill_ms",
                                     "compile_seconds", "kernel", "backend", "gpu", "torch", "torchao")
                         if c in frame.columns]],
-                 column_config={"format_slug": "format", "kernel": "kernel doing the weight matmuls",
-                                "path": "code path", "decode_tokens_per_s": st.column_config.NumberColumn(
+                 column_config={"kernel": "kernel doing the weight matmuls",
+                                "decode_tokens_per_s": st.column_config.NumberColumn(
                                     "decode tokens/s", format="%.1f"),
                                 "vs bf16 same path": st.column_config.NumberColumn("speed-up over BF16, same path",
                                                                                    format="%.2f"),
@@ -313,9 +323,9 @@ else:
                                 "gpu": "GPU", "torch": "torch",
                                 "torchao": "torchao"})
     compared = frame[(frame["format_slug"] != "bf16") & frame["vs bf16 same path"].notna()]
-    ratios = "; ".join(f"{path}: " + ", ".join(f"{r['format_slug']} {r['vs bf16 same path']:.2f}x"
+    ratios = "; ".join(f"{path}: " + ", ".join(f"{r['format']} {r['vs bf16 same path']:.2f}x"
                                                 for _, r in part.iterrows())
-                       for path, part in compared.groupby("path", sort=False))
+                       for path, part in compared.groupby("code path", sort=False))
     bound = {r["format_slug"]: r["decode_tokens_per_s"] for r in predicted_rows}
     compiled_bf16 = bf16.get("compiled-loop")
     fraction = (f" BF16 compiled reaches {compiled_bf16 / bound['bf16']:.0%} of its catalog roofline."
@@ -332,11 +342,11 @@ else:
              "hundreds of small kernel launches per token, so fewer bytes do not make it faster; on the compiled "
              "static-cache path the dequantization fuses into the matmul and decode follows the bytes read. "
              "That gap is the 'quantized model slower than FP16' trap." if "hf-generate" in paths else "")
-    wrapped = (" `compiled-loop:subclass-weights` is the same compiled loop with torchao's quantized weight "
-               "objects handed to torch.compile as they are; each step then waits about 7 ms on the host and "
+    wrapped = (" The compiled loop with torchao's weight objects kept hands torchao's quantized weight "
+               "objects to torch.compile as they are; each step then waits about 7 ms on the host and "
                "INT8/INT4 fall below BF16. Unwrapping them first (`torchao.utils.unwrap_tensor_subclass`) removes "
                "it." if any(":subclass-weights" in path for path in paths) else "")
-    fused = (" `compiled-loop:fused-projections` builds each block as gpt-fast does: q/k/v as one matmul and "
+    fused = (" The compiled loop with q/k/v and gate/up fused builds each block as gpt-fast does: q/k/v as one matmul and "
              "gate/up as another, four weight matmuls a block instead of seven, with the same rounding."
              if any(":fused-projections" in path for path in paths) else "")
     st.caption(f"{config}, random weights, batch 1, measured on {gpu_name}; roofline markers: {gpu_target.name} "
@@ -358,8 +368,9 @@ else:
         spread = speed.ceiling_spread_pct(repeats)
         if spread:
             table["repeat_spread_pct"] = table["format_slug"].map(spread)
+        table.insert(0, "format", format_words(table.pop("format_slug")))
         common.table(table, column_config={
-            "format_slug": "format", "kernel": "kernel",
+            "kernel": "kernel",
             "matmul_ms": st.column_config.NumberColumn(
                 "matmuls alone (ms)", format="%.2f", help="A decode step's weight matmuls, each timed alone."),
             "matmul_speedup": st.column_config.NumberColumn("vs BF16, alone", format="%.2fx"),
@@ -381,5 +392,7 @@ else:
 failed_gpu = [r for r in gpu_run["rows"] if not r.get("decode_tokens_per_s")]
 if failed_gpu:
     with st.expander(f"{len(failed_gpu)} GPU step(s) without a measurement"):
-        common.table(pd.DataFrame(failed_gpu)[["format_slug", "path", "error"]],
-                     column_config={"format_slug": "format", "path": "code path"})
+        failed = pd.DataFrame(failed_gpu)
+        common.table(pd.DataFrame({"format": format_words(failed["format_slug"]),
+                                   "code path": failed["path"].map(gpu_recipe.PATH_LABEL).fillna(failed["path"]),
+                                   "error": failed["error"]}))

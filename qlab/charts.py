@@ -365,16 +365,22 @@ def speed_tradeoff(rows: pd.DataFrame, speed: str, error_title: str, target_name
 
 
 def gpu_decode_bars(rows: pd.DataFrame, predicted: pd.DataFrame | None = None) -> go.Figure:
-    """Measured GPU decode tokens/s per format, one bar per code path; roofline predictions as markers."""
-    figure = px.bar(rows, x="format_slug", y="decode_tokens_per_s", color="path", barmode="group",
-                    labels={"format_slug": "format", "decode_tokens_per_s": "decode tokens/s (batch 1)",
-                            "path": "code path"}, hover_data=["backend", "gpu", "decode_tokens_per_s_spread_pct"])
-    figure.update_yaxes(exponentformat="none", separatethousands=True)
+    """Measured GPU decode tokens/s per format (``format``), one bar per code path (``code path``); roofline
+    predictions as markers. Bars run across, so the formats' names never collide."""
+    formats = list(dict.fromkeys(rows["format"]))
+    figure = px.bar(rows, y="format", x="decode_tokens_per_s", color="code path", barmode="group", orientation="h",
+                    category_orders={"format": formats},
+                    labels={"format": "format", "decode_tokens_per_s": "decode tokens/s (batch 1)",
+                            "decode_tokens_per_s_spread_pct": "spread over repetitions (%)"},
+                    hover_data=[c for c in ("backend", "gpu", "decode_tokens_per_s_spread_pct") if c in rows])
+    figure.update_xaxes(exponentformat="none", separatethousands=True)
+    figure.update_yaxes(title=None)
     if predicted is not None and len(predicted):
-        figure.add_trace(go.Scatter(x=predicted["format_slug"], y=predicted["decode_tokens_per_s"], mode="markers",
-                                    name="roofline (bandwidth bound)", marker={"symbol": "line-ew-open", "size": 30,
+        figure.add_trace(go.Scatter(y=predicted["format"], x=predicted["decode_tokens_per_s"], mode="markers",
+                                    name="roofline (bandwidth bound)", marker={"symbol": "line-ns-open", "size": 24,
                                                                                "line": {"width": 3}}))
-    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.25})
+    bars = len(rows[["format", "code path"]].drop_duplicates())
+    figure.update_layout(margin={"t": 30}, legend={"orientation": "h", "y": -0.2}, height=max(380, 160 + 24 * bars))
     return _titled(figure, "GPU decode speed per format and code path")
 
 

@@ -63,6 +63,11 @@ FORMAT_LABEL = {"bf16": "BF16, not quantized", "int8wo": "INT8 weights, torchao"
                 "int8gl": "INT8 weights, gemlite", "float8gl": "FP8 weights, gemlite",
                 "int4gl": "INT4 weights, gemlite", "int4tq": "INT4 weights, qlab's Triton kernel"}
 FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
+# What the dashboard shows for each code path a step ran through (``step_path``'s names).
+PATH_LABEL = {"compiled-loop": "compiled loop", "compiled-loop" + FUSED: "compiled loop, q/k/v and gate/up fused",
+              "compiled-loop:subclass-weights": "compiled loop, torchao's weight objects kept",
+              "compiled-loop:skip-guards": "compiled loop, guards skipped", "eager-loop": "eager loop",
+              "eager-loop" + FUSED: "eager loop, q/k/v and gate/up fused", "hf-generate": "transformers generate, eager"}
 TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
 GEMLITE_FORMATS = ("int8gl", "float8gl", "int4gl")
 INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
