@@ -370,11 +370,10 @@ def gpu_decode_bars(rows: pd.DataFrame, predicted: pd.DataFrame | None = None) -
     formats = list(dict.fromkeys(rows["format"]))
     figure = px.bar(rows, y="format", x="decode_tokens_per_s", color="code path", barmode="group", orientation="h",
                     category_orders={"format": formats},
-                    labels={"format": "format", "decode_tokens_per_s": "decode tokens/s (batch 1)",
+                    labels={"format": "format (weights, kernel)", "decode_tokens_per_s": "decode tokens/s (batch 1)",
                             "decode_tokens_per_s_spread_pct": "spread over repetitions (%)"},
                     hover_data=[c for c in ("backend", "gpu", "decode_tokens_per_s_spread_pct") if c in rows])
     figure.update_xaxes(exponentformat="none", separatethousands=True)
-    figure.update_yaxes(title=None)
     if predicted is not None and len(predicted):
         figure.add_trace(go.Scatter(y=predicted["format"], x=predicted["decode_tokens_per_s"], mode="markers",
                                     name="roofline (bandwidth bound)", marker={"symbol": "line-ns-open", "size": 24,
