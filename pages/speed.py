@@ -81,6 +81,11 @@ def format_words(slugs: pd.Series) -> pd.Series:
     return slugs.map(gpu_recipe.FORMAT_LABEL).fillna(slugs)
 
 
+def path_words(paths: pd.Series) -> pd.Series:
+    """The GPU benchmark's code paths as the page shows them."""
+    return paths.map(gpu_recipe.PATH_LABEL).fillna(paths)
+
+
 def bench_run():
     if "speed_bandwidth" not in st.session_state:
         st.session_state["speed_bandwidth"] = speed.measure_bandwidth()
@@ -292,7 +297,7 @@ else:
     gpu_target = speed.gpu_target(gpu_name, target)
     predicted_rows = speed.gpu_roofline(measured_gpu, gpu_target)
     frame["format"] = format_words(frame["format_slug"])
-    frame["code path"] = frame["path"].map(gpu_recipe.PATH_LABEL).fillna(frame["path"])
+    frame["code path"] = path_words(frame["path"])
     predicted = pd.DataFrame(predicted_rows)
     if len(predicted):
         predicted["format"] = format_words(predicted["format_slug"])
@@ -394,5 +399,5 @@ if failed_gpu:
     with st.expander(f"{len(failed_gpu)} GPU step(s) without a measurement"):
         failed = pd.DataFrame(failed_gpu)
         common.table(pd.DataFrame({"format": format_words(failed["format_slug"]),
-                                   "code path": failed["path"].map(gpu_recipe.PATH_LABEL).fillna(failed["path"]),
+                                   "code path": path_words(failed["path"]),
                                    "error": failed["error"]}))
