@@ -347,13 +347,14 @@ else:
              "hundreds of small kernel launches per token, so fewer bytes do not make it faster; on the compiled "
              "static-cache path the dequantization fuses into the matmul and decode follows the bytes read. "
              "That gap is the 'quantized model slower than FP16' trap." if "hf-generate" in paths else "")
-    wrapped = (" The compiled loop with torchao's weight objects kept hands torchao's quantized weight "
-               "objects to torch.compile as they are; each step then waits about 7 ms on the host and "
-               "INT8/INT4 fall below BF16. Unwrapping them first (`torchao.utils.unwrap_tensor_subclass`) removes "
-               "it." if any(":subclass-weights" in path for path in paths) else "")
-    fused = (" The compiled loop with q/k/v and gate/up fused builds each block as gpt-fast does: q/k/v as one matmul and "
-             "gate/up as another, four weight matmuls a block instead of seven, with the same rounding."
-             if any(":fused-projections" in path for path in paths) else "")
+    kept_weights, fused_path = "compiled-loop:subclass-weights", "compiled-loop" + gpu_recipe.FUSED
+    wrapped = (f" '{gpu_recipe.PATH_LABEL[kept_weights]}' is the same compiled loop with torchao's quantized "
+               "weight objects handed to torch.compile as they are; each step then waits about 7 ms on the host "
+               "and INT8/INT4 fall below BF16. Unwrapping them first (`torchao.utils.unwrap_tensor_subclass`) "
+               "removes it." if any(":subclass-weights" in path for path in paths) else "")
+    fused = (f" '{gpu_recipe.PATH_LABEL[fused_path]}' builds each block as gpt-fast does: q/k/v as one matmul "
+             "and gate/up as another, four weight matmuls a block instead of seven, with the same rounding."
+             if any(gpu_recipe.FUSED in path for path in paths) else "")
     st.caption(f"{config}, random weights, batch 1, measured on {gpu_name}; roofline markers: {gpu_target.name} "
                f"bandwidth / bytes read per token. Speed-up over BF16 on the same path: {ratios}.{fraction}"
                f"{eager}{wrapped}{fused} A format whose weights are read slower than BF16's (the weights-read "
