@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from qlab.backends.gpu_recipe import BACKEND_OF, Args, run_step  # noqa: E402
+from qlab.backends.gpu_recipe import FORMATS, Args, run_step  # noqa: E402
 
 CONFIG_DIR = REPO / "assets" / "model_configs"
 
@@ -113,6 +113,12 @@ def steps_for(formats: list[str], paths: list[str], explicit: str | None = None)
     return wanted + extra
 
 
+def failed_row(fmt: str, path: str, device: str, error: str) -> dict:
+    """The row of a step that produced none of its own (killed, crashed or never started)."""
+    backend = FORMATS[fmt].backend if fmt in FORMATS else fmt
+    return {"backend": backend, "format_slug": fmt, "path": path, "device": device, "error": error, "measured": False}
+
+
 def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     """Run each step in a subprocess under the time budget; rewrite the JSON after each one."""
     out = Path(ns.json)
@@ -129,8 +135,7 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
     for fmt, path in steps_for(ns.formats.split(","), ns.paths.split(","), ns.steps):
         left = deadline - time.monotonic()
         if left < 30:
-            rows.append({"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path,
-                         "device": ns.device, "error": "skipped: the time budget was spent", "measured": False})
+            rows.append(failed_row(fmt, path, ns.device, "skipped: the time budget was spent"))
             continue
         row_file = _work_file(ns, f".{out.stem}.{fmt}.{path}.json")
         command = [sys.executable, str(REPO / "bench" / "gpu_speed.py"), "--step", f"{fmt}:{path}",
@@ -154,8 +159,7 @@ def orchestrate(ns: argparse.Namespace, passthrough: list[str]) -> list[dict]:
         if error is None:
             row = json.loads(row_file.read_text())
         else:
-            row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
-                   "error": f"{error}: {' | '.join(tail[-3:])[:400]}", "measured": False}
+            row = failed_row(fmt, path, ns.device, f"{error}: {' | '.join(tail[-3:])[:400]}")
         row["log_tail"] = tail
         row_file.unlink(missing_ok=True)
         row["step_seconds"] = round(time.monotonic() - started, 1)
@@ -219,8 +223,7 @@ def orchestrate_parallel(ns: argparse.Namespace, passthrough: list[str]) -> list
             row = json.loads(row_file.read_text())
         else:
             error = error or f"step exited {proc.returncode}"
-            row = {"backend": BACKEND_OF.get(fmt, fmt), "format_slug": fmt, "path": path, "device": ns.device,
-                   "error": f"{error}: {' | '.join(tail[-3:])[:400]}", "measured": False}
+            row = failed_row(fmt, path, ns.device, f"{error}: {' | '.join(tail[-3:])[:400]}")
         row["log_tail"] = tail
         row["step_seconds"] = round(time.monotonic() - started, 1)
         row["setup"] = {"install": installed, "parallel_compile": [k for k in running]}

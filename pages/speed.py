@@ -78,7 +78,7 @@ todo = [backends.get_backend(s) for s in chosen if s not in finished]
 
 def format_words(slugs: pd.Series) -> pd.Series:
     """The GPU benchmark's format names as the page shows them: the weights and whose kernel."""
-    return slugs.map(gpu_recipe.FORMAT_LABEL).fillna(slugs)
+    return slugs.map({slug: gpu_format.label for slug, gpu_format in gpu_recipe.FORMATS.items()}).fillna(slugs)
 
 
 def path_words(paths: pd.Series) -> pd.Series:
@@ -236,8 +236,8 @@ if unreadable_runs:
     st.warning(f"Stored GPU results that could not be read: {', '.join(unreadable_runs)}.")
 device = st.session_state.get("device", "cpu")
 if is_lm and device.startswith("cuda"):
-    st.multiselect("Formats to measure on this GPU", list(gpu_recipe.BACKEND_OF), key="gpu_formats",
-                   default=gpu_bench.fastest_formats(), format_func=gpu_recipe.FORMAT_LABEL.__getitem__,
+    st.multiselect("Formats to measure on this GPU", list(gpu_recipe.FORMATS), key="gpu_formats",
+                   default=gpu_bench.fastest_formats(), format_func=lambda slug: gpu_recipe.FORMATS[slug].label,
                    help="Each through its own kernel, named in the table below; the defaults are the fastest "
                         "measured that are installed here.")
     fuse = st.checkbox("q/k/v and gate/up as one matmul each (gpt-fast's layout)", value=True, key="gpu_fuse")
@@ -347,11 +347,11 @@ else:
              "hundreds of small kernel launches per token, so fewer bytes do not make it faster; on the compiled "
              "static-cache path the dequantization fuses into the matmul and decode follows the bytes read. "
              "That gap is the 'quantized model slower than FP16' trap." if "hf-generate" in paths else "")
-    kept_weights, fused_path = "compiled-loop:subclass-weights", "compiled-loop" + gpu_recipe.FUSED
+    kept_weights, fused_path = "compiled-loop" + gpu_recipe.KEPT_WEIGHTS, "compiled-loop" + gpu_recipe.FUSED
     wrapped = (f" '{gpu_recipe.PATH_LABEL[kept_weights]}' is the same compiled loop with torchao's quantized "
                "weight objects handed to torch.compile as they are; each step then waits about 7 ms on the host "
                "and INT8/INT4 fall below BF16. Unwrapping them first (`torchao.utils.unwrap_tensor_subclass`) "
-               "removes it." if any(":subclass-weights" in path for path in paths) else "")
+               "removes it." if any(gpu_recipe.KEPT_WEIGHTS in path for path in paths) else "")
     fused = (f" '{gpu_recipe.PATH_LABEL[fused_path]}' builds each block as gpt-fast does: q/k/v as one matmul "
              "and gate/up as another, four weight matmuls a block instead of seven, with the same rounding."
              if any(gpu_recipe.FUSED in path for path in paths) else "")

@@ -56,6 +56,17 @@ def test_fused_projections_compute_what_the_separate_ones_do():
     assert row["error"] is None and row["path"] == "eager-loop:fused-projections"
 
 
+def test_each_gpu_format_is_told_apart_and_names_its_library():
+    formats = gpu_recipe.FORMATS.values()
+    # The dashboard offers the formats by label, and merged results are keyed by backend: neither may repeat.
+    assert len({f.label for f in formats}) == len({f.backend for f in formats}) == len(gpu_recipe.FORMATS)
+    # The recipe picks a library's quantizer and compile switches from ``library``; the stored rows name it in
+    # ``backend``, so the two must agree.
+    prefix = {"torch": "bf16", "torchao": "torchao-", "bitsandbytes": "bnb-", "gemlite": "gemlite-", "qlab": "qlab-"}
+    assert all(f.backend.startswith(prefix[f.library]) for f in formats)
+    assert [slug for slug, f in gpu_recipe.FORMATS.items() if not f.bytes_bound] == ["int8dq"]
+
+
 @pytest.mark.parametrize(("fmt", "path"), [("bf16", "eager-loop"), ("bf16", "hf-generate"),
                                            ("int8wo", "eager-loop")])
 def test_steps_measure_on_cpu(fmt, path):
@@ -64,7 +75,7 @@ def test_steps_measure_on_cpu(fmt, path):
     row = gpu_recipe.run_step(tiny_args(), fmt, path)
     assert row["error"] is None, row["error"]
     assert row["decode_tokens_per_s"] > 0 and row["prefill_ms"] > 0
-    assert row["backend"] == gpu_recipe.BACKEND_OF[fmt] and row["path"] == path and row["device"] == "cpu"
+    assert row["backend"] == gpu_recipe.FORMATS[fmt].backend and row["path"] == path and row["device"] == "cpu"
 
 
 def test_int4_groups_for_gemlite_dequantize_to_the_sweep_s_int4():
@@ -76,7 +87,7 @@ def test_int4_groups_for_gemlite_dequantize_to_the_sweep_s_int4():
     assert codes.dtype == torch.uint8 and codes.shape == (96, 256) and 0 <= int(codes.min()) <= int(codes.max()) <= 15
     assert scales.shape == zeros.shape == (96, 4)
     rebuilt = (codes.float().reshape(96, 4, 64) - zeros[..., None]) * scales[..., None]
-    expected = fake_quantize(weight, gpu_recipe.SCHEMES["int4gl"], dtype=torch.float32)
+    expected = fake_quantize(weight, gpu_recipe.FORMATS["int4gl"].scheme, dtype=torch.float32)
     torch.testing.assert_close(rebuilt.reshape(96, 256), expected, rtol=0, atol=0)
 
 

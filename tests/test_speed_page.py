@@ -109,12 +109,12 @@ def test_speed_page_shows_each_stored_gpu_run_with_its_own_ratios():
     table = next(df.value for df in app.dataframe if "vs bf16 same path" in df.value.columns)
     assert len(table) == len(fused_run["rows"])
     path = "compiled-loop:fused-projections"
-    fused_int4 = table[(table["format"] == gpu_recipe.FORMAT_LABEL["int4wo"])
+    fused_int4 = table[(table["format"] == gpu_recipe.FORMATS["int4wo"].label)
                        & (table["code path"] == gpu_recipe.PATH_LABEL[path])]
     assert fused_int4["vs bf16 same path"].item() == pytest.approx(rate["int4wo", path] / rate["bf16", path])
     caption = " ".join(c.value for c in app.caption)
     assert "four weight matmuls a block instead of seven" in caption and "weight objects kept" not in caption
-    assert not set(table["format"]) & set(gpu_recipe.FORMAT_LABEL)  # words, not the command line's names
+    assert not set(table["format"]) & set(gpu_recipe.FORMATS)  # words, not the command line's names
 
 
 def test_speed_page_sets_each_kernel_s_ceiling_beside_the_runs_of_its_gpu():
@@ -198,7 +198,7 @@ def test_speed_page_measures_the_model_on_the_chosen_gpu_and_keeps_it_over_a_rel
     assert app.multiselect(key="gpu_formats").value == ["bf16", "int4wo"]
     # Words, not the command line's slugs: every format offered has its own label.
     offered = app.multiselect(key="gpu_formats").options
-    assert "INT4 weights, torchao (tinygemm)" in offered and len(set(offered)) == len(gpu_recipe.BACKEND_OF)
+    assert "INT4 weights, torchao (tinygemm)" in offered and len(set(offered)) == len(gpu_recipe.FORMATS)
     app.button(key="run_gpu_speed").click().run()
     assert not app.exception and not app.error, ([e.value for e in app.exception], [e.value for e in app.error])
     assert calls == [(str(bf16_llama_dir), "cuda:0", ["bf16", "int4wo"], True)]
@@ -206,7 +206,7 @@ def test_speed_page_measures_the_model_on_the_chosen_gpu_and_keeps_it_over_a_rel
     assert measured == "your model on GPU 0: NVIDIA H100 80GB HBM3 (80 GB), measured here"
     assert app.selectbox(key="gpu_run").value == measured
     table = next(df.value for df in app.dataframe if "vs bf16 same path" in df.value.columns)
-    assert list(table["format"]) == [gpu_recipe.FORMAT_LABEL["bf16"], gpu_recipe.FORMAT_LABEL["int4wo"]]
+    assert list(table["format"]) == [gpu_recipe.FORMATS["bf16"].label, gpu_recipe.FORMATS["int4wo"].label]
     rate = measured_rows["int4wo"]["decode_tokens_per_s"] / measured_rows["bf16"]["decode_tokens_per_s"]
     assert table["vs bf16 same path"].iloc[1] == pytest.approx(rate)
     [stored] = Store().runs()

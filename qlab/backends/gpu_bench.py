@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qlab.backends.gpu_recipe import BACKEND_OF, FUSED
+from qlab.backends.gpu_recipe import FORMATS, FUSED
 from qlab.core.errors import QlabError
 
 PROGRAM = Path(__file__).resolve().parents[2] / "bench" / "gpu_speed.py"
@@ -38,10 +38,10 @@ def fastest_formats() -> list[str]:
 
 def check_formats(formats: list[str]) -> list[str]:
     """``formats`` if the benchmark has each of them; a QlabError naming the others."""
-    unknown = [fmt for fmt in formats if fmt not in BACKEND_OF]
+    unknown = [fmt for fmt in formats if fmt not in FORMATS]
     if unknown or not formats:
         raise QlabError(f"the GPU benchmark has no format {', '.join(map(repr, unknown)) or 'given'}; choose from "
-                        f"{', '.join(BACKEND_OF)}.")
+                        f"{', '.join(FORMATS)}.")
     return formats
 
 

@@ -39,46 +39,61 @@ from qlab.core.quant import QuantScheme
 
 log = logging.getLogger(__name__)  # progress of a step; bench/gpu_speed.py sends it to the step's log file
 
-# Each format slug of the CLI (``--formats``): the backend that runs it and the weight format it stores.
-BACKEND_OF = {"bf16": "bf16", "int8wo": "torchao-int8wo", "int4wo": "torchao-int4wo",
-              "float8wo": "torchao-float8wo", "nf4": "bnb-nf4", "int8dq": "torchao-int8dq",
-              "int8gl": "gemlite-int8wo", "float8gl": "gemlite-float8wo", "int4gl": "gemlite-int4wo",
-              "int4tq": "qlab-int4-triton"}
-WEIGHT_FORMAT = {"bf16": "bf16", "int8wo": "int8", "int4wo": "int4", "float8wo": "fp8_e4m3", "nf4": "nf4",
-                 "int8dq": "int8", "int8gl": "int8", "float8gl": "fp8_e4m3", "int4gl": "int4", "int4tq": "int4"}
-# The kernel that does a decode step's weight matmuls in the compiled loop (the profile's top kernels confirm it).
-KERNEL_OF = {"bf16": "inductor Triton multiply-reduce (mm decomposed for one row)",
-             "int8wo": "inductor Triton multiply-reduce with the int8->bf16 cast and scale fused",
-             "int4wo": "tinygemm aten._weight_int4pack_mm (torchao tile_packed_to_4d)",
-             "float8wo": "inductor Triton multiply-reduce with the fp8->bf16 cast and scale fused",
-             "nf4": "bitsandbytes gemv_4bit", "int8dq": "inductor int8 x int8 mm",
-             "int8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)",
-             "float8gl": "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)",
-             "int4gl": "gemlite GEMV_REVSPLITK Triton kernel (A16W4, int4 g64 asymmetric)",
-             "int4tq": "qlab Triton GEMV (A16W4, int4 g64 asymmetric, codes made floats by a bitwise OR)"}
-# What the dashboard shows for each slug when a user picks the formats to measure: the weights and whose kernel.
-FORMAT_LABEL = {"bf16": "BF16, not quantized", "int8wo": "INT8 weights, torchao",
-                "int4wo": "INT4 weights, torchao (tinygemm)", "float8wo": "FP8 weights, torchao",
-                "nf4": "NF4 weights, bitsandbytes", "int8dq": "INT8 weights and activations, torchao",
-                "int8gl": "INT8 weights, gemlite", "float8gl": "FP8 weights, gemlite",
-                "int4gl": "INT4 weights, gemlite", "int4tq": "INT4 weights, qlab's Triton kernel"}
-FUSED = ":fused-projections"  # the path suffix of a step measured with ``Args.fuse_projections``
+@dataclass(frozen=True)
+class GpuFormat:
+    """One format of the GPU decode benchmark (a ``--formats`` slug of the CLI): whose recipe runs it, what it
+    stores and what the dashboard calls it."""
+
+    backend: str  # the library recipe, as every result row records it
+    library: str  # whose code quantizes it and runs its matmuls: torch, torchao, bitsandbytes, gemlite or qlab
+    scheme: QuantScheme  # the weights a decode step reads; its format is the row's ``format``
+    kernel: str  # what does a decode step's weight matmuls in the compiled loop (the profile's top kernels confirm it)
+    label: str  # what the dashboard shows for it: the weights and whose kernel
+    # Whether the scheme's bytes bound a decode step (its roofline): int8dq quantizes the activations too, so they
+    # do not.
+    bytes_bound: bool = True
+
+
+INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
+_INT4_G64 = QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False)
+_INT8_CHANNEL = QuantScheme("int8", "channel")
+_FP8_CHANNEL = QuantScheme("fp8_e4m3", "channel")
+FORMATS = {
+    "bf16": GpuFormat("bf16", "torch", QuantScheme("bf16"),
+                      "inductor Triton multiply-reduce (mm decomposed for one row)", "BF16, not quantized"),
+    "int8wo": GpuFormat("torchao-int8wo", "torchao", _INT8_CHANNEL,
+                        "inductor Triton multiply-reduce with the int8->bf16 cast and scale fused",
+                        "INT8 weights, torchao"),
+    "int4wo": GpuFormat("torchao-int4wo", "torchao", _INT4_G64,
+                        "tinygemm aten._weight_int4pack_mm (torchao tile_packed_to_4d)",
+                        "INT4 weights, torchao (tinygemm)"),
+    "float8wo": GpuFormat("torchao-float8wo", "torchao", _FP8_CHANNEL,
+                          "inductor Triton multiply-reduce with the fp8->bf16 cast and scale fused",
+                          "FP8 weights, torchao"),
+    # bitsandbytes' default block of 64.
+    "nf4": GpuFormat("bnb-nf4", "bitsandbytes", QuantScheme("nf4", "group", 64), "bitsandbytes gemv_4bit",
+                     "NF4 weights, bitsandbytes"),
+    "int8dq": GpuFormat("torchao-int8dq", "torchao", _INT8_CHANNEL, "inductor int8 x int8 mm",
+                        "INT8 weights and activations, torchao", bytes_bound=False),
+    "int8gl": GpuFormat("gemlite-int8wo", "gemlite", _INT8_CHANNEL,
+                        "gemlite GEMV_SPLITK Triton kernel (A16W8, int8 per channel)", "INT8 weights, gemlite"),
+    "float8gl": GpuFormat("gemlite-float8wo", "gemlite", _FP8_CHANNEL,
+                          "gemlite GEMV_SPLITK Triton kernel (A16W8, fp8 e4m3 per channel)", "FP8 weights, gemlite"),
+    "int4gl": GpuFormat("gemlite-int4wo", "gemlite", _INT4_G64,
+                        "gemlite GEMV_REVSPLITK Triton kernel (A16W4, int4 g64 asymmetric)", "INT4 weights, gemlite"),
+    "int4tq": GpuFormat("qlab-int4-triton", "qlab", _INT4_G64,
+                        "qlab Triton GEMV (A16W4, int4 g64 asymmetric, codes made floats by a bitwise OR)",
+                        "INT4 weights, qlab's Triton kernel"),
+}
+
+# Path suffixes of the compiled loop's variants (``_path_name`` composes them).
+FUSED = ":fused-projections"  # a step measured with ``Args.fuse_projections``
+KEPT_WEIGHTS = ":subclass-weights"  # torchao's tensor-subclass weights left wrapped (``Args.unwrap_subclasses`` off)
 # What the dashboard shows for each code path a step ran through (``step_path``'s names).
 PATH_LABEL = {"compiled-loop": "compiled loop", "compiled-loop" + FUSED: "compiled loop, q/k/v and gate/up fused",
-              "compiled-loop:subclass-weights": "compiled loop, torchao's weight objects kept",
+              "compiled-loop" + KEPT_WEIGHTS: "compiled loop, torchao's weight objects kept",
               "compiled-loop:skip-guards": "compiled loop, guards skipped", "eager-loop": "eager loop",
               "eager-loop" + FUSED: "eager loop, q/k/v and gate/up fused", "hf-generate": "transformers generate, eager"}
-TORCHAO_FORMATS = ("int8wo", "int4wo", "float8wo", "int8dq")
-GEMLITE_FORMATS = ("int8gl", "float8gl", "int4gl")
-INT4_GROUP_SIZE = 64  # torchao's README row for Llama-3.1-8B on H100 (int4wo-64)
-# The qlab scheme whose bytes a weight-only recipe reads per decode step (its roofline); int8dq quantizes the
-# activations too, so bytes alone do not bound it and it has none. NF4 is bitsandbytes' default block of 64.
-SCHEMES = {"bf16": QuantScheme("bf16"), "int8wo": QuantScheme("int8", "channel"),
-           "int4wo": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
-           "float8wo": QuantScheme("fp8_e4m3", "channel"), "nf4": QuantScheme("nf4", "group", 64),
-           "int8gl": QuantScheme("int8", "channel"), "float8gl": QuantScheme("fp8_e4m3", "channel"),
-           "int4gl": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False),
-           "int4tq": QuantScheme("int4", "group", INT4_GROUP_SIZE, symmetric=False)}
 
 
 @dataclass(frozen=True)
@@ -265,7 +280,7 @@ def quantize(model: nn.Module, fmt: str, skip: tuple[str, ...]) -> None:
     if fmt == "nf4":
         _bnb_nf4(model, skip)
         return
-    if fmt in GEMLITE_FORMATS:
+    if FORMATS[fmt].library == "gemlite":
         _gemlite(model, fmt, skip)
         return
     if fmt == "int4tq":
@@ -504,7 +519,7 @@ def _loop_step(args: Args, fmt: str, compiled: bool, turn_key: str = "") -> dict
     _sync(args.device)
     record["quantize_seconds"] = round(time.perf_counter() - started, 2)
     record["head_quantized"] = args.quantize_head and fmt != "bf16"
-    if compiled and args.unwrap_subclasses and fmt in TORCHAO_FORMATS:
+    if compiled and args.unwrap_subclasses and FORMATS[fmt].library == "torchao":
         # Measured on the H100 (torch 2.11, torchao 0.18): with tensor-subclass weights each compiled decode step
         # spent about 7 ms on the host for 3.4-5.2 ms of GPU work (CUDA graphs on), so INT4/INT8 decode was
         # host-bound. torchao's parametrization rebuilds the subclass inside the traced graph from plain tensors,
@@ -637,17 +652,17 @@ def run_step(args: Args, fmt: str, path: str) -> dict:
 def base_row(args: Args, fmt: str, path: str) -> dict:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else None
     return {
-        "model": args.config_name, "backend": BACKEND_OF[fmt], "format": WEIGHT_FORMAT[fmt], "format_slug": fmt,
+        "model": args.config_name, "backend": FORMATS[fmt].backend, "format": FORMATS[fmt].scheme.format, "format_slug": fmt,
         # A compile mode other than the default names its own path, so both can sit in one results file.
         "path": _path_name(args, fmt, path), "device": args.device, "gpu": gpu, "batch": 1,
-        "kernel": KERNEL_OF[fmt] if path == "compiled-loop" else None,
+        "kernel": FORMATS[fmt].kernel if path == "compiled-loop" else None,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.hf_new_tokens if path == "hf-generate" else args.new_tokens,
         "repetitions": args.repetitions, "threads": torch.get_num_threads(),
         "compile_mode": args.compile_mode if path == "compiled-loop" else None,
         "prefill_ms": None, "decode_tokens_per_s": None, "peak_memory_bytes": None, "error": None,
         "torch": torch.__version__, "torchao": _version("torchao"), "bitsandbytes": _version("bitsandbytes"),
-        "gemlite": _version("gemlite") if fmt in GEMLITE_FORMATS else None,
+        "gemlite": _version("gemlite") if FORMATS[fmt].library == "gemlite" else None,
         "transformers": _version("transformers"), "measured": True,
     }
 
@@ -659,8 +674,8 @@ def _path_name(args: Args, fmt: str, path: str) -> str:
         return path + FUSED if args.fuse_projections and path == "eager-loop" else path
     if args.compile_mode != "reduce-overhead":
         path += f":{args.compile_mode}"
-    if not args.unwrap_subclasses and fmt in TORCHAO_FORMATS:
-        path += ":subclass-weights"
+    if not args.unwrap_subclasses and FORMATS[fmt].library == "torchao":
+        path += KEPT_WEIGHTS
     if not args.quantize_head and fmt != "bf16":
         path += ":head-bf16"
     if args.fuse_projections:

@@ -458,7 +458,7 @@ def gpu_roofline(rows: list[dict], target: hardware.Hardware) -> list[dict]:
     one model) on ``target`` at the context the rows used: ``{"format_slug", "decode_tokens_per_s"}`` per format,
     none when ``target`` is not a GPU. A model outside the catalog (``qlab bench --device cuda --model DIR``, the
     user's own) is bounded by the bytes its rows say a decode step read."""
-    from qlab.backends.gpu_recipe import SCHEMES
+    from qlab.backends.gpu_recipe import FORMATS
 
     if target.kind != "gpu" or not target.bandwidth_bytes_per_s or not rows or any(
             row.get(key) is None for row in rows for key in ("model", "prompt_tokens", "new_tokens")):
@@ -470,11 +470,11 @@ def gpu_roofline(rows: list[dict], target: hardware.Hardware) -> list[dict]:
         step_bytes = {row["format_slug"]: row["weight_bytes_per_token"] + (row.get("kv_cache_bytes") or 0)
                       for row in rows if row.get("weight_bytes_per_token")}
         return [{"format_slug": fmt, "decode_tokens_per_s": target.bandwidth_bytes_per_s / step_bytes[fmt]}
-                for fmt in SCHEMES if fmt in step_bytes]
+                for fmt, gpu_format in FORMATS.items() if gpu_format.bytes_bound and fmt in step_bytes]
     context = int(rows[0]["prompt_tokens"] + max(row["new_tokens"] for row in rows))
     return [{"format_slug": fmt, "decode_tokens_per_s":
-             roofline.predict(arch, scheme, target, context_tokens=context).decode_bound_tokens_per_s}
-            for fmt, scheme in SCHEMES.items() if fmt in measured]
+             roofline.predict(arch, gpu_format.scheme, target, context_tokens=context).decode_bound_tokens_per_s}
+            for fmt, gpu_format in FORMATS.items() if gpu_format.bytes_bound and fmt in measured]
 
 
 def bench_results(name: str) -> list[dict]:

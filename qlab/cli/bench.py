@@ -84,7 +84,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model-config", default=None,
                         help="--device cuda without --model: catalog config name (default llama-3.1-8b)")
     parser.add_argument("--formats", default=None,
-                        help=f"--device cuda: {', '.join(gpu_recipe.BACKEND_OF)} "
+                        help=f"--device cuda: {', '.join(gpu_recipe.FORMATS)} "
                              "(default: each format through its fastest kernel installed here)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="--device cuda: q/k/v and gate/up as one linear each (gpt-fast's layout)")
