@@ -300,6 +300,8 @@ def table(frame: pd.DataFrame, *, column_config: dict | None = None, **kwargs) -
             shown[column] = [MISSING if gap else _cell(value, fmt if numeric else None)
                              for value, gap in zip(shown[column], missing, strict=True)]
             entry["type_config"] = {"type": "text"}
+            if numeric and not entry.get("alignment"):  # numbers with a gap still line up on the right
+                entry["alignment"] = "right"
         config[column] = entry
     kwargs.setdefault("hide_index", True)
     kwargs.setdefault("width", "stretch")

@@ -315,7 +315,9 @@ else:
                                     "weight read TB/s", "decode_tokens_per_s_spread_pct", "prefill_ms",
                                     "compile_seconds", "kernel", "backend", "gpu", "torch", "torchao")
                         if c in frame.columns]],
-                 column_config={"kernel": "kernel doing the weight matmuls",
+                 column_config={# Wide enough for the longest path's words at 1280 pixels; the table scrolls.
+                                "code path": st.column_config.TextColumn("code path", width=270),
+                                "kernel": "kernel doing the weight matmuls",
                                 "decode_tokens_per_s": st.column_config.NumberColumn(
                                     "decode tokens/s", format="%.1f"),
                                 "vs bf16 same path": st.column_config.NumberColumn("speed-up over BF16, same path",
