@@ -115,6 +115,8 @@ def test_this_machine_is_detected():
     assert 1 <= hw.host.usable_cores <= hw.host.logical_cores
     assert hw.host.cpu_model
     assert "fp32" in hw.native_formats
+    # The name sits mid-sentence in the verdict ("not faster on ..."), so it must not start with a capital "This".
+    assert hw.name.endswith("(this machine)") and not hw.name.startswith("This")
 
 
 def _cpuinfo_flags() -> frozenset[str]:

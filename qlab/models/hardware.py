@@ -186,7 +186,7 @@ def detect_this_machine() -> Hardware:
         name, memory_bytes, capability = cuda
         return Hardware(
             id=THIS_MACHINE_ID,
-            name=f"This machine ({name})",
+            name=f"{name} (this machine)",
             kind="gpu",
             vendor="NVIDIA",
             arch=f"CUDA sm_{capability[0]}{capability[1]}",
@@ -205,7 +205,7 @@ def detect_this_machine() -> Hardware:
     is_apple_soc = sys.platform == "darwin" and platform.machine() == "arm64"
     return Hardware(
         id=THIS_MACHINE_ID,
-        name=f"This machine ({host.cpu_model})",
+        name=f"{host.cpu_model} (this machine)",
         kind="soc" if is_apple_soc else "cpu",
         vendor=_cpu_vendor(),
         arch=platform.machine() or "unknown",
