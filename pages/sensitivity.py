@@ -17,7 +17,8 @@ from qlab.analyses.mixed import (
     recommend,
     recommendation_record,
 )
-from qlab.analyses.sensitivity import analyze, calibrate, check_calibration
+from qlab.analyses.overview import analysis_seconds
+from qlab.analyses.sensitivity import analyze, calibrate, check_calibration, replayed_shares
 from qlab.analyses.sweep import check_schemes
 from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import QlabError
@@ -34,7 +35,6 @@ from qlab.store import (
     stored_sensitivity,
 )
 
-VIEWS = {"forward": "quantize one unit, rest FP32", "reverse": "quantize all but one unit"}
 UNITS = {"block": "one block at a time", "linear": "one linear at a time", "none": "predict only (fastest)"}
 TABLE_COLUMNS = ["layer", "layer_type", "block", "label", "bits_per_weight", "estimated_delta", "block_delta",
                  "linear_delta", "predicted_delta", "relative_mse", "sqnr_db", "weight_relative_mse", "weight_absmax_over_std",
@@ -57,6 +57,8 @@ st.caption("Which linear layers lose the most when quantized. **Per linear**: th
            "replays from its cached input, so the unchanged prefix is never re-run. Then a per-layer format "
            "plan under a size budget, measured against the uniform formats.")
 common.show_caveat(loaded)
+base = loaded.dtype_label  # what the unquantized layers run in: the model as loaded
+views = {"forward": f"quantize one unit, rest {base}", "reverse": "quantize all but one unit"}
 
 with common.user_errors():
     candidates = {s.label: s for s in common.schemes() if s.fmt.scaled or s.sparsity != "none"}
@@ -75,7 +77,7 @@ unit = unit_column.radio("End to end", list(UNITS), key="sensitivity_unit", form
                          help="Replays from cached block inputs: one per block, or one per linear (exact per layer, "
                               "many more replays). 'Predict only' skips them: the recommender then relies on "
                               "the second-order estimate alone.")
-view = view_column.radio("View", list(VIEWS), key="sensitivity_view", format_func=VIEWS.get, horizontal=True,
+view = view_column.radio("View", list(views), key="sensitivity_view", format_func=views.get, horizontal=True,
                          help="Reverse: everything quantized except one unit, as AIMET's QuantAnalyzer reports.")
 if not chosen:
     st.info("Pick at least one format to analyse.")
@@ -147,11 +149,11 @@ def analysis_run():
 
 
 # analyze reports each step once it is done; the label names the one that starts.
-NEXT_STEP = {"rounded every layer": "capturing activations and block inputs (one FP32 pass)",
+NEXT_STEP = {"rounded every layer": f"capturing activations and block inputs (one {base} pass)",
              "captured activations and block inputs": "estimating the output curvature (one backward pass)",
              "estimated output curvature": "measuring each unit end to end",
              "everything quantized": "capturing the quantized model's block inputs",
-             "captured quantized block inputs": "measuring each unit kept in FP32"}
+             "captured quantized block inputs": f"measuring each unit kept in {base}"}
 
 
 def running(progress: Progress) -> Progress:
@@ -195,12 +197,16 @@ def analysis_kept() -> str:
 common.long_run("Analyse", "run_sensitivity", analyse, prepare=analysis_run, cancel_key="cancel_sensitivity",
                 cancel_help="Stops the analysis; what it measured is kept in History.", kept=analysis_kept,
                 start_text=("Calibrating on the end of the text, then capturing" if calibrated else "Capturing")
-                + " activations and block inputs (one FP32 pass)...")
+                + f" activations and block inputs (one {base} pass)...")
 
 report = reports.get(run_key)
 if report is None:
-    st.info(f"Press **Analyse** to measure {len(schemes)} format(s) on {spec.tokens} tokens. On SmolLM2 "
-            "(30 blocks) that is about 20 FP32 evaluations per format; on MiniLM about 5.")
+    seconds = analysis_seconds(loaded, schemes, spec, unit=measured_unit, view=view, blocks=unit != "none")
+    replays = (f", {common.count(len(replayed_shares(loaded.model, measured_unit)), 'replay')} end to end per format "
+               f"(one per {measured_unit})" if unit != "none" else "")
+    took = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{max(seconds, 1):.0f} s"
+    st.info(f"Press **Analyse** to measure {common.count(chosen, 'format')} on {spec.tokens} tokens{replays}: "
+            f"about {took} here.")
     st.stop()
 
 frame = pd.DataFrame(report.rows())

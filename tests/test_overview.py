@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlab.analyses import overview
+from qlab.analyses import overview, sensitivity
 from qlab.analyses.overview import OverviewRequest, Pieces
 from qlab.analyses.sensitivity import calibrate
 from qlab.backends import format_speed
@@ -80,6 +80,29 @@ def test_steps_come_cheapest_first_with_estimates_that_grow_with_the_work(llama)
     assert overview.estimate_seconds("sweep", llama, request(), SCHEMES, baseline_ready=True) < three
     assert format_speed.estimate_seconds(llama, SCHEMES) > 0
     assert "measured" not in [s.piece for s in recorded.steps(llama, request(), pieces, measure_here=False)]
+
+
+def test_the_full_analysis_estimate_prices_each_replay_by_the_blocks_it_runs(llama):
+    scaled = SCHEMES[1:]
+    shares = {unit: sensitivity.replayed_shares(llama.model, unit) for unit in ("block", "linear")}
+    blocks = len(sensitivity.block_stack(llama.model).linears)
+    # Block k's replay runs the blocks from k on: (blocks - k) / blocks of the stack, every block alike here.
+    assert shares["block"] == pytest.approx([(blocks - k) / blocks for k in range(blocks)])
+    assert len(shares["linear"]) > blocks and max(shares["linear"]) == 1.0
+    per_block = overview.analysis_seconds(llama, scaled, SPEC)
+    per_linear = overview.analysis_seconds(llama, scaled, SPEC, unit="linear")
+    no_replays = overview.analysis_seconds(llama, scaled, SPEC, blocks=False)
+    evaluation = overview.evaluation_seconds(llama, SPEC.tokens)
+    stack = sum(m.weight.numel() for _, m in overview.quantizable_linears(llama.model)) / overview.matmul_params(llama)
+
+    def replays(unit: str) -> float:  # each costs the head's share of an evaluation and its share of the stack's
+        return len(scaled) * evaluation * sum(1 - stack + stack * share for share in shares[unit])
+
+    # Between the two units only the replays differ.
+    assert per_linear - per_block == pytest.approx(replays("linear") - replays("block"))
+    assert per_linear > per_block > no_replays + replays("block") > no_replays > 0
+    assert overview.analysis_seconds(llama, scaled, SPEC, view="reverse") > per_block
+    assert overview.analysis_seconds(llama, scaled, SPEC, blocks=False, predict=False) < no_replays
 
 
 def test_a_job_saves_every_piece_and_a_new_session_restores_them(llama, store):
@@ -355,6 +378,33 @@ def meta_model(config: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
 
 
+def test_cpu_estimates_come_near_the_times_measured_on_a_quiet_cpu(monkeypatch):
+    """The constants were fitted to ``bench/estimates.py``'s run; with the probe rates of that run, the estimates of
+    the random 1B Llama (its shapes on the meta device, bf16 as it was measured) land near what each step took."""
+    stored = json.loads((ROOT / "bench" / "results" / "estimates_cpu.json").read_text())
+    rates = stored["probe_flops_per_s"]
+    monkeypatch.setattr(overview, "matmul_flops_per_s",
+                        lambda device="cpu", dtype=torch.float32: rates[str(dtype).removeprefix("torch.")])
+    [run] = [m for m in stored["models"] if m["model"] == "qlab-llama-3.2-1b-random"]
+    assert run["compute_dtype"] == "bfloat16"
+    loaded = types.SimpleNamespace(model=meta_model("llama-3.2-1b").to(torch.bfloat16), device="cpu",
+                                   kind="causal-lm")
+    spec = EvalSpec(run["tokens"])
+    sweep = (QuantScheme("fp16"), QuantScheme("int8", "group", 64), QuantScheme("int4", "group", 64),
+             QuantScheme("nf4", "group", 64))
+    estimates = {
+        "evaluation": overview.evaluation_seconds(loaded, spec.tokens),
+        "baseline": overview.sweep_seconds(loaded, [], spec),
+        "sweep": overview.sweep_seconds(loaded, sweep, spec, baseline_ready=True),
+        "quick_sensitivity": overview.estimate_seconds("sensitivity", loaded, OverviewRequest(sweep, "this-machine", spec),
+                                                       sweep),
+        "full_analysis": overview.analysis_seconds(loaded, sweep[1:3], spec),
+    }
+    for step, estimate in estimates.items():
+        assert estimate == pytest.approx(run["steps"][step]["estimated_s"], rel=0.02), step  # the same arithmetic
+        assert 0.5 < estimate / run["steps"][step]["measured_s"] < 2.0, step
+
+
 @pytest.mark.parametrize("config, device, results, probe", [
     ("llama-3.2-1b", "cpu", "rounding_methods_1b_cpu.json", 268e9),  # the CPU's probe when they were timed
     ("llama-3.1-8b", "cuda:0", "rounding_methods_8b_gpu.json", 700e12),  # a bf16 rate, which they do not use
@@ -363,7 +413,7 @@ def test_rounding_estimates_reproduce_the_times_measured_for_every_algorithm(mon
                                                                              probe):
     model = meta_model(config)
     loaded = types.SimpleNamespace(model=model, device=device)
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": probe)
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu", dtype=None: probe)
     measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
         (ROOT / "bench" / "results" / results).read_text())["models"][0]["rows"]}
     for algorithm in ("gptq", "gptq-act-order", "awq", "hqq"):
@@ -377,7 +427,7 @@ def test_gptq_on_a_gpu_is_not_estimated_by_its_arithmetic(monkeypatch):
     """On the H100 GPTQ took minutes for a solve that the GPU's matmul rate would finish in about a second (a dozen
     small kernels per input column), so a GPU estimate counts columns, not FLOPs."""
     model = meta_model("llama-3.1-8b")
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 700e12)
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu", dtype=None: 700e12)
     measured = {row["label"]: row["rounding_seconds"] for row in json.loads(
         (ROOT / "bench" / "results" / "rounding_methods_8b_gpu.json").read_text())["models"][0]["rows"]}
     solve_flops = sum(2.0 * m.out_features * m.in_features**2 for _, m in overview.quantizable_linears(model))
@@ -387,7 +437,7 @@ def test_gptq_on_a_gpu_is_not_estimated_by_its_arithmetic(monkeypatch):
 def test_a_model_on_a_gpu_is_estimated_at_the_gpu_rates_measured_on_the_h200(monkeypatch):
     model = meta_model("llama-3.1-8b")
     probed = []
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": probed.append(device) or 268e9)
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu", dtype=None: probed.append(device) or 268e9)
     on_gpu = types.SimpleNamespace(model=model, device="cuda:0", kind="causal-lm")
     on_cpu = types.SimpleNamespace(model=model, device="cpu", kind="causal-lm")
     sweep = json.loads((ROOT / "bench" / "results" / "real_model_gpu.json").read_text())["models"]["llama-3.1-8b"]

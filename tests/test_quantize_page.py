@@ -31,7 +31,7 @@ def test_a_text_too_short_to_calibrate_on_is_one_error_and_no_run():
 def test_a_long_sweep_is_announced_with_its_estimate_before_run(monkeypatch):
     from qlab.analyses import overview
 
-    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu": 268e9)  # a fixed machine: the estimate is stable
+    monkeypatch.setattr(overview, "matmul_flops_per_s", lambda device="cpu", dtype=None: 268e9)  # a fixed machine: the estimate is stable
     at = AppTest.from_file("../app.py", default_timeout=300)
     at.session_state["model_choice"] = "smollm2-135m"
     at.switch_page("pages/model.py").run()

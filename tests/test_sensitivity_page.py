@@ -22,6 +22,10 @@ def test_sensitivity_page_analyses_picks_a_layer_and_recommends_a_mix(minilm, tm
     at.run()
     no_errors(at)
     assert at.multiselect(key="sensitivity_schemes").value == ["int8 g64", "int4 g64"]
+    # Before it runs, the page says what the analysis will do here and about how long it takes.
+    [before] = [i.value for i in at.info if "Analyse" in i.value]
+    assert "2 formats on 128 tokens, 7 replays end to end per format (one per block): about" in before and "SmolLM2" not in before
+    assert "rest FP32" in at.radio(key="sensitivity_view").options[0]  # MiniLM is loaded in FP32
     at.button(key="run_sensitivity").click().run()
     no_errors(at)
     # Dataframes in page order: ranked table, layer types, blocks (and the mix table last, once measured).

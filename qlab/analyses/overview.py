@@ -21,12 +21,13 @@ import torch
 
 from qlab.analyses import layer_rounding, memory, roofline, verdict
 from qlab.analyses.activations import CALIBRATION_TOKENS
+from qlab.analyses.sensitivity import replayed_shares
 from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.algorithms import awq, needs_calibration
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.quant import QuantScheme, block_of, grid_values
 from qlab.models import architectures, hardware
-from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress
+from qlab.models.evaluate import Baseline, CancelCheck, EvalSpec, Progress, compute_dtype
 from qlab.models.loading import LoadedModel, quantizable_linears
 
 PIECES: tuple[str, ...] = ("memory", "predicted", "sweep", "sensitivity", "measured")
@@ -43,13 +44,26 @@ EMBED_BATCH, EMBED_TOKENS = 32, 128
 EMBED_FORMULA = ("sentences/s = batch / max(weight bytes read / bandwidth, FLOPs of the batch / peak FLOPS of "
                  "the compute dtype (this machine: its measured FP32 matmul rate)); a format without a kernel "
                  "reads the dense weights")
-# Measured on the 2-core machine with other jobs running: an evaluation costs about 3x its matmul FLOPs at the
-# probe's rate plus a second of fixed work (tokenizing, padding, Python); an LM baseline about 2.5 evaluations
-# (log-softmax over the whole vocabulary, kept in fp16); rounding to nearest about 10 ns per weight.
-EVAL_OVERHEAD = 3.0
-EVAL_FIXED_S = 1.0
-BASELINE_EVALS = {"causal-lm": 2.5, "embedding": 1.3}
+# On a CPU, fitted on the quiet 2-core AMD EPYC with AVX512-BF16 (``bench/estimates.py``,
+# bench/results/estimates_cpu.json): an evaluation costs about 1.5x its matmul FLOPs at the probe's rate in the
+# model's compute dtype (bf16 ran 4.5x fp32's rate there) plus 0.15 s: MiniLM 0.27 s, SmolLM2 1.4 s (fp32), the
+# random Llama-3.2-1B 11.3 s in fp32 and 2.7 s in bf16. An LM's baseline took 1.05-1.25 evaluations. A sweep rounds
+# through the compiled kernels, about 3 ms a linear and 0.3 ns a weight (0.3-0.5 s for the 1B's 0.97 B weights;
+# 0.4-0.7 s on an AVX2-only EPYC), and each scheme spends about 0.3 s more on its own (swapping layers in and
+# out, its records): MiniLM's four took 0.66 s each for a 0.27 s evaluation. The per-layer analyses round through
+# torch, about 10 ns a weight.
+CPU_EVAL_OVERHEAD = 1.5
+CPU_EVAL_FIXED_S = 0.15
+CPU_BASELINE_EVALS = 1.3
+CPU_SCHEME_FIXED_S = 0.3
+SWEEP_ROUNDING_S_PER_LINEAR = 3e-3
+SWEEP_ROUNDING_S_PER_WEIGHT = 3e-10
 ROUNDING_S_PER_WEIGHT = 1e-8
+# On a GPU (lent H100 and H200 runs, the figures of the section below): an evaluation about 3x its matmul FLOPs
+# at the bf16 probe's rate plus a second of host work, an LM baseline about 2.5 evaluations.
+GPU_EVAL_OVERHEAD = 3.0
+GPU_EVAL_FIXED_S = 1.0
+GPU_BASELINE_EVALS = {"causal-lm": 2.5, "embedding": 1.3}
 # On a GPU (the H200, random Llama-3.1-8B, bench/results/real_model_gpu.json run 3): rounding to nearest took
 # 0.43-0.48 s a scheme for 7.5 B weights, block copies included, so about 60 ps a weight; the quick sensitivity
 # 4.7 s for two schemes, about 3 evaluations and 0.1 ns a weight and scheme.
@@ -70,13 +84,17 @@ HQQ_S_PER_WEIGHT = 7e-7
 GPU_GPTQ_S_PER_COLUMN = 2.1e-4
 GPU_AWQ_FLOPS_PER_S = 3.7e13
 GPU_HQQ_S_PER_WEIGHT = 1.6e-9
-# The quick sensitivity (no baseline): one forward and one backward pass (3 evaluations), plus rounding every linear for each
-# scaled scheme and its output error on every batch: MiniLM took 10 s for two schemes at 64 and at 512 tokens
-# alike (the same busy machine), about 0.4 us per weight and scheme; since it dropped its baseline forward and
-# rounds through the fused quantizer, SmolLM2 takes 5-7 s for three schemes on the quiet machine (14 s beside a
-# browser drawing the page), about 10 ns per weight and scheme once the passes are counted.
+# The quick sensitivity (no baseline): one forward and one backward pass (3 evaluations), plus rounding every
+# linear for each scaled scheme and its output error on every batch. On the quiet AVX512-BF16 EPYC
+# (bench/results/estimates_cpu.json), fp16, int8, int4 and nf4 g64 cost 1.3-1.8e-8 s a weight and scaled scheme
+# beyond the three evaluations (MiniLM 1.3 s, SmolLM2 8.1 s, the random 1B Llama 61 s).
 QUICK_PASS_EVALS = 3.0
-QUICK_S_PER_WEIGHT = 1e-8
+QUICK_S_PER_WEIGHT = 1.8e-8
+# The full analysis (the Sensitivity page), int8 and int4 g64 at 512 tokens on the same quiet CPU: the capture pass
+# about one evaluation E plus, per scheme, each linear's output error (an fp32 matmul of its inputs with the
+# weight's error) and its rounding, plus the weights' statistics (about one rounding); the curvature pass about
+# 2.5 E (2.2-2.7 measured); each replay the blocks from its unit on and the head, as that share of E.
+CURVATURE_EVALS = 2.5
 
 
 @dataclass(frozen=True)
@@ -144,17 +162,23 @@ class Pieces:
 
 
 @functools.cache
-def matmul_flops_per_s(device: str = "cpu") -> float:
-    """This process's matmul rate where a model runs (what every estimate scales with), measured once per
-    device: on a CPU FP32, from a 50 ms probe; on a GPU bfloat16 at a size that fills it."""
+def matmul_flops_per_s(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """This process's matmul rate where a model runs (what every estimate scales with), measured once per device
+    and dtype: on a CPU from a probe of about a tenth of a second in ``dtype`` (a CPU with AVX512-BF16 or AMX runs bf16 several times
+    faster than fp32); on a GPU bfloat16 at a size that fills it."""
     if device != "cpu":
         return _gpu_matmul_flops_per_s(torch.device("cuda" if device == "auto" else device))
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     a @ b
-    started, repeats = time.perf_counter(), 8
-    for _ in range(repeats):
-        a @ b
-    return repeats * 2 * 512**3 / max(time.perf_counter() - started, 1e-6)
+    # The best of three rounds: a bf16 kernel warms up over its first calls, and a shared machine's neighbours
+    # slow some rounds down.
+    best, repeats = 0.0, 4
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, repeats * 2 * 1024**3 / max(time.perf_counter() - started, 1e-6))
+    return best
 
 
 def _gpu_matmul_flops_per_s(device: torch.device) -> float:
@@ -183,12 +207,19 @@ def matmul_params(loaded: LoadedModel) -> int:
 
 def matmul_seconds(loaded: LoadedModel, tokens: int) -> float:
     """About how long the matmuls of a forward pass over ``tokens`` tokens take here, overheads included."""
-    return EVAL_OVERHEAD * 2.0 * matmul_params(loaded) * tokens / matmul_flops_per_s(loaded.device)
+    flops = 2.0 * matmul_params(loaded) * tokens
+    if _on_gpu(loaded):
+        return GPU_EVAL_OVERHEAD * flops / matmul_flops_per_s(loaded.device)
+    return CPU_EVAL_OVERHEAD * flops / matmul_flops_per_s(loaded.device, compute_dtype(loaded.model))
 
 
 def evaluation_seconds(loaded: LoadedModel, tokens: int) -> float:
-    """About how long one FP32 evaluation of ``tokens`` tokens takes here."""
-    return matmul_seconds(loaded, tokens) + EVAL_FIXED_S
+    """About how long one evaluation of ``tokens`` tokens takes here, in the model's compute dtype."""
+    return matmul_seconds(loaded, tokens) + _eval_fixed_seconds(loaded)
+
+
+def _eval_fixed_seconds(loaded: LoadedModel) -> float:
+    return GPU_EVAL_FIXED_S if _on_gpu(loaded) else CPU_EVAL_FIXED_S
 
 
 def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
@@ -210,19 +241,55 @@ def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
     return per_weight * sum(m.weight.numel() for m in linears)
 
 
+def sweep_rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
+    """``rounding_seconds`` as a sweep rounds: to nearest on a CPU through the compiled kernels."""
+    if _on_gpu(loaded) or scheme.algorithm != "rtn" or scheme.sparsity != "none":
+        return rounding_seconds(loaded, scheme)
+    linears = [module for _, module in quantizable_linears(loaded.model)]
+    return (SWEEP_ROUNDING_S_PER_LINEAR * len(linears)
+            + SWEEP_ROUNDING_S_PER_WEIGHT * sum(m.weight.numel() for m in linears))
+
+
+def analysis_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec, *, unit: str = "block",
+                     view: str = "forward", blocks: bool = True, predict: bool = True) -> float:
+    """About how long the full sensitivity analysis (``sensitivity.analyze``) takes here: the capture pass with
+    each scheme's per-linear errors, the curvature pass if asked, one calibration pass if an algorithm needs it,
+    and per scheme one replay per unit end to end, each unit rounded again (the reverse view first evaluates and
+    captures the all-quantized model)."""
+    evaluation = evaluation_seconds(loaded, spec.tokens)
+    linears = [module for _, module in quantizable_linears(loaded.model)]
+    weights = sum(m.weight.numel() for m in linears)
+    overhead = GPU_EVAL_OVERHEAD if _on_gpu(loaded) else CPU_EVAL_OVERHEAD
+    linear_errors = overhead * 2.0 * weights * spec.tokens / matmul_flops_per_s(loaded.device)
+    statistics = (GPU_ROUNDING_S_PER_WEIGHT if _on_gpu(loaded) else ROUNDING_S_PER_WEIGHT) * weights
+    replays = 0.0
+    if blocks:
+        stack_share = weights / matmul_params(loaded)
+        replays = sum(evaluation * (1 - stack_share + stack_share * share)
+                      for share in replayed_shares(loaded.model, unit))
+    reverse = 2 * evaluation if blocks and view == "reverse" else 0.0
+    rounded_twice = blocks  # to nearest: once for its error, again for its unit; other algorithms are kept
+    return (evaluation + statistics + CURVATURE_EVALS * evaluation * predict + calibration_seconds(loaded, schemes)
+            + sum(linear_errors + replays + reverse
+                  + rounding_seconds(loaded, s) * (2 if rounded_twice and s.algorithm == "rtn" else 1)
+                  for s in schemes))
+
+
 def sweep_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
                   baseline_ready: bool = False) -> float:
     """About how long a sweep of ``schemes`` takes here: the baseline (unless ready), one calibration pass if an
     algorithm needs it, and per scheme its rounding and one evaluation."""
     evaluation = evaluation_seconds(loaded, spec.tokens)
-    baseline = 0.0 if baseline_ready else BASELINE_EVALS.get(loaded.kind, 2.0) * evaluation
+    evaluations = GPU_BASELINE_EVALS.get(loaded.kind, 2.0) if _on_gpu(loaded) else CPU_BASELINE_EVALS
+    baseline = 0.0 if baseline_ready else evaluations * evaluation
     return (baseline + calibration_seconds(loaded, schemes)
-            + sum(evaluation + rounding_seconds(loaded, s) for s in schemes))
+            + sum(evaluation + sweep_rounding_seconds(loaded, s) + (0.0 if _on_gpu(loaded) else CPU_SCHEME_FIXED_S)
+                  for s in schemes))
 
 
 def calibration_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme]) -> float:
     """The one forward pass over the calibration tokens (no backward, no head) GPTQ and AWQ share, or 0."""
-    return matmul_seconds(loaded, CALIBRATION_TOKENS) + EVAL_FIXED_S if needs_calibration(schemes) else 0.0
+    return evaluation_seconds(loaded, CALIBRATION_TOKENS) if needs_calibration(schemes) else 0.0
 
 
 def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, schemes: Sequence[QuantScheme],

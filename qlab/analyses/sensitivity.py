@@ -660,6 +660,17 @@ def _check_cache_fits(model: torch.nn.Module, stack: BlockStack, baseline: Basel
                         f"half the {available / 1e9:.1f} GB of free {where}; lower the token budget.")
 
 
+def replayed_shares(model: torch.nn.Module, unit: str) -> list[float]:
+    """For each unit ``analyze`` measures end to end per scheme (``unit``: "block" or "linear"), the share of the
+    block stack's linear weights its replay runs through: from its own block on, or all of them for a unit outside
+    the stack, which runs the whole model."""
+    stack = block_stack(model)
+    sizes = {name: module.weight.numel() for name, module in quantizable_linears(model)}
+    per_block = [sum(sizes[name] for name in names) for names in stack.linears]
+    total = sum(per_block) or 1
+    return [1.0 if start is None else sum(per_block[start:]) / total for start, _, _ in _units(stack, unit)]
+
+
 def _units(stack: BlockStack, unit: str) -> list[tuple[int | None, str, tuple[str, ...]]]:
     """(start block, label, linear names) of each unit measured end to end."""
     if unit == "block":
