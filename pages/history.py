@@ -12,6 +12,7 @@ from pages import common
 from qlab import charts, views
 from qlab.core.errors import QlabError
 from qlab.core.quant import QuantScheme
+from qlab.models import hardware
 from qlab.models import loading as models
 from qlab.models.evaluate import DEFAULT_TEXT_NAME
 from qlab.store import Store, StoredRun, report, scheme_export
@@ -24,6 +25,19 @@ KIND_NAMES = {"sweep": "sweep", "sensitivity": "sensitivity analysis", "recommen
 def kind_name(kind: str) -> str:
     """A run kind in words (an imported run may bring a kind this version does not know: shown as stored)."""
     return KIND_NAMES.get(kind, kind)
+
+
+def hardware_name(hardware_id: object) -> object:
+    """A run's target in words; "this machine" of a run may be another machine's (an imported run). A run
+    without a target (a missing cell) stays missing."""
+    if not isinstance(hardware_id, str) or not hardware_id:
+        return hardware_id
+    if hardware_id == hardware.THIS_MACHINE_ID:
+        return "the machine it ran on"
+    try:
+        return hardware.get(hardware_id).name
+    except QlabError:  # an imported run may name a target this version's catalog does not have
+        return hardware_id
 
 
 common.page_setup()
@@ -89,7 +103,9 @@ shown = summaries[(summaries["model"].isin(chosen_models) if chosen_models else 
                   & (summaries["kind"].isin(chosen_kinds) if chosen_kinds else True)
                   & summaries["labels"].str.contains(search, case=False, regex=False)]
 common.table(shown[["id", "created_at", "kind", "status", "model", "hardware", "results", "labels", "tokens",
-                    "qlab"]], key="history_table",
+                    "qlab"]].assign(kind=shown["kind"].map(kind_name), hardware=shown["hardware"].map(hardware_name),
+                                created_at=shown["created_at"].str[:16].str.replace("T", " ")),
+             key="history_table",
              column_config={"id": "run", "qlab": "qlab version", "created_at": st.column_config.TextColumn("started (UTC)"),
                             "labels": st.column_config.TextColumn("schemes", width="large")})
 

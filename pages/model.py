@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import common
+from qlab.analyses.verdict import size_words
 from qlab.models.loading import layer_table
 
 common.page_setup()
@@ -15,7 +16,8 @@ layers = pd.DataFrame([vars(layer) for layer in layer_table(loaded)])
 quantized = layers[layers["quantized"]]
 columns = st.columns(4)
 columns[0].metric("Parameters", f"{loaded.num_params / 1e6:.2f} M")
-columns[1].metric("FP32 size", f"{loaded.fp32_bytes / 1e6:.1f} MB", help="4 bytes per parameter, tied tensors once")
+columns[1].metric(f"Size as loaded ({loaded.dtype_label})", size_words(loaded.weight_bytes),
+                  help=f"Tied tensors once. In FP32 it would take {size_words(loaded.fp32_bytes)}.")
 columns[2].metric("Quantized by a scheme", f"{quantized['params'].sum() / loaded.num_params:.0%}",
                   help="Share of parameters in linear layers; embeddings, norms and biases stay at 16 bits.")
 columns[3].metric("Kind", loaded.kind)

@@ -178,7 +178,9 @@ def test_stored_sensitivity_and_bench_runs_reopen_without_recomputing(db, monkey
     monkeypatch.setattr(speed, "run_bench", no_recompute)
     at = page().run()
     no_errors(at)
-    assert set(at.dataframe[0].value["kind"]) == {"sensitivity", "bench"}
+    listed = at.dataframe[0].value
+    assert set(listed["kind"]) == {"sensitivity analysis", "speed measurement"}  # in words, not stored names
+    assert not listed["created_at"].str.contains("T|\\+").any()  # "2026-12-07 20:45", not ISO with an offset
     at.multiselect(key="history_kinds").select("sensitivity").run()
     assert list(at.dataframe[0].value["id"]) == [sensitivity_id]
     assert at.dataframe[0].value["labels"].iloc[0] == "int8 g32, int4 g32"

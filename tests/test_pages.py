@@ -31,6 +31,8 @@ def test_model_page_shows_counts_and_layers(minilm):
     no_errors(at)
     values = {m.label: m.value for m in at.metric}
     assert values["Parameters"] == "22.71 M"
+    # MiniLM ships in FP32 and is loaded so: 4 bytes a parameter.
+    assert values["Size as loaded (FP32)"] == f"{4 * minilm.num_params / 1e6:.1f} MB"
     table = at.dataframe[0].value
     assert list(table["name"]) == [name for name, _ in minilm.model.named_parameters()]
 

@@ -126,6 +126,8 @@ def test_the_dashboard_refuses_it_on_the_model_page_and_the_overview_then_works_
     at.switch_page("pages/model.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.metric[0].value == "0.14 M"
+    # Loaded in its own bf16: the size shown is 2 bytes a parameter, the FP32 size only in the help.
+    assert at.metric[1].label == "Size as loaded (BF16)"
 
 
 @pytest.mark.parametrize("command", [

@@ -217,15 +217,15 @@ def _with_headline(verdict: Verdict, found: Sequence[Candidate], measured: Seque
         r = v.recommended
         text = f"Ship {r.label} on {v.target}: it loses {_number(r.loss)}{unit} (bound {v.bound:g})"
         if r.total_bytes is not None and v.memory_bytes:
-            text += f" and needs {_size(r.total_bytes)} of {_size(v.memory_bytes)}"
+            text += f" and needs {size_words(r.total_bytes)} of {size_words(v.memory_bytes)}"
         if r.predicted_speed and v.baseline_predicted:
             text += f"; predicted {r.predicted_speed / v.baseline_predicted:.1f}x the {v.baseline_name} speed there"
         return replace(v, headline=text + ".")
     if found and all(c.fits is False for c in found):
         smallest = min(found, key=lambda c: c.total_bytes or 0)
-        need = f" needs {_size(smallest.total_bytes)}" if smallest.total_bytes is not None else " does not fit"
+        need = f" needs {size_words(smallest.total_bytes)}" if smallest.total_bytes is not None else " does not fit"
         return replace(v, headline=f"No chosen format fits {v.target}: the smallest, {smallest.label},{need}"
-                                   + (f" of {_size(v.memory_bytes)}" if v.memory_bytes else "")
+                                   + (f" of {size_words(v.memory_bytes)}" if v.memory_bytes else "")
                                    + "; pick a larger target or a smaller format.")
     if not measured:
         return replace(v, headline="No accuracy measured yet: the verdict appears when the sweep has run.")
@@ -244,15 +244,15 @@ def details(verdict: Verdict) -> list[str]:
     r, speed_unit = verdict.recommended, verdict.speed_unit
     if r is not None:
         if r.weights_bytes is not None:
-            size = f"Size: {_size(r.weights_bytes)} of weights"
+            size = f"Size: {size_words(r.weights_bytes)} of weights"
             if r.scales_bytes:
-                size += f" (scales and zero-points {_size(r.scales_bytes)} of it)"
+                size += f" (scales and zero-points {size_words(r.scales_bytes)} of it)"
             if r.kv_bytes is not None:
-                size += f", KV cache {_size(r.kv_bytes)}"
+                size += f", KV cache {size_words(r.kv_bytes)}"
             if r.total_bytes is not None:
-                size += f", {_size(r.total_bytes)} in all"
+                size += f", {size_words(r.total_bytes)} in all"
                 if verdict.memory_bytes:
-                    size += f" of {verdict.target}'s {_size(verdict.memory_bytes)}"
+                    size += f" of {verdict.target}'s {size_words(verdict.memory_bytes)}"
             lines.append(size + ".")
         speeds = []
         if r.predicted_speed is not None:
@@ -273,7 +273,7 @@ def details(verdict: Verdict) -> list[str]:
         lines.append(f"Runner-up: {verdict.runner_up.label}: {verdict.runner_up_why}.")
     if verdict.does_not_fit:
         lines.append("Does not fit " + verdict.target + ": " + ", ".join(
-            c.label + (f" ({_size(c.total_bytes)})" if c.total_bytes is not None else "")
+            c.label + (f" ({size_words(c.total_bytes)})" if c.total_bytes is not None else "")
             for c in verdict.does_not_fit) + ".")
     if verdict.over_bound and verdict.recommended is not None:
         lines.append(f"Over the bound of {verdict.bound:g}: "
@@ -294,7 +294,7 @@ def _number(value: float | None) -> str:
     return f"{value:.3g}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
 
 
-def _size(size_bytes: int | float | None) -> str:
+def size_words(size_bytes: int | float | None) -> str:
     """Bytes as MB or GB (1e6, 1e9), never a raw count."""
     if size_bytes is None:
         return "unknown"
