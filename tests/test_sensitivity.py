@@ -14,7 +14,7 @@ from qlab.analyses.sensitivity import (
 )
 from qlab.core.algorithms import quantize_weight
 from qlab.core.errors import QlabError
-from qlab.core.quant import QuantScheme, fake_quantize
+from qlab.core.quant import QuantScheme, fake_quantize, quantize
 from qlab.models.evaluate import EvalSpec, compute_baseline, default_text, evaluate
 from qlab.models.loading import quantizable_linears, weights_digest
 from tests.tiny_models import tiny_bert, tiny_llama
@@ -107,6 +107,22 @@ def test_relative_output_error_matches_a_direct_computation(llama):
     row = next(r for r in report.linears if r["layer"] == name)
     assert row["relative_mse"] == pytest.approx(expected.item(), rel=1e-4)
     assert row["tokens"] == baseline.tokens
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("int4", "group", 64), QuantScheme("nf4", "group", 64),
+                                    QuantScheme("fp8_e4m3", "channel")], ids=lambda s: s.label)
+def test_a_large_weight_s_error_is_rounded_to_the_bits_quantize_gives(scheme):
+    """A weight as large as a real model's (over the compiled kernels' minimum on a CPU) is rounded to nearest by
+    ``fake_quantize``'s route; its error must be the one ``quantize`` then ``dequantize`` gives, bit for bit."""
+    from qlab.analyses.sensitivity import _LinearProbe, _Rounder
+    from qlab.core import cpu_kernels
+
+    torch.manual_seed(0)
+    weight = (torch.randn(1024, 1536) * 0.02).to(torch.bfloat16)
+    assert weight.numel() >= cpu_kernels.MIN_VALUES
+    probe = _LinearProbe("big", weight, [scheme], [None], _Rounder(None))
+    expected = quantize(weight, scheme).dequantize(torch.bfloat16).float() - weight.float()
+    assert torch.equal(probe._delta(scheme), expected)
 
 
 def test_an_artificial_outlier_makes_its_layer_the_most_sensitive():

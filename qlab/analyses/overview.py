@@ -50,8 +50,8 @@ EMBED_FORMULA = ("sentences/s = batch / max(weight bytes read / bandwidth, FLOPs
 # random Llama-3.2-1B 11.3 s in fp32 and 2.7 s in bf16. An LM's baseline took 1.05-1.25 evaluations. A sweep rounds
 # through the compiled kernels, about 3 ms a linear and 0.3 ns a weight (0.3-0.5 s for the 1B's 0.97 B weights;
 # 0.4-0.7 s on an AVX2-only EPYC), and each scheme spends about 0.3 s more on its own (swapping layers in and
-# out, its records): MiniLM's four took 0.66 s each for a 0.27 s evaluation. The per-layer analyses round through
-# torch, about 10 ns a weight.
+# out, its records): MiniLM's four took 0.66 s each for a 0.27 s evaluation. The full analysis's replays round
+# through ``quantize``, about 10 ns a weight.
 CPU_EVAL_OVERHEAD = 1.5
 CPU_EVAL_FIXED_S = 0.15
 CPU_BASELINE_EVALS = 1.3
@@ -268,11 +268,16 @@ def analysis_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: 
         replays = sum(evaluation * (1 - stack_share + stack_share * share)
                       for share in replayed_shares(loaded.model, unit))
     reverse = 2 * evaluation if blocks and view == "reverse" else 0.0
-    rounded_twice = blocks  # to nearest: once for its error, again for its unit; other algorithms are kept
     return (evaluation + statistics + CURVATURE_EVALS * evaluation * predict + calibration_seconds(loaded, schemes)
-            + sum(linear_errors + replays + reverse
-                  + rounding_seconds(loaded, s) * (2 if rounded_twice and s.algorithm == "rtn" else 1)
-                  for s in schemes))
+            + sum(linear_errors + replays + reverse + _analysis_rounding_seconds(loaded, s, blocks) for s in schemes))
+
+
+def _analysis_rounding_seconds(loaded: LoadedModel, scheme: QuantScheme, blocks: bool) -> float:
+    """An algorithm other than rounding to nearest rounds once, and is kept. To nearest rounds twice: for each
+    linear's error as a sweep rounds, then for each unit's replay through ``quantize``."""
+    if scheme.algorithm != "rtn" or scheme.sparsity != "none":
+        return rounding_seconds(loaded, scheme)
+    return sweep_rounding_seconds(loaded, scheme) + (rounding_seconds(loaded, scheme) if blocks else 0.0)
 
 
 def sweep_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
