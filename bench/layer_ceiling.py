@@ -154,7 +154,8 @@ def measure_format(ns: argparse.Namespace, fmt: str) -> dict:
         return layers * sum(row[key] for name, row in shapes.items() if name != "output") + shapes["output"][key]
 
     step, step_bytes = per_step("us_per_call"), per_step("weight_bytes")
-    return {"format_slug": fmt, "format": gpu_recipe.FORMATS[fmt].scheme.format, "kernel": gpu_recipe.FORMATS[fmt].kernel,
+    gpu_format = gpu_recipe.FORMATS[fmt]
+    return {"format_slug": fmt, "format": gpu_format.scheme.format, "kernel": gpu_format.kernel,
             "layout": ns.layout, "layers": layers, "shapes": shapes, "step_matmul_ms": round(step / 1000, 4),
             "step_weight_bytes": step_bytes, "step_read_gbps": round(step_bytes / (step * 1e-6) / 1e9, 1)}
 

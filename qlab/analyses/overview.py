@@ -46,7 +46,7 @@ EMBED_FORMULA = ("sentences/s = batch / max(weight bytes read / bandwidth, FLOPs
                  "reads the dense weights")
 # On a CPU, fitted on the quiet 2-core AMD EPYC with AVX512-BF16 (``bench/estimates.py``,
 # bench/results/estimates_cpu.json): an evaluation costs about 1.5x its matmul FLOPs at the probe's rate in the
-# model's compute dtype (bf16 ran 4.5x fp32's rate there) plus 0.15 s: MiniLM 0.27 s, SmolLM2 1.4 s (fp32), the
+# model's compute dtype (bf16 ran about 4x fp32's rate there) plus 0.15 s: MiniLM 0.27 s, SmolLM2 1.4 s (fp32), the
 # random Llama-3.2-1B 11.3 s in fp32 and 2.7 s in bf16. An LM's baseline took 1.05-1.25 evaluations. A sweep rounds
 # through the compiled kernels, about 3 ms a linear and 0.3 ns a weight (0.3-0.5 s for the 1B's 0.97 B weights;
 # 0.4-0.7 s on an AVX2-only EPYC), and each scheme spends about 0.3 s more on its own (swapping layers in and
@@ -164,8 +164,8 @@ class Pieces:
 @functools.cache
 def matmul_flops_per_s(device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """This process's matmul rate where a model runs (what every estimate scales with), measured once per device
-    and dtype: on a CPU from a probe of about a tenth of a second in ``dtype`` (a CPU with AVX512-BF16 or AMX runs bf16 several times
-    faster than fp32); on a GPU bfloat16 at a size that fills it."""
+    and dtype: on a CPU from a probe of about a tenth of a second in ``dtype`` (a CPU with AVX512-BF16 or AMX runs
+    bf16 several times faster than fp32); on a GPU bfloat16 at a size that fills it."""
     if device != "cpu":
         return _gpu_matmul_flops_per_s(torch.device("cuda" if device == "auto" else device))
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
@@ -215,11 +215,7 @@ def matmul_seconds(loaded: LoadedModel, tokens: int) -> float:
 
 def evaluation_seconds(loaded: LoadedModel, tokens: int) -> float:
     """About how long one evaluation of ``tokens`` tokens takes here, in the model's compute dtype."""
-    return matmul_seconds(loaded, tokens) + _eval_fixed_seconds(loaded)
-
-
-def _eval_fixed_seconds(loaded: LoadedModel) -> float:
-    return GPU_EVAL_FIXED_S if _on_gpu(loaded) else CPU_EVAL_FIXED_S
+    return matmul_seconds(loaded, tokens) + (GPU_EVAL_FIXED_S if _on_gpu(loaded) else CPU_EVAL_FIXED_S)
 
 
 def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
@@ -241,9 +237,14 @@ def rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
     return per_weight * sum(m.weight.numel() for m in linears)
 
 
+def _to_nearest(scheme: QuantScheme) -> bool:
+    """Plain rounding to nearest: no algorithm beyond it and no pruning (what ``fake_quantize`` does itself)."""
+    return scheme.algorithm == "rtn" and scheme.sparsity == "none"
+
+
 def sweep_rounding_seconds(loaded: LoadedModel, scheme: QuantScheme) -> float:
     """``rounding_seconds`` as a sweep rounds: to nearest on a CPU through the compiled kernels."""
-    if _on_gpu(loaded) or scheme.algorithm != "rtn" or scheme.sparsity != "none":
+    if _on_gpu(loaded) or not _to_nearest(scheme):
         return rounding_seconds(loaded, scheme)
     linears = [module for _, module in quantizable_linears(loaded.model)]
     return (SWEEP_ROUNDING_S_PER_LINEAR * len(linears)
@@ -275,7 +276,7 @@ def analysis_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: 
 def _analysis_rounding_seconds(loaded: LoadedModel, scheme: QuantScheme, blocks: bool) -> float:
     """An algorithm other than rounding to nearest rounds once, and is kept. To nearest rounds twice: for each
     linear's error as a sweep rounds, then for each unit's replay through ``quantize``."""
-    if scheme.algorithm != "rtn" or scheme.sparsity != "none":
+    if not _to_nearest(scheme):
         return rounding_seconds(loaded, scheme)
     return sweep_rounding_seconds(loaded, scheme) + (rounding_seconds(loaded, scheme) if blocks else 0.0)
 
@@ -307,7 +308,7 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
     if piece == "sensitivity":
         weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
         scaled = sum(1 for s in schemes if s.fmt.scaled)
-        beyond_nearest = [s for s in schemes if s.algorithm != "rtn" or s.sparsity != "none"]
+        beyond_nearest = [s for s in schemes if not _to_nearest(s)]
         return (QUICK_PASS_EVALS * evaluation_seconds(loaded, request.spec.tokens)  # needs no baseline
                 + (GPU_QUICK_S_PER_WEIGHT if _on_gpu(loaded) else QUICK_S_PER_WEIGHT) * weights * scaled
                 + calibration_seconds(loaded, schemes)
