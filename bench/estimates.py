@@ -10,7 +10,8 @@ one process, each step those estimates cover and writes each estimate beside its
 - ``baseline``: the reference pass every comparison needs;
 - ``sweep``: fp16, int8 g64, int4 g64 and nf4 g64 with the baseline ready (the Quantize page's and the Overview's);
 - ``quick_sensitivity``: the Overview's quick per-layer sensitivity of those formats;
-- ``full_analysis``: the Sensitivity page's analysis of int8 and int4 g64, one block at a time, forward view.
+- ``full_analysis``: the Sensitivity page's analysis of int8 and int4 g64, one block at a time, forward view;
+- ``measured_speed``: the Overview's short speed measurement of those formats through this machine's backends.
 
 A ratio above 1 is an estimate that overshot. Numba's kernels are compiled (or read from their cache) before the
 clock starts, as they are once per machine. Run it on a quiet machine: the load average is recorded beside.
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 from qlab.analyses import overview, sensitivity  # noqa: E402
 from qlab.analyses.sensitivity_quick import quick_sensitivity  # noqa: E402
 from qlab.analyses.sweep import run_sweep  # noqa: E402
+from qlab.backends import format_speed  # noqa: E402
 from qlab.cli.common import emit  # noqa: E402
 from qlab.core.quant import QuantScheme  # noqa: E402
 from qlab.models import loading  # noqa: E402
@@ -59,6 +61,7 @@ def measure(name: str, tokens: int) -> dict:
         "sweep": overview.sweep_seconds(loaded, SWEEP, spec, baseline_ready=True),
         "quick_sensitivity": overview.estimate_seconds("sensitivity", loaded, request, SWEEP),
         "full_analysis": overview.analysis_seconds(loaded, ANALYSED, spec),
+        "measured_speed": format_speed.estimate_seconds(loaded, SWEEP),
     }
     list(run_sweep(loaded, list(SWEEP[1:2]), EvalSpec(64)))  # compiles (or reads) the rounding kernels
     measured = {}
@@ -67,12 +70,15 @@ def measure(name: str, tokens: int) -> dict:
     measured["sweep"], _ = timed(lambda: list(run_sweep(loaded, list(SWEEP), spec, baseline=baseline)))
     measured["quick_sensitivity"], _ = timed(lambda: quick_sensitivity(loaded, list(SWEEP), spec))
     measured["full_analysis"], _ = timed(lambda: sensitivity.analyze(loaded, ANALYSED, baseline))
+    format_speed.import_libraries(loaded.kind, SWEEP)  # as the Overview does before its clock
+    measured["measured_speed"], speeds = timed(lambda: list(format_speed.measure(loaded, SWEEP)))
     return {"model": loaded.name, "parameters": loaded.num_params, "dtype": str(loaded.dtype).removeprefix("torch."),
             "compute_dtype": str(compute_dtype(loaded.model)).removeprefix("torch."), "tokens": tokens,
             "load_s": round(load_s, 2),
             "steps": {step: {"estimated_s": round(estimates[step], 2), "measured_s": round(measured[step], 2),
                              "estimate_over_measured": round(estimates[step] / measured[step], 2)}
                       for step in estimates},
+            "backends_timed": sorted({r["backend"] for r in speeds if r.get("backend")}),
             "load_average_after": round(os.getloadavg()[0], 2)}
 
 

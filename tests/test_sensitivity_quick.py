@@ -324,3 +324,19 @@ def test_a_16_bit_model_computes_in_what_its_evaluations_do(bf16_llama_dir, cpu_
     assert seen == {(computes_in, computes_in, torch.bfloat16)}  # the weights stay 16-bit
     assert result.records and all(math.isfinite(r["score"]) for r in result.records)
     assert weights_digest(loaded.model) == before
+
+
+@pytest.mark.parametrize("cpu_bf16_math", [({"avx512_bf16"}, "bfloat16")], indirect=True, ids=["bf16"])
+def test_a_bf16_models_error_product_in_bf16_scores_as_the_fp32_product_does(bf16_llama_dir, cpu_bf16_math,
+                                                                            monkeypatch):
+    from qlab.analyses import sensitivity_quick
+
+    loaded = models.load(str(bf16_llama_dir))
+    schemes = [QuantScheme("int8", "group", 32), QuantScheme("int4", "group", 32)]
+    native = quick_sensitivity(loaded, schemes, LLAMA_SPEC)
+    monkeypatch.setattr(sensitivity_quick, "_product_in_bf16", lambda x, weight: False)
+    in_fp32 = quick_sensitivity(loaded, schemes, LLAMA_SPEC)
+    assert [(r["layer"], r["scheme"]) for r in native.records] == [(r["layer"], r["scheme"]) for r in in_fp32.records]
+    for fast, reference in zip(native.records, in_fp32.records, strict=True):
+        assert fast["output_error"] == pytest.approx(reference["output_error"], rel=0.01), fast["layer"]
+        assert fast["score"] == pytest.approx(reference["score"], rel=0.01), fast["layer"]

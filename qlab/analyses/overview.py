@@ -270,15 +270,18 @@ def analysis_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: 
                       for share in replayed_shares(loaded.model, unit))
     reverse = 2 * evaluation if blocks and view == "reverse" else 0.0
     return (evaluation + statistics + CURVATURE_EVALS * evaluation * predict + calibration_seconds(loaded, schemes)
-            + sum(linear_errors + replays + reverse + _analysis_rounding_seconds(loaded, s, blocks) for s in schemes))
+            + sum(linear_errors + replays + reverse + _analysis_rounding_seconds(loaded, s, blocks, view)
+                  for s in schemes))
 
 
-def _analysis_rounding_seconds(loaded: LoadedModel, scheme: QuantScheme, blocks: bool) -> float:
-    """An algorithm other than rounding to nearest rounds once, and is kept. To nearest rounds twice: for each
-    linear's error as a sweep rounds, then for each unit's replay through ``quantize``."""
+def _analysis_rounding_seconds(loaded: LoadedModel, scheme: QuantScheme, blocks: bool, view: str) -> float:
+    """An algorithm other than rounding to nearest rounds once, and is kept. To nearest rounds as a sweep does
+    for each linear's error and again for each unit's replay; the reverse view's all-quantized model, codes of
+    every linear at once, goes through ``quantize``."""
     if not _to_nearest(scheme):
         return rounding_seconds(loaded, scheme)
-    return sweep_rounding_seconds(loaded, scheme) + (rounding_seconds(loaded, scheme) if blocks else 0.0)
+    return (sweep_rounding_seconds(loaded, scheme) * (2 if blocks else 1)
+            + (rounding_seconds(loaded, scheme) if blocks and view == "reverse" else 0.0))
 
 
 def sweep_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec,
