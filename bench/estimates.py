@@ -14,7 +14,9 @@ one process, each step those estimates cover and writes each estimate beside its
 - ``measured_speed``: the Overview's short speed measurement of those formats through this machine's backends.
 
 A ratio above 1 is an estimate that overshot. Numba's kernels are compiled (or read from their cache) before the
-clock starts, as they are once per machine. Run it on a quiet machine: the load average is recorded beside.
+clock starts, as they are once per machine; the read bandwidth the speed estimate prices a decode step by is
+measured once, as the Overview measures it once per process. Run it on a quiet machine: the load average is
+recorded beside.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 from qlab.analyses import overview, sensitivity  # noqa: E402
 from qlab.analyses.sensitivity_quick import quick_sensitivity  # noqa: E402
 from qlab.analyses.sweep import run_sweep  # noqa: E402
-from qlab.backends import format_speed  # noqa: E402
+from qlab.backends import format_speed, speed  # noqa: E402
 from qlab.cli.common import emit  # noqa: E402
 from qlab.core.quant import QuantScheme  # noqa: E402
 from qlab.models import loading  # noqa: E402
@@ -51,7 +53,7 @@ def timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def measure(name: str, tokens: int) -> dict:
+def measure(name: str, tokens: int, bandwidth: float) -> dict:
     load_s, loaded = timed(lambda: loading.load(name))
     spec = EvalSpec(tokens)
     request = overview.OverviewRequest(SWEEP, "this-machine", spec)
@@ -61,7 +63,7 @@ def measure(name: str, tokens: int) -> dict:
         "sweep": overview.sweep_seconds(loaded, SWEEP, spec, baseline_ready=True),
         "quick_sensitivity": overview.estimate_seconds("sensitivity", loaded, request, SWEEP),
         "full_analysis": overview.analysis_seconds(loaded, ANALYSED, spec),
-        "measured_speed": format_speed.estimate_seconds(loaded, SWEEP),
+        "measured_speed": format_speed.estimate_seconds(loaded, SWEEP, bandwidth_bytes_per_s=bandwidth),
     }
     list(run_sweep(loaded, list(SWEEP[1:2]), EvalSpec(64)))  # compiles (or reads) the rounding kernels
     measured = {}
@@ -78,7 +80,7 @@ def measure(name: str, tokens: int) -> dict:
             "steps": {step: {"estimated_s": round(estimates[step], 2), "measured_s": round(measured[step], 2),
                              "estimate_over_measured": round(estimates[step] / measured[step], 2)}
                       for step in estimates},
-            "backends_timed": sorted({r["backend"] for r in speeds if r.get("backend")}),
+            "speed_backends": {r["label"]: r["backend"] for r in speeds},  # None: no backend runs it here
             "load_average_after": round(os.getloadavg()[0], 2)}
 
 
@@ -93,10 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     # The probes every estimate scales with, taken once here as the pages take them once per process.
     probes = {str(dtype).removeprefix("torch."): overview.matmul_flops_per_s("cpu", dtype)
               for dtype in (torch.float32, torch.bfloat16)}  # what the models here compute in
+    bandwidth = speed.measure_bandwidth().bytes_per_s.median
     result = {"benchmark": "estimates", "cpu_flags": flags, "threads": torch.get_num_threads(),
               "probe_flops_per_s": {name: round(rate) for name, rate in probes.items()},
+              "bandwidth_bytes_per_s": round(bandwidth),
               "load_average_before": round(os.getloadavg()[0], 2),
-              "models": [measure(name.strip(), ns.tokens) for name in ns.models.split(",") if name.strip()]}
+              "models": [measure(name.strip(), ns.tokens, bandwidth) for name in ns.models.split(",") if name.strip()]}
     emit(result, ns.json)
 
 

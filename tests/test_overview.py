@@ -379,8 +379,9 @@ def meta_model(config: str) -> torch.nn.Module:
 
 
 def test_cpu_estimates_come_near_the_times_measured_on_a_quiet_cpu(monkeypatch):
-    """The constants were fitted to ``bench/estimates.py``'s run; with the probe rates of that run, the estimates of
-    the random 1B Llama (its shapes on the meta device, bf16 as it was measured) land near what each step took."""
+    """The constants were fitted to ``bench/estimates.py``'s run; with the probe rates and read bandwidth of that
+    run, the estimates of the random 1B Llama (its shapes on the meta device, bf16 as it was measured) land near
+    what each step took."""
     stored = json.loads((ROOT / "bench" / "results" / "estimates_cpu.json").read_text())
     rates = stored["probe_flops_per_s"]
     monkeypatch.setattr(overview, "matmul_flops_per_s",
@@ -392,6 +393,8 @@ def test_cpu_estimates_come_near_the_times_measured_on_a_quiet_cpu(monkeypatch):
     spec = EvalSpec(run["tokens"])
     sweep = (QuantScheme("fp16"), QuantScheme("int8", "group", 64), QuantScheme("int4", "group", 64),
              QuantScheme("nf4", "group", 64))
+    timed_there = {s.format for s in sweep if run["speed_backends"][s.label]}  # the formats a backend ran
+    monkeypatch.setattr(format_speed, "backend_for", lambda fmt, kind, device="cpu": fmt in timed_there or None)
     estimates = {
         "evaluation": overview.evaluation_seconds(loaded, spec.tokens),
         "baseline": overview.sweep_seconds(loaded, [], spec),
@@ -399,7 +402,10 @@ def test_cpu_estimates_come_near_the_times_measured_on_a_quiet_cpu(monkeypatch):
         "quick_sensitivity": overview.estimate_seconds("sensitivity", loaded, OverviewRequest(sweep, "this-machine", spec),
                                                        sweep),
         "full_analysis": overview.analysis_seconds(loaded, sweep[1:3], spec),
+        "measured_speed": format_speed.estimate_seconds(loaded, sweep,
+                                                        bandwidth_bytes_per_s=stored["bandwidth_bytes_per_s"]),
     }
+    assert set(estimates) == set(run["steps"])
     for step, estimate in estimates.items():
         assert estimate == pytest.approx(run["steps"][step]["estimated_s"], rel=0.02), step  # the same arithmetic
         assert 0.5 < estimate / run["steps"][step]["measured_s"] < 2.0, step

@@ -313,6 +313,24 @@ def test_pruning_a_plain_cast_is_measured_not_taken_for_the_identity(llama):
     assert expected > 1e-4 and first["delta"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("cpu_bf16_math", [({"avx512_bf16"}, "bfloat16")], indirect=True, ids=["bf16"])
+def test_a_bf16_models_output_errors_in_bf16_match_the_fp32_product(cpu_bf16_math, monkeypatch):
+    from qlab.analyses import sensitivity
+
+    loaded = tiny_llama(seed=3)
+    loaded.model.to(torch.bfloat16)
+    baseline = compute_baseline(loaded, EvalSpec(tokens=128, text=TEXT))
+    schemes = [QuantScheme("int8", "group", 32), QuantScheme("int4", "group", 32)]
+    native = analyze(loaded, schemes, baseline, blocks=False).linears
+    monkeypatch.setattr(sensitivity, "_product_in_bf16", lambda x, weight: False)
+    in_fp32 = analyze(loaded, schemes, baseline, blocks=False).linears
+    assert [(r["layer"], r["label"]) for r in native] == [(r["layer"], r["label"]) for r in in_fp32]
+    for fast, reference in zip(native, in_fp32, strict=True):
+        assert fast["output_mse"] > 0
+        for key in ("output_mse", "predicted_delta", "input_absmax"):
+            assert fast[key] == pytest.approx(reference[key], rel=0.01), (fast["layer"], key)
+
+
 def test_a_16_bit_model_is_measured_in_what_its_evaluations_compute_in(cpu_bf16_math, probe_dtypes):
     """A bf16 model (with biases) on a CPU without native bf16 math: the capture, curvature and replay passes all
     compute in fp32, as the evaluations do, so a replayed block (forward view) and everything-but-a-block (reverse

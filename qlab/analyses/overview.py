@@ -21,7 +21,7 @@ import torch
 
 from qlab.analyses import layer_rounding, memory, roofline, verdict
 from qlab.analyses.activations import CALIBRATION_TOKENS
-from qlab.analyses.sensitivity import replayed_shares
+from qlab.analyses.sensitivity import _exact, replayed_shares
 from qlab.analyses.sweep import check_schemes, run_sweep
 from qlab.core.algorithms import awq, needs_calibration
 from qlab.core.errors import Cancelled, QlabError
@@ -84,12 +84,16 @@ HQQ_S_PER_WEIGHT = 7e-7
 GPU_GPTQ_S_PER_COLUMN = 2.1e-4
 GPU_AWQ_FLOPS_PER_S = 3.7e13
 GPU_HQQ_S_PER_WEIGHT = 1.6e-9
-# The quick sensitivity (no baseline): one forward and one backward pass (3 evaluations), plus rounding every
-# linear for each scaled scheme and its output error on every batch. On the quiet AVX512-BF16 EPYC
-# (bench/results/estimates_cpu.json), fp16, int8, int4 and nf4 g64 cost 1.3-1.8e-8 s a weight and scaled scheme
-# beyond the three evaluations (MiniLM 1.3 s, SmolLM2 8.1 s, the random 1B Llama 61 s).
-QUICK_PASS_EVALS = 3.0
-QUICK_S_PER_WEIGHT = 1.8e-8
+# The quick sensitivity (no baseline): one forward and one backward pass, plus per scheme that rounds each
+# linear's rounding and its output error's product on every batch. Fitted to the quiet AVX512-BF16 EPYC
+# (bench/results/estimates_cpu.json: fp16, int8, int4 and nf4 g64 at 512 tokens; MiniLM 0.9 s, SmolLM2 7.2 s, the
+# random 1B Llama in bf16 16.8 s): the pass about 1.6 evaluations, each product with its element-wise work about
+# 2.3x its FLOPs at the probe's rate in the model's compute dtype, the rounding at the sweep's rate per weight.
+# On a GPU (the H200 run of the section above) the pass was about 3 evaluations and the rest 0.1 ns a weight and
+# scaled scheme, with the products then in FP32 (bf16 since: this overshoots).
+QUICK_PASS_EVALS = 1.6
+QUICK_PRODUCT_OVERHEAD = 2.3
+GPU_QUICK_PASS_EVALS = 3.0
 # The full analysis (the Sensitivity page), int8 and int4 g64 at 512 tokens on the same quiet CPU: the capture pass
 # about one evaluation E plus, per scheme, each linear's output error (an fp32 matmul of its inputs with the
 # weight's error) and its rounding, plus the weights' statistics (about one rounding); the curvature pass about
@@ -261,7 +265,7 @@ def analysis_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: 
     linears = [module for _, module in quantizable_linears(loaded.model)]
     weights = sum(m.weight.numel() for m in linears)
     overhead = GPU_EVAL_OVERHEAD if _on_gpu(loaded) else CPU_EVAL_OVERHEAD
-    linear_errors = overhead * 2.0 * weights * spec.tokens / matmul_flops_per_s(loaded.device)
+    linear_errors = overhead * 2.0 * weights * spec.tokens / matmul_flops_per_s(loaded.device, compute_dtype(loaded.model))
     statistics = (GPU_ROUNDING_S_PER_WEIGHT if _on_gpu(loaded) else ROUNDING_S_PER_WEIGHT) * weights
     replays = 0.0
     if blocks:
@@ -296,6 +300,21 @@ def sweep_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: Eva
                   for s in schemes))
 
 
+def quick_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: EvalSpec) -> float:
+    """About how long the quick sensitivity of ``schemes`` takes here (it needs no baseline)."""
+    weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
+    beyond_nearest = [s for s in schemes if not _to_nearest(s)]
+    fixed = calibration_seconds(loaded, schemes) + sum(rounding_seconds(loaded, s) for s in beyond_nearest)
+    evaluation = evaluation_seconds(loaded, spec.tokens)
+    if _on_gpu(loaded):
+        scaled = sum(1 for s in schemes if s.fmt.scaled)
+        return GPU_QUICK_PASS_EVALS * evaluation + GPU_QUICK_S_PER_WEIGHT * weights * scaled + fixed
+    product = (QUICK_PRODUCT_OVERHEAD * 2.0 * weights * spec.tokens
+               / matmul_flops_per_s(loaded.device, compute_dtype(loaded.model)))
+    rounding = sum(1 for s in schemes if not _exact(s))
+    return QUICK_PASS_EVALS * evaluation + fixed + rounding * (product + SWEEP_ROUNDING_S_PER_WEIGHT * weights)
+
+
 def calibration_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme]) -> float:
     """The one forward pass over the calibration tokens (no backward, no head) GPTQ and AWQ share, or 0."""
     return evaluation_seconds(loaded, CALIBRATION_TOKENS) if needs_calibration(schemes) else 0.0
@@ -309,13 +328,7 @@ def estimate_seconds(piece: str, loaded: LoadedModel, request: OverviewRequest, 
     if piece == "sweep":
         return sweep_seconds(loaded, schemes, request.spec, baseline_ready)
     if piece == "sensitivity":
-        weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
-        scaled = sum(1 for s in schemes if s.fmt.scaled)
-        beyond_nearest = [s for s in schemes if not _to_nearest(s)]
-        return (QUICK_PASS_EVALS * evaluation_seconds(loaded, request.spec.tokens)  # needs no baseline
-                + (GPU_QUICK_S_PER_WEIGHT if _on_gpu(loaded) else QUICK_S_PER_WEIGHT) * weights * scaled
-                + calibration_seconds(loaded, schemes)
-                + sum(rounding_seconds(loaded, s) for s in beyond_nearest))
+        return quick_seconds(loaded, schemes, request.spec)
     raise QlabError(f"no estimate for the piece '{piece}' here; the measured speed estimates itself.")
 
 

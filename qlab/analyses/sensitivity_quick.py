@@ -14,10 +14,10 @@ attention (LMs) adds those shifts up. The quick score keeps the token coupling a
 between channels: ``sum_channels (sum_tokens g * e)^2`` per text or run of COUPLED_TOKENS tokens of a window,
 averaged over hundreds of channels.
 
-Cost, counted rather than timed (``evaluations_per_format``: matmul FLOPs against one FP32 evaluation of the
-same tokens): the pass reads only the baseline's tokens, so without a baseline nothing else runs; one forward
-with autograd, one backward to the activations (no weight needs a gradient), and per format one product
-``X (W_q - W)^T`` per linear on the real (non-padding) tokens. That is under 3 evaluations for one format alone
+Cost, counted rather than timed (``evaluations_per_format``: matmul FLOPs against one evaluation of the same
+tokens): the pass reads only the baseline's tokens, so without a baseline nothing else runs; one forward with
+autograd, one backward to the activations (no weight needs a gradient), and per format one product
+``X (W_q - W)^T`` per linear on the real (non-padding) tokens, in bf16 for a bf16 model as its evaluations are. That is under 3 evaluations for one format alone
 and falls per format as formats are added. A scheme whose algorithm is not round to nearest is rounded once before
 the pass by the full analysis's rounder; GPTQ and AWQ first need its calibration pass (``calibrate``: a forward over
 the calibration tokens from the end of the text), which these counts leave out.
@@ -45,6 +45,7 @@ from qlab.analyses.sensitivity import (
     _check_schemes,
     _exact,
     _output_curvature,
+    _product_in_bf16,
     _Rounder,
     block_stack,
     calibrate,
@@ -201,10 +202,6 @@ class _Probe:
         # pass 40 ms per linear and format, about as long as the product of the error itself.
         runs_of_rows = torch.zeros(rows[0] * runs, item_of.numel(), device=device)
         runs_of_rows[item_of, torch.arange(item_of.numel(), device=device)] = 1.0
-        # A bf16 model's error product in bf16 (accumulated in FP32 by the matmul), as its own matmuls run: a
-        # relative error of a few thousandths in each output error, against 4x the time in FP32 on a CPU with
-        # bf16 instructions. Every sum of squares below is taken in FP32 (a bf16 sum of 512 products keeps 3
-        # digits). Other dtypes compute the product in FP32.
         native = _product_in_bf16(x, self.weight)
         weight = self.weight if native else self.weight.float()
         x = x if native else x.float()
@@ -224,10 +221,6 @@ class _Probe:
             self.coupled[index] += _energy(runs_of_rows @ error.mul_(grad))
         if self.finished:
             self.finished()
-
-
-def _product_in_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.dtype == weight.dtype == torch.bfloat16
 
 
 def _energy(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from qlab.analyses.overview import SPEED_CAP_S, evaluation_seconds, matmul_secon
 from qlab.backends import speed
 from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import CancelCheck, Progress
-from qlab.models.loading import LoadedModel
+from qlab.models.loading import LoadedModel, quantizable_linears
 
 # The module each backend library is imported as (its PyPI name differs).
 LIBRARY_MODULES = {"torchao": "torchao", "optimum-quanto": "optimum.quanto", "onnxruntime": "onnxruntime",
@@ -32,10 +32,18 @@ QUICK_SPEC = speed.SpeedSpec(prompt_tokens=32, new_tokens=8, repetitions=3, warm
 NOISY_SPREAD_PCT = 10.0  # runs repeat until they spread less than this; a median of runs that never did is noisy
 # Per token of decode, Python and kernel-launch overhead a 2-core CPU adds to the matmuls (measured ~10 ms).
 DECODE_STEP_OVERHEAD_S = 0.01
+# On a CPU the weight-only backends' eager decode steps read the model far slower than the machine copies memory:
+# torchao's int8 dequantizes every weight in every step, quanto's int4 pays Python per linear. Over SmolLM2 and the
+# random 1B Llama on the quiet AVX512-BF16 EPYC (bench/results/estimates_cpu.json) a step took 3-12x the base
+# model's bytes at the measured read bandwidth; quanto's building took 0.5-1.2 s and 6.8 s, torchao's 0.5-0.9 s and
+# 12.5 s: about a fixed 0.4 s and 10 ns a quantized weight.
+CPU_DECODE_READ_SLOWDOWN = 5.0
+CPU_BUILD_FIXED_S = 0.4
+CPU_BUILD_S_PER_WEIGHT = 1e-8
 # On a GPU eager generate is launch-bound, not matmul-bound: the 8B model decoded 15-28 tokens/s on the H200 in
 # every format (bench/results/real_model_gpu.json, run 4), about 40 ms a token whatever the matmuls cost.
 GPU_DECODE_STEP_OVERHEAD_S = 0.04
-BUILD_EVALS = 1.0  # building a backend's model (quantizing its weights) costs about one evaluation
+GPU_BUILD_EVALS = 1.0  # building a backend's model (quantizing its weights) costs about one evaluation
 
 
 def device_of(loaded: LoadedModel) -> str:
@@ -59,17 +67,30 @@ def import_libraries(kind: str, schemes: Sequence[QuantScheme], device: str = "c
             importlib.import_module(LIBRARY_MODULES[backend.library])
 
 
-def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC
-                     ) -> float:
+def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC,
+                     bandwidth_bytes_per_s: float | None = None) -> float:
     """About how long ``measure`` takes when the runs agree at once (a quiet machine): per backend, a build plus
-    (warm-up + repetitions) runs. A noisy machine repeats them until the time cap, so up to ``max(cap, this)``."""
+    (warm-up + repetitions) runs. A noisy machine repeats them until the time cap, so up to ``max(cap, this)``.
+    On a CPU a decode step is priced by reading the model at ``bandwidth_bytes_per_s`` (this machine's, measured
+    when not given)."""
     runnable = [s for s in schemes if backend_for(s.format, loaded.kind, device_of(loaded)) is not None]
+    on_cpu = device_of(loaded) == "cpu"
     if loaded.kind == "causal-lm":
-        overhead = DECODE_STEP_OVERHEAD_S if device_of(loaded) == "cpu" else GPU_DECODE_STEP_OVERHEAD_S
-        run = matmul_seconds(loaded, spec.prompt_tokens) + spec.new_tokens * (matmul_seconds(loaded, 1) + overhead)
+        if on_cpu:
+            bandwidth = bandwidth_bytes_per_s or speed.measure_bandwidth().bytes_per_s.median
+            model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            step = max(matmul_seconds(loaded, 1), CPU_DECODE_READ_SLOWDOWN * model_bytes / bandwidth)
+            step += DECODE_STEP_OVERHEAD_S
+        else:
+            step = matmul_seconds(loaded, 1) + GPU_DECODE_STEP_OVERHEAD_S
+        run = matmul_seconds(loaded, spec.prompt_tokens) + spec.new_tokens * step
     else:
         run = matmul_seconds(loaded, spec.sentences * 128)  # texts padded to the longest, up to 128 tokens
-    build = BUILD_EVALS * evaluation_seconds(loaded, 512)
+    if on_cpu:
+        weights = sum(m.weight.numel() for _, m in quantizable_linears(loaded.model))
+        build = CPU_BUILD_FIXED_S + CPU_BUILD_S_PER_WEIGHT * weights
+    else:
+        build = GPU_BUILD_EVALS * evaluation_seconds(loaded, 512)
     return len(runnable) * (build + (spec.warmup + spec.repetitions) * run)
 
 

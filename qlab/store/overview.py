@@ -161,7 +161,8 @@ def steps(loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, measure
         if not missing or (piece == "measured" and not measure_here):
             continue
         if piece == "measured":
-            seconds = format_speed.estimate_seconds(loaded, missing)
+            bandwidth = this_machine_bandwidth() if format_speed.device_of(loaded) == "cpu" else None
+            seconds = format_speed.estimate_seconds(loaded, missing, bandwidth_bytes_per_s=bandwidth)
         else:
             seconds = overview.estimate_seconds(piece, loaded, request, missing, baseline_ready)
         found.append(Step(piece, tuple(missing), seconds))
