@@ -365,3 +365,4 @@ def test_a_16_bit_model_is_measured_in_what_its_evaluations_compute_in(cpu_bf16_
     expected = reference(names) - reference([n for n in names if n not in kept])
     assert reverse.blocks[1]["delta"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
     assert weights_digest(loaded.model) == before
+

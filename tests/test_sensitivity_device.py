@@ -6,6 +6,7 @@ first check.
 """
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", 
              "randint", "randperm", "linspace", "eye"}
 # (file, function, factory) made on the CPU on purpose, each for a reason:
 CPU_ON_PURPOSE = {
-    ("analyses/sensitivity.py", "_output_curvature", "Generator"),  # the probe a seed draws is the CPU run's on any device
+    ("analyses/sensitivity.py", "_output_curvature", "Generator"),  # an embedding's probe is the CPU run's anywhere
     ("analyses/sensitivity.py", "_output_curvature", "randn"),  # drawn by that generator, then moved to the device
     ("analyses/sensitivity_quick.py", "_token_inputs", "empty"),  # a baseline's (empty) reference lives on the CPU
     ("analyses/sensitivity_quick.py", "spearman", "tensor"),  # ranks of Python floats
@@ -70,3 +71,21 @@ def test_analyses_make_nothing_on_the_default_device(make, spec):
     with torch.device("meta"):
         assert quick_sensitivity(loaded, SCHEMES, spec, baseline).records == quick
         assert analyze(loaded, SCHEMES, baseline, blocks=False).linears == full
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_lm_probe_on_a_gpu_is_drawn_there_the_same_for_one_seed(monkeypatch):
+    drawn_on = []
+    multinomial = torch.multinomial
+
+    def recording(probabilities, *args, **kwargs):
+        drawn_on.append(probabilities.device.type)
+        return multinomial(probabilities, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    cpu = tiny_llama()
+    loaded = dataclasses.replace(cpu, model=cpu.model.to("cuda"), device="cuda:0")
+    spec = EvalSpec(tokens=128, text=TEXT)
+    first, again = (quick_sensitivity(loaded, SCHEMES, spec).records for _ in range(2))
+    assert drawn_on and set(drawn_on) == {"cuda"}
+    assert [r["score"] for r in first] == pytest.approx([r["score"] for r in again], rel=1e-5)

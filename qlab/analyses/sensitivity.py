@@ -456,8 +456,12 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
     embedding scaled by 1/|pooled| (the Hessian of 1 - cosine). Squared gradients at a linear's output then
     estimate how much a unit of squared error there costs at the output, to second order.
     """
-    # Drawn on the CPU whatever the model runs on, then moved: the probe a seed gives stays the CPU run's.
+    # An embedding's directions are drawn on the CPU whatever the model runs on, then moved: the probe a seed gives
+    # stays the CPU run's. An LM's tokens are drawn on the logits' device: with the CPU's generator they had to
+    # come to the CPU, and on a lent H100 a 1B model's 2048 x 128,256 probabilities took a 1 GB copy and a
+    # weighted draw over every entry on one core, 9.2 of the quick pass's 10.5 s.
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    device_generators: dict[torch.device, torch.Generator] = {}
     modules = dict(shadow.named_modules())
     sums = {name: torch.zeros(modules[name].out_features, dtype=torch.float64, device=modules[name].weight.device)
             for name in names}
@@ -492,7 +496,14 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
                     hidden = shadow.base_model(**batch, use_cache=False).last_hidden_state
                     log_q = torch.log_softmax(shadow.get_output_embeddings()(hidden).float(), dim=-1)
                     log_q = log_q.reshape(-1, log_q.shape[-1])
-                    sampled = torch.multinomial(log_q.detach().exp().cpu(), 1, generator=generator).to(log_q.device)
+                    probabilities = log_q.detach().exp()
+                    if probabilities.device.type == "cpu":
+                        sampled = torch.multinomial(probabilities, 1, generator=generator)
+                    else:  # drawn where the logits are, by that device's own generator of the same seed
+                        if probabilities.device not in device_generators:
+                            device_generators[probabilities.device] = torch.Generator(
+                                device=probabilities.device).manual_seed(seed)
+                        sampled = torch.multinomial(probabilities, 1, generator=device_generators[probabilities.device])
                     pseudo_loss = log_q.gather(1, sampled).sum()
                     items += log_q.shape[0]
                 else:
@@ -546,6 +557,7 @@ class _RoundedLinear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
+        self.out_features, self.in_features = weight.shape  # an untied head's are read by the evaluation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
