@@ -53,7 +53,7 @@ def timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def measure(name: str, tokens: int, bandwidth: float) -> dict:
+def measure(name: str, tokens: int) -> dict:
     load_s, loaded = timed(lambda: loading.load(name))
     spec = EvalSpec(tokens)
     request = overview.OverviewRequest(SWEEP, "this-machine", spec)
@@ -63,7 +63,7 @@ def measure(name: str, tokens: int, bandwidth: float) -> dict:
         "sweep": overview.sweep_seconds(loaded, SWEEP, spec, baseline_ready=True),
         "quick_sensitivity": overview.estimate_seconds("sensitivity", loaded, request, SWEEP),
         "full_analysis": overview.analysis_seconds(loaded, ANALYSED, spec),
-        "measured_speed": format_speed.estimate_seconds(loaded, SWEEP, bandwidth_bytes_per_s=bandwidth),
+        "measured_speed": format_speed.estimate_seconds(loaded, SWEEP),
     }
     list(run_sweep(loaded, list(SWEEP[1:2]), EvalSpec(64)))  # compiles (or reads) the rounding kernels
     measured = {}
@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     # The probes every estimate scales with, taken once here as the pages take them once per process.
     probes = {str(dtype).removeprefix("torch."): overview.matmul_flops_per_s("cpu", dtype)
               for dtype in (torch.float32, torch.bfloat16)}  # what the models here compute in
-    bandwidth = speed.measure_bandwidth().bytes_per_s.median
+    bandwidth = speed.this_machine_bandwidth()
     result = {"benchmark": "estimates", "cpu_flags": flags, "threads": torch.get_num_threads(),
               "probe_flops_per_s": {name: round(rate) for name, rate in probes.items()},
               "bandwidth_bytes_per_s": round(bandwidth),
               "load_average_before": round(os.getloadavg()[0], 2),
-              "models": [measure(name.strip(), ns.tokens, bandwidth) for name in ns.models.split(",") if name.strip()]}
+              "models": [measure(name.strip(), ns.tokens) for name in ns.models.split(",") if name.strip()]}
     emit(result, ns.json)
 
 

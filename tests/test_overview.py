@@ -11,7 +11,7 @@ import torch
 from qlab.analyses import overview, sensitivity
 from qlab.analyses.overview import OverviewRequest, Pieces
 from qlab.analyses.sensitivity import calibrate
-from qlab.backends import format_speed
+from qlab.backends import format_speed, speed
 from qlab.core.algorithms.gptq import gptq_quantize
 from qlab.core.errors import Cancelled, QlabError
 from qlab.core.quant import QuantScheme, grid_values, quantize
@@ -395,6 +395,7 @@ def test_cpu_estimates_come_near_the_times_measured_on_a_quiet_cpu(monkeypatch):
              QuantScheme("nf4", "group", 64))
     timed_there = {s.format for s in sweep if run["speed_backends"][s.label]}  # the formats a backend ran
     monkeypatch.setattr(format_speed, "backend_for", lambda fmt, kind, device="cpu": fmt in timed_there or None)
+    monkeypatch.setattr(speed, "this_machine_bandwidth", lambda: stored["bandwidth_bytes_per_s"])
     estimates = {
         "evaluation": overview.evaluation_seconds(loaded, spec.tokens),
         "baseline": overview.sweep_seconds(loaded, [], spec),
@@ -402,8 +403,7 @@ def test_cpu_estimates_come_near_the_times_measured_on_a_quiet_cpu(monkeypatch):
         "quick_sensitivity": overview.estimate_seconds("sensitivity", loaded, OverviewRequest(sweep, "this-machine", spec),
                                                        sweep),
         "full_analysis": overview.analysis_seconds(loaded, sweep[1:3], spec),
-        "measured_speed": format_speed.estimate_seconds(loaded, sweep,
-                                                        bandwidth_bytes_per_s=stored["bandwidth_bytes_per_s"]),
+        "measured_speed": format_speed.estimate_seconds(loaded, sweep),
     }
     assert set(estimates) == set(run["steps"])
     for step, estimate in estimates.items():

@@ -261,6 +261,14 @@ class _Rounder:
             self(name, weights[name], scheme)
         return time.perf_counter() - started
 
+    def rounded(self, name: str, weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+        """``weight`` as ``scheme`` rounds it, in the weight's dtype (the values a sweep evaluates): the kept codes
+        dequantized, or rounded to nearest through ``fake_quantize`` (the same bits, through the compiled kernels
+        on a CPU: about 30x ``quantize``'s route there). A new tensor the caller may write into."""
+        if self.keeps(scheme):
+            return self(name, weight, scheme).dequantize(weight.dtype)
+        return fake_quantize(weight, scheme, weight.dtype)
+
     @staticmethod
     def keeps(scheme: QuantScheme) -> bool:
         """Whether this scheme's rounding is kept rather than redone (anything but plain round to nearest)."""
@@ -323,12 +331,8 @@ class _LinearProbe:
             self.error_channels[index] += torch.linalg.vector_norm(error, dim=0).double().square()
 
     def _delta(self, scheme: QuantScheme) -> torch.Tensor:
-        if self.rounder.keeps(scheme):  # rounded once by its algorithm and kept
-            rounded = self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype)
-        else:  # to nearest: the same bits, through the compiled kernels on a CPU (about 30x quantize's route there)
-            rounded = fake_quantize(self.weight, scheme, self.weight.dtype)
         # In fp32 whatever the weights are stored in: a bf16 difference would round the error it measures.
-        return rounded.float().sub_(self.weight)
+        return self.rounder.rounded(self.name, self.weight, scheme).float().sub_(self.weight)
 
     def weight_errors(self) -> list[float]:
         """Relative MSE of the quantized weights per scheme (computed here if the pass never ran the layer)."""
@@ -461,7 +465,7 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
     # come to the CPU, and on a lent H100 a 1B model's 2048 x 128,256 probabilities took a 1 GB copy and a
     # weighted draw over every entry on one core, 9.2 of the quick pass's 10.5 s.
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    device_generators: dict[torch.device, torch.Generator] = {}
+    generators = {generator.device: generator}
     modules = dict(shadow.named_modules())
     sums = {name: torch.zeros(modules[name].out_features, dtype=torch.float64, device=modules[name].weight.device)
             for name in names}
@@ -497,13 +501,9 @@ def _output_curvature(shadow: torch.nn.Module, baseline: Baseline, names: Sequen
                     log_q = torch.log_softmax(shadow.get_output_embeddings()(hidden).float(), dim=-1)
                     log_q = log_q.reshape(-1, log_q.shape[-1])
                     probabilities = log_q.detach().exp()
-                    if probabilities.device.type == "cpu":
-                        sampled = torch.multinomial(probabilities, 1, generator=generator)
-                    else:  # drawn where the logits are, by that device's own generator of the same seed
-                        if probabilities.device not in device_generators:
-                            device_generators[probabilities.device] = torch.Generator(
-                                device=probabilities.device).manual_seed(seed)
-                        sampled = torch.multinomial(probabilities, 1, generator=device_generators[probabilities.device])
+                    if probabilities.device not in generators:  # a GPU's own generator, of the same seed
+                        generators[probabilities.device] = torch.Generator(device=probabilities.device).manual_seed(seed)
+                    sampled = torch.multinomial(probabilities, 1, generator=generators[probabilities.device])
                     pseudo_loss = log_q.gather(1, sampled).sum()
                     items += log_q.shape[0]
                 else:
@@ -566,12 +566,12 @@ class _RoundedLinear(torch.nn.Module):
 
 def _unit_rounded(modules: dict[str, torch.nn.Module], names: Sequence[str], scheme: QuantScheme, rounder: _Rounder
                   ) -> dict[str, torch.nn.Module]:
-    """One unit's linears for a replay. Rounded to nearest through ``fake_quantize`` (the same bits, through the
-    compiled kernels on a CPU: a 1B model's replays rounded 0.97 B weights per format in about 10 s through
-    ``quantize``), held in the weight's dtype for the one unit; other algorithms read the rounder's kept codes."""
+    """One unit's linears for a replay. Rounded to nearest as the rounder rounds it, materialised in the weight's
+    dtype for the one unit (a 1B model's replays rounded 0.97 B weights per format in about 10 s through
+    ``quantize``); other algorithms' kept codes stay codes."""
     if rounder.keeps(scheme):
         return _quantized(modules, names, scheme, rounder)
-    return {name: _RoundedLinear(fake_quantize(modules[name].weight.detach(), scheme), modules[name].bias)
+    return {name: _RoundedLinear(rounder.rounded(name, modules[name].weight.detach(), scheme), modules[name].bias)
             for name in names}
 
 

@@ -17,8 +17,8 @@ averaged over hundreds of channels.
 Cost, counted rather than timed (``evaluations_per_format``: matmul FLOPs against one evaluation of the same
 tokens): the pass reads only the baseline's tokens, so without a baseline nothing else runs; one forward with
 autograd, one backward to the activations (no weight needs a gradient), and per format one product
-``X (W_q - W)^T`` per linear on the real (non-padding) tokens, in bf16 for a bf16 model as its evaluations are. That is under 3 evaluations for one format alone
-and falls per format as formats are added. A scheme whose algorithm is not round to nearest is rounded once before
+``X (W_q - W)^T`` per linear on the real (non-padding) tokens, in bf16 for a bf16 model as its evaluations are.
+That is under 3 evaluations for one format alone and falls per format as formats are added. A scheme whose algorithm is not round to nearest is rounded once before
 the pass by the full analysis's rounder; GPTQ and AWQ first need its calibration pass (``calibrate``: a forward over
 the calibration tokens from the end of the text), which these counts leave out.
 
@@ -55,7 +55,7 @@ from qlab.analyses.sensitivity import (
 from qlab.analyses.sweep import check_schemes
 from qlab.core.algorithms import needs_calibration
 from qlab.core.errors import QlabError
-from qlab.core.quant import QuantScheme, fake_quantize
+from qlab.core.quant import QuantScheme
 from qlab.models.evaluate import (
     Baseline,
     CancelCheck,
@@ -212,8 +212,7 @@ class _Probe:
             # would be one more model per format, and one window is the usual budget. Other algorithms keep
             # their codes (the rounder's), computed once before the pass. In the weight's own dtype: the values a
             # sweep evaluates (a bf16 weight's int8 grid rounded to bf16 moves its error by a tenth).
-            rounded = (self.rounder(self.name, self.weight, scheme).dequantize(self.weight.dtype)
-                       if _Rounder.keeps(scheme) else fake_quantize(self.weight, scheme, self.weight.dtype))
+            rounded = self.rounder.rounded(self.name, self.weight, scheme)
             rounded = rounded if native else rounded.float()
             error = (x @ rounded.sub_(weight).T).float()
             self.error_energy[index] += _energy(error)

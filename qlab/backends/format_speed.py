@@ -67,19 +67,18 @@ def import_libraries(kind: str, schemes: Sequence[QuantScheme], device: str = "c
             importlib.import_module(LIBRARY_MODULES[backend.library])
 
 
-def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC,
-                     bandwidth_bytes_per_s: float | None = None) -> float:
+def estimate_seconds(loaded: LoadedModel, schemes: Sequence[QuantScheme], spec: speed.SpeedSpec = QUICK_SPEC
+                     ) -> float:
     """About how long ``measure`` takes when the runs agree at once (a quiet machine): per backend, a build plus
     (warm-up + repetitions) runs. A noisy machine repeats them until the time cap, so up to ``max(cap, this)``.
-    On a CPU a decode step is priced by reading the model at ``bandwidth_bytes_per_s`` (this machine's, measured
-    when not given)."""
+    On a CPU a decode step is priced by reading the model at this machine's read bandwidth."""
     runnable = [s for s in schemes if backend_for(s.format, loaded.kind, device_of(loaded)) is not None]
     on_cpu = device_of(loaded) == "cpu"
     if loaded.kind == "causal-lm":
         if on_cpu:
-            bandwidth = bandwidth_bytes_per_s or speed.measure_bandwidth().bytes_per_s.median
             model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-            step = max(matmul_seconds(loaded, 1), CPU_DECODE_READ_SLOWDOWN * model_bytes / bandwidth)
+            step = max(matmul_seconds(loaded, 1),
+                       CPU_DECODE_READ_SLOWDOWN * model_bytes / speed.this_machine_bandwidth())
             step += DECODE_STEP_OVERHEAD_S
         else:
             step = matmul_seconds(loaded, 1) + GPU_DECODE_STEP_OVERHEAD_S

@@ -10,6 +10,7 @@ llama.cpp / ONNX Runtime wrappers in ``qlab.backends`` are timed by the same loo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -325,6 +326,12 @@ class Bandwidth:
                 "bandwidth_bytes_per_s_max": round(self.bytes_per_s.high),
                 "bandwidth_spread_pct": round(self.bytes_per_s.spread_pct, 2),
                 "bandwidth_test_bytes": self.test_bytes, "threads": self.threads, "device": self.device}
+
+
+@functools.cache
+def this_machine_bandwidth() -> float:
+    """Read bandwidth of this machine in bytes/s, measured once per process (about a second)."""
+    return measure_bandwidth().bytes_per_s.median
 
 
 def measure_bandwidth(test_bytes: int = BANDWIDTH_TEST_BYTES, repetitions: int = 5, device: str = "cpu",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import functools
 import html
 import logging
 import threading
@@ -143,7 +142,7 @@ def fill_arithmetic(loaded: LoadedModel, request: OverviewRequest, pieces: Piece
             if piece == "memory":
                 pieces.memory.update(overview.memory_piece(loaded, request, missing))
             else:
-                bandwidth = None if request.target.bandwidth_bytes_per_s else this_machine_bandwidth()
+                bandwidth = None if request.target.bandwidth_bytes_per_s else speed.this_machine_bandwidth()
                 pieces.predicted.update(overview.predicted_piece(loaded, request, missing, bandwidth))
         except QlabError as error:
             pieces.skipped[piece] = str(error)
@@ -161,19 +160,12 @@ def steps(loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, measure
         if not missing or (piece == "measured" and not measure_here):
             continue
         if piece == "measured":
-            bandwidth = this_machine_bandwidth() if format_speed.device_of(loaded) == "cpu" else None
-            seconds = format_speed.estimate_seconds(loaded, missing, bandwidth_bytes_per_s=bandwidth)
+            seconds = format_speed.estimate_seconds(loaded, missing)
         else:
             seconds = overview.estimate_seconds(piece, loaded, request, missing, baseline_ready)
         found.append(Step(piece, tuple(missing), seconds))
         baseline_ready = baseline_ready or _evaluated(piece)  # the next evaluating piece reuses its baseline
     return found
-
-
-@functools.lru_cache(maxsize=1)
-def this_machine_bandwidth() -> float:
-    """Read bandwidth of this machine, measured once per process (about a second)."""
-    return speed.measure_bandwidth().bytes_per_s.median
 
 
 def run_step(step: Step, loaded: LoadedModel, request: OverviewRequest, pieces: Pieces, store: Store | None,
